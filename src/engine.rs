@@ -1,0 +1,362 @@
+//! The entry point: declare sources and sinks, start queries, query memory tables.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::{DFParser, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use crate::catalog::{SinkDef, SourceDef};
+use crate::error::{BrookError, Result};
+use crate::exec::compile::compile;
+use crate::exec::query::ProgressListener;
+use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
+use crate::progress::QueryProgress;
+use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, Sink};
+use crate::source::{FileFormat, FileSourceOptions, ParseMode};
+use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
+use crate::state::MemoryStateStore;
+
+#[derive(Default)]
+struct Catalog {
+    sources: BTreeMap<String, SourceDef>,
+    sinks: BTreeMap<String, SinkDef>,
+    queries: Vec<Arc<StreamingQuery>>,
+}
+
+/// Settings that win over what a script's sink tables say (the CLI's flags).
+#[derive(Default, Clone)]
+pub struct Overrides {
+    pub trigger: Option<Trigger>,
+    pub listeners: Vec<ProgressListener>,
+}
+
+/// A brook session: streaming sources and sinks, the queries running over them,
+/// and a DataFusion context in which memory sinks are tables.
+pub struct Engine {
+    ctx: SessionContext,
+    catalog: Mutex<Catalog>,
+    overrides: Overrides,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::with_overrides(Overrides::default())
+    }
+
+    pub fn with_overrides(overrides: Overrides) -> Self {
+        Self {
+            ctx: SessionContext::new(),
+            catalog: Mutex::default(),
+            overrides,
+        }
+    }
+
+    /// The DataFusion session where memory sinks are registered as tables.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
+        self.catalog.lock().map_err(|_| BrookError::Plan("catalog lock poisoned".into()))
+    }
+
+    /// Runs a batch SQL query now, e.g. over memory sink tables.
+    pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        Ok(self.ctx.sql(sql).await?.collect().await?)
+    }
+
+    /// Runs a streaming SQL script: `CREATE UNBOUNDED EXTERNAL TABLE` declares a
+    /// source, `CREATE EXTERNAL TABLE` a sink, and each `INSERT INTO sink SELECT`
+    /// (or bare `SELECT`, which prints to the console) starts a query.
+    pub async fn execute(&self, script: &str) -> Result<Vec<Arc<StreamingQuery>>> {
+        let mut started = vec![];
+        for (i, text) in split_statements(script).iter().enumerate() {
+            let at = |e: BrookError| match e {
+                BrookError::Sql(m) => BrookError::Sql(format!("statement {}: {m}", i + 1)),
+                other => other,
+            };
+            if let Some(q) = self.execute_statement(text).await.map_err(at)? {
+                started.push(q);
+            }
+        }
+        Ok(started)
+    }
+
+    async fn execute_statement(&self, text: &str) -> Result<Option<Arc<StreamingQuery>>> {
+        let (text, watermark) = extract_watermark(text)?;
+        let mut statements = DFParser::parse_sql_with_dialect(&text, &GenericDialect {})?;
+        let Some(statement) = statements.pop_front() else {
+            return Ok(None);
+        };
+        match statement {
+            stmt @ DFStatement::CreateExternalTable(_) => {
+                let plan = self.ctx.state().statement_to_plan(stmt).await?;
+                let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan else {
+                    return Err(BrookError::Plan("CREATE EXTERNAL TABLE did not plan as DDL".into()));
+                };
+                if cmd.unbounded {
+                    self.register_source(SourceDef::from_ddl(&cmd, watermark)?)?;
+                } else if watermark.is_some() {
+                    return Err(BrookError::sql(
+                        "WATERMARK belongs on a source: CREATE UNBOUNDED EXTERNAL TABLE",
+                    ));
+                } else {
+                    self.register_sink(SinkDef::from_ddl(&cmd)?)?;
+                }
+                Ok(None)
+            }
+            DFStatement::Statement(s) => match *s {
+                SqlStatement::Insert(insert) => {
+                    let target = insert.table.to_string();
+                    let Some(query) = insert.source else {
+                        return Err(BrookError::sql("INSERT INTO a sink needs a SELECT"));
+                    };
+                    if !insert.columns.is_empty() {
+                        return Err(BrookError::sql(
+                            "INSERT INTO a sink takes the query's columns; drop the column list",
+                        ));
+                    }
+                    let sink = self.sink_def(&target)?;
+                    Ok(Some(self.start_for_sink(&query, &sink).await?))
+                }
+                SqlStatement::Query(query) => Ok(Some(self.start_for_sink(&query, &SinkDef::console()).await?)),
+                other => Err(BrookError::sql(format!(
+                    "'{}' cannot run in a streaming script; brook runs CREATE [UNBOUNDED] \
+                     EXTERNAL TABLE, INSERT INTO <sink> SELECT and SELECT",
+                    first_words(&other.to_string())
+                ))),
+            },
+            other => Err(BrookError::sql(format!(
+                "'{}' cannot run in a streaming script",
+                first_words(&other.to_string())
+            ))),
+        }
+    }
+
+    fn sink_def(&self, name: &str) -> Result<SinkDef> {
+        let catalog = self.catalog()?;
+        match catalog.sinks.get(name) {
+            Some(def) => Ok(def.clone()),
+            None if name.eq_ignore_ascii_case("console") => Ok(SinkDef::console()),
+            None => Err(BrookError::sql(format!(
+                "no sink table '{name}'; declare it first, e.g. CREATE EXTERNAL TABLE {name} \
+                 STORED AS PARQUET LOCATION 'out/{name}' (declared sinks: {})",
+                catalog.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    async fn start_for_sink(&self, query: &Query, def: &SinkDef) -> Result<Arc<StreamingQuery>> {
+        let (sink, memory) = def.open(&self.ctx.runtime_env())?;
+        let mut options = QueryOptions {
+            name: def.query_name.clone().or_else(|| Some(def.name.clone())),
+            trigger: def.trigger.unwrap_or_default(),
+            output_mode: def.output_mode,
+            ..QueryOptions::default()
+        };
+        if let Some(t) = self.overrides.trigger {
+            options.trigger = t;
+        }
+        options.listeners.extend(self.overrides.listeners.iter().cloned());
+        self.start(query, sink, memory, options).await
+    }
+
+    async fn start(
+        &self,
+        query: &Query,
+        sink: Arc<dyn Sink>,
+        memory: Option<MemorySink>,
+        options: QueryOptions,
+    ) -> Result<Arc<StreamingQuery>> {
+        let sources = self.catalog()?.sources.clone();
+        let compiled = compile(query, &sources, options.output_mode).await?;
+        let source = compiled.source.open(&self.ctx.runtime_env())?;
+        if let Some(memory) = memory {
+            self.ctx.deregister_table(memory.name())?;
+            memory.open(&compiled.output_schema, compiled.mode).await?;
+            self.ctx.register_table(memory.name(), memory.table())?;
+        }
+        let store = Arc::new(MemoryStateStore::default());
+        let query = Arc::new(StreamingQuery::start(compiled, source, sink, store, options));
+        self.catalog()?.queries.push(query.clone());
+        Ok(query)
+    }
+
+    pub fn register_source(&self, def: SourceDef) -> Result<()> {
+        def.validate()?;
+        self.catalog()?.sources.insert(def.name.clone(), def);
+        Ok(())
+    }
+
+    pub fn register_sink(&self, def: SinkDef) -> Result<()> {
+        self.catalog()?.sinks.insert(def.name.clone(), def);
+        Ok(())
+    }
+
+    /// Declares a streaming source through the Rust API.
+    pub fn read_stream(&self, name: &str) -> SourceBuilder<'_> {
+        SourceBuilder {
+            engine: self,
+            name: name.to_string(),
+            format: FileFormat::Csv(Default::default()),
+            schema: None,
+            mode: ParseMode::Permissive,
+            options: FileSourceOptions::default(),
+            watermark: None,
+        }
+    }
+
+    /// Prepares a streaming query from a SELECT through the Rust API.
+    pub fn query(&self, select: &str) -> QueryBuilder<'_> {
+        QueryBuilder {
+            engine: self,
+            select: select.to_string(),
+            options: QueryOptions::default(),
+            sink: None,
+        }
+    }
+
+    /// The queries started so far.
+    pub fn queries(&self) -> Vec<Arc<StreamingQuery>> {
+        self.catalog().map(|c| c.queries.clone()).unwrap_or_default()
+    }
+
+    /// Stops every query, letting each finish the batch it is running.
+    pub async fn stop_all(&self) -> Result<()> {
+        let mut first_error = None;
+        for q in self.queries() {
+            if let Err(e) = q.stop().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn first_words(s: &str) -> String {
+    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// Declares a file source from Rust, like Spark's `readStream`.
+pub struct SourceBuilder<'a> {
+    engine: &'a Engine,
+    name: String,
+    format: FileFormat,
+    schema: Option<SchemaRef>,
+    mode: ParseMode,
+    options: FileSourceOptions,
+    watermark: Option<WatermarkSpec>,
+}
+
+impl SourceBuilder<'_> {
+    pub fn format(mut self, format: FileFormat) -> Self {
+        self.format = format;
+        self
+    }
+    pub fn schema(mut self, schema: SchemaRef) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+    pub fn mode(mut self, mode: ParseMode) -> Self {
+        self.mode = mode;
+        self
+    }
+    pub fn file_options(mut self, options: FileSourceOptions) -> Self {
+        self.options = options;
+        self
+    }
+    pub fn max_files_per_trigger(mut self, n: usize) -> Self {
+        self.options.max_files_per_trigger = Some(n);
+        self
+    }
+    /// `column`'s maximum minus `delay` becomes the watermark.
+    pub fn watermark(mut self, column: &str, delay: std::time::Duration) -> Self {
+        self.watermark = Some(WatermarkSpec {
+            column: column.to_string(),
+            delay,
+        });
+        self
+    }
+    /// Registers the source over `location` (a directory path or object-store URL).
+    pub fn load(self, location: &str) -> Result<()> {
+        let schema = self.schema.unwrap_or_else(|| Arc::new(datafusion::arrow::datatypes::Schema::empty()));
+        self.engine.register_source(SourceDef {
+            name: self.name,
+            location: location.to_string(),
+            format: self.format,
+            schema,
+            mode: self.mode,
+            corrupt_column: crate::catalog::DEFAULT_CORRUPT_COLUMN.to_string(),
+            file_options: self.options,
+            watermark: self.watermark,
+        })
+    }
+}
+
+/// Starts a query from Rust, like Spark's `writeStream`.
+pub struct QueryBuilder<'a> {
+    engine: &'a Engine,
+    select: String,
+    options: QueryOptions,
+    sink: Option<(Arc<dyn Sink>, Option<MemorySink>)>,
+}
+
+impl QueryBuilder<'_> {
+    pub fn name(mut self, name: &str) -> Self {
+        self.options.name = Some(name.to_string());
+        self
+    }
+    pub fn trigger(mut self, trigger: Trigger) -> Self {
+        self.options.trigger = trigger;
+        self
+    }
+    pub fn output_mode(mut self, mode: OutputMode) -> Self {
+        self.options.output_mode = Some(mode);
+        self
+    }
+    pub fn on_progress(mut self, f: impl Fn(&QueryProgress) + Send + Sync + 'static) -> Self {
+        self.options.listeners.push(Arc::new(f));
+        self
+    }
+    pub fn sink(mut self, sink: Arc<dyn Sink>) -> Self {
+        self.sink = Some((sink, None));
+        self
+    }
+    /// Writes into a memory table of this name, queryable with [`Engine::sql`].
+    pub fn memory_sink(mut self, table: &str) -> Self {
+        let sink = MemorySink::new(table);
+        self.sink = Some((Arc::new(sink.clone()), Some(sink)));
+        self
+    }
+    pub fn console(self, num_rows: usize) -> Self {
+        self.sink(Arc::new(ConsoleSink::stdout(num_rows)))
+    }
+    pub fn foreach_batch(self, f: impl Fn(u64, &[RecordBatch]) -> Result<()> + Send + Sync + 'static) -> Self {
+        self.sink(Arc::new(ForeachBatchSink::new(f)))
+    }
+
+    pub async fn start(self) -> Result<Arc<StreamingQuery>> {
+        let query = Parser::new(&GenericDialect {})
+            .try_with_sql(&self.select)
+            .and_then(|mut p| p.parse_query())
+            .map_err(|e| BrookError::sql(e.to_string()))?;
+        let (sink, memory) = match self.sink {
+            Some(s) => s,
+            None => (Arc::new(ConsoleSink::stdout(20)) as Arc<dyn Sink>, None),
+        };
+        self.engine.start(&query, sink, memory, self.options).await
+    }
+}

@@ -1,0 +1,265 @@
+//! From a streaming SELECT to the plans a query re-executes every batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
+
+use super::OutputMode;
+use super::slot::Slot;
+use super::stateful::{EventTimeKey, StatefulOp};
+use crate::catalog::SourceDef;
+use crate::error::{BrookError, Result};
+use crate::sql::incremental::{self, ROWS_COLUMN};
+use crate::sql::window::{WINDOW_COLUMN, WindowTicks, rewrite_windows, unit_nanos, window_type};
+
+pub enum CompiledPlan {
+    Stateless(Arc<dyn ExecutionPlan>),
+    Stateful(Box<StatefulOp>),
+}
+
+/// A window the query groups by, and where its time column is in the source rows.
+pub struct InputWindow {
+    pub ticks: WindowTicks,
+    pub time_column: usize,
+}
+
+pub struct CompiledQuery {
+    pub source: SourceDef,
+    pub input_slot: Slot,
+    pub window: Option<InputWindow>,
+    pub plan: CompiledPlan,
+    pub output_schema: SchemaRef,
+    pub mode: OutputMode,
+    pub task_ctx: Arc<TaskContext>,
+    /// The query as written, for progress and errors.
+    pub sql: String,
+}
+
+impl CompiledQuery {
+    /// Adds the `window` pane column to source rows when the query groups by a window.
+    pub fn prepare_input(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        let Some(w) = &self.window else {
+            return Ok(batches);
+        };
+        let schema = self.input_slot.schema().clone();
+        batches
+            .into_iter()
+            .map(|b| {
+                let panes: ArrayRef = w.ticks.panes(b.column(w.time_column))?;
+                let mut columns = b.columns().to_vec();
+                columns.push(panes);
+                Ok(RecordBatch::try_new(schema.clone(), columns)?)
+            })
+            .collect()
+    }
+}
+
+fn session(partitions: usize) -> SessionContext {
+    let mut config = SessionConfig::new().with_target_partitions(partitions);
+    // Plans are re-executed every batch; filters derived at run time must not leak into the next.
+    config.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
+    SessionContext::new_with_config(config)
+}
+
+pub fn partitions() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Plans `query` over the declared sources. `mode` is the requested output mode, if any.
+pub async fn compile(
+    query: &Query,
+    sources: &BTreeMap<String, SourceDef>,
+    mode: Option<OutputMode>,
+) -> Result<CompiledQuery> {
+    let sql = query.to_string();
+    let mut query = query.clone();
+    let window = rewrite_windows(&mut query)?;
+    let partitions = partitions();
+    let ctx = session(partitions);
+    let mut slots = BTreeMap::new();
+    for (name, def) in sources {
+        let read = def.read_schema();
+        let mut fields: Vec<Field> = read.fields().iter().map(|f| f.as_ref().clone()).collect();
+        if let Some(w) = &window
+            && let Ok(t) = read.field_with_name(&w.time_column)
+        {
+            fields.push(Field::new(WINDOW_COLUMN, window_type(t.data_type()), true));
+        }
+        let slot = Slot::new(&Schema::new(fields));
+        ctx.register_table(name.as_str(), slot.table(partitions))?;
+        slots.insert(name.clone(), slot);
+    }
+    let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
+    let plan = ctx.state().statement_to_plan(statement).await?;
+
+    let source_name = single_source(&plan, sources)?;
+    let source = sources[&source_name].clone();
+    let input_slot = slots[&source_name].clone();
+    let read_schema = source.read_schema();
+    let window = match &window {
+        None => None,
+        Some(spec) => {
+            let time_column = read_schema.index_of(&spec.time_column).map_err(|_| {
+                BrookError::sql(format!(
+                    "window(...) uses '{}', which is not a column of '{source_name}'",
+                    spec.time_column
+                ))
+            })?;
+            let ticks = WindowTicks::new(spec, read_schema.field(time_column).data_type())?;
+            Some((spec.clone(), InputWindow { ticks, time_column }))
+        }
+    };
+
+    let state = ctx.state();
+    let physical = |logical: LogicalPlan| {
+        let state = state.clone();
+        async move {
+            let optimized = state.optimize(&logical)?;
+            Ok::<_, BrookError>(state.create_physical_plan(&optimized).await?)
+        }
+    };
+    let task_ctx = ctx.task_ctx();
+    let Some(agg) = incremental::find_aggregate(&plan)? else {
+        incremental::check_stateless(&plan)?;
+        if let Some((spec, _)) = &window
+            && spec.is_sliding()
+        {
+            return Err(BrookError::sql(
+                "sliding windows need GROUP BY window(...): without it a row would belong to several windows",
+            ));
+        }
+        let mode = match mode.unwrap_or(OutputMode::Append) {
+            OutputMode::Complete => {
+                return Err(BrookError::sql(
+                    "output mode 'complete' needs an aggregation (GROUP BY); \
+                     a query without one can only append",
+                ));
+            }
+            m => m,
+        };
+        let plan = physical(plan).await?;
+        return Ok(CompiledQuery {
+            source,
+            input_slot,
+            output_schema: plan.schema(),
+            window: window.map(|(_, w)| w),
+            plan: CompiledPlan::Stateless(plan),
+            mode,
+            task_ctx,
+            sql,
+        });
+    };
+
+    let split = incremental::split(&plan, &agg, partitions)?;
+    let has_order = has_sort_or_limit(&plan);
+    let mode = mode.unwrap_or(if has_order { OutputMode::Complete } else { OutputMode::Update });
+    let window_key = split.group_exprs.iter().position(|e| is_column(e, WINDOW_COLUMN));
+    let event_time_key = match &source.watermark {
+        None => None,
+        Some(wm) => {
+            let unit = unit_nanos(read_schema.field_with_name(&wm.column)?.data_type())?;
+            let on_window = window_key.filter(|_| {
+                window.as_ref().is_some_and(|(spec, _)| spec.time_column == wm.column)
+            });
+            match on_window {
+                Some(column) => Some(EventTimeKey {
+                    column,
+                    is_window: true,
+                    unit_nanos: unit,
+                }),
+                None => split
+                    .group_exprs
+                    .iter()
+                    .position(|e| is_column(e, &wm.column))
+                    .map(|column| EventTimeKey {
+                        column,
+                        is_window: false,
+                        unit_nanos: unit,
+                    }),
+            }
+        }
+    };
+    if mode == OutputMode::Append && event_time_key.is_none() {
+        return Err(BrookError::sql(
+            "output mode 'append' for an aggregation needs a watermark on the source and a \
+             GROUP BY on its event time or on window(...) over it, so that groups can be \
+             closed (as in Spark); use 'update' or 'complete', or declare \
+             WATERMARK FOR <column> AS <column> - INTERVAL '...' on the source",
+        ));
+    }
+    if has_order && mode == OutputMode::Update {
+        return Err(BrookError::sql(
+            "ORDER BY and LIMIT over an aggregation need output mode 'complete' (or 'append' with a watermark)",
+        ));
+    }
+    let rows_column = split.partial.schema().index_of_column_by_name(None, ROWS_COLUMN).ok_or_else(|| {
+        BrookError::Plan("partial aggregation lost its row count".into())
+    })?;
+    let op = StatefulOp {
+        partial: physical(split.partial).await?,
+        merge: physical(split.merge).await?,
+        finalize: physical(split.finalize).await?,
+        state_slot: split.state_slot,
+        delta_slot: split.delta_slot,
+        emit_slot: split.emit_slot,
+        window_key,
+        event_time_key,
+        rows_column,
+        state: vec![],
+    };
+    Ok(CompiledQuery {
+        source,
+        input_slot,
+        output_schema: op.finalize.schema(),
+        window: window.map(|(_, w)| w),
+        plan: CompiledPlan::Stateful(Box::new(op)),
+        mode,
+        task_ctx,
+        sql,
+    })
+}
+
+fn is_column(e: &Expr, name: &str) -> bool {
+    matches!(e, Expr::Column(c) if c.name == name)
+}
+
+fn has_sort_or_limit(plan: &LogicalPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|n| {
+        found |= matches!(n, LogicalPlan::Sort(_) | LogicalPlan::Limit(_));
+        Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    });
+    found
+}
+
+/// The one streaming source a query reads.
+fn single_source(plan: &LogicalPlan, sources: &BTreeMap<String, SourceDef>) -> Result<String> {
+    let mut names = BTreeSet::new();
+    plan.apply(|n| {
+        if let LogicalPlan::TableScan(scan) = n {
+            names.insert(scan.table_name.table().to_string());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let mut names: Vec<String> = names.into_iter().filter(|n| sources.contains_key(n)).collect();
+    match names.len() {
+        1 => Ok(names.remove(0)),
+        0 => Err(BrookError::sql(format!(
+            "the query reads no streaming source; declared sources: {}",
+            sources.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))),
+        _ => Err(BrookError::sql(format!(
+            "a query reads one streaming source; this one reads {}",
+            names.join(", ")
+        ))),
+    }
+}

@@ -1,0 +1,88 @@
+//! The micro-batch engine: compiled queries, triggers, output modes.
+
+pub mod compile;
+pub mod query;
+pub mod slot;
+pub mod stateful;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use query::{QueryOptions, StreamingQuery};
+
+use crate::duration::parse_duration;
+use crate::error::{BrookError, Result};
+
+/// Which rows of the result each batch delivers to the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Only new rows: for aggregations, the windows the watermark closed, once each.
+    Append,
+    /// The groups this batch changed.
+    Update,
+    /// The whole result, every batch.
+    Complete,
+}
+
+impl FromStr for OutputMode {
+    type Err = BrookError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "append" => Ok(Self::Append),
+            "update" => Ok(Self::Update),
+            "complete" => Ok(Self::Complete),
+            _ => Err(BrookError::option(
+                "outputMode",
+                format!("expected append, update or complete, found '{s}'"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for OutputMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Append => "append",
+            Self::Update => "update",
+            Self::Complete => "complete",
+        })
+    }
+}
+
+/// When batches run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A batch every interval (zero: as soon as the previous one ends and data is there).
+    ProcessingTime(Duration),
+    /// One batch, then stop.
+    Once,
+    /// Everything available at start, in as many batches as the source limits
+    /// allow, then stop.
+    AvailableNow,
+}
+
+impl Default for Trigger {
+    fn default() -> Self {
+        Self::ProcessingTime(Duration::ZERO)
+    }
+}
+
+impl FromStr for Trigger {
+    type Err = BrookError;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.replace(['-', '_', ' '], "").as_str() {
+            "once" => return Ok(Self::Once),
+            "availablenow" => return Ok(Self::AvailableNow),
+            _ => {}
+        }
+        let interval = t.strip_prefix("processingtime:").unwrap_or(&t);
+        parse_duration(interval).map(Self::ProcessingTime).map_err(|_| {
+            BrookError::option(
+                "trigger",
+                format!("expected an interval such as '1 second' or '500ms', 'once' or 'available-now', found '{s}'"),
+            )
+        })
+    }
+}

@@ -1,0 +1,427 @@
+//! A running query: the micro-batch loop, its trigger, and the handle users hold.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::compute::{cast, max};
+use datafusion::arrow::datatypes::{DataType, Int64Type};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use super::compile::{CompiledPlan, CompiledQuery};
+use super::stateful::execute;
+use super::{OutputMode, Trigger};
+use crate::error::{BrookError, Result};
+use crate::progress::{EventTimeProgress, QueryProgress, SinkProgress, SourceProgress, StateProgress};
+use crate::sink::Sink;
+use crate::source::{SourceBatch, StreamSource};
+use crate::sql::window::unit_nanos;
+use crate::state::{StateStore, StateVersion};
+
+/// How many progress records a query keeps (Spark keeps 100).
+const RECENT_PROGRESS: usize = 100;
+
+pub type ProgressListener = Arc<dyn Fn(&QueryProgress) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct QueryOptions {
+    pub name: Option<String>,
+    pub trigger: Trigger,
+    pub output_mode: Option<OutputMode>,
+    /// How often an idle query with a zero trigger interval looks for new input.
+    pub poll_interval: Duration,
+    pub listeners: Vec<ProgressListener>,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        Self {
+            name: None,
+            trigger: Trigger::default(),
+            output_mode: None,
+            poll_interval: Duration::from_millis(100),
+            listeners: vec![],
+        }
+    }
+}
+
+impl fmt::Debug for QueryOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueryOptions")
+            .field("name", &self.name)
+            .field("trigger", &self.trigger)
+            .field("output_mode", &self.output_mode)
+            .finish()
+    }
+}
+
+struct Shared {
+    id: String,
+    name: String,
+    stop: AtomicBool,
+    wake: Notify,
+    recent: Mutex<VecDeque<QueryProgress>>,
+    /// Counts polls that found nothing to do: `process_all_available` waits on it.
+    idle: watch::Sender<u64>,
+    finished: watch::Sender<bool>,
+    error: Mutex<Option<String>>,
+    listeners: Vec<ProgressListener>,
+}
+
+/// The handle of a running streaming query.
+pub struct StreamingQuery {
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    output_mode: OutputMode,
+    sql: String,
+}
+
+impl fmt::Debug for StreamingQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StreamingQuery({} {})", self.shared.name, self.shared.id)
+    }
+}
+
+impl StreamingQuery {
+    pub(crate) fn start(
+        compiled: CompiledQuery,
+        source: Box<dyn StreamSource>,
+        sink: Arc<dyn Sink>,
+        state_store: Arc<dyn StateStore>,
+        options: QueryOptions,
+    ) -> Self {
+        let id = new_id();
+        let name = options.name.clone().unwrap_or_else(|| format!("query-{}", &id[..8]));
+        let shared = Arc::new(Shared {
+            id,
+            name,
+            stop: AtomicBool::new(false),
+            wake: Notify::new(),
+            recent: Mutex::new(VecDeque::new()),
+            idle: watch::channel(0).0,
+            finished: watch::channel(false).0,
+            error: Mutex::new(None),
+            listeners: options.listeners.clone(),
+        });
+        let output_mode = compiled.mode;
+        let sql = compiled.sql.clone();
+        let runner = Runner {
+            shared: shared.clone(),
+            compiled,
+            source,
+            sink,
+            state_store,
+            batch_id: 0,
+            watermark_ns: None,
+            max_event_ns: None,
+            pending_no_data: false,
+            last_trigger: None,
+        };
+        let task = tokio::spawn(drive(runner, options));
+        Self {
+            shared,
+            task: Mutex::new(Some(task)),
+            output_mode,
+            sql,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn output_mode(&self) -> OutputMode {
+        self.output_mode
+    }
+
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    pub fn is_active(&self) -> bool {
+        !*self.shared.finished.borrow()
+    }
+
+    /// The progress of the most recent batches, oldest first.
+    pub fn recent_progress(&self) -> Vec<QueryProgress> {
+        self.shared.recent.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn last_progress(&self) -> Option<QueryProgress> {
+        self.shared.recent.lock().ok().and_then(|r| r.back().cloned())
+    }
+
+    /// The error the query stopped with, if it failed.
+    pub fn exception(&self) -> Option<String> {
+        self.shared.error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Asks the query to stop after the batch it is running, and waits for it.
+    pub async fn stop(&self) -> Result<()> {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+        self.await_termination().await
+    }
+
+    /// Waits until the query stops; returns the error it failed with, if any.
+    pub async fn await_termination(&self) -> Result<()> {
+        let mut finished = self.shared.finished.subscribe();
+        let _ = finished.wait_for(|f| *f).await;
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            task.await
+                .map_err(|e| BrookError::Stopped(format!("query task panicked: {e}")))?;
+        }
+        match self.exception() {
+            Some(e) => Err(BrookError::Stopped(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until everything available when called has been processed (Spark's
+    /// `processAllAvailable`): the loop has since looked for input and found none.
+    pub async fn process_all_available(&self) -> Result<()> {
+        let mut idle = self.shared.idle.subscribe();
+        let mut finished = self.shared.finished.subscribe();
+        let start = *idle.borrow_and_update();
+        self.shared.wake.notify_one();
+        tokio::select! {
+            _ = idle.wait_for(|n| *n >= start + 2) => {}
+            _ = finished.wait_for(|f| *f) => {}
+        }
+        match self.exception() {
+            Some(e) => Err(BrookError::Stopped(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn new_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
+}
+
+async fn drive(mut runner: Runner, options: QueryOptions) {
+    let shared = runner.shared.clone();
+    let result = runner.run_loop(&options).await;
+    if let Err(e) = result {
+        tracing::error!(query = %shared.name, "query failed: {e}");
+        if let Ok(mut slot) = shared.error.lock() {
+            *slot = Some(e.to_string());
+        }
+    }
+    shared.finished.send_replace(true);
+    shared.idle.send_modify(|n| *n += 2);
+}
+
+struct Runner {
+    shared: Arc<Shared>,
+    compiled: CompiledQuery,
+    source: Box<dyn StreamSource>,
+    sink: Arc<dyn Sink>,
+    state_store: Arc<dyn StateStore>,
+    batch_id: u64,
+    watermark_ns: Option<i64>,
+    max_event_ns: Option<i64>,
+    /// The watermark moved: run a batch without input so that it closes state.
+    pending_no_data: bool,
+    last_trigger: Option<Instant>,
+}
+
+impl Runner {
+    async fn run_loop(&mut self, options: &QueryOptions) -> Result<()> {
+        self.sink.open(&self.compiled.output_schema, self.compiled.mode).await?;
+        if options.trigger == Trigger::AvailableNow {
+            self.source.snapshot_available().await?;
+        }
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let ran = self.run_batch().await?;
+            if !ran {
+                self.shared.idle.send_modify(|n| *n += 1);
+            }
+            let wait = match options.trigger {
+                Trigger::Once => break,
+                Trigger::AvailableNow if !ran => break,
+                Trigger::AvailableNow => Duration::ZERO,
+                Trigger::ProcessingTime(interval) => {
+                    let left = interval.saturating_sub(started.elapsed());
+                    if ran { left } else { left.max(options.poll_interval) }
+                }
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.shared.wake.notified() => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the next batch if there is input (or the watermark has state to close).
+    async fn run_batch(&mut self) -> Result<bool> {
+        let trigger_time = Utc::now();
+        let started = Instant::now();
+        let mut phases = BTreeMap::new();
+        let mut lap = Instant::now();
+        let mut phase = |name: &str, phases: &mut BTreeMap<String, f64>| {
+            phases.insert(name.to_string(), lap.elapsed().as_secs_f64() * 1000.0);
+            lap = Instant::now();
+        };
+
+        let offset = self.source.plan_batch().await?;
+        if offset.is_none() && !self.pending_no_data {
+            return Ok(false);
+        }
+        self.pending_no_data = false;
+        phase("plan", &mut phases);
+
+        let read = match &offset {
+            Some(o) => self.source.read(o).await?,
+            None => SourceBatch::default(),
+        };
+        for bad in &read.malformed.samples {
+            tracing::warn!(file = %bad.file, line = bad.line, "malformed record: {}: {}", bad.reason, bad.text);
+        }
+        let input_rows = read.num_rows() as u64;
+        let batch_max = self.max_event_time(&read.batches)?;
+        let input = self.compiled.prepare_input(read.batches)?;
+        self.compiled.input_slot.set(&input)?;
+        phase("read", &mut phases);
+
+        let mode = self.compiled.mode;
+        let window = self.compiled.window.as_ref().map(|w| &w.ticks);
+        let ctx = self.compiled.task_ctx.clone();
+        let (output, late_rows, state_progress) = match &mut self.compiled.plan {
+            CompiledPlan::Stateless(plan) => (execute(plan, &ctx).await?, 0, vec![]),
+            CompiledPlan::Stateful(op) => {
+                let outcome = op.run(&ctx, mode, self.watermark_ns, window).await?;
+                let progress = StateProgress {
+                    operator: "aggregate".into(),
+                    num_rows_total: op.state_rows() as u64,
+                    num_rows_updated: outcome.updated_rows,
+                    num_rows_removed: outcome.removed_rows,
+                    memory_used_bytes: op.state_bytes() as u64,
+                };
+                (outcome.output, outcome.late_rows, vec![progress])
+            }
+        };
+        phase("execute", &mut phases);
+
+        let output_rows: usize = output.iter().map(RecordBatch::num_rows).sum();
+        self.sink.add_batch(self.batch_id, output).await?;
+        phase("sink", &mut phases);
+
+        if let CompiledPlan::Stateful(op) = &self.compiled.plan {
+            let version = StateVersion {
+                version: self.batch_id,
+                rows: op.state.clone(),
+            };
+            self.state_store.commit("aggregate", version)?;
+        }
+        if let Some(o) = &offset {
+            self.source.commit(o)?;
+        }
+        self.advance_watermark(batch_max);
+        phase("commit", &mut phases);
+
+        let total = started.elapsed();
+        phases.insert("total".into(), total.as_secs_f64() * 1000.0);
+        let since_last = self.last_trigger.map(|t| t.elapsed()).unwrap_or(total);
+        self.last_trigger = Some(started);
+        let per_second = |d: Duration| {
+            if d.is_zero() { 0.0 } else { input_rows as f64 / d.as_secs_f64() }
+        };
+        let progress = QueryProgress {
+            id: self.shared.id.clone(),
+            name: self.shared.name.clone(),
+            batch_id: self.batch_id,
+            timestamp: trigger_time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            num_input_rows: input_rows,
+            input_rows_per_second: per_second(since_last),
+            processed_rows_per_second: per_second(total),
+            duration_ms: phases,
+            event_time: EventTimeProgress {
+                watermark: self.watermark_ns.map(format_ns),
+                max: self.max_event_ns.map(format_ns),
+            },
+            state_operators: state_progress,
+            num_malformed_rows: read.malformed.count,
+            malformed_by_reason: read.malformed.by_reason.clone(),
+            malformed_samples: read.malformed.samples.clone(),
+            num_late_rows: late_rows,
+            sources: vec![SourceProgress {
+                description: self.source.describe(),
+                offset: offset.map(|o| o.0).unwrap_or_default(),
+                num_input_rows: input_rows,
+            }],
+            sink: SinkProgress {
+                description: self.sink.describe(),
+                num_output_rows: output_rows as u64,
+            },
+        };
+        self.batch_id += 1;
+        self.publish(progress);
+        Ok(true)
+    }
+
+    fn publish(&self, progress: QueryProgress) {
+        for listener in &self.shared.listeners {
+            listener(&progress);
+        }
+        if let Ok(mut recent) = self.shared.recent.lock() {
+            if recent.len() == RECENT_PROGRESS {
+                recent.pop_front();
+            }
+            recent.push_back(progress);
+        }
+    }
+
+    /// The largest event time among the batch's rows, in nanoseconds.
+    fn max_event_time(&self, batches: &[RecordBatch]) -> Result<Option<i64>> {
+        let Some(wm) = &self.compiled.source.watermark else {
+            return Ok(None);
+        };
+        let mut best: Option<i64> = None;
+        for b in batches {
+            let column = b.column(b.schema().index_of(&wm.column)?);
+            let unit = unit_nanos(column.data_type())?;
+            let ticks = cast(column, &DataType::Int64)?;
+            if let Some(m) = max(ticks.as_primitive::<Int64Type>()) {
+                let ns = m.saturating_mul(unit);
+                best = Some(best.map_or(ns, |b| b.max(ns)));
+            }
+        }
+        Ok(best)
+    }
+
+    fn advance_watermark(&mut self, batch_max: Option<i64>) {
+        let (Some(m), Some(wm)) = (batch_max, &self.compiled.source.watermark) else {
+            return;
+        };
+        let max_seen = self.max_event_ns.map_or(m, |x| x.max(m));
+        self.max_event_ns = Some(max_seen);
+        let delay = i64::try_from(wm.delay.as_nanos()).unwrap_or(i64::MAX);
+        let candidate = max_seen.saturating_sub(delay);
+        if self.watermark_ns.is_none_or(|w| candidate > w) {
+            self.watermark_ns = Some(candidate);
+            let closes_state = matches!(&self.compiled.plan, CompiledPlan::Stateful(op) if op.event_time_key.is_some());
+            self.pending_no_data = closes_state && self.compiled.mode != OutputMode::Complete;
+        }
+    }
+}
+
+fn format_ns(ns: i64) -> String {
+    DateTime::<Utc>::from_timestamp_nanos(ns).to_rfc3339_opts(SecondsFormat::Millis, true)
+}

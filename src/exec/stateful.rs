@@ -1,0 +1,164 @@
+//! One batch of a streaming aggregation: partial, late-row drop, merge, emit, evict.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{AsArray, BooleanArray, Int64Array, RecordBatch};
+use datafusion::arrow::compute::kernels::cmp::lt_eq;
+use datafusion::arrow::compute::{cast, filter_record_batch, not, prep_null_mask_filter, sum};
+use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::{ExecutionPlan, collect};
+
+use super::OutputMode;
+use super::slot::Slot;
+use crate::error::Result;
+use crate::sql::window::WindowTicks;
+
+/// Runs a plan built once per query, resetting any state an earlier run left in it.
+pub async fn execute(plan: &Arc<dyn ExecutionPlan>, ctx: &Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
+    let fresh = plan
+        .clone()
+        .transform_up(|p| Ok(Transformed::yes(p.reset_state()?)))?
+        .data;
+    Ok(collect(fresh, ctx.clone()).await?)
+}
+
+/// The group column that carries event time, so state can be closed by the watermark.
+#[derive(Debug, Clone)]
+pub struct EventTimeKey {
+    pub column: usize,
+    /// A `window` struct (closed when its end passes) rather than a timestamp.
+    pub is_window: bool,
+    pub unit_nanos: i64,
+}
+
+impl EventTimeKey {
+    /// Rows whose group the watermark has closed: window end (or time) <= watermark.
+    fn closed(&self, batch: &RecordBatch, watermark_ns: i64) -> Result<BooleanArray> {
+        let key = batch.column(self.column);
+        let time = if self.is_window {
+            key.as_struct().column(1).clone()
+        } else {
+            key.clone()
+        };
+        let ticks = cast(&time, &DataType::Int64)?;
+        let limit = Int64Array::new_scalar(watermark_ns.div_euclid(self.unit_nanos));
+        Ok(prep_null_mask_filter(&lt_eq(&ticks, &limit)?))
+    }
+}
+
+#[derive(Debug)]
+pub struct StatefulOp {
+    pub partial: Arc<dyn ExecutionPlan>,
+    pub merge: Arc<dyn ExecutionPlan>,
+    pub finalize: Arc<dyn ExecutionPlan>,
+    pub state_slot: Slot,
+    pub delta_slot: Slot,
+    pub emit_slot: Slot,
+    /// Key column holding window panes, expanded into windows after the partial.
+    pub window_key: Option<usize>,
+    pub event_time_key: Option<EventTimeKey>,
+    /// Index of the input-row count in partial and state rows.
+    pub rows_column: usize,
+    pub state: Vec<RecordBatch>,
+}
+
+#[derive(Debug, Default)]
+pub struct StatefulOutcome {
+    pub output: Vec<RecordBatch>,
+    pub late_rows: u64,
+    pub updated_rows: u64,
+    pub removed_rows: u64,
+}
+
+impl StatefulOp {
+    pub fn state_rows(&self) -> usize {
+        self.state.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        self.state.iter().map(RecordBatch::get_array_memory_size).sum()
+    }
+
+    /// Runs one batch over the rows already in the input slot. `watermark_ns`
+    /// is the watermark as of the end of the previous batch.
+    pub async fn run(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        mode: OutputMode,
+        watermark_ns: Option<i64>,
+        window: Option<&WindowTicks>,
+    ) -> Result<StatefulOutcome> {
+        let mut outcome = StatefulOutcome::default();
+        let mut delta = execute(&self.partial, ctx).await?;
+        if let (Some(col), Some(ticks)) = (self.window_key, window) {
+            delta = delta.iter().map(|b| ticks.expand(b, col)).collect::<Result<_>>()?;
+        }
+        // Complete mode keeps every group forever, so nothing is ever late (as in Spark).
+        let closing = match (&self.event_time_key, watermark_ns, mode) {
+            (Some(key), Some(wm), OutputMode::Append | OutputMode::Update) => Some((key.clone(), wm)),
+            _ => None,
+        };
+        if let Some((key, wm)) = &closing {
+            let mut kept = Vec::with_capacity(delta.len());
+            for b in &delta {
+                let late = key.closed(b, *wm)?;
+                if late.true_count() > 0 {
+                    outcome.late_rows += self.count_rows(&filter_record_batch(b, &late)?)?;
+                    kept.push(filter_record_batch(b, &not(&late)?)?);
+                } else {
+                    kept.push(b.clone());
+                }
+            }
+            delta = kept;
+        }
+        self.delta_slot.set(&delta)?;
+        self.state_slot.set(&self.state)?;
+        let merged = execute(&self.merge, ctx).await?;
+        let changed_col = merged.first().map_or(0, |b| b.num_columns() - 1);
+        let mut emit = vec![];
+        let mut keep = vec![];
+        for b in &merged {
+            let changed = prep_null_mask_filter(b.column(changed_col).as_boolean());
+            outcome.updated_rows += changed.true_count() as u64;
+            let state_cols: Vec<usize> = (0..changed_col).collect();
+            let rows = b.project(&state_cols)?;
+            let closed = match &closing {
+                Some((key, wm)) => Some(key.closed(&rows, *wm)?),
+                None => None,
+            };
+            match mode {
+                OutputMode::Complete => emit.push(rows.clone()),
+                OutputMode::Update => emit.push(filter_record_batch(&rows, &changed)?),
+                OutputMode::Append => {
+                    if let Some(closed) = &closed {
+                        emit.push(filter_record_batch(&rows, closed)?);
+                    }
+                }
+            }
+            match &closed {
+                Some(closed) if closed.true_count() > 0 => {
+                    outcome.removed_rows += closed.true_count() as u64;
+                    keep.push(filter_record_batch(&rows, &not(closed)?)?);
+                }
+                _ => keep.push(rows),
+            }
+        }
+        self.state = keep.into_iter().filter(|b| b.num_rows() > 0).collect();
+        self.emit_slot.set(&emit)?;
+        outcome.output = execute(&self.finalize, ctx).await?;
+        Ok(outcome)
+    }
+
+    fn count_rows(&self, batch: &RecordBatch) -> Result<u64> {
+        let counts = cast(batch.column(self.rows_column), &DataType::Int64)?;
+        Ok(sum(counts.as_primitive::<Int64Type>()).unwrap_or(0).max(0) as u64)
+    }
+}
+
+/// Helper for tests and progress: total rows of a set of batches.
+pub fn total_rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+

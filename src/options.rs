@@ -1,0 +1,120 @@
+//! Table and sink options, looked up the way Spark users write them.
+//!
+//! `maxFilesPerTrigger`, `max_files_per_trigger` and `format.max_files_per_trigger`
+//! name the same option: keys are compared lower-cased, without underscores and
+//! without DataFusion's `format.` prefix.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use crate::error::{BrookError, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// normalized key -> (key as written, value)
+    entries: BTreeMap<String, (String, String)>,
+}
+
+fn normalize(key: &str) -> String {
+    let key = key.strip_prefix("format.").unwrap_or(key);
+    key.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+impl Options {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        let key = key.into();
+        self.entries.insert(normalize(&key), (key, value.into()));
+    }
+
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.set(key, value);
+        self
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.entries.get(&normalize(key)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn get_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        self.get(key).unwrap_or(default)
+    }
+
+    /// Parses an option's value, naming the option and the expected form on failure.
+    pub fn parse<T: FromStr>(&self, key: &str, expected: &str) -> Result<Option<T>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                BrookError::option(key, format!("expected {expected}, found '{v}'"))
+            }),
+        }
+    }
+
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if v == "true" => Ok(true),
+            Some(v) if v == "false" => Ok(false),
+            Some(v) => Err(BrookError::option(
+                key,
+                format!("expected 'true' or 'false', found '{v}'"),
+            )),
+        }
+    }
+
+    /// Keys that none of `known` accepts: reported so that typos do not pass silently.
+    pub fn unknown_keys(&self, known: &[&str]) -> Vec<String> {
+        let known: Vec<String> = known.iter().map(|k| normalize(k)).collect();
+        self.entries
+            .iter()
+            .filter(|(k, _)| !known.contains(k))
+            .map(|(_, (written, _))| written.clone())
+            .collect()
+    }
+
+    pub fn reject_unknown(&self, known: &[&str], what: &str) -> Result<()> {
+        match self.unknown_keys(known).first() {
+            None => Ok(()),
+            Some(key) => Err(BrookError::option(
+                key.clone(),
+                format!("unknown option for {what}; known options: {}", known.join(", ")),
+            )),
+        }
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Options {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut options = Options::new();
+        for (k, v) in iter {
+            options.set(k, v);
+        }
+        options
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_one_key_agree() {
+        let o = Options::new().with("format.max_files_per_trigger", "3");
+        assert_eq!(o.get("maxFilesPerTrigger"), Some("3"));
+        assert_eq!(o.parse::<usize>("max_files_per_trigger", "a count").unwrap(), Some(3));
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let o = Options::new().with("maxFilesPerTrigger", "many");
+        let err = o.parse::<usize>("maxFilesPerTrigger", "a count").unwrap_err();
+        assert!(err.to_string().contains("maxFilesPerTrigger"), "{err}");
+        assert!(o.reject_unknown(&["mode"], "CSV").is_err());
+    }
+}

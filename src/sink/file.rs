@@ -1,0 +1,169 @@
+//! Writes each batch as one part file in a directory, with a manifest.
+//!
+//! A part file is written whole (object stores and brook's local store make
+//! `put` atomic: temporary name, then rename), and only then is the batch's
+//! manifest entry `_brook_manifest/<batch id>.json` written, listing its
+//! files. Readers that follow the manifest never see a half-written batch;
+//! readers that glob `part-*` never see an unfinished file. Part names are
+//! derived from the batch id, so a re-run batch replaces its own output.
+
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::csv::WriterBuilder as CsvWriterBuilder;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::json::LineDelimitedWriter;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::Serialize;
+
+use super::Sink;
+use crate::error::{BrookError, Result};
+use crate::exec::OutputMode;
+use crate::source::location::Location;
+
+pub const MANIFEST_DIR: &str = "_brook_manifest";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Parquet,
+    Csv,
+    Json,
+}
+
+impl OutputFormat {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_uppercase().as_str() {
+            "PARQUET" => Some(Self::Parquet),
+            "CSV" => Some(Self::Csv),
+            "JSON" | "NDJSON" => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Self::Parquet => "parquet",
+            Self::Csv => "csv",
+            Self::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FileSink {
+    location: Location,
+    format: OutputFormat,
+    schema: Mutex<Option<SchemaRef>>,
+}
+
+#[derive(Serialize)]
+struct ManifestEntry<'a> {
+    batch_id: u64,
+    files: Vec<ManifestFile<'a>>,
+}
+
+#[derive(Serialize)]
+struct ManifestFile<'a> {
+    path: &'a str,
+    rows: usize,
+    bytes: usize,
+}
+
+impl FileSink {
+    pub fn new(location: Location, format: OutputFormat) -> Result<Self> {
+        location.ensure_dir()?;
+        Ok(Self {
+            location,
+            format,
+            schema: Mutex::new(None),
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> BrookError {
+        BrookError::Sink {
+            sink: self.location.display.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn encode(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        match self.format {
+            OutputFormat::Parquet => {
+                let props = WriterProperties::builder()
+                    .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                    .build();
+                let mut writer = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props))?;
+                for b in batches {
+                    writer.write(b)?;
+                }
+                writer.close()?;
+            }
+            OutputFormat::Csv => {
+                let mut writer = CsvWriterBuilder::new().with_header(true).build(&mut buf);
+                for b in batches {
+                    writer.write(b)?;
+                }
+            }
+            OutputFormat::Json => {
+                let mut writer = LineDelimitedWriter::new(&mut buf);
+                for b in batches {
+                    writer.write(b)?;
+                }
+                writer.finish()?;
+            }
+        }
+        Ok(buf)
+    }
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    fn describe(&self) -> String {
+        format!("FileSink[{:?} {}]", self.format, self.location.display)
+    }
+
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()> {
+        if mode != OutputMode::Append {
+            return Err(self.error(format!(
+                "file sinks take output mode 'append' only (as Spark's), not '{mode}': \
+                 each batch adds files and never rewrites old ones; use a memory or console \
+                 sink for '{mode}', or append with a watermark"
+            )));
+        }
+        *self.schema.lock().map_err(|_| self.error("lock poisoned"))? = Some(schema.clone());
+        Ok(())
+    }
+
+    async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
+        let schema = self
+            .schema
+            .lock()
+            .map_err(|_| self.error("lock poisoned"))?
+            .clone()
+            .ok_or_else(|| self.error("add_batch before open"))?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let name = format!("part-{batch_id:05}.{}", self.format.extension());
+        let mut files = vec![];
+        if rows > 0 {
+            let bytes = self.encode(&schema, &batches)?;
+            let len = bytes.len();
+            let path = self.location.child(&name);
+            self.location.store.put(&path, PutPayload::from(bytes)).await?;
+            files.push(ManifestFile {
+                path: &name,
+                rows,
+                bytes: len,
+            });
+        }
+        let entry = serde_json::to_vec_pretty(&ManifestEntry { batch_id, files })
+            .map_err(|e| self.error(e.to_string()))?;
+        let manifest = self.location.child(MANIFEST_DIR).join(format!("{batch_id:020}.json"));
+        self.location.store.put(&manifest, PutPayload::from(entry)).await?;
+        Ok(())
+    }
+}

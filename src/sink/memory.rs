@@ -1,0 +1,126 @@
+//! A named in-memory table holding a query's output, queryable with SQL while
+//! the query runs (Spark's memory sink). Complete mode replaces its rows each
+//! batch; append and update modes add the batch's rows.
+
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::Sink;
+use crate::error::{BrookError, Result};
+use crate::exec::OutputMode;
+
+#[derive(Debug, Default)]
+struct Contents {
+    schema: Option<SchemaRef>,
+    mode: Option<OutputMode>,
+    rows: Vec<RecordBatch>,
+    /// The last batch applied, so a batch delivered twice is applied once.
+    last_batch: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemorySink {
+    name: String,
+    contents: Arc<RwLock<Contents>>,
+}
+
+impl MemorySink {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            contents: Arc::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The table to register in a session under the sink's name.
+    pub fn table(&self) -> Arc<dyn TableProvider> {
+        Arc::new(self.clone())
+    }
+
+    /// The rows the table holds now.
+    pub fn rows(&self) -> Result<Vec<RecordBatch>> {
+        Ok(self.read()?.rows.clone())
+    }
+
+    fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, Contents>> {
+        self.contents.read().map_err(|_| self.poisoned())
+    }
+
+    fn poisoned(&self) -> BrookError {
+        BrookError::Sink {
+            sink: self.name.clone(),
+            message: "lock poisoned".into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for MemorySink {
+    fn describe(&self) -> String {
+        format!("MemorySink[{}]", self.name)
+    }
+
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()> {
+        let mut c = self.contents.write().map_err(|_| self.poisoned())?;
+        c.schema = Some(schema.clone());
+        c.mode = Some(mode);
+        Ok(())
+    }
+
+    async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
+        let mut c = self.contents.write().map_err(|_| self.poisoned())?;
+        if c.last_batch.is_some_and(|last| batch_id <= last) {
+            return Ok(());
+        }
+        if c.mode == Some(OutputMode::Complete) {
+            c.rows.clear();
+        }
+        c.rows.extend(batches.into_iter().filter(|b| b.num_rows() > 0));
+        c.last_batch = Some(batch_id);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TableProvider for MemorySink {
+    fn schema(&self) -> SchemaRef {
+        self.contents
+            .read()
+            .ok()
+            .and_then(|c| c.schema.clone())
+            .unwrap_or_else(|| Arc::new(Schema::empty()))
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let rows = self
+            .contents
+            .read()
+            .map_err(|_| DataFusionError::Internal("memory sink lock poisoned".into()))?
+            .rows
+            .clone();
+        Ok(MemorySourceConfig::try_new_exec(&[rows], self.schema(), projection.cloned())?)
+    }
+}

@@ -1,0 +1,34 @@
+//! Where each batch's result goes.
+
+pub mod console;
+pub mod file;
+pub mod foreach;
+pub mod memory;
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+
+pub use console::ConsoleSink;
+pub use file::{FileSink, OutputFormat};
+pub use foreach::ForeachBatchSink;
+pub use memory::MemorySink;
+
+use crate::error::Result;
+use crate::exec::OutputMode;
+
+#[async_trait]
+pub trait Sink: Send + Sync + Debug {
+    /// One line naming the sink for progress reports and errors.
+    fn describe(&self) -> String;
+
+    /// Called once before the first batch with the query's output schema and
+    /// mode; a sink that cannot take that mode says so here.
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()>;
+
+    /// Receives batch `batch_id`'s result. A batch may be delivered again
+    /// after a restart; sinks make that idempotent by batch id.
+    async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()>;
+}

@@ -1,0 +1,194 @@
+//! The watched-directory source.
+//!
+//! Each batch takes files not yet processed, oldest first (by modification time,
+//! then name), at most `maxFilesPerTrigger`. A file is read whole, once, when it
+//! is first listed, so writers must make a file appear complete: write it
+//! elsewhere (or under a name starting with `.` or `_`, which are never read)
+//! and rename it into the directory, as `brook send` does.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use serde::{Deserialize, Serialize};
+
+use super::format::Decoder;
+use super::location::Location;
+use super::malformed::MalformedStats;
+use super::{SourceBatch, SourceOffset, StreamSource};
+use crate::error::{BrookError, Result};
+
+#[derive(Debug, Clone)]
+pub struct FileSourceOptions {
+    pub max_files_per_trigger: Option<usize>,
+    /// Newest files first, for catching up on the latest data after a backlog.
+    pub latest_first: bool,
+    /// Whether files already in the directory at start are read (Spark reads them).
+    pub include_existing_files: bool,
+    /// Read files in subdirectories too.
+    pub recursive: bool,
+    /// Files read and decoded at once.
+    pub parallelism: usize,
+}
+
+impl Default for FileSourceOptions {
+    fn default() -> Self {
+        Self {
+            max_files_per_trigger: None,
+            latest_first: false,
+            include_existing_files: true,
+            recursive: false,
+            parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FileSource {
+    location: Location,
+    decoder: Arc<Decoder>,
+    options: FileSourceOptions,
+    seen: HashSet<Path>,
+    /// Set by the available-now trigger: only these files may still be planned.
+    snapshot: Option<HashSet<Path>>,
+    listed_once: bool,
+}
+
+/// A file of a batch, as written to the offset log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileEntry {
+    path: String,
+    size: u64,
+}
+
+impl FileSource {
+    pub fn new(location: Location, decoder: Decoder, options: FileSourceOptions) -> Result<Self> {
+        location.require_existing_dir()?;
+        Ok(Self {
+            location,
+            decoder: Arc::new(decoder),
+            options,
+            seen: HashSet::new(),
+            snapshot: None,
+            listed_once: false,
+        })
+    }
+
+    /// Completed data files below the location, oldest first.
+    async fn list(&self) -> Result<Vec<ObjectMeta>> {
+        let store = &self.location.store;
+        let prefix = Some(&self.location.prefix);
+        let mut files: Vec<ObjectMeta> = if self.options.recursive {
+            store.list(prefix).try_collect().await?
+        } else {
+            store.list_with_delimiter(prefix).await?.objects
+        };
+        let root_parts = self.location.prefix.parts().count();
+        files.retain(|meta| {
+            !meta.location.parts().skip(root_parts).any(|part| {
+                let name = part.as_ref();
+                name.starts_with('.') || name.starts_with('_')
+            })
+        });
+        files.sort_by(|a, b| {
+            (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location))
+        });
+        if self.options.latest_first {
+            files.reverse();
+        }
+        Ok(files)
+    }
+
+    fn parse_offset(&self, offset: &SourceOffset) -> Result<Vec<FileEntry>> {
+        serde_json::from_value(offset.0.clone()).map_err(|e| BrookError::Source {
+            location: self.location.display.clone(),
+            message: format!("unreadable file offset {}: {e}", offset.0),
+        })
+    }
+}
+
+#[async_trait]
+impl StreamSource for FileSource {
+    fn schema(&self) -> SchemaRef {
+        self.decoder.schema.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!("FileSource[{} {}]", self.decoder.format.name(), self.location.display)
+    }
+
+    async fn plan_batch(&mut self) -> Result<Option<SourceOffset>> {
+        let files = self.list().await?;
+        if !self.listed_once {
+            self.listed_once = true;
+            if !self.options.include_existing_files {
+                self.seen.extend(files.into_iter().map(|f| f.location));
+                return Ok(None);
+            }
+        }
+        let limit = self.options.max_files_per_trigger.unwrap_or(usize::MAX);
+        let batch: Vec<FileEntry> = files
+            .into_iter()
+            .filter(|f| !self.seen.contains(&f.location))
+            .filter(|f| self.snapshot.as_ref().is_none_or(|s| s.contains(&f.location)))
+            .take(limit)
+            .map(|f| FileEntry {
+                path: f.location.to_string(),
+                size: f.size,
+            })
+            .collect();
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let value = serde_json::to_value(batch).map_err(|e| BrookError::Plan(e.to_string()))?;
+        Ok(Some(SourceOffset(value)))
+    }
+
+    async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch> {
+        let entries = self.parse_offset(offset)?;
+        let store: Arc<dyn ObjectStore> = self.location.store.clone();
+        let decoded: Vec<_> = futures::stream::iter(entries)
+            .map(|entry| {
+                let store = store.clone();
+                let decoder = self.decoder.clone();
+                async move {
+                    let path = Path::from(entry.path.as_str());
+                    let bytes = store.get(&path).await?.bytes().await?;
+                    let name = entry.path.clone();
+                    tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
+                        .await
+                        .map_err(|e| BrookError::Plan(format!("decoding {}: {e}", entry.path)))?
+                }
+            })
+            .buffered(self.options.parallelism.max(1))
+            .try_collect()
+            .await?;
+        let mut out = SourceBatch::default();
+        let mut malformed = MalformedStats::default();
+        for d in decoded {
+            if d.batch.num_rows() > 0 {
+                out.batches.push(d.batch);
+            }
+            malformed.merge(d.malformed);
+        }
+        out.malformed = malformed;
+        Ok(out)
+    }
+
+    fn commit(&mut self, offset: &SourceOffset) -> Result<()> {
+        for entry in self.parse_offset(offset)? {
+            self.seen.insert(Path::from(entry.path));
+        }
+        Ok(())
+    }
+
+    async fn snapshot_available(&mut self) -> Result<()> {
+        let files = self.list().await?;
+        self.snapshot = Some(files.into_iter().map(|f| f.location).collect());
+        Ok(())
+    }
+}

@@ -1,0 +1,451 @@
+//! Decoding one file's bytes into Arrow rows of the declared schema.
+//!
+//! CSV fields are tokenized by the `csv` crate and typed by arrow's cast
+//! kernels, so that each bad record can be found, counted and named by its
+//! line, which arrow's all-or-nothing CSV reader cannot do. JSON and Parquet
+//! use arrow's readers directly.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, StringBuilder, new_null_array,
+};
+use datafusion::arrow::compute::kernels::boolean::{and, and_not, or};
+use datafusion::arrow::compute::{
+    CastOptions, cast, cast_with_options, filter_record_batch, is_not_null, is_null,
+};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::malformed::{MalformedRecord, MalformedStats, ParseMode, excerpt};
+use crate::error::{BrookError, Result};
+
+#[derive(Debug, Clone)]
+pub struct CsvOptions {
+    pub has_header: bool,
+    pub delimiter: u8,
+    pub quote: u8,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        Self {
+            has_header: false,
+            delimiter: b',',
+            quote: b'"',
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum FileFormat {
+    Csv(CsvOptions),
+    Json,
+    Parquet,
+    /// One `value` column per line, like Spark's `textFileStream`.
+    Text,
+}
+
+impl FileFormat {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FileFormat::Csv(_) => "CSV",
+            FileFormat::Json => "JSON",
+            FileFormat::Parquet => "PARQUET",
+            FileFormat::Text => "TEXT",
+        }
+    }
+}
+
+/// How to turn a file into rows: the schema to produce and what to do with bad records.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub format: FileFormat,
+    pub schema: SchemaRef,
+    pub mode: ParseMode,
+    /// A nullable Utf8 column that receives the raw text of malformed records in PERMISSIVE mode.
+    pub corrupt_column: Option<usize>,
+}
+
+/// The rows of one file, with what was rejected on the way.
+pub struct Decoded {
+    pub batch: RecordBatch,
+    pub malformed: MalformedStats,
+}
+
+impl Decoder {
+    pub fn new(format: FileFormat, schema: SchemaRef, mode: ParseMode, corrupt_name: &str) -> Self {
+        let corrupt_column = schema
+            .index_of(corrupt_name)
+            .ok()
+            .filter(|&i| schema.field(i).data_type() == &DataType::Utf8);
+        Self {
+            format,
+            schema,
+            mode,
+            corrupt_column,
+        }
+    }
+
+    pub fn decode(&self, file: &str, data: Bytes) -> Result<Decoded> {
+        match &self.format {
+            FileFormat::Csv(options) => self.decode_csv(options, file, &data),
+            FileFormat::Text => self.decode_text(file, &data),
+            FileFormat::Json => self.decode_json(file, &data),
+            FileFormat::Parquet => self.decode_parquet(file, data),
+        }
+    }
+
+    /// The declared columns that come from the file (all but the corrupt-record one).
+    fn data_columns(&self) -> Vec<usize> {
+        (0..self.schema.fields().len())
+            .filter(|i| Some(*i) != self.corrupt_column)
+            .collect()
+    }
+
+    fn decode_csv(&self, options: &CsvOptions, file: &str, data: &[u8]) -> Result<Decoded> {
+        let columns = self.data_columns();
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .delimiter(options.delimiter)
+            .quote(options.quote)
+            .from_reader(data);
+        let mut fields: Vec<StringBuilder> = columns.iter().map(|_| StringBuilder::new()).collect();
+        let mut rows = RowSpans::default();
+        let mut malformed = MalformedStats::default();
+        // Rows kept under PERMISSIVE although their field count was wrong.
+        let mut shape_errors: Vec<(usize, String)> = Vec::new();
+        let mut record = csv::ByteRecord::new();
+        let mut skip_header = options.has_header;
+        loop {
+            let start = reader.position().clone();
+            match reader.read_byte_record(&mut record) {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => {
+                    let line = e.position().map_or(start.line(), |p| p.line());
+                    let end = reader.position().byte() as usize;
+                    let bad = MalformedRecord {
+                        file: file.to_string(),
+                        line,
+                        reason: format!("unreadable CSV record: {e}"),
+                        text: excerpt(slice(data, start.byte() as usize, end)),
+                    };
+                    self.reject(bad, "unreadable CSV record", &mut malformed)?;
+                    continue;
+                }
+            }
+            let pos = record.position().cloned().unwrap_or(start);
+            if skip_header {
+                skip_header = false;
+                continue;
+            }
+            let end = reader.position().byte() as usize;
+            let span = (pos.line(), pos.byte() as usize, end);
+            let n = record.len();
+            if n != columns.len() {
+                let reason = format!("expected {} fields, found {n}", columns.len());
+                let bad = MalformedRecord {
+                    file: file.to_string(),
+                    line: pos.line(),
+                    reason: reason.clone(),
+                    text: excerpt(slice(data, span.1, span.2)),
+                };
+                if self.mode != ParseMode::Permissive {
+                    self.reject(bad, "wrong number of fields", &mut malformed)?;
+                    continue;
+                }
+                malformed.record(bad, "wrong number of fields");
+                shape_errors.push((rows.len(), reason));
+            }
+            for (i, builder) in fields.iter_mut().enumerate() {
+                match record.get(i).map(std::str::from_utf8) {
+                    None | Some(Ok("")) => builder.append_null(),
+                    Some(Ok(s)) => builder.append_value(s),
+                    // Invalid UTF-8 is a bad value of that field, found again by the typing pass.
+                    Some(Err(_)) => builder.append_value("\u{FFFD}"),
+                }
+            }
+            rows.push(span);
+        }
+        let raw: Vec<ArrayRef> = fields
+            .into_iter()
+            .map(|mut b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        let shape_bad = rows_mask(rows.len(), shape_errors.iter().map(|(r, _)| *r));
+        self.type_columns(file, data, &columns, raw, &rows, shape_bad, malformed)
+    }
+
+    /// Casts raw text columns to the declared types and sorts out the rows that fail.
+    #[allow(clippy::too_many_arguments)]
+    fn type_columns(
+        &self,
+        file: &str,
+        data: &[u8],
+        columns: &[usize],
+        raw: Vec<ArrayRef>,
+        rows: &RowSpans,
+        already_counted: BooleanArray,
+        mut malformed: MalformedStats,
+    ) -> Result<Decoded> {
+        let n = rows.len();
+        let safe = CastOptions {
+            safe: true,
+            ..Default::default()
+        };
+        let mut typed: Vec<ArrayRef> = Vec::with_capacity(columns.len());
+        // Rows with a value that did not parse (nulled under PERMISSIVE) and rows that must go.
+        let mut bad_value = BooleanArray::from(vec![false; n]);
+        let mut must_drop = BooleanArray::from(vec![false; n]);
+        let mut reasons: Vec<(BooleanArray, String, &'static str)> = Vec::new();
+        for (raw, &col) in raw.iter().zip(columns) {
+            let field = self.schema.field(col);
+            let out = cast_with_options(raw, field.data_type(), &safe)?;
+            let unparsed = and(&is_not_null(raw)?, &is_null(&out)?)?;
+            if unparsed.true_count() > 0 {
+                bad_value = or(&bad_value, &unparsed)?;
+                let why = format!("cannot parse column '{}' as {}", field.name(), field.data_type());
+                reasons.push((unparsed, why, "unparseable value"));
+            }
+            if !field.is_nullable() {
+                let missing = is_null(&out)?;
+                if missing.true_count() > 0 {
+                    must_drop = or(&must_drop, &missing)?;
+                    let why = format!("null in NOT NULL column '{}'", field.name());
+                    reasons.push((missing, why, "null in NOT NULL column"));
+                }
+            }
+            typed.push(out);
+        }
+        let rejected = or(&bad_value, &must_drop)?;
+        if rejected.true_count() > 0 {
+            // Each row is counted once, under the first reason found for it.
+            let mut counted = already_counted.clone();
+            for (mask, why, category) in &reasons {
+                for row in and_not(mask, &counted)?.iter().enumerate().filter_map(|(i, b)| {
+                    b.unwrap_or(false).then_some(i)
+                }) {
+                    let (line, start, end) = rows.get(row);
+                    let bad = MalformedRecord {
+                        file: file.to_string(),
+                        line,
+                        reason: why.clone(),
+                        text: excerpt(slice(data, start, end)),
+                    };
+                    self.reject(bad, category, &mut malformed)?;
+                }
+                counted = or(&counted, mask)?;
+            }
+        }
+        let drop = match self.mode {
+            ParseMode::Permissive => must_drop,
+            _ => rejected,
+        };
+        let flagged = or(&already_counted, &bad_value)?;
+        let batch = self.assemble(columns, typed, data, rows, &flagged)?;
+        let batch = if drop.true_count() > 0 {
+            filter_record_batch(&batch, &datafusion::arrow::compute::not(&drop)?)?
+        } else {
+            batch
+        };
+        Ok(Decoded { batch, malformed })
+    }
+
+    /// Puts typed columns in schema order, filling the corrupt-record column for flagged rows.
+    fn assemble(
+        &self,
+        columns: &[usize],
+        typed: Vec<ArrayRef>,
+        data: &[u8],
+        rows: &RowSpans,
+        flagged: &BooleanArray,
+    ) -> Result<RecordBatch> {
+        let mut out: Vec<Option<ArrayRef>> = vec![None; self.schema.fields().len()];
+        for (array, &col) in typed.into_iter().zip(columns) {
+            out[col] = Some(array);
+        }
+        if let Some(c) = self.corrupt_column {
+            let text: StringArray = (0..rows.len())
+                .map(|r| {
+                    flagged.value(r).then(|| {
+                        let (_, start, end) = rows.get(r);
+                        excerpt(slice(data, start, end))
+                    })
+                })
+                .collect();
+            out[c] = Some(Arc::new(text));
+        }
+        let columns = out
+            .into_iter()
+            .map(|c| c.unwrap_or_else(|| new_null_array(&DataType::Utf8, rows.len())))
+            .collect();
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+
+    /// Counts a bad record, or stops the query with it under FAILFAST.
+    fn reject(&self, bad: MalformedRecord, category: &str, stats: &mut MalformedStats) -> Result<()> {
+        if self.mode == ParseMode::FailFast {
+            return Err(BrookError::Malformed {
+                file: bad.file,
+                line: bad.line,
+                reason: format!("{}: {}", bad.reason, bad.text),
+            });
+        }
+        stats.record(bad, category);
+        Ok(())
+    }
+
+    fn decode_text(&self, file: &str, data: &[u8]) -> Result<Decoded> {
+        let text = std::str::from_utf8(data).map_err(|e| BrookError::Source {
+            location: file.to_string(),
+            message: format!("not UTF-8 text: {e}"),
+        })?;
+        let mut lines: Vec<&str> = text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
+        if lines.last() == Some(&"") {
+            lines.pop();
+        }
+        let values: ArrayRef = Arc::new(StringArray::from(lines));
+        Ok(Decoded {
+            batch: RecordBatch::try_new(self.schema.clone(), vec![values])?,
+            malformed: MalformedStats::default(),
+        })
+    }
+
+    fn decode_json(&self, file: &str, data: &[u8]) -> Result<Decoded> {
+        let columns = self.data_columns();
+        let file_schema = Arc::new(self.schema.project(&columns)?);
+        let read_all = |bytes: &[u8]| -> Result<Vec<RecordBatch>> {
+            let reader = JsonReaderBuilder::new(file_schema.clone()).build(Cursor::new(bytes))?;
+            Ok(reader.collect::<Result<Vec<_>, _>>()?)
+        };
+        let mut malformed = MalformedStats::default();
+        let mut rows = RowSpans::default();
+        let mut parts: Vec<RecordBatch> = Vec::new();
+        if let Ok(batches) = read_all(data) {
+            parts = batches;
+        } else {
+            // Some line is bad: decode line by line to find, count and skip it.
+            let mut start = 0;
+            for (i, line) in data.split(|b| *b == b'\n').enumerate() {
+                let end = start + line.len();
+                let span = (i as u64 + 1, start, end);
+                start = end + 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match read_all(line) {
+                    Ok(batches) => {
+                        parts.extend(batches);
+                        rows.push(span);
+                    }
+                    Err(e) => {
+                        let bad = MalformedRecord {
+                            file: file.to_string(),
+                            line: span.0,
+                            reason: format!("invalid JSON record: {e}"),
+                            text: excerpt(line),
+                        };
+                        self.reject(bad, "invalid JSON record", &mut malformed)?;
+                    }
+                }
+            }
+        }
+        let batch = datafusion::arrow::compute::concat_batches(&file_schema, &parts)?;
+        let n = batch.num_rows();
+        let typed = batch.columns().to_vec();
+        let flagged = BooleanArray::from(vec![false; n]);
+        let rows = if rows.len() == n { rows } else { RowSpans::unknown(n) };
+        let batch = self.assemble(&columns, typed, data, &rows, &flagged)?;
+        Ok(Decoded { batch, malformed })
+    }
+
+    fn decode_parquet(&self, file: &str, data: Bytes) -> Result<Decoded> {
+        let wrong = |message: String| BrookError::Source {
+            location: file.to_string(),
+            message,
+        };
+        let builder = ParquetRecordBatchReaderBuilder::try_new(data)?;
+        let file_schema = builder.schema().clone();
+        let mut parts = Vec::new();
+        for batch in builder.build()? {
+            parts.push(self.conform(&batch?, &file_schema).map_err(wrong)?);
+        }
+        let batch = datafusion::arrow::compute::concat_batches(&self.schema, &parts)?;
+        Ok(Decoded {
+            batch,
+            malformed: MalformedStats::default(),
+        })
+    }
+
+    /// Picks the declared columns out of a file's batch by name, casting where types differ.
+    fn conform(&self, batch: &RecordBatch, file_schema: &Schema) -> Result<RecordBatch, String> {
+        let mut columns = Vec::with_capacity(self.schema.fields().len());
+        for field in self.schema.fields() {
+            let Ok(i) = file_schema.index_of(field.name()) else {
+                if field.is_nullable() {
+                    columns.push(new_null_array(field.data_type(), batch.num_rows()));
+                    continue;
+                }
+                return Err(format!(
+                    "file has no column '{}' (declared NOT NULL); its columns are: {}",
+                    field.name(),
+                    file_schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                ));
+            };
+            let column = batch.column(i);
+            if column.data_type() == field.data_type() {
+                columns.push(column.clone());
+            } else {
+                columns.push(cast(column, field.data_type()).map_err(|e| {
+                    format!(
+                        "column '{}' is {} in the file but declared {}: {e}",
+                        field.name(),
+                        column.data_type(),
+                        field.data_type()
+                    )
+                })?);
+            }
+        }
+        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| e.to_string())
+    }
+}
+
+/// Where each kept row came from: line number and byte range in the file.
+#[derive(Default)]
+struct RowSpans {
+    spans: Vec<(u64, usize, usize)>,
+}
+
+impl RowSpans {
+    fn unknown(n: usize) -> Self {
+        Self {
+            spans: vec![(0, 0, 0); n],
+        }
+    }
+    fn push(&mut self, span: (u64, usize, usize)) {
+        self.spans.push(span);
+    }
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+    fn get(&self, row: usize) -> (u64, usize, usize) {
+        self.spans[row]
+    }
+}
+
+fn slice(data: &[u8], start: usize, end: usize) -> &[u8] {
+    let end = end.min(data.len());
+    &data[start.min(end)..end]
+}
+
+fn rows_mask(n: usize, rows: impl Iterator<Item = usize>) -> BooleanArray {
+    let mut mask = vec![false; n];
+    for r in rows {
+        mask[r] = true;
+    }
+    BooleanArray::from(mask)
+}

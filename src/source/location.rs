@@ -1,0 +1,125 @@
+//! Turning a LOCATION (local path or object-store URL) into a store and a prefix.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use url::Url;
+
+use crate::error::{BrookError, Result};
+
+/// A resolved location: where to list, read or write, and how to show it to users.
+#[derive(Debug, Clone)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+    /// The location as the user wrote it, for messages.
+    pub display: String,
+    /// The directory on disk, for local locations.
+    pub local_dir: Option<PathBuf>,
+}
+
+impl Location {
+    /// The full path of an object directly below this location.
+    pub fn child(&self, name: &str) -> Path {
+        self.prefix.clone().join(name)
+    }
+
+    /// Resolves `location`: plain paths and `file://` URLs are local; `s3://bucket/prefix`
+    /// takes its credentials from the usual AWS environment variables; `memory://name/`
+    /// is an in-process store shared by everything in the same runtime (for tests and
+    /// embedding); any other scheme must have been registered on the session's runtime.
+    pub fn resolve(location: &str, runtime: &RuntimeEnv) -> Result<Self> {
+        let err = |message: String| BrookError::Source {
+            location: location.to_string(),
+            message,
+        };
+        if !location.contains("://") {
+            return Self::local(location, FsPath::new(location));
+        }
+        let url = Url::parse(location).map_err(|e| err(format!("not a valid URL: {e}")))?;
+        let prefix = Path::from_url_path(url.path()).map_err(|e| err(e.to_string()))?;
+        match url.scheme() {
+            "file" => {
+                let path = url
+                    .to_file_path()
+                    .map_err(|_| err("a file:// URL needs an absolute path".into()))?;
+                Self::local(location, &path)
+            }
+            scheme => {
+                let root = ObjectStoreUrl::parse(format!("{scheme}://{}", url.authority()))
+                    .map_err(|e| err(e.to_string()))?;
+                let store = match runtime.object_store(&root) {
+                    Ok(store) => store,
+                    Err(_) => {
+                        let store: Arc<dyn ObjectStore> = match scheme {
+                            "memory" => Arc::new(InMemory::new()),
+                            "s3" | "s3a" => Arc::new(
+                                AmazonS3Builder::from_env()
+                                    .with_bucket_name(url.host_str().unwrap_or_default())
+                                    .build()
+                                    .map_err(|e| err(format!("cannot open S3 bucket: {e}")))?,
+                            ),
+                            other => {
+                                return Err(err(format!(
+                                    "no object store for scheme '{other}'; use a local path, \
+                                     file://, s3:// or memory://, or register a store for it"
+                                )));
+                            }
+                        };
+                        runtime.register_object_store(root.as_ref(), store.clone());
+                        store
+                    }
+                };
+                Ok(Self {
+                    store,
+                    prefix,
+                    display: location.to_string(),
+                    local_dir: None,
+                })
+            }
+        }
+    }
+
+    fn local(display: &str, path: &FsPath) -> Result<Self> {
+        let abs = std::path::absolute(path).map_err(|e| BrookError::io(path, e))?;
+        let prefix = Path::from_absolute_path(&abs).map_err(|e| BrookError::Source {
+            location: display.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            store: Arc::new(LocalFileSystem::new()),
+            prefix,
+            display: display.to_string(),
+            local_dir: Some(abs),
+        })
+    }
+
+    /// Fails with a message naming the directory when a local source directory is missing.
+    pub fn require_existing_dir(&self) -> Result<()> {
+        match &self.local_dir {
+            Some(dir) if !dir.is_dir() => Err(BrookError::Source {
+                location: self.display.clone(),
+                message: format!(
+                    "directory {} does not exist; create it or fix the table's LOCATION",
+                    dir.display()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates a local directory for writing; object stores need no directories.
+    pub fn ensure_dir(&self) -> Result<()> {
+        if let Some(dir) = &self.local_dir {
+            std::fs::create_dir_all(dir).map_err(|e| BrookError::io(dir, e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! Incremental planning: a streaming aggregation becomes three bounded plans.
+//!
+//! * **partial** aggregates one batch's rows into per-group partial values
+//!   (`avg` becomes a sum and a count),
+//! * **merge** folds those partials into the keyed state (state ∪ delta,
+//!   grouped again), flagging the groups the batch changed,
+//! * **finalize** is the user's query above its `GROUP BY` (projection,
+//!   HAVING, window functions, ORDER BY, LIMIT) run over the groups a batch
+//!   emits, with each aggregate rebuilt from its partial values.
+//!
+//! All three are DataFusion plans over [`Slot`]s, built once per query.
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::provider_as_source;
+use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
+use datafusion::functions_aggregate::sum::sum_udaf;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{
+    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast, col, lit,
+};
+use datafusion::functions::expr_fn::{coalesce, nullif};
+
+use crate::error::{BrookError, Result};
+use crate::exec::slot::Slot;
+
+/// Column of the partial and state rows counting the input rows of a group.
+pub const ROWS_COLUMN: &str = "__rows";
+/// Column of the merge output: did this batch touch the group?
+pub const CHANGED_COLUMN: &str = "__changed";
+
+#[derive(Debug, Clone, Copy)]
+enum Merge {
+    Sum,
+    Min,
+    Max,
+}
+
+/// How a user aggregate is rebuilt from state columns.
+#[derive(Debug, Clone)]
+enum Final {
+    Value(String),
+    Count(String),
+    Avg { sum: String, count: String },
+}
+
+/// The logical halves of a streaming aggregation, before physical planning.
+pub struct AggregateSplit {
+    pub partial: LogicalPlan,
+    /// Holds the state before a batch merges into it.
+    pub state_slot: Slot,
+    /// Holds the partial rows of the batch.
+    pub delta_slot: Slot,
+    /// Holds the state rows a batch emits, read by `finalize`.
+    pub emit_slot: Slot,
+    pub merge: LogicalPlan,
+    pub finalize: LogicalPlan,
+    pub keys: usize,
+    /// The group expressions, in key order (`k0`, `k1`, ...).
+    pub group_exprs: Vec<Expr>,
+}
+
+/// Finds the one aggregation of `plan`, or `None` for a stateless query.
+pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
+    let mut found: Vec<Aggregate> = vec![];
+    let mut problem: Option<String> = None;
+    plan.apply(|node| {
+        match node {
+            LogicalPlan::Aggregate(a) => found.push(a.clone()),
+            LogicalPlan::Join(_) => problem = Some("joins".into()),
+            LogicalPlan::Distinct(_) => {
+                problem = Some("SELECT DISTINCT (write GROUP BY instead)".into())
+            }
+            LogicalPlan::RecursiveQuery(_) => problem = Some("recursive queries".into()),
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if let Some(p) = problem {
+        return Err(BrookError::sql(format!("{p} are not supported in streaming queries")));
+    }
+    if found.len() > 1 {
+        return Err(BrookError::sql(
+            "a streaming query may have only one GROUP BY aggregation",
+        ));
+    }
+    let Some(agg) = found.pop() else {
+        return Ok(None);
+    };
+    agg.input.apply(|node| {
+        if matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)) {
+            problem = Some(format!(
+                "{} below GROUP BY has no meaning on a stream",
+                node.display()
+            ));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if let Some(p) = problem {
+        return Err(BrookError::sql(p));
+    }
+    if agg.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
+        return Err(BrookError::sql("GROUPING SETS, CUBE and ROLLUP are not supported on streams"));
+    }
+    Ok(Some(agg))
+}
+
+/// Rejects operators that need all rows at once in a query without state.
+pub fn check_stateless(plan: &LogicalPlan) -> Result<()> {
+    let mut problem = None;
+    plan.apply(|node| {
+        if matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)) {
+            problem = Some(format!(
+                "{} needs an aggregation (GROUP BY) in a streaming query; \
+                 ORDER BY and LIMIT apply to the result of a GROUP BY",
+                node.display()
+            ));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    problem.map_or(Ok(()), |p| Err(BrookError::sql(p)))
+}
+
+/// Splits `plan`, whose aggregation is `agg`, into partial, merge and finalize plans.
+pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<AggregateSplit> {
+    let keys = agg.group_expr.len();
+    let mut partial_aggs: Vec<Expr> = vec![];
+    let mut merges: Vec<(String, Merge)> = vec![];
+    let mut finals: Vec<Final> = vec![];
+    let mut add = |e: Expr, merge: Merge, merges: &mut Vec<(String, Merge)>| -> String {
+        let name = format!("p{}", merges.len());
+        partial_aggs.push(e.alias(&name));
+        merges.push((name.clone(), merge));
+        name
+    };
+    for expr in &agg.aggr_expr {
+        let inner = match expr {
+            Expr::Alias(a) => a.expr.as_ref(),
+            e => e,
+        };
+        let Expr::AggregateFunction(f) = inner else {
+            return Err(BrookError::sql(format!("unsupported aggregate expression {inner}")));
+        };
+        let p = &f.params;
+        if p.distinct {
+            return Err(BrookError::sql(format!(
+                "{inner}: DISTINCT aggregates are not supported on streams"
+            )));
+        }
+        let with = |udf, args: Vec<Expr>| {
+            Expr::AggregateFunction(AggregateFunction::new_udf(
+                udf,
+                args,
+                false,
+                p.filter.clone(),
+                vec![],
+                None,
+            ))
+        };
+        let fin = match f.func.name().to_ascii_lowercase().as_str() {
+            "count" => Final::Count(add(with(f.func.clone(), p.args.clone()), Merge::Sum, &mut merges)),
+            "sum" => Final::Value(add(with(f.func.clone(), p.args.clone()), Merge::Sum, &mut merges)),
+            "min" => Final::Value(add(with(f.func.clone(), p.args.clone()), Merge::Min, &mut merges)),
+            "max" => Final::Value(add(with(f.func.clone(), p.args.clone()), Merge::Max, &mut merges)),
+            "avg" | "mean" => Final::Avg {
+                sum: add(with(sum_udaf(), p.args.clone()), Merge::Sum, &mut merges),
+                count: add(with(count_udaf(), p.args.clone()), Merge::Sum, &mut merges),
+            },
+            other => {
+                return Err(BrookError::sql(format!(
+                    "aggregate '{other}' is not supported on streams; use count, sum, min, max or avg"
+                )));
+            }
+        };
+        finals.push(fin);
+    }
+    partial_aggs.push(
+        Expr::AggregateFunction(AggregateFunction::new_udf(
+            count_udaf(),
+            vec![lit(1i64)],
+            false,
+            None,
+            vec![],
+            None,
+        ))
+        .alias(ROWS_COLUMN),
+    );
+    merges.push((ROWS_COLUMN.to_string(), Merge::Sum));
+
+    let key_names: Vec<String> = (0..keys).map(|i| format!("k{i}")).collect();
+    let group: Vec<Expr> = agg
+        .group_expr
+        .iter()
+        .zip(&key_names)
+        .map(|(e, k)| e.clone().alias(k))
+        .collect();
+    let partial = LogicalPlan::Aggregate(Aggregate::try_new(agg.input.clone(), group, partial_aggs)?);
+    let state_slot = Slot::new(partial.schema().as_arrow());
+    let delta_slot = Slot::new(partial.schema().as_arrow());
+    let emit_slot = Slot::new(partial.schema().as_arrow());
+    let state_schema: SchemaRef = state_slot.schema().clone();
+
+    let tagged = |name: &str, slot: &Slot, changed: bool| -> Result<LogicalPlan> {
+        let columns = state_schema.fields().iter().map(|f| col(f.name()));
+        Ok(LogicalPlanBuilder::scan(name, provider_as_source(slot.table(partitions)), None)?
+            .project(columns.chain([lit(changed).alias(CHANGED_COLUMN)]))?
+            .build()?)
+    };
+    let union = LogicalPlanBuilder::from(tagged("__state", &state_slot, false)?)
+        .union(tagged("__delta", &delta_slot, true)?)?
+        .build()?;
+    let merge_aggs = merges.iter().map(|(name, merge)| {
+        let c = col(name.as_str());
+        let merged = match merge {
+            Merge::Sum => sum(c),
+            Merge::Min => min(c),
+            Merge::Max => max(c),
+        };
+        let data_type = state_schema
+            .field_with_name(name)
+            .map(|f| f.data_type().clone())
+            .unwrap_or(DataType::Int64);
+        cast(merged, data_type).alias(name)
+    });
+    let merge = LogicalPlanBuilder::from(union)
+        .aggregate(
+            key_names.iter().map(|k| col(k.as_str())),
+            merge_aggs.chain([bool_or(col(CHANGED_COLUMN)).alias(CHANGED_COLUMN)]),
+        )?
+        .build()?;
+
+    // The aggregation node is replaced by a projection that gives the emitted
+    // state rows the names and types the rest of the user's plan expects.
+    let mut columns: Vec<Expr> = vec![];
+    for (i, key) in key_names.iter().enumerate() {
+        let (q, f) = agg.schema.qualified_field(i);
+        columns.push(col(key.as_str()).alias_qualified(q.cloned(), f.name()));
+    }
+    for (j, fin) in finals.iter().enumerate() {
+        let (q, f) = agg.schema.qualified_field(keys + j);
+        let t = f.data_type().clone();
+        let value = match fin {
+            Final::Value(c) => col(c.as_str()),
+            Final::Count(c) => coalesce(vec![col(c.as_str()), lit(0i64)]),
+            Final::Avg { sum, count } => {
+                cast(col(sum.as_str()), t.clone()) / cast(nullif(col(count.as_str()), lit(0i64)), t.clone())
+            }
+        };
+        columns.push(cast(value, t).alias_qualified(q.cloned(), f.name()));
+    }
+    let replacement = LogicalPlanBuilder::scan("__emit", provider_as_source(emit_slot.table(partitions)), None)?
+        .project(columns)?
+        .build()?;
+    let finalize = plan
+        .clone()
+        .transform_up(|node| match node {
+            LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })?
+        .data;
+    Ok(AggregateSplit {
+        partial,
+        state_slot,
+        delta_slot,
+        emit_slot,
+        merge,
+        finalize,
+        keys,
+        group_exprs: agg.group_expr.clone(),
+    })
+}
+

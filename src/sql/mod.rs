@@ -1,0 +1,5 @@
+//! The streaming SQL dialect: scripts, watermarks, windows, incremental plans.
+
+pub mod incremental;
+pub mod script;
+pub mod window;

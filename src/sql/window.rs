@@ -1,0 +1,306 @@
+//! Spark's event-time windows: `window(time, '1 hour')` (tumbling) and
+//! `window(time, '1 hour', '10 minutes')` (sliding).
+//!
+//! The call is rewritten to a column named `window` (a struct of `start` and
+//! `end`), so `SELECT window.start ... GROUP BY window(time, ...)` plans as in
+//! Spark. Rows are first grouped into *panes*, the slices of width
+//! gcd(size, slide) that windows are made of; only the pre-aggregated panes are
+//! then copied into every window that covers them. A row therefore costs the
+//! same whatever the number of windows it belongs to.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, RecordBatch, StructArray, UInt32Array,
+};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Int64Type, TimeUnit};
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Query,
+    visit_expressions_mut,
+};
+
+use super::script::duration_literal;
+use crate::error::{BrookError, Result};
+
+/// The column name the rewritten `window(...)` call refers to.
+pub const WINDOW_COLUMN: &str = "window";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowSpec {
+    pub time_column: String,
+    pub size: Duration,
+    pub slide: Duration,
+    /// Spark's `startTime`: windows start at `offset + k * slide`.
+    pub offset: Duration,
+}
+
+impl WindowSpec {
+    pub fn is_sliding(&self) -> bool {
+        self.slide != self.size
+    }
+}
+
+/// Replaces every `window(...)` call in `query` by the `window` column and
+/// returns the one window it declared.
+pub fn rewrite_windows(query: &mut Query) -> Result<Option<WindowSpec>> {
+    let mut specs: Vec<WindowSpec> = vec![];
+    let mut error = None;
+    let _ = visit_expressions_mut(query, |expr| {
+        if let SqlExpr::Function(f) = expr
+            && f.name.to_string().eq_ignore_ascii_case(WINDOW_COLUMN)
+        {
+            match window_spec(&f.args) {
+                Ok(spec) => {
+                    if !specs.contains(&spec) {
+                        specs.push(spec);
+                    }
+                    *expr = SqlExpr::Identifier(Ident::new(WINDOW_COLUMN));
+                }
+                Err(e) => {
+                    error = Some(e);
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if specs.len() > 1 {
+        return Err(BrookError::sql(
+            "a query may use only one window(...) specification: several would multiply each row",
+        ));
+    }
+    Ok(specs.pop())
+}
+
+fn window_spec(args: &FunctionArguments) -> Result<WindowSpec> {
+    let usage = "window(time_column, 'size' [, 'slide' [, 'start offset']])";
+    let FunctionArguments::List(list) = args else {
+        return Err(BrookError::sql(format!("expected {usage}")));
+    };
+    let args: Vec<&SqlExpr> = list
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if args.len() != list.args.len() || !(2..=4).contains(&args.len()) {
+        return Err(BrookError::sql(format!("expected {usage}")));
+    }
+    let time_column = match args[0] {
+        SqlExpr::Identifier(id) => id.value.clone(),
+        SqlExpr::CompoundIdentifier(ids) => ids.last().map(|i| i.value.clone()).unwrap_or_default(),
+        other => {
+            return Err(BrookError::sql(format!(
+                "window(...) takes a timestamp column first, found {other}"
+            )));
+        }
+    };
+    let duration = |i: usize| -> Result<Duration> {
+        let d = duration_literal(&args[i].to_string())?;
+        if d.is_zero() && i < 3 {
+            return Err(BrookError::sql(format!("window {} must be positive", ["", "size", "slide"][i])));
+        }
+        Ok(d)
+    };
+    let size = duration(1)?;
+    let slide = if args.len() > 2 { duration(2)? } else { size };
+    let offset = if args.len() > 3 { duration(3)? } else { Duration::ZERO };
+    if slide > size {
+        return Err(BrookError::sql(format!(
+            "window slide ({slide:?}) longer than its size ({size:?}) would skip rows"
+        )));
+    }
+    if offset >= slide {
+        return Err(BrookError::sql("window start offset must be shorter than the slide"));
+    }
+    Ok(WindowSpec {
+        time_column,
+        size,
+        slide,
+        offset,
+    })
+}
+
+/// The `window` column's type for a time column of type `time`.
+pub fn window_type(time: &DataType) -> DataType {
+    DataType::Struct(window_fields(time))
+}
+
+fn window_fields(time: &DataType) -> Fields {
+    Fields::from(vec![
+        Field::new("start", time.clone(), true),
+        Field::new("end", time.clone(), true),
+    ])
+}
+
+/// Nanoseconds per tick of a timestamp column's unit.
+pub fn unit_nanos(data_type: &DataType) -> Result<i64> {
+    match data_type {
+        DataType::Timestamp(unit, _) => Ok(match unit {
+            TimeUnit::Second => 1_000_000_000,
+            TimeUnit::Millisecond => 1_000_000,
+            TimeUnit::Microsecond => 1_000,
+            TimeUnit::Nanosecond => 1,
+        }),
+        other => Err(BrookError::sql(format!(
+            "event time must be a TIMESTAMP column, found {other}"
+        ))),
+    }
+}
+
+/// Window arithmetic in the ticks of the time column's unit.
+#[derive(Debug, Clone)]
+pub struct WindowTicks {
+    time_type: DataType,
+    size: i64,
+    slide: i64,
+    offset: i64,
+    pane: i64,
+}
+
+impl WindowTicks {
+    pub fn new(spec: &WindowSpec, time_type: &DataType) -> Result<Self> {
+        let unit = unit_nanos(time_type)?;
+        let ticks = |d: Duration, what: &str| -> Result<i64> {
+            let n = i64::try_from(d.as_nanos()).map_err(|_| BrookError::sql("window too long"))?;
+            if n % unit != 0 {
+                return Err(BrookError::sql(format!(
+                    "window {what} {d:?} is finer than the time column's unit ({time_type})"
+                )));
+            }
+            Ok(n / unit)
+        };
+        let size = ticks(spec.size, "size")?;
+        let slide = ticks(spec.slide, "slide")?;
+        let offset = ticks(spec.offset, "offset")?;
+        Ok(Self {
+            time_type: time_type.clone(),
+            size,
+            slide,
+            offset,
+            pane: gcd(size, slide),
+        })
+    }
+
+    /// The pane each timestamp falls in, as a `window` struct column.
+    pub fn panes(&self, time: &ArrayRef) -> Result<ArrayRef> {
+        let ticks = cast(time, &DataType::Int64)?;
+        let starts: Int64Array = ticks
+            .as_primitive::<Int64Type>()
+            .unary(|t| t - (t - self.offset).rem_euclid(self.pane));
+        self.window_struct(&starts, self.pane)
+    }
+
+    /// Copies each row once into every window covering its pane; `window_col`
+    /// holds panes on entry and windows on return.
+    pub fn expand(&self, batch: &RecordBatch, window_col: usize) -> Result<RecordBatch> {
+        if self.pane == self.size {
+            return Ok(batch.clone());
+        }
+        let panes = batch.column(window_col).as_struct();
+        let pane_start = cast(panes.column(0), &DataType::Int64)?;
+        let pane_start = pane_start.as_primitive::<Int64Type>();
+        let mut rows: Vec<u32> = Vec::new();
+        let mut starts: Vec<Option<i64>> = Vec::new();
+        for (row, p) in pane_start.iter().enumerate() {
+            let Some(p) = p else {
+                rows.push(row as u32);
+                starts.push(None);
+                continue;
+            };
+            let mut s = p - (p - self.offset).rem_euclid(self.slide);
+            while s + self.size >= p + self.pane {
+                rows.push(row as u32);
+                starts.push(Some(s));
+                s -= self.slide;
+            }
+        }
+        let indices = UInt32Array::from(rows);
+        let mut columns: Vec<ArrayRef> = batch
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &indices, None))
+            .collect::<Result<_, _>>()?;
+        columns[window_col] = self.window_struct(&Int64Array::from(starts), self.size)?;
+        Ok(RecordBatch::try_new(batch.schema(), columns)?)
+    }
+
+    fn window_struct(&self, starts: &Int64Array, width: i64) -> Result<ArrayRef> {
+        let ends: Int64Array = starts.unary(|s| s + width);
+        let start = cast(starts, &self.time_type)?;
+        let end = cast(&ends, &self.time_type)?;
+        let nulls = starts.nulls().cloned();
+        Ok(Arc::new(StructArray::try_new(
+            window_fields(&self.time_type),
+            vec![start, end],
+            nulls,
+        )?))
+    }
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::TimestampSecondArray;
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+
+    fn spec(size: u64, slide: u64) -> WindowSpec {
+        WindowSpec {
+            time_column: "t".into(),
+            size: Duration::from_secs(size),
+            slide: Duration::from_secs(slide),
+            offset: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn rewrites_window_calls() {
+        let sql = "SELECT window.start, count(*) FROM o GROUP BY window(t, '1 hour', '10 minutes')";
+        let mut stmt = Parser::new(&GenericDialect {}).try_with_sql(sql).unwrap().parse_query().unwrap();
+        let spec = rewrite_windows(&mut stmt).unwrap().unwrap();
+        assert_eq!(spec.size, Duration::from_secs(3600));
+        assert_eq!(spec.slide, Duration::from_secs(600));
+        assert!(stmt.to_string().ends_with("GROUP BY window"), "{stmt}");
+    }
+
+    #[test]
+    fn sliding_windows_cover_each_pane_once_each() {
+        let time_type = DataType::Timestamp(TimeUnit::Second, None);
+        let ticks = WindowTicks::new(&spec(10, 4), &time_type).unwrap();
+        // pane width gcd(10, 4) = 2; t = 7 lies in pane [6, 8)
+        let t: ArrayRef = Arc::new(TimestampSecondArray::from(vec![7]));
+        let panes = ticks.panes(&t).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("window", panes.data_type().clone(), true)]));
+        let batch = RecordBatch::try_new(schema, vec![panes]).unwrap();
+        let out = ticks.expand(&batch, 0).unwrap();
+        let w = out.column(0).as_struct();
+        let starts = cast(w.column(0), &DataType::Int64).unwrap();
+        let starts: Vec<i64> = starts.as_primitive::<Int64Type>().values().to_vec();
+        // windows starting at multiples of 4 that contain [6, 8): [4, 14) and [0, 10)
+        assert_eq!(starts, vec![4, 0]);
+    }
+
+    #[test]
+    fn boundary_row_opens_the_next_window() {
+        let time_type = DataType::Timestamp(TimeUnit::Second, None);
+        let ticks = WindowTicks::new(&spec(10, 10), &time_type).unwrap();
+        let t: ArrayRef = Arc::new(TimestampSecondArray::from(vec![9, 10]));
+        let panes = ticks.panes(&t).unwrap();
+        let starts = cast(panes.as_struct().column(0), &DataType::Int64).unwrap();
+        assert_eq!(starts.as_primitive::<Int64Type>().values().to_vec(), vec![0, 10]);
+    }
+}
