@@ -211,9 +211,13 @@ fn new_id() -> String {
     format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
 }
 
+/// Runs the loop in a task of its own, so that even a panicking batch ends the
+/// query with an error that `await_termination` reports.
 async fn drive(mut runner: Runner, options: QueryOptions) {
     let shared = runner.shared.clone();
-    let result = runner.run_loop(&options).await;
+    let result = tokio::spawn(async move { runner.run_loop(&options).await })
+        .await
+        .unwrap_or_else(|e| Err(BrookError::Stopped(format!("a batch panicked: {e}"))));
     if let Err(e) = result {
         tracing::error!(query = %shared.name, "query failed: {e}");
         if let Ok(mut slot) = shared.error.lock() {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{AsArray, BooleanArray, Int64Array, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::kernels::cmp::lt_eq;
 use datafusion::arrow::compute::{cast, filter_record_batch, not, prep_null_mask_filter, sum};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
@@ -44,7 +44,7 @@ impl EventTimeKey {
         };
         let ticks = cast(&time, &DataType::Int64)?;
         let limit = Int64Array::new_scalar(watermark_ns.div_euclid(self.unit_nanos));
-        Ok(prep_null_mask_filter(&lt_eq(&ticks, &limit)?))
+        Ok(nulls_false(&lt_eq(&ticks, &limit)?))
     }
 }
 
@@ -120,7 +120,7 @@ impl StatefulOp {
         let mut emit = vec![];
         let mut keep = vec![];
         for b in &merged {
-            let changed = prep_null_mask_filter(b.column(changed_col).as_boolean());
+            let changed = nulls_false(b.column(changed_col).as_boolean());
             outcome.updated_rows += changed.true_count() as u64;
             let state_cols: Vec<usize> = (0..changed_col).collect();
             let rows = b.project(&state_cols)?;
@@ -157,8 +157,12 @@ impl StatefulOp {
     }
 }
 
-/// Helper for tests and progress: total rows of a set of batches.
-pub fn total_rows(batches: &[RecordBatch]) -> usize {
-    batches.iter().map(RecordBatch::num_rows).sum()
+/// A filter mask where null counts as false.
+fn nulls_false(mask: &BooleanArray) -> BooleanArray {
+    if mask.null_count() == 0 {
+        mask.clone()
+    } else {
+        prep_null_mask_filter(mask)
+    }
 }
 

@@ -151,6 +151,8 @@ impl StreamSource for FileSource {
     async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch> {
         let entries = self.parse_offset(offset)?;
         let store: Arc<dyn ObjectStore> = self.location.store.clone();
+        // Local files are named by their filesystem path in messages.
+        let local = self.location.local_dir.is_some();
         let decoded: Vec<_> = futures::stream::iter(entries)
             .map(|entry| {
                 let store = store.clone();
@@ -158,7 +160,10 @@ impl StreamSource for FileSource {
                 async move {
                     let path = Path::from(entry.path.as_str());
                     let bytes = store.get(&path).await?.bytes().await?;
-                    let name = entry.path.clone();
+                    let name = match local {
+                        true => format!("/{}", entry.path),
+                        false => entry.path.clone(),
+                    };
                     tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
                         .await
                         .map_err(|e| BrookError::Plan(format!("decoding {}: {e}", entry.path)))?

@@ -134,11 +134,11 @@ fn parse_watermark_clause(clause: &str) -> Result<WatermarkSpec> {
         ))
     };
     let words: Vec<&str> = clause.split_whitespace().collect();
-    if words.len() < 4 || !words[2].eq_ignore_ascii_case("AS") {
+    if words.len() < 5 || !words[3].eq_ignore_ascii_case("AS") {
         return Err(bad("expected WATERMARK FOR <column> AS <expression>"));
     }
-    let column = unquote_ident(words[1]);
-    let expr = words[3..].join(" ");
+    let column = unquote_ident(words[2]);
+    let expr = words[4..].join(" ");
     let (base, rest) = match expr.split_once('-') {
         Some((base, rest)) => (base.trim(), Some(rest.trim())),
         None => (expr.trim(), None),
@@ -164,7 +164,8 @@ pub fn duration_literal(text: &str) -> Result<Duration> {
         Some(head) if head.eq_ignore_ascii_case("INTERVAL") => &t[8..],
         _ => t,
     };
-    parse_duration(&t.replace('\'', " "))
+    let words: Vec<&str> = t.split(|c: char| c == '\'' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
+    parse_duration(&words.join(" "))
 }
 
 #[cfg(test)]
