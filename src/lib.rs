@@ -5,6 +5,7 @@
 //! user sinks. See the README for the SQL dialect and the execution model.
 
 pub mod catalog;
+pub mod cli;
 pub mod duration;
 pub mod engine;
 pub mod error;

@@ -1,1 +1,163 @@
-fn main() {}
+//! The `brook` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use brook::cli::demo::{DemoOptions, run_demo};
+use brook::cli::send::{SendOptions, send_files};
+use brook::cli::{ProgressFormat, run_file};
+use brook::duration::parse_duration;
+use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use brook::{BrookError, Trigger};
+use chrono::NaiveDateTime;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "brook", version, about = "Structured Streaming SQL over Arrow and DataFusion")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a streaming SQL file (sources, sinks, INSERT INTO ... SELECT).
+    Run {
+        file: PathBuf,
+        /// Trigger for every query: an interval ('1 second', '500ms'), 'once' or 'available-now'.
+        #[arg(long, value_parser = parse_trigger)]
+        trigger: Option<Trigger>,
+        /// Print each batch's progress on standard error.
+        #[arg(long, value_enum, default_value = "none")]
+        progress: Progress,
+    },
+    /// The live order dashboard on generated orders (no setup needed).
+    Demo {
+        /// Directory to generate orders into (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Orders per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: usize,
+        /// Share of malformed lines.
+        #[arg(long, default_value_t = 0.01)]
+        malformed: f64,
+        /// Stop after this long, e.g. '30s' (default: run until Ctrl-C).
+        #[arg(long, value_parser = parse_duration_arg)]
+        duration: Option<Duration>,
+        /// Print each view below the last instead of redrawing the screen.
+        #[arg(long)]
+        no_clear: bool,
+    },
+    /// Print generated orders, one CSV line each.
+    GenOrders {
+        #[arg(long)]
+        count: u64,
+        /// Share of malformed lines, e.g. 0.01.
+        #[arg(long, default_value_t = 0.0)]
+        malformed: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Event time of the first order.
+        #[arg(long, default_value = "2016-03-22 20:25:28")]
+        start: String,
+        /// Orders per second of event time.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 300)]
+        clients: u32,
+        #[arg(long, default_value_t = 200)]
+        symbols: usize,
+    },
+    /// Replay an orders file into a directory in chunks (the book's splitAndSend.sh).
+    Send {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        lines_per_file: usize,
+        #[arg(long, default_value = "3s", value_parser = parse_duration_arg)]
+        interval: Duration,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Progress {
+    None,
+    Json,
+}
+
+fn parse_trigger(s: &str) -> Result<Trigger, String> {
+    s.parse().map_err(|e: BrookError| e.to_string())
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn gen_orders(count: u64, config: GeneratorConfig, start: &str, rate: u64) -> Result<(), BrookError> {
+    let start = NaiveDateTime::parse_from_str(start, TIME_FORMAT)
+        .map_err(|e| BrookError::option("--start", format!("expected 'YYYY-MM-DD HH:MM:SS': {e}")))?;
+    if rate == 0 {
+        return Err(BrookError::option("--rate", "must be at least 1"));
+    }
+    let mut orders = OrderGenerator::new(config);
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    for i in 0..count {
+        let time = start + chrono::Duration::milliseconds((i * 1000 / rate) as i64);
+        if writeln!(out, "{}", orders.line(time)).is_err() {
+            return Ok(()); // the reader went away (e.g. `| head`)
+        }
+    }
+    out.flush().map_err(|e| BrookError::io("stdout", e))
+}
+
+async fn main_inner(cli: Cli) -> Result<(), BrookError> {
+    match cli.command {
+        Command::Run { file, trigger, progress } => {
+            let progress = match progress {
+                Progress::None => ProgressFormat::None,
+                Progress::Json => ProgressFormat::Json,
+            };
+            run_file(&file, trigger, progress).await
+        }
+        Command::Demo { dir, rate, malformed, duration, no_clear } => {
+            run_demo(DemoOptions { dir, rate, malformed, duration, clear: !no_clear }).await
+        }
+        Command::GenOrders { count, malformed, seed, start, rate, clients, symbols } => {
+            gen_orders(count, GeneratorConfig { clients, symbols, malformed, seed }, &start, rate)
+        }
+        Command::Send { input, to, lines_per_file, interval } => {
+            send_files(&SendOptions { input, to, lines_per_file, interval }).await.map(|_| ())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_inner(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `brook demo`: the chapter-6 dashboard on generated orders, needing nothing installed.
+//!
+//! Orders are generated in real time into a directory, one file per second; the
+//! three queries of `queries/` run over it into memory tables, and a terminal
+//! view shows their results and the engine's throughput every second.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use datafusion::arrow::util::pretty::pretty_format_batches;
+
+use super::send::write_atomically;
+use crate::engine::{Engine, Overrides};
+use crate::error::{BrookError, Result};
+use crate::exec::{StreamingQuery, Trigger};
+use crate::orders::{GeneratorConfig, OrderGenerator};
+
+/// The dashboard's queries, as shipped in `queries/`.
+pub const QUERIES: [(&str, &str); 3] = [
+    ("buy_sell_per_second", include_str!("../../queries/buy_sell_per_second.sql")),
+    ("top_clients", include_str!("../../queries/top_clients.sql")),
+    ("top_stocks", include_str!("../../queries/top_stocks.sql")),
+];
+
+pub struct DemoOptions {
+    /// Where orders are written; a fresh temporary directory when not given.
+    pub dir: Option<PathBuf>,
+    /// Orders generated per second.
+    pub rate: usize,
+    pub malformed: f64,
+    /// Stop by itself after this long (Ctrl-C stops it in any case).
+    pub duration: Option<Duration>,
+    /// Redraw in place (ANSI clear screen) rather than printing view after view.
+    pub clear: bool,
+}
+
+/// Rewrites a dashboard query to read `dir` and write into a memory table `name`.
+pub fn demo_sql(sql: &str, dir: &str, name: &str) -> String {
+    sql.replace("LOCATION 'data/orders'", &format!("LOCATION '{dir}'"))
+        .replace(
+            "STORED AS CONSOLE LOCATION 'stdout'",
+            &format!("STORED AS MEMORY LOCATION '{name}'"),
+        )
+}
+
+pub async fn run_demo(options: DemoOptions) -> Result<()> {
+    let (dir, created) = match &options.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("brook-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| BrookError::io(&dir, e))?;
+    let malformed = Arc::new(AtomicU64::new(0));
+    let counted = malformed.clone();
+    let engine = Engine::with_overrides(Overrides {
+        trigger: Some(Trigger::ProcessingTime(Duration::from_secs(1))),
+        listeners: vec![Arc::new(move |p| {
+            if p.name == QUERIES[0].0 {
+                counted.fetch_add(p.num_malformed_rows, Ordering::Relaxed);
+            }
+        })],
+    });
+    let dir_text = dir.display().to_string();
+    let mut queries = vec![];
+    for (name, sql) in QUERIES {
+        queries.extend(engine.execute(&demo_sql(sql, &dir_text, name)).await?);
+    }
+
+    let generator = tokio::spawn(generate(dir.clone(), options.rate, options.malformed));
+    let started = Instant::now();
+    let result = loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+        }
+        if let Some(q) = queries.iter().find(|q| !q.is_active()) {
+            break Err(BrookError::Stopped(format!(
+                "query {} stopped: {}",
+                q.name(),
+                q.exception().unwrap_or_default()
+            )));
+        }
+        let view = render(&engine, &queries, &dir_text, malformed.load(Ordering::Relaxed), started).await?;
+        if options.clear {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{view}");
+        if options.duration.is_some_and(|d| started.elapsed() >= d) {
+            break Ok(());
+        }
+    };
+    generator.abort();
+    engine.stop_all().await?;
+    if created {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("demo stopped after {:.0?}", started.elapsed());
+    result
+}
+
+/// Writes one file of `rate` orders per second, stamped with the current time.
+async fn generate(dir: PathBuf, rate: usize, malformed: f64) -> Result<()> {
+    let mut orders = OrderGenerator::new(GeneratorConfig {
+        malformed,
+        seed: Utc::now().timestamp() as u64,
+        ..GeneratorConfig::default()
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for n in 0u64.. {
+        tick.tick().await;
+        let now = Utc::now().naive_utc();
+        let mut text = String::with_capacity(rate * 48);
+        for _ in 0..rate {
+            text.push_str(&orders.line(now));
+            text.push('\n');
+        }
+        write_atomically(&dir, &format!("orders-{n:06}.csv"), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+async fn render(
+    engine: &Engine,
+    queries: &[Arc<StreamingQuery>],
+    dir: &str,
+    malformed: u64,
+    started: Instant,
+) -> Result<String> {
+    let table = |rows| pretty_format_batches(rows).map(|t| t.to_string());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "brook demo: orders into {dir}  ({:.0?} running, {malformed} malformed lines dropped; Ctrl-C stops)\n",
+        started.elapsed()
+    );
+    let per_second = engine
+        .sql("SELECT second, buys, sells FROM buy_sell_per_second ORDER BY second DESC LIMIT 10")
+        .await?;
+    let _ = writeln!(out, "Buy and sell orders per second (latest closed seconds)\n{}\n", table(&per_second)?);
+    let clients = engine
+        .sql("SELECT client_id, round(traded, 2) AS traded FROM top_clients ORDER BY traded DESC, client_id")
+        .await?;
+    let _ = writeln!(out, "Top 5 clients by traded amount (all time)\n{}\n", table(&clients)?);
+    let stocks = engine
+        .sql(
+            "SELECT window_end, symbol, shares FROM top_stocks \
+             WHERE window_end = (SELECT max(window_end) FROM top_stocks) ORDER BY rank",
+        )
+        .await?;
+    if stocks.iter().all(|b| b.num_rows() == 0) {
+        let _ = writeln!(out, "Top 5 stocks by shares, last hour: waiting for the first window to close (about 15 s)\n");
+    } else {
+        let _ = writeln!(out, "Top 5 stocks by shares traded in the last hour\n{}\n", table(&stocks)?);
+    }
+    let _ = writeln!(out, "{:<22} {:>7} {:>12} {:>14} {:>10} {:>12}", "query", "batch", "input rows", "rows/s", "batch ms", "state rows");
+    for q in queries {
+        if let Some(p) = q.last_progress() {
+            let state: u64 = p.state_operators.iter().map(|s| s.num_rows_total).sum();
+            let _ = writeln!(
+                out,
+                "{:<22} {:>7} {:>12} {:>14.0} {:>10.1} {:>12}",
+                q.name(),
+                p.batch_id,
+                p.num_input_rows,
+                p.processed_rows_per_second,
+                p.duration_ms.get("total").copied().unwrap_or_default(),
+                state
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,62 @@
+//! The `brook` command's subcommands, kept in the library so they are testable.
+
+pub mod demo;
+pub mod send;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::engine::{Engine, Overrides};
+use crate::error::{BrookError, Result};
+use crate::exec::Trigger;
+
+/// How `brook run` reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressFormat {
+    None,
+    /// One JSON object per batch on standard error.
+    Json,
+}
+
+/// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
+pub async fn run_file(path: &Path, trigger: Option<Trigger>, progress: ProgressFormat) -> Result<()> {
+    let script = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
+    let mut overrides = Overrides {
+        trigger,
+        ..Overrides::default()
+    };
+    if progress == ProgressFormat::Json {
+        overrides.listeners.push(Arc::new(|p| eprintln!("{}", p.to_json())));
+    }
+    let engine = Engine::with_overrides(overrides);
+    let queries = engine
+        .execute(&script)
+        .await
+        .map_err(|e| prefix_file(path, e))?;
+    if queries.is_empty() {
+        return Err(BrookError::sql(format!(
+            "{} starts no query: add INSERT INTO <sink> SELECT ... or a SELECT",
+            path.display()
+        )));
+    }
+    let all_done = async {
+        for q in &queries {
+            q.await_termination().await?;
+        }
+        Ok::<_, BrookError>(())
+    };
+    tokio::select! {
+        r = all_done => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("stopping: finishing the running batches");
+            engine.stop_all().await
+        }
+    }
+}
+
+fn prefix_file(path: &Path, e: BrookError) -> BrookError {
+    match e {
+        BrookError::Sql(m) => BrookError::Sql(format!("{}: {m}", path.display())),
+        other => other,
+    }
+}
