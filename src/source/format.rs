@@ -246,16 +246,17 @@ impl Decoder {
             _ => rejected,
         };
         let flagged = or(&already_counted, &bad_value)?;
-        let batch = self.assemble(columns, typed, data, rows, &flagged)?;
-        let batch = if drop.true_count() > 0 {
-            filter_record_batch(&batch, &datafusion::arrow::compute::not(&drop)?)?
-        } else {
-            batch
-        };
+        let mut batch = self.assemble(columns, typed, data, rows, &flagged)?;
+        if drop.true_count() > 0 {
+            batch = filter_record_batch(&batch, &datafusion::arrow::compute::not(&drop)?)?;
+        }
+        // Only now, with the rejected rows gone, must NOT NULL columns be free of nulls.
+        let batch = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
         Ok(Decoded { batch, malformed })
     }
 
-    /// Puts typed columns in schema order, filling the corrupt-record column for flagged rows.
+    /// Puts typed columns in schema order, filling the corrupt-record column for
+    /// flagged rows; every column is nullable until rejected rows are removed.
     fn assemble(
         &self,
         columns: &[usize],
@@ -283,7 +284,13 @@ impl Decoder {
             .into_iter()
             .map(|c| c.unwrap_or_else(|| new_null_array(&DataType::Utf8, rows.len())))
             .collect();
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        let nullable: Vec<_> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(nullable)), columns)?)
     }
 
     /// Counts a bad record, or stops the query with it under FAILFAST.
@@ -360,6 +367,7 @@ impl Decoder {
         let flagged = BooleanArray::from(vec![false; n]);
         let rows = if rows.len() == n { rows } else { RowSpans::unknown(n) };
         let batch = self.assemble(&columns, typed, data, &rows, &flagged)?;
+        let batch = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
         Ok(Decoded { batch, malformed })
     }
 
