@@ -29,8 +29,9 @@ impl Options {
     }
 
     pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) {
-        let key = key.into();
-        self.entries.insert(normalize(&key), (key, value.into()));
+        let key: String = key.into();
+        let written = key.strip_prefix("format.").unwrap_or(&key).to_string();
+        self.entries.insert(normalize(&key), (written, value.into()));
     }
 
     pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
