@@ -19,21 +19,41 @@ const FILES: usize = 50;
 fn write_files(dir: &Path, lines: &[String]) {
     std::fs::create_dir_all(dir).unwrap();
     for (n, chunk) in lines.chunks(lines.len().div_ceil(FILES)).enumerate() {
-        write_atomically(dir, &format!("orders-{n:03}.csv"), (chunk.join("\n") + "\n").as_bytes()).unwrap();
+        write_atomically(
+            dir,
+            &format!("orders-{n:03}.csv"),
+            (chunk.join("\n") + "\n").as_bytes(),
+        )
+        .unwrap();
     }
 }
 
 fn generated() -> Vec<String> {
-    let mut g = OrderGenerator::new(GeneratorConfig { malformed: 0.01, ..Default::default() });
+    let mut g = OrderGenerator::new(GeneratorConfig {
+        malformed: 0.01,
+        ..Default::default()
+    });
     let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
-    (0..ORDERS as i64).map(|i| g.line(start + TimeDelta::milliseconds(i * 2))).collect()
+    (0..ORDERS as i64)
+        .map(|i| g.line(start + TimeDelta::milliseconds(i * 2)))
+        .collect()
 }
 
 fn book() -> Option<Vec<String>> {
-    let file = std::fs::File::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/orders.tar.gz")).ok()?;
+    let file = std::fs::File::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/orders.tar.gz"
+    ))
+    .ok()?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
     let mut text = String::new();
-    archive.entries().ok()?.next()?.ok()?.read_to_string(&mut text).ok()?;
+    archive
+        .entries()
+        .ok()?
+        .next()?
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
     Some(text.lines().map(str::to_string).collect())
 }
 
@@ -41,8 +61,10 @@ async fn run_dashboard(dir: &Path) {
     let engine = Engine::new();
     let mut queries = vec![];
     for (name, sql) in QUERIES {
-        let sql = demo_sql(sql, &dir.display().to_string(), name)
-            .replace("OPTIONS ('outputMode'", "OPTIONS ('trigger' 'available-now', 'outputMode'");
+        let sql = demo_sql(sql, &dir.display().to_string(), name).replace(
+            "OPTIONS ('outputMode'",
+            "OPTIONS ('trigger' 'available-now', 'outputMode'",
+        );
         queries.extend(engine.execute(&sql).await.unwrap());
     }
     for q in queries {
@@ -67,7 +89,9 @@ fn bench(c: &mut Criterion) {
         inputs.push(("book", lines));
     }
     let mut group = c.benchmark_group("dashboard");
-    group.sample_size(10).measurement_time(Duration::from_secs(30));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(30));
     for (name, lines) in &inputs {
         let dir = tmp.path().join(name);
         write_files(&dir, lines);

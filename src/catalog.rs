@@ -12,7 +12,9 @@ use crate::options::Options;
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::format::Decoder;
 use crate::source::location::Location;
-use crate::source::{CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, StreamSource};
+use crate::source::{
+    CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, StreamSource,
+};
 use crate::sql::script::WatermarkSpec;
 
 /// Spark's default name for the column that receives unparseable records.
@@ -51,7 +53,11 @@ impl SourceDef {
     /// Reads a `CREATE UNBOUNDED EXTERNAL TABLE` statement.
     pub fn from_ddl(cmd: &CreateExternalTable, watermark: Option<WatermarkSpec>) -> Result<Self> {
         let name = cmd.name.table().to_string();
-        let options: Options = cmd.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let options: Options = cmd
+            .options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         options.reject_unknown(SOURCE_OPTIONS, &format!("source table '{name}'"))?;
         let schema = Arc::new(cmd.schema.as_arrow().clone());
         let format = match cmd.file_type.to_ascii_uppercase().as_str() {
@@ -66,14 +72,19 @@ impl SourceDef {
                 )));
             }
         };
-        let mut file_options = FileSourceOptions::default();
-        file_options.max_files_per_trigger = options.parse("maxFilesPerTrigger", "a positive count")?;
+        let file_options = FileSourceOptions {
+            max_files_per_trigger: options.parse("maxFilesPerTrigger", "a positive count")?,
+            latest_first: options.bool("latestFirst", false)?,
+            include_existing_files: options.bool("includeExistingFiles", true)?,
+            recursive: options.bool("recursiveFileLookup", false)?,
+            ..FileSourceOptions::default()
+        };
         if file_options.max_files_per_trigger == Some(0) {
-            return Err(BrookError::option("maxFilesPerTrigger", "must be at least 1"));
+            return Err(BrookError::option(
+                "maxFilesPerTrigger",
+                "must be at least 1",
+            ));
         }
-        file_options.latest_first = options.bool("latestFirst", false)?;
-        file_options.include_existing_files = options.bool("includeExistingFiles", true)?;
-        file_options.recursive = options.bool("recursiveFileLookup", false)?;
         let location = cmd.locations.first().cloned().unwrap_or_default();
         let def = Self {
             name,
@@ -81,7 +92,9 @@ impl SourceDef {
             format,
             schema,
             mode: options.get_or("mode", "PERMISSIVE").parse()?,
-            corrupt_column: options.get_or("columnNameOfCorruptRecord", DEFAULT_CORRUPT_COLUMN).to_string(),
+            corrupt_column: options
+                .get_or("columnNameOfCorruptRecord", DEFAULT_CORRUPT_COLUMN)
+                .to_string(),
             file_options,
             watermark,
         };
@@ -91,7 +104,12 @@ impl SourceDef {
 
     /// Checks the schema fits the format and the watermark names a timestamp column.
     pub fn validate(&self) -> Result<()> {
-        let fail = |m: String| Err(BrookError::sql(format!("source table '{}': {m}", self.name)));
+        let fail = |m: String| {
+            Err(BrookError::sql(format!(
+                "source table '{}': {m}",
+                self.name
+            )))
+        };
         if self.schema.fields().is_empty() {
             if matches!(self.format, FileFormat::Text) {
                 return Ok(());
@@ -102,7 +120,8 @@ impl SourceDef {
             ));
         }
         if matches!(self.format, FileFormat::Text)
-            && (self.schema.fields().len() != 1 || self.schema.field(0).data_type() != &DataType::Utf8)
+            && (self.schema.fields().len() != 1
+                || self.schema.field(0).data_type() != &DataType::Utf8)
         {
             return fail("TEXT sources have one VARCHAR column (e.g. `value VARCHAR`)".into());
         }
@@ -132,8 +151,17 @@ impl SourceDef {
 
     pub fn open(&self, runtime: &RuntimeEnv) -> Result<Box<dyn StreamSource>> {
         let location = Location::resolve(&self.location, runtime)?;
-        let decoder = Decoder::new(self.format.clone(), self.read_schema(), self.mode, &self.corrupt_column);
-        Ok(Box::new(FileSource::new(location, decoder, self.file_options.clone())?))
+        let decoder = Decoder::new(
+            self.format.clone(),
+            self.read_schema(),
+            self.mode,
+            &self.corrupt_column,
+        );
+        Ok(Box::new(FileSource::new(
+            location,
+            decoder,
+            self.file_options.clone(),
+        )?))
     }
 }
 
@@ -143,7 +171,10 @@ fn csv_options(options: &Options) -> Result<CsvOptions> {
             None => Ok(default),
             Some(v) if v.len() == 1 => Ok(v.as_bytes()[0]),
             Some("\\t") => Ok(b'\t'),
-            Some(v) => Err(BrookError::option(key, format!("expected one character, found '{v}'"))),
+            Some(v) => Err(BrookError::option(
+                key,
+                format!("expected one character, found '{v}'"),
+            )),
         }
     };
     let has_header = match options.get("has_header") {
@@ -164,9 +195,14 @@ fn csv_options(options: &Options) -> Result<CsvOptions> {
 /// The kinds of sink a table can name with `STORED AS`.
 #[derive(Debug, Clone)]
 pub enum SinkKind {
-    Console { num_rows: usize },
+    Console {
+        num_rows: usize,
+    },
     Memory,
-    File { format: OutputFormat, location: String },
+    File {
+        format: OutputFormat,
+        location: String,
+    },
 }
 
 /// A sink table: where an `INSERT INTO` query writes, and how it runs.
@@ -194,7 +230,11 @@ impl SinkDef {
     /// Reads a `CREATE EXTERNAL TABLE ... STORED AS PARQUET|CSV|JSON|CONSOLE|MEMORY` statement.
     pub fn from_ddl(cmd: &CreateExternalTable) -> Result<Self> {
         let name = cmd.name.table().to_string();
-        let options: Options = cmd.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let options: Options = cmd
+            .options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         options.reject_unknown(SINK_OPTIONS, &format!("sink table '{name}'"))?;
         let location = cmd.locations.first().cloned().unwrap_or_default();
         let kind = match cmd.file_type.to_ascii_uppercase().as_str() {
@@ -230,7 +270,10 @@ impl SinkDef {
                 (Arc::new(sink.clone()), Some(sink))
             }
             SinkKind::File { format, location } => (
-                Arc::new(FileSink::new(Location::resolve(location, runtime)?, *format)?),
+                Arc::new(FileSink::new(
+                    Location::resolve(location, runtime)?,
+                    *format,
+                )?),
                 None,
             ),
         })

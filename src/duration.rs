@@ -48,8 +48,14 @@ mod tests {
     #[test]
     fn parses_sql_and_short_forms() {
         assert_eq!(parse_duration("1 hour").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_duration("10 seconds").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("1 minute 30 seconds").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("10 seconds").unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            parse_duration("1 minute 30 seconds").unwrap(),
+            Duration::from_secs(90)
+        );
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("1 month").is_err());

@@ -70,7 +70,9 @@ impl Engine {
     }
 
     fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
-        self.catalog.lock().map_err(|_| BrookError::Plan("catalog lock poisoned".into()))
+        self.catalog
+            .lock()
+            .map_err(|_| BrookError::Plan("catalog lock poisoned".into()))
     }
 
     /// Runs a batch SQL query now, e.g. over memory sink tables.
@@ -105,7 +107,9 @@ impl Engine {
             stmt @ DFStatement::CreateExternalTable(_) => {
                 let plan = self.ctx.state().statement_to_plan(stmt).await?;
                 let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan else {
-                    return Err(BrookError::Plan("CREATE EXTERNAL TABLE did not plan as DDL".into()));
+                    return Err(BrookError::Plan(
+                        "CREATE EXTERNAL TABLE did not plan as DDL".into(),
+                    ));
                 };
                 if cmd.unbounded {
                     self.register_source(SourceDef::from_ddl(&cmd, watermark)?)?;
@@ -132,7 +136,9 @@ impl Engine {
                     let sink = self.sink_def(&target)?;
                     Ok(Some(self.start_for_sink(&query, &sink).await?))
                 }
-                SqlStatement::Query(query) => Ok(Some(self.start_for_sink(&query, &SinkDef::console()).await?)),
+                SqlStatement::Query(query) => Ok(Some(
+                    self.start_for_sink(&query, &SinkDef::console()).await?,
+                )),
                 other => Err(BrookError::sql(format!(
                     "'{}' cannot run in a streaming script; brook runs CREATE [UNBOUNDED] \
                      EXTERNAL TABLE, INSERT INTO <sink> SELECT and SELECT",
@@ -170,7 +176,9 @@ impl Engine {
         if let Some(t) = self.overrides.trigger {
             options.trigger = t;
         }
-        options.listeners.extend(self.overrides.listeners.iter().cloned());
+        options
+            .listeners
+            .extend(self.overrides.listeners.iter().cloned());
         self.start(query, sink, memory, options).await
     }
 
@@ -190,7 +198,9 @@ impl Engine {
             self.ctx.register_table(memory.name(), memory.table())?;
         }
         let store = Arc::new(MemoryStateStore::default());
-        let query = Arc::new(StreamingQuery::start(compiled, source, sink, store, options));
+        let query = Arc::new(StreamingQuery::start(
+            compiled, source, sink, store, options,
+        ));
         self.catalog()?.queries.push(query.clone());
         Ok(query)
     }
@@ -231,7 +241,9 @@ impl Engine {
 
     /// The queries started so far.
     pub fn queries(&self) -> Vec<Arc<StreamingQuery>> {
-        self.catalog().map(|c| c.queries.clone()).unwrap_or_default()
+        self.catalog()
+            .map(|c| c.queries.clone())
+            .unwrap_or_default()
     }
 
     /// Stops every query, letting each finish the batch it is running.
@@ -292,7 +304,9 @@ impl SourceBuilder<'_> {
     }
     /// Registers the source over `location` (a directory path or object-store URL).
     pub fn load(self, location: &str) -> Result<()> {
-        let schema = self.schema.unwrap_or_else(|| Arc::new(datafusion::arrow::datatypes::Schema::empty()));
+        let schema = self
+            .schema
+            .unwrap_or_else(|| Arc::new(datafusion::arrow::datatypes::Schema::empty()));
         self.engine.register_source(SourceDef {
             name: self.name,
             location: location.to_string(),
@@ -344,7 +358,10 @@ impl QueryBuilder<'_> {
     pub fn console(self, num_rows: usize) -> Self {
         self.sink(Arc::new(ConsoleSink::stdout(num_rows)))
     }
-    pub fn foreach_batch(self, f: impl Fn(u64, &[RecordBatch]) -> Result<()> + Send + Sync + 'static) -> Self {
+    pub fn foreach_batch(
+        self,
+        f: impl Fn(u64, &[RecordBatch]) -> Result<()> + Send + Sync + 'static,
+    ) -> Self {
         self.sink(Arc::new(ForeachBatchSink::new(f)))
     }
 

@@ -22,7 +22,9 @@ pub enum BrookError {
     Source { location: String, message: String },
 
     /// A row rejected under FAILFAST, naming file and line.
-    #[error("malformed record in {file} line {line}: {reason} (set option 'mode' to 'DROPMALFORMED' or 'PERMISSIVE' to keep going)")]
+    #[error(
+        "malformed record in {file} line {line}: {reason} (set option 'mode' to 'DROPMALFORMED' or 'PERMISSIVE' to keep going)"
+    )]
     Malformed {
         file: String,
         line: u64,

@@ -31,7 +31,8 @@ impl Options {
     pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) {
         let key: String = key.into();
         let written = key.strip_prefix("format.").unwrap_or(&key).to_string();
-        self.entries.insert(normalize(&key), (written, value.into()));
+        self.entries
+            .insert(normalize(&key), (written, value.into()));
     }
 
     pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -51,9 +52,11 @@ impl Options {
     pub fn parse<T: FromStr>(&self, key: &str, expected: &str) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.trim().parse().map(Some).map_err(|_| {
-                BrookError::option(key, format!("expected {expected}, found '{v}'"))
-            }),
+            Some(v) => {
+                v.trim().parse().map(Some).map_err(|_| {
+                    BrookError::option(key, format!("expected {expected}, found '{v}'"))
+                })
+            }
         }
     }
 
@@ -84,7 +87,10 @@ impl Options {
             None => Ok(()),
             Some(key) => Err(BrookError::option(
                 key.clone(),
-                format!("unknown option for {what}; known options: {}", known.join(", ")),
+                format!(
+                    "unknown option for {what}; known options: {}",
+                    known.join(", ")
+                ),
             )),
         }
     }
@@ -108,13 +114,19 @@ mod tests {
     fn spellings_of_one_key_agree() {
         let o = Options::new().with("format.max_files_per_trigger", "3");
         assert_eq!(o.get("maxFilesPerTrigger"), Some("3"));
-        assert_eq!(o.parse::<usize>("max_files_per_trigger", "a count").unwrap(), Some(3));
+        assert_eq!(
+            o.parse::<usize>("max_files_per_trigger", "a count")
+                .unwrap(),
+            Some(3)
+        );
     }
 
     #[test]
     fn bad_values_name_the_option() {
         let o = Options::new().with("maxFilesPerTrigger", "many");
-        let err = o.parse::<usize>("maxFilesPerTrigger", "a count").unwrap_err();
+        let err = o
+            .parse::<usize>("maxFilesPerTrigger", "a count")
+            .unwrap_err();
         assert!(err.to_string().contains("maxFilesPerTrigger"), "{err}");
         assert!(o.reject_unknown(&["mode"], "CSV").is_err());
     }

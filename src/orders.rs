@@ -43,7 +43,9 @@ impl OrderGenerator {
         let mut names = std::collections::BTreeSet::new();
         while names.len() < config.symbols.max(1) {
             let len = rng.random_range(2..=4);
-            let name: String = (0..len).map(|_| rng.random_range(b'A'..=b'Z') as char).collect();
+            let name: String = (0..len)
+                .map(|_| rng.random_range(b'A'..=b'Z') as char)
+                .collect();
             names.insert(name);
         }
         let symbols = names
@@ -94,7 +96,10 @@ impl OrderGenerator {
         match self.rng.random_range(0..5) {
             0 => fields[..4].join(","),
             1 => "#### feed reconnect ####".to_string(),
-            2 => format!("{},{},{},{},12O,{},{}", fields[0], fields[1], fields[2], fields[3], fields[5], fields[6]),
+            2 => format!(
+                "{},{},{},{},12O,{},{}",
+                fields[0], fields[1], fields[2], fields[3], fields[5], fields[6]
+            ),
             3 => format!("2016-13-45 99:00:00,{}", fields[1..].join(",")),
             _ => format!("{line},EXTRA"),
         }
@@ -126,10 +131,16 @@ mod tests {
 
     #[test]
     fn malformed_rate_is_respected() {
-        let config = GeneratorConfig { malformed: 0.1, ..Default::default() };
+        let config = GeneratorConfig {
+            malformed: 0.1,
+            ..Default::default()
+        };
         let mut g = OrderGenerator::new(config);
         let t = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
-        let bad = (0..10_000).map(|_| g.line(t)).filter(|l| l.split(',').count() != 7 || l.contains("12O") || l.starts_with("2016-13")).count();
+        let bad = (0..10_000)
+            .map(|_| g.line(t))
+            .filter(|l| l.split(',').count() != 7 || l.contains("12O") || l.starts_with("2016-13"))
+            .count();
         assert!((800..1200).contains(&bad), "{bad}");
     }
 }

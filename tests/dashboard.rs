@@ -28,7 +28,10 @@ fn parse(line: &str) -> Option<Order> {
         return None;
     }
     Some(Order {
-        time: NaiveDateTime::parse_from_str(f[0], TIME_FORMAT).ok()?.and_utc().timestamp(),
+        time: NaiveDateTime::parse_from_str(f[0], TIME_FORMAT)
+            .ok()?
+            .and_utc()
+            .timestamp(),
         client: f[2].parse().ok()?,
         symbol: f[3].to_string(),
         amount: f[4].parse().ok()?,
@@ -38,15 +41,30 @@ fn parse(line: &str) -> Option<Order> {
 }
 
 fn ints(batches: &[RecordBatch], col: &str) -> Vec<i64> {
-    column(batches, col, DataType::Int64, |a| a.as_primitive::<Int64Type>().iter().map(|v| v.unwrap_or(-1)).collect())
+    column(batches, col, DataType::Int64, |a| {
+        a.as_primitive::<Int64Type>()
+            .iter()
+            .map(|v| v.unwrap_or(-1))
+            .collect()
+    })
 }
 
 fn floats(batches: &[RecordBatch], col: &str) -> Vec<f64> {
-    column(batches, col, DataType::Float64, |a| a.as_primitive::<Float64Type>().iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+    column(batches, col, DataType::Float64, |a| {
+        a.as_primitive::<Float64Type>()
+            .iter()
+            .map(|v| v.unwrap_or(f64::NAN))
+            .collect()
+    })
 }
 
 fn strings(batches: &[RecordBatch], col: &str) -> Vec<String> {
-    column(batches, col, DataType::Utf8, |a| a.as_string::<i32>().iter().map(|v| v.unwrap_or("").to_string()).collect())
+    column(batches, col, DataType::Utf8, |a| {
+        a.as_string::<i32>()
+            .iter()
+            .map(|v| v.unwrap_or("").to_string())
+            .collect()
+    })
 }
 
 /// Timestamps as seconds since the epoch.
@@ -58,7 +76,12 @@ fn seconds(batches: &[RecordBatch], col: &str) -> Vec<i64> {
     })
 }
 
-fn column<T>(batches: &[RecordBatch], col: &str, t: DataType, f: impl Fn(&dyn Array) -> Vec<T>) -> Vec<T> {
+fn column<T>(
+    batches: &[RecordBatch],
+    col: &str,
+    t: DataType,
+    f: impl Fn(&dyn Array) -> Vec<T>,
+) -> Vec<T> {
     batches
         .iter()
         .flat_map(|b| {
@@ -73,7 +96,12 @@ async fn dashboard_matches_an_independent_computation() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("orders");
     std::fs::create_dir(&input).unwrap();
-    let config = GeneratorConfig { clients: 120, symbols: 60, malformed: 0.01, seed: 7 };
+    let config = GeneratorConfig {
+        clients: 120,
+        symbols: 60,
+        malformed: 0.01,
+        seed: 7,
+    };
     let mut generator = OrderGenerator::new(config);
     let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
     // 24,000 orders, 40 per second of event time: ten minutes, in six files.
@@ -84,10 +112,20 @@ async fn dashboard_matches_an_independent_computation() {
     let engine = Engine::new();
     let mut queries = vec![];
     for (name, sql) in QUERIES {
-        queries.extend(engine.execute(&demo_sql(sql, &input.display().to_string(), name)).await.unwrap());
+        queries.extend(
+            engine
+                .execute(&demo_sql(sql, &input.display().to_string(), name))
+                .await
+                .unwrap(),
+        );
     }
     for (n, chunk) in lines.chunks(4_000).enumerate() {
-        write_atomically(&input, &format!("orders-{n}.csv"), (chunk.join("\n") + "\n").as_bytes()).unwrap();
+        write_atomically(
+            &input,
+            &format!("orders-{n}.csv"),
+            (chunk.join("\n") + "\n").as_bytes(),
+        )
+        .unwrap();
         for q in &queries {
             q.process_all_available().await.unwrap();
         }
@@ -95,21 +133,38 @@ async fn dashboard_matches_an_independent_computation() {
 
     let orders: Vec<Order> = lines.iter().filter_map(|l| parse(l)).collect();
     let malformed = lines.len() - orders.len();
-    assert!(malformed > 150, "the generator should damage about 1% of lines, got {malformed}");
-    let counted: u64 = queries[0].recent_progress().iter().map(|p| p.num_malformed_rows).sum();
-    assert_eq!(counted as usize, malformed, "every malformed line is dropped and counted");
-    let late: u64 = queries.iter().flat_map(|q| q.recent_progress()).map(|p| p.num_late_rows).sum();
+    assert!(
+        malformed > 150,
+        "the generator should damage about 1% of lines, got {malformed}"
+    );
+    let counted: u64 = queries[0]
+        .recent_progress()
+        .iter()
+        .map(|p| p.num_malformed_rows)
+        .sum();
+    assert_eq!(
+        counted as usize, malformed,
+        "every malformed line is dropped and counted"
+    );
+    let late: u64 = queries
+        .iter()
+        .flat_map(|q| q.recent_progress())
+        .map(|p| p.num_late_rows)
+        .sum();
     assert_eq!(late, 0, "orders arrive in time order, none is late");
 
     let watermark = orders.iter().map(|o| o.time).max().unwrap() - 5;
 
     // Buy and sell counts for each second the watermark closed.
     let mut per_second: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-    for o in orders.iter().filter(|o| o.time + 1 <= watermark) {
+    for o in orders.iter().filter(|o| o.time < watermark) {
         let e = per_second.entry(o.time).or_default();
         if o.buy { e.0 += 1 } else { e.1 += 1 }
     }
-    let got = engine.sql("SELECT second, buys, sells FROM buy_sell_per_second ORDER BY second").await.unwrap();
+    let got = engine
+        .sql("SELECT second, buys, sells FROM buy_sell_per_second ORDER BY second")
+        .await
+        .unwrap();
     let got: Vec<(i64, i64, i64)> = seconds(&got, "second")
         .into_iter()
         .zip(ints(&got, "buys"))
@@ -127,8 +182,14 @@ async fn dashboard_matches_an_independent_computation() {
     }
     let mut ranking: Vec<(i64, f64)> = traded.into_iter().collect();
     ranking.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let got = engine.sql("SELECT client_id, traded FROM top_clients ORDER BY traded DESC").await.unwrap();
-    assert_eq!(ints(&got, "client_id"), ranking[..5].iter().map(|r| r.0).collect::<Vec<_>>());
+    let got = engine
+        .sql("SELECT client_id, traded FROM top_clients ORDER BY traded DESC")
+        .await
+        .unwrap();
+    assert_eq!(
+        ints(&got, "client_id"),
+        ranking[..5].iter().map(|r| r.0).collect::<Vec<_>>()
+    );
     for (g, w) in floats(&got, "traded").iter().zip(&ranking[..5]) {
         assert!((g - w.1).abs() < 1e-6 * w.1, "traded {g} vs {}", w.1);
     }
@@ -139,7 +200,11 @@ async fn dashboard_matches_an_independent_computation() {
         let mut end = o.time - o.time.rem_euclid(10) + 10;
         while end - 3600 <= o.time {
             if end <= watermark {
-                *windows.entry(end).or_default().entry(&o.symbol).or_default() += o.amount;
+                *windows
+                    .entry(end)
+                    .or_default()
+                    .entry(&o.symbol)
+                    .or_default() += o.amount;
             }
             end += 10;
         }
@@ -152,7 +217,10 @@ async fn dashboard_matches_an_independent_computation() {
             want.push((*end, symbol.to_string(), *n, rank as i64 + 1));
         }
     }
-    let got = engine.sql("SELECT * FROM top_stocks ORDER BY window_end, rank").await.unwrap();
+    let got = engine
+        .sql("SELECT * FROM top_stocks ORDER BY window_end, rank")
+        .await
+        .unwrap();
     let got: Vec<(i64, String, i64, i64)> = seconds(&got, "window_end")
         .into_iter()
         .zip(strings(&got, "symbol"))
@@ -160,7 +228,11 @@ async fn dashboard_matches_an_independent_computation() {
         .zip(ints(&got, "rank"))
         .map(|(((e, s), n), r)| (e, s, n, r))
         .collect();
-    assert!(want.len() > 250, "ten minutes close many windows: {}", want.len());
+    assert!(
+        want.len() > 250,
+        "ten minutes close many windows: {}",
+        want.len()
+    );
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
 

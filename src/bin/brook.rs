@@ -15,7 +15,11 @@ use chrono::NaiveDateTime;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "brook", version, about = "Structured Streaming SQL over Arrow and DataFusion")]
+#[command(
+    name = "brook",
+    version,
+    about = "Structured Streaming SQL over Arrow and DataFusion"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,9 +102,15 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
-fn gen_orders(count: u64, config: GeneratorConfig, start: &str, rate: u64) -> Result<(), BrookError> {
-    let start = NaiveDateTime::parse_from_str(start, TIME_FORMAT)
-        .map_err(|e| BrookError::option("--start", format!("expected 'YYYY-MM-DD HH:MM:SS': {e}")))?;
+fn gen_orders(
+    count: u64,
+    config: GeneratorConfig,
+    start: &str,
+    rate: u64,
+) -> Result<(), BrookError> {
+    let start = NaiveDateTime::parse_from_str(start, TIME_FORMAT).map_err(|e| {
+        BrookError::option("--start", format!("expected 'YYYY-MM-DD HH:MM:SS': {e}"))
+    })?;
     if rate == 0 {
         return Err(BrookError::option("--rate", "must be at least 1"));
     }
@@ -118,22 +128,65 @@ fn gen_orders(count: u64, config: GeneratorConfig, start: &str, rate: u64) -> Re
 
 async fn main_inner(cli: Cli) -> Result<(), BrookError> {
     match cli.command {
-        Command::Run { file, trigger, progress } => {
+        Command::Run {
+            file,
+            trigger,
+            progress,
+        } => {
             let progress = match progress {
                 Progress::None => ProgressFormat::None,
                 Progress::Json => ProgressFormat::Json,
             };
             run_file(&file, trigger, progress).await
         }
-        Command::Demo { dir, rate, malformed, duration, no_clear } => {
-            run_demo(DemoOptions { dir, rate, malformed, duration, clear: !no_clear }).await
+        Command::Demo {
+            dir,
+            rate,
+            malformed,
+            duration,
+            no_clear,
+        } => {
+            run_demo(DemoOptions {
+                dir,
+                rate,
+                malformed,
+                duration,
+                clear: !no_clear,
+            })
+            .await
         }
-        Command::GenOrders { count, malformed, seed, start, rate, clients, symbols } => {
-            gen_orders(count, GeneratorConfig { clients, symbols, malformed, seed }, &start, rate)
-        }
-        Command::Send { input, to, lines_per_file, interval } => {
-            send_files(&SendOptions { input, to, lines_per_file, interval }).await.map(|_| ())
-        }
+        Command::GenOrders {
+            count,
+            malformed,
+            seed,
+            start,
+            rate,
+            clients,
+            symbols,
+        } => gen_orders(
+            count,
+            GeneratorConfig {
+                clients,
+                symbols,
+                malformed,
+                seed,
+            },
+            &start,
+            rate,
+        ),
+        Command::Send {
+            input,
+            to,
+            lines_per_file,
+            interval,
+        } => send_files(&SendOptions {
+            input,
+            to,
+            lines_per_file,
+            interval,
+        })
+        .await
+        .map(|_| ()),
     }
 }
 

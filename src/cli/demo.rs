@@ -21,7 +21,10 @@ use crate::orders::{GeneratorConfig, OrderGenerator};
 
 /// The dashboard's queries, as shipped in `queries/`.
 pub const QUERIES: [(&str, &str); 3] = [
-    ("buy_sell_per_second", include_str!("../../queries/buy_sell_per_second.sql")),
+    (
+        "buy_sell_per_second",
+        include_str!("../../queries/buy_sell_per_second.sql"),
+    ),
     ("top_clients", include_str!("../../queries/top_clients.sql")),
     ("top_stocks", include_str!("../../queries/top_stocks.sql")),
 ];
@@ -86,7 +89,14 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
                 q.exception().unwrap_or_default()
             )));
         }
-        let view = render(&engine, &queries, &dir_text, malformed.load(Ordering::Relaxed), started).await?;
+        let view = render(
+            &engine,
+            &queries,
+            &dir_text,
+            malformed.load(Ordering::Relaxed),
+            started,
+        )
+        .await?;
         if options.clear {
             print!("\x1b[2J\x1b[H");
         }
@@ -142,11 +152,19 @@ async fn render(
     let per_second = engine
         .sql("SELECT second, buys, sells FROM buy_sell_per_second ORDER BY second DESC LIMIT 10")
         .await?;
-    let _ = writeln!(out, "Buy and sell orders per second (latest closed seconds)\n{}\n", table(&per_second)?);
+    let _ = writeln!(
+        out,
+        "Buy and sell orders per second (latest closed seconds)\n{}\n",
+        table(&per_second)?
+    );
     let clients = engine
         .sql("SELECT client_id, round(traded, 2) AS traded FROM top_clients ORDER BY traded DESC, client_id")
         .await?;
-    let _ = writeln!(out, "Top 5 clients by traded amount (all time)\n{}\n", table(&clients)?);
+    let _ = writeln!(
+        out,
+        "Top 5 clients by traded amount (all time)\n{}\n",
+        table(&clients)?
+    );
     let stocks = engine
         .sql(
             "SELECT window_end, symbol, shares FROM top_stocks \
@@ -154,11 +172,22 @@ async fn render(
         )
         .await?;
     if stocks.iter().all(|b| b.num_rows() == 0) {
-        let _ = writeln!(out, "Top 5 stocks by shares, last hour: waiting for the first window to close (about 15 s)\n");
+        let _ = writeln!(
+            out,
+            "Top 5 stocks by shares, last hour: waiting for the first window to close (about 15 s)\n"
+        );
     } else {
-        let _ = writeln!(out, "Top 5 stocks by shares traded in the last hour\n{}\n", table(&stocks)?);
+        let _ = writeln!(
+            out,
+            "Top 5 stocks by shares traded in the last hour\n{}\n",
+            table(&stocks)?
+        );
     }
-    let _ = writeln!(out, "{:<22} {:>7} {:>12} {:>14} {:>10} {:>12}", "query", "batch", "input rows", "rows/s", "batch ms", "state rows");
+    let _ = writeln!(
+        out,
+        "{:<22} {:>7} {:>12} {:>14} {:>10} {:>12}",
+        "query", "batch", "input rows", "rows/s", "batch ms", "state rows"
+    );
     for q in queries {
         if let Some(p) = q.last_progress() {
             let state: u64 = p.state_operators.iter().map(|s| s.num_rows_total).sum();

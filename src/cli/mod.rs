@@ -19,14 +19,20 @@ pub enum ProgressFormat {
 }
 
 /// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
-pub async fn run_file(path: &Path, trigger: Option<Trigger>, progress: ProgressFormat) -> Result<()> {
+pub async fn run_file(
+    path: &Path,
+    trigger: Option<Trigger>,
+    progress: ProgressFormat,
+) -> Result<()> {
     let script = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
     let mut overrides = Overrides {
         trigger,
         ..Overrides::default()
     };
     if progress == ProgressFormat::Json {
-        overrides.listeners.push(Arc::new(|p| eprintln!("{}", p.to_json())));
+        overrides
+            .listeners
+            .push(Arc::new(|p| eprintln!("{}", p.to_json())));
     }
     let engine = Engine::with_overrides(overrides);
     let queries = engine

@@ -20,7 +20,8 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
         return Err(BrookError::option("--lines-per-file", "must be at least 1"));
     }
     std::fs::create_dir_all(&options.to).map_err(|e| BrookError::io(&options.to, e))?;
-    let file = std::fs::File::open(&options.input).map_err(|e| BrookError::io(&options.input, e))?;
+    let file =
+        std::fs::File::open(&options.input).map_err(|e| BrookError::io(&options.input, e))?;
     let mut lines = std::io::BufReader::new(file).lines();
     let mut sent = 0;
     loop {

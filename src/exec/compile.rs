@@ -66,7 +66,10 @@ impl CompiledQuery {
 fn session(partitions: usize) -> SessionContext {
     let mut config = SessionConfig::new().with_target_partitions(partitions);
     // Plans are re-executed every batch; filters derived at run time must not leak into the next.
-    config.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
+    config
+        .options_mut()
+        .optimizer
+        .enable_dynamic_filter_pushdown = false;
     SessionContext::new_with_config(config)
 }
 
@@ -161,14 +164,23 @@ pub async fn compile(
 
     let split = incremental::split(&plan, &agg, partitions)?;
     let has_order = has_sort_or_limit(&plan);
-    let mode = mode.unwrap_or(if has_order { OutputMode::Complete } else { OutputMode::Update });
-    let window_key = split.group_exprs.iter().position(|e| is_column(e, WINDOW_COLUMN));
+    let mode = mode.unwrap_or(if has_order {
+        OutputMode::Complete
+    } else {
+        OutputMode::Update
+    });
+    let window_key = split
+        .group_exprs
+        .iter()
+        .position(|e| is_column(e, WINDOW_COLUMN));
     let event_time_key = match &source.watermark {
         None => None,
         Some(wm) => {
             let unit = unit_nanos(read_schema.field_with_name(&wm.column)?.data_type())?;
             let on_window = window_key.filter(|_| {
-                window.as_ref().is_some_and(|(spec, _)| spec.time_column == wm.column)
+                window
+                    .as_ref()
+                    .is_some_and(|(spec, _)| spec.time_column == wm.column)
             });
             match on_window {
                 Some(column) => Some(EventTimeKey {
@@ -201,9 +213,11 @@ pub async fn compile(
             "ORDER BY and LIMIT over an aggregation need output mode 'complete' (or 'append' with a watermark)",
         ));
     }
-    let rows_column = split.partial.schema().index_of_column_by_name(None, ROWS_COLUMN).ok_or_else(|| {
-        BrookError::Plan("partial aggregation lost its row count".into())
-    })?;
+    let rows_column = split
+        .partial
+        .schema()
+        .index_of_column_by_name(None, ROWS_COLUMN)
+        .ok_or_else(|| BrookError::Plan("partial aggregation lost its row count".into()))?;
     let op = StatefulOp {
         partial: physical(split.partial).await?,
         merge: physical(split.merge).await?,
@@ -236,7 +250,11 @@ fn has_sort_or_limit(plan: &LogicalPlan) -> bool {
     let mut found = false;
     let _ = plan.apply(|n| {
         found |= matches!(n, LogicalPlan::Sort(_) | LogicalPlan::Limit(_));
-        Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
     });
     found
 }
@@ -250,7 +268,10 @@ fn single_source(plan: &LogicalPlan, sources: &BTreeMap<String, SourceDef>) -> R
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
-    let mut names: Vec<String> = names.into_iter().filter(|n| sources.contains_key(n)).collect();
+    let mut names: Vec<String> = names
+        .into_iter()
+        .filter(|n| sources.contains_key(n))
+        .collect();
     match names.len() {
         1 => Ok(names.remove(0)),
         0 => Err(BrookError::sql(format!(

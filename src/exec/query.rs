@@ -17,7 +17,9 @@ use super::compile::{CompiledPlan, CompiledQuery};
 use super::stateful::execute;
 use super::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
-use crate::progress::{EventTimeProgress, QueryProgress, SinkProgress, SourceProgress, StateProgress};
+use crate::progress::{
+    EventTimeProgress, QueryProgress, SinkProgress, SourceProgress, StateProgress,
+};
 use crate::sink::Sink;
 use crate::source::{SourceBatch, StreamSource};
 use crate::sql::window::unit_nanos;
@@ -96,7 +98,10 @@ impl StreamingQuery {
         options: QueryOptions,
     ) -> Self {
         let id = new_id();
-        let name = options.name.clone().unwrap_or_else(|| format!("query-{}", &id[..8]));
+        let name = options
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("query-{}", &id[..8]));
         let shared = Arc::new(Shared {
             id,
             name,
@@ -153,11 +158,19 @@ impl StreamingQuery {
 
     /// The progress of the most recent batches, oldest first.
     pub fn recent_progress(&self) -> Vec<QueryProgress> {
-        self.shared.recent.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default()
+        self.shared
+            .recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn last_progress(&self) -> Option<QueryProgress> {
-        self.shared.recent.lock().ok().and_then(|r| r.back().cloned())
+        self.shared
+            .recent
+            .lock()
+            .ok()
+            .and_then(|r| r.back().cloned())
     }
 
     /// The error the query stopped with, if it failed.
@@ -244,7 +257,9 @@ struct Runner {
 
 impl Runner {
     async fn run_loop(&mut self, options: &QueryOptions) -> Result<()> {
-        self.sink.open(&self.compiled.output_schema, self.compiled.mode).await?;
+        self.sink
+            .open(&self.compiled.output_schema, self.compiled.mode)
+            .await?;
         if options.trigger == Trigger::AvailableNow {
             self.source.snapshot_available().await?;
         }
@@ -260,7 +275,11 @@ impl Runner {
                 Trigger::AvailableNow => Duration::ZERO,
                 Trigger::ProcessingTime(interval) => {
                     let left = interval.saturating_sub(started.elapsed());
-                    if ran { left } else { left.max(options.poll_interval) }
+                    if ran {
+                        left
+                    } else {
+                        left.max(options.poll_interval)
+                    }
                 }
             };
             if !wait.is_zero() {
@@ -345,7 +364,11 @@ impl Runner {
         let since_last = self.last_trigger.map(|t| t.elapsed()).unwrap_or(total);
         self.last_trigger = Some(started);
         let per_second = |d: Duration| {
-            if d.is_zero() { 0.0 } else { input_rows as f64 / d.as_secs_f64() }
+            if d.is_zero() {
+                0.0
+            } else {
+                input_rows as f64 / d.as_secs_f64()
+            }
         };
         let progress = QueryProgress {
             id: self.shared.id.clone(),

@@ -102,7 +102,11 @@ impl TableProvider for SlotTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(SlotExec::new(self.slot.clone(), projection.cloned(), self.partitions)?))
+        Ok(Arc::new(SlotExec::new(
+            self.slot.clone(),
+            projection.cloned(),
+            self.partitions,
+        )?))
     }
 }
 

@@ -16,7 +16,10 @@ use crate::error::Result;
 use crate::sql::window::WindowTicks;
 
 /// Runs a plan built once per query, resetting any state an earlier run left in it.
-pub async fn execute(plan: &Arc<dyn ExecutionPlan>, ctx: &Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
+pub async fn execute(
+    plan: &Arc<dyn ExecutionPlan>,
+    ctx: &Arc<TaskContext>,
+) -> Result<Vec<RecordBatch>> {
     let fresh = plan
         .clone()
         .transform_up(|p| Ok(Transformed::yes(p.reset_state()?)))?
@@ -78,7 +81,10 @@ impl StatefulOp {
     }
 
     pub fn state_bytes(&self) -> usize {
-        self.state.iter().map(RecordBatch::get_array_memory_size).sum()
+        self.state
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum()
     }
 
     /// Runs one batch over the rows already in the input slot. `watermark_ns`
@@ -93,11 +99,16 @@ impl StatefulOp {
         let mut outcome = StatefulOutcome::default();
         let mut delta = execute(&self.partial, ctx).await?;
         if let (Some(col), Some(ticks)) = (self.window_key, window) {
-            delta = delta.iter().map(|b| ticks.expand(b, col)).collect::<Result<_>>()?;
+            delta = delta
+                .iter()
+                .map(|b| ticks.expand(b, col))
+                .collect::<Result<_>>()?;
         }
         // Complete mode keeps every group forever, so nothing is ever late (as in Spark).
         let closing = match (&self.event_time_key, watermark_ns, mode) {
-            (Some(key), Some(wm), OutputMode::Append | OutputMode::Update) => Some((key.clone(), wm)),
+            (Some(key), Some(wm), OutputMode::Append | OutputMode::Update) => {
+                Some((key.clone(), wm))
+            }
             _ => None,
         };
         if let Some((key, wm)) = &closing {
@@ -165,4 +176,3 @@ fn nulls_false(mask: &BooleanArray) -> BooleanArray {
         prep_null_mask_filter(mask)
     }
 }
-

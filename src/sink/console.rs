@@ -83,7 +83,10 @@ impl Sink for ConsoleSink {
     async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
         let schema = self.schema.lock().map_err(lock_err)?.clone();
         let schema = schema.unwrap_or_else(|| {
-            batches.first().map_or_else(|| Arc::new(datafusion::arrow::datatypes::Schema::empty()), |b| b.schema())
+            batches.first().map_or_else(
+                || Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+                |b| b.schema(),
+            )
         });
         let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let mut shown = Vec::new();

@@ -135,7 +135,10 @@ impl Sink for FileSink {
                  sink for '{mode}', or append with a watermark"
             )));
         }
-        *self.schema.lock().map_err(|_| self.error("lock poisoned"))? = Some(schema.clone());
+        *self
+            .schema
+            .lock()
+            .map_err(|_| self.error("lock poisoned"))? = Some(schema.clone());
         Ok(())
     }
 
@@ -153,7 +156,10 @@ impl Sink for FileSink {
             let bytes = self.encode(&schema, &batches)?;
             let len = bytes.len();
             let path = self.location.child(&name);
-            self.location.store.put(&path, PutPayload::from(bytes)).await?;
+            self.location
+                .store
+                .put(&path, PutPayload::from(bytes))
+                .await?;
             files.push(ManifestFile {
                 path: &name,
                 rows,
@@ -162,8 +168,14 @@ impl Sink for FileSink {
         }
         let entry = serde_json::to_vec_pretty(&ManifestEntry { batch_id, files })
             .map_err(|e| self.error(e.to_string()))?;
-        let manifest = self.location.child(MANIFEST_DIR).join(format!("{batch_id:020}.json"));
-        self.location.store.put(&manifest, PutPayload::from(entry)).await?;
+        let manifest = self
+            .location
+            .child(MANIFEST_DIR)
+            .join(format!("{batch_id:020}.json"));
+        self.location
+            .store
+            .put(&manifest, PutPayload::from(entry))
+            .await?;
         Ok(())
     }
 }

@@ -88,7 +88,8 @@ impl Sink for MemorySink {
         if c.mode == Some(OutputMode::Complete) {
             c.rows.clear();
         }
-        c.rows.extend(batches.into_iter().filter(|b| b.num_rows() > 0));
+        c.rows
+            .extend(batches.into_iter().filter(|b| b.num_rows() > 0));
         c.last_batch = Some(batch_id);
         Ok(())
     }
@@ -121,6 +122,10 @@ impl TableProvider for MemorySink {
             .map_err(|_| DataFusionError::Internal("memory sink lock poisoned".into()))?
             .rows
             .clone();
-        Ok(MemorySourceConfig::try_new_exec(&[rows], self.schema(), projection.cloned())?)
+        Ok(MemorySourceConfig::try_new_exec(
+            &[rows],
+            self.schema(),
+            projection.cloned(),
+        )?)
     }
 }

@@ -94,9 +94,7 @@ impl FileSource {
                 name.starts_with('.') || name.starts_with('_')
             })
         });
-        files.sort_by(|a, b| {
-            (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location))
-        });
+        files.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
         if self.options.latest_first {
             files.reverse();
         }
@@ -118,7 +116,11 @@ impl StreamSource for FileSource {
     }
 
     fn describe(&self) -> String {
-        format!("FileSource[{} {}]", self.decoder.format.name(), self.location.display)
+        format!(
+            "FileSource[{} {}]",
+            self.decoder.format.name(),
+            self.location.display
+        )
     }
 
     async fn plan_batch(&mut self) -> Result<Option<SourceOffset>> {
@@ -134,7 +136,11 @@ impl StreamSource for FileSource {
         let batch: Vec<FileEntry> = files
             .into_iter()
             .filter(|f| !self.seen.contains(&f.location))
-            .filter(|f| self.snapshot.as_ref().is_none_or(|s| s.contains(&f.location)))
+            .filter(|f| {
+                self.snapshot
+                    .as_ref()
+                    .is_none_or(|s| s.contains(&f.location))
+            })
             .take(limit)
             .map(|f| FileEntry {
                 path: f.location.to_string(),

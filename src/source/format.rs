@@ -208,7 +208,11 @@ impl Decoder {
             let unparsed = and(&is_not_null(raw)?, &is_null(&out)?)?;
             if unparsed.true_count() > 0 {
                 bad_value = or(&bad_value, &unparsed)?;
-                let why = format!("cannot parse column '{}' as {}", field.name(), field.data_type());
+                let why = format!(
+                    "cannot parse column '{}' as {}",
+                    field.name(),
+                    field.data_type()
+                );
                 reasons.push((unparsed, why, "unparseable value"));
             }
             if !field.is_nullable() {
@@ -226,9 +230,11 @@ impl Decoder {
             // Each row is counted once, under the first reason found for it.
             let mut counted = already_counted.clone();
             for (mask, why, category) in &reasons {
-                for row in and_not(mask, &counted)?.iter().enumerate().filter_map(|(i, b)| {
-                    b.unwrap_or(false).then_some(i)
-                }) {
+                for row in and_not(mask, &counted)?
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, b)| b.unwrap_or(false).then_some(i))
+                {
                     let (line, start, end) = rows.get(row);
                     let bad = MalformedRecord {
                         file: file.to_string(),
@@ -290,11 +296,19 @@ impl Decoder {
             .iter()
             .map(|f| f.as_ref().clone().with_nullable(true))
             .collect();
-        Ok(RecordBatch::try_new(Arc::new(Schema::new(nullable)), columns)?)
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(nullable)),
+            columns,
+        )?)
     }
 
     /// Counts a bad record, or stops the query with it under FAILFAST.
-    fn reject(&self, bad: MalformedRecord, category: &str, stats: &mut MalformedStats) -> Result<()> {
+    fn reject(
+        &self,
+        bad: MalformedRecord,
+        category: &str,
+        stats: &mut MalformedStats,
+    ) -> Result<()> {
         if self.mode == ParseMode::FailFast {
             return Err(BrookError::Malformed {
                 file: bad.file,
@@ -365,7 +379,11 @@ impl Decoder {
         let n = batch.num_rows();
         let typed = batch.columns().to_vec();
         let flagged = BooleanArray::from(vec![false; n]);
-        let rows = if rows.len() == n { rows } else { RowSpans::unknown(n) };
+        let rows = if rows.len() == n {
+            rows
+        } else {
+            RowSpans::unknown(n)
+        };
         let batch = self.assemble(&columns, typed, data, &rows, &flagged)?;
         let batch = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
         Ok(Decoded { batch, malformed })
@@ -401,7 +419,12 @@ impl Decoder {
                 return Err(format!(
                     "file has no column '{}' (declared NOT NULL); its columns are: {}",
                     field.name(),
-                    file_schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                    file_schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             };
             let column = batch.column(i);

@@ -13,14 +13,12 @@
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
+use datafusion::functions::expr_fn::{coalesce, nullif};
 use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{
-    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast, col, lit,
-};
-use datafusion::functions::expr_fn::{coalesce, nullif};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
 
 use crate::error::{BrookError, Result};
 use crate::exec::slot::Slot;
@@ -78,7 +76,9 @@ pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
         Ok(TreeNodeRecursion::Continue)
     })?;
     if let Some(p) = problem {
-        return Err(BrookError::sql(format!("{p} are not supported in streaming queries")));
+        return Err(BrookError::sql(format!(
+            "{p} are not supported in streaming queries"
+        )));
     }
     if found.len() > 1 {
         return Err(BrookError::sql(
@@ -89,7 +89,10 @@ pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
         return Ok(None);
     };
     agg.input.apply(|node| {
-        if matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)) {
+        if matches!(
+            node,
+            LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)
+        ) {
             problem = Some(format!(
                 "{} below GROUP BY has no meaning on a stream",
                 node.display()
@@ -100,8 +103,14 @@ pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
     if let Some(p) = problem {
         return Err(BrookError::sql(p));
     }
-    if agg.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
-        return Err(BrookError::sql("GROUPING SETS, CUBE and ROLLUP are not supported on streams"));
+    if agg
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Err(BrookError::sql(
+            "GROUPING SETS, CUBE and ROLLUP are not supported on streams",
+        ));
     }
     Ok(Some(agg))
 }
@@ -110,7 +119,10 @@ pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
 pub fn check_stateless(plan: &LogicalPlan) -> Result<()> {
     let mut problem = None;
     plan.apply(|node| {
-        if matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)) {
+        if matches!(
+            node,
+            LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)
+        ) {
             problem = Some(format!(
                 "{} needs an aggregation (GROUP BY) in a streaming query; \
                  ORDER BY and LIMIT apply to the result of a GROUP BY",
@@ -140,7 +152,9 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
             e => e,
         };
         let Expr::AggregateFunction(f) = inner else {
-            return Err(BrookError::sql(format!("unsupported aggregate expression {inner}")));
+            return Err(BrookError::sql(format!(
+                "unsupported aggregate expression {inner}"
+            )));
         };
         let p = &f.params;
         if p.distinct {
@@ -159,10 +173,26 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
             ))
         };
         let fin = match f.func.name().to_ascii_lowercase().as_str() {
-            "count" => Final::Count(add(with(f.func.clone(), p.args.clone()), Merge::Sum, &mut merges)),
-            "sum" => Final::Value(add(with(f.func.clone(), p.args.clone()), Merge::Sum, &mut merges)),
-            "min" => Final::Value(add(with(f.func.clone(), p.args.clone()), Merge::Min, &mut merges)),
-            "max" => Final::Value(add(with(f.func.clone(), p.args.clone()), Merge::Max, &mut merges)),
+            "count" => Final::Count(add(
+                with(f.func.clone(), p.args.clone()),
+                Merge::Sum,
+                &mut merges,
+            )),
+            "sum" => Final::Value(add(
+                with(f.func.clone(), p.args.clone()),
+                Merge::Sum,
+                &mut merges,
+            )),
+            "min" => Final::Value(add(
+                with(f.func.clone(), p.args.clone()),
+                Merge::Min,
+                &mut merges,
+            )),
+            "max" => Final::Value(add(
+                with(f.func.clone(), p.args.clone()),
+                Merge::Max,
+                &mut merges,
+            )),
             "avg" | "mean" => Final::Avg {
                 sum: add(with(sum_udaf(), p.args.clone()), Merge::Sum, &mut merges),
                 count: add(with(count_udaf(), p.args.clone()), Merge::Sum, &mut merges),
@@ -195,7 +225,8 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
         .zip(&key_names)
         .map(|(e, k)| e.clone().alias(k))
         .collect();
-    let partial = LogicalPlan::Aggregate(Aggregate::try_new(agg.input.clone(), group, partial_aggs)?);
+    let partial =
+        LogicalPlan::Aggregate(Aggregate::try_new(agg.input.clone(), group, partial_aggs)?);
     let state_slot = Slot::new(partial.schema().as_arrow());
     let delta_slot = Slot::new(partial.schema().as_arrow());
     let emit_slot = Slot::new(partial.schema().as_arrow());
@@ -203,9 +234,11 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
 
     let tagged = |name: &str, slot: &Slot, changed: bool| -> Result<LogicalPlan> {
         let columns = state_schema.fields().iter().map(|f| col(f.name()));
-        Ok(LogicalPlanBuilder::scan(name, provider_as_source(slot.table(partitions)), None)?
-            .project(columns.chain([lit(changed).alias(CHANGED_COLUMN)]))?
-            .build()?)
+        Ok(
+            LogicalPlanBuilder::scan(name, provider_as_source(slot.table(partitions)), None)?
+                .project(columns.chain([lit(changed).alias(CHANGED_COLUMN)]))?
+                .build()?,
+        )
     };
     let union = LogicalPlanBuilder::from(tagged("__state", &state_slot, false)?)
         .union(tagged("__delta", &delta_slot, true)?)?
@@ -244,14 +277,19 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
             Final::Value(c) => col(c.as_str()),
             Final::Count(c) => coalesce(vec![col(c.as_str()), lit(0i64)]),
             Final::Avg { sum, count } => {
-                cast(col(sum.as_str()), t.clone()) / cast(nullif(col(count.as_str()), lit(0i64)), t.clone())
+                cast(col(sum.as_str()), t.clone())
+                    / cast(nullif(col(count.as_str()), lit(0i64)), t.clone())
             }
         };
         columns.push(cast(value, t).alias_qualified(q.cloned(), f.name()));
     }
-    let replacement = LogicalPlanBuilder::scan("__emit", provider_as_source(emit_slot.table(partitions)), None)?
-        .project(columns)?
-        .build()?;
+    let replacement = LogicalPlanBuilder::scan(
+        "__emit",
+        provider_as_source(emit_slot.table(partitions)),
+        None,
+    )?
+    .project(columns)?
+    .build()?;
     let finalize = plan
         .clone()
         .transform_up(|node| match node {
@@ -270,4 +308,3 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
         group_exprs: agg.group_expr.clone(),
     })
 }
-

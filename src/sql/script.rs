@@ -164,7 +164,10 @@ pub fn duration_literal(text: &str) -> Result<Duration> {
         Some(head) if head.eq_ignore_ascii_case("INTERVAL") => &t[8..],
         _ => t,
     };
-    let words: Vec<&str> = t.split(|c: char| c == '\'' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> = t
+        .split(|c: char| c == '\'' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
     parse_duration(&words.join(" "))
 }
 
@@ -175,7 +178,10 @@ mod tests {
     #[test]
     fn splits_outside_quotes_and_comments() {
         let s = "SELECT 'a;b'; -- c;d\nSELECT 2 /* ; */;\n-- only a comment;";
-        assert_eq!(split_statements(s), vec!["SELECT 'a;b'", "-- c;d\nSELECT 2 /* ; */"]);
+        assert_eq!(
+            split_statements(s),
+            vec!["SELECT 'a;b'", "-- c;d\nSELECT 2 /* ; */"]
+        );
     }
 
     #[test]
@@ -185,7 +191,10 @@ mod tests {
         let (rest, wm) = extract_watermark(sql).unwrap();
         assert_eq!(
             wm,
-            Some(WatermarkSpec { column: "time".into(), delay: Duration::from_secs(10) })
+            Some(WatermarkSpec {
+                column: "time".into(),
+                delay: Duration::from_secs(10)
+            })
         );
         assert!(!rest.contains("WATERMARK"), "{rest}");
         assert!(rest.contains("x INT )"), "{rest}");
@@ -193,10 +202,13 @@ mod tests {
 
     #[test]
     fn watermark_forms() {
-        let (_, wm) = extract_watermark("(t TIMESTAMP, watermark for t as t - interval '1 minute')").unwrap();
+        let (_, wm) =
+            extract_watermark("(t TIMESTAMP, watermark for t as t - interval '1 minute')").unwrap();
         assert_eq!(wm.unwrap().delay, Duration::from_secs(60));
         let (_, wm) = extract_watermark("(t TIMESTAMP, WATERMARK FOR t AS t)").unwrap();
         assert_eq!(wm.unwrap().delay, Duration::ZERO);
-        assert!(extract_watermark("(t TIMESTAMP, WATERMARK FOR t AS u - INTERVAL '1' SECOND)").is_err());
+        assert!(
+            extract_watermark("(t TIMESTAMP, WATERMARK FOR t AS u - INTERVAL '1' SECOND)").is_err()
+        );
     }
 }

@@ -106,20 +106,29 @@ fn window_spec(args: &FunctionArguments) -> Result<WindowSpec> {
     let duration = |i: usize| -> Result<Duration> {
         let d = duration_literal(&args[i].to_string())?;
         if d.is_zero() && i < 3 {
-            return Err(BrookError::sql(format!("window {} must be positive", ["", "size", "slide"][i])));
+            return Err(BrookError::sql(format!(
+                "window {} must be positive",
+                ["", "size", "slide"][i]
+            )));
         }
         Ok(d)
     };
     let size = duration(1)?;
     let slide = if args.len() > 2 { duration(2)? } else { size };
-    let offset = if args.len() > 3 { duration(3)? } else { Duration::ZERO };
+    let offset = if args.len() > 3 {
+        duration(3)?
+    } else {
+        Duration::ZERO
+    };
     if slide > size {
         return Err(BrookError::sql(format!(
             "window slide ({slide:?}) longer than its size ({size:?}) would skip rows"
         )));
     }
     if offset >= slide {
-        return Err(BrookError::sql("window start offset must be shorter than the slide"));
+        return Err(BrookError::sql(
+            "window start offset must be shorter than the slide",
+        ));
     }
     Ok(WindowSpec {
         time_column,
@@ -270,7 +279,11 @@ mod tests {
     #[test]
     fn rewrites_window_calls() {
         let sql = "SELECT window.start, count(*) FROM o GROUP BY window(t, '1 hour', '10 minutes')";
-        let mut stmt = Parser::new(&GenericDialect {}).try_with_sql(sql).unwrap().parse_query().unwrap();
+        let mut stmt = Parser::new(&GenericDialect {})
+            .try_with_sql(sql)
+            .unwrap()
+            .parse_query()
+            .unwrap();
         let spec = rewrite_windows(&mut stmt).unwrap().unwrap();
         assert_eq!(spec.size, Duration::from_secs(3600));
         assert_eq!(spec.slide, Duration::from_secs(600));
@@ -284,7 +297,11 @@ mod tests {
         // pane width gcd(10, 4) = 2; t = 7 lies in pane [6, 8)
         let t: ArrayRef = Arc::new(TimestampSecondArray::from(vec![7]));
         let panes = ticks.panes(&t).unwrap();
-        let schema = Arc::new(Schema::new(vec![Field::new("window", panes.data_type().clone(), true)]));
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "window",
+            panes.data_type().clone(),
+            true,
+        )]));
         let batch = RecordBatch::try_new(schema, vec![panes]).unwrap();
         let out = ticks.expand(&batch, 0).unwrap();
         let w = out.column(0).as_struct();
@@ -301,6 +318,9 @@ mod tests {
         let t: ArrayRef = Arc::new(TimestampSecondArray::from(vec![9, 10]));
         let panes = ticks.panes(&t).unwrap();
         let starts = cast(panes.as_struct().column(0), &DataType::Int64).unwrap();
-        assert_eq!(starts.as_primitive::<Int64Type>().values().to_vec(), vec![0, 10]);
+        assert_eq!(
+            starts.as_primitive::<Int64Type>().values().to_vec(),
+            vec![0, 10]
+        );
     }
 }

@@ -25,7 +25,10 @@ impl StateVersion {
     }
 
     pub fn memory_bytes(&self) -> usize {
-        self.rows.iter().map(RecordBatch::get_array_memory_size).sum()
+        self.rows
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum()
     }
 }
 
