@@ -1,0 +1,445 @@
+//! Event-time windows end to end: boundaries, sliding membership, and
+//! aggregates merged across batches, over real CSV files.
+
+use std::path::Path;
+
+use brook::datafusion::arrow::array::{Array, RecordBatch};
+use brook::datafusion::arrow::util::display::array_value_to_string;
+use brook::{Engine, OutputMode, StreamingQuery};
+use std::sync::{Arc, Mutex};
+
+/// Writes `lines` under a hidden name, then renames it into `dir`, so the
+/// source never lists a half-written file.
+fn put(dir: &Path, name: &str, lines: &[String]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// One orders CSV line: time, order_id, client_id, symbol, amount, price, buy_sell.
+fn order(time: &str, id: i64, symbol: &str, amount: i32, price: f64, side: &str) -> String {
+    format!(
+        "2016-03-22 {time},{id},{},{symbol},{amount},{price},{side}",
+        100 + id
+    )
+}
+
+fn source_ddl(dir: &Path, watermark: bool) -> String {
+    let wm = if watermark {
+        ", WATERMARK FOR time AS time - INTERVAL '10' SECOND"
+    } else {
+        ""
+    };
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR{wm}) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '1');",
+        dir.display()
+    )
+}
+
+/// Every row of `batches` as display strings ("NULL" for nulls).
+fn table(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+    let mut out = vec![];
+    for b in batches {
+        for r in 0..b.num_rows() {
+            out.push(
+                b.columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(r) {
+                            "NULL".to_string()
+                        } else {
+                            array_value_to_string(c, r).unwrap()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+fn tmp_source() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders");
+    std::fs::create_dir(&input).unwrap();
+    (dir, input)
+}
+
+/// Starts `INSERT INTO <table> <select>` into a memory sink in `mode`.
+async fn start_memory(
+    engine: &Engine,
+    input: &Path,
+    table: &str,
+    mode: &str,
+    select: &str,
+) -> Arc<StreamingQuery> {
+    let script = format!(
+        "{} CREATE EXTERNAL TABLE {table} STORED AS MEMORY LOCATION '{table}' OPTIONS ('outputMode' '{mode}');
+         INSERT INTO {table} {select};",
+        source_ddl(input, true)
+    );
+    let mut queries = engine.execute(&script).await.unwrap();
+    assert_eq!(queries.len(), 1);
+    queries.remove(0)
+}
+
+fn ts(hms: &str) -> String {
+    format!("2016-03-22T{hms}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_on_a_boundary_belongs_to_the_window_it_starts() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "hourly",
+        "complete",
+        "SELECT window.start AS ws, window.end AS we, symbol, sum(amount) AS shares, count(*) AS n \
+         FROM orders GROUP BY window(time, '1 hour'), symbol",
+    )
+    .await;
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("19:59:59", 1, "AAPL", 2, 1.0, "B"),
+            order("20:00:00", 2, "AAPL", 1, 1.0, "B"),
+            order("20:59:59.999", 3, "AAPL", 8, 1.0, "B"),
+            order("21:00:00", 4, "AAPL", 4, 1.0, "B"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT * FROM hourly ORDER BY ws")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        vec![
+            vec![
+                ts("19:00:00"),
+                ts("20:00:00"),
+                "AAPL".into(),
+                "2".into(),
+                "1".into()
+            ],
+            vec![
+                ts("20:00:00"),
+                ts("21:00:00"),
+                "AAPL".into(),
+                "9".into(),
+                "2".into()
+            ],
+            vec![
+                ts("21:00:00"),
+                ts("22:00:00"),
+                "AAPL".into(),
+                "4".into(),
+                "1".into()
+            ],
+        ]
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_belongs_to_every_sliding_window_that_covers_it() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "sliding",
+        "complete",
+        "SELECT window.start AS ws, window.end AS we, symbol, sum(amount) AS shares \
+         FROM orders GROUP BY window(time, '1 hour', '10 minutes'), symbol",
+    )
+    .await;
+    // 20:05 is in the windows starting 19:10 .. 20:00; 20:15 in 19:20 .. 20:10;
+    // 20:20:00 exactly in 19:30 .. 20:20 (not in [19:20, 20:20), which excludes its end).
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:05:00", 1, "AAPL", 3, 1.0, "B"),
+            order("20:20:00", 2, "MSFT", 2, 1.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    put(
+        &input,
+        "b.csv",
+        &[order("20:15:00", 3, "AAPL", 5, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+
+    let got = table(
+        &engine
+            .sql("SELECT ws, we, symbol, shares FROM sliding ORDER BY ws, symbol")
+            .await
+            .unwrap(),
+    );
+    let w = |start: &str, end: &str, symbol: &str, shares: &str| {
+        vec![ts(start), ts(end), symbol.to_string(), shares.to_string()]
+    };
+    assert_eq!(
+        got,
+        vec![
+            w("19:10:00", "20:10:00", "AAPL", "3"),
+            w("19:20:00", "20:20:00", "AAPL", "8"),
+            w("19:30:00", "20:30:00", "AAPL", "8"),
+            w("19:30:00", "20:30:00", "MSFT", "2"),
+            w("19:40:00", "20:40:00", "AAPL", "8"),
+            w("19:40:00", "20:40:00", "MSFT", "2"),
+            w("19:50:00", "20:50:00", "AAPL", "8"),
+            w("19:50:00", "20:50:00", "MSFT", "2"),
+            w("20:00:00", "21:00:00", "AAPL", "8"),
+            w("20:00:00", "21:00:00", "MSFT", "2"),
+            w("20:10:00", "21:10:00", "AAPL", "5"),
+            w("20:10:00", "21:10:00", "MSFT", "2"),
+            w("20:20:00", "21:20:00", "MSFT", "2"),
+        ]
+    );
+    let msft: Vec<String> = got
+        .iter()
+        .filter(|r| r[2] == "MSFT")
+        .map(|r| r[0].clone())
+        .collect();
+    assert_eq!(
+        msft,
+        [
+            "19:30:00", "19:40:00", "19:50:00", "20:00:00", "20:10:00", "20:20:00"
+        ]
+        .map(ts)
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_windows_drop_only_the_closed_windows_of_a_late_row() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "slide_upd",
+        "update",
+        "SELECT window.start AS ws, symbol, sum(amount) AS shares \
+         FROM orders GROUP BY window(time, '1 hour', '10 minutes'), symbol",
+    )
+    .await;
+    put(&input, "a.csv", &[order("20:30:00", 1, "IBM", 1, 1.0, "B")]);
+    query.process_all_available().await.unwrap();
+    // Watermark 20:29:50. 20:15 lies in six windows; only [19:20, 20:20) has
+    // ended. 19:00 lies in six windows that all ended by 20:00.
+    put(
+        &input,
+        "b.csv",
+        &[
+            order("20:15:00", 2, "AAPL", 5, 1.0, "B"),
+            order("19:00:00", 3, "GOOG", 9, 1.0, "B"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+
+    let progress = query.recent_progress();
+    let last = progress.last().unwrap();
+    assert_eq!(last.num_input_rows, 2);
+    assert_eq!(
+        last.num_late_rows, 7,
+        "row-window pairs: 1 for AAPL, 6 for GOOG"
+    );
+    assert_eq!(
+        last.event_time.watermark.as_deref(),
+        Some("2016-03-22T20:29:50.000Z")
+    );
+    let got = table(
+        &engine
+            .sql("SELECT ws, symbol, shares FROM slide_upd WHERE symbol <> 'IBM' ORDER BY ws")
+            .await
+            .unwrap(),
+    );
+    let want: Vec<Vec<String>> = ["19:30:00", "19:40:00", "19:50:00", "20:00:00", "20:10:00"]
+        .iter()
+        .map(|s| vec![ts(s), "AAPL".to_string(), "5".to_string()])
+        .collect();
+    assert_eq!(got, want);
+    let ibm = table(
+        &engine
+            .sql("SELECT ws FROM slide_upd WHERE symbol = 'IBM' ORDER BY ws")
+            .await
+            .unwrap(),
+    );
+    let want: Vec<Vec<String>> = [
+        "19:40:00", "19:50:00", "20:00:00", "20:10:00", "20:20:00", "20:30:00",
+    ]
+    .iter()
+    .map(|s| vec![ts(s)])
+    .collect();
+    assert_eq!(ibm, want);
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_avg_min_max_merge_across_batches() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "stats",
+        "complete",
+        "SELECT window.start AS ws, symbol, count(*) AS n, sum(amount) AS shares, avg(price) AS avg_price, \
+         min(price) AS lo, max(price) AS hi FROM orders GROUP BY window(time, '1 hour'), symbol",
+    )
+    .await;
+    let snapshot = || async {
+        table(
+            &engine
+                .sql("SELECT * FROM stats ORDER BY ws, symbol")
+                .await
+                .unwrap(),
+        )
+    };
+    let r = |start: &str, sym: &str, n: &str, shares: &str, avg: &str, lo: &str, hi: &str| {
+        vec![
+            ts(start),
+            sym.to_string(),
+            n.into(),
+            shares.into(),
+            avg.into(),
+            lo.into(),
+            hi.into(),
+        ]
+    };
+
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:10:00", 1, "AAPL", 10, 10.0, "B"),
+            order("20:20:00", 2, "MSFT", 5, 100.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    assert_eq!(
+        snapshot().await,
+        vec![
+            r("20:00:00", "AAPL", "1", "10", "10.0", "10.0", "10.0"),
+            r("20:00:00", "MSFT", "1", "5", "100.0", "100.0", "100.0"),
+        ]
+    );
+
+    put(
+        &input,
+        "b.csv",
+        &[
+            order("20:30:00", 3, "AAPL", 20, 20.0, "B"),
+            order("21:05:00", 4, "AAPL", 1, 7.0, "B"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    assert_eq!(
+        snapshot().await,
+        vec![
+            r("20:00:00", "AAPL", "2", "30", "15.0", "10.0", "20.0"),
+            r("20:00:00", "MSFT", "1", "5", "100.0", "100.0", "100.0"),
+            r("21:00:00", "AAPL", "1", "1", "7.0", "7.0", "7.0"),
+        ]
+    );
+
+    put(
+        &input,
+        "c.csv",
+        &[
+            order("20:40:00", 5, "AAPL", 30, 30.5, "B"),
+            order("20:50:00", 6, "AAPL", 40, 15.5, "S"),
+            order("20:55:00", 7, "MSFT", 5, 50.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    // AAPL 20:00: prices 10, 20, 30.5, 15.5 -> avg 76 / 4 = 19; MSFT: (100 + 50) / 2 = 75.
+    assert_eq!(
+        snapshot().await,
+        vec![
+            r("20:00:00", "AAPL", "4", "100", "19.0", "10.0", "30.5"),
+            r("20:00:00", "MSFT", "2", "10", "75.0", "50.0", "100.0"),
+            r("21:00:00", "AAPL", "1", "1", "7.0", "7.0", "7.0"),
+        ]
+    );
+    assert_eq!(
+        query.last_progress().unwrap().state_operators[0].num_rows_total,
+        3
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windowed_averages_in_append_mode_match_across_batches() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    engine.execute(&source_ddl(&input, true)).await.unwrap();
+    let emitted: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let sink = emitted.clone();
+    let query = engine
+        .query(
+            "SELECT window.start AS ws, count(*) AS n, avg(price) AS avg_price, min(amount) AS lo, \
+             max(amount) AS hi FROM orders GROUP BY window(time, '10 minutes')",
+        )
+        .output_mode(OutputMode::Append)
+        .foreach_batch(move |_, batches| {
+            sink.lock().unwrap().extend(table(batches));
+            Ok(())
+        })
+        .start()
+        .await
+        .unwrap();
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:01:00", 1, "AAPL", 4, 2.0, "B"),
+            order("20:02:00", 2, "MSFT", 9, 4.0, "B"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    put(
+        &input,
+        "b.csv",
+        &[
+            order("20:09:59", 3, "AAPL", 1, 6.0, "B"),
+            order("20:10:00", 4, "AAPL", 3, 8.0, "B"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    assert!(
+        emitted.lock().unwrap().is_empty(),
+        "watermark 20:09:50 closes nothing"
+    );
+    put(
+        &input,
+        "c.csv",
+        &[order("20:10:10", 5, "AAPL", 5, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    // Watermark 20:10:00 = end of [20:00, 20:10): closed, emitted once.
+    assert_eq!(
+        *emitted.lock().unwrap(),
+        vec![vec![
+            ts("20:00:00"),
+            "3".into(),
+            "4.0".into(),
+            "1".into(),
+            "9".into()
+        ]]
+    );
+    query.stop().await.unwrap();
+}
