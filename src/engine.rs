@@ -57,8 +57,11 @@ impl Engine {
     }
 
     pub fn with_overrides(overrides: Overrides) -> Self {
+        let mut config = datafusion::prelude::SessionConfig::new();
+        // Sources decode text into Utf8 columns; keep VARCHAR as Utf8 in table definitions.
+        config.options_mut().sql_parser.map_string_types_to_utf8view = false;
         Self {
-            ctx: SessionContext::new(),
+            ctx: SessionContext::new_with_config(config),
             catalog: Mutex::default(),
             overrides,
         }
@@ -192,9 +195,10 @@ impl Engine {
         let sources = self.catalog()?.sources.clone();
         let compiled = compile(query, &sources, options.output_mode).await?;
         let source = compiled.source.open(&self.ctx.runtime_env())?;
+        // A sink that cannot take the query's mode fails the start, as in Spark.
+        sink.open(&compiled.output_schema, compiled.mode).await?;
         if let Some(memory) = memory {
             self.ctx.deregister_table(memory.name())?;
-            memory.open(&compiled.output_schema, compiled.mode).await?;
             self.ctx.register_table(memory.name(), memory.table())?;
         }
         let store = Arc::new(MemoryStateStore::default());

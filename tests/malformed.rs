@@ -1,0 +1,579 @@
+//! Malformed input end to end: the three parse modes, wrong column counts,
+//! JSON-lines and text sources, and a missing source directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use brook::datafusion::arrow::array::{Array, RecordBatch};
+use brook::datafusion::arrow::datatypes::{DataType, Field, Schema};
+use brook::datafusion::arrow::util::display::array_value_to_string;
+use brook::source::FileFormat;
+use brook::{Engine, QueryProgress, StreamingQuery};
+
+/// Writes `text` under a hidden name, then renames it into `dir`, so the
+/// source never lists a half-written file.
+fn put(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// One orders CSV line: time, order_id, client_id, symbol, amount, price, buy_sell.
+fn order(time: &str, id: i64, symbol: &str, amount: i32, price: f64, side: &str) -> String {
+    format!(
+        "2016-03-22 {time},{id},{},{symbol},{amount},{price},{side}",
+        100 + id
+    )
+}
+
+fn lines(lines: &[&str]) -> String {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// The orders source in parse mode `mode`, with `extra` columns appended to its schema.
+fn source_ddl(dir: &Path, mode: &str, extra: &str) -> String {
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR{extra}, \
+         WATERMARK FOR time AS time - INTERVAL '10' SECOND) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('mode' '{mode}', 'maxFilesPerTrigger' '1');",
+        dir.display()
+    )
+}
+
+/// Every row of `batches` as display strings ("NULL" for nulls).
+fn table(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+    let mut out = vec![];
+    for b in batches {
+        for r in 0..b.num_rows() {
+            out.push(
+                b.columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(r) {
+                            "NULL".to_string()
+                        } else {
+                            array_value_to_string(c, r).unwrap()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+fn rows(expected: &[&[&str]]) -> Vec<Vec<String>> {
+    expected
+        .iter()
+        .map(|r| r.iter().map(|c| c.to_string()).collect())
+        .collect()
+}
+
+fn tmp_source() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders");
+    std::fs::create_dir(&input).unwrap();
+    (dir, input)
+}
+
+/// Runs a script that starts exactly one query.
+async fn start_one(engine: &Engine, script: &str) -> Arc<StreamingQuery> {
+    let mut queries = engine.execute(script).await.unwrap();
+    assert_eq!(queries.len(), 1);
+    queries.remove(0)
+}
+
+fn reasons(p: &QueryProgress) -> BTreeMap<String, u64> {
+    p.malformed_by_reason.clone()
+}
+
+fn reason_map(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    entries.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// The (file, line) of each malformed sample, sorted.
+fn sample_places(p: &QueryProgress) -> Vec<(String, u64)> {
+    let mut places: Vec<(String, u64)> = p
+        .malformed_samples
+        .iter()
+        .map(|s| (s.file.clone(), s.line))
+        .collect();
+    places.sort();
+    places
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropmalformed_drops_and_counts_each_bad_record() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION 'ids';
+             INSERT INTO ids SELECT order_id, symbol FROM orders;",
+            source_ddl(&input, "DROPMALFORMED", "")
+        ),
+    )
+    .await;
+    let good1 = order("20:00:01", 1, "AAPL", 10, 1.5, "B");
+    let good3 = order("20:00:03", 3, "GOOG", 2, 3.0, "B");
+    let file = put(
+        &input,
+        "bad.csv",
+        &lines(&[
+            &good1,                                        // 1
+            "2016-03-22 20:00:02,2,102,MSFT,5,abc,S",      // 2: price is not a number
+            &good3,                                        // 3
+            "notatime,4,104,GOOG,1,1.0,B",                 // 4: time does not parse
+            "2016-03-22 20:00:05,5,105,IBM,1,1.0",         // 5: six fields
+            ",6,106,IBM,1,1.0,B",                          // 6: no time (NOT NULL)
+            "2016-03-22 20:00:07,7,107,IBM,1,1.0,B,extra", // 7: eight fields
+        ]),
+    );
+    query.process_all_available().await.unwrap();
+
+    let got = table(
+        &engine
+            .sql("SELECT order_id, symbol FROM ids ORDER BY order_id")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got, rows(&[&["1", "AAPL"], &["3", "GOOG"]]));
+    let p = query.last_progress().unwrap();
+    assert_eq!(p.num_input_rows, 2);
+    assert_eq!(p.num_malformed_rows, 5);
+    assert_eq!(
+        reasons(&p),
+        reason_map(&[
+            ("unparseable value", 2),
+            ("wrong number of fields", 2),
+            ("null in NOT NULL column", 1)
+        ])
+    );
+    let path = file.display().to_string();
+    assert_eq!(
+        sample_places(&p),
+        [2, 4, 5, 6, 7].map(|l| (path.clone(), l)).to_vec()
+    );
+    let five = p.malformed_samples.iter().find(|s| s.line == 5).unwrap();
+    assert_eq!(five.text, "2016-03-22 20:00:05,5,105,IBM,1,1.0");
+    assert!(
+        five.reason.contains("expected 7 fields, found 6"),
+        "{}",
+        five.reason
+    );
+    let two = p.malformed_samples.iter().find(|s| s.line == 2).unwrap();
+    assert!(two.reason.contains("price"), "{}", two.reason);
+    let six = p.malformed_samples.iter().find(|s| s.line == 6).unwrap();
+    assert!(six.reason.contains("time"), "{}", six.reason);
+    assert!(query.is_active(), "DROPMALFORMED keeps going");
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_keeps_bad_rows_with_nulls_and_counts_them() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE kept STORED AS MEMORY LOCATION 'kept';
+             INSERT INTO kept SELECT order_id, symbol, amount, price, buy_sell FROM orders;",
+            source_ddl(&input, "PERMISSIVE", "")
+        ),
+    )
+    .await;
+    let file = put(
+        &input,
+        "p.csv",
+        &lines(&[
+            &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+            "2016-03-22 20:00:02,2,102,MSFT,5,abc,S", // price null
+            "2016-03-22 20:00:03,3,103,IBM,x7",       // five fields, amount bad too
+        ]),
+    );
+    query.process_all_available().await.unwrap();
+
+    let got = table(
+        &engine
+            .sql("SELECT * FROM kept ORDER BY order_id")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[
+            &["1", "AAPL", "10", "1.5", "B"],
+            &["2", "MSFT", "5", "NULL", "S"],
+            &["3", "IBM", "NULL", "NULL", "NULL"],
+        ])
+    );
+    let p = query.last_progress().unwrap();
+    assert_eq!(p.num_input_rows, 3);
+    // Row 3 is counted once, under its first reason.
+    assert_eq!(p.num_malformed_rows, 2);
+    assert_eq!(
+        reasons(&p),
+        reason_map(&[("unparseable value", 1), ("wrong number of fields", 1)])
+    );
+    let path = file.display().to_string();
+    assert_eq!(sample_places(&p), vec![(path.clone(), 2), (path, 3)]);
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_puts_the_raw_record_in_the_corrupt_record_column() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE kept STORED AS MEMORY LOCATION 'kept';
+             INSERT INTO kept SELECT order_id, price, _corrupt_record FROM orders;",
+            source_ddl(&input, "PERMISSIVE", ", _corrupt_record VARCHAR")
+        ),
+    )
+    .await;
+    put(
+        &input,
+        "p.csv",
+        &lines(&[
+            &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+            "2016-03-22 20:00:02,2,102,MSFT,5,abc,S",
+        ]),
+    );
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT * FROM kept ORDER BY order_id")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[
+            &["1", "1.5", "NULL"],
+            &["2", "NULL", "2016-03-22 20:00:02,2,102,MSFT,5,abc,S"]
+        ])
+    );
+    assert_eq!(query.last_progress().unwrap().num_malformed_rows, 1);
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failfast_stops_the_query_naming_file_and_line() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE ff STORED AS MEMORY LOCATION 'ff';
+             INSERT INTO ff SELECT order_id FROM orders;",
+            source_ddl(&input, "FAILFAST", "")
+        ),
+    )
+    .await;
+    put(
+        &input,
+        "a.csv",
+        &lines(&[&order("20:00:01", 1, "AAPL", 10, 1.5, "B")]),
+    );
+    query.process_all_available().await.unwrap();
+    assert_eq!(
+        table(&engine.sql("SELECT * FROM ff").await.unwrap()),
+        rows(&[&["1"]])
+    );
+
+    let file = put(
+        &input,
+        "b.csv",
+        &lines(&[
+            &order("20:00:02", 2, "AAPL", 10, 1.5, "B"),
+            &order("20:00:03", 3, "AAPL", 10, 1.5, "B"),
+            "2016-03-22 20:00:04,4,104,MSFT,5,abc,S",
+        ]),
+    );
+    let err = query.process_all_available().await.unwrap_err().to_string();
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    let err = query.await_termination().await.unwrap_err().to_string();
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("price"), "{err}");
+    assert!(!query.is_active());
+    assert!(query.exception().is_some());
+    // Nothing of the failed batch reached the sink.
+    assert_eq!(
+        table(&engine.sql("SELECT * FROM ff").await.unwrap()),
+        rows(&[&["1"]])
+    );
+    assert_eq!(query.recent_progress().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_source_directory_fails_at_execute_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-dir");
+    let engine = Engine::new();
+    let err = engine
+        .execute(&format!(
+            "{} CREATE EXTERNAL TABLE m STORED AS MEMORY LOCATION 'm';
+             INSERT INTO m SELECT order_id FROM orders;",
+            source_ddl(&missing, "DROPMALFORMED", "")
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(engine.queries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_with_the_wrong_number_of_columns_is_dropped_and_the_query_goes_on() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE n STORED AS MEMORY LOCATION 'n' OPTIONS ('outputMode' 'complete');
+             INSERT INTO n SELECT symbol, count(*) AS orders FROM orders GROUP BY symbol;",
+            source_ddl(&input, "DROPMALFORMED", "")
+        ),
+    )
+    .await;
+    // A producer that lost the buy_sell column: every line has six fields.
+    let file = put(
+        &input,
+        "six.csv",
+        &lines(&[
+            "2016-03-22 20:00:01,1,101,AAPL,10,1.5",
+            "2016-03-22 20:00:02,2,102,AAPL,10,1.5",
+        ]),
+    );
+    query.process_all_available().await.unwrap();
+    let p = query.last_progress().unwrap();
+    assert_eq!((p.num_input_rows, p.num_malformed_rows), (0, 2));
+    assert_eq!(reasons(&p), reason_map(&[("wrong number of fields", 2)]));
+    let path = file.display().to_string();
+    assert_eq!(sample_places(&p), vec![(path.clone(), 1), (path, 2)]);
+    assert!(
+        p.malformed_samples
+            .iter()
+            .all(|s| s.reason.contains("expected 7 fields, found 6"))
+    );
+    assert!(table(&engine.sql("SELECT * FROM n").await.unwrap()).is_empty());
+
+    put(
+        &input,
+        "good.csv",
+        &lines(&[&order("20:00:03", 3, "AAPL", 1, 1.0, "B")]),
+    );
+    query.process_all_available().await.unwrap();
+    assert_eq!(
+        table(&engine.sql("SELECT * FROM n").await.unwrap()),
+        rows(&[&["AAPL", "1"]])
+    );
+    assert_eq!(query.last_progress().unwrap().num_malformed_rows, 0);
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_lines_source_skips_and_counts_a_bad_line() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE events (time TIMESTAMP NOT NULL, symbol VARCHAR, amount INT)
+               STORED AS JSON LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED');
+             CREATE EXTERNAL TABLE totals STORED AS MEMORY LOCATION 'totals' OPTIONS ('outputMode' 'complete');
+             INSERT INTO totals SELECT symbol, sum(amount) AS shares, count(*) AS n FROM events GROUP BY symbol;",
+            input.display()
+        ),
+    )
+    .await;
+    let file = put(
+        &input,
+        "e.json",
+        &lines(&[
+            r#"{"time": "2016-03-22T20:00:01", "symbol": "AAPL", "amount": 10}"#,
+            "",
+            r#"{"time": "2016-03-22T20:00:02", "symbol": "MSFT", "amount": "#,
+            r#"{"time": "2016-03-22T20:00:03", "symbol": "GOOG", "amount": 7}"#,
+            r#"{"time": "2016-03-22T20:00:04", "symbol": "AAPL", "amount": 5}"#,
+        ]),
+    );
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT * FROM totals ORDER BY symbol")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got, rows(&[&["AAPL", "15", "2"], &["GOOG", "7", "1"]]));
+    let p = query.last_progress().unwrap();
+    assert_eq!(p.num_input_rows, 3);
+    assert_eq!(p.num_malformed_rows, 1);
+    assert_eq!(reasons(&p), reason_map(&[("invalid JSON record", 1)]));
+    assert_eq!(sample_places(&p), vec![(file.display().to_string(), 3)]);
+    assert!(p.malformed_samples[0].text.contains("MSFT"));
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_line_without_its_not_null_column_is_malformed() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE events (time TIMESTAMP NOT NULL, symbol VARCHAR, amount INT)
+               STORED AS JSON LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED');
+             CREATE EXTERNAL TABLE ev STORED AS MEMORY LOCATION 'ev';
+             INSERT INTO ev SELECT symbol, amount FROM events;",
+            input.display()
+        ),
+    )
+    .await;
+    let file = put(
+        &input,
+        "e.json",
+        &lines(&[
+            r#"{"time": "2016-03-22T20:00:01", "symbol": "AAPL", "amount": 10}"#,
+            r#"{"symbol": "IBM", "amount": 1}"#,
+        ]),
+    );
+    query.process_all_available().await.unwrap();
+    assert!(query.is_active(), "query failed: {:?}", query.exception());
+    assert_eq!(
+        table(&engine.sql("SELECT * FROM ev").await.unwrap()),
+        rows(&[&["AAPL", "10"]])
+    );
+    let p = query.last_progress().unwrap();
+    assert_eq!((p.num_input_rows, p.num_malformed_rows), (1, 1));
+    assert_eq!(sample_places(&p), vec![(file.display().to_string(), 2)]);
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_source_reads_one_row_per_line() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE lines (value VARCHAR) STORED AS TEXT LOCATION '{}';
+             CREATE EXTERNAL TABLE words STORED AS MEMORY LOCATION 'words';
+             INSERT INTO words SELECT value, character_length(value) AS n FROM lines;",
+            input.display()
+        ),
+    )
+    .await;
+    // CRLF and LF endings, an empty line, and a last line without a newline.
+    put(&input, "a.txt", "hello\r\nworld\n\nlast");
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT value, n FROM words ORDER BY value")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[&["", "0"], &["hello", "5"], &["last", "4"], &["world", "5"]])
+    );
+    put(&input, "b.txt", "a,b,c is not split\n");
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT value FROM words WHERE n > 5")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got, rows(&[&["a,b,c is not split"]]));
+    let progress = query.recent_progress();
+    assert_eq!(
+        progress
+            .iter()
+            .map(|p| p.num_input_rows)
+            .collect::<Vec<_>>(),
+        vec![4, 1]
+    );
+    assert!(progress.iter().all(|p| p.num_malformed_rows == 0));
+    query.stop().await.unwrap();
+}
+
+/// The same text source declared with an explicit Utf8 schema through the Rust
+/// API: separates the decoding of text files from the DDL's column types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_source_from_the_rust_api_reads_one_row_per_line() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    engine
+        .read_stream("lines")
+        .format(FileFormat::Text)
+        .schema(Arc::new(Schema::new(vec![Field::new(
+            "value",
+            DataType::Utf8,
+            true,
+        )])))
+        .load(&input.display().to_string())
+        .unwrap();
+    let query = engine
+        .query("SELECT value, character_length(value) AS n FROM lines")
+        .memory_sink("words")
+        .start()
+        .await
+        .unwrap();
+    put(&input, "a.txt", "hello\r\nworld\n\nlast");
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT value, n FROM words ORDER BY value")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[&["", "0"], &["hello", "5"], &["last", "4"], &["world", "5"]])
+    );
+    query.stop().await.unwrap();
+}
+
+/// The corrupt-record column declared as Utf8 through the Rust API: separates
+/// PERMISSIVE's handling from the DDL's column types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_utf8_corrupt_record_column_from_the_rust_api_gets_the_raw_record() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("price", DataType::Float64, true),
+        Field::new("_corrupt_record", DataType::Utf8, true),
+    ]);
+    engine
+        .read_stream("quotes")
+        .schema(Arc::new(schema))
+        .load(&input.display().to_string())
+        .unwrap();
+    let query = engine
+        .query("SELECT id, price, _corrupt_record FROM quotes")
+        .memory_sink("q")
+        .start()
+        .await
+        .unwrap();
+    put(&input, "q.csv", "1,1.5\n2,abc\n");
+    query.process_all_available().await.unwrap();
+    let got = table(&engine.sql("SELECT * FROM q ORDER BY id").await.unwrap());
+    assert_eq!(got, rows(&[&["1", "1.5", "NULL"], &["2", "NULL", "2,abc"]]));
+    let p = query.last_progress().unwrap();
+    assert_eq!((p.num_input_rows, p.num_malformed_rows), (2, 1));
+    query.stop().await.unwrap();
+}

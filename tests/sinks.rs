@@ -1,0 +1,702 @@
+//! Sinks end to end: Parquet, CSV and JSON part files with their manifest,
+//! memory tables, the console, and the available-now trigger.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use brook::datafusion::arrow::array::{Array, RecordBatch};
+use brook::datafusion::arrow::util::display::array_value_to_string;
+use brook::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use brook::sink::ConsoleSink;
+use brook::{Engine, OutputMode, StreamingQuery, Trigger};
+
+/// Writes `lines` under a hidden name, then renames it into `dir`, so the
+/// source never lists a half-written file.
+fn put(dir: &Path, name: &str, lines: &[String]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// One orders CSV line: time, order_id, client_id, symbol, amount, price, buy_sell.
+fn order(time: &str, id: i64, symbol: &str, amount: i32, price: f64, side: &str) -> String {
+    format!(
+        "2016-03-22 {time},{id},{},{symbol},{amount},{price},{side}",
+        100 + id
+    )
+}
+
+fn source_ddl(dir: &Path, watermark: bool) -> String {
+    let wm = if watermark {
+        ", WATERMARK FOR time AS time - INTERVAL '10' SECOND"
+    } else {
+        ""
+    };
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR{wm}) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '1');",
+        dir.display()
+    )
+}
+
+/// Every row of `batches` as display strings ("NULL" for nulls).
+fn table(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+    let mut out = vec![];
+    for b in batches {
+        for r in 0..b.num_rows() {
+            out.push(
+                b.columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(r) {
+                            "NULL".to_string()
+                        } else {
+                            array_value_to_string(c, r).unwrap()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+fn rows(expected: &[&[&str]]) -> Vec<Vec<String>> {
+    expected
+        .iter()
+        .map(|r| r.iter().map(|c| c.to_string()).collect())
+        .collect()
+}
+
+fn tmp_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders");
+    std::fs::create_dir(&input).unwrap();
+    let output = dir.path().join("out");
+    (dir, input, output)
+}
+
+/// Runs a script that starts exactly one query.
+async fn start_one(engine: &Engine, script: &str) -> Arc<StreamingQuery> {
+    let mut queries = engine.execute(script).await.unwrap();
+    assert_eq!(queries.len(), 1);
+    queries.remove(0)
+}
+
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+fn manifest(output: &Path, batch_id: u64) -> serde_json::Value {
+    let path = output
+        .join("_brook_manifest")
+        .join(format!("{batch_id:020}.json"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// The manifest entry a batch that wrote `rows` rows into `part` should have.
+fn manifest_with(output: &Path, batch_id: u64, part: &str, rows: u64) -> serde_json::Value {
+    let bytes = std::fs::metadata(output.join(part)).unwrap().len();
+    serde_json::json!({"batch_id": batch_id, "files": [{"path": part, "rows": rows, "bytes": bytes}]})
+}
+
+const BUYS: &str = "SELECT order_id, symbol, amount FROM orders WHERE buy_sell = 'B'";
+
+fn first_files(input: &Path) {
+    put(
+        input,
+        "a.csv",
+        &[
+            order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+            order("20:00:02", 2, "MSFT", 5, 2.0, "S"),
+            order("20:00:03", 3, "GOOG", 2, 3.0, "B"),
+        ],
+    );
+}
+
+fn second_files(input: &Path) {
+    put(input, "b.csv", &[order("20:00:04", 4, "IBM", 7, 1.0, "B")]);
+}
+
+/// Starts `BUYS` into a file sink of `format` at `output`.
+async fn start_file_sink(
+    engine: &Engine,
+    input: &Path,
+    output: &Path,
+    format: &str,
+) -> Arc<StreamingQuery> {
+    start_one(
+        engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS {format} LOCATION '{}';
+             INSERT INTO out {BUYS};",
+            source_ddl(input, true),
+            output.display()
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_sink_writes_one_part_per_batch_and_a_manifest() {
+    let (_tmp, input, output) = tmp_dirs();
+    let engine = Engine::new();
+    let query = start_file_sink(&engine, &input, &output, "PARQUET").await;
+    first_files(&input);
+    query.process_all_available().await.unwrap();
+    second_files(&input);
+    query.process_all_available().await.unwrap();
+
+    assert_eq!(
+        listing(&output),
+        [
+            "_brook_manifest",
+            "part-00000.parquet",
+            "part-00001.parquet"
+        ]
+    );
+    assert_eq!(
+        listing(&output.join("_brook_manifest")),
+        ["00000000000000000000.json", "00000000000000000001.json"]
+    );
+    let part0 = read_parquet(&output.join("part-00000.parquet"));
+    assert_eq!(
+        part0[0]
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>(),
+        ["order_id", "symbol", "amount"]
+    );
+    assert_eq!(
+        table(&part0),
+        rows(&[&["1", "AAPL", "10"], &["3", "GOOG", "2"]])
+    );
+    assert_eq!(
+        table(&read_parquet(&output.join("part-00001.parquet"))),
+        rows(&[&["4", "IBM", "7"]])
+    );
+    assert_eq!(
+        manifest(&output, 0),
+        manifest_with(&output, 0, "part-00000.parquet", 2)
+    );
+    assert_eq!(
+        manifest(&output, 1),
+        manifest_with(&output, 1, "part-00001.parquet", 1)
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_sink_of_a_windowed_append_writes_parts_only_for_batches_with_rows() {
+    let (_tmp, input, output) = tmp_dirs();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}' OPTIONS ('outputMode' 'append');
+             INSERT INTO out SELECT window.start AS ws, window.end AS we, symbol, sum(amount) AS shares
+               FROM orders GROUP BY window(time, '10 minutes'), symbol;",
+            source_ddl(&input, true),
+            output.display()
+        ),
+    )
+    .await;
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:01:00", 1, "AAPL", 10, 1.0, "B"),
+            order("20:05:00", 2, "AAPL", 5, 1.0, "B"),
+            order("20:03:00", 3, "MSFT", 2, 1.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    put(
+        &input,
+        "b.csv",
+        &[order("20:12:00", 4, "AAPL", 1, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    put(
+        &input,
+        "c.csv",
+        &[order("20:25:00", 5, "MSFT", 4, 1.0, "S")],
+    );
+    query.process_all_available().await.unwrap();
+
+    // Batches: 0 a.csv, 1 no-data, 2 b.csv, 3 no-data closes [20:00, 20:10),
+    // 4 c.csv, 5 no-data closes [20:10, 20:20).
+    assert_eq!(
+        listing(&output),
+        [
+            "_brook_manifest",
+            "part-00003.parquet",
+            "part-00005.parquet"
+        ]
+    );
+    let entries = listing(&output.join("_brook_manifest"));
+    assert_eq!(
+        entries,
+        (0..6).map(|i| format!("{i:020}.json")).collect::<Vec<_>>()
+    );
+    for empty in [0, 1, 2, 4] {
+        assert_eq!(
+            manifest(&output, empty),
+            serde_json::json!({"batch_id": empty, "files": []})
+        );
+    }
+    assert_eq!(
+        manifest(&output, 3),
+        manifest_with(&output, 3, "part-00003.parquet", 2)
+    );
+    assert_eq!(
+        manifest(&output, 5),
+        manifest_with(&output, 5, "part-00005.parquet", 1)
+    );
+    let mut closed = table(&read_parquet(&output.join("part-00003.parquet")));
+    closed.sort();
+    assert_eq!(
+        closed,
+        rows(&[
+            &["2016-03-22T20:00:00", "2016-03-22T20:10:00", "AAPL", "15"],
+            &["2016-03-22T20:00:00", "2016-03-22T20:10:00", "MSFT", "2"],
+        ])
+    );
+    assert_eq!(
+        table(&read_parquet(&output.join("part-00005.parquet"))),
+        rows(&[&["2016-03-22T20:10:00", "2016-03-22T20:20:00", "AAPL", "1"]])
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_sink_writes_part_files_with_a_header() {
+    let (_tmp, input, output) = tmp_dirs();
+    let engine = Engine::new();
+    let query = start_file_sink(&engine, &input, &output, "CSV").await;
+    first_files(&input);
+    query.process_all_available().await.unwrap();
+    second_files(&input);
+    query.process_all_available().await.unwrap();
+
+    assert_eq!(
+        listing(&output),
+        ["_brook_manifest", "part-00000.csv", "part-00001.csv"]
+    );
+    let part0 = std::fs::read_to_string(output.join("part-00000.csv")).unwrap();
+    assert_eq!(part0, "order_id,symbol,amount\n1,AAPL,10\n3,GOOG,2\n");
+    let part1 = std::fs::read_to_string(output.join("part-00001.csv")).unwrap();
+    assert_eq!(part1, "order_id,symbol,amount\n4,IBM,7\n");
+    assert_eq!(
+        manifest(&output, 0),
+        manifest_with(&output, 0, "part-00000.csv", 2)
+    );
+    assert_eq!(
+        manifest(&output, 1),
+        manifest_with(&output, 1, "part-00001.csv", 1)
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_sink_writes_json_lines_part_files() {
+    let (_tmp, input, output) = tmp_dirs();
+    let engine = Engine::new();
+    let query = start_file_sink(&engine, &input, &output, "JSON").await;
+    first_files(&input);
+    query.process_all_available().await.unwrap();
+    second_files(&input);
+    query.process_all_available().await.unwrap();
+
+    assert_eq!(
+        listing(&output),
+        ["_brook_manifest", "part-00000.json", "part-00001.json"]
+    );
+    let part0 = std::fs::read_to_string(output.join("part-00000.json")).unwrap();
+    assert_eq!(
+        part0,
+        "{\"order_id\":1,\"symbol\":\"AAPL\",\"amount\":10}\n{\"order_id\":3,\"symbol\":\"GOOG\",\"amount\":2}\n"
+    );
+    let part1 = std::fs::read_to_string(output.join("part-00001.json")).unwrap();
+    assert_eq!(part1, "{\"order_id\":4,\"symbol\":\"IBM\",\"amount\":7}\n");
+    assert_eq!(
+        manifest(&output, 0),
+        manifest_with(&output, 0, "part-00000.json", 2)
+    );
+    assert_eq!(
+        manifest(&output, 1),
+        manifest_with(&output, 1, "part-00001.json", 1)
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_sink_is_queryable_while_the_query_runs() {
+    let (_tmp, input, _output) = tmp_dirs();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE live STORED AS MEMORY LOCATION 'live' OPTIONS ('outputMode' 'update');
+             INSERT INTO live SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol;",
+            source_ddl(&input, true)
+        ),
+    )
+    .await;
+    // The table exists, empty, before any input.
+    assert!(table(&engine.sql("SELECT * FROM live").await.unwrap()).is_empty());
+
+    first_files(&input);
+    query.process_all_available().await.unwrap();
+    assert!(query.is_active());
+    let got = table(
+        &engine
+            .sql("SELECT symbol, shares FROM live ORDER BY symbol")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[&["AAPL", "10"], &["GOOG", "2"], &["MSFT", "5"]])
+    );
+
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:04", 4, "AAPL", 7, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    assert!(query.is_active());
+    // Update mode appends the changed group's new value.
+    let got = table(
+        &engine
+            .sql("SELECT symbol, shares FROM live ORDER BY symbol, shares")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[
+            &["AAPL", "10"],
+            &["AAPL", "17"],
+            &["GOOG", "2"],
+            &["MSFT", "5"]
+        ])
+    );
+    let latest = table(
+        &engine
+            .sql("SELECT max(shares) FROM live WHERE symbol = 'AAPL'")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(latest, rows(&[&["17"]]));
+    query.stop().await.unwrap();
+    // Still queryable after the query stopped.
+    assert_eq!(
+        table(&engine.sql("SELECT count(*) FROM live").await.unwrap()),
+        rows(&[&["4"]])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sink_prints_each_batch_as_a_table() {
+    let (_tmp, input, _output) = tmp_dirs();
+    let engine = Engine::new();
+    engine.execute(&source_ddl(&input, true)).await.unwrap();
+    let (sink, buffer) = ConsoleSink::to_buffer(20);
+    let query = engine
+        .query("SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol ORDER BY symbol")
+        .sink(Arc::new(sink))
+        .output_mode(OutputMode::Complete)
+        .start()
+        .await
+        .unwrap();
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:00:01", 1, "AAPL", 10, 1.0, "B"),
+            order("20:00:02", 2, "MSFT", 5, 1.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:03", 3, "GOOG", 123, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    query.stop().await.unwrap();
+
+    let text = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
+    let line = "-------------------------------------------";
+    let want = format!(
+        "{line}\nBatch: 0\n{line}\n\
+         +--------+--------+\n\
+         | symbol | shares |\n\
+         +--------+--------+\n\
+         | AAPL   | 10     |\n\
+         | MSFT   | 5      |\n\
+         +--------+--------+\n\n\
+         {line}\nBatch: 1\n{line}\n\
+         +--------+--------+\n\
+         | symbol | shares |\n\
+         +--------+--------+\n\
+         | AAPL   | 10     |\n\
+         | GOOG   | 123    |\n\
+         | MSFT   | 5      |\n\
+         +--------+--------+\n\n"
+    );
+    assert_eq!(text, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sink_shows_at_most_num_rows() {
+    let (_tmp, input, _output) = tmp_dirs();
+    let engine = Engine::new();
+    engine.execute(&source_ddl(&input, true)).await.unwrap();
+    let (sink, buffer) = ConsoleSink::to_buffer(1);
+    let query = engine
+        .query("SELECT order_id FROM orders")
+        .sink(Arc::new(sink))
+        .start()
+        .await
+        .unwrap();
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:00:01", 1, "AAPL", 10, 1.0, "B"),
+            order("20:00:02", 2, "MSFT", 5, 1.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    query.stop().await.unwrap();
+    let text = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("Batch: 0\n"), "{text}");
+    assert!(text.contains("| 1        |"), "{text}");
+    assert!(!text.contains("| 2        |"), "{text}");
+    assert!(text.contains("only showing top 1 rows"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sink_table_from_sql_runs() {
+    let (_tmp, input, _output) = tmp_dirs();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE screen STORED AS CONSOLE LOCATION 'stdout' OPTIONS ('numRows' '5');
+             INSERT INTO screen SELECT symbol, amount FROM orders;",
+            source_ddl(&input, true)
+        ),
+    )
+    .await;
+    first_files(&input);
+    query.process_all_available().await.unwrap();
+    let p = query.last_progress().unwrap();
+    assert_eq!(p.sink.description, "ConsoleSink");
+    assert_eq!(p.sink.num_output_rows, 3);
+    assert_eq!(query.name(), "screen");
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sink_rejects_complete_mode_clearly() {
+    let (_tmp, input, output) = tmp_dirs();
+    let engine = Engine::new();
+    let script = format!(
+        "{} CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}' OPTIONS ('outputMode' 'complete');
+         INSERT INTO out SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol;",
+        source_ddl(&input, true),
+        output.display()
+    );
+    // The error may come when the query starts or as soon as it runs; either
+    // way it must say why and what to use instead.
+    let err = match engine.execute(&script).await {
+        Err(e) => e.to_string(),
+        Ok(queries) => {
+            assert_eq!(queries.len(), 1);
+            let err = queries[0]
+                .await_termination()
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(!queries[0].is_active());
+            err
+        }
+    };
+    assert!(err.contains("complete"), "{err}");
+    assert!(err.contains("append"), "{err}");
+    assert!(err.contains(&output.display().to_string()), "{err}");
+    assert!(
+        listing(&output).iter().all(|n| !n.starts_with("part-")),
+        "nothing written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sink_rejects_complete_mode_at_start() {
+    let (_tmp, input, output) = tmp_dirs();
+    let engine = Engine::new();
+    let script = format!(
+        "{} CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}' OPTIONS ('outputMode' 'complete');
+         INSERT INTO out SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol;",
+        source_ddl(&input, true),
+        output.display()
+    );
+    // As Spark's DataStreamWriter.start(): an unsupported output mode is an
+    // error of the call that starts the query, not of a query left running.
+    let err = engine
+        .execute(&script)
+        .await
+        .expect_err("execute should reject complete mode on a file sink");
+    assert!(err.to_string().contains("complete"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn available_now_processes_every_file_then_stops() {
+    let (_tmp, input, output) = tmp_dirs();
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 1, 1.0, "B")],
+    );
+    put(
+        &input,
+        "b.csv",
+        &[
+            order("20:00:02", 2, "MSFT", 2, 1.0, "B"),
+            order("20:00:03", 3, "MSFT", 3, 1.0, "B"),
+        ],
+    );
+    put(
+        &input,
+        "c.csv",
+        &[
+            order("20:00:04", 4, "GOOG", 4, 1.0, "B"),
+            order("20:00:05", 5, "GOOG", 5, 1.0, "S"),
+            order("20:00:06", 6, "IBM", 6, 1.0, "B"),
+        ],
+    );
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}' OPTIONS ('trigger' 'available-now');
+             INSERT INTO out SELECT order_id, symbol FROM orders;",
+            source_ddl(&input, true),
+            output.display()
+        ),
+    )
+    .await;
+    query.await_termination().await.unwrap();
+    assert!(!query.is_active());
+    let progress = query.recent_progress();
+    assert_eq!(
+        progress
+            .iter()
+            .map(|p| p.num_input_rows)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        listing(&output),
+        [
+            "_brook_manifest",
+            "part-00000.parquet",
+            "part-00001.parquet",
+            "part-00002.parquet"
+        ]
+    );
+    let mut all: Vec<Vec<String>> = (0..3)
+        .flat_map(|i| table(&read_parquet(&output.join(format!("part-{i:05}.parquet")))))
+        .collect();
+    all.sort();
+    assert_eq!(
+        all,
+        rows(&[
+            &["1", "AAPL"],
+            &["2", "MSFT"],
+            &["3", "MSFT"],
+            &["4", "GOOG"],
+            &["5", "GOOG"],
+            &["6", "IBM"]
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn available_now_from_the_rust_api_closes_windows_before_stopping() {
+    let (_tmp, input, _output) = tmp_dirs();
+    put(
+        &input,
+        "a.csv",
+        &[order("20:01:00", 1, "AAPL", 1, 1.0, "B")],
+    );
+    put(
+        &input,
+        "b.csv",
+        &[order("20:05:00", 2, "AAPL", 2, 1.0, "B")],
+    );
+    put(
+        &input,
+        "c.csv",
+        &[order("20:20:00", 3, "AAPL", 4, 1.0, "B")],
+    );
+    let engine = Engine::new();
+    engine.execute(&source_ddl(&input, true)).await.unwrap();
+    let query = engine
+        .query(
+            "SELECT window.start AS ws, symbol, sum(amount) AS shares FROM orders \
+             GROUP BY window(time, '10 minutes'), symbol",
+        )
+        .output_mode(OutputMode::Append)
+        .trigger(Trigger::AvailableNow)
+        .memory_sink("closed")
+        .start()
+        .await
+        .unwrap();
+    query.await_termination().await.unwrap();
+    let progress = query.recent_progress();
+    let data: Vec<u64> = progress
+        .iter()
+        .map(|p| p.num_input_rows)
+        .filter(|n| *n > 0)
+        .collect();
+    assert_eq!(data, vec![1, 1, 1], "three data batches, one file each");
+    // The last data batch moved the watermark to 20:19:50: the no-data batch
+    // after it closed [20:00, 20:10) before the query stopped.
+    assert_eq!(
+        progress.last().unwrap().event_time.watermark.as_deref(),
+        Some("2016-03-22T20:19:50.000Z")
+    );
+    let got = table(
+        &engine
+            .sql("SELECT ws, symbol, shares FROM closed")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got, rows(&[&["2016-03-22T20:00:00", "AAPL", "3"]]));
+}
