@@ -1,15 +1,16 @@
 //! Malformed input end to end: the three parse modes, wrong column counts,
 //! JSON-lines and text sources, and a missing source directory.
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use brook::datafusion::arrow::array::{Array, RecordBatch};
 use brook::datafusion::arrow::datatypes::{DataType, Field, Schema};
-use brook::datafusion::arrow::util::display::array_value_to_string;
 use brook::source::FileFormat;
-use brook::{Engine, QueryProgress, StreamingQuery};
+use brook::{Engine, QueryProgress};
 
 /// Writes `text` under a hidden name, then renames it into `dir`, so the
 /// source never lists a half-written file.
@@ -19,14 +20,6 @@ fn put(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::rename(&tmp, &path).unwrap();
     path
-}
-
-/// One orders CSV line: time, order_id, client_id, symbol, amount, price, buy_sell.
-fn order(time: &str, id: i64, symbol: &str, amount: i32, price: f64, side: &str) -> String {
-    format!(
-        "2016-03-22 {time},{id},{},{symbol},{amount},{price},{side}",
-        100 + id
-    )
 }
 
 fn lines(lines: &[&str]) -> String {
@@ -44,49 +37,6 @@ fn source_ddl(dir: &Path, mode: &str, extra: &str) -> String {
          STORED AS CSV LOCATION '{}' OPTIONS ('mode' '{mode}', 'maxFilesPerTrigger' '1');",
         dir.display()
     )
-}
-
-/// Every row of `batches` as display strings ("NULL" for nulls).
-fn table(batches: &[RecordBatch]) -> Vec<Vec<String>> {
-    let mut out = vec![];
-    for b in batches {
-        for r in 0..b.num_rows() {
-            out.push(
-                b.columns()
-                    .iter()
-                    .map(|c| {
-                        if c.is_null(r) {
-                            "NULL".to_string()
-                        } else {
-                            array_value_to_string(c, r).unwrap()
-                        }
-                    })
-                    .collect(),
-            );
-        }
-    }
-    out
-}
-
-fn rows(expected: &[&[&str]]) -> Vec<Vec<String>> {
-    expected
-        .iter()
-        .map(|r| r.iter().map(|c| c.to_string()).collect())
-        .collect()
-}
-
-fn tmp_source() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("orders");
-    std::fs::create_dir(&input).unwrap();
-    (dir, input)
-}
-
-/// Runs a script that starts exactly one query.
-async fn start_one(engine: &Engine, script: &str) -> Arc<StreamingQuery> {
-    let mut queries = engine.execute(script).await.unwrap();
-    assert_eq!(queries.len(), 1);
-    queries.remove(0)
 }
 
 fn reasons(p: &QueryProgress) -> BTreeMap<String, u64> {

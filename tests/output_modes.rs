@@ -1,78 +1,13 @@
 //! Output modes end to end: real CSV files appear in a watched directory one
 //! at a time, and each batch's output is checked exactly.
 
+mod common;
+use common::*;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use brook::datafusion::arrow::array::{Array, RecordBatch};
-use brook::datafusion::arrow::util::display::array_value_to_string;
 use brook::{Engine, OutputMode, StreamingQuery};
-
-/// Writes `lines` under a hidden name, then renames it into `dir`, so the
-/// source never lists a half-written file.
-fn put(dir: &Path, name: &str, lines: &[String]) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut text = lines.join("\n");
-    text.push('\n');
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
-/// One orders CSV line: time, order_id, client_id, symbol, amount, price, buy_sell.
-fn order(time: &str, id: i64, symbol: &str, amount: i32, price: f64, side: &str) -> String {
-    format!(
-        "2016-03-22 {time},{id},{},{symbol},{amount},{price},{side}",
-        100 + id
-    )
-}
-
-fn source_ddl(dir: &Path, watermark: bool) -> String {
-    let wm = if watermark {
-        ", WATERMARK FOR time AS time - INTERVAL '10' SECOND"
-    } else {
-        ""
-    };
-    format!(
-        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
-         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR{wm}) \
-         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '1');",
-        dir.display()
-    )
-}
-
-/// Every row of `batches` as display strings ("NULL" for nulls).
-fn table(batches: &[RecordBatch]) -> Vec<Vec<String>> {
-    let mut out = vec![];
-    for b in batches {
-        for r in 0..b.num_rows() {
-            out.push(
-                b.columns()
-                    .iter()
-                    .map(|c| {
-                        if c.is_null(r) {
-                            "NULL".to_string()
-                        } else {
-                            array_value_to_string(c, r).unwrap()
-                        }
-                    })
-                    .collect(),
-            );
-        }
-    }
-    out
-}
-
-fn rows(expected: &[&[&str]]) -> Vec<Vec<String>> {
-    expected
-        .iter()
-        .map(|r| r.iter().map(|c| c.to_string()).collect())
-        .collect()
-}
-
-fn sorted(mut t: Vec<Vec<String>>) -> Vec<Vec<String>> {
-    t.sort();
-    t
-}
 
 type BatchLog = Arc<Mutex<Vec<(u64, Vec<Vec<String>>)>>>;
 
@@ -99,13 +34,6 @@ async fn start_logged(
 
 fn take_log(log: &BatchLog) -> Vec<(u64, Vec<Vec<String>>)> {
     std::mem::take(&mut *log.lock().unwrap())
-}
-
-fn tmp_source() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("orders");
-    std::fs::create_dir(&input).unwrap();
-    (dir, input)
 }
 
 const BY_SYMBOL: &str = "SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol";

@@ -1,75 +1,16 @@
 //! Sinks end to end: Parquet, CSV and JSON part files with their manifest,
 //! memory tables, the console, and the available-now trigger.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use brook::datafusion::arrow::array::{Array, RecordBatch};
-use brook::datafusion::arrow::util::display::array_value_to_string;
+use brook::datafusion::arrow::array::RecordBatch;
 use brook::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use brook::sink::ConsoleSink;
 use brook::{Engine, OutputMode, StreamingQuery, Trigger};
-
-/// Writes `lines` under a hidden name, then renames it into `dir`, so the
-/// source never lists a half-written file.
-fn put(dir: &Path, name: &str, lines: &[String]) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut text = lines.join("\n");
-    text.push('\n');
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
-/// One orders CSV line: time, order_id, client_id, symbol, amount, price, buy_sell.
-fn order(time: &str, id: i64, symbol: &str, amount: i32, price: f64, side: &str) -> String {
-    format!(
-        "2016-03-22 {time},{id},{},{symbol},{amount},{price},{side}",
-        100 + id
-    )
-}
-
-fn source_ddl(dir: &Path, watermark: bool) -> String {
-    let wm = if watermark {
-        ", WATERMARK FOR time AS time - INTERVAL '10' SECOND"
-    } else {
-        ""
-    };
-    format!(
-        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
-         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR{wm}) \
-         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '1');",
-        dir.display()
-    )
-}
-
-/// Every row of `batches` as display strings ("NULL" for nulls).
-fn table(batches: &[RecordBatch]) -> Vec<Vec<String>> {
-    let mut out = vec![];
-    for b in batches {
-        for r in 0..b.num_rows() {
-            out.push(
-                b.columns()
-                    .iter()
-                    .map(|c| {
-                        if c.is_null(r) {
-                            "NULL".to_string()
-                        } else {
-                            array_value_to_string(c, r).unwrap()
-                        }
-                    })
-                    .collect(),
-            );
-        }
-    }
-    out
-}
-
-fn rows(expected: &[&[&str]]) -> Vec<Vec<String>> {
-    expected
-        .iter()
-        .map(|r| r.iter().map(|c| c.to_string()).collect())
-        .collect()
-}
 
 fn tmp_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -77,13 +18,6 @@ fn tmp_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
     std::fs::create_dir(&input).unwrap();
     let output = dir.path().join("out");
     (dir, input, output)
-}
-
-/// Runs a script that starts exactly one query.
-async fn start_one(engine: &Engine, script: &str) -> Arc<StreamingQuery> {
-    let mut queries = engine.execute(script).await.unwrap();
-    assert_eq!(queries.len(), 1);
-    queries.remove(0)
 }
 
 /// The names in `dir`, sorted.
