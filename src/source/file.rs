@@ -166,9 +166,10 @@ impl StreamSource for FileSource {
                 async move {
                     let path = Path::from(entry.path.as_str());
                     let bytes = store.get(&path).await?.bytes().await?;
-                    let name = match local {
-                        true => format!("/{}", entry.path),
-                        false => entry.path.clone(),
+                    let name = if local {
+                        format!("/{}", entry.path)
+                    } else {
+                        entry.path.clone()
                     };
                     tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
                         .await
