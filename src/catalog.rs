@@ -34,7 +34,14 @@ const SOURCE_OPTIONS: &[&str] = &[
     "recursiveFileLookup",
 ];
 
-const SINK_OPTIONS: &[&str] = &["outputMode", "trigger", "queryName", "numRows"];
+const SINK_OPTIONS: &[&str] = &[
+    "outputMode",
+    "trigger",
+    "queryName",
+    "numRows",
+    "checkpointLocation",
+    "minBatchesToRetain",
+];
 
 /// A streaming file source: a directory read as an unbounded table.
 #[derive(Debug, Clone)]
@@ -213,6 +220,9 @@ pub struct SinkDef {
     pub output_mode: Option<OutputMode>,
     pub trigger: Option<Trigger>,
     pub query_name: Option<String>,
+    /// Where the query writing here keeps its checkpoint.
+    pub checkpoint_location: Option<String>,
+    pub min_batches_to_retain: Option<u64>,
 }
 
 impl SinkDef {
@@ -224,6 +234,8 @@ impl SinkDef {
             output_mode: None,
             trigger: None,
             query_name: None,
+            checkpoint_location: None,
+            min_batches_to_retain: None,
         }
     }
 
@@ -258,6 +270,8 @@ impl SinkDef {
             output_mode: options.get("outputMode").map(str::parse).transpose()?,
             trigger: options.get("trigger").map(str::parse).transpose()?,
             query_name: options.get("queryName").map(str::to_string),
+            checkpoint_location: options.get("checkpointLocation").map(str::to_string),
+            min_batches_to_retain: options.parse("minBatchesToRetain", "a batch count")?,
         })
     }
 

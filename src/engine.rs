@@ -16,12 +16,13 @@ use crate::catalog::{SinkDef, SourceDef};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::compile;
 use crate::exec::query::ProgressListener;
+use crate::exec::query::new_id;
 use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
 use crate::progress::QueryProgress;
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, Sink};
 use crate::source::{FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
-use crate::state::MemoryStateStore;
+use crate::state::Checkpoint;
 
 #[derive(Default)]
 struct Catalog {
@@ -35,6 +36,8 @@ struct Catalog {
 pub struct Overrides {
     pub trigger: Option<Trigger>,
     pub listeners: Vec<ProgressListener>,
+    /// A directory (or object-store URL) holding one checkpoint per query, named after it.
+    pub checkpoint_root: Option<String>,
 }
 
 /// A brook session: streaming sources and sinks, the queries running over them,
@@ -170,12 +173,22 @@ impl Engine {
 
     async fn start_for_sink(&self, query: &Query, def: &SinkDef) -> Result<Arc<StreamingQuery>> {
         let (sink, memory) = def.open(&self.ctx.runtime_env())?;
+        let name = def.query_name.clone().unwrap_or_else(|| def.name.clone());
+        let checkpoint = match (&def.checkpoint_location, &self.overrides.checkpoint_root) {
+            (Some(own), _) => Some(own.clone()),
+            (None, Some(root)) => Some(format!("{}/{name}", root.trim_end_matches('/'))),
+            (None, None) => None,
+        };
         let mut options = QueryOptions {
-            name: def.query_name.clone().or_else(|| Some(def.name.clone())),
+            name: Some(name),
             trigger: def.trigger.unwrap_or_default(),
             output_mode: def.output_mode,
+            checkpoint,
             ..QueryOptions::default()
         };
+        if let Some(n) = def.min_batches_to_retain {
+            options.min_batches_to_retain = n;
+        }
         if let Some(t) = self.overrides.trigger {
             options.trigger = t;
         }
@@ -194,16 +207,44 @@ impl Engine {
     ) -> Result<Arc<StreamingQuery>> {
         let sources = self.catalog()?.sources.clone();
         let compiled = compile(query, &sources, options.output_mode).await?;
-        let source = compiled.source.open(&self.ctx.runtime_env())?;
+        if let Some(name) = &options.name
+            && self
+                .queries()
+                .iter()
+                .any(|q| q.is_active() && q.name() == name)
+        {
+            return Err(BrookError::sql(format!(
+                "a query named '{name}' is already running; give each query its own \
+                 name (sink option 'queryName'), so that each has its own checkpoint"
+            )));
+        }
+        let runtime = self.ctx.runtime_env();
+        let source = compiled.source.open(&runtime)?;
+        let checkpoint = match &options.checkpoint {
+            Some(location) => Some(
+                Checkpoint::open(
+                    location,
+                    &runtime,
+                    &compiled.sql,
+                    compiled.fingerprint.clone(),
+                    options.min_batches_to_retain,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let id = checkpoint
+            .as_ref()
+            .map_or_else(new_id, |c| c.query_id().to_string());
         // A sink that cannot take the query's mode fails the start, as in Spark.
-        sink.open(&compiled.output_schema, compiled.mode).await?;
+        sink.open(&compiled.output_schema, compiled.mode, &id)
+            .await?;
         if let Some(memory) = memory {
             self.ctx.deregister_table(memory.name())?;
             self.ctx.register_table(memory.name(), memory.table())?;
         }
-        let store = Arc::new(MemoryStateStore::default());
         let query = Arc::new(StreamingQuery::start(
-            compiled, source, sink, store, options,
+            compiled, source, sink, checkpoint, id, options,
         ));
         self.catalog()?.queries.push(query.clone());
         Ok(query)
@@ -339,6 +380,12 @@ impl QueryBuilder<'_> {
     }
     pub fn trigger(mut self, trigger: Trigger) -> Self {
         self.options.trigger = trigger;
+        self
+    }
+    /// Keeps the query's progress at `location` (a directory or object-store URL),
+    /// so that a restarted query resumes where it stopped.
+    pub fn checkpoint(mut self, location: &str) -> Self {
+        self.options.checkpoint = Some(location.to_string());
         self
     }
     pub fn output_mode(mut self, mode: OutputMode) -> Self {

@@ -37,6 +37,10 @@ pub enum BrookError {
     #[error("{0}")]
     Plan(String),
 
+    /// A checkpoint that cannot be used: corrupted, locked, or from another query.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: String, message: String },
+
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -70,6 +74,13 @@ impl BrookError {
 
     pub fn sql(message: impl Into<String>) -> Self {
         Self::Sql(message.into())
+    }
+
+    pub fn checkpoint(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -20,14 +20,35 @@ fn tmp_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, input, output)
 }
 
-/// The names in `dir`, sorted.
+/// `name` without the query-id tag a file sink puts before the extension
+/// (`part-00000-1a2b3c4d.csv` is `part-00000.csv`).
+fn untag(name: &str) -> String {
+    let (stem, ext) = name.split_once('.').unwrap_or((name, ""));
+    match stem.rsplit_once('-') {
+        Some((base, tag)) if tag.len() == 8 && tag.chars().all(|c| c.is_ascii_hexdigit()) => {
+            format!("{base}.{ext}")
+        }
+        _ => name.to_string(),
+    }
+}
+
+/// The names in `dir` without their query-id tags, sorted.
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| untag(&e.unwrap().file_name().to_string_lossy()))
         .collect();
     names.sort();
     names
+}
+
+/// The file in `dir` whose untagged name is `name`.
+fn real(dir: &Path, name: &str) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| untag(&p.file_name().unwrap().to_string_lossy()) == name)
+        .unwrap_or_else(|| panic!("no {name} in {}", dir.display()))
 }
 
 fn read_parquet(path: &Path) -> Vec<RecordBatch> {
@@ -41,16 +62,19 @@ fn read_parquet(path: &Path) -> Vec<RecordBatch> {
 }
 
 fn manifest(output: &Path, batch_id: u64) -> serde_json::Value {
-    let path = output
-        .join("_brook_manifest")
-        .join(format!("{batch_id:020}.json"));
+    let path = real(
+        &output.join("_brook_manifest"),
+        &format!("{batch_id:020}.json"),
+    );
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
 /// The manifest entry a batch that wrote `rows` rows into `part` should have.
 fn manifest_with(output: &Path, batch_id: u64, part: &str, rows: u64) -> serde_json::Value {
-    let bytes = std::fs::metadata(output.join(part)).unwrap().len();
-    serde_json::json!({"batch_id": batch_id, "files": [{"path": part, "rows": rows, "bytes": bytes}]})
+    let path = real(output, part);
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    let name = path.file_name().unwrap().to_string_lossy();
+    serde_json::json!({"batch_id": batch_id, "files": [{"path": name, "rows": rows, "bytes": bytes}]})
 }
 
 const BUYS: &str = "SELECT order_id, symbol, amount FROM orders WHERE buy_sell = 'B'";
@@ -112,7 +136,7 @@ async fn parquet_sink_writes_one_part_per_batch_and_a_manifest() {
         listing(&output.join("_brook_manifest")),
         ["00000000000000000000.json", "00000000000000000001.json"]
     );
-    let part0 = read_parquet(&output.join("part-00000.parquet"));
+    let part0 = read_parquet(&real(&output, "part-00000.parquet"));
     assert_eq!(
         part0[0]
             .schema()
@@ -127,7 +151,7 @@ async fn parquet_sink_writes_one_part_per_batch_and_a_manifest() {
         rows(&[&["1", "AAPL", "10"], &["3", "GOOG", "2"]])
     );
     assert_eq!(
-        table(&read_parquet(&output.join("part-00001.parquet"))),
+        table(&read_parquet(&real(&output, "part-00001.parquet"))),
         rows(&[&["4", "IBM", "7"]])
     );
     assert_eq!(
@@ -208,7 +232,7 @@ async fn parquet_sink_of_a_windowed_append_writes_parts_only_for_batches_with_ro
         manifest(&output, 5),
         manifest_with(&output, 5, "part-00005.parquet", 1)
     );
-    let mut closed = table(&read_parquet(&output.join("part-00003.parquet")));
+    let mut closed = table(&read_parquet(&real(&output, "part-00003.parquet")));
     closed.sort();
     assert_eq!(
         closed,
@@ -218,7 +242,7 @@ async fn parquet_sink_of_a_windowed_append_writes_parts_only_for_batches_with_ro
         ])
     );
     assert_eq!(
-        table(&read_parquet(&output.join("part-00005.parquet"))),
+        table(&read_parquet(&real(&output, "part-00005.parquet"))),
         rows(&[&["2016-03-22T20:10:00", "2016-03-22T20:20:00", "AAPL", "1"]])
     );
     query.stop().await.unwrap();
@@ -238,9 +262,9 @@ async fn csv_sink_writes_part_files_with_a_header() {
         listing(&output),
         ["_brook_manifest", "part-00000.csv", "part-00001.csv"]
     );
-    let part0 = std::fs::read_to_string(output.join("part-00000.csv")).unwrap();
+    let part0 = std::fs::read_to_string(real(&output, "part-00000.csv")).unwrap();
     assert_eq!(part0, "order_id,symbol,amount\n1,AAPL,10\n3,GOOG,2\n");
-    let part1 = std::fs::read_to_string(output.join("part-00001.csv")).unwrap();
+    let part1 = std::fs::read_to_string(real(&output, "part-00001.csv")).unwrap();
     assert_eq!(part1, "order_id,symbol,amount\n4,IBM,7\n");
     assert_eq!(
         manifest(&output, 0),
@@ -267,12 +291,12 @@ async fn json_sink_writes_json_lines_part_files() {
         listing(&output),
         ["_brook_manifest", "part-00000.json", "part-00001.json"]
     );
-    let part0 = std::fs::read_to_string(output.join("part-00000.json")).unwrap();
+    let part0 = std::fs::read_to_string(real(&output, "part-00000.json")).unwrap();
     assert_eq!(
         part0,
         "{\"order_id\":1,\"symbol\":\"AAPL\",\"amount\":10}\n{\"order_id\":3,\"symbol\":\"GOOG\",\"amount\":2}\n"
     );
-    let part1 = std::fs::read_to_string(output.join("part-00001.json")).unwrap();
+    let part1 = std::fs::read_to_string(real(&output, "part-00001.json")).unwrap();
     assert_eq!(part1, "{\"order_id\":4,\"symbol\":\"IBM\",\"amount\":7}\n");
     assert_eq!(
         manifest(&output, 0),
@@ -565,7 +589,12 @@ async fn available_now_processes_every_file_then_stops() {
         ]
     );
     let mut all: Vec<Vec<String>> = (0..3)
-        .flat_map(|i| table(&read_parquet(&output.join(format!("part-{i:05}.parquet")))))
+        .flat_map(|i| {
+            table(&read_parquet(&real(
+                &output,
+                &format!("part-{i:05}.parquet"),
+            )))
+        })
         .collect();
     all.sort();
     assert_eq!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use brook::cli::demo::{DemoOptions, run_demo};
 use brook::cli::send::{SendOptions, send_files};
-use brook::cli::{ProgressFormat, run_file};
+use brook::cli::{ProgressFormat, RunOptions, run_file};
 use brook::duration::parse_duration;
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use brook::{BrookError, Trigger};
@@ -36,6 +36,10 @@ enum Command {
         /// Print each batch's progress on standard error.
         #[arg(long, value_enum, default_value = "none")]
         progress: Progress,
+        /// Keep each query's progress under DIR/<query name> (a directory or object-store
+        /// URL); a later run with the same DIR resumes where this one stopped.
+        #[arg(long, value_name = "DIR")]
+        checkpoint: Option<String>,
     },
     /// The live order dashboard on generated orders (no setup needed).
     Demo {
@@ -132,12 +136,18 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             file,
             trigger,
             progress,
+            checkpoint,
         } => {
             let progress = match progress {
                 Progress::None => ProgressFormat::None,
                 Progress::Json => ProgressFormat::Json,
             };
-            run_file(&file, trigger, progress).await
+            let options = RunOptions {
+                trigger,
+                progress,
+                checkpoint,
+            };
+            run_file(&file, options).await
         }
         Command::Demo {
             dir,

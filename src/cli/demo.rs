@@ -68,6 +68,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
                 counted.fetch_add(p.num_malformed_rows, Ordering::Relaxed);
             }
         })],
+        ..Overrides::default()
     });
     let dir_text = dir.display().to_string();
     let mut queries = vec![];

@@ -18,18 +18,24 @@ pub enum ProgressFormat {
     Json,
 }
 
+/// What `brook run` takes besides the file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub trigger: Option<Trigger>,
+    pub progress: ProgressFormat,
+    /// A directory holding each query's checkpoint under the query's name.
+    pub checkpoint: Option<String>,
+}
+
 /// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
-pub async fn run_file(
-    path: &Path,
-    trigger: Option<Trigger>,
-    progress: ProgressFormat,
-) -> Result<()> {
+pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     let script = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
     let mut overrides = Overrides {
-        trigger,
+        trigger: options.trigger,
+        checkpoint_root: options.checkpoint,
         ..Overrides::default()
     };
-    if progress == ProgressFormat::Json {
+    if options.progress == ProgressFormat::Json {
         overrides
             .listeners
             .push(Arc::new(|p| eprintln!("{}", p.to_json())));
@@ -54,7 +60,7 @@ pub async fn run_file(
     tokio::select! {
         r = all_done => r,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("stopping: finishing the running batches");
+            eprintln!("stopping: finishing the running batches (a checkpointed query resumes on the next run)");
             engine.stop_all().await
         }
     }

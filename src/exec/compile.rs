@@ -7,7 +7,7 @@ use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
@@ -19,7 +19,10 @@ use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::error::{BrookError, Result};
 use crate::sql::incremental::{self, ROWS_COLUMN};
-use crate::sql::window::{WINDOW_COLUMN, WindowTicks, rewrite_windows, unit_nanos, window_type};
+use crate::sql::window::{
+    WINDOW_COLUMN, WindowSpec, WindowTicks, rewrite_windows, unit_nanos, window_type,
+};
+use crate::state::QueryFingerprint;
 
 pub enum CompiledPlan {
     Stateless(Arc<dyn ExecutionPlan>),
@@ -42,6 +45,8 @@ pub struct CompiledQuery {
     pub task_ctx: Arc<TaskContext>,
     /// The query as written, for progress and errors.
     pub sql: String,
+    /// What a checkpoint written by this query must match on restart.
+    pub fingerprint: QueryFingerprint,
 }
 
 impl CompiledQuery {
@@ -151,6 +156,7 @@ pub async fn compile(
         };
         let plan = physical(plan).await?;
         return Ok(CompiledQuery {
+            fingerprint: fingerprint(&source, None, None),
             source,
             input_slot,
             output_schema: plan.schema(),
@@ -231,6 +237,7 @@ pub async fn compile(
         state: vec![],
     };
     Ok(CompiledQuery {
+        fingerprint: fingerprint(&source, Some(&agg), window.as_ref().map(|(spec, _)| spec)),
         source,
         input_slot,
         output_schema: op.finalize.schema(),
@@ -240,6 +247,49 @@ pub async fn compile(
         task_ctx,
         sql,
     })
+}
+
+/// The parts of a query its checkpointed state depends on.
+fn fingerprint(
+    source: &SourceDef,
+    agg: Option<&Aggregate>,
+    window: Option<&WindowSpec>,
+) -> QueryFingerprint {
+    let columns: Vec<String> = source
+        .schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect();
+    let group_by = agg.map_or(vec![], |a| {
+        a.group_expr
+            .iter()
+            .map(|e| match (window, is_column(e, WINDOW_COLUMN)) {
+                (Some(w), true) => format!(
+                    "window({}, {:?}, {:?}, {:?})",
+                    w.time_column, w.size, w.slide, w.offset
+                ),
+                _ => e.schema_name().to_string(),
+            })
+            .collect()
+    });
+    let aggregates = agg.map_or(vec![], |a| {
+        a.aggr_expr
+            .iter()
+            .map(|e| e.schema_name().to_string())
+            .collect()
+    });
+    QueryFingerprint {
+        source: format!(
+            "{} {} '{}' ({})",
+            source.name,
+            source.format.name(),
+            source.location,
+            columns.join(", ")
+        ),
+        group_by,
+        aggregates,
+    }
 }
 
 fn is_column(e: &Expr, name: &str) -> bool {

@@ -1,6 +1,7 @@
 //! The micro-batch engine: compiled queries, triggers, output modes.
 
 pub mod compile;
+pub mod faults;
 pub mod query;
 pub mod slot;
 pub mod stateful;

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::compile::{CompiledPlan, CompiledQuery};
+use super::faults::crash_point;
 use super::stateful::execute;
 use super::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
@@ -23,7 +24,11 @@ use crate::progress::{
 use crate::sink::Sink;
 use crate::source::{SourceBatch, StreamSource};
 use crate::sql::window::unit_nanos;
-use crate::state::{StateStore, StateVersion};
+use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, OffsetEntry};
+use crate::state::{Checkpoint, CommitEntry, EventTime};
+
+/// The checkpoint's name for a query's aggregation state.
+const STATE_OPERATOR: &str = "aggregate";
 
 /// How many progress records a query keeps (Spark keeps 100).
 const RECENT_PROGRESS: usize = 100;
@@ -38,6 +43,10 @@ pub struct QueryOptions {
     /// How often an idle query with a zero trigger interval looks for new input.
     pub poll_interval: Duration,
     pub listeners: Vec<ProgressListener>,
+    /// Where the query keeps its checkpoint; without one it starts over on restart.
+    pub checkpoint: Option<String>,
+    /// Committed batches whose checkpoint files are kept.
+    pub min_batches_to_retain: u64,
 }
 
 impl Default for QueryOptions {
@@ -48,6 +57,8 @@ impl Default for QueryOptions {
             output_mode: None,
             poll_interval: Duration::from_millis(100),
             listeners: vec![],
+            checkpoint: None,
+            min_batches_to_retain: DEFAULT_MIN_BATCHES_TO_RETAIN,
         }
     }
 }
@@ -58,6 +69,7 @@ impl fmt::Debug for QueryOptions {
             .field("name", &self.name)
             .field("trigger", &self.trigger)
             .field("output_mode", &self.output_mode)
+            .field("checkpoint", &self.checkpoint)
             .finish()
     }
 }
@@ -90,14 +102,15 @@ impl fmt::Debug for StreamingQuery {
 }
 
 impl StreamingQuery {
+    /// Starts the batch loop. `id` is the checkpoint's query id, if there is one.
     pub(crate) fn start(
         compiled: CompiledQuery,
         source: Box<dyn StreamSource>,
         sink: Arc<dyn Sink>,
-        state_store: Arc<dyn StateStore>,
+        checkpoint: Option<Checkpoint>,
+        id: String,
         options: QueryOptions,
     ) -> Self {
-        let id = new_id();
         let name = options
             .name
             .clone()
@@ -120,11 +133,12 @@ impl StreamingQuery {
             compiled,
             source,
             sink,
-            state_store,
+            checkpoint,
             batch_id: 0,
             watermark_ns: None,
             max_event_ns: None,
             pending_no_data: false,
+            rerun: None,
             last_trigger: None,
         };
         let task = tokio::spawn(drive(runner, options));
@@ -218,7 +232,7 @@ impl StreamingQuery {
     }
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
@@ -246,20 +260,20 @@ struct Runner {
     compiled: CompiledQuery,
     source: Box<dyn StreamSource>,
     sink: Arc<dyn Sink>,
-    state_store: Arc<dyn StateStore>,
+    checkpoint: Option<Checkpoint>,
     batch_id: u64,
     watermark_ns: Option<i64>,
     max_event_ns: Option<i64>,
     /// The watermark moved: run a batch without input so that it closes state.
     pending_no_data: bool,
+    /// A batch logged before a restart but not committed: it runs first, as logged.
+    rerun: Option<OffsetEntry>,
     last_trigger: Option<Instant>,
 }
 
 impl Runner {
     async fn run_loop(&mut self, options: &QueryOptions) -> Result<()> {
-        self.sink
-            .open(&self.compiled.output_schema, self.compiled.mode)
-            .await?;
+        self.resume().await?;
         if options.trigger == Trigger::AvailableNow {
             self.source.snapshot_available().await?;
         }
@@ -303,10 +317,21 @@ impl Runner {
             lap = Instant::now();
         };
 
-        let offset = self.source.plan_batch().await?;
-        if offset.is_none() && !self.pending_no_data {
-            return Ok(false);
-        }
+        let batch_id = self.batch_id;
+        let offset = match self.rerun.take() {
+            Some(logged) => logged.source,
+            None => {
+                let offset = self.source.plan_batch().await?;
+                if offset.is_none() && !self.pending_no_data {
+                    return Ok(false);
+                }
+                if let Some(cp) = &self.checkpoint {
+                    cp.write_offsets(batch_id, offset.clone()).await?;
+                    crash_point("offsets", batch_id);
+                }
+                offset
+            }
+        };
         self.pending_no_data = false;
         phase("plan", &mut phases);
 
@@ -317,6 +342,7 @@ impl Runner {
         for bad in &read.malformed.samples {
             tracing::warn!(file = %bad.file, line = bad.line, "malformed record: {}: {}", bad.reason, bad.text);
         }
+        crash_point("read", batch_id);
         let input_rows = read.num_rows() as u64;
         let batch_max = self.max_event_time(&read.batches)?;
         let input = self.compiled.prepare_input(read.batches)?;
@@ -331,7 +357,7 @@ impl Runner {
             CompiledPlan::Stateful(op) => {
                 let outcome = op.run(&ctx, mode, self.watermark_ns, window).await?;
                 let progress = StateProgress {
-                    operator: "aggregate".into(),
+                    operator: STATE_OPERATOR.into(),
                     num_rows_total: op.state_rows() as u64,
                     num_rows_updated: outcome.updated_rows,
                     num_rows_removed: outcome.removed_rows,
@@ -343,20 +369,16 @@ impl Runner {
         phase("execute", &mut phases);
 
         let output_rows: usize = output.iter().map(RecordBatch::num_rows).sum();
-        self.sink.add_batch(self.batch_id, output).await?;
+        self.sink.add_batch(batch_id, output).await?;
+        crash_point("sink", batch_id);
         phase("sink", &mut phases);
 
-        if let CompiledPlan::Stateful(op) = &self.compiled.plan {
-            let version = StateVersion {
-                version: self.batch_id,
-                rows: op.state.clone(),
-            };
-            self.state_store.commit("aggregate", version)?;
-        }
+        self.advance_watermark(batch_max);
+        self.commit(batch_id).await?;
         if let Some(o) = &offset {
             self.source.commit(o)?;
         }
-        self.advance_watermark(batch_max);
+        self.write_source_progress(batch_id).await?;
         phase("commit", &mut phases);
 
         let total = started.elapsed();
@@ -373,7 +395,7 @@ impl Runner {
         let progress = QueryProgress {
             id: self.shared.id.clone(),
             name: self.shared.name.clone(),
-            batch_id: self.batch_id,
+            batch_id,
             timestamp: trigger_time.to_rfc3339_opts(SecondsFormat::Millis, true),
             num_input_rows: input_rows,
             input_rows_per_second: per_second(since_last),
@@ -401,6 +423,90 @@ impl Runner {
         self.batch_id += 1;
         self.publish(progress);
         Ok(true)
+    }
+
+    /// Picks up where the checkpoint left off, or starts the source afresh.
+    async fn resume(&mut self) -> Result<()> {
+        let Some(cp) = &self.checkpoint else {
+            return self.source.start().await;
+        };
+        let recovery = cp.recover().await?;
+        if recovery.is_fresh() {
+            self.source.start().await?;
+            return cp.write_source(0, &self.source.progress()?).await;
+        }
+        self.source
+            .restore(recovery.source_snapshot, &recovery.committed_offsets)?;
+        self.batch_id = recovery.last_commit.as_ref().map_or(0, |c| c.batch_id + 1);
+        if let Some(commit) = &recovery.last_commit {
+            let EventTime {
+                watermark_ns,
+                max_event_ns,
+                pending_no_data,
+            } = commit.event_time.clone();
+            self.watermark_ns = watermark_ns;
+            self.max_event_ns = max_event_ns;
+            self.pending_no_data = pending_no_data;
+            if let CompiledPlan::Stateful(op) = &mut self.compiled.plan {
+                let info = commit.state.get(STATE_OPERATOR).ok_or_else(|| {
+                    BrookError::checkpoint(
+                        cp.display(),
+                        format!("batch {} committed no aggregation state", commit.batch_id),
+                    )
+                })?;
+                op.state = cp.load_state(info, op.state_slot.schema()).await?;
+                if self.compiled.mode == OutputMode::Complete && !self.sink.keeps_output() {
+                    let output = op.emit_all(&self.compiled.task_ctx).await?;
+                    self.sink.add_batch(commit.batch_id, output).await?;
+                }
+            }
+        }
+        tracing::info!(
+            query = %self.shared.name,
+            checkpoint = cp.display(),
+            "resuming at batch {}{}",
+            self.batch_id,
+            if recovery.rerun.is_some() { " (re-running it: it was not committed)" } else { "" }
+        );
+        self.rerun = recovery.rerun;
+        Ok(())
+    }
+
+    /// Saves the state after `batch_id` and marks the batch done in the checkpoint.
+    async fn commit(&self, batch_id: u64) -> Result<()> {
+        let Some(cp) = &self.checkpoint else {
+            return Ok(());
+        };
+        let mut state = BTreeMap::new();
+        if let CompiledPlan::Stateful(op) = &self.compiled.plan {
+            let file = cp
+                .write_state(STATE_OPERATOR, batch_id, op.state_slot.schema(), &op.state)
+                .await?;
+            crash_point("state", batch_id);
+            state.insert(STATE_OPERATOR.to_string(), file);
+        }
+        let entry = CommitEntry {
+            batch_id,
+            event_time: EventTime {
+                watermark_ns: self.watermark_ns,
+                max_event_ns: self.max_event_ns,
+                pending_no_data: self.pending_no_data,
+            },
+            state,
+        };
+        cp.write_commit(&entry).await?;
+        crash_point("commits", batch_id);
+        Ok(())
+    }
+
+    async fn write_source_progress(&self, batch_id: u64) -> Result<()> {
+        match &self.checkpoint {
+            Some(cp) if Checkpoint::source_due(batch_id) => {
+                cp.write_source(batch_id + 1, &self.source.progress()?)
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 
     fn publish(&self, progress: QueryProgress) {

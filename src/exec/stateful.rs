@@ -162,6 +162,12 @@ impl StatefulOp {
         Ok(outcome)
     }
 
+    /// The query's result over the whole state, as complete mode emits it.
+    pub async fn emit_all(&self, ctx: &Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
+        self.emit_slot.set(&self.state)?;
+        execute(&self.finalize, ctx).await
+    }
+
     fn count_rows(&self, batch: &RecordBatch) -> Result<u64> {
         let counts = cast(batch.column(self.rows_column), &DataType::Int64)?;
         Ok(sum(counts.as_primitive::<Int64Type>()).unwrap_or(0).max(0) as u64)

@@ -75,7 +75,7 @@ impl Sink for ConsoleSink {
         "ConsoleSink".into()
     }
 
-    async fn open(&self, schema: &SchemaRef, _mode: OutputMode) -> Result<()> {
+    async fn open(&self, schema: &SchemaRef, _mode: OutputMode, _query_id: &str) -> Result<()> {
         *self.schema.lock().map_err(lock_err)? = Some(schema.clone());
         Ok(())
     }

@@ -5,7 +5,9 @@
 //! manifest entry `_brook_manifest/<batch id>.json` written, listing its
 //! files. Readers that follow the manifest never see a half-written batch;
 //! readers that glob `part-*` never see an unfinished file. Part names are
-//! derived from the batch id, so a re-run batch replaces its own output.
+//! derived from the batch id and the query id (`part-<batch>-<query>.<ext>`),
+//! so a batch re-run after a restart from a checkpoint replaces its own
+//! output, while a new query writing into the same directory adds beside it.
 
 use std::sync::Mutex;
 
@@ -22,7 +24,7 @@ use serde::Serialize;
 
 use super::Sink;
 use crate::error::{BrookError, Result};
-use crate::exec::OutputMode;
+use crate::exec::{OutputMode, faults};
 use crate::source::location::Location;
 
 pub const MANIFEST_DIR: &str = "_brook_manifest";
@@ -57,7 +59,8 @@ impl OutputFormat {
 pub struct FileSink {
     location: Location,
     format: OutputFormat,
-    schema: Mutex<Option<SchemaRef>>,
+    /// The schema and the query id's first characters, set by `open`.
+    opened: Mutex<Option<(SchemaRef, String)>>,
 }
 
 #[derive(Serialize)]
@@ -79,7 +82,7 @@ impl FileSink {
         Ok(Self {
             location,
             format,
-            schema: Mutex::new(None),
+            opened: Mutex::new(None),
         })
     }
 
@@ -127,7 +130,7 @@ impl Sink for FileSink {
         format!("FileSink[{:?} {}]", self.format, self.location.display)
     }
 
-    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()> {
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()> {
         if mode != OutputMode::Append {
             return Err(self.error(format!(
                 "file sinks take output mode 'append' only (as Spark's), not '{mode}': \
@@ -135,22 +138,23 @@ impl Sink for FileSink {
                  sink for '{mode}', or append with a watermark"
             )));
         }
+        let tag: String = query_id.chars().take(8).collect();
         *self
-            .schema
+            .opened
             .lock()
-            .map_err(|_| self.error("lock poisoned"))? = Some(schema.clone());
+            .map_err(|_| self.error("lock poisoned"))? = Some((schema.clone(), tag));
         Ok(())
     }
 
     async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
-        let schema = self
-            .schema
+        let (schema, tag) = self
+            .opened
             .lock()
             .map_err(|_| self.error("lock poisoned"))?
             .clone()
             .ok_or_else(|| self.error("add_batch before open"))?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let name = format!("part-{batch_id:05}.{}", self.format.extension());
+        let name = format!("part-{batch_id:05}-{tag}.{}", self.format.extension());
         let mut files = vec![];
         if rows > 0 {
             let bytes = self.encode(&schema, &batches)?;
@@ -160,6 +164,7 @@ impl Sink for FileSink {
                 .store
                 .put(&path, PutPayload::from(bytes))
                 .await?;
+            faults::crash_point("sink-part", batch_id);
             files.push(ManifestFile {
                 path: &name,
                 rows,
@@ -171,7 +176,7 @@ impl Sink for FileSink {
         let manifest = self
             .location
             .child(MANIFEST_DIR)
-            .join(format!("{batch_id:020}.json"));
+            .join(format!("{batch_id:020}-{tag}.json"));
         self.location
             .store
             .put(&manifest, PutPayload::from(entry))

@@ -38,7 +38,7 @@ impl Sink for ForeachBatchSink {
         "ForeachBatchSink".into()
     }
 
-    async fn open(&self, _schema: &SchemaRef, _mode: OutputMode) -> Result<()> {
+    async fn open(&self, _schema: &SchemaRef, _mode: OutputMode, _query_id: &str) -> Result<()> {
         Ok(())
     }
 

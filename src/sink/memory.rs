@@ -73,11 +73,15 @@ impl Sink for MemorySink {
         format!("MemorySink[{}]", self.name)
     }
 
-    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()> {
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode, _query_id: &str) -> Result<()> {
         let mut c = self.contents.write().map_err(|_| self.poisoned())?;
         c.schema = Some(schema.clone());
         c.mode = Some(mode);
         Ok(())
+    }
+
+    fn keeps_output(&self) -> bool {
+        false
     }
 
     async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {

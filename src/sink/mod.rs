@@ -24,9 +24,17 @@ pub trait Sink: Send + Sync + Debug {
     /// One line naming the sink for progress reports and errors.
     fn describe(&self) -> String;
 
-    /// Called once before the first batch with the query's output schema and
-    /// mode; a sink that cannot take that mode says so here.
-    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()>;
+    /// Called once before the first batch with the query's output schema, mode
+    /// and id (the same across restarts from a checkpoint); a sink that cannot
+    /// take that mode says so here.
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()>;
+
+    /// Whether what the sink received survives the process. A query restarted
+    /// from a checkpoint in complete mode re-sends its last result to a sink
+    /// that does not keep it (the memory sink).
+    fn keeps_output(&self) -> bool {
+        true
+    }
 
     /// Receives batch `batch_id`'s result. A batch may be delivered again
     /// after a restart; sinks make that idempotent by batch id.

@@ -55,7 +55,12 @@ pub struct FileSource {
     seen: HashSet<Path>,
     /// Set by the available-now trigger: only these files may still be planned.
     snapshot: Option<HashSet<Path>>,
-    listed_once: bool,
+}
+
+/// The file source's progress in the checkpoint: every file it has taken.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FileProgress {
+    seen: Vec<String>,
 }
 
 /// A file of a batch, as written to the offset log.
@@ -74,7 +79,6 @@ impl FileSource {
             options,
             seen: HashSet::new(),
             snapshot: None,
-            listed_once: false,
         })
     }
 
@@ -123,15 +127,41 @@ impl StreamSource for FileSource {
         )
     }
 
+    async fn start(&mut self) -> Result<()> {
+        if !self.options.include_existing_files {
+            let files = self.list().await?;
+            self.seen.extend(files.into_iter().map(|f| f.location));
+        }
+        Ok(())
+    }
+
+    fn progress(&self) -> Result<serde_json::Value> {
+        let mut seen: Vec<String> = self.seen.iter().map(|p| p.to_string()).collect();
+        seen.sort_unstable();
+        serde_json::to_value(FileProgress { seen }).map_err(|e| BrookError::Plan(e.to_string()))
+    }
+
+    fn restore(
+        &mut self,
+        progress: Option<serde_json::Value>,
+        committed: &[SourceOffset],
+    ) -> Result<()> {
+        let progress: FileProgress = match progress {
+            Some(v) => serde_json::from_value(v).map_err(|e| BrookError::Source {
+                location: self.location.display.clone(),
+                message: format!("unreadable file-source progress in the checkpoint: {e}"),
+            })?,
+            None => FileProgress::default(),
+        };
+        self.seen = progress.seen.into_iter().map(Path::from).collect();
+        for offset in committed {
+            self.commit(offset)?;
+        }
+        Ok(())
+    }
+
     async fn plan_batch(&mut self) -> Result<Option<SourceOffset>> {
         let files = self.list().await?;
-        if !self.listed_once {
-            self.listed_once = true;
-            if !self.options.include_existing_files {
-                self.seen.extend(files.into_iter().map(|f| f.location));
-                return Ok(None);
-            }
-        }
         let limit = self.options.max_files_per_trigger.unwrap_or(usize::MAX);
         let batch: Vec<FileEntry> = files
             .into_iter()

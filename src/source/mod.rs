@@ -46,6 +46,20 @@ pub trait StreamSource: Send + Sync + Debug {
     /// One line naming the source for progress reports and errors.
     fn describe(&self) -> String;
 
+    /// Fixes where a query without checkpointed progress starts reading.
+    async fn start(&mut self) -> Result<()>;
+
+    /// The source's progress, written whole into the checkpoint every few batches.
+    fn progress(&self) -> Result<serde_json::Value>;
+
+    /// Resumes after a restart from a [`progress`](Self::progress) value (if one
+    /// was written) and the offsets of the batches committed after it, oldest first.
+    fn restore(
+        &mut self,
+        progress: Option<serde_json::Value>,
+        committed: &[SourceOffset],
+    ) -> Result<()>;
+
     /// Decides the next batch's input without reading it; `None` when nothing is new.
     async fn plan_batch(&mut self) -> Result<Option<SourceOffset>>;
 

@@ -1,0 +1,540 @@
+//! A query's checkpoint: what it has read, what it has committed, and its state.
+//!
+//! ```text
+//! <checkpoint>/
+//!   metadata                 query id, SQL, and the fingerprint restarts are checked against
+//!   lock                     held (OS file lock) while a query runs here
+//!   offsets/<N>              batch N's input, written before batch N runs
+//!   commits/<N>              written once batch N's output is in the sink
+//!   state/<operator>/<N>.arrow  operator state after batch N (Arrow IPC file)
+//!   sources/<N>              the source's own progress before batch N (every few batches)
+//! ```
+//!
+//! A batch with offsets but no commit is re-run on restart with the same input;
+//! a committed batch never runs again. See the README for the recovery contract.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Cursor;
+use std::sync::Mutex;
+
+use chrono::{SecondsFormat, Utc};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::reader::FileReader;
+use datafusion::arrow::ipc::writer::FileWriter;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use serde::{Deserialize, Serialize};
+
+use super::files::CheckpointFiles;
+use crate::error::{BrookError, Result};
+use crate::source::SourceOffset;
+use crate::source::location::Location;
+
+/// Committed batches whose files are kept (Spark's `minBatchesToRetain`).
+pub const DEFAULT_MIN_BATCHES_TO_RETAIN: u64 = 100;
+
+/// How often the source's progress is written whole; offsets cover the batches between.
+const SOURCE_SNAPSHOT_EVERY: u64 = 10;
+
+/// What a restarted query must agree with to reuse a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryFingerprint {
+    /// The source table: name, format, location and columns.
+    pub source: String,
+    pub group_by: Vec<String>,
+    pub aggregates: Vec<String>,
+}
+
+impl QueryFingerprint {
+    /// The differences that make a checkpoint unusable for `other`, one per line.
+    fn differences(&self, other: &Self) -> Vec<String> {
+        let mut out = vec![];
+        let mut check = |what: &str, old: String, new: String| {
+            if old != new {
+                out.push(format!(
+                    "{what}: checkpoint has {old}, this query has {new}"
+                ));
+            }
+        };
+        check("source", self.source.clone(), other.source.clone());
+        check(
+            "GROUP BY",
+            format!("[{}]", self.group_by.join(", ")),
+            format!("[{}]", other.group_by.join(", ")),
+        );
+        check(
+            "aggregates",
+            format!("[{}]", self.aggregates.join(", ")),
+            format!("[{}]", other.aggregates.join(", ")),
+        );
+        out
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Metadata {
+    id: String,
+    created: String,
+    brook_version: String,
+    sql: String,
+    fingerprint: QueryFingerprint,
+}
+
+/// The input of batch N, written before it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OffsetEntry {
+    pub batch_id: u64,
+    /// `None` for a batch without input that only closes state by the watermark.
+    pub source: Option<SourceOffset>,
+    pub planned_at: String,
+}
+
+/// The event-time position between batches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventTime {
+    pub watermark_ns: Option<i64>,
+    pub max_event_ns: Option<i64>,
+    /// The watermark moved and state waits to be closed by a batch without input.
+    pub pending_no_data: bool,
+}
+
+/// A state file as its commit records it, so that damage is detected on load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile {
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// Batch N is done: its output is in the sink and its state on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitEntry {
+    pub batch_id: u64,
+    /// The position after the batch, which the next batch starts from.
+    pub event_time: EventTime,
+    pub state: BTreeMap<String, StateFile>,
+}
+
+/// Where a restarted query resumes.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub last_commit: Option<CommitEntry>,
+    /// The source's progress as last written whole, and the offsets of the
+    /// committed batches after it, oldest first.
+    pub source_snapshot: Option<serde_json::Value>,
+    pub committed_offsets: Vec<SourceOffset>,
+    /// A batch that was planned but not committed: it runs again first.
+    pub rerun: Option<OffsetEntry>,
+}
+
+impl Recovery {
+    /// Whether the checkpoint holds nothing yet: the query starts fresh.
+    pub fn is_fresh(&self) -> bool {
+        self.source_snapshot.is_none() && self.last_commit.is_none() && self.rerun.is_none()
+    }
+
+    pub fn next_batch(&self) -> u64 {
+        self.last_commit.as_ref().map_or(0, |c| c.batch_id + 1)
+    }
+}
+
+pub struct Checkpoint {
+    files: CheckpointFiles,
+    id: String,
+    retain: u64,
+    /// Operators that wrote state in this run, whose old versions clean-up removes.
+    operators: Mutex<BTreeSet<String>>,
+    _lock: CheckpointLock,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Checkpoint({})", self.files.location().display)
+    }
+}
+
+impl Checkpoint {
+    /// Opens (or creates) the checkpoint at `location` for a query, refusing one
+    /// that another running query holds or that a different query wrote.
+    pub async fn open(
+        location: &str,
+        runtime: &RuntimeEnv,
+        sql: &str,
+        fingerprint: QueryFingerprint,
+        min_batches_to_retain: u64,
+    ) -> Result<Self> {
+        let files = CheckpointFiles::new(Location::resolve(location, runtime)?)?;
+        let lock = CheckpointLock::acquire(&files)?;
+        let id = match files.read_json::<Metadata>("metadata").await? {
+            Some(meta) => {
+                let diff = meta.fingerprint.differences(&fingerprint);
+                if !diff.is_empty() {
+                    return Err(BrookError::checkpoint(
+                        location,
+                        format!(
+                            "it belongs to a different query, so its state cannot be reused:\n  {}\n\
+                             use a new checkpoint location for the changed query (or restore \
+                             the query the checkpoint was written by:\n  {})",
+                            diff.join("\n  "),
+                            meta.sql
+                        ),
+                    ));
+                }
+                meta.id
+            }
+            None => {
+                if !files.list("offsets").await?.is_empty() {
+                    return Err(BrookError::checkpoint(
+                        files.display("metadata"),
+                        "missing, but the checkpoint has offsets: it is damaged; restore it or \
+                         use a new checkpoint location",
+                    ));
+                }
+                let meta = Metadata {
+                    id: crate::exec::query::new_id(),
+                    created: now(),
+                    brook_version: env!("CARGO_PKG_VERSION").to_string(),
+                    sql: sql.to_string(),
+                    fingerprint,
+                };
+                files.write_json("metadata", &meta, ("metadata", 0)).await?;
+                meta.id
+            }
+        };
+        Ok(Self {
+            files,
+            id,
+            retain: min_batches_to_retain.max(1),
+            operators: Mutex::default(),
+            _lock: lock,
+        })
+    }
+
+    /// The query's id, the same across restarts.
+    pub fn query_id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn display(&self) -> &str {
+        &self.files.location().display
+    }
+
+    async fn ids(&self, dir: &str) -> Result<Vec<u64>> {
+        self.numbered(dir, "").await
+    }
+
+    /// The batch numbers of the files `<N><suffix>` in `dir`, in order.
+    async fn numbered(&self, dir: &str, suffix: &str) -> Result<Vec<u64>> {
+        let mut ids = vec![];
+        for name in self.files.list(dir).await? {
+            let number = name.strip_suffix(suffix).unwrap_or_default();
+            let id = number.parse::<u64>().map_err(|_| {
+                BrookError::checkpoint(
+                    self.files.display(&format!("{dir}/{name}")),
+                    "unexpected file in the checkpoint (names here are batch numbers); remove it",
+                )
+            })?;
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    async fn required<T: serde::de::DeserializeOwned>(&self, rel: &str) -> Result<T> {
+        self.files.read_json(rel).await?.ok_or_else(|| {
+            BrookError::checkpoint(
+                self.files.display(rel),
+                "missing: the checkpoint is damaged; restore it or use a new checkpoint location",
+            )
+        })
+    }
+
+    /// Reads where the query resumes.
+    pub async fn recover(&self) -> Result<Recovery> {
+        let last_commit_id = self.ids("commits").await?.pop();
+        let last_offset_id = self.ids("offsets").await?.pop();
+        let last_commit: Option<CommitEntry> = match last_commit_id {
+            Some(id) => Some(self.required(&format!("commits/{id}")).await?),
+            None => None,
+        };
+        let next = last_commit_id.map_or(0, |c| c + 1);
+        let rerun = match last_offset_id {
+            Some(id) if id == next => Some(
+                self.required::<OffsetEntry>(&format!("offsets/{id}"))
+                    .await?,
+            ),
+            Some(id) if id > next => {
+                return Err(BrookError::checkpoint(
+                    self.files.display(&format!("offsets/{id}")),
+                    format!(
+                        "batch {id} was planned but batch {} never committed: the checkpoint \
+                         is damaged",
+                        id - 1
+                    ),
+                ));
+            }
+            _ => None,
+        };
+        let snapshot_id = self.ids("sources").await?.into_iter().rfind(|s| *s <= next);
+        let source_snapshot = match snapshot_id {
+            Some(s) => Some(self.required(&format!("sources/{s}")).await?),
+            None => None,
+        };
+        let mut committed_offsets = vec![];
+        for id in snapshot_id.unwrap_or(0)..next {
+            let entry: OffsetEntry = self.required(&format!("offsets/{id}")).await?;
+            committed_offsets.extend(entry.source);
+        }
+        Ok(Recovery {
+            last_commit,
+            source_snapshot,
+            committed_offsets,
+            rerun,
+        })
+    }
+
+    pub async fn write_offsets(&self, batch_id: u64, source: Option<SourceOffset>) -> Result<()> {
+        let entry = OffsetEntry {
+            batch_id,
+            source,
+            planned_at: now(),
+        };
+        self.files
+            .write_json(
+                &format!("offsets/{batch_id}"),
+                &entry,
+                ("offsets-tmp", batch_id),
+            )
+            .await
+    }
+
+    /// Writes an operator's state after `batch_id` as an Arrow IPC file.
+    pub async fn write_state(
+        &self,
+        operator: &str,
+        batch_id: u64,
+        schema: &SchemaRef,
+        rows: &[RecordBatch],
+    ) -> Result<StateFile> {
+        let mut buf = vec![];
+        let mut writer = FileWriter::try_new(&mut buf, schema)?;
+        for b in rows {
+            writer.write(b)?;
+        }
+        writer.finish()?;
+        drop(writer);
+        let file = format!("state/{operator}/{batch_id}.arrow");
+        let info = StateFile {
+            file: file.clone(),
+            rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
+            bytes: buf.len() as u64,
+            crc32: crc32fast::hash(&buf),
+        };
+        self.files
+            .write(&file, buf, ("state-tmp", batch_id))
+            .await?;
+        if let Ok(mut ops) = self.operators.lock() {
+            ops.insert(operator.to_string());
+        }
+        Ok(info)
+    }
+
+    /// Loads state written by [`write_state`](Self::write_state), checking that it
+    /// is undamaged and has the columns the query keeps.
+    pub async fn load_state(
+        &self,
+        info: &StateFile,
+        schema: &SchemaRef,
+    ) -> Result<Vec<RecordBatch>> {
+        let path = self.files.display(&info.file);
+        let fail = |m: String| BrookError::checkpoint(path.clone(), m);
+        let bytes = self.files.read(&info.file).await?.ok_or_else(|| {
+            fail("missing, but its batch is committed: the checkpoint is damaged".into())
+        })?;
+        let crc = crc32fast::hash(&bytes);
+        if bytes.len() as u64 != info.bytes || crc != info.crc32 {
+            return Err(fail(format!(
+                "damaged: {} bytes with checksum {crc:08x}, but the commit recorded {} bytes \
+                 with checksum {:08x}",
+                bytes.len(),
+                info.bytes,
+                info.crc32
+            )));
+        }
+        let reader = FileReader::try_new(Cursor::new(bytes), None)
+            .map_err(|e| fail(format!("not a readable Arrow IPC file: {e}")))?;
+        let found = reader.schema();
+        if !same_columns(&found, schema) {
+            return Err(fail(format!(
+                "holds columns ({}) but this query keeps ({})",
+                columns(&found),
+                columns(schema)
+            )));
+        }
+        let rows = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| fail(format!("unreadable: {e}")))?;
+        Ok(rows
+            .into_iter()
+            .map(|b| b.with_schema(schema.clone()))
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub async fn write_commit(&self, entry: &CommitEntry) -> Result<()> {
+        let id = entry.batch_id;
+        self.files
+            .write_json(&format!("commits/{id}"), entry, ("commits-tmp", id))
+            .await
+    }
+
+    /// Records the source's progress before batch `next_batch`: always before the
+    /// first batch, then every few batches, followed by removing what is no longer
+    /// needed (batches older than the retained ones and than the last snapshot).
+    pub async fn write_source(&self, next_batch: u64, snapshot: &serde_json::Value) -> Result<()> {
+        self.files
+            .write_json(
+                &format!("sources/{next_batch}"),
+                snapshot,
+                ("sources", next_batch),
+            )
+            .await?;
+        self.clean_up(next_batch).await
+    }
+
+    /// Whether the source's progress is due to be written after committing `batch_id`.
+    pub fn source_due(batch_id: u64) -> bool {
+        (batch_id + 1).is_multiple_of(SOURCE_SNAPSHOT_EVERY)
+    }
+
+    async fn clean_up(&self, snapshot: u64) -> Result<()> {
+        let keep_from = snapshot.saturating_sub(self.retain);
+        for dir in ["offsets", "commits"] {
+            for id in self.ids(dir).await? {
+                if id < keep_from {
+                    self.files.delete(&format!("{dir}/{id}")).await?;
+                }
+            }
+        }
+        for id in self.ids("sources").await? {
+            if id < snapshot {
+                self.files.delete(&format!("sources/{id}")).await?;
+            }
+        }
+        let operators: Vec<String> = match self.operators.lock() {
+            Ok(ops) => ops.iter().cloned().collect(),
+            Err(_) => vec![],
+        };
+        for operator in operators {
+            let dir = format!("state/{operator}");
+            for id in self.numbered(&dir, ".arrow").await? {
+                if id < keep_from {
+                    self.files.delete(&format!("{dir}/{id}.arrow")).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn same_columns(a: &SchemaRef, b: &SchemaRef) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields()
+            .iter()
+            .zip(b.fields())
+            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+}
+
+fn columns(schema: &SchemaRef) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Keeps a second query, in this process or another, off a checkpoint in use.
+enum CheckpointLock {
+    /// An OS lock on `<checkpoint>/lock`, released by the OS if the process dies.
+    File(std::fs::File),
+    /// Object stores have no locks: only queries of this process are kept out.
+    Process(String),
+}
+
+fn in_process() -> &'static Mutex<HashSet<String>> {
+    static HELD: std::sync::OnceLock<Mutex<HashSet<String>>> = std::sync::OnceLock::new();
+    HELD.get_or_init(Mutex::default)
+}
+
+impl CheckpointLock {
+    fn acquire(files: &CheckpointFiles) -> Result<Self> {
+        let location = files.location();
+        let busy = |who: String| {
+            BrookError::checkpoint(
+                location.display.clone(),
+                format!(
+                    "in use by another running query ({who}); stop it first, or give this \
+                     query its own checkpoint location"
+                ),
+            )
+        };
+        match &location.local_dir {
+            Some(dir) => {
+                use std::io::{Read, Seek, Write};
+                let path = dir.join("lock");
+                let mut file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(|e| BrookError::io(&path, e))?;
+                match file.try_lock() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        let mut holder = String::new();
+                        let _ = file.read_to_string(&mut holder);
+                        return Err(busy(format!("process {}", holder.trim())));
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => return Err(BrookError::io(&path, e)),
+                }
+                let pid = std::process::id().to_string();
+                file.set_len(0)
+                    .and_then(|_| file.rewind())
+                    .and_then(|_| file.write_all(pid.as_bytes()))
+                    .map_err(|e| BrookError::io(&path, e))?;
+                Ok(Self::File(file))
+            }
+            None => {
+                let key = location.display.clone();
+                let mut held = in_process()
+                    .lock()
+                    .map_err(|_| BrookError::Plan("checkpoint registry poisoned".into()))?;
+                if !held.insert(key.clone()) {
+                    return Err(busy("a query in this process".into()));
+                }
+                Ok(Self::Process(key))
+            }
+        }
+    }
+}
+
+impl Drop for CheckpointLock {
+    fn drop(&mut self) {
+        match self {
+            Self::File(file) => {
+                let _ = file.unlock();
+            }
+            Self::Process(key) => {
+                if let Ok(mut held) = in_process().lock() {
+                    held.remove(key);
+                }
+            }
+        }
+    }
+}

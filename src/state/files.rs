@@ -1,0 +1,169 @@
+//! The checkpoint's files: durable writes, checksummed JSON, listing.
+//!
+//! A file appears whole or not at all. On a local disk it is written under a
+//! temporary name, flushed to disk, renamed into place, and its directory is
+//! flushed, so that neither a killed process nor a power cut leaves a torn
+//! file; object stores make `put` atomic themselves. JSON files start with a
+//! line `v1 crc32=<hex>` over the rest, so a damaged file is detected rather
+//! than half-read.
+
+use std::io::Write;
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{BrookError, Result};
+use crate::exec::faults;
+use crate::source::location::Location;
+
+const JSON_VERSION: &str = "v1";
+
+#[derive(Debug, Clone)]
+pub struct CheckpointFiles {
+    location: Location,
+}
+
+impl CheckpointFiles {
+    pub fn new(location: Location) -> Result<Self> {
+        location.ensure_dir()?;
+        Ok(Self { location })
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// How a file of the checkpoint is named in messages.
+    pub fn display(&self, rel: &str) -> String {
+        match &self.location.local_dir {
+            Some(dir) => dir.join(rel).display().to_string(),
+            None => format!("{}/{rel}", self.location.display.trim_end_matches('/')),
+        }
+    }
+
+    fn path(&self, rel: &str) -> Path {
+        rel.split('/')
+            .fold(self.location.prefix.clone(), |p, part| p.join(part))
+    }
+
+    /// Writes `rel` so that it is either absent or complete, even across a crash.
+    /// `point` names the write for crash tests.
+    pub async fn write(&self, rel: &str, bytes: Vec<u8>, point: (&str, u64)) -> Result<()> {
+        let Some(dir) = &self.location.local_dir else {
+            faults::crash_point(point.0, point.1);
+            self.location
+                .store
+                .put(&self.path(rel), PutPayload::from(bytes))
+                .await?;
+            return Ok(());
+        };
+        let dest = dir.join(rel);
+        let parent = dest.parent().unwrap_or(dir).to_path_buf();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.tmp"));
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |e| BrookError::io(path, e)
+        };
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(&bytes).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+        drop(file);
+        faults::crash_point(point.0, point.1);
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        std::fs::File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&parent))
+    }
+
+    /// The bytes of `rel`, or `None` when it does not exist.
+    pub async fn read(&self, rel: &str) -> Result<Option<Bytes>> {
+        match self.location.store.get(&self.path(rel)).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Names of the files directly in directory `rel`, without temporary files.
+    pub async fn list(&self, rel: &str) -> Result<Vec<String>> {
+        let listing = self
+            .location
+            .store
+            .list_with_delimiter(Some(&self.path(rel)))
+            .await;
+        let objects = match listing {
+            Ok(l) => l.objects,
+            Err(object_store::Error::NotFound { .. }) => vec![],
+            Err(e) => return Err(e.into()),
+        };
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .filter(|n| !n.starts_with('.') && !n.contains('#'))
+            .collect())
+    }
+
+    pub async fn delete(&self, rel: &str) -> Result<()> {
+        match self.location.store.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn write_json<T: Serialize>(
+        &self,
+        rel: &str,
+        value: &T,
+        point: (&str, u64),
+    ) -> Result<()> {
+        let body = serde_json::to_vec(value)
+            .map_err(|e| BrookError::checkpoint(self.display(rel), e.to_string()))?;
+        let mut bytes =
+            format!("{JSON_VERSION} crc32={:08x}\n", crc32fast::hash(&body)).into_bytes();
+        bytes.extend_from_slice(&body);
+        self.write(rel, bytes, point).await
+    }
+
+    /// Reads a file written by [`write_json`](Self::write_json), checking its checksum.
+    pub async fn read_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.read(rel).await? else {
+            return Ok(None);
+        };
+        let fail = |m: String| BrookError::checkpoint(self.display(rel), m);
+        let newline = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| fail("truncated: no header line".into()))?;
+        let header = std::str::from_utf8(&bytes[..newline]).unwrap_or_default();
+        let body = &bytes[newline + 1..];
+        let expected = header
+            .strip_prefix(JSON_VERSION)
+            .and_then(|h| h.trim().strip_prefix("crc32="))
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| {
+                fail(format!(
+                    "unrecognised header '{}': not a brook checkpoint file, or damaged",
+                    header.chars().take(40).collect::<String>()
+                ))
+            })?;
+        let actual = crc32fast::hash(body);
+        if actual != expected {
+            return Err(fail(format!(
+                "checksum mismatch (file says {expected:08x}, contents give {actual:08x}): \
+                 the file is damaged or truncated; restore it from a backup or start over \
+                 with a new checkpoint location"
+            )));
+        }
+        serde_json::from_slice(body)
+            .map(Some)
+            .map_err(|e| fail(format!("unreadable: {e}")))
+    }
+}
