@@ -1,0 +1,365 @@
+//! Checkpoints in one process: resuming, re-running an uncommitted batch,
+//! refusing a changed query, a damaged file or a second query, and clean-up.
+//! Killing a process at many points is `tests/crash.rs`.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use brook::{Engine, StreamingQuery};
+
+/// Top clients by traded amount into a memory table, checkpointed at `checkpoint`.
+fn top_clients(input: &Path, checkpoint: &Path, group_by: &str) -> String {
+    format!(
+        "{} CREATE EXTERNAL TABLE top STORED AS MEMORY LOCATION '' OPTIONS
+           ('outputMode' 'complete', 'checkpointLocation' '{}', 'minBatchesToRetain' '3');
+         INSERT INTO top SELECT {group_by}, sum(amount * price) AS traded, count(*) AS orders
+           FROM orders GROUP BY {group_by};",
+        source_ddl(input, true),
+        checkpoint.display()
+    )
+}
+
+async fn run_available(engine: &Engine, script: &str) -> Arc<StreamingQuery> {
+    let query = start_one(engine, script).await;
+    query.process_all_available().await.unwrap();
+    query
+}
+
+async fn top(engine: &Engine) -> Vec<Vec<String>> {
+    sorted(table(
+        &engine
+            .sql("SELECT client_id, traded, orders FROM top")
+            .await
+            .unwrap(),
+    ))
+}
+
+fn batch_ids_and_rows(query: &StreamingQuery) -> Vec<(u64, u64)> {
+    query
+        .recent_progress()
+        .iter()
+        .map(|p| (p.batch_id, p.num_input_rows))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_query_resumes_with_its_state_and_reads_only_new_files() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:02", 2, "MSFT", 5, 1.0, "S")],
+    );
+
+    let first = Engine::new();
+    let query = run_available(&first, &script).await;
+    let id = query.id().to_string();
+    assert_eq!(batch_ids_and_rows(&query), [(0, 1), (1, 1)]);
+    query.stop().await.unwrap();
+
+    put(&input, "c.csv", &[order("20:00:03", 1, "IBM", 1, 4.0, "B")]);
+    let second = Engine::new();
+    let query = start_one(&second, &script).await;
+    query.process_all_available().await.unwrap();
+    assert_eq!(query.id(), id, "the query id survives a restart");
+    assert_eq!(
+        batch_ids_and_rows(&query),
+        [(2, 1)],
+        "a.csv and b.csv are not read again"
+    );
+    assert_eq!(
+        top(&second).await,
+        rows(&[&["101", "24.0", "2"], &["102", "5.0", "1"]])
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_memory_sink_is_rebuilt_from_state_on_restart() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    let first = Engine::new();
+    run_available(&first, &script).await.stop().await.unwrap();
+
+    let second = Engine::new();
+    let query = run_available(&second, &script).await;
+    assert!(query.recent_progress().is_empty(), "no new input, no batch");
+    assert_eq!(top(&second).await, rows(&[&["101", "20.0", "1"]]));
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_logged_but_not_committed_runs_again_with_the_same_files() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let output = tmp.path().join("out");
+    let script = format!(
+        "{} CREATE EXTERNAL TABLE out STORED AS JSON LOCATION '{}' OPTIONS ('checkpointLocation' '{}');
+         INSERT INTO out SELECT order_id, symbol FROM orders;",
+        source_ddl(&input, false),
+        output.display(),
+        checkpoint.display()
+    );
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:02", 2, "MSFT", 5, 1.0, "S")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+
+    // As if the process had died after batch 1's sink write, before its commit.
+    std::fs::remove_file(checkpoint.join("commits/1")).unwrap();
+    put(&input, "c.csv", &[order("20:00:03", 3, "IBM", 1, 4.0, "B")]);
+    let query = run_available(&Engine::new(), &script).await;
+    assert_eq!(
+        batch_ids_and_rows(&query),
+        [(1, 1), (2, 1)],
+        "batch 1 re-runs with b.csv alone, then c.csv is batch 2"
+    );
+    assert_eq!(
+        query.recent_progress()[0].sources[0].offset,
+        serde_json::from_str::<serde_json::Value>(
+            std::fs::read_to_string(checkpoint.join("offsets/1"))
+                .unwrap()
+                .split_once('\n')
+                .unwrap()
+                .1
+        )
+        .unwrap()["source"]
+    );
+    query.stop().await.unwrap();
+
+    let mut parts: Vec<String> = std::fs::read_dir(&output)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    parts.sort();
+    assert_eq!(parts.len(), 3, "the re-run replaced its part: {parts:?}");
+    let lines: Vec<String> = parts
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(output.join(p))
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"order_id":1,"symbol":"AAPL"}"#,
+            r#"{"order_id":2,"symbol":"MSFT"}"#,
+            r#"{"order_id":3,"symbol":"IBM"}"#
+        ]
+    );
+}
+
+async fn start_error(script: &str) -> String {
+    Engine::new().execute(script).await.unwrap_err().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_query_is_refused_naming_the_difference() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    run_available(
+        &Engine::new(),
+        &top_clients(&input, &checkpoint, "client_id"),
+    )
+    .await
+    .stop()
+    .await
+    .unwrap();
+
+    let err = start_error(&top_clients(&input, &checkpoint, "symbol")).await;
+    assert!(
+        err.contains("GROUP BY: checkpoint has [orders.client_id], this query has [orders.symbol]"),
+        "{err}"
+    );
+    assert!(err.contains(&checkpoint.display().to_string()), "{err}");
+
+    let other_dir = tmp.path().join("elsewhere");
+    std::fs::create_dir(&other_dir).unwrap();
+    let err = start_error(&top_clients(&other_dir, &checkpoint, "client_id")).await;
+    assert!(err.contains("source: checkpoint has orders CSV"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_checkpoint_files_are_reported_with_their_path() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:02", 2, "MSFT", 5, 1.0, "S")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    // A truncated offset file.
+    let offsets = checkpoint.join("offsets/1");
+    let original = std::fs::read(&offsets).unwrap();
+    std::fs::write(&offsets, &original[..original.len() - 5]).unwrap();
+    let err = failure(&script).await;
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(err.contains(&offsets.display().to_string()), "{err}");
+    std::fs::write(&offsets, &original).unwrap();
+
+    // A state file with one byte changed.
+    let state = checkpoint.join("state/aggregate/1.arrow");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&state, &bytes).unwrap();
+    let err = failure(&script).await;
+    assert!(err.contains("damaged"), "{err}");
+    assert!(err.contains(&state.display().to_string()), "{err}");
+    bytes[middle] ^= 0x55;
+    std::fs::write(&state, &bytes).unwrap();
+
+    // An empty commit file.
+    let commit = checkpoint.join("commits/1");
+    std::fs::write(&commit, b"").unwrap();
+    let err = failure(&script).await;
+    assert!(err.contains("truncated"), "{err}");
+    assert!(err.contains(&commit.display().to_string()), "{err}");
+}
+
+/// The error a query started from `script` fails with.
+async fn failure(script: &str) -> String {
+    let engine = Engine::new();
+    let query = start_one(&engine, script).await;
+    query.await_termination().await.unwrap_err().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_query_on_a_checkpoint_in_use_is_refused() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    let first = Engine::new();
+    let running = start_one(&first, &script).await;
+    let err = start_error(&script).await;
+    assert!(err.contains("in use by another running query"), "{err}");
+    running.stop().await.unwrap();
+    drop(first);
+    // Once the first query is gone, the checkpoint is free again.
+    Engine::new().execute(&script).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_batches_are_cleaned_up_beyond_the_retained_ones() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    for i in 0..25 {
+        put(
+            &input,
+            &format!("{i:02}.csv"),
+            &[order("20:00:01", i, "AAPL", 1, 1.0, "B")],
+        );
+    }
+    let engine = Engine::new();
+    let query = run_available(&engine, &script).await;
+    assert_eq!(query.last_progress().unwrap().batch_id, 24);
+    query.stop().await.unwrap();
+    let names = |dir: &str| {
+        let mut n: Vec<String> = std::fs::read_dir(checkpoint.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort_by_key(|s| s.split('.').next().unwrap().parse::<u64>().unwrap());
+        n
+    };
+    // Clean-up runs with each source snapshot (after batch 19, before batch 20)
+    // and keeps 3 batches before it, plus everything since.
+    assert_eq!(names("sources"), ["20"]);
+    let kept: Vec<String> = (17..25).map(|i| i.to_string()).collect();
+    assert_eq!(names("offsets"), kept);
+    assert_eq!(names("commits"), kept);
+    let kept_state: Vec<String> = (17..25).map(|i| format!("{i}.arrow")).collect();
+    assert_eq!(names("state/aggregate"), kept_state);
+
+    let again = Engine::new();
+    let query = run_available(&again, &script).await;
+    assert!(query.recent_progress().is_empty());
+    assert_eq!(top(&again).await.len(), 25);
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_skipped_at_the_first_start_stay_skipped_after_a_restart() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('includeExistingFiles' 'false');
+         CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION '' OPTIONS ('checkpointLocation' '{}');
+         INSERT INTO ids SELECT order_id FROM orders;",
+        input.display(),
+        checkpoint.display()
+    );
+    put(
+        &input,
+        "old.csv",
+        &[order("20:00:01", 1, "AAPL", 1, 1.0, "B")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    put(
+        &input,
+        "new.csv",
+        &[order("20:00:02", 2, "AAPL", 1, 1.0, "B")],
+    );
+    let engine = Engine::new();
+    let query = run_available(&engine, &script).await;
+    assert_eq!(
+        table(&engine.sql("SELECT order_id FROM ids").await.unwrap()),
+        rows(&[&["2"]])
+    );
+    query.stop().await.unwrap();
+}
