@@ -1,36 +1,65 @@
 //! Named points where crash tests stop the engine, to kill it at a known instant.
 //!
-//! `BROOK_PAUSE_AT=sink-part:7,state-tmp:12` makes the process announce
-//! `brook: paused at sink-part:7` on standard error when it reaches that point
-//! in batch 7, then wait forever for the test to kill it. Unset, each point
-//! costs one load of a parsed-once setting.
+//! `BROOK_PAUSE_AT=top_stocks/sink-part:7,state-tmp:12` makes the process
+//! announce `brook: paused at top_stocks/sink-part:7` on standard error when
+//! query `top_stocks` reaches that point in its batch 7 (or any query reaches
+//! `state-tmp` in batch 12), then wait forever for the test to kill it. Unset,
+//! each point costs one look at a setting parsed once.
 
+use std::future::Future;
 use std::sync::OnceLock;
 
 pub const ENV: &str = "BROOK_PAUSE_AT";
 
 /// The points, in the order a batch reaches them.
 pub const POINTS: &[&str] = &[
-    "offsets-tmp", // the batch's offsets are on disk under a temporary name
-    "offsets",     // the offsets are written, nothing read yet
-    "read",        // the input is read, nothing computed
-    "sink-part",   // the file sink wrote the batch's part, not its manifest
-    "sink",        // the sink has the batch, no state written
-    "state-tmp",   // the state file is on disk under a temporary name
-    "state",       // the state is written, the commit is not
-    "commits-tmp", // the commit is on disk under a temporary name
-    "commits",     // the batch is committed; clean-up has not run
+    "metadata-tmp",      // a new checkpoint's metadata is on disk under a temporary name
+    "offsets-tmp",       // the batch's offsets are on disk under a temporary name
+    "offsets",           // the offsets are written, nothing read yet
+    "read",              // the input is read, nothing computed
+    "sink-part-tmp",     // the file sink's part is on disk under a temporary name
+    "sink-part",         // the file sink wrote the batch's part, not its manifest
+    "sink-manifest-tmp", // the sink's manifest entry is on disk under a temporary name
+    "sink",              // the sink has the batch, no state written
+    "state-tmp",         // the state file is on disk under a temporary name
+    "state",             // the state is written, the commit is not
+    "commits-tmp",       // the commit is on disk under a temporary name
+    "commits",           // the batch is committed; clean-up has not run
+    "sources-tmp",       // the source's progress is on disk under a temporary name
 ];
 
-fn pauses() -> &'static [(String, u64)] {
-    static PAUSES: OnceLock<Vec<(String, u64)>> = OnceLock::new();
+struct Pause {
+    query: Option<String>,
+    point: String,
+    batch: u64,
+}
+
+tokio::task_local! {
+    static QUERY: String;
+}
+
+/// Runs a query's batch loop, so that its points know the query's name.
+pub async fn in_query<F: Future>(name: String, f: F) -> F::Output {
+    QUERY.scope(name, f).await
+}
+
+fn pauses() -> &'static [Pause] {
+    static PAUSES: OnceLock<Vec<Pause>> = OnceLock::new();
     PAUSES.get_or_init(|| {
         std::env::var(ENV)
             .unwrap_or_default()
             .split(',')
             .filter_map(|p| {
-                let (name, batch) = p.trim().rsplit_once(':')?;
-                Some((name.to_string(), batch.parse().ok()?))
+                let (at, batch) = p.trim().rsplit_once(':')?;
+                let (query, point) = match at.split_once('/') {
+                    Some((q, p)) => (Some(q.to_string()), p),
+                    None => (None, at),
+                };
+                Some(Pause {
+                    query,
+                    point: point.to_string(),
+                    batch: batch.parse().ok()?,
+                })
             })
             .collect()
     })
@@ -38,8 +67,16 @@ fn pauses() -> &'static [(String, u64)] {
 
 /// Stops here for good if a crash test asked for `point` in `batch`.
 pub fn crash_point(point: &str, batch: u64) {
-    if pauses().iter().any(|(p, b)| p == point && *b == batch) {
-        eprintln!("brook: paused at {point}:{batch}");
+    let pauses = pauses();
+    if pauses.is_empty() {
+        return;
+    }
+    let query = QUERY.try_with(String::clone).unwrap_or_default();
+    let hit = pauses.iter().any(|p| {
+        p.point == point && p.batch == batch && p.query.as_ref().is_none_or(|q| *q == query)
+    });
+    if hit {
+        eprintln!("brook: paused at {query}/{point}:{batch}");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }

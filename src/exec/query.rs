@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::compile::{CompiledPlan, CompiledQuery};
-use super::faults::crash_point;
+use super::faults::{self, crash_point};
 use super::stateful::execute;
 use super::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
@@ -242,9 +242,12 @@ pub(crate) fn new_id() -> String {
 /// query with an error that `await_termination` reports.
 async fn drive(mut runner: Runner, options: QueryOptions) {
     let shared = runner.shared.clone();
-    let result = tokio::spawn(async move { runner.run_loop(&options).await })
-        .await
-        .unwrap_or_else(|e| Err(BrookError::Stopped(format!("a batch panicked: {e}"))));
+    let name = shared.name.clone();
+    let result = tokio::spawn(faults::in_query(name, async move {
+        runner.run_loop(&options).await
+    }))
+    .await
+    .unwrap_or_else(|e| Err(BrookError::Stopped(format!("a batch panicked: {e}"))));
     if let Err(e) = result {
         tracing::error!(query = %shared.name, "query failed: {e}");
         if let Ok(mut slot) = shared.error.lock() {

@@ -1,8 +1,8 @@
 //! Writes each batch as one part file in a directory, with a manifest.
 //!
-//! A part file is written whole (object stores and brook's local store make
-//! `put` atomic: temporary name, then rename), and only then is the batch's
-//! manifest entry `_brook_manifest/<batch id>.json` written, listing its
+//! A part file is written whole (under a hidden temporary name, then renamed;
+//! object stores make `put` atomic), and only then is the batch's manifest
+//! entry `_brook_manifest/<batch id>-<query>.json` written, listing its
 //! files. Readers that follow the manifest never see a half-written batch;
 //! readers that glob `part-*` never see an unfinished file. Part names are
 //! derived from the batch id and the query id (`part-<batch>-<query>.<ext>`),
@@ -19,7 +19,6 @@ use datafusion::arrow::json::LineDelimitedWriter;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
-use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 
 use super::Sink;
@@ -159,10 +158,8 @@ impl Sink for FileSink {
         if rows > 0 {
             let bytes = self.encode(&schema, &batches)?;
             let len = bytes.len();
-            let path = self.location.child(&name);
             self.location
-                .store
-                .put(&path, PutPayload::from(bytes))
+                .write_file(&name, bytes, ("sink-part-tmp", batch_id))
                 .await?;
             faults::crash_point("sink-part", batch_id);
             files.push(ManifestFile {
@@ -173,13 +170,9 @@ impl Sink for FileSink {
         }
         let entry = serde_json::to_vec_pretty(&ManifestEntry { batch_id, files })
             .map_err(|e| self.error(e.to_string()))?;
-        let manifest = self
-            .location
-            .child(MANIFEST_DIR)
-            .join(format!("{batch_id:020}-{tag}.json"));
+        let manifest = format!("{MANIFEST_DIR}/{batch_id:020}-{tag}.json");
         self.location
-            .store
-            .put(&manifest, PutPayload::from(entry))
+            .write_file(&manifest, entry, ("sink-manifest-tmp", batch_id))
             .await?;
         Ok(())
     }

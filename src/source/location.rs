@@ -1,18 +1,20 @@
 //! Turning a LOCATION (local path or object-store URL) into a store and a prefix.
 
+use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use url::Url;
 
 use crate::error::{BrookError, Result};
+use crate::exec::faults;
 
 /// A resolved location: where to list, read or write, and how to show it to users.
 #[derive(Debug, Clone)]
@@ -29,6 +31,49 @@ impl Location {
     /// The full path of an object directly below this location.
     pub fn child(&self, name: &str) -> Path {
         self.prefix.clone().join(name)
+    }
+
+    /// The full path of `rel` (`a/b/c`) below this location.
+    pub fn child_path(&self, rel: &str) -> Path {
+        rel.split('/')
+            .fold(self.prefix.clone(), |p, part| p.join(part))
+    }
+
+    /// Writes `rel` so that it is either absent or complete, even across a crash.
+    /// On a local disk the file is written under a hidden temporary name (which
+    /// directory readers skip), flushed, renamed into place, and its directory
+    /// flushed, so neither a killed process nor a power cut leaves a torn file;
+    /// object stores make `put` atomic themselves. `point` names the instant
+    /// before the rename for crash tests.
+    pub async fn write_file(&self, rel: &str, bytes: Vec<u8>, point: (&str, u64)) -> Result<()> {
+        let Some(dir) = &self.local_dir else {
+            faults::crash_point(point.0, point.1);
+            self.store
+                .put(&self.child_path(rel), PutPayload::from(bytes))
+                .await?;
+            return Ok(());
+        };
+        let dest = dir.join(rel);
+        let parent = dest.parent().unwrap_or(dir).to_path_buf();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.tmp"));
+        let io = |path: &FsPath| {
+            let path = path.to_path_buf();
+            move |e| BrookError::io(path, e)
+        };
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(&bytes).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+        drop(file);
+        faults::crash_point(point.0, point.1);
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        std::fs::File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&parent))
     }
 
     /// Resolves `location`: plain paths and `file://` URLs are local; `s3://bucket/prefix`

@@ -198,7 +198,9 @@ impl Checkpoint {
                     sql: sql.to_string(),
                     fingerprint,
                 };
-                files.write_json("metadata", &meta, ("metadata", 0)).await?;
+                files
+                    .write_json("metadata", &meta, ("metadata-tmp", 0))
+                    .await?;
                 meta.id
             }
         };
@@ -396,7 +398,7 @@ impl Checkpoint {
             .write_json(
                 &format!("sources/{next_batch}"),
                 snapshot,
-                ("sources", next_batch),
+                ("sources-tmp", next_batch),
             )
             .await?;
         self.clean_up(next_batch).await

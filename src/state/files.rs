@@ -1,22 +1,16 @@
 //! The checkpoint's files: durable writes, checksummed JSON, listing.
 //!
-//! A file appears whole or not at all. On a local disk it is written under a
-//! temporary name, flushed to disk, renamed into place, and its directory is
-//! flushed, so that neither a killed process nor a power cut leaves a torn
-//! file; object stores make `put` atomic themselves. JSON files start with a
-//! line `v1 crc32=<hex>` over the rest, so a damaged file is detected rather
-//! than half-read.
-
-use std::io::Write;
+//! A file appears whole or not at all ([`Location::write_file`]). JSON files
+//! start with a line `v1 crc32=<hex>` over the rest, so a damaged file is
+//! detected rather than half-read.
 
 use bytes::Bytes;
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{BrookError, Result};
-use crate::exec::faults;
 use crate::source::location::Location;
 
 const JSON_VERSION: &str = "v1";
@@ -45,42 +39,12 @@ impl CheckpointFiles {
     }
 
     fn path(&self, rel: &str) -> Path {
-        rel.split('/')
-            .fold(self.location.prefix.clone(), |p, part| p.join(part))
+        self.location.child_path(rel)
     }
 
     /// Writes `rel` so that it is either absent or complete, even across a crash.
-    /// `point` names the write for crash tests.
     pub async fn write(&self, rel: &str, bytes: Vec<u8>, point: (&str, u64)) -> Result<()> {
-        let Some(dir) = &self.location.local_dir else {
-            faults::crash_point(point.0, point.1);
-            self.location
-                .store
-                .put(&self.path(rel), PutPayload::from(bytes))
-                .await?;
-            return Ok(());
-        };
-        let dest = dir.join(rel);
-        let parent = dest.parent().unwrap_or(dir).to_path_buf();
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = parent.join(format!(".{name}.tmp"));
-        let io = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |e| BrookError::io(path, e)
-        };
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        drop(file);
-        faults::crash_point(point.0, point.1);
-        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        std::fs::File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&parent))
+        self.location.write_file(rel, bytes, point).await
     }
 
     /// The bytes of `rel`, or `None` when it does not exist.

@@ -1,0 +1,373 @@
+//! Kill -9 at many points: the dashboard queries, run by `brook run` with a
+//! checkpoint over 100,000 generated orders, are killed with SIGKILL again and
+//! again (inside source reads, state writes, sink writes and commits, and at
+//! random instants) and restarted each time. The final sink files and state
+//! must equal those of a run that was never interrupted.
+//!
+//! The seed is `BROOK_CRASH_SEED` (default 7); a failure prints it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use brook::datafusion::arrow::array::RecordBatch;
+use brook::datafusion::arrow::ipc::reader::FileReader;
+use brook::datafusion::arrow::util::display::array_value_to_string;
+use brook::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use brook::exec::faults;
+use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use chrono::NaiveDateTime;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const ORDERS: usize = 100_000;
+const FILES: usize = 100;
+/// Orders per second of event time: 100,000 orders span about 2.8 hours,
+/// so hour-long windows close while the stream runs.
+const RATE: usize = 10;
+const QUERIES: [&str; 3] = ["buy_sell_per_second", "top_clients", "top_stocks"];
+const FILE_SINKS: [&str; 2] = ["buy_sell_per_second", "top_stocks"];
+const KILL_ATTEMPTS: usize = 30;
+const MIN_KILLS: usize = 20;
+
+fn write_orders(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut generator = OrderGenerator::new(GeneratorConfig {
+        malformed: 0.01,
+        ..GeneratorConfig::default()
+    });
+    let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
+    let per_file = ORDERS / FILES;
+    for f in 0..FILES {
+        let mut text = String::new();
+        for i in f * per_file..(f + 1) * per_file {
+            let time = start + chrono::Duration::milliseconds((i * 1000 / RATE) as i64);
+            text.push_str(&generator.line(time));
+            text.push('\n');
+        }
+        brook::cli::send::write_atomically(dir, &format!("orders-{f:03}.csv"), text.as_bytes())
+            .unwrap();
+    }
+}
+
+/// `queries/dashboard.sql` reading `input` four files per batch, with the two
+/// append queries writing Parquet under `out` (top_clients stays on the console:
+/// file sinks take append mode only).
+fn dashboard_sql(input: &Path, out: &Path) -> String {
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/queries/dashboard.sql"
+    ))
+    .unwrap();
+    let source = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
+    assert!(sql.contains(source));
+    let mut sql = sql.replace(
+        source,
+        &format!(
+            "LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '4')",
+            input.display()
+        ),
+    );
+    for sink in FILE_SINKS {
+        let console = format!("CREATE EXTERNAL TABLE {sink} STORED AS CONSOLE LOCATION 'stdout'");
+        assert!(sql.contains(&console), "{console}");
+        sql = sql.replace(
+            &console,
+            &format!(
+                "CREATE EXTERNAL TABLE {sink} STORED AS PARQUET LOCATION '{}'",
+                out.join(sink).display()
+            ),
+        );
+    }
+    sql
+}
+
+/// When to kill a run: when it reports reaching one of `points` (`point:batch`,
+/// comma-separated), or `after` this long, whichever comes first.
+#[derive(Debug, Clone)]
+struct Kill {
+    points: String,
+    after: Option<Duration>,
+}
+
+/// Runs `brook run` to completion, or until `kill` says, then SIGKILLs it.
+/// Returns where it was killed (`query/point:batch`, or `after <time>`).
+fn run(sql: &Path, checkpoint: &Path, log: &Path, kill: Option<&Kill>) -> Option<String> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_brook"));
+    command
+        .args(["run", sql.to_str().unwrap(), "--trigger", "available-now"])
+        .args(["--checkpoint", checkpoint.to_str().unwrap()])
+        .stdout(Stdio::from(std::fs::File::create(log).unwrap()))
+        .stderr(Stdio::piped());
+    if let Some(kill) = kill {
+        command.env(faults::ENV, &kill.points);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (paused_tx, paused) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.strip_prefix("brook: paused at ") {
+                let _ = paused_tx.send(at.to_string());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = reader.join().unwrap();
+            assert!(status.success(), "brook run failed: {stderr}");
+            break None;
+        }
+        let due = match (paused.try_recv(), kill.and_then(|k| k.after)) {
+            (Ok(at), _) => Some(at),
+            (_, Some(after)) if started.elapsed() >= after => Some(format!("after {after:?}")),
+            _ => None,
+        };
+        if due.is_some() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            break due;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "brook run hangs"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn cell_rows(batches: &[RecordBatch]) -> Vec<String> {
+    let mut out = vec![];
+    for b in batches {
+        for r in 0..b.num_rows() {
+            let cells: Vec<String> = b
+                .columns()
+                .iter()
+                .map(|c| array_value_to_string(c, r).unwrap())
+                .collect();
+            out.push(cells.join("|"));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The rows of the part files a file sink's manifest lists, checking that every
+/// batch has one entry and no part file is left outside the manifest.
+fn sink_rows(dir: &Path) -> Vec<String> {
+    let manifest_dir = dir.join("_brook_manifest");
+    let mut batches = BTreeSet::new();
+    let mut listed = BTreeSet::new();
+    for entry in std::fs::read_dir(&manifest_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with('.') {
+            continue; // a write the kill interrupted: hidden, as readers expect
+        }
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(
+            batches.insert(manifest["batch_id"].as_u64().unwrap()),
+            "batch listed twice: {}",
+            path.display()
+        );
+        for f in manifest["files"].as_array().unwrap() {
+            listed.insert(f["path"].as_str().unwrap().to_string());
+        }
+    }
+    let last = batches.last().copied().unwrap_or(0);
+    assert_eq!(batches, (0..=last).collect(), "{}", dir.display());
+    let parts: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    assert_eq!(parts, listed, "part files outside the manifest");
+    let mut rows = vec![];
+    for part in listed {
+        let file = std::fs::File::open(dir.join(part)).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        rows.extend(cell_rows(&reader.map(|b| b.unwrap()).collect::<Vec<_>>()));
+    }
+    rows.sort();
+    rows
+}
+
+/// The body of a checkpoint JSON file (after its `v1 crc32=...` line).
+fn checkpoint_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str(text.split_once('\n').unwrap().1).unwrap()
+}
+
+/// The last committed batch of a query's checkpoint.
+fn committed(checkpoint: &Path) -> Option<u64> {
+    std::fs::read_dir(checkpoint.join("commits"))
+        .ok()?
+        .filter_map(|e| e.unwrap().file_name().to_string_lossy().parse::<u64>().ok())
+        .max()
+}
+
+/// The last committed batch of a query's checkpoint, and its state rows.
+fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
+    let last = committed(checkpoint).unwrap();
+    let commit = checkpoint_json(&checkpoint.join(format!("commits/{last}")));
+    let file = commit["state"]["aggregate"]["file"].as_str().unwrap();
+    let bytes = std::fs::read(checkpoint.join(file)).unwrap();
+    let reader = FileReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+    (
+        last,
+        cell_rows(&reader.map(|b| b.unwrap()).collect::<Vec<_>>()),
+    )
+}
+
+struct Outcome {
+    sinks: BTreeMap<&'static str, Vec<String>>,
+    states: BTreeMap<&'static str, (u64, Vec<String>)>,
+}
+
+fn outcome(root: &Path) -> Outcome {
+    Outcome {
+        sinks: FILE_SINKS
+            .iter()
+            .map(|s| (*s, sink_rows(&root.join("out").join(s))))
+            .collect(),
+        states: QUERIES
+            .iter()
+            .map(|q| (*q, final_state(&root.join("checkpoint").join(q))))
+            .collect(),
+    }
+}
+
+fn prepare(root: &Path, input: &Path) -> PathBuf {
+    std::fs::create_dir_all(root).unwrap();
+    let sql = root.join("dashboard.sql");
+    std::fs::write(&sql, dashboard_sql(input, &root.join("out"))).unwrap();
+    sql
+}
+
+#[test]
+fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
+    let seed: u64 = std::env::var("BROOK_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("orders");
+    write_orders(&input);
+
+    let reference = tmp.path().join("reference");
+    let sql = prepare(&reference, &input);
+    assert!(
+        run(
+            &sql,
+            &reference.join("checkpoint"),
+            &reference.join("stdout"),
+            None
+        )
+        .is_none()
+    );
+    let expected = outcome(&reference);
+    for sink in FILE_SINKS {
+        assert!(
+            expected.sinks[sink].len() > 100,
+            "{sink} wrote too little to be a test: {}",
+            expected.sinks[sink].len()
+        );
+    }
+
+    let crashed = tmp.path().join("crashed");
+    let sql = prepare(&crashed, &input);
+    // Every query gets a target batch in each run, spread over its batches (and
+    // never behind what it has committed), with the commit of the batch after as a
+    // backstop, so no query runs ahead. One query, in turn, also gets a kill point
+    // in its target batch; the point cycles through all of them. Every fifth run
+    // is killed at a random instant instead (or at a backstop, if that comes first).
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut kills: Vec<String> = vec![];
+    for attempt in 0..KILL_ATTEMPTS {
+        let timed = attempt % 5 == 2;
+        let point = faults::POINTS[attempt % faults::POINTS.len()];
+        let victim = QUERIES[attempt % QUERIES.len()];
+        let mut points = vec![];
+        for query in QUERIES {
+            let last = expected.states[query].0;
+            let next = committed(&crashed.join("checkpoint").join(query)).map_or(0, |c| c + 1);
+            let target = (attempt as u64 * last / KILL_ATTEMPTS as u64).max(next);
+            points.push(format!("{query}/commits:{}", target + 1));
+            if query == victim && !timed {
+                points.push(format!("{query}/{point}:{target}"));
+            }
+        }
+        let kill = Kill {
+            points: points.join(","),
+            after: timed.then(|| Duration::from_millis(rng.random_range(50..800))),
+        };
+        let log = crashed.join(format!("stdout-{attempt}"));
+        if let Some(how) = run(&sql, &crashed.join("checkpoint"), &log, Some(&kill)) {
+            kills.push(how);
+        }
+    }
+    let killed_at = |prefixes: &[&str]| {
+        kills.iter().any(|k| {
+            prefixes
+                .iter()
+                .any(|p| k.split('/').nth(1).is_some_and(|at| at.starts_with(p)))
+        })
+    };
+    for phase in [
+        &["read"][..],
+        &["state-tmp", "state:"],
+        &["sink-part", "sink:"],
+        &["commits-tmp", "commits:"],
+    ] {
+        assert!(
+            killed_at(phase),
+            "seed {seed}: no kill at {phase:?}: {kills:?}"
+        );
+    }
+    assert!(
+        kills.len() >= MIN_KILLS,
+        "seed {seed}: only {} of {KILL_ATTEMPTS} runs were killed: {kills:?}",
+        kills.len()
+    );
+    assert!(
+        run(
+            &sql,
+            &crashed.join("checkpoint"),
+            &crashed.join("stdout-final"),
+            None
+        )
+        .is_none()
+    );
+    eprintln!("seed {seed}: {} kills: {kills:?}", kills.len());
+    let actual = outcome(&crashed);
+    for sink in FILE_SINKS {
+        assert!(
+            actual.sinks[sink] == expected.sinks[sink],
+            "seed {seed}: {sink} differs after kills {kills:?}: {} rows, expected {}",
+            actual.sinks[sink].len(),
+            expected.sinks[sink].len()
+        );
+    }
+    for query in QUERIES {
+        assert!(
+            actual.states[query] == expected.states[query],
+            "seed {seed}: state of {query} differs after kills {kills:?}: batch {} with {} rows, \
+             expected batch {} with {} rows",
+            actual.states[query].0,
+            actual.states[query].1.len(),
+            expected.states[query].0,
+            expected.states[query].1.len()
+        );
+    }
+}
