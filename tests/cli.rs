@@ -160,3 +160,96 @@ fn demo_shows_the_dashboard_and_stops() {
         "{last}"
     );
 }
+
+/// Waits until `cond` holds, for at most a minute.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn progress_lines(stderr: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn run_with_a_checkpoint_stops_on_ctrl_c_and_resumes_and_keeps_a_second_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("data/orders");
+    let generated = brook()
+        .args(["gen-orders", "--count", "2000"])
+        .output()
+        .unwrap();
+    let lines = String::from_utf8(generated.stdout).unwrap();
+    let lines: Vec<&str> = lines.lines().collect();
+    std::fs::create_dir_all(&orders).unwrap();
+    std::fs::write(orders.join("a.csv"), lines[..1000].join("\n") + "\n").unwrap();
+    let query = concat!(env!("CARGO_MANIFEST_DIR"), "/queries/top_clients.sql");
+    let checkpoint = dir.path().join("checkpoint");
+    let run = |trigger: &str| {
+        let mut c = brook();
+        c.args([
+            "run",
+            query,
+            "--checkpoint",
+            "checkpoint",
+            "--progress",
+            "json",
+        ])
+        .args(["--trigger", trigger])
+        .current_dir(dir.path());
+        c
+    };
+
+    let first = run("1 second")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("batch 0's commit", || {
+        checkpoint.join("top_clients/commits/0").exists()
+    });
+
+    let second = run("available-now").output().unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("in use by another running query")
+            && stderr.contains(&format!("process {}", first.id())),
+        "{stderr}"
+    );
+
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let first = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(stderr.contains("stopping"), "{stderr}");
+    let before = progress_lines(&first.stderr);
+    assert_eq!(before.len(), 1, "{stderr}");
+
+    std::fs::write(orders.join("b.csv"), lines[1000..].join("\n") + "\n").unwrap();
+    let resumed = run("available-now").output().unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let after = progress_lines(&resumed.stderr);
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0]["batch_id"], 1);
+    assert_eq!(after[0]["num_input_rows"], 1000, "only b.csv is new");
+    assert_eq!(after[0]["id"], before[0]["id"], "the same query resumed");
+}
