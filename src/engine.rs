@@ -388,6 +388,11 @@ impl QueryBuilder<'_> {
         self.options.checkpoint = Some(location.to_string());
         self
     }
+    /// Committed batches whose checkpoint files are kept (default 100).
+    pub fn min_batches_to_retain(mut self, batches: u64) -> Self {
+        self.options.min_batches_to_retain = batches;
+        self
+    }
     pub fn output_mode(mut self, mode: OutputMode) -> Self {
         self.options.output_mode = Some(mode);
         self

@@ -440,7 +440,7 @@ impl Runner {
         }
         self.source
             .restore(recovery.source_snapshot, &recovery.committed_offsets)?;
-        self.batch_id = recovery.last_commit.as_ref().map_or(0, |c| c.batch_id + 1);
+        self.batch_id = recovery.next_batch();
         if let Some(commit) = &recovery.last_commit {
             let EventTime {
                 watermark_ns,
