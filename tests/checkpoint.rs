@@ -363,3 +363,15 @@ async fn files_skipped_at_the_first_start_stay_skipped_after_a_restart() {
     );
     query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_location_that_is_a_file_is_refused_clearly() {
+    let (tmp, input) = tmp_source();
+    let file = tmp.path().join("checkpoint");
+    std::fs::write(&file, "not a directory").unwrap();
+    let err = start_error(&top_clients(&input, &file, "client_id")).await;
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("names a directory"),
+        "{err}"
+    );
+}

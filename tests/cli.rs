@@ -252,4 +252,33 @@ fn run_with_a_checkpoint_stops_on_ctrl_c_and_resumes_and_keeps_a_second_run_out(
     assert_eq!(after[0]["batch_id"], 1);
     assert_eq!(after[0]["num_input_rows"], 1000, "only b.csv is new");
     assert_eq!(after[0]["id"], before[0]["id"], "the same query resumed");
+
+    // The project moved: 'data/orders' is now another directory, whose files
+    // the checkpoint has not seen; reading them again would count every order twice.
+    let moved = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .args(["-a", ".", moved.path().to_str().unwrap()])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let elsewhere = brook()
+        .args([
+            "run",
+            query,
+            "--checkpoint",
+            "checkpoint",
+            "--trigger",
+            "available-now",
+        ])
+        .current_dir(moved.path())
+        .output()
+        .unwrap();
+    assert!(!elsewhere.status.success());
+    let stderr = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        stderr.contains("source: checkpoint has orders CSV")
+            && stderr.contains(&dir.path().join("data/orders").display().to_string()),
+        "{stderr}"
+    );
 }

@@ -1,6 +1,6 @@
 //! The `brook` command line.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,6 +29,7 @@ struct Cli {
 enum Command {
     /// Run a streaming SQL file (sources, sinks, INSERT INTO ... SELECT).
     Run {
+        /// The SQL script: source and sink tables, INSERT INTO <sink> SELECT ... statements.
         file: PathBuf,
         /// Trigger for every query: an interval ('1 second', '500ms'), 'once' or 'available-now'.
         #[arg(long, value_parser = parse_trigger)]
@@ -207,6 +208,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {

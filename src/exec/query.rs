@@ -438,9 +438,9 @@ impl Runner {
             self.source.start().await?;
             return cp.write_source(0, &self.source.progress()?).await;
         }
+        self.batch_id = recovery.next_batch();
         self.source
             .restore(recovery.source_snapshot, &recovery.committed_offsets)?;
-        self.batch_id = recovery.next_batch();
         if let Some(commit) = &recovery.last_commit {
             let EventTime {
                 watermark_ns,

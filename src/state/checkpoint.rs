@@ -174,8 +174,10 @@ impl Checkpoint {
                         location,
                         format!(
                             "it belongs to a different query, so its state cannot be reused:\n  {}\n\
-                             use a new checkpoint location for the changed query (or restore \
-                             the query the checkpoint was written by:\n  {})",
+                             to start the changed query afresh, delete this checkpoint directory \
+                             or give the query another one ('checkpointLocation'); a file sink \
+                             then keeps the old query's files beside the new ones, so empty it \
+                             too if they should not mix. The checkpoint was written by:\n  {}",
                             diff.join("\n  "),
                             meta.sql
                         ),
@@ -358,7 +360,8 @@ impl Checkpoint {
         if bytes.len() as u64 != info.bytes || crc != info.crc32 {
             return Err(fail(format!(
                 "damaged: {} bytes with checksum {crc:08x}, but the commit recorded {} bytes \
-                 with checksum {:08x}",
+                 with checksum {:08x}; restore it from a backup or start over with a new \
+                 checkpoint location",
                 bytes.len(),
                 info.bytes,
                 info.crc32

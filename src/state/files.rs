@@ -22,7 +22,15 @@ pub struct CheckpointFiles {
 
 impl CheckpointFiles {
     pub fn new(location: Location) -> Result<Self> {
-        location.ensure_dir()?;
+        if let Some(dir) = &location.local_dir
+            && (dir.is_file() || std::fs::create_dir_all(dir).is_err())
+        {
+            return Err(BrookError::checkpoint(
+                dir.display().to_string(),
+                "cannot be created as a directory (is it, or a parent, a file?); a checkpoint \
+                 location (--checkpoint DIR, option 'checkpointLocation') names a directory",
+            ));
+        }
         Ok(Self { location })
     }
 
