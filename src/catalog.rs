@@ -11,6 +11,7 @@ use crate::exec::{OutputMode, Trigger};
 use crate::options::Options;
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::format::Decoder;
+use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, kafka_schema};
 use crate::source::location::Location;
 use crate::source::{
     CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, StreamSource,
@@ -43,17 +44,37 @@ const SINK_OPTIONS: &[&str] = &[
     "minBatchesToRetain",
 ];
 
-/// A streaming file source: a directory read as an unbounded table.
+/// Options of a Kafka source table (besides `kafka.*`, passed to the client).
+const KAFKA_SOURCE_OPTIONS: &[&str] = &[
+    "subscribe",
+    "topic",
+    "startingOffsets",
+    "maxOffsetsPerTrigger",
+    "failOnDataLoss",
+    "pollTimeout",
+    "format",
+    "mode",
+    "columnNameOfCorruptRecord",
+    "delimiter",
+    "sep",
+    "quote",
+];
+
+/// A streaming source: a directory or Kafka topics read as an unbounded table.
 #[derive(Debug, Clone)]
 pub struct SourceDef {
     pub name: String,
     pub location: String,
+    /// How records become rows (for Kafka: how `value` is parsed).
     pub format: FileFormat,
     pub schema: SchemaRef,
     pub mode: ParseMode,
     pub corrupt_column: String,
     pub file_options: FileSourceOptions,
     pub watermark: Option<WatermarkSpec>,
+    /// Set for a Kafka source (`STORED AS KAFKA`); `format` then parses `value`,
+    /// unless `raw`, when the table has Spark's Kafka columns.
+    pub kafka: Option<(KafkaOptions, bool)>,
 }
 
 impl SourceDef {
@@ -65,8 +86,11 @@ impl SourceDef {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        options.reject_unknown(SOURCE_OPTIONS, &format!("source table '{name}'"))?;
         let schema = Arc::new(cmd.schema.as_arrow().clone());
+        if cmd.file_type.eq_ignore_ascii_case("KAFKA") {
+            return Self::kafka_from_ddl(cmd, name, schema, &options, watermark);
+        }
+        options.reject_unknown(SOURCE_OPTIONS, &format!("source table '{name}'"))?;
         let format = match cmd.file_type.to_ascii_uppercase().as_str() {
             "CSV" => FileFormat::Csv(csv_options(&options)?),
             "JSON" | "NDJSON" => FileFormat::Json,
@@ -75,7 +99,7 @@ impl SourceDef {
             other => {
                 return Err(BrookError::sql(format!(
                     "table '{name}': STORED AS {other} is not a streaming source format; \
-                     use CSV, JSON, PARQUET or TEXT"
+                     use CSV, JSON, PARQUET, TEXT or KAFKA"
                 )));
             }
         };
@@ -104,9 +128,156 @@ impl SourceDef {
                 .to_string(),
             file_options,
             watermark,
+            kafka: None,
         };
         def.validate()?;
         Ok(def)
+    }
+
+    /// Reads `CREATE UNBOUNDED EXTERNAL TABLE ... STORED AS KAFKA LOCATION 'host:port'`.
+    fn kafka_from_ddl(
+        cmd: &CreateExternalTable,
+        name: String,
+        declared: SchemaRef,
+        options: &Options,
+        watermark: Option<WatermarkSpec>,
+    ) -> Result<Self> {
+        let what = format!("Kafka source table '{name}'");
+        if let Some(key) = options
+            .unknown_keys(KAFKA_SOURCE_OPTIONS)
+            .into_iter()
+            .find(|k| !k.to_ascii_lowercase().starts_with("kafka."))
+        {
+            return Err(BrookError::option(
+                key,
+                format!(
+                    "unknown option for {what}; known options: {}, and kafka.* for the client",
+                    KAFKA_SOURCE_OPTIONS.join(", ")
+                ),
+            ));
+        }
+        let mut client = options.prefixed("kafka.");
+        let servers = client
+            .remove("bootstrap.servers")
+            .or_else(|| cmd.locations.first().cloned())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                BrookError::option(
+                    "kafka.bootstrap.servers",
+                    format!("{what} needs brokers: LOCATION 'host:port' or this option"),
+                )
+            })?;
+        let topics: Vec<String> = options
+            .get("subscribe")
+            .or_else(|| options.get("topic"))
+            .map(|t| {
+                t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if topics.is_empty() {
+            return Err(BrookError::option(
+                "subscribe",
+                format!("{what} needs the topics to read, e.g. 'subscribe' 'orders'"),
+            ));
+        }
+        let starting_offsets = match options.get_or("startingOffsets", "earliest").trim() {
+            s if s.eq_ignore_ascii_case("earliest") => StartingOffsets::Earliest,
+            s if s.eq_ignore_ascii_case("latest") => StartingOffsets::Latest,
+            json => StartingOffsets::Given(serde_json::from_str(json).map_err(|e| {
+                BrookError::option(
+                    "startingOffsets",
+                    format!(
+                        "expected earliest, latest or JSON like {{\"orders\":{{\"0\":23,\"1\":-2}}}} \
+                         (-2 earliest, -1 latest): {e}"
+                    ),
+                )
+            })?),
+        };
+        let max_offsets_per_trigger = options.parse("maxOffsetsPerTrigger", "a positive count")?;
+        if max_offsets_per_trigger == Some(0) {
+            return Err(BrookError::option(
+                "maxOffsetsPerTrigger",
+                "must be at least 1",
+            ));
+        }
+        let poll_timeout = match options.get("pollTimeout") {
+            Some(t) => crate::duration::parse_duration(t)
+                .map_err(|e| BrookError::option("pollTimeout", e.to_string()))?,
+            None => std::time::Duration::from_secs(120),
+        };
+        let (format, raw, schema) = match options
+            .get_or("format", "raw")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "raw" => {
+                if !declared.fields().is_empty() && declared != kafka_schema() {
+                    return Err(BrookError::sql(format!(
+                        "{what}: with format 'raw' the table has Kafka's columns (key, value, \
+                         topic, partition, offset, timestamp, timestampType): declare no columns, \
+                         or set 'format' to 'csv' or 'json' to parse value into yours"
+                    )));
+                }
+                (FileFormat::Text, true, kafka_schema())
+            }
+            "csv" => (FileFormat::Csv(csv_options(options)?), false, declared),
+            "json" => (FileFormat::Json, false, declared),
+            other => {
+                return Err(BrookError::option(
+                    "format",
+                    format!("expected raw, csv or json, found '{other}'"),
+                ));
+            }
+        };
+        let kafka = KafkaOptions {
+            bootstrap_servers: servers.clone(),
+            topics,
+            starting_offsets,
+            max_offsets_per_trigger,
+            fail_on_data_loss: options.bool("failOnDataLoss", true)?,
+            client,
+            poll_timeout,
+        };
+        let def = Self {
+            name,
+            location: servers,
+            format,
+            schema,
+            mode: options.get_or("mode", "PERMISSIVE").parse()?,
+            corrupt_column: options
+                .get_or("columnNameOfCorruptRecord", DEFAULT_CORRUPT_COLUMN)
+                .to_string(),
+            file_options: FileSourceOptions::default(),
+            watermark,
+            kafka: Some((kafka, raw)),
+        };
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// What the source reads, as a checkpoint records it: a relative directory is
+    /// resolved, since offsets name files by absolute path.
+    pub fn identity(&self) -> String {
+        match &self.kafka {
+            Some((k, raw)) => format!(
+                "KAFKA {} [{}] value {}",
+                k.bootstrap_servers,
+                k.topics.join(", "),
+                if *raw { "raw" } else { self.format.name() }
+            ),
+            None if self.location.contains("://") => {
+                format!("{} '{}'", self.format.name(), self.location)
+            }
+            None => format!(
+                "{} '{}'",
+                self.format.name(),
+                std::path::absolute(&self.location)
+                    .map_or_else(|_| self.location.clone(), |p| p.display().to_string())
+            ),
+        }
     }
 
     /// Checks the schema fits the format and the watermark names a timestamp column.
@@ -127,6 +298,7 @@ impl SourceDef {
             ));
         }
         if matches!(self.format, FileFormat::Text)
+            && self.kafka.is_none()
             && (self.schema.fields().len() != 1
                 || self.schema.field(0).data_type() != &DataType::Utf8)
         {
@@ -157,13 +329,17 @@ impl SourceDef {
     }
 
     pub fn open(&self, runtime: &RuntimeEnv) -> Result<Box<dyn StreamSource>> {
-        let location = Location::resolve(&self.location, runtime)?;
         let decoder = Decoder::new(
             self.format.clone(),
             self.read_schema(),
             self.mode,
             &self.corrupt_column,
         );
+        if let Some((kafka, raw)) = &self.kafka {
+            let decoder = (!raw).then_some(decoder);
+            return Ok(Box::new(KafkaSource::new(kafka.clone(), decoder)?));
+        }
+        let location = Location::resolve(&self.location, runtime)?;
         Ok(Box::new(FileSource::new(
             location,
             decoder,

@@ -361,6 +361,7 @@ impl SourceBuilder<'_> {
             corrupt_column: crate::catalog::DEFAULT_CORRUPT_COLUMN.to_string(),
             file_options: self.options,
             watermark: self.watermark,
+            kafka: None,
         })
     }
 }

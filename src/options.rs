@@ -72,6 +72,19 @@ impl Options {
         }
     }
 
+    /// The options whose key starts with `prefix` (any case), keyed as written
+    /// without it: `kafka.security.protocol` under `kafka.` is `security.protocol`.
+    pub fn prefixed(&self, prefix: &str) -> BTreeMap<String, String> {
+        self.entries
+            .values()
+            .filter_map(|(written, value)| {
+                let head = written.get(..prefix.len())?;
+                head.eq_ignore_ascii_case(prefix)
+                    .then(|| (written[prefix.len()..].to_string(), value.clone()))
+            })
+            .collect()
+    }
+
     /// Keys that none of `known` accepts: reported so that typos do not pass silently.
     pub fn unknown_keys(&self, known: &[&str]) -> Vec<String> {
         let known: Vec<String> = known.iter().map(|k| normalize(k)).collect();

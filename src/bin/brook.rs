@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use brook::cli::demo::{DemoOptions, run_demo};
-use brook::cli::send::{SendOptions, send_files};
+use brook::cli::send::{KafkaSendOptions, SendOptions, send_files, send_kafka};
 use brook::cli::{ProgressFormat, RunOptions, run_file};
 use brook::duration::parse_duration;
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
@@ -80,16 +80,26 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         symbols: usize,
     },
-    /// Replay an orders file into a directory in chunks (the book's splitAndSend.sh).
+    /// Replay an orders file into a directory in chunks (the book's splitAndSend.sh),
+    /// or into a Kafka topic a record per line (its streamOrders.sh).
     Send {
         #[arg(long)]
         input: PathBuf,
-        #[arg(long)]
-        to: PathBuf,
+        /// Directory to write chunk files into.
+        #[arg(long, required_unless_present = "kafka", conflicts_with = "kafka")]
+        to: Option<PathBuf>,
         #[arg(long, default_value_t = 10_000)]
         lines_per_file: usize,
         #[arg(long, default_value = "3s", value_parser = parse_duration_arg)]
         interval: Duration,
+        /// Kafka brokers (host:port,...) to send each line to as a record.
+        #[arg(long)]
+        kafka: Option<String>,
+        #[arg(long, default_value = "orders")]
+        topic: String,
+        /// Records per second to Kafka (default: as fast as the broker takes them).
+        #[arg(long)]
+        rate: Option<u64>,
     },
 }
 
@@ -190,14 +200,31 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             to,
             lines_per_file,
             interval,
-        } => send_files(&SendOptions {
-            input,
-            to,
-            lines_per_file,
-            interval,
-        })
-        .await
-        .map(|_| ()),
+            kafka,
+            topic,
+            rate,
+        } => match (kafka, to) {
+            (Some(servers), _) => send_kafka(&KafkaSendOptions {
+                input,
+                servers,
+                topic,
+                rate,
+            })
+            .await
+            .map(|_| ()),
+            (None, Some(to)) => send_files(&SendOptions {
+                input,
+                to,
+                lines_per_file,
+                interval,
+            })
+            .await
+            .map(|_| ()),
+            (None, None) => Err(BrookError::option(
+                "--to",
+                "give --to DIR or --kafka HOST:PORT",
+            )),
+        },
     }
 }
 

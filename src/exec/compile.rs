@@ -279,18 +279,11 @@ fn fingerprint(
             .map(|e| e.schema_name().to_string())
             .collect()
     });
-    // Offsets name files by absolute path: a relative LOCATION that now resolves
-    // elsewhere (another working directory, a moved project) is another source.
-    let location = match source.location.contains("://") {
-        true => source.location.clone(),
-        false => std::path::absolute(&source.location)
-            .map_or_else(|_| source.location.clone(), |p| p.display().to_string()),
-    };
     QueryFingerprint {
         source: format!(
-            "{} {} '{location}' ({})",
+            "{} {} ({})",
             source.name,
-            source.format.name(),
+            source.identity(),
             columns.join(", ")
         ),
         group_by,

@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod format;
+pub mod kafka;
 pub mod location;
 pub mod malformed;
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the engine's integration tests: real files in real temp directories.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

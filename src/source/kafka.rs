@@ -1,0 +1,552 @@
+//! The Kafka source: topics read as an unbounded table, offsets owned by the checkpoint.
+//!
+//! As Spark's source does, a batch is a range of offsets per partition, decided
+//! (and written ahead to the checkpoint) before it is read; consumer groups are
+//! not used for correctness. Reading a range again yields the same records, so a
+//! batch re-run after a crash reads exactly what it read before.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use datafusion::arrow::array::{
+    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMillisecondBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, Timestamp};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::format::Decoder;
+use super::malformed::{MalformedRecord, MalformedStats};
+use super::{SourceBatch, SourceOffset, StreamSource};
+use crate::error::{BrookError, Result};
+
+/// Where a query without checkpointed progress starts in each partition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartingOffsets {
+    Earliest,
+    Latest,
+    /// Per topic and partition: an offset, or -2 for earliest and -1 for latest (as Spark).
+    Given(BTreeMap<String, BTreeMap<i32, i64>>),
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    pub bootstrap_servers: String,
+    pub topics: Vec<String>,
+    pub starting_offsets: StartingOffsets,
+    pub max_offsets_per_trigger: Option<u64>,
+    pub fail_on_data_loss: bool,
+    /// `kafka.*` options, passed to the client without the prefix.
+    pub client: BTreeMap<String, String>,
+    /// How long a read waits for records the broker said exist (e.g. while it restarts).
+    pub poll_timeout: Duration,
+}
+
+/// The columns of a Kafka table read without a value format (Spark's).
+pub fn kafka_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Binary, true),
+        Field::new("value", DataType::Binary, true),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("partition", DataType::Int32, false),
+        Field::new("offset", DataType::Int64, false),
+        Field::new(
+            "timestamp",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            true,
+        ),
+        Field::new("timestampType", DataType::Int32, false),
+    ]))
+}
+
+/// Next offset to read per topic and partition.
+type Positions = BTreeMap<String, BTreeMap<i32, i64>>;
+
+/// A batch: per topic and partition, offsets `from` (inclusive) to `until` (exclusive).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+struct Range {
+    from: i64,
+    until: i64,
+}
+
+type Ranges = BTreeMap<String, BTreeMap<i32, Range>>;
+
+pub struct KafkaSource {
+    options: KafkaOptions,
+    /// Parses `value` into the table's columns; `None` for the raw Kafka columns.
+    decoder: Option<Arc<Decoder>>,
+    schema: SchemaRef,
+    consumer: Arc<Mutex<BaseConsumer>>,
+    positions: Positions,
+    /// Set by the available-now trigger: the end offsets batches may reach.
+    snapshot: Option<Positions>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KafkaSource {
+    pub fn new(options: KafkaOptions, decoder: Option<Decoder>) -> Result<Self> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &options.bootstrap_servers)
+            .set("group.id", "brook")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &options.client {
+            config.set(k, v);
+        }
+        let consumer: BaseConsumer = config.create().map_err(|e| BrookError::Source {
+            location: options.bootstrap_servers.clone(),
+            message: format!("cannot create a Kafka client: {e}"),
+        })?;
+        let schema = decoder
+            .as_ref()
+            .map_or_else(kafka_schema, |d| d.schema.clone());
+        Ok(Self {
+            options,
+            decoder: decoder.map(Arc::new),
+            schema,
+            consumer: Arc::new(Mutex::new(consumer)),
+            positions: Positions::new(),
+            snapshot: None,
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> BrookError {
+        BrookError::Source {
+            location: format!(
+                "kafka {} {}",
+                self.options.bootstrap_servers,
+                self.options.topics.join(",")
+            ),
+            message: message.into(),
+        }
+    }
+
+    /// Runs a blocking client call off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&BaseConsumer) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer = consumer
+                .lock()
+                .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))?;
+            f(&consumer)
+        })
+        .await
+        .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
+    }
+
+    /// Low and high watermarks of every partition of the source's topics.
+    async fn watermarks(&self) -> Result<BTreeMap<String, BTreeMap<i32, (i64, i64)>>> {
+        let topics = self.options.topics.clone();
+        let servers = self.options.bootstrap_servers.clone();
+        self.blocking(move |consumer| {
+            let mut out = BTreeMap::new();
+            for topic in &topics {
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+                    .map_err(|e| unreachable_broker(&servers, e))?;
+                let partitions: Vec<i32> = metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == topic && t.error().is_none())
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                if partitions.is_empty() {
+                    return Err(BrookError::Source {
+                        location: format!("kafka {servers} {topic}"),
+                        message: format!(
+                            "topic '{topic}' does not exist (or has no partitions); create it \
+                             first, or fix the 'subscribe' option"
+                        ),
+                    });
+                }
+                let mut marks = BTreeMap::new();
+                for p in partitions {
+                    let wm = consumer
+                        .fetch_watermarks(topic, p, METADATA_TIMEOUT)
+                        .map_err(|e| unreachable_broker(&servers, e))?;
+                    marks.insert(p, wm);
+                }
+                out.insert(topic.clone(), marks);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn parse_ranges(&self, offset: &SourceOffset) -> Result<Ranges> {
+        serde_json::from_value(offset.0.clone())
+            .map_err(|e| self.error(format!("unreadable Kafka offset {}: {e}", offset.0)))
+    }
+
+    /// Turns the records of one partition range into rows.
+    fn rows(
+        &self,
+        records: &[Record],
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Vec<RecordBatch>, MalformedStats)> {
+        let Some(decoder) = &self.decoder else {
+            return Ok((
+                vec![raw_batch(&self.schema, records, topic, partition)?],
+                MalformedStats::default(),
+            ));
+        };
+        // One record per line; line N of the decoded text is the N-th record.
+        let mut text = Vec::new();
+        for r in records {
+            text.extend_from_slice(r.value.as_deref().unwrap_or_default());
+            text.push(b'\n');
+        }
+        let first = records.first().map_or(0, |r| r.offset);
+        let name = format!("{topic}-{partition}@{first}");
+        let decoded = decoder.decode(&name, Bytes::from(text))?;
+        let mut malformed = decoded.malformed;
+        for s in &mut malformed.samples {
+            if let Some(r) = records.get(s.line.saturating_sub(1) as usize) {
+                s.file = format!("{topic}-{partition} offset {}", r.offset);
+                s.line = 1;
+            }
+        }
+        Ok((vec![decoded.batch], malformed))
+    }
+}
+
+fn unreachable_broker(servers: &str, e: rdkafka::error::KafkaError) -> BrookError {
+    BrookError::Source {
+        location: format!("kafka {servers}"),
+        message: format!(
+            "cannot reach the broker: {e}; check 'kafka.bootstrap.servers' (LOCATION)"
+        ),
+    }
+}
+
+struct Record {
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    offset: i64,
+    timestamp: Option<i64>,
+    timestamp_type: i32,
+}
+
+fn raw_batch(
+    schema: &SchemaRef,
+    records: &[Record],
+    topic: &str,
+    partition: i32,
+) -> Result<RecordBatch> {
+    let mut key = BinaryBuilder::new();
+    let mut value = BinaryBuilder::new();
+    let mut topics = StringBuilder::new();
+    let mut partitions = Int32Builder::new();
+    let mut offsets = Int64Builder::new();
+    let mut times = TimestampMillisecondBuilder::new();
+    let mut types = Int32Builder::new();
+    for r in records {
+        key.append_option(r.key.as_deref());
+        value.append_option(r.value.as_deref());
+        topics.append_value(topic);
+        partitions.append_value(partition);
+        offsets.append_value(r.offset);
+        times.append_option(r.timestamp);
+        types.append_value(r.timestamp_type);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(key.finish()),
+        Arc::new(value.finish()),
+        Arc::new(topics.finish()),
+        Arc::new(partitions.finish()),
+        Arc::new(offsets.finish()),
+        Arc::new(times.finish()),
+        Arc::new(types.finish()),
+    ];
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Reads `range` of one partition. Records missing from the range (deleted by
+/// retention, or skipped by the broker) are data loss: an error, or counted
+/// when `fail_on_data_loss` is off.
+fn read_range(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    range: Range,
+    timeout: Duration,
+    fail_on_data_loss: bool,
+    lost: &mut MalformedStats,
+) -> Result<Vec<Record>> {
+    let fail = |m: String| BrookError::Source {
+        location: format!("kafka {topic}-{partition}"),
+        message: m,
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(range.from))
+        .map_err(|e| fail(e.to_string()))?;
+    consumer.assign(&tpl).map_err(|e| fail(e.to_string()))?;
+    let mut out = Vec::with_capacity((range.until - range.from).max(0) as usize);
+    let mut expected = range.from;
+    let mut last_progress = Instant::now();
+    while expected < range.until {
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+            if last_progress.elapsed() > timeout {
+                return Err(fail(format!(
+                    "no records for {timeout:?} while reading offsets {expected}..{} (the broker \
+                     reported them); is the broker down?",
+                    range.until
+                )));
+            }
+            continue;
+        };
+        let message = match polled {
+            Ok(m) => m,
+            Err(e) => {
+                // Transport errors while a broker restarts: the client reconnects.
+                tracing::warn!(topic, partition, "Kafka read error (retrying): {e}");
+                continue;
+            }
+        };
+        if message.topic() != topic || message.partition() != partition {
+            continue;
+        }
+        let offset = message.offset();
+        if offset < expected {
+            continue;
+        }
+        if offset > expected {
+            let missing = (offset.min(range.until) - expected) as u64;
+            let what = format!(
+                "offsets {expected}..{} of {topic}-{partition} are gone (deleted by retention, \
+                 or skipped by the broker)",
+                offset.min(range.until)
+            );
+            if fail_on_data_loss {
+                return Err(fail(format!(
+                    "data loss: {what}; set 'failOnDataLoss' to 'false' to count and skip them"
+                )));
+            }
+            for _ in 0..missing {
+                lost.record(
+                    MalformedRecord {
+                        file: format!("{topic}-{partition}"),
+                        line: expected as u64,
+                        reason: what.clone(),
+                        text: String::new(),
+                    },
+                    "data loss: missing Kafka offsets",
+                );
+            }
+        }
+        if offset >= range.until {
+            break;
+        }
+        let (timestamp, timestamp_type) = match message.timestamp() {
+            Timestamp::NotAvailable => (None, -1),
+            Timestamp::CreateTime(t) => (Some(t), 0),
+            Timestamp::LogAppendTime(t) => (Some(t), 1),
+        };
+        out.push(Record {
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            offset,
+            timestamp,
+            timestamp_type,
+        });
+        expected = offset + 1;
+        last_progress = Instant::now();
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl StreamSource for KafkaSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "KafkaSource[{} {}]",
+            self.options.bootstrap_servers,
+            self.options.topics.join(",")
+        )
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        let marks = self.watermarks().await?;
+        for (topic, partitions) in marks {
+            let given = match &self.options.starting_offsets {
+                StartingOffsets::Given(g) => g.get(&topic).cloned(),
+                _ => None,
+            };
+            let mut positions = BTreeMap::new();
+            for (p, (low, high)) in partitions {
+                let start = match (
+                    &self.options.starting_offsets,
+                    given.as_ref().and_then(|g| g.get(&p)),
+                ) {
+                    (_, Some(-2)) | (StartingOffsets::Earliest, None) => low,
+                    (_, Some(-1)) | (StartingOffsets::Latest, None) => high,
+                    (_, Some(o)) => *o,
+                    (StartingOffsets::Given(_), None) => low,
+                };
+                positions.insert(p, start);
+            }
+            self.positions.insert(topic, positions);
+        }
+        Ok(())
+    }
+
+    fn progress(&self) -> Result<serde_json::Value> {
+        serde_json::to_value(&self.positions).map_err(|e| BrookError::Plan(e.to_string()))
+    }
+
+    fn restore(
+        &mut self,
+        progress: Option<serde_json::Value>,
+        committed: &[SourceOffset],
+    ) -> Result<()> {
+        if let Some(p) = progress {
+            self.positions = serde_json::from_value(p).map_err(|e| {
+                self.error(format!("unreadable Kafka progress in the checkpoint: {e}"))
+            })?;
+        }
+        for offset in committed {
+            self.commit(offset)?;
+        }
+        Ok(())
+    }
+
+    async fn plan_batch(&mut self) -> Result<Option<SourceOffset>> {
+        let marks = self.watermarks().await?;
+        let mut lags: Vec<(String, i32, i64, i64)> = vec![];
+        for (topic, partitions) in &marks {
+            for (p, (low, high)) in partitions {
+                // A partition seen for the first time (added to the topic) starts at its beginning.
+                let mut from = self
+                    .positions
+                    .get(topic)
+                    .and_then(|ps| ps.get(p))
+                    .copied()
+                    .unwrap_or(*low);
+                if from < *low {
+                    let what = format!(
+                        "offsets {from}..{low} of {topic}-{p} were deleted (retention) before \
+                         they were read"
+                    );
+                    if self.options.fail_on_data_loss {
+                        return Err(self.error(format!(
+                            "data loss: {what}; set 'failOnDataLoss' to 'false' to skip them"
+                        )));
+                    }
+                    tracing::warn!("{what}; skipping them (failOnDataLoss=false)");
+                    from = *low;
+                }
+                let mut until = *high;
+                if let Some(limit) = self.snapshot.as_ref().and_then(|s| s.get(topic)?.get(p)) {
+                    until = until.min(*limit);
+                }
+                if until > from {
+                    lags.push((topic.clone(), *p, from, until));
+                }
+            }
+        }
+        if lags.is_empty() {
+            return Ok(None);
+        }
+        // maxOffsetsPerTrigger is shared among partitions in proportion to their lag (as Spark).
+        if let Some(max) = self.options.max_offsets_per_trigger {
+            let total: i64 = lags.iter().map(|(_, _, f, u)| u - f).sum();
+            if total as u64 > max {
+                for (_, _, from, until) in &mut lags {
+                    let lag = *until - *from;
+                    let share = ((lag as f64) * (max as f64) / (total as f64)).floor() as i64;
+                    *until = *from + share.max(1).min(lag);
+                }
+            }
+        }
+        let mut ranges = Ranges::new();
+        for (topic, p, from, until) in lags {
+            ranges
+                .entry(topic)
+                .or_default()
+                .insert(p, Range { from, until });
+        }
+        let value = serde_json::to_value(&ranges).map_err(|e| BrookError::Plan(e.to_string()))?;
+        Ok(Some(SourceOffset(value)))
+    }
+
+    async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch> {
+        let ranges = self.parse_ranges(offset)?;
+        let timeout = self.options.poll_timeout;
+        let fail_on_data_loss = self.options.fail_on_data_loss;
+        let read: Vec<(String, i32, Vec<Record>, MalformedStats)> = self
+            .blocking(move |consumer| {
+                let mut out = vec![];
+                for (topic, partitions) in &ranges {
+                    for (p, range) in partitions {
+                        let mut lost = MalformedStats::default();
+                        let records = read_range(
+                            consumer,
+                            topic,
+                            *p,
+                            *range,
+                            timeout,
+                            fail_on_data_loss,
+                            &mut lost,
+                        )?;
+                        out.push((topic.clone(), *p, records, lost));
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut batch = SourceBatch::default();
+        for (topic, p, records, lost) in read {
+            let (rows, malformed) = self.rows(&records, &topic, p)?;
+            batch
+                .batches
+                .extend(rows.into_iter().filter(|b| b.num_rows() > 0));
+            batch.malformed.merge(lost);
+            batch.malformed.merge(malformed);
+        }
+        Ok(batch)
+    }
+
+    fn commit(&mut self, offset: &SourceOffset) -> Result<()> {
+        for (topic, partitions) in self.parse_ranges(offset)? {
+            let positions = self.positions.entry(topic).or_default();
+            for (p, range) in partitions {
+                positions.insert(p, range.until);
+            }
+        }
+        Ok(())
+    }
+
+    async fn snapshot_available(&mut self) -> Result<()> {
+        let marks = self.watermarks().await?;
+        self.snapshot = Some(
+            marks
+                .into_iter()
+                .map(|(t, ps)| (t, ps.into_iter().map(|(p, (_, high))| (p, high)).collect()))
+                .collect(),
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,151 @@
+//! A real Kafka-protocol broker for tests: tansu, on a free 127.0.0.1 port, with
+//! in-memory storage. Installed into `target/tools` on first use when `tansu` is
+//! not on PATH (once per checkout; about 8 minutes on 2 cores).
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+const TANSU_VERSION: &str = "0.6.0";
+
+/// The tansu binary: on PATH, or installed under `target/tools`.
+fn tansu() -> PathBuf {
+    if let Ok(path) = which("tansu") {
+        return path;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools");
+    let binary = root.join("bin/tansu");
+    std::fs::create_dir_all(&root).unwrap();
+    // Test binaries run in parallel: one installs, the others wait on the lock.
+    let lock = std::fs::File::create(root.join(".install.lock")).unwrap();
+    lock.lock().unwrap();
+    if !binary.exists() {
+        eprintln!(
+            "installing tansu {TANSU_VERSION} into {} (once)",
+            root.display()
+        );
+        let status = Command::new(env!("CARGO"))
+            .args(["install", "tansu", "--version", TANSU_VERSION, "--locked"])
+            .args(["--features", "dynostore", "--root"])
+            .arg(&root)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo install tansu failed");
+    }
+    lock.unlock().unwrap();
+    binary
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+/// A running broker, stopped when dropped.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "tansu did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+
+    pub fn servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", self.servers());
+        config
+    }
+
+    /// Creates `topic` with `partitions` partitions (tansu does not create topics on use).
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = self.config().create().unwrap();
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .unwrap();
+        for r in results {
+            r.unwrap();
+        }
+    }
+
+    /// Sends `values` to `topic`, the i-th to partition i % `partitions`, one
+    /// record per producer batch (tansu skips to the next batch when a fetch
+    /// starts inside one, so a consumer resuming at an exact offset needs this).
+    pub fn produce(&self, topic: &str, partitions: i32, values: &[String]) {
+        let producer: ThreadedProducer<DefaultProducerContext> = self
+            .config()
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
+            .create()
+            .unwrap();
+        for (i, v) in values.iter().enumerate() {
+            let partition = i as i32 % partitions;
+            let mut record = BaseRecord::<(), str>::to(topic)
+                .payload(v)
+                .partition(partition);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        // The local queue is full: let deliveries catch up.
+                        record = back;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(60)).unwrap();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,323 @@
+//! The Kafka source against a real broker (tansu, started here on a free port).
+
+mod common;
+use common::broker::Broker;
+use common::*;
+
+use brook::Engine;
+use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use chrono::{NaiveDateTime, TimeDelta};
+
+fn orders(count: i64) -> Vec<String> {
+    let mut generator = OrderGenerator::new(GeneratorConfig {
+        clients: 120,
+        symbols: 60,
+        malformed: 0.01,
+        seed: 11,
+    });
+    let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
+    (0..count)
+        .map(|i| generator.line(start + TimeDelta::milliseconds(i * 100)))
+        .collect()
+}
+
+/// The dashboard's results in `engine`'s memory tables, sorted.
+async fn dashboard(engine: &Engine) -> Vec<Vec<Vec<String>>> {
+    let mut out = vec![];
+    for name in ["buy_sell_per_second", "top_clients", "top_stocks"] {
+        let rows = engine.sql(&format!("SELECT * FROM {name}")).await.unwrap();
+        out.push(sorted(table(&rows)));
+    }
+    out
+}
+
+/// Runs a dashboard script to the end of its input (available-now) into memory tables.
+async fn run_dashboard(sql: &str) -> (Engine, u64) {
+    let engine = Engine::with_overrides(brook::Overrides {
+        trigger: Some(brook::Trigger::AvailableNow),
+        ..Default::default()
+    });
+    let sql = sql.replace(
+        "STORED AS CONSOLE LOCATION 'stdout'",
+        "STORED AS MEMORY LOCATION ''",
+    );
+    let queries = engine.execute(&sql).await.unwrap();
+    assert_eq!(queries.len(), 3);
+    for q in &queries {
+        q.await_termination().await.unwrap();
+    }
+    let malformed = queries[0]
+        .recent_progress()
+        .iter()
+        .map(|p| p.num_malformed_rows)
+        .sum();
+    (engine, malformed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_from_a_four_partition_topic_equals_the_dashboard_from_files() {
+    let broker = Broker::start();
+    broker.create_topic("orders", 4).await;
+    let lines = orders(6_000);
+    broker.produce("orders", 4, &lines);
+
+    let kafka_sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/queries/dashboard_kafka.sql"
+    ))
+    .unwrap()
+    .replace(
+        "LOCATION '127.0.0.1:9092'",
+        &format!("LOCATION '{}'", broker.servers()),
+    );
+    let (from_kafka, kafka_malformed) = run_dashboard(&kafka_sql).await;
+
+    let (tmp, input) = tmp_source();
+    put(&input, "orders.csv", &lines);
+    let file_sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/queries/dashboard.sql"
+    ))
+    .unwrap()
+    .replace(
+        "LOCATION 'data/orders'",
+        &format!("LOCATION '{}'", input.display()),
+    );
+    let (from_files, file_malformed) = run_dashboard(&file_sql).await;
+    drop(tmp);
+
+    assert!(file_malformed > 30, "{file_malformed}");
+    assert_eq!(kafka_malformed, file_malformed);
+    let (k, f) = (dashboard(&from_kafka).await, dashboard(&from_files).await);
+    assert!(k[0].len() > 500 && k[1].len() == 5 && k[2].len() > 100);
+    assert_eq!(k[0], f[0], "buy_sell_per_second");
+    assert_eq!(k[2], f[2], "top_stocks");
+    // Sums of doubles differ in the last digits with the order rows are added in.
+    let clients = |t: &[Vec<String>]| -> Vec<(String, f64)> {
+        t.iter()
+            .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+            .collect()
+    };
+    for ((kc, kv), (fc, fv)) in clients(&k[1]).into_iter().zip(clients(&f[1])) {
+        assert_eq!(kc, fc, "top_clients");
+        assert!(
+            (kv - fv).abs() <= 1e-9 * fv.abs(),
+            "client {kc}: {kv} vs {fv}"
+        );
+    }
+}
+
+/// A raw Kafka table: each record's partition and offset, into a JSON file sink.
+fn offsets_sql(servers: &str, topic: &str, output: &std::path::Path, extra: &str) -> String {
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE records STORED AS KAFKA LOCATION '{servers}'
+           OPTIONS ('subscribe' '{topic}' {extra});
+         CREATE EXTERNAL TABLE out STORED AS JSON LOCATION '{}' OPTIONS ('queryName' 'offsets');
+         INSERT INTO out SELECT \"partition\", \"offset\", CAST(value AS VARCHAR) AS v FROM records;",
+        output.display()
+    )
+}
+
+fn json_rows(output: &std::path::Path) -> Vec<(i64, i64, String)> {
+    let mut rows = vec![];
+    for entry in std::fs::read_dir(output).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("part-")
+        {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            rows.push((
+                v["partition"].as_i64().unwrap(),
+                v["offset"].as_i64().unwrap(),
+                v["v"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_from_a_checkpoint_read_every_record_once_and_batches_are_bounded() {
+    let broker = Broker::start();
+    broker.create_topic("events", 3).await;
+    let values: Vec<String> = (0..3_000).map(|i| format!("event {i}")).collect();
+    broker.produce("events", 3, &values[..2_000]);
+    let (tmp, _) = tmp_source();
+    let output = tmp.path().join("out");
+    let checkpoint = tmp.path().join("checkpoint");
+    let sql = offsets_sql(
+        &broker.servers(),
+        "events",
+        &output,
+        ", 'maxOffsetsPerTrigger' '700'",
+    );
+    let run = |trigger: brook::Trigger| {
+        let sql = sql.clone();
+        let checkpoint = checkpoint.display().to_string();
+        async move {
+            let engine = Engine::with_overrides(brook::Overrides {
+                trigger: Some(trigger),
+                checkpoint_root: Some(checkpoint),
+                ..Default::default()
+            });
+            let q = engine.execute(&sql).await.unwrap().remove(0);
+            q.await_termination().await.unwrap();
+            q.recent_progress()
+                .iter()
+                .map(|p| (p.batch_id, p.num_input_rows))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Each run is a new engine on the same checkpoint: a restart.
+    let mut batches = run(brook::Trigger::Once).await;
+    batches.extend(run(brook::Trigger::Once).await);
+    broker.produce("events", 3, &values[2_000..]);
+    batches.extend(run(brook::Trigger::AvailableNow).await);
+    let ids: Vec<u64> = batches.iter().map(|b| b.0).collect();
+    assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>());
+    assert!(batches.iter().all(|(_, n)| *n <= 700), "{batches:?}");
+    assert_eq!(batches.iter().map(|(_, n)| n).sum::<u64>(), 3_000);
+
+    let rows = json_rows(&output);
+    assert_eq!(rows.len(), 3_000, "every record exactly once");
+    for p in 0..3 {
+        // Each partition's offsets, every one once: 0, 1, 2, ... with no gap.
+        let offsets: Vec<i64> = rows.iter().filter(|r| r.0 == p).map(|r| r.1).collect();
+        assert!(offsets.len() > 900, "partition {p}: {}", offsets.len());
+        assert!(
+            offsets.iter().enumerate().all(|(i, o)| *o == i as i64),
+            "partition {p}"
+        );
+    }
+    let mut seen: Vec<String> = rows.into_iter().map(|r| r.2).collect();
+    seen.sort();
+    let mut sent = values.clone();
+    sent.sort();
+    assert_eq!(seen, sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_and_per_partition_starting_offsets() {
+    let broker = Broker::start();
+    broker.create_topic("events", 2).await;
+    let values: Vec<String> = (0..20).map(|i| format!("e{i}")).collect();
+    broker.produce("events", 2, &values[..10]);
+    let (tmp, _) = tmp_source();
+
+    let latest = tmp.path().join("latest");
+    let engine = Engine::new();
+    let q = engine
+        .execute(&offsets_sql(
+            &broker.servers(),
+            "events",
+            &latest,
+            ", 'startingOffsets' 'latest'",
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    q.process_all_available().await.unwrap();
+    broker.produce("events", 2, &values[10..]);
+    q.process_all_available().await.unwrap();
+    q.stop().await.unwrap();
+    let offsets: Vec<(i64, i64)> = json_rows(&latest).iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(
+        offsets,
+        [
+            (0, 5),
+            (0, 6),
+            (0, 7),
+            (0, 8),
+            (0, 9),
+            (1, 5),
+            (1, 6),
+            (1, 7),
+            (1, 8),
+            (1, 9)
+        ]
+    );
+
+    let given = tmp.path().join("given");
+    let engine = Engine::with_overrides(brook::Overrides {
+        trigger: Some(brook::Trigger::AvailableNow),
+        ..Default::default()
+    });
+    let q = engine
+        .execute(&offsets_sql(
+            &broker.servers(),
+            "events",
+            &given,
+            r#", 'startingOffsets' '{"events":{"0":8,"1":-1}}'"#,
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    q.await_termination().await.unwrap();
+    let offsets: Vec<(i64, i64)> = json_rows(&given).iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(offsets, [(0, 8), (0, 9)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_does_not_exist_is_a_clear_error() {
+    let broker = Broker::start();
+    let (tmp, _) = tmp_source();
+    let engine = Engine::new();
+    let q = engine
+        .execute(&offsets_sql(
+            &broker.servers(),
+            "nowhere",
+            &tmp.path().join("out"),
+            "",
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    let err = q.await_termination().await.unwrap_err().to_string();
+    assert!(err.contains("topic 'nowhere' does not exist"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brook_send_puts_each_line_of_a_file_on_a_topic() {
+    let broker = Broker::start();
+    broker.create_topic("orders", 1).await;
+    let (tmp, _) = tmp_source();
+    let input = tmp.path().join("orders.txt");
+    let lines = orders(500);
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let sent = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["send", "--input", input.to_str().unwrap()])
+        .args([
+            "--kafka",
+            &broker.servers(),
+            "--topic",
+            "orders",
+            "--rate",
+            "2000",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&sent.stderr);
+    assert!(sent.status.success(), "{stderr}");
+    assert!(stderr.contains("sent 500 records"), "{stderr}");
+
+    let output = tmp.path().join("out");
+    let engine = Engine::with_overrides(brook::Overrides {
+        trigger: Some(brook::Trigger::AvailableNow),
+        ..Default::default()
+    });
+    let q = engine
+        .execute(&offsets_sql(&broker.servers(), "orders", &output, ""))
+        .await
+        .unwrap()
+        .remove(0);
+    q.await_termination().await.unwrap();
+    let received: Vec<String> = json_rows(&output).into_iter().map(|r| r.2).collect();
+    assert_eq!(received, lines, "in order, one record per line");
+}
