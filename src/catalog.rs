@@ -1,5 +1,6 @@
 //! Source and sink definitions, from `CREATE [UNBOUNDED] EXTERNAL TABLE` or the Rust API.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -9,6 +10,7 @@ use datafusion::logical_expr::CreateExternalTable;
 use crate::error::{BrookError, Result};
 use crate::exec::{OutputMode, Trigger};
 use crate::options::Options;
+use crate::sink::kafka::{KafkaSink, KafkaSinkOptions, ValueFormat};
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::format::Decoder;
 use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, kafka_schema};
@@ -43,6 +45,9 @@ const SINK_OPTIONS: &[&str] = &[
     "checkpointLocation",
     "minBatchesToRetain",
 ];
+
+/// Options of a Kafka sink table, besides the general ones and `kafka.*`.
+const KAFKA_SINK_OPTIONS: &[&str] = &["topic", "format", "key"];
 
 /// Options of a Kafka source table (besides `kafka.*`, passed to the client).
 const KAFKA_SOURCE_OPTIONS: &[&str] = &[
@@ -143,30 +148,8 @@ impl SourceDef {
         watermark: Option<WatermarkSpec>,
     ) -> Result<Self> {
         let what = format!("Kafka source table '{name}'");
-        if let Some(key) = options
-            .unknown_keys(KAFKA_SOURCE_OPTIONS)
-            .into_iter()
-            .find(|k| !k.to_ascii_lowercase().starts_with("kafka."))
-        {
-            return Err(BrookError::option(
-                key,
-                format!(
-                    "unknown option for {what}; known options: {}, and kafka.* for the client",
-                    KAFKA_SOURCE_OPTIONS.join(", ")
-                ),
-            ));
-        }
-        let mut client = options.prefixed("kafka.");
-        let servers = client
-            .remove("bootstrap.servers")
-            .or_else(|| cmd.locations.first().cloned())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                BrookError::option(
-                    "kafka.bootstrap.servers",
-                    format!("{what} needs brokers: LOCATION 'host:port' or this option"),
-                )
-            })?;
+        options.reject_unknown_but(KAFKA_SOURCE_OPTIONS, "kafka.", &what)?;
+        let (servers, client) = kafka_client(cmd, options, &what)?;
         let topics: Vec<String> = options
             .get("subscribe")
             .or_else(|| options.get("topic"))
@@ -348,6 +331,26 @@ impl SourceDef {
     }
 }
 
+/// The brokers (LOCATION, or `kafka.bootstrap.servers`) and the other `kafka.*` options.
+fn kafka_client(
+    cmd: &CreateExternalTable,
+    options: &Options,
+    what: &str,
+) -> Result<(String, BTreeMap<String, String>)> {
+    let mut client = options.prefixed("kafka.");
+    let servers = client
+        .remove("bootstrap.servers")
+        .or_else(|| cmd.locations.first().cloned())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            BrookError::option(
+                "kafka.bootstrap.servers",
+                format!("{what} needs brokers: LOCATION 'host:port' or this option"),
+            )
+        })?;
+    Ok((servers, client))
+}
+
 fn csv_options(options: &Options) -> Result<CsvOptions> {
     let byte = |key: &str, default: u8| -> Result<u8> {
         match options.get(key) {
@@ -386,6 +389,7 @@ pub enum SinkKind {
         format: OutputFormat,
         location: String,
     },
+    Kafka(KafkaSinkOptions),
 }
 
 /// A sink table: where an `INSERT INTO` query writes, and how it runs.
@@ -423,9 +427,40 @@ impl SinkDef {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        options.reject_unknown(SINK_OPTIONS, &format!("sink table '{name}'"))?;
+        let what = format!("sink table '{name}'");
         let location = cmd.locations.first().cloned().unwrap_or_default();
-        let kind = match cmd.file_type.to_ascii_uppercase().as_str() {
+        let file_type = cmd.file_type.to_ascii_uppercase();
+        if file_type == "KAFKA" {
+            let known = [SINK_OPTIONS, KAFKA_SINK_OPTIONS].concat();
+            options.reject_unknown_but(&known, "kafka.", &what)?;
+        } else {
+            options.reject_unknown(SINK_OPTIONS, &what)?;
+        }
+        let kind = match file_type.as_str() {
+            "KAFKA" => {
+                let (bootstrap_servers, client) = kafka_client(cmd, &options, &what)?;
+                let format = match options
+                    .get_or("format", "json")
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
+                    "json" => ValueFormat::Json,
+                    "csv" => ValueFormat::Csv,
+                    other => {
+                        return Err(BrookError::option(
+                            "format",
+                            format!("expected json or csv, found '{other}'"),
+                        ));
+                    }
+                };
+                SinkKind::Kafka(KafkaSinkOptions {
+                    bootstrap_servers,
+                    topic: options.get("topic").map(str::to_string),
+                    format,
+                    key: options.get("key").map(str::to_string),
+                    client,
+                })
+            }
             "CONSOLE" => SinkKind::Console {
                 num_rows: options.parse("numRows", "a row count")?.unwrap_or(20),
             },
@@ -435,7 +470,7 @@ impl SinkDef {
                 None => {
                     return Err(BrookError::sql(format!(
                         "sink table '{name}': STORED AS {other} is not a sink; \
-                         use PARQUET, CSV, JSON, CONSOLE or MEMORY"
+                         use PARQUET, CSV, JSON, CONSOLE, MEMORY or KAFKA"
                     )));
                 }
             },
@@ -466,6 +501,7 @@ impl SinkDef {
                 )?),
                 None,
             ),
+            SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),
         })
     }
 }

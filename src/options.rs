@@ -95,6 +95,25 @@ impl Options {
             .collect()
     }
 
+    /// Like [`reject_unknown`](Self::reject_unknown), letting through any key under
+    /// `prefix` (options passed on to a client library).
+    pub fn reject_unknown_but(&self, known: &[&str], prefix: &str, what: &str) -> Result<()> {
+        let unknown = self
+            .unknown_keys(known)
+            .into_iter()
+            .find(|k| !k.to_ascii_lowercase().starts_with(prefix));
+        match unknown {
+            None => Ok(()),
+            Some(key) => Err(BrookError::option(
+                key,
+                format!(
+                    "unknown option for {what}; known options: {}, and {prefix}* for the client",
+                    known.join(", ")
+                ),
+            )),
+        }
+    }
+
     pub fn reject_unknown(&self, known: &[&str], what: &str) -> Result<()> {
         match self.unknown_keys(known).first() {
             None => Ok(()),

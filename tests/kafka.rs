@@ -321,3 +321,102 @@ async fn brook_send_puts_each_line_of_a_file_on_a_topic() {
     let received: Vec<String> = json_rows(&output).into_iter().map(|r| r.2).collect();
     assert_eq!(received, lines, "in order, one record per line");
 }
+
+/// The key and value of every record on `topic`, in offset order (one partition).
+async fn read_back(broker: &Broker, topic: &str) -> Vec<(String, String)> {
+    let engine = Engine::with_overrides(brook::Overrides {
+        trigger: Some(brook::Trigger::AvailableNow),
+        ..Default::default()
+    });
+    let q = engine
+        .execute(&format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE back STORED AS KAFKA LOCATION '{}'
+               OPTIONS ('subscribe' '{topic}');
+             CREATE EXTERNAL TABLE seen STORED AS MEMORY LOCATION '';
+             INSERT INTO seen SELECT \"offset\", CAST(key AS VARCHAR) AS k,
+               CAST(value AS VARCHAR) AS v FROM back;",
+            broker.servers()
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    q.await_termination().await.unwrap();
+    let rows = engine
+        .sql("SELECT k, v FROM seen ORDER BY \"offset\"")
+        .await
+        .unwrap();
+    table(&rows)
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_sink_publishes_rows_as_json_or_as_key_and_value() {
+    let broker = Broker::start();
+    broker.create_topic("metrics", 1).await;
+    broker.create_topic("symbols", 1).await;
+    let (tmp, input) = tmp_source();
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:00:01", 1, "AAPL", 10, 2.0, "B"),
+            order("20:00:02", 2, "MSFT", 5, 1.0, "S"),
+            order("20:00:03", 3, "AAPL", 1, 4.0, "B"),
+        ],
+    );
+    let script = format!(
+        "{} CREATE EXTERNAL TABLE metrics STORED AS KAFKA LOCATION '{servers}'
+           OPTIONS ('topic' 'metrics', 'key' 'TOP5CLIENTS', 'outputMode' 'complete',
+                    'kafka.batch.num.messages' '1', 'trigger' 'available-now');
+         INSERT INTO metrics SELECT client_id, sum(amount * price) AS traded FROM orders
+           GROUP BY client_id ORDER BY traded DESC, client_id LIMIT 2;
+         CREATE EXTERNAL TABLE symbols STORED AS KAFKA LOCATION '{servers}'
+           OPTIONS ('topic' 'symbols', 'kafka.batch.num.messages' '1', 'trigger' 'available-now');
+         INSERT INTO symbols SELECT CAST(order_id AS VARCHAR) AS key, symbol AS value FROM orders;",
+        source_ddl(&input, false),
+        servers = broker.servers()
+    );
+    let engine = Engine::new();
+    for q in engine.execute(&script).await.unwrap() {
+        q.await_termination().await.unwrap();
+    }
+    drop(tmp);
+    assert_eq!(
+        read_back(&broker, "metrics").await,
+        [
+            (
+                "TOP5CLIENTS".to_string(),
+                r#"{"client_id":101,"traded":20.0}"#.to_string()
+            ),
+            (
+                "TOP5CLIENTS".to_string(),
+                r#"{"client_id":102,"traded":5.0}"#.to_string()
+            ),
+        ]
+    );
+    assert_eq!(
+        read_back(&broker, "symbols").await,
+        [
+            ("1".to_string(), "AAPL".to_string()),
+            ("2".to_string(), "MSFT".to_string()),
+            ("3".to_string(), "AAPL".to_string()),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_sink_without_a_topic_is_refused() {
+    let (_tmp, input) = tmp_source();
+    let err = Engine::new()
+        .execute(&format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS KAFKA LOCATION '127.0.0.1:1';
+             INSERT INTO out SELECT symbol FROM orders;",
+            source_ddl(&input, false)
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no topic"), "{err}");
+}

@@ -3,6 +3,7 @@
 pub mod console;
 pub mod file;
 pub mod foreach;
+pub mod kafka;
 pub mod memory;
 
 use std::fmt::Debug;
