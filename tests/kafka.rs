@@ -368,12 +368,11 @@ async fn the_kafka_sink_publishes_rows_as_json_or_as_key_and_value() {
     );
     let script = format!(
         "{} CREATE EXTERNAL TABLE metrics STORED AS KAFKA LOCATION '{servers}'
-           OPTIONS ('topic' 'metrics', 'key' 'TOP5CLIENTS', 'outputMode' 'complete',
-                    'kafka.batch.num.messages' '1', 'trigger' 'available-now');
+           OPTIONS ('topic' 'metrics', 'key' 'TOP5CLIENTS', 'outputMode' 'complete', 'trigger' 'available-now');
          INSERT INTO metrics SELECT client_id, sum(amount * price) AS traded FROM orders
            GROUP BY client_id ORDER BY traded DESC, client_id LIMIT 2;
          CREATE EXTERNAL TABLE symbols STORED AS KAFKA LOCATION '{servers}'
-           OPTIONS ('topic' 'symbols', 'kafka.batch.num.messages' '1', 'trigger' 'available-now');
+           OPTIONS ('topic' 'symbols', 'trigger' 'available-now');
          INSERT INTO symbols SELECT CAST(order_id AS VARCHAR) AS key, symbol AS value FROM orders;",
         source_ddl(&input, false),
         servers = broker.servers()
@@ -419,4 +418,61 @@ async fn a_kafka_sink_without_a_topic_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no topic"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brook_run_publishes_the_dashboard_from_orders_to_metrics() {
+    let broker = Broker::start();
+    broker.create_topic("orders", 4).await;
+    broker.create_topic("metrics", 1).await;
+    let lines = orders(3_000);
+    broker.produce("orders", 4, &lines);
+    let (tmp, _) = tmp_source();
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/queries/dashboard_kafka_metrics.sql"
+    ))
+    .unwrap()
+    .replace("'127.0.0.1:9092'", &format!("'{}'", broker.servers()));
+    let file = tmp.path().join("dashboard.sql");
+    std::fs::write(&file, sql).unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["run", file.to_str().unwrap(), "--trigger", "available-now"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let metrics = read_back(&broker, "metrics").await;
+    let keyed = |key: &str| -> Vec<serde_json::Value> {
+        metrics
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| serde_json::from_str(v).unwrap())
+            .collect()
+    };
+    let top_clients = keyed("TOP5CLIENTS");
+    assert_eq!(top_clients.len(), 5, "one complete-mode batch: the top 5");
+    assert!(
+        top_clients
+            .iter()
+            .all(|v| v["client_id"].is_i64() && v["traded"].is_f64())
+    );
+    let seconds = keyed("BUYS_SELLS");
+    assert!(seconds.len() > 250, "{}", seconds.len());
+    let counted: i64 = seconds
+        .iter()
+        .map(|v| v["buys"].as_i64().unwrap() + v["sells"].as_i64().unwrap())
+        .sum();
+    assert!(counted > 2_500 && counted < 3_000, "{counted}");
+    let stocks = keyed("TOP5STOCKS");
+    assert!(!stocks.is_empty());
+    assert!(stocks.iter().all(|v| v["rank"].as_i64().unwrap() <= 5));
+    assert_eq!(
+        metrics.len(),
+        top_clients.len() + seconds.len() + stocks.len()
+    );
 }

@@ -64,7 +64,10 @@ impl KafkaSink {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &options.bootstrap_servers)
-            .set("enable.idempotence", "true");
+            .set("enable.idempotence", "true")
+            // One record per request unless 'kafka.batch.num.messages' says otherwise:
+            // some Kafka-protocol brokers (tansu 0.6) track offsets per batch.
+            .set("batch.num.messages", "1");
         for (k, v) in &options.client {
             config.set(k, v);
         }
