@@ -476,3 +476,41 @@ async fn brook_run_publishes_the_dashboard_from_orders_to_metrics() {
         top_clients.len() + seconds.len() + stocks.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_value_is_counted_or_named_by_partition_and_offset() {
+    let broker = Broker::start();
+    broker.create_topic("orders", 1).await;
+    let mut lines = orders(20);
+    lines[13] = "2016-03-22 20:25:30,14,7,AAPL,many,1.0,B".to_string();
+    broker.produce("orders", 1, &lines);
+    let source = |mode: &str| {
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+             client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR) \
+             STORED AS KAFKA LOCATION '{}' OPTIONS ('subscribe' 'orders', 'format' 'csv', \
+             'mode' '{mode}');
+             CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION '' OPTIONS ('trigger' 'available-now');
+             INSERT INTO ids SELECT order_id FROM orders;",
+            broker.servers()
+        )
+    };
+    let engine = Engine::new();
+    let q = engine
+        .execute(&source("DROPMALFORMED"))
+        .await
+        .unwrap()
+        .remove(0);
+    q.await_termination().await.unwrap();
+    let p = q.last_progress().unwrap();
+    assert_eq!((p.num_input_rows, p.num_malformed_rows), (19, 1));
+    assert_eq!(p.malformed_samples[0].file, "orders-0 offset 13");
+
+    let engine = Engine::new();
+    let q = engine.execute(&source("FAILFAST")).await.unwrap().remove(0);
+    let err = q.await_termination().await.unwrap_err().to_string();
+    assert!(
+        err.contains("orders-0 offset 13") && err.contains("amount"),
+        "{err}"
+    );
+}

@@ -215,15 +215,27 @@ impl KafkaSource {
             text.extend_from_slice(r.value.as_deref().unwrap_or_default());
             text.push(b'\n');
         }
-        let first = records.first().map_or(0, |r| r.offset);
-        let name = format!("{topic}-{partition}@{first}");
-        let decoded = decoder.decode(&name, Bytes::from(text))?;
+        // Messages name a record by its offset rather than a line of the text.
+        let at = |line: u64| {
+            let offset = records
+                .get(line.saturating_sub(1) as usize)
+                .map_or(-1, |r| r.offset);
+            format!("{topic}-{partition} offset {offset}")
+        };
+        let decoded = match decoder.decode(&format!("{topic}-{partition}"), Bytes::from(text)) {
+            Err(BrookError::Malformed { line, reason, .. }) => {
+                return Err(BrookError::Malformed {
+                    file: at(line),
+                    line: 1,
+                    reason,
+                });
+            }
+            other => other?,
+        };
         let mut malformed = decoded.malformed;
         for s in &mut malformed.samples {
-            if let Some(r) = records.get(s.line.saturating_sub(1) as usize) {
-                s.file = format!("{topic}-{partition} offset {}", r.offset);
-                s.line = 1;
-            }
+            s.file = at(s.line);
+            s.line = 1;
         }
         Ok((vec![decoded.batch], malformed))
     }
