@@ -13,7 +13,7 @@ use crate::options::Options;
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions, ValueFormat};
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::format::Decoder;
-use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, kafka_schema};
+use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, kafka_schema};
 use crate::source::location::Location;
 use crate::source::{
     CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, StreamSource,
@@ -52,6 +52,7 @@ const KAFKA_SINK_OPTIONS: &[&str] = &["topic", "format", "key"];
 /// Options of a Kafka source table (besides `kafka.*`, passed to the client).
 const KAFKA_SOURCE_OPTIONS: &[&str] = &[
     "subscribe",
+    "subscribePattern",
     "topic",
     "startingOffsets",
     "maxOffsetsPerTrigger",
@@ -150,20 +151,35 @@ impl SourceDef {
         let what = format!("Kafka source table '{name}'");
         options.reject_unknown_but(KAFKA_SOURCE_OPTIONS, "kafka.", &what)?;
         let (servers, client) = kafka_client(cmd, options, &what)?;
-        let topics: Vec<String> = options
-            .get("subscribe")
-            .or_else(|| options.get("topic"))
-            .map(|t| {
-                t.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if topics.is_empty() {
+        let topics = match (
+            options.get("subscribe").or_else(|| options.get("topic")),
+            options.get("subscribePattern"),
+        ) {
+            (Some(list), None) => Topics::List(
+                list.split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+            ),
+            (None, Some(pattern)) => Topics::Pattern(
+                regex::Regex::new(&format!("^(?:{pattern})$"))
+                    .map_err(|e| BrookError::option("subscribePattern", e.to_string()))?,
+            ),
+            (Some(_), Some(_)) => {
+                return Err(BrookError::option(
+                    "subscribePattern",
+                    format!("{what}: give 'subscribe' or 'subscribePattern', not both"),
+                ));
+            }
+            (None, None) => Topics::List(vec![]),
+        };
+        if matches!(&topics, Topics::List(t) if t.is_empty()) {
             return Err(BrookError::option(
                 "subscribe",
-                format!("{what} needs the topics to read, e.g. 'subscribe' 'orders'"),
+                format!(
+                    "{what} needs the topics to read, e.g. 'subscribe' 'orders' or \
+                     'subscribePattern' 'orders-.*'"
+                ),
             ));
         }
         let starting_offsets = match options.get_or("startingOffsets", "earliest").trim() {
@@ -248,7 +264,7 @@ impl SourceDef {
             Some((k, raw)) => format!(
                 "KAFKA {} [{}] value {}",
                 k.bootstrap_servers,
-                k.topics.join(", "),
+                k.topics,
                 if *raw { "raw" } else { self.format.name() }
             ),
             None if self.location.contains("://") => {

@@ -514,3 +514,32 @@ async fn a_malformed_value_is_counted_or_named_by_partition_and_offset() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_picks_up_new_topics_from_their_start() {
+    let broker = Broker::start();
+    broker.create_topic("events-a", 1).await;
+    broker.create_topic("other", 1).await;
+    broker.produce("events-a", 1, &["a0".to_string(), "a1".to_string()]);
+    broker.produce("other", 1, &["x".to_string()]);
+    let (tmp, _) = tmp_source();
+    let output = tmp.path().join("out");
+    let engine = Engine::new();
+    let q = engine
+        .execute(
+            &offsets_sql(&broker.servers(), "", &output, "")
+                .replace("'subscribe' ''", "'subscribePattern' 'events-.*'"),
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    q.process_all_available().await.unwrap();
+    broker.create_topic("events-b", 1).await;
+    broker.produce("events-b", 1, &["b0".to_string()]);
+    broker.produce("events-a", 1, &["a2".to_string()]);
+    q.process_all_available().await.unwrap();
+    q.stop().await.unwrap();
+    let mut values: Vec<String> = json_rows(&output).into_iter().map(|r| r.2).collect();
+    values.sort();
+    assert_eq!(values, ["a0", "a1", "a2", "b0"]);
+}

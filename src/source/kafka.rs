@@ -36,10 +36,28 @@ pub enum StartingOffsets {
     Given(BTreeMap<String, BTreeMap<i32, i64>>),
 }
 
+/// Which topics a source reads.
+#[derive(Debug, Clone)]
+pub enum Topics {
+    /// Spark's `subscribe`: these topics, which must exist.
+    List(Vec<String>),
+    /// Spark's `subscribePattern`: every topic whose whole name matches, as topics come and go.
+    Pattern(regex::Regex),
+}
+
+impl std::fmt::Display for Topics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Topics::List(t) => write!(f, "{}", t.join(",")),
+            Topics::Pattern(p) => write!(f, "pattern {}", p.as_str()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KafkaOptions {
     pub bootstrap_servers: String,
-    pub topics: Vec<String>,
+    pub topics: Topics,
     pub starting_offsets: StartingOffsets,
     pub max_offsets_per_trigger: Option<u64>,
     pub fail_on_data_loss: bool,
@@ -129,8 +147,7 @@ impl KafkaSource {
         BrookError::Source {
             location: format!(
                 "kafka {} {}",
-                self.options.bootstrap_servers,
-                self.options.topics.join(",")
+                self.options.bootstrap_servers, self.options.topics
             ),
             message: message.into(),
         }
@@ -154,9 +171,20 @@ impl KafkaSource {
 
     /// Low and high watermarks of every partition of the source's topics.
     async fn watermarks(&self) -> Result<BTreeMap<String, BTreeMap<i32, (i64, i64)>>> {
-        let topics = self.options.topics.clone();
+        let wanted = self.options.topics.clone();
         let servers = self.options.bootstrap_servers.clone();
         self.blocking(move |consumer| {
+            let topics = match &wanted {
+                Topics::List(list) => list.clone(),
+                Topics::Pattern(pattern) => consumer
+                    .fetch_metadata(None, METADATA_TIMEOUT)
+                    .map_err(|e| unreachable_broker(&servers, e))?
+                    .topics()
+                    .iter()
+                    .map(|t| t.name().to_string())
+                    .filter(|name| pattern.is_match(name))
+                    .collect(),
+            };
             let mut out = BTreeMap::new();
             for topic in &topics {
                 let metadata = consumer
@@ -395,8 +423,7 @@ impl StreamSource for KafkaSource {
     fn describe(&self) -> String {
         format!(
             "KafkaSource[{} {}]",
-            self.options.bootstrap_servers,
-            self.options.topics.join(",")
+            self.options.bootstrap_servers, self.options.topics
         )
     }
 
