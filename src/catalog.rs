@@ -47,7 +47,13 @@ const SINK_OPTIONS: &[&str] = &[
 ];
 
 /// Options of a Kafka sink table, besides the general ones and `kafka.*`.
-const KAFKA_SINK_OPTIONS: &[&str] = &["topic", "format", "key"];
+const KAFKA_SINK_OPTIONS: &[&str] = &[
+    "topic",
+    "format",
+    "key",
+    "deliveryGuarantee",
+    "transactionalIdPrefix",
+];
 
 /// Options of a Kafka source table (besides `kafka.*`, passed to the client).
 const KAFKA_SOURCE_OPTIONS: &[&str] = &[
@@ -58,6 +64,7 @@ const KAFKA_SOURCE_OPTIONS: &[&str] = &[
     "maxOffsetsPerTrigger",
     "failOnDataLoss",
     "pollTimeout",
+    "includeHeaders",
     "format",
     "mode",
     "columnNameOfCorruptRecord",
@@ -207,20 +214,23 @@ impl SourceDef {
                 .map_err(|e| BrookError::option("pollTimeout", e.to_string()))?,
             None => std::time::Duration::from_secs(120),
         };
+        let include_headers = options.bool("includeHeaders", false)?;
         let (format, raw, schema) = match options
             .get_or("format", "raw")
             .to_ascii_lowercase()
             .as_str()
         {
             "raw" => {
-                if !declared.fields().is_empty() && declared != kafka_schema() {
+                let schema = kafka_schema(include_headers);
+                if !declared.fields().is_empty() && declared != schema {
                     return Err(BrookError::sql(format!(
                         "{what}: with format 'raw' the table has Kafka's columns (key, value, \
-                         topic, partition, offset, timestamp, timestampType): declare no columns, \
-                         or set 'format' to 'csv' or 'json' to parse value into yours"
+                         topic, partition, offset, timestamp, timestampType, and headers with \
+                         'includeHeaders'): declare no columns, or set 'format' to 'csv' or \
+                         'json' to parse value into yours"
                     )));
                 }
-                (FileFormat::Text, true, kafka_schema())
+                (FileFormat::Text, true, schema)
             }
             "csv" => (FileFormat::Csv(csv_options(options)?), false, declared),
             "json" => (FileFormat::Json, false, declared),
@@ -239,6 +249,7 @@ impl SourceDef {
             fail_on_data_loss: options.bool("failOnDataLoss", true)?,
             client,
             poll_timeout,
+            include_headers,
         };
         let def = Self {
             name,
@@ -469,12 +480,39 @@ impl SinkDef {
                         ));
                     }
                 };
+                let topic = options.get("topic").map(str::to_string);
+                let exactly_once = match options
+                    .get_or("deliveryGuarantee", "at-least-once")
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
+                    "at-least-once" => None,
+                    "exactly-once" if topic.is_none() => {
+                        return Err(BrookError::option(
+                            "deliveryGuarantee",
+                            format!(
+                                "{what}: exactly-once needs the 'topic' option (a transaction \
+                                 records its batch id in that topic's consumer group)"
+                            ),
+                        ));
+                    }
+                    "exactly-once" => {
+                        Some(options.get_or("transactionalIdPrefix", "brook").to_string())
+                    }
+                    other => {
+                        return Err(BrookError::option(
+                            "deliveryGuarantee",
+                            format!("expected at-least-once or exactly-once, found '{other}'"),
+                        ));
+                    }
+                };
                 SinkKind::Kafka(KafkaSinkOptions {
                     bootstrap_servers,
-                    topic: options.get("topic").map(str::to_string),
+                    topic,
                     format,
                     key: options.get("key").map(str::to_string),
                     client,
+                    exactly_once,
                 })
             }
             "CONSOLE" => SinkKind::Console {

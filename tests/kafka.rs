@@ -543,3 +543,265 @@ async fn a_pattern_picks_up_new_topics_from_their_start() {
     values.sort();
     assert_eq!(values, ["a0", "a1", "a2", "b0"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_waits_for_a_stopped_broker_and_notices_the_topic_was_recreated() {
+    let mut broker = Broker::start();
+    broker.create_topic("events", 1).await;
+    let first: Vec<String> = (0..10).map(|i| format!("first {i}")).collect();
+    broker.produce("events", 1, &first);
+    let (tmp, _) = tmp_source();
+    let output = tmp.path().join("out");
+    let engine = Engine::new();
+    let q = engine
+        .execute(&offsets_sql(
+            &broker.servers(),
+            "events",
+            &output,
+            ", 'failOnDataLoss' 'false', 'pollTimeout' '2 minutes'",
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    q.process_all_available().await.unwrap();
+
+    // The broker goes away: the query keeps running, waiting for it.
+    broker.stop();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(q.is_active(), "{:?}", q.exception());
+
+    // It comes back empty (in-memory storage): the topic is recreated with fewer
+    // records than were read, which the query reports and reads from the start.
+    broker.restart();
+    broker.create_topic("events", 1).await;
+    let second: Vec<String> = (0..3).map(|i| format!("second {i}")).collect();
+    broker.produce("events", 1, &second);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while json_rows(&output).len() < 13 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            json_rows(&output)
+        );
+        assert!(q.is_active(), "{:?}", q.exception());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    q.stop().await.unwrap();
+    let mut values: Vec<String> = json_rows(&output).into_iter().map(|r| r.2).collect();
+    values.sort();
+    let mut expected = [first, second].concat();
+    expected.sort();
+    assert_eq!(values, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_waits_through_a_broker_restart_and_loses_nothing() {
+    let storage = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start_persistent(storage.path());
+    broker.create_topic("events", 2).await;
+    let first: Vec<String> = (0..20).map(|i| format!("first {i}")).collect();
+    broker.produce("events", 2, &first);
+    let (tmp, _) = tmp_source();
+    let output = tmp.path().join("out");
+    let engine = Engine::new();
+    let q = engine
+        .execute(&offsets_sql(
+            &broker.servers(),
+            "events",
+            &output,
+            ", 'pollTimeout' '2 minutes'",
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    q.process_all_available().await.unwrap();
+    assert_eq!(json_rows(&output).len(), 20);
+
+    broker.stop();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(q.is_active(), "{:?}", q.exception());
+
+    // Back with its data: the query goes on from where it was, failOnDataLoss on.
+    broker.restart();
+    let second: Vec<String> = (0..10).map(|i| format!("second {i}")).collect();
+    broker.produce("events", 2, &second);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while json_rows(&output).len() < 30 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            json_rows(&output)
+        );
+        assert!(q.is_active(), "{:?}", q.exception());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    q.stop().await.unwrap();
+    let rows = json_rows(&output);
+    let mut values: Vec<String> = rows.iter().map(|r| r.2.clone()).collect();
+    values.sort();
+    let mut expected = [first, second].concat();
+    expected.sort();
+    assert_eq!(values, expected, "every record once");
+    for p in 0..2 {
+        let offsets: Vec<i64> = rows.iter().filter(|r| r.0 == p).map(|r| r.1).collect();
+        assert_eq!(offsets, (0..15).collect::<Vec<i64>>(), "partition {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_read_with_include_headers_and_written_by_the_sink() {
+    let broker = Broker::start();
+    broker.create_topic("in", 1).await;
+    broker.create_topic("copy", 1).await;
+    broker.produce_with_headers(
+        "in",
+        1,
+        &[("a", &[("trace", "t1"), ("source", "desk 4")]), ("b", &[])],
+    );
+    let engine = Engine::with_overrides(brook::Overrides {
+        trigger: Some(brook::Trigger::AvailableNow),
+        ..Default::default()
+    });
+    let servers = broker.servers();
+    for q in engine
+        .execute(&format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE src STORED AS KAFKA LOCATION '{servers}'
+               OPTIONS ('subscribe' 'in', 'includeHeaders' 'true');
+             CREATE EXTERNAL TABLE copy STORED AS KAFKA LOCATION '{servers}'
+               OPTIONS ('topic' 'copy');
+             INSERT INTO copy SELECT key, value, headers FROM src;"
+        ))
+        .await
+        .unwrap()
+    {
+        q.await_termination().await.unwrap();
+    }
+    let q = engine
+        .execute(&format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE back STORED AS KAFKA LOCATION '{servers}'
+               OPTIONS ('subscribe' 'copy', 'includeHeaders' 'true');
+             CREATE EXTERNAL TABLE seen STORED AS MEMORY LOCATION '';
+             INSERT INTO seen SELECT CAST(value AS VARCHAR) AS v,
+               array_length(headers) AS n,
+               headers[1]['key'] AS k1, CAST(headers[1]['value'] AS VARCHAR) AS v1,
+               headers[2]['key'] AS k2, CAST(headers[2]['value'] AS VARCHAR) AS v2
+             FROM back;"
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    q.await_termination().await.unwrap();
+    let seen = engine.sql("SELECT * FROM seen ORDER BY v").await.unwrap();
+    assert_eq!(
+        table(&seen),
+        rows(&[
+            &["a", "2", "trace", "t1", "source", "desk 4"],
+            &["b", "NULL", "NULL", "NULL", "NULL", "NULL"],
+        ])
+    );
+}
+
+/// Runs `brook run sql --checkpoint ckpt` to the end of its input; with `pause`,
+/// SIGKILLs it where `BROOK_PAUSE_AT` stops it instead.
+fn run_brook(sql: &std::path::Path, checkpoint: &std::path::Path, pause: Option<&str>) {
+    use std::io::BufRead;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_brook"));
+    command
+        .args(["run", sql.to_str().unwrap(), "--trigger", "available-now"])
+        .args(["--checkpoint", checkpoint.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(at) = pause {
+        command.env("BROOK_PAUSE_AT", at);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    for line in stderr.lines().map_while(Result::ok) {
+        if line.starts_with("brook: paused at ") {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(pause.is_none(), "never paused at {pause:?}: {text}");
+    assert!(status.success(), "{text}");
+}
+
+/// Order ids the sink published to `topic` after `brook run` was killed once
+/// between sending batch 1 and committing it, then restarted.
+async fn published_after_a_crash(broker: &Broker, topic: &str) -> Vec<i64> {
+    broker.create_topic(topic, 1).await;
+    let (tmp, input) = tmp_source();
+    for f in 0..3 {
+        let lines: Vec<String> = (0..5)
+            .map(|i| order("20:00:01", f * 5 + i, "AAPL", 1, 1.0, "B"))
+            .collect();
+        put(&input, &format!("{f}.csv"), &lines);
+    }
+    let sql = tmp.path().join("publish.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS KAFKA LOCATION '{}'
+               OPTIONS ('topic' '{topic}', 'queryName' 'publish');
+             INSERT INTO out SELECT CAST(order_id AS VARCHAR) AS value FROM orders;",
+            source_ddl(&input, false),
+            broker.servers()
+        ),
+    )
+    .unwrap();
+    let checkpoint = tmp.path().join("ckpt");
+    // Batch 1 is in the topic, not committed in the checkpoint.
+    run_brook(&sql, &checkpoint, Some("publish/sink:1"));
+    run_brook(&sql, &checkpoint, None);
+    let mut ids: Vec<i64> = read_back(broker, topic)
+        .await
+        .into_iter()
+        .map(|(_, v)| v.parse().unwrap())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_a_batch_rerun_after_a_crash_is_sent_again() {
+    let broker = Broker::start();
+    let mut expected: Vec<i64> = (0..15).chain(5..10).collect();
+    expected.sort();
+    assert_eq!(published_after_a_crash(&broker, "at_least").await, expected);
+}
+
+/// tansu 0.6 does not handle EndTxn: exactly once is refused before any batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_on_a_broker_without_transactions_is_refused_at_start() {
+    let broker = Broker::start();
+    broker.create_topic("exactly", 1).await;
+    let (_tmp, input) = tmp_source();
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 1, 1.0, "B")],
+    );
+    let err = Engine::new()
+        .execute(&format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS KAFKA LOCATION '{}'
+               OPTIONS ('topic' 'exactly', 'deliveryGuarantee' 'exactly-once');
+             INSERT INTO out SELECT symbol AS value FROM orders;",
+            source_ddl(&input, false),
+            broker.servers()
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exactly-once delivery needs Kafka transactions")
+            && err.contains("cannot complete a transaction")
+            && err.contains("'at-least-once'"),
+        "{err}"
+    );
+    assert!(read_back(&broker, "exactly").await.is_empty());
+}

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use datafusion::arrow::array::{
-    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMillisecondBuilder,
+    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    StructBuilder, TimestampMillisecondBuilder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Message, Timestamp};
+use rdkafka::message::{Headers, Message, Timestamp};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -65,11 +65,29 @@ pub struct KafkaOptions {
     pub client: BTreeMap<String, String>,
     /// How long a read waits for records the broker said exist (e.g. while it restarts).
     pub poll_timeout: Duration,
+    /// Spark's `includeHeaders`: a `headers` column of (key, value) pairs.
+    pub include_headers: bool,
 }
 
-/// The columns of a Kafka table read without a value format (Spark's).
-pub fn kafka_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+/// The type of the `headers` column: Spark's `array<struct<key: string, value: binary>>`.
+pub fn headers_type() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(
+        DataType::Struct(header_fields()),
+        true,
+    )))
+}
+
+fn header_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::Binary, true),
+    ])
+}
+
+/// The columns of a Kafka table read without a value format (Spark's), with
+/// `headers` last when asked for.
+pub fn kafka_schema(include_headers: bool) -> SchemaRef {
+    let mut fields = vec![
         Field::new("key", DataType::Binary, true),
         Field::new("value", DataType::Binary, true),
         Field::new("topic", DataType::Utf8, false),
@@ -81,7 +99,11 @@ pub fn kafka_schema() -> SchemaRef {
             true,
         ),
         Field::new("timestampType", DataType::Int32, false),
-    ]))
+    ];
+    if include_headers {
+        fields.push(Field::new("headers", headers_type(), true));
+    }
+    Arc::new(Schema::new(fields))
 }
 
 /// Next offset to read per topic and partition.
@@ -105,6 +127,11 @@ pub struct KafkaSource {
     positions: Positions,
     /// Set by the available-now trigger: the end offsets batches may reach.
     snapshot: Option<Positions>,
+    /// When the broker stopped answering, while it does not: the query waits up
+    /// to `poll_timeout` for it to come back.
+    unreachable_since: Option<Instant>,
+    /// Topics deleted while the query ran (with `failOnDataLoss` off).
+    gone: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -130,9 +157,10 @@ impl KafkaSource {
             location: options.bootstrap_servers.clone(),
             message: format!("cannot create a Kafka client: {e}"),
         })?;
-        let schema = decoder
-            .as_ref()
-            .map_or_else(kafka_schema, |d| d.schema.clone());
+        let schema = decoder.as_ref().map_or_else(
+            || kafka_schema(options.include_headers),
+            |d| d.schema.clone(),
+        );
         Ok(Self {
             options,
             decoder: decoder.map(Arc::new),
@@ -140,6 +168,8 @@ impl KafkaSource {
             consumer: Arc::new(Mutex::new(consumer)),
             positions: Positions::new(),
             snapshot: None,
+            unreachable_since: None,
+            gone: Default::default(),
         })
     }
 
@@ -169,54 +199,54 @@ impl KafkaSource {
         .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
     }
 
-    /// Low and high watermarks of every partition of the source's topics.
-    async fn watermarks(&self) -> Result<BTreeMap<String, BTreeMap<i32, (i64, i64)>>> {
+    /// Low and high watermarks of every partition of the source's topics, and
+    /// the subscribed topics that do not exist; the inner error is a broker that
+    /// does not answer, which a running query waits out.
+    async fn try_watermarks(
+        &self,
+    ) -> Result<std::result::Result<(Marks, Vec<String>), BrookError>> {
         let wanted = self.options.topics.clone();
         let servers = self.options.bootstrap_servers.clone();
         self.blocking(move |consumer| {
-            let topics = match &wanted {
-                Topics::List(list) => list.clone(),
-                Topics::Pattern(pattern) => consumer
-                    .fetch_metadata(None, METADATA_TIMEOUT)
-                    .map_err(|e| unreachable_broker(&servers, e))?
-                    .topics()
-                    .iter()
-                    .map(|t| t.name().to_string())
-                    .filter(|name| pattern.is_match(name))
-                    .collect(),
-            };
-            let mut out = BTreeMap::new();
-            for topic in &topics {
-                let metadata = consumer
-                    .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-                    .map_err(|e| unreachable_broker(&servers, e))?;
-                let partitions: Vec<i32> = metadata
-                    .topics()
-                    .iter()
-                    .filter(|t| t.name() == topic && t.error().is_none())
-                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                    .collect();
-                if partitions.is_empty() {
-                    return Err(BrookError::Source {
-                        location: format!("kafka {servers} {topic}"),
-                        message: format!(
-                            "topic '{topic}' does not exist (or has no partitions); create it \
-                             first, or fix the 'subscribe' option"
-                        ),
-                    });
-                }
-                let mut marks = BTreeMap::new();
-                for p in partitions {
-                    let wm = consumer
-                        .fetch_watermarks(topic, p, METADATA_TIMEOUT)
-                        .map_err(|e| unreachable_broker(&servers, e))?;
-                    marks.insert(p, wm);
-                }
-                out.insert(topic.clone(), marks);
-            }
-            Ok(out)
+            Ok(query_marks(consumer, &wanted).map_err(|e| unreachable_broker(&servers, e)))
         })
         .await
+    }
+
+    /// The watermarks, failing on a broker that does not answer or a missing topic.
+    async fn watermarks(&self) -> Result<Marks> {
+        let (marks, missing) = self.try_watermarks().await??;
+        match missing.first() {
+            None => Ok(marks),
+            Some(topic) => Err(self.error(format!(
+                "topic '{topic}' does not exist (or has no partitions); create it first, \
+                 or fix the 'subscribe' option"
+            ))),
+        }
+    }
+
+    /// A subscribed topic is missing while the query runs. One it has read from
+    /// was deleted: data loss (an error, or with `failOnDataLoss` off a warning,
+    /// reading it from the start if it comes back); one it never saw is an error.
+    fn topic_gone(&mut self, topic: &str) -> Result<()> {
+        let what = format!("topic '{topic}' does not exist (or has no partitions)");
+        if self.gone.contains(topic) {
+            return Ok(());
+        }
+        if self.positions.remove(topic).is_none() {
+            return Err(self.error(format!(
+                "{what}; create it first, or fix the 'subscribe' option"
+            )));
+        }
+        if self.options.fail_on_data_loss {
+            return Err(self.error(format!(
+                "data loss: {what} any more: it was deleted; set 'failOnDataLoss' to 'false' \
+                 to go on (reading it from its start if it is created again)"
+            )));
+        }
+        tracing::warn!("{what} any more; it is read from its start if it is created again");
+        self.gone.insert(topic.to_string());
+        Ok(())
     }
 
     fn parse_ranges(&self, offset: &SourceOffset) -> Result<Ranges> {
@@ -269,6 +299,47 @@ impl KafkaSource {
     }
 }
 
+type Marks = BTreeMap<String, BTreeMap<i32, (i64, i64)>>;
+
+/// Asks the broker for the topics' partitions and their watermarks, and which
+/// subscribed topics do not exist.
+fn query_marks(
+    consumer: &BaseConsumer,
+    wanted: &Topics,
+) -> std::result::Result<(Marks, Vec<String>), rdkafka::error::KafkaError> {
+    let topics = match wanted {
+        Topics::List(list) => list.clone(),
+        Topics::Pattern(pattern) => consumer
+            .fetch_metadata(None, METADATA_TIMEOUT)?
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|name| pattern.is_match(name))
+            .collect(),
+    };
+    let mut out = BTreeMap::new();
+    let mut missing = vec![];
+    for topic in &topics {
+        let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            missing.push(topic.clone());
+            continue;
+        }
+        let mut marks = BTreeMap::new();
+        for p in partitions {
+            marks.insert(p, consumer.fetch_watermarks(topic, p, METADATA_TIMEOUT)?);
+        }
+        out.insert(topic.clone(), marks);
+    }
+    Ok((out, missing))
+}
+
 fn unreachable_broker(servers: &str, e: rdkafka::error::KafkaError) -> BrookError {
     BrookError::Source {
         location: format!("kafka {servers}"),
@@ -284,6 +355,7 @@ struct Record {
     offset: i64,
     timestamp: Option<i64>,
     timestamp_type: i32,
+    headers: Option<Vec<(String, Option<Vec<u8>>)>>,
 }
 
 fn raw_batch(
@@ -299,6 +371,10 @@ fn raw_batch(
     let mut offsets = Int64Builder::new();
     let mut times = TimestampMillisecondBuilder::new();
     let mut types = Int32Builder::new();
+    let mut headers =
+        ListBuilder::new(StructBuilder::from_fields(header_fields(), 0)).with_field(Arc::new(
+            Field::new_list_field(DataType::Struct(header_fields()), true),
+        ));
     for r in records {
         key.append_option(r.key.as_deref());
         value.append_option(r.value.as_deref());
@@ -307,8 +383,26 @@ fn raw_batch(
         offsets.append_value(r.offset);
         times.append_option(r.timestamp);
         types.append_value(r.timestamp_type);
+        match &r.headers {
+            None => headers.append_null(),
+            Some(pairs) => {
+                let entries = headers.values();
+                for (k, v) in pairs {
+                    entries
+                        .field_builder::<StringBuilder>(0)
+                        .ok_or_else(|| BrookError::Plan("headers: no key builder".into()))?
+                        .append_value(k);
+                    entries
+                        .field_builder::<BinaryBuilder>(1)
+                        .ok_or_else(|| BrookError::Plan("headers: no value builder".into()))?
+                        .append_option(v.as_deref());
+                    entries.append(true);
+                }
+                headers.append(true);
+            }
+        }
     }
-    let columns: Vec<ArrayRef> = vec![
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(key.finish()),
         Arc::new(value.finish()),
         Arc::new(topics.finish()),
@@ -317,6 +411,9 @@ fn raw_batch(
         Arc::new(times.finish()),
         Arc::new(types.finish()),
     ];
+    if schema.column_with_name("headers").is_some() {
+        columns.push(Arc::new(headers.finish()));
+    }
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
@@ -345,6 +442,11 @@ fn read_range(
     let mut last_progress = Instant::now();
     while expected < range.until {
         let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+            // Offsets no record is delivered for (transaction markers; aborted
+            // records when reading committed) move the client's position only.
+            if position(consumer, topic, partition) >= range.until {
+                break;
+            }
             if last_progress.elapsed() > timeout {
                 return Err(fail(format!(
                     "no records for {timeout:?} while reading offsets {expected}..{} (the broker \
@@ -401,7 +503,13 @@ fn read_range(
             Timestamp::CreateTime(t) => (Some(t), 0),
             Timestamp::LogAppendTime(t) => (Some(t), 1),
         };
+        let headers = message.headers().map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        });
         out.push(Record {
+            headers,
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
             offset,
@@ -412,6 +520,18 @@ fn read_range(
         last_progress = Instant::now();
     }
     Ok(out)
+}
+
+/// The next offset the client will fetch from `partition`.
+fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
+    match consumer
+        .position()
+        .ok()
+        .and_then(|tpl| tpl.find_partition(topic, partition).map(|p| p.offset()))
+    {
+        Some(Offset::Offset(next)) => next,
+        _ => -1,
+    }
 }
 
 #[async_trait]
@@ -473,7 +593,26 @@ impl StreamSource for KafkaSource {
     }
 
     async fn plan_batch(&mut self) -> Result<Option<SourceOffset>> {
-        let marks = self.watermarks().await?;
+        let marks = match self.try_watermarks().await? {
+            Ok((marks, missing)) => {
+                for topic in missing {
+                    self.topic_gone(&topic)?;
+                }
+                self.gone.retain(|t| !marks.contains_key(t));
+                if self.unreachable_since.take().is_some() {
+                    tracing::info!("{}: the broker answers again", self.describe());
+                }
+                marks
+            }
+            Err(e) => {
+                let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.options.poll_timeout {
+                    return Err(e);
+                }
+                tracing::warn!("{e}; waiting for it (up to 'pollTimeout')");
+                return Ok(None);
+            }
+        };
         let mut lags: Vec<(String, i32, i64, i64)> = vec![];
         for (topic, partitions) in &marks {
             for (p, (low, high)) in partitions {
@@ -500,6 +639,21 @@ impl StreamSource for KafkaSource {
                 let mut until = *high;
                 if let Some(limit) = self.snapshot.as_ref().and_then(|s| s.get(topic)?.get(p)) {
                     until = until.min(*limit);
+                }
+                if from > *high {
+                    let what = format!(
+                        "{topic}-{p} ends at offset {high}, before offset {from} that the query \
+                         reads next: the topic was deleted and created again, or the broker \
+                         lost records"
+                    );
+                    if self.options.fail_on_data_loss {
+                        return Err(self.error(format!(
+                            "data loss: {what}; set 'failOnDataLoss' to 'false' to read the \
+                             partition again from its start"
+                        )));
+                    }
+                    tracing::warn!("{what}; reading it again from offset {low}");
+                    from = *low;
                 }
                 if until > from {
                     lags.push((topic.clone(), *p, from, until));

@@ -1,6 +1,7 @@
 //! A real Kafka-protocol broker for tests: tansu, on a free 127.0.0.1 port, with
-//! in-memory storage. Installed into `target/tools` on first use when `tansu` is
-//! not on PATH (once per checkout; about 8 minutes on 2 cores).
+//! in-memory storage (or SQLite, for a broker that restarts). Installed into
+//! `target/tools` on first use when `tansu` is not on PATH (once per checkout;
+//! about 10 minutes on 2 cores).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 const TANSU_VERSION: &str = "0.6.0";
@@ -32,7 +34,7 @@ fn tansu() -> PathBuf {
         );
         let status = Command::new(env!("CARGO"))
             .args(["install", "tansu", "--version", TANSU_VERSION, "--locked"])
-            .args(["--features", "dynostore", "--root"])
+            .args(["--features", "dynostore,libsql", "--root"])
             .arg(&root)
             .status()
             .unwrap();
@@ -54,17 +56,42 @@ fn which(name: &str) -> Result<PathBuf, ()> {
 pub struct Broker {
     child: Child,
     pub port: u16,
+    storage: String,
+    dir: Option<PathBuf>,
 }
 
 impl Broker {
+    /// A broker keeping its topics in memory.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_on(free_port(), "memory://tansu/".into(), None)
+    }
+
+    /// A broker keeping its topics in a SQLite file under `dir`, so that they
+    /// survive a restart.
+    pub fn start_persistent(dir: &std::path::Path) -> Self {
+        // tansu opens the SQLite file relative to its working directory.
+        Self::start_on(free_port(), "sqlite://tansu.db".into(), Some(dir.into()))
+    }
+
+    /// Stops the broker (in memory, its topics are lost with it).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Self::start_on(self.port, self.storage.clone(), self.dir.take());
+    }
+
+    fn start_on(port: u16, storage: String, dir: Option<PathBuf>) -> Self {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu())
+        let mut command = Command::new(tansu());
+        if let Some(dir) = &dir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args([
                 "broker",
                 "--listener-url",
@@ -72,7 +99,7 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
             ])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", &storage])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -85,7 +112,12 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, port }
+        Self {
+            child,
+            port,
+            storage,
+            dir,
+        }
     }
 
     pub fn servers(&self) -> String {
@@ -117,17 +149,39 @@ impl Broker {
     /// record per producer batch (tansu skips to the next batch when a fetch
     /// starts inside one, so a consumer resuming at an exact offset needs this).
     pub fn produce(&self, topic: &str, partitions: i32, values: &[String]) {
+        let records: Vec<(&str, &[(&str, &str)])> =
+            values.iter().map(|v| (v.as_str(), &[][..])).collect();
+        self.produce_with_headers(topic, partitions, &records);
+    }
+
+    /// As `produce`, each value with its headers.
+    pub fn produce_with_headers(
+        &self,
+        topic: &str,
+        partitions: i32,
+        records: &[(&str, &[(&str, &str)])],
+    ) {
         let producer: ThreadedProducer<DefaultProducerContext> = self
             .config()
             .set("batch.num.messages", "1")
             .set("linger.ms", "0")
             .create()
             .unwrap();
-        for (i, v) in values.iter().enumerate() {
+        for (i, (v, headers)) in records.iter().enumerate() {
             let partition = i as i32 % partitions;
             let mut record = BaseRecord::<(), str>::to(topic)
-                .payload(v)
+                .payload(*v)
                 .partition(partition);
+            if !headers.is_empty() {
+                let mut owned = OwnedHeaders::new();
+                for (key, value) in *headers {
+                    owned = owned.insert(Header {
+                        key,
+                        value: Some(*value),
+                    });
+                }
+                record = record.headers(owned);
+            }
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
@@ -143,9 +197,16 @@ impl Broker {
     }
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
