@@ -805,3 +805,37 @@ async fn exactly_once_on_a_broker_without_transactions_is_refused_at_start() {
     );
     assert!(read_back(&broker, "exactly").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_lost_records_under_a_running_query_is_data_loss() {
+    let mut broker = Broker::start();
+    broker.create_topic("events", 1).await;
+    let first: Vec<String> = (0..10).map(|i| format!("first {i}")).collect();
+    broker.produce("events", 1, &first);
+    let (tmp, _) = tmp_source();
+    let output = tmp.path().join("out");
+    let q = Engine::new()
+        .execute(&offsets_sql(&broker.servers(), "events", &output, ""))
+        .await
+        .unwrap()
+        .remove(0);
+    q.process_all_available().await.unwrap();
+    broker.restart();
+    broker.create_topic("events", 1).await;
+    broker.produce("events", 1, &["second 0".to_string()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while q.is_active() {
+        assert!(std::time::Instant::now() < deadline, "still running");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let err = q.exception().unwrap();
+    assert!(
+        err.contains("data loss") && err.contains("failOnDataLoss"),
+        "{err}"
+    );
+    assert_eq!(
+        json_rows(&output).len(),
+        10,
+        "nothing after the loss is written"
+    );
+}
