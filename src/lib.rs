@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod dstream;
 pub mod duration;
 pub mod engine;
 pub mod error;

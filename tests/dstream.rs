@@ -1,0 +1,397 @@
+//! The DStream layer: operators against hand-computed batches.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use brook::datafusion::prelude::SessionContext;
+use brook::dstream::{DStream, Data, StateSpec, StreamingContext};
+
+const TICK: Duration = Duration::from_millis(100);
+
+type Seen<T> = Arc<Mutex<Vec<(i64, Vec<T>)>>>;
+
+/// Every batch `stream` yields, with its time.
+fn collect<T: Data>(stream: &DStream<T>) -> Seen<T> {
+    let seen: Seen<T> = Arc::default();
+    let sink = seen.clone();
+    stream.foreach_rdd(move |rows, time| {
+        sink.lock().unwrap().push((time, rows.to_vec()));
+        Ok(())
+    });
+    seen
+}
+
+fn batches<T: Clone>(seen: &Seen<T>) -> Vec<Vec<T>> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| b.clone())
+        .collect()
+}
+
+fn sorted<T: Ord + Clone>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
+async fn run(ctx: &StreamingContext, n: u64) {
+    ctx.start().unwrap();
+    ctx.await_batches(n).await.unwrap();
+    ctx.stop(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_and_pair_operators_per_batch() {
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let lines = ctx.queue_stream(
+        vec![
+            vec!["a b a".to_string(), "c".to_string()],
+            vec!["b b".to_string()],
+        ],
+        true,
+    );
+    let words = lines.flat_map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>());
+    let pairs = words.map(|w| (w.clone(), 1_i64));
+    let counts = collect(&pairs.reduce_by_key(|a, b| a + b));
+    let by_value = collect(&words.count_by_value());
+    let count = collect(&words.count());
+    let longest = collect(&lines.reduce(|a, b| {
+        if a.len() >= b.len() {
+            a.clone()
+        } else {
+            b.clone()
+        }
+    }));
+    let not_a = collect(&words.filter(|w| w != "a"));
+    let grouped = collect(&pairs.group_by_key());
+    let combined = collect(&pairs.combine_by_key(
+        |v| vec![*v],
+        |mut c, v| {
+            c.push(*v * 10);
+            c
+        },
+    ));
+    let doubled = collect(
+        &pairs
+            .map_values(|v| v * 2)
+            .flat_map_values(|v| vec![*v, *v + 1]),
+    );
+    let sizes = collect(&words.map_partitions(|rows| vec![rows.len()]));
+    let timed = collect(&words.transform(|rows, time| vec![(rows.len(), time)]));
+    let both = collect(&words.union(&lines));
+    let upper = words.map(|w| (w.clone(), w.to_uppercase()));
+    let joined = collect(&pairs.join(&upper));
+    let only_c = words.filter(|w| w == "c").map(|w| (w.clone(), true));
+    let left = collect(&pairs.left_outer_join(&only_c));
+    let co = collect(&pairs.cogroup(&only_c));
+    run(&ctx, 3).await;
+
+    assert_eq!(
+        batches(&counts)[..3],
+        [
+            vec![("a".into(), 2), ("b".into(), 1), ("c".into(), 1)],
+            vec![("b".into(), 2)],
+            vec![]
+        ]
+    );
+    assert_eq!(batches(&by_value)[..2], batches(&counts)[..2]);
+    assert_eq!(batches(&count)[..3], [vec![4], vec![2], vec![0]]);
+    assert_eq!(
+        batches(&longest)[..3],
+        [vec!["a b a".to_string()], vec!["b b".into()], vec![]]
+    );
+    assert_eq!(batches(&not_a)[0], ["b", "c"]);
+    assert_eq!(
+        batches(&grouped)[0],
+        [
+            ("a".into(), vec![1, 1]),
+            ("b".into(), vec![1]),
+            ("c".into(), vec![1])
+        ]
+    );
+    assert_eq!(batches(&combined)[1], [("b".to_string(), vec![1, 10])]);
+    assert_eq!(
+        batches(&doubled)[1],
+        [
+            ("b".to_string(), 2),
+            ("b".into(), 3),
+            ("b".into(), 2),
+            ("b".into(), 3)
+        ]
+    );
+    assert_eq!(batches(&sizes)[..3], [vec![4], vec![2], vec![0]]);
+    let t = timed.lock().unwrap().clone();
+    assert_eq!(t[0].1, [(4, t[0].0)], "transform sees the batch time");
+    assert_eq!(t[1].0 - t[0].0, 100, "batches are one interval apart");
+    assert_eq!(t[0].0 % 100, 0, "batch times are multiples of the interval");
+    assert_eq!(
+        sorted(batches(&both)[1].clone()),
+        ["b", "b", "b b"].map(String::from)
+    );
+    assert_eq!(
+        sorted(batches(&joined)[1].clone()),
+        [
+            ("b".to_string(), (1, "B".to_string())),
+            ("b".into(), (1, "B".into())),
+            ("b".into(), (1, "B".into())),
+            ("b".into(), (1, "B".into()))
+        ]
+    );
+    assert_eq!(
+        batches(&left)[0],
+        [
+            ("a".to_string(), (1, None)),
+            ("a".into(), (1, None)),
+            ("b".into(), (1, None)),
+            ("c".into(), (1, Some(true)))
+        ]
+    );
+    assert_eq!(
+        batches(&co)[0],
+        [
+            ("a".to_string(), (vec![1, 1], vec![])),
+            ("b".into(), (vec![1], vec![])),
+            ("c".into(), (vec![1], vec![true]))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_span_batches_and_emit_every_slide() {
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let input: Vec<Vec<i64>> = (1..=8).map(|i| vec![i]).collect();
+    let numbers = ctx.queue_stream(input, true);
+    let each = collect(&numbers);
+    let window = collect(&numbers.window(TICK * 3, TICK * 2));
+    let counted = collect(&numbers.count_by_window(TICK * 3, TICK));
+    let summed = collect(&numbers.reduce_by_window(|a, b| a + b, TICK * 3, TICK));
+    let keyed = numbers.map(|n| (n % 2, *n));
+    let by_key = collect(&keyed.reduce_by_key_and_window(|a, b| a + b, TICK * 3, TICK));
+    let by_key_inv = collect(&keyed.reduce_by_key_and_window_inv(
+        |a, b| a + b,
+        |a, b| a - b,
+        TICK * 3,
+        TICK,
+        Some(Arc::new(|(_, v): &(i64, i64)| *v != 0)),
+    ));
+    run(&ctx, 10).await;
+
+    let each = each.lock().unwrap().clone();
+    // The rows of the batches in (t - 300 ms, t].
+    let expected = |t: i64| -> Vec<i64> {
+        each.iter()
+            .filter(|(time, _)| *time > t - 300 && *time <= t)
+            .flat_map(|(_, rows)| rows.clone())
+            .collect()
+    };
+    let window = window.lock().unwrap().clone();
+    assert!(window.len() >= 4, "{window:?}");
+    for (t, rows) in &window {
+        assert_eq!(t % 200, 0, "a window ends at a multiple of its slide");
+        assert_eq!(rows, &expected(*t));
+    }
+    for (t, rows) in counted.lock().unwrap().iter() {
+        assert_eq!(rows, &vec![expected(*t).len() as i64]);
+    }
+    for (t, rows) in summed.lock().unwrap().iter() {
+        let sum: i64 = expected(*t).iter().sum();
+        assert_eq!(rows, &if sum == 0 { vec![] } else { vec![sum] }, "at {t}");
+    }
+    let by_key = by_key.lock().unwrap().clone();
+    let by_key_inv = by_key_inv.lock().unwrap().clone();
+    assert_eq!(by_key.len(), by_key_inv.len());
+    for ((t, plain), (_, inv)) in by_key.iter().zip(&by_key_inv) {
+        let mut want: Vec<(i64, i64)> = vec![];
+        for n in expected(*t) {
+            match want.iter_mut().find(|(k, _)| *k == n % 2) {
+                Some((_, v)) => *v += n,
+                None => want.push((n % 2, n)),
+            }
+        }
+        assert_eq!(sorted(plain.clone()), sorted(want.clone()), "at {t}");
+        assert_eq!(sorted(inv.clone()), sorted(want), "inverse form at {t}");
+    }
+}
+
+/// A running total per key with `update_state_by_key`, and the same with
+/// `map_with_state`, over files dropped into a directory.
+type Totals = Seen<(String, i64)>;
+
+fn totals_program(dir: &str, checkpoint: &str) -> (StreamingContext, Totals, Totals) {
+    let ctx = StreamingContext::get_or_create(checkpoint, || {
+        StreamingContext::new(&SessionContext::new(), TICK)
+    });
+    let pairs = ctx.text_file_stream(dir).unwrap().flat_map(|line| {
+        let (k, v) = line.split_once(',')?;
+        Some((k.to_string(), v.trim().parse::<i64>().ok()?))
+    });
+    let updated = collect(
+        &pairs.update_state_by_key(|values: &[i64], total: Option<i64>| {
+            Some(total.unwrap_or(0) + values.iter().sum::<i64>())
+        }),
+    );
+    let mapped = pairs.map_with_state(StateSpec::function(
+        |_key: &String, value: Option<&i64>, state: &mut brook::dstream::State<i64>| {
+            let total = state.get().copied().unwrap_or(0) + value.copied().unwrap_or(0);
+            state.update(total);
+            total
+        },
+    ));
+    let snapshots = collect(mapped.state_snapshots());
+    (ctx, updated, snapshots)
+}
+
+async fn wait_for<T: Clone>(seen: &Seen<T>, ok: impl Fn(&[T]) -> bool) -> Vec<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((_, last)) = seen.lock().unwrap().last()
+            && ok(last)
+        {
+            return last.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "never reached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_restart_and_old_files_are_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir(&dir).unwrap();
+    common::put(&dir, "old.txt", &["a,1000".to_string()]);
+    let checkpoint = tmp.path().join("ckpt");
+    let (d, c) = (dir.to_str().unwrap(), checkpoint.to_str().unwrap());
+
+    let (ctx, updated, snapshots) = totals_program(d, c);
+    ctx.start().unwrap();
+    ctx.await_batches(1).await.unwrap();
+    common::put(
+        &dir,
+        "1.txt",
+        &["a,1".into(), "b,2".into(), "bad line".into()],
+    );
+    common::put(&dir, "2.txt", &["a,3".into()]);
+    let totals = wait_for(&updated, |t| t.contains(&("a".into(), 4))).await;
+    assert_eq!(
+        sorted(totals),
+        [("a".to_string(), 4), ("b".into(), 2)],
+        "old.txt is not read"
+    );
+    wait_for(&snapshots, |t| t.contains(&("a".into(), 4))).await;
+    ctx.stop(false).await.unwrap();
+
+    common::put(&dir, "3.txt", &["b,5".into(), "c,7".into()]);
+    let (ctx, updated, snapshots) = totals_program(d, c);
+    ctx.start().unwrap();
+    let totals = wait_for(&updated, |t| t.iter().any(|(k, _)| k == "c")).await;
+    assert_eq!(
+        sorted(totals),
+        [("a".to_string(), 4), ("b".into(), 7), ("c".into(), 7)],
+        "totals carried over the restart, the file added meanwhile read once"
+    );
+    let snapshot = wait_for(&snapshots, |t| t.iter().any(|(k, _)| k == "c")).await;
+    assert_eq!(
+        sorted(snapshot),
+        [("a".to_string(), 4), ("b".into(), 7), ("c".into(), 7)]
+    );
+    ctx.stop(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_with_state_times_out_idle_keys_and_starts_from_an_initial_state() {
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let pairs = ctx.queue_stream(
+        vec![
+            vec![("a".to_string(), 1_i64)],
+            vec![("b".into(), 1)],
+            vec![],
+            vec![],
+            vec![],
+        ],
+        true,
+    );
+    let spec = StateSpec::function(
+        |key: &String, value: Option<&i64>, state: &mut brook::dstream::State<i64>| {
+            if state.is_timing_out() {
+                return format!("{key} timed out at {}", state.get().copied().unwrap_or(0));
+            }
+            let total = state.get().copied().unwrap_or(0) + value.copied().unwrap_or(0);
+            state.update(total);
+            format!("{key}={total}")
+        },
+    )
+    .timeout(TICK * 2)
+    .initial_state(vec![("a".to_string(), 10)]);
+    let mapped = pairs.map_with_state(spec);
+    let out = collect(mapped.stream());
+    let states = collect(mapped.state_snapshots());
+    run(&ctx, 5).await;
+    let out: Vec<String> = batches(&out).concat();
+    assert_eq!(out[..2], ["a=11", "b=1"]);
+    assert_eq!(
+        sorted(out[2..4].to_vec()),
+        ["a timed out at 11", "b timed out at 1"]
+    );
+    assert_eq!(
+        batches(&states)[1],
+        [("a".to_string(), 11), ("b".into(), 1)]
+    );
+    assert!(batches(&states)[4].is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_text_stream_reads_lines_from_a_tcp_server() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let writer = std::thread::spawn(move || {
+        let (mut conn, _) = server.accept().unwrap();
+        for i in 0..50 {
+            writeln!(conn, "line {i}").unwrap();
+        }
+        conn.flush().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let seen = collect(&ctx.socket_text_stream("127.0.0.1", port));
+    ctx.start().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while batches(&seen).concat().len() < 50 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ctx.stop(false).await.unwrap();
+    writer.join().unwrap();
+    let lines = batches(&seen).concat();
+    assert_eq!(
+        lines,
+        (0..50).map(|i| format!("line {i}")).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_as_text_files_writes_a_directory_per_batch_as_spark() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("out").to_str().unwrap().to_string();
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let stream = ctx.queue_stream(
+        vec![vec![
+            ("BUYS".to_string(), vec![5074_i64]),
+            ("TOP5CLIENTS".into(), vec![34, 69]),
+        ]],
+        true,
+    );
+    stream.save_as_text_files(&prefix, "txt");
+    let times = collect(&stream);
+    run(&ctx, 2).await;
+    let first = times.lock().unwrap()[0].0;
+    let dir = tmp.path().join(format!("out-{first}.txt"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("part-00000")).unwrap(),
+        "(BUYS,List(5074))\n(TOP5CLIENTS,List(34, 69))\n"
+    );
+    assert!(dir.join("_SUCCESS").exists());
+}
