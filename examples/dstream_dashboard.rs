@@ -3,7 +3,8 @@
 //!
 //! ```sh
 //! cargo run --example dstream_dashboard -- data/orders out/dashboard [checkpoint]
-//! cargo run -- send --input orders.txt --output data/orders --rate 1000   # in another terminal
+//! cargo run -- gen-orders --count 50000 --malformed 0.01 > orders.txt
+//! cargo run -- send --input orders.txt --to data/orders --lines-per-file 5000 --interval 2s
 //! ```
 //!
 //! Every 5 seconds the orders in new files under the input directory are
@@ -69,10 +70,8 @@ pub fn dashboard(
 ) -> DStream<(String, Vec<String>)> {
     let orders = lines.flat_map(move |line| {
         let order = parse(line);
-        if order.is_none() {
-            if dropped.fetch_add(1, Ordering::Relaxed) < 5 {
-                eprintln!("Wrong line format: {line}");
-            }
+        if order.is_none() && dropped.fetch_add(1, Ordering::Relaxed) < 5 {
+            eprintln!("Wrong line format: {line}");
         }
         order
     });

@@ -395,3 +395,46 @@ async fn save_as_text_files_writes_a_directory_per_batch_as_spark() {
     );
     assert!(dir.join("_SUCCESS").exists());
 }
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Trade {
+    symbol: String,
+    amount: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Total {
+    symbol: String,
+    shares: i64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transform_df_runs_each_batch_through_datafusion() {
+    use brook::datafusion::functions_aggregate::expr_fn::sum;
+    use brook::datafusion::prelude::col;
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let trade = |symbol: &str, amount| Trade {
+        symbol: symbol.into(),
+        amount,
+    };
+    let trades = ctx.queue_stream(
+        vec![vec![trade("A", 5), trade("B", 1), trade("A", 2)], vec![]],
+        true,
+    );
+    let totals = collect(&trades.transform_df::<Total, _, _>(|df| async move {
+        df.aggregate(
+            vec![col("symbol")],
+            vec![sum(col("amount")).alias("shares")],
+        )?
+        .sort(vec![col("symbol").sort(true, true)])
+    }));
+    run(&ctx, 2).await;
+    let total = |symbol: &str, shares| Total {
+        symbol: symbol.into(),
+        shares,
+    };
+    assert_eq!(
+        batches(&totals)[..2],
+        [vec![total("A", 7), total("B", 1)], vec![]]
+    );
+}

@@ -11,6 +11,7 @@
 //! with the batch as an SQL query's aggregation state is.
 
 mod context;
+mod dataframe;
 mod output;
 mod pair;
 mod stateful;
