@@ -113,16 +113,24 @@ pub const BATCH: Duration = Duration::from_secs(5);
 async fn main() -> brook::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(input), Some(output)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: dstream_dashboard INPUT_DIR OUTPUT_PREFIX [CHECKPOINT_DIR]");
+        eprintln!("usage: dstream_dashboard INPUT_DIR OUTPUT_PREFIX [CHECKPOINT_DIR [BATCH_MS]]");
         std::process::exit(2);
     };
-    let build = || StreamingContext::new(&SessionContext::new(), BATCH);
+    let batch = match args.get(3).map(|ms| ms.parse::<u64>()) {
+        Some(Ok(ms)) => Duration::from_millis(ms),
+        Some(Err(e)) => {
+            eprintln!("BATCH_MS: {e}");
+            std::process::exit(2);
+        }
+        None => BATCH,
+    };
+    let build = || StreamingContext::new(&SessionContext::new(), batch);
     let ssc = match args.get(2) {
         Some(dir) => StreamingContext::get_or_create(dir, build),
         None => build(),
     };
     let dropped = Arc::new(AtomicU64::new(0));
-    let final_stream = dashboard(&ssc.text_file_stream(input)?, BATCH, dropped.clone());
+    let final_stream = dashboard(&ssc.text_file_stream(input)?, batch, dropped.clone());
     final_stream.save_as_text_files(output, "txt");
     final_stream.print(10);
     ssc.start()?;

@@ -167,3 +167,128 @@ async fn the_dstream_dashboard_agrees_with_the_sql_dashboard_batch_by_batch() {
     );
     assert_eq!(buys + sells + malformed as i64, (FILES * 400) as i64);
 }
+
+/// The example's output directories, oldest first: each batch's lines.
+fn outputs(prefix: &std::path::Path) -> Vec<Vec<String>> {
+    let dir = prefix.parent().unwrap();
+    let mut found: Vec<(i64, Vec<String>)> = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let Some(time) = name
+            .strip_prefix("dash-")
+            .and_then(|n| n.strip_suffix(".txt"))
+        else {
+            continue;
+        };
+        if let Ok(text) = std::fs::read_to_string(path.join("part-00000")) {
+            found.push((
+                time.parse().unwrap(),
+                text.lines().map(String::from).collect(),
+            ));
+        }
+    }
+    found.sort();
+    found.into_iter().map(|(_, lines)| lines).collect()
+}
+
+/// Waits for the example to write a batch with buys and sells in it; its lines.
+fn await_orders_batch(prefix: &std::path::Path, seen: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let with_orders: Vec<Vec<String>> = outputs(prefix)
+            .into_iter()
+            .filter(|b| b.iter().any(|l| l.starts_with("(BUYS,")))
+            .collect();
+        if with_orders.len() > seen {
+            return with_orders[seen].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no batch with orders");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The example's lines for `orders`: counts of the batch `batch`, top 5s of all.
+fn expected(all: &[example::Order], batch: &[example::Order]) -> Vec<String> {
+    let top5 = |totals: std::collections::HashMap<String, f64>| -> String {
+        let mut v: Vec<(String, f64)> = totals.into_iter().collect();
+        v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        let names: Vec<String> = v.into_iter().take(5).map(|(k, _)| k).collect();
+        names.join(", ")
+    };
+    let mut clients = std::collections::HashMap::new();
+    let mut stocks = std::collections::HashMap::new();
+    for o in all {
+        *clients.entry(o.client_id.to_string()).or_insert(0.0) += o.amount as f64 * o.price;
+        *stocks.entry(o.symbol.clone()).or_insert(0.0) += o.amount as f64;
+    }
+    let buys = batch.iter().filter(|o| o.buy).count();
+    vec![
+        format!("(BUYS,List({buys}))"),
+        format!("(SELLS,List({}))", batch.len() - buys),
+        format!("(TOP5CLIENTS,List({}))", top5(clients)),
+        format!("(TOP5STOCKS,List({}))", top5(stocks)),
+    ]
+}
+
+#[test]
+fn the_dstream_dashboard_keeps_its_state_across_a_kill() {
+    let (tmp, input) = common::tmp_source();
+    let prefix = tmp.path().join("out").join("dash");
+    std::fs::create_dir_all(prefix.parent().unwrap()).unwrap();
+    let checkpoint = tmp.path().join("ckpt");
+    // The example binary, built by `cargo test` beside this test's.
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/dstream_dashboard");
+    let start = || {
+        std::process::Command::new(&example)
+            .args([&input, &prefix, &checkpoint].map(|p| p.to_str().unwrap().to_string()))
+            .arg("300")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let data = files();
+    let parsed: Vec<Vec<example::Order>> = data
+        .iter()
+        .map(|f| f.iter().filter_map(|l| example::parse(l)).collect())
+        .collect();
+
+    let mut run = start();
+    std::thread::sleep(Duration::from_millis(500));
+    put(&input, "0.csv", &data[0]);
+    let mut first = await_orders_batch(&prefix, 0);
+    run.kill().unwrap(); // SIGKILL
+    run.wait().unwrap();
+
+    put(&input, "1.csv", &data[1]);
+    let mut run = start();
+    let mut second = await_orders_batch(&prefix, 1);
+    run.kill().unwrap();
+    run.wait().unwrap();
+
+    first.sort();
+    second.sort();
+    let mut want_first = expected(&parsed[0], &parsed[0]);
+    want_first.sort();
+    let both: Vec<example::Order> = parsed[..2].concat();
+    let mut want_second = expected(&both, &parsed[1]);
+    want_second.sort();
+    let mut forgetful = expected(&parsed[1], &parsed[1]);
+    forgetful.sort();
+    assert_ne!(
+        want_second, forgetful,
+        "the data tells state kept from state lost"
+    );
+    assert_eq!(first, want_first);
+    assert_eq!(
+        second, want_second,
+        "after the kill: this batch's counts, the totals of both files"
+    );
+}
