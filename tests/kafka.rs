@@ -839,3 +839,42 @@ async fn a_topic_that_lost_records_under_a_running_query_is_data_loss() {
         "nothing after the loss is written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dstream_program_reads_a_topic_with_the_direct_stream() {
+    use brook::dstream::StreamingContext;
+    use brook::source::kafka::StartingOffsets;
+    let broker = Broker::start();
+    broker.create_topic("words", 2).await;
+    let words: Vec<String> = ["a", "b", "a", "c", "a", "b"].map(String::from).to_vec();
+    broker.produce("words", 2, &words);
+    let ssc = StreamingContext::new(
+        &brook::datafusion::prelude::SessionContext::new(),
+        std::time::Duration::from_millis(100),
+    );
+    let counts = ssc
+        .kafka_direct_stream(&broker.servers(), &["words"], StartingOffsets::Earliest)
+        .unwrap()
+        .map(|(_, value)| (value.clone(), 1_i64))
+        .update_state_by_key(|new: &[i64], total: Option<i64>| {
+            Some(total.unwrap_or(0) + new.iter().sum::<i64>())
+        });
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let sink = seen.clone();
+    counts.foreach_rdd(move |rows, _| {
+        *sink.lock().unwrap() = rows.to_vec();
+        Ok(())
+    });
+    ssc.start().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut totals = seen.lock().unwrap().clone();
+        totals.sort();
+        if totals == [("a".to_string(), 3), ("b".into(), 2), ("c".into(), 1)] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{totals:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    ssc.stop(false).await.unwrap();
+}

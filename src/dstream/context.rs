@@ -19,6 +19,7 @@ use super::{BatchEnv, DStream, Data};
 use crate::catalog::DEFAULT_CORRUPT_COLUMN;
 use crate::error::{BrookError, Result};
 use crate::source::format::Decoder;
+use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics};
 use crate::source::location::Location;
 use crate::source::socket::SocketSource;
 use crate::source::{
@@ -32,10 +33,14 @@ const STATE_OPERATOR: &str = "dstream";
 
 pub(crate) type Output = Arc<dyn Fn(&BatchEnv) -> Result<()> + Send + Sync>;
 
+/// Arrow rows read from a source into a typed batch (`Vec<T>`).
+type Convert = fn(&[RecordBatch]) -> Result<Arc<dyn Any + Send + Sync>>;
+
 /// Where a stream's rows come from.
 enum Input {
-    /// Lines from a source shared with SQL queries (files, socket).
-    Lines(Box<dyn StreamSource>),
+    /// Rows from a source shared with SQL queries (files, socket, Kafka),
+    /// turned into the stream's typed rows.
+    Source(Box<dyn StreamSource>, Convert),
     /// Batches handed in by the program (`queue_stream`), typed.
     Queue(Box<dyn FnMut() -> Arc<dyn Any + Send + Sync> + Send + Sync>),
 }
@@ -147,7 +152,30 @@ impl StreamingContext {
     }
 
     fn lines(&self, source: Box<dyn StreamSource>) -> DStream<String> {
-        self.add_input(Input::Lines(source))
+        self.add_input(Input::Source(source, lines))
+    }
+
+    /// Spark's `KafkaUtils.createDirectStream`: each record's key and value
+    /// (as text), read with brook's Kafka source, its offset ranges in the
+    /// checkpoint as for SQL queries.
+    pub fn kafka_direct_stream(
+        &self,
+        bootstrap_servers: &str,
+        topics: &[&str],
+        starting_offsets: StartingOffsets,
+    ) -> Result<DStream<(Option<String>, String)>> {
+        let options = KafkaOptions {
+            bootstrap_servers: bootstrap_servers.to_string(),
+            topics: Topics::List(topics.iter().map(|t| t.to_string()).collect()),
+            starting_offsets,
+            max_offsets_per_trigger: None,
+            fail_on_data_loss: true,
+            client: Default::default(),
+            poll_timeout: Duration::from_secs(120),
+            include_headers: false,
+        };
+        let source = KafkaSource::new(options, None)?;
+        Ok(self.add_input(Input::Source(Box::new(source), keys_and_values)))
     }
 
     /// Spark's `textFileStream`: each new file's lines. Files already in the
@@ -344,7 +372,7 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
                 let mut offsets = vec![];
                 for input in inputs.iter_mut() {
                     offsets.push(match input {
-                        Input::Lines(source) => source.plan_batch().await?,
+                        Input::Source(source, _) => source.plan_batch().await?,
                         Input::Queue(_) => None,
                     });
                 }
@@ -359,9 +387,10 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
         let mut rows: Vec<Arc<dyn Any + Send + Sync>> = vec![];
         for (input, offset) in inputs.iter_mut().zip(&offsets) {
             rows.push(match input {
-                Input::Lines(source) => {
-                    Arc::new(read_lines(source.as_ref(), offset.as_ref()).await?)
-                }
+                Input::Source(source, convert) => match offset {
+                    Some(o) => convert(&source.read(o).await?.batches)?,
+                    None => convert(&[])?,
+                },
                 Input::Queue(next) => next(),
             });
         }
@@ -383,7 +412,7 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
             cp.write_commit(&entry).await?;
         }
         for (input, offset) in inputs.iter_mut().zip(&offsets) {
-            if let (Input::Lines(source), Some(o)) = (input, offset) {
+            if let (Input::Source(source, _), Some(o)) = (input, offset) {
                 source.commit(o)?;
             }
         }
@@ -408,7 +437,7 @@ async fn open_checkpoint(
     let described: Vec<String> = inputs
         .iter()
         .map(|i| match i {
-            Input::Lines(s) => s.describe(),
+            Input::Source(s, _) => s.describe(),
             Input::Queue(_) => "queue".into(),
         })
         .collect();
@@ -429,7 +458,7 @@ async fn open_checkpoint(
 
 async fn start_sources(inputs: &mut [Input]) -> Result<()> {
     for input in inputs {
-        if let Input::Lines(source) = input {
+        if let Input::Source(source, _) = input {
             source.start().await?;
         }
     }
@@ -441,7 +470,7 @@ fn progress(inputs: &[Input]) -> Result<serde_json::Value> {
     let mut out = vec![];
     for input in inputs {
         out.push(match input {
-            Input::Lines(source) => source.progress()?,
+            Input::Source(source, _) => source.progress()?,
             Input::Queue(_) => serde_json::Value::Null,
         });
     }
@@ -472,7 +501,7 @@ fn restore(
         .map(|o| logged_batch(Some(o.clone())).map(|(_, inputs)| inputs))
         .collect::<Result<_>>()?;
     for (i, input) in inputs.iter_mut().enumerate() {
-        if let Input::Lines(source) = input {
+        if let Input::Source(source, _) = input {
             let progress = snapshot.as_ref().and_then(|s| s.get(i)).cloned();
             let offsets: Vec<SourceOffset> = logged
                 .iter()
@@ -484,20 +513,35 @@ fn restore(
     Ok(())
 }
 
-async fn read_lines(
-    source: &dyn StreamSource,
-    offset: Option<&SourceOffset>,
-) -> Result<Vec<String>> {
-    let Some(offset) = offset else {
-        return Ok(vec![]);
-    };
-    let read = source.read(offset).await?;
-    let mut lines = Vec::with_capacity(read.num_rows());
-    for batch in &read.batches {
+/// A text source's `value` column as lines.
+fn lines(batches: &[RecordBatch]) -> Result<Arc<dyn Any + Send + Sync>> {
+    let mut out: Vec<String> = Vec::new();
+    for batch in batches {
         let column = batch.column(0).as_string::<i32>();
-        lines.extend(column.iter().map(|v| v.unwrap_or_default().to_string()));
+        out.extend(column.iter().map(|v| v.unwrap_or_default().to_string()));
     }
-    Ok(lines)
+    Ok(Arc::new(out))
+}
+
+/// Kafka records' keys and values, as text.
+fn keys_and_values(batches: &[RecordBatch]) -> Result<Arc<dyn Any + Send + Sync>> {
+    let mut out: Vec<(Option<String>, String)> = Vec::new();
+    for batch in batches {
+        let column = |name: &str| -> Result<&datafusion::arrow::array::BinaryArray> {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_binary_opt::<i32>())
+                .ok_or_else(|| BrookError::Plan(format!("a Kafka batch without binary '{name}'")))
+        };
+        let (keys, values) = (column("key")?, column("value")?);
+        for (k, v) in keys.iter().zip(values.iter()) {
+            out.push((
+                k.map(|k| String::from_utf8_lossy(k).into_owned()),
+                String::from_utf8_lossy(v.unwrap_or_default()).into_owned(),
+            ));
+        }
+    }
+    Ok(Arc::new(out))
 }
 
 fn save_states(states: &[Arc<dyn Checkpointed>]) -> Result<RecordBatch> {
