@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use brook::datafusion::prelude::SessionContext;
-use brook::dstream::{DStream, StreamingContext};
+use brook::dstream::{DStream, State, StateSpec, StreamingContext};
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,7 @@ fn top5<K: Clone + Ord, V: PartialOrd>(rows: &[(K, V)]) -> Vec<K> {
 pub fn dashboard(
     lines: &DStream<String>,
     batch: Duration,
+    totals: Totals,
     dropped: Arc<AtomicU64>,
 ) -> DStream<(String, Vec<String>)> {
     let orders = lines.flat_map(move |line| {
@@ -79,9 +80,23 @@ pub fn dashboard(
         .map(|o| (o.buy, 1_i64))
         .reduce_by_key(|c1, c2| c1 + c2);
     let amount_per_client = orders.map(|o| (o.client_id, o.amount as f64 * o.price));
-    let amount_state = amount_per_client.update_state_by_key(|vals: &[f64], total: Option<f64>| {
-        Some(total.unwrap_or(0.0) + vals.iter().sum::<f64>())
-    });
+    let amount_state = match totals {
+        Totals::UpdateStateByKey => {
+            amount_per_client.update_state_by_key(|vals: &[f64], total: Option<f64>| {
+                Some(total.unwrap_or(0.0) + vals.iter().sum::<f64>())
+            })
+        }
+        Totals::MapWithState => amount_per_client
+            .map_with_state(StateSpec::function(
+                |_client: &i64, amount: Option<&f64>, state: &mut State<f64>| {
+                    let total =
+                        state.get().copied().unwrap_or(0.0) + amount.copied().unwrap_or(0.0);
+                    state.update(total);
+                },
+            ))
+            .state_snapshots()
+            .clone(),
+    };
     let top5clients = amount_state.transform(|rdd, _| top5(rdd));
     let buy_sell_list = num_per_type.map(|(buy, n)| {
         let side = if *buy { "BUYS" } else { "SELLS" };
@@ -109,11 +124,20 @@ pub fn dashboard(
 
 pub const BATCH: Duration = Duration::from_secs(5);
 
+/// How clients' totals are kept: the book's `updateStateByKey`, or `mapWithState`.
+#[derive(Debug, Clone, Copy)]
+pub enum Totals {
+    UpdateStateByKey,
+    MapWithState,
+}
+
 #[tokio::main]
 async fn main() -> brook::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(input), Some(output)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: dstream_dashboard INPUT_DIR OUTPUT_PREFIX [CHECKPOINT_DIR [BATCH_MS]]");
+        eprintln!(
+            "usage: dstream_dashboard INPUT_DIR OUTPUT_PREFIX [CHECKPOINT_DIR [BATCH_MS [map-with-state]]]"
+        );
         std::process::exit(2);
     };
     let batch = match args.get(3).map(|ms| ms.parse::<u64>()) {
@@ -124,13 +148,22 @@ async fn main() -> brook::Result<()> {
         }
         None => BATCH,
     };
+    let totals = match args.get(4).map(String::as_str) {
+        Some("map-with-state") => Totals::MapWithState,
+        _ => Totals::UpdateStateByKey,
+    };
     let build = || StreamingContext::new(&SessionContext::new(), batch);
     let ssc = match args.get(2) {
         Some(dir) => StreamingContext::get_or_create(dir, build),
         None => build(),
     };
     let dropped = Arc::new(AtomicU64::new(0));
-    let final_stream = dashboard(&ssc.text_file_stream(input)?, batch, dropped.clone());
+    let final_stream = dashboard(
+        &ssc.text_file_stream(input)?,
+        batch,
+        totals,
+        dropped.clone(),
+    );
     final_stream.save_as_text_files(output, "txt");
     final_stream.print(10);
     ssc.start()?;

@@ -76,22 +76,31 @@ async fn the_dstream_dashboard_agrees_with_the_sql_dashboard_batch_by_batch() {
 
     let ssc = StreamingContext::new(&brook::datafusion::prelude::SessionContext::new(), interval);
     let dropped = Arc::new(AtomicU64::new(0));
-    let stream = example::dashboard(
-        &ssc.text_file_stream(input.to_str().unwrap()).unwrap(),
+    let lines = ssc.text_file_stream(input.to_str().unwrap()).unwrap();
+    let with_orders = |stream: &brook::dstream::DStream<(String, Vec<String>)>| {
+        let batches: Arc<Mutex<Vec<Lines>>> = Arc::default();
+        let sink = batches.clone();
+        stream.foreach_rdd(move |rows, _| {
+            if rows.iter().any(|(m, _)| m == "BUYS" || m == "SELLS") {
+                sink.lock().unwrap().push(rows.to_vec());
+            }
+            Ok(())
+        });
+        batches
+    };
+    let batches = with_orders(&example::dashboard(
+        &lines,
         interval,
+        example::Totals::UpdateStateByKey,
         dropped.clone(),
-    );
-    let batches: Arc<Mutex<Vec<Lines>>> = Arc::default();
-    let sink = batches.clone();
-    stream.foreach_rdd(move |rows, _| {
-        if rows
-            .iter()
-            .any(|(metric, _)| metric == "BUYS" || metric == "SELLS")
-        {
-            sink.lock().unwrap().push(rows.to_vec());
-        }
-        Ok(())
-    });
+    ));
+    // The mapWithState version, on the same lines, gives the same batches.
+    let other = with_orders(&example::dashboard(
+        &lines,
+        interval,
+        example::Totals::MapWithState,
+        Arc::default(),
+    ));
     ssc.start().unwrap();
 
     let engine = Engine::new();
@@ -154,6 +163,7 @@ async fn the_dstream_dashboard_agrees_with_the_sql_dashboard_batch_by_batch() {
         assert_eq!(metric("TOP5CLIENTS").len(), 5);
     }
     ssc.stop(false).await.unwrap();
+    assert_eq!(*other.lock().unwrap(), *batches.lock().unwrap());
     let malformed: u64 = queries[0]
         .recent_progress()
         .iter()
@@ -233,6 +243,15 @@ fn expected(all: &[example::Order], batch: &[example::Order]) -> Vec<String> {
 
 #[test]
 fn the_dstream_dashboard_keeps_its_state_across_a_kill() {
+    kill_and_restart("update-state-by-key");
+}
+
+#[test]
+fn the_map_with_state_dashboard_keeps_its_state_across_a_kill() {
+    kill_and_restart("map-with-state");
+}
+
+fn kill_and_restart(totals: &str) {
     let (tmp, input) = common::tmp_source();
     let prefix = tmp.path().join("out").join("dash");
     std::fs::create_dir_all(prefix.parent().unwrap()).unwrap();
@@ -248,7 +267,7 @@ fn the_dstream_dashboard_keeps_its_state_across_a_kill() {
     let start = || {
         std::process::Command::new(&example)
             .args([&input, &prefix, &checkpoint].map(|p| p.to_str().unwrap().to_string()))
-            .arg("300")
+            .args(["300", totals])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
