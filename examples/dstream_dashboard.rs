@@ -133,7 +133,11 @@ pub enum Totals {
 
 #[tokio::main]
 async fn main() -> brook::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    run(std::env::args().skip(1).collect()).await
+}
+
+/// The program, given its command-line arguments.
+pub async fn run(args: Vec<String>) -> brook::Result<()> {
     let (Some(input), Some(output)) = (args.first(), args.get(1)) else {
         eprintln!(
             "usage: dstream_dashboard INPUT_DIR OUTPUT_PREFIX [CHECKPOINT_DIR [BATCH_MS [map-with-state]]]"

@@ -244,7 +244,7 @@ fn totals_program(dir: &str, checkpoint: &str) -> (StreamingContext, Totals, Tot
     (ctx, updated, snapshots)
 }
 
-async fn wait_for<T: Clone>(seen: &Seen<T>, ok: impl Fn(&[T]) -> bool) -> Vec<T> {
+async fn wait_for<T: Clone + std::fmt::Debug>(seen: &Seen<T>, ok: impl Fn(&[T]) -> bool) -> Vec<T> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if let Some((_, last)) = seen.lock().unwrap().last()
@@ -252,7 +252,11 @@ async fn wait_for<T: Clone>(seen: &Seen<T>, ok: impl Fn(&[T]) -> bool) -> Vec<T>
         {
             return last.clone();
         }
-        assert!(std::time::Instant::now() < deadline, "never reached");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached: {:?}",
+            seen.lock().unwrap().last()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -437,4 +441,66 @@ async fn transform_df_runs_each_batch_through_datafusion() {
         batches(&totals)[..2],
         [vec![total("A", 7), total("B", 1)], vec![]]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inverse_window_agrees_with_the_plain_one_when_values_cancel() {
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let pairs = ctx.queue_stream(
+        vec![
+            vec![("A".to_string(), 5_i64)],
+            vec![("A".into(), -5)],
+            vec![],
+            vec![],
+            vec![("A".into(), 1)],
+        ],
+        true,
+    );
+    let nonzero = |(_, v): &(String, i64)| *v != 0;
+    let plain = collect(
+        &pairs
+            .reduce_by_key_and_window(|a, b| a + b, TICK * 2, TICK)
+            .filter(nonzero),
+    );
+    let inverse = collect(&pairs.reduce_by_key_and_window_inv(
+        |a, b| a + b,
+        |a, b| a - b,
+        TICK * 2,
+        TICK,
+        Some(Arc::new(nonzero)),
+    ));
+    run(&ctx, 6).await;
+    let plain = batches(&plain);
+    assert_eq!(
+        plain[..6],
+        [
+            vec![("A".to_string(), 5)],
+            vec![],
+            vec![("A".into(), -5)],
+            vec![],
+            vec![("A".into(), 1)],
+            vec![("A".into(), 1)]
+        ]
+    );
+    assert_eq!(batches(&inverse)[..6], plain[..6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_that_cannot_run_are_refused_at_start() {
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let numbers = ctx.queue_stream(vec![vec![1_i64]], true);
+    collect(&numbers.window(Duration::from_millis(250), TICK));
+    let err = ctx.start().unwrap_err().to_string();
+    assert!(
+        err.contains("window length 250ms is not a positive multiple of the batch interval"),
+        "{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    collect(&ctx.queue_stream(vec![vec![1_i64]], true));
+    ctx.checkpoint(tmp.path().to_str().unwrap());
+    let err = ctx.start().unwrap_err().to_string();
+    assert!(err.contains("queue_stream cannot be checkpointed"), "{err}");
+    ctx.stop(false).await.unwrap();
 }

@@ -241,6 +241,25 @@ fn expected(all: &[example::Order], batch: &[example::Order]) -> Vec<String> {
     ]
 }
 
+/// The example run in a process of its own, which the kill tests start: this
+/// test binary again, running only `example_process` (`cargo test --test`
+/// does not build examples, so their binaries may be missing or stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the kill tests' child process, not a test"]
+async fn example_process() {
+    let args = std::env::var("DASHBOARD_ARGS").unwrap();
+    example::run(args.split('\n').map(String::from).collect())
+        .await
+        .unwrap();
+}
+
+/// The batch numbers of a checkpoint directory's files.
+fn checkpoint_ids(dir: &std::path::Path) -> impl Iterator<Item = u64> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+}
+
 #[test]
 fn the_dstream_dashboard_keeps_its_state_across_a_kill() {
     kill_and_restart("update-state-by-key");
@@ -256,23 +275,21 @@ fn kill_and_restart(totals: &str) {
     let prefix = tmp.path().join("out").join("dash");
     std::fs::create_dir_all(prefix.parent().unwrap()).unwrap();
     let checkpoint = tmp.path().join("ckpt");
-    // The example binary, built by `cargo test` beside this test's.
-    let exe = std::env::current_exe().unwrap();
-    let example = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/dstream_dashboard");
-    let start = || {
-        std::process::Command::new(&example)
-            .args([&input, &prefix, &checkpoint].map(|p| p.to_str().unwrap().to_string()))
-            .args(["300", totals])
+    let start_paused = |pause: &str| {
+        let mut args = [&input, &prefix, &checkpoint]
+            .map(|p| p.to_str().unwrap().to_string())
+            .to_vec();
+        args.extend(["300".to_string(), totals.to_string()]);
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "example_process", "--nocapture"])
+            .env("DASHBOARD_ARGS", args.join("\n"))
+            .env("BROOK_PAUSE_AT", pause)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
     };
+    let start = || start_paused("");
     let data = files();
     let parsed: Vec<Vec<example::Order>> = data
         .iter()
@@ -291,6 +308,52 @@ fn kill_and_restart(totals: &str) {
     let mut second = await_orders_batch(&prefix, 1);
     run.kill().unwrap();
     run.wait().unwrap();
+
+    // Killed after batch K's output was written, before K committed: the
+    // restarted program runs K again (same files, same time), not twice.
+    put(&input, "2.csv", &data[2]);
+    let next = checkpoint_ids(&checkpoint.join("offsets")).max().unwrap() + 1;
+    let mut run = start_paused(&format!("sink:{next}"));
+    let stderr = std::io::BufReader::new(run.stderr.take().unwrap());
+    use std::io::BufRead;
+    let paused = stderr
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("brook: paused at"));
+    assert!(paused, "never paused at sink:{next}");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(!checkpoint.join(format!("commits/{next}")).exists());
+    let mut run = start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !checkpoint.join(format!("commits/{next}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch {next} never committed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    put(&input, "3.csv", &data[3]);
+    let mut fourth = await_orders_batch(&prefix, 3);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let mut third = await_orders_batch(&prefix, 2);
+    assert_eq!(
+        outputs(&prefix)
+            .iter()
+            .filter(|b| b.iter().any(|l| l.starts_with("(BUYS,")))
+            .count(),
+        4,
+        "one output per file: the re-run batch replaced its own"
+    );
+    third.sort();
+    fourth.sort();
+    let mut want_third = expected(&parsed[..3].concat(), &parsed[2]);
+    want_third.sort();
+    let mut want_fourth = expected(&parsed[..4].concat(), &parsed[3]);
+    want_fourth.sort();
+    assert_eq!(third, want_third, "the batch re-run after the kill");
+    assert_eq!(fourth, want_fourth, "totals counted each file once");
 
     first.sort();
     second.sort();

@@ -18,6 +18,7 @@ use super::stateful::Checkpointed;
 use super::{BatchEnv, DStream, Data};
 use crate::catalog::DEFAULT_CORRUPT_COLUMN;
 use crate::error::{BrookError, Result};
+use crate::exec::faults::crash_point;
 use crate::source::format::Decoder;
 use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics};
 use crate::source::location::Location;
@@ -53,6 +54,9 @@ struct Inner {
     outputs: Mutex<Vec<Output>>,
     states: Mutex<Vec<Arc<dyn Checkpointed>>>,
     checkpoint: Mutex<Option<String>>,
+    /// Mistakes in the program found while it was built, reported by `start`.
+    invalid: Mutex<Vec<String>>,
+    started: AtomicBool,
     stop: AtomicBool,
     wake: Notify,
     /// Batches completed: tests and `await_batches` wait on it.
@@ -83,6 +87,8 @@ impl StreamingContext {
                 outputs: Mutex::default(),
                 states: Mutex::default(),
                 checkpoint: Mutex::default(),
+                invalid: Mutex::default(),
+                started: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
                 wake: Notify::new(),
                 completed: watch::channel(0).0,
@@ -125,6 +131,27 @@ impl StreamingContext {
         }
     }
 
+    /// Records a mistake in the program; `start` refuses to run it.
+    pub(crate) fn invalid(&self, message: String) {
+        if let Ok(mut i) = self.inner.invalid.lock() {
+            i.push(message);
+        }
+    }
+
+    /// Checks a window's length and slide against the batch interval, as Spark does.
+    pub(crate) fn check_window(&self, length: Duration, slide: Duration) {
+        let interval = self.inner.interval.as_millis();
+        for (what, d) in [("length", length), ("slide", slide)] {
+            let ms = d.as_millis();
+            if ms == 0 || ms % interval != 0 {
+                self.invalid(format!(
+                    "window {what} {d:?} is not a positive multiple of the batch interval {:?}",
+                    self.inner.interval
+                ));
+            }
+        }
+    }
+
     pub(crate) fn register_output(&self, output: Output) {
         if let Ok(mut o) = self.inner.outputs.lock() {
             o.push(output);
@@ -132,6 +159,9 @@ impl StreamingContext {
     }
 
     fn add_input<T: Data>(&self, input: Input) -> DStream<T> {
+        if self.inner.started.load(Ordering::SeqCst) {
+            self.invalid("an input stream was created after start".into());
+        }
         let index = match self.inner.inputs.lock() {
             Ok(mut inputs) => {
                 inputs.push(input);
@@ -238,7 +268,24 @@ impl StreamingContext {
                 "the streaming context was already started".into(),
             ));
         }
+        let invalid = self.inner.invalid.lock().map_err(poisoned)?.clone();
+        if !invalid.is_empty() {
+            return Err(BrookError::Plan(format!(
+                "the DStream program cannot run: {}",
+                invalid.join("; ")
+            )));
+        }
+        let checkpointed = self.inner.checkpoint.lock().map_err(poisoned)?.is_some();
         let inputs = std::mem::take(&mut *self.inner.inputs.lock().map_err(poisoned)?);
+        if checkpointed && inputs.iter().any(|i| matches!(i, Input::Queue(_))) {
+            return Err(BrookError::Plan(
+                "queue_stream cannot be checkpointed: its batches live in the program and would \
+                 be replayed on restart (Spark refuses this too); drop the checkpoint or read \
+                 from files, a socket or Kafka"
+                    .into(),
+            ));
+        }
+        self.inner.started.store(true, Ordering::SeqCst);
         let inner = self.inner.clone();
         *task = Some(tokio::spawn(async move {
             let result = run(&inner, inputs).await;
@@ -255,6 +302,11 @@ impl StreamingContext {
 
     /// Waits until the context stops; the error it failed with, if any.
     pub async fn await_termination(&self) -> Result<()> {
+        if !self.inner.started.load(Ordering::SeqCst) && !*self.inner.finished.borrow() {
+            return Err(BrookError::Plan(
+                "await_termination before start: start the streaming context first".into(),
+            ));
+        }
         let mut finished = self.inner.finished.subscribe();
         let _ = finished.wait_for(|f| *f).await;
         match self.inner.error.lock().ok().and_then(|e| e.clone()) {
@@ -286,6 +338,10 @@ impl StreamingContext {
     /// nothing else to stop.
     pub async fn stop(&self, _stop_session: bool) -> Result<()> {
         self.inner.stop.store(true, Ordering::SeqCst);
+        if !self.inner.started.load(Ordering::SeqCst) {
+            self.inner.finished.send_replace(true);
+            return Ok(());
+        }
         self.inner.wake.notify_one();
         self.await_termination().await?;
         let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
@@ -352,16 +408,20 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
     }
     // Batch times are multiples of the interval (as Spark's timer), never repeated.
     let mut last_time = i64::MIN;
+    let mut resumed = rerun.is_some();
     while !inner.stop.load(Ordering::SeqCst) {
         let (time, offsets) = match rerun.take() {
             Some(logged) => logged_batch(logged.source)?,
             None => {
                 let aligned = (now_ms() / interval + 1) * interval;
-                let time = if last_time == i64::MIN {
-                    aligned
+                // A restart goes on at the current time (downtime is not replayed);
+                // while running, batches that overran run back to back, none skipped.
+                let time = if last_time == i64::MIN || resumed {
+                    aligned.max(last_time.saturating_add(interval))
                 } else {
                     last_time + interval
                 };
+                resumed = false;
                 let wait = time - now_ms();
                 if wait > 0 {
                     tokio::select! {
@@ -380,6 +440,7 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
                     let logged = json!({"time": time, "inputs": offsets.iter().map(|o| o.as_ref().map(|o| o.0.clone())).collect::<Vec<_>>()});
                     cp.write_offsets(batch_id, Some(SourceOffset(logged)))
                         .await?;
+                    crash_point("offsets", batch_id);
                 }
                 (time, offsets)
             }
@@ -399,6 +460,7 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
         tokio::task::spawn_blocking(move || outputs.iter().try_for_each(|out| out(&env)))
             .await
             .map_err(|e| BrookError::Stopped(format!("a DStream batch panicked: {e}")))??;
+        crash_point("sink", batch_id);
         if let Some(cp) = &checkpoint {
             let state = save_states(&states)?;
             let file = cp
@@ -410,6 +472,7 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
                 state: [(STATE_OPERATOR.to_string(), file)].into(),
             };
             cp.write_commit(&entry).await?;
+            crash_point("commits", batch_id);
         }
         for (input, offset) in inputs.iter_mut().zip(&offsets) {
             if let (Input::Source(source, _), Some(o)) = (input, offset) {

@@ -7,7 +7,8 @@ use super::{DStream, Data};
 use crate::cli::send::write_atomically;
 use crate::error::{BrookError, Result};
 
-/// How Spark (Scala) prints a value: `(BUYS,List(5074))`, `Some(3)`.
+/// A value as Spark (Scala) prints it: `(BUYS,List(5074))`, `Some(3)`, `5.0`
+/// (large and small floats keep Rust's notation, not Scala's `1.0E7`).
 pub trait SparkString {
     fn spark_string(&self) -> String;
 }

@@ -65,6 +65,7 @@ pub(crate) fn window<T: Data>(
     length: Duration,
     slide: Duration,
 ) -> DStream<T> {
+    stream.ctx.check_window(length, slide);
     let (length, slide) = (millis(length), millis(slide));
     let batches = cell::<T, VecDeque<(i64, Vec<T>)>>(stream);
     let parent = stream.clone();
@@ -132,6 +133,7 @@ pub(crate) fn reduce_by_key_and_window_inv<K: Data + Eq + Hash, V: Data>(
     slide: Duration,
     keep: Option<KeepFn<K, V>>,
 ) -> DStream<(K, V)> {
+    stream.ctx.check_window(length, slide);
     let (length, slide) = (millis(length), millis(slide));
     let running = cell::<(K, V), Running<K, V>>(stream);
     let parent = stream.clone();
@@ -146,6 +148,7 @@ pub(crate) fn reduce_by_key_and_window_inv<K: Data + Eq + Hash, V: Data>(
             fold_into(&mut state.current, &slice, &f);
             state.slices.push_back((env.time_ms, slice));
         }
+        let mut evicted = false;
         while state
             .slices
             .front()
@@ -153,12 +156,35 @@ pub(crate) fn reduce_by_key_and_window_inv<K: Data + Eq + Hash, V: Data>(
         {
             if let Some((_, old)) = state.slices.pop_front() {
                 fold_into(&mut state.current, &old, &inverse);
+                evicted = true;
             }
         }
-        if let Some(keep) = &keep {
-            state.current.retain(|kv| keep(kv));
+        if evicted {
+            // A key with no batch left in the window is gone, whatever its value.
+            let live: std::collections::HashSet<&K> = state
+                .slices
+                .iter()
+                .flat_map(|(_, slice)| slice.iter().map(|(k, _)| k))
+                .collect();
+            let current = std::mem::take(&mut state.current);
+            state.current = current
+                .into_iter()
+                .filter(|(k, _)| live.contains(k))
+                .collect();
         }
-        Ok(slides_at(env.time_ms, slide).then(|| Arc::new(state.current.clone())))
+        if !slides_at(env.time_ms, slide) {
+            return Ok(None);
+        }
+        let rows = match &keep {
+            Some(keep) => state
+                .current
+                .iter()
+                .filter(|kv| keep(kv))
+                .cloned()
+                .collect(),
+            None => state.current.clone(),
+        };
+        Ok(Some(Arc::new(rows)))
     })
 }
 
@@ -256,8 +282,9 @@ impl<K, V, S, U> StateSpec<K, V, S, U> {
     }
 }
 
-/// What `map_with_state` keeps per key: its state and when it last had a value.
-type Keyed<K, S> = Vec<(K, S, i64)>;
+/// What `map_with_state` keeps: whether the initial state was taken, and per
+/// key its state and when it last had a value.
+type Keyed<K, S> = (bool, Vec<(K, S, i64)>);
 
 /// The mapped values, and the state they were computed with.
 pub struct MapWithStateDStream<K, S, U> {
@@ -298,11 +325,13 @@ pub(crate) fn map_with_state<K: Data + Eq + Hash, V: Data, S: Data, U: Data>(
         let Some(rdd) = parent.rdd(env)? else {
             return Ok(None);
         };
-        let mut states = kept.lock()?;
-        if let Some(init) = initial.lock().ok().and_then(|mut i| i.take())
-            && states.is_empty()
-        {
-            *states = init.into_iter().map(|(k, s)| (k, s, env.time_ms)).collect();
+        let mut kept = kept.lock()?;
+        let (initialised, states) = &mut *kept;
+        if !*initialised {
+            if let Some(init) = initial.lock().ok().and_then(|mut i| i.take()) {
+                *states = init.into_iter().map(|(k, s)| (k, s, env.time_ms)).collect();
+            }
+            *initialised = true;
         }
         let mut index: HashMap<K, usize> = states
             .iter()
@@ -329,7 +358,8 @@ pub(crate) fn map_with_state<K: Data + Eq + Hash, V: Data, S: Data, U: Data>(
         }
         for slot in slots.iter_mut() {
             let idle = match (slot.as_ref(), timeout) {
-                (Some((_, _, seen)), Some(t)) => env.time_ms - seen >= t,
+                // Spark times a key out once idle for longer than the timeout.
+                (Some((_, _, seen)), Some(t)) => env.time_ms - seen > t,
                 _ => false,
             };
             if idle && let Some((k, s, _)) = slot.take() {
@@ -348,9 +378,9 @@ pub(crate) fn map_with_state<K: Data + Eq + Hash, V: Data, S: Data, U: Data>(
         if after.rdd(env)?.is_none() {
             return Ok(None);
         }
-        let states = states.lock()?;
+        let kept = states.lock()?;
         Ok(Some(Arc::new(
-            states
+            kept.1
                 .iter()
                 .map(|(k, s, _)| (k.clone(), s.clone()))
                 .collect(),

@@ -134,13 +134,19 @@ impl StreamSource for SocketSource {
     }
 
     fn progress(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::Value::Null)
+        Ok(serde_json::json!({ "next": self.planned }))
     }
 
-    fn restore(&mut self, _: Option<serde_json::Value>, committed: &[SourceOffset]) -> Result<()> {
+    fn restore(
+        &mut self,
+        progress: Option<serde_json::Value>,
+        committed: &[SourceOffset],
+    ) -> Result<()> {
         // Lines of the old connection cannot be read again: this run numbers its
-        // lines past any batch the old one logged, so a re-run batch reads none.
-        let mut last = 0;
+        // lines past any batch the old one planned, so a re-run batch reads none.
+        let mut last = progress
+            .and_then(|p| p.get("next").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0);
         for offset in committed {
             last = last.max(self.parse(offset)?.until);
         }
@@ -178,7 +184,7 @@ impl StreamSource for SocketSource {
                 .filter_map(|n| r.lines.get((n - r.first) as usize).cloned())
                 .collect()
         };
-        if (lines.len() as u64) < range.until - range.from {
+        if (lines.len() as u64) < range.until.saturating_sub(range.from) {
             tracing::warn!(
                 "{}: lines {}..{} were received before a restart and cannot be read again",
                 self.describe(),
