@@ -544,6 +544,36 @@ async fn a_pattern_picks_up_new_topics_from_their_start() {
     assert_eq!(values, ["a0", "a1", "a2", "b0"]);
 }
 
+/// Starts the offsets query (`offsets_sql`) on `topic` and runs it through what is there.
+async fn start_offsets_query(
+    broker: &Broker,
+    topic: &str,
+    output: &std::path::Path,
+    extra: &str,
+) -> std::sync::Arc<brook::StreamingQuery> {
+    let q = Engine::new()
+        .execute(&offsets_sql(&broker.servers(), topic, output, extra))
+        .await
+        .unwrap()
+        .remove(0);
+    q.process_all_available().await.unwrap();
+    q
+}
+
+/// Waits (up to a minute) until the running query has written `n` rows.
+async fn await_rows(q: &brook::StreamingQuery, output: &std::path::Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while json_rows(output).len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            json_rows(output)
+        );
+        assert!(q.is_active(), "{:?}", q.exception());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_waits_for_a_stopped_broker_and_notices_the_topic_was_recreated() {
     let mut broker = Broker::start();
@@ -552,18 +582,13 @@ async fn a_query_waits_for_a_stopped_broker_and_notices_the_topic_was_recreated(
     broker.produce("events", 1, &first);
     let (tmp, _) = tmp_source();
     let output = tmp.path().join("out");
-    let engine = Engine::new();
-    let q = engine
-        .execute(&offsets_sql(
-            &broker.servers(),
-            "events",
-            &output,
-            ", 'failOnDataLoss' 'false', 'pollTimeout' '2 minutes'",
-        ))
-        .await
-        .unwrap()
-        .remove(0);
-    q.process_all_available().await.unwrap();
+    let q = start_offsets_query(
+        &broker,
+        "events",
+        &output,
+        ", 'failOnDataLoss' 'false', 'pollTimeout' '2 minutes'",
+    )
+    .await;
 
     // The broker goes away: the query keeps running, waiting for it.
     broker.stop();
@@ -576,16 +601,7 @@ async fn a_query_waits_for_a_stopped_broker_and_notices_the_topic_was_recreated(
     broker.create_topic("events", 1).await;
     let second: Vec<String> = (0..3).map(|i| format!("second {i}")).collect();
     broker.produce("events", 1, &second);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while json_rows(&output).len() < 13 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}",
-            json_rows(&output)
-        );
-        assert!(q.is_active(), "{:?}", q.exception());
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    await_rows(&q, &output, 13).await;
     q.stop().await.unwrap();
     let mut values: Vec<String> = json_rows(&output).into_iter().map(|r| r.2).collect();
     values.sort();
@@ -603,18 +619,7 @@ async fn a_query_waits_through_a_broker_restart_and_loses_nothing() {
     broker.produce("events", 2, &first);
     let (tmp, _) = tmp_source();
     let output = tmp.path().join("out");
-    let engine = Engine::new();
-    let q = engine
-        .execute(&offsets_sql(
-            &broker.servers(),
-            "events",
-            &output,
-            ", 'pollTimeout' '2 minutes'",
-        ))
-        .await
-        .unwrap()
-        .remove(0);
-    q.process_all_available().await.unwrap();
+    let q = start_offsets_query(&broker, "events", &output, ", 'pollTimeout' '2 minutes'").await;
     assert_eq!(json_rows(&output).len(), 20);
 
     broker.stop();
@@ -625,16 +630,7 @@ async fn a_query_waits_through_a_broker_restart_and_loses_nothing() {
     broker.restart();
     let second: Vec<String> = (0..10).map(|i| format!("second {i}")).collect();
     broker.produce("events", 2, &second);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while json_rows(&output).len() < 30 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}",
-            json_rows(&output)
-        );
-        assert!(q.is_active(), "{:?}", q.exception());
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    await_rows(&q, &output, 30).await;
     q.stop().await.unwrap();
     let rows = json_rows(&output);
     let mut values: Vec<String> = rows.iter().map(|r| r.2.clone()).collect();
@@ -814,12 +810,7 @@ async fn a_topic_that_lost_records_under_a_running_query_is_data_loss() {
     broker.produce("events", 1, &first);
     let (tmp, _) = tmp_source();
     let output = tmp.path().join("out");
-    let q = Engine::new()
-        .execute(&offsets_sql(&broker.servers(), "events", &output, ""))
-        .await
-        .unwrap()
-        .remove(0);
-    q.process_all_available().await.unwrap();
+    let q = start_offsets_query(&broker, "events", &output, "").await;
     broker.restart();
     broker.create_topic("events", 1).await;
     broker.produce("events", 1, &["second 0".to_string()]);
