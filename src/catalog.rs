@@ -15,6 +15,7 @@ use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::format::Decoder;
 use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, kafka_schema};
 use crate::source::location::Location;
+use crate::source::shared::SharedDecodes;
 use crate::source::{
     CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, StreamSource,
 };
@@ -338,7 +339,12 @@ impl SourceDef {
         self.schema.clone()
     }
 
-    pub fn open(&self, runtime: &RuntimeEnv) -> Result<Box<dyn StreamSource>> {
+    /// A new source reading this table; file sources share decoded files through `shared`.
+    pub fn open(
+        &self,
+        runtime: &RuntimeEnv,
+        shared: &Arc<SharedDecodes>,
+    ) -> Result<Box<dyn StreamSource>> {
         let decoder = Decoder::new(
             self.format.clone(),
             self.read_schema(),
@@ -354,6 +360,7 @@ impl SourceDef {
             location,
             decoder,
             self.file_options.clone(),
+            shared,
         )?))
     }
 }

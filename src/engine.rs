@@ -20,6 +20,7 @@ use crate::exec::query::new_id;
 use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
 use crate::progress::QueryProgress;
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, Sink};
+use crate::source::shared::SharedDecodes;
 use crate::source::{FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
@@ -46,6 +47,7 @@ pub struct Engine {
     ctx: SessionContext,
     catalog: Mutex<Catalog>,
     overrides: Overrides,
+    decodes: Arc<SharedDecodes>,
 }
 
 impl Default for Engine {
@@ -67,6 +69,7 @@ impl Engine {
             ctx: SessionContext::new_with_config(config),
             catalog: Mutex::default(),
             overrides,
+            decodes: Arc::default(),
         }
     }
 
@@ -219,7 +222,7 @@ impl Engine {
             )));
         }
         let runtime = self.ctx.runtime_env();
-        let source = compiled.source.open(&runtime)?;
+        let source = compiled.source.open(&runtime, &self.decodes)?;
         let checkpoint = match &options.checkpoint {
             Some(location) => Some(
                 Checkpoint::open(

@@ -527,3 +527,109 @@ async fn a_utf8_corrupt_record_column_from_the_rust_api_gets_the_raw_record() {
     assert_eq!((p.num_input_rows, p.num_malformed_rows), (2, 1));
     query.stop().await.unwrap();
 }
+
+/// A file far larger than one parsing chunk, with bad lines near its start,
+/// middle and end: every good row arrives and each bad one is named by its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lines_deep_in_a_large_file_are_named_by_their_line() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE n STORED AS MEMORY LOCATION 'n';
+             INSERT INTO n SELECT count(*) AS orders, sum(order_id) AS ids FROM orders;",
+            source_ddl(&input, "DROPMALFORMED", "")
+        ),
+    )
+    .await;
+    let bad = [3u64, 7_000, 19_999];
+    let text: Vec<String> = (1..=20_000u64)
+        .map(|line| {
+            if bad.contains(&line) {
+                format!("2016-03-22 20:00:01,{line},1,AAPL,many,1.0,B")
+            } else {
+                order("20:00:01", line as i64, "AAPL", 1, 1.0, "B")
+            }
+        })
+        .collect();
+    assert!(text.iter().map(|l| l.len() + 1).sum::<usize>() > 4 * 64 * 1024);
+    let file = put(&input, "big.csv", &(text.join("\n") + "\n"));
+    query.process_all_available().await.unwrap();
+
+    let ids: u64 = (1..=20_000u64).filter(|l| !bad.contains(l)).sum();
+    assert_eq!(
+        table(&engine.sql("SELECT orders, ids FROM n").await.unwrap()),
+        rows(&[&["19997", &ids.to_string()]])
+    );
+    let p = query.last_progress().unwrap();
+    assert_eq!(p.num_malformed_rows, 3);
+    let path = file.display().to_string();
+    assert_eq!(sample_places(&p), bad.map(|l| (path.clone(), l)).to_vec());
+    let last = p
+        .malformed_samples
+        .iter()
+        .find(|s| s.line == 19_999)
+        .unwrap();
+    assert_eq!(last.text, text[19_998]);
+    query.stop().await.unwrap();
+}
+
+/// Two queries over one source decode each file once between them, and each
+/// still gets every row and counts every bad line itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_sharing_a_source_each_see_every_row_and_bad_line() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let started = engine
+        .execute(&format!(
+            "{} CREATE EXTERNAL TABLE a STORED AS MEMORY LOCATION 'a' OPTIONS ('outputMode' 'complete');
+             CREATE EXTERNAL TABLE b STORED AS MEMORY LOCATION 'b';
+             INSERT INTO a SELECT symbol, count(*) AS n FROM orders GROUP BY symbol;
+             INSERT INTO b SELECT order_id FROM orders;",
+            source_ddl(&input, "DROPMALFORMED", "")
+        ))
+        .await
+        .unwrap();
+    for f in 0..3 {
+        put(
+            &input,
+            &format!("orders-{f}.csv"),
+            &lines(&[
+                &order("20:00:01", 2 * f, "AAPL", 1, 1.0, "B"),
+                "2016-03-22 20:00:02,9,1,IBM,1,abc,S",
+                &order("20:00:03", 2 * f + 1, "MSFT", 1, 1.0, "S"),
+            ]),
+        );
+    }
+    for q in &started {
+        q.process_all_available().await.unwrap();
+    }
+    assert_eq!(
+        table(
+            &engine
+                .sql("SELECT symbol, n FROM a ORDER BY symbol")
+                .await
+                .unwrap()
+        ),
+        rows(&[&["AAPL", "3"], &["MSFT", "3"]])
+    );
+    assert_eq!(
+        table(
+            &engine
+                .sql("SELECT count(*), sum(order_id) FROM b")
+                .await
+                .unwrap()
+        ),
+        rows(&[&["6", "15"]])
+    );
+    for q in &started {
+        let malformed: u64 = q
+            .recent_progress()
+            .iter()
+            .map(|p| p.num_malformed_rows)
+            .sum();
+        assert_eq!(malformed, 3, "{}", q.name());
+        q.stop().await.unwrap();
+    }
+}

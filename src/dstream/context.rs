@@ -227,7 +227,8 @@ impl StreamingContext {
             include_existing_files: false,
             ..Default::default()
         };
-        Ok(self.lines(Box::new(FileSource::new(location, decoder, options)?)))
+        let source = FileSource::new(location, decoder, options, &Arc::default())?;
+        Ok(self.lines(Box::new(source)))
     }
 
     /// Spark's `socketTextStream`: lines read over TCP from `host:port`

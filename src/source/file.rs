@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::format::Decoder;
 use super::location::Location;
 use super::malformed::MalformedStats;
+use super::shared::{Registration, SharedDecodes};
 use super::{SourceBatch, SourceOffset, StreamSource};
 use crate::error::{BrookError, Result};
 
@@ -42,7 +43,7 @@ impl Default for FileSourceOptions {
             latest_first: false,
             include_existing_files: true,
             recursive: false,
-            parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            parallelism: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -51,6 +52,7 @@ impl Default for FileSourceOptions {
 pub struct FileSource {
     location: Location,
     decoder: Arc<Decoder>,
+    shared: Registration,
     options: FileSourceOptions,
     seen: HashSet<Path>,
     /// Set by the available-now trigger: only these files may still be planned.
@@ -71,11 +73,21 @@ struct FileEntry {
 }
 
 impl FileSource {
-    pub fn new(location: Location, decoder: Decoder, options: FileSourceOptions) -> Result<Self> {
+    /// A source over `location`; files that other sources registered with
+    /// `shared` read with an equal decoder are decoded once for all of them.
+    pub fn new(
+        location: Location,
+        decoder: Decoder,
+        options: FileSourceOptions,
+        shared: &Arc<SharedDecodes>,
+    ) -> Result<Self> {
         location.require_existing_dir()?;
+        let decoder = Arc::new(decoder);
+        let shared = shared.register(&location.display, &decoder)?;
         Ok(Self {
             location,
-            decoder: Arc::new(decoder),
+            decoder,
+            shared,
             options,
             seen: HashSet::new(),
             snapshot: None,
@@ -189,21 +201,27 @@ impl StreamSource for FileSource {
         let store: Arc<dyn ObjectStore> = self.location.store.clone();
         // Local files are named by their filesystem path in messages.
         let local = self.location.local_dir.is_some();
+        let shared = &self.shared;
         let decoded: Vec<_> = futures::stream::iter(entries)
             .map(|entry| {
                 let store = store.clone();
                 let decoder = self.decoder.clone();
                 async move {
-                    let path = Path::from(entry.path.as_str());
-                    let bytes = store.get(&path).await?.bytes().await?;
-                    let name = if local {
-                        format!("/{}", entry.path)
-                    } else {
-                        entry.path.clone()
+                    let fetch_and_decode = || async {
+                        let path = Path::from(entry.path.as_str());
+                        let bytes = store.get(&path).await?.bytes().await?;
+                        let name = if local {
+                            format!("/{}", entry.path)
+                        } else {
+                            entry.path.clone()
+                        };
+                        tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
+                            .await
+                            .map_err(|e| {
+                                BrookError::Plan(format!("decoding {}: {e}", entry.path))
+                            })?
                     };
-                    tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
-                        .await
-                        .map_err(|e| BrookError::Plan(format!("decoding {}: {e}", entry.path)))?
+                    shared.get(&entry.path, entry.size, fetch_and_decode).await
                 }
             })
             .buffered(self.options.parallelism.max(1))
@@ -213,9 +231,9 @@ impl StreamSource for FileSource {
         let mut malformed = MalformedStats::default();
         for d in decoded {
             if d.batch.num_rows() > 0 {
-                out.batches.push(d.batch);
+                out.batches.push(d.batch.clone());
             }
-            malformed.merge(d.malformed);
+            malformed.merge(d.malformed.clone());
         }
         out.malformed = malformed;
         Ok(out)

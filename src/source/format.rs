@@ -1,9 +1,10 @@
 //! Decoding one file's bytes into Arrow rows of the declared schema.
 //!
-//! CSV fields are tokenized by the `csv` crate and typed by arrow's cast
-//! kernels, so that each bad record can be found, counted and named by its
-//! line, which arrow's all-or-nothing CSV reader cannot do. JSON and Parquet
-//! use arrow's readers directly.
+//! CSV is read by arrow's reader in chunks of whole lines. Arrow's reader
+//! stops at a bad record without saying which, so a chunk it rejects is read
+//! again record by record: fields tokenized by the `csv` crate and typed by
+//! arrow's cast kernels, so that each bad record can be found, counted and
+//! named by its line. JSON and Parquet use arrow's readers directly.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use datafusion::arrow::compute::kernels::boolean::{and, and_not, or};
 use datafusion::arrow::compute::{
     CastOptions, cast, cast_with_options, filter_record_batch, is_not_null, is_null,
 };
+use datafusion::arrow::csv::ReaderBuilder as CsvReaderBuilder;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -23,7 +25,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use super::malformed::{MalformedRecord, MalformedStats, ParseMode, excerpt};
 use crate::error::{BrookError, Result};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CsvOptions {
     pub has_header: bool,
     pub delimiter: u8,
@@ -40,7 +42,7 @@ impl Default for CsvOptions {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FileFormat {
     Csv(CsvOptions),
     Json,
@@ -61,7 +63,7 @@ impl FileFormat {
 }
 
 /// How to turn a file into rows: the schema to produce and what to do with bad records.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Decoder {
     pub format: FileFormat,
     pub schema: SchemaRef,
@@ -107,6 +109,63 @@ impl Decoder {
     }
 
     fn decode_csv(&self, options: &CsvOptions, file: &str, data: &[u8]) -> Result<Decoded> {
+        // A quoted field may span lines, so only quote-free data is cut at newlines.
+        if memchr::memchr(options.quote, data).is_some() {
+            return self.decode_csv_records(options, file, data, 0);
+        }
+        let mut body = data;
+        let mut lines_before = 0;
+        if options.has_header {
+            let header_end = memchr::memchr(b'\n', data).map_or(data.len(), |i| i + 1);
+            body = &data[header_end..];
+            lines_before = 1;
+        }
+        let records = CsvOptions {
+            has_header: false,
+            ..options.clone()
+        };
+        let file_schema = Arc::new(self.schema.project(&self.data_columns())?);
+        let mut parts = vec![];
+        let mut malformed = MalformedStats::default();
+        let mut start = 0;
+        while start < body.len() {
+            let cut = (start + CSV_CHUNK_BYTES).min(body.len());
+            let end = memchr::memchr(b'\n', &body[cut..]).map_or(body.len(), |i| cut + i + 1);
+            let chunk = &body[start..end];
+            let lines = memchr::memchr_iter(b'\n', chunk).count() as u64;
+            match arrow_csv_chunk(options, &file_schema, chunk, lines as usize + 1) {
+                Some(batch) => parts.push(self.with_corrupt_column(batch)?),
+                None => {
+                    let d = self.decode_csv_records(&records, file, chunk, lines_before)?;
+                    parts.push(d.batch);
+                    malformed.merge(d.malformed);
+                }
+            }
+            lines_before += lines;
+            start = end;
+        }
+        let batch = datafusion::arrow::compute::concat_batches(&self.schema, &parts)?;
+        Ok(Decoded { batch, malformed })
+    }
+
+    /// A batch of the data columns, completed with an empty corrupt-record column.
+    fn with_corrupt_column(&self, batch: RecordBatch) -> Result<RecordBatch> {
+        let mut columns = batch.columns().to_vec();
+        if let Some(c) = self.corrupt_column {
+            columns.insert(c, new_null_array(&DataType::Utf8, batch.num_rows()));
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+
+    /// Reads CSV record by record, counting and naming each bad one; line numbers
+    /// start after `lines_before` lines.
+    fn decode_csv_records(
+        &self,
+        options: &CsvOptions,
+        file: &str,
+        data: &[u8],
+        lines_before: u64,
+    ) -> Result<Decoded> {
         let columns = self.data_columns();
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
@@ -127,7 +186,7 @@ impl Decoder {
                 Ok(false) => break,
                 Ok(true) => {}
                 Err(e) => {
-                    let line = e.position().map_or(start.line(), |p| p.line());
+                    let line = lines_before + e.position().map_or(start.line(), |p| p.line());
                     let end = reader.position().byte() as usize;
                     let bad = MalformedRecord {
                         file: file.to_string(),
@@ -145,13 +204,13 @@ impl Decoder {
                 continue;
             }
             let end = reader.position().byte() as usize;
-            let span = (pos.line(), pos.byte() as usize, end);
+            let span = (lines_before + pos.line(), pos.byte() as usize, end);
             let n = record.len();
             if n != columns.len() {
                 let reason = format!("expected {} fields, found {n}", columns.len());
                 let bad = MalformedRecord {
                     file: file.to_string(),
-                    line: pos.line(),
+                    line: span.0,
                     reason: reason.clone(),
                     text: excerpt(slice(data, span.1, span.2)),
                 };
@@ -442,6 +501,42 @@ impl Decoder {
             }
         }
         RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| e.to_string())
+    }
+}
+
+/// Bytes of CSV given to arrow's reader at once (cut at the next newline).
+const CSV_CHUNK_BYTES: usize = 64 << 10;
+
+/// Parses a chunk of whole CSV lines with arrow's reader into `schema`, or
+/// `None` if any record in it is bad (wrong field count, unparseable value,
+/// null in a NOT NULL column, invalid UTF-8).
+fn arrow_csv_chunk(
+    options: &CsvOptions,
+    schema: &SchemaRef,
+    chunk: &[u8],
+    max_rows: usize,
+) -> Option<RecordBatch> {
+    let mut decoder = CsvReaderBuilder::new(schema.clone())
+        .with_header(false)
+        .with_delimiter(options.delimiter)
+        .with_quote(options.quote)
+        .with_batch_size(max_rows)
+        .build_decoder();
+    let mut rest = chunk;
+    loop {
+        // An empty call ends the last record when the chunk has no final newline.
+        let read = decoder.decode(rest).ok()?;
+        rest = &rest[read..];
+        if read == 0 {
+            break;
+        }
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    match decoder.flush().ok()? {
+        Some(batch) => Some(batch),
+        None => Some(RecordBatch::new_empty(schema.clone())),
     }
 }
 

@@ -60,20 +60,24 @@ impl Location {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = parent.join(format!(".{name}.tmp"));
-        let io = |path: &FsPath| {
-            let path = path.to_path_buf();
-            move |e| BrookError::io(path, e)
-        };
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        drop(file);
+        // fsync blocks for milliseconds: off the runtime's threads, which run other queries.
+        let staged = tmp.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+            let mut file = std::fs::File::create(&staged).map_err(io(&staged))?;
+            file.write_all(&bytes).map_err(io(&staged))?;
+            file.sync_all().map_err(io(&staged))
+        })
+        .await?;
         faults::crash_point(point.0, point.1);
-        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        std::fs::File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&parent))
+        blocking(move || {
+            std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+            let parent = dest.parent().unwrap_or(&dest);
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io(parent))
+        })
+        .await
     }
 
     /// Resolves `location`: plain paths and `file://` URLs are local; `s3://bucket/prefix`
@@ -167,4 +171,17 @@ impl Location {
         }
         Ok(())
     }
+}
+
+fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> BrookError {
+    let path = path.to_path_buf();
+    move |e| BrookError::io(path, e)
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BrookError::Plan(format!("file write task failed: {e}")))?
 }

@@ -9,6 +9,7 @@ pub mod format;
 pub mod kafka;
 pub mod location;
 pub mod malformed;
+pub mod shared;
 pub mod socket;
 
 use std::fmt::Debug;

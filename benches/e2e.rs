@@ -1,0 +1,616 @@
+//! End-to-end figures for issue 6, measured the way a user runs brook: the
+//! release `brook` binary on `queries/dashboard_parquet.sql` (Parquet sinks,
+//! a checkpoint), one process per run, wall time and peak RSS from the OS.
+//!
+//! `cargo bench --bench e2e` runs every scenario; name some to run only those:
+//! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka`.
+//! Data sets are prepared once under `target/bench-data`. The book's orders
+//! come from `../shared/data/orders.tar.gz`; without it, generated orders
+//! stand in. `kafka` needs `tansu` (the test suite installs it into
+//! `target/tools/bin`) and is skipped without it.
+
+#[path = "../tests/common/broker.rs"]
+#[allow(dead_code)]
+mod broker;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use brook::cli::send::write_atomically;
+use brook::datafusion::arrow::csv::ReaderBuilder;
+use brook::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use chrono::{NaiveDateTime, TimeDelta};
+use serde_json::Value;
+
+const BOOK_ORDERS: usize = 500_000;
+const FILES: usize = 50;
+const RUNS: usize = 5;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn data_dir() -> PathBuf {
+    root().join("target/bench-data")
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs[i]
+}
+
+/// Splits `lines` into `files` CSV files under `dir` (once: kept for later runs).
+fn write_split(dir: &Path, files: usize, lines: impl FnOnce() -> Vec<String>) -> PathBuf {
+    let done = dir.join("_complete");
+    if done.exists() {
+        return dir.to_path_buf();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let lines = lines();
+    for (n, chunk) in lines.chunks(lines.len().div_ceil(files)).enumerate() {
+        write_atomically(
+            dir,
+            &format!("orders-{n:03}.csv"),
+            (chunk.join("\n") + "\n").as_bytes(),
+        )
+        .unwrap();
+    }
+    std::fs::write(done, b"").unwrap();
+    dir.to_path_buf()
+}
+
+fn generated(count: usize, malformed: f64, step: TimeDelta) -> Vec<String> {
+    let mut g = OrderGenerator::new(GeneratorConfig {
+        malformed,
+        ..Default::default()
+    });
+    let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
+    (0..count as i32)
+        .map(|i| g.line(start + step * i))
+        .collect()
+}
+
+/// The book's 500,000 orders, or `None` without `../shared`.
+fn book_lines() -> Option<Vec<String>> {
+    let file = std::fs::File::open(root().join("../shared/data/orders.tar.gz")).ok()?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut text = String::new();
+    archive
+        .entries()
+        .ok()?
+        .next()?
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text.lines().map(str::to_string).collect())
+}
+
+/// The book's orders in 50 files of 10,000 lines, and what they are.
+fn book_data() -> (PathBuf, &'static str) {
+    match book_lines() {
+        Some(lines) => (
+            write_split(&data_dir().join("book"), FILES, || lines),
+            "the book's 500,000 orders",
+        ),
+        None => (
+            write_split(&data_dir().join("book-standin"), FILES, || {
+                generated(BOOK_ORDERS, 0.0, TimeDelta::microseconds(12))
+            }),
+            "500,000 generated orders (../shared not found)",
+        ),
+    }
+}
+
+/// `queries/dashboard_parquet.sql` reading `input`, written into `dir`.
+fn dashboard_sql(dir: &Path, input: &Path, source_options: &str) -> PathBuf {
+    let sql = std::fs::read_to_string(root().join("queries/dashboard_parquet.sql")).unwrap();
+    let from = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
+    assert!(sql.contains(from));
+    let sql = sql.replace(
+        from,
+        &format!(
+            "LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED'{source_options})",
+            input.display()
+        ),
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("dashboard.sql");
+    std::fs::write(&path, sql).unwrap();
+    path
+}
+
+/// `brook run <sql> --checkpoint ckpt --progress json` in `dir`, with `trigger`.
+fn brook_run(dir: &Path, sql: &Path, trigger: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_brook"))
+        .current_dir(dir)
+        .args(["run", sql.to_str().unwrap(), "--trigger", trigger])
+        .args(["--checkpoint", "ckpt", "--progress", "json"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child`; its exit status and peak resident memory in MB.
+fn wait_with_peak(child: Child) -> (i32, f64) {
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waits for our own child and fills a zeroed rusage.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    std::mem::forget(child);
+    let code = std::process::ExitStatus::from_raw(status)
+        .code()
+        .unwrap_or(-1);
+    (code, usage.ru_maxrss as f64 / 1024.0)
+}
+
+/// The progress records a run printed, as JSON values.
+fn progress_lines(stderr: impl Read) -> Vec<Value> {
+    BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter(|v| v.get("batch_id").is_some())
+        .collect()
+}
+
+fn input_rows(progress: &[Value], query: &str) -> u64 {
+    progress
+        .iter()
+        .filter(|p| p["name"] == query)
+        .map(|p| p["num_input_rows"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+struct RunFigures {
+    seconds: f64,
+    peak_mb: f64,
+    engine_ms: f64,
+}
+
+/// One available-now run of the Parquet dashboard over `input`, in a fresh directory.
+fn available_now_run(input: &Path, rows: usize, source_options: &str) -> RunFigures {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dashboard_sql(dir.path(), input, source_options);
+    let started = Instant::now();
+    let mut child = brook_run(dir.path(), &sql, "available-now");
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || progress_lines(stderr));
+    let (code, peak_mb) = wait_with_peak(child);
+    let seconds = started.elapsed().as_secs_f64();
+    let progress = reader.join().unwrap();
+    assert_eq!(code, 0, "brook run failed");
+    for q in ["buy_sell_per_second", "top_clients", "top_stocks"] {
+        let seen = input_rows(&progress, q) as usize;
+        assert!(
+            seen <= rows && seen * 100 >= rows * 98,
+            "{q} read {seen} of {rows} rows"
+        );
+    }
+    let engine_ms = progress
+        .iter()
+        .map(|p| p["duration_ms"]["total"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    RunFigures {
+        seconds,
+        peak_mb,
+        engine_ms,
+    }
+}
+
+fn report_runs(label: &str, rows: usize, runs: &[RunFigures]) -> f64 {
+    let secs = median(runs.iter().map(|r| r.seconds).collect());
+    let peak = median(runs.iter().map(|r| r.peak_mb).collect());
+    let longest = median(runs.iter().map(|r| r.engine_ms).collect());
+    println!(
+        "| {label} | {rows} | {secs:.3} s | {:.0} orders/s | {peak:.0} MB | {longest:.0} ms |",
+        rows as f64 / secs
+    );
+    secs
+}
+
+fn table_header() {
+    println!("| run | orders | median wall time | orders/s | median peak RSS | longest batch |");
+    println!("|---|---|---|---|---|---|");
+}
+
+/// The three queries over the book's orders, all files in one batch.
+fn book() -> f64 {
+    let (input, what) = book_data();
+    println!("\n## book: {what}, 50 files, available-now, Parquet sinks, checkpoint\n");
+    table_header();
+    let runs: Vec<_> = (0..RUNS)
+        .map(|_| available_now_run(&input, BOOK_ORDERS, ""))
+        .collect();
+    let secs = report_runs("one batch", BOOK_ORDERS, &runs);
+    let runs: Vec<_> = (0..RUNS)
+        .map(|_| available_now_run(&input, BOOK_ORDERS, ", 'maxFilesPerTrigger' '1'"))
+        .collect();
+    report_runs("one file per batch", BOOK_ORDERS, &runs);
+    BOOK_ORDERS as f64 / secs
+}
+
+/// Arrow's CSV reader alone over the same files, one thread per core.
+fn ceiling() -> f64 {
+    let (input, what) = book_data();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        ),
+        Field::new("order_id", DataType::Int64, false),
+        Field::new("client_id", DataType::Int64, false),
+        Field::new("symbol", DataType::Utf8, false),
+        Field::new("amount", DataType::Int32, false),
+        Field::new("price", DataType::Float64, false),
+        Field::new("buy_sell", DataType::Utf8, false),
+    ]));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&input)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "csv"))
+        .collect();
+    files.sort();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let decoder = brook::source::format::Decoder::new(
+        brook::source::FileFormat::Csv(Default::default()),
+        schema.clone(),
+        brook::source::ParseMode::DropMalformed,
+        "_corrupt_record",
+    );
+    let mut decode_times = vec![];
+    for _ in 0..10 {
+        let started = Instant::now();
+        let rows: usize = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (files, decoder) = (&files, &decoder);
+                    s.spawn(move || {
+                        let mut rows = 0;
+                        for f in files.iter().skip(t).step_by(threads) {
+                            let bytes = std::fs::read(f).unwrap();
+                            let d = decoder.decode("f", bytes.into()).unwrap();
+                            rows += d.batch.num_rows();
+                        }
+                        rows
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(rows, BOOK_ORDERS);
+        decode_times.push(started.elapsed().as_secs_f64());
+    }
+    println!(
+        "brook's decoder alone: median {:.3} s",
+        median(decode_times)
+    );
+    let mut times = vec![];
+    for _ in 0..10 {
+        let started = Instant::now();
+        let rows: usize = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let files = &files;
+                    let schema = schema.clone();
+                    s.spawn(move || {
+                        let mut rows = 0;
+                        for f in files.iter().skip(t).step_by(threads) {
+                            let reader = ReaderBuilder::new(schema.clone())
+                                .build(std::fs::File::open(f).unwrap())
+                                .unwrap();
+                            rows += reader.map(|b| b.unwrap().num_rows()).sum::<usize>();
+                        }
+                        rows
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(rows, BOOK_ORDERS);
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let secs = median(times);
+    println!("\n## ceiling: arrow's CSV reader alone, {what}, {threads} threads\n");
+    println!(
+        "median {secs:.3} s, {:.0} orders/s",
+        BOOK_ORDERS as f64 / secs
+    );
+    BOOK_ORDERS as f64 / secs
+}
+
+/// 500,000 and 5,000,000 generated orders (1% malformed) in one batch each.
+fn scaling() {
+    println!("\n## scaling: generated orders, 1% malformed, 2 ms apart, available-now\n");
+    table_header();
+    let mut secs = vec![];
+    for (count, files) in [(500_000, 50), (5_000_000, 500)] {
+        let input = write_split(&data_dir().join(format!("gen-{count}")), files, || {
+            generated(count, 0.01, TimeDelta::milliseconds(2))
+        });
+        let runs: Vec<_> = (0..3)
+            .map(|_| available_now_run(&input, count, ""))
+            .collect();
+        secs.push(report_runs(&format!("{files} files"), count, &runs));
+    }
+    println!(
+        "\n5,000,000 took {:.1}x the time of 500,000",
+        secs[1] / secs[0]
+    );
+}
+
+/// A 100 ms trigger with 100,000 orders/s arriving (a file of 10,000 every
+/// 100 ms), event time running 100x faster than the clock so that one-hour
+/// windows close within the run.
+fn steady() {
+    const SECONDS: u64 = 75;
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("orders");
+    std::fs::create_dir_all(&input).unwrap();
+    let sql = dashboard_sql(tmp.path(), &input, "");
+    let mut child = brook_run(tmp.path(), &sql, "100ms");
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .filter(|v| v.get("batch_id").is_some())
+            .map(|v| (Instant::now(), v))
+            .collect::<Vec<_>>()
+    });
+    let mut g = OrderGenerator::new(GeneratorConfig::default());
+    let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
+    let began = Instant::now();
+    let mut n = 0i64;
+    let mut file = 0;
+    while began.elapsed() < Duration::from_secs(SECONDS) {
+        let lines: Vec<String> = (0..10_000)
+            .map(|_| {
+                n += 1;
+                g.line(start + TimeDelta::milliseconds(n))
+            })
+            .collect();
+        write_atomically(
+            &input,
+            &format!("orders-{file:06}.csv"),
+            (lines.join("\n") + "\n").as_bytes(),
+        )
+        .unwrap();
+        file += 1;
+        let due = began + Duration::from_millis(100 * file);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let (_, peak_mb) = wait_with_peak(child);
+    let progress = reader.join().unwrap();
+    println!(
+        "\n## steady: 100 ms trigger, 100,000 orders/s for {SECONDS} s ({n} orders), event time 100x\n"
+    );
+    let warm = began + Duration::from_secs(10);
+    let durations: Vec<f64> = progress
+        .iter()
+        .filter(|(at, p)| *at > warm && p["num_input_rows"].as_u64().unwrap_or(0) > 0)
+        .map(|(_, p)| p["duration_ms"]["total"].as_f64().unwrap_or(0.0))
+        .collect();
+    println!(
+        "batches with input after 10 s: {}, duration p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; peak RSS {peak_mb:.0} MB",
+        durations.len(),
+        percentile(durations.clone(), 0.5),
+        percentile(durations.clone(), 0.99),
+        percentile(durations, 1.0),
+    );
+    println!("\ntop_stocks state rows (one-hour windows start closing after 36 s):\n");
+    println!("| after | state rows |\n|---|---|");
+    for at in [15u64, 30, 45, 60, 75] {
+        let rows = progress
+            .iter()
+            .rev()
+            .find(|(t, p)| *t <= began + Duration::from_secs(at) && p["name"] == "top_stocks")
+            .and_then(|(_, p)| p["state_operators"][0]["num_rows_total"].as_u64());
+        println!(
+            "| {at} s | {} |",
+            rows.map_or("-".into(), |r| r.to_string())
+        );
+    }
+}
+
+/// Restarts from a checkpoint holding an hour of sliding-window state and
+/// times how long until each query's first new batch is done.
+fn restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("orders");
+    let base = tmp.path().join("base");
+    // 400,000 orders 10 ms apart: 4,000 s of event time, over an hour of open windows.
+    write_split(&input, 40, || {
+        generated(400_000, 0.0, TimeDelta::milliseconds(10))
+    });
+    std::fs::remove_file(input.join("_complete")).unwrap();
+    let sql = dashboard_sql(&base, &input, "");
+    let child = brook_run(&base, &sql, "available-now");
+    assert_eq!(wait_with_peak(child).0, 0);
+    let state = std::fs::read_dir(base.join("ckpt/top_stocks/state/aggregate"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok().map(|m| m.len()))
+        .max()
+        .unwrap_or(0);
+    let mut g = OrderGenerator::new(GeneratorConfig {
+        seed: 7,
+        ..Default::default()
+    });
+    let start = NaiveDateTime::parse_from_str("2016-03-22 21:32:08", TIME_FORMAT).unwrap();
+    let lines: Vec<String> = (0..1000)
+        .map(|i| g.line(start + TimeDelta::milliseconds(10 * i)))
+        .collect();
+    let mut times = vec![];
+    for run in 0..RUNS {
+        let dir = tmp.path().join(format!("run-{run}"));
+        copy_dir(&base, &dir);
+        let new_input = dir.join("orders");
+        copy_dir(&input, &new_input);
+        write_atomically(
+            &new_input,
+            "orders-new.csv",
+            (lines.join("\n") + "\n").as_bytes(),
+        )
+        .unwrap();
+        let sql = dashboard_sql(&dir, &new_input, "");
+        let started = Instant::now();
+        let mut child = brook_run(&dir, &sql, "available-now");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut pending: std::collections::BTreeSet<&str> =
+            ["buy_sell_per_second", "top_clients", "top_stocks"].into();
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Ok(p) = serde_json::from_str::<Value>(&line)
+                && p["num_input_rows"].as_u64().unwrap_or(0) > 0
+                && let Some(name) = p["name"].as_str()
+            {
+                pending.remove(name);
+                if pending.is_empty() {
+                    times.push(started.elapsed().as_secs_f64());
+                    break;
+                }
+            }
+        }
+        assert!(pending.is_empty(), "no new batch from {pending:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    println!(
+        "\n## restart: checkpoint with an hour of sliding windows (top_stocks state file {:.1} MB)\n",
+        state as f64 / 1e6
+    );
+    println!(
+        "process start to the first new batch of all three queries: median {:.0} ms",
+        median(times) * 1000.0
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The Kafka dashboard over 500,000 orders already in a 4-partition topic.
+fn kafka() {
+    let tansu = root().join("target/tools/bin/tansu");
+    if !tansu.exists() {
+        println!("\n## kafka: skipped (no target/tools/bin/tansu; `cargo test` installs it)");
+        return;
+    }
+    let broker = broker::Broker::start();
+    let topic = "orders";
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(broker.create_topic(topic, 4));
+    let lines =
+        book_lines().unwrap_or_else(|| generated(BOOK_ORDERS, 0.0, TimeDelta::microseconds(12)));
+    let sent = Instant::now();
+    produce_batched(&broker.servers(), topic, &lines);
+    let send_secs = sent.elapsed().as_secs_f64();
+    let sql = std::fs::read_to_string(root().join("queries/dashboard_kafka.sql")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let sql_path = tmp.path().join("dashboard.sql");
+    std::fs::write(&sql_path, sql.replace("127.0.0.1:9092", &broker.servers())).unwrap();
+    let mut times = vec![];
+    for run in 0..3 {
+        let dir = tmp.path().join(format!("run-{run}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let started = Instant::now();
+        let mut child = brook_run(&dir, &sql_path, "available-now");
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || progress_lines(stderr));
+        let (code, _) = wait_with_peak(child);
+        times.push(started.elapsed().as_secs_f64());
+        let progress = reader.join().unwrap();
+        assert_eq!(code, 0);
+        assert_eq!(input_rows(&progress, "top_clients") as usize, lines.len());
+    }
+    let secs = median(times);
+    println!("\n## kafka: 500,000 orders in a 4-partition topic on tansu, available-now\n");
+    println!(
+        "producing took {send_secs:.1} s; the dashboard read them in a median {secs:.2} s = {:.0} orders/s",
+        lines.len() as f64 / secs
+    );
+}
+
+/// Sends `lines` round-robin over 4 partitions in producer batches: this
+/// measures reading, and a reader that starts at the beginning reads whole batches.
+fn produce_batched(servers: &str, topic: &str, lines: &[String]) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()
+        .unwrap();
+    for (i, line) in lines.iter().enumerate() {
+        let mut record = BaseRecord::<(), str>::to(topic)
+            .payload(line.as_str())
+            .partition(i as i32 % 4);
+        while let Err((_, back)) = producer.send(record) {
+            record = back;
+            producer.poll(Duration::from_millis(10));
+        }
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+}
+
+fn main() {
+    let chosen: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |name: &str| chosen.is_empty() || chosen.iter().any(|c| c == name);
+    let mut rate = None;
+    let mut limit = None;
+    if wants("book") {
+        rate = Some(book());
+    }
+    if wants("ceiling") {
+        limit = Some(ceiling());
+    }
+    if let (Some(rate), Some(limit)) = (rate, limit) {
+        println!(
+            "\ndashboard end to end / arrow CSV reader alone = {:.2}",
+            rate / limit
+        );
+    }
+    if wants("scaling") {
+        scaling();
+    }
+    if wants("steady") {
+        steady();
+    }
+    if wants("restart") {
+        restart();
+    }
+    if wants("kafka") {
+        kafka();
+    }
+}

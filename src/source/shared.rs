@@ -1,0 +1,270 @@
+//! Decoded files shared by the queries of one engine.
+//!
+//! A script's queries usually read the same source: the dashboard runs three
+//! queries over one directory of orders. Each query keeps its own file source
+//! (its own offsets and checkpoint, as in Spark), but a file that several of
+//! them read with the same decoder is decoded once: the first reader decodes
+//! it, the others wait for and share the result. An entry is dropped once
+//! every registered reader has taken it, and the oldest entries go when the
+//! cache outgrows its byte budget (a reader that then misses decodes again).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::OnceCell;
+
+use super::format::{Decoded, Decoder};
+use crate::error::{BrookError, Result};
+
+/// Decoded bytes kept for readers that have not taken them yet.
+const BUDGET_BYTES: usize = 256 << 20;
+
+#[derive(Default)]
+pub struct SharedDecodes {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for SharedDecodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedDecodes")
+    }
+}
+
+/// Readers of one location with one decoder.
+struct Group {
+    location: String,
+    decoder: Arc<Decoder>,
+    readers: usize,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct FileKey {
+    group: usize,
+    path: String,
+    size: u64,
+}
+
+struct Entry {
+    cell: Arc<OnceCell<Arc<Decoded>>>,
+    taken: usize,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    groups: Vec<Group>,
+    files: HashMap<FileKey, Entry>,
+    /// Keys in insertion order, for eviction (may name entries already gone).
+    order: VecDeque<FileKey>,
+    bytes: usize,
+}
+
+impl Inner {
+    fn remove(&mut self, key: &FileKey) {
+        if let Some(e) = self.files.remove(key) {
+            self.bytes -= e.bytes;
+        }
+    }
+
+    /// Forgets the eviction order of entries already removed, once they dominate it.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.files.len() + 64 {
+            let Inner { order, files, .. } = self;
+            order.retain(|k| files.contains_key(k));
+        }
+    }
+}
+
+/// A file source's membership of a [`SharedDecodes`] group; leaving on drop.
+pub struct Registration {
+    cache: Arc<SharedDecodes>,
+    group: usize,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registration({})", self.group)
+    }
+}
+
+impl SharedDecodes {
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| BrookError::Plan("shared decode cache lock poisoned".into()))
+    }
+
+    /// Joins the readers of `location` decoded by `decoder`.
+    pub fn register(
+        self: &Arc<Self>,
+        location: &str,
+        decoder: &Arc<Decoder>,
+    ) -> Result<Registration> {
+        let mut inner = self.lock()?;
+        let found = inner
+            .groups
+            .iter()
+            .position(|g| g.location == location && *g.decoder == **decoder);
+        let group = match found {
+            Some(i) => i,
+            None => {
+                inner.groups.push(Group {
+                    location: location.to_string(),
+                    decoder: decoder.clone(),
+                    readers: 0,
+                });
+                inner.groups.len() - 1
+            }
+        };
+        inner.groups[group].readers += 1;
+        Ok(Registration {
+            cache: self.clone(),
+            group,
+        })
+    }
+}
+
+impl Registration {
+    /// The decoded file at `path` (of `size` bytes), decoding it with `decode`
+    /// unless another reader of the group has done or is doing so.
+    pub async fn get<F, Fut>(&self, path: &str, size: u64, decode: F) -> Result<Arc<Decoded>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Decoded>>,
+    {
+        let key = FileKey {
+            group: self.group,
+            path: path.to_string(),
+            size,
+        };
+        let cell = {
+            let mut inner = self.cache.lock()?;
+            let readers = inner.groups[self.group].readers;
+            let fresh = !inner.files.contains_key(&key);
+            let entry = inner.files.entry(key.clone()).or_insert_with(|| Entry {
+                cell: Arc::default(),
+                taken: 0,
+                bytes: 0,
+            });
+            entry.taken += 1;
+            let cell = entry.cell.clone();
+            if entry.taken >= readers {
+                inner.remove(&key);
+                inner.compact();
+            } else if fresh {
+                inner.order.push_back(key.clone());
+            }
+            cell
+        };
+        let decoded = cell
+            .get_or_try_init(|| async { decode().await.map(Arc::new) })
+            .await?
+            .clone();
+        self.account(&key, &cell, &decoded)?;
+        Ok(decoded)
+    }
+
+    /// Charges a kept entry's size to the budget once it is decoded, evicting the oldest.
+    fn account(
+        &self,
+        key: &FileKey,
+        cell: &Arc<OnceCell<Arc<Decoded>>>,
+        decoded: &Decoded,
+    ) -> Result<()> {
+        let mut inner = self.cache.lock()?;
+        let Some(entry) = inner.files.get_mut(key) else {
+            return Ok(());
+        };
+        if !Arc::ptr_eq(&entry.cell, cell) || entry.bytes > 0 {
+            return Ok(());
+        }
+        let bytes = decoded.batch.get_array_memory_size().max(1);
+        entry.bytes = bytes;
+        inner.bytes += bytes;
+        while inner.bytes > BUDGET_BYTES {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            inner.remove(&oldest);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let Ok(mut inner) = self.cache.lock() else {
+            return;
+        };
+        let group = self.group;
+        inner.groups[group].readers -= 1;
+        let readers = inner.groups[group].readers;
+        let done: Vec<FileKey> = inner
+            .files
+            .iter()
+            .filter(|(k, e)| k.group == group && e.taken >= readers)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &done {
+            inner.remove(key);
+        }
+        inner.compact();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use datafusion::arrow::datatypes::Schema;
+
+    use super::*;
+    use crate::source::format::FileFormat;
+    use crate::source::malformed::{MalformedStats, ParseMode};
+
+    fn decoder() -> Arc<Decoder> {
+        Arc::new(Decoder::new(
+            FileFormat::Text,
+            Arc::new(Schema::empty()),
+            ParseMode::Permissive,
+            "_corrupt_record",
+        ))
+    }
+
+    fn empty() -> Decoded {
+        Decoded {
+            batch: datafusion::arrow::array::RecordBatch::new_empty(Arc::new(Schema::empty())),
+            malformed: MalformedStats::default(),
+        }
+    }
+
+    /// Readers of one group decode a file once and the entry goes once all took it;
+    /// a reader of another location decodes for itself.
+    #[tokio::test]
+    async fn a_file_is_decoded_once_per_group_and_then_dropped() {
+        let cache = Arc::new(SharedDecodes::default());
+        let d = decoder();
+        let (a, b) = (
+            cache.register("dir", &d).unwrap(),
+            cache.register("dir", &d).unwrap(),
+        );
+        let other = cache.register("elsewhere", &d).unwrap();
+        let decodes = AtomicUsize::new(0);
+        let decode = || async {
+            decodes.fetch_add(1, Ordering::SeqCst);
+            Ok(empty())
+        };
+        a.get("f1", 10, decode).await.unwrap();
+        assert_eq!(cache.lock().unwrap().files.len(), 1);
+        b.get("f1", 10, decode).await.unwrap();
+        assert_eq!(decodes.load(Ordering::SeqCst), 1);
+        assert!(cache.lock().unwrap().files.is_empty());
+        other.get("f1", 10, decode).await.unwrap();
+        assert_eq!(decodes.load(Ordering::SeqCst), 2);
+        // A reader that leaves releases what only it was still waiting for.
+        a.get("f2", 10, decode).await.unwrap();
+        drop(b);
+        assert!(cache.lock().unwrap().files.is_empty());
+    }
+}
