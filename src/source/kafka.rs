@@ -149,7 +149,10 @@ impl KafkaSource {
             .set("bootstrap.servers", &options.bootstrap_servers)
             .set("group.id", "brook")
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // A batch reads a known range: fetch it in large pieces (tansu holds
+            // every fetch for the full fetch.wait.max.ms, so each piece costs 500 ms).
+            .set("max.partition.fetch.bytes", "16777216");
         for (k, v) in &options.client {
             config.set(k, v);
         }
