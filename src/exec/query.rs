@@ -342,9 +342,6 @@ impl Runner {
             Some(o) => self.source.read(o).await?,
             None => SourceBatch::default(),
         };
-        for bad in &read.malformed.samples {
-            tracing::warn!(file = %bad.file, line = bad.line, "malformed record: {}: {}", bad.reason, bad.text);
-        }
         crash_point("read", batch_id);
         let input_rows = read.num_rows() as u64;
         let batch_max = self.max_event_time(&read.batches)?;

@@ -215,11 +215,14 @@ impl StreamSource for FileSource {
                         } else {
                             entry.path.clone()
                         };
-                        tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
-                            .await
-                            .map_err(|e| {
-                                BrookError::Plan(format!("decoding {}: {e}", entry.path))
-                            })?
+                        let decoded =
+                            tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
+                                .await
+                                .map_err(|e| {
+                                    BrookError::Plan(format!("decoding {}: {e}", entry.path))
+                                })??;
+                        decoded.malformed.log();
+                        Ok(decoded)
                     };
                     shared.get(&entry.path, entry.size, fetch_and_decode).await
                 }

@@ -716,6 +716,8 @@ impl StreamSource for KafkaSource {
         let mut batch = SourceBatch::default();
         for (topic, p, records, lost) in read {
             let (rows, malformed) = self.rows(&records, &topic, p)?;
+            lost.log();
+            malformed.log();
             batch
                 .batches
                 .extend(rows.into_iter().filter(|b| b.num_rows() > 0));

@@ -62,6 +62,23 @@ impl MalformedStats {
         }
     }
 
+    /// Logs one line for what one decode rejected: how many records and the
+    /// first of them. A source calls this once per file (or partition range),
+    /// so queries sharing a decoded file do not each log its bad lines.
+    pub fn log(&self) {
+        let Some(first) = self.samples.first() else {
+            return;
+        };
+        tracing::warn!(
+            file = %first.file,
+            line = first.line,
+            "{} malformed record(s), the first: {}: {}",
+            self.count,
+            first.reason,
+            first.text
+        );
+    }
+
     pub fn merge(&mut self, other: MalformedStats) {
         self.count += other.count;
         for (reason, n) in other.by_reason {
