@@ -13,6 +13,7 @@
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
+use datafusion::functions::core::expr_fn::{get_field, named_struct};
 use datafusion::functions::expr_fn::{coalesce, nullif};
 use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
@@ -256,11 +257,50 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
             .unwrap_or(DataType::Int64);
         cast(merged, data_type).alias(name)
     });
+    // A struct key (a window) is grouped by its fields: DataFusion groups a
+    // struct through its row-format fallback, primitive fields through typed columns.
+    let mut flat_input: Vec<Expr> = vec![];
+    let mut flat_keys: Vec<Expr> = vec![];
+    let mut rebuilt: Vec<Expr> = vec![];
+    for k in &key_names {
+        let data_type = state_schema.field_with_name(k)?.data_type().clone();
+        match &data_type {
+            DataType::Struct(fields) => {
+                let mut parts = vec![];
+                for f in fields.iter() {
+                    let flat = format!("{k}__{}", f.name());
+                    flat_input.push(get_field(col(k.as_str()), f.name().as_str()).alias(&flat));
+                    flat_keys.push(col(flat.as_str()));
+                    parts.extend([lit(f.name().as_str()), col(flat.as_str())]);
+                }
+                rebuilt.push(cast(named_struct(parts), data_type.clone()).alias(k));
+            }
+            _ => {
+                flat_input.push(col(k.as_str()));
+                flat_keys.push(col(k.as_str()));
+                rebuilt.push(col(k.as_str()));
+            }
+        }
+    }
+    flat_input.extend(
+        merges
+            .iter()
+            .map(|(name, _)| col(name.as_str()))
+            .chain([col(CHANGED_COLUMN)]),
+    );
+    rebuilt.extend(
+        merges
+            .iter()
+            .map(|(name, _)| col(name.as_str()))
+            .chain([col(CHANGED_COLUMN)]),
+    );
     let merge = LogicalPlanBuilder::from(union)
+        .project(flat_input)?
         .aggregate(
-            key_names.iter().map(|k| col(k.as_str())),
+            flat_keys,
             merge_aggs.chain([bool_or(col(CHANGED_COLUMN)).alias(CHANGED_COLUMN)]),
         )?
+        .project(rebuilt)?
         .build()?;
 
     // The aggregation node is replaced by a projection that gives the emitted
