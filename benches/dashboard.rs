@@ -4,60 +4,19 @@
 //! with and without a checkpoint (what durability costs). Peak memory (VmHWM)
 //! is printed after each benchmark.
 
-use std::io::Read;
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
 use brook::cli::demo::{QUERIES, demo_sql};
-use brook::cli::send::write_atomically;
-use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use brook::{Engine, Overrides};
-use chrono::{NaiveDateTime, TimeDelta};
+use chrono::TimeDelta;
+use common::{book_lines, generated, write_files};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
 const ORDERS: usize = 500_000;
 const FILES: usize = 50;
-
-fn write_files(dir: &Path, lines: &[String]) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (n, chunk) in lines.chunks(lines.len().div_ceil(FILES)).enumerate() {
-        write_atomically(
-            dir,
-            &format!("orders-{n:03}.csv"),
-            (chunk.join("\n") + "\n").as_bytes(),
-        )
-        .unwrap();
-    }
-}
-
-fn generated() -> Vec<String> {
-    let mut g = OrderGenerator::new(GeneratorConfig {
-        malformed: 0.01,
-        ..Default::default()
-    });
-    let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
-    (0..ORDERS as i64)
-        .map(|i| g.line(start + TimeDelta::milliseconds(i * 2)))
-        .collect()
-}
-
-fn book() -> Option<Vec<String>> {
-    let file = std::fs::File::open(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/orders.tar.gz"
-    ))
-    .ok()?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let mut text = String::new();
-    archive
-        .entries()
-        .ok()?
-        .next()?
-        .ok()?
-        .read_to_string(&mut text)
-        .ok()?;
-    Some(text.lines().map(str::to_string).collect())
-}
 
 /// Runs the dashboard over `dir` until every file is processed, all files in
 /// one batch or `files_per_batch` at a time, checkpointing under `checkpoint`.
@@ -104,8 +63,11 @@ fn peak_memory_mb() -> f64 {
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut inputs = vec![("generated", generated())];
-    if let Some(lines) = book() {
+    let mut inputs = vec![(
+        "generated",
+        generated(ORDERS, 0.01, TimeDelta::milliseconds(2)),
+    )];
+    if let Some(lines) = book_lines() {
         inputs.push(("book", lines));
     }
     let mut group = c.benchmark_group("dashboard");
@@ -114,7 +76,7 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(30));
     for (name, lines) in &inputs {
         let dir = tmp.path().join(name);
-        write_files(&dir, lines);
+        write_files(&dir, FILES, lines);
         group.throughput(Throughput::Elements(lines.len() as u64));
         reset_peak_memory();
         group.bench_function(*name, |b| {

@@ -12,6 +12,7 @@
 #[path = "../tests/common/broker.rs"]
 #[allow(dead_code)]
 mod broker;
+mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
@@ -26,6 +27,8 @@ use brook::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use chrono::{NaiveDateTime, TimeDelta};
 use serde_json::Value;
+
+use common::{book_lines, generated, write_files};
 
 const BOOK_ORDERS: usize = 500_000;
 const FILES: usize = 50;
@@ -57,44 +60,9 @@ fn write_split(dir: &Path, files: usize, lines: impl FnOnce() -> Vec<String>) ->
         return dir.to_path_buf();
     }
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
-    let lines = lines();
-    for (n, chunk) in lines.chunks(lines.len().div_ceil(files)).enumerate() {
-        write_atomically(
-            dir,
-            &format!("orders-{n:03}.csv"),
-            (chunk.join("\n") + "\n").as_bytes(),
-        )
-        .unwrap();
-    }
+    write_files(dir, files, &lines());
     std::fs::write(done, b"").unwrap();
     dir.to_path_buf()
-}
-
-fn generated(count: usize, malformed: f64, step: TimeDelta) -> Vec<String> {
-    let mut g = OrderGenerator::new(GeneratorConfig {
-        malformed,
-        ..Default::default()
-    });
-    let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
-    (0..count as i32)
-        .map(|i| g.line(start + step * i))
-        .collect()
-}
-
-/// The book's 500,000 orders, or `None` without `../shared`.
-fn book_lines() -> Option<Vec<String>> {
-    let file = std::fs::File::open(root().join("../shared/data/orders.tar.gz")).ok()?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let mut text = String::new();
-    archive
-        .entries()
-        .ok()?
-        .next()?
-        .ok()?
-        .read_to_string(&mut text)
-        .ok()?;
-    Some(text.lines().map(str::to_string).collect())
 }
 
 /// The book's orders in 50 files of 10,000 lines, and what they are.
@@ -161,11 +129,20 @@ fn wait_with_peak(child: Child) -> (i32, f64) {
 
 /// The progress records a run printed, as JSON values.
 fn progress_lines(stderr: impl Read) -> Vec<Value> {
+    timed_progress_lines(stderr)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// The progress records a run printed, each with when it arrived.
+fn timed_progress_lines(stderr: impl Read) -> Vec<(Instant, Value)> {
     BufReader::new(stderr)
         .lines()
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
         .filter(|v| v.get("batch_id").is_some())
+        .map(|v| (Instant::now(), v))
         .collect()
 }
 
@@ -366,15 +343,7 @@ fn steady() {
     let sql = dashboard_sql(tmp.path(), &input, "");
     let mut child = brook_run(tmp.path(), &sql, "100ms");
     let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-            .filter(|v| v.get("batch_id").is_some())
-            .map(|v| (Instant::now(), v))
-            .collect::<Vec<_>>()
-    });
+    let reader = std::thread::spawn(move || timed_progress_lines(stderr));
     let mut g = OrderGenerator::new(GeneratorConfig::default());
     let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
     let began = Instant::now();

@@ -53,36 +53,30 @@ fn write_orders(dir: &Path) {
     }
 }
 
-/// `queries/dashboard.sql` reading `input` four files per batch, with the two
-/// append queries writing Parquet under `out` (top_clients stays on the console:
-/// file sinks take append mode only).
+/// `queries/dashboard_parquet.sql` reading `input` four files per batch, its
+/// Parquet sinks under `out` (top_clients stays on the console: file sinks
+/// take append mode only).
 fn dashboard_sql(input: &Path, out: &Path) -> String {
     let sql = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/queries/dashboard.sql"
+        "/queries/dashboard_parquet.sql"
     ))
     .unwrap();
     let source = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
     assert!(sql.contains(source));
-    let mut sql = sql.replace(
+    let sinks = "STORED AS PARQUET LOCATION 'out/";
+    assert_eq!(sql.matches(sinks).count(), FILE_SINKS.len());
+    sql.replace(
         source,
         &format!(
             "LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '4')",
             input.display()
         ),
-    );
-    for sink in FILE_SINKS {
-        let console = format!("CREATE EXTERNAL TABLE {sink} STORED AS CONSOLE LOCATION 'stdout'");
-        assert!(sql.contains(&console), "{console}");
-        sql = sql.replace(
-            &console,
-            &format!(
-                "CREATE EXTERNAL TABLE {sink} STORED AS PARQUET LOCATION '{}'",
-                out.join(sink).display()
-            ),
-        );
-    }
-    sql
+    )
+    .replace(
+        sinks,
+        &format!("STORED AS PARQUET LOCATION '{}/", out.display()),
+    )
 }
 
 /// When to kill a run: when it reports reaching one of `points` (`point:batch`,

@@ -282,18 +282,13 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
             }
         }
     }
-    flat_input.extend(
-        merges
-            .iter()
-            .map(|(name, _)| col(name.as_str()))
-            .chain([col(CHANGED_COLUMN)]),
-    );
-    rebuilt.extend(
-        merges
-            .iter()
-            .map(|(name, _)| col(name.as_str()))
-            .chain([col(CHANGED_COLUMN)]),
-    );
+    let values: Vec<Expr> = merges
+        .iter()
+        .map(|(name, _)| col(name.as_str()))
+        .chain([col(CHANGED_COLUMN)])
+        .collect();
+    flat_input.extend(values.iter().cloned());
+    rebuilt.extend(values);
     let merge = LogicalPlanBuilder::from(union)
         .project(flat_input)?
         .aggregate(
