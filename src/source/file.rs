@@ -32,7 +32,8 @@ pub struct FileSourceOptions {
     pub include_existing_files: bool,
     /// Read files in subdirectories too.
     pub recursive: bool,
-    /// Files read and decoded at once.
+    /// Files read and decoded at once (by default twice the cores, so that
+    /// fetching one file overlaps decoding another).
     pub parallelism: usize,
 }
 
