@@ -11,6 +11,7 @@ use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
+use tokio::sync::broadcast;
 
 use crate::catalog::{SinkDef, SourceDef};
 use crate::error::{BrookError, Result};
@@ -30,7 +31,11 @@ struct Catalog {
     sources: BTreeMap<String, SourceDef>,
     sinks: BTreeMap<String, SinkDef>,
     queries: Vec<Arc<StreamingQuery>>,
+    memory_tables: BTreeMap<String, MemorySink>,
 }
+
+/// Progress records kept for a subscriber that falls behind (the web UI's event stream).
+const PROGRESS_EVENTS: usize = 1024;
 
 /// Settings that win over what a script's sink tables say (the CLI's flags).
 #[derive(Default, Clone)]
@@ -48,6 +53,7 @@ pub struct Engine {
     catalog: Mutex<Catalog>,
     overrides: Overrides,
     decodes: Arc<SharedDecodes>,
+    progress: broadcast::Sender<QueryProgress>,
 }
 
 impl Default for Engine {
@@ -70,6 +76,7 @@ impl Engine {
             catalog: Mutex::default(),
             overrides,
             decodes: Arc::default(),
+            progress: broadcast::channel(PROGRESS_EVENTS).0,
         }
     }
 
@@ -206,7 +213,7 @@ impl Engine {
         query: &Query,
         sink: Arc<dyn Sink>,
         memory: Option<MemorySink>,
-        options: QueryOptions,
+        mut options: QueryOptions,
     ) -> Result<Arc<StreamingQuery>> {
         let sources = self.catalog()?.sources.clone();
         let compiled = compile(query, &sources, options.output_mode).await?;
@@ -242,12 +249,29 @@ impl Engine {
         // A sink that cannot take the query's mode fails the start, as in Spark.
         sink.open(&compiled.output_schema, compiled.mode, &id)
             .await?;
-        if let Some(memory) = memory {
-            self.ctx.deregister_table(memory.name())?;
-            self.ctx.register_table(memory.name(), memory.table())?;
-        }
+        let memory_table = match memory {
+            Some(memory) => {
+                self.ctx.deregister_table(memory.name())?;
+                self.ctx.register_table(memory.name(), memory.table())?;
+                let name = memory.name().to_string();
+                self.catalog()?.memory_tables.insert(name.clone(), memory);
+                Some(name)
+            }
+            None => None,
+        };
+        let events = self.progress.clone();
+        options.listeners.push(Arc::new(move |p: &QueryProgress| {
+            // No subscriber is not an error: the channel only feeds monitors.
+            let _ = events.send(p.clone());
+        }));
         let query = Arc::new(StreamingQuery::start(
-            compiled, source, sink, checkpoint, id, options,
+            compiled,
+            source,
+            sink,
+            checkpoint,
+            id,
+            options,
+            memory_table,
         ));
         self.catalog()?.queries.push(query.clone());
         Ok(query)
@@ -292,6 +316,26 @@ impl Engine {
         self.catalog()
             .map(|c| c.queries.clone())
             .unwrap_or_default()
+    }
+
+    /// The query with this id, or else with this name.
+    pub fn find_query(&self, id_or_name: &str) -> Option<Arc<StreamingQuery>> {
+        let queries = self.queries();
+        let by_id = queries.iter().find(|q| q.id() == id_or_name);
+        // A restarted query keeps its name: the latest start is the one meant.
+        by_id
+            .or_else(|| queries.iter().rev().find(|q| q.name() == id_or_name))
+            .cloned()
+    }
+
+    /// The memory sink table of this name, as its queries last filled it.
+    pub fn memory_table(&self, name: &str) -> Option<MemorySink> {
+        self.catalog().ok()?.memory_tables.get(name).cloned()
+    }
+
+    /// Every query's progress records from now on, as each batch completes.
+    pub fn subscribe_progress(&self) -> broadcast::Receiver<QueryProgress> {
+        self.progress.subscribe()
     }
 
     /// Stops every query, letting each finish the batch it is running.

@@ -18,6 +18,7 @@ pub mod sink;
 pub mod source;
 pub mod sql;
 pub mod state;
+pub mod ui;
 
 pub use datafusion;
 pub use engine::{Engine, Overrides};

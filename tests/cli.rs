@@ -121,6 +121,19 @@ fn run_reports_bad_input_clearly() {
 
     let run = brook().args(["run", "nowhere.sql"]).output().unwrap();
     assert!(String::from_utf8_lossy(&run.stderr).contains("nowhere.sql"));
+
+    // The UI can stop queries: serving it beyond loopback takes a token.
+    let open = brook()
+        .args(["demo", "--ui-bind", "0.0.0.0", "--duration", "1s"])
+        .env_remove("BROOK_UI_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!open.status.success());
+    let stderr = String::from_utf8_lossy(&open.stderr);
+    assert!(
+        stderr.contains("--ui-token") && stderr.contains("0.0.0.0"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -141,6 +154,10 @@ fn demo_shows_the_dashboard_and_stops() {
     );
     assert!(stdout.contains("buy_sell_per_second"), "{stdout}");
     assert!(stdout.contains("demo stopped"), "{stdout}");
+    assert!(
+        stdout.contains("brook demo: the dashboard is at http://127.0.0.1:"),
+        "{stdout}"
+    );
     // By the last view the top-clients table has five rows.
     let last = stdout
         .rsplit("Top 5 clients by traded amount")

@@ -1,6 +1,7 @@
 //! The `brook` command line.
 
 use std::io::{IsTerminal, Write};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,9 +11,10 @@ use brook::cli::send::{KafkaSendOptions, SendOptions, send_files, send_kafka};
 use brook::cli::{ProgressFormat, RunOptions, run_file};
 use brook::duration::parse_duration;
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use brook::ui::{TOKEN_ENV, UiOptions};
 use brook::{BrookError, Trigger};
 use chrono::NaiveDateTime;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +43,11 @@ enum Command {
         /// URL); a later run with the same DIR resumes where this one stopped.
         #[arg(long, value_name = "DIR")]
         checkpoint: Option<String>,
+        /// Serve the web UI (dashboard, monitor, JSON API) while the queries run.
+        #[arg(long)]
+        ui: bool,
+        #[command(flatten)]
+        ui_options: UiArgs,
     },
     /// The live order dashboard on generated orders (no setup needed).
     Demo {
@@ -59,6 +66,11 @@ enum Command {
         /// Print each view below the last instead of redrawing the screen.
         #[arg(long)]
         no_clear: bool,
+        /// Do not serve the web dashboard.
+        #[arg(long)]
+        no_ui: bool,
+        #[command(flatten)]
+        ui_options: UiArgs,
     },
     /// Print generated orders, one CSV line each.
     GenOrders {
@@ -101,6 +113,29 @@ enum Command {
         #[arg(long)]
         rate: Option<u64>,
     },
+}
+
+#[derive(Args)]
+struct UiArgs {
+    /// Port of the web UI; the next free one is taken when it is busy, 0 picks any.
+    #[arg(long, default_value_t = 4040)]
+    ui_port: u16,
+    /// Address to serve the web UI on; anything but loopback needs a token.
+    #[arg(long, default_value = "127.0.0.1")]
+    ui_bind: IpAddr,
+    /// Token the web UI's API requires (default: $BROOK_UI_TOKEN, if set).
+    #[arg(long)]
+    ui_token: Option<String>,
+}
+
+impl UiArgs {
+    fn options(self) -> UiOptions {
+        UiOptions {
+            bind: self.ui_bind,
+            port: self.ui_port,
+            token: self.ui_token.or_else(|| std::env::var(TOKEN_ENV).ok()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -148,6 +183,8 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             trigger,
             progress,
             checkpoint,
+            ui,
+            ui_options,
         } => {
             let progress = match progress {
                 Progress::None => ProgressFormat::None,
@@ -157,6 +194,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
                 trigger,
                 progress,
                 checkpoint,
+                ui: ui.then(|| ui_options.options()),
             };
             run_file(&file, options).await
         }
@@ -166,6 +204,8 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             malformed,
             duration,
             no_clear,
+            no_ui,
+            ui_options,
         } => {
             run_demo(DemoOptions {
                 dir,
@@ -173,6 +213,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
                 malformed,
                 duration,
                 clear: !no_clear,
+                ui: (!no_ui).then(|| ui_options.options()),
             })
             .await
         }

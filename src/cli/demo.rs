@@ -18,6 +18,7 @@ use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
 use crate::exec::{StreamingQuery, Trigger};
 use crate::orders::{GeneratorConfig, OrderGenerator};
+use crate::ui::{UiOptions, UiServer};
 
 /// The dashboard's queries, as shipped in `queries/`.
 pub const QUERIES: [(&str, &str); 3] = [
@@ -39,6 +40,8 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Redraw in place (ANSI clear screen) rather than printing view after view.
     pub clear: bool,
+    /// Where to serve the web dashboard; `None` serves none.
+    pub ui: Option<UiOptions>,
 }
 
 /// Rewrites a dashboard query to read `dir` and write into a memory table `name`.
@@ -51,6 +54,26 @@ pub fn demo_sql(sql: &str, dir: &str, name: &str) -> String {
 }
 
 pub async fn run_demo(options: DemoOptions) -> Result<()> {
+    let malformed = Arc::new(AtomicU64::new(0));
+    let counted = malformed.clone();
+    let engine = Arc::new(Engine::with_overrides(Overrides {
+        trigger: Some(Trigger::ProcessingTime(Duration::from_secs(1))),
+        listeners: vec![Arc::new(move |p| {
+            if p.name == QUERIES[0].0 {
+                counted.fetch_add(p.num_malformed_rows, Ordering::Relaxed);
+            }
+        })],
+        ..Overrides::default()
+    }));
+    // The UI first: a port it cannot take stops the demo before it writes anything.
+    let ui = match options.ui {
+        Some(ui) => Some(UiServer::start(engine.clone(), ui).await?),
+        None => None,
+    };
+    let url = ui.as_ref().map(UiServer::url);
+    if let Some(url) = &url {
+        println!("brook demo: the dashboard is at {url}");
+    }
     let (dir, created) = match &options.dir {
         Some(d) => (d.clone(), false),
         None => (
@@ -59,17 +82,6 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
         ),
     };
     std::fs::create_dir_all(&dir).map_err(|e| BrookError::io(&dir, e))?;
-    let malformed = Arc::new(AtomicU64::new(0));
-    let counted = malformed.clone();
-    let engine = Engine::with_overrides(Overrides {
-        trigger: Some(Trigger::ProcessingTime(Duration::from_secs(1))),
-        listeners: vec![Arc::new(move |p| {
-            if p.name == QUERIES[0].0 {
-                counted.fetch_add(p.num_malformed_rows, Ordering::Relaxed);
-            }
-        })],
-        ..Overrides::default()
-    });
     let dir_text = dir.display().to_string();
     let mut queries = vec![];
     for (name, sql) in QUERIES {
@@ -94,6 +106,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
             &engine,
             &queries,
             &dir_text,
+            url.as_deref(),
             malformed.load(Ordering::Relaxed),
             started,
         )
@@ -140,6 +153,7 @@ async fn render(
     engine: &Engine,
     queries: &[Arc<StreamingQuery>],
     dir: &str,
+    url: Option<&str>,
     malformed: u64,
     started: Instant,
 ) -> Result<String> {
@@ -147,9 +161,15 @@ async fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "brook demo: orders into {dir}  ({:.0?} running, {malformed} malformed lines dropped; Ctrl-C stops)\n",
+        "brook demo: orders into {dir}  ({:.0?} running, {malformed} malformed lines dropped; Ctrl-C stops)",
         started.elapsed()
     );
+    match url {
+        Some(url) => {
+            let _ = writeln!(out, "web dashboard and monitor: {url}\n");
+        }
+        None => out.push('\n'),
+    }
     let per_second = engine
         .sql("SELECT second, buys, sells FROM buy_sell_per_second ORDER BY second DESC LIMIT 10")
         .await?;

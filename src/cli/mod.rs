@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
 use crate::exec::Trigger;
+use crate::ui::{UiOptions, UiServer};
 
 /// How `brook run` reports progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub struct RunOptions {
     pub progress: ProgressFormat,
     /// A directory holding each query's checkpoint under the query's name.
     pub checkpoint: Option<String>,
+    /// Where to serve the web UI while the queries run; `None` serves none.
+    pub ui: Option<UiOptions>,
 }
 
 /// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
@@ -40,7 +43,7 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
             .listeners
             .push(Arc::new(|p| eprintln!("{}", p.to_json())));
     }
-    let engine = Engine::with_overrides(overrides);
+    let engine = Arc::new(Engine::with_overrides(overrides));
     let queries = engine
         .execute(&script)
         .await
@@ -51,19 +54,36 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
             path.display()
         )));
     }
+    let ui = match options.ui {
+        Some(ui) => {
+            let server = UiServer::start(engine.clone(), ui).await?;
+            eprintln!("brook: web UI at {}", server.url());
+            Some(server)
+        }
+        None => None,
+    };
     let all_done = async {
         for q in &queries {
             q.await_termination().await?;
         }
         Ok::<_, BrookError>(())
     };
-    tokio::select! {
+    let result = tokio::select! {
         r = all_done => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("stopping: finishing the running batches (a checkpointed query resumes on the next run)");
-            engine.stop_all().await
+            return engine.stop_all().await;
         }
+    };
+    if let Some(ui) = ui {
+        // The queries' last results and progress stay browsable until the user leaves.
+        eprintln!(
+            "brook: the queries have ended; the web UI at {} stays up until Ctrl-C",
+            ui.url()
+        );
+        let _ = tokio::signal::ctrl_c().await;
     }
+    result
 }
 
 fn prefix_file(path: &Path, e: BrookError) -> BrookError {

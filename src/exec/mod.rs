@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use query::{QueryOptions, StreamingQuery};
+pub use query::{QueryInfo, QueryOptions, StreamingQuery};
 
 use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
@@ -61,6 +61,16 @@ pub enum Trigger {
     /// Everything available at start, in as many batches as the source limits
     /// allow, then stop.
     AvailableNow,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ProcessingTime(d) => write!(f, "processing-time {d:?}"),
+            Self::Once => f.write_str("once"),
+            Self::AvailableNow => f.write_str("available-now"),
+        }
+    }
 }
 
 impl Default for Trigger {

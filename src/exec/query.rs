@@ -10,6 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, max};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
+use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -93,6 +94,28 @@ pub struct StreamingQuery {
     task: Mutex<Option<JoinHandle<()>>>,
     output_mode: OutputMode,
     sql: String,
+    trigger: Trigger,
+    checkpoint: Option<String>,
+    source: String,
+    sink: String,
+    memory_table: Option<String>,
+}
+
+/// What a query reads and writes and how it runs, for monitors such as the web UI.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryInfo {
+    pub id: String,
+    pub name: String,
+    pub sql: String,
+    pub output_mode: String,
+    pub trigger: String,
+    pub checkpoint: Option<String>,
+    pub source: String,
+    pub sink: String,
+    /// The memory table holding the query's output, when its sink is one.
+    pub memory_table: Option<String>,
+    pub active: bool,
+    pub exception: Option<String>,
 }
 
 impl fmt::Debug for StreamingQuery {
@@ -110,6 +133,7 @@ impl StreamingQuery {
         checkpoint: Option<Checkpoint>,
         id: String,
         options: QueryOptions,
+        memory_table: Option<String>,
     ) -> Self {
         let name = options
             .name
@@ -128,6 +152,8 @@ impl StreamingQuery {
         });
         let output_mode = compiled.mode;
         let sql = compiled.sql.clone();
+        let described_source = source.describe();
+        let described_sink = sink.describe();
         let runner = Runner {
             shared: shared.clone(),
             compiled,
@@ -141,12 +167,35 @@ impl StreamingQuery {
             rerun: None,
             last_trigger: None,
         };
+        let trigger = options.trigger;
+        let checkpoint = options.checkpoint.clone();
         let task = tokio::spawn(drive(runner, options));
         Self {
             shared,
             task: Mutex::new(Some(task)),
             output_mode,
             sql,
+            trigger,
+            checkpoint,
+            source: described_source,
+            sink: described_sink,
+            memory_table,
+        }
+    }
+
+    pub fn info(&self) -> QueryInfo {
+        QueryInfo {
+            id: self.id().to_string(),
+            name: self.name().to_string(),
+            sql: self.sql.clone(),
+            output_mode: self.output_mode.to_string(),
+            trigger: self.trigger.to_string(),
+            checkpoint: self.checkpoint.clone(),
+            source: self.source.clone(),
+            sink: self.sink.clone(),
+            memory_table: self.memory_table.clone(),
+            active: self.is_active(),
+            exception: self.exception(),
         }
     }
 
@@ -509,15 +558,17 @@ impl Runner {
         }
     }
 
+    /// Records the progress before telling listeners, so that a listener reading
+    /// `recent_progress` (the web UI) finds the batch it was told about.
     fn publish(&self, progress: QueryProgress) {
-        for listener in &self.shared.listeners {
-            listener(&progress);
-        }
         if let Ok(mut recent) = self.shared.recent.lock() {
             if recent.len() == RECENT_PROGRESS {
                 recent.pop_front();
             }
-            recent.push_back(progress);
+            recent.push_back(progress.clone());
+        }
+        for listener in &self.shared.listeners {
+            listener(&progress);
         }
     }
 

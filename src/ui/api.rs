@@ -1,0 +1,286 @@
+//! The JSON API behind the pages: queries, their progress, memory tables, a
+//! stop button, and a server-sent event per completed batch.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::json::ArrayWriter;
+use datafusion::catalog::TableProvider;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::engine::Engine;
+use crate::exec::{QueryInfo, StreamingQuery};
+use crate::progress::QueryProgress;
+
+#[derive(Clone)]
+struct Api {
+    engine: Arc<Engine>,
+    token: Option<Arc<str>>,
+}
+
+pub(super) fn router(engine: Arc<Engine>, token: Option<String>) -> Router {
+    let api = Api {
+        engine,
+        token: token.map(Arc::from),
+    };
+    Router::new()
+        .route("/api/queries", get(list_queries))
+        .route("/api/queries/{id}", get(query))
+        .route("/api/queries/{id}/progress", get(progress))
+        .route("/api/queries/{id}/stop", post(stop))
+        .route("/api/tables", get(list_tables))
+        .route("/api/tables/{name}", get(table))
+        .route("/api/events", get(events))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
+        .with_state(api)
+}
+
+/// An error as the API returns it: `{"error": "...", "status": 404}`.
+#[derive(Debug, Serialize)]
+pub(super) struct ApiError {
+    error: String,
+    status: u16,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            status: status.as_u16(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The token comes as `Authorization: Bearer T` or, for the browser's event
+/// stream, which cannot set headers, as `?token=T`.
+async fn require_token(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let Some(token) = &api.token else {
+        return next.run(request).await;
+    };
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let in_query = request.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    });
+    if bearer == Some(token) || in_query.as_deref() == Some(token) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this UI needs its token: 'Authorization: Bearer <token>' or '?token=<token>'",
+        )
+        .into_response()
+    }
+}
+
+impl Api {
+    fn query(&self, id: &str) -> Result<Arc<StreamingQuery>, ApiError> {
+        self.engine.find_query(id).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no query with id or name '{id}'"),
+            )
+        })
+    }
+}
+
+async fn list_queries(State(api): State<Api>) -> Json<Vec<QueryInfo>> {
+    Json(api.engine.queries().iter().map(|q| q.info()).collect())
+}
+
+async fn query(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<QueryInfo> {
+    Ok(Json(api.query(&id)?.info()))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    /// Only the last `limit` records or rows.
+    limit: Option<usize>,
+}
+
+fn limit(params: Result<Query<Limit>, QueryRejection>) -> Result<usize, ApiError> {
+    match params {
+        Ok(Query(Limit { limit })) => Ok(limit.unwrap_or(usize::MAX)),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{}; 'limit' takes a whole number", e.body_text()),
+        )),
+    }
+}
+
+async fn progress(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    params: Result<Query<Limit>, QueryRejection>,
+) -> ApiResult<Vec<QueryProgress>> {
+    let limit = limit(params)?;
+    let records = api.query(&id)?.recent_progress();
+    let skip = records.len().saturating_sub(limit);
+    Ok(Json(records.into_iter().skip(skip).collect()))
+}
+
+async fn stop(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<QueryInfo> {
+    let query = api.query(&id)?;
+    // A query that had failed reports its error in the returned `exception`.
+    let _ = query.stop().await;
+    Ok(Json(query.info()))
+}
+
+#[derive(Serialize)]
+struct TableSummary {
+    name: String,
+    num_rows: usize,
+}
+
+async fn list_tables(State(api): State<Api>) -> ApiResult<Vec<TableSummary>> {
+    let mut tables = vec![];
+    for name in memory_table_names(&api.engine) {
+        if let Some(sink) = api.engine.memory_table(&name) {
+            let rows = sink.rows().map_err(internal)?;
+            tables.push(TableSummary {
+                name,
+                num_rows: rows.iter().map(RecordBatch::num_rows).sum(),
+            });
+        }
+    }
+    Ok(Json(tables))
+}
+
+fn memory_table_names(engine: &Engine) -> Vec<String> {
+    let mut names: Vec<String> = engine
+        .queries()
+        .iter()
+        .filter_map(|q| q.info().memory_table)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[derive(Serialize)]
+struct TableRows {
+    name: String,
+    columns: Vec<Column>,
+    /// Rows in the table; `rows` holds the last `limit` of them.
+    num_rows: usize,
+    rows: Value,
+}
+
+#[derive(Serialize)]
+struct Column {
+    name: String,
+    data_type: String,
+}
+
+async fn table(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    params: Result<Query<Limit>, QueryRejection>,
+) -> ApiResult<TableRows> {
+    let limit = limit(params)?;
+    let sink = api.engine.memory_table(&name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no memory table '{name}' (memory tables: {})",
+                memory_table_names(&api.engine).join(", ")
+            ),
+        )
+    })?;
+    let batches = sink.rows().map_err(internal)?;
+    let num_rows = batches.iter().map(RecordBatch::num_rows).sum();
+    let columns = sink
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| Column {
+            name: f.name().clone(),
+            data_type: f.data_type().to_string(),
+        })
+        .collect();
+    Ok(Json(TableRows {
+        name,
+        columns,
+        num_rows,
+        rows: rows_json(&last_rows(&batches, limit))?,
+    }))
+}
+
+/// The last `limit` rows of `batches`, as slices of them.
+fn last_rows(batches: &[RecordBatch], limit: usize) -> Vec<RecordBatch> {
+    let mut left = limit;
+    let mut kept = vec![];
+    for batch in batches.iter().rev() {
+        if left == 0 {
+            break;
+        }
+        let take = batch.num_rows().min(left);
+        kept.push(batch.slice(batch.num_rows() - take, take));
+        left -= take;
+    }
+    kept.reverse();
+    kept
+}
+
+fn rows_json(batches: &[RecordBatch]) -> Result<Value, ApiError> {
+    let mut writer = ArrayWriter::new(Vec::new());
+    writer
+        .write_batches(&batches.iter().collect::<Vec<_>>())
+        .and_then(|()| writer.finish())
+        .map_err(internal)?;
+    let bytes = writer.into_inner();
+    if bytes.is_empty() {
+        return Ok(json!([]));
+    }
+    serde_json::from_slice(&bytes).map_err(internal)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// One `progress` event per completed batch of any query, data being the
+/// progress record; `lagged` says how many records a slow reader missed.
+async fn events(State(api): State<Api>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let receiver = api.engine.subscribe_progress();
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        let event = match receiver.recv().await {
+            Ok(progress) => Event::default()
+                .event("progress")
+                .json_data(&progress)
+                .unwrap_or_else(|e| Event::default().event("error").data(e.to_string())),
+            Err(RecvError::Lagged(missed)) => {
+                Event::default().event("lagged").data(missed.to_string())
+            }
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), receiver))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

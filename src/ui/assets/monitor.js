@@ -1,0 +1,106 @@
+// One query's batches, as Spark's Structured Streaming tab shows them: rates,
+// batch duration by phase, state rows, dropped rows and the watermark, over the
+// last batches, with the query's SQL, source offsets, sink and settings.
+const KEEP = 100;
+const PHASES = ['plan', 'read', 'execute', 'state', 'sink', 'commit', 'total'];
+const COLORS = ['#7a5af8', '#3056d3', '#12805c', '#dc6803', '#c4320a', '#667085', '#1d2330'];
+let history = [];
+let charts;
+let current;
+
+const timeAxis = () => [{}, { ...brook.secondsAxis, size: 70 }];
+
+function makeCharts() {
+  return {
+    rates: brook.chart(document.getElementById('chart-rates'), [
+      { label: 'input rows/s', stroke: '#3056d3', width: 2 },
+      { label: 'processed rows/s', stroke: '#12805c', width: 2 },
+    ]),
+    durations: brook.chart(document.getElementById('chart-durations'),
+      PHASES.map((p, i) => ({ label: p, stroke: COLORS[i], width: p === 'total' ? 2 : 1 }))),
+    state: brook.chart(document.getElementById('chart-state'), [{ label: 'rows in state', stroke: '#dc6803', width: 2 }]),
+    dropped: brook.chart(document.getElementById('chart-dropped'), [
+      { label: 'malformed', stroke: '#c4320a', width: 2 },
+      { label: 'late', stroke: '#7a5af8', width: 2 },
+    ]),
+    watermark: brook.chart(document.getElementById('chart-watermark'), [
+      { label: 'watermark', stroke: '#3056d3', width: 2, value: (u, v) => (v == null ? '—' : new Date(v * 1000).toISOString().slice(0, 19)) },
+      { label: 'max event time', stroke: '#12805c', width: 1, value: (u, v) => (v == null ? '—' : new Date(v * 1000).toISOString().slice(0, 19)) },
+    ], { axes: timeAxis() }),
+  };
+}
+
+function at(time) {
+  return time ? brook.seconds(time) : null;
+}
+
+function draw() {
+  const x = history.map((p) => p.batch_id);
+  const col = (f) => history.map(f);
+  charts.rates.setData([x, col((p) => p.input_rows_per_second), col((p) => p.processed_rows_per_second)]);
+  charts.durations.setData([x, ...PHASES.map((ph) => col((p) => p.duration_ms[ph] ?? null))]);
+  charts.state.setData([x, col((p) => p.state_operators.reduce((n, s) => n + s.num_rows_total, 0))]);
+  charts.dropped.setData([x, col((p) => p.num_malformed_rows), col((p) => p.num_late_rows)]);
+  charts.watermark.setData([x, col((p) => at(p.event_time.watermark)), col((p) => at(p.event_time.max))]);
+  document.getElementById('chart-durations').dataset.batches = history.length;
+  const last = history[history.length - 1];
+  if (!last) return;
+  brook.fill(document.querySelector('#sources tbody'), last.sources.map((s) => [
+    s.description, { text: brook.number(s.num_input_rows), num: true }, { text: JSON.stringify(s.offset), cls: 'offset' },
+  ]));
+  brook.fill(document.querySelector('#sink tbody'), [[last.sink.description, { text: brook.number(last.sink.num_output_rows), num: true }]]);
+}
+
+function showInfo(q) {
+  document.getElementById('query-name').textContent = q.name;
+  document.getElementById('query-sql').textContent = q.sql;
+  const items = [
+    ['status', q.active ? 'active' : q.exception ? 'failed: ' + q.exception : 'stopped'],
+    ['id', q.id], ['output mode', q.output_mode], ['trigger', q.trigger],
+    ['source', q.source], ['sink', q.sink], ['checkpoint', q.checkpoint || 'none (restarts from scratch)'],
+    ['memory table', q.memory_table || '—'],
+  ];
+  document.getElementById('query-info').replaceChildren(...items.flatMap(([k, v]) => {
+    const dt = document.createElement('dt');
+    dt.textContent = k;
+    const dd = document.createElement('dd');
+    dd.textContent = v;
+    if (k === 'status' && !q.active) dd.className = 'inactive';
+    return [dt, dd];
+  }));
+  const stop = document.getElementById('stop');
+  stop.hidden = !q.active;
+}
+
+async function start() {
+  const queries = await brook.api('/api/queries');
+  const wanted = new URLSearchParams(location.search).get('query');
+  current = queries.find((q) => q.id === wanted || q.name === wanted) || queries[queries.length - 1];
+  document.getElementById('query-tabs').replaceChildren(...queries.map((q) => {
+    const a = document.createElement('a');
+    a.textContent = q.name;
+    a.href = brook.link('/monitor?query=' + encodeURIComponent(q.id));
+    if (current && q.id === current.id) a.className = 'current';
+    return a;
+  }));
+  charts = makeCharts();
+  if (!current) return;
+  showInfo(current);
+  history = await brook.api('/api/queries/' + encodeURIComponent(current.id) + '/progress?limit=' + KEEP);
+  draw();
+  document.getElementById('stop').onclick = async () => {
+    try {
+      showInfo(await brook.api('/api/queries/' + encodeURIComponent(current.id) + '/stop', { method: 'POST' }));
+    } catch (e) {
+      brook.showError(e);
+    }
+  };
+  brook.events((p) => {
+    if (p.id !== current.id || history.some((h) => h.batch_id === p.batch_id)) return;
+    history.push(p);
+    if (history.length > KEEP) history.shift();
+    draw();
+  });
+}
+
+start().catch(brook.showError);

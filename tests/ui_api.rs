@@ -1,0 +1,357 @@
+//! The web UI's HTTP API, over real HTTP against the dashboard's queries on
+//! generated orders.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use brook::cli::demo::{QUERIES, demo_sql};
+use brook::orders::{GeneratorConfig, OrderGenerator};
+use brook::ui::{UiOptions, UiServer};
+use brook::{Engine, StreamingQuery};
+use chrono::NaiveDateTime;
+use serde_json::Value;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    input: std::path::PathBuf,
+    engine: Arc<Engine>,
+    queries: Vec<Arc<StreamingQuery>>,
+    ui: UiServer,
+    http: reqwest::Client,
+}
+
+/// Lines in the first file.
+const LINES: u64 = 3000;
+
+/// Writes `count` orders (1% malformed) 10 ms apart from `start`.
+fn write_orders(dir: &Path, name: &str, start: &str, count: i64, seed: u64) {
+    let mut orders = OrderGenerator::new(GeneratorConfig {
+        malformed: 0.01,
+        seed,
+        ..GeneratorConfig::default()
+    });
+    let start = NaiveDateTime::parse_from_str(start, "%Y-%m-%d %H:%M:%S").unwrap();
+    let lines: Vec<String> = (0..count)
+        .map(|i| orders.line(start + chrono::Duration::milliseconds(i * 10)))
+        .collect();
+    common::put(dir, name, &lines);
+}
+
+async fn setup(token: Option<&str>) -> Setup {
+    let (dir, input) = common::tmp_source();
+    write_orders(&input, "a.csv", "2016-03-22 20:00:00", LINES as i64, 1);
+    let engine = Arc::new(Engine::new());
+    let mut queries = vec![];
+    for (name, sql) in QUERIES {
+        let sql = demo_sql(sql, &input.display().to_string(), name);
+        queries.extend(engine.execute(&sql).await.unwrap());
+    }
+    for q in &queries {
+        q.process_all_available().await.unwrap();
+    }
+    let ui = UiServer::start(
+        engine.clone(),
+        UiOptions {
+            port: 0,
+            token: token.map(String::from),
+            ..UiOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    Setup {
+        _dir: dir,
+        input,
+        engine,
+        queries,
+        ui,
+        http,
+    }
+}
+
+impl Setup {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ui.addr())
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        json(response).await
+    }
+
+    async fn post(&self, path: &str) -> (u16, Value) {
+        let response = self.http.post(self.url(path)).send().await.unwrap();
+        json(response).await
+    }
+}
+
+async fn json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, body)
+}
+
+/// Asserts a JSON error: the status in the response and in the body, and what the message names.
+fn assert_error(reply: (u16, Value), status: u16, names: &str) {
+    assert_eq!(reply.0, status, "{}", reply.1);
+    assert_eq!(reply.1["status"], status, "{}", reply.1);
+    let message = reply.1["error"].as_str().unwrap();
+    assert!(message.contains(names), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_and_their_progress() {
+    let s = setup(None).await;
+    let (status, list) = s.get("/api/queries").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["buy_sell_per_second", "top_clients", "top_stocks"]);
+    let clients = &list[1];
+    assert_eq!(clients["active"], true);
+    assert_eq!(clients["output_mode"], "complete");
+    assert_eq!(clients["memory_table"], "top_clients");
+    assert_eq!(clients["sink"], "MemorySink[top_clients]");
+    assert!(
+        clients["sql"]
+            .as_str()
+            .unwrap()
+            .contains("GROUP BY client_id")
+    );
+    assert!(clients["source"].as_str().unwrap().contains("FileSource"));
+    assert_eq!(clients["trigger"], "processing-time 0ns");
+    assert_eq!(clients["checkpoint"], Value::Null);
+
+    let id = clients["id"].as_str().unwrap();
+    let (status, by_id) = s.get(&format!("/api/queries/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(by_id["name"], "top_clients");
+    let (_, by_name) = s.get("/api/queries/top_clients").await;
+    assert_eq!(by_name["id"], id);
+    assert_error(
+        s.get("/api/queries/no-such-query").await,
+        404,
+        "no-such-query",
+    );
+
+    let (status, progress) = s.get(&format!("/api/queries/{id}/progress")).await;
+    assert_eq!(status, 200);
+    let records = progress.as_array().unwrap();
+    assert!(!records.is_empty());
+    let sum = |field: &str| -> u64 { records.iter().map(|p| p[field].as_u64().unwrap()).sum() };
+    // Every line written is either an input row or a counted malformed one.
+    assert!(sum("num_malformed_rows") > 0);
+    assert_eq!(sum("num_input_rows") + sum("num_malformed_rows"), LINES);
+    let last = records.last().unwrap();
+    for field in [
+        "batch_id",
+        "duration_ms",
+        "state_operators",
+        "sources",
+        "sink",
+        "event_time",
+    ] {
+        assert!(last.get(field).is_some(), "{field} missing from {last}");
+    }
+    let read = records.iter().find(|p| p["num_input_rows"] != 0).unwrap();
+    let offset = read["sources"][0]["offset"].to_string();
+    assert!(offset.contains("a.csv"), "{offset}");
+
+    let (_, one) = s.get("/api/queries/top_clients/progress?limit=1").await;
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["batch_id"], last["batch_id"]);
+    assert_error(
+        s.get("/api/queries/top_clients/progress?limit=many").await,
+        400,
+        "limit",
+    );
+    assert_error(s.get("/api/queries/nope/progress").await, 404, "nope");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_tables_as_json() {
+    let s = setup(None).await;
+    let (status, tables) = s.get("/api/tables").await;
+    assert_eq!(status, 200);
+    assert_eq!(tables[1]["name"], "top_clients");
+    assert_eq!(tables[1]["num_rows"], 5);
+
+    let (status, clients) = s.get("/api/tables/top_clients").await;
+    assert_eq!(status, 200);
+    assert_eq!(clients["columns"][0]["name"], "client_id");
+    assert_eq!(clients["columns"][1]["data_type"], "Float64");
+    let expected = s
+        .engine
+        .sql("SELECT client_id, traded FROM top_clients")
+        .await
+        .unwrap();
+    let expected = common::table(&expected);
+    let got: Vec<Vec<String>> = clients["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| vec![r["client_id"].to_string(), r["traded"].to_string()])
+        .collect();
+    assert_eq!(got.len(), 5);
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g[0], e[0]);
+        let (g, e): (f64, f64) = (g[1].parse().unwrap(), e[1].parse().unwrap());
+        assert!((g - e).abs() < 1e-6 * e.abs(), "{g} vs {e}");
+    }
+
+    let (_, seconds) = s.get("/api/tables/buy_sell_per_second").await;
+    let all = seconds["rows"].as_array().unwrap().clone();
+    assert!(all.len() > 2);
+    assert_eq!(seconds["num_rows"], all.len());
+    let (_, last_two) = s.get("/api/tables/buy_sell_per_second?limit=2").await;
+    assert_eq!(last_two["num_rows"], all.len());
+    assert_eq!(last_two["rows"].as_array().unwrap(), &all[all.len() - 2..]);
+    assert!(
+        all[0]["second"]
+            .as_str()
+            .unwrap()
+            .starts_with("2016-03-22T20:00:0")
+    );
+
+    assert_error(s.get("/api/tables/nope").await, 404, "top_clients");
+    assert_error(
+        s.get("/api/tables/top_clients?limit=-1").await,
+        400,
+        "limit",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_bad_methods_and_unknown_routes() {
+    let s = setup(None).await;
+    assert_error(s.get("/api/queries/top_clients/stop").await, 405, "method");
+    assert_error(s.post("/api/queries").await, 405, "method");
+    assert_error(s.post("/api/queries/nope/stop").await, 404, "nope");
+    assert_error(s.get("/api/nothing/here").await, 404, "no such");
+
+    let (status, stopped) = s.post("/api/queries/top_clients/stop").await;
+    assert_eq!(status, 200);
+    assert_eq!(stopped["active"], false);
+    assert_eq!(stopped["exception"], Value::Null);
+    assert!(!s.queries[1].is_active());
+    assert!(s.queries[0].is_active(), "only the named query stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_per_completed_batch() {
+    let s = setup(None).await;
+    let mut events = s.http.get(s.url("/api/events")).send().await.unwrap();
+    assert_eq!(events.status(), 200);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    write_orders(&s.input, "b.csv", "2016-03-22 20:01:00", 500, 2);
+    let mut text = String::new();
+    let mut seen = vec![];
+    while seen.len() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
+            .await
+            .expect("no event within 30 s")
+            .unwrap()
+            .expect("the event stream ended");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            if let Some(data) = event.strip_prefix("event: progress\ndata: ") {
+                let p: Value = serde_json::from_str(data.trim()).unwrap();
+                if p["num_input_rows"].as_u64() > Some(0) {
+                    seen.push(p["name"].as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["buy_sell_per_second", "top_clients", "top_stocks"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_and_bundled_assets() {
+    let s = setup(None).await;
+    for (path, kind, holds) in [
+        ("/", "text/html", "buy-sell-chart"),
+        ("/monitor", "text/html", "chart-durations"),
+        ("/assets/uPlot.js", "text/javascript", "uPlot"),
+        ("/assets/dashboard.js", "text/javascript", "top_stocks"),
+        ("/assets/brook.css", "text/css", "body"),
+    ] {
+        let response = s.http.get(s.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        assert!(response.text().await.unwrap().contains(holds), "{path}");
+    }
+    assert_error(s.get("/assets/nope.js").await, 404, "nope.js");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_the_api() {
+    let s = setup(Some("s3cret")).await;
+    assert!(s.ui.url().ends_with("/?token=s3cret"), "{}", s.ui.url());
+    assert_error(s.get("/api/queries").await, 401, "token");
+    assert_error(s.get("/api/queries?token=wrong").await, 401, "token");
+    let (status, _) = s.get("/api/queries?token=s3cret").await;
+    assert_eq!(status, 200);
+    let response = s
+        .http
+        .get(s.url("/api/tables/top_clients"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The pages themselves hold no data; they pass the token on from their address.
+    let page = s.http.get(s.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_beyond_loopback_needs_a_token_and_busy_ports_are_skipped() {
+    let engine = Arc::new(Engine::new());
+    let open = UiOptions {
+        bind: "0.0.0.0".parse().unwrap(),
+        port: 0,
+        token: None,
+    };
+    let Err(e) = UiServer::start(engine.clone(), open.clone()).await else {
+        panic!("bound 0.0.0.0 without a token");
+    };
+    assert!(e.to_string().contains("--ui-token"), "{e}");
+    let guarded = UiOptions {
+        token: Some("t".into()),
+        ..open
+    };
+    let server = UiServer::start(engine.clone(), guarded).await.unwrap();
+    assert!(
+        server.url().starts_with("http://127.0.0.1:"),
+        "{}",
+        server.url()
+    );
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let next = UiServer::start(
+        engine,
+        UiOptions {
+            port,
+            ..UiOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(next.addr().port() > port && next.addr().port() <= port + 16);
+}
