@@ -20,7 +20,7 @@ use crate::exec::query::ProgressListener;
 use crate::exec::query::new_id;
 use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
 use crate::progress::QueryProgress;
-use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, Sink};
+use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
 use crate::source::shared::SharedDecodes;
 use crate::source::{FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
@@ -44,6 +44,9 @@ pub struct Overrides {
     pub listeners: Vec<ProgressListener>,
     /// A directory (or object-store URL) holding one checkpoint per query, named after it.
     pub checkpoint_root: Option<String>,
+    /// Also keep the last this many output rows of each query whose sink is not a
+    /// memory table in a memory table named after the query (for the web UI).
+    pub mirror_rows: Option<usize>,
 }
 
 /// A brook session: streaming sources and sinks, the queries running over them,
@@ -184,6 +187,14 @@ impl Engine {
     async fn start_for_sink(&self, query: &Query, def: &SinkDef) -> Result<Arc<StreamingQuery>> {
         let (sink, memory) = def.open(&self.ctx.runtime_env())?;
         let name = def.query_name.clone().unwrap_or_else(|| def.name.clone());
+        let (sink, memory) = match (memory, self.overrides.mirror_rows) {
+            (None, Some(rows)) => {
+                let copy = MemorySink::with_max_rows(&name, rows);
+                let sink: Arc<dyn Sink> = Arc::new(MirrorSink::new(sink, copy.clone()));
+                (sink, Some(copy))
+            }
+            (memory, _) => (sink, memory),
+        };
         let checkpoint = match (&def.checkpoint_location, &self.overrides.checkpoint_root) {
             (Some(own), _) => Some(own.clone()),
             (None, Some(root)) => Some(format!("{}/{name}", root.trim_end_matches('/'))),

@@ -355,3 +355,90 @@ async fn binding_beyond_loopback_needs_a_token_and_busy_ports_are_skipped() {
     .unwrap();
     assert!(next.addr().port() > port && next.addr().port() <= port + 16);
 }
+
+/// `brook run FILE --ui` as a user runs it: the dashboard's console-sink queries
+/// are served as tables too, and the UI outlives the available-now queries.
+#[test]
+fn run_with_ui_serves_console_queries() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data/orders");
+    std::fs::create_dir_all(&data).unwrap();
+    write_orders(&data, "a.csv", "2016-03-22 20:00:00", LINES as i64, 3);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/dashboard.sql");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args([
+            "run",
+            "--ui",
+            "--ui-port",
+            "0",
+            "--trigger",
+            "available-now",
+        ])
+        .arg(&script)
+        .current_dir(dir.path())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut url = None;
+    for line in stderr.by_ref().map_while(Result::ok) {
+        if let Some(u) = line.strip_prefix("brook: web UI at ") {
+            url = Some(u.to_string());
+        }
+        if line.contains("stays up until Ctrl-C") {
+            break;
+        }
+    }
+    let url = url.expect("brook run printed no UI address");
+    let get = |path: &str| -> Value {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let http = reqwest::Client::builder().no_proxy().build().unwrap();
+            let text = http
+                .get(format!("{}{path}", url.trim_end_matches('/')))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            serde_json::from_str(&text).unwrap()
+        })
+    };
+    let queries = get("/api/queries");
+    assert_eq!(queries[1]["name"], "top_clients");
+    assert!(
+        queries[1]["sink"].as_str().unwrap().starts_with("Console"),
+        "{queries}"
+    );
+    assert_eq!(queries[1]["memory_table"], "top_clients");
+    assert_eq!(queries[1]["active"], false);
+    let clients = get("/api/tables/top_clients");
+    assert_eq!(clients["num_rows"], 5, "{clients}");
+    let seconds = get("/api/tables/buy_sell_per_second");
+    let total: u64 = seconds["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["buys"].as_u64().unwrap() + r["sells"].as_u64().unwrap())
+        .sum();
+    let malformed: u64 = get("/api/queries/buy_sell_per_second/progress")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["num_malformed_rows"].as_u64().unwrap())
+        .sum();
+    // 30 s of orders, all of whose seconds close but the last five (the watermark's delay).
+    assert!(
+        total > 0 && total + malformed <= LINES,
+        "{total} + {malformed}"
+    );
+
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+}

@@ -11,6 +11,9 @@ use crate::error::{BrookError, Result};
 use crate::exec::Trigger;
 use crate::ui::{UiOptions, UiServer};
 
+/// Output rows `brook run --ui` keeps of each query that has no memory sink.
+const UI_MIRROR_ROWS: usize = 1000;
+
 /// How `brook run` reports progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressFormat {
@@ -36,6 +39,8 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     let mut overrides = Overrides {
         trigger: options.trigger,
         checkpoint_root: options.checkpoint,
+        // The web UI shows every query's output, whatever its sink.
+        mirror_rows: options.ui.as_ref().map(|_| UI_MIRROR_ROWS),
         ..Overrides::default()
     };
     if options.progress == ProgressFormat::Json {

@@ -31,6 +31,8 @@ struct Contents {
 pub struct MemorySink {
     name: String,
     contents: Arc<RwLock<Contents>>,
+    /// Keep only the newest rows, for a table that watches an endless stream.
+    max_rows: Option<usize>,
 }
 
 impl MemorySink {
@@ -38,6 +40,15 @@ impl MemorySink {
         Self {
             name: name.into(),
             contents: Arc::default(),
+            max_rows: None,
+        }
+    }
+
+    /// A table that keeps only the last `max_rows` rows it was given.
+    pub fn with_max_rows(name: impl Into<String>, max_rows: usize) -> Self {
+        Self {
+            max_rows: Some(max_rows),
+            ..Self::new(name)
         }
     }
 
@@ -94,8 +105,34 @@ impl Sink for MemorySink {
         }
         c.rows
             .extend(batches.into_iter().filter(|b| b.num_rows() > 0));
+        if let Some(max) = self.max_rows {
+            keep_last(&mut c.rows, max);
+        }
         c.last_batch = Some(batch_id);
         Ok(())
+    }
+}
+
+/// Drops the oldest rows beyond `max`.
+fn keep_last(rows: &mut Vec<RecordBatch>, max: usize) {
+    let mut excess = rows
+        .iter()
+        .map(RecordBatch::num_rows)
+        .sum::<usize>()
+        .saturating_sub(max);
+    let whole = rows.iter().take_while(|b| {
+        let drop = b.num_rows() <= excess;
+        if drop {
+            excess -= b.num_rows();
+        }
+        drop
+    });
+    let whole = whole.count();
+    rows.drain(..whole);
+    if excess > 0
+        && let Some(first) = rows.first_mut()
+    {
+        *first = first.slice(excess, first.num_rows() - excess);
     }
 }
 
@@ -131,5 +168,41 @@ impl TableProvider for MemorySink {
             self.schema(),
             projection.cloned(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{AsArray, Int64Array};
+    use datafusion::arrow::datatypes::Int64Type;
+
+    use super::*;
+
+    fn batch(values: std::ops::Range<i64>) -> RecordBatch {
+        RecordBatch::try_from_iter([("n", Arc::new(Int64Array::from_iter_values(values)) as _)])
+            .unwrap()
+    }
+
+    fn values(sink: &MemorySink) -> Vec<i64> {
+        sink.rows()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_capped_table_keeps_the_newest_rows() {
+        let sink = MemorySink::with_max_rows("t", 5);
+        let schema = batch(0..1).schema();
+        sink.open(&schema, OutputMode::Append, "q").await.unwrap();
+        sink.add_batch(0, vec![batch(0..3)]).await.unwrap();
+        assert_eq!(values(&sink), [0, 1, 2]);
+        sink.add_batch(1, vec![batch(3..5), batch(5..7)])
+            .await
+            .unwrap();
+        assert_eq!(values(&sink), [2, 3, 4, 5, 6]);
+        sink.add_batch(2, vec![batch(7..20)]).await.unwrap();
+        assert_eq!(values(&sink), [15, 16, 17, 18, 19]);
     }
 }

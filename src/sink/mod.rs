@@ -5,6 +5,7 @@ pub mod file;
 pub mod foreach;
 pub mod kafka;
 pub mod memory;
+pub mod mirror;
 
 use std::fmt::Debug;
 
@@ -16,6 +17,7 @@ pub use console::ConsoleSink;
 pub use file::{FileSink, OutputFormat};
 pub use foreach::ForeachBatchSink;
 pub use memory::MemorySink;
+pub use mirror::MirrorSink;
 
 use crate::error::Result;
 use crate::exec::OutputMode;

@@ -1,0 +1,46 @@
+//! A sink that also keeps the newest rows of a query's output in a memory table,
+//! so that the web UI can show a query whose sink is the console, files or Kafka.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+
+use super::{MemorySink, Sink};
+use crate::error::Result;
+use crate::exec::OutputMode;
+
+#[derive(Debug)]
+pub struct MirrorSink {
+    inner: Arc<dyn Sink>,
+    copy: MemorySink,
+}
+
+impl MirrorSink {
+    pub fn new(inner: Arc<dyn Sink>, copy: MemorySink) -> Self {
+        Self { inner, copy }
+    }
+}
+
+#[async_trait]
+impl Sink for MirrorSink {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()> {
+        self.inner.open(schema, mode, query_id).await?;
+        self.copy.open(schema, mode, query_id).await
+    }
+
+    fn keeps_output(&self) -> bool {
+        self.inner.keeps_output()
+    }
+
+    /// The copy follows only what the real sink took.
+    async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
+        self.inner.add_batch(batch_id, batches.clone()).await?;
+        self.copy.add_batch(batch_id, batches).await
+    }
+}
