@@ -339,6 +339,13 @@ impl Engine {
             .cloned()
     }
 
+    /// Every memory table, by name.
+    pub fn memory_tables(&self) -> Vec<(String, MemorySink)> {
+        self.catalog()
+            .map(|c| c.memory_tables.clone().into_iter().collect())
+            .unwrap_or_default()
+    }
+
     /// The memory sink table of this name, as its queries last filled it.
     pub fn memory_table(&self, name: &str) -> Option<MemorySink> {
         self.catalog().ok()?.memory_tables.get(name).cloned()

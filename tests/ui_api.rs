@@ -314,9 +314,65 @@ async fn a_token_guards_the_api() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    let events = s
+        .http
+        .get(s.url("/api/events?token=s3cret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert_error(s.post("/api/queries/top_clients/stop").await, 401, "token");
+    assert!(s.queries[1].is_active());
+    let stopped = s
+        .http
+        .post(s.url("/api/queries/top_clients/stop"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json(stopped).await.1["active"], false);
     // The pages themselves hold no data; they pass the token on from their address.
     let page = s.http.get(s.url("/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_only_its_own_pages_may_call_it() {
+    let s = setup(None).await;
+    let with = |method: reqwest::Method, path: &str, header: &str, value: &str| {
+        s.http
+            .request(method, s.url(path))
+            .header(header, value)
+            .send()
+    };
+    // Another site's form or fetch (its Origin), and DNS rebinding (a foreign Host).
+    let forged = with(
+        reqwest::Method::POST,
+        "/api/queries/top_clients/stop",
+        "origin",
+        "http://evil.example",
+    );
+    assert_error(json(forged.await.unwrap()).await, 403, "own pages");
+    let rebound = with(
+        reqwest::Method::GET,
+        "/api/tables/top_clients",
+        "host",
+        "evil.example:4040",
+    );
+    assert_error(json(rebound.await.unwrap()).await, 403, "own pages");
+    assert!(s.queries[1].is_active());
+    let own = format!("http://{}", s.ui.addr());
+    let page = with(
+        reqwest::Method::POST,
+        "/api/queries/top_clients/stop",
+        "origin",
+        &own,
+    );
+    assert_eq!(json(page.await.unwrap()).await.1["active"], false);
+    let local = format!("localhost:{}", s.ui.addr().port());
+    let by_name = with(reqwest::Method::GET, "/api/tables", "host", &local);
+    assert_eq!(by_name.await.unwrap().status(), 200);
+    assert_error(s.get("/api/queries/%FF").await, 400, "UTF-8");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,23 +424,25 @@ fn run_with_ui_serves_console_queries() {
     std::fs::create_dir_all(&data).unwrap();
     write_orders(&data, "a.csv", "2016-03-22 20:00:00", LINES as i64, 3);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/dashboard.sql");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_brook"))
-        .args([
-            "run",
-            "--ui",
-            "--ui-port",
-            "0",
-            "--trigger",
-            "available-now",
-        ])
-        .arg(&script)
-        .current_dir(dir.path())
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_brook"))
+            .args([
+                "run",
+                "--ui",
+                "--ui-port",
+                "0",
+                "--trigger",
+                "available-now",
+            ])
+            .arg(&script)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let mut url = None;
     for line in stderr.by_ref().map_while(Result::ok) {
         if let Some(u) = line.strip_prefix("brook: web UI at ") {
@@ -421,9 +479,8 @@ fn run_with_ui_serves_console_queries() {
     let clients = get("/api/tables/top_clients");
     assert_eq!(clients["num_rows"], 5, "{clients}");
     let seconds = get("/api/tables/buy_sell_per_second");
-    let total: u64 = seconds["rows"]
-        .as_array()
-        .unwrap()
+    let rows = seconds["rows"].as_array().unwrap();
+    let total: u64 = rows
         .iter()
         .map(|r| r["buys"].as_u64().unwrap() + r["sells"].as_u64().unwrap())
         .sum();
@@ -433,12 +490,38 @@ fn run_with_ui_serves_console_queries() {
         .iter()
         .map(|p| p["num_malformed_rows"].as_u64().unwrap())
         .sum();
-    // 30 s of orders, all of whose seconds close but the last five (the watermark's delay).
-    assert!(
-        total > 0 && total + malformed <= LINES,
-        "{total} + {malformed}"
-    );
+    // 30 s of orders, 100 a second: every second closes but the last five or so
+    // (the watermark's delay), each holding its 100 orders less the malformed.
+    assert!((24..=26).contains(&rows.len()), "{seconds}");
+    assert!(total + malformed <= LINES, "{total} + {malformed}");
+    assert!(total >= rows.len() as u64 * 100 - malformed, "{total}");
 
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    assert!(child.wait().unwrap().success());
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    assert!(child.0.wait().unwrap().success());
+}
+
+/// Kills the child if a failed assertion leaves it running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_server_ends_its_event_streams() {
+    let s = setup(None).await;
+    let mut events = s.http.get(s.url("/api/events")).send().await.unwrap();
+    let url = s.url("/api/queries");
+    drop(s.ui);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    });
+    assert!(ended.await.is_ok(), "the event stream outlived the server");
+    assert!(
+        s.http.get(url).send().await.is_err(),
+        "the server still answers"
+    );
 }

@@ -24,16 +24,27 @@ fn chromium() {
         return;
     }
     eprintln!("installing Debian's chromium for the browser test (once)");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "chromium"])
+    // As root, as CI runs; otherwise through sudo, which must not ask for a password.
+    let apt = |args: &[&str]| {
+        let mut command = if unsafe { libc::geteuid() } == 0 {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.args(["-n", "apt-get"]);
+            sudo
+        };
+        command
+            .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !install() {
-        run("apt-get update", Command::new("apt-get").arg("update"));
-        assert!(install(), "apt-get install chromium failed");
+    if !apt(&["install", "-y", "chromium"]) {
+        assert!(apt(&["update"]), "apt-get update failed");
+        assert!(
+            apt(&["install", "-y", "chromium"]),
+            "apt-get install chromium failed"
+        );
     }
 }
 

@@ -120,8 +120,8 @@ struct UiArgs {
     /// Port of the web UI; the next free one is taken when it is busy, 0 picks any.
     #[arg(long, default_value_t = 4040)]
     ui_port: u16,
-    /// Address to serve the web UI on; anything but loopback needs a token.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address to serve the web UI on ('localhost' or an IP); anything but loopback needs a token.
+    #[arg(long, default_value = "127.0.0.1", value_parser = parse_bind)]
     ui_bind: IpAddr,
     /// Token the web UI's API requires (default: $BROOK_UI_TOKEN, if set).
     #[arg(long)]
@@ -146,6 +146,15 @@ enum Progress {
 
 fn parse_trigger(s: &str) -> Result<Trigger, String> {
     s.parse().map_err(|e: BrookError| e.to_string())
+}
+
+fn parse_bind(s: &str) -> Result<IpAddr, String> {
+    match s {
+        "localhost" => Ok(IpAddr::from([127, 0, 0, 1])),
+        _ => s
+            .parse()
+            .map_err(|e| format!("{e}: give 'localhost' or an IP address such as 0.0.0.0")),
+    }
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -270,15 +279,20 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo counts malformed lines in its view; warnings would scroll it away.
+    let default_level = match cli.command {
+        Command::Demo { .. } => "error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

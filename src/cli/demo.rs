@@ -66,10 +66,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
         ..Overrides::default()
     }));
     // The UI first: a port it cannot take stops the demo before it writes anything.
-    let ui = match options.ui {
-        Some(ui) => Some(UiServer::start(engine.clone(), ui).await?),
-        None => None,
-    };
+    let ui = UiServer::start_if(&engine, options.ui).await?;
     let url = ui.as_ref().map(UiServer::url);
     if let Some(url) = &url {
         println!("brook demo: the dashboard is at {url}");
@@ -95,11 +92,11 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = tokio::signal::ctrl_c() => break Ok(()),
         }
-        if let Some(q) = queries.iter().find(|q| !q.is_active()) {
+        // A query stopped from the web UI is not an error; one that failed is.
+        if let Some((q, e)) = queries.iter().find_map(|q| q.exception().map(|e| (q, e))) {
             break Err(BrookError::Stopped(format!(
-                "query {} stopped: {}",
-                q.name(),
-                q.exception().unwrap_or_default()
+                "query {} failed: {e}",
+                q.name()
             )));
         }
         let view = render(

@@ -49,6 +49,11 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
             .push(Arc::new(|p| eprintln!("{}", p.to_json())));
     }
     let engine = Arc::new(Engine::with_overrides(overrides));
+    // The UI first: a port it cannot take stops the run before any query starts.
+    let ui = UiServer::start_if(&engine, options.ui).await?;
+    if let Some(ui) = &ui {
+        eprintln!("brook: web UI at {}", ui.url());
+    }
     let queries = engine
         .execute(&script)
         .await
@@ -59,14 +64,6 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
             path.display()
         )));
     }
-    let ui = match options.ui {
-        Some(ui) => {
-            let server = UiServer::start(engine.clone(), ui).await?;
-            eprintln!("brook: web UI at {}", server.url());
-            Some(server)
-        }
-        None => None,
-    };
     let all_done = async {
         for q in &queries {
             q.await_termination().await?;

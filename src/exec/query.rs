@@ -504,9 +504,9 @@ impl Runner {
                     )
                 })?;
                 op.state = cp.load_state(info, op.state_slot.schema()).await?;
-                if self.compiled.mode == OutputMode::Complete && !self.sink.keeps_output() {
+                if self.compiled.mode == OutputMode::Complete {
                     let output = op.emit_all(&self.compiled.task_ctx).await?;
-                    self.sink.add_batch(commit.batch_id, output).await?;
+                    self.sink.restore(commit.batch_id, output).await?;
                 }
             }
         }

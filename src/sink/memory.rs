@@ -91,8 +91,8 @@ impl Sink for MemorySink {
         Ok(())
     }
 
-    fn keeps_output(&self) -> bool {
-        false
+    async fn restore(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
+        self.add_batch(batch_id, batches).await
     }
 
     async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {

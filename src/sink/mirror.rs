@@ -34,8 +34,9 @@ impl Sink for MirrorSink {
         self.copy.open(schema, mode, query_id).await
     }
 
-    fn keeps_output(&self) -> bool {
-        self.inner.keeps_output()
+    async fn restore(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
+        self.inner.restore(batch_id, batches.clone()).await?;
+        self.copy.restore(batch_id, batches).await
     }
 
     /// The copy follows only what the real sink took.

@@ -32,11 +32,11 @@ pub trait Sink: Send + Sync + Debug {
     /// take that mode says so here.
     async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()>;
 
-    /// Whether what the sink received survives the process. A query restarted
-    /// from a checkpoint in complete mode re-sends its last result to a sink
-    /// that does not keep it (the memory sink).
-    fn keeps_output(&self) -> bool {
-        true
+    /// Receives a complete-mode query's last committed result when the query
+    /// restarts from a checkpoint. A sink whose output outlives the process
+    /// holds it already; one that does not (the memory sink) takes it again.
+    async fn restore(&self, _batch_id: u64, _batches: Vec<RecordBatch>) -> Result<()> {
+        Ok(())
     }
 
     /// Receives batch `batch_id`'s result. A batch may be delivered again

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -19,6 +19,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 
 use crate::engine::Engine;
 use crate::exec::{QueryInfo, StreamingQuery};
@@ -28,12 +29,19 @@ use crate::progress::QueryProgress;
 struct Api {
     engine: Arc<Engine>,
     token: Option<Arc<str>>,
+    /// Turns true when the server stops, ending the event streams.
+    stopping: watch::Receiver<bool>,
 }
 
-pub(super) fn router(engine: Arc<Engine>, token: Option<String>) -> Router {
+pub(super) fn router(
+    engine: Arc<Engine>,
+    token: Option<String>,
+    stopping: watch::Receiver<bool>,
+) -> Router {
     let api = Api {
         engine,
         token: token.map(Arc::from),
+        stopping,
     };
     Router::new()
         .route("/api/queries", get(list_queries))
@@ -48,26 +56,32 @@ pub(super) fn router(engine: Arc<Engine>, token: Option<String>) -> Router {
 }
 
 /// An error as the API returns it: `{"error": "...", "status": 404}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub(super) struct ApiError {
+    status: StatusCode,
     error: String,
-    status: u16,
 }
 
 impl ApiError {
     pub(super) fn new(status: StatusCode, error: impl Into<String>) -> Self {
         Self {
+            status,
             error: error.into(),
-            status: status.as_u16(),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self)).into_response()
+        let body = json!({"error": self.error, "status": self.status.as_u16()});
+        (self.status, Json(body)).into_response()
     }
+}
+
+/// A path segment that is not UTF-8 (`%FF`) gets a JSON error like any other.
+fn segment(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(s)| s)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -114,8 +128,11 @@ async fn list_queries(State(api): State<Api>) -> Json<Vec<QueryInfo>> {
     Json(api.engine.queries().iter().map(|q| q.info()).collect())
 }
 
-async fn query(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<QueryInfo> {
-    Ok(Json(api.query(&id)?.info()))
+async fn query(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<QueryInfo> {
+    Ok(Json(api.query(&segment(id)?)?.info()))
 }
 
 #[derive(Deserialize)]
@@ -136,17 +153,20 @@ fn limit(params: Result<Query<Limit>, QueryRejection>) -> Result<usize, ApiError
 
 async fn progress(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     params: Result<Query<Limit>, QueryRejection>,
 ) -> ApiResult<Vec<QueryProgress>> {
     let limit = limit(params)?;
-    let records = api.query(&id)?.recent_progress();
+    let records = api.query(&segment(id)?)?.recent_progress();
     let skip = records.len().saturating_sub(limit);
     Ok(Json(records.into_iter().skip(skip).collect()))
 }
 
-async fn stop(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<QueryInfo> {
-    let query = api.query(&id)?;
+async fn stop(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<QueryInfo> {
+    let query = api.query(&segment(id)?)?;
     // A query that had failed reports its error in the returned `exception`.
     let _ = query.stop().await;
     Ok(Json(query.info()))
@@ -160,27 +180,14 @@ struct TableSummary {
 
 async fn list_tables(State(api): State<Api>) -> ApiResult<Vec<TableSummary>> {
     let mut tables = vec![];
-    for name in memory_table_names(&api.engine) {
-        if let Some(sink) = api.engine.memory_table(&name) {
-            let rows = sink.rows().map_err(internal)?;
-            tables.push(TableSummary {
-                name,
-                num_rows: rows.iter().map(RecordBatch::num_rows).sum(),
-            });
-        }
+    for (name, sink) in api.engine.memory_tables() {
+        let rows = sink.rows().map_err(internal)?;
+        tables.push(TableSummary {
+            name,
+            num_rows: rows.iter().map(RecordBatch::num_rows).sum(),
+        });
     }
     Ok(Json(tables))
-}
-
-fn memory_table_names(engine: &Engine) -> Vec<String> {
-    let mut names: Vec<String> = engine
-        .queries()
-        .iter()
-        .filter_map(|q| q.info().memory_table)
-        .collect();
-    names.sort();
-    names.dedup();
-    names
 }
 
 #[derive(Serialize)]
@@ -200,16 +207,22 @@ struct Column {
 
 async fn table(
     State(api): State<Api>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     params: Result<Query<Limit>, QueryRejection>,
 ) -> ApiResult<TableRows> {
+    let name = segment(name)?;
     let limit = limit(params)?;
     let sink = api.engine.memory_table(&name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
                 "no memory table '{name}' (memory tables: {})",
-                memory_table_names(&api.engine).join(", ")
+                api.engine
+                    .memory_tables()
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )
     })?;
@@ -269,18 +282,25 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 /// progress record; `lagged` says how many records a slow reader missed.
 async fn events(State(api): State<Api>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let receiver = api.engine.subscribe_progress();
-    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-        let event = match receiver.recv().await {
-            Ok(progress) => Event::default()
-                .event("progress")
-                .json_data(&progress)
-                .unwrap_or_else(|e| Event::default().event("error").data(e.to_string())),
-            Err(RecvError::Lagged(missed)) => {
-                Event::default().event("lagged").data(missed.to_string())
-            }
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok(event), receiver))
-    });
+    let stream = futures::stream::unfold(
+        (receiver, api.stopping),
+        |(mut receiver, mut stopping)| async move {
+            let received = tokio::select! {
+                r = receiver.recv() => r,
+                _ = stopping.wait_for(|s| *s) => return None,
+            };
+            let event = match received {
+                Ok(progress) => Event::default()
+                    .event("progress")
+                    .json_data(&progress)
+                    .unwrap_or_else(|e| Event::default().event("error").data(e.to_string())),
+                Err(RecvError::Lagged(missed)) => {
+                    Event::default().event("lagged").data(missed.to_string())
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Ok(event), (receiver, stopping)))
+        },
+    );
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

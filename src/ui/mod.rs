@@ -9,9 +9,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::StatusCode;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
+use url::form_urlencoded;
 
 use crate::engine::Engine;
 use crate::error::{BrookError, Result};
@@ -46,10 +50,21 @@ impl Default for UiOptions {
 pub struct UiServer {
     addr: SocketAddr,
     token: Option<String>,
-    task: JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
 }
 
 impl UiServer {
+    /// Starts a server when `options` asks for one.
+    pub async fn start_if(
+        engine: &Arc<Engine>,
+        options: Option<UiOptions>,
+    ) -> Result<Option<Self>> {
+        match options {
+            Some(options) => Ok(Some(Self::start(engine.clone(), options).await?)),
+            None => Ok(None),
+        }
+    }
+
     /// Binds the first free port from `options.port` on and serves `engine`.
     pub async fn start(engine: Arc<Engine>, options: UiOptions) -> Result<Self> {
         let token = options.token.filter(|t| !t.is_empty());
@@ -67,7 +82,8 @@ impl UiServer {
         let addr = listener
             .local_addr()
             .map_err(|e| BrookError::io(options.bind.to_string(), e))?;
-        let app: Router = api::router(engine, token.clone())
+        let (shutdown, stopping) = watch::channel(false);
+        let app: Router = api::router(engine, token.clone(), stopping.clone())
             .merge(assets::router())
             .fallback(|| async {
                 ApiError::new(StatusCode::NOT_FOUND, "no such page or API route")
@@ -78,12 +94,29 @@ impl UiServer {
                     "method not allowed on this route",
                 )
             });
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+        // Without a token, only pages of this server may call it: a Host check stops
+        // DNS rebinding, an Origin check stops other sites' forms and fetches.
+        let app = match &token {
+            Some(_) => app,
+            None => app.layer(middleware::from_fn(same_origin)),
+        };
+        let mut stopped = stopping;
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!("web UI stopped: {e}");
             }
         });
-        Ok(Self { addr, token, task })
+        Ok(Self {
+            addr,
+            token,
+            shutdown,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -98,17 +131,49 @@ impl UiServer {
         };
         let base = format!("http://{}/", SocketAddr::new(host, self.addr.port()));
         match &self.token {
-            Some(t) => format!("{base}?token={t}"),
+            Some(t) => format!(
+                "{base}?token={}",
+                form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>()
+            ),
             None => base,
         }
     }
 }
 
 impl Drop for UiServer {
+    /// Ends the event streams too, which would otherwise keep their connections open.
     fn drop(&mut self) {
-        // Event streams never end by themselves, so a graceful shutdown would wait forever.
-        self.task.abort();
+        let _ = self.shutdown.send(true);
     }
+}
+
+async fn same_origin(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin = headers.get(header::ORIGIN).and_then(|h| h.to_str().ok());
+    let host_ok = host.is_some_and(is_local);
+    let origin_ok = origin.is_none_or(|o| {
+        o.strip_prefix("http://")
+            .is_some_and(|rest| Some(rest) == host && is_local(rest))
+    });
+    if host_ok && origin_ok {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "without a token the UI answers only its own pages on 127.0.0.1 or localhost",
+        )
+        .into_response()
+    }
+}
+
+/// Whether a `host[:port]` names this machine's loopback.
+fn is_local(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    matches!(name, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener> {

@@ -6,20 +6,22 @@ const { chromium } = require('playwright-core');
 const [url, artifacts] = process.argv.slice(2);
 const fail = (message) => { throw new Error(message); };
 
-async function domAndTable(page) {
-  // Read the page and the API in one turn, so that no batch lands between them.
+// The rows the page shows, as text, and the rows it should show, read from the
+// memory tables in the same turn so that no batch lands between the two.
+async function shownAndExpected(page) {
   return page.evaluate(async () => {
     const cells = (sel) => [...document.querySelectorAll(sel + ' tbody tr')]
-      .map((tr) => [...tr.querySelectorAll('td')].map((td) => td.dataset.value));
+      .map((tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent));
     const shown = { clients: cells('#top-clients'), stocks: cells('#top-stocks') };
     const get = async (name) => (await (await fetch('/api/tables/' + name)).json()).rows;
     const [clients, stocks] = await Promise.all([get('top_clients'), get('top_stocks')]);
-    const last = stocks.reduce((m, r) => (r.window_end > m ? r.window_end : m), '');
+    const money = (n) => n.toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+    // The top stocks of the hour that closed last: the newest window's ranks 1 to 5.
+    const newest = stocks.map((r) => r.window_end).sort().pop();
     const expected = {
-      clients: clients.sort((a, b) => b.traded - a.traded || a.client_id - b.client_id)
-        .map((r) => [String(r.client_id), String(r.traded)]),
-      stocks: stocks.filter((r) => r.window_end === last).sort((a, b) => a.rank - b.rank)
-        .map((r) => [String(r.rank), r.symbol, String(r.shares)]),
+      clients: clients.map((r) => [String(r.client_id), money(r.traded)]),
+      stocks: stocks.filter((r) => r.window_end === newest).sort((a, b) => a.rank - b.rank)
+        .map((r) => [String(r.rank), r.symbol, r.shares.toLocaleString('en-US')]),
     };
     return { shown, expected };
   });
@@ -49,7 +51,7 @@ async function domAndTable(page) {
 
     let last;
     for (let attempt = 0; attempt < 20; attempt += 1) {
-      last = await domAndTable(page);
+      last = await shownAndExpected(page);
       if (JSON.stringify(last.shown) === JSON.stringify(last.expected)) break;
       await page.waitForTimeout(250);
     }

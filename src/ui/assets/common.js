@@ -92,5 +92,5 @@ const brook = (() => {
 
   for (const a of document.querySelectorAll('header nav a')) a.href = link(a.getAttribute('href'));
 
-  return { api, link, events, fill, number, seconds, chart, showError, clock, secondsAxis };
+  return { api, link, events, fill, number, seconds, chart, showError, secondsAxis, countAxis };
 })();

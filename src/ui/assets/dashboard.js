@@ -2,18 +2,37 @@
 // each redrawn when its query completes a batch; any other memory table as a table.
 const SECTIONS = { buy_sell_per_second: 'buy-sell', top_clients: 'top-clients', top_stocks: 'top-stocks' };
 const CHART_SECONDS = 180;
-const latest = new Map(); // query name -> last progress record
+const latest = new Map(); // query name -> {last: progress, input: last progress with input rows}
+const status = new Map(); // query name -> 'active' | 'stopped' | 'failed'
 let buySellChart;
 
 function renderQueries() {
-  const rows = [...latest.values()].map((p) => [
-    p.name, { text: p.batch_id, num: true },
-    { text: brook.number(p.input_rows_per_second), num: true },
-    { text: brook.number(p.duration_ms.total || 0, 1), num: true },
-    { text: brook.number(p.state_operators.reduce((n, s) => n + s.num_rows_total, 0)), num: true },
-    { text: brook.number(p.num_malformed_rows), num: true },
-  ]);
+  const rows = [...latest.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([name, { last, input }]) => {
+    const p = input || last;
+    return [
+      name, { text: status.get(name) || '', cls: status.get(name) === 'active' ? '' : 'inactive' },
+      { text: last.batch_id, num: true },
+      { text: brook.number(p.input_rows_per_second), num: true },
+      { text: brook.number(p.processed_rows_per_second), num: true },
+      { text: brook.number(p.duration_ms.total || 0, 1), num: true },
+      { text: brook.number(last.state_operators.reduce((n, s) => n + s.num_rows_total, 0)), num: true },
+      { text: brook.number(p.num_malformed_rows), num: true },
+    ];
+  });
   brook.fill(document.querySelector('#query-table tbody'), rows);
+}
+
+function seen(p) {
+  const known = latest.get(p.name) || {};
+  if (known.last && known.last.batch_id > p.batch_id) return;
+  latest.set(p.name, { last: p, input: p.num_input_rows > 0 ? p : known.input });
+}
+
+async function refreshStatus() {
+  for (const q of await brook.api('/api/queries')) {
+    status.set(q.name, q.active ? 'active' : q.exception ? 'failed' : 'stopped');
+  }
+  renderQueries();
 }
 
 async function drawBuySell() {
@@ -75,7 +94,9 @@ async function drawOther(name) {
   section.querySelector('h2').textContent = name + ' (last ' + table.rows.length + ' of ' + table.num_rows + ' rows)';
   brook.fill(section.querySelector('tbody'), table.rows.map((r) => table.columns.map((c) => {
     const v = r[c.name];
-    return v === null || v === undefined ? '' : typeof v === 'object' ? JSON.stringify(v) : String(v);
+    if (v === null || v === undefined) return '';
+    if (typeof v === 'number') return { text: Number.isInteger(v) ? String(v) : brook.number(v, 2), num: true };
+    return typeof v === 'object' ? JSON.stringify(v) : String(v);
   })));
 }
 
@@ -110,15 +131,19 @@ async function start() {
   for (const [table, section] of Object.entries(SECTIONS)) {
     document.getElementById(section).hidden = !shown.has(table);
   }
-  const progress = await Promise.all(queries.map((q) => brook.api('/api/queries/' + q.id + '/progress?limit=1')));
-  progress.flat().forEach((p) => latest.set(p.name, p));
-  renderQueries();
+  // Listen before reading, so that no batch falls between the two.
   brook.events((p) => {
-    latest.set(p.name, p);
+    seen(p);
     renderQueries();
     if (tables.has(p.name)) redraw(tables.get(p.name));
   });
-  await Promise.all([...new Set(tables.values())].map(redraw));
+  const progress = await Promise.all(queries.map((q) => brook.api('/api/queries/' + q.id + '/progress')));
+  progress.flat().forEach(seen);
+  await refreshStatus();
+  // Queries stopped elsewhere send no more events: look now and then.
+  setInterval(() => refreshStatus().catch(brook.showError), 5000);
+  const names = [...new Set(tables.values())].sort();
+  await Promise.all(names.map(redraw));
 }
 
 start().catch(brook.showError);

@@ -2,20 +2,22 @@
 // batch duration by phase, state rows, dropped rows and the watermark, over the
 // last batches, with the query's SQL, source offsets, sink and settings.
 const KEEP = 100;
-const PHASES = ['plan', 'read', 'execute', 'state', 'sink', 'commit', 'total'];
-const COLORS = ['#7a5af8', '#3056d3', '#12805c', '#dc6803', '#c4320a', '#667085', '#1d2330'];
+const PHASES = ['plan', 'read', 'execute', 'sink', 'commit', 'total'];
+const COLORS = ['#7a5af8', '#3056d3', '#12805c', '#c4320a', '#667085', '#1d2330'];
 let history = [];
 let charts;
 let current;
 
+const timeValue = (u, v) => (v == null ? '—' : new Date(v * 1000).toISOString().slice(0, 19));
 const timeAxis = () => [{}, { ...brook.secondsAxis, size: 70 }];
 
 function makeCharts() {
   return {
+    // Input arrives at thousands of rows/s and is processed at millions: a scale each.
     rates: brook.chart(document.getElementById('chart-rates'), [
-      { label: 'input rows/s', stroke: '#3056d3', width: 2 },
-      { label: 'processed rows/s', stroke: '#12805c', width: 2 },
-    ]),
+      { label: 'input rows/s', stroke: '#3056d3', width: 2, scale: 'input' },
+      { label: 'processed rows/s', stroke: '#12805c', width: 2, scale: 'processed' },
+    ], { axes: [{}, { ...brook.countAxis, scale: 'input', stroke: '#3056d3' }, { ...brook.countAxis, scale: 'processed', side: 1, stroke: '#12805c', grid: { show: false } }] }),
     durations: brook.chart(document.getElementById('chart-durations'),
       PHASES.map((p, i) => ({ label: p, stroke: COLORS[i], width: p === 'total' ? 2 : 1 }))),
     state: brook.chart(document.getElementById('chart-state'), [{ label: 'rows in state', stroke: '#dc6803', width: 2 }]),
@@ -24,8 +26,8 @@ function makeCharts() {
       { label: 'late', stroke: '#7a5af8', width: 2 },
     ]),
     watermark: brook.chart(document.getElementById('chart-watermark'), [
-      { label: 'watermark', stroke: '#3056d3', width: 2, value: (u, v) => (v == null ? '—' : new Date(v * 1000).toISOString().slice(0, 19)) },
-      { label: 'max event time', stroke: '#12805c', width: 1, value: (u, v) => (v == null ? '—' : new Date(v * 1000).toISOString().slice(0, 19)) },
+      { label: 'watermark', stroke: '#3056d3', width: 2, value: timeValue },
+      { label: 'max event time', stroke: '#12805c', width: 1, value: timeValue },
     ], { axes: timeAxis() }),
   };
 }
@@ -43,7 +45,7 @@ function draw() {
   charts.dropped.setData([x, col((p) => p.num_malformed_rows), col((p) => p.num_late_rows)]);
   charts.watermark.setData([x, col((p) => at(p.event_time.watermark)), col((p) => at(p.event_time.max))]);
   document.getElementById('chart-durations').dataset.batches = history.length;
-  const last = history[history.length - 1];
+  const last = [...history].reverse().find((p) => p.num_input_rows > 0);
   if (!last) return;
   brook.fill(document.querySelector('#sources tbody'), last.sources.map((s) => [
     s.description, { text: brook.number(s.num_input_rows), num: true }, { text: JSON.stringify(s.offset), cls: 'offset' },
@@ -72,10 +74,21 @@ function showInfo(q) {
   stop.hidden = !q.active;
 }
 
+function add(p) {
+  if (history.some((h) => h.batch_id === p.batch_id)) return;
+  history.push(p);
+  history.sort((a, b) => a.batch_id - b.batch_id);
+  if (history.length > KEEP) history.shift();
+}
+
+async function refreshInfo() {
+  showInfo(await brook.api('/api/queries/' + encodeURIComponent(current.id)));
+}
+
 async function start() {
   const queries = await brook.api('/api/queries');
   const wanted = new URLSearchParams(location.search).get('query');
-  current = queries.find((q) => q.id === wanted || q.name === wanted) || queries[queries.length - 1];
+  current = wanted ? queries.find((q) => q.id === wanted || q.name === wanted) : queries[queries.length - 1];
   document.getElementById('query-tabs').replaceChildren(...queries.map((q) => {
     const a = document.createElement('a');
     a.textContent = q.name;
@@ -84,9 +97,20 @@ async function start() {
     return a;
   }));
   charts = makeCharts();
-  if (!current) return;
+  if (!current) {
+    if (wanted) brook.showError('no query with id or name ' + wanted);
+    return;
+  }
   showInfo(current);
-  history = await brook.api('/api/queries/' + encodeURIComponent(current.id) + '/progress?limit=' + KEEP);
+  // Listen before reading the history, so that no batch falls between the two.
+  let loaded = false;
+  brook.events((p) => {
+    if (p.id !== current.id) return;
+    add(p);
+    if (loaded) draw();
+  });
+  (await brook.api('/api/queries/' + encodeURIComponent(current.id) + '/progress?limit=' + KEEP)).forEach(add);
+  loaded = true;
   draw();
   document.getElementById('stop').onclick = async () => {
     try {
@@ -95,12 +119,8 @@ async function start() {
       brook.showError(e);
     }
   };
-  brook.events((p) => {
-    if (p.id !== current.id || history.some((h) => h.batch_id === p.batch_id)) return;
-    history.push(p);
-    if (history.length > KEEP) history.shift();
-    draw();
-  });
+  // A query that stops or fails by itself sends no more events: look now and then.
+  setInterval(() => refreshInfo().catch(brook.showError), 5000);
 }
 
 start().catch(brook.showError);
