@@ -580,13 +580,53 @@ fn kafka() {
         }
     }
     let secs = median(times);
+    let alone = median(
+        (0..3)
+            .map(|_| consume_all(&broker.servers(), topic, stored))
+            .collect(),
+    );
     println!("\n## kafka: the book's orders in a 4-partition topic on tansu, available-now\n");
     println!(
         "producing {} took {send_secs:.1} s and the broker kept {stored}; the dashboard read them \
-         in a median {secs:.2} s = {:.0} orders/s",
+         in a median {secs:.2} s = {:.0} orders/s; a bare librdkafka consumer, same fetch settings, \
+         read them in {alone:.2} s = {:.0} records/s (the broker's ceiling here)",
         lines.len(),
-        stored as f64 / secs
+        stored as f64 / secs,
+        stored as f64 / alone
     );
+}
+
+/// Seconds one librdkafka consumer, with nothing else to do, takes to read
+/// `expected` records of `topic` from the beginning.
+fn consume_all(servers: &str, topic: &str, expected: usize) -> f64 {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", "brook-bench-ceiling")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("max.partition.fetch.bytes", "16777216")
+        .create()
+        .unwrap();
+    let mut partitions = TopicPartitionList::new();
+    for p in 0..4 {
+        partitions
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&partitions).unwrap();
+    let started = Instant::now();
+    let mut read = 0;
+    while read < expected {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(_)) => read += 1,
+            Some(Err(e)) => panic!("consuming: {e}"),
+            None => panic!("no record for 10 s after {read} of {expected}"),
+        }
+    }
+    started.elapsed().as_secs_f64()
 }
 
 /// Sends `lines` round-robin over 4 partitions in producer batches (this

@@ -170,11 +170,18 @@ async fn render(
     let per_second = engine
         .sql("SELECT second, buys, sells FROM buy_sell_per_second ORDER BY second DESC LIMIT 10")
         .await?;
-    let _ = writeln!(
-        out,
-        "Buy and sell orders per second (latest closed seconds)\n{}\n",
-        table(&per_second)?
-    );
+    if per_second.iter().all(|b| b.num_rows() == 0) {
+        let _ = writeln!(
+            out,
+            "Buy and sell orders per second: waiting for the first second to close (about 6 s)\n"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "Buy and sell orders per second (latest closed seconds)\n{}\n",
+            table(&per_second)?
+        );
+    }
     let clients = engine
         .sql("SELECT client_id, round(traded, 2) AS traded FROM top_clients ORDER BY traded DESC, client_id")
         .await?;
