@@ -76,7 +76,8 @@ const brook = (() => {
       ...size(),
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),
       series: [{ label: opts.xLabel || 'batch' }, ...series],
-      scales: { x: { time: !!opts.time } },
+      // Bars need half a step of room at either end, or the outer ones are cut in half.
+      scales: { x: opts.bars ? { time: false, range: (u, min, max) => [min - 0.5, max + 0.5] } : { time: !!opts.time } },
       axes: opts.axes || [opts.time ? secondsAxis : {}, countAxis],
       legend: { live: true },
     }, [[], ...series.map(() => [])], el);

@@ -2,8 +2,11 @@
 // batch duration by phase, state rows, dropped rows and the watermark, over the
 // last batches, with the query's SQL, source offsets, sink and settings.
 const KEEP = 100;
-const PHASES = ['plan', 'read', 'execute', 'sink', 'commit', 'total'];
-const COLORS = ['#7a5af8', '#3056d3', '#12805c', '#c4320a', '#667085', '#1d2330'];
+const PHASES = ['plan', 'read', 'execute', 'sink', 'commit'];
+const COLORS = ['#7a5af8', '#3056d3', '#12805c', '#c4320a', '#667085'];
+// Stacked bars: the series are drawn top phase first, each bar reaching up to the sum of
+// its phase and those below it, so later (shorter) bars paint the lower segments.
+const STACK = PHASES.map((p, i) => i).reverse();
 let history = [];
 let charts;
 let current;
@@ -18,8 +21,15 @@ function makeCharts() {
       { label: 'input rows/s', stroke: '#3056d3', width: 2, scale: 'input' },
       { label: 'processed rows/s', stroke: '#12805c', width: 2, scale: 'processed' },
     ], { axes: [{}, { ...brook.countAxis, scale: 'input', stroke: '#3056d3' }, { ...brook.countAxis, scale: 'processed', side: 1, stroke: '#12805c', grid: { show: false } }] }),
-    durations: brook.chart(document.getElementById('chart-durations'),
-      PHASES.map((p, i) => ({ label: p, stroke: COLORS[i], width: p === 'total' ? 2 : 1 }))),
+    durations: brook.chart(document.getElementById('chart-durations'), STACK.map((i) => ({
+      label: PHASES[i],
+      stroke: COLORS[i],
+      fill: COLORS[i],
+      paths: uPlot.paths.bars({ size: [0.7, 40] }),
+      points: { show: false },
+      // The legend shows the phase's own time, not the stacked height.
+      value: (u, v, si, row) => (row == null || !history[row] ? '--' : brook.number(history[row].duration_ms[PHASES[i]] || 0, 1)),
+    })), { bars: true }),
     state: brook.chart(document.getElementById('chart-state'), [{ label: 'rows in state', stroke: '#dc6803', width: 2 }]),
     dropped: brook.chart(document.getElementById('chart-dropped'), [
       { label: 'malformed', stroke: '#c4320a', width: 2 },
@@ -40,7 +50,8 @@ function draw() {
   const x = history.map((p) => p.batch_id);
   const col = (f) => history.map(f);
   charts.rates.setData([x, col((p) => p.input_rows_per_second), col((p) => p.processed_rows_per_second)]);
-  charts.durations.setData([x, ...PHASES.map((ph) => col((p) => p.duration_ms[ph] ?? null))]);
+  const stacked = (i) => col((p) => PHASES.slice(0, i + 1).reduce((t, ph) => t + (p.duration_ms[ph] || 0), 0));
+  charts.durations.setData([x, ...STACK.map(stacked)]);
   charts.state.setData([x, col((p) => p.state_operators.reduce((n, s) => n + s.num_rows_total, 0))]);
   charts.dropped.setData([x, col((p) => p.num_malformed_rows), col((p) => p.num_late_rows)]);
   charts.watermark.setData([x, col((p) => at(p.event_time.watermark)), col((p) => at(p.event_time.max))]);
