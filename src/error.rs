@@ -60,7 +60,8 @@ pub enum BrookError {
     #[error(transparent)]
     Parquet(#[from] datafusion::parquet::errors::ParquetError),
 
-    #[error("query stopped: {0}")]
+    /// A query or streaming context that failed or panicked; the message names it.
+    #[error("{0}")]
     Stopped(String),
 }
 

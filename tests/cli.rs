@@ -119,6 +119,39 @@ fn run_reports_bad_input_clearly() {
         "{stderr}"
     );
 
+    // One failing query of two ends the run at once, its error printed once and
+    // naming it, while the other would have run forever.
+    for (sub, line) in [("good", "1\n"), ("strict", "1\nnot a number\n")] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        std::fs::write(dir.path().join(sub).join("a.csv"), line).unwrap();
+    }
+    let script = "
+        CREATE UNBOUNDED EXTERNAL TABLE good (x INT) STORED AS CSV LOCATION 'good';
+        CREATE UNBOUNDED EXTERNAL TABLE strict (x INT) STORED AS CSV LOCATION 'strict'
+            OPTIONS ('mode' 'FAILFAST');
+        CREATE EXTERNAL TABLE good_count STORED AS CONSOLE LOCATION 'stdout'
+            OPTIONS ('outputMode' 'complete');
+        CREATE EXTERNAL TABLE strict_count STORED AS CONSOLE LOCATION 'stdout'
+            OPTIONS ('outputMode' 'complete');
+        INSERT INTO good_count SELECT count(*) AS n FROM good;
+        INSERT INTO strict_count SELECT count(*) AS n FROM strict;";
+    std::fs::write(dir.path().join("two.sql"), script).unwrap();
+    let started = std::time::Instant::now();
+    let run = brook()
+        .args(["run", "two.sql"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(
+        stderr.contains("query 'strict_count' failed: malformed record")
+            && stderr.contains("a.csv line 2"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("not a number").count(), 1, "{stderr}");
+
     let run = brook().args(["run", "nowhere.sql"]).output().unwrap();
     assert!(String::from_utf8_lossy(&run.stderr).contains("nowhere.sql"));
 

@@ -281,9 +281,10 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo counts malformed lines in its view; warnings would scroll it away.
+    // A failed query's error is printed once, by main, not also by the query's log.
     let default_level = match cli.command {
-        Command::Demo { .. } => "error",
-        _ => "warn",
+        Command::Demo { .. } => "error,brook::exec::query=off",
+        _ => "warn,brook::exec::query=off",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

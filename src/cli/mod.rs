@@ -64,19 +64,20 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
             path.display()
         )));
     }
-    let all_done = async {
-        for q in &queries {
-            q.await_termination().await?;
-        }
-        Ok::<_, BrookError>(())
-    };
+    // The first query to fail ends the run (Spark's awaitAnyTermination); the
+    // others finish their running batch and stop.
+    let all_done = futures::future::try_join_all(queries.iter().map(|q| q.await_termination()));
     let result = tokio::select! {
-        r = all_done => r,
+        r = all_done => r.map(|_| ()),
         _ = tokio::signal::ctrl_c() => {
             eprintln!("stopping: finishing the running batches (a checkpointed query resumes on the next run)");
             return engine.stop_all().await;
         }
     };
+    if result.is_err() {
+        // Their own errors, if any, come after the first; the first is reported.
+        let _ = engine.stop_all().await;
+    }
     if let Some(ui) = ui {
         // The queries' last results and progress stay browsable until the user leaves.
         eprintln!(

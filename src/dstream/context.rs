@@ -311,7 +311,9 @@ impl StreamingContext {
         let mut finished = self.inner.finished.subscribe();
         let _ = finished.wait_for(|f| *f).await;
         match self.inner.error.lock().ok().and_then(|e| e.clone()) {
-            Some(e) => Err(BrookError::Stopped(e)),
+            Some(e) => Err(BrookError::Stopped(format!(
+                "the streaming context failed: {e}"
+            ))),
             None => Ok(()),
         }
     }
@@ -347,8 +349,9 @@ impl StreamingContext {
         self.await_termination().await?;
         let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
-            task.await
-                .map_err(|e| BrookError::Stopped(format!("the batch loop panicked: {e}")))?;
+            task.await.map_err(|e| {
+                BrookError::Stopped(format!("the DStream batch loop panicked: {e}"))
+            })?;
         }
         Ok(())
     }

@@ -254,11 +254,20 @@ impl StreamingQuery {
         let _ = finished.wait_for(|f| *f).await;
         let task = self.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
-            task.await
-                .map_err(|e| BrookError::Stopped(format!("query task panicked: {e}")))?;
+            task.await.map_err(|e| {
+                BrookError::Stopped(format!("query '{}': its task panicked: {e}", self.name()))
+            })?;
         }
+        self.failure()
+    }
+
+    /// The query's error, naming the query: a program running several learns which failed.
+    fn failure(&self) -> Result<()> {
         match self.exception() {
-            Some(e) => Err(BrookError::Stopped(e)),
+            Some(e) => Err(BrookError::Stopped(format!(
+                "query '{}' failed: {e}",
+                self.name()
+            ))),
             None => Ok(()),
         }
     }
@@ -274,10 +283,7 @@ impl StreamingQuery {
             _ = idle.wait_for(|n| *n >= start + 2) => {}
             _ = finished.wait_for(|f| *f) => {}
         }
-        match self.exception() {
-            Some(e) => Err(BrookError::Stopped(e)),
-            None => Ok(()),
-        }
+        self.failure()
     }
 }
 
