@@ -383,3 +383,77 @@ async fn windowed_averages_in_append_mode_match_across_batches() {
     );
     query.stop().await.unwrap();
 }
+
+/// Append mode keeps sliding-window state per pane: late row-window pairs are
+/// counted as in update mode, each window is emitted once when it closes, and
+/// a row's closed windows stay out of the windows emitted later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_windows_in_append_mode_are_emitted_once_from_panes() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "slide_app",
+        "append",
+        "SELECT window.start AS ws, symbol, sum(amount) AS shares \
+         FROM orders GROUP BY window(time, '1 hour', '10 minutes'), symbol",
+    )
+    .await;
+    put(&input, "a.csv", &[order("20:30:00", 1, "IBM", 1, 1.0, "B")]);
+    query.process_all_available().await.unwrap();
+    // Watermark 20:29:50: of AAPL's six windows only [19:20, 20:20) has closed
+    // (and was emitted without it); all six of GOOG's have.
+    put(
+        &input,
+        "b.csv",
+        &[
+            order("20:15:00", 2, "AAPL", 5, 1.0, "B"),
+            order("20:16:00", 3, "AAPL", 2, 1.0, "B"),
+            order("19:00:00", 4, "GOOG", 9, 1.0, "B"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    let late: u64 = query
+        .recent_progress()
+        .iter()
+        .map(|p| p.num_late_rows)
+        .sum();
+    assert_eq!(late, 8, "row-window pairs: 1 for each AAPL row, 6 for GOOG");
+
+    // Watermark 21:39:50 closes every window of these rows.
+    put(
+        &input,
+        "c.csv",
+        &[order("21:40:00", 5, "MSFT", 3, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    // Watermark 21:59:50 emits none of their windows again.
+    put(
+        &input,
+        "d.csv",
+        &[order("22:00:00", 6, "MSFT", 4, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+
+    let got = table(
+        &engine
+            .sql("SELECT ws, symbol, shares FROM slide_app ORDER BY symbol, ws")
+            .await
+            .unwrap(),
+    );
+    let mut want: Vec<Vec<String>> = ["19:30:00", "19:40:00", "19:50:00", "20:00:00", "20:10:00"]
+        .iter()
+        .map(|s| vec![ts(s), "AAPL".to_string(), "7".to_string()])
+        .collect();
+    want.extend(
+        [
+            "19:40:00", "19:50:00", "20:00:00", "20:10:00", "20:20:00", "20:30:00",
+        ]
+        .iter()
+        .map(|s| vec![ts(s), "IBM".to_string(), "1".to_string()]),
+    );
+    // [20:50, 21:50) is MSFT's only window the last watermark closed.
+    want.push(vec![ts("20:50:00"), "MSFT".to_string(), "3".to_string()]);
+    assert_eq!(got, want);
+}

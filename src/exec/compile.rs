@@ -156,7 +156,7 @@ pub async fn compile(
         };
         let plan = physical(plan).await?;
         return Ok(CompiledQuery {
-            fingerprint: fingerprint(&source, None, None),
+            fingerprint: fingerprint(&source, None, None, false),
             source,
             input_slot,
             output_schema: plan.schema(),
@@ -224,6 +224,9 @@ pub async fn compile(
         .schema()
         .index_of_column_by_name(None, ROWS_COLUMN)
         .ok_or_else(|| BrookError::Plan("partial aggregation lost its row count".into()))?;
+    let panes = mode == OutputMode::Append
+        && event_time_key.as_ref().is_some_and(|k| k.is_window)
+        && window.as_ref().is_some_and(|(_, w)| w.ticks.overlapping());
     let op = StatefulOp {
         partial: physical(split.partial).await?,
         merge: physical(split.merge).await?,
@@ -235,9 +238,16 @@ pub async fn compile(
         event_time_key,
         rows_column,
         state: vec![],
+        panes,
+        emitted_through_ns: None,
     };
     Ok(CompiledQuery {
-        fingerprint: fingerprint(&source, Some(&agg), window.as_ref().map(|(spec, _)| spec)),
+        fingerprint: fingerprint(
+            &source,
+            Some(&agg),
+            window.as_ref().map(|(spec, _)| spec),
+            panes,
+        ),
         source,
         input_slot,
         output_schema: op.finalize.schema(),
@@ -249,11 +259,13 @@ pub async fn compile(
     })
 }
 
-/// The parts of a query its checkpointed state depends on.
+/// The parts of a query its checkpointed state depends on. `panes`: the state
+/// holds panes rather than windows, so a checkpoint of the other kind cannot be used.
 fn fingerprint(
     source: &SourceDef,
     agg: Option<&Aggregate>,
     window: Option<&WindowSpec>,
+    panes: bool,
 ) -> QueryFingerprint {
     let columns: Vec<String> = source
         .schema
@@ -266,8 +278,12 @@ fn fingerprint(
             .iter()
             .map(|e| match (window, is_column(e, WINDOW_COLUMN)) {
                 (Some(w), true) => format!(
-                    "window({}, {:?}, {:?}, {:?})",
-                    w.time_column, w.size, w.slide, w.offset
+                    "window({}, {:?}, {:?}, {:?}){}",
+                    w.time_column,
+                    w.size,
+                    w.slide,
+                    w.offset,
+                    if panes { " kept in panes" } else { "" }
                 ),
                 _ => e.schema_name().to_string(),
             })

@@ -498,6 +498,7 @@ impl Runner {
                 watermark_ns,
                 max_event_ns,
                 pending_no_data,
+                emitted_through_ns,
             } = commit.event_time.clone();
             self.watermark_ns = watermark_ns;
             self.max_event_ns = max_event_ns;
@@ -510,6 +511,7 @@ impl Runner {
                     )
                 })?;
                 op.state = cp.load_state(info, op.state_slot.schema()).await?;
+                op.emitted_through_ns = emitted_through_ns;
                 if self.compiled.mode == OutputMode::Complete {
                     let output = op.emit_all(&self.compiled.task_ctx).await?;
                     self.sink.restore(commit.batch_id, output).await?;
@@ -533,7 +535,9 @@ impl Runner {
             return Ok(());
         };
         let mut state = BTreeMap::new();
+        let mut emitted_through_ns = None;
         if let CompiledPlan::Stateful(op) = &self.compiled.plan {
+            emitted_through_ns = op.emitted_through_ns;
             let file = cp
                 .write_state(STATE_OPERATOR, batch_id, op.state_slot.schema(), &op.state)
                 .await?;
@@ -546,6 +550,7 @@ impl Runner {
                 watermark_ns: self.watermark_ns,
                 max_event_ns: self.max_event_ns,
                 pending_no_data: self.pending_no_data,
+                emitted_through_ns,
             },
             state,
         };

@@ -1,5 +1,6 @@
 //! One batch of a streaming aggregation: partial, late-row drop, merge, emit, evict.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
@@ -65,6 +66,11 @@ pub struct StatefulOp {
     /// Index of the input-row count in partial and state rows.
     pub rows_column: usize,
     pub state: Vec<RecordBatch>,
+    /// Append mode over overlapping windows: state is kept per pane, and a
+    /// window is summed from its panes once, when it closes.
+    pub panes: bool,
+    /// The watermark up to which windows have been emitted (pane state only).
+    pub emitted_through_ns: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +102,9 @@ impl StatefulOp {
         watermark_ns: Option<i64>,
         window: Option<&WindowTicks>,
     ) -> Result<StatefulOutcome> {
+        if let (true, Some(ticks), Some(key)) = (self.panes, window, self.event_time_key.clone()) {
+            return self.run_panes(ctx, ticks, &key, watermark_ns).await;
+        }
         let mut outcome = StatefulOutcome::default();
         let mut delta = execute(&self.partial, ctx).await?;
         if let (Some(col), Some(ticks)) = (self.window_key, window) {
@@ -162,6 +171,145 @@ impl StatefulOp {
         Ok(outcome)
     }
 
+    /// One batch of pane state. A batch touches only its own panes: it merges its
+    /// rows into those panes' state rows and leaves the others as they are. A
+    /// window is summed from its panes when the watermark closes it, and a pane is
+    /// dropped once its last window is out.
+    async fn run_panes(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        ticks: &WindowTicks,
+        key: &EventTimeKey,
+        watermark_ns: Option<i64>,
+    ) -> Result<StatefulOutcome> {
+        let mut outcome = StatefulOutcome::default();
+        let col = key.column;
+        let watermark = watermark_ns.map(|w| w.div_euclid(key.unit_nanos));
+        let mut delta = execute(&self.partial, ctx).await?;
+        if let Some(wm) = watermark {
+            // A (row, window) pair is late when its window has closed, as Spark counts
+            // them; a row is dropped when all its windows have.
+            let mut kept = Vec::with_capacity(delta.len());
+            for b in &delta {
+                let starts = pane_starts(b, col)?;
+                let counts = cast(b.column(self.rows_column), &DataType::Int64)?;
+                let counts = counts.as_primitive::<Int64Type>();
+                let mut keep = Vec::with_capacity(b.num_rows());
+                for (i, pane) in starts.iter().enumerate() {
+                    let Some(pane) = pane else {
+                        keep.push(true);
+                        continue;
+                    };
+                    let covering = ticks.covering(pane);
+                    let closed = ticks.count_starts(covering, wm - ticks.size());
+                    let all = ticks.count_starts(covering, i64::MAX);
+                    outcome.late_rows += (counts.value(i).max(0) * closed) as u64;
+                    keep.push(closed < all);
+                }
+                kept.push(filter_record_batch(b, &BooleanArray::from(keep))?);
+            }
+            delta = kept;
+        }
+        let mut touched = HashSet::new();
+        for b in &delta {
+            touched.extend(pane_starts(b, col)?.iter().flatten());
+        }
+        let mut state = vec![];
+        let mut merge_in = vec![];
+        for b in &self.state {
+            let starts = pane_starts(b, col)?;
+            let hit: BooleanArray = starts
+                .iter()
+                .map(|p| Some(p.is_some_and(|p| touched.contains(&p))))
+                .collect();
+            merge_in.push(filter_record_batch(b, &hit)?);
+            state.push(filter_record_batch(b, &not(&hit)?)?);
+        }
+        self.delta_slot.set(&delta)?;
+        self.state_slot.set(&merge_in)?;
+        for b in execute(&self.merge, ctx).await? {
+            let changed_col = b.num_columns() - 1;
+            outcome.updated_rows +=
+                nulls_false(b.column(changed_col).as_boolean()).true_count() as u64;
+            state.push(b.project(&(0..changed_col).collect::<Vec<_>>())?);
+        }
+        let mut emit = vec![];
+        if let Some(wm) = watermark {
+            emit = self.close_windows(ctx, ticks, col, &state, wm).await?;
+            let mut open = Vec::with_capacity(state.len());
+            for b in &state {
+                let starts = pane_starts(b, col)?;
+                let alive: BooleanArray = starts
+                    .iter()
+                    .map(|p| Some(p.is_none_or(|p| ticks.covering(p).1 + ticks.size() > wm)))
+                    .collect();
+                outcome.removed_rows += (b.num_rows() - alive.true_count()) as u64;
+                open.push(filter_record_batch(b, &alive)?);
+            }
+            state = open;
+            self.emitted_through_ns = watermark_ns;
+        }
+        self.state = state.into_iter().filter(|b| b.num_rows() > 0).collect();
+        self.emit_slot.set(&emit)?;
+        outcome.output = execute(&self.finalize, ctx).await?;
+        Ok(outcome)
+    }
+
+    /// The windows the watermark `wm` closes that no earlier batch emitted, each
+    /// summed from its panes in `state`.
+    async fn close_windows(
+        &self,
+        ctx: &Arc<TaskContext>,
+        ticks: &WindowTicks,
+        col: usize,
+        state: &[RecordBatch],
+        wm: i64,
+    ) -> Result<Vec<RecordBatch>> {
+        let mut first_pane: Option<i64> = None;
+        for b in state {
+            if let Some(p) = pane_starts(b, col)?.iter().flatten().min() {
+                first_pane = Some(first_pane.map_or(p, |f| f.min(p)));
+            }
+        }
+        let Some(first_pane) = first_pane else {
+            return Ok(vec![]);
+        };
+        let unit = self.event_time_key.as_ref().map_or(1, |k| k.unit_nanos);
+        let mut start = ticks.covering(first_pane).0;
+        if let Some(done) = self.emitted_through_ns {
+            start = start.max(ticks.start_at_or_after(done.div_euclid(unit) - ticks.size() + 1));
+        }
+        let mut windows = vec![];
+        while start + ticks.size() <= wm {
+            let end = start + ticks.size();
+            for b in state {
+                let starts = pane_starts(b, col)?;
+                let inside: BooleanArray = starts
+                    .iter()
+                    .map(|p| Some(p.is_some_and(|p| p >= start && p < end)))
+                    .collect();
+                if inside.true_count() == 0 {
+                    continue;
+                }
+                let rows = filter_record_batch(b, &inside)?;
+                let mut columns = rows.columns().to_vec();
+                columns[col] = ticks.window_column(start, rows.num_rows())?;
+                windows.push(RecordBatch::try_new(rows.schema(), columns)?);
+            }
+            start += ticks.slide();
+        }
+        if windows.is_empty() {
+            return Ok(vec![]);
+        }
+        self.state_slot.set(&windows)?;
+        self.delta_slot.set(&[])?;
+        let mut out = vec![];
+        for b in execute(&self.merge, ctx).await? {
+            out.push(b.project(&(0..b.num_columns() - 1).collect::<Vec<_>>())?);
+        }
+        Ok(out)
+    }
+
     /// The query's result over the whole state, as complete mode emits it.
     pub async fn emit_all(&self, ctx: &Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
         self.emit_slot.set(&self.state)?;
@@ -172,6 +320,12 @@ impl StatefulOp {
         let counts = cast(batch.column(self.rows_column), &DataType::Int64)?;
         Ok(sum(counts.as_primitive::<Int64Type>()).unwrap_or(0).max(0) as u64)
     }
+}
+
+/// The start of each row's pane, in the time column's ticks.
+fn pane_starts(batch: &RecordBatch, col: usize) -> Result<Int64Array> {
+    let starts = cast(batch.column(col).as_struct().column(0), &DataType::Int64)?;
+    Ok(starts.as_primitive::<Int64Type>().clone())
 }
 
 /// A filter mask where null counts as false.

@@ -242,6 +242,46 @@ impl WindowTicks {
         Ok(RecordBatch::try_new(batch.schema(), columns)?)
     }
 
+    /// Whether windows overlap, so that state is best kept per pane.
+    pub fn overlapping(&self) -> bool {
+        self.pane != self.size
+    }
+
+    pub fn size(&self) -> i64 {
+        self.size
+    }
+
+    pub fn slide(&self) -> i64 {
+        self.slide
+    }
+
+    /// The first window start at or after `t`.
+    pub fn start_at_or_after(&self, t: i64) -> i64 {
+        t + (self.offset - t).rem_euclid(self.slide)
+    }
+
+    /// The starts of the windows covering the pane that starts at `pane`, as an
+    /// inclusive range stepping by the slide.
+    pub fn covering(&self, pane: i64) -> (i64, i64) {
+        let latest = pane - (pane - self.offset).rem_euclid(self.slide);
+        (self.start_at_or_after(pane + self.pane - self.size), latest)
+    }
+
+    /// How many window starts of `covering` there are up to `last` (inclusive).
+    pub fn count_starts(&self, (first, latest): (i64, i64), last: i64) -> i64 {
+        let last = last.min(latest);
+        if last < first {
+            0
+        } else {
+            (last - first) / self.slide + 1
+        }
+    }
+
+    /// `rows` copies of the window starting at `start`, as a `window` struct column.
+    pub fn window_column(&self, start: i64, rows: usize) -> Result<ArrayRef> {
+        self.window_struct(&Int64Array::from(vec![start; rows]), self.size)
+    }
+
     fn window_struct(&self, starts: &Int64Array, width: i64) -> Result<ArrayRef> {
         let ends: Int64Array = starts.unary(|s| s + width);
         let start = cast(starts, &self.time_type)?;

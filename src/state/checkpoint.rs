@@ -96,6 +96,9 @@ pub struct EventTime {
     pub max_event_ns: Option<i64>,
     /// The watermark moved and state waits to be closed by a batch without input.
     pub pending_no_data: bool,
+    /// Pane state: the watermark up to which windows have been emitted.
+    #[serde(default)]
+    pub emitted_through_ns: Option<i64>,
 }
 
 /// A state file as its commit records it, so that damage is detected on load.
