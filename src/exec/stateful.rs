@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::kernels::cmp::lt_eq;
-use datafusion::arrow::compute::{cast, filter_record_batch, not, prep_null_mask_filter, sum};
+use datafusion::arrow::compute::{
+    cast, concat_batches, filter_record_batch, not, prep_null_mask_filter, sum,
+};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::execution::TaskContext;
@@ -249,7 +251,11 @@ impl StatefulOp {
             state = open;
             self.emitted_through_ns = watermark_ns;
         }
-        self.state = state.into_iter().filter(|b| b.num_rows() > 0).collect();
+        // One batch: the pieces each batch leaves would otherwise pile up, and
+        // every filter above pays per piece.
+        let schema = self.state_slot.schema().clone();
+        let state = concat_batches(&schema, &state)?;
+        self.state = if state.num_rows() > 0 { vec![state] } else { vec![] };
         self.emit_slot.set(&emit)?;
         outcome.output = execute(&self.finalize, ctx).await?;
         Ok(outcome)
