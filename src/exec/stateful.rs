@@ -6,7 +6,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::kernels::cmp::lt_eq;
 use datafusion::arrow::compute::{
-    cast, concat_batches, filter_record_batch, not, prep_null_mask_filter, sum,
+    cast, concat_batches, filter_record_batch, not, prep_null_mask_filter, sort_to_indices, sum,
+    take_record_batch,
 };
 use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -262,7 +263,8 @@ impl StatefulOp {
     }
 
     /// The windows the watermark `wm` closes that no earlier batch emitted, each
-    /// summed from its panes in `state`.
+    /// summed from its panes in `state`. The state is sorted by pane once, so that
+    /// each window's panes are one slice of it.
     async fn close_windows(
         &self,
         ctx: &Arc<TaskContext>,
@@ -271,13 +273,14 @@ impl StatefulOp {
         state: &[RecordBatch],
         wm: i64,
     ) -> Result<Vec<RecordBatch>> {
-        let mut first_pane: Option<i64> = None;
-        for b in state {
-            if let Some(p) = pane_starts(b, col)?.iter().flatten().min() {
-                first_pane = Some(first_pane.map_or(p, |f| f.min(p)));
-            }
-        }
-        let Some(first_pane) = first_pane else {
+        let all = concat_batches(self.state_slot.schema(), state)?;
+        let order = sort_to_indices(&pane_starts(&all, col)?, None, None)?;
+        let sorted = take_record_batch(&all, &order)?;
+        let starts = pane_starts(&sorted, col)?;
+        // Nulls sort first, and belong to no window.
+        let known = starts.null_count();
+        let panes = &starts.values()[known..];
+        let Some(&first_pane) = panes.first() else {
             return Ok(vec![]);
         };
         let unit = self.event_time_key.as_ref().map_or(1, |k| k.unit_nanos);
@@ -285,29 +288,36 @@ impl StatefulOp {
         if let Some(done) = self.emitted_through_ns {
             start = start.max(ticks.start_at_or_after(done.div_euclid(unit) - ticks.size() + 1));
         }
+        let mut out = vec![];
         let mut windows = vec![];
+        let mut rows_in = 0;
         while start + ticks.size() <= wm {
-            let end = start + ticks.size();
-            for b in state {
-                let starts = pane_starts(b, col)?;
-                let inside: BooleanArray = starts
-                    .iter()
-                    .map(|p| Some(p.is_some_and(|p| p >= start && p < end)))
-                    .collect();
-                if inside.true_count() == 0 {
-                    continue;
-                }
-                let rows = filter_record_batch(b, &inside)?;
+            let from = known + panes.partition_point(|&p| p < start);
+            let to = known + panes.partition_point(|&p| p < start + ticks.size());
+            if from < to {
+                let rows = sorted.slice(from, to - from);
                 let mut columns = rows.columns().to_vec();
                 columns[col] = ticks.window_column(start, rows.num_rows())?;
                 windows.push(RecordBatch::try_new(rows.schema(), columns)?);
+                rows_in += to - from;
             }
             start += ticks.slide();
+            // Many windows closing at once (a long backlog) are summed a slice at a time.
+            if rows_in >= SUM_ROWS_AT_ONCE || (start + ticks.size() > wm && rows_in > 0) {
+                out.extend(self.sum_windows(ctx, &std::mem::take(&mut windows)).await?);
+                rows_in = 0;
+            }
         }
-        if windows.is_empty() {
-            return Ok(vec![]);
-        }
-        self.state_slot.set(&windows)?;
+        Ok(out)
+    }
+
+    /// Sums pane rows relabelled with their window into one row per window and key.
+    async fn sum_windows(
+        &self,
+        ctx: &Arc<TaskContext>,
+        windows: &[RecordBatch],
+    ) -> Result<Vec<RecordBatch>> {
+        self.state_slot.set(windows)?;
         self.delta_slot.set(&[])?;
         let mut out = vec![];
         for b in execute(&self.merge, ctx).await? {
@@ -327,6 +337,10 @@ impl StatefulOp {
         Ok(sum(counts.as_primitive::<Int64Type>()).unwrap_or(0).max(0) as u64)
     }
 }
+
+/// Pane rows summed into windows in one go, bounding memory when a backlog
+/// closes many windows at once.
+const SUM_ROWS_AT_ONCE: usize = 1 << 20;
 
 /// The start of each row's pane, in the time column's ticks.
 fn pane_starts(batch: &RecordBatch, col: usize) -> Result<Int64Array> {
