@@ -256,7 +256,11 @@ impl StatefulOp {
         // every filter above pays per piece.
         let schema = self.state_slot.schema().clone();
         let state = concat_batches(&schema, &state)?;
-        self.state = if state.num_rows() > 0 { vec![state] } else { vec![] };
+        self.state = if state.num_rows() > 0 {
+            vec![state]
+        } else {
+            vec![]
+        };
         self.emit_slot.set(&emit)?;
         outcome.output = execute(&self.finalize, ctx).await?;
         Ok(outcome)

@@ -352,6 +352,22 @@ mod tests {
     }
 
     #[test]
+    fn pane_arithmetic_agrees_with_expansion() {
+        let time_type = DataType::Timestamp(TimeUnit::Second, None);
+        let ticks = WindowTicks::new(&spec(10, 4), &time_type).unwrap();
+        // The pane [6, 8) is covered by the windows starting at 0 and 4, as above.
+        let covering = ticks.covering(6);
+        assert_eq!(covering, (0, 4));
+        assert_eq!(ticks.count_starts(covering, i64::MAX), 2);
+        // With the watermark at 10, [0, 10) has closed and [4, 14) has not.
+        assert_eq!(ticks.count_starts(covering, 10 - ticks.size()), 1);
+        assert_eq!(ticks.count_starts(covering, 14 - ticks.size()), 2);
+        assert_eq!(ticks.count_starts(covering, -1), 0);
+        assert_eq!(ticks.start_at_or_after(5), 8);
+        assert_eq!(ticks.start_at_or_after(-3), 0);
+    }
+
+    #[test]
     fn boundary_row_opens_the_next_window() {
         let time_type = DataType::Timestamp(TimeUnit::Second, None);
         let ticks = WindowTicks::new(&spec(10, 10), &time_type).unwrap();
