@@ -389,8 +389,32 @@ async fn windowed_averages_in_append_mode_match_across_batches() {
 /// a row's closed windows stay out of the windows emitted later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sliding_windows_in_append_mode_are_emitted_once_from_panes() {
+    append_mode_panes(false).await;
+}
+
+/// The same when the late rows come in the batch right after the one that moved
+/// the watermark, with no batch without input between them to close windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_closing_in_the_batch_of_its_late_rows_leaves_them_out() {
+    append_mode_panes(true).await;
+}
+
+async fn append_mode_panes(together: bool) {
     let (_tmp, input) = tmp_source();
     let engine = Engine::new();
+    let a = [order("20:30:00", 1, "IBM", 1, 1.0, "B")];
+    // With the watermark at 20:29:50, of AAPL's six windows only [19:20, 20:20)
+    // has closed (and is emitted without it); all six of GOOG's have.
+    let b = [
+        order("20:15:00", 2, "AAPL", 5, 1.0, "B"),
+        order("20:16:00", 3, "AAPL", 2, 1.0, "B"),
+        order("19:00:00", 4, "GOOG", 9, 1.0, "B"),
+    ];
+    if together {
+        // Both files wait when the query starts; it reads one per batch.
+        put(&input, "a.csv", &a);
+        put(&input, "b.csv", &b);
+    }
     let query = start_memory(
         &engine,
         &input,
@@ -400,19 +424,11 @@ async fn sliding_windows_in_append_mode_are_emitted_once_from_panes() {
          FROM orders GROUP BY window(time, '1 hour', '10 minutes'), symbol",
     )
     .await;
-    put(&input, "a.csv", &[order("20:30:00", 1, "IBM", 1, 1.0, "B")]);
-    query.process_all_available().await.unwrap();
-    // Watermark 20:29:50: of AAPL's six windows only [19:20, 20:20) has closed
-    // (and was emitted without it); all six of GOOG's have.
-    put(
-        &input,
-        "b.csv",
-        &[
-            order("20:15:00", 2, "AAPL", 5, 1.0, "B"),
-            order("20:16:00", 3, "AAPL", 2, 1.0, "B"),
-            order("19:00:00", 4, "GOOG", 9, 1.0, "B"),
-        ],
-    );
+    if !together {
+        put(&input, "a.csv", &a);
+        query.process_all_available().await.unwrap();
+        put(&input, "b.csv", &b);
+    }
     query.process_all_available().await.unwrap();
     let late: u64 = query
         .recent_progress()

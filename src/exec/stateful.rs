@@ -6,8 +6,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::kernels::cmp::lt_eq;
 use datafusion::arrow::compute::{
-    cast, concat_batches, filter_record_batch, not, prep_null_mask_filter, sort_to_indices, sum,
-    take_record_batch,
+    cast, concat_batches, filter_record_batch, min, not, prep_null_mask_filter, sort_to_indices,
+    sum, take_record_batch,
 };
 use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -204,7 +204,7 @@ impl StatefulOp {
                         continue;
                     };
                     let covering = ticks.covering(pane);
-                    let closed = ticks.count_starts(covering, wm - ticks.size());
+                    let closed = ticks.count_starts(covering, wm.saturating_sub(ticks.size()));
                     let all = ticks.count_starts(covering, i64::MAX);
                     outcome.late_rows += (counts.value(i).max(0) * closed) as u64;
                     keep.push(closed < all);
@@ -213,9 +213,18 @@ impl StatefulOp {
             }
             delta = kept;
         }
+        // The windows this watermark closes hold only earlier batches' rows: this
+        // batch's pairs for them were late. So they are summed before the merge.
+        let emit = match watermark {
+            Some(wm) => self.close_windows(ctx, ticks, col, wm).await?,
+            None => vec![],
+        };
         let mut touched = HashSet::new();
+        let mut null_touched = false;
         for b in &delta {
-            touched.extend(pane_starts(b, col)?.iter().flatten());
+            let starts = pane_starts(b, col)?;
+            null_touched |= starts.null_count() > 0;
+            touched.extend(starts.iter().flatten());
         }
         let mut state = vec![];
         let mut merge_in = vec![];
@@ -223,7 +232,7 @@ impl StatefulOp {
             let starts = pane_starts(b, col)?;
             let hit: BooleanArray = starts
                 .iter()
-                .map(|p| Some(p.is_some_and(|p| touched.contains(&p))))
+                .map(|p| Some(p.map_or(null_touched, |p| touched.contains(&p))))
                 .collect();
             merge_in.push(filter_record_batch(b, &hit)?);
             state.push(filter_record_batch(b, &not(&hit)?)?);
@@ -236,15 +245,17 @@ impl StatefulOp {
                 nulls_false(b.column(changed_col).as_boolean()).true_count() as u64;
             state.push(b.project(&(0..changed_col).collect::<Vec<_>>())?);
         }
-        let mut emit = vec![];
         if let Some(wm) = watermark {
-            emit = self.close_windows(ctx, ticks, col, &state, wm).await?;
             let mut open = Vec::with_capacity(state.len());
             for b in &state {
                 let starts = pane_starts(b, col)?;
                 let alive: BooleanArray = starts
                     .iter()
-                    .map(|p| Some(p.is_none_or(|p| ticks.covering(p).1 + ticks.size() > wm)))
+                    .map(|p| {
+                        Some(
+                            p.is_none_or(|p| ticks.covering(p).1.saturating_add(ticks.size()) > wm),
+                        )
+                    })
                     .collect();
                 outcome.removed_rows += (b.num_rows() - alive.true_count()) as u64;
                 open.push(filter_record_batch(b, &alive)?);
@@ -267,50 +278,67 @@ impl StatefulOp {
     }
 
     /// The windows the watermark `wm` closes that no earlier batch emitted, each
-    /// summed from its panes in `state`. The state is sorted by pane once, so that
+    /// summed from its panes in the state before this batch. The state is sorted by pane once, so that
     /// each window's panes are one slice of it.
     async fn close_windows(
         &self,
         ctx: &Arc<TaskContext>,
         ticks: &WindowTicks,
         col: usize,
-        state: &[RecordBatch],
         wm: i64,
     ) -> Result<Vec<RecordBatch>> {
-        let all = concat_batches(self.state_slot.schema(), state)?;
+        let mut first_pane: Option<i64> = None;
+        for b in &self.state {
+            if let Some(p) = min(&pane_starts(b, col)?) {
+                first_pane = Some(first_pane.map_or(p, |f| f.min(p)));
+            }
+        }
+        let Some(first_pane) = first_pane else {
+            return Ok(vec![]);
+        };
+        let unit = self.event_time_key.as_ref().map_or(1, |k| k.unit_nanos);
+        let size = ticks.size();
+        let mut start = ticks.covering(first_pane).0;
+        if let Some(done) = self.emitted_through_ns {
+            let after = done.div_euclid(unit).saturating_sub(size).saturating_add(1);
+            start = start.max(ticks.start_at_or_after(after));
+        }
+        if start.saturating_add(size) > wm {
+            return Ok(vec![]);
+        }
+        let all = concat_batches(self.state_slot.schema(), &self.state)?;
         let order = sort_to_indices(&pane_starts(&all, col)?, None, None)?;
         let sorted = take_record_batch(&all, &order)?;
         let starts = pane_starts(&sorted, col)?;
         // Nulls sort first, and belong to no window.
         let known = starts.null_count();
         let panes = &starts.values()[known..];
-        let Some(&first_pane) = panes.first() else {
-            return Ok(vec![]);
-        };
-        let unit = self.event_time_key.as_ref().map_or(1, |k| k.unit_nanos);
-        let mut start = ticks.covering(first_pane).0;
-        if let Some(done) = self.emitted_through_ns {
-            start = start.max(ticks.start_at_or_after(done.div_euclid(unit) - ticks.size() + 1));
-        }
         let mut out = vec![];
         let mut windows = vec![];
         let mut rows_in = 0;
-        while start + ticks.size() <= wm {
-            let from = known + panes.partition_point(|&p| p < start);
-            let to = known + panes.partition_point(|&p| p < start + ticks.size());
+        while start.saturating_add(size) <= wm {
+            let from = panes.partition_point(|&p| p < start);
+            let to = panes.partition_point(|&p| p < start.saturating_add(size));
             if from < to {
-                let rows = sorted.slice(from, to - from);
+                let rows = sorted.slice(known + from, to - from);
                 let mut columns = rows.columns().to_vec();
                 columns[col] = ticks.window_column(start, rows.num_rows())?;
                 windows.push(RecordBatch::try_new(rows.schema(), columns)?);
                 rows_in += to - from;
+                start += ticks.slide();
+            } else {
+                // No pane in this window: skip to the first window of the next pane.
+                let Some(&next) = panes.get(to) else { break };
+                start = (start + ticks.slide()).max(ticks.covering(next).0);
             }
-            start += ticks.slide();
             // Many windows closing at once (a long backlog) are summed a slice at a time.
-            if rows_in >= SUM_ROWS_AT_ONCE || (start + ticks.size() > wm && rows_in > 0) {
+            if rows_in >= SUM_ROWS_AT_ONCE {
                 out.extend(self.sum_windows(ctx, &std::mem::take(&mut windows)).await?);
                 rows_in = 0;
             }
+        }
+        if rows_in > 0 {
+            out.extend(self.sum_windows(ctx, &windows).await?);
         }
         Ok(out)
     }
