@@ -239,12 +239,18 @@ impl StatefulOp {
         }
         self.delta_slot.set(&delta)?;
         self.state_slot.set(&merge_in)?;
+        let mut merged = vec![];
         for b in execute(&self.merge, ctx).await? {
             let changed_col = b.num_columns() - 1;
             outcome.updated_rows +=
                 nulls_false(b.column(changed_col).as_boolean()).true_count() as u64;
-            state.push(b.project(&(0..changed_col).collect::<Vec<_>>())?);
+            merged.push(b.project(&(0..changed_col).collect::<Vec<_>>())?);
         }
+        // Appended in pane order, so that a state whose batches bring the newest
+        // panes stays sorted for `close_windows`.
+        let merged = concat_batches(self.state_slot.schema(), &merged)?;
+        let order = sort_to_indices(&pane_starts(&merged, col)?, None, None)?;
+        state.push(take_record_batch(&merged, &order)?);
         if let Some(wm) = watermark {
             let mut open = Vec::with_capacity(state.len());
             for b in &state {
@@ -307,8 +313,13 @@ impl StatefulOp {
             return Ok(vec![]);
         }
         let all = concat_batches(self.state_slot.schema(), &self.state)?;
-        let order = sort_to_indices(&pane_starts(&all, col)?, None, None)?;
-        let sorted = take_record_batch(&all, &order)?;
+        let all_starts = pane_starts(&all, col)?;
+        // In steady state a batch only adds the newest panes, so the state stays sorted.
+        let sorted = if sorted_by_pane(&all_starts) {
+            all
+        } else {
+            take_record_batch(&all, &sort_to_indices(&all_starts, None, None)?)?
+        };
         let starts = pane_starts(&sorted, col)?;
         // Nulls sort first, and belong to no window.
         let known = starts.null_count();
@@ -373,6 +384,13 @@ impl StatefulOp {
 /// Pane rows summed into windows in one go, bounding memory when a backlog
 /// closes many windows at once.
 const SUM_ROWS_AT_ONCE: usize = 1 << 20;
+
+/// Whether panes ascend, with nulls first (the order `sort_to_indices` gives).
+fn sorted_by_pane(starts: &Int64Array) -> bool {
+    let nulls = starts.null_count();
+    (0..nulls).all(|i| starts.is_null(i))
+        && starts.values()[nulls..].windows(2).all(|w| w[0] <= w[1])
+}
 
 /// The start of each row's pane, in the time column's ticks.
 fn pane_starts(batch: &RecordBatch, col: usize) -> Result<Int64Array> {
