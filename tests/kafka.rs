@@ -574,8 +574,43 @@ async fn await_rows(q: &brook::StreamingQuery, output: &std::path::Path, n: usiz
     }
 }
 
+/// Runs `recreated_topic_process` in a process of its own. librdkafka 2.x
+/// sometimes crashes (SIGSEGV in `rd_kafka_metadata_cache_find`, reached from
+/// `rd_kafka_metadata_update_op`; confluentinc/librdkafka#5280, open) when a
+/// topic it had cached disappears and comes back with a new id, as it does
+/// here. That crash would take every Kafka test down with it. So this scenario
+/// runs apart and is tried again when librdkafka crashes, and only then. A
+/// failed assertion fails at once.
+#[test]
+fn a_query_waits_for_a_stopped_broker_and_notices_the_topic_was_recreated() {
+    use std::os::unix::process::ExitStatusExt;
+    for attempt in 1..=3 {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "recreated_topic_process",
+                "--nocapture",
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return;
+        }
+        let crashed = out.status.signal() == Some(libc::SIGSEGV);
+        assert!(
+            crashed && attempt < 3,
+            "attempt {attempt}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("attempt {attempt}: librdkafka crashed (SIGSEGV); trying again");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_query_waits_for_a_stopped_broker_and_notices_the_topic_was_recreated() {
+#[ignore = "run by a_query_waits_for_a_stopped_broker_and_notices_the_topic_was_recreated"]
+async fn recreated_topic_process() {
     let mut broker = Broker::start();
     broker.create_topic("events", 1).await;
     let first: Vec<String> = (0..10).map(|i| format!("first {i}")).collect();
