@@ -139,14 +139,11 @@ impl StatefulOp {
         self.delta_slot.set(&delta)?;
         self.state_slot.set(&self.state)?;
         let merged = execute(&self.merge, ctx).await?;
-        let changed_col = merged.first().map_or(0, |b| b.num_columns() - 1);
         let mut emit = vec![];
         let mut keep = vec![];
         for b in &merged {
-            let changed = nulls_false(b.column(changed_col).as_boolean());
+            let (rows, changed) = split_changed(b)?;
             outcome.updated_rows += changed.true_count() as u64;
-            let state_cols: Vec<usize> = (0..changed_col).collect();
-            let rows = b.project(&state_cols)?;
             let closed = match &closing {
                 Some((key, wm)) => Some(key.closed(&rows, *wm)?),
                 None => None,
@@ -216,7 +213,7 @@ impl StatefulOp {
         // The windows this watermark closes hold only earlier batches' rows: this
         // batch's pairs for them were late. So they are summed before the merge.
         let emit = match watermark {
-            Some(wm) => self.close_windows(ctx, ticks, col, wm).await?,
+            Some(wm) => self.close_windows(ctx, ticks, key, wm).await?,
             None => vec![],
         };
         let mut touched = HashSet::new();
@@ -241,10 +238,9 @@ impl StatefulOp {
         self.state_slot.set(&merge_in)?;
         let mut merged = vec![];
         for b in execute(&self.merge, ctx).await? {
-            let changed_col = b.num_columns() - 1;
-            outcome.updated_rows +=
-                nulls_false(b.column(changed_col).as_boolean()).true_count() as u64;
-            merged.push(b.project(&(0..changed_col).collect::<Vec<_>>())?);
+            let (rows, changed) = split_changed(&b)?;
+            outcome.updated_rows += changed.true_count() as u64;
+            merged.push(rows);
         }
         // Appended in pane order, so that a state whose batches bring the newest
         // panes stays sorted for `close_windows`.
@@ -290,9 +286,10 @@ impl StatefulOp {
         &self,
         ctx: &Arc<TaskContext>,
         ticks: &WindowTicks,
-        col: usize,
+        key: &EventTimeKey,
         wm: i64,
     ) -> Result<Vec<RecordBatch>> {
+        let col = key.column;
         let mut first_pane: Option<i64> = None;
         for b in &self.state {
             if let Some(p) = min(&pane_starts(b, col)?) {
@@ -302,11 +299,13 @@ impl StatefulOp {
         let Some(first_pane) = first_pane else {
             return Ok(vec![]);
         };
-        let unit = self.event_time_key.as_ref().map_or(1, |k| k.unit_nanos);
         let size = ticks.size();
         let mut start = ticks.covering(first_pane).0;
         if let Some(done) = self.emitted_through_ns {
-            let after = done.div_euclid(unit).saturating_sub(size).saturating_add(1);
+            let after = done
+                .div_euclid(key.unit_nanos)
+                .saturating_sub(size)
+                .saturating_add(1);
             start = start.max(ticks.start_at_or_after(after));
         }
         if start.saturating_add(size) > wm {
@@ -362,11 +361,11 @@ impl StatefulOp {
     ) -> Result<Vec<RecordBatch>> {
         self.state_slot.set(windows)?;
         self.delta_slot.set(&[])?;
-        let mut out = vec![];
-        for b in execute(&self.merge, ctx).await? {
-            out.push(b.project(&(0..b.num_columns() - 1).collect::<Vec<_>>())?);
-        }
-        Ok(out)
+        execute(&self.merge, ctx)
+            .await?
+            .iter()
+            .map(|b| split_changed(b).map(|(rows, _)| rows))
+            .collect()
     }
 
     /// The query's result over the whole state, as complete mode emits it.
@@ -396,6 +395,14 @@ fn sorted_by_pane(starts: &Int64Array) -> bool {
 fn pane_starts(batch: &RecordBatch, col: usize) -> Result<Int64Array> {
     let starts = cast(batch.column(col).as_struct().column(0), &DataType::Int64)?;
     Ok(starts.as_primitive::<Int64Type>().clone())
+}
+
+/// A merge output batch as state rows, and the mask of rows the batch changed
+/// (its last column).
+fn split_changed(merged: &RecordBatch) -> Result<(RecordBatch, BooleanArray)> {
+    let last = merged.num_columns() - 1;
+    let changed = nulls_false(merged.column(last).as_boolean());
+    Ok((merged.project(&(0..last).collect::<Vec<_>>())?, changed))
 }
 
 /// A filter mask where null counts as false.

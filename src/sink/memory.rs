@@ -106,34 +106,27 @@ impl Sink for MemorySink {
         c.rows
             .extend(batches.into_iter().filter(|b| b.num_rows() > 0));
         if let Some(max) = self.max_rows {
-            keep_last(&mut c.rows, max);
+            c.rows = last_rows(&c.rows, max);
         }
         c.last_batch = Some(batch_id);
         Ok(())
     }
 }
 
-/// Drops the oldest rows beyond `max`.
-fn keep_last(rows: &mut Vec<RecordBatch>, max: usize) {
-    let mut excess = rows
-        .iter()
-        .map(RecordBatch::num_rows)
-        .sum::<usize>()
-        .saturating_sub(max);
-    let whole = rows.iter().take_while(|b| {
-        let drop = b.num_rows() <= excess;
-        if drop {
-            excess -= b.num_rows();
+/// The last `limit` rows of `batches`, as slices of them.
+pub fn last_rows(batches: &[RecordBatch], limit: usize) -> Vec<RecordBatch> {
+    let mut left = limit;
+    let mut kept = vec![];
+    for batch in batches.iter().rev() {
+        if left == 0 {
+            break;
         }
-        drop
-    });
-    let whole = whole.count();
-    rows.drain(..whole);
-    if excess > 0
-        && let Some(first) = rows.first_mut()
-    {
-        *first = first.slice(excess, first.num_rows() - excess);
+        let take = batch.num_rows().min(left);
+        kept.push(batch.slice(batch.num_rows() - take, take));
+        left -= take;
     }
+    kept.reverse();
+    kept
 }
 
 #[async_trait]

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use crate::engine::Engine;
 use crate::exec::{QueryInfo, StreamingQuery};
 use crate::progress::QueryProgress;
+use crate::sink::memory::last_rows;
 
 #[derive(Clone)]
 struct Api {
@@ -114,8 +115,12 @@ async fn require_token(State(api): State<Api>, request: Request, next: Next) -> 
 }
 
 impl Api {
-    fn query(&self, id: &str) -> Result<Arc<StreamingQuery>, ApiError> {
-        self.engine.find_query(id).ok_or_else(|| {
+    fn query(
+        &self,
+        id: Result<Path<String>, PathRejection>,
+    ) -> Result<Arc<StreamingQuery>, ApiError> {
+        let id = segment(id)?;
+        self.engine.find_query(&id).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no query with id or name '{id}'"),
@@ -132,7 +137,7 @@ async fn query(
     State(api): State<Api>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<QueryInfo> {
-    Ok(Json(api.query(&segment(id)?)?.info()))
+    Ok(Json(api.query(id)?.info()))
 }
 
 #[derive(Deserialize)]
@@ -157,7 +162,7 @@ async fn progress(
     params: Result<Query<Limit>, QueryRejection>,
 ) -> ApiResult<Vec<QueryProgress>> {
     let limit = limit(params)?;
-    let records = api.query(&segment(id)?)?.recent_progress();
+    let records = api.query(id)?.recent_progress();
     let skip = records.len().saturating_sub(limit);
     Ok(Json(records.into_iter().skip(skip).collect()))
 }
@@ -166,7 +171,7 @@ async fn stop(
     State(api): State<Api>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<QueryInfo> {
-    let query = api.query(&segment(id)?)?;
+    let query = api.query(id)?;
     // A query that had failed reports its error in the returned `exception`.
     let _ = query.stop().await;
     Ok(Json(query.info()))
@@ -243,22 +248,6 @@ async fn table(
         num_rows,
         rows: rows_json(&last_rows(&batches, limit))?,
     }))
-}
-
-/// The last `limit` rows of `batches`, as slices of them.
-fn last_rows(batches: &[RecordBatch], limit: usize) -> Vec<RecordBatch> {
-    let mut left = limit;
-    let mut kept = vec![];
-    for batch in batches.iter().rev() {
-        if left == 0 {
-            break;
-        }
-        let take = batch.num_rows().min(left);
-        kept.push(batch.slice(batch.num_rows() - take, take));
-        left -= take;
-    }
-    kept.reverse();
-    kept
 }
 
 fn rows_json(batches: &[RecordBatch]) -> Result<Value, ApiError> {
