@@ -211,17 +211,38 @@ fn committed(checkpoint: &Path) -> Option<u64> {
         .max()
 }
 
-/// The last committed batch of a query's checkpoint, and its state rows.
+/// The last committed batch of a query's checkpoint, and its state rows: its
+/// snapshot with the changes written since replayed over it, the last change of
+/// a group (the leading `k<N>` columns) winning.
 fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
     let last = committed(checkpoint).unwrap();
     let commit = checkpoint_json(&checkpoint.join(format!("commits/{last}")));
-    let file = commit["state"]["aggregate"]["file"].as_str().unwrap();
-    let bytes = std::fs::read(checkpoint.join(file)).unwrap();
-    let reader = FileReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
-    (
-        last,
-        cell_rows(&reader.map(|b| b.unwrap()).collect::<Vec<_>>()),
-    )
+    let read = |file: &serde_json::Value| {
+        let bytes = std::fs::read(checkpoint.join(file["file"].as_str().unwrap())).unwrap();
+        let reader = FileReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+        let keys = reader
+            .schema()
+            .fields()
+            .iter()
+            .filter(|f| f.name().starts_with('k'))
+            .count();
+        let rows = reader.map(|b| b.unwrap()).collect::<Vec<_>>();
+        (keys, cell_rows(&rows))
+    };
+    let (keys, snapshot) = read(&commit["state"]["aggregate"]);
+    let key = |row: &str| row.split('|').take(keys).collect::<Vec<_>>().join("|");
+    let mut state: BTreeMap<String, String> = snapshot.into_iter().map(|r| (key(&r), r)).collect();
+    let changes = commit["state_deltas"]["aggregate"].as_array().cloned();
+    for change in changes.unwrap_or_default() {
+        for row in read(&change).1 {
+            let (cells, deleted) = row.rsplit_once('|').unwrap();
+            match deleted {
+                "true" => state.remove(&key(cells)),
+                _ => state.insert(key(cells), cells.to_string()),
+            };
+        }
+    }
+    (last, state.into_values().collect())
 }
 
 struct Outcome {

@@ -474,6 +474,7 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
                 batch_id,
                 event_time: Default::default(),
                 state: [(STATE_OPERATOR.to_string(), file)].into(),
+                state_deltas: Default::default(),
             };
             cp.write_commit(&entry).await?;
             crash_point("commits", batch_id);

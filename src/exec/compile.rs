@@ -237,6 +237,7 @@ pub async fn compile(
         window_key,
         event_time_key,
         rows_column,
+        keys: split.keys,
         state: vec![],
         panes,
         emitted_through_ns: None,

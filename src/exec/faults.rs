@@ -14,15 +14,15 @@ pub const ENV: &str = "BROOK_PAUSE_AT";
 /// The points, in the order a batch reaches them.
 pub const POINTS: &[&str] = &[
     "metadata-tmp",      // a new checkpoint's metadata is on disk under a temporary name
-    "offsets-tmp",       // the batch's offsets are on disk under a temporary name
-    "offsets",           // the offsets are written, nothing read yet
     "read",              // the input is read, nothing computed
+    "offsets-tmp",       // the batch's offsets are on disk under a temporary name
+    "offsets",           // the offsets are written, nothing in the sink yet
     "sink-part-tmp",     // the file sink's part is on disk under a temporary name
     "sink-part",         // the file sink wrote the batch's part, not its manifest
     "sink-manifest-tmp", // the sink's manifest entry is on disk under a temporary name
-    "sink",              // the sink has the batch, no state written
-    "state-tmp",         // the state file is on disk under a temporary name
-    "state",             // the state is written, the commit is not
+    "state-tmp",         // a state file is on disk under a temporary name
+    "sink",              // the sink has the batch and the state file is written
+    "state",             // the state file is recorded, the commit is not written
     "commits-tmp",       // the commit is on disk under a temporary name
     "commits",           // the batch is committed; clean-up has not run
     "sources-tmp",       // the source's progress is on disk under a temporary name
@@ -41,6 +41,18 @@ tokio::task_local! {
 /// Runs a query's batch loop, so that its points know the query's name.
 pub async fn in_query<F: Future>(name: String, f: F) -> F::Output {
     QUERY.scope(name, f).await
+}
+
+/// Spawns `f` as part of the current query, so that its points know the query's name.
+pub fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match QUERY.try_with(String::clone) {
+        Ok(name) => tokio::spawn(QUERY.scope(name, f)),
+        Err(_) => tokio::spawn(f),
+    }
 }
 
 fn pauses() -> &'static [Pause] {

@@ -26,6 +26,7 @@ use crate::sink::Sink;
 use crate::source::{SourceBatch, StreamSource};
 use crate::sql::window::unit_nanos;
 use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, OffsetEntry};
+use crate::state::store::StateStore;
 use crate::state::{Checkpoint, CommitEntry, EventTime};
 
 /// The checkpoint's name for a query's aggregation state.
@@ -154,12 +155,23 @@ impl StreamingQuery {
         let sql = compiled.sql.clone();
         let described_source = source.describe();
         let described_sink = sink.describe();
+        let checkpoint = checkpoint.map(Arc::new);
+        let state_store = match (&checkpoint, &compiled.plan) {
+            (Some(cp), CompiledPlan::Stateful(op)) => Some(StateStore::new(
+                cp.clone(),
+                STATE_OPERATOR,
+                op.state_slot.schema().clone(),
+                op.keys,
+            )),
+            _ => None,
+        };
         let runner = Runner {
             shared: shared.clone(),
             compiled,
             source,
             sink,
             checkpoint,
+            state_store,
             batch_id: 0,
             watermark_ns: None,
             max_event_ns: None,
@@ -318,7 +330,8 @@ struct Runner {
     compiled: CompiledQuery,
     source: Box<dyn StreamSource>,
     sink: Arc<dyn Sink>,
-    checkpoint: Option<Checkpoint>,
+    checkpoint: Option<Arc<Checkpoint>>,
+    state_store: Option<StateStore>,
     batch_id: u64,
     watermark_ns: Option<i64>,
     max_event_ns: Option<i64>,
@@ -361,6 +374,9 @@ impl Runner {
                 }
             }
         }
+        if let Some(store) = &mut self.state_store {
+            store.finish().await;
+        }
         Ok(())
     }
 
@@ -376,6 +392,7 @@ impl Runner {
         };
 
         let batch_id = self.batch_id;
+        let mut offsets_written = None;
         let offset = match self.rerun.take() {
             Some(logged) => logged.source,
             None => {
@@ -383,9 +400,13 @@ impl Runner {
                 if offset.is_none() && !self.pending_no_data {
                     return Ok(false);
                 }
-                if let Some(cp) = &self.checkpoint {
-                    cp.write_offsets(batch_id, offset.clone()).await?;
-                    crash_point("offsets", batch_id);
+                // The offsets must be on disk before the sink sees the batch's output,
+                // not before it is read: the write overlaps reading and executing.
+                if let Some(cp) = self.checkpoint.clone() {
+                    let logged = offset.clone();
+                    offsets_written = Some(faults::spawn(async move {
+                        cp.write_offsets(batch_id, logged).await
+                    }));
                 }
                 offset
             }
@@ -407,8 +428,8 @@ impl Runner {
         let mode = self.compiled.mode;
         let window = self.compiled.window.as_ref().map(|w| &w.ticks);
         let ctx = self.compiled.task_ctx.clone();
-        let (output, late_rows, state_progress) = match &mut self.compiled.plan {
-            CompiledPlan::Stateless(plan) => (execute(plan, &ctx).await?, 0, vec![]),
+        let (output, late_rows, state_progress, changes) = match &mut self.compiled.plan {
+            CompiledPlan::Stateless(plan) => (execute(plan, &ctx).await?, 0, vec![], None),
             CompiledPlan::Stateful(op) => {
                 let outcome = op.run(&ctx, mode, self.watermark_ns, window).await?;
                 let progress = StateProgress {
@@ -418,16 +439,47 @@ impl Runner {
                     num_rows_removed: outcome.removed_rows,
                     memory_used_bytes: op.state_bytes() as u64,
                 };
-                (outcome.output, outcome.late_rows, vec![progress])
+                let changes = (outcome.upserts, outcome.deletes);
+                (
+                    outcome.output,
+                    outcome.late_rows,
+                    vec![progress],
+                    Some(changes),
+                )
             }
         };
         phase("execute", &mut phases);
 
+        if let Some(written) = offsets_written {
+            written.await.map_err(|e| {
+                BrookError::Plan(format!("writing batch {batch_id}'s offsets failed: {e}"))
+            })??;
+            crash_point("offsets", batch_id);
+        }
         let output_rows: usize = output.iter().map(RecordBatch::num_rows).sum();
-        self.sink.add_batch(batch_id, output).await?;
+        // The state file is named by the commit only, so it is written beside the sink's.
+        let saved = match (&self.state_store, &self.compiled.plan, &changes) {
+            (Some(store), CompiledPlan::Stateful(op), Some((upserts, deletes))) => {
+                let (_, saved) = tokio::try_join!(
+                    self.sink.add_batch(batch_id, output),
+                    store.save(batch_id, &op.state, upserts, deletes)
+                )?;
+                Some(saved)
+            }
+            _ => {
+                self.sink.add_batch(batch_id, output).await?;
+                None
+            }
+        };
         crash_point("sink", batch_id);
         phase("sink", &mut phases);
 
+        if let (Some(store), Some(saved), CompiledPlan::Stateful(op)) =
+            (&mut self.state_store, saved, &self.compiled.plan)
+        {
+            store.saved(batch_id, saved, &op.state);
+            crash_point("state", batch_id);
+        }
         self.advance_watermark(batch_max);
         self.commit(batch_id).await?;
         if let Some(o) = &offset {
@@ -503,14 +555,10 @@ impl Runner {
             self.watermark_ns = watermark_ns;
             self.max_event_ns = max_event_ns;
             self.pending_no_data = pending_no_data;
-            if let CompiledPlan::Stateful(op) = &mut self.compiled.plan {
-                let info = commit.state.get(STATE_OPERATOR).ok_or_else(|| {
-                    BrookError::checkpoint(
-                        cp.display(),
-                        format!("batch {} committed no aggregation state", commit.batch_id),
-                    )
-                })?;
-                op.state = cp.load_state(info, op.state_slot.schema()).await?;
+            if let (CompiledPlan::Stateful(op), Some(store)) =
+                (&mut self.compiled.plan, &mut self.state_store)
+            {
+                op.restore(store.restore(commit).await?)?;
                 op.emitted_through_ns = emitted_through_ns;
                 if self.compiled.mode == OutputMode::Complete {
                     let output = op.emit_all(&self.compiled.task_ctx).await?;
@@ -534,16 +582,15 @@ impl Runner {
         let Some(cp) = &self.checkpoint else {
             return Ok(());
         };
-        let mut state = BTreeMap::new();
-        let mut emitted_through_ns = None;
-        if let CompiledPlan::Stateful(op) = &self.compiled.plan {
-            emitted_through_ns = op.emitted_through_ns;
-            let file = cp
-                .write_state(STATE_OPERATOR, batch_id, op.state_slot.schema(), &op.state)
-                .await?;
-            crash_point("state", batch_id);
-            state.insert(STATE_OPERATOR.to_string(), file);
-        }
+        let emitted_through_ns = match &self.compiled.plan {
+            CompiledPlan::Stateful(op) => op.emitted_through_ns,
+            CompiledPlan::Stateless(_) => None,
+        };
+        let (state, state_deltas) = self
+            .state_store
+            .as_ref()
+            .map(StateStore::commit_files)
+            .unwrap_or_default();
         let entry = CommitEntry {
             batch_id,
             event_time: EventTime {
@@ -553,6 +600,7 @@ impl Runner {
                 emitted_through_ns,
             },
             state,
+            state_deltas,
         };
         cp.write_commit(&entry).await?;
         crash_point("commits", batch_id);

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::kernels::cmp::lt_eq;
 use datafusion::arrow::compute::{
-    cast, concat_batches, filter_record_batch, min, not, prep_null_mask_filter, sort_to_indices,
-    sum, take_record_batch,
+    and, cast, concat_batches, filter_record_batch, min, not, prep_null_mask_filter,
+    sort_to_indices, sum, take_record_batch,
 };
 use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -68,6 +68,8 @@ pub struct StatefulOp {
     pub event_time_key: Option<EventTimeKey>,
     /// Index of the input-row count in partial and state rows.
     pub rows_column: usize,
+    /// The number of leading state columns that identify a group.
+    pub keys: usize,
     pub state: Vec<RecordBatch>,
     /// Append mode over overlapping windows: state is kept per pane, and a
     /// window is summed from its panes once, when it closes.
@@ -82,6 +84,9 @@ pub struct StatefulOutcome {
     pub late_rows: u64,
     pub updated_rows: u64,
     pub removed_rows: u64,
+    /// The state rows the batch changed or removed, for [`delta::changes`].
+    pub upserts: Vec<RecordBatch>,
+    pub deletes: Vec<RecordBatch>,
 }
 
 impl StatefulOp {
@@ -94,6 +99,22 @@ impl StatefulOp {
             .iter()
             .map(RecordBatch::get_array_memory_size)
             .sum()
+    }
+
+    /// Takes up state loaded from a checkpoint, in one batch, and pane state
+    /// sorted by pane as [`run_panes`](Self::run_panes) keeps it.
+    pub fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
+        let mut all = concat_batches(self.state_slot.schema(), &state)?;
+        if let (true, Some(key)) = (self.panes, &self.event_time_key) {
+            let order = sort_to_indices(&pane_starts(&all, key.column)?, None, None)?;
+            all = take_record_batch(&all, &order)?;
+        }
+        self.state = if all.num_rows() > 0 {
+            vec![all]
+        } else {
+            vec![]
+        };
+        Ok(())
     }
 
     /// Runs one batch over the rows already in the input slot. `watermark_ns`
@@ -148,6 +169,11 @@ impl StatefulOp {
                 Some((key, wm)) => Some(key.closed(&rows, *wm)?),
                 None => None,
             };
+            let upserted = match &closed {
+                Some(closed) => and(&changed, &not(closed)?)?,
+                None => changed.clone(),
+            };
+            outcome.upserts.push(filter_record_batch(&rows, &upserted)?);
             match mode {
                 OutputMode::Complete => emit.push(rows.clone()),
                 OutputMode::Update => emit.push(filter_record_batch(&rows, &changed)?),
@@ -160,6 +186,7 @@ impl StatefulOp {
             match &closed {
                 Some(closed) if closed.true_count() > 0 => {
                     outcome.removed_rows += closed.true_count() as u64;
+                    outcome.deletes.push(filter_record_batch(&rows, closed)?);
                     keep.push(filter_record_batch(&rows, &not(closed)?)?);
                 }
                 _ => keep.push(rows),
@@ -247,6 +274,7 @@ impl StatefulOp {
         let merged = concat_batches(self.state_slot.schema(), &merged)?;
         let order = sort_to_indices(&pane_starts(&merged, col)?, None, None)?;
         state.push(take_record_batch(&merged, &order)?);
+        let merged_at = state.len() - 1;
         if let Some(wm) = watermark {
             let mut open = Vec::with_capacity(state.len());
             for b in &state {
@@ -260,11 +288,14 @@ impl StatefulOp {
                     })
                     .collect();
                 outcome.removed_rows += (b.num_rows() - alive.true_count()) as u64;
+                outcome.deletes.push(filter_record_batch(b, &not(&alive)?)?);
                 open.push(filter_record_batch(b, &alive)?);
             }
             state = open;
             self.emitted_through_ns = watermark_ns;
         }
+        // The merged panes are the last piece, and what is left of them is upserted.
+        outcome.upserts.push(state[merged_at].clone());
         // One batch: the pieces each batch leaves would otherwise pile up, and
         // every filter above pays per piece.
         let schema = self.state_slot.schema().clone();

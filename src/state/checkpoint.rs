@@ -6,7 +6,8 @@
 //!   lock                     held (OS file lock) while a query runs here
 //!   offsets/<N>              batch N's input, written before batch N runs
 //!   commits/<N>              written once batch N's output is in the sink
-//!   state/<operator>/<N>.arrow  operator state after batch N (Arrow IPC file)
+//!   state/<operator>/<N>.arrow        operator state after batch N (Arrow IPC file)
+//!   state/<operator>/<N>.delta.arrow  the state rows batch N changed or removed
 //!   sources/<N>              the source's own progress before batch N (every few batches)
 //! ```
 //!
@@ -104,6 +105,9 @@ pub struct EventTime {
 /// A state file as its commit records it, so that damage is detected on load.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateFile {
+    /// The batch after which the file was written.
+    #[serde(default)]
+    pub batch_id: u64,
     pub file: String,
     pub rows: u64,
     pub bytes: u64,
@@ -116,7 +120,20 @@ pub struct CommitEntry {
     pub batch_id: u64,
     /// The position after the batch, which the next batch starts from.
     pub event_time: EventTime,
+    /// Each operator's latest snapshot.
     pub state: BTreeMap<String, StateFile>,
+    /// Each operator's changes since its snapshot, oldest first.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub state_deltas: BTreeMap<String, Vec<StateFile>>,
+}
+
+impl CommitEntry {
+    /// The state files this commit needs, which clean-up must keep.
+    fn state_files(&self) -> impl Iterator<Item = &StateFile> {
+        self.state
+            .values()
+            .chain(self.state_deltas.values().flatten())
+    }
 }
 
 /// Where a restarted query resumes.
@@ -148,6 +165,8 @@ pub struct Checkpoint {
     retain: u64,
     /// Operators that wrote state in this run, whose old versions clean-up removes.
     operators: Mutex<BTreeSet<String>>,
+    /// The state files the latest commit names, however old.
+    pinned: Mutex<HashSet<String>>,
     _lock: CheckpointLock,
 }
 
@@ -214,6 +233,7 @@ impl Checkpoint {
             id,
             retain: min_batches_to_retain.max(1),
             operators: Mutex::default(),
+            pinned: Mutex::default(),
             _lock: lock,
         })
     }
@@ -227,16 +247,11 @@ impl Checkpoint {
         &self.files.location().display
     }
 
+    /// The batch numbers naming the files in `dir`, in order.
     async fn ids(&self, dir: &str) -> Result<Vec<u64>> {
-        self.numbered(dir, "").await
-    }
-
-    /// The batch numbers of the files `<N><suffix>` in `dir`, in order.
-    async fn numbered(&self, dir: &str, suffix: &str) -> Result<Vec<u64>> {
         let mut ids = vec![];
         for name in self.files.list(dir).await? {
-            let number = name.strip_suffix(suffix).unwrap_or_default();
-            let id = number.parse::<u64>().map_err(|_| {
+            let id = name.parse::<u64>().map_err(|_| {
                 BrookError::checkpoint(
                     self.files.display(&format!("{dir}/{name}")),
                     "unexpected file in the checkpoint (names here are batch numbers); remove it",
@@ -316,11 +331,36 @@ impl Checkpoint {
             .await
     }
 
-    /// Writes an operator's state after `batch_id` as an Arrow IPC file.
+    /// Writes an operator's whole state after `batch_id` as an Arrow IPC file.
     pub async fn write_state(
         &self,
         operator: &str,
         batch_id: u64,
+        schema: &SchemaRef,
+        rows: &[RecordBatch],
+    ) -> Result<StateFile> {
+        let file = format!("state/{operator}/{batch_id}.arrow");
+        self.write_ipc(operator, batch_id, file, schema, rows).await
+    }
+
+    /// Writes the state rows batch `batch_id` changed, in [`delta::schema`](super::delta::schema).
+    pub async fn write_state_changes(
+        &self,
+        operator: &str,
+        batch_id: u64,
+        schema: &SchemaRef,
+        changes: &[RecordBatch],
+    ) -> Result<StateFile> {
+        let file = format!("state/{operator}/{batch_id}.delta.arrow");
+        self.write_ipc(operator, batch_id, file, schema, changes)
+            .await
+    }
+
+    async fn write_ipc(
+        &self,
+        operator: &str,
+        batch_id: u64,
+        file: String,
         schema: &SchemaRef,
         rows: &[RecordBatch],
     ) -> Result<StateFile> {
@@ -331,8 +371,8 @@ impl Checkpoint {
         }
         writer.finish()?;
         drop(writer);
-        let file = format!("state/{operator}/{batch_id}.arrow");
         let info = StateFile {
+            batch_id,
             file: file.clone(),
             rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
             bytes: buf.len() as u64,
@@ -347,8 +387,9 @@ impl Checkpoint {
         Ok(info)
     }
 
-    /// Loads state written by [`write_state`](Self::write_state), checking that it
-    /// is undamaged and has the columns the query keeps.
+    /// Loads a file written by [`write_state`](Self::write_state) or
+    /// [`write_state_changes`](Self::write_state_changes), checking that it is
+    /// undamaged and has the columns `schema` expects.
     pub async fn load_state(
         &self,
         info: &StateFile,
@@ -393,7 +434,11 @@ impl Checkpoint {
         let id = entry.batch_id;
         self.files
             .write_json(&format!("commits/{id}"), entry, ("commits-tmp", id))
-            .await
+            .await?;
+        if let Ok(mut pinned) = self.pinned.lock() {
+            *pinned = entry.state_files().map(|f| f.file.clone()).collect();
+        }
+        Ok(())
     }
 
     /// Records the source's progress before batch `next_batch`: always before the
@@ -433,11 +478,24 @@ impl Checkpoint {
             Ok(ops) => ops.iter().cloned().collect(),
             Err(_) => vec![],
         };
+        let pinned = match self.pinned.lock() {
+            Ok(p) => p.clone(),
+            Err(_) => return Ok(()),
+        };
         for operator in operators {
             let dir = format!("state/{operator}");
-            for id in self.numbered(&dir, ".arrow").await? {
-                if id < keep_from {
-                    self.files.delete(&format!("{dir}/{id}.arrow")).await?;
+            for name in self.files.list(&dir).await? {
+                let rel = format!("{dir}/{name}");
+                let number = name.split('.').next().unwrap_or_default();
+                let id = number.parse::<u64>().map_err(|_| {
+                    BrookError::checkpoint(
+                        self.files.display(&rel),
+                        "unexpected file in the checkpoint (names here start with a batch \
+                         number); remove it",
+                    )
+                })?;
+                if id < keep_from && !pinned.contains(&rel) {
+                    self.files.delete(&rel).await?;
                 }
             }
         }

@@ -5,6 +5,8 @@
 //! state saved, and its completion committed, so a restart resumes exactly.
 
 pub mod checkpoint;
+pub mod delta;
 mod files;
+pub mod store;
 
 pub use checkpoint::{Checkpoint, CommitEntry, EventTime, QueryFingerprint, Recovery};
