@@ -172,6 +172,7 @@ impl StreamingQuery {
             sink,
             checkpoint,
             state_store,
+            maintenance: None,
             batch_id: 0,
             watermark_ns: None,
             max_event_ns: None,
@@ -332,6 +333,8 @@ struct Runner {
     sink: Arc<dyn Sink>,
     checkpoint: Option<Arc<Checkpoint>>,
     state_store: Option<StateStore>,
+    /// The source's progress being written and old files removed.
+    maintenance: Option<JoinHandle<Result<()>>>,
     batch_id: u64,
     watermark_ns: Option<i64>,
     max_event_ns: Option<i64>,
@@ -377,7 +380,7 @@ impl Runner {
         if let Some(store) = &mut self.state_store {
             store.finish().await;
         }
-        Ok(())
+        self.finish_maintenance().await
     }
 
     /// Runs the next batch if there is input (or the watermark has state to close).
@@ -607,13 +610,31 @@ impl Runner {
         Ok(())
     }
 
-    async fn write_source_progress(&self, batch_id: u64) -> Result<()> {
-        match &self.checkpoint {
-            Some(cp) if Checkpoint::source_due(batch_id) => {
-                cp.write_source(batch_id + 1, &self.source.progress()?)
-                    .await
-            }
-            _ => Ok(()),
+    /// Every few batches, writes the source's progress and removes the files no
+    /// longer needed, in the background: listing and deleting took tens of
+    /// milliseconds, and would make every tenth batch the slowest. One such task
+    /// runs at a time, and its error ends the query at the next one.
+    async fn write_source_progress(&mut self, batch_id: u64) -> Result<()> {
+        let Some(cp) = self.checkpoint.clone() else {
+            return Ok(());
+        };
+        if !Checkpoint::source_due(batch_id) {
+            return Ok(());
+        }
+        self.finish_maintenance().await?;
+        let progress = self.source.progress()?;
+        self.maintenance = Some(faults::spawn(async move {
+            cp.write_source(batch_id + 1, &progress).await
+        }));
+        Ok(())
+    }
+
+    async fn finish_maintenance(&mut self) -> Result<()> {
+        match self.maintenance.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| BrookError::Plan(format!("checkpoint clean-up task failed: {e}")))?,
+            None => Ok(()),
         }
     }
 
