@@ -505,3 +505,30 @@ async fn window_state_saved_as_changes_resumes_exactly() {
     got.extend(shares(&second).await);
     assert_eq!(sorted(got), want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_with_names_that_need_escaping_are_read_once_across_restarts() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    put(
+        &input,
+        "day one #1b.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    put(
+        &input,
+        "zürich%.csv",
+        &[order("20:00:02", 2, "MSFT", 5, 1.0, "S")],
+    );
+    let first = Engine::new();
+    let query = run_available(&first, &script).await;
+    assert_eq!(batch_ids_and_rows(&query), [(0, 1), (1, 1)]);
+    query.stop().await.unwrap();
+
+    let second = Engine::new();
+    let query = run_available(&second, &script).await;
+    assert!(query.recent_progress().is_empty(), "nothing is read again");
+    assert_eq!(top(&second).await.len(), 2);
+    query.stop().await.unwrap();
+}

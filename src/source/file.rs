@@ -7,6 +7,7 @@
 //! and rename it into the directory, as `brook send` does.
 
 use std::collections::HashSet;
+use std::path::Path as FsPath;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -17,7 +18,7 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use super::format::Decoder;
-use super::location::Location;
+use super::location::{Location, blocking};
 use super::malformed::MalformedStats;
 use super::shared::{Registration, SharedDecodes};
 use super::{SourceBatch, SourceOffset, StreamSource};
@@ -95,21 +96,22 @@ impl FileSource {
         })
     }
 
-    /// Completed data files below the location, oldest first.
+    /// Completed data files below the location not taken yet, oldest first.
     async fn list(&self) -> Result<Vec<ObjectMeta>> {
         let store = &self.location.store;
         let prefix = Some(&self.location.prefix);
-        let mut files: Vec<ObjectMeta> = if self.options.recursive {
-            store.list(prefix).try_collect().await?
-        } else {
-            store.list_with_delimiter(prefix).await?.objects
+        let mut files: Vec<ObjectMeta> = match &self.location.local_dir {
+            Some(dir) if !self.options.recursive => self.list_local(dir).await?,
+            _ if self.options.recursive => store.list(prefix).try_collect().await?,
+            _ => store.list_with_delimiter(prefix).await?.objects,
         };
         let root_parts = self.location.prefix.parts().count();
         files.retain(|meta| {
-            !meta.location.parts().skip(root_parts).any(|part| {
-                let name = part.as_ref();
-                name.starts_with('.') || name.starts_with('_')
-            })
+            !self.seen.contains(&meta.location)
+                && !meta.location.parts().skip(root_parts).any(|part| {
+                    let name = part.as_ref();
+                    name.starts_with('.') || name.starts_with('_')
+                })
         });
         files.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
         if self.options.latest_first {
@@ -118,11 +120,85 @@ impl FileSource {
         Ok(files)
     }
 
+    /// The files of a local directory not taken yet. Only those are looked up:
+    /// a directory keeps every file it was given, and a lookup of each of them
+    /// per trigger and query was most of the kernel's work in steady state.
+    async fn list_local(&self, dir: &FsPath) -> Result<Vec<ObjectMeta>> {
+        let listed = dir.to_path_buf();
+        let names = blocking(move || {
+            let entries = std::fs::read_dir(&listed).map_err(|e| BrookError::io(&listed, e))?;
+            let mut names = vec![];
+            for entry in entries {
+                let entry = entry.map_err(|e| BrookError::io(&listed, e))?;
+                names.push(entry.path());
+            }
+            Ok(names)
+        })
+        .await?;
+        let mut unseen = vec![];
+        for path in names {
+            let location = match path.file_name().and_then(|n| n.to_str()) {
+                Some(name) if name.bytes().all(plain_name_byte) => self.location.child(name),
+                // Names that need escaping are converted as the object store lists them.
+                _ => Path::from_filesystem_path(&path).map_err(|e| BrookError::Source {
+                    location: self.location.display.clone(),
+                    message: e.to_string(),
+                })?,
+            };
+            if !self.seen.contains(&location) && is_data_file(&location) {
+                unseen.push((path, location));
+            }
+        }
+        blocking(move || {
+            let mut files = vec![];
+            for (path, location) in unseen {
+                let meta = match std::fs::metadata(&path) {
+                    Ok(m) if m.is_file() => m,
+                    // Removed since it was listed, or a directory.
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(BrookError::io(&path, e)),
+                };
+                let modified = meta.modified().map_err(|e| BrookError::io(&path, e))?;
+                files.push(ObjectMeta {
+                    location,
+                    last_modified: modified.into(),
+                    size: meta.len(),
+                    e_tag: None,
+                    version: None,
+                });
+            }
+            Ok(files)
+        })
+        .await
+    }
+
     fn parse_offset(&self, offset: &SourceOffset) -> Result<Vec<FileEntry>> {
         serde_json::from_value(offset.0.clone()).map_err(|e| BrookError::Source {
             location: self.location.display.clone(),
             message: format!("unreadable file offset {}: {e}", offset.0),
         })
+    }
+}
+
+/// A path as the offset log and progress hold it: already escaped, so that it
+/// is parsed rather than escaped again (`#` in a name would become `%2523`).
+fn stored_path(path: &str) -> Result<Path> {
+    Path::parse(path)
+        .map_err(|e| BrookError::Plan(format!("bad file path {path:?} in the checkpoint: {e}")))
+}
+
+/// A byte that object-store paths keep as it is.
+fn plain_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// Whether the object store would list `location` as a file: it skips its own
+/// temporary uploads, named `<file>#<digits>`.
+fn is_data_file(location: &Path) -> bool {
+    match location.filename().and_then(|n| n.split_once('#')) {
+        Some((_, suffix)) => suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()),
+        None => true,
     }
 }
 
@@ -166,7 +242,11 @@ impl StreamSource for FileSource {
             })?,
             None => FileProgress::default(),
         };
-        self.seen = progress.seen.into_iter().map(Path::from).collect();
+        self.seen = progress
+            .seen
+            .iter()
+            .map(|p| stored_path(p))
+            .collect::<Result<_>>()?;
         for offset in committed {
             self.commit(offset)?;
         }
@@ -178,7 +258,6 @@ impl StreamSource for FileSource {
         let limit = self.options.max_files_per_trigger.unwrap_or(usize::MAX);
         let batch: Vec<FileEntry> = files
             .into_iter()
-            .filter(|f| !self.seen.contains(&f.location))
             .filter(|f| {
                 self.snapshot
                     .as_ref()
@@ -209,7 +288,7 @@ impl StreamSource for FileSource {
                 let decoder = self.decoder.clone();
                 async move {
                     let fetch_and_decode = || async {
-                        let path = Path::from(entry.path.as_str());
+                        let path = stored_path(&entry.path)?;
                         let bytes = store.get(&path).await?.bytes().await?;
                         let name = if local {
                             format!("/{}", entry.path)
@@ -245,7 +324,7 @@ impl StreamSource for FileSource {
 
     fn commit(&mut self, offset: &SourceOffset) -> Result<()> {
         for entry in self.parse_offset(offset)? {
-            self.seen.insert(Path::from(entry.path));
+            self.seen.insert(stored_path(&entry.path)?);
         }
         Ok(())
     }

@@ -178,7 +178,8 @@ fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> BrookError {
     move |e| BrookError::io(path, e)
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs file-system work off the runtime's threads, which run other queries.
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(work)
