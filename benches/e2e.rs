@@ -394,11 +394,6 @@ fn steady() {
         let durations: Vec<f64> = mine.iter().map(|p| total(p)).collect();
         mine.sort_by(|a, b| total(b).total_cmp(&total(a)));
         let slow = &mine[..mine.len().div_ceil(100)];
-        if q == "all" {
-            for p in slow {
-                eprintln!("SLOW {} {} {}", p["name"], p["batch_id"], p["duration_ms"]);
-            }
-        }
         let phases = ["plan", "read", "execute", "sink", "commit"]
             .map(|ph| {
                 let mean = slow
