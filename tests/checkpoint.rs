@@ -317,41 +317,32 @@ async fn old_batches_are_cleaned_up_beyond_the_retained_ones() {
     let kept: Vec<String> = (17..25).map(|i| i.to_string()).collect();
     assert_eq!(names("offsets"), kept);
     assert_eq!(names("commits"), kept);
-    // State files go with them, except those the latest commit at clean-up
-    // (batch 19) still built on: a snapshot and the changes written since,
-    // which may be older. The last commit's files are all there.
-    let named = |batch: u64| {
-        let commit = std::fs::read_to_string(checkpoint.join(format!("commits/{batch}"))).unwrap();
-        let commit: serde_json::Value =
-            serde_json::from_str(commit.split_once('\n').unwrap().1).unwrap();
-        let mut files = vec![
-            commit["state"]["aggregate"]["file"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        ];
-        for change in commit["state_deltas"]["aggregate"].as_array().unwrap() {
-            files.push(change["file"].as_str().unwrap().to_string());
-        }
-        files
-            .iter()
-            .map(|f| f.strip_prefix("state/aggregate/").unwrap().to_string())
-            .collect::<Vec<_>>()
+    // State files go with them, except from the snapshot the latest commit at
+    // clean-up (batch 19) built on: its changes, and snapshots written since,
+    // which a next commit may name. The last commit's files are all there.
+    let commit = |batch: u64| {
+        let text = std::fs::read_to_string(checkpoint.join(format!("commits/{batch}"))).unwrap();
+        serde_json::from_str::<serde_json::Value>(text.split_once('\n').unwrap().1).unwrap()
+    };
+    let name = |file: &serde_json::Value| {
+        let path = file["file"].as_str().unwrap();
+        path.strip_prefix("state/aggregate/").unwrap().to_string()
     };
     let state_files = names("state/aggregate");
-    for file in named(24) {
+    let last = commit(24);
+    let changes = last["state_deltas"]["aggregate"].as_array().unwrap();
+    for file in changes.iter().chain([&last["state"]["aggregate"]]) {
         assert!(
-            state_files.contains(&file),
+            state_files.contains(&name(file)),
             "{file} is gone: {state_files:?}"
         );
     }
-    let pinned = named(19);
+    let floor = commit(19)["state"]["aggregate"]["batch_id"]
+        .as_u64()
+        .unwrap();
     for file in &state_files {
         let batch: u64 = file.split('.').next().unwrap().parse().unwrap();
-        assert!(
-            batch >= 17 || pinned.contains(file),
-            "{file} was kept: {state_files:?}"
-        );
+        assert!(batch >= floor.min(17), "{file} was kept: {state_files:?}");
     }
     assert!(
         state_files.iter().any(|f| f.ends_with(".delta.arrow")),
@@ -484,6 +475,8 @@ async fn window_state_saved_as_changes_resumes_exactly() {
         .last()
         .unwrap();
     let commit = std::fs::read_to_string(checkpoint.join(format!("commits/{last}"))).unwrap();
+    // A build that knows only whole-state commits (v1) refuses it.
+    assert!(commit.starts_with("v2 crc32="), "{commit}");
     let commit: serde_json::Value =
         serde_json::from_str(commit.split_once('\n').unwrap().1).unwrap();
     let changes = commit["state_deltas"]["aggregate"].as_array().unwrap();

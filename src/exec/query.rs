@@ -172,6 +172,7 @@ impl StreamingQuery {
             sink,
             checkpoint,
             state_store,
+            offsets_written: None,
             maintenance: None,
             batch_id: 0,
             watermark_ns: None,
@@ -333,6 +334,8 @@ struct Runner {
     sink: Arc<dyn Sink>,
     checkpoint: Option<Arc<Checkpoint>>,
     state_store: Option<StateStore>,
+    /// The batch's offsets being written while it is read and computed.
+    offsets_written: Option<JoinHandle<Result<()>>>,
     /// The source's progress being written and old files removed.
     maintenance: Option<JoinHandle<Result<()>>>,
     batch_id: u64,
@@ -347,6 +350,29 @@ struct Runner {
 
 impl Runner {
     async fn run_loop(&mut self, options: &QueryOptions) -> Result<()> {
+        let ran = self.run_batches(options).await;
+        let finished = self.finish_background().await;
+        ran.and(finished)
+    }
+
+    /// Waits for the checkpoint writes still running in the background, so that
+    /// none outlives the query (they hold its checkpoint), even a failed one.
+    async fn finish_background(&mut self) -> Result<()> {
+        let offsets = match self.offsets_written.take() {
+            Some(task) => joined(task.await),
+            None => Ok(()),
+        };
+        if let Some(store) = &mut self.state_store {
+            store.finish().await;
+        }
+        let maintenance = match self.maintenance.take() {
+            Some(task) => joined(task.await),
+            None => Ok(()),
+        };
+        offsets.and(maintenance)
+    }
+
+    async fn run_batches(&mut self, options: &QueryOptions) -> Result<()> {
         self.resume().await?;
         if options.trigger == Trigger::AvailableNow {
             self.source.snapshot_available().await?;
@@ -377,10 +403,7 @@ impl Runner {
                 }
             }
         }
-        if let Some(store) = &mut self.state_store {
-            store.finish().await;
-        }
-        self.finish_maintenance().await
+        Ok(())
     }
 
     /// Runs the next batch if there is input (or the watermark has state to close).
@@ -395,7 +418,6 @@ impl Runner {
         };
 
         let batch_id = self.batch_id;
-        let mut offsets_written = None;
         let offset = match self.rerun.take() {
             Some(logged) => logged.source,
             None => {
@@ -407,7 +429,7 @@ impl Runner {
                 // not before it is read: the write overlaps reading and executing.
                 if let Some(cp) = self.checkpoint.clone() {
                     let logged = offset.clone();
-                    offsets_written = Some(faults::spawn(async move {
+                    self.offsets_written = Some(faults::spawn(async move {
                         cp.write_offsets(batch_id, logged).await
                     }));
                 }
@@ -453,10 +475,8 @@ impl Runner {
         };
         phase("execute", &mut phases);
 
-        if let Some(written) = offsets_written {
-            written.await.map_err(|e| {
-                BrookError::Plan(format!("writing batch {batch_id}'s offsets failed: {e}"))
-            })??;
+        if let Some(written) = self.offsets_written.take() {
+            joined(written.await)?;
             crash_point("offsets", batch_id);
         }
         let output_rows: usize = output.iter().map(RecordBatch::num_rows).sum();
@@ -621,21 +641,14 @@ impl Runner {
         if !Checkpoint::source_due(batch_id) {
             return Ok(());
         }
-        self.finish_maintenance().await?;
+        if let Some(task) = self.maintenance.take() {
+            joined(task.await)?;
+        }
         let progress = self.source.progress()?;
         self.maintenance = Some(faults::spawn(async move {
             cp.write_source(batch_id + 1, &progress).await
         }));
         Ok(())
-    }
-
-    async fn finish_maintenance(&mut self) -> Result<()> {
-        match self.maintenance.take() {
-            Some(task) => task
-                .await
-                .map_err(|e| BrookError::Plan(format!("checkpoint clean-up task failed: {e}")))?,
-            None => Ok(()),
-        }
     }
 
     /// Records the progress before telling listeners, so that a listener reading
@@ -684,6 +697,11 @@ impl Runner {
             self.pending_no_data = closes_state && self.compiled.mode != OutputMode::Complete;
         }
     }
+}
+
+/// The outcome of a checkpoint write run as its own task.
+fn joined(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    done.map_err(|e| BrookError::Plan(format!("a checkpoint write task failed: {e}")))?
 }
 
 fn format_ns(ns: i64) -> String {

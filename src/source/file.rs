@@ -137,14 +137,17 @@ impl FileSource {
         .await?;
         let mut unseen = vec![];
         for path in names {
-            let location = match path.file_name().and_then(|n| n.to_str()) {
-                Some(name) if name.bytes().all(plain_name_byte) => self.location.child(name),
-                // Names that need escaping are converted as the object store lists them.
-                _ => Path::from_filesystem_path(&path).map_err(|e| BrookError::Source {
-                    location: self.location.display.clone(),
-                    message: e.to_string(),
-                })?,
-            };
+            let hidden = path.file_name().is_some_and(|n| {
+                n.as_encoded_bytes().starts_with(b".") || n.as_encoded_bytes().starts_with(b"_")
+            });
+            if hidden {
+                continue;
+            }
+            // Named as the object store lists them: the absolute path, not resolved.
+            let location = Path::from_absolute_path(&path).map_err(|e| BrookError::Source {
+                location: self.location.display.clone(),
+                message: e.to_string(),
+            })?;
             if !self.seen.contains(&location) && is_data_file(&location) {
                 unseen.push((path, location));
             }
@@ -186,11 +189,6 @@ impl FileSource {
 fn stored_path(path: &str) -> Result<Path> {
     Path::parse(path)
         .map_err(|e| BrookError::Plan(format!("bad file path {path:?} in the checkpoint: {e}")))
-}
-
-/// A byte that object-store paths keep as it is.
-fn plain_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
 }
 
 /// Whether the object store would list `location` as a file: it skips its own

@@ -26,7 +26,7 @@ use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use serde::{Deserialize, Serialize};
 
-use super::files::CheckpointFiles;
+use super::files::{CheckpointFiles, JSON_V1, JSON_V2};
 use crate::error::{BrookError, Result};
 use crate::source::SourceOffset;
 use crate::source::location::Location;
@@ -127,15 +127,6 @@ pub struct CommitEntry {
     pub state_deltas: BTreeMap<String, Vec<StateFile>>,
 }
 
-impl CommitEntry {
-    /// The state files this commit needs, which clean-up must keep.
-    fn state_files(&self) -> impl Iterator<Item = &StateFile> {
-        self.state
-            .values()
-            .chain(self.state_deltas.values().flatten())
-    }
-}
-
 /// Where a restarted query resumes.
 #[derive(Debug, Default)]
 pub struct Recovery {
@@ -165,8 +156,10 @@ pub struct Checkpoint {
     retain: u64,
     /// Operators that wrote state in this run, whose old versions clean-up removes.
     operators: Mutex<BTreeSet<String>>,
-    /// The state files the latest commit names, however old.
-    pinned: Mutex<HashSet<String>>,
+    /// Per operator, the batch of the snapshot the latest commit builds on.
+    /// Clean-up keeps every state file from there on: the commit's changes, and
+    /// snapshots written since that a next commit may name.
+    state_floor: Mutex<BTreeMap<String, u64>>,
     _lock: CheckpointLock,
 }
 
@@ -233,7 +226,7 @@ impl Checkpoint {
             id,
             retain: min_batches_to_retain.max(1),
             operators: Mutex::default(),
-            pinned: Mutex::default(),
+            state_floor: Mutex::default(),
             _lock: lock,
         })
     }
@@ -432,11 +425,25 @@ impl Checkpoint {
 
     pub async fn write_commit(&self, entry: &CommitEntry) -> Result<()> {
         let id = entry.batch_id;
+        let version = if entry.state_deltas.is_empty() {
+            JSON_V1
+        } else {
+            JSON_V2
+        };
         self.files
-            .write_json(&format!("commits/{id}"), entry, ("commits-tmp", id))
+            .write_json_as(
+                version,
+                &format!("commits/{id}"),
+                entry,
+                ("commits-tmp", id),
+            )
             .await?;
-        if let Ok(mut pinned) = self.pinned.lock() {
-            *pinned = entry.state_files().map(|f| f.file.clone()).collect();
+        if let Ok(mut floor) = self.state_floor.lock() {
+            *floor = entry
+                .state
+                .iter()
+                .map(|(op, f)| (op.clone(), f.batch_id))
+                .collect();
         }
         Ok(())
     }
@@ -478,11 +485,14 @@ impl Checkpoint {
             Ok(ops) => ops.iter().cloned().collect(),
             Err(_) => vec![],
         };
-        let pinned = match self.pinned.lock() {
-            Ok(p) => p.clone(),
+        let floors = match self.state_floor.lock() {
+            Ok(f) => f.clone(),
             Err(_) => return Ok(()),
         };
         for operator in operators {
+            let keep_state_from = floors
+                .get(&operator)
+                .map_or(keep_from, |f| (*f).min(keep_from));
             let dir = format!("state/{operator}");
             for name in self.files.list(&dir).await? {
                 let rel = format!("{dir}/{name}");
@@ -494,7 +504,7 @@ impl Checkpoint {
                          number); remove it",
                     )
                 })?;
-                if id < keep_from && !pinned.contains(&rel) {
+                if id < keep_state_from {
                     self.files.delete(&rel).await?;
                 }
             }

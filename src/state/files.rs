@@ -13,7 +13,11 @@ use serde::de::DeserializeOwned;
 use crate::error::{BrookError, Result};
 use crate::source::location::Location;
 
-const JSON_VERSION: &str = "v1";
+/// The header of JSON files. `v2` marks a commit whose state is a snapshot plus
+/// changes: a build that knows only `v1` must refuse it rather than restore the
+/// snapshot without the changes.
+pub const JSON_V1: &str = "v1";
+pub const JSON_V2: &str = "v2";
 
 #[derive(Debug, Clone)]
 pub struct CheckpointFiles {
@@ -96,10 +100,19 @@ impl CheckpointFiles {
         value: &T,
         point: (&str, u64),
     ) -> Result<()> {
+        self.write_json_as(JSON_V1, rel, value, point).await
+    }
+
+    pub async fn write_json_as<T: Serialize>(
+        &self,
+        version: &str,
+        rel: &str,
+        value: &T,
+        point: (&str, u64),
+    ) -> Result<()> {
         let body = serde_json::to_vec(value)
             .map_err(|e| BrookError::checkpoint(self.display(rel), e.to_string()))?;
-        let mut bytes =
-            format!("{JSON_VERSION} crc32={:08x}\n", crc32fast::hash(&body)).into_bytes();
+        let mut bytes = format!("{version} crc32={:08x}\n", crc32fast::hash(&body)).into_bytes();
         bytes.extend_from_slice(&body);
         self.write(rel, bytes, point).await
     }
@@ -116,8 +129,9 @@ impl CheckpointFiles {
             .ok_or_else(|| fail("truncated: no header line".into()))?;
         let header = std::str::from_utf8(&bytes[..newline]).unwrap_or_default();
         let body = &bytes[newline + 1..];
-        let expected = header
-            .strip_prefix(JSON_VERSION)
+        let expected = [JSON_V1, JSON_V2]
+            .iter()
+            .find_map(|v| header.strip_prefix(v))
             .and_then(|h| h.trim().strip_prefix("crc32="))
             .and_then(|h| u32::from_str_radix(h, 16).ok())
             .ok_or_else(|| {

@@ -88,7 +88,8 @@ impl StateStore {
     }
 
     /// Writes batch `batch_id`'s state: its changes, or the whole `state` when
-    /// there is no snapshot yet or the changes are as large as half of it.
+    /// there is no snapshot yet, the changes are as large as half of it, or
+    /// twice [`SNAPSHOT_AFTER`] changes are waiting.
     pub async fn save(
         &self,
         batch_id: u64,
@@ -102,7 +103,12 @@ impl StateStore {
         if self.snapshot.is_some() && changed == 0 {
             return Ok(Saved::Nothing);
         }
-        if self.snapshot.is_none() || changed * 2 >= rows(state) {
+        // A snapshot not written in the background (a short run ends first, or
+        // the writes fail) is written here, so the changes to replay stay few.
+        if self.snapshot.is_none()
+            || changed * 2 >= rows(state)
+            || self.changes.len() >= 2 * SNAPSHOT_AFTER
+        {
             let file = self
                 .checkpoint
                 .write_state(&self.operator, batch_id, &self.schema, state)
@@ -151,7 +157,8 @@ impl StateStore {
         }
     }
 
-    /// Waits for a snapshot being written, so that the next start loads fewer changes.
+    /// Waits for a snapshot being written, so that nothing writes to the
+    /// checkpoint (or holds it) once the query has ended.
     pub async fn finish(&mut self) {
         if let Some(writing) = self.writing.take() {
             self.landed(writing.await.map_err(join_error).and_then(|r| r));
