@@ -18,6 +18,7 @@ use datafusion::arrow::compute::{
     CastOptions, cast, cast_with_options, filter_record_batch, is_not_null, is_null,
 };
 use datafusion::arrow::csv::ReaderBuilder as CsvReaderBuilder;
+use datafusion::arrow::csv::reader::Decoder as CsvDecoder;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -128,14 +129,23 @@ impl Decoder {
         let mut parts = vec![];
         let mut malformed = MalformedStats::default();
         let mut start = 0;
+        // Building arrow's decoder costs as much as parsing a few hundred lines, so
+        // one serves the file's chunks until a chunk it rejects leaves it unusable.
+        let mut decoder = None;
         while start < body.len() {
             let cut = (start + CSV_CHUNK_BYTES).min(body.len());
             let end = memchr::memchr(b'\n', &body[cut..]).map_or(body.len(), |i| cut + i + 1);
             let chunk = &body[start..end];
             let lines = memchr::memchr_iter(b'\n', chunk).count() as u64;
-            match arrow_csv_chunk(options, &file_schema, chunk, lines as usize + 1) {
-                Some(batch) => parts.push(self.with_corrupt_column(batch)?),
+            let arrow = decoder.get_or_insert_with(|| csv_decoder(options, &file_schema));
+            match arrow_csv_chunk(arrow, chunk) {
+                Some(batches) => {
+                    for batch in batches {
+                        parts.push(self.with_corrupt_column(batch)?);
+                    }
+                }
                 None => {
+                    decoder = None;
                     let d = self.decode_csv_records(&records, file, chunk, lines_before)?;
                     parts.push(d.batch);
                     malformed.merge(d.malformed);
@@ -509,37 +519,40 @@ impl Decoder {
 /// Bytes of CSV given to arrow's reader at once (cut at the next newline).
 const CSV_CHUNK_BYTES: usize = 64 << 10;
 
-/// Parses a chunk of whole CSV lines with arrow's reader into `schema`, or
-/// `None` if any record in it is bad (wrong field count, unparseable value,
-/// null in a NOT NULL column, invalid UTF-8).
-fn arrow_csv_chunk(
-    options: &CsvOptions,
-    schema: &SchemaRef,
-    chunk: &[u8],
-    max_rows: usize,
-) -> Option<RecordBatch> {
-    let mut decoder = CsvReaderBuilder::new(schema.clone())
+/// Arrow's CSV decoder for headerless records of `schema`.
+fn csv_decoder(options: &CsvOptions, schema: &SchemaRef) -> CsvDecoder {
+    CsvReaderBuilder::new(schema.clone())
         .with_header(false)
         .with_delimiter(options.delimiter)
         .with_quote(options.quote)
-        .with_batch_size(max_rows)
-        .build_decoder();
+        .with_batch_size(CSV_BATCH_ROWS)
+        .build_decoder()
+}
+
+/// Rows arrow's decoder parses between flushes; it sizes its buffers for them.
+const CSV_BATCH_ROWS: usize = 4096;
+
+/// Parses a chunk of whole CSV lines with arrow's decoder, or `None` if any
+/// record in it is bad (wrong field count, unparseable value, null in a NOT
+/// NULL column, invalid UTF-8).
+fn arrow_csv_chunk(decoder: &mut CsvDecoder, chunk: &[u8]) -> Option<Vec<RecordBatch>> {
+    let mut batches = vec![];
     let mut rest = chunk;
     loop {
         // An empty call ends the last record when the chunk has no final newline.
         let read = decoder.decode(rest).ok()?;
         rest = &rest[read..];
-        if read == 0 {
+        if decoder.capacity() == 0 {
+            batches.extend(decoder.flush().ok()?);
+        } else if read == 0 {
             break;
         }
     }
     if !rest.is_empty() {
         return None;
     }
-    match decoder.flush().ok()? {
-        Some(batch) => Some(batch),
-        None => Some(RecordBatch::new_empty(schema.clone())),
-    }
+    batches.extend(decoder.flush().ok()?);
+    Some(batches)
 }
 
 /// Where each kept row came from: line number and byte range in the file.
@@ -576,4 +589,45 @@ fn rows_mask(n: usize, rows: impl Iterator<Item = usize>) -> BooleanArray {
         mask[r] = true;
     }
     BooleanArray::from(mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Field, Int64Type};
+
+    /// Short lines put more rows in a 64 KB chunk than arrow's decoder takes
+    /// between flushes; a bad line makes its chunk be read record by record.
+    #[test]
+    fn chunks_of_many_short_lines_keep_every_row_in_order() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let decoder = Decoder::new(
+            FileFormat::Csv(CsvOptions::default()),
+            schema,
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let lines: Vec<String> = (0..60_000)
+            .map(|i| {
+                if i == 30_000 {
+                    "x".to_string()
+                } else {
+                    i.to_string()
+                }
+            })
+            .collect();
+        let data = Bytes::from(lines.join("\n") + "\n");
+        assert!(data.len() > 4 * CSV_CHUNK_BYTES);
+        let decoded = decoder.decode("short.csv", data).unwrap();
+        assert_eq!(decoded.malformed.count, 1);
+        let got: Vec<i64> = decoded
+            .batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        let want: Vec<i64> = (0..60_000).filter(|i| *i != 30_000).collect();
+        assert_eq!(got, want);
+    }
 }
