@@ -257,8 +257,17 @@ async fn damaged_checkpoint_files_are_reported_with_their_path() {
     bytes[middle] ^= 0x55;
     std::fs::write(&state, &bytes).unwrap();
 
-    // An empty commit file.
+    // A commit from a later checkpoint format.
     let commit = checkpoint.join("commits/1");
+    let original = std::fs::read(&commit).unwrap();
+    let mut newer = b"v9".to_vec();
+    newer.extend_from_slice(&original[2..]);
+    std::fs::write(&commit, &newer).unwrap();
+    let err = failure(&script).await;
+    assert!(err.contains("checkpoint format v9"), "{err}");
+    std::fs::write(&commit, &original).unwrap();
+
+    // An empty commit file.
     std::fs::write(&commit, b"").unwrap();
     let err = failure(&script).await;
     assert!(err.contains("truncated"), "{err}");

@@ -633,3 +633,80 @@ async fn queries_sharing_a_source_each_see_every_row_and_bad_line() {
         q.stop().await.unwrap();
     }
 }
+
+/// Windows line ends, and no newline after the last line: bad records are
+/// named by their own line and shown without the line end before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crlf_lines_are_named_by_their_own_line() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION 'ids';
+             INSERT INTO ids SELECT order_id FROM orders;",
+            source_ddl(&input, "DROPMALFORMED", "")
+        ),
+    )
+    .await;
+    let text = [
+        order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+        order("20:00:02", 2, "MSFT", 5, 1.0, "S"),
+        "2016-03-22 20:00:03,3,103,IBM,1,1.0".to_string(),
+        order("20:00:04", 4, "GOOG", 2, 3.0, "B"),
+        "2016-03-22 20:00:05,5,105,IBM,1,abc,B".to_string(),
+    ]
+    .join("\r\n");
+    let file = put(&input, "windows.csv", &text);
+    query.process_all_available().await.unwrap();
+
+    let got = table(
+        &engine
+            .sql("SELECT order_id FROM ids ORDER BY order_id")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(got, rows(&[&["1"], &["2"], &["4"]]));
+    let p = query.last_progress().unwrap();
+    let path = file.display().to_string();
+    assert_eq!(
+        sample_places(&p),
+        [3, 5].map(|l| (path.clone(), l)).to_vec()
+    );
+    let three = p.malformed_samples.iter().find(|s| s.line == 3).unwrap();
+    assert_eq!(three.text.trim_end(), "2016-03-22 20:00:03,3,103,IBM,1,1.0");
+    let five = p.malformed_samples.iter().find(|s| s.line == 5).unwrap();
+    assert_eq!(
+        five.text.trim_end(),
+        "2016-03-22 20:00:05,5,105,IBM,1,abc,B"
+    );
+    query.stop().await.unwrap();
+}
+
+/// `..` in a LOCATION means the parent directory, as in a shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_location_with_dot_dot_reads_the_directory_it_names() {
+    let (_tmp, input) = tmp_source();
+    let detour = input.join("..").join("orders");
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION 'ids';
+             INSERT INTO ids SELECT order_id FROM orders;",
+            source_ddl(&detour, "DROPMALFORMED", "")
+        ),
+    )
+    .await;
+    put(
+        &input,
+        "a.csv",
+        &lines(&[&order("20:00:01", 1, "AAPL", 1, 1.0, "B")]),
+    );
+    query.process_all_available().await.unwrap();
+    assert_eq!(
+        table(&engine.sql("SELECT order_id FROM ids").await.unwrap()),
+        rows(&[&["1"]])
+    );
+    query.stop().await.unwrap();
+}

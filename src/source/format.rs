@@ -198,13 +198,14 @@ impl Decoder {
                 Ok(false) => break,
                 Ok(true) => {}
                 Err(e) => {
-                    let line = lines_before + e.position().map_or(start.line(), |p| p.line());
+                    let at = e.position().unwrap_or(&start);
+                    let (line, byte) = record_start(data, at.line(), start.byte() as usize);
                     let end = reader.position().byte() as usize;
                     let bad = MalformedRecord {
                         file: file.to_string(),
-                        line,
+                        line: lines_before + line,
                         reason: format!("unreadable CSV record: {e}"),
-                        text: excerpt(slice(data, start.byte() as usize, end)),
+                        text: excerpt(slice(data, byte, end)),
                     };
                     self.reject(bad, "unreadable CSV record", &mut malformed)?;
                     continue;
@@ -216,7 +217,8 @@ impl Decoder {
                 continue;
             }
             let end = reader.position().byte() as usize;
-            let span = (lines_before + pos.line(), pos.byte() as usize, end);
+            let (line, byte) = record_start(data, pos.line(), pos.byte() as usize);
+            let span = (lines_before + line, byte, end);
             let n = record.len();
             if n != columns.len() {
                 let reason = format!("expected {} fields, found {n}", columns.len());
@@ -538,18 +540,20 @@ const CSV_BATCH_ROWS: usize = 4096;
 fn arrow_csv_chunk(decoder: &mut CsvDecoder, chunk: &[u8]) -> Option<Vec<RecordBatch>> {
     let mut batches = vec![];
     let mut rest = chunk;
-    loop {
-        // An empty call ends the last record when the chunk has no final newline.
+    while !rest.is_empty() {
         let read = decoder.decode(rest).ok()?;
         rest = &rest[read..];
         if decoder.capacity() == 0 {
             batches.extend(decoder.flush().ok()?);
         } else if read == 0 {
-            break;
+            return None;
         }
     }
-    if !rest.is_empty() {
-        return None;
+    // Only a file's last line can lack its newline; an empty call ends that
+    // record. Chunks before it end at a newline, so the decoder, reused for the
+    // next chunk, never sees the end of its input.
+    if !chunk.ends_with(b"\n") {
+        decoder.decode(&[]).ok()?;
     }
     batches.extend(decoder.flush().ok()?);
     Some(batches)
@@ -575,6 +579,16 @@ impl RowSpans {
     }
     fn get(&self, row: usize) -> (u64, usize, usize) {
         self.spans[row]
+    }
+}
+
+/// Where a record really starts: after a CRLF line the csv reader stops at the
+/// CR, and the next record's position is the LF, still on the line before.
+fn record_start(data: &[u8], line: u64, byte: usize) -> (u64, usize) {
+    if data.get(byte) == Some(&b'\n') {
+        (line + 1, byte + 1)
+    } else {
+        (line, byte)
     }
 }
 

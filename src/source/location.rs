@@ -137,7 +137,7 @@ impl Location {
     }
 
     fn local(display: &str, path: &FsPath) -> Result<Self> {
-        let abs = std::path::absolute(path).map_err(|e| BrookError::io(path, e))?;
+        let abs = without_dot_dot(&std::path::absolute(path).map_err(|e| BrookError::io(path, e))?);
         let prefix = Path::from_absolute_path(&abs).map_err(|e| BrookError::Source {
             location: display.to_string(),
             message: e.to_string(),
@@ -171,6 +171,24 @@ impl Location {
         }
         Ok(())
     }
+}
+
+/// `path` with `..` taken out lexically (`/a/b/../c` is `/a/c`), as a shell's
+/// `cd` does: object-store paths cannot hold `..`, so `LOCATION '../orders'`
+/// would otherwise be refused.
+fn without_dot_dot(path: &FsPath) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> BrookError {

@@ -1,8 +1,8 @@
 //! The checkpoint's files: durable writes, checksummed JSON, listing.
 //!
 //! A file appears whole or not at all ([`Location::write_file`]). JSON files
-//! start with a line `v1 crc32=<hex>` over the rest, so a damaged file is
-//! detected rather than half-read.
+//! start with a line `v1 crc32=<hex>` (`v2` for a commit with state changes)
+//! over the rest, so a damaged file is detected rather than half-read.
 
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
@@ -135,10 +135,23 @@ impl CheckpointFiles {
             .and_then(|h| h.trim().strip_prefix("crc32="))
             .and_then(|h| u32::from_str_radix(h, 16).ok())
             .ok_or_else(|| {
-                fail(format!(
-                    "unrecognised header '{}': not a brook checkpoint file, or damaged",
-                    header.chars().take(40).collect::<String>()
-                ))
+                let shown = header.chars().take(40).collect::<String>();
+                let version = header.split(' ').next().unwrap_or_default();
+                let newer = ![JSON_V1, JSON_V2].contains(&version)
+                    && version.len() > 1
+                    && version.starts_with('v')
+                    && version[1..].bytes().all(|b| b.is_ascii_digit());
+                fail(if newer {
+                    format!(
+                        "written in checkpoint format {version}, which this brook ({}) does not \
+                         know: run the newer brook that wrote it",
+                        env!("CARGO_PKG_VERSION")
+                    )
+                } else {
+                    format!(
+                        "unrecognised header '{shown}': not a brook checkpoint file, or damaged"
+                    )
+                })
             })?;
         let actual = crc32fast::hash(body);
         if actual != expected {
