@@ -1,6 +1,6 @@
 //! From a streaming SELECT to the plans a query re-executes every batch.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
@@ -168,7 +168,17 @@ pub async fn compile(
         });
     };
 
-    let split = incremental::split(&plan, &agg, partitions)?;
+    // A column is never null when every source that has it declares it NOT NULL.
+    let mut not_null = HashSet::new();
+    let mut nullable = HashSet::new();
+    for def in sources.values() {
+        for f in def.read_schema().fields() {
+            let names = if f.is_nullable() { &mut nullable } else { &mut not_null };
+            names.insert(f.name().clone());
+        }
+    }
+    not_null.retain(|n| !nullable.contains(n));
+    let split = incremental::split(&plan, &agg, partitions, &not_null)?;
     let has_order = has_sort_or_limit(&plan);
     let mode = mode.unwrap_or(if has_order {
         OutputMode::Complete
@@ -238,6 +248,8 @@ pub async fn compile(
         event_time_key,
         rows_column,
         keys: split.keys,
+        invertible: split.invertible,
+        running: None,
         state: vec![],
         panes,
         emitted_through_ns: None,

@@ -4,12 +4,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
-use datafusion::arrow::compute::kernels::cmp::lt_eq;
+use datafusion::arrow::compute::kernels::cmp::{gt, lt_eq};
+use datafusion::arrow::compute::kernels::numeric::neg;
 use datafusion::arrow::compute::{
     and, cast, concat_batches, filter_record_batch, min, not, prep_null_mask_filter,
     sort_to_indices, sum, take_record_batch,
 };
-use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::{ExecutionPlan, collect};
@@ -76,6 +77,10 @@ pub struct StatefulOp {
     pub panes: bool,
     /// The watermark up to which windows have been emitted (pane state only).
     pub emitted_through_ns: Option<i64>,
+    /// Sums only (see `AggregateSplit::invertible`): a closing window's sum is
+    /// carried to the next one rather than summed again from its panes.
+    pub invertible: bool,
+    pub running: Option<RunningWindow>,
 }
 
 #[derive(Debug, Default)]
@@ -271,6 +276,9 @@ impl StatefulOp {
         }
         // Appended in pane order, so that a state whose batches bring the newest
         // panes stays sorted for `close_windows`.
+        if self.invertible {
+            self.add_to_running(ctx, ticks, &delta, col).await?;
+        }
         let merged = concat_batches(self.state_slot.schema(), &merged)?;
         let order = sort_to_indices(&pane_starts(&merged, col)?, None, None)?;
         state.push(take_record_batch(&merged, &order)?);
@@ -311,10 +319,9 @@ impl StatefulOp {
     }
 
     /// The windows the watermark `wm` closes that no earlier batch emitted, each
-    /// summed from its panes in the state before this batch. The state is sorted by pane once, so that
-    /// each window's panes are one slice of it.
+    /// summed from its panes in the state before this batch.
     async fn close_windows(
-        &self,
+        &mut self,
         ctx: &Arc<TaskContext>,
         ticks: &WindowTicks,
         key: &EventTimeKey,
@@ -328,6 +335,7 @@ impl StatefulOp {
             }
         }
         let Some(first_pane) = first_pane else {
+            self.running = None;
             return Ok(vec![]);
         };
         let size = ticks.size();
@@ -342,34 +350,24 @@ impl StatefulOp {
         if start.saturating_add(size) > wm {
             return Ok(vec![]);
         }
-        let all = concat_batches(self.state_slot.schema(), &self.state)?;
-        let all_starts = pane_starts(&all, col)?;
-        // In steady state a batch only adds the newest panes, so the state stays sorted.
-        let sorted = if sorted_by_pane(&all_starts) {
-            all
-        } else {
-            take_record_batch(&all, &sort_to_indices(&all_starts, None, None)?)?
-        };
-        let starts = pane_starts(&sorted, col)?;
-        // Nulls sort first, and belong to no window.
-        let known = starts.null_count();
-        let panes = &starts.values()[known..];
+        let panes = SortedPanes::new(self.state_slot.schema(), &self.state, col)?;
+        if self.invertible {
+            return self.close_running(ctx, ticks, &panes, start, wm).await;
+        }
         let mut out = vec![];
         let mut windows = vec![];
         let mut rows_in = 0;
         while start.saturating_add(size) <= wm {
-            let from = panes.partition_point(|&p| p < start);
-            let to = panes.partition_point(|&p| p < start.saturating_add(size));
-            if from < to {
-                let rows = sorted.slice(known + from, to - from);
-                let mut columns = rows.columns().to_vec();
-                columns[col] = ticks.window_column(start, rows.num_rows())?;
-                windows.push(RecordBatch::try_new(rows.schema(), columns)?);
-                rows_in += to - from;
+            let rows = panes.span(start, start.saturating_add(size));
+            if rows.num_rows() > 0 {
+                rows_in += rows.num_rows();
+                windows.push(self.in_window(&rows, ticks, start)?);
                 start += ticks.slide();
             } else {
                 // No pane in this window: skip to the first window of the next pane.
-                let Some(&next) = panes.get(to) else { break };
+                let Some(next) = panes.first_at_or_after(start.saturating_add(size)) else {
+                    break;
+                };
                 start = (start + ticks.slide()).max(ticks.covering(next).0);
             }
             // Many windows closing at once (a long backlog) are summed a slice at a time.
@@ -380,6 +378,120 @@ impl StatefulOp {
         }
         if rows_in > 0 {
             out.extend(self.sum_windows(ctx, &windows).await?);
+        }
+        Ok(out)
+    }
+
+    /// Closes windows from `start` on with a running sum: the next window is this
+    /// one less the pane that leaves it plus the pane that enters, a few hundred
+    /// rows instead of all the window's panes. The sum of the window after the
+    /// last closed one is kept for the next batch, which adds its own rows to it.
+    async fn close_running(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        ticks: &WindowTicks,
+        panes: &SortedPanes,
+        mut start: i64,
+        wm: i64,
+    ) -> Result<Vec<RecordBatch>> {
+        let (size, slide) = (ticks.size(), ticks.slide());
+        let mut out = vec![];
+        while start.saturating_add(size) <= wm {
+            let rows = panes.span(start, start.saturating_add(size));
+            if rows.num_rows() == 0 {
+                self.running = None;
+                let Some(next) = panes.first_at_or_after(start.saturating_add(size)) else {
+                    break;
+                };
+                start = (start + slide).max(ticks.covering(next).0);
+                continue;
+            }
+            let summed = match self.running.take() {
+                Some(running) if running.start == start => running.rows,
+                _ => {
+                    let window = self.in_window(&rows, ticks, start)?;
+                    self.sum_windows(ctx, &[window]).await?
+                }
+            };
+            let next = start + slide;
+            let leaving = self.negated(&panes.span(start, next))?;
+            let entering = panes.span(start.saturating_add(size), next.saturating_add(size));
+            let mut parts = vec![];
+            for rows in summed.iter().chain([&leaving, &entering]) {
+                parts.push(self.in_window(rows, ticks, next)?);
+            }
+            let rows = self.live(self.sum_windows(ctx, &parts).await?)?;
+            self.running = Some(RunningWindow { start: next, rows });
+            out.extend(summed);
+            start = next;
+        }
+        Ok(out)
+    }
+
+    /// Adds a batch's pane rows to the running sum of the next window to close.
+    async fn add_to_running(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        ticks: &WindowTicks,
+        delta: &[RecordBatch],
+        col: usize,
+    ) -> Result<()> {
+        let Some(running) = self.running.take() else {
+            return Ok(());
+        };
+        let end = running.start.saturating_add(ticks.size());
+        let mut parts = running.rows;
+        for b in delta {
+            let inside: BooleanArray = pane_starts(b, col)?
+                .iter()
+                .map(|p| Some(p.is_some_and(|p| p >= running.start && p < end)))
+                .collect();
+            let rows = filter_record_batch(b, &inside)?;
+            if rows.num_rows() > 0 {
+                parts.push(self.in_window(&rows, ticks, running.start)?);
+            }
+        }
+        let rows = self.sum_windows(ctx, &parts).await?;
+        self.running = Some(RunningWindow {
+            start: running.start,
+            rows,
+        });
+        Ok(())
+    }
+
+    /// `rows` with their pane column replaced by the window starting at `start`.
+    fn in_window(&self, rows: &RecordBatch, ticks: &WindowTicks, start: i64) -> Result<RecordBatch> {
+        let col = self.window_column()?;
+        let mut columns = rows.columns().to_vec();
+        columns[col] = ticks.window_column(start, rows.num_rows())?;
+        Ok(RecordBatch::try_new(rows.schema(), columns)?)
+    }
+
+    fn window_column(&self) -> Result<usize> {
+        self.event_time_key
+            .as_ref()
+            .map(|k| k.column)
+            .ok_or_else(|| crate::error::BrookError::Plan("pane state without a window key".into()))
+    }
+
+    /// `rows` with every summed column negated, so that merging them subtracts.
+    fn negated(&self, rows: &RecordBatch) -> Result<RecordBatch> {
+        let mut columns = rows.columns().to_vec();
+        for c in columns.iter_mut().skip(self.keys) {
+            *c = neg(c.as_ref())?;
+        }
+        Ok(RecordBatch::try_new(rows.schema(), columns)?)
+    }
+
+    /// The rows of groups with input left: a group whose rows all left the window
+    /// sums to zero rows.
+    fn live(&self, rows: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        let mut out = vec![];
+        for b in rows {
+            let counts = cast(b.column(self.rows_column), &DataType::Int64)?;
+            let zero = Int64Array::new_scalar(0);
+            let alive = nulls_false(&gt(&counts, &zero)?);
+            out.push(filter_record_batch(&b, &alive)?);
         }
         Ok(out)
     }
@@ -409,6 +521,56 @@ impl StatefulOp {
         let counts = cast(batch.column(self.rows_column), &DataType::Int64)?;
         Ok(sum(counts.as_primitive::<Int64Type>()).unwrap_or(0).max(0) as u64)
     }
+}
+
+/// Pane state sorted by pane, so that the panes of a span of time are one slice.
+struct SortedPanes {
+    rows: RecordBatch,
+    /// The pane starts of the rows with one, ascending (rows without one sort first).
+    starts: Vec<i64>,
+    known_from: usize,
+}
+
+impl SortedPanes {
+    fn new(schema: &SchemaRef, state: &[RecordBatch], col: usize) -> Result<Self> {
+        let all = concat_batches(schema, state)?;
+        let all_starts = pane_starts(&all, col)?;
+        // In steady state a batch only adds the newest panes, so the state stays sorted.
+        let rows = if sorted_by_pane(&all_starts) {
+            all
+        } else {
+            take_record_batch(&all, &sort_to_indices(&all_starts, None, None)?)?
+        };
+        let starts = pane_starts(&rows, col)?;
+        let known_from = starts.null_count();
+        Ok(Self {
+            starts: starts.values()[known_from..].to_vec(),
+            rows,
+            known_from,
+        })
+    }
+
+    /// The rows of the panes that start in `[from, to)`.
+    fn span(&self, from: i64, to: i64) -> RecordBatch {
+        let first = self.starts.partition_point(|&p| p < from);
+        let last = self.starts.partition_point(|&p| p < to);
+        self.rows
+            .slice(self.known_from + first, last.saturating_sub(first))
+    }
+
+    /// The first pane that starts at or after `at`.
+    fn first_at_or_after(&self, at: i64) -> Option<i64> {
+        let i = self.starts.partition_point(|&p| p < at);
+        self.starts.get(i).copied()
+    }
+}
+
+/// The sum of the next window to close, kept between batches (invertible
+/// aggregates only), labelled with that window.
+#[derive(Debug)]
+pub struct RunningWindow {
+    start: i64,
+    rows: Vec<RecordBatch>,
 }
 
 /// Pane rows summed into windows in one go, bounding memory when a backlog

@@ -10,6 +10,8 @@
 //!
 //! All three are DataFusion plans over [`Slot`]s, built once per query.
 
+use std::collections::HashSet;
+
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
@@ -19,7 +21,9 @@ use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
+use datafusion::logical_expr::{
+    Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, cast, col, lit,
+};
 
 use crate::error::{BrookError, Result};
 use crate::exec::slot::Slot;
@@ -58,6 +62,10 @@ pub struct AggregateSplit {
     pub keys: usize,
     /// The group expressions, in key order (`k0`, `k1`, ...).
     pub group_exprs: Vec<Expr>,
+    /// Every state column is an exact sum that subtracting undoes: counts, and
+    /// sums (or averages) without FILTER of integers that are never null. A sum
+    /// that may be null cannot be undone: nothing tells 0 from no value.
+    pub invertible: bool,
 }
 
 /// Finds the one aggregation of `plan`, or `None` for a stateless query.
@@ -136,7 +144,14 @@ pub fn check_stateless(plan: &LogicalPlan) -> Result<()> {
 }
 
 /// Splits `plan`, whose aggregation is `agg`, into partial, merge and finalize plans.
-pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<AggregateSplit> {
+/// `not_null` names the source columns declared NOT NULL, which the decoder
+/// guarantees (the tables the planner sees are all nullable).
+pub fn split(
+    plan: &LogicalPlan,
+    agg: &Aggregate,
+    partitions: usize,
+    not_null: &HashSet<String>,
+) -> Result<AggregateSplit> {
     let keys = agg.group_expr.len();
     let mut partial_aggs: Vec<Expr> = vec![];
     let mut merges: Vec<(String, Merge)> = vec![];
@@ -147,6 +162,7 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
         merges.push((name.clone(), merge));
         name
     };
+    let mut invertible = true;
     for expr in &agg.aggr_expr {
         let inner = match expr {
             Expr::Alias(a) => a.expr.as_ref(),
@@ -173,7 +189,23 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
                 None,
             ))
         };
-        let fin = match f.func.name().to_ascii_lowercase().as_str() {
+        let input = agg.input.schema();
+        let never_null = |a: &Expr| match a {
+            Expr::Column(c) => not_null.contains(c.name()),
+            Expr::Cast(c) => matches!(c.expr.as_ref(), Expr::Column(c) if not_null.contains(c.name())),
+            other => !other.nullable(input).unwrap_or(true),
+        };
+        let exact_sum = p.filter.is_none()
+            && p.args.iter().all(|a| {
+                never_null(a) && a.get_type(input).is_ok_and(|t| t.is_integer())
+            });
+        let name = f.func.name().to_ascii_lowercase();
+        invertible &= match name.as_str() {
+            "count" => true,
+            "sum" | "avg" | "mean" => exact_sum,
+            _ => false,
+        };
+        let fin = match name.as_str() {
             "count" => Final::Count(add(
                 with(f.func.clone(), p.args.clone()),
                 Merge::Sum,
@@ -341,5 +373,6 @@ pub fn split(plan: &LogicalPlan, agg: &Aggregate, partitions: usize) -> Result<A
         finalize,
         keys,
         group_exprs: agg.group_expr.clone(),
+        invertible,
     })
 }
