@@ -173,7 +173,11 @@ pub async fn compile(
     let mut nullable = HashSet::new();
     for def in sources.values() {
         for f in def.read_schema().fields() {
-            let names = if f.is_nullable() { &mut nullable } else { &mut not_null };
+            let names = if f.is_nullable() {
+                &mut nullable
+            } else {
+                &mut not_null
+            };
             names.insert(f.name().clone());
         }
     }

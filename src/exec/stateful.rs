@@ -460,7 +460,12 @@ impl StatefulOp {
     }
 
     /// `rows` with their pane column replaced by the window starting at `start`.
-    fn in_window(&self, rows: &RecordBatch, ticks: &WindowTicks, start: i64) -> Result<RecordBatch> {
+    fn in_window(
+        &self,
+        rows: &RecordBatch,
+        ticks: &WindowTicks,
+        start: i64,
+    ) -> Result<RecordBatch> {
         let col = self.window_column()?;
         let mut columns = rows.columns().to_vec();
         columns[col] = ticks.window_column(start, rows.num_rows())?;

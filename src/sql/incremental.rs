@@ -192,13 +192,15 @@ pub fn split(
         let input = agg.input.schema();
         let never_null = |a: &Expr| match a {
             Expr::Column(c) => not_null.contains(c.name()),
-            Expr::Cast(c) => matches!(c.expr.as_ref(), Expr::Column(c) if not_null.contains(c.name())),
+            Expr::Cast(c) => {
+                matches!(c.expr.as_ref(), Expr::Column(c) if not_null.contains(c.name()))
+            }
             other => !other.nullable(input).unwrap_or(true),
         };
         let exact_sum = p.filter.is_none()
-            && p.args.iter().all(|a| {
-                never_null(a) && a.get_type(input).is_ok_and(|t| t.is_integer())
-            });
+            && p.args
+                .iter()
+                .all(|a| never_null(a) && a.get_type(input).is_ok_and(|t| t.is_integer()));
         let name = f.func.name().to_ascii_lowercase();
         invertible &= match name.as_str() {
             "count" => true,
