@@ -500,13 +500,19 @@ async fn running_window_sums_equal_sums_from_panes() {
                 "B",
             ));
         }
-        if i % 7 == 6 {
+        if i % 7 == 6 && i > 12 {
             // Late: its hour-long windows that ended before the watermark are closed.
             let minute = i * 4 - 50;
             let time = format!("{:02}:{:02}:00", 20 + minute / 60, minute % 60);
             lines.push(order(&time, i * 100 + 99, "LATE", 5, 1.0, "S"));
         }
         put(&input, &format!("{i:03}.csv"), &lines);
+    }
+    // Jumps of the watermark over empty hours: 3 hours (windows closed one after
+    // another across the gap), then 12 (a backlog summed from panes at once).
+    for (name, time) in [("100.csv", "02:00:00"), ("101.csv", "14:30:00")] {
+        let line = format!("2016-03-23 {time},9999,1,AAPL,3,1.0,B");
+        put(&input, name, &[line]);
     }
     let mut results = vec![];
     for amount in ["INT NOT NULL", "INT"] {
@@ -543,4 +549,48 @@ async fn running_window_sums_equal_sums_from_panes() {
         "the late rows' open windows count them"
     );
     assert_eq!(results[0], results[1]);
+}
+
+/// A sum that may be null is summed from its panes: a window whose amounts are
+/// all null sums to NULL, not to the 0 that subtracting would leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_null_amounts_sums_to_null() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "nullable",
+        "append",
+        "SELECT window.start AS ws, symbol, sum(amount) AS shares, count(*) AS n \
+         FROM orders GROUP BY window(time, '20 minutes', '10 minutes'), symbol",
+    )
+    .await;
+    put(&input, "a.csv", &[order("20:05:00", 1, "IBM", 4, 1.0, "B")]);
+    put(
+        &input,
+        "b.csv",
+        &["2016-03-22 20:15:00,2,102,IBM,,1.0,B".to_string()],
+    );
+    put(
+        &input,
+        "c.csv",
+        &[order("21:00:00", 3, "MSFT", 1, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT ws, symbol, shares, n FROM nullable WHERE symbol = 'IBM' ORDER BY ws")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[
+            &[&ts("19:50:00"), "IBM", "4", "1"],
+            &[&ts("20:00:00"), "IBM", "4", "2"],
+            &[&ts("20:10:00"), "IBM", "NULL", "1"],
+        ])
+    );
+    query.stop().await.unwrap();
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::kernels::cmp::{gt, lt_eq};
-use datafusion::arrow::compute::kernels::numeric::neg;
+use datafusion::arrow::compute::kernels::numeric::neg_wrapping;
 use datafusion::arrow::compute::{
     and, cast, concat_batches, filter_record_batch, min, not, prep_null_mask_filter,
     sort_to_indices, sum, take_record_batch,
@@ -119,6 +119,7 @@ impl StatefulOp {
         } else {
             vec![]
         };
+        self.running = None;
         Ok(())
     }
 
@@ -274,11 +275,11 @@ impl StatefulOp {
             outcome.updated_rows += changed.true_count() as u64;
             merged.push(rows);
         }
-        // Appended in pane order, so that a state whose batches bring the newest
-        // panes stays sorted for `close_windows`.
         if self.invertible {
             self.add_to_running(ctx, ticks, &delta, col).await?;
         }
+        // Appended in pane order, so that a state whose batches bring the newest
+        // panes stays sorted for `close_windows`.
         let merged = concat_batches(self.state_slot.schema(), &merged)?;
         let order = sort_to_indices(&pane_starts(&merged, col)?, None, None)?;
         state.push(take_record_batch(&merged, &order)?);
@@ -351,9 +352,13 @@ impl StatefulOp {
             return Ok(vec![]);
         }
         let panes = SortedPanes::new(self.state_slot.schema(), &self.state, col)?;
-        if self.invertible {
+        // A backlog that closes many windows at once sums them in large slices
+        // rather than one small merge per window.
+        let closing = wm.saturating_sub(size).saturating_sub(start) / ticks.slide() + 1;
+        if self.invertible && closing <= RUNNING_WINDOWS_AT_ONCE {
             return self.close_running(ctx, ticks, &panes, start, wm).await;
         }
+        self.running = None;
         let mut out = vec![];
         let mut windows = vec![];
         let mut rows_in = 0;
@@ -441,6 +446,7 @@ impl StatefulOp {
         };
         let end = running.start.saturating_add(ticks.size());
         let mut parts = running.rows;
+        let carried = parts.len();
         for b in delta {
             let inside: BooleanArray = pane_starts(b, col)?
                 .iter()
@@ -451,7 +457,11 @@ impl StatefulOp {
                 parts.push(self.in_window(&rows, ticks, running.start)?);
             }
         }
-        let rows = self.sum_windows(ctx, &parts).await?;
+        let rows = if parts.len() > carried {
+            self.sum_windows(ctx, &parts).await?
+        } else {
+            parts
+        };
         self.running = Some(RunningWindow {
             start: running.start,
             rows,
@@ -479,11 +489,12 @@ impl StatefulOp {
             .ok_or_else(|| crate::error::BrookError::Plan("pane state without a window key".into()))
     }
 
-    /// `rows` with every summed column negated, so that merging them subtracts.
+    /// `rows` with every summed column negated, so that merging them subtracts
+    /// (wrapping, as DataFusion's sums do).
     fn negated(&self, rows: &RecordBatch) -> Result<RecordBatch> {
         let mut columns = rows.columns().to_vec();
         for c in columns.iter_mut().skip(self.keys) {
-            *c = neg(c.as_ref())?;
+            *c = neg_wrapping(c.as_ref())?;
         }
         Ok(RecordBatch::try_new(rows.schema(), columns)?)
     }
@@ -577,6 +588,9 @@ pub struct RunningWindow {
     start: i64,
     rows: Vec<RecordBatch>,
 }
+
+/// Windows closed one after another by a running sum in one batch, at most.
+const RUNNING_WINDOWS_AT_ONCE: i64 = 64;
 
 /// Pane rows summed into windows in one go, bounding memory when a backlog
 /// closes many windows at once.

@@ -63,9 +63,18 @@ pub struct AggregateSplit {
     /// The group expressions, in key order (`k0`, `k1`, ...).
     pub group_exprs: Vec<Expr>,
     /// Every state column is an exact sum that subtracting undoes: counts, and
-    /// sums (or averages) without FILTER of integers that are never null. A sum
-    /// that may be null cannot be undone: nothing tells 0 from no value.
+    /// sums (or averages) without FILTER of signed integers that are never null.
+    /// A sum that may be null cannot be undone: nothing tells 0 from no value.
     pub invertible: bool,
+}
+
+/// Whether `plan` is a source table scan, perhaps under filters.
+fn reads_source_directly(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::TableScan(_) => true,
+        LogicalPlan::Filter(f) => reads_source_directly(&f.input),
+        _ => false,
+    }
 }
 
 /// Finds the one aggregation of `plan`, or `None` for a stateless query.
@@ -190,17 +199,20 @@ pub fn split(
             ))
         };
         let input = agg.input.schema();
+        // A source column is known by its name only where the aggregation reads
+        // the source itself (through filters), not a projection that renamed.
+        let source_column = |c: &datafusion::common::Column| {
+            reads_source_directly(&agg.input) && not_null.contains(c.name())
+        };
         let never_null = |a: &Expr| match a {
-            Expr::Column(c) => not_null.contains(c.name()),
-            Expr::Cast(c) => {
-                matches!(c.expr.as_ref(), Expr::Column(c) if not_null.contains(c.name()))
-            }
+            Expr::Column(c) => source_column(c),
+            Expr::Cast(c) => matches!(c.expr.as_ref(), Expr::Column(c) if source_column(c)),
             other => !other.nullable(input).unwrap_or(true),
         };
         let exact_sum = p.filter.is_none()
             && p.args
                 .iter()
-                .all(|a| never_null(a) && a.get_type(input).is_ok_and(|t| t.is_integer()));
+                .all(|a| never_null(a) && a.get_type(input).is_ok_and(|t| t.is_signed_integer()));
         let name = f.func.name().to_ascii_lowercase();
         invertible &= match name.as_str() {
             "count" => true,
