@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use brook::datafusion::arrow::datatypes::{DataType, Field, Schema};
 use brook::source::FileFormat;
-use brook::{Engine, QueryProgress};
+use brook::{Engine, QueryProgress, StreamingQuery};
 
 /// Writes `text` under a hidden name, then renames it into `dir`, so the
 /// source never lists a half-written file.
@@ -39,6 +39,24 @@ fn source_ddl(dir: &Path, mode: &str, extra: &str) -> String {
     )
 }
 
+/// Starts `INSERT INTO <table> <select>` into a memory table, over the orders
+/// in `dir` read in parse mode `mode` with `extra` columns.
+async fn start_memory(
+    engine: &Engine,
+    dir: &Path,
+    mode: &str,
+    extra: &str,
+    table: &str,
+    select: &str,
+) -> Arc<StreamingQuery> {
+    let script = format!(
+        "{} CREATE EXTERNAL TABLE {table} STORED AS MEMORY LOCATION '{table}';
+         INSERT INTO {table} {select};",
+        source_ddl(dir, mode, extra)
+    );
+    start_one(engine, &script).await
+}
+
 fn reasons(p: &QueryProgress) -> BTreeMap<String, u64> {
     p.malformed_by_reason.clone()
 }
@@ -62,13 +80,13 @@ fn sample_places(p: &QueryProgress) -> Vec<(String, u64)> {
 async fn dropmalformed_drops_and_counts_each_bad_record() {
     let (_tmp, input) = tmp_source();
     let engine = Engine::new();
-    let query = start_one(
+    let query = start_memory(
         &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION 'ids';
-             INSERT INTO ids SELECT order_id, symbol FROM orders;",
-            source_ddl(&input, "DROPMALFORMED", "")
-        ),
+        &input,
+        "DROPMALFORMED",
+        "",
+        "ids",
+        "SELECT order_id, symbol FROM orders",
     )
     .await;
     let good1 = order("20:00:01", 1, "AAPL", 10, 1.5, "B");
@@ -130,13 +148,13 @@ async fn dropmalformed_drops_and_counts_each_bad_record() {
 async fn permissive_keeps_bad_rows_with_nulls_and_counts_them() {
     let (_tmp, input) = tmp_source();
     let engine = Engine::new();
-    let query = start_one(
+    let query = start_memory(
         &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE kept STORED AS MEMORY LOCATION 'kept';
-             INSERT INTO kept SELECT order_id, symbol, amount, price, buy_sell FROM orders;",
-            source_ddl(&input, "PERMISSIVE", "")
-        ),
+        &input,
+        "PERMISSIVE",
+        "",
+        "kept",
+        "SELECT order_id, symbol, amount, price, buy_sell FROM orders",
     )
     .await;
     let file = put(
@@ -181,13 +199,13 @@ async fn permissive_keeps_bad_rows_with_nulls_and_counts_them() {
 async fn permissive_puts_the_raw_record_in_the_corrupt_record_column() {
     let (_tmp, input) = tmp_source();
     let engine = Engine::new();
-    let query = start_one(
+    let query = start_memory(
         &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE kept STORED AS MEMORY LOCATION 'kept';
-             INSERT INTO kept SELECT order_id, price, _corrupt_record FROM orders;",
-            source_ddl(&input, "PERMISSIVE", ", _corrupt_record VARCHAR")
-        ),
+        &input,
+        "PERMISSIVE",
+        ", _corrupt_record VARCHAR",
+        "kept",
+        "SELECT order_id, price, _corrupt_record FROM orders",
     )
     .await;
     put(
@@ -220,13 +238,13 @@ async fn permissive_puts_the_raw_record_in_the_corrupt_record_column() {
 async fn failfast_stops_the_query_naming_file_and_line() {
     let (_tmp, input) = tmp_source();
     let engine = Engine::new();
-    let query = start_one(
+    let query = start_memory(
         &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE ff STORED AS MEMORY LOCATION 'ff';
-             INSERT INTO ff SELECT order_id FROM orders;",
-            source_ddl(&input, "FAILFAST", "")
-        ),
+        &input,
+        "FAILFAST",
+        "",
+        "ff",
+        "SELECT order_id FROM orders",
     )
     .await;
     put(
@@ -534,13 +552,13 @@ async fn a_utf8_corrupt_record_column_from_the_rust_api_gets_the_raw_record() {
 async fn bad_lines_deep_in_a_large_file_are_named_by_their_line() {
     let (_tmp, input) = tmp_source();
     let engine = Engine::new();
-    let query = start_one(
+    let query = start_memory(
         &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE n STORED AS MEMORY LOCATION 'n';
-             INSERT INTO n SELECT count(*) AS orders, sum(order_id) AS ids FROM orders;",
-            source_ddl(&input, "DROPMALFORMED", "")
-        ),
+        &input,
+        "DROPMALFORMED",
+        "",
+        "n",
+        "SELECT count(*) AS orders, sum(order_id) AS ids FROM orders",
     )
     .await;
     let bad = [3u64, 7_000, 19_999];
@@ -640,13 +658,13 @@ async fn queries_sharing_a_source_each_see_every_row_and_bad_line() {
 async fn crlf_lines_are_named_by_their_own_line() {
     let (_tmp, input) = tmp_source();
     let engine = Engine::new();
-    let query = start_one(
+    let query = start_memory(
         &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION 'ids';
-             INSERT INTO ids SELECT order_id FROM orders;",
-            source_ddl(&input, "DROPMALFORMED", "")
-        ),
+        &input,
+        "DROPMALFORMED",
+        "",
+        "ids",
+        "SELECT order_id FROM orders",
     )
     .await;
     let text = [
@@ -689,13 +707,13 @@ async fn a_location_with_dot_dot_reads_the_directory_it_names() {
     let (_tmp, input) = tmp_source();
     let detour = input.join("..").join("orders");
     let engine = Engine::new();
-    let query = start_one(
+    let query = start_memory(
         &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION 'ids';
-             INSERT INTO ids SELECT order_id FROM orders;",
-            source_ddl(&detour, "DROPMALFORMED", "")
-        ),
+        &detour,
+        "DROPMALFORMED",
+        "",
+        "ids",
+        "SELECT order_id FROM orders",
     )
     .await;
     put(
