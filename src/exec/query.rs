@@ -348,6 +348,22 @@ struct Runner {
     last_trigger: Option<Instant>,
 }
 
+/// A batch that panicked skips `finish_background`: its checkpoint writes are
+/// stopped here, since they hold the checkpoint and its lock while they run.
+impl Drop for Runner {
+    fn drop(&mut self) {
+        for task in [self.offsets_written.take(), self.maintenance.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+        if let Some(store) = &mut self.state_store {
+            store.abort();
+        }
+    }
+}
+
 impl Runner {
     async fn run_loop(&mut self, options: &QueryOptions) -> Result<()> {
         let ran = self.run_batches(options).await;

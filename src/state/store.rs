@@ -165,6 +165,13 @@ impl StateStore {
         }
     }
 
+    /// Stops a snapshot being written; the changes still cover the state.
+    pub fn abort(&mut self) {
+        if let Some(writing) = self.writing.take() {
+            writing.abort();
+        }
+    }
+
     fn landed(&mut self, done: Result<StateFile>) {
         match done {
             Ok(file) => {
