@@ -68,6 +68,49 @@ pub struct AggregateSplit {
     pub invertible: bool,
 }
 
+/// The partial aggregation grouped by the fields of a struct key (a window)
+/// rather than the struct, which DataFusion would group through its row
+/// format, and the struct rebuilt after: the same rows, of the same types.
+fn flat_partial(agg: &Aggregate, partial: Aggregate) -> Result<LogicalPlan> {
+    let schema = partial.schema.clone();
+    let keys = agg.group_expr.len();
+    if !schema.fields()[..keys]
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Struct(_)))
+    {
+        return Ok(LogicalPlan::Aggregate(partial));
+    }
+    let mut group = vec![];
+    let mut rebuilt = vec![];
+    for (e, field) in agg.group_expr.iter().zip(schema.fields()) {
+        let k = field.name();
+        match field.data_type() {
+            DataType::Struct(fields) => {
+                let mut parts = vec![];
+                for f in fields.iter() {
+                    let flat = format!("{k}__{}", f.name());
+                    group.push(get_field(e.clone(), f.name().as_str()).alias(&flat));
+                    parts.extend([lit(f.name().as_str()), col(flat.as_str())]);
+                }
+                rebuilt.push(cast(named_struct(parts), field.data_type().clone()).alias(k));
+            }
+            _ => {
+                group.push(e.clone().alias(k));
+                rebuilt.push(col(k.as_str()));
+            }
+        }
+    }
+    rebuilt.extend(
+        schema.fields()[keys..]
+            .iter()
+            .map(|f| col(f.name().as_str())),
+    );
+    let flat = Aggregate::try_new(partial.input.clone(), group, partial.aggr_expr.clone())?;
+    Ok(LogicalPlanBuilder::from(LogicalPlan::Aggregate(flat))
+        .project(rebuilt)?
+        .build()?)
+}
+
 /// Whether `plan` is a source table scan, perhaps under filters.
 fn reads_source_directly(plan: &LogicalPlan) -> bool {
     match plan {
@@ -272,8 +315,10 @@ pub fn split(
         .zip(&key_names)
         .map(|(e, k)| e.clone().alias(k))
         .collect();
-    let partial =
-        LogicalPlan::Aggregate(Aggregate::try_new(agg.input.clone(), group, partial_aggs)?);
+    let partial = flat_partial(
+        agg,
+        Aggregate::try_new(agg.input.clone(), group, partial_aggs)?,
+    )?;
     let state_slot = Slot::new(partial.schema().as_arrow());
     let delta_slot = Slot::new(partial.schema().as_arrow());
     let emit_slot = Slot::new(partial.schema().as_arrow());
