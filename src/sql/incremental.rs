@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::{get_field, named_struct};
@@ -68,9 +68,8 @@ pub struct AggregateSplit {
     pub invertible: bool,
 }
 
-/// The partial aggregation grouped by the fields of a struct key (a window)
-/// rather than the struct, which DataFusion would group through its row
-/// format, and the struct rebuilt after: the same rows, of the same types.
+/// The partial aggregation grouped by the fields of a struct key (a window),
+/// with the struct rebuilt after: the same rows, of the same types.
 fn flat_partial(agg: &Aggregate, partial: Aggregate) -> Result<LogicalPlan> {
     let schema = partial.schema.clone();
     let keys = agg.group_expr.len();
@@ -80,9 +79,31 @@ fn flat_partial(agg: &Aggregate, partial: Aggregate) -> Result<LogicalPlan> {
     {
         return Ok(LogicalPlan::Aggregate(partial));
     }
+    let (group, mut rebuilt) = flat_keys(
+        agg.group_expr
+            .iter()
+            .cloned()
+            .zip(schema.fields().iter().map(|f| f.as_ref())),
+    );
+    rebuilt.extend(
+        schema.fields()[keys..]
+            .iter()
+            .map(|f| col(f.name().as_str())),
+    );
+    let flat = Aggregate::try_new(partial.input.clone(), group, partial.aggr_expr.clone())?;
+    Ok(LogicalPlanBuilder::from(LogicalPlan::Aggregate(flat))
+        .project(rebuilt)?
+        .build()?)
+}
+
+/// Group expressions for keys (each an expression and the field it becomes)
+/// that split a struct key (a window) into its fields, and the projection that
+/// rebuilds the keys from them. DataFusion groups a struct through its
+/// row-format fallback, primitive fields through typed columns.
+fn flat_keys<'a>(keys: impl Iterator<Item = (Expr, &'a Field)>) -> (Vec<Expr>, Vec<Expr>) {
     let mut group = vec![];
     let mut rebuilt = vec![];
-    for (e, field) in agg.group_expr.iter().zip(schema.fields()) {
+    for (e, field) in keys {
         let k = field.name();
         match field.data_type() {
             DataType::Struct(fields) => {
@@ -95,20 +116,12 @@ fn flat_partial(agg: &Aggregate, partial: Aggregate) -> Result<LogicalPlan> {
                 rebuilt.push(cast(named_struct(parts), field.data_type().clone()).alias(k));
             }
             _ => {
-                group.push(e.clone().alias(k));
+                group.push(e.alias(k));
                 rebuilt.push(col(k.as_str()));
             }
         }
     }
-    rebuilt.extend(
-        schema.fields()[keys..]
-            .iter()
-            .map(|f| col(f.name().as_str())),
-    );
-    let flat = Aggregate::try_new(partial.input.clone(), group, partial.aggr_expr.clone())?;
-    Ok(LogicalPlanBuilder::from(LogicalPlan::Aggregate(flat))
-        .project(rebuilt)?
-        .build()?)
+    (group, rebuilt)
 }
 
 /// Whether `plan` is a source table scan, perhaps under filters.
@@ -348,42 +361,20 @@ pub fn split(
             .unwrap_or(DataType::Int64);
         cast(merged, data_type).alias(name)
     });
-    // A struct key (a window) is grouped by its fields: DataFusion groups a
-    // struct through its row-format fallback, primitive fields through typed columns.
-    let mut flat_input: Vec<Expr> = vec![];
-    let mut flat_keys: Vec<Expr> = vec![];
-    let mut rebuilt: Vec<Expr> = vec![];
-    for k in &key_names {
-        let data_type = state_schema.field_with_name(k)?.data_type().clone();
-        match &data_type {
-            DataType::Struct(fields) => {
-                let mut parts = vec![];
-                for f in fields.iter() {
-                    let flat = format!("{k}__{}", f.name());
-                    flat_input.push(get_field(col(k.as_str()), f.name().as_str()).alias(&flat));
-                    flat_keys.push(col(flat.as_str()));
-                    parts.extend([lit(f.name().as_str()), col(flat.as_str())]);
-                }
-                rebuilt.push(cast(named_struct(parts), data_type.clone()).alias(k));
-            }
-            _ => {
-                flat_input.push(col(k.as_str()));
-                flat_keys.push(col(k.as_str()));
-                rebuilt.push(col(k.as_str()));
-            }
-        }
-    }
-    let values: Vec<Expr> = merges
+    let key_fields = key_names
         .iter()
-        .map(|(name, _)| col(name.as_str()))
-        .chain([col(CHANGED_COLUMN)])
-        .collect();
-    flat_input.extend(values.iter().cloned());
-    rebuilt.extend(values);
+        .map(|k| state_schema.field_with_name(k))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let (flat, mut rebuilt) = flat_keys(key_names.iter().map(|k| col(k.as_str())).zip(key_fields));
+    rebuilt.extend(
+        merges
+            .iter()
+            .map(|(name, _)| col(name.as_str()))
+            .chain([col(CHANGED_COLUMN)]),
+    );
     let merge = LogicalPlanBuilder::from(union)
-        .project(flat_input)?
         .aggregate(
-            flat_keys,
+            flat,
             merge_aggs.chain([bool_or(col(CHANGED_COLUMN)).alias(CHANGED_COLUMN)]),
         )?
         .project(rebuilt)?
