@@ -111,8 +111,7 @@ impl StatefulOp {
     pub fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
         let mut all = concat_batches(self.state_slot.schema(), &state)?;
         if let (true, Some(key)) = (self.panes, &self.event_time_key) {
-            let order = sort_to_indices(&pane_starts(&all, key.column)?, None, None)?;
-            all = take_record_batch(&all, &order)?;
+            all = by_pane(all, key.column)?;
         }
         self.state = if all.num_rows() > 0 {
             vec![all]
@@ -281,8 +280,7 @@ impl StatefulOp {
         // Appended in pane order, so that a state whose batches bring the newest
         // panes stays sorted for `close_windows`.
         let merged = concat_batches(self.state_slot.schema(), &merged)?;
-        let order = sort_to_indices(&pane_starts(&merged, col)?, None, None)?;
-        state.push(take_record_batch(&merged, &order)?);
+        state.push(by_pane(merged, col)?);
         let merged_at = state.len() - 1;
         if let Some(wm) = watermark {
             let mut open = Vec::with_capacity(state.len());
@@ -366,14 +364,13 @@ impl StatefulOp {
             let rows = panes.span(start, start.saturating_add(size));
             if rows.num_rows() > 0 {
                 rows_in += rows.num_rows();
-                windows.push(self.in_window(&rows, ticks, start)?);
+                windows.push(in_window(&rows, panes.col, ticks, start)?);
                 start += ticks.slide();
             } else {
-                // No pane in this window: skip to the first window of the next pane.
-                let Some(next) = panes.first_at_or_after(start.saturating_add(size)) else {
+                let Some(next) = panes.next_window_after_gap(ticks, start) else {
                     break;
                 };
-                start = (start + ticks.slide()).max(ticks.covering(next).0);
+                start = next;
             }
             // Many windows closing at once (a long backlog) are summed a slice at a time.
             if rows_in >= SUM_ROWS_AT_ONCE {
@@ -405,16 +402,16 @@ impl StatefulOp {
             let rows = panes.span(start, start.saturating_add(size));
             if rows.num_rows() == 0 {
                 self.running = None;
-                let Some(next) = panes.first_at_or_after(start.saturating_add(size)) else {
+                let Some(next) = panes.next_window_after_gap(ticks, start) else {
                     break;
                 };
-                start = (start + slide).max(ticks.covering(next).0);
+                start = next;
                 continue;
             }
             let summed = match self.running.take() {
                 Some(running) if running.start == start => running.rows,
                 _ => {
-                    let window = self.in_window(&rows, ticks, start)?;
+                    let window = in_window(&rows, panes.col, ticks, start)?;
                     self.sum_windows(ctx, &[window]).await?
                 }
             };
@@ -423,7 +420,7 @@ impl StatefulOp {
             let entering = panes.span(start.saturating_add(size), next.saturating_add(size));
             let mut parts = vec![];
             for rows in summed.iter().chain([&leaving, &entering]) {
-                parts.push(self.in_window(rows, ticks, next)?);
+                parts.push(in_window(rows, panes.col, ticks, next)?);
             }
             let rows = self.live(self.sum_windows(ctx, &parts).await?)?;
             self.running = Some(RunningWindow { start: next, rows });
@@ -454,7 +451,7 @@ impl StatefulOp {
                 .collect();
             let rows = filter_record_batch(b, &inside)?;
             if rows.num_rows() > 0 {
-                parts.push(self.in_window(&rows, ticks, running.start)?);
+                parts.push(in_window(&rows, col, ticks, running.start)?);
             }
         }
         let rows = if parts.len() > carried {
@@ -467,26 +464,6 @@ impl StatefulOp {
             rows,
         });
         Ok(())
-    }
-
-    /// `rows` with their pane column replaced by the window starting at `start`.
-    fn in_window(
-        &self,
-        rows: &RecordBatch,
-        ticks: &WindowTicks,
-        start: i64,
-    ) -> Result<RecordBatch> {
-        let col = self.window_column()?;
-        let mut columns = rows.columns().to_vec();
-        columns[col] = ticks.window_column(start, rows.num_rows())?;
-        Ok(RecordBatch::try_new(rows.schema(), columns)?)
-    }
-
-    fn window_column(&self) -> Result<usize> {
-        self.event_time_key
-            .as_ref()
-            .map(|k| k.column)
-            .ok_or_else(|| crate::error::BrookError::Plan("pane state without a window key".into()))
     }
 
     /// `rows` with every summed column negated, so that merging them subtracts
@@ -542,6 +519,8 @@ impl StatefulOp {
 /// Pane state sorted by pane, so that the panes of a span of time are one slice.
 struct SortedPanes {
     rows: RecordBatch,
+    /// The pane column.
+    col: usize,
     /// The pane starts of the rows with one, ascending (rows without one sort first).
     starts: Vec<i64>,
     known_from: usize,
@@ -549,19 +528,13 @@ struct SortedPanes {
 
 impl SortedPanes {
     fn new(schema: &SchemaRef, state: &[RecordBatch], col: usize) -> Result<Self> {
-        let all = concat_batches(schema, state)?;
-        let all_starts = pane_starts(&all, col)?;
-        // In steady state a batch only adds the newest panes, so the state stays sorted.
-        let rows = if sorted_by_pane(&all_starts) {
-            all
-        } else {
-            take_record_batch(&all, &sort_to_indices(&all_starts, None, None)?)?
-        };
+        let rows = by_pane(concat_batches(schema, state)?, col)?;
         let starts = pane_starts(&rows, col)?;
         let known_from = starts.null_count();
         Ok(Self {
             starts: starts.values()[known_from..].to_vec(),
             rows,
+            col,
             known_from,
         })
     }
@@ -574,10 +547,14 @@ impl SortedPanes {
             .slice(self.known_from + first, last.saturating_sub(first))
     }
 
-    /// The first pane that starts at or after `at`.
-    fn first_at_or_after(&self, at: i64) -> Option<i64> {
-        let i = self.starts.partition_point(|&p| p < at);
-        self.starts.get(i).copied()
+    /// The window after the empty one at `start` that can hold panes: the next
+    /// one, or the first window of the next pane. `None` when no pane follows.
+    fn next_window_after_gap(&self, ticks: &WindowTicks, start: i64) -> Option<i64> {
+        let i = self
+            .starts
+            .partition_point(|&p| p < start.saturating_add(ticks.size()));
+        let next = *self.starts.get(i)?;
+        Some((start + ticks.slide()).max(ticks.covering(next).0))
     }
 }
 
@@ -589,6 +566,18 @@ pub struct RunningWindow {
     rows: Vec<RecordBatch>,
 }
 
+/// `rows` with their pane column `col` replaced by the window starting at `start`.
+fn in_window(
+    rows: &RecordBatch,
+    col: usize,
+    ticks: &WindowTicks,
+    start: i64,
+) -> Result<RecordBatch> {
+    let mut columns = rows.columns().to_vec();
+    columns[col] = ticks.window_column(start, rows.num_rows())?;
+    Ok(RecordBatch::try_new(rows.schema(), columns)?)
+}
+
 /// Windows closed one after another by a running sum in one batch, at most.
 const RUNNING_WINDOWS_AT_ONCE: i64 = 64;
 
@@ -596,11 +585,20 @@ const RUNNING_WINDOWS_AT_ONCE: i64 = 64;
 /// closes many windows at once.
 const SUM_ROWS_AT_ONCE: usize = 1 << 20;
 
-/// Whether panes ascend, with nulls first (the order `sort_to_indices` gives).
-fn sorted_by_pane(starts: &Int64Array) -> bool {
+/// `rows` ordered by pane, nulls first. In steady state a batch only adds the
+/// newest panes, so the state is already in order and is not sorted again.
+fn by_pane(rows: RecordBatch, col: usize) -> Result<RecordBatch> {
+    let starts = pane_starts(&rows, col)?;
     let nulls = starts.null_count();
-    (0..nulls).all(|i| starts.is_null(i))
-        && starts.values()[nulls..].windows(2).all(|w| w[0] <= w[1])
+    let sorted = (0..nulls).all(|i| starts.is_null(i))
+        && starts.values()[nulls..].windows(2).all(|w| w[0] <= w[1]);
+    if sorted {
+        return Ok(rows);
+    }
+    Ok(take_record_batch(
+        &rows,
+        &sort_to_indices(&starts, None, None)?,
+    )?)
 }
 
 /// The start of each row's pane, in the time column's ticks.
