@@ -55,6 +55,16 @@ where
     }
 }
 
+/// What a task started by [`spawn`] returned; a task that panicked or was
+/// cancelled is an error.
+pub async fn settle<T>(
+    task: tokio::task::JoinHandle<crate::error::Result<T>>,
+) -> crate::error::Result<T> {
+    task.await.map_err(|e| {
+        crate::error::BrookError::Plan(format!("a checkpoint write task failed: {e}"))
+    })?
+}
+
 fn pauses() -> &'static [Pause] {
     static PAUSES: OnceLock<Vec<Pause>> = OnceLock::new();
     PAUSES.get_or_init(|| {

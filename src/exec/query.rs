@@ -374,17 +374,11 @@ impl Runner {
     /// Waits for the checkpoint writes still running in the background, so that
     /// none outlives the query (they hold its checkpoint), even a failed one.
     async fn finish_background(&mut self) -> Result<()> {
-        let offsets = match self.offsets_written.take() {
-            Some(task) => joined(task.await),
-            None => Ok(()),
-        };
+        let offsets = settled(self.offsets_written.take()).await;
         if let Some(store) = &mut self.state_store {
             store.finish().await;
         }
-        let maintenance = match self.maintenance.take() {
-            Some(task) => joined(task.await),
-            None => Ok(()),
-        };
+        let maintenance = settled(self.maintenance.take()).await;
         offsets.and(maintenance)
     }
 
@@ -491,8 +485,8 @@ impl Runner {
         };
         phase("execute", &mut phases);
 
-        if let Some(written) = self.offsets_written.take() {
-            joined(written.await)?;
+        if self.offsets_written.is_some() {
+            settled(self.offsets_written.take()).await?;
             crash_point("offsets", batch_id);
         }
         let output_rows: usize = output.iter().map(RecordBatch::num_rows).sum();
@@ -657,9 +651,7 @@ impl Runner {
         if !Checkpoint::source_due(batch_id) {
             return Ok(());
         }
-        if let Some(task) = self.maintenance.take() {
-            joined(task.await)?;
-        }
+        settled(self.maintenance.take()).await?;
         let progress = self.source.progress()?;
         self.maintenance = Some(faults::spawn(async move {
             cp.write_source(batch_id + 1, &progress).await
@@ -715,9 +707,12 @@ impl Runner {
     }
 }
 
-/// The outcome of a checkpoint write run as its own task.
-fn joined(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
-    done.map_err(|e| BrookError::Plan(format!("a checkpoint write task failed: {e}")))?
+/// The outcome of a checkpoint write run as its own task, if one was started.
+async fn settled(task: Option<JoinHandle<Result<()>>>) -> Result<()> {
+    match task {
+        Some(task) => faults::settle(task).await,
+        None => Ok(()),
+    }
 }
 
 fn format_ns(ns: i64) -> String {

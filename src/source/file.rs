@@ -108,10 +108,11 @@ impl FileSource {
         let root_parts = self.location.prefix.parts().count();
         files.retain(|meta| {
             !self.seen.contains(&meta.location)
-                && !meta.location.parts().skip(root_parts).any(|part| {
-                    let name = part.as_ref();
-                    name.starts_with('.') || name.starts_with('_')
-                })
+                && !meta
+                    .location
+                    .parts()
+                    .skip(root_parts)
+                    .any(|part| hidden(part.as_ref()))
         });
         files.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
         if self.options.latest_first {
@@ -137,10 +138,10 @@ impl FileSource {
         .await?;
         let mut unseen = vec![];
         for path in names {
-            let hidden = path.file_name().is_some_and(|n| {
-                n.as_encoded_bytes().starts_with(b".") || n.as_encoded_bytes().starts_with(b"_")
-            });
-            if hidden {
+            if path
+                .file_name()
+                .is_some_and(|n| hidden(&n.to_string_lossy()))
+            {
                 continue;
             }
             // Named as the object store lists them: the absolute path, not resolved.
@@ -189,6 +190,12 @@ impl FileSource {
 fn stored_path(path: &str) -> Result<Path> {
     Path::parse(path)
         .map_err(|e| BrookError::Plan(format!("bad file path {path:?} in the checkpoint: {e}")))
+}
+
+/// Names starting with `.` or `_` are never read: writers put files there
+/// before renaming them in.
+fn hidden(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with('_')
 }
 
 /// Whether the object store would list `location` as a file: it skips its own

@@ -29,14 +29,14 @@ pub fn schema(state: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, state.metadata().clone()))
 }
 
-/// A batch's changes: `upserts` are the new rows of groups that changed,
-/// `deletes` the last rows of groups that left the state.
+/// A batch's changes, in the change schema `schema` ([`schema`]): `upserts`
+/// are the new rows of groups that changed, `deletes` the last rows of groups
+/// that left the state.
 pub fn changes(
-    state: &SchemaRef,
+    schema: &SchemaRef,
     upserts: &[RecordBatch],
     deletes: &[RecordBatch],
 ) -> Result<Vec<RecordBatch>> {
-    let schema = schema(state);
     let marked = |batches: &[RecordBatch], deleted: bool| {
         batches
             .iter()
@@ -168,13 +168,13 @@ mod tests {
         let schema = state_schema();
         let snapshot = vec![rows(&[Some("a"), Some("b"), None], &[1, 2, 3])];
         let first = changes(
-            &schema,
+            &super::schema(&schema),
             &[rows(&[Some("a"), Some("c")], &[10, 30])],
             &[rows(&[Some("b")], &[2])],
         )
         .unwrap();
         let second = changes(
-            &schema,
+            &super::schema(&schema),
             &[rows(&[Some("b"), None], &[20, 33])],
             &[rows(&[Some("c")], &[30])],
         )
@@ -191,8 +191,8 @@ mod tests {
         let schema = state_schema();
         let snapshot = vec![rows(&[Some("x")], &[1])];
         let deltas = [
-            changes(&schema, &[rows(&[Some("x")], &[2])], &[]).unwrap(),
-            changes(&schema, &[rows(&[Some("x")], &[3])], &[]).unwrap(),
+            changes(&super::schema(&schema), &[rows(&[Some("x")], &[2])], &[]).unwrap(),
+            changes(&super::schema(&schema), &[rows(&[Some("x")], &[3])], &[]).unwrap(),
         ];
         let state = apply(snapshot, &deltas, 0, &schema).unwrap();
         assert_eq!(sorted(&state), [(Some("x".into()), 3)]);

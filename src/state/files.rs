@@ -18,6 +18,7 @@ use crate::source::location::Location;
 /// snapshot without the changes.
 pub const JSON_V1: &str = "v1";
 pub const JSON_V2: &str = "v2";
+const JSON_VERSIONS: [&str; 2] = [JSON_V1, JSON_V2];
 
 #[derive(Debug, Clone)]
 pub struct CheckpointFiles {
@@ -129,7 +130,7 @@ impl CheckpointFiles {
             .ok_or_else(|| fail("truncated: no header line".into()))?;
         let header = std::str::from_utf8(&bytes[..newline]).unwrap_or_default();
         let body = &bytes[newline + 1..];
-        let expected = [JSON_V1, JSON_V2]
+        let expected = JSON_VERSIONS
             .iter()
             .find_map(|v| header.strip_prefix(v))
             .and_then(|h| h.trim().strip_prefix("crc32="))
@@ -137,7 +138,7 @@ impl CheckpointFiles {
             .ok_or_else(|| {
                 let shown = header.chars().take(40).collect::<String>();
                 let version = header.split(' ').next().unwrap_or_default();
-                let newer = ![JSON_V1, JSON_V2].contains(&version)
+                let newer = !JSON_VERSIONS.contains(&version)
                     && version.len() > 1
                     && version.starts_with('v')
                     && version[1..].bytes().all(|b| b.is_ascii_digit());

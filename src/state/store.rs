@@ -35,6 +35,8 @@ pub struct StateStore {
     checkpoint: Arc<Checkpoint>,
     operator: String,
     schema: SchemaRef,
+    /// The columns of a change file: the state's and a deleted flag.
+    change_schema: SchemaRef,
     /// The leading state columns that identify a group.
     keys: usize,
     snapshot: Option<StateFile>,
@@ -52,6 +54,7 @@ impl StateStore {
         Self {
             checkpoint,
             operator: operator.to_string(),
+            change_schema: delta::schema(&schema),
             schema,
             keys,
             snapshot: None,
@@ -77,10 +80,13 @@ impl StateStore {
             .cloned()
             .unwrap_or_default();
         let rows = self.checkpoint.load_state(snapshot, &self.schema).await?;
-        let change_schema = delta::schema(&self.schema);
         let mut replayed = Vec::with_capacity(changes.len());
         for file in &changes {
-            replayed.push(self.checkpoint.load_state(file, &change_schema).await?);
+            replayed.push(
+                self.checkpoint
+                    .load_state(file, &self.change_schema)
+                    .await?,
+            );
         }
         self.snapshot = Some(snapshot.clone());
         self.changes = changes;
@@ -115,15 +121,10 @@ impl StateStore {
                 .await?;
             return Ok(Saved::Snapshot(file));
         }
-        let changes = delta::changes(&self.schema, upserts, deletes)?;
+        let changes = delta::changes(&self.change_schema, upserts, deletes)?;
         let file = self
             .checkpoint
-            .write_state_changes(
-                &self.operator,
-                batch_id,
-                &delta::schema(&self.schema),
-                &changes,
-            )
+            .write_state_changes(&self.operator, batch_id, &self.change_schema, &changes)
             .await?;
         Ok(Saved::Changes(file))
     }
@@ -132,17 +133,17 @@ impl StateStore {
     /// landed, and starts the next one when enough changes have piled up.
     pub fn saved(&mut self, batch_id: u64, saved: Saved, state: &[RecordBatch]) {
         match saved {
-            Saved::Snapshot(file) => {
-                self.snapshot = Some(file);
-                self.changes.clear();
-            }
+            Saved::Snapshot(file) => self.adopt(file),
             Saved::Changes(file) => self.changes.push(file),
             Saved::Nothing => {}
         }
         if self.writing.as_ref().is_some_and(JoinHandle::is_finished)
-            && let Some(done) = self.writing.take().and_then(FutureExt::now_or_never)
+            && let Some(done) = self
+                .writing
+                .take()
+                .and_then(|task| faults::settle(task).now_or_never())
         {
-            self.landed(done.map_err(join_error).and_then(|r| r));
+            self.landed(done);
         }
         if self.writing.is_none() && self.changes.len() >= SNAPSHOT_AFTER {
             let checkpoint = self.checkpoint.clone();
@@ -161,7 +162,7 @@ impl StateStore {
     /// checkpoint (or holds it) once the query has ended.
     pub async fn finish(&mut self) {
         if let Some(writing) = self.writing.take() {
-            self.landed(writing.await.map_err(join_error).and_then(|r| r));
+            self.landed(faults::settle(writing).await);
         }
     }
 
@@ -172,18 +173,22 @@ impl StateStore {
         }
     }
 
+    /// Builds on the snapshot `file` unless a later one is in use: the changes
+    /// up to its batch are in it.
+    fn adopt(&mut self, file: StateFile) {
+        if self
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| s.batch_id < file.batch_id)
+        {
+            self.changes.retain(|c| c.batch_id > file.batch_id);
+            self.snapshot = Some(file);
+        }
+    }
+
     fn landed(&mut self, done: Result<StateFile>) {
         match done {
-            Ok(file) => {
-                if self
-                    .snapshot
-                    .as_ref()
-                    .is_none_or(|s| s.batch_id < file.batch_id)
-                {
-                    self.changes.retain(|c| c.batch_id > file.batch_id);
-                    self.snapshot = Some(file);
-                }
-            }
+            Ok(file) => self.adopt(file),
             // The changes still cover the state; the next snapshot tries again.
             Err(e) => tracing::warn!(
                 checkpoint = self.checkpoint.display(),
@@ -209,8 +214,4 @@ impl StateStore {
         }
         (snapshot, changes)
     }
-}
-
-fn join_error(e: tokio::task::JoinError) -> BrookError {
-    BrookError::Plan(format!("state snapshot task failed: {e}"))
 }
