@@ -80,12 +80,18 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
 }
 
 /// When to kill a run: when it reports reaching one of `points` (`point:batch`,
-/// comma-separated), or `after` this long, whichever comes first.
+/// comma-separated), or `after` this long, whichever comes first. A run with a
+/// `victim` point is not killed at another point (a backstop) until the victim
+/// has had `VICTIM_GRACE` to reach its own: the queries run side by side, and
+/// another's backstop would otherwise often come first.
 #[derive(Debug, Clone)]
 struct Kill {
     points: String,
+    victim: Option<String>,
     after: Option<Duration>,
 }
+
+const VICTIM_GRACE: Duration = Duration::from_millis(500);
 
 /// Runs `brook run` to completion, or until `kill` says, then SIGKILLs it.
 /// Returns where it was killed (`query/point:batch`, or `after <time>`).
@@ -114,6 +120,8 @@ fn run(sql: &Path, checkpoint: &Path, log: &Path, kill: Option<&Kill>) -> Option
         text
     });
     let started = Instant::now();
+    let victim = kill.and_then(|k| k.victim.clone());
+    let mut backstop: Option<(String, Instant)> = None;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let stderr = reader.join().unwrap();
@@ -121,10 +129,20 @@ fn run(sql: &Path, checkpoint: &Path, log: &Path, kill: Option<&Kill>) -> Option
             break None;
         }
         let due = match (paused.try_recv(), kill.and_then(|k| k.after)) {
-            (Ok(at), _) => Some(at),
+            (Ok(at), _) if victim.is_none() || victim.as_ref() == Some(&at) => Some(at),
+            (Ok(at), _) => {
+                backstop.get_or_insert((at, Instant::now()));
+                None
+            }
             (_, Some(after)) if started.elapsed() >= after => Some(format!("after {after:?}")),
             _ => None,
         };
+        let due = due.or_else(|| {
+            backstop
+                .as_ref()
+                .filter(|(_, since)| since.elapsed() >= VICTIM_GRACE)
+                .map(|(at, _)| at.clone())
+        });
         if due.is_some() {
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
@@ -314,17 +332,21 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
         let point = faults::POINTS[attempt % faults::POINTS.len()];
         let victim = QUERIES[attempt % QUERIES.len()];
         let mut points = vec![];
+        let mut victim_point = None;
         for query in QUERIES {
             let last = expected.states[query].0;
             let next = committed(&crashed.join("checkpoint").join(query)).map_or(0, |c| c + 1);
             let target = (attempt as u64 * last / KILL_ATTEMPTS as u64).max(next);
             points.push(format!("{query}/commits:{}", target + 1));
             if query == victim && !timed {
-                points.push(format!("{query}/{point}:{target}"));
+                let at = format!("{query}/{point}:{target}");
+                points.push(at.clone());
+                victim_point = Some(at);
             }
         }
         let kill = Kill {
             points: points.join(","),
+            victim: victim_point,
             after: timed.then(|| Duration::from_millis(rng.random_range(50..800))),
         };
         let log = crashed.join(format!("stdout-{attempt}"));
