@@ -99,8 +99,16 @@ pub fn crash_point(point: &str, batch: u64) {
     });
     if hit {
         eprintln!("brook: paused at {query}/{point}:{batch}");
-        loop {
+        let forever = || loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
+        };
+        // A paused query must not hold a runtime worker: with two cores, two
+        // paused queries would stop the others from reaching their own points.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(forever)
+            }
+            _ => forever(),
         }
     }
 }
