@@ -8,6 +8,7 @@
 
 use std::io::Cursor;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
@@ -71,6 +72,30 @@ pub struct Decoder {
     pub mode: ParseMode,
     /// A nullable Utf8 column that receives the raw text of malformed records in PERMISSIVE mode.
     pub corrupt_column: Option<usize>,
+    dirty: DirtyInput,
+}
+
+/// Whether the last CSV that this decoder (or a clone) tried in one pass had a
+/// bad record. Bad records usually keep coming, and a pass with one is parsed
+/// twice (whole, then in chunks), so after one the next go to chunks at once.
+#[derive(Debug, Clone, Default)]
+struct DirtyInput(Arc<AtomicBool>);
+
+impl DirtyInput {
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, dirty: bool) {
+        self.0.store(dirty, Ordering::Relaxed);
+    }
+}
+
+/// A hint for speed, not part of what a decoder produces.
+impl PartialEq for DirtyInput {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The rows of one file, with what was rejected on the way.
@@ -90,6 +115,7 @@ impl Decoder {
             schema,
             mode,
             corrupt_column,
+            dirty: DirtyInput::default(),
         }
     }
 
@@ -121,23 +147,63 @@ impl Decoder {
             body = &data[header_end..];
             lines_before = 1;
         }
-        let records = CsvOptions {
-            has_header: false,
-            ..options.clone()
-        };
         let file_schema = Arc::new(self.schema.project(&self.data_columns())?);
         let mut parts = vec![];
         let mut malformed = MalformedStats::default();
         let mut start = 0;
+        while start < body.len() {
+            let end = line_end(body, start + CSV_PASS_BYTES);
+            let pass = &body[start..end];
+            let lines = memchr::memchr_iter(b'\n', pass).count();
+            let whole = match self.dirty.get() {
+                true => None,
+                false => arrow_csv_whole(options, &file_schema, pass, lines),
+            };
+            match whole {
+                Some(batch) => parts.push(self.with_corrupt_column(batch)?),
+                None => {
+                    let (chunks, found) =
+                        self.decode_csv_chunks(options, file, &file_schema, pass, lines_before)?;
+                    self.dirty.set(found.count > 0);
+                    parts.extend(chunks);
+                    malformed.merge(found);
+                }
+            }
+            lines_before += lines as u64;
+            start = end;
+        }
+        // One batch per file, as DataFusion runs the queries faster over
+        // file-sized batches; a file read whole in one pass is not copied.
+        let batch = datafusion::arrow::compute::concat_batches(&self.schema, &parts)?;
+        Ok(Decoded { batch, malformed })
+    }
+
+    /// Parses whole lines in 64 KB chunks, each by arrow's reader, or record by
+    /// record if arrow's reader rejects it; line numbers start after `lines_before`.
+    fn decode_csv_chunks(
+        &self,
+        options: &CsvOptions,
+        file: &str,
+        file_schema: &SchemaRef,
+        body: &[u8],
+        mut lines_before: u64,
+    ) -> Result<(Vec<RecordBatch>, MalformedStats)> {
+        let records = CsvOptions {
+            has_header: false,
+            ..options.clone()
+        };
+        let mut parts = vec![];
+        let mut malformed = MalformedStats::default();
+        let mut start = 0;
         // Building arrow's decoder costs as much as parsing a few hundred lines, so
-        // one serves the file's chunks until a chunk it rejects leaves it unusable.
+        // one serves the chunks until a chunk it rejects leaves it unusable.
         let mut decoder = None;
         while start < body.len() {
-            let cut = (start + CSV_CHUNK_BYTES).min(body.len());
-            let end = memchr::memchr(b'\n', &body[cut..]).map_or(body.len(), |i| cut + i + 1);
+            let end = line_end(body, start + CSV_CHUNK_BYTES);
             let chunk = &body[start..end];
             let lines = memchr::memchr_iter(b'\n', chunk).count() as u64;
-            let arrow = decoder.get_or_insert_with(|| csv_decoder(options, &file_schema));
+            let arrow =
+                decoder.get_or_insert_with(|| csv_decoder(options, file_schema, CSV_BATCH_ROWS));
             match arrow_csv_chunk(arrow, chunk) {
                 Some(batches) => {
                     for batch in batches {
@@ -154,10 +220,7 @@ impl Decoder {
             lines_before += lines;
             start = end;
         }
-        // One batch per file rather than per 64 KB chunk: DataFusion runs the
-        // queries faster over file-sized batches than the copy costs here.
-        let batch = datafusion::arrow::compute::concat_batches(&self.schema, &parts)?;
-        Ok(Decoded { batch, malformed })
+        Ok((parts, malformed))
     }
 
     /// A batch of the data columns, completed with an empty corrupt-record column.
@@ -521,17 +584,41 @@ impl Decoder {
 /// Bytes of CSV given to arrow's reader at once (cut at the next newline).
 const CSV_CHUNK_BYTES: usize = 64 << 10;
 
-/// Arrow's CSV decoder for headerless records of `schema`.
-fn csv_decoder(options: &CsvOptions, schema: &SchemaRef) -> CsvDecoder {
+/// Bytes of CSV first tried by arrow's reader in one go (cut at the next newline).
+const CSV_PASS_BYTES: usize = 16 << 20;
+
+/// The end of the line that `at` falls in (`body`'s end if that line has no newline).
+fn line_end(body: &[u8], at: usize) -> usize {
+    let cut = at.min(body.len());
+    memchr::memchr(b'\n', &body[cut..]).map_or(body.len(), |i| cut + i + 1)
+}
+
+/// Arrow's CSV decoder for headerless records of `schema`, flushing every `rows` rows.
+fn csv_decoder(options: &CsvOptions, schema: &SchemaRef, rows: usize) -> CsvDecoder {
     CsvReaderBuilder::new(schema.clone())
         .with_header(false)
         .with_delimiter(options.delimiter)
         .with_quote(options.quote)
-        .with_batch_size(CSV_BATCH_ROWS)
+        .with_batch_size(rows.max(1))
         .build_decoder()
 }
 
-/// Rows arrow's decoder parses between flushes; it sizes its buffers for them.
+/// Parses `pass`, whole lines of which `lines` end in a newline, with arrow's
+/// decoder sized for all of them: one flush makes one batch, with no copy.
+/// `None` if any record in it is bad.
+fn arrow_csv_whole(
+    options: &CsvOptions,
+    schema: &SchemaRef,
+    pass: &[u8],
+    lines: usize,
+) -> Option<RecordBatch> {
+    let rows = lines + usize::from(!pass.ends_with(b"\n"));
+    let mut decoder = csv_decoder(options, schema, rows);
+    let batches = arrow_csv_chunk(&mut decoder, pass)?;
+    datafusion::arrow::compute::concat_batches(schema, &batches).ok()
+}
+
+/// Rows arrow's decoder parses between flushes in 64 KB chunks; it sizes its buffers for them.
 const CSV_BATCH_ROWS: usize = 4096;
 
 /// Parses a chunk of whole CSV lines with arrow's decoder, or `None` if any
@@ -610,6 +697,34 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::{Field, Int64Type};
+
+    /// One decoder reads a clean file whole, a file with a bad line in chunks
+    /// (naming the line), and then a clean file whole again.
+    #[test]
+    fn clean_and_dirty_files_in_turn_keep_every_good_row() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let decoder = Decoder::new(
+            FileFormat::Csv(CsvOptions::default()),
+            schema,
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let numbers = |d: &Decoded| -> Vec<i64> {
+            let column = d.batch.column(0).as_primitive::<Int64Type>();
+            column.values().to_vec()
+        };
+        let clean = decoder.decode("a.csv", Bytes::from("1\n2\n3")).unwrap();
+        assert_eq!((numbers(&clean), clean.malformed.count), (vec![1, 2, 3], 0));
+        let dirty = decoder.decode("b.csv", Bytes::from("4\nx\n6\n")).unwrap();
+        assert_eq!((numbers(&dirty), dirty.malformed.count), (vec![4, 6], 1));
+        assert_eq!(dirty.malformed.samples[0].line, 2);
+        assert!(decoder.dirty.get());
+        let clean = decoder.decode("c.csv", Bytes::from("7\n8\n")).unwrap();
+        assert_eq!((numbers(&clean), clean.malformed.count), (vec![7, 8], 0));
+        assert!(!decoder.dirty.get());
+        let again = decoder.decode("d.csv", Bytes::from("9\n10\n")).unwrap();
+        assert_eq!(numbers(&again), vec![9, 10]);
+    }
 
     /// Short lines put more rows in a 64 KB chunk than arrow's decoder takes
     /// between flushes; a bad line makes its chunk be read record by record.
