@@ -25,6 +25,7 @@ use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::malformed::{MalformedRecord, MalformedStats, ParseMode, excerpt};
+use super::timestamps::CsvColumns;
 use crate::error::{BrookError, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -147,7 +148,7 @@ impl Decoder {
             body = &data[header_end..];
             lines_before = 1;
         }
-        let file_schema = Arc::new(self.schema.project(&self.data_columns())?);
+        let columns = CsvColumns::new(Arc::new(self.schema.project(&self.data_columns())?));
         let mut parts = vec![];
         let mut malformed = MalformedStats::default();
         let mut start = 0;
@@ -157,13 +158,13 @@ impl Decoder {
             let lines = memchr::memchr_iter(b'\n', pass).count();
             let whole = match self.dirty.get() {
                 true => None,
-                false => arrow_csv_whole(options, &file_schema, pass, lines),
+                false => arrow_csv_whole(options, &columns, pass, lines),
             };
             match whole {
                 Some(batch) => parts.push(self.with_corrupt_column(batch)?),
                 None => {
                     let (chunks, found) =
-                        self.decode_csv_chunks(options, file, &file_schema, pass, lines_before)?;
+                        self.decode_csv_chunks(options, file, &columns, pass, lines_before)?;
                     self.dirty.set(found.count > 0);
                     parts.extend(chunks);
                     malformed.merge(found);
@@ -184,7 +185,7 @@ impl Decoder {
         &self,
         options: &CsvOptions,
         file: &str,
-        file_schema: &SchemaRef,
+        columns: &CsvColumns,
         body: &[u8],
         mut lines_before: u64,
     ) -> Result<(Vec<RecordBatch>, MalformedStats)> {
@@ -203,8 +204,8 @@ impl Decoder {
             let chunk = &body[start..end];
             let lines = memchr::memchr_iter(b'\n', chunk).count() as u64;
             let arrow =
-                decoder.get_or_insert_with(|| csv_decoder(options, file_schema, CSV_BATCH_ROWS));
-            match arrow_csv_chunk(arrow, chunk) {
+                decoder.get_or_insert_with(|| csv_decoder(options, columns, CSV_BATCH_ROWS));
+            match arrow_csv_chunk(arrow, columns, chunk) {
                 Some(batches) => {
                     for batch in batches {
                         parts.push(self.with_corrupt_column(batch)?);
@@ -593,9 +594,9 @@ fn line_end(body: &[u8], at: usize) -> usize {
     memchr::memchr(b'\n', &body[cut..]).map_or(body.len(), |i| cut + i + 1)
 }
 
-/// Arrow's CSV decoder for headerless records of `schema`, flushing every `rows` rows.
-fn csv_decoder(options: &CsvOptions, schema: &SchemaRef, rows: usize) -> CsvDecoder {
-    CsvReaderBuilder::new(schema.clone())
+/// Arrow's CSV decoder for headerless records of `columns`, flushing every `rows` rows.
+fn csv_decoder(options: &CsvOptions, columns: &CsvColumns, rows: usize) -> CsvDecoder {
+    CsvReaderBuilder::new(columns.read.clone())
         .with_header(false)
         .with_delimiter(options.delimiter)
         .with_quote(options.quote)
@@ -608,14 +609,14 @@ fn csv_decoder(options: &CsvOptions, schema: &SchemaRef, rows: usize) -> CsvDeco
 /// `None` if any record in it is bad.
 fn arrow_csv_whole(
     options: &CsvOptions,
-    schema: &SchemaRef,
+    columns: &CsvColumns,
     pass: &[u8],
     lines: usize,
 ) -> Option<RecordBatch> {
     let rows = lines + usize::from(!pass.ends_with(b"\n"));
-    let mut decoder = csv_decoder(options, schema, rows);
-    let batches = arrow_csv_chunk(&mut decoder, pass)?;
-    datafusion::arrow::compute::concat_batches(schema, &batches).ok()
+    let mut decoder = csv_decoder(options, columns, rows);
+    let batches = arrow_csv_chunk(&mut decoder, columns, pass)?;
+    datafusion::arrow::compute::concat_batches(columns.file(), &batches).ok()
 }
 
 /// Rows arrow's decoder parses between flushes in 64 KB chunks; it sizes its buffers for them.
@@ -624,14 +625,20 @@ const CSV_BATCH_ROWS: usize = 4096;
 /// Parses a chunk of whole CSV lines with arrow's decoder, or `None` if any
 /// record in it is bad (wrong field count, unparseable value, null in a NOT
 /// NULL column, invalid UTF-8).
-fn arrow_csv_chunk(decoder: &mut CsvDecoder, chunk: &[u8]) -> Option<Vec<RecordBatch>> {
+fn arrow_csv_chunk(
+    decoder: &mut CsvDecoder,
+    columns: &CsvColumns,
+    chunk: &[u8],
+) -> Option<Vec<RecordBatch>> {
     let mut batches = vec![];
     let mut rest = chunk;
     while !rest.is_empty() {
         let read = decoder.decode(rest).ok()?;
         rest = &rest[read..];
         if decoder.capacity() == 0 {
-            batches.extend(decoder.flush().ok()?);
+            if let Some(batch) = decoder.flush().ok()? {
+                batches.push(columns.typed(batch)?);
+            }
         } else if read == 0 {
             return None;
         }
@@ -642,7 +649,9 @@ fn arrow_csv_chunk(decoder: &mut CsvDecoder, chunk: &[u8]) -> Option<Vec<RecordB
     if !chunk.ends_with(b"\n") {
         decoder.decode(&[]).ok()?;
     }
-    batches.extend(decoder.flush().ok()?);
+    if let Some(batch) = decoder.flush().ok()? {
+        batches.push(columns.typed(batch)?);
+    }
     Some(batches)
 }
 

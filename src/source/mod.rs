@@ -11,6 +11,7 @@ pub mod location;
 pub mod malformed;
 pub mod shared;
 pub mod socket;
+mod timestamps;
 
 use std::fmt::Debug;
 
