@@ -202,9 +202,22 @@ impl WindowTicks {
     /// The pane each timestamp falls in, as a `window` struct column.
     pub fn panes(&self, time: &ArrayRef) -> Result<ArrayRef> {
         let ticks = cast(time, &DataType::Int64)?;
-        let starts: Int64Array = ticks
-            .as_primitive::<Int64Type>()
-            .unary(|t| t - (t - self.offset).rem_euclid(self.pane));
+        let ticks = ticks.as_primitive::<Int64Type>();
+        // Rows come mostly in time order, so most fall in the pane of the row
+        // before; only the others pay for a division.
+        let mut last = (i64::MAX, i64::MIN);
+        let starts: Vec<i64> = ticks
+            .values()
+            .iter()
+            .map(|&t| {
+                if !(last.0 <= t && t < last.1) {
+                    let start = t - (t - self.offset).rem_euclid(self.pane);
+                    last = (start, start.saturating_add(self.pane));
+                }
+                last.0
+            })
+            .collect();
+        let starts = Int64Array::new(starts.into(), ticks.nulls().cloned());
         self.window_struct(&starts, self.pane)
     }
 
@@ -365,6 +378,32 @@ mod tests {
         assert_eq!(ticks.count_starts(covering, -1), 0);
         assert_eq!(ticks.start_at_or_after(5), 8);
         assert_eq!(ticks.start_at_or_after(-3), 0);
+    }
+
+    /// Panes of rows out of order, before the epoch and null, as a division per row gives them.
+    #[test]
+    fn panes_of_unordered_rows() {
+        let time_type = DataType::Timestamp(TimeUnit::Second, None);
+        let ticks = WindowTicks::new(&spec(10, 4), &time_type).unwrap();
+        let times = vec![
+            Some(7),
+            Some(6),
+            Some(8),
+            None,
+            Some(5),
+            Some(-1),
+            Some(-2),
+            Some(7),
+        ];
+        let t: ArrayRef = Arc::new(TimestampSecondArray::from(times.clone()));
+        let panes = ticks.panes(&t).unwrap();
+        let starts = cast(panes.as_struct().column(0), &DataType::Int64).unwrap();
+        let got: Vec<Option<i64>> = starts.as_primitive::<Int64Type>().iter().collect();
+        let want: Vec<Option<i64>> = times
+            .iter()
+            .map(|t| t.map(|t| t - t.rem_euclid(2)))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]
