@@ -1,10 +1,11 @@
 //! Decoding one file's bytes into Arrow rows of the declared schema.
 //!
-//! CSV is read by arrow's reader in chunks of whole lines. Arrow's reader
-//! stops at a bad record without saying which, so a chunk it rejects is read
-//! again record by record: fields tokenized by the `csv` crate and typed by
-//! arrow's cast kernels, so that each bad record can be found, counted and
-//! named by its line. JSON and Parquet use arrow's readers directly.
+//! CSV is read by arrow's reader, a file (up to 16 MB of it) in one pass.
+//! Arrow's reader stops at a bad record without saying which, so a pass it
+//! rejects is read again in 64 KB chunks of whole lines, and a chunk it rejects
+//! record by record: fields tokenized by the `csv` crate and typed by arrow's
+//! cast kernels, so that each bad record can be found, counted and named by its
+//! line. JSON and Parquet use arrow's readers directly.
 
 use std::io::Cursor;
 use std::sync::Arc;
