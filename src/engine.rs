@@ -11,13 +11,13 @@ use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::catalog::{SinkDef, SourceDef};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::compile;
-use crate::exec::query::ProgressListener;
 use crate::exec::query::new_id;
+use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
 use crate::progress::QueryProgress;
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
@@ -104,19 +104,29 @@ impl Engine {
     /// (or bare `SELECT`, which prints to the console) starts a query.
     pub async fn execute(&self, script: &str) -> Result<Vec<Arc<StreamingQuery>>> {
         let mut started = vec![];
+        // The script's queries start reading together, once all have joined the
+        // shared decodes of their sources: one started alone would decode files
+        // that the others, joining later, decode again. If a statement fails,
+        // those started before it go ahead.
+        let (go, gate) = watch::channel(false);
         for (i, text) in split_statements(script).iter().enumerate() {
             let at = |e: BrookError| match e {
                 BrookError::Sql(m) => BrookError::Sql(format!("statement {}: {m}", i + 1)),
                 other => other,
             };
-            if let Some(q) = self.execute_statement(text).await.map_err(at)? {
+            if let Some(q) = self.execute_statement(text, &gate).await.map_err(at)? {
                 started.push(q);
             }
         }
+        go.send_replace(true);
         Ok(started)
     }
 
-    async fn execute_statement(&self, text: &str) -> Result<Option<Arc<StreamingQuery>>> {
+    async fn execute_statement(
+        &self,
+        text: &str,
+        gate: &Gate,
+    ) -> Result<Option<Arc<StreamingQuery>>> {
         let (text, watermark) = extract_watermark(text)?;
         let mut statements = DFParser::parse_sql_with_dialect(&text, &GenericDialect {})?;
         let Some(statement) = statements.pop_front() else {
@@ -153,10 +163,11 @@ impl Engine {
                         ));
                     }
                     let sink = self.sink_def(&target)?;
-                    Ok(Some(self.start_for_sink(&query, &sink).await?))
+                    Ok(Some(self.start_for_sink(&query, &sink, gate).await?))
                 }
                 SqlStatement::Query(query) => Ok(Some(
-                    self.start_for_sink(&query, &SinkDef::console()).await?,
+                    self.start_for_sink(&query, &SinkDef::console(), gate)
+                        .await?,
                 )),
                 other => Err(BrookError::sql(format!(
                     "'{}' cannot run in a streaming script; brook runs CREATE [UNBOUNDED] \
@@ -184,7 +195,12 @@ impl Engine {
         }
     }
 
-    async fn start_for_sink(&self, query: &Query, def: &SinkDef) -> Result<Arc<StreamingQuery>> {
+    async fn start_for_sink(
+        &self,
+        query: &Query,
+        def: &SinkDef,
+        gate: &Gate,
+    ) -> Result<Arc<StreamingQuery>> {
         let (sink, memory) = def.open(&self.ctx.runtime_env())?;
         let name = def.query_name.clone().unwrap_or_else(|| def.name.clone());
         let (sink, memory) = match (memory, self.overrides.mirror_rows) {
@@ -216,7 +232,7 @@ impl Engine {
         options
             .listeners
             .extend(self.overrides.listeners.iter().cloned());
-        self.start(query, sink, memory, options).await
+        self.start(query, sink, memory, options, gate).await
     }
 
     async fn start(
@@ -225,6 +241,7 @@ impl Engine {
         sink: Arc<dyn Sink>,
         memory: Option<MemorySink>,
         mut options: QueryOptions,
+        gate: &Gate,
     ) -> Result<Arc<StreamingQuery>> {
         let sources = self.catalog()?.sources.clone();
         let compiled = compile(query, &sources, options.output_mode).await?;
@@ -283,6 +300,7 @@ impl Engine {
             id,
             options,
             memory_table,
+            gate.clone(),
         ));
         self.catalog()?.queries.push(query.clone());
         Ok(query)
@@ -496,6 +514,10 @@ impl QueryBuilder<'_> {
             Some(s) => s,
             None => (Arc::new(ConsoleSink::stdout(20)) as Arc<dyn Sink>, None),
         };
-        self.engine.start(&query, sink, memory, self.options).await
+        // A query started alone waits for no other.
+        let (_, open) = watch::channel(true);
+        self.engine
+            .start(&query, sink, memory, self.options, &open)
+            .await
     }
 }

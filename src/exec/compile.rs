@@ -49,22 +49,13 @@ pub struct CompiledQuery {
     pub fingerprint: QueryFingerprint,
 }
 
-impl CompiledQuery {
-    /// Adds the `window` pane column to source rows when the query groups by a window.
-    pub fn prepare_input(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-        let Some(w) = &self.window else {
-            return Ok(batches);
-        };
-        let schema = self.input_slot.schema().clone();
-        batches
-            .into_iter()
-            .map(|b| {
-                let panes: ArrayRef = w.ticks.panes(b.column(w.time_column))?;
-                let mut columns = b.columns().to_vec();
-                columns.push(panes);
-                Ok(RecordBatch::try_new(schema.clone(), columns)?)
-            })
-            .collect()
+impl InputWindow {
+    /// `batch` of source rows with the `window` pane column added, as `schema` (the input slot's) has it.
+    pub fn with_panes(&self, schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
+        let panes: ArrayRef = self.ticks.panes(batch.column(self.time_column))?;
+        let mut columns = batch.columns().to_vec();
+        columns.push(panes);
+        Ok(RecordBatch::try_new(schema.clone(), columns)?)
     }
 }
 

@@ -14,8 +14,11 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use super::compile::{CompiledPlan, CompiledQuery};
+use futures::StreamExt;
+
+use super::compile::{CompiledPlan, CompiledQuery, InputWindow, partitions};
 use super::faults::{self, crash_point};
+use super::slot::{Feed, Slot};
 use super::stateful::execute;
 use super::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
@@ -23,7 +26,8 @@ use crate::progress::{
     EventTimeProgress, QueryProgress, SinkProgress, SourceProgress, StateProgress,
 };
 use crate::sink::Sink;
-use crate::source::{SourceBatch, StreamSource};
+use crate::source::{MalformedStats, SourceOffset, StreamSource};
+use crate::sql::script::WatermarkSpec;
 use crate::sql::window::unit_nanos;
 use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, OffsetEntry};
 use crate::state::store::StateStore;
@@ -135,6 +139,7 @@ impl StreamingQuery {
         id: String,
         options: QueryOptions,
         memory_table: Option<String>,
+        gate: Gate,
     ) -> Self {
         let name = options
             .name
@@ -183,7 +188,7 @@ impl StreamingQuery {
         };
         let trigger = options.trigger;
         let checkpoint = options.checkpoint.clone();
-        let task = tokio::spawn(drive(runner, options));
+        let task = tokio::spawn(drive(runner, options, gate));
         Self {
             shared,
             task: Mutex::new(Some(task)),
@@ -309,10 +314,14 @@ pub(crate) fn new_id() -> String {
 
 /// Runs the loop in a task of its own, so that even a panicking batch ends the
 /// query with an error that `await_termination` reports.
-async fn drive(mut runner: Runner, options: QueryOptions) {
+/// Holds a query back until it turns true (or its sender is gone).
+pub type Gate = watch::Receiver<bool>;
+
+async fn drive(mut runner: Runner, options: QueryOptions, mut gate: Gate) {
     let shared = runner.shared.clone();
     let name = shared.name.clone();
     let result = tokio::spawn(faults::in_query(name, async move {
+        let _ = gate.wait_for(|go| *go).await;
         runner.run_loop(&options).await
     }))
     .await
@@ -449,41 +458,71 @@ impl Runner {
         self.pending_no_data = false;
         phase("plan", &mut phases);
 
-        let read = match &offset {
-            Some(o) => self.source.read(o).await?,
-            None => SourceBatch::default(),
+        // The plan runs over the input as the source reads it, a file at a time:
+        // a file's rows are worked on, and can be let go, while the next is read.
+        let CompiledQuery {
+            source: source_def,
+            input_slot,
+            window,
+            plan,
+            mode,
+            task_ctx: ctx,
+            ..
+        } = &mut self.compiled;
+        let feed = input_slot.feed(partitions())?;
+        let started_reading = Instant::now();
+        let reading = async {
+            let read = feed_input(
+                self.source.as_ref(),
+                offset.as_ref(),
+                window.as_ref(),
+                input_slot,
+                source_def.watermark.as_ref(),
+                feed,
+            )
+            .await;
+            (read, started_reading.elapsed())
         };
-        crash_point("read", batch_id);
-        let input_rows = read.num_rows() as u64;
-        let batch_max = self.max_event_time(&read.batches)?;
-        let input = self.compiled.prepare_input(read.batches)?;
-        self.compiled.input_slot.set(&input)?;
-        phase("read", &mut phases);
-
-        let mode = self.compiled.mode;
-        let window = self.compiled.window.as_ref().map(|w| &w.ticks);
-        let ctx = self.compiled.task_ctx.clone();
-        let (output, late_rows, state_progress, changes) = match &mut self.compiled.plan {
-            CompiledPlan::Stateless(plan) => (execute(plan, &ctx).await?, 0, vec![], None),
-            CompiledPlan::Stateful(op) => {
-                let outcome = op.run(&ctx, mode, self.watermark_ns, window).await?;
-                let progress = StateProgress {
-                    operator: STATE_OPERATOR.into(),
-                    num_rows_total: op.state_rows() as u64,
-                    num_rows_updated: outcome.updated_rows,
-                    num_rows_removed: outcome.removed_rows,
-                    memory_used_bytes: op.state_bytes() as u64,
-                };
-                let changes = (outcome.upserts, outcome.deletes);
-                (
-                    outcome.output,
-                    outcome.late_rows,
-                    vec![progress],
-                    Some(changes),
-                )
+        let (mode, watermark_ns) = (*mode, self.watermark_ns);
+        let ticks = window.as_ref().map(|w| &w.ticks);
+        let running = async {
+            match plan {
+                CompiledPlan::Stateless(plan) => Ok((execute(plan, ctx).await?, 0, vec![], None)),
+                CompiledPlan::Stateful(op) => {
+                    let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
+                    let progress = StateProgress {
+                        operator: STATE_OPERATOR.into(),
+                        num_rows_total: op.state_rows() as u64,
+                        num_rows_updated: outcome.updated_rows,
+                        num_rows_removed: outcome.removed_rows,
+                        memory_used_bytes: op.state_bytes() as u64,
+                    };
+                    let changes = (outcome.upserts, outcome.deletes);
+                    Ok((
+                        outcome.output,
+                        outcome.late_rows,
+                        vec![progress],
+                        Some(changes),
+                    ))
+                }
             }
         };
+        let ((read, read_time), ran): (_, Result<_>) = tokio::join!(reading, running);
+        input_slot.set(&[])?;
+        // A read that failed made the plan fail too; the read's error says why.
+        let read = read?;
+        let (output, late_rows, state_progress, changes) = ran?;
+        crash_point("read", batch_id);
+        let input_rows = read.rows;
+        let batch_max = read.max_event_ns;
+        // Reading and executing overlap: "read" is until the input was all
+        // read, "execute" the rest.
         phase("execute", &mut phases);
+        let read_ms = read_time.as_secs_f64() * 1000.0;
+        if let Some(execute) = phases.get_mut("execute") {
+            *execute = (*execute - read_ms).max(0.0);
+        }
+        phases.insert("read".into(), read_ms);
 
         if self.offsets_written.is_some() {
             settled(self.offsets_written.take()).await?;
@@ -673,24 +712,6 @@ impl Runner {
         }
     }
 
-    /// The largest event time among the batch's rows, in nanoseconds.
-    fn max_event_time(&self, batches: &[RecordBatch]) -> Result<Option<i64>> {
-        let Some(wm) = &self.compiled.source.watermark else {
-            return Ok(None);
-        };
-        let mut best: Option<i64> = None;
-        for b in batches {
-            let column = b.column(b.schema().index_of(&wm.column)?);
-            let unit = unit_nanos(column.data_type())?;
-            let ticks = cast(column, &DataType::Int64)?;
-            if let Some(m) = max(ticks.as_primitive::<Int64Type>()) {
-                let ns = m.saturating_mul(unit);
-                best = Some(best.map_or(ns, |b| b.max(ns)));
-            }
-        }
-        Ok(best)
-    }
-
     fn advance_watermark(&mut self, batch_max: Option<i64>) {
         let (Some(m), Some(wm)) = (batch_max, &self.compiled.source.watermark) else {
             return;
@@ -705,6 +726,69 @@ impl Runner {
             self.pending_no_data = closes_state && self.compiled.mode != OutputMode::Complete;
         }
     }
+}
+
+/// What a batch's read gave, besides the rows fed to the plan.
+#[derive(Default)]
+struct ReadInput {
+    rows: u64,
+    malformed: MalformedStats,
+    max_event_ns: Option<i64>,
+}
+
+/// Reads the input that `offset` names into `feed` a part at a time, each
+/// batch with its window pane column if the query has a window (`slot` is the
+/// input slot). If the read fails, so does every scan of the slot.
+async fn feed_input(
+    source: &dyn StreamSource,
+    offset: Option<&SourceOffset>,
+    window: Option<&InputWindow>,
+    slot: &Slot,
+    watermark: Option<&WatermarkSpec>,
+    mut feed: Feed,
+) -> Result<ReadInput> {
+    let mut read = ReadInput::default();
+    let Some(offset) = offset else {
+        return Ok(read);
+    };
+    let mut parts = source.read_parts(offset);
+    let fed: Result<()> = async {
+        while let Some(part) = parts.next().await {
+            let part = part?;
+            read.malformed.merge(part.malformed);
+            for batch in part.batches {
+                read.rows += batch.num_rows() as u64;
+                if let Some(m) = max_event_time(watermark, &batch)? {
+                    read.max_event_ns = Some(read.max_event_ns.map_or(m, |x| x.max(m)));
+                }
+                let batch = match window {
+                    Some(w) => w.with_panes(slot.schema(), batch)?,
+                    None => batch,
+                };
+                feed.send(&batch)?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match fed {
+        Ok(()) => Ok(read),
+        Err(e) => {
+            feed.fail(&format!("the batch's input could not be read: {e}"));
+            Err(e)
+        }
+    }
+}
+
+/// The largest event time of `batch`, in nanoseconds, if the source has a watermark.
+fn max_event_time(watermark: Option<&WatermarkSpec>, batch: &RecordBatch) -> Result<Option<i64>> {
+    let Some(wm) = watermark else {
+        return Ok(None);
+    };
+    let column = batch.column(batch.schema().index_of(&wm.column)?);
+    let unit = unit_nanos(column.data_type())?;
+    let ticks = cast(column, &DataType::Int64)?;
+    Ok(max(ticks.as_primitive::<Int64Type>()).map(|m| m.saturating_mul(unit)))
 }
 
 /// The outcome of a checkpoint write run as its own task, if one was started.

@@ -1,10 +1,12 @@
 //! A table whose rows are swapped in before each execution of a plan.
 //!
 //! Plans are built once per query over slots; each micro-batch fills the slots
-//! and re-executes the same physical plans, so SQL is never planned again.
+//! and re-executes the same physical plans, so SQL is never planned again. A
+//! slot is filled either whole (`set`) or through a [`Feed`] while the plan
+//! runs, a batch at a time as the source reads them.
 
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
@@ -22,6 +24,8 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions, SendableRecordBatchStream,
 };
+use futures::StreamExt;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::error::Result;
 
@@ -30,6 +34,40 @@ use crate::error::Result;
 pub struct Slot {
     schema: SchemaRef,
     rows: Arc<RwLock<Vec<RecordBatch>>>,
+    /// A feed's receiving ends, one per partition, each taken by the plan's scan of it.
+    fed: Arc<Mutex<Vec<Option<Received>>>>,
+}
+
+type Received = UnboundedReceiver<DFResult<RecordBatch>>;
+
+/// Fills a slot while its plan runs, spreading batches over the partitions;
+/// the plan's scans end when the feed is dropped.
+pub struct Feed {
+    schema: SchemaRef,
+    senders: Vec<UnboundedSender<DFResult<RecordBatch>>>,
+    next: usize,
+}
+
+impl Feed {
+    pub fn send(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let batch = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
+        let partition = self.next % self.senders.len();
+        self.next += 1;
+        // A plan that stopped reading (it failed, or needed no more rows) has
+        // dropped its end; what it would have read is not needed.
+        let _ = self.senders[partition].send(Ok(batch));
+        Ok(())
+    }
+
+    /// Makes every scan of the slot fail: the input could not be read whole.
+    pub fn fail(self, why: &str) {
+        for sender in &self.senders {
+            let _ = sender.send(Err(DataFusionError::Execution(why.to_string())));
+        }
+    }
 }
 
 impl Slot {
@@ -43,6 +81,7 @@ impl Slot {
         Self {
             schema: Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
             rows: Arc::default(),
+            fed: Arc::default(),
         }
     }
 
@@ -57,7 +96,43 @@ impl Slot {
             .map(|b| RecordBatch::try_new(self.schema.clone(), b.columns().to_vec()))
             .collect::<Result<Vec<_>, _>>()?;
         *self.rows.write().map_err(poisoned)? = conformed;
+        self.fed.lock().map_err(poisoned)?.clear();
         Ok(())
+    }
+
+    /// Empties the slot and returns a feed that fills it while a plan over
+    /// `partitions` partitions runs.
+    pub fn feed(&self, partitions: usize) -> Result<Feed> {
+        self.set(&[])?;
+        let (senders, receivers) = (0..partitions.max(1))
+            .map(|_| {
+                let (tx, rx) = unbounded_channel();
+                (tx, Some(rx))
+            })
+            .unzip();
+        *self.fed.lock().map_err(poisoned)? = receivers;
+        Ok(Feed {
+            schema: self.schema.clone(),
+            senders,
+            next: 0,
+        })
+    }
+
+    /// The fed rows of `partition`, if the slot is being fed.
+    fn take_fed(&self, partition: usize) -> DFResult<Option<Received>> {
+        let mut fed = self
+            .fed
+            .lock()
+            .map_err(|_| DataFusionError::Internal("slot lock poisoned".into()))?;
+        if fed.is_empty() {
+            return Ok(None);
+        }
+        match fed.get_mut(partition).and_then(Option::take) {
+            Some(rx) => Ok(Some(rx)),
+            None => Err(DataFusionError::Internal(format!(
+                "the feed of partition {partition} was read twice"
+            ))),
+        }
     }
 
     fn get(&self) -> DFResult<Vec<RecordBatch>> {
@@ -187,6 +262,16 @@ impl ExecutionPlan for SlotExec {
         _context: Arc<TaskContext>,
     ) -> DFResult<SendableRecordBatchStream> {
         let schema = self.properties.eq_properties.schema().clone();
+        if let Some(rx) = self.slot.take_fed(partition)? {
+            let projection = self.projection.clone();
+            let batches =
+                futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|b| (b, rx)) })
+                    .map(move |b| match &projection {
+                        Some(p) => b.and_then(|b| b.project(p).map_err(DataFusionError::from)),
+                        None => b,
+                    });
+            return Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)));
+        }
         let batches: Vec<DFResult<RecordBatch>> = self
             .slot
             .get()?

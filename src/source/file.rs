@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
@@ -19,7 +20,6 @@ use serde::{Deserialize, Serialize};
 
 use super::format::Decoder;
 use super::location::{Location, blocking};
-use super::malformed::MalformedStats;
 use super::shared::{Registration, SharedDecodes};
 use super::{SourceBatch, SourceOffset, StreamSource};
 use crate::error::{BrookError, Result};
@@ -282,13 +282,21 @@ impl StreamSource for FileSource {
     }
 
     async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch> {
-        let entries = self.parse_offset(offset)?;
+        SourceBatch::collect(self.read_parts(offset)).await
+    }
+
+    /// A part per file, decoded `parallelism` files at a time, in order.
+    fn read_parts<'a>(&'a self, offset: &'a SourceOffset) -> BoxStream<'a, Result<SourceBatch>> {
+        let entries = match self.parse_offset(offset) {
+            Ok(entries) => entries,
+            Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
+        };
         let store: Arc<dyn ObjectStore> = self.location.store.clone();
         // Local files are named by their filesystem path in messages.
         let local = self.location.local_dir.is_some();
         let shared = &self.shared;
-        let decoded: Vec<_> = futures::stream::iter(entries)
-            .map(|entry| {
+        futures::stream::iter(entries)
+            .map(move |entry| {
                 let store = store.clone();
                 let decoder = self.decoder.clone();
                 async move {
@@ -309,22 +317,20 @@ impl StreamSource for FileSource {
                         decoded.malformed.log();
                         Ok(decoded)
                     };
-                    shared.get(&entry.path, entry.size, fetch_and_decode).await
+                    let d = shared
+                        .get(&entry.path, entry.size, fetch_and_decode)
+                        .await?;
+                    Ok(SourceBatch {
+                        batches: [d.batch.clone()]
+                            .into_iter()
+                            .filter(|b| b.num_rows() > 0)
+                            .collect(),
+                        malformed: d.malformed.clone(),
+                    })
                 }
             })
             .buffered(self.options.parallelism.max(1))
-            .try_collect()
-            .await?;
-        let mut out = SourceBatch::default();
-        let mut malformed = MalformedStats::default();
-        for d in decoded {
-            if d.batch.num_rows() > 0 {
-                out.batches.push(d.batch.clone());
-            }
-            malformed.merge(d.malformed.clone());
-        }
-        out.malformed = malformed;
-        Ok(out)
+            .boxed()
     }
 
     fn commit(&mut self, offset: &SourceOffset) -> Result<()> {

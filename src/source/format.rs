@@ -605,16 +605,22 @@ fn csv_decoder(options: &CsvOptions, columns: &CsvColumns, rows: usize) -> CsvDe
         .build_decoder()
 }
 
+/// Most rows arrow's decoder takes between flushes in a whole pass.
+const CSV_PASS_ROWS: usize = 1 << 16;
+
 /// Parses `pass`, whole lines of which `lines` end in a newline, with arrow's
-/// decoder sized for all of them: one flush makes one batch, with no copy.
-/// `None` if any record in it is bad.
+/// decoder sized for all of them (up to `CSV_PASS_ROWS`): one flush makes one
+/// batch, with no copy. `None` if any record in it is bad.
 fn arrow_csv_whole(
     options: &CsvOptions,
     columns: &CsvColumns,
     pass: &[u8],
     lines: usize,
 ) -> Option<RecordBatch> {
-    let rows = lines + usize::from(!pass.ends_with(b"\n"));
+    // Arrow's decoder sets aside room for every row it is asked for, so blank
+    // or short lines must not make it ask for more rows than the bytes can hold.
+    let fields = columns.read.fields().len().max(1);
+    let rows = (lines + 1).min(pass.len() / fields + 1).min(CSV_PASS_ROWS);
     let mut decoder = csv_decoder(options, columns, rows);
     let batches = arrow_csv_chunk(&mut decoder, columns, pass)?;
     datafusion::arrow::compute::concat_batches(columns.file(), &batches).ok()

@@ -18,6 +18,8 @@ use std::fmt::Debug;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 pub use file::{FileSource, FileSourceOptions};
@@ -38,8 +40,23 @@ pub struct SourceBatch {
 }
 
 impl SourceBatch {
+    /// All the parts of a read, in order.
+    pub async fn collect(mut parts: BoxStream<'_, Result<SourceBatch>>) -> Result<Self> {
+        let mut read = SourceBatch::default();
+        while let Some(part) = parts.next().await {
+            read.extend(part?);
+        }
+        Ok(read)
+    }
+
     pub fn num_rows(&self) -> usize {
         self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    /// Adds `part`, read after this, to it.
+    pub fn extend(&mut self, part: SourceBatch) {
+        self.batches.extend(part.batches);
+        self.malformed.merge(part.malformed);
     }
 }
 
@@ -69,6 +86,12 @@ pub trait StreamSource: Send + Sync + Debug {
 
     /// Reads exactly the input that `offset` names.
     async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch>;
+
+    /// Reads the input that `offset` names a part at a time (a file, say), so
+    /// that a query can work on the first parts while the others are read.
+    fn read_parts<'a>(&'a self, offset: &'a SourceOffset) -> BoxStream<'a, Result<SourceBatch>> {
+        futures::stream::once(self.read(offset)).boxed()
+    }
 
     /// Records that `offset`'s input has been processed, so it is not planned again.
     fn commit(&mut self, offset: &SourceOffset) -> Result<()>;

@@ -211,7 +211,10 @@ impl WindowTicks {
             .iter()
             .map(|&t| {
                 if !(last.0 <= t && t < last.1) {
-                    let start = t - (t - self.offset).rem_euclid(self.pane);
+                    // In i128, as times within `offset` of i64's ends would overflow.
+                    let into = (i128::from(t) - i128::from(self.offset))
+                        .rem_euclid(i128::from(self.pane)) as i64;
+                    let start = t.saturating_sub(into);
                     last = (start, start.saturating_add(self.pane));
                 }
                 last.0
