@@ -131,6 +131,7 @@ impl fmt::Debug for StreamingQuery {
 
 impl StreamingQuery {
     /// Starts the batch loop. `id` is the checkpoint's query id, if there is one.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         compiled: CompiledQuery,
         source: Box<dyn StreamSource>,

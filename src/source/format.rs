@@ -714,17 +714,22 @@ mod tests {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::{Field, Int64Type};
 
-    /// One decoder reads a clean file whole, a file with a bad line in chunks
-    /// (naming the line), and then a clean file whole again.
-    #[test]
-    fn clean_and_dirty_files_in_turn_keep_every_good_row() {
+    /// A CSV decoder of one NOT NULL BIGINT column that drops bad lines.
+    fn numbers_decoder() -> Decoder {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-        let decoder = Decoder::new(
+        Decoder::new(
             FileFormat::Csv(CsvOptions::default()),
             schema,
             ParseMode::DropMalformed,
             "_corrupt_record",
-        );
+        )
+    }
+
+    /// One decoder reads a clean file whole, a file with a bad line in chunks
+    /// (naming the line), and then a clean file whole again.
+    #[test]
+    fn clean_and_dirty_files_in_turn_keep_every_good_row() {
+        let decoder = numbers_decoder();
         let numbers = |d: &Decoded| -> Vec<i64> {
             let column = d.batch.column(0).as_primitive::<Int64Type>();
             column.values().to_vec()
@@ -746,13 +751,7 @@ mod tests {
     /// between flushes; a bad line makes its chunk be read record by record.
     #[test]
     fn chunks_of_many_short_lines_keep_every_row_in_order() {
-        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-        let decoder = Decoder::new(
-            FileFormat::Csv(CsvOptions::default()),
-            schema,
-            ParseMode::DropMalformed,
-            "_corrupt_record",
-        );
+        let decoder = numbers_decoder();
         let lines: Vec<String> = (0..60_000)
             .map(|i| {
                 if i == 30_000 {
