@@ -284,6 +284,54 @@ async fn failfast_stops_the_query_naming_file_and_line() {
     assert_eq!(query.recent_progress().len(), 1);
 }
 
+/// A batch's files are fed to the aggregation as they are read: a bad file
+/// after good ones fails the batch before anything of it is merged or emitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failfast_after_good_files_of_a_batch_emits_nothing_of_it() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let all_files = source_ddl(&input, "FAILFAST", "").replace(", 'maxFilesPerTrigger' '1'", "");
+    let script = format!(
+        "{all_files} CREATE EXTERNAL TABLE per_symbol STORED AS MEMORY LOCATION 'per_symbol';
+         INSERT INTO per_symbol SELECT symbol, count(*) AS n FROM orders GROUP BY symbol;"
+    );
+    let query = start_one(&engine, &script).await;
+    put(
+        &input,
+        "a.csv",
+        &lines(&[&order("20:00:01", 1, "AAPL", 10, 1.5, "B")]),
+    );
+    query.process_all_available().await.unwrap();
+    let first = rows(&[&["AAPL", "1"]]);
+    let sorted = "SELECT * FROM per_symbol ORDER BY symbol";
+    assert_eq!(table(&engine.sql(sorted).await.unwrap()), first);
+
+    for (i, name) in ["b.csv", "c.csv", "d.csv"].iter().enumerate() {
+        let rows: Vec<String> = (0..1000)
+            .map(|n| order("20:00:02", 10_000 * (i as i64 + 1) + n, "MSFT", 5, 2.0, "S"))
+            .collect();
+        put(
+            &input,
+            name,
+            &lines(&rows.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+    }
+    let bad = put(
+        &input,
+        "e.csv",
+        &lines(&[
+            &order("20:00:03", 5, "IBM", 10, 1.5, "B"),
+            "2016-03-22 20:00:04,6,104,IBM,5,abc,S",
+        ]),
+    );
+    let err = query.process_all_available().await.unwrap_err().to_string();
+    assert!(err.contains(&bad.display().to_string()), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+    assert!(!query.is_active());
+    assert_eq!(table(&engine.sql(sorted).await.unwrap()), first);
+    assert_eq!(query.recent_progress().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_source_directory_fails_at_execute_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
