@@ -284,6 +284,36 @@ async fn failfast_stops_the_query_naming_file_and_line() {
     assert_eq!(query.recent_progress().len(), 1);
 }
 
+/// A query that scans its source twice reads every batch's rows in each scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_scanned_twice_reads_its_rows_twice() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "DROPMALFORMED",
+        "",
+        "both",
+        "SELECT order_id AS n FROM orders UNION ALL SELECT client_id AS n FROM orders",
+    )
+    .await;
+    put(
+        &input,
+        "a.csv",
+        &lines(&[
+            &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+            &order("20:00:02", 2, "AAPL", 10, 1.5, "B"),
+        ]),
+    );
+    query.process_all_available().await.unwrap();
+    assert_eq!(
+        table(&engine.sql("SELECT * FROM both ORDER BY n").await.unwrap()),
+        rows(&[&["1"], &["2"], &["101"], &["102"]])
+    );
+    query.stop().await.unwrap();
+}
+
 /// A batch's files are fed to the aggregation as they are read: a bad file
 /// after good ones fails the batch before anything of it is merged or emitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

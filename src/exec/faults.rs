@@ -14,7 +14,7 @@ pub const ENV: &str = "BROOK_PAUSE_AT";
 /// The points, in the order a batch reaches them.
 pub const POINTS: &[&str] = &[
     "metadata-tmp",      // a new checkpoint's metadata is on disk under a temporary name
-    "read",              // the input is read, nothing computed
+    "read",              // the input is read and computed, nothing written
     "offsets-tmp",       // the batch's offsets are on disk under a temporary name
     "offsets",           // the offsets are written, nothing in the sink yet
     "sink-part-tmp",     // the file sink's part is on disk under a temporary name

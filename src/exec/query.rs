@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use futures::StreamExt;
 
-use super::compile::{CompiledPlan, CompiledQuery, InputWindow, partitions};
+use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
 use super::faults::{self, crash_point};
 use super::slot::{Feed, Slot};
 use super::stateful::execute;
@@ -318,12 +318,11 @@ pub(crate) fn new_id() -> String {
 /// Holds a query back until it turns true (or its sender is gone).
 pub type Gate = watch::Receiver<bool>;
 
-async fn drive(mut runner: Runner, options: QueryOptions, mut gate: Gate) {
+async fn drive(mut runner: Runner, options: QueryOptions, gate: Gate) {
     let shared = runner.shared.clone();
     let name = shared.name.clone();
     let result = tokio::spawn(faults::in_query(name, async move {
-        let _ = gate.wait_for(|go| *go).await;
-        runner.run_loop(&options).await
+        runner.run_loop(&options, gate).await
     }))
     .await
     .unwrap_or_else(|e| Err(BrookError::Stopped(format!("a batch panicked: {e}"))));
@@ -375,8 +374,8 @@ impl Drop for Runner {
 }
 
 impl Runner {
-    async fn run_loop(&mut self, options: &QueryOptions) -> Result<()> {
-        let ran = self.run_batches(options).await;
+    async fn run_loop(&mut self, options: &QueryOptions, gate: Gate) -> Result<()> {
+        let ran = self.run_batches(options, gate).await;
         let finished = self.finish_background().await;
         ran.and(finished)
     }
@@ -392,11 +391,14 @@ impl Runner {
         offsets.and(maintenance)
     }
 
-    async fn run_batches(&mut self, options: &QueryOptions) -> Result<()> {
+    async fn run_batches(&mut self, options: &QueryOptions, mut gate: Gate) -> Result<()> {
         self.resume().await?;
         if options.trigger == Trigger::AvailableNow {
             self.source.snapshot_available().await?;
         }
+        // Recovery and listing are done while the script's other queries are
+        // planned; reading waits for them.
+        let _ = gate.wait_for(|go| *go).await;
         while !self.shared.stop.load(Ordering::SeqCst) {
             let started = Instant::now();
             let ran = self.run_batch().await?;
@@ -470,7 +472,12 @@ impl Runner {
             task_ctx: ctx,
             ..
         } = &mut self.compiled;
-        let feed = input_slot.feed(partitions())?;
+        let scanned = match plan {
+            CompiledPlan::Stateless(plan) => plan,
+            CompiledPlan::Stateful(op) => &op.partial,
+        };
+        let feed = input_slot.feed(scanned)?;
+        let streams = feed.streams();
         let started_reading = Instant::now();
         let reading = async {
             let read = feed_input(
@@ -508,7 +515,14 @@ impl Runner {
                 }
             }
         };
-        let ((read, read_time), ran): (_, Result<_>) = tokio::join!(reading, running);
+        let ((read, read_time), ran): (_, Result<_>) = match streams {
+            true => tokio::join!(reading, running),
+            false => {
+                let (read, read_time) = reading.await;
+                let read = read?;
+                ((Ok(read), read_time), running.await)
+            }
+        };
         input_slot.set(&[])?;
         // A read that failed made the plan fail too; the read's error says why.
         let read = read?;
@@ -739,7 +753,8 @@ struct ReadInput {
 
 /// Reads the input that `offset` names into `feed` a part at a time, each
 /// batch with its window pane column if the query has a window (`slot` is the
-/// input slot). If the read fails, so does every scan of the slot.
+/// input slot). If the read fails, so does every scan of the slot that is
+/// reading the feed.
 async fn feed_input(
     source: &dyn StreamSource,
     offset: Option<&SourceOffset>,
@@ -750,6 +765,7 @@ async fn feed_input(
 ) -> Result<ReadInput> {
     let mut read = ReadInput::default();
     let Some(offset) = offset else {
+        feed.finish()?;
         return Ok(read);
     };
     let mut parts = source.read_parts(offset);
@@ -773,7 +789,10 @@ async fn feed_input(
     }
     .await;
     match fed {
-        Ok(()) => Ok(read),
+        Ok(()) => {
+            feed.finish()?;
+            Ok(read)
+        }
         Err(e) => {
             feed.fail(&format!("the batch's input could not be read: {e}"));
             Err(e)

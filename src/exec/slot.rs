@@ -6,13 +6,14 @@
 //! runs, a batch at a time as the source reads them.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::TaskContext;
@@ -36,30 +37,52 @@ pub struct Slot {
     rows: Arc<RwLock<Vec<RecordBatch>>>,
     /// A feed's receiving ends, one per partition, each taken by the plan's scan of it.
     fed: Arc<Mutex<Vec<Option<Received>>>>,
+    /// The partitions of the slot's scans, fixed when its table is made.
+    partitions: Arc<AtomicUsize>,
 }
 
 type Received = UnboundedReceiver<DFResult<RecordBatch>>;
 
-/// Fills a slot while its plan runs, spreading batches over the partitions;
-/// the plan's scans end when the feed is dropped.
+/// Fills a slot for one run of a plan. A plan that scans the slot once reads
+/// the rows as they are sent, spread over its partitions, and its scans end
+/// when the feed is finished; otherwise the rows are kept and set when the
+/// feed is finished, before the plan runs.
 pub struct Feed {
-    schema: SchemaRef,
+    slot: Slot,
     senders: Vec<UnboundedSender<DFResult<RecordBatch>>>,
+    kept: Vec<RecordBatch>,
     next: usize,
 }
 
 impl Feed {
+    /// Whether the plan reads the rows as they are sent, so it runs meanwhile.
+    pub fn streams(&self) -> bool {
+        !self.senders.is_empty()
+    }
+
     pub fn send(&mut self, batch: &RecordBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let batch = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
+        let batch = RecordBatch::try_new(self.slot.schema.clone(), batch.columns().to_vec())?;
+        if self.senders.is_empty() {
+            self.kept.push(batch);
+            return Ok(());
+        }
         let partition = self.next % self.senders.len();
         self.next += 1;
-        // A plan that stopped reading (it failed, or needed no more rows) has
-        // dropped its end; what it would have read is not needed.
+        // A plan that stopped reading (it failed) has dropped its end; what it
+        // would have read is not needed.
         let _ = self.senders[partition].send(Ok(batch));
         Ok(())
+    }
+
+    /// All the rows are sent.
+    pub fn finish(self) -> Result<()> {
+        match self.senders.is_empty() {
+            true => self.slot.set(&self.kept),
+            false => Ok(()),
+        }
     }
 
     /// Makes every scan of the slot fail: the input could not be read whole.
@@ -82,6 +105,7 @@ impl Slot {
             schema: Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
             rows: Arc::default(),
             fed: Arc::default(),
+            partitions: Arc::new(AtomicUsize::new(1)),
         }
     }
 
@@ -100,22 +124,43 @@ impl Slot {
         Ok(())
     }
 
-    /// Empties the slot and returns a feed that fills it while a plan over
-    /// `partitions` partitions runs.
-    pub fn feed(&self, partitions: usize) -> Result<Feed> {
+    /// Empties the slot and returns a feed for the next run of `plan`: rows
+    /// stream into it while it runs if it scans the slot once (a second scan
+    /// could not read them again), or are set whole before it runs.
+    pub fn feed(&self, plan: &Arc<dyn ExecutionPlan>) -> Result<Feed> {
         self.set(&[])?;
-        let (senders, receivers) = (0..partitions.max(1))
-            .map(|_| {
-                let (tx, rx) = unbounded_channel();
-                (tx, Some(rx))
-            })
-            .unzip();
-        *self.fed.lock().map_err(poisoned)? = receivers;
-        Ok(Feed {
-            schema: self.schema.clone(),
-            senders,
+        let mut feed = Feed {
+            slot: self.clone(),
+            senders: vec![],
+            kept: vec![],
             next: 0,
-        })
+        };
+        if self.scans(plan)? == 1 {
+            let partitions = self.partitions.load(Ordering::Relaxed).max(1);
+            let (senders, receivers) = (0..partitions)
+                .map(|_| {
+                    let (tx, rx) = unbounded_channel();
+                    (tx, Some(rx))
+                })
+                .unzip();
+            *self.fed.lock().map_err(poisoned)? = receivers;
+            feed.senders = senders;
+        }
+        Ok(feed)
+    }
+
+    /// How many times `plan` scans this slot.
+    fn scans(&self, plan: &Arc<dyn ExecutionPlan>) -> Result<usize> {
+        let mut scans = 0;
+        plan.apply(|node| {
+            if let Some(scan) = node.downcast_ref::<SlotExec>()
+                && Arc::ptr_eq(&scan.slot.rows, &self.rows)
+            {
+                scans += 1;
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        Ok(scans)
     }
 
     /// The fed rows of `partition`, if the slot is being fed.
@@ -143,6 +188,7 @@ impl Slot {
     }
 
     pub fn table(&self, partitions: usize) -> Arc<SlotTable> {
+        self.partitions.store(partitions.max(1), Ordering::Relaxed);
         Arc::new(SlotTable {
             slot: self.clone(),
             partitions: partitions.max(1),
