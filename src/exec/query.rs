@@ -18,7 +18,7 @@ use futures::StreamExt;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
 use super::faults::{self, crash_point};
-use super::slot::{Feed, Slot};
+use super::slot::Feed;
 use super::stateful::execute;
 use super::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
@@ -313,11 +313,11 @@ pub(crate) fn new_id() -> String {
     format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
 }
 
-/// Runs the loop in a task of its own, so that even a panicking batch ends the
-/// query with an error that `await_termination` reports.
 /// Holds a query back until it turns true (or its sender is gone).
 pub type Gate = watch::Receiver<bool>;
 
+/// Runs the loop in a task of its own, so that even a panicking batch ends the
+/// query with an error that `await_termination` reports.
 async fn drive(mut runner: Runner, options: QueryOptions, gate: Gate) {
     let shared = runner.shared.clone();
     let name = shared.name.clone();
@@ -484,7 +484,6 @@ impl Runner {
                 self.source.as_ref(),
                 offset.as_ref(),
                 window.as_ref(),
-                input_slot,
                 source_def.watermark.as_ref(),
                 feed,
             )
@@ -752,14 +751,12 @@ struct ReadInput {
 }
 
 /// Reads the input that `offset` names into `feed` a part at a time, each
-/// batch with its window pane column if the query has a window (`slot` is the
-/// input slot). If the read fails, so does every scan of the slot that is
-/// reading the feed.
+/// batch with its window pane column if the query has a window. If the read
+/// fails, so does every scan of the slot that is reading the feed.
 async fn feed_input(
     source: &dyn StreamSource,
     offset: Option<&SourceOffset>,
     window: Option<&InputWindow>,
-    slot: &Slot,
     watermark: Option<&WatermarkSpec>,
     mut feed: Feed,
 ) -> Result<ReadInput> {
@@ -779,7 +776,7 @@ async fn feed_input(
                     read.max_event_ns = Some(read.max_event_ns.map_or(m, |x| x.max(m)));
                 }
                 let batch = match window {
-                    Some(w) => w.with_panes(slot.schema(), batch)?,
+                    Some(w) => w.with_panes(feed.schema(), batch)?,
                     None => batch,
                 };
                 feed.send(&batch)?;

@@ -60,15 +60,21 @@ impl Feed {
         !self.senders.is_empty()
     }
 
+    /// The schema of the slot's rows.
+    pub fn schema(&self) -> &SchemaRef {
+        self.slot.schema()
+    }
+
     pub fn send(&mut self, batch: &RecordBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let batch = RecordBatch::try_new(self.slot.schema.clone(), batch.columns().to_vec())?;
         if self.senders.is_empty() {
-            self.kept.push(batch);
+            // `finish` sets them, which conforms them to the slot's schema.
+            self.kept.push(batch.clone());
             return Ok(());
         }
+        let batch = self.slot.conform(batch)?;
         let partition = self.next % self.senders.len();
         self.next += 1;
         // A plan that stopped reading (it failed) has dropped its end; what it
@@ -117,11 +123,19 @@ impl Slot {
         let conformed = batches
             .iter()
             .filter(|b| b.num_rows() > 0)
-            .map(|b| RecordBatch::try_new(self.schema.clone(), b.columns().to_vec()))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|b| self.conform(b))
+            .collect::<Result<Vec<_>>>()?;
         *self.rows.write().map_err(poisoned)? = conformed;
         self.fed.lock().map_err(poisoned)?.clear();
         Ok(())
+    }
+
+    /// `batch` as a batch of the slot's schema (its columns all nullable).
+    fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        Ok(RecordBatch::try_new(
+            self.schema.clone(),
+            batch.columns().to_vec(),
+        )?)
     }
 
     /// Empties the slot and returns a feed for the next run of `plan`: rows
