@@ -12,10 +12,11 @@ use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
 
 use crate::catalog::{SinkDef, SourceDef};
 use crate::error::{BrookError, Result};
-use crate::exec::compile::compile;
+use crate::exec::compile::{CompiledQuery, compile};
 use crate::exec::query::new_id;
 use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
@@ -25,6 +26,20 @@ use crate::source::shared::SharedDecodes;
 use crate::source::{FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
+
+/// A query's plan being made on a task of its own.
+type Planning = JoinHandle<Result<CompiledQuery>>;
+
+async fn planning_done(task: Planning) -> Result<CompiledQuery> {
+    task.await
+        .map_err(|e| BrookError::Plan(format!("planning the query failed: {e}")))?
+}
+
+/// A query statement of a script, planned while the statements after it are read.
+struct Planned {
+    sink: SinkDef,
+    compiling: Planning,
+}
 
 #[derive(Default)]
 struct Catalog {
@@ -103,30 +118,52 @@ impl Engine {
     /// source, `CREATE EXTERNAL TABLE` a sink, and each `INSERT INTO sink SELECT`
     /// (or bare `SELECT`, which prints to the console) starts a query.
     pub async fn execute(&self, script: &str) -> Result<Vec<Arc<StreamingQuery>>> {
-        let mut started = vec![];
+        let at = |i: usize, e: BrookError| match e {
+            BrookError::Sql(m) => BrookError::Sql(format!("statement {}: {m}", i + 1)),
+            other => other,
+        };
+        // Each query is planned on a task of its own while the statements after
+        // it are read; the queries are then started in the script's order.
+        let mut planned = vec![];
+        let mut failed = None;
+        for (i, text) in split_statements(script).iter().enumerate() {
+            match self.read_statement(text).await {
+                Ok(Some(p)) => planned.push((i, p)),
+                Ok(None) => {}
+                Err(e) => {
+                    failed = Some(at(i, e));
+                    break;
+                }
+            }
+        }
         // The script's queries start reading together, once all have joined the
         // shared decodes of their sources: one started alone would decode files
         // that the others, joining later, decode again. If a statement fails,
-        // those started before it go ahead.
+        // those before it go ahead.
         let (go, gate) = watch::channel(false);
-        for (i, text) in split_statements(script).iter().enumerate() {
-            let at = |e: BrookError| match e {
-                BrookError::Sql(m) => BrookError::Sql(format!("statement {}: {m}", i + 1)),
-                other => other,
-            };
-            if let Some(q) = self.execute_statement(text, &gate).await.map_err(at)? {
-                started.push(q);
+        let mut started = vec![];
+        let mut planned = planned.into_iter();
+        for (i, p) in planned.by_ref() {
+            match self.start_planned(p, &gate).await {
+                Ok(q) => started.push(q),
+                Err(e) => {
+                    failed = Some(at(i, e));
+                    break;
+                }
             }
         }
+        for (_, p) in planned {
+            p.compiling.abort();
+        }
         go.send_replace(true);
-        Ok(started)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(started),
+        }
     }
 
-    async fn execute_statement(
-        &self,
-        text: &str,
-        gate: &Gate,
-    ) -> Result<Option<Arc<StreamingQuery>>> {
+    /// Carries out a declaration; a query is returned being planned, for its sink.
+    async fn read_statement(&self, text: &str) -> Result<Option<Planned>> {
         let (text, watermark) = extract_watermark(text)?;
         let mut statements = DFParser::parse_sql_with_dialect(&text, &GenericDialect {})?;
         let Some(statement) = statements.pop_front() else {
@@ -163,12 +200,11 @@ impl Engine {
                         ));
                     }
                     let sink = self.sink_def(&target)?;
-                    Ok(Some(self.start_for_sink(&query, &sink, gate).await?))
+                    Ok(Some(self.plan_for_sink(&query, sink)?))
                 }
-                SqlStatement::Query(query) => Ok(Some(
-                    self.start_for_sink(&query, &SinkDef::console(), gate)
-                        .await?,
-                )),
+                SqlStatement::Query(query) => {
+                    Ok(Some(self.plan_for_sink(&query, SinkDef::console())?))
+                }
                 other => Err(BrookError::sql(format!(
                     "'{}' cannot run in a streaming script; brook runs CREATE [UNBOUNDED] \
                      EXTERNAL TABLE, INSERT INTO <sink> SELECT and SELECT",
@@ -180,6 +216,22 @@ impl Engine {
                 first_words(&other.to_string())
             ))),
         }
+    }
+
+    fn plan_for_sink(&self, query: &Query, sink: SinkDef) -> Result<Planned> {
+        Ok(Planned {
+            compiling: self.plan(query, sink.output_mode)?,
+            sink,
+        })
+    }
+
+    /// Plans `query` over the sources declared so far, on a task of its own.
+    fn plan(&self, query: &Query, mode: Option<OutputMode>) -> Result<Planning> {
+        let sources = self.catalog()?.sources.clone();
+        let query = query.clone();
+        Ok(tokio::spawn(async move {
+            compile(&query, &sources, mode).await
+        }))
     }
 
     fn sink_def(&self, name: &str) -> Result<SinkDef> {
@@ -195,12 +247,9 @@ impl Engine {
         }
     }
 
-    async fn start_for_sink(
-        &self,
-        query: &Query,
-        def: &SinkDef,
-        gate: &Gate,
-    ) -> Result<Arc<StreamingQuery>> {
+    async fn start_planned(&self, planned: Planned, gate: &Gate) -> Result<Arc<StreamingQuery>> {
+        let compiled = planning_done(planned.compiling).await?;
+        let def = &planned.sink;
         let (sink, memory) = def.open(&self.ctx.runtime_env())?;
         let name = def.query_name.clone().unwrap_or_else(|| def.name.clone());
         let (sink, memory) = match (memory, self.overrides.mirror_rows) {
@@ -232,19 +281,17 @@ impl Engine {
         options
             .listeners
             .extend(self.overrides.listeners.iter().cloned());
-        self.start(query, sink, memory, options, gate).await
+        self.start(compiled, sink, memory, options, gate).await
     }
 
     async fn start(
         &self,
-        query: &Query,
+        compiled: CompiledQuery,
         sink: Arc<dyn Sink>,
         memory: Option<MemorySink>,
         mut options: QueryOptions,
         gate: &Gate,
     ) -> Result<Arc<StreamingQuery>> {
-        let sources = self.catalog()?.sources.clone();
-        let compiled = compile(query, &sources, options.output_mode).await?;
         if let Some(name) = &options.name
             && self
                 .queries()
@@ -514,10 +561,11 @@ impl QueryBuilder<'_> {
             Some(s) => s,
             None => (Arc::new(ConsoleSink::stdout(20)) as Arc<dyn Sink>, None),
         };
+        let compiled = planning_done(self.engine.plan(&query, self.options.output_mode)?).await?;
         // A query started alone waits for no other.
         let (_, open) = watch::channel(true);
         self.engine
-            .start(&query, sink, memory, self.options, &open)
+            .start(compiled, sink, memory, self.options, &open)
             .await
     }
 }
