@@ -424,6 +424,40 @@ async fn append_aggregation_without_a_watermark_is_rejected() {
     assert!(engine.queries().is_empty());
 }
 
+/// A script's queries are planned side by side, but the error reported is
+/// that of the first failing statement, and the queries before it run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_fails_at_its_first_bad_statement_and_runs_those_before() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let script = format!(
+        "{}
+         CREATE EXTERNAL TABLE ids STORED AS MEMORY LOCATION 'ids';
+         INSERT INTO ids SELECT order_id FROM orders;
+         CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION 'out' OPTIONS ('outputMode' 'append');
+         INSERT INTO out {BY_SYMBOL};
+         INSERT INTO nowhere SELECT order_id FROM orders;
+         INSERT INTO ids SELECT no_such_column FROM orders;",
+        source_ddl(&input, false)
+    );
+    let err = engine.execute(&script).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("SQL error: statement 5: ") && err.contains("watermark"),
+        "{err}"
+    );
+    let started = engine.queries();
+    assert_eq!(started.len(), 1);
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 7, "aapl", 10, 1.5, "B")],
+    );
+    started[0].process_all_available().await.unwrap();
+    let ids = table(&engine.sql("SELECT order_id FROM ids").await.unwrap());
+    assert_eq!(ids, rows(&[&["7"]]));
+    started[0].stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stateless_query_appends_each_batch_rows() {
     let (_tmp, input) = tmp_source();
