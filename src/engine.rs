@@ -27,18 +27,38 @@ use crate::source::{FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
 
-/// A query's plan being made on a task of its own.
-type Planning = JoinHandle<Result<CompiledQuery>>;
+/// A query's plan being made on a task of its own; given up when dropped unawaited.
+struct Planning(JoinHandle<Result<CompiledQuery>>);
 
-async fn planning_done(task: Planning) -> Result<CompiledQuery> {
-    task.await
-        .map_err(|e| BrookError::Plan(format!("planning the query failed: {e}")))?
+impl Drop for Planning {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Planning {
+    async fn done(mut self) -> Result<CompiledQuery> {
+        match (&mut self.0).await {
+            Ok(compiled) => compiled,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(BrookError::Plan(format!("planning the query failed: {e}"))),
+        }
+    }
 }
 
 /// A query statement of a script, planned while the statements after it are read.
 struct Planned {
     sink: SinkDef,
     compiling: Planning,
+}
+
+/// What reading a statement of a script did.
+enum Read {
+    Nothing,
+    /// A source or sink was declared; what the name meant before, to undo it.
+    Source(String, Option<SourceDef>),
+    Sink(String, Option<SinkDef>),
+    Query(Planned),
 }
 
 #[derive(Default)]
@@ -123,15 +143,18 @@ impl Engine {
             other => other,
         };
         // Each query is planned on a task of its own while the statements after
-        // it are read; the queries are then started in the script's order.
+        // it are read, so that a script's queries are planned on all cores; the
+        // queries are then started in the script's order.
         let mut planned = vec![];
+        let mut declared = vec![];
         let mut failed = None;
         for (i, text) in split_statements(script).iter().enumerate() {
             match self.read_statement(text).await {
-                Ok(Some(p)) => planned.push((i, p)),
-                Ok(None) => {}
+                Ok(Read::Nothing) => {}
+                Ok(Read::Query(p)) => planned.push((i, p)),
+                Ok(read) => declared.push((i, read)),
                 Err(e) => {
-                    failed = Some(at(i, e));
+                    failed = Some((i, e));
                     break;
                 }
             }
@@ -142,32 +165,49 @@ impl Engine {
         // those before it go ahead.
         let (go, gate) = watch::channel(false);
         let mut started = vec![];
-        let mut planned = planned.into_iter();
-        for (i, p) in planned.by_ref() {
+        for (i, p) in planned {
             match self.start_planned(p, &gate).await {
                 Ok(q) => started.push(q),
                 Err(e) => {
-                    failed = Some(at(i, e));
+                    failed = Some((i, e));
                     break;
                 }
             }
         }
-        for (_, p) in planned {
-            p.compiling.abort();
-        }
         go.send_replace(true);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(started),
+        let Some((i, e)) = failed else {
+            return Ok(started);
+        };
+        // Declarations read ahead of the failing statement are taken back, as if
+        // the script had stopped there.
+        for (_, read) in declared.into_iter().rev().filter(|(d, _)| *d > i) {
+            self.undo(read)?;
         }
+        Err(at(i, e))
+    }
+
+    fn undo(&self, read: Read) -> Result<()> {
+        fn restore<T>(defs: &mut BTreeMap<String, T>, name: String, before: Option<T>) {
+            match before {
+                Some(def) => defs.insert(name, def),
+                None => defs.remove(&name),
+            };
+        }
+        let mut catalog = self.catalog()?;
+        match read {
+            Read::Source(name, before) => restore(&mut catalog.sources, name, before),
+            Read::Sink(name, before) => restore(&mut catalog.sinks, name, before),
+            Read::Nothing | Read::Query(_) => {}
+        }
+        Ok(())
     }
 
     /// Carries out a declaration; a query is returned being planned, for its sink.
-    async fn read_statement(&self, text: &str) -> Result<Option<Planned>> {
+    async fn read_statement(&self, text: &str) -> Result<Read> {
         let (text, watermark) = extract_watermark(text)?;
         let mut statements = DFParser::parse_sql_with_dialect(&text, &GenericDialect {})?;
         let Some(statement) = statements.pop_front() else {
-            return Ok(None);
+            return Ok(Read::Nothing);
         };
         match statement {
             stmt @ DFStatement::CreateExternalTable(_) => {
@@ -178,15 +218,22 @@ impl Engine {
                     ));
                 };
                 if cmd.unbounded {
-                    self.register_source(SourceDef::from_ddl(&cmd, watermark)?)?;
+                    let def = SourceDef::from_ddl(&cmd, watermark)?;
+                    let before = self.catalog()?.sources.get(&def.name).cloned();
+                    let name = def.name.clone();
+                    self.register_source(def)?;
+                    Ok(Read::Source(name, before))
                 } else if watermark.is_some() {
-                    return Err(BrookError::sql(
+                    Err(BrookError::sql(
                         "WATERMARK belongs on a source: CREATE UNBOUNDED EXTERNAL TABLE",
-                    ));
+                    ))
                 } else {
-                    self.register_sink(SinkDef::from_ddl(&cmd)?)?;
+                    let def = SinkDef::from_ddl(&cmd)?;
+                    let before = self.catalog()?.sinks.get(&def.name).cloned();
+                    let name = def.name.clone();
+                    self.register_sink(def)?;
+                    Ok(Read::Sink(name, before))
                 }
-                Ok(None)
             }
             DFStatement::Statement(s) => match *s {
                 SqlStatement::Insert(insert) => {
@@ -200,10 +247,10 @@ impl Engine {
                         ));
                     }
                     let sink = self.sink_def(&target)?;
-                    Ok(Some(self.plan_for_sink(&query, sink)?))
+                    Ok(Read::Query(self.plan_for_sink(&query, sink)?))
                 }
                 SqlStatement::Query(query) => {
-                    Ok(Some(self.plan_for_sink(&query, SinkDef::console())?))
+                    Ok(Read::Query(self.plan_for_sink(&query, SinkDef::console())?))
                 }
                 other => Err(BrookError::sql(format!(
                     "'{}' cannot run in a streaming script; brook runs CREATE [UNBOUNDED] \
@@ -229,9 +276,9 @@ impl Engine {
     fn plan(&self, query: &Query, mode: Option<OutputMode>) -> Result<Planning> {
         let sources = self.catalog()?.sources.clone();
         let query = query.clone();
-        Ok(tokio::spawn(async move {
+        Ok(Planning(tokio::spawn(async move {
             compile(&query, &sources, mode).await
-        }))
+        })))
     }
 
     fn sink_def(&self, name: &str) -> Result<SinkDef> {
@@ -248,7 +295,7 @@ impl Engine {
     }
 
     async fn start_planned(&self, planned: Planned, gate: &Gate) -> Result<Arc<StreamingQuery>> {
-        let compiled = planning_done(planned.compiling).await?;
+        let compiled = planned.compiling.done().await?;
         let def = &planned.sink;
         let (sink, memory) = def.open(&self.ctx.runtime_env())?;
         let name = def.query_name.clone().unwrap_or_else(|| def.name.clone());
@@ -561,7 +608,11 @@ impl QueryBuilder<'_> {
             Some(s) => s,
             None => (Arc::new(ConsoleSink::stdout(20)) as Arc<dyn Sink>, None),
         };
-        let compiled = planning_done(self.engine.plan(&query, self.options.output_mode)?).await?;
+        let compiled = self
+            .engine
+            .plan(&query, self.options.output_mode)?
+            .done()
+            .await?;
         // A query started alone waits for no other.
         let (_, open) = watch::channel(true);
         self.engine

@@ -425,7 +425,8 @@ async fn append_aggregation_without_a_watermark_is_rejected() {
 }
 
 /// A script's queries are planned side by side, but the error reported is
-/// that of the first failing statement, and the queries before it run.
+/// that of the first failing statement, the queries before it run, and what
+/// the script declared after it is not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_script_fails_at_its_first_bad_statement_and_runs_those_before() {
     let (_tmp, input) = tmp_source();
@@ -436,6 +437,7 @@ async fn a_script_fails_at_its_first_bad_statement_and_runs_those_before() {
          INSERT INTO ids SELECT order_id FROM orders;
          CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION 'out' OPTIONS ('outputMode' 'append');
          INSERT INTO out {BY_SYMBOL};
+         CREATE EXTERNAL TABLE later STORED AS MEMORY LOCATION 'later';
          INSERT INTO nowhere SELECT order_id FROM orders;
          INSERT INTO ids SELECT no_such_column FROM orders;",
         source_ddl(&input, false)
@@ -447,6 +449,12 @@ async fn a_script_fails_at_its_first_bad_statement_and_runs_those_before() {
     );
     let started = engine.queries();
     assert_eq!(started.len(), 1);
+    // What the script declared after the failing statement was taken back.
+    let err = engine
+        .execute("INSERT INTO later SELECT order_id FROM orders;")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no sink table 'later'"), "{err}");
     put(
         &input,
         "a.csv",

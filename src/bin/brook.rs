@@ -280,7 +280,10 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
 
 /// glibc hands freed memory at the top of a heap back to the OS once about
 /// 2 MB of it is free, and faults it in again for the next decoded file:
-/// a tenth of a run's CPU. Keeping up to 64 MB halves the page faults.
+/// a tenth of a run's CPU. Keeping up to 64 MB halves the page faults. Setting
+/// the trim threshold stops glibc from raising its mmap threshold as buffers
+/// are freed, which would leave every buffer over 128 KB to its own mmap; so
+/// that threshold is set too.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     // SAFETY: mallopt sets allocator parameters only; no other thread runs yet.

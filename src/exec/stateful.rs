@@ -354,9 +354,13 @@ impl StatefulOp {
         // rather than one small merge per window, unless its windows are long
         // enough (many panes of many keys) for summing them to cost more.
         let closing = wm.saturating_sub(size).saturating_sub(start) / ticks.slide() + 1;
-        let pane_rows = (panes.span(start, wm).num_rows() as i64)
-            .saturating_mul((size / ticks.slide()).min(closing));
-        let running_is_cheaper = closing.saturating_mul(RUNNING_WINDOW_ROWS) <= pane_rows;
+        let span_rows = panes.span(start, wm).num_rows() as i64;
+        let pane_rows = span_rows.saturating_mul((size / ticks.slide()).min(closing));
+        // Each step of a running sum merges the sum, the pane that leaves and the one that enters.
+        let running_rows = closing
+            .saturating_mul(RUNNING_WINDOW_ROWS)
+            .saturating_add(span_rows.saturating_mul(3));
+        let running_is_cheaper = running_rows <= pane_rows;
         if self.invertible && (closing <= RUNNING_WINDOWS_AT_ONCE || running_is_cheaper) {
             return self.close_running(ctx, ticks, &panes, start, wm).await;
         }
@@ -585,8 +589,8 @@ fn in_window(
 /// Windows closed one after another by a running sum in one batch, whatever they hold.
 const RUNNING_WINDOWS_AT_ONCE: i64 = 64;
 
-/// Pane rows that cost about as much to sum as one window of a running sum (a
-/// merge of a few hundred rows): 0.55 ms a window against 20 ns a pane row.
+/// Pane rows that cost about as much to sum as the fixed part of one step of a
+/// running sum (a merge of its own): 0.55 ms a window against 20 ns a pane row.
 const RUNNING_WINDOW_ROWS: i64 = 25_000;
 
 /// Pane rows summed into windows in one go, bounding memory when a backlog
