@@ -55,10 +55,14 @@ struct Planned {
 /// What reading a statement of a script did.
 enum Read {
     Nothing,
-    /// A source or sink was declared; what the name meant before, to undo it.
+    Declared(Declared),
+    Query(Planned),
+}
+
+/// A source or sink a script declared, with what its name meant before, to undo it.
+enum Declared {
     Source(String, Option<SourceDef>),
     Sink(String, Option<SinkDef>),
-    Query(Planned),
 }
 
 #[derive(Default)]
@@ -152,7 +156,7 @@ impl Engine {
             match self.read_statement(text).await {
                 Ok(Read::Nothing) => {}
                 Ok(Read::Query(p)) => planned.push((i, p)),
-                Ok(read) => declared.push((i, read)),
+                Ok(Read::Declared(d)) => declared.push((i, d)),
                 Err(e) => {
                     failed = Some((i, e));
                     break;
@@ -180,13 +184,13 @@ impl Engine {
         };
         // Declarations read ahead of the failing statement are taken back, as if
         // the script had stopped there.
-        for (_, read) in declared.into_iter().rev().filter(|(d, _)| *d > i) {
-            self.undo(read)?;
+        for (_, d) in declared.into_iter().rev().filter(|(at, _)| *at > i) {
+            self.undo(d)?;
         }
         Err(at(i, e))
     }
 
-    fn undo(&self, read: Read) -> Result<()> {
+    fn undo(&self, declared: Declared) -> Result<()> {
         fn restore<T>(defs: &mut BTreeMap<String, T>, name: String, before: Option<T>) {
             match before {
                 Some(def) => defs.insert(name, def),
@@ -194,10 +198,9 @@ impl Engine {
             };
         }
         let mut catalog = self.catalog()?;
-        match read {
-            Read::Source(name, before) => restore(&mut catalog.sources, name, before),
-            Read::Sink(name, before) => restore(&mut catalog.sinks, name, before),
-            Read::Nothing | Read::Query(_) => {}
+        match declared {
+            Declared::Source(name, before) => restore(&mut catalog.sources, name, before),
+            Declared::Sink(name, before) => restore(&mut catalog.sinks, name, before),
         }
         Ok(())
     }
@@ -218,21 +221,15 @@ impl Engine {
                     ));
                 };
                 if cmd.unbounded {
-                    let def = SourceDef::from_ddl(&cmd, watermark)?;
-                    let before = self.catalog()?.sources.get(&def.name).cloned();
-                    let name = def.name.clone();
-                    self.register_source(def)?;
-                    Ok(Read::Source(name, before))
+                    let declared = self.declare_source(SourceDef::from_ddl(&cmd, watermark)?)?;
+                    Ok(Read::Declared(declared))
                 } else if watermark.is_some() {
                     Err(BrookError::sql(
                         "WATERMARK belongs on a source: CREATE UNBOUNDED EXTERNAL TABLE",
                     ))
                 } else {
-                    let def = SinkDef::from_ddl(&cmd)?;
-                    let before = self.catalog()?.sinks.get(&def.name).cloned();
-                    let name = def.name.clone();
-                    self.register_sink(def)?;
-                    Ok(Read::Sink(name, before))
+                    let declared = self.declare_sink(SinkDef::from_ddl(&cmd)?)?;
+                    Ok(Read::Declared(declared))
                 }
             }
             DFStatement::Statement(s) => match *s {
@@ -401,14 +398,24 @@ impl Engine {
     }
 
     pub fn register_source(&self, def: SourceDef) -> Result<()> {
-        def.validate()?;
-        self.catalog()?.sources.insert(def.name.clone(), def);
-        Ok(())
+        self.declare_source(def).map(drop)
     }
 
     pub fn register_sink(&self, def: SinkDef) -> Result<()> {
-        self.catalog()?.sinks.insert(def.name.clone(), def);
-        Ok(())
+        self.declare_sink(def).map(drop)
+    }
+
+    fn declare_source(&self, def: SourceDef) -> Result<Declared> {
+        def.validate()?;
+        let name = def.name.clone();
+        let before = self.catalog()?.sources.insert(name.clone(), def);
+        Ok(Declared::Source(name, before))
+    }
+
+    fn declare_sink(&self, def: SinkDef) -> Result<Declared> {
+        let name = def.name.clone();
+        let before = self.catalog()?.sinks.insert(name.clone(), def);
+        Ok(Declared::Sink(name, before))
     }
 
     /// Declares a streaming source through the Rust API.
