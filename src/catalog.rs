@@ -15,9 +15,8 @@ use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::format::Decoder;
 use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, kafka_schema};
 use crate::source::location::Location;
-use crate::source::shared::SharedDecodes;
 use crate::source::{
-    CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, StreamSource,
+    CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, SharedInput, StreamSource,
 };
 use crate::sql::script::WatermarkSpec;
 
@@ -339,11 +338,11 @@ impl SourceDef {
         self.schema.clone()
     }
 
-    /// A new source reading this table; file sources share decoded files through `shared`.
+    /// A new source reading this table, sharing decoded files and Kafka reads through `shared`.
     pub fn open(
         &self,
         runtime: &RuntimeEnv,
-        shared: &Arc<SharedDecodes>,
+        shared: &SharedInput,
     ) -> Result<Box<dyn StreamSource>> {
         let decoder = Decoder::new(
             self.format.clone(),
@@ -353,14 +352,18 @@ impl SourceDef {
         );
         if let Some((kafka, raw)) = &self.kafka {
             let decoder = (!raw).then_some(decoder);
-            return Ok(Box::new(KafkaSource::new(kafka.clone(), decoder)?));
+            return Ok(Box::new(KafkaSource::new(
+                kafka.clone(),
+                decoder,
+                &shared.kafka,
+            )?));
         }
         let location = Location::resolve(&self.location, runtime)?;
         Ok(Box::new(FileSource::new(
             location,
             decoder,
             self.file_options.clone(),
-            shared,
+            &shared.files,
         )?))
     }
 }

@@ -22,7 +22,7 @@ use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
 use crate::progress::QueryProgress;
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
-use crate::source::shared::SharedDecodes;
+use crate::source::SharedInput;
 use crate::source::{FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
@@ -94,7 +94,7 @@ pub struct Engine {
     ctx: SessionContext,
     catalog: Mutex<Catalog>,
     overrides: Overrides,
-    decodes: Arc<SharedDecodes>,
+    shared: SharedInput,
     progress: broadcast::Sender<QueryProgress>,
 }
 
@@ -117,7 +117,7 @@ impl Engine {
             ctx: SessionContext::new_with_config(config),
             catalog: Mutex::default(),
             overrides,
-            decodes: Arc::default(),
+            shared: SharedInput::default(),
             progress: broadcast::channel(PROGRESS_EVENTS).0,
         }
     }
@@ -348,7 +348,7 @@ impl Engine {
             )));
         }
         let runtime = self.ctx.runtime_env();
-        let source = compiled.source.open(&runtime, &self.decodes)?;
+        let source = compiled.source.open(&runtime, &self.shared)?;
         let checkpoint = match &options.checkpoint {
             Some(location) => Some(
                 Checkpoint::open(

@@ -60,6 +60,11 @@ pub enum BrookError {
     #[error(transparent)]
     Parquet(#[from] datafusion::parquet::errors::ParquetError),
 
+    /// The failure of work that several queries shared (one read of Kafka
+    /// offsets), as each of them sees it.
+    #[error(transparent)]
+    Shared(std::sync::Arc<BrookError>),
+
     /// A query or streaming context that failed or panicked; the message names it.
     #[error("{0}")]
     Stopped(String),

@@ -204,7 +204,7 @@ impl StreamingContext {
             poll_timeout: Duration::from_secs(120),
             include_headers: false,
         };
-        let source = KafkaSource::new(options, None)?;
+        let source = KafkaSource::new(options, None, &Arc::default())?;
         Ok(self.add_input(Input::Source(Box::new(source), keys_and_values)))
     }
 

@@ -18,22 +18,32 @@ use std::fmt::Debug;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use std::sync::Arc;
+
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 pub use file::{FileSource, FileSourceOptions};
 pub use format::{CsvOptions, FileFormat};
+pub use kafka::SharedReads;
 pub use malformed::{MalformedRecord, MalformedStats, ParseMode};
 
 use crate::error::Result;
+
+/// What the sources of one engine share: decoded files and Kafka reads.
+#[derive(Debug, Default)]
+pub struct SharedInput {
+    pub files: Arc<shared::SharedDecodes>,
+    pub kafka: Arc<SharedReads>,
+}
 
 /// The input of one batch as a source describes it: for files, the files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceOffset(pub serde_json::Value);
 
 /// The rows a batch read, and what was rejected while reading them.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SourceBatch {
     pub batches: Vec<RecordBatch>,
     pub malformed: MalformedStats,

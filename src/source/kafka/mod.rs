@@ -5,25 +5,26 @@
 //! not used for correctness. Reading a range again yields the same records, so a
 //! batch re-run after a crash reads exactly what it read before.
 
+mod fetch;
+mod shared;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use datafusion::arrow::array::{
-    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
-    StructBuilder, TimestampMillisecondBuilder,
-};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use futures::stream::{BoxStream, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, Timestamp};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use fetch::{Patience, Rows, fetch};
+pub use shared::SharedReads;
+use shared::{Progress, Registration, parts};
 
 use super::format::Decoder;
-use super::malformed::{MalformedRecord, MalformedStats};
 use super::{SourceBatch, SourceOffset, StreamSource};
 use crate::error::{BrookError, Result};
 
@@ -120,10 +121,10 @@ type Ranges = BTreeMap<String, BTreeMap<i32, Range>>;
 
 pub struct KafkaSource {
     options: KafkaOptions,
-    /// Parses `value` into the table's columns; `None` for the raw Kafka columns.
-    decoder: Option<Arc<Decoder>>,
+    rows: Rows,
     schema: SchemaRef,
     consumer: Arc<Mutex<BaseConsumer>>,
+    shared: Registration,
     positions: Positions,
     /// Set by the available-now trigger: the end offsets batches may reach.
     snapshot: Option<Positions>,
@@ -143,16 +144,28 @@ impl std::fmt::Debug for KafkaSource {
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KafkaSource {
-    pub fn new(options: KafkaOptions, decoder: Option<Decoder>) -> Result<Self> {
+    /// A source parsing each record's value with `decoder`, or reading the raw
+    /// Kafka columns without one; it shares reads with the other sources of `shared`.
+    pub fn new(
+        options: KafkaOptions,
+        decoder: Option<Decoder>,
+        shared: &Arc<SharedReads>,
+    ) -> Result<Self> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &options.bootstrap_servers)
             .set("group.id", "brook")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            // A batch reads a known range: fetch it in large pieces (tansu holds
-            // every fetch for the full fetch.wait.max.ms, so each piece costs 500 ms).
-            .set("max.partition.fetch.bytes", "16777216");
+            // A batch reads a range the broker has reported, so fetches need not
+            // wait for more: fetch in large pieces, well ahead of the reader
+            // (librdkafka's default queue of 100,000 records caps a read at about
+            // 170,000 records/s), and do not wait for more data than is there
+            // (tansu holds every fetch for the whole fetch.wait.max.ms, 500 ms by
+            // default).
+            .set("max.partition.fetch.bytes", "16777216")
+            .set("queued.min.messages", "1000000")
+            .set("fetch.wait.max.ms", "10");
         for (k, v) in &options.client {
             config.set(k, v);
         }
@@ -160,15 +173,26 @@ impl KafkaSource {
             location: options.bootstrap_servers.clone(),
             message: format!("cannot create a Kafka client: {e}"),
         })?;
-        let schema = decoder.as_ref().map_or_else(
-            || kafka_schema(options.include_headers),
-            |d| d.schema.clone(),
+        let rows = match decoder {
+            Some(d) => Rows::Decoded(Arc::new(d)),
+            None => Rows::Raw(kafka_schema(options.include_headers)),
+        };
+        let schema = match &rows {
+            Rows::Decoded(d) => d.schema.clone(),
+            Rows::Raw(schema) => schema.clone(),
+        };
+        // Reads are the same when the clients and the ranges are.
+        let identity = format!(
+            "{} {} {:?} {}",
+            options.bootstrap_servers, options.topics, options.client, options.fail_on_data_loss
         );
+        let shared = shared.register(&identity, &rows)?;
         Ok(Self {
             options,
-            decoder: decoder.map(Arc::new),
+            rows,
             schema,
             consumer: Arc::new(Mutex::new(consumer)),
+            shared,
             positions: Positions::new(),
             snapshot: None,
             unreachable_since: None,
@@ -256,50 +280,6 @@ impl KafkaSource {
         serde_json::from_value(offset.0.clone())
             .map_err(|e| self.error(format!("unreadable Kafka offset {}: {e}", offset.0)))
     }
-
-    /// Turns the records of one partition range into rows.
-    fn rows(
-        &self,
-        records: &[Record],
-        topic: &str,
-        partition: i32,
-    ) -> Result<(Vec<RecordBatch>, MalformedStats)> {
-        let Some(decoder) = &self.decoder else {
-            return Ok((
-                vec![raw_batch(&self.schema, records, topic, partition)?],
-                MalformedStats::default(),
-            ));
-        };
-        // One record per line; line N of the decoded text is the N-th record.
-        let mut text = Vec::new();
-        for r in records {
-            text.extend_from_slice(r.value.as_deref().unwrap_or_default());
-            text.push(b'\n');
-        }
-        // Messages name a record by its offset rather than a line of the text.
-        let at = |line: u64| {
-            let offset = records
-                .get(line.saturating_sub(1) as usize)
-                .map_or(-1, |r| r.offset);
-            format!("{topic}-{partition} offset {offset}")
-        };
-        let decoded = match decoder.decode(&format!("{topic}-{partition}"), Bytes::from(text)) {
-            Err(BrookError::Malformed { line, reason, .. }) => {
-                return Err(BrookError::Malformed {
-                    file: at(line),
-                    line: 1,
-                    reason,
-                });
-            }
-            other => other?,
-        };
-        let mut malformed = decoded.malformed;
-        for s in &mut malformed.samples {
-            s.file = at(s.line);
-            s.line = 1;
-        }
-        Ok((vec![decoded.batch], malformed))
-    }
 }
 
 type Marks = BTreeMap<String, BTreeMap<i32, (i64, i64)>>;
@@ -349,191 +329,6 @@ fn unreachable_broker(servers: &str, e: rdkafka::error::KafkaError) -> BrookErro
         message: format!(
             "cannot reach the broker: {e}; check 'kafka.bootstrap.servers' (LOCATION)"
         ),
-    }
-}
-
-struct Record {
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    offset: i64,
-    timestamp: Option<i64>,
-    timestamp_type: i32,
-    headers: Option<Vec<(String, Option<Vec<u8>>)>>,
-}
-
-fn raw_batch(
-    schema: &SchemaRef,
-    records: &[Record],
-    topic: &str,
-    partition: i32,
-) -> Result<RecordBatch> {
-    let mut key = BinaryBuilder::new();
-    let mut value = BinaryBuilder::new();
-    let mut topics = StringBuilder::new();
-    let mut partitions = Int32Builder::new();
-    let mut offsets = Int64Builder::new();
-    let mut times = TimestampMillisecondBuilder::new();
-    let mut types = Int32Builder::new();
-    let mut headers =
-        ListBuilder::new(StructBuilder::from_fields(header_fields(), 0)).with_field(Arc::new(
-            Field::new_list_field(DataType::Struct(header_fields()), true),
-        ));
-    for r in records {
-        key.append_option(r.key.as_deref());
-        value.append_option(r.value.as_deref());
-        topics.append_value(topic);
-        partitions.append_value(partition);
-        offsets.append_value(r.offset);
-        times.append_option(r.timestamp);
-        types.append_value(r.timestamp_type);
-        match &r.headers {
-            None => headers.append_null(),
-            Some(pairs) => {
-                let entries = headers.values();
-                for (k, v) in pairs {
-                    entries
-                        .field_builder::<StringBuilder>(0)
-                        .ok_or_else(|| BrookError::Plan("headers: no key builder".into()))?
-                        .append_value(k);
-                    entries
-                        .field_builder::<BinaryBuilder>(1)
-                        .ok_or_else(|| BrookError::Plan("headers: no value builder".into()))?
-                        .append_option(v.as_deref());
-                    entries.append(true);
-                }
-                headers.append(true);
-            }
-        }
-    }
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(key.finish()),
-        Arc::new(value.finish()),
-        Arc::new(topics.finish()),
-        Arc::new(partitions.finish()),
-        Arc::new(offsets.finish()),
-        Arc::new(times.finish()),
-        Arc::new(types.finish()),
-    ];
-    if schema.column_with_name("headers").is_some() {
-        columns.push(Arc::new(headers.finish()));
-    }
-    Ok(RecordBatch::try_new(schema.clone(), columns)?)
-}
-
-/// Reads `range` of one partition. Records missing from the range (deleted by
-/// retention, or skipped by the broker) are data loss: an error, or counted
-/// when `fail_on_data_loss` is off.
-fn read_range(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    range: Range,
-    timeout: Duration,
-    fail_on_data_loss: bool,
-    lost: &mut MalformedStats,
-) -> Result<Vec<Record>> {
-    let fail = |m: String| BrookError::Source {
-        location: format!("kafka {topic}-{partition}"),
-        message: m,
-    };
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(range.from))
-        .map_err(|e| fail(e.to_string()))?;
-    consumer.assign(&tpl).map_err(|e| fail(e.to_string()))?;
-    let mut out = Vec::with_capacity((range.until - range.from).max(0) as usize);
-    let mut expected = range.from;
-    let mut last_progress = Instant::now();
-    while expected < range.until {
-        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
-            // Offsets no record is delivered for (transaction markers; aborted
-            // records when reading committed) move the client's position only.
-            if position(consumer, topic, partition) >= range.until {
-                break;
-            }
-            if last_progress.elapsed() > timeout {
-                return Err(fail(format!(
-                    "no records for {timeout:?} while reading offsets {expected}..{} (the broker \
-                     reported them); is the broker down?",
-                    range.until
-                )));
-            }
-            continue;
-        };
-        let message = match polled {
-            Ok(m) => m,
-            Err(e) => {
-                // Transport errors while a broker restarts: the client reconnects.
-                tracing::warn!(topic, partition, "Kafka read error (retrying): {e}");
-                continue;
-            }
-        };
-        if message.topic() != topic || message.partition() != partition {
-            continue;
-        }
-        let offset = message.offset();
-        if offset < expected {
-            continue;
-        }
-        if offset > expected {
-            let missing = (offset.min(range.until) - expected) as u64;
-            let what = format!(
-                "offsets {expected}..{} of {topic}-{partition} are gone (deleted by retention, \
-                 or skipped by the broker)",
-                offset.min(range.until)
-            );
-            if fail_on_data_loss {
-                return Err(fail(format!(
-                    "data loss: {what}; set 'failOnDataLoss' to 'false' to count and skip them"
-                )));
-            }
-            for _ in 0..missing {
-                lost.record(
-                    MalformedRecord {
-                        file: format!("{topic}-{partition}"),
-                        line: expected as u64,
-                        reason: what.clone(),
-                        text: String::new(),
-                    },
-                    "data loss: missing Kafka offsets",
-                );
-            }
-        }
-        if offset >= range.until {
-            break;
-        }
-        let (timestamp, timestamp_type) = match message.timestamp() {
-            Timestamp::NotAvailable => (None, -1),
-            Timestamp::CreateTime(t) => (Some(t), 0),
-            Timestamp::LogAppendTime(t) => (Some(t), 1),
-        };
-        let headers = message.headers().map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                .collect()
-        });
-        out.push(Record {
-            headers,
-            key: message.key().map(<[u8]>::to_vec),
-            value: message.payload().map(<[u8]>::to_vec),
-            offset,
-            timestamp,
-            timestamp_type,
-        });
-        expected = offset + 1;
-        last_progress = Instant::now();
-    }
-    Ok(out)
-}
-
-/// The next offset the client will fetch from `partition`.
-fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
-    match consumer
-        .position()
-        .ok()
-        .and_then(|tpl| tpl.find_partition(topic, partition).map(|p| p.offset()))
-    {
-        Some(Offset::Offset(next)) => next,
-        _ => -1,
     }
 }
 
@@ -689,42 +484,40 @@ impl StreamSource for KafkaSource {
     }
 
     async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch> {
-        let ranges = self.parse_ranges(offset)?;
-        let timeout = self.options.poll_timeout;
-        let fail_on_data_loss = self.options.fail_on_data_loss;
-        let read: Vec<(String, i32, Vec<Record>, MalformedStats)> = self
-            .blocking(move |consumer| {
-                let mut out = vec![];
-                for (topic, partitions) in &ranges {
-                    for (p, range) in partitions {
-                        let mut lost = MalformedStats::default();
-                        let records = read_range(
-                            consumer,
-                            topic,
-                            *p,
-                            *range,
-                            timeout,
-                            fail_on_data_loss,
-                            &mut lost,
-                        )?;
-                        out.push((topic.clone(), *p, records, lost));
-                    }
-                }
-                Ok(out)
-            })
-            .await?;
-        let mut batch = SourceBatch::default();
-        for (topic, p, records, lost) in read {
-            let (rows, malformed) = self.rows(&records, &topic, p)?;
-            lost.log();
-            malformed.log();
-            batch
-                .batches
-                .extend(rows.into_iter().filter(|b| b.num_rows() > 0));
-            batch.malformed.merge(lost);
-            batch.malformed.merge(malformed);
+        SourceBatch::collect(self.read_parts(offset)).await
+    }
+
+    /// The ranges' records a few thousand at a time, fetched and parsed once
+    /// for all the sources of the engine that read the same ranges.
+    fn read_parts<'a>(&'a self, offset: &'a SourceOffset) -> BoxStream<'a, Result<SourceBatch>> {
+        let start = |tx: watch::Sender<Progress>| {
+            let consumer = self.consumer.clone();
+            let rows = self.rows.clone();
+            let patience = Patience {
+                timeout: self.options.poll_timeout,
+                fail_on_data_loss: self.options.fail_on_data_loss,
+            };
+            let ranges = self.parse_ranges(offset);
+            tokio::task::spawn_blocking(move || {
+                let read = ranges.and_then(|ranges| {
+                    let consumer = consumer
+                        .lock()
+                        .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))?;
+                    fetch(&consumer, &ranges, &rows, patience, |part| {
+                        tx.send_modify(|p| p.parts.push(part));
+                        !tx.is_closed()
+                    })
+                });
+                tx.send_modify(|p| p.end = Some(read.map_err(Arc::new)));
+            });
+        };
+        match self
+            .parse_ranges(offset)
+            .and_then(|ranges| self.shared.read(&ranges, start))
+        {
+            Ok(progress) => parts(progress),
+            Err(e) => futures::stream::once(async { Err(e) }).boxed(),
         }
-        Ok(batch)
     }
 
     fn commit(&mut self, offset: &SourceOffset) -> Result<()> {

@@ -1,0 +1,460 @@
+//! Reading a batch's offset ranges from the broker, a part at a time.
+//!
+//! All the batch's partitions are fetched at once (librdkafka fetches them in
+//! parallel, ahead of the reader), and every few thousand records of a
+//! partition become rows, so that the query works on the first rows while the
+//! broker sends the rest.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use datafusion::arrow::array::{
+    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    StructBuilder, TimestampMillisecondBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message, Timestamp};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{Range, Ranges, header_fields};
+use crate::error::{BrookError, Result};
+use crate::source::SourceBatch;
+use crate::source::format::Decoder;
+use crate::source::malformed::{MalformedRecord, MalformedStats};
+
+/// Records of a partition turned into rows together: enough to keep the
+/// query's per-batch overhead small, few enough to start it early.
+const PART_RECORDS: usize = 1 << 16;
+
+/// How records become rows: parsed from their values, or Spark's raw Kafka columns.
+#[derive(Debug, Clone)]
+pub(super) enum Rows {
+    Decoded(Arc<Decoder>),
+    Raw(SchemaRef),
+}
+
+/// What a read may take: how long it waits for records the broker reported,
+/// and whether missing offsets are an error or counted.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Patience {
+    pub(super) timeout: Duration,
+    pub(super) fail_on_data_loss: bool,
+}
+
+/// Reads `ranges` with `consumer`, handing each part to `emit`, which says
+/// whether anyone still wants the rest.
+pub(super) fn fetch(
+    consumer: &BaseConsumer,
+    ranges: &Ranges,
+    rows: &Rows,
+    patience: Patience,
+    mut emit: impl FnMut(SourceBatch) -> bool,
+) -> Result<()> {
+    let mut parts: Vec<Partition> = ranges
+        .iter()
+        .flat_map(|(topic, ps)| {
+            ps.iter()
+                .filter(|(_, r)| r.until > r.from)
+                .map(|(p, r)| Partition::new(topic, *p, *r, rows))
+        })
+        .collect();
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let mut by_id: HashMap<i32, Vec<usize>> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for (i, part) in parts.iter().enumerate() {
+        by_id.entry(part.partition).or_default().push(i);
+        tpl.add_partition_offset(&part.topic, part.partition, Offset::Offset(part.expected))
+            .map_err(|e| part.error(e.to_string()))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| parts[0].error(e.to_string()))?;
+    // The client remembers a pause across assignments: the last read paused
+    // the partitions it finished.
+    consumer
+        .resume(&tpl)
+        .map_err(|e| parts[0].error(e.to_string()))?;
+    let read = read_all(consumer, &mut parts, &by_id, patience, &mut emit);
+    // A consumer left assigned would keep fetching past the ranges.
+    if let Err(e) = consumer.unassign() {
+        tracing::warn!("Kafka unassign failed: {e}");
+    }
+    read
+}
+
+fn read_all(
+    consumer: &BaseConsumer,
+    parts: &mut [Partition],
+    by_id: &HashMap<i32, Vec<usize>>,
+    patience: Patience,
+    emit: &mut impl FnMut(SourceBatch) -> bool,
+) -> Result<()> {
+    let mut left = parts.len();
+    // Whether a record came since the last quiet poll: cheaper than reading
+    // the clock for every record.
+    let mut heard = false;
+    let mut quiet_since = Instant::now();
+    while left > 0 {
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+            for part in parts.iter_mut().filter(|p| !p.done) {
+                // Offsets no record is delivered for (transaction markers; aborted
+                // records when reading committed) move the client's position only.
+                if position(consumer, &part.topic, part.partition) >= part.until {
+                    left -= 1;
+                    if !part.finish(consumer, emit)? {
+                        return Ok(());
+                    }
+                }
+            }
+            if std::mem::take(&mut heard) {
+                quiet_since = Instant::now();
+            } else if left > 0 && quiet_since.elapsed() > patience.timeout {
+                let Some(part) = parts.iter().find(|p| !p.done) else {
+                    break;
+                };
+                return Err(part.error(format!(
+                    "no records for {:?} while reading offsets {}..{} (the broker reported \
+                     them); is the broker down?",
+                    patience.timeout, part.expected, part.until
+                )));
+            }
+            continue;
+        };
+        let message = match polled {
+            Ok(m) => m,
+            Err(e) => {
+                // Transport errors while a broker restarts: the client reconnects.
+                tracing::warn!("Kafka read error (retrying): {e}");
+                continue;
+            }
+        };
+        heard = true;
+        let Some(part) = by_id
+            .get(&message.partition())
+            .and_then(|ids| ids.iter().find(|&&i| parts[i].topic == message.topic()))
+            .map(|&i| &mut parts[i])
+        else {
+            continue;
+        };
+        if part.done || message.offset() < part.expected {
+            continue;
+        }
+        part.count_gap(message.offset(), patience.fail_on_data_loss)?;
+        if message.offset() < part.until {
+            part.pending.push(&message);
+            part.expected = message.offset() + 1;
+        }
+        let go_on = if part.expected >= part.until || message.offset() >= part.until {
+            left -= 1;
+            part.finish(consumer, emit)?
+        } else if part.pending.len() >= PART_RECORDS {
+            emit(part.take()?)
+        } else {
+            true
+        };
+        if !go_on {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The next offset the client will fetch from `partition`.
+fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
+    match consumer
+        .position()
+        .ok()
+        .and_then(|tpl| tpl.find_partition(topic, partition).map(|p| p.offset()))
+    {
+        Some(Offset::Offset(next)) => next,
+        _ => -1,
+    }
+}
+
+/// One partition's range being read.
+struct Partition {
+    topic: String,
+    partition: i32,
+    until: i64,
+    /// The offset the next record should have.
+    expected: i64,
+    done: bool,
+    pending: Pending,
+    /// Offsets found missing, reported with the next part.
+    lost: MalformedStats,
+}
+
+impl Partition {
+    fn new(topic: &str, partition: i32, range: Range, rows: &Rows) -> Self {
+        Self {
+            topic: topic.to_string(),
+            partition,
+            until: range.until,
+            expected: range.from,
+            done: false,
+            pending: match rows {
+                Rows::Decoded(decoder) => Pending::Text {
+                    decoder: decoder.clone(),
+                    text: Vec::new(),
+                    offsets: Vec::new(),
+                },
+                Rows::Raw(schema) => Pending::Raw {
+                    schema: schema.clone(),
+                    records: Vec::new(),
+                },
+            },
+            lost: MalformedStats::default(),
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("{}-{}", self.topic, self.partition)
+    }
+
+    fn error(&self, message: String) -> BrookError {
+        BrookError::Source {
+            location: format!("kafka {}", self.name()),
+            message,
+        }
+    }
+
+    /// Records missing before `offset` (deleted by retention, or skipped by the
+    /// broker) are data loss: an error, or counted when `fail_on_data_loss` is off.
+    fn count_gap(&mut self, offset: i64, fail_on_data_loss: bool) -> Result<()> {
+        if offset <= self.expected {
+            return Ok(());
+        }
+        let end = offset.min(self.until);
+        let what = format!(
+            "offsets {}..{end} of {} are gone (deleted by retention, or skipped by the broker)",
+            self.expected,
+            self.name()
+        );
+        if fail_on_data_loss {
+            return Err(self.error(format!(
+                "data loss: {what}; set 'failOnDataLoss' to 'false' to count and skip them"
+            )));
+        }
+        for missing in self.expected..end {
+            self.lost.record(
+                MalformedRecord {
+                    file: self.name(),
+                    line: missing as u64,
+                    reason: what.clone(),
+                    text: String::new(),
+                },
+                "data loss: missing Kafka offsets",
+            );
+        }
+        self.expected = end;
+        Ok(())
+    }
+
+    /// Emits the last part and stops fetching the partition.
+    fn finish(
+        &mut self,
+        consumer: &BaseConsumer,
+        emit: &mut impl FnMut(SourceBatch) -> bool,
+    ) -> Result<bool> {
+        self.done = true;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        if let Err(e) = consumer.pause(&tpl) {
+            tracing::warn!("Kafka pause of {} failed: {e}", self.name());
+        }
+        Ok(emit(self.take()?))
+    }
+
+    /// The rows of the records read since the last part.
+    fn take(&mut self) -> Result<SourceBatch> {
+        let mut malformed = std::mem::take(&mut self.lost);
+        let batch = match &mut self.pending {
+            Pending::Text {
+                decoder,
+                text,
+                offsets,
+            } => {
+                let (decoder, text, offsets) = (
+                    decoder.clone(),
+                    std::mem::take(text),
+                    std::mem::take(offsets),
+                );
+                let (batch, found) = self.decode(&decoder, text, &offsets)?;
+                malformed.merge(found);
+                batch
+            }
+            Pending::Raw { schema, records } => raw_batch(
+                schema,
+                &std::mem::take(records),
+                &self.topic,
+                self.partition,
+            )?,
+        };
+        malformed.log();
+        Ok(SourceBatch {
+            batches: [batch].into_iter().filter(|b| b.num_rows() > 0).collect(),
+            malformed,
+        })
+    }
+
+    /// Parses values, one per line; line N of the text is the N-th record.
+    fn decode(
+        &self,
+        decoder: &Decoder,
+        text: Vec<u8>,
+        offsets: &[i64],
+    ) -> Result<(RecordBatch, MalformedStats)> {
+        // Messages name a record by its offset rather than a line of the text.
+        let at = |line: u64| {
+            let offset = offsets
+                .get(line.saturating_sub(1) as usize)
+                .map_or(-1, |o| *o);
+            format!("{} offset {offset}", self.name())
+        };
+        let decoded = match decoder.decode(&self.name(), Bytes::from(text)) {
+            Err(BrookError::Malformed { line, reason, .. }) => {
+                return Err(BrookError::Malformed {
+                    file: at(line),
+                    line: 1,
+                    reason,
+                });
+            }
+            other => other?,
+        };
+        let mut malformed = decoded.malformed;
+        for s in &mut malformed.samples {
+            s.file = at(s.line);
+            s.line = 1;
+        }
+        Ok((decoded.batch, malformed))
+    }
+}
+
+/// A partition's records not yet turned into rows, and how they will be.
+enum Pending {
+    /// Values, a line each, and the offset of each line.
+    Text {
+        decoder: Arc<Decoder>,
+        text: Vec<u8>,
+        offsets: Vec<i64>,
+    },
+    Raw {
+        schema: SchemaRef,
+        records: Vec<Record>,
+    },
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        match self {
+            Pending::Text { offsets, .. } => offsets.len(),
+            Pending::Raw { records, .. } => records.len(),
+        }
+    }
+
+    fn push(&mut self, message: &BorrowedMessage<'_>) {
+        match self {
+            Pending::Text { text, offsets, .. } => {
+                text.extend_from_slice(message.payload().unwrap_or_default());
+                text.push(b'\n');
+                offsets.push(message.offset());
+            }
+            Pending::Raw { records, .. } => records.push(Record::of(message)),
+        }
+    }
+}
+
+struct Record {
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    offset: i64,
+    timestamp: Option<i64>,
+    timestamp_type: i32,
+    headers: Option<Vec<(String, Option<Vec<u8>>)>>,
+}
+
+impl Record {
+    fn of(message: &BorrowedMessage<'_>) -> Self {
+        let (timestamp, timestamp_type) = match message.timestamp() {
+            Timestamp::NotAvailable => (None, -1),
+            Timestamp::CreateTime(t) => (Some(t), 0),
+            Timestamp::LogAppendTime(t) => (Some(t), 1),
+        };
+        Record {
+            headers: message.headers().map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            }),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            offset: message.offset(),
+            timestamp,
+            timestamp_type,
+        }
+    }
+}
+
+fn raw_batch(
+    schema: &SchemaRef,
+    records: &[Record],
+    topic: &str,
+    partition: i32,
+) -> Result<RecordBatch> {
+    let mut key = BinaryBuilder::new();
+    let mut value = BinaryBuilder::new();
+    let mut topics = StringBuilder::new();
+    let mut partitions = Int32Builder::new();
+    let mut offsets = Int64Builder::new();
+    let mut times = TimestampMillisecondBuilder::new();
+    let mut types = Int32Builder::new();
+    let mut headers =
+        ListBuilder::new(StructBuilder::from_fields(header_fields(), 0)).with_field(Arc::new(
+            Field::new_list_field(DataType::Struct(header_fields()), true),
+        ));
+    for r in records {
+        key.append_option(r.key.as_deref());
+        value.append_option(r.value.as_deref());
+        topics.append_value(topic);
+        partitions.append_value(partition);
+        offsets.append_value(r.offset);
+        times.append_option(r.timestamp);
+        types.append_value(r.timestamp_type);
+        match &r.headers {
+            None => headers.append_null(),
+            Some(pairs) => {
+                let entries = headers.values();
+                for (k, v) in pairs {
+                    entries
+                        .field_builder::<StringBuilder>(0)
+                        .ok_or_else(|| BrookError::Plan("headers: no key builder".into()))?
+                        .append_value(k);
+                    entries
+                        .field_builder::<BinaryBuilder>(1)
+                        .ok_or_else(|| BrookError::Plan("headers: no value builder".into()))?
+                        .append_option(v.as_deref());
+                    entries.append(true);
+                }
+                headers.append(true);
+            }
+        }
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(key.finish()),
+        Arc::new(value.finish()),
+        Arc::new(topics.finish()),
+        Arc::new(partitions.finish()),
+        Arc::new(offsets.finish()),
+        Arc::new(times.finish()),
+        Arc::new(types.finish()),
+    ];
+    if schema.column_with_name("headers").is_some() {
+        columns.push(Arc::new(headers.finish()));
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
