@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +30,9 @@ use crate::source::malformed::{MalformedRecord, MalformedStats};
 /// query's per-batch overhead small, few enough to start it early.
 const PART_RECORDS: usize = 1 << 16;
 
+/// Parts polled but not yet turned into rows: polling stops for the slower rows.
+const CHUNKS_AHEAD: usize = 4;
+
 /// How records become rows: parsed from their values, or Spark's raw Kafka columns.
 #[derive(Debug, Clone)]
 pub(super) enum Rows {
@@ -45,13 +49,14 @@ pub(super) struct Patience {
 }
 
 /// Reads `ranges` with `consumer`, handing each part to `emit`, which says
-/// whether anyone still wants the rest.
+/// whether anyone still wants the rest. Records are turned into rows on a
+/// thread of their own, while the next ones are polled.
 pub(super) fn fetch(
     consumer: &BaseConsumer,
     ranges: &Ranges,
     rows: &Rows,
     patience: Patience,
-    mut emit: impl FnMut(SourceBatch) -> bool,
+    mut emit: impl FnMut(SourceBatch) -> bool + Send,
 ) -> Result<()> {
     let mut parts: Vec<Partition> = ranges
         .iter()
@@ -79,7 +84,23 @@ pub(super) fn fetch(
     consumer
         .resume(&tpl)
         .map_err(|e| parts[0].error(e.to_string()))?;
-    let read = read_all(consumer, &mut parts, &by_id, patience, &mut emit);
+    let read = std::thread::scope(|scope| {
+        let (chunks, taken) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD);
+        let rows = scope.spawn(move || {
+            for chunk in taken {
+                if !emit(chunk.rows()?) {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let polled = read_all(consumer, &mut parts, &by_id, patience, &chunks);
+        drop(chunks);
+        let rows = rows
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        polled.and(rows)
+    });
     // A consumer left assigned would keep fetching past the ranges.
     if let Err(e) = consumer.unassign() {
         tracing::warn!("Kafka unassign failed: {e}");
@@ -92,7 +113,7 @@ fn read_all(
     parts: &mut [Partition],
     by_id: &HashMap<i32, Vec<usize>>,
     patience: Patience,
-    emit: &mut impl FnMut(SourceBatch) -> bool,
+    chunks: &SyncSender<Chunk>,
 ) -> Result<()> {
     let mut left = parts.len();
     // Whether a record came since the last quiet poll: cheaper than reading
@@ -106,7 +127,7 @@ fn read_all(
                 // records when reading committed) move the client's position only.
                 if position(consumer, &part.topic, part.partition) >= part.until {
                     left -= 1;
-                    if !part.finish(consumer, emit)? {
+                    if chunks.send(part.finish(consumer)).is_err() {
                         return Ok(());
                     }
                 }
@@ -149,15 +170,16 @@ fn read_all(
             part.pending.push(&message);
             part.expected = message.offset() + 1;
         }
-        let go_on = if part.expected >= part.until || message.offset() >= part.until {
+        let chunk = if part.expected >= part.until || message.offset() >= part.until {
             left -= 1;
-            part.finish(consumer, emit)?
+            part.finish(consumer)
         } else if part.pending.len() >= PART_RECORDS {
-            emit(part.take()?)
+            part.take()
         } else {
-            true
+            continue;
         };
-        if !go_on {
+        // Nobody wants the rest, or the rows failed (the error is theirs to report).
+        if chunks.send(chunk).is_err() {
             return Ok(());
         }
     }
@@ -255,45 +277,54 @@ impl Partition {
         Ok(())
     }
 
-    /// Emits the last part and stops fetching the partition.
-    fn finish(
-        &mut self,
-        consumer: &BaseConsumer,
-        emit: &mut impl FnMut(SourceBatch) -> bool,
-    ) -> Result<bool> {
+    /// The last part; the partition is not fetched any more.
+    fn finish(&mut self, consumer: &BaseConsumer) -> Chunk {
         self.done = true;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, self.partition);
         if let Err(e) = consumer.pause(&tpl) {
             tracing::warn!("Kafka pause of {} failed: {e}", self.name());
         }
-        Ok(emit(self.take()?))
+        self.take()
     }
 
-    /// The rows of the records read since the last part.
-    fn take(&mut self) -> Result<SourceBatch> {
-        let mut malformed = std::mem::take(&mut self.lost);
-        let batch = match &mut self.pending {
+    /// The records read since the last part.
+    fn take(&mut self) -> Chunk {
+        let empty = self.pending.emptied();
+        Chunk {
+            partition: self.partition,
+            topic: self.topic.clone(),
+            pending: std::mem::replace(&mut self.pending, empty),
+            lost: std::mem::take(&mut self.lost),
+        }
+    }
+}
+
+/// Records of one partition to turn into rows together.
+struct Chunk {
+    topic: String,
+    partition: i32,
+    pending: Pending,
+    lost: MalformedStats,
+}
+
+impl Chunk {
+    fn rows(self) -> Result<SourceBatch> {
+        let mut malformed = self.lost;
+        let batch = match self.pending {
             Pending::Text {
                 decoder,
                 text,
                 offsets,
             } => {
-                let (decoder, text, offsets) = (
-                    decoder.clone(),
-                    std::mem::take(text),
-                    std::mem::take(offsets),
-                );
-                let (batch, found) = self.decode(&decoder, text, &offsets)?;
+                let name = format!("{}-{}", self.topic, self.partition);
+                let (batch, found) = decode(&name, &decoder, text, &offsets)?;
                 malformed.merge(found);
                 batch
             }
-            Pending::Raw { schema, records } => raw_batch(
-                schema,
-                &std::mem::take(records),
-                &self.topic,
-                self.partition,
-            )?,
+            Pending::Raw { schema, records } => {
+                raw_batch(&schema, &records, &self.topic, self.partition)?
+            }
         };
         malformed.log();
         Ok(SourceBatch {
@@ -301,38 +332,39 @@ impl Partition {
             malformed,
         })
     }
+}
 
-    /// Parses values, one per line; line N of the text is the N-th record.
-    fn decode(
-        &self,
-        decoder: &Decoder,
-        text: Vec<u8>,
-        offsets: &[i64],
-    ) -> Result<(RecordBatch, MalformedStats)> {
-        // Messages name a record by its offset rather than a line of the text.
-        let at = |line: u64| {
-            let offset = offsets
-                .get(line.saturating_sub(1) as usize)
-                .map_or(-1, |o| *o);
-            format!("{} offset {offset}", self.name())
-        };
-        let decoded = match decoder.decode(&self.name(), Bytes::from(text)) {
-            Err(BrookError::Malformed { line, reason, .. }) => {
-                return Err(BrookError::Malformed {
-                    file: at(line),
-                    line: 1,
-                    reason,
-                });
-            }
-            other => other?,
-        };
-        let mut malformed = decoded.malformed;
-        for s in &mut malformed.samples {
-            s.file = at(s.line);
-            s.line = 1;
+/// Parses the values of partition `name`, one per line: line N of the text is
+/// the record at `offsets[N - 1]`.
+fn decode(
+    name: &str,
+    decoder: &Decoder,
+    text: Vec<u8>,
+    offsets: &[i64],
+) -> Result<(RecordBatch, MalformedStats)> {
+    // Messages name a record by its offset rather than a line of the text.
+    let at = |line: u64| {
+        let offset = offsets
+            .get(line.saturating_sub(1) as usize)
+            .map_or(-1, |o| *o);
+        format!("{name} offset {offset}")
+    };
+    let decoded = match decoder.decode(name, Bytes::from(text)) {
+        Err(BrookError::Malformed { line, reason, .. }) => {
+            return Err(BrookError::Malformed {
+                file: at(line),
+                line: 1,
+                reason,
+            });
         }
-        Ok((decoded.batch, malformed))
+        other => other?,
+    };
+    let mut malformed = decoded.malformed;
+    for s in &mut malformed.samples {
+        s.file = at(s.line);
+        s.line = 1;
     }
+    Ok((decoded.batch, malformed))
 }
 
 /// A partition's records not yet turned into rows, and how they will be.
@@ -350,6 +382,21 @@ enum Pending {
 }
 
 impl Pending {
+    /// An empty one of the same form.
+    fn emptied(&self) -> Self {
+        match self {
+            Pending::Text { decoder, .. } => Pending::Text {
+                decoder: decoder.clone(),
+                text: Vec::new(),
+                offsets: Vec::new(),
+            },
+            Pending::Raw { schema, .. } => Pending::Raw {
+                schema: schema.clone(),
+                records: Vec::new(),
+            },
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Pending::Text { offsets, .. } => offsets.len(),
