@@ -17,6 +17,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 use futures::stream::{BoxStream, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -138,6 +139,21 @@ pub struct KafkaSource {
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.describe())
+    }
+}
+
+/// Closing a Kafka client takes about 100 ms (librdkafka's threads time out
+/// their waits): done on a thread of its own, it holds up neither the async
+/// threads nor a process that is exiting.
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        let consumer = self.consumer.clone();
+        let closing = std::thread::Builder::new()
+            .name("kafka-close".into())
+            .spawn(move || drop(consumer));
+        if let Err(e) = closing {
+            tracing::warn!("closing a Kafka client in the foreground: {e}");
+        }
     }
 }
 
@@ -300,7 +316,7 @@ fn query_marks(
             .filter(|name| pattern.is_match(name))
             .collect(),
     };
-    let mut out = BTreeMap::new();
+    let mut found = vec![];
     let mut missing = vec![];
     for topic in &topics {
         let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
@@ -312,13 +328,36 @@ fn query_marks(
             .collect();
         if partitions.is_empty() {
             missing.push(topic.clone());
-            continue;
         }
-        let mut marks = BTreeMap::new();
-        for p in partitions {
-            marks.insert(p, consumer.fetch_watermarks(topic, p, METADATA_TIMEOUT)?);
+        found.extend(partitions.into_iter().map(|p| (topic, p)));
+    }
+    if found.is_empty() {
+        return Ok((Marks::new(), missing));
+    }
+    // One request each for the first and the next offsets of every partition
+    // (asking for each partition's watermarks takes two round trips per partition).
+    let ask = |at: Offset| {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p) in &found {
+            tpl.add_partition_offset(topic, *p, at)?;
         }
-        out.insert(topic.clone(), marks);
+        consumer.offsets_for_times(tpl, METADATA_TIMEOUT)
+    };
+    let (lows, highs) = (ask(Offset::Beginning)?, ask(Offset::End)?);
+    let mut out: Marks = BTreeMap::new();
+    for (topic, p) in found {
+        let offset = |tpl: &TopicPartitionList| match tpl.find_partition(topic, p) {
+            Some(e) if e.error().is_ok() => match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            },
+            _ => None,
+        };
+        let marks = match (offset(&lows), offset(&highs)) {
+            (Some(low), Some(high)) => (low, high),
+            _ => consumer.fetch_watermarks(topic, p, METADATA_TIMEOUT)?,
+        };
+        out.entry(topic.clone()).or_default().insert(p, marks);
     }
     Ok((out, missing))
 }
