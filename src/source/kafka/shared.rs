@@ -216,3 +216,83 @@ pub(super) fn parts(
     })
     .boxed()
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::Schema;
+
+    use super::super::Range;
+    use super::*;
+
+    fn ranges(from: i64, until: i64) -> Ranges {
+        Ranges::from([(
+            "orders".to_string(),
+            BTreeMap::from([(0, Range { from, until })]),
+        )])
+    }
+
+    /// Registers a reader of the sources named `identity`.
+    fn reader(reads: &Arc<SharedReads>, identity: &str) -> Registration {
+        reads
+            .register(identity, &Rows::Raw(Arc::new(Schema::empty())))
+            .unwrap()
+    }
+
+    /// Reads `ranges`, saying whether this reader started the read.
+    fn read(r: &Registration, ranges: &Ranges) -> (bool, watch::Receiver<Progress>) {
+        let mut started = false;
+        let progress = r.read(ranges, |tx| {
+            started = true;
+            tx.send_modify(|p| {
+                p.parts.push(SourceBatch::default());
+                p.end = Some(Ok(()));
+            });
+        });
+        (started, progress.unwrap())
+    }
+
+    #[tokio::test]
+    async fn readers_of_the_same_ranges_share_one_read_and_others_read_alone() {
+        let reads = Arc::new(SharedReads::default());
+        let (a, b, c) = (
+            reader(&reads, "orders"),
+            reader(&reads, "orders"),
+            reader(&reads, "other"),
+        );
+        let (a_started, a_parts) = read(&a, &ranges(0, 10));
+        let (b_started, b_parts) = read(&b, &ranges(0, 10));
+        assert!(a_started && !b_started);
+        assert!(a_parts.same_channel(&b_parts));
+        let parts: Vec<_> = parts(b_parts).collect().await;
+        assert_eq!(parts.len(), 1);
+        // Another identity, or other ranges, read for themselves.
+        assert!(read(&c, &ranges(0, 10)).0);
+        assert!(read(&a, &ranges(10, 20)).0);
+        // The same reader asking again reads again.
+        assert!(read(&b, &ranges(0, 10)).0);
+    }
+
+    #[test]
+    fn a_read_is_forgotten_once_every_reader_took_it_or_moved_past_it() {
+        let reads = Arc::new(SharedReads::default());
+        let (a, b) = (reader(&reads, "orders"), reader(&reads, "orders"));
+        let kept = |reads: &Arc<SharedReads>| reads.lock().unwrap()[0].reads.len();
+        read(&a, &ranges(0, 10));
+        assert_eq!(kept(&reads), 1);
+        // b planned other ranges from the same offset: it may still ask for a's.
+        read(&b, &ranges(0, 12));
+        assert_eq!(kept(&reads), 2);
+        // b moved past offset 0: a's read is gone; a may still take b's.
+        read(&b, &ranges(12, 20));
+        assert_eq!(kept(&reads), 2);
+        // a moved past offset 0 and b past 10: only b's read from 12 is kept.
+        read(&a, &ranges(10, 20));
+        assert_eq!(kept(&reads), 1);
+        // A reader that leaves no longer holds reads.
+        drop(a);
+        assert_eq!(kept(&reads), 0);
+        // A reader alone keeps nothing.
+        read(&b, &ranges(20, 30));
+        assert_eq!(kept(&reads), 0);
+    }
+}
