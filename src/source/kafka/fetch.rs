@@ -1,12 +1,13 @@
 //! Reading a batch's offset ranges from the broker, a part at a time.
 //!
 //! All the batch's partitions are fetched at once (librdkafka fetches them in
-//! parallel, ahead of the reader), and every few thousand records of a
+//! parallel, ahead of the reader), and every 65,536 records (or 8 MB) of a
 //! partition become rows, so that the query works on the first rows while the
 //! broker sends the rest.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,10 @@ use crate::source::format::Decoder;
 use crate::source::malformed::{MalformedRecord, MalformedStats};
 
 /// Records of a partition turned into rows together: enough to keep the
-/// query's per-batch overhead small, few enough to start it early.
+/// query's per-batch overhead small, few enough to start it early, and
+/// bounded in bytes for large values.
 const PART_RECORDS: usize = 1 << 16;
+const PART_BYTES: usize = 8 << 20;
 
 /// Parts polled but not yet turned into rows: polling stops for the slower rows.
 const CHUNKS_AHEAD: usize = 4;
@@ -48,15 +51,16 @@ pub(super) struct Patience {
     pub(super) fail_on_data_loss: bool,
 }
 
-/// Reads `ranges` with `consumer`, handing each part to `emit`, which says
-/// whether anyone still wants the rest. Records are turned into rows on a
-/// thread of their own, while the next ones are polled.
+/// Reads `ranges` with `consumer`, handing each part to `emit`, for as long
+/// as someone is `wanted`. Records are turned into rows on a thread of their
+/// own, while the next ones are polled.
 pub(super) fn fetch(
     consumer: &BaseConsumer,
     ranges: &Ranges,
     rows: &Rows,
     patience: Patience,
-    mut emit: impl FnMut(SourceBatch) -> bool + Send,
+    wanted: &(dyn Fn() -> bool + Sync),
+    mut emit: impl FnMut(SourceBatch) + Send,
 ) -> Result<()> {
     let mut parts: Vec<Partition> = ranges
         .iter()
@@ -81,26 +85,33 @@ pub(super) fn fetch(
         .map_err(|e| parts[0].error(e.to_string()))?;
     // The client remembers a pause across assignments: the last read paused
     // the partitions it finished.
-    consumer
+    let stopped = AtomicBool::new(false);
+    let read = consumer
         .resume(&tpl)
-        .map_err(|e| parts[0].error(e.to_string()))?;
-    let read = std::thread::scope(|scope| {
-        let (chunks, taken) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD);
-        let rows = scope.spawn(move || {
-            for chunk in taken {
-                if !emit(chunk.rows()?) {
-                    break;
+        .map_err(|e| parts[0].error(e.to_string()))
+        .and_then(|()| {
+            std::thread::scope(|scope| {
+                let (chunks, taken) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD);
+                let stopped = &stopped;
+                let rows = scope.spawn(move || {
+                    let made = taken.into_iter().try_for_each(|chunk| {
+                        emit(chunk.rows()?);
+                        Ok(())
+                    });
+                    stopped.store(true, Ordering::Relaxed);
+                    made
+                });
+                let go_on = || wanted() && !stopped.load(Ordering::Relaxed);
+                let polled = read_all(consumer, &mut parts, &by_id, patience, &chunks, &go_on);
+                drop(chunks);
+                match rows.join() {
+                    // A bad record under FAILFAST, say: the cause, whatever the polling met after.
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => polled,
+                    Err(panic) => std::panic::resume_unwind(panic),
                 }
-            }
-            Ok(())
+            })
         });
-        let polled = read_all(consumer, &mut parts, &by_id, patience, &chunks);
-        drop(chunks);
-        let rows = rows
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        polled.and(rows)
-    });
     // A consumer left assigned would keep fetching past the ranges.
     if let Err(e) = consumer.unassign() {
         tracing::warn!("Kafka unassign failed: {e}");
@@ -114,6 +125,7 @@ fn read_all(
     by_id: &HashMap<i32, Vec<usize>>,
     patience: Patience,
     chunks: &SyncSender<Chunk>,
+    go_on: &dyn Fn() -> bool,
 ) -> Result<()> {
     let mut left = parts.len();
     // Whether a record came since the last quiet poll: cheaper than reading
@@ -121,36 +133,37 @@ fn read_all(
     let mut heard = false;
     let mut quiet_since = Instant::now();
     while left > 0 {
-        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
-            for part in parts.iter_mut().filter(|p| !p.done) {
-                // Offsets no record is delivered for (transaction markers; aborted
-                // records when reading committed) move the client's position only.
-                if position(consumer, &part.topic, part.partition) >= part.until {
-                    left -= 1;
-                    if chunks.send(part.finish(consumer)).is_err() {
-                        return Ok(());
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => m,
+            polled => {
+                if let Some(Err(e)) = polled {
+                    // Transport errors while a broker restarts: the client reconnects.
+                    tracing::warn!("Kafka read error (retrying): {e}");
+                }
+                if !go_on() {
+                    return Ok(());
+                }
+                for part in parts.iter_mut().filter(|p| !p.done) {
+                    // Offsets no record is delivered for (transaction markers; aborted
+                    // records when reading committed) move the client's position only.
+                    if position(consumer, &part.topic, part.partition) >= part.until {
+                        left -= 1;
+                        if chunks.send(part.finish(consumer)).is_err() {
+                            return Ok(());
+                        }
                     }
                 }
-            }
-            if std::mem::take(&mut heard) {
-                quiet_since = Instant::now();
-            } else if left > 0 && quiet_since.elapsed() > patience.timeout {
-                let Some(part) = parts.iter().find(|p| !p.done) else {
-                    break;
-                };
-                return Err(part.error(format!(
-                    "no records for {:?} while reading offsets {}..{} (the broker reported \
-                     them); is the broker down?",
-                    patience.timeout, part.expected, part.until
-                )));
-            }
-            continue;
-        };
-        let message = match polled {
-            Ok(m) => m,
-            Err(e) => {
-                // Transport errors while a broker restarts: the client reconnects.
-                tracing::warn!("Kafka read error (retrying): {e}");
+                if std::mem::take(&mut heard) {
+                    quiet_since = Instant::now();
+                } else if quiet_since.elapsed() > patience.timeout
+                    && let Some(part) = parts.iter().find(|p| !p.done)
+                {
+                    return Err(part.error(format!(
+                        "no records for {:?} while reading offsets {}..{} (the broker \
+                         reported them); is the broker down?",
+                        patience.timeout, part.expected, part.until
+                    )));
+                }
                 continue;
             }
         };
@@ -173,13 +186,13 @@ fn read_all(
         let chunk = if part.expected >= part.until || message.offset() >= part.until {
             left -= 1;
             part.finish(consumer)
-        } else if part.pending.len() >= PART_RECORDS {
+        } else if part.pending.len() >= PART_RECORDS || part.pending.bytes() >= PART_BYTES {
             part.take()
         } else {
             continue;
         };
         // Nobody wants the rest, or the rows failed (the error is theirs to report).
-        if chunks.send(chunk).is_err() {
+        if chunks.send(chunk).is_err() || !go_on() {
             return Ok(());
         }
     }
@@ -228,6 +241,7 @@ impl Partition {
                 Rows::Raw(schema) => Pending::Raw {
                     schema: schema.clone(),
                     records: Vec::new(),
+                    bytes: 0,
                 },
             },
             lost: MalformedStats::default(),
@@ -322,9 +336,9 @@ impl Chunk {
                 malformed.merge(found);
                 batch
             }
-            Pending::Raw { schema, records } => {
-                raw_batch(&schema, &records, &self.topic, self.partition)?
-            }
+            Pending::Raw {
+                schema, records, ..
+            } => raw_batch(&schema, &records, &self.topic, self.partition)?,
         };
         malformed.log();
         Ok(SourceBatch {
@@ -378,6 +392,8 @@ enum Pending {
     Raw {
         schema: SchemaRef,
         records: Vec<Record>,
+        /// Bytes of their keys and values.
+        bytes: usize,
     },
 }
 
@@ -393,6 +409,7 @@ impl Pending {
             Pending::Raw { schema, .. } => Pending::Raw {
                 schema: schema.clone(),
                 records: Vec::new(),
+                bytes: 0,
             },
         }
     }
@@ -404,6 +421,13 @@ impl Pending {
         }
     }
 
+    fn bytes(&self) -> usize {
+        match self {
+            Pending::Text { text, .. } => text.len(),
+            Pending::Raw { bytes, .. } => *bytes,
+        }
+    }
+
     fn push(&mut self, message: &BorrowedMessage<'_>) {
         match self {
             Pending::Text { text, offsets, .. } => {
@@ -411,7 +435,10 @@ impl Pending {
                 text.push(b'\n');
                 offsets.push(message.offset());
             }
-            Pending::Raw { records, .. } => records.push(Record::of(message)),
+            Pending::Raw { records, bytes, .. } => {
+                *bytes += message.payload_len() + message.key().map_or(0, <[u8]>::len);
+                records.push(Record::of(message));
+            }
         }
     }
 }

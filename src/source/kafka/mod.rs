@@ -9,6 +9,8 @@ mod fetch;
 mod shared;
 
 use std::collections::BTreeMap;
+use std::mem::ManuallyDrop;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -124,7 +126,7 @@ pub struct KafkaSource {
     options: KafkaOptions,
     rows: Rows,
     schema: SchemaRef,
-    consumer: Arc<Mutex<BaseConsumer>>,
+    consumer: Arc<Mutex<Client>>,
     shared: Registration,
     positions: Positions,
     /// Set by the available-now trigger: the end offsets batches may reach.
@@ -142,12 +144,23 @@ impl std::fmt::Debug for KafkaSource {
     }
 }
 
-/// Closing a Kafka client takes about 100 ms (librdkafka's threads time out
-/// their waits): done on a thread of its own, it holds up neither the async
-/// threads nor a process that is exiting.
-impl Drop for KafkaSource {
+/// A Kafka client closed on a thread of its own: closing takes about 100 ms
+/// (librdkafka's threads time out their waits), which would hold up an async
+/// thread, or a process that is exiting.
+struct Client(ManuallyDrop<BaseConsumer>);
+
+impl std::ops::Deref for Client {
+    type Target = BaseConsumer;
+
+    fn deref(&self) -> &BaseConsumer {
+        &self.0
+    }
+}
+
+impl Drop for Client {
     fn drop(&mut self) {
-        let consumer = self.consumer.clone();
+        // SAFETY: taken once, here, and never used again.
+        let consumer = unsafe { ManuallyDrop::take(&mut self.0) };
         let closing = std::thread::Builder::new()
             .name("kafka-close".into())
             .spawn(move || drop(consumer));
@@ -199,15 +212,19 @@ impl KafkaSource {
         };
         // Reads are the same when the clients and the ranges are.
         let identity = format!(
-            "{} {} {:?} {}",
-            options.bootstrap_servers, options.topics, options.client, options.fail_on_data_loss
+            "{} {} {:?} {} {:?}",
+            options.bootstrap_servers,
+            options.topics,
+            options.client,
+            options.fail_on_data_loss,
+            options.poll_timeout
         );
         let shared = shared.register(&identity, &rows)?;
         Ok(Self {
             options,
             rows,
             schema,
-            consumer: Arc::new(Mutex::new(consumer)),
+            consumer: Arc::new(Mutex::new(Client(ManuallyDrop::new(consumer)))),
             shared,
             positions: Positions::new(),
             snapshot: None,
@@ -346,11 +363,9 @@ fn query_marks(
     let (lows, highs) = (ask(Offset::Beginning)?, ask(Offset::End)?);
     let mut out: Marks = BTreeMap::new();
     for (topic, p) in found {
-        let offset = |tpl: &TopicPartitionList| match tpl.find_partition(topic, p) {
-            Some(e) if e.error().is_ok() => match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            },
+        // A partition the broker gave no offset for (-1: none) is asked alone.
+        let offset = |tpl: &TopicPartitionList| match tpl.find_partition(topic, p)?.offset() {
+            Offset::Offset(o) => Some(o),
             _ => None,
         };
         let marks = match (offset(&lows), offset(&highs)) {
@@ -406,7 +421,7 @@ impl StreamSource for KafkaSource {
             }
             self.positions.insert(topic, positions);
         }
-        Ok(())
+        self.shared.at(&self.positions)
     }
 
     fn progress(&self) -> Result<serde_json::Value> {
@@ -426,7 +441,7 @@ impl StreamSource for KafkaSource {
         for offset in committed {
             self.commit(offset)?;
         }
-        Ok(())
+        self.shared.at(&self.positions)
     }
 
     async fn plan_batch(&mut self) -> Result<Option<SourceOffset>> {
@@ -526,34 +541,47 @@ impl StreamSource for KafkaSource {
         SourceBatch::collect(self.read_parts(offset)).await
     }
 
-    /// The ranges' records a few thousand at a time, fetched and parsed once
+    /// The ranges' records 65,536 at a time, fetched and parsed once
     /// for all the sources of the engine that read the same ranges.
     fn read_parts<'a>(&'a self, offset: &'a SourceOffset) -> BoxStream<'a, Result<SourceBatch>> {
+        let ranges = match self.parse_ranges(offset) {
+            Ok(ranges) => ranges,
+            Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
+        };
         let start = |tx: watch::Sender<Progress>| {
-            let consumer = self.consumer.clone();
-            let rows = self.rows.clone();
+            let (consumer, rows, ranges) =
+                (self.consumer.clone(), self.rows.clone(), ranges.clone());
             let patience = Patience {
                 timeout: self.options.poll_timeout,
                 fail_on_data_loss: self.options.fail_on_data_loss,
             };
-            let ranges = self.parse_ranges(offset);
             tokio::task::spawn_blocking(move || {
-                let read = ranges.and_then(|ranges| {
-                    let consumer = consumer
-                        .lock()
-                        .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))?;
-                    fetch(&consumer, &ranges, &rows, patience, |part| {
-                        tx.send_modify(|p| p.parts.push(part));
-                        !tx.is_closed()
-                    })
-                });
+                let read = consumer
+                    .lock()
+                    .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))
+                    .and_then(|consumer| {
+                        let wanted = || !tx.is_closed();
+                        let emit = |part| tx.send_modify(|p: &mut Progress| p.parts.push(part));
+                        // Caught here, a panic still reaches the readers, and
+                        // does not poison the client's lock.
+                        std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            fetch(&consumer, &ranges, &rows, patience, &wanted, emit)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            Err(BrookError::Stopped(format!(
+                                "the Kafka read panicked: {what}"
+                            )))
+                        })
+                    });
                 tx.send_modify(|p| p.end = Some(read.map_err(Arc::new)));
             });
         };
-        match self
-            .parse_ranges(offset)
-            .and_then(|ranges| self.shared.read(&ranges, start))
-        {
+        match self.shared.read(&ranges, start) {
             Ok(progress) => parts(progress),
             Err(e) => futures::stream::once(async { Err(e) }).boxed(),
         }

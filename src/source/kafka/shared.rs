@@ -4,8 +4,9 @@
 //! (its own offsets and checkpoint, as in Spark), but when several plan the
 //! same ranges (as queries started together with the available-now trigger
 //! do) the ranges are fetched and parsed once: the first reader starts the
-//! read, and the others follow its parts as they come. A read is forgotten
-//! once every reader of the group has taken it or moved past its offsets.
+//! read, and the others follow its parts as they come. A read is kept only
+//! while another reader stands at its first offsets: readers that have moved
+//! on, or lag behind, read for themselves, so nothing piles up.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::watch;
 
-use super::Ranges;
 use super::fetch::Rows;
+use super::{Positions, Ranges};
 use crate::error::{BrookError, Result};
 use crate::source::SourceBatch;
 
@@ -45,11 +46,11 @@ struct Group {
     reads: Vec<Read>,
 }
 
+/// Where a reader will start its next range, per topic and partition; not
+/// known until its source has started (it may then take any read).
 #[derive(Default)]
 struct Reader {
-    /// The highest offset this reader has started a range at, per topic and
-    /// partition: it never asks for a range starting before it again.
-    passed: BTreeMap<(String, i32), i64>,
+    next: Option<BTreeMap<(String, i32), i64>>,
 }
 
 struct Read {
@@ -68,27 +69,36 @@ impl Group {
             }
     }
 
-    /// Forgets the reads that no reader can still take.
+    /// Forgets the reads that no reader is about to take, and those that failed
+    /// (a later reader tries for itself).
     fn prune(&mut self) {
         let Group { readers, reads, .. } = self;
         reads.retain(|read| {
-            readers.iter().enumerate().any(|(id, r)| {
-                r.as_ref()
-                    .is_some_and(|r| !read.taken.contains(&id) && !r.moved_past(&read.ranges))
-            })
+            !read.failed()
+                && readers.iter().enumerate().any(|(id, r)| {
+                    r.as_ref()
+                        .is_some_and(|r| !read.taken.contains(&id) && r.starts(&read.ranges))
+                })
         });
     }
 }
 
 impl Reader {
-    fn moved_past(&self, ranges: &Ranges) -> bool {
-        ranges.iter().any(|(topic, ps)| {
-            ps.iter().any(|(p, range)| {
-                self.passed
-                    .get(&(topic.clone(), *p))
-                    .is_some_and(|at| *at > range.from)
-            })
+    /// Whether `ranges` start where this reader reads next, in every partition.
+    fn starts(&self, ranges: &Ranges) -> bool {
+        let Some(next) = &self.next else {
+            return true;
+        };
+        ranges.iter().all(|(topic, ps)| {
+            ps.iter()
+                .all(|(p, range)| next.get(&(topic.clone(), *p)) == Some(&range.from))
         })
+    }
+}
+
+impl Read {
+    fn failed(&self) -> bool {
+        matches!(self.progress.borrow().end, Some(Err(_)))
     }
 }
 
@@ -128,16 +138,39 @@ impl SharedReads {
             }
         };
         let readers = &mut groups[group].readers;
-        readers.push(Some(Reader::default()));
+        let id = match readers.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                readers.push(None);
+                readers.len() - 1
+            }
+        };
+        readers[id] = Some(Reader::default());
         Ok(Registration {
             reads: self.clone(),
             group,
-            id: readers.len() - 1,
+            id,
         })
     }
 }
 
 impl Registration {
+    /// Tells where the reader reads next (as it starts, or resumes from a checkpoint).
+    pub(super) fn at(&self, positions: &Positions) -> Result<()> {
+        let mut groups = self.reads.lock()?;
+        let group = &mut groups[self.group];
+        if let Some(Some(me)) = group.readers.get_mut(self.id) {
+            me.next = Some(
+                positions
+                    .iter()
+                    .flat_map(|(topic, ps)| ps.iter().map(|(p, at)| ((topic.clone(), *p), *at)))
+                    .collect(),
+            );
+        }
+        group.prune();
+        Ok(())
+    }
+
     /// The parts of `ranges` as they are read: following a read that another
     /// reader of the group started, or one that `start` starts.
     pub(super) fn read(
@@ -148,17 +181,17 @@ impl Registration {
         let mut groups = self.reads.lock()?;
         let group = &mut groups[self.group];
         if let Some(Some(me)) = group.readers.get_mut(self.id) {
+            let next = me.next.get_or_insert_with(BTreeMap::new);
             for (topic, ps) in ranges {
                 for (p, range) in ps {
-                    let at = me.passed.entry((topic.clone(), *p)).or_insert(range.from);
-                    *at = (*at).max(range.from);
+                    next.insert((topic.clone(), *p), range.until);
                 }
             }
         }
         let found = group
             .reads
             .iter_mut()
-            .find(|r| r.ranges == *ranges && !r.taken.contains(&self.id));
+            .find(|r| r.ranges == *ranges && !r.taken.contains(&self.id) && !r.failed());
         let progress = match found {
             Some(read) => {
                 read.taken.insert(self.id);
@@ -187,6 +220,10 @@ impl Drop for Registration {
         };
         let group = &mut groups[self.group];
         group.readers[self.id] = None;
+        // The slot may go to a new reader, which has taken nothing.
+        for read in &mut group.reads {
+            read.taken.remove(&self.id);
+        }
         group.prune();
     }
 }
@@ -238,17 +275,34 @@ mod tests {
             .unwrap()
     }
 
-    /// Reads `ranges`, saying whether this reader started the read.
-    fn read(r: &Registration, ranges: &Ranges) -> (bool, watch::Receiver<Progress>) {
+    /// Reads `ranges`, saying whether this reader started the read (which
+    /// ends with `end`).
+    fn read_ending(
+        r: &Registration,
+        ranges: &Ranges,
+        end: Result<()>,
+    ) -> (bool, watch::Receiver<Progress>) {
         let mut started = false;
         let progress = r.read(ranges, |tx| {
             started = true;
             tx.send_modify(|p| {
                 p.parts.push(SourceBatch::default());
-                p.end = Some(Ok(()));
+                p.end = Some(end.map_err(Arc::new));
             });
         });
         (started, progress.unwrap())
+    }
+
+    fn read(r: &Registration, ranges: &Ranges) -> (bool, watch::Receiver<Progress>) {
+        read_ending(r, ranges, Ok(()))
+    }
+
+    fn at(r: &Registration, offset: i64) {
+        r.at(&Positions::from([(
+            "orders".to_string(),
+            BTreeMap::from([(0, offset)]),
+        )]))
+        .unwrap();
     }
 
     #[tokio::test]
@@ -273,26 +327,37 @@ mod tests {
     }
 
     #[test]
-    fn a_read_is_forgotten_once_every_reader_took_it_or_moved_past_it() {
+    fn a_read_is_kept_only_while_another_reader_stands_at_its_start() {
         let reads = Arc::new(SharedReads::default());
         let (a, b) = (reader(&reads, "orders"), reader(&reads, "orders"));
         let kept = |reads: &Arc<SharedReads>| reads.lock().unwrap()[0].reads.len();
+        at(&a, 0);
+        at(&b, 0);
         read(&a, &ranges(0, 10));
         assert_eq!(kept(&reads), 1);
-        // b planned other ranges from the same offset: it may still ask for a's.
+        // b planned other ranges: neither can take the other's read.
         read(&b, &ranges(0, 12));
-        assert_eq!(kept(&reads), 2);
-        // b moved past offset 0: a's read is gone; a may still take b's.
-        read(&b, &ranges(12, 20));
-        assert_eq!(kept(&reads), 2);
-        // a moved past offset 0 and b past 10: only b's read from 12 is kept.
-        read(&a, &ranges(10, 20));
-        assert_eq!(kept(&reads), 1);
-        // A reader that leaves no longer holds reads.
-        drop(a);
         assert_eq!(kept(&reads), 0);
-        // A reader alone keeps nothing.
-        read(&b, &ranges(20, 30));
+        // A reader that lags behind does not keep the reads ahead of it.
+        read(&a, &ranges(10, 20));
+        assert_eq!(kept(&reads), 0);
+        // A reader not started yet may take any read, until it says where it starts.
+        let c = reader(&reads, "orders");
+        read(&b, &ranges(12, 20));
+        assert_eq!(kept(&reads), 1);
+        at(&c, 0);
+        assert_eq!(kept(&reads), 0);
+        // A failed read is not handed on: the next reader tries for itself.
+        at(&c, 20);
+        at(&a, 20);
+        let failed = BrookError::Plan("broker down".into());
+        assert!(read_ending(&a, &ranges(20, 30), Err(failed)).0);
+        assert!(read(&c, &ranges(20, 30)).0);
+        // A reader that leaves no longer holds reads.
+        at(&b, 30);
+        read(&a, &ranges(30, 40));
+        assert_eq!(kept(&reads), 1);
+        drop((b, c));
         assert_eq!(kept(&reads), 0);
     }
 }
