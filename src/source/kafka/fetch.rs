@@ -52,8 +52,8 @@ pub(super) struct Patience {
 }
 
 /// Reads `ranges` with `consumer`, handing each part to `emit`, for as long
-/// as someone is `wanted`. Records are turned into rows on a thread of their
-/// own, while the next ones are polled.
+/// as someone is `wanted` (a read given up is an error). Records are turned
+/// into rows on a thread of their own, while the next ones are polled.
 pub(super) fn fetch(
     consumer: &BaseConsumer,
     ranges: &Ranges,
@@ -104,11 +104,15 @@ pub(super) fn fetch(
                 let go_on = || wanted() && !stopped.load(Ordering::Relaxed);
                 let polled = read_all(consumer, &mut parts, &by_id, patience, &chunks, &go_on);
                 drop(chunks);
-                match rows.join() {
+                match (rows.join(), polled) {
+                    (Err(panic), _) => std::panic::resume_unwind(panic),
                     // A bad record under FAILFAST, say: the cause, whatever the polling met after.
-                    Ok(Err(e)) => Err(e),
-                    Ok(Ok(())) => polled,
-                    Err(panic) => std::panic::resume_unwind(panic),
+                    (Ok(Err(e)), _) | (Ok(Ok(())), Err(e)) => Err(e),
+                    (Ok(Ok(())), Ok(true)) => Ok(()),
+                    // Only a read that has every record ends well.
+                    (Ok(Ok(())), Ok(false)) => Err(BrookError::Stopped(
+                        "the Kafka read was given up: no query wants it any more".into(),
+                    )),
                 }
             })
         });
@@ -119,6 +123,8 @@ pub(super) fn fetch(
     read
 }
 
+/// Polls until every partition reached the end of its range (true), or until
+/// the read is not wanted or its rows failed (false).
 fn read_all(
     consumer: &BaseConsumer,
     parts: &mut [Partition],
@@ -126,7 +132,7 @@ fn read_all(
     patience: Patience,
     chunks: &SyncSender<Chunk>,
     go_on: &dyn Fn() -> bool,
-) -> Result<()> {
+) -> Result<bool> {
     let mut left = parts.len();
     // Whether a record came since the last quiet poll: cheaper than reading
     // the clock for every record.
@@ -141,15 +147,20 @@ fn read_all(
                     tracing::warn!("Kafka read error (retrying): {e}");
                 }
                 if !go_on() {
-                    return Ok(());
+                    return Ok(false);
                 }
                 for part in parts.iter_mut().filter(|p| !p.done) {
                     // Offsets no record is delivered for (transaction markers; aborted
-                    // records when reading committed) move the client's position only.
+                    // records when reading committed) move the client's position only;
+                    // but offsets deleted since the batch was planned are data loss.
                     if position(consumer, &part.topic, part.partition) >= part.until {
+                        let (low, _) = consumer
+                            .fetch_watermarks(&part.topic, part.partition, patience.timeout)
+                            .map_err(|e| part.error(e.to_string()))?;
+                        part.count_gap(low, patience.fail_on_data_loss)?;
                         left -= 1;
                         if chunks.send(part.finish(consumer)).is_err() {
-                            return Ok(());
+                            return Ok(false);
                         }
                     }
                 }
@@ -193,10 +204,10 @@ fn read_all(
         };
         // Nobody wants the rest, or the rows failed (the error is theirs to report).
         if chunks.send(chunk).is_err() || !go_on() {
-            return Ok(());
+            return Ok(false);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The next offset the client will fetch from `partition`.

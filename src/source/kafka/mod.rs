@@ -194,7 +194,11 @@ impl KafkaSource {
             // default).
             .set("max.partition.fetch.bytes", "16777216")
             .set("queued.min.messages", "1000000")
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", "10")
+            // Offsets deleted before they are fetched: the client goes to the
+            // first offset the broker still has, and the read counts the gap
+            // as data loss (librdkafka's default jumps to the end, unseen).
+            .set("auto.offset.reset", "earliest");
         for (k, v) in &options.client {
             config.set(k, v);
         }
@@ -363,7 +367,8 @@ fn query_marks(
     let (lows, highs) = (ask(Offset::Beginning)?, ask(Offset::End)?);
     let mut out: Marks = BTreeMap::new();
     for (topic, p) in found {
-        // A partition the broker gave no offset for (-1: none) is asked alone.
+        // A partition answered with no offset (-1) is asked again through the
+        // watermark call, whose answer is always an offset.
         let offset = |tpl: &TopicPartitionList| match tpl.find_partition(topic, p)?.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
@@ -541,7 +546,7 @@ impl StreamSource for KafkaSource {
         SourceBatch::collect(self.read_parts(offset)).await
     }
 
-    /// The ranges' records 65,536 at a time, fetched and parsed once
+    /// The ranges' records 65,536 (or 8 MB) at a time, fetched and parsed once
     /// for all the sources of the engine that read the same ranges.
     fn read_parts<'a>(&'a self, offset: &'a SourceOffset) -> BoxStream<'a, Result<SourceBatch>> {
         let ranges = match self.parse_ranges(offset) {
@@ -568,6 +573,10 @@ impl StreamSource for KafkaSource {
                             fetch(&consumer, &ranges, &rows, patience, &wanted, emit)
                         }))
                         .unwrap_or_else(|panic| {
+                            // The read's own clean-up was skipped.
+                            if let Err(e) = consumer.unassign() {
+                                tracing::warn!("Kafka unassign failed: {e}");
+                            }
                             let what = panic
                                 .downcast_ref::<&str>()
                                 .map(|s| s.to_string())
