@@ -540,7 +540,7 @@ fn kafka() {
     let sql_path = tmp.path().join("dashboard.sql");
     let sql = sql.replace("127.0.0.1:9092", &broker.servers());
     std::fs::write(&sql_path, sql).unwrap();
-    let mut times = vec![];
+    let (mut times, mut peaks) = (vec![], vec![]);
     for run in 0..3 {
         let dir = tmp.path().join(format!("run-{run}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -548,8 +548,9 @@ fn kafka() {
         let mut child = brook_run(&dir, &sql_path, "available-now");
         let stderr = child.stderr.take().unwrap();
         let reader = std::thread::spawn(move || progress_lines(stderr));
-        let (code, _) = wait_with_peak(child);
+        let (code, peak_mb) = wait_with_peak(child);
         times.push(started.elapsed().as_secs_f64());
+        peaks.push(peak_mb);
         // SAFETY: getrusage fills a zeroed struct; children's CPU so far, brook's runs only.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
@@ -575,6 +576,7 @@ fn kafka() {
         }
     }
     let secs = median(times);
+    let peak = median(peaks);
     let alone = median(
         (0..3)
             .map(|_| consume_all(&broker.servers(), topic, stored))
@@ -583,8 +585,9 @@ fn kafka() {
     println!("\n## kafka: the book's orders in a 4-partition topic on tansu, available-now\n");
     println!(
         "producing {} took {send_secs:.1} s and the broker kept {stored}; the dashboard read them \
-         in a median {secs:.2} s = {:.0} orders/s; a bare librdkafka consumer, same fetch settings, \
-         read them in {alone:.2} s = {:.0} records/s (the broker's ceiling here)",
+         in a median {secs:.2} s = {:.0} orders/s, peak RSS {peak:.0} MB; a bare librdkafka \
+         consumer, same fetch settings, read them in {alone:.2} s = {:.0} records/s (the \
+         broker's ceiling here)",
         lines.len(),
         stored as f64 / secs,
         stored as f64 / alone
