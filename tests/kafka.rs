@@ -506,13 +506,23 @@ async fn a_malformed_value_is_counted_or_named_by_partition_and_offset() {
     assert_eq!((p.num_input_rows, p.num_malformed_rows), (19, 1));
     assert_eq!(p.malformed_samples[0].file, "orders-0 offset 13");
 
+    // Two queries share the read, and both fail on the bad record.
     let engine = Engine::new();
-    let q = engine.execute(&source("FAILFAST")).await.unwrap().remove(0);
-    let err = q.await_termination().await.unwrap_err().to_string();
-    assert!(
-        err.contains("orders-0 offset 13") && err.contains("amount"),
-        "{err}"
-    );
+    let second = "CREATE EXTERNAL TABLE clients STORED AS MEMORY LOCATION '' \
+                  OPTIONS ('trigger' 'available-now');
+                  INSERT INTO clients SELECT client_id FROM orders;";
+    let queries = engine
+        .execute(&format!("{}\n{second}", source("FAILFAST")))
+        .await
+        .unwrap();
+    assert_eq!(queries.len(), 2);
+    for q in queries {
+        let err = q.await_termination().await.unwrap_err().to_string();
+        assert!(
+            err.contains("orders-0 offset 13") && err.contains("amount"),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
