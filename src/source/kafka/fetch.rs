@@ -37,10 +37,24 @@ const PART_BYTES: usize = 8 << 20;
 const CHUNKS_AHEAD: usize = 4;
 
 /// How records become rows: parsed from their values, or Spark's raw Kafka columns.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Rows {
     Decoded(Arc<Decoder>),
     Raw(SchemaRef),
+}
+
+impl Rows {
+    pub(super) fn schema(&self) -> SchemaRef {
+        match self {
+            Rows::Decoded(decoder) => decoder.schema.clone(),
+            Rows::Raw(schema) => schema.clone(),
+        }
+    }
+}
+
+/// How messages name a partition.
+fn partition_name(topic: &str, partition: i32) -> String {
+    format!("{topic}-{partition}")
 }
 
 /// What a read may take: how long it waits for records the broker reported,
@@ -116,11 +130,15 @@ pub(super) fn fetch(
                 }
             })
         });
-    // A consumer left assigned would keep fetching past the ranges.
+    unassign(consumer);
+    read
+}
+
+/// Ends a read: a consumer left assigned would keep fetching past its ranges.
+pub(super) fn unassign(consumer: &BaseConsumer) {
     if let Err(e) = consumer.unassign() {
         tracing::warn!("Kafka unassign failed: {e}");
     }
-    read
 }
 
 /// Polls until every partition reached the end of its range (true), or until
@@ -243,24 +261,13 @@ impl Partition {
             until: range.until,
             expected: range.from,
             done: false,
-            pending: match rows {
-                Rows::Decoded(decoder) => Pending::Text {
-                    decoder: decoder.clone(),
-                    text: Vec::new(),
-                    offsets: Vec::new(),
-                },
-                Rows::Raw(schema) => Pending::Raw {
-                    schema: schema.clone(),
-                    records: Vec::new(),
-                    bytes: 0,
-                },
-            },
+            pending: Pending::new(rows),
             lost: MalformedStats::default(),
         }
     }
 
     fn name(&self) -> String {
-        format!("{}-{}", self.topic, self.partition)
+        partition_name(&self.topic, self.partition)
     }
 
     fn error(&self, message: String) -> BrookError {
@@ -315,7 +322,7 @@ impl Partition {
 
     /// The records read since the last part.
     fn take(&mut self) -> Chunk {
-        let empty = self.pending.emptied();
+        let empty = Pending::new(&self.pending.rows());
         Chunk {
             partition: self.partition,
             topic: self.topic.clone(),
@@ -342,7 +349,7 @@ impl Chunk {
                 text,
                 offsets,
             } => {
-                let name = format!("{}-{}", self.topic, self.partition);
+                let name = partition_name(&self.topic, self.partition);
                 let (batch, found) = decode(&name, &decoder, text, &offsets)?;
                 malformed.merge(found);
                 batch
@@ -409,19 +416,26 @@ enum Pending {
 }
 
 impl Pending {
-    /// An empty one of the same form.
-    fn emptied(&self) -> Self {
-        match self {
-            Pending::Text { decoder, .. } => Pending::Text {
+    fn new(rows: &Rows) -> Self {
+        match rows {
+            Rows::Decoded(decoder) => Pending::Text {
                 decoder: decoder.clone(),
                 text: Vec::new(),
                 offsets: Vec::new(),
             },
-            Pending::Raw { schema, .. } => Pending::Raw {
+            Rows::Raw(schema) => Pending::Raw {
                 schema: schema.clone(),
                 records: Vec::new(),
                 bytes: 0,
             },
+        }
+    }
+
+    /// How these records will become rows.
+    fn rows(&self) -> Rows {
+        match self {
+            Pending::Text { decoder, .. } => Rows::Decoded(decoder.clone()),
+            Pending::Raw { schema, .. } => Rows::Raw(schema.clone()),
         }
     }
 

@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use fetch::{Patience, Rows, fetch};
+use fetch::{Patience, Rows, fetch, unassign};
 pub use shared::SharedReads;
 use shared::{Progress, Registration, parts};
 
@@ -125,7 +125,6 @@ type Ranges = BTreeMap<String, BTreeMap<i32, Range>>;
 pub struct KafkaSource {
     options: KafkaOptions,
     rows: Rows,
-    schema: SchemaRef,
     consumer: Arc<Mutex<Client>>,
     shared: Registration,
     positions: Positions,
@@ -170,6 +169,12 @@ impl Drop for Client {
     }
 }
 
+fn lock(client: &Mutex<Client>) -> Result<std::sync::MutexGuard<'_, Client>> {
+    client
+        .lock()
+        .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))
+}
+
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KafkaSource {
@@ -210,10 +215,6 @@ impl KafkaSource {
             Some(d) => Rows::Decoded(Arc::new(d)),
             None => Rows::Raw(kafka_schema(options.include_headers)),
         };
-        let schema = match &rows {
-            Rows::Decoded(d) => d.schema.clone(),
-            Rows::Raw(schema) => schema.clone(),
-        };
         // Reads are the same when the clients and the ranges are.
         let identity = format!(
             "{} {} {:?} {} {:?}",
@@ -227,7 +228,6 @@ impl KafkaSource {
         Ok(Self {
             options,
             rows,
-            schema,
             consumer: Arc::new(Mutex::new(Client(ManuallyDrop::new(consumer)))),
             shared,
             positions: Positions::new(),
@@ -253,14 +253,9 @@ impl KafkaSource {
         f: impl FnOnce(&BaseConsumer) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || {
-            let consumer = consumer
-                .lock()
-                .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))?;
-            f(&consumer)
-        })
-        .await
-        .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(&*lock(&consumer)?))
+            .await
+            .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
     }
 
     /// Low and high watermarks of every partition of the source's topics, and
@@ -316,6 +311,39 @@ impl KafkaSource {
     fn parse_ranges(&self, offset: &SourceOffset) -> Result<Ranges> {
         serde_json::from_value(offset.0.clone())
             .map_err(|e| self.error(format!("unreadable Kafka offset {}: {e}", offset.0)))
+    }
+
+    /// Reads `ranges` on a blocking thread, publishing its parts and its end to `tx`.
+    fn start_read(&self, ranges: Ranges, tx: watch::Sender<Progress>) {
+        let (consumer, rows) = (self.consumer.clone(), self.rows.clone());
+        let patience = Patience {
+            timeout: self.options.poll_timeout,
+            fail_on_data_loss: self.options.fail_on_data_loss,
+        };
+        tokio::task::spawn_blocking(move || {
+            let read = lock(&consumer).and_then(|consumer| {
+                let wanted = || !tx.is_closed();
+                let emit = |part| tx.send_modify(|p: &mut Progress| p.parts.push(part));
+                // Caught here, a panic still reaches the readers, and
+                // does not poison the client's lock.
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    fetch(&consumer, &ranges, &rows, patience, &wanted, emit)
+                }))
+                .unwrap_or_else(|panic| {
+                    // The read's own clean-up was skipped.
+                    unassign(&consumer);
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(BrookError::Stopped(format!(
+                        "the Kafka read panicked: {what}"
+                    )))
+                })
+            });
+            tx.send_modify(|p| p.end = Some(read.map_err(Arc::new)));
+        });
     }
 }
 
@@ -394,7 +422,7 @@ fn unreachable_broker(servers: &str, e: rdkafka::error::KafkaError) -> BrookErro
 #[async_trait]
 impl StreamSource for KafkaSource {
     fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        self.rows.schema()
     }
 
     fn describe(&self) -> String {
@@ -549,48 +577,11 @@ impl StreamSource for KafkaSource {
     /// The ranges' records 65,536 (or 8 MB) at a time, fetched and parsed once
     /// for all the sources of the engine that read the same ranges.
     fn read_parts<'a>(&'a self, offset: &'a SourceOffset) -> BoxStream<'a, Result<SourceBatch>> {
-        let ranges = match self.parse_ranges(offset) {
-            Ok(ranges) => ranges,
-            Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
-        };
-        let start = |tx: watch::Sender<Progress>| {
-            let (consumer, rows, ranges) =
-                (self.consumer.clone(), self.rows.clone(), ranges.clone());
-            let patience = Patience {
-                timeout: self.options.poll_timeout,
-                fail_on_data_loss: self.options.fail_on_data_loss,
-            };
-            tokio::task::spawn_blocking(move || {
-                let read = consumer
-                    .lock()
-                    .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))
-                    .and_then(|consumer| {
-                        let wanted = || !tx.is_closed();
-                        let emit = |part| tx.send_modify(|p: &mut Progress| p.parts.push(part));
-                        // Caught here, a panic still reaches the readers, and
-                        // does not poison the client's lock.
-                        std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            fetch(&consumer, &ranges, &rows, patience, &wanted, emit)
-                        }))
-                        .unwrap_or_else(|panic| {
-                            // The read's own clean-up was skipped.
-                            if let Err(e) = consumer.unassign() {
-                                tracing::warn!("Kafka unassign failed: {e}");
-                            }
-                            let what = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_default();
-                            Err(BrookError::Stopped(format!(
-                                "the Kafka read panicked: {what}"
-                            )))
-                        })
-                    });
-                tx.send_modify(|p| p.end = Some(read.map_err(Arc::new)));
-            });
-        };
-        match self.shared.read(&ranges, start) {
+        let progress = self.parse_ranges(offset).and_then(|ranges| {
+            self.shared
+                .read(&ranges, |tx| self.start_read(ranges.clone(), tx))
+        });
+        match progress {
             Ok(progress) => parts(progress),
             Err(e) => futures::stream::once(async { Err(e) }).boxed(),
         }

@@ -8,7 +8,7 @@
 //! while another reader stands at its first offsets: readers that have moved
 //! on, or lag behind, read for themselves, so nothing piles up.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::stream::{BoxStream, StreamExt};
@@ -50,7 +50,7 @@ struct Group {
 /// known until its source has started (it may then take any read).
 #[derive(Default)]
 struct Reader {
-    next: Option<BTreeMap<(String, i32), i64>>,
+    next: Option<Positions>,
 }
 
 struct Read {
@@ -60,15 +60,6 @@ struct Read {
 }
 
 impl Group {
-    fn same(&self, identity: &str, rows: &Rows) -> bool {
-        self.identity == identity
-            && match (&self.rows, rows) {
-                (Rows::Decoded(a), Rows::Decoded(b)) => a == b,
-                (Rows::Raw(a), Rows::Raw(b)) => a == b,
-                _ => false,
-            }
-    }
-
     /// Forgets the reads that no reader is about to take, and those that failed
     /// (a later reader tries for itself).
     fn prune(&mut self) {
@@ -91,7 +82,7 @@ impl Reader {
         };
         ranges.iter().all(|(topic, ps)| {
             ps.iter()
-                .all(|(p, range)| next.get(&(topic.clone(), *p)) == Some(&range.from))
+                .all(|(p, range)| next.get(topic).and_then(|n| n.get(p)) == Some(&range.from))
         })
     }
 }
@@ -119,7 +110,10 @@ impl SharedReads {
     /// Joins the readers of the sources named by `identity` whose records become `rows`.
     pub(super) fn register(self: &Arc<Self>, identity: &str, rows: &Rows) -> Result<Registration> {
         let mut groups = self.lock()?;
-        let group = match groups.iter().position(|g| g.same(identity, rows)) {
+        let group = match groups
+            .iter()
+            .position(|g| g.identity == identity && g.rows == *rows)
+        {
             Some(i) => i,
             None => {
                 groups.push(Group {
@@ -154,12 +148,7 @@ impl Registration {
         let mut groups = self.reads.lock()?;
         let group = &mut groups[self.group];
         if let Some(Some(me)) = group.readers.get_mut(self.id) {
-            me.next = Some(
-                positions
-                    .iter()
-                    .flat_map(|(topic, ps)| ps.iter().map(|(p, at)| ((topic.clone(), *p), *at)))
-                    .collect(),
-            );
+            me.next = Some(positions.clone());
         }
         group.prune();
         Ok(())
@@ -175,10 +164,11 @@ impl Registration {
         let mut groups = self.reads.lock()?;
         let group = &mut groups[self.group];
         if let Some(Some(me)) = group.readers.get_mut(self.id) {
-            let next = me.next.get_or_insert_with(BTreeMap::new);
+            let next = me.next.get_or_insert_with(Positions::new);
             for (topic, ps) in ranges {
+                let next = next.entry(topic.clone()).or_default();
                 for (p, range) in ps {
-                    next.insert((topic.clone(), *p), range.until);
+                    next.insert(*p, range.until);
                 }
             }
         }
@@ -250,6 +240,8 @@ pub(super) fn parts(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use datafusion::arrow::datatypes::Schema;
 
     use super::super::Range;
