@@ -222,94 +222,125 @@ fn book() -> f64 {
     BOOK_ORDERS as f64 / secs
 }
 
-/// Arrow's CSV reader alone over the same files, one thread per core.
-fn ceiling() -> f64 {
-    let (input, what) = book_data();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new(
-            "time",
-            DataType::Timestamp(TimeUnit::Nanosecond, None),
-            false,
-        ),
-        Field::new("order_id", DataType::Int64, false),
-        Field::new("client_id", DataType::Int64, false),
-        Field::new("symbol", DataType::Utf8, false),
-        Field::new("amount", DataType::Int32, false),
-        Field::new("price", DataType::Float64, false),
-        Field::new("buy_sell", DataType::Utf8, false),
-    ]));
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&input)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "csv"))
-        .collect();
-    files.sort();
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let decoder = brook::source::format::Decoder::new(
-        brook::source::FileFormat::Csv(Default::default()),
-        schema.clone(),
-        brook::source::ParseMode::DropMalformed,
-        "_corrupt_record",
-    );
-    let mut decode_times = vec![];
-    for _ in 0..10 {
+/// The book's files and their typed schema, as arrow's reader alone reads them.
+struct Ceiling {
+    files: Vec<PathBuf>,
+    schema: Arc<Schema>,
+    threads: usize,
+}
+
+impl Ceiling {
+    fn new(input: &Path) -> Self {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Nanosecond, None),
+                false,
+            ),
+            Field::new("order_id", DataType::Int64, false),
+            Field::new("client_id", DataType::Int64, false),
+            Field::new("symbol", DataType::Utf8, false),
+            Field::new("amount", DataType::Int32, false),
+            Field::new("price", DataType::Float64, false),
+            Field::new("buy_sell", DataType::Utf8, false),
+        ]));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "csv"))
+            .collect();
+        files.sort();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            files,
+            schema,
+            threads,
+        }
+    }
+
+    /// Seconds for `read` to take every file, the files shared out over one thread per core.
+    fn timed(&self, read: impl Fn(&Path) -> usize + Sync) -> f64 {
         let started = Instant::now();
         let rows: usize = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
+            let workers: Vec<_> = (0..self.threads)
                 .map(|t| {
-                    let (files, decoder) = (&files, &decoder);
-                    s.spawn(move || {
-                        let mut rows = 0;
-                        for f in files.iter().skip(t).step_by(threads) {
-                            let bytes = std::fs::read(f).unwrap();
-                            let d = decoder.decode("f", bytes.into()).unwrap();
-                            rows += d.batch.num_rows();
-                        }
-                        rows
-                    })
+                    let read = &read;
+                    let files = self.files.iter().skip(t).step_by(self.threads);
+                    s.spawn(move || files.map(|f| read(f)).sum::<usize>())
                 })
                 .collect();
             workers.into_iter().map(|w| w.join().unwrap()).sum()
         });
         assert_eq!(rows, BOOK_ORDERS);
-        decode_times.push(started.elapsed().as_secs_f64());
+        started.elapsed().as_secs_f64()
     }
+
+    /// One read of all the files by `arrow::csv::Reader`.
+    fn arrow_reader(&self) -> f64 {
+        self.timed(|f| {
+            let reader = ReaderBuilder::new(self.schema.clone())
+                .build(std::fs::File::open(f).unwrap())
+                .unwrap();
+            reader.map(|b| b.unwrap().num_rows()).sum()
+        })
+    }
+}
+
+/// Arrow's CSV reader alone over the same files, one thread per core.
+fn ceiling() -> f64 {
+    let (input, what) = book_data();
+    let ceiling = Ceiling::new(&input);
+    let decoder = brook::source::format::Decoder::new(
+        brook::source::FileFormat::Csv(Default::default()),
+        ceiling.schema.clone(),
+        brook::source::ParseMode::DropMalformed,
+        "_corrupt_record",
+    );
+    let decode_times = (0..10)
+        .map(|_| {
+            ceiling.timed(|f| {
+                let bytes = std::fs::read(f).unwrap();
+                decoder.decode("f", bytes.into()).unwrap().batch.num_rows()
+            })
+        })
+        .collect();
     println!(
         "brook's decoder alone: median {:.3} s",
         median(decode_times)
     );
-    let mut times = vec![];
-    for _ in 0..10 {
-        let started = Instant::now();
-        let rows: usize = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let files = &files;
-                    let schema = schema.clone();
-                    s.spawn(move || {
-                        let mut rows = 0;
-                        for f in files.iter().skip(t).step_by(threads) {
-                            let reader = ReaderBuilder::new(schema.clone())
-                                .build(std::fs::File::open(f).unwrap())
-                                .unwrap();
-                            rows += reader.map(|b| b.unwrap().num_rows()).sum::<usize>();
-                        }
-                        rows
-                    })
-                })
-                .collect();
-            workers.into_iter().map(|w| w.join().unwrap()).sum()
-        });
-        assert_eq!(rows, BOOK_ORDERS);
-        times.push(started.elapsed().as_secs_f64());
-    }
-    let secs = median(times);
-    println!("\n## ceiling: arrow's CSV reader alone, {what}, {threads} threads\n");
+    let secs = median((0..10).map(|_| ceiling.arrow_reader()).collect());
+    println!(
+        "\n## ceiling: arrow's CSV reader alone, {what}, {} threads\n",
+        ceiling.threads
+    );
     println!(
         "median {secs:.3} s, {:.0} orders/s",
         BOOK_ORDERS as f64 / secs
     );
     BOOK_ORDERS as f64 / secs
+}
+
+/// The dashboard's rate over arrow's reader alone, from pairs of runs taken one
+/// right after the other: the machine's speed drifts by more than the
+/// difference between two medians taken minutes apart.
+fn paired_ratio() {
+    let (input, _) = book_data();
+    let ceiling = Ceiling::new(&input);
+    let mut ratios: Vec<f64> = (0..2 * RUNS + 1)
+        .map(|_| {
+            let alone = median((0..3).map(|_| ceiling.arrow_reader()).collect());
+            alone / available_now_run(&input, BOOK_ORDERS, "").seconds
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "dashboard end to end / arrow CSV reader alone, {} pairs of runs: median {:.2} \
+         (from {:.2} to {:.2})",
+        ratios.len(),
+        median(ratios.clone()),
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
 }
 
 /// 500,000 and 5,000,000 generated orders (1% malformed) in one batch each.
@@ -687,9 +718,10 @@ fn main() {
     }
     if let (Some(rate), Some(limit)) = (rate, limit) {
         println!(
-            "\ndashboard end to end / arrow CSV reader alone = {:.2}",
+            "\ndashboard end to end / arrow CSV reader alone = {:.2} (medians)",
             rate / limit
         );
+        paired_ratio();
     }
     if wants("scaling") {
         scaling();

@@ -326,6 +326,29 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
     // in its target batch; the point cycles through all of them. Every fifth run
     // is killed at a random instant instead (or at a backstop, if that comes first).
     let mut rng = SmallRng::seed_from_u64(seed);
+    // First, the new checkpoints' metadata write is held up, which the first
+    // batch does not wait for, and the run is killed once that batch is read:
+    // nothing may be logged or committed before the metadata is on disk.
+    let first = Kill {
+        points: "metadata-tmp:0,top_stocks/read:0".into(),
+        victim: Some("top_stocks/read:0".into()),
+        after: None,
+    };
+    let how = run(
+        &sql,
+        &crashed.join("checkpoint"),
+        &crashed.join("stdout-first"),
+        Some(&first),
+    );
+    assert_eq!(how.as_deref(), Some("top_stocks/read:0"));
+    for query in QUERIES {
+        let checkpoint = crashed.join("checkpoint").join(query);
+        assert!(!checkpoint.join("metadata").exists());
+        assert!(
+            !checkpoint.join("offsets/0").exists() && !checkpoint.join("sources/0").exists(),
+            "{query} logged its input without metadata"
+        );
+    }
     let mut kills: Vec<String> = vec![];
     for attempt in 0..KILL_ATTEMPTS {
         let timed = attempt % 5 == 2;

@@ -178,7 +178,7 @@ impl StreamingQuery {
             sink,
             checkpoint,
             state_store,
-            offsets_written: None,
+            log_written: None,
             maintenance: None,
             batch_id: 0,
             watermark_ns: None,
@@ -343,8 +343,9 @@ struct Runner {
     sink: Arc<dyn Sink>,
     checkpoint: Option<Arc<Checkpoint>>,
     state_store: Option<StateStore>,
-    /// The batch's offsets being written while it is read and computed.
-    offsets_written: Option<JoinHandle<Result<()>>>,
+    /// The batch's offsets (before the first batch, also the source's starting
+    /// point) being written while it is read and computed.
+    log_written: Option<JoinHandle<Result<()>>>,
     /// The source's progress being written and old files removed.
     maintenance: Option<JoinHandle<Result<()>>>,
     batch_id: u64,
@@ -361,7 +362,7 @@ struct Runner {
 /// stopped here, since they hold the checkpoint and its lock while they run.
 impl Drop for Runner {
     fn drop(&mut self) {
-        for task in [self.offsets_written.take(), self.maintenance.take()]
+        for task in [self.log_written.take(), self.maintenance.take()]
             .into_iter()
             .flatten()
         {
@@ -383,7 +384,7 @@ impl Runner {
     /// Waits for the checkpoint writes still running in the background, so that
     /// none outlives the query (they hold its checkpoint), even a failed one.
     async fn finish_background(&mut self) -> Result<()> {
-        let offsets = settled(self.offsets_written.take()).await;
+        let offsets = settled(self.log_written.take()).await;
         if let Some(store) = &mut self.state_store {
             store.finish().await;
         }
@@ -439,6 +440,14 @@ impl Runner {
             lap = Instant::now();
         };
 
+        // A failed checkpoint write ends the query even while no input comes.
+        if self
+            .log_written
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished)
+        {
+            settled(self.log_written.take()).await?;
+        }
         let batch_id = self.batch_id;
         let offset = match self.rerun.take() {
             Some(logged) => logged.source,
@@ -451,7 +460,9 @@ impl Runner {
                 // not before it is read: the write overlaps reading and executing.
                 if let Some(cp) = self.checkpoint.clone() {
                     let logged = offset.clone();
-                    self.offsets_written = Some(faults::spawn(async move {
+                    let before = self.log_written.take();
+                    self.log_written = Some(faults::spawn(async move {
+                        settled(before).await?;
                         cp.write_offsets(batch_id, logged).await
                     }));
                 }
@@ -538,8 +549,8 @@ impl Runner {
         }
         phases.insert("read".into(), read_ms);
 
-        if self.offsets_written.is_some() {
-            settled(self.offsets_written.take()).await?;
+        if self.log_written.is_some() {
+            settled(self.log_written.take()).await?;
             crash_point("offsets", batch_id);
         }
         let output_rows: usize = output.iter().map(RecordBatch::num_rows).sum();
@@ -626,7 +637,12 @@ impl Runner {
         let recovery = cp.recover().await?;
         if recovery.is_fresh() {
             self.source.start().await?;
-            return cp.write_source(0, &self.source.progress()?).await;
+            // Written while the first batch is read, and before its offsets.
+            let (cp, progress) = (cp.clone(), self.source.progress()?);
+            self.log_written = Some(faults::spawn(
+                async move { cp.write_source(0, &progress).await },
+            ));
+            return Ok(());
         }
         self.batch_id = recovery.next_batch();
         self.source

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Cursor;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{SecondsFormat, Utc};
 use datafusion::arrow::array::RecordBatch;
@@ -25,9 +25,11 @@ use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 
 use super::files::{CheckpointFiles, JSON_V1, JSON_V2};
 use crate::error::{BrookError, Result};
+use crate::exec::faults;
 use crate::source::SourceOffset;
 use crate::source::location::Location;
 
@@ -160,12 +162,32 @@ pub struct Checkpoint {
     /// Clean-up keeps every state file from there on: the commit's changes, and
     /// snapshots written since that a next commit may name.
     state_floor: Mutex<BTreeMap<String, u64>>,
+    /// A new checkpoint's metadata, written while the query starts reading
+    /// (two fsyncs held up every start). Every other file waits for it: offsets
+    /// without metadata read as a damaged checkpoint.
+    metadata: tokio::sync::Mutex<MetadataWrite>,
     _lock: CheckpointLock,
+}
+
+enum MetadataWrite {
+    Written,
+    Writing(JoinHandle<Result<()>>),
+    Failed(Arc<BrookError>),
 }
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Checkpoint({})", self.files.location().display)
+    }
+}
+
+/// A query that fails to start leaves no metadata being written after it has
+/// let go of the lock.
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        if let MetadataWrite::Writing(task) = self.metadata.get_mut() {
+            task.abort();
+        }
     }
 }
 
@@ -181,6 +203,7 @@ impl Checkpoint {
     ) -> Result<Self> {
         let files = CheckpointFiles::new(Location::resolve(location, runtime)?)?;
         let lock = CheckpointLock::acquire(&files)?;
+        let mut metadata = MetadataWrite::Written;
         let id = match files.read_json::<Metadata>("metadata").await? {
             Some(meta) => {
                 let diff = meta.fingerprint.differences(&fingerprint);
@@ -215,10 +238,14 @@ impl Checkpoint {
                     sql: sql.to_string(),
                     fingerprint,
                 };
-                files
-                    .write_json("metadata", &meta, ("metadata-tmp", 0))
-                    .await?;
-                meta.id
+                let id = meta.id.clone();
+                let files = files.clone();
+                metadata = MetadataWrite::Writing(faults::spawn(async move {
+                    files
+                        .write_json("metadata", &meta, ("metadata-tmp", 0))
+                        .await
+                }));
+                id
             }
         };
         Ok(Self {
@@ -227,8 +254,25 @@ impl Checkpoint {
             retain: min_batches_to_retain.max(1),
             operators: Mutex::default(),
             state_floor: Mutex::default(),
+            metadata: tokio::sync::Mutex::new(metadata),
             _lock: lock,
         })
+    }
+
+    /// Waits for a new checkpoint's metadata to be on disk; its failure fails
+    /// every write after it.
+    async fn metadata_written(&self) -> Result<()> {
+        let mut metadata = self.metadata.lock().await;
+        let outcome = match std::mem::replace(&mut *metadata, MetadataWrite::Written) {
+            MetadataWrite::Written => return Ok(()),
+            MetadataWrite::Writing(task) => match faults::settle(task).await {
+                Ok(()) => return Ok(()),
+                Err(e) => Arc::new(e),
+            },
+            MetadataWrite::Failed(e) => e,
+        };
+        *metadata = MetadataWrite::Failed(outcome.clone());
+        Err(BrookError::Shared(outcome))
     }
 
     /// The query's id, the same across restarts.
@@ -310,6 +354,7 @@ impl Checkpoint {
     }
 
     pub async fn write_offsets(&self, batch_id: u64, source: Option<SourceOffset>) -> Result<()> {
+        self.metadata_written().await?;
         let entry = OffsetEntry {
             batch_id,
             source,
@@ -357,6 +402,7 @@ impl Checkpoint {
         schema: &SchemaRef,
         rows: &[RecordBatch],
     ) -> Result<StateFile> {
+        self.metadata_written().await?;
         let mut buf = vec![];
         let mut writer = FileWriter::try_new(&mut buf, schema)?;
         for b in rows {
@@ -424,6 +470,7 @@ impl Checkpoint {
     }
 
     pub async fn write_commit(&self, entry: &CommitEntry) -> Result<()> {
+        self.metadata_written().await?;
         let id = entry.batch_id;
         let version = if entry.state_deltas.is_empty() {
             JSON_V1
@@ -452,6 +499,7 @@ impl Checkpoint {
     /// first batch, then every few batches, followed by removing what is no longer
     /// needed (batches older than the retained ones and than the last snapshot).
     pub async fn write_source(&self, next_batch: u64, snapshot: &serde_json::Value) -> Result<()> {
+        self.metadata_written().await?;
         self.files
             .write_json(
                 &format!("sources/{next_batch}"),
