@@ -575,20 +575,20 @@ fn kafka() {
     for run in 0..3 {
         let dir = tmp.path().join(format!("run-{run}"));
         std::fs::create_dir_all(&dir).unwrap();
+        let (brook_before, tansu_before) = (children_cpu_seconds(), broker.cpu_seconds());
         let started = Instant::now();
         let mut child = brook_run(&dir, &sql_path, "available-now");
         let stderr = child.stderr.take().unwrap();
         let reader = std::thread::spawn(move || progress_lines(stderr));
         let (code, peak_mb) = wait_with_peak(child);
-        times.push(started.elapsed().as_secs_f64());
+        let wall = started.elapsed().as_secs_f64();
+        times.push(wall);
         peaks.push(peak_mb);
-        // SAFETY: getrusage fills a zeroed struct; children's CPU so far, brook's runs only.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+        // The two cores' time goes to brook and to the broker serving it.
         eprintln!(
-            "brook CPU so far: {:.1} s user, {:.1} s sys",
-            usage.ru_utime.tv_sec as f64 + usage.ru_utime.tv_usec as f64 / 1e6,
-            usage.ru_stime.tv_sec as f64 + usage.ru_stime.tv_usec as f64 / 1e6
+            "run {run}: {wall:.2} s, CPU: brook {:.2} s, tansu {:.2} s",
+            children_cpu_seconds() - brook_before,
+            broker.cpu_seconds() - tansu_before
         );
         let progress = reader.join().unwrap();
         assert_eq!(code, 0);
@@ -610,7 +610,13 @@ fn kafka() {
     let peak = median(peaks);
     let alone = median(
         (0..3)
-            .map(|_| consume_all(&broker.servers(), topic, stored))
+            .map(|_| {
+                let tansu_before = broker.cpu_seconds();
+                let secs = consume_all(&broker.servers(), topic, stored);
+                let tansu = broker.cpu_seconds() - tansu_before;
+                eprintln!("bare consumer: {secs:.2} s, tansu CPU {tansu:.2} s");
+                secs
+            })
             .collect(),
     );
     println!("\n## kafka: the book's orders in a 4-partition topic on tansu, available-now\n");
@@ -627,6 +633,15 @@ fn kafka() {
 
 /// Seconds one librdkafka consumer, with nothing else to do and brook's
 /// fetch settings, takes to read `expected` records of `topic` from the beginning.
+/// CPU time (user + system) of the children waited for so far: brook's runs.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills a zeroed struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 fn consume_all(servers: &str, topic: &str, expected: usize) -> f64 {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
