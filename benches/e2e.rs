@@ -112,8 +112,16 @@ fn brook_run(dir: &Path, sql: &Path, trigger: &str) -> Child {
         .unwrap()
 }
 
-/// Waits for `child`; its exit status and peak resident memory in MB.
-fn wait_with_peak(child: Child) -> (i32, f64) {
+/// How a child process ended, from the OS.
+struct Exited {
+    code: i32,
+    peak_mb: f64,
+    /// User and system time of all its threads.
+    cpu_seconds: f64,
+}
+
+/// Waits for `child`: its exit status, peak resident memory and CPU time.
+fn wait_with_peak(child: Child) -> Exited {
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = child.id() as libc::pid_t;
@@ -121,10 +129,14 @@ fn wait_with_peak(child: Child) -> (i32, f64) {
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(r, pid, "wait4 failed");
     std::mem::forget(child);
-    let code = std::process::ExitStatus::from_raw(status)
-        .code()
-        .unwrap_or(-1);
-    (code, usage.ru_maxrss as f64 / 1024.0)
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Exited {
+        code: std::process::ExitStatus::from_raw(status)
+            .code()
+            .unwrap_or(-1),
+        peak_mb: usage.ru_maxrss as f64 / 1024.0,
+        cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+    }
 }
 
 /// The progress records a run printed, as JSON values.
@@ -168,10 +180,10 @@ fn available_now_run(input: &Path, rows: usize, source_options: &str) -> RunFigu
     let mut child = brook_run(dir.path(), &sql, "available-now");
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || progress_lines(stderr));
-    let (code, peak_mb) = wait_with_peak(child);
+    let exited = wait_with_peak(child);
     let seconds = started.elapsed().as_secs_f64();
     let progress = reader.join().unwrap();
-    assert_eq!(code, 0, "brook run failed");
+    assert_eq!(exited.code, 0, "brook run failed");
     for q in ["buy_sell_per_second", "top_clients", "top_stocks"] {
         let seen = input_rows(&progress, q) as usize;
         assert!(
@@ -185,7 +197,7 @@ fn available_now_run(input: &Path, rows: usize, source_options: &str) -> RunFigu
         .fold(0.0, f64::max);
     RunFigures {
         seconds,
-        peak_mb,
+        peak_mb: exited.peak_mb,
         engine_ms,
     }
 }
@@ -398,7 +410,7 @@ fn steady() {
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
     }
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let (_, peak_mb) = wait_with_peak(child);
+    let peak_mb = wait_with_peak(child).peak_mb;
     let progress = reader.join().unwrap();
     println!(
         "\n## steady: 100 ms trigger, 100,000 orders/s for {SECONDS} s ({n} orders), event time 100x\n"
@@ -471,7 +483,7 @@ fn restart() {
     std::fs::remove_file(input.join("_complete")).unwrap();
     let sql = dashboard_sql(&base, &input, "");
     let child = brook_run(&base, &sql, "available-now");
-    assert_eq!(wait_with_peak(child).0, 0);
+    assert_eq!(wait_with_peak(child).code, 0);
     let state = std::fs::read_dir(base.join("ckpt/top_stocks/state/aggregate"))
         .unwrap()
         .filter_map(|e| e.ok()?.metadata().ok().map(|m| m.len()))
@@ -575,23 +587,23 @@ fn kafka() {
     for run in 0..3 {
         let dir = tmp.path().join(format!("run-{run}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let (brook_before, tansu_before) = (children_cpu_seconds(), broker.cpu_seconds());
+        let tansu_before = broker.cpu_seconds();
         let started = Instant::now();
         let mut child = brook_run(&dir, &sql_path, "available-now");
         let stderr = child.stderr.take().unwrap();
         let reader = std::thread::spawn(move || progress_lines(stderr));
-        let (code, peak_mb) = wait_with_peak(child);
+        let exited = wait_with_peak(child);
         let wall = started.elapsed().as_secs_f64();
         times.push(wall);
-        peaks.push(peak_mb);
-        // The two cores' time goes to brook and to the broker serving it.
+        peaks.push(exited.peak_mb);
+        // The machine's cores are shared by brook and the broker serving it.
         eprintln!(
             "run {run}: {wall:.2} s, CPU: brook {:.2} s, tansu {:.2} s",
-            children_cpu_seconds() - brook_before,
+            exited.cpu_seconds,
             broker.cpu_seconds() - tansu_before
         );
         let progress = reader.join().unwrap();
-        assert_eq!(code, 0);
+        assert_eq!(exited.code, 0);
         let read = input_rows(&progress, "top_clients") as usize;
         if read != stored {
             for p in progress.iter().filter(|p| p["name"] == "top_clients") {
@@ -633,15 +645,6 @@ fn kafka() {
 
 /// Seconds one librdkafka consumer, with nothing else to do and brook's
 /// fetch settings, takes to read `expected` records of `topic` from the beginning.
-/// CPU time (user + system) of the children waited for so far: brook's runs.
-fn children_cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills a zeroed struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
 fn consume_all(servers: &str, topic: &str, expected: usize) -> f64 {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};

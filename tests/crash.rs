@@ -82,13 +82,14 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
 /// When to kill a run: when it reports reaching one of `points` (`point:batch`,
 /// comma-separated), or `after` this long, whichever comes first. A run with a
 /// `victim` point is not killed at another point (a backstop) until the victim
-/// has had `VICTIM_GRACE` to reach its own: the queries run side by side, and
+/// has had `grace` to reach its own: the queries run side by side, and
 /// another's backstop would otherwise often come first.
 #[derive(Debug, Clone)]
 struct Kill {
     points: String,
     victim: Option<String>,
     after: Option<Duration>,
+    grace: Duration,
 }
 
 const VICTIM_GRACE: Duration = Duration::from_millis(500);
@@ -140,7 +141,7 @@ fn run(sql: &Path, checkpoint: &Path, log: &Path, kill: Option<&Kill>) -> Option
         let due = due.or_else(|| {
             backstop
                 .as_ref()
-                .filter(|(_, since)| since.elapsed() >= VICTIM_GRACE)
+                .filter(|(_, since)| kill.is_some_and(|k| since.elapsed() >= k.grace))
                 .map(|(at, _)| at.clone())
         });
         if due.is_some() {
@@ -327,12 +328,14 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
     // is killed at a random instant instead (or at a backstop, if that comes first).
     let mut rng = SmallRng::seed_from_u64(seed);
     // First, the new checkpoints' metadata write is held up, which the first
-    // batch does not wait for, and the run is killed once that batch is read:
-    // nothing may be logged or committed before the metadata is on disk.
+    // batch does not wait for, and the run is killed once the last query has
+    // read that batch: nothing may be logged, sunk or committed before the
+    // metadata is on disk. The held-up writes are not kill points.
     let first = Kill {
         points: "metadata-tmp:0,top_stocks/read:0".into(),
         victim: Some("top_stocks/read:0".into()),
         after: None,
+        grace: Duration::from_secs(120),
     };
     let how = run(
         &sql,
@@ -348,6 +351,16 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
             !checkpoint.join("offsets/0").exists() && !checkpoint.join("sources/0").exists(),
             "{query} logged its input without metadata"
         );
+        assert_eq!(
+            committed(&checkpoint),
+            None,
+            "{query} committed without metadata"
+        );
+    }
+    for sink in FILE_SINKS {
+        let manifest = crashed.join("out").join(sink).join("_brook_manifest");
+        let entries = std::fs::read_dir(&manifest).map_or(0, |d| d.count());
+        assert_eq!(entries, 0, "{sink} took a batch without metadata");
     }
     let mut kills: Vec<String> = vec![];
     for attempt in 0..KILL_ATTEMPTS {
@@ -371,6 +384,7 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
             points: points.join(","),
             victim: victim_point,
             after: timed.then(|| Duration::from_millis(rng.random_range(50..800))),
+            grace: VICTIM_GRACE,
         };
         let log = crashed.join(format!("stdout-{attempt}"));
         if let Some(how) = run(&sql, &crashed.join("checkpoint"), &log, Some(&kill)) {

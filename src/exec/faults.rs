@@ -13,19 +13,20 @@ pub const ENV: &str = "BROOK_PAUSE_AT";
 
 /// The points, in the order a batch reaches them.
 pub const POINTS: &[&str] = &[
-    "metadata-tmp",      // a new checkpoint's metadata is on disk under a temporary name
-    "read",              // the input is read and computed, nothing written
-    "offsets-tmp",       // the batch's offsets are on disk under a temporary name
-    "offsets",           // the offsets are written, nothing in the sink yet
-    "sink-part-tmp",     // the file sink's part is on disk under a temporary name
-    "sink-part",         // the file sink wrote the batch's part, not its manifest
+    // Written as the query starts, before it has a name: named by batch only.
+    "metadata-tmp",  // a new checkpoint's metadata is on disk under a temporary name
+    "read",          // the input is read and computed, nothing written
+    "offsets-tmp",   // the batch's offsets are on disk under a temporary name
+    "offsets",       // the offsets are written, nothing in the sink yet
+    "sink-part-tmp", // the file sink's part is on disk under a temporary name
+    "sink-part",     // the file sink wrote the batch's part, not its manifest
     "sink-manifest-tmp", // the sink's manifest entry is on disk under a temporary name
-    "state-tmp",         // a state file is on disk under a temporary name
-    "sink",              // the sink has the batch and the state file is written
-    "state",             // the state file is recorded, the commit is not written
-    "commits-tmp",       // the commit is on disk under a temporary name
-    "commits",           // the batch is committed; clean-up has not run
-    "sources-tmp",       // the source's progress is on disk under a temporary name
+    "state-tmp",     // a state file is on disk under a temporary name
+    "sink",          // the sink has the batch and the state file is written
+    "state",         // the state file is recorded, the commit is not written
+    "commits-tmp",   // the commit is on disk under a temporary name
+    "commits",       // the batch is committed; clean-up has not run
+    "sources-tmp",   // the source's progress is on disk under a temporary name
 ];
 
 struct Pause {
@@ -56,9 +57,10 @@ where
 }
 
 /// What a task started by [`spawn`] returned; a task that panicked or was
-/// cancelled is an error.
+/// cancelled is an error. The task stays where it is: a caller that is itself
+/// dropped while waiting leaves it to its owner.
 pub async fn settle<T>(
-    task: tokio::task::JoinHandle<crate::error::Result<T>>,
+    task: &mut tokio::task::JoinHandle<crate::error::Result<T>>,
 ) -> crate::error::Result<T> {
     task.await.map_err(|e| {
         crate::error::BrookError::Plan(format!("a checkpoint write task failed: {e}"))

@@ -345,9 +345,9 @@ struct Runner {
     state_store: Option<StateStore>,
     /// The batch's offsets (before the first batch, also the source's starting
     /// point) being written while it is read and computed.
-    log_written: Option<JoinHandle<Result<()>>>,
+    log_written: Option<Write>,
     /// The source's progress being written and old files removed.
-    maintenance: Option<JoinHandle<Result<()>>>,
+    maintenance: Option<Write>,
     batch_id: u64,
     watermark_ns: Option<i64>,
     max_event_ns: Option<i64>,
@@ -358,16 +358,26 @@ struct Runner {
     last_trigger: Option<Instant>,
 }
 
-/// A batch that panicked skips `finish_background`: its checkpoint writes are
-/// stopped here, since they hold the checkpoint and its lock while they run.
+/// A checkpoint write on a task of its own. A batch that panicked skips
+/// `finish_background`, and its writes are stopped when dropped, since they hold
+/// the checkpoint and its lock while they run; so is a write that a write
+/// chained after it was waiting for.
+struct Write(JoinHandle<Result<()>>);
+
+impl Write {
+    fn spawn(write: impl Future<Output = Result<()>> + Send + 'static) -> Self {
+        Self(faults::spawn(write))
+    }
+}
+
+impl Drop for Write {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Drop for Runner {
     fn drop(&mut self) {
-        for task in [self.log_written.take(), self.maintenance.take()]
-            .into_iter()
-            .flatten()
-        {
-            task.abort();
-        }
         if let Some(store) = &mut self.state_store {
             store.abort();
         }
@@ -441,11 +451,7 @@ impl Runner {
         };
 
         // A failed checkpoint write ends the query even while no input comes.
-        if self
-            .log_written
-            .as_ref()
-            .is_some_and(JoinHandle::is_finished)
-        {
+        if self.log_written.as_ref().is_some_and(|w| w.0.is_finished()) {
             settled(self.log_written.take()).await?;
         }
         let batch_id = self.batch_id;
@@ -461,7 +467,7 @@ impl Runner {
                 if let Some(cp) = self.checkpoint.clone() {
                     let logged = offset.clone();
                     let before = self.log_written.take();
-                    self.log_written = Some(faults::spawn(async move {
+                    self.log_written = Some(Write::spawn(async move {
                         settled(before).await?;
                         cp.write_offsets(batch_id, logged).await
                     }));
@@ -639,7 +645,7 @@ impl Runner {
             self.source.start().await?;
             // Written while the first batch is read, and before its offsets.
             let (cp, progress) = (cp.clone(), self.source.progress()?);
-            self.log_written = Some(faults::spawn(
+            self.log_written = Some(Write::spawn(
                 async move { cp.write_source(0, &progress).await },
             ));
             return Ok(());
@@ -722,7 +728,7 @@ impl Runner {
         }
         settled(self.maintenance.take()).await?;
         let progress = self.source.progress()?;
-        self.maintenance = Some(faults::spawn(async move {
+        self.maintenance = Some(Write::spawn(async move {
             cp.write_source(batch_id + 1, &progress).await
         }));
         Ok(())
@@ -825,9 +831,9 @@ fn max_event_time(watermark: Option<&WatermarkSpec>, batch: &RecordBatch) -> Res
 }
 
 /// The outcome of a checkpoint write run as its own task, if one was started.
-async fn settled(task: Option<JoinHandle<Result<()>>>) -> Result<()> {
+async fn settled(task: Option<Write>) -> Result<()> {
     match task {
-        Some(task) => faults::settle(task).await,
+        Some(mut task) => faults::settle(&mut task.0).await,
         None => Ok(()),
     }
 }

@@ -166,7 +166,9 @@ pub struct Checkpoint {
     /// (two fsyncs held up every start). Every other file waits for it: offsets
     /// without metadata read as a damaged checkpoint.
     metadata: tokio::sync::Mutex<MetadataWrite>,
-    _lock: CheckpointLock,
+    /// Also held by the metadata write, so that it ends before another query
+    /// can take the checkpoint, even when this one failed to start.
+    _lock: Arc<CheckpointLock>,
 }
 
 enum MetadataWrite {
@@ -181,16 +183,6 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-/// A query that fails to start leaves no metadata being written after it has
-/// let go of the lock.
-impl Drop for Checkpoint {
-    fn drop(&mut self) {
-        if let MetadataWrite::Writing(task) = self.metadata.get_mut() {
-            task.abort();
-        }
-    }
-}
-
 impl Checkpoint {
     /// Opens (or creates) the checkpoint at `location` for a query, refusing one
     /// that another running query holds or that a different query wrote.
@@ -202,7 +194,7 @@ impl Checkpoint {
         min_batches_to_retain: u64,
     ) -> Result<Self> {
         let files = CheckpointFiles::new(Location::resolve(location, runtime)?)?;
-        let lock = CheckpointLock::acquire(&files)?;
+        let lock = Arc::new(CheckpointLock::acquire(&files)?);
         let mut metadata = MetadataWrite::Written;
         let id = match files.read_json::<Metadata>("metadata").await? {
             Some(meta) => {
@@ -239,11 +231,13 @@ impl Checkpoint {
                     fingerprint,
                 };
                 let id = meta.id.clone();
-                let files = files.clone();
+                let (files, lock) = (files.clone(), lock.clone());
                 metadata = MetadataWrite::Writing(faults::spawn(async move {
-                    files
+                    let written = files
                         .write_json("metadata", &meta, ("metadata-tmp", 0))
-                        .await
+                        .await;
+                    drop(lock);
+                    written
                 }));
                 id
             }
@@ -260,19 +254,20 @@ impl Checkpoint {
     }
 
     /// Waits for a new checkpoint's metadata to be on disk; its failure fails
-    /// every write after it.
+    /// every write after it. The write is awaited in place, so a caller given up
+    /// while waiting leaves it for the next.
     async fn metadata_written(&self) -> Result<()> {
         let mut metadata = self.metadata.lock().await;
-        let outcome = match std::mem::replace(&mut *metadata, MetadataWrite::Written) {
-            MetadataWrite::Written => return Ok(()),
-            MetadataWrite::Writing(task) => match faults::settle(task).await {
-                Ok(()) => return Ok(()),
-                Err(e) => Arc::new(e),
-            },
-            MetadataWrite::Failed(e) => e,
-        };
-        *metadata = MetadataWrite::Failed(outcome.clone());
-        Err(BrookError::Shared(outcome))
+        if let MetadataWrite::Writing(task) = &mut *metadata {
+            *metadata = match faults::settle(task).await {
+                Ok(()) => MetadataWrite::Written,
+                Err(e) => MetadataWrite::Failed(Arc::new(e)),
+            };
+        }
+        match &*metadata {
+            MetadataWrite::Failed(e) => Err(BrookError::Shared(e.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// The query's id, the same across restarts.

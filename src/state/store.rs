@@ -141,7 +141,7 @@ impl StateStore {
             && let Some(done) = self
                 .writing
                 .take()
-                .and_then(|task| faults::settle(task).now_or_never())
+                .and_then(|mut task| faults::settle(&mut task).now_or_never())
         {
             self.landed(done);
         }
@@ -161,8 +161,8 @@ impl StateStore {
     /// Waits for a snapshot being written, so that nothing writes to the
     /// checkpoint (or holds it) once the query has ended.
     pub async fn finish(&mut self) {
-        if let Some(writing) = self.writing.take() {
-            self.landed(faults::settle(writing).await);
+        if let Some(mut writing) = self.writing.take() {
+            self.landed(faults::settle(&mut writing).await);
         }
     }
 

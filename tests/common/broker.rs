@@ -122,8 +122,8 @@ impl Broker {
 
     /// The broker process's CPU time so far, in seconds (user + system).
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the broker's /proc/<pid>/stat");
         // The fields after the parenthesised command name; utime and stime are the 14th and 15th.
         let fields: Vec<&str> = stat
             .rsplit_once(')')
