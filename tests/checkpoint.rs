@@ -409,7 +409,9 @@ async fn a_checkpoint_location_that_is_a_file_is_refused_clearly() {
     std::fs::write(&file, "not a directory").unwrap();
     let err = start_error(&top_clients(&input, &file, "client_id")).await;
     assert!(
-        err.contains(&file.display().to_string()) && err.contains("names a directory"),
+        err.contains(&file.display().to_string())
+            && err.contains("(it is a file)")
+            && err.contains("names a directory"),
         "{err}"
     );
 }

@@ -27,14 +27,20 @@ pub struct CheckpointFiles {
 
 impl CheckpointFiles {
     pub fn new(location: Location) -> Result<Self> {
-        if let Some(dir) = &location.local_dir
-            && (dir.is_file() || std::fs::create_dir_all(dir).is_err())
-        {
-            return Err(BrookError::checkpoint(
-                dir.display().to_string(),
-                "cannot be created as a directory (is it, or a parent, a file?); a checkpoint \
-                 location (--checkpoint DIR, option 'checkpointLocation') names a directory",
-            ));
+        if let Some(dir) = &location.local_dir {
+            let created = match dir.is_file() {
+                true => Err("it is a file".to_string()),
+                false => std::fs::create_dir_all(dir).map_err(|e| e.to_string()),
+            };
+            if let Err(why) = created {
+                return Err(BrookError::checkpoint(
+                    dir.display().to_string(),
+                    format!(
+                        "cannot be created as a directory ({why}); a checkpoint location \
+                         (--checkpoint DIR, option 'checkpointLocation') names a directory"
+                    ),
+                ));
+            }
         }
         Ok(Self { location })
     }
