@@ -365,9 +365,14 @@ impl Engine {
         let id = checkpoint
             .as_ref()
             .map_or_else(new_id, |c| c.query_id().to_string());
-        // A sink that cannot take the query's mode fails the start, as in Spark.
-        sink.open(&compiled.output_schema, compiled.mode, &id)
-            .await?;
+        // A sink that cannot take the query's mode fails the start, as in Spark;
+        // the new checkpoint's metadata write ends first, since it holds the checkpoint.
+        if let Err(e) = sink.open(&compiled.output_schema, compiled.mode, &id).await {
+            if let Some(cp) = &checkpoint {
+                let _ = cp.metadata_written().await;
+            }
+            return Err(e);
+        }
         let memory_table = match memory {
             Some(memory) => {
                 self.ctx.deregister_table(memory.name())?;

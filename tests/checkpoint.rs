@@ -414,6 +414,12 @@ async fn a_checkpoint_location_that_is_a_file_is_refused_clearly() {
             && err.contains("names a directory"),
         "{err}"
     );
+    let below = file.join("query");
+    let err = start_error(&top_clients(&input, &below, "client_id")).await;
+    assert!(
+        err.contains(&below.display().to_string()) && err.contains("a parent is a file"),
+        "{err}"
+    );
 }
 
 /// Sliding windows over 20 symbols, one file per 2 minutes of event time.

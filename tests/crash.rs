@@ -19,6 +19,7 @@ use brook::datafusion::arrow::util::display::array_value_to_string;
 use brook::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use brook::exec::faults;
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use brook::sink::file::MANIFEST_DIR;
 use chrono::NaiveDateTime;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -328,13 +329,13 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
     // is killed at a random instant instead (or at a backstop, if that comes first).
     let mut rng = SmallRng::seed_from_u64(seed);
     // First, the new checkpoints' metadata write is held up, which the first
-    // batch does not wait for, and the run is killed once the last query has
-    // read that batch: nothing may be logged, sunk or committed before the
-    // metadata is on disk. The held-up writes are not kill points.
+    // batch does not wait for, and the run is killed 3 s later, when every
+    // query has read that batch and waits for its offsets: nothing may be
+    // logged, sunk or committed before the metadata is on disk.
     let first = Kill {
-        points: "metadata-tmp:0,top_stocks/read:0".into(),
-        victim: Some("top_stocks/read:0".into()),
-        after: None,
+        points: "metadata-tmp:0".into(),
+        victim: Some("never".into()),
+        after: Some(Duration::from_secs(3)),
         grace: Duration::from_secs(120),
     };
     let how = run(
@@ -343,7 +344,7 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
         &crashed.join("stdout-first"),
         Some(&first),
     );
-    assert_eq!(how.as_deref(), Some("top_stocks/read:0"));
+    assert_eq!(how.as_deref(), Some("after 3s"));
     for query in QUERIES {
         let checkpoint = crashed.join("checkpoint").join(query);
         assert!(!checkpoint.join("metadata").exists());
@@ -357,10 +358,22 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
             "{query} committed without metadata"
         );
     }
+    let names = |dir: PathBuf| {
+        std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
     for sink in FILE_SINKS {
-        let manifest = crashed.join("out").join(sink).join("_brook_manifest");
-        let entries = std::fs::read_dir(&manifest).map_or(0, |d| d.count());
-        assert_eq!(entries, 0, "{sink} took a batch without metadata");
+        let out = crashed.join("out").join(sink);
+        let files: Vec<_> = names(out.clone())
+            .into_iter()
+            .filter(|f| f != MANIFEST_DIR)
+            .chain(names(out.join(MANIFEST_DIR)))
+            .collect();
+        assert!(
+            files.is_empty(),
+            "{sink} took a batch without metadata: {files:?}"
+        );
     }
     let mut kills: Vec<String> = vec![];
     for attempt in 0..KILL_ATTEMPTS {

@@ -11,22 +11,22 @@ use std::sync::OnceLock;
 
 pub const ENV: &str = "BROOK_PAUSE_AT";
 
-/// The points, in the order a batch reaches them.
+/// The points, in the order a batch reaches them. `metadata-tmp` is reached as
+/// a query starts, outside its task, so it is matched by batch only.
 pub const POINTS: &[&str] = &[
-    // Written as the query starts, before it has a name: named by batch only.
-    "metadata-tmp",  // a new checkpoint's metadata is on disk under a temporary name
-    "read",          // the input is read and computed, nothing written
-    "offsets-tmp",   // the batch's offsets are on disk under a temporary name
-    "offsets",       // the offsets are written, nothing in the sink yet
-    "sink-part-tmp", // the file sink's part is on disk under a temporary name
-    "sink-part",     // the file sink wrote the batch's part, not its manifest
+    "metadata-tmp",      // a new checkpoint's metadata is on disk under a temporary name
+    "read",              // the input is read and computed, nothing written
+    "offsets-tmp",       // the batch's offsets are on disk under a temporary name
+    "offsets",           // the offsets are written, nothing in the sink yet
+    "sink-part-tmp",     // the file sink's part is on disk under a temporary name
+    "sink-part",         // the file sink wrote the batch's part, not its manifest
     "sink-manifest-tmp", // the sink's manifest entry is on disk under a temporary name
-    "state-tmp",     // a state file is on disk under a temporary name
-    "sink",          // the sink has the batch and the state file is written
-    "state",         // the state file is recorded, the commit is not written
-    "commits-tmp",   // the commit is on disk under a temporary name
-    "commits",       // the batch is committed; clean-up has not run
-    "sources-tmp",   // the source's progress is on disk under a temporary name
+    "state-tmp",         // a state file is on disk under a temporary name
+    "sink",              // the sink has the batch and the state file is written
+    "state",             // the state file is recorded, the commit is not written
+    "commits-tmp",       // the commit is on disk under a temporary name
+    "commits",           // the batch is committed; clean-up has not run
+    "sources-tmp",       // the source's progress is on disk under a temporary name
 ];
 
 struct Pause {

@@ -358,31 +358,11 @@ struct Runner {
     last_trigger: Option<Instant>,
 }
 
-/// A checkpoint write on a task of its own. A batch that panicked skips
-/// `finish_background`, and its writes are stopped when dropped, since they hold
-/// the checkpoint and its lock while they run; so is a write that a write
-/// chained after it was waiting for.
-struct Write(JoinHandle<Result<()>>);
-
-impl Write {
-    fn spawn(write: impl Future<Output = Result<()>> + Send + 'static) -> Self {
-        Self(faults::spawn(write))
-    }
-}
-
-impl Drop for Write {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        if let Some(store) = &mut self.state_store {
-            store.abort();
-        }
-    }
-}
+/// A checkpoint write on a task of its own. One left running when its query
+/// is dropped (a batch that panicked skips `finish_background`) runs to its
+/// end: aborting it could not stop its blocking steps, and it holds the
+/// checkpoint, and so its lock, until it really ends.
+type Write = JoinHandle<Result<()>>;
 
 impl Runner {
     async fn run_loop(&mut self, options: &QueryOptions, gate: Gate) -> Result<()> {
@@ -399,7 +379,13 @@ impl Runner {
             store.finish().await;
         }
         let maintenance = settled(self.maintenance.take()).await;
-        offsets.and(maintenance)
+        // A query that failed before writing anything still waits for its
+        // new checkpoint's metadata.
+        let metadata = match &self.checkpoint {
+            Some(cp) => cp.metadata_written().await,
+            None => Ok(()),
+        };
+        offsets.and(maintenance).and(metadata)
     }
 
     async fn run_batches(&mut self, options: &QueryOptions, mut gate: Gate) -> Result<()> {
@@ -451,7 +437,11 @@ impl Runner {
         };
 
         // A failed checkpoint write ends the query even while no input comes.
-        if self.log_written.as_ref().is_some_and(|w| w.0.is_finished()) {
+        if self
+            .log_written
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished)
+        {
             settled(self.log_written.take()).await?;
         }
         let batch_id = self.batch_id;
@@ -467,7 +457,7 @@ impl Runner {
                 if let Some(cp) = self.checkpoint.clone() {
                     let logged = offset.clone();
                     let before = self.log_written.take();
-                    self.log_written = Some(Write::spawn(async move {
+                    self.log_written = Some(faults::spawn(async move {
                         settled(before).await?;
                         cp.write_offsets(batch_id, logged).await
                     }));
@@ -645,7 +635,7 @@ impl Runner {
             self.source.start().await?;
             // Written while the first batch is read, and before its offsets.
             let (cp, progress) = (cp.clone(), self.source.progress()?);
-            self.log_written = Some(Write::spawn(
+            self.log_written = Some(faults::spawn(
                 async move { cp.write_source(0, &progress).await },
             ));
             return Ok(());
@@ -728,7 +718,7 @@ impl Runner {
         }
         settled(self.maintenance.take()).await?;
         let progress = self.source.progress()?;
-        self.maintenance = Some(Write::spawn(async move {
+        self.maintenance = Some(faults::spawn(async move {
             cp.write_source(batch_id + 1, &progress).await
         }));
         Ok(())
@@ -833,7 +823,7 @@ fn max_event_time(watermark: Option<&WatermarkSpec>, batch: &RecordBatch) -> Res
 /// The outcome of a checkpoint write run as its own task, if one was started.
 async fn settled(task: Option<Write>) -> Result<()> {
     match task {
-        Some(mut task) => faults::settle(&mut task.0).await,
+        Some(mut task) => faults::settle(&mut task).await,
         None => Ok(()),
     }
 }

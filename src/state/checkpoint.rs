@@ -256,7 +256,7 @@ impl Checkpoint {
     /// Waits for a new checkpoint's metadata to be on disk; its failure fails
     /// every write after it. The write is awaited in place, so a caller given up
     /// while waiting leaves it for the next.
-    async fn metadata_written(&self) -> Result<()> {
+    pub async fn metadata_written(&self) -> Result<()> {
         let mut metadata = self.metadata.lock().await;
         if let MetadataWrite::Writing(task) = &mut *metadata {
             *metadata = match faults::settle(task).await {

@@ -30,7 +30,10 @@ impl CheckpointFiles {
         if let Some(dir) = &location.local_dir {
             let created = match dir.is_file() {
                 true => Err("it is a file".to_string()),
-                false => std::fs::create_dir_all(dir).map_err(|e| e.to_string()),
+                false => std::fs::create_dir_all(dir).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotADirectory => format!("{e}: a parent is a file"),
+                    _ => e.to_string(),
+                }),
             };
             if let Err(why) = created {
                 return Err(BrookError::checkpoint(

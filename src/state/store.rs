@@ -137,12 +137,15 @@ impl StateStore {
             Saved::Changes(file) => self.changes.push(file),
             Saved::Nothing => {}
         }
+        // Polled in place: a finished task can still be pending to a task
+        // that has used up its cooperative budget.
         if self.writing.as_ref().is_some_and(JoinHandle::is_finished)
             && let Some(done) = self
                 .writing
-                .take()
-                .and_then(|mut task| faults::settle(&mut task).now_or_never())
+                .as_mut()
+                .and_then(|task| faults::settle(task).now_or_never())
         {
+            self.writing = None;
             self.landed(done);
         }
         if self.writing.is_none() && self.changes.len() >= SNAPSHOT_AFTER {
@@ -163,13 +166,6 @@ impl StateStore {
     pub async fn finish(&mut self) {
         if let Some(mut writing) = self.writing.take() {
             self.landed(faults::settle(&mut writing).await);
-        }
-    }
-
-    /// Stops a snapshot being written; the changes still cover the state.
-    pub fn abort(&mut self) {
-        if let Some(writing) = self.writing.take() {
-            writing.abort();
         }
     }
 
