@@ -28,12 +28,13 @@ pub struct CheckpointFiles {
 impl CheckpointFiles {
     pub fn new(location: Location) -> Result<Self> {
         if let Some(dir) = &location.local_dir {
-            let created = match dir.is_file() {
-                true => Err("it is a file".to_string()),
-                false => std::fs::create_dir_all(dir).map_err(|e| match e.kind() {
+            let created = if dir.is_file() {
+                Err("it is a file".to_string())
+            } else {
+                std::fs::create_dir_all(dir).map_err(|e| match e.kind() {
                     std::io::ErrorKind::NotADirectory => format!("{e}: a parent is a file"),
                     _ => e.to_string(),
-                }),
+                })
             };
             if let Err(why) = created {
                 return Err(BrookError::checkpoint(
