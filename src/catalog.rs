@@ -65,6 +65,7 @@ const KAFKA_SOURCE_OPTIONS: &[&str] = &[
     "failOnDataLoss",
     "pollTimeout",
     "includeHeaders",
+    "readers",
     "format",
     "mode",
     "columnNameOfCorruptRecord",
@@ -215,6 +216,12 @@ impl SourceDef {
             None => std::time::Duration::from_secs(120),
         };
         let include_headers = options.bool("includeHeaders", false)?;
+        let readers = options
+            .parse("readers", "a positive count")?
+            .unwrap_or_else(crate::exec::compile::partitions);
+        if readers == 0 {
+            return Err(BrookError::option("readers", "must be at least 1"));
+        }
         let (format, raw, schema) = match options
             .get_or("format", "raw")
             .to_ascii_lowercase()
@@ -250,6 +257,7 @@ impl SourceDef {
             client,
             poll_timeout,
             include_headers,
+            readers,
         };
         let def = Self {
             name,

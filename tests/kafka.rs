@@ -204,6 +204,40 @@ async fn restarts_from_a_checkpoint_read_every_record_once_and_batches_are_bound
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_number_of_readers_reads_every_record_once() {
+    let broker = Broker::start();
+    broker.create_topic("events", 3).await;
+    let values: Vec<String> = (0..900).map(|i| format!("event {i}")).collect();
+    broker.produce("events", 3, &values);
+    let (tmp, _) = tmp_source();
+    let mut expected = None;
+    // Fewer clients than partitions, as many, and more.
+    for readers in [1, 2, 3, 5] {
+        let output = tmp.path().join(format!("out-{readers}"));
+        let extra = format!(", 'readers' '{readers}'");
+        let engine = Engine::with_overrides(brook::Overrides {
+            trigger: Some(brook::Trigger::AvailableNow),
+            ..Default::default()
+        });
+        let sql = offsets_sql(&broker.servers(), "events", &output, &extra);
+        let q = engine.execute(&sql).await.unwrap().remove(0);
+        q.await_termination().await.unwrap();
+        let rows = json_rows(&output);
+        assert_eq!(rows.len(), 900, "{readers} readers");
+        match &expected {
+            None => expected = Some(rows),
+            Some(first) => assert_eq!(&rows, first, "{readers} readers"),
+        }
+    }
+    let sql = offsets_sql(&broker.servers(), "events", tmp.path(), ", 'readers' '0'");
+    let err = Engine::new().execute(&sql).await.unwrap_err().to_string();
+    assert!(
+        err.contains("readers") && err.contains("at least 1"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_and_per_partition_starting_offsets() {
     let broker = Broker::start();
     broker.create_topic("events", 2).await;

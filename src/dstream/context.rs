@@ -203,6 +203,7 @@ impl StreamingContext {
             client: Default::default(),
             poll_timeout: Duration::from_secs(120),
             include_headers: false,
+            readers: crate::exec::compile::partitions(),
         };
         let source = KafkaSource::new(options, None, &Arc::default())?;
         Ok(self.add_input(Input::Source(Box::new(source), keys_and_values)))

@@ -11,7 +11,8 @@ mod shared;
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -71,6 +72,10 @@ pub struct KafkaOptions {
     pub poll_timeout: Duration,
     /// Spark's `includeHeaders`: a `headers` column of (key, value) pairs.
     pub include_headers: bool,
+    /// How many clients read a batch's partitions side by side (at most one
+    /// per partition): one client hands every record through two threads in
+    /// turn, and cannot keep more than about one core busy.
+    pub readers: usize,
 }
 
 /// The type of the `headers` column: Spark's `array<struct<key: string, value: binary>>`.
@@ -125,7 +130,10 @@ type Ranges = BTreeMap<String, BTreeMap<i32, Range>>;
 pub struct KafkaSource {
     options: KafkaOptions,
     rows: Rows,
-    consumer: Arc<Mutex<Client>>,
+    config: ClientConfig,
+    /// The first also asks for watermarks; the others are made when a read
+    /// first needs them.
+    clients: Mutex<Vec<Arc<Mutex<Client>>>>,
     shared: Registration,
     positions: Positions,
     /// Set by the available-now trigger: the end offsets batches may reach.
@@ -169,7 +177,7 @@ impl Drop for Client {
     }
 }
 
-fn lock(client: &Mutex<Client>) -> Result<std::sync::MutexGuard<'_, Client>> {
+fn lock<T>(client: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     client
         .lock()
         .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))
@@ -207,10 +215,7 @@ impl KafkaSource {
         for (k, v) in &options.client {
             config.set(k, v);
         }
-        let consumer: BaseConsumer = config.create().map_err(|e| BrookError::Source {
-            location: options.bootstrap_servers.clone(),
-            message: format!("cannot create a Kafka client: {e}"),
-        })?;
+        let first = client(&config, &options.bootstrap_servers)?;
         let rows = match decoder {
             Some(d) => Rows::Decoded(Arc::new(d)),
             None => Rows::Raw(kafka_schema(options.include_headers)),
@@ -228,7 +233,8 @@ impl KafkaSource {
         Ok(Self {
             options,
             rows,
-            consumer: Arc::new(Mutex::new(Client(ManuallyDrop::new(consumer)))),
+            config,
+            clients: Mutex::new(vec![first]),
             shared,
             positions: Positions::new(),
             snapshot: None,
@@ -247,12 +253,21 @@ impl KafkaSource {
         }
     }
 
-    /// Runs a blocking client call off the async threads.
+    /// The first `n` clients, made as needed.
+    fn clients(&self, n: usize) -> Result<Vec<Arc<Mutex<Client>>>> {
+        let mut clients = lock(&self.clients)?;
+        while clients.len() < n {
+            clients.push(client(&self.config, &self.options.bootstrap_servers)?);
+        }
+        Ok(clients[..n.max(1)].to_vec())
+    }
+
+    /// Runs a blocking call of the first client off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&BaseConsumer) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let consumer = self.consumer.clone();
+        let consumer = self.clients(1)?.swap_remove(0);
         tokio::task::spawn_blocking(move || f(&*lock(&consumer)?))
             .await
             .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
@@ -313,37 +328,107 @@ impl KafkaSource {
             .map_err(|e| self.error(format!("unreadable Kafka offset {}: {e}", offset.0)))
     }
 
-    /// Reads `ranges` on a blocking thread, publishing its parts and its end to `tx`.
+    /// Reads `ranges` on blocking threads, a client to each share of the
+    /// partitions, publishing their parts and the read's end to `tx`.
     fn start_read(&self, ranges: Ranges, tx: watch::Sender<Progress>) {
-        let (consumer, rows) = (self.consumer.clone(), self.rows.clone());
+        let shares = split(&ranges, self.options.readers);
+        let clients = match self.clients(shares.len()) {
+            Ok(clients) => clients,
+            Err(e) => {
+                tx.send_modify(|p| p.end = Some(Err(Arc::new(e))));
+                return;
+            }
+        };
+        let read = Arc::new(SplitRead {
+            tx,
+            left: Mutex::new((shares.len(), None)),
+            failed: AtomicBool::new(false),
+        });
         let patience = Patience {
             timeout: self.options.poll_timeout,
             fail_on_data_loss: self.options.fail_on_data_loss,
         };
-        tokio::task::spawn_blocking(move || {
-            let read = lock(&consumer).and_then(|consumer| {
-                let wanted = || !tx.is_closed();
-                let emit = |part| tx.send_modify(|p: &mut Progress| p.parts.push(part));
-                // Caught here, a panic still reaches the readers, and
-                // does not poison the client's lock.
-                std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    fetch(&consumer, &ranges, &rows, patience, &wanted, emit)
-                }))
-                .unwrap_or_else(|panic| {
-                    // The read's own clean-up was skipped.
-                    unassign(&consumer);
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    Err(BrookError::Stopped(format!(
-                        "the Kafka read panicked: {what}"
-                    )))
-                })
+        for (consumer, ranges) in clients.into_iter().zip(shares) {
+            let (read, rows) = (read.clone(), self.rows.clone());
+            tokio::task::spawn_blocking(move || {
+                let result = lock(&consumer).and_then(|consumer| {
+                    let emit = |part| read.tx.send_modify(|p: &mut Progress| p.parts.push(part));
+                    // Caught here, a panic still reaches the readers, and
+                    // does not poison the client's lock.
+                    std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        fetch(&consumer, &ranges, &rows, patience, &|| read.wanted(), emit)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        // The read's own clean-up was skipped.
+                        unassign(&consumer);
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(BrookError::Stopped(format!(
+                            "the Kafka read panicked: {what}"
+                        )))
+                    })
+                });
+                read.done(result);
             });
-            tx.send_modify(|p| p.end = Some(read.map_err(Arc::new)));
-        });
+        }
+    }
+}
+
+fn client(config: &ClientConfig, servers: &str) -> Result<Arc<Mutex<Client>>> {
+    let consumer: BaseConsumer = config.create().map_err(|e| BrookError::Source {
+        location: servers.to_string(),
+        message: format!("cannot create a Kafka client: {e}"),
+    })?;
+    Ok(Arc::new(Mutex::new(Client(ManuallyDrop::new(consumer)))))
+}
+
+/// A batch's partitions in up to `n` shares of about as many records each.
+fn split(ranges: &Ranges, n: usize) -> Vec<Ranges> {
+    let mut all: Vec<(&String, i32, Range)> = ranges
+        .iter()
+        .flat_map(|(topic, ps)| ps.iter().map(move |(p, r)| (topic, *p, *r)))
+        .filter(|(_, _, r)| r.until > r.from)
+        .collect();
+    all.sort_by_key(|(_, _, r)| std::cmp::Reverse(r.until - r.from));
+    let mut shares = vec![(0, Ranges::new()); n.min(all.len()).max(1)];
+    for (topic, p, r) in all {
+        if let Some((records, share)) = shares.iter_mut().min_by_key(|(records, _)| *records) {
+            *records += r.until - r.from;
+            share.entry(topic.clone()).or_default().insert(p, r);
+        }
+    }
+    shares.into_iter().map(|(_, share)| share).collect()
+}
+
+/// A read split among clients: their parts go out as they come, and the read
+/// ends when every share has, with the first error any met.
+struct SplitRead {
+    tx: watch::Sender<Progress>,
+    /// Shares still reading, and the first error.
+    left: Mutex<(usize, Option<BrookError>)>,
+    /// A share failed: the others stop.
+    failed: AtomicBool,
+}
+
+impl SplitRead {
+    fn wanted(&self) -> bool {
+        !self.tx.is_closed() && !self.failed.load(Ordering::Relaxed)
+    }
+
+    fn done(&self, result: Result<()>) {
+        let mut left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = result {
+            left.1.get_or_insert(e);
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        left.0 -= 1;
+        if left.0 == 0 {
+            let end = left.1.take().map_or(Ok(()), |e| Err(Arc::new(e)));
+            self.tx.send_modify(|p| p.end = Some(end));
+        }
     }
 }
 
@@ -606,5 +691,54 @@ impl StreamSource for KafkaSource {
                 .collect(),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(sizes: &[i64]) -> Ranges {
+        let partitions = sizes
+            .iter()
+            .enumerate()
+            .map(|(p, n)| {
+                (
+                    p as i32,
+                    Range {
+                        from: 10,
+                        until: 10 + n,
+                    },
+                )
+            })
+            .collect();
+        Ranges::from([("orders".to_string(), partitions)])
+    }
+
+    fn partitions(shares: &[Ranges]) -> Vec<Vec<i32>> {
+        shares
+            .iter()
+            .map(|share| share.values().flat_map(|ps| ps.keys().copied()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn partitions_are_split_into_shares_of_about_as_many_records() {
+        let split4 = split(&ranges(&[100, 90, 50, 40]), 2);
+        assert_eq!(partitions(&split4), [vec![0, 3], vec![1, 2]]);
+        assert_eq!(
+            split4[0]["orders"][&3],
+            Range {
+                from: 10,
+                until: 50
+            }
+        );
+        // No more shares than partitions with records, and never none.
+        assert_eq!(
+            partitions(&split(&ranges(&[5, 0, 7]), 8)),
+            [vec![2], vec![0]]
+        );
+        assert_eq!(partitions(&split(&ranges(&[0, 0]), 2)), [Vec::<i32>::new()]);
+        assert_eq!(partitions(&split(&ranges(&[1, 2, 3]), 1)), [vec![0, 1, 2]]);
     }
 }
