@@ -13,7 +13,9 @@ use crate::options::Options;
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions, ValueFormat};
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::format::Decoder;
-use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, kafka_schema};
+use crate::source::kafka::{
+    KafkaOptions, KafkaSource, StartingOffsets, Topics, default_readers, kafka_schema,
+};
 use crate::source::location::Location;
 use crate::source::{
     CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, SharedInput, StreamSource,
@@ -218,7 +220,7 @@ impl SourceDef {
         let include_headers = options.bool("includeHeaders", false)?;
         let readers = options
             .parse("readers", "a positive count")?
-            .unwrap_or_else(crate::exec::compile::partitions);
+            .unwrap_or_else(default_readers);
         if readers == 0 {
             return Err(BrookError::option("readers", "must be at least 1"));
         }

@@ -20,7 +20,7 @@ use crate::catalog::DEFAULT_CORRUPT_COLUMN;
 use crate::error::{BrookError, Result};
 use crate::exec::faults::crash_point;
 use crate::source::format::Decoder;
-use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics};
+use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, default_readers};
 use crate::source::location::Location;
 use crate::source::socket::SocketSource;
 use crate::source::{
@@ -203,7 +203,7 @@ impl StreamingContext {
             client: Default::default(),
             poll_timeout: Duration::from_secs(120),
             include_headers: false,
-            readers: crate::exec::compile::partitions(),
+            readers: default_readers(),
         };
         let source = KafkaSource::new(options, None, &Arc::default())?;
         Ok(self.add_input(Input::Source(Box::new(source), keys_and_values)))

@@ -130,10 +130,7 @@ type Ranges = BTreeMap<String, BTreeMap<i32, Range>>;
 pub struct KafkaSource {
     options: KafkaOptions,
     rows: Rows,
-    config: ClientConfig,
-    /// The first also asks for watermarks; the others are made when a read
-    /// first needs them.
-    clients: Mutex<Vec<Arc<Mutex<Client>>>>,
+    clients: Arc<Clients>,
     shared: Registration,
     positions: Positions,
     /// Set by the available-now trigger: the end offsets batches may reach.
@@ -215,7 +212,12 @@ impl KafkaSource {
         for (k, v) in &options.client {
             config.set(k, v);
         }
-        let first = client(&config, &options.bootstrap_servers)?;
+        // The first client now, so that a bad setting fails the query's start.
+        let clients = Arc::new(Clients {
+            made: Mutex::new(vec![client(&config, &options.bootstrap_servers)?]),
+            config,
+            servers: options.bootstrap_servers.clone(),
+        });
         let rows = match decoder {
             Some(d) => Rows::Decoded(Arc::new(d)),
             None => Rows::Raw(kafka_schema(options.include_headers)),
@@ -233,8 +235,7 @@ impl KafkaSource {
         Ok(Self {
             options,
             rows,
-            config,
-            clients: Mutex::new(vec![first]),
+            clients,
             shared,
             positions: Positions::new(),
             snapshot: None,
@@ -253,21 +254,12 @@ impl KafkaSource {
         }
     }
 
-    /// The first `n` clients, made as needed.
-    fn clients(&self, n: usize) -> Result<Vec<Arc<Mutex<Client>>>> {
-        let mut clients = lock(&self.clients)?;
-        while clients.len() < n {
-            clients.push(client(&self.config, &self.options.bootstrap_servers)?);
-        }
-        Ok(clients[..n.max(1)].to_vec())
-    }
-
     /// Runs a blocking call of the first client off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&BaseConsumer) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let consumer = self.clients(1)?.swap_remove(0);
+        let consumer = self.clients.get(0)?;
         tokio::task::spawn_blocking(move || f(&*lock(&consumer)?))
             .await
             .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
@@ -332,13 +324,7 @@ impl KafkaSource {
     /// partitions, publishing their parts and the read's end to `tx`.
     fn start_read(&self, ranges: Ranges, tx: watch::Sender<Progress>) {
         let shares = split(&ranges, self.options.readers);
-        let clients = match self.clients(shares.len()) {
-            Ok(clients) => clients,
-            Err(e) => {
-                tx.send_modify(|p| p.end = Some(Err(Arc::new(e))));
-                return;
-            }
-        };
+        let last = shares.len() - 1;
         let read = Arc::new(SplitRead {
             tx,
             left: Mutex::new((shares.len(), None)),
@@ -348,10 +334,18 @@ impl KafkaSource {
             timeout: self.options.poll_timeout,
             fail_on_data_loss: self.options.fail_on_data_loss,
         };
-        for (consumer, ranges) in clients.into_iter().zip(shares) {
-            let (read, rows) = (read.clone(), self.rows.clone());
+        for (i, ranges) in shares.into_iter().enumerate() {
+            let (read, rows, clients) = (read.clone(), self.rows.clone(), self.clients.clone());
             tokio::task::spawn_blocking(move || {
-                let result = lock(&consumer).and_then(|consumer| {
+                // The first client, which also asks for watermarks, takes the
+                // last share, the smallest, and so is free again soonest.
+                let consumer = clients.get(last - i);
+                let result = consumer.and_then(|consumer| {
+                    let consumer = lock(&consumer)?;
+                    // A share that waited for its client while another failed.
+                    if !read.wanted() {
+                        return Err(BrookError::Stopped("the Kafka read was given up".into()));
+                    }
                     let emit = |part| read.tx.send_modify(|p: &mut Progress| p.parts.push(part));
                     // Caught here, a panic still reaches the readers, and
                     // does not poison the client's lock.
@@ -377,6 +371,31 @@ impl KafkaSource {
     }
 }
 
+/// How many clients read a batch by default: one per core, up to 4, since
+/// each keeps threads and sockets of its own and prefetches up to
+/// `queued.max.messages.kbytes` (64 MB).
+pub fn default_readers() -> usize {
+    crate::exec::compile::partitions().min(4)
+}
+
+/// A source's Kafka clients, made when a read first needs them.
+struct Clients {
+    config: ClientConfig,
+    servers: String,
+    made: Mutex<Vec<Arc<Mutex<Client>>>>,
+}
+
+impl Clients {
+    /// Client `i`, made (with those before it) if need be.
+    fn get(&self, i: usize) -> Result<Arc<Mutex<Client>>> {
+        let mut made = lock(&self.made)?;
+        while made.len() <= i {
+            made.push(client(&self.config, &self.servers)?);
+        }
+        Ok(made[i].clone())
+    }
+}
+
 fn client(config: &ClientConfig, servers: &str) -> Result<Arc<Mutex<Client>>> {
     let consumer: BaseConsumer = config.create().map_err(|e| BrookError::Source {
         location: servers.to_string(),
@@ -392,11 +411,13 @@ fn split(ranges: &Ranges, n: usize) -> Vec<Ranges> {
         .flat_map(|(topic, ps)| ps.iter().map(move |(p, r)| (topic, *p, *r)))
         .filter(|(_, _, r)| r.until > r.from)
         .collect();
-    all.sort_by_key(|(_, _, r)| std::cmp::Reverse(r.until - r.from));
-    let mut shares = vec![(0, Ranges::new()); n.min(all.len()).max(1)];
+    // Offsets come from the checkpoint's files: nothing here may overflow.
+    let records = |r: &Range| r.until.saturating_sub(r.from);
+    all.sort_by_key(|(_, _, r)| std::cmp::Reverse(records(r)));
+    let mut shares = vec![(0i64, Ranges::new()); n.min(all.len()).max(1)];
     for (topic, p, r) in all {
-        if let Some((records, share)) = shares.iter_mut().min_by_key(|(records, _)| *records) {
-            *records += r.until - r.from;
+        if let Some((total, share)) = shares.iter_mut().min_by_key(|(total, _)| *total) {
+            *total = total.saturating_add(records(&r));
             share.entry(topic.clone()).or_default().insert(p, r);
         }
     }
@@ -740,5 +761,91 @@ mod tests {
         );
         assert_eq!(partitions(&split(&ranges(&[0, 0]), 2)), [Vec::<i32>::new()]);
         assert_eq!(partitions(&split(&ranges(&[1, 2, 3]), 1)), [vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn every_partition_of_every_topic_is_in_one_share() {
+        let mut all = ranges(&[7, 3, 9, 1, 4]);
+        all.insert("trades".into(), ranges(&[2, 8, 0])["orders"].clone());
+        for n in 1..=9 {
+            let shares = split(&all, n);
+            assert!(shares.len() <= n, "{n}");
+            let mut joined = Ranges::new();
+            for share in shares {
+                for (topic, ps) in share {
+                    for (p, r) in ps {
+                        let seen = joined.entry(topic.clone()).or_default().insert(p, r);
+                        assert_eq!(seen, None, "{topic}-{p} in two shares");
+                    }
+                }
+            }
+            // Every range with records, unchanged.
+            let mut wanted = all.clone();
+            wanted
+                .values_mut()
+                .for_each(|ps| ps.retain(|_, r| r.until > r.from));
+            assert_eq!(joined, wanted, "{n}");
+        }
+        let corrupt = Ranges::from([(
+            "orders".into(),
+            BTreeMap::from([
+                (
+                    0,
+                    Range {
+                        from: i64::MIN,
+                        until: i64::MAX,
+                    },
+                ),
+                (
+                    1,
+                    Range {
+                        from: -1,
+                        until: i64::MAX,
+                    },
+                ),
+            ]),
+        )]);
+        assert_eq!(split(&corrupt, 1).len(), 1);
+    }
+
+    fn split_read(shares: usize) -> (Arc<SplitRead>, watch::Receiver<Progress>) {
+        let (tx, rx) = watch::channel(Progress::default());
+        let read = SplitRead {
+            tx,
+            left: Mutex::new((shares, None)),
+            failed: AtomicBool::new(false),
+        };
+        (Arc::new(read), rx)
+    }
+
+    fn ended(rx: &watch::Receiver<Progress>) -> Option<std::result::Result<(), String>> {
+        let progress = rx.borrow();
+        let end = progress.end.as_ref()?;
+        Some(end.as_ref().map(|_| ()).map_err(|e| e.to_string()))
+    }
+
+    #[test]
+    fn a_split_read_ends_when_every_share_has_with_the_first_error() {
+        let (read, rx) = split_read(3);
+        read.done(Ok(()));
+        assert!(read.wanted());
+        let real = BrookError::Stopped("offsets 5..7 are gone".into());
+        read.done(Err(real));
+        // The other share stops, and its error is not the read's.
+        assert!(!read.wanted());
+        assert_eq!(ended(&rx), None);
+        read.done(Err(BrookError::Stopped("given up".into())));
+        let end = ended(&rx).and_then(|e| e.err()).unwrap_or_default();
+        assert!(end.contains("offsets 5..7 are gone"), "{end}");
+
+        let (read, rx) = split_read(2);
+        read.done(Ok(()));
+        read.done(Ok(()));
+        assert_eq!(ended(&rx), Some(Ok(())));
+
+        // No reader left: every share stops.
+        let (read, rx) = split_read(2);
+        drop(rx);
+        assert!(!read.wanted());
     }
 }
