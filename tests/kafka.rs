@@ -218,7 +218,8 @@ async fn any_number_of_readers_reads_every_record_once() {
     // Fewer clients than partitions, as many, and more.
     for readers in [1, 2, 3, 5] {
         let output = tmp.path().join(format!("out-{readers}"));
-        let extra = format!(", 'readers' '{readers}'");
+        // Several batches, so that clients are reused on other shares.
+        let extra = format!(", 'readers' '{readers}', 'maxOffsetsPerTrigger' '200'");
         let engine = Engine::with_overrides(brook::Overrides {
             trigger: Some(brook::Trigger::AvailableNow),
             ..Default::default()

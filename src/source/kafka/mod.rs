@@ -214,7 +214,8 @@ impl KafkaSource {
         }
         // The first client now, so that a bad setting fails the query's start.
         let clients = Arc::new(Clients {
-            made: Mutex::new(vec![client(&config, &options.bootstrap_servers)?]),
+            first: client(&config, &options.bootstrap_servers)?,
+            more: Mutex::new(vec![]),
             config,
             servers: options.bootstrap_servers.clone(),
         });
@@ -259,7 +260,7 @@ impl KafkaSource {
         &self,
         f: impl FnOnce(&BaseConsumer) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let consumer = self.clients.get(0)?;
+        let consumer = self.clients.first.clone();
         tokio::task::spawn_blocking(move || f(&*lock(&consumer)?))
             .await
             .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
@@ -327,7 +328,10 @@ impl KafkaSource {
         let last = shares.len() - 1;
         let read = Arc::new(SplitRead {
             tx,
-            left: Mutex::new((shares.len(), None)),
+            left: Mutex::new(Left {
+                shares: shares.len(),
+                first_error: None,
+            }),
             failed: AtomicBool::new(false),
         });
         let patience = Patience {
@@ -335,20 +339,25 @@ impl KafkaSource {
             fail_on_data_loss: self.options.fail_on_data_loss,
         };
         for (i, ranges) in shares.into_iter().enumerate() {
-            let (read, rows, clients) = (read.clone(), self.rows.clone(), self.clients.clone());
+            let (rows, clients) = (self.rows.clone(), self.clients.clone());
+            let share = Share {
+                read: read.clone(),
+                ended: false,
+            };
             tokio::task::spawn_blocking(move || {
                 // The first client, which also asks for watermarks, takes the
                 // last share, the smallest, and so is free again soonest.
                 let consumer = clients.get(last - i);
+                let read = share.read.clone();
                 let result = consumer.and_then(|consumer| {
                     let consumer = lock(&consumer)?;
-                    // A share that waited for its client while another failed.
+                    // Its records would go with the failed read.
                     if !read.wanted() {
                         return Err(BrookError::Stopped("the Kafka read was given up".into()));
                     }
                     let emit = |part| read.tx.send_modify(|p: &mut Progress| p.parts.push(part));
-                    // Caught here, a panic still reaches the readers, and
-                    // does not poison the client's lock.
+                    // Caught here, so that the client is unassigned, and its
+                    // lock not poisoned, for the next read.
                     std::panic::catch_unwind(AssertUnwindSafe(|| {
                         fetch(&consumer, &ranges, &rows, patience, &|| read.wanted(), emit)
                     }))
@@ -365,7 +374,7 @@ impl KafkaSource {
                         )))
                     })
                 });
-                read.done(result);
+                share.end(result);
             });
         }
     }
@@ -378,21 +387,59 @@ pub fn default_readers() -> usize {
     crate::exec::compile::partitions().min(4)
 }
 
-/// A source's Kafka clients, made when a read first needs them.
+/// A source's Kafka clients: the first, made at start, also asks for
+/// watermarks (on an async thread, so it never waits for the others to be
+/// made); the others are made when a read first needs them.
 struct Clients {
     config: ClientConfig,
     servers: String,
-    made: Mutex<Vec<Arc<Mutex<Client>>>>,
+    first: Arc<Mutex<Client>>,
+    more: Mutex<Vec<Arc<Mutex<Client>>>>,
 }
 
 impl Clients {
     /// Client `i`, made (with those before it) if need be.
     fn get(&self, i: usize) -> Result<Arc<Mutex<Client>>> {
-        let mut made = lock(&self.made)?;
-        while made.len() <= i {
-            made.push(client(&self.config, &self.servers)?);
+        let Some(i) = i.checked_sub(1) else {
+            return Ok(self.first.clone());
+        };
+        let mut more = lock(&self.more)?;
+        while more.len() <= i {
+            let made = client(&self.config, &self.servers).map_err(|e| BrookError::Source {
+                location: format!("kafka {}", self.servers),
+                message: format!(
+                    "{e} (client {} of those reading a batch); lower 'readers' to use fewer",
+                    more.len() + 2
+                ),
+            })?;
+            more.push(made);
         }
-        Ok(made[i].clone())
+        Ok(more[i].clone())
+    }
+}
+
+/// One share's end, reported once: by the share, or on drop, should its
+/// task be dropped unrun or panic before it ends, so that the read still
+/// ends, failed.
+struct Share {
+    read: Arc<SplitRead>,
+    ended: bool,
+}
+
+impl Share {
+    fn end(mut self, result: Result<()>) {
+        self.ended = true;
+        self.read.done(result);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.read.done(Err(BrookError::Stopped(
+                "a share of the Kafka read ended without a result".into(),
+            )));
+        }
     }
 }
 
@@ -421,15 +468,22 @@ fn split(ranges: &Ranges, n: usize) -> Vec<Ranges> {
             share.entry(topic.clone()).or_default().insert(p, r);
         }
     }
+    // Largest first: the last share goes to the client that also asks for watermarks.
+    shares.sort_by_key(|(total, _)| std::cmp::Reverse(*total));
     shares.into_iter().map(|(_, share)| share).collect()
+}
+
+/// Shares still reading, and the first error any met.
+struct Left {
+    shares: usize,
+    first_error: Option<BrookError>,
 }
 
 /// A read split among clients: their parts go out as they come, and the read
 /// ends when every share has, with the first error any met.
 struct SplitRead {
     tx: watch::Sender<Progress>,
-    /// Shares still reading, and the first error.
-    left: Mutex<(usize, Option<BrookError>)>,
+    left: Mutex<Left>,
     /// A share failed: the others stop.
     failed: AtomicBool,
 }
@@ -442,12 +496,12 @@ impl SplitRead {
     fn done(&self, result: Result<()>) {
         let mut left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = result {
-            left.1.get_or_insert(e);
+            left.first_error.get_or_insert(e);
             self.failed.store(true, Ordering::Relaxed);
         }
-        left.0 -= 1;
-        if left.0 == 0 {
-            let end = left.1.take().map_or(Ok(()), |e| Err(Arc::new(e)));
+        left.shares -= 1;
+        if left.shares == 0 {
+            let end = left.first_error.take().map_or(Ok(()), |e| Err(Arc::new(e)));
             self.tx.send_modify(|p| p.end = Some(end));
         }
     }
@@ -761,6 +815,11 @@ mod tests {
         );
         assert_eq!(partitions(&split(&ranges(&[0, 0]), 2)), [Vec::<i32>::new()]);
         assert_eq!(partitions(&split(&ranges(&[1, 2, 3]), 1)), [vec![0, 1, 2]]);
+        // The largest share first, the smallest last.
+        assert_eq!(
+            partitions(&split(&ranges(&[10, 9, 8]), 2)),
+            [vec![1, 2], vec![0]]
+        );
     }
 
     #[test]
@@ -812,7 +871,10 @@ mod tests {
         let (tx, rx) = watch::channel(Progress::default());
         let read = SplitRead {
             tx,
-            left: Mutex::new((shares, None)),
+            left: Mutex::new(Left {
+                shares,
+                first_error: None,
+            }),
             failed: AtomicBool::new(false),
         };
         (Arc::new(read), rx)
@@ -842,6 +904,21 @@ mod tests {
         read.done(Ok(()));
         read.done(Ok(()));
         assert_eq!(ended(&rx), Some(Ok(())));
+
+        // A share whose task is dropped unrun (or panics before it ends)
+        // still ends the read, failed.
+        let (read, rx) = split_read(2);
+        Share {
+            read: read.clone(),
+            ended: false,
+        }
+        .end(Ok(()));
+        drop(Share {
+            read: read.clone(),
+            ended: false,
+        });
+        let end = ended(&rx).and_then(|e| e.err()).unwrap_or_default();
+        assert!(end.contains("without a result"), "{end}");
 
         // No reader left: every share stops.
         let (read, rx) = split_read(2);
