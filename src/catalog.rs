@@ -120,18 +120,12 @@ impl SourceDef {
             }
         };
         let file_options = FileSourceOptions {
-            max_files_per_trigger: options.parse("maxFilesPerTrigger", "a positive count")?,
+            max_files_per_trigger: options.count("maxFilesPerTrigger")?,
             latest_first: options.bool("latestFirst", false)?,
             include_existing_files: options.bool("includeExistingFiles", true)?,
             recursive: options.bool("recursiveFileLookup", false)?,
             ..FileSourceOptions::default()
         };
-        if file_options.max_files_per_trigger == Some(0) {
-            return Err(BrookError::option(
-                "maxFilesPerTrigger",
-                "must be at least 1",
-            ));
-        }
         let location = cmd.locations.first().cloned().unwrap_or_default();
         let def = Self {
             name,
@@ -205,25 +199,14 @@ impl SourceDef {
                 )
             })?),
         };
-        let max_offsets_per_trigger = options.parse("maxOffsetsPerTrigger", "a positive count")?;
-        if max_offsets_per_trigger == Some(0) {
-            return Err(BrookError::option(
-                "maxOffsetsPerTrigger",
-                "must be at least 1",
-            ));
-        }
+        let max_offsets_per_trigger = options.count("maxOffsetsPerTrigger")?;
         let poll_timeout = match options.get("pollTimeout") {
             Some(t) => crate::duration::parse_duration(t)
                 .map_err(|e| BrookError::option("pollTimeout", e.to_string()))?,
             None => std::time::Duration::from_secs(120),
         };
         let include_headers = options.bool("includeHeaders", false)?;
-        let readers = options
-            .parse("readers", "a positive count")?
-            .unwrap_or_else(default_readers);
-        if readers == 0 {
-            return Err(BrookError::option("readers", "must be at least 1"));
-        }
+        let readers = options.count("readers")?.unwrap_or_else(default_readers);
         let (format, raw, schema) = match options
             .get_or("format", "raw")
             .to_ascii_lowercase()

@@ -48,6 +48,15 @@ impl Options {
         self.get(key).unwrap_or(default)
     }
 
+    /// Parses a count of at least 1, naming the option on failure.
+    pub fn count<T: FromStr + PartialEq + From<u8>>(&self, key: &str) -> Result<Option<T>> {
+        let count = self.parse(key, "a positive count")?;
+        if count == Some(T::from(0)) {
+            return Err(BrookError::option(key, "must be at least 1"));
+        }
+        Ok(count)
+    }
+
     /// Parses an option's value, naming the option and the expected form on failure.
     pub fn parse<T: FromStr>(&self, key: &str, expected: &str) -> Result<Option<T>> {
         match self.get(key) {

@@ -214,7 +214,7 @@ impl KafkaSource {
         }
         // The first client now, so that a bad setting fails the query's start.
         let clients = Arc::new(Clients {
-            first: client(&config, &options.bootstrap_servers)?,
+            first: client(&config, &options.bootstrap_servers, "")?,
             more: Mutex::new(vec![]),
             config,
             servers: options.bootstrap_servers.clone(),
@@ -348,7 +348,7 @@ impl KafkaSource {
                 // The first client, which also asks for watermarks, takes the
                 // last share, the smallest, and so is free again soonest.
                 let consumer = clients.get(last - i);
-                let read = share.read.clone();
+                let read = &share.read;
                 let result = consumer.and_then(|consumer| {
                     let consumer = lock(&consumer)?;
                     // Its records would go with the failed read.
@@ -405,14 +405,11 @@ impl Clients {
         };
         let mut more = lock(&self.more)?;
         while more.len() <= i {
-            let made = client(&self.config, &self.servers).map_err(|e| BrookError::Source {
-                location: format!("kafka {}", self.servers),
-                message: format!(
-                    "{e} (client {} of those reading a batch); lower 'readers' to use fewer",
-                    more.len() + 2
-                ),
-            })?;
-            more.push(made);
+            let note = format!(
+                " (client {} of those reading a batch; lower 'readers' to use fewer)",
+                more.len() + 2
+            );
+            more.push(client(&self.config, &self.servers, &note)?);
         }
         Ok(more[i].clone())
     }
@@ -443,10 +440,11 @@ impl Drop for Share {
     }
 }
 
-fn client(config: &ClientConfig, servers: &str) -> Result<Arc<Mutex<Client>>> {
+/// A new client; `note` says which, when it is not the first.
+fn client(config: &ClientConfig, servers: &str, note: &str) -> Result<Arc<Mutex<Client>>> {
     let consumer: BaseConsumer = config.create().map_err(|e| BrookError::Source {
         location: servers.to_string(),
-        message: format!("cannot create a Kafka client: {e}"),
+        message: format!("cannot create a Kafka client{note}: {e}"),
     })?;
     Ok(Arc::new(Mutex::new(Client(ManuallyDrop::new(consumer)))))
 }
