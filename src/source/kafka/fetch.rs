@@ -18,9 +18,8 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message, Timestamp};
-use rdkafka::{Offset, TopicPartitionList};
 
+use super::queue::{self, Queue};
 use super::{Range, Ranges, header_fields};
 use crate::error::{BrookError, Result};
 use crate::source::SourceBatch;
@@ -88,63 +87,48 @@ pub(super) fn fetch(
         return Ok(());
     }
     let mut by_id: HashMap<i32, Vec<usize>> = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
+    let mut queue = Queue::new(consumer);
     for (i, part) in parts.iter().enumerate() {
         by_id.entry(part.partition).or_default().push(i);
-        tpl.add_partition_offset(&part.topic, part.partition, Offset::Offset(part.expected))
-            .map_err(|e| part.error(e.to_string()))?;
+        queue
+            .start(&part.topic, part.partition, part.expected)
+            .map_err(|e| part.error(e))?;
     }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| parts[0].error(e.to_string()))?;
-    // The client remembers a pause across assignments: the last read paused
-    // the partitions it finished.
     let stopped = AtomicBool::new(false);
-    let read = consumer
-        .resume(&tpl)
-        .map_err(|e| parts[0].error(e.to_string()))
-        .and_then(|()| {
-            std::thread::scope(|scope| {
-                let (chunks, taken) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD);
-                let stopped = &stopped;
-                let rows = scope.spawn(move || {
-                    let made = taken.into_iter().try_for_each(|chunk| {
-                        emit(chunk.rows()?);
-                        Ok(())
-                    });
-                    stopped.store(true, Ordering::Relaxed);
-                    made
-                });
-                let go_on = || wanted() && !stopped.load(Ordering::Relaxed);
-                let polled = read_all(consumer, &mut parts, &by_id, patience, &chunks, &go_on);
-                drop(chunks);
-                match (rows.join(), polled) {
-                    (Err(panic), _) => std::panic::resume_unwind(panic),
-                    // A bad record under FAILFAST, say: the cause, whatever the polling met after.
-                    (Ok(Err(e)), _) | (Ok(Ok(())), Err(e)) => Err(e),
-                    (Ok(Ok(())), Ok(true)) => Ok(()),
-                    // Only a read that has every record ends well.
-                    (Ok(Ok(())), Ok(false)) => Err(BrookError::Stopped(
-                        "the Kafka read was given up: no query wants it any more".into(),
-                    )),
-                }
-            })
+    std::thread::scope(|scope| {
+        let (chunks, taken) = std::sync::mpsc::sync_channel::<Chunk>(CHUNKS_AHEAD);
+        let stopped = &stopped;
+        let rows = scope.spawn(move || {
+            let made = taken.into_iter().try_for_each(|chunk| {
+                emit(chunk.rows()?);
+                Ok(())
+            });
+            stopped.store(true, Ordering::Relaxed);
+            made
         });
-    unassign(consumer);
-    read
-}
-
-/// Ends a read: a consumer left assigned would keep fetching past its ranges.
-pub(super) fn unassign(consumer: &BaseConsumer) {
-    if let Err(e) = consumer.unassign() {
-        tracing::warn!("Kafka unassign failed: {e}");
-    }
+        let go_on = || wanted() && !stopped.load(Ordering::Relaxed);
+        let polled = read_all(
+            consumer, &mut queue, &mut parts, &by_id, patience, &chunks, &go_on,
+        );
+        drop(chunks);
+        match (rows.join(), polled) {
+            (Err(panic), _) => std::panic::resume_unwind(panic),
+            // A bad record under FAILFAST, say: the cause, whatever the polling met after.
+            (Ok(Err(e)), _) | (Ok(Ok(())), Err(e)) => Err(e),
+            (Ok(Ok(())), Ok(true)) => Ok(()),
+            // Only a read that has every record ends well.
+            (Ok(Ok(())), Ok(false)) => Err(BrookError::Stopped(
+                "the Kafka read was given up: no query wants it any more".into(),
+            )),
+        }
+    })
 }
 
 /// Polls until every partition reached the end of its range (true), or until
 /// the read is not wanted or its rows failed (false).
 fn read_all(
     consumer: &BaseConsumer,
+    queue: &mut Queue<'_>,
     parts: &mut [Partition],
     by_id: &HashMap<i32, Vec<usize>>,
     patience: Patience,
@@ -157,87 +141,98 @@ fn read_all(
     let mut heard = false;
     let mut quiet_since = Instant::now();
     while left > 0 {
-        let message = match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => m,
-            polled => {
-                if let Some(Err(e)) = polled {
-                    // Transport errors while a broker restarts: the client reconnects.
-                    tracing::warn!("Kafka read error (retrying): {e}");
+        let taken = queue.take(Duration::from_millis(200));
+        if taken.is_empty() {
+            drop(taken);
+            // The client's own errors and logs (a broker down, say): it reconnects.
+            while let Some(polled) = consumer.poll(Duration::ZERO) {
+                if let Err(e) = polled {
+                    tracing::warn!("Kafka client error (retrying): {e}");
                 }
-                if !go_on() {
-                    return Ok(false);
-                }
-                for part in parts.iter_mut().filter(|p| !p.done) {
-                    // Offsets no record is delivered for (transaction markers; aborted
-                    // records when reading committed) move the client's position only;
-                    // but offsets deleted since the batch was planned are data loss.
-                    if position(consumer, &part.topic, part.partition) >= part.until {
-                        let (low, _) = consumer
-                            .fetch_watermarks(&part.topic, part.partition, patience.timeout)
-                            .map_err(|e| part.error(e.to_string()))?;
-                        part.count_gap(low, patience.fail_on_data_loss)?;
-                        left -= 1;
-                        if chunks.send(part.finish(consumer)).is_err() {
-                            return Ok(false);
-                        }
+            }
+            if !go_on() {
+                return Ok(false);
+            }
+            for part in parts.iter_mut().filter(|p| !p.done) {
+                // Offsets no record is delivered for (transaction markers; aborted
+                // records when reading committed) move the client's position only;
+                // but offsets deleted since the batch was planned are data loss.
+                if queue.position(&part.topic, part.partition) >= part.until {
+                    let (low, _) = consumer
+                        .fetch_watermarks(&part.topic, part.partition, patience.timeout)
+                        .map_err(|e| part.error(e.to_string()))?;
+                    part.count_gap(low, patience.fail_on_data_loss)?;
+                    left -= 1;
+                    if chunks.send(part.finish(queue)).is_err() {
+                        return Ok(false);
                     }
                 }
-                if std::mem::take(&mut heard) {
-                    quiet_since = Instant::now();
-                } else if quiet_since.elapsed() > patience.timeout
-                    && let Some(part) = parts.iter().find(|p| !p.done)
-                {
-                    return Err(part.error(format!(
-                        "no records for {:?} while reading offsets {}..{} (the broker \
-                         reported them); is the broker down?",
-                        patience.timeout, part.expected, part.until
-                    )));
-                }
+            }
+            if std::mem::take(&mut heard) {
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() > patience.timeout
+                && let Some(part) = parts.iter().find(|p| !p.done)
+            {
+                return Err(part.error(format!(
+                    "no records for {:?} while reading offsets {}..{} (the broker \
+                     reported them); is the broker down?",
+                    patience.timeout, part.expected, part.until
+                )));
+            }
+            continue;
+        }
+        heard = true;
+        let mut finished = Vec::new();
+        for message in taken.iter() {
+            if let Some(e) = message.error() {
+                // Transport errors while a broker restarts: the client reconnects.
+                tracing::warn!("Kafka read error (retrying): {e}");
                 continue;
             }
-        };
-        heard = true;
-        let Some(part) = by_id
-            .get(&message.partition())
-            .and_then(|ids| ids.iter().find(|&&i| parts[i].topic == message.topic()))
-            .map(|&i| &mut parts[i])
-        else {
-            continue;
-        };
-        if part.done || message.offset() < part.expected {
-            continue;
+            // Only the read's own partitions are fetched into its queue.
+            let Some(i) = by_id
+                .get(&message.partition())
+                .and_then(|ids| match ids.as_slice() {
+                    [i] => Some(*i),
+                    _ => ids
+                        .iter()
+                        .copied()
+                        .find(|&i| parts[i].topic.as_bytes() == message.topic()),
+                })
+            else {
+                continue;
+            };
+            let part = &mut parts[i];
+            if part.done || message.offset() < part.expected {
+                continue;
+            }
+            part.count_gap(message.offset(), patience.fail_on_data_loss)?;
+            if message.offset() < part.until {
+                part.pending.push(&message);
+                part.expected = message.offset() + 1;
+            }
+            let chunk = if part.expected >= part.until || message.offset() >= part.until {
+                left -= 1;
+                part.done = true;
+                finished.push(i);
+                part.take()
+            } else if part.pending.len() >= PART_RECORDS || part.pending.bytes() >= PART_BYTES {
+                part.take()
+            } else {
+                continue;
+            };
+            // Nobody wants the rest, or the rows failed (the error is theirs to report).
+            if chunks.send(chunk).is_err() || !go_on() {
+                return Ok(false);
+            }
         }
-        part.count_gap(message.offset(), patience.fail_on_data_loss)?;
-        if message.offset() < part.until {
-            part.pending.push(&message);
-            part.expected = message.offset() + 1;
-        }
-        let chunk = if part.expected >= part.until || message.offset() >= part.until {
-            left -= 1;
-            part.finish(consumer)
-        } else if part.pending.len() >= PART_RECORDS || part.pending.bytes() >= PART_BYTES {
-            part.take()
-        } else {
-            continue;
-        };
-        // Nobody wants the rest, or the rows failed (the error is theirs to report).
-        if chunks.send(chunk).is_err() || !go_on() {
-            return Ok(false);
+        // The records taken are given back before their partitions stop.
+        drop(taken);
+        for i in finished {
+            queue.stop(&parts[i].topic, parts[i].partition);
         }
     }
     Ok(true)
-}
-
-/// The next offset the client will fetch from `partition`.
-fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
-    match consumer
-        .position()
-        .ok()
-        .and_then(|tpl| tpl.find_partition(topic, partition).map(|p| p.offset()))
-    {
-        Some(Offset::Offset(next)) => next,
-        _ => -1,
-    }
 }
 
 /// One partition's range being read.
@@ -310,13 +305,9 @@ impl Partition {
     }
 
     /// The last part; the partition is not fetched any more.
-    fn finish(&mut self, consumer: &BaseConsumer) -> Chunk {
+    fn finish(&mut self, queue: &mut Queue<'_>) -> Chunk {
         self.done = true;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, self.partition);
-        if let Err(e) = consumer.pause(&tpl) {
-            tracing::warn!("Kafka pause of {} failed: {e}", self.name());
-        }
+        queue.stop(&self.topic, self.partition);
         self.take()
     }
 
@@ -453,7 +444,7 @@ impl Pending {
         }
     }
 
-    fn push(&mut self, message: &BorrowedMessage<'_>) {
+    fn push(&mut self, message: &queue::Record<'_>) {
         match self {
             Pending::Text { text, offsets, .. } => {
                 text.extend_from_slice(message.payload().unwrap_or_default());
@@ -461,7 +452,8 @@ impl Pending {
                 offsets.push(message.offset());
             }
             Pending::Raw { records, bytes, .. } => {
-                *bytes += message.payload_len() + message.key().map_or(0, <[u8]>::len);
+                *bytes +=
+                    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
                 records.push(Record::of(message));
             }
         }
@@ -478,18 +470,10 @@ struct Record {
 }
 
 impl Record {
-    fn of(message: &BorrowedMessage<'_>) -> Self {
-        let (timestamp, timestamp_type) = match message.timestamp() {
-            Timestamp::NotAvailable => (None, -1),
-            Timestamp::CreateTime(t) => (Some(t), 0),
-            Timestamp::LogAppendTime(t) => (Some(t), 1),
-        };
+    fn of(message: &queue::Record<'_>) -> Self {
+        let (timestamp, timestamp_type) = message.timestamp();
         Record {
-            headers: message.headers().map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            }),
+            headers: message.headers(),
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
             offset: message.offset(),

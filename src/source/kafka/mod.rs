@@ -6,6 +6,7 @@
 //! batch re-run after a crash reads exactly what it read before.
 
 mod fetch;
+mod queue;
 mod shared;
 
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use fetch::{Patience, Rows, fetch, unassign};
+use fetch::{Patience, Rows, fetch};
 pub use shared::SharedReads;
 use shared::{Progress, Registration, parts};
 
@@ -193,7 +194,6 @@ impl KafkaSource {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &options.bootstrap_servers)
-            .set("group.id", "brook")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             // A batch reads a range the broker has reported, so fetches need not
@@ -356,14 +356,12 @@ impl KafkaSource {
                         return Err(BrookError::Stopped("the Kafka read was given up".into()));
                     }
                     let emit = |part| read.tx.send_modify(|p: &mut Progress| p.parts.push(part));
-                    // Caught here, so that the client is unassigned, and its
-                    // lock not poisoned, for the next read.
+                    // Caught here, so that the client's lock is not poisoned
+                    // for the next read (unwinding stops the read's partitions).
                     std::panic::catch_unwind(AssertUnwindSafe(|| {
                         fetch(&consumer, &ranges, &rows, patience, &|| read.wanted(), emit)
                     }))
                     .unwrap_or_else(|panic| {
-                        // The read's own clean-up was skipped.
-                        unassign(&consumer);
                         let what = panic
                             .downcast_ref::<&str>()
                             .map(|s| s.to_string())
