@@ -215,11 +215,16 @@ async fn any_number_of_readers_reads_every_record_once() {
         .map(|i| (i % 3, i / 3, values[i as usize].clone()))
         .collect();
     expected.sort();
-    // Fewer clients than partitions, as many, and more.
-    for readers in [1, 2, 3, 5] {
-        let output = tmp.path().join(format!("out-{readers}"));
+    // Fewer clients than partitions, as many, and more; and clients given a
+    // consumer group of the user's (which brook's reads do not use).
+    let group = ", 'kafka.group.id' 'dashboards'";
+    for (run, (readers, group)) in [(1, ""), (2, ""), (3, ""), (5, ""), (2, group)]
+        .into_iter()
+        .enumerate()
+    {
+        let output = tmp.path().join(format!("out-{run}"));
         // Several batches, so that clients are reused on other shares.
-        let extra = format!(", 'readers' '{readers}', 'maxOffsetsPerTrigger' '200'");
+        let extra = format!(", 'readers' '{readers}', 'maxOffsetsPerTrigger' '200'{group}");
         let engine = Engine::with_overrides(brook::Overrides {
             trigger: Some(brook::Trigger::AvailableNow),
             ..Default::default()
@@ -227,7 +232,7 @@ async fn any_number_of_readers_reads_every_record_once() {
         let sql = offsets_sql(&broker.servers(), "events", &output, &extra);
         let q = engine.execute(&sql).await.unwrap().remove(0);
         q.await_termination().await.unwrap();
-        assert_eq!(json_rows(&output), expected, "{readers} readers");
+        assert_eq!(json_rows(&output), expected, "{readers} readers{group}");
     }
     let sql = offsets_sql(&broker.servers(), "events", tmp.path(), ", 'readers' '0'");
     let err = Engine::new().execute(&sql).await.unwrap_err().to_string();
