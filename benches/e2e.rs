@@ -101,11 +101,7 @@ fn dashboard_sql(dir: &Path, input: &Path, source_options: &str) -> PathBuf {
 
 /// `brook run <sql> --checkpoint ckpt --progress json` in `dir`, with `trigger`.
 fn brook_run(dir: &Path, sql: &Path, trigger: &str) -> Child {
-    let bin = match std::env::var("BROOK_OLD") {
-        Ok(old) if sql.to_str().unwrap().contains("one_client") => old,
-        _ => env!("CARGO_BIN_EXE_brook").to_string(),
-    };
-    Command::new(bin)
+    Command::new(env!("CARGO_BIN_EXE_brook"))
         .current_dir(dir)
         .args(["run", sql.to_str().unwrap(), "--trigger", trigger])
         .args(["--checkpoint", "ckpt", "--progress", "json"])
@@ -590,11 +586,7 @@ fn kafka() {
         "'subscribe' 'orders'",
         "'subscribe' 'orders', 'readers' '1'",
     );
-    let one_client = if std::env::var("BROOK_OLD").is_ok() {
-        sql.clone()
-    } else {
-        one_client
-    };
+    assert_ne!(sql, one_client);
     let scripts = [("shipped", sql), ("one client", one_client)].map(|(name, sql)| {
         let path = tmp.path().join(format!("{}.sql", name.replace(' ', "_")));
         std::fs::write(&path, sql).unwrap();
