@@ -283,11 +283,12 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
 /// a tenth of a run's CPU. Keeping up to 64 MB halves the page faults. Setting
 /// the trim threshold stops glibc from raising its mmap threshold as buffers
 /// are freed, which would leave every buffer over 128 KB to its own mmap; so
-/// that threshold is set too. A heap also grows by only 128 KB past what is
-/// asked of it: the threads that take Kafka records in and turn them into rows
-/// grew theirs with an mprotect call at a time, each holding the process's
-/// memory map against the others' page faults (a seventh of a Kafka run's
-/// CPU); growing by 64 MB (address space only, until touched) takes a few.
+/// that threshold is set too. A thread's heap is also made writable only as
+/// it grows, an mprotect call at a time: the threads that take Kafka records
+/// in and turn them into rows made thousands of such calls a run, each holding
+/// the process's memory map against the others' page faults (a seventh of a
+/// Kafka run's CPU). With a 64 MB top pad a thread's heap is made writable
+/// whole when it is created (committed, but not resident until touched).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     // SAFETY: mallopt sets allocator parameters only; no other thread runs yet.

@@ -142,54 +142,9 @@ fn read_all(
     let mut quiet_since = Instant::now();
     while left > 0 {
         let taken = queue.take(Duration::from_millis(200));
-        if taken.is_empty() {
-            drop(taken);
-            // The client's own errors and logs (a broker down, say): it reconnects.
-            while let Some(polled) = consumer.poll(Duration::ZERO) {
-                if let Err(e) = polled {
-                    tracing::warn!("Kafka client error (retrying): {e}");
-                }
-            }
-            if !go_on() {
-                return Ok(false);
-            }
-            for part in parts.iter_mut().filter(|p| !p.done) {
-                // Offsets no record is delivered for (transaction markers; aborted
-                // records when reading committed) move the client's position only;
-                // but offsets deleted since the batch was planned are data loss.
-                if queue.position(&part.topic, part.partition) >= part.until {
-                    let (low, _) = consumer
-                        .fetch_watermarks(&part.topic, part.partition, patience.timeout)
-                        .map_err(|e| part.error(e.to_string()))?;
-                    part.count_gap(low, patience.fail_on_data_loss)?;
-                    left -= 1;
-                    if chunks.send(part.finish(queue)).is_err() {
-                        return Ok(false);
-                    }
-                }
-            }
-            if std::mem::take(&mut heard) {
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() > patience.timeout
-                && let Some(part) = parts.iter().find(|p| !p.done)
-            {
-                return Err(part.error(format!(
-                    "no records for {:?} while reading offsets {}..{} (the broker \
-                     reported them); is the broker down?",
-                    patience.timeout, part.expected, part.until
-                )));
-            }
-            continue;
-        }
-        heard = true;
+        let mut records = false;
         let mut finished = Vec::new();
         for message in taken.iter() {
-            if let Some(e) = message.error() {
-                // Transport errors while a broker restarts: the client reconnects.
-                tracing::warn!("Kafka read error (retrying): {e}");
-                continue;
-            }
-            // Only the read's own partitions are fetched into its queue.
             let Some(i) = by_id
                 .get(&message.partition())
                 .and_then(|ids| match ids.as_slice() {
@@ -203,9 +158,19 @@ fn read_all(
                 continue;
             };
             let part = &mut parts[i];
+            if let Some(e) = message.error() {
+                // The partition's fetch or its records failed (librdkafka tries
+                // again): reported if the read times out, and its offset must
+                // not pass for read (librdkafka moves the position past it).
+                tracing::warn!("Kafka read of {} failed (retrying): {e}", part.name());
+                part.failed = Some((message.offset(), e));
+                continue;
+            }
             if part.done || message.offset() < part.expected {
                 continue;
             }
+            records = true;
+            part.failed = None;
             part.count_gap(message.offset(), patience.fail_on_data_loss)?;
             if message.offset() < part.until {
                 part.pending.push(&message);
@@ -226,13 +191,64 @@ fn read_all(
                 return Ok(false);
             }
         }
-        // The records taken are given back before their partitions stop.
+        // `taken` borrows the queue: partitions it finished stop once it is released.
         drop(taken);
         for i in finished {
             queue.stop(&parts[i].topic, parts[i].partition);
         }
+        client_events(consumer, queue);
+        if records {
+            heard = true;
+            continue;
+        }
+        if !go_on() {
+            return Ok(false);
+        }
+        for part in parts.iter_mut().filter(|p| !p.done) {
+            // Offsets no record is delivered for (transaction markers; aborted
+            // records when reading committed) move the client's position only;
+            // but offsets deleted since the batch was planned are data loss.
+            let position = queue.position(&part.topic, part.partition);
+            let past_failure = part.failed.as_ref().is_none_or(|(at, _)| position > at + 1);
+            if position >= part.until && past_failure {
+                let (low, _) = consumer
+                    .fetch_watermarks(&part.topic, part.partition, patience.timeout)
+                    .map_err(|e| part.error(e.to_string()))?;
+                part.count_gap(low, patience.fail_on_data_loss)?;
+                left -= 1;
+                if chunks.send(part.finish(queue)).is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+        if std::mem::take(&mut heard) {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > patience.timeout
+            && let Some(part) = parts.iter().find(|p| !p.done)
+        {
+            let why = match &part.failed {
+                Some((at, e)) => format!("; the last error, at offset {at}: {e}"),
+                None => "; is the broker down?".into(),
+            };
+            return Err(part.error(format!(
+                "no records for {:?} while reading offsets {}..{} (the broker \
+                 reported them){why}",
+                patience.timeout, part.expected, part.until
+            )));
+        }
     }
     Ok(true)
+}
+
+/// Serves what the client reports on its own queue (a broker down, say: it
+/// reconnects) and its log lines, which wait there until served.
+fn client_events(consumer: &BaseConsumer, queue: &Queue<'_>) {
+    // One poll serves one event, and says nothing of those that are not errors.
+    for _ in 0..queue.client_events() {
+        if let Some(Err(e)) = consumer.poll(Duration::ZERO) {
+            tracing::warn!("Kafka client error (retrying): {e}");
+        }
+    }
 }
 
 /// One partition's range being read.
@@ -246,6 +262,8 @@ struct Partition {
     pending: Pending,
     /// Offsets found missing, reported with the next part.
     lost: MalformedStats,
+    /// The offset and error of a failure since the last record.
+    failed: Option<(i64, String)>,
 }
 
 impl Partition {
@@ -258,6 +276,7 @@ impl Partition {
             done: false,
             pending: Pending::new(rows),
             lost: MalformedStats::default(),
+            failed: None,
         }
     }
 

@@ -152,20 +152,41 @@ impl std::fmt::Debug for KafkaSource {
 /// A Kafka client closed on a thread of its own: closing takes about 100 ms
 /// (librdkafka's threads time out their waits), which would hold up an async
 /// thread, or a process that is exiting.
-struct Client(ManuallyDrop<BaseConsumer>);
+struct Client {
+    consumer: ManuallyDrop<BaseConsumer>,
+    /// Partitions started for reads, which librdkafka counts (see `wear`).
+    starts: u64,
+}
+
+/// librdkafka counts a client's partition starts in a signed 32-bit counter
+/// that never goes down, and refuses every start once it overflows: a client
+/// is replaced well before.
+const STARTS_PER_CLIENT: u64 = 1 << 30;
+
+impl Client {
+    /// Counts `starts` more partition starts, replacing the client with a new
+    /// one made by `make` first if they would pass its limit.
+    fn wear(&mut self, starts: u64, make: impl FnOnce() -> Result<Client>) -> Result<()> {
+        if self.starts + starts > STARTS_PER_CLIENT {
+            *self = make()?;
+        }
+        self.starts += starts;
+        Ok(())
+    }
+}
 
 impl std::ops::Deref for Client {
     type Target = BaseConsumer;
 
     fn deref(&self) -> &BaseConsumer {
-        &self.0
+        &self.consumer
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         // SAFETY: taken once, here, and never used again.
-        let consumer = unsafe { ManuallyDrop::take(&mut self.0) };
+        let consumer = unsafe { ManuallyDrop::take(&mut self.consumer) };
         let closing = std::thread::Builder::new()
             .name("kafka-close".into())
             .spawn(move || drop(consumer));
@@ -214,7 +235,7 @@ impl KafkaSource {
         }
         // The first client now, so that a bad setting fails the query's start.
         let clients = Arc::new(Clients {
-            first: client(&config, &options.bootstrap_servers, "")?,
+            first: Arc::new(Mutex::new(client(&config, &options.bootstrap_servers, "")?)),
             more: Mutex::new(vec![]),
             config,
             servers: options.bootstrap_servers.clone(),
@@ -350,11 +371,13 @@ impl KafkaSource {
                 let consumer = clients.get(last - i);
                 let read = &share.read;
                 let result = consumer.and_then(|consumer| {
-                    let consumer = lock(&consumer)?;
+                    let mut consumer = lock(&consumer)?;
                     // Its records would go with the failed read.
                     if !read.wanted() {
                         return Err(BrookError::Stopped("the Kafka read was given up".into()));
                     }
+                    let starts = ranges.values().map(BTreeMap::len).sum::<usize>() as u64;
+                    consumer.wear(starts, || client(&clients.config, &clients.servers, ""))?;
                     let emit = |part| read.tx.send_modify(|p: &mut Progress| p.parts.push(part));
                     // Caught here, so that the client's lock is not poisoned
                     // for the next read (unwinding stops the read's partitions).
@@ -407,7 +430,11 @@ impl Clients {
                 " (client {} of those reading a batch; lower 'readers' to use fewer)",
                 more.len() + 2
             );
-            more.push(client(&self.config, &self.servers, &note)?);
+            more.push(Arc::new(Mutex::new(client(
+                &self.config,
+                &self.servers,
+                &note,
+            )?)));
         }
         Ok(more[i].clone())
     }
@@ -439,12 +466,15 @@ impl Drop for Share {
 }
 
 /// A new client; `note` says which, when it is not the first.
-fn client(config: &ClientConfig, servers: &str, note: &str) -> Result<Arc<Mutex<Client>>> {
+fn client(config: &ClientConfig, servers: &str, note: &str) -> Result<Client> {
     let consumer: BaseConsumer = config.create().map_err(|e| BrookError::Source {
         location: servers.to_string(),
         message: format!("cannot create a Kafka client{note}: {e}"),
     })?;
-    Ok(Arc::new(Mutex::new(Client(ManuallyDrop::new(consumer)))))
+    Ok(Client {
+        consumer: ManuallyDrop::new(consumer),
+        starts: 0,
+    })
 }
 
 /// A batch's partitions in up to `n` shares of about as many records each.
@@ -791,6 +821,23 @@ mod tests {
             .iter()
             .map(|share| share.values().flat_map(|ps| ps.keys().copied()).collect())
             .collect()
+    }
+
+    #[test]
+    fn a_client_is_replaced_before_librdkafka_refuses_its_starts() {
+        // Clients connect when first used: no broker is needed here.
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", "127.0.0.1:1");
+        let make = || client(&config, "127.0.0.1:1", "");
+        let mut worn = make().unwrap();
+        worn.starts = STARTS_PER_CLIENT - 4;
+        let first = worn.client().native_ptr();
+        worn.wear(4, make).unwrap();
+        assert_eq!(worn.starts, STARTS_PER_CLIENT);
+        assert_eq!(worn.client().native_ptr(), first);
+        worn.wear(3, make).unwrap();
+        assert_eq!(worn.starts, 3);
+        assert_ne!(worn.client().native_ptr(), first);
     }
 
     #[test]

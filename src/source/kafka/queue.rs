@@ -25,6 +25,8 @@ const TAKE: usize = 8192;
 pub(super) struct Queue<'c> {
     consumer: &'c BaseConsumer,
     queue: *mut rd::rd_kafka_queue_t,
+    /// The client's own queue: its errors and log lines.
+    events: *mut rd::rd_kafka_queue_t,
     topics: Vec<(String, *mut rd::rd_kafka_topic_t)>,
     started: Vec<(usize, i32)>,
     taken: Vec<*mut rd::rd_kafka_message_t>,
@@ -32,11 +34,17 @@ pub(super) struct Queue<'c> {
 
 impl<'c> Queue<'c> {
     pub(super) fn new(consumer: &'c BaseConsumer) -> Self {
-        // SAFETY: the client outlives the queue, which is freed in drop.
-        let queue = unsafe { rd::rd_kafka_queue_new(rk(consumer)) };
+        // SAFETY: the client outlives both queue handles, which are freed in drop.
+        let (queue, events) = unsafe {
+            (
+                rd::rd_kafka_queue_new(rk(consumer)),
+                rd::rd_kafka_queue_get_main(rk(consumer)),
+            )
+        };
         Self {
             consumer,
             queue,
+            events,
             topics: Vec::new(),
             started: Vec::new(),
             taken: Vec::with_capacity(TAKE),
@@ -110,13 +118,14 @@ impl<'c> Queue<'c> {
                 n += more.max(0);
             }
         }
-        // SAFETY: librdkafka filled the first n entries (-1 is an error: none).
+        // SAFETY: librdkafka filled the first n entries.
         unsafe { self.taken.set_len(n.max(0) as usize) };
         Taken(&mut self.taken)
     }
 
-    /// The next offset the client will hand over from `partition` of `topic`,
-    /// past records it does not deliver (transaction markers, aborted records).
+    /// One past the last offset the client handed over from `partition` of
+    /// `topic`: a record, an error, or one of the records it does not deliver
+    /// (transaction markers, aborted records).
     pub(super) fn position(&self, topic: &str, partition: i32) -> i64 {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition);
@@ -129,6 +138,12 @@ impl<'c> Queue<'c> {
             Some(Offset::Offset(next)) => next,
             _ => -1,
         }
+    }
+
+    /// How many events wait on the client's own queue.
+    pub(super) fn client_events(&self) -> usize {
+        // SAFETY: a live queue handle.
+        unsafe { rd::rd_kafka_queue_length(self.events) }
     }
 
     /// The client's handle of `topic`, made on first use.
@@ -161,6 +176,7 @@ impl Drop for Queue<'_> {
                 rd::rd_kafka_topic_destroy(*handle);
             }
             rd::rd_kafka_queue_destroy(self.queue);
+            rd::rd_kafka_queue_destroy(self.events);
         }
     }
 }
@@ -180,10 +196,6 @@ fn last_error() -> String {
 pub(super) struct Taken<'q>(&'q mut Vec<*mut rd::rd_kafka_message_t>);
 
 impl Taken<'_> {
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub(super) fn iter(&self) -> impl Iterator<Item = Record<'_>> {
         // SAFETY: every entry is a live message until drop.
         self.0.iter().map(|&m| Record(unsafe { &*m }))
@@ -226,7 +238,10 @@ impl<'m> Record<'m> {
 
     /// The topic's name, as bytes: compared, not shown.
     pub(super) fn topic(&self) -> &'m [u8] {
-        // SAFETY: the message's topic handle outlives the message; its name is a C string.
+        if self.0.rkt.is_null() {
+            return &[];
+        }
+        // SAFETY: the message holds a reference on its topic; its name is a C string.
         unsafe { CStr::from_ptr(rd::rd_kafka_topic_name(self.0.rkt)) }.to_bytes()
     }
 
@@ -245,6 +260,8 @@ impl<'m> Record<'m> {
         // SAFETY: a live message.
         let t = unsafe { rd::rd_kafka_message_timestamp(self.0, &mut kind) };
         match kind {
+            // A record written without a time.
+            _ if t == -1 => (None, -1),
             rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_CREATE_TIME => (Some(t), 0),
             rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_LOG_APPEND_TIME => (Some(t), 1),
             _ => (None, -1),
