@@ -178,9 +178,8 @@ fn read_all(
             }
             let chunk = if part.expected >= part.until || message.offset() >= part.until {
                 left -= 1;
-                part.done = true;
                 finished.push(i);
-                part.take()
+                part.finish()
             } else if part.pending.len() >= PART_RECORDS || part.pending.bytes() >= PART_BYTES {
                 part.take()
             } else {
@@ -216,7 +215,8 @@ fn read_all(
                     .map_err(|e| part.error(e.to_string()))?;
                 part.count_gap(low, patience.fail_on_data_loss)?;
                 left -= 1;
-                if chunks.send(part.finish(queue)).is_err() {
+                queue.stop(&part.topic, part.partition);
+                if chunks.send(part.finish()).is_err() {
                     return Ok(false);
                 }
             }
@@ -323,10 +323,9 @@ impl Partition {
         Ok(())
     }
 
-    /// The last part; the partition is not fetched any more.
-    fn finish(&mut self, queue: &mut Queue<'_>) -> Chunk {
+    /// The last part: the caller stops the partition's fetching.
+    fn finish(&mut self) -> Chunk {
         self.done = true;
-        queue.stop(&self.topic, self.partition);
         self.take()
     }
 
