@@ -45,7 +45,7 @@ impl Default for FileSourceOptions {
             latest_first: false,
             include_existing_files: true,
             recursive: false,
-            parallelism: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            parallelism: 2 * crate::exec::compile::partitions(),
         }
     }
 }
