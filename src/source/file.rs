@@ -292,8 +292,7 @@ impl StreamSource for FileSource {
             Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
         };
         let store: Arc<dyn ObjectStore> = self.location.store.clone();
-        // Local files are named by their filesystem path in messages.
-        let local = self.location.local_dir.is_some();
+        let location = &self.location;
         let shared = &self.shared;
         futures::stream::iter(entries)
             .map(move |entry| {
@@ -302,18 +301,27 @@ impl StreamSource for FileSource {
                 async move {
                     let fetch_and_decode = || async {
                         let path = stored_path(&entry.path)?;
-                        let bytes = store.get(&path).await?.bytes().await?;
-                        let name = if local {
-                            format!("/{}", entry.path)
-                        } else {
-                            entry.path.clone()
+                        // A local file is read by the thread that decodes it, and
+                        // named by its path: the object store would zero-fill a
+                        // buffer first, and read into it on a thread of its own.
+                        let (name, fetched) = match location.local_file(&path) {
+                            Some(file) => (file.display().to_string(), None),
+                            None => {
+                                let bytes = store.get(&path).await?.bytes().await?;
+                                (entry.path.clone(), Some(bytes))
+                            }
                         };
-                        let decoded =
-                            tokio::task::spawn_blocking(move || decoder.decode(&name, bytes))
-                                .await
-                                .map_err(|e| {
-                                    BrookError::Plan(format!("decoding {}: {e}", entry.path))
-                                })??;
+                        let decoded = tokio::task::spawn_blocking(move || {
+                            let bytes = match fetched {
+                                Some(bytes) => bytes,
+                                None => std::fs::read(&name)
+                                    .map_err(|e| BrookError::io(&name, e))?
+                                    .into(),
+                            };
+                            decoder.decode(&name, bytes)
+                        })
+                        .await
+                        .map_err(|e| BrookError::Plan(format!("decoding {}: {e}", entry.path)))??;
                         decoded.malformed.log();
                         Ok(decoded)
                     };

@@ -8,8 +8,8 @@
 //! line. JSON and Parquet use arrow's readers directly.
 
 use std::io::Cursor;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
@@ -28,6 +28,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use super::malformed::{MalformedRecord, MalformedStats, ParseMode, excerpt};
 use super::timestamps::CsvColumns;
 use crate::error::{BrookError, Result};
+use crate::exec::compile::partitions;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsvOptions {
@@ -75,6 +76,7 @@ pub struct Decoder {
     /// A nullable Utf8 column that receives the raw text of malformed records in PERMISSIVE mode.
     pub corrupt_column: Option<usize>,
     dirty: DirtyInput,
+    spare: SpareDecoders,
 }
 
 /// Whether the last CSV that this decoder (or a clone) tried in one pass had a
@@ -100,6 +102,60 @@ impl PartialEq for DirtyInput {
     }
 }
 
+/// Arrow CSV decoders that read their last input whole, kept (one a core) for
+/// the next file: a new decoder builds its state machine and zero-fills
+/// buffers for all the rows it is asked for, two words a field, which the
+/// kernel faults in page by page; a used one has both, and is as good as new
+/// once flushed. One that saw the end of its input, or a bad record, is not kept.
+#[derive(Clone, Default)]
+struct SpareDecoders(Arc<Mutex<Vec<(usize, CsvDecoder)>>>);
+
+impl SpareDecoders {
+    /// A decoder of `columns` flushing every `rows` rows, for `input`. Only a
+    /// new decoder skips a byte-order mark at the start of its input.
+    fn take(
+        &self,
+        options: &CsvOptions,
+        columns: &CsvColumns,
+        rows: usize,
+        input: &[u8],
+    ) -> CsvDecoder {
+        if !input.starts_with(UTF8_BOM)
+            && let Ok(mut spare) = self.0.lock()
+            && let Some(i) = spare.iter().position(|(r, _)| *r == rows)
+        {
+            return spare.swap_remove(i).1;
+        }
+        csv_decoder(options, columns, rows)
+    }
+
+    /// Keeps `decoder`, which has just read `input` without error, if it can
+    /// read on: `input` ended with a newline, so it has not seen an end.
+    fn keep(&self, rows: usize, decoder: CsvDecoder, input: &[u8]) {
+        if input.ends_with(b"\n")
+            && let Ok(mut spare) = self.0.lock()
+            && spare.len() < 4 * partitions()
+        {
+            spare.push((rows, decoder));
+        }
+    }
+}
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+impl std::fmt::Debug for SpareDecoders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpareDecoders")
+    }
+}
+
+/// Spare parts, not part of what a decoder produces.
+impl PartialEq for SpareDecoders {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// The rows of one file, with what was rejected on the way.
 pub struct Decoded {
     pub batch: RecordBatch,
@@ -118,6 +174,7 @@ impl Decoder {
             mode,
             corrupt_column,
             dirty: DirtyInput::default(),
+            spare: SpareDecoders::default(),
         }
     }
 
@@ -159,7 +216,7 @@ impl Decoder {
             let lines = memchr::memchr_iter(b'\n', pass).count();
             let whole = match self.dirty.get() {
                 true => None,
-                false => arrow_csv_whole(options, &columns, pass, lines),
+                false => self.arrow_csv_whole(options, &columns, pass, lines),
             };
             match whole {
                 Some(batch) => parts.push(self.with_corrupt_column(batch)?),
@@ -204,8 +261,8 @@ impl Decoder {
             let end = line_end(body, start + CSV_CHUNK_BYTES);
             let chunk = &body[start..end];
             let lines = memchr::memchr_iter(b'\n', chunk).count() as u64;
-            let arrow =
-                decoder.get_or_insert_with(|| csv_decoder(options, columns, CSV_BATCH_ROWS));
+            let arrow = decoder
+                .get_or_insert_with(|| self.spare.take(options, columns, CSV_BATCH_ROWS, chunk));
             match arrow_csv_chunk(arrow, columns, chunk) {
                 Some(batches) => {
                     for batch in batches {
@@ -222,7 +279,34 @@ impl Decoder {
             lines_before += lines;
             start = end;
         }
+        if let Some(decoder) = decoder {
+            self.spare.keep(CSV_BATCH_ROWS, decoder, body);
+        }
         Ok((parts, malformed))
+    }
+
+    /// Parses `pass`, whole lines of which `lines` end in a newline, with arrow's
+    /// decoder sized for all of them (up to `CSV_PASS_ROWS`): one flush makes one
+    /// batch, with no copy. `None` if any record in it is bad.
+    fn arrow_csv_whole(
+        &self,
+        options: &CsvOptions,
+        columns: &CsvColumns,
+        pass: &[u8],
+        lines: usize,
+    ) -> Option<RecordBatch> {
+        // Arrow's decoder sets aside room for every row it is asked for, so blank
+        // or short lines must not make it ask for more rows than the bytes can
+        // hold. Rounded up, so that files of about the same length share spare decoders.
+        let fields = columns.read.fields().len().max(1);
+        let rows = (lines + 1)
+            .min(pass.len() / fields + 1)
+            .next_multiple_of(CSV_BATCH_ROWS)
+            .min(CSV_PASS_ROWS);
+        let mut decoder = self.spare.take(options, columns, rows, pass);
+        let batches = arrow_csv_chunk(&mut decoder, columns, pass)?;
+        self.spare.keep(rows, decoder, pass);
+        datafusion::arrow::compute::concat_batches(columns.file(), &batches).ok()
     }
 
     /// A batch of the data columns, completed with an empty corrupt-record column.
@@ -608,24 +692,6 @@ fn csv_decoder(options: &CsvOptions, columns: &CsvColumns, rows: usize) -> CsvDe
 /// Most rows arrow's decoder takes between flushes in a whole pass.
 const CSV_PASS_ROWS: usize = 1 << 16;
 
-/// Parses `pass`, whole lines of which `lines` end in a newline, with arrow's
-/// decoder sized for all of them (up to `CSV_PASS_ROWS`): one flush makes one
-/// batch, with no copy. `None` if any record in it is bad.
-fn arrow_csv_whole(
-    options: &CsvOptions,
-    columns: &CsvColumns,
-    pass: &[u8],
-    lines: usize,
-) -> Option<RecordBatch> {
-    // Arrow's decoder sets aside room for every row it is asked for, so blank
-    // or short lines must not make it ask for more rows than the bytes can hold.
-    let fields = columns.read.fields().len().max(1);
-    let rows = (lines + 1).min(pass.len() / fields + 1).min(CSV_PASS_ROWS);
-    let mut decoder = csv_decoder(options, columns, rows);
-    let batches = arrow_csv_chunk(&mut decoder, columns, pass)?;
-    datafusion::arrow::compute::concat_batches(columns.file(), &batches).ok()
-}
-
 /// Rows arrow's decoder parses between flushes in 64 KB chunks; it sizes its buffers for them.
 const CSV_BATCH_ROWS: usize = 4096;
 
@@ -745,6 +811,29 @@ mod tests {
         assert!(!decoder.dirty.get());
         let again = decoder.decode("d.csv", Bytes::from("9\n10\n")).unwrap();
         assert_eq!(numbers(&again), vec![9, 10]);
+    }
+
+    /// Spare decoders read the next files as new ones would: a file that starts
+    /// with a byte-order mark gets a new decoder, which skips it, and a decoder
+    /// that saw the end of a file without a final newline is not kept.
+    #[test]
+    fn spare_decoders_read_the_next_files_as_new_ones() {
+        let decoder = numbers_decoder();
+        let spare = || decoder.spare.0.lock().unwrap().len();
+        let read = |name: &str, text: &'static str| {
+            let d = decoder.decode(name, Bytes::from(text)).unwrap();
+            let column = d.batch.column(0).as_primitive::<Int64Type>();
+            (column.values().to_vec(), d.malformed.count)
+        };
+        assert_eq!(read("a.csv", "1\n2\n"), (vec![1, 2], 0));
+        assert_eq!(spare(), 1);
+        assert_eq!(read("b.csv", "\u{FEFF}3\n4\n"), (vec![3, 4], 0));
+        assert!(!decoder.dirty.get());
+        assert_eq!(spare(), 2);
+        assert_eq!(read("c.csv", "5\n6"), (vec![5, 6], 0));
+        assert_eq!(spare(), 1);
+        assert_eq!(read("d.csv", "7\n8\n"), (vec![7, 8], 0));
+        assert_eq!(spare(), 1);
     }
 
     /// Short lines put more rows in a 64 KB chunk than arrow's decoder takes

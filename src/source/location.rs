@@ -150,6 +150,12 @@ impl Location {
         })
     }
 
+    /// The file on disk that `path` (below this location) names, if it is local.
+    pub fn local_file(&self, path: &Path) -> Option<PathBuf> {
+        self.local_dir.as_ref()?;
+        LocalFileSystem::new().path_to_filesystem(path).ok()
+    }
+
     /// Fails with a message naming the directory when a local source directory is missing.
     pub fn require_existing_dir(&self) -> Result<()> {
         match &self.local_dir {
