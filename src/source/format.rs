@@ -102,11 +102,12 @@ impl PartialEq for DirtyInput {
     }
 }
 
-/// Arrow CSV decoders that read their last input whole, kept (one a core) for
-/// the next file: a new decoder builds its state machine and zero-fills
-/// buffers for all the rows it is asked for, two words a field, which the
-/// kernel faults in page by page; a used one has both, and is as good as new
-/// once flushed. One that saw the end of its input, or a bad record, is not kept.
+/// Arrow CSV decoders that read their last input whole, kept for the next
+/// files: a new decoder builds its state machine and zero-fills buffers for
+/// all the rows it is asked for, two words a field, which the kernel faults in
+/// page by page; a used one has both, and is as good as new once flushed. One
+/// that saw the end of its input, or a bad record, is not kept. Up to four a
+/// core are kept, as the queries sharing decodes each read ahead a file a core.
 #[derive(Clone, Default)]
 struct SpareDecoders(Arc<Mutex<Vec<(usize, CsvDecoder)>>>);
 
