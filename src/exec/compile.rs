@@ -118,12 +118,18 @@ pub async fn compile(
         }
     };
 
+    // Physical planning is most of a query's start: each plan is made on a task
+    // of its own, so that a query's plans, and a script's queries, use all cores.
     let state = ctx.state();
     let physical = |logical: LogicalPlan| {
         let state = state.clone();
-        async move {
+        let task = tokio::spawn(async move {
             let optimized = state.optimize(&logical)?;
             Ok::<_, BrookError>(state.create_physical_plan(&optimized).await?)
+        });
+        async move {
+            task.await
+                .map_err(|e| BrookError::Plan(format!("planning task failed: {e}")))?
         }
     };
     let task_ctx = ctx.task_ctx();
@@ -232,19 +238,10 @@ pub async fn compile(
     let panes = mode == OutputMode::Append
         && event_time_key.as_ref().is_some_and(|k| k.is_window)
         && window.as_ref().is_some_and(|(_, w)| w.ticks.overlapping());
-    // Physical planning is most of a query's start: the three plans are planned
-    // on tasks of their own, so that a script's queries start sooner on all cores.
-    let planned = |plan: LogicalPlan| {
-        let task = tokio::spawn(physical(plan));
-        async move {
-            task.await
-                .map_err(|e| BrookError::Plan(format!("planning task failed: {e}")))?
-        }
-    };
     let (partial, merge, finalize) = (
-        planned(split.partial),
-        planned(split.merge),
-        planned(split.finalize),
+        physical(split.partial),
+        physical(split.merge),
+        physical(split.finalize),
     );
     let op = StatefulOp {
         partial: partial.await?,

@@ -108,10 +108,21 @@ impl PartialEq for DirtyInput {
 /// page by page; a used one has both, and is as good as new once flushed. One
 /// that saw the end of its input, or a bad record, is not kept. Up to four a
 /// core are kept, as the queries sharing decodes each read ahead a file a core.
-#[derive(Clone, Default)]
-struct SpareDecoders(Arc<Mutex<Vec<(usize, CsvDecoder)>>>);
+#[derive(Clone)]
+struct SpareDecoders {
+    decoders: Arc<Mutex<Vec<(usize, CsvDecoder)>>>,
+    /// Counted once: the count of cores is read from the cgroup's files.
+    most: usize,
+}
 
 impl SpareDecoders {
+    fn new() -> Self {
+        Self {
+            decoders: Arc::default(),
+            most: 4 * partitions(),
+        }
+    }
+
     /// A decoder of `columns` flushing every `rows` rows, for `input`. Only a
     /// new decoder skips a byte-order mark at the start of its input.
     fn take(
@@ -122,7 +133,7 @@ impl SpareDecoders {
         input: &[u8],
     ) -> CsvDecoder {
         if !input.starts_with(UTF8_BOM)
-            && let Ok(mut spare) = self.0.lock()
+            && let Ok(mut spare) = self.decoders.lock()
             && let Some(i) = spare.iter().position(|(r, _)| *r == rows)
         {
             return spare.swap_remove(i).1;
@@ -134,8 +145,8 @@ impl SpareDecoders {
     /// read on: `input` ended with a newline, so it has not seen an end.
     fn keep(&self, rows: usize, decoder: CsvDecoder, input: &[u8]) {
         if input.ends_with(b"\n")
-            && let Ok(mut spare) = self.0.lock()
-            && spare.len() < 4 * partitions()
+            && let Ok(mut spare) = self.decoders.lock()
+            && spare.len() < self.most
         {
             spare.push((rows, decoder));
         }
@@ -175,7 +186,7 @@ impl Decoder {
             mode,
             corrupt_column,
             dirty: DirtyInput::default(),
-            spare: SpareDecoders::default(),
+            spare: SpareDecoders::new(),
         }
     }
 
@@ -820,7 +831,7 @@ mod tests {
     #[test]
     fn spare_decoders_read_the_next_files_as_new_ones() {
         let decoder = numbers_decoder();
-        let spare = || decoder.spare.0.lock().unwrap().len();
+        let spare = || decoder.spare.decoders.lock().unwrap().len();
         let read = |name: &str, text: &'static str| {
             let d = decoder.decode(name, Bytes::from(text)).unwrap();
             let column = d.batch.column(0).as_primitive::<Int64Type>();
