@@ -309,20 +309,20 @@ async fn append_mode_emits_each_window_once_after_the_watermark_passes_it() {
 
     write_watermark_file(&input, 0);
     query.process_all_available().await.unwrap();
-    // Batch 0 reads a.csv and moves the watermark to 20:04:50; batch 1 is the
-    // no-data batch that watermark move triggers. No window has ended by then.
-    assert_eq!(take_log(&log), vec![(0, vec![]), (1, vec![])]);
+    // Batch 0 reads a.csv and moves the watermark to 20:04:50. No window has
+    // ended by then, so no batch without input follows.
+    assert_eq!(take_log(&log), vec![(0, vec![])]);
 
     write_watermark_file(&input, 1);
     query.process_all_available().await.unwrap();
-    // Batch 2 reads b.csv (the watermark it runs with is still 20:04:50), then
-    // batch 3 runs with 20:11:50 and closes [20:00, 20:10).
+    // Batch 1 reads b.csv (the watermark it runs with is still 20:04:50), then
+    // batch 2 runs without input with 20:11:50 and closes [20:00, 20:10).
     assert_eq!(
         take_log(&log),
         vec![
-            (2, vec![]),
+            (1, vec![]),
             (
-                3,
+                2,
                 rows(&[
                     &["2016-03-22T20:00:00", "2016-03-22T20:10:00", "AAPL", "15"],
                     &["2016-03-22T20:00:00", "2016-03-22T20:10:00", "MSFT", "2"],
@@ -334,13 +334,13 @@ async fn append_mode_emits_each_window_once_after_the_watermark_passes_it() {
     write_watermark_file(&input, 2);
     query.process_all_available().await.unwrap();
     // The 20:05:00 row is late (its window ended at 20:10:00 <= 20:11:50): dropped,
-    // so [20:00, 20:10) is not emitted again. [20:10, 20:20) closes in batch 5.
+    // so [20:00, 20:10) is not emitted again. [20:10, 20:20) closes in batch 4.
     assert_eq!(
         take_log(&log),
         vec![
-            (4, vec![]),
+            (3, vec![]),
             (
-                5,
+                4,
                 rows(&[&["2016-03-22T20:10:00", "2016-03-22T20:20:00", "AAPL", "1"]])
             ),
         ]
@@ -349,25 +349,25 @@ async fn append_mode_emits_each_window_once_after_the_watermark_passes_it() {
     let progress = query.recent_progress();
     assert_eq!(
         progress.iter().map(|p| p.batch_id).collect::<Vec<_>>(),
-        vec![0, 1, 2, 3, 4, 5]
+        vec![0, 1, 2, 3, 4]
     );
     assert_eq!(
         progress
             .iter()
             .map(|p| p.num_input_rows)
             .collect::<Vec<_>>(),
-        vec![3, 0, 1, 0, 2, 0]
+        vec![3, 1, 0, 2, 0]
     );
     assert_eq!(
         progress.iter().map(|p| p.num_late_rows).collect::<Vec<_>>(),
-        vec![0, 0, 0, 0, 1, 0]
+        vec![0, 0, 0, 1, 0]
     );
     assert_eq!(
         progress
             .iter()
             .map(|p| p.sink.num_output_rows)
             .collect::<Vec<_>>(),
-        vec![0, 0, 0, 2, 0, 1]
+        vec![0, 0, 2, 0, 1]
     );
     let watermarks: Vec<Option<String>> = progress
         .iter()
@@ -377,7 +377,6 @@ async fn append_mode_emits_each_window_once_after_the_watermark_passes_it() {
     assert_eq!(
         watermarks,
         vec![
-            wm("20:04:50"),
             wm("20:04:50"),
             wm("20:11:50"),
             wm("20:11:50"),
@@ -390,7 +389,7 @@ async fn append_mode_emits_each_window_once_after_the_watermark_passes_it() {
         .iter()
         .map(|p| p.state_operators[0].num_rows_total)
         .collect();
-    assert_eq!(state, vec![2, 2, 3, 1, 2, 1]);
+    assert_eq!(state, vec![2, 3, 1, 2, 1]);
     query.stop().await.unwrap();
 }
 
@@ -563,7 +562,7 @@ async fn update_mode_state_shrinks_after_eviction() {
     write_watermark_file(&input, 1);
     query.process_all_available().await.unwrap();
     let progress = query.last_progress().unwrap();
-    assert_eq!(progress.batch_id, 3);
+    assert_eq!(progress.batch_id, 2);
     assert_eq!(
         progress.state_operators[0].num_rows_total, 1,
         "[20:00, 20:10) was evicted"
@@ -578,7 +577,7 @@ async fn update_mode_state_shrinks_after_eviction() {
         .iter()
         .map(|p| p.state_operators[0].num_rows_total)
         .collect();
-    assert_eq!(state, vec![2, 2, 3, 1, 2, 1]);
+    assert_eq!(state, vec![2, 3, 1, 2, 1]);
     let w = |s: &str, e: &str, sym: &str, n: &str| {
         vec![
             format!("2016-03-22T{s}"),
@@ -597,12 +596,11 @@ async fn update_mode_state_shrinks_after_eviction() {
                     w("20:00:00", "20:10:00", "MSFT", "2")
                 ]
             ),
-            (1, vec![]),
-            (2, vec![w("20:10:00", "20:20:00", "AAPL", "1")]),
-            (3, vec![]),
+            (1, vec![w("20:10:00", "20:20:00", "AAPL", "1")]),
+            (2, vec![]),
             // The late AAPL row would have updated [20:00, 20:10): it is dropped instead.
-            (4, vec![w("20:20:00", "20:30:00", "MSFT", "4")]),
-            (5, vec![]),
+            (3, vec![w("20:20:00", "20:30:00", "MSFT", "4")]),
+            (4, vec![]),
         ]
     );
     query.stop().await.unwrap();

@@ -351,7 +351,7 @@ struct Runner {
     batch_id: u64,
     watermark_ns: Option<i64>,
     max_event_ns: Option<i64>,
-    /// The watermark moved: run a batch without input so that it closes state.
+    /// The watermark moved and closes state: run a batch without input to emit or drop it.
     pending_no_data: bool,
     /// A batch logged before a restart but not committed: it runs first, as logged.
     rerun: Option<OffsetEntry>,
@@ -573,7 +573,7 @@ impl Runner {
             store.saved(batch_id, saved, &op.state);
             crash_point("state", batch_id);
         }
-        self.advance_watermark(batch_max);
+        self.advance_watermark(batch_max)?;
         self.commit(batch_id).await?;
         if let Some(o) = &offset {
             self.source.commit(o)?;
@@ -738,9 +738,9 @@ impl Runner {
         }
     }
 
-    fn advance_watermark(&mut self, batch_max: Option<i64>) {
+    fn advance_watermark(&mut self, batch_max: Option<i64>) -> Result<()> {
         let (Some(m), Some(wm)) = (batch_max, &self.compiled.source.watermark) else {
-            return;
+            return Ok(());
         };
         let max_seen = self.max_event_ns.map_or(m, |x| x.max(m));
         self.max_event_ns = Some(max_seen);
@@ -748,9 +748,16 @@ impl Runner {
         let candidate = max_seen.saturating_sub(delay);
         if self.watermark_ns.is_none_or(|w| candidate > w) {
             self.watermark_ns = Some(candidate);
-            let closes_state = matches!(&self.compiled.plan, CompiledPlan::Stateful(op) if op.event_time_key.is_some());
-            self.pending_no_data = closes_state && self.compiled.mode != OutputMode::Complete;
+            // Complete mode keeps every group, so a watermark closes nothing there.
+            self.pending_no_data = match &self.compiled.plan {
+                CompiledPlan::Stateful(op) if self.compiled.mode != OutputMode::Complete => {
+                    let ticks = self.compiled.window.as_ref().map(|w| &w.ticks);
+                    op.closes_state(candidate, ticks)?
+                }
+                _ => false,
+            };
         }
+        Ok(())
     }
 }
 

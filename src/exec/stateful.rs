@@ -106,6 +106,39 @@ impl StatefulOp {
             .sum()
     }
 
+    /// Whether the watermark `watermark_ns` closes a group held in state: a
+    /// batch without input would then emit or drop rows, and is otherwise not run.
+    pub fn closes_state(&self, watermark_ns: i64, window: Option<&WindowTicks>) -> Result<bool> {
+        let Some(key) = &self.event_time_key else {
+            return Ok(false);
+        };
+        if let (true, Some(ticks)) = (self.panes, window) {
+            // The first pane's first window closes before any other window, and a
+            // pane is dropped only after its last window has closed.
+            let wm = watermark_ns.div_euclid(key.unit_nanos);
+            return Ok(self
+                .first_pane(key.column)?
+                .is_some_and(|p| ticks.covering(p).0.saturating_add(ticks.size()) <= wm));
+        }
+        for b in &self.state {
+            if key.closed(b, watermark_ns)?.true_count() > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The earliest pane start in pane state.
+    fn first_pane(&self, col: usize) -> Result<Option<i64>> {
+        let mut first: Option<i64> = None;
+        for b in &self.state {
+            if let Some(p) = min(&pane_starts(b, col)?) {
+                first = Some(first.map_or(p, |f| f.min(p)));
+            }
+        }
+        Ok(first)
+    }
+
     /// Takes up state loaded from a checkpoint, in one batch, and pane state
     /// sorted by pane as [`run_panes`](Self::run_panes) keeps it.
     pub fn restore(&mut self, state: Vec<RecordBatch>) -> Result<()> {
@@ -327,13 +360,7 @@ impl StatefulOp {
         wm: i64,
     ) -> Result<Vec<RecordBatch>> {
         let col = key.column;
-        let mut first_pane: Option<i64> = None;
-        for b in &self.state {
-            if let Some(p) = min(&pane_starts(b, col)?) {
-                first_pane = Some(first_pane.map_or(p, |f| f.min(p)));
-            }
-        }
-        let Some(first_pane) = first_pane else {
+        let Some(first_pane) = self.first_pane(col)? else {
             self.running = None;
             return Ok(vec![]);
         };
