@@ -293,12 +293,13 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
 /// glibc also gives each new thread a heap of its own, up to eight per core.
 /// Files are decoded on the runtime's blocking threads and their rows freed on
 /// its workers, so each of a dozen heaps grew to hold a few files at a time,
-/// faulted in afresh. One heap per core serves them all: a quarter fewer page
-/// faults and 10 MB less memory on the book's orders.
+/// faulted in afresh. Two heaps per core serve them all: a quarter fewer page
+/// faults and 10 MB less memory on the book's orders. (One per core made
+/// Kafka runs, whose client threads allocate all the time, a sixth slower.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     let heaps =
-        libc::c_int::try_from(brook::exec::compile::partitions()).unwrap_or(libc::c_int::MAX);
+        libc::c_int::try_from(2 * brook::exec::compile::partitions()).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt sets allocator parameters only; no other thread runs yet.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
