@@ -454,6 +454,17 @@ async fn append_mode_panes(together: bool) {
         &[order("22:00:00", 6, "MSFT", 4, 1.0, "B")],
     );
     query.process_all_available().await.unwrap();
+    // Watermark 21:59:55 closes no window that was not emitted already ([21:00,
+    // 22:00) ends after it), though the 21:40 pane's first windows have closed:
+    // no batch without input runs.
+    let batches = query.recent_progress().len();
+    put(
+        &input,
+        "e.csv",
+        &[order("22:00:05", 7, "MSFT", 1, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    assert_eq!(query.recent_progress().len(), batches + 1);
 
     let got = table(
         &engine

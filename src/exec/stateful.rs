@@ -113,12 +113,12 @@ impl StatefulOp {
             return Ok(false);
         };
         if let (true, Some(ticks)) = (self.panes, window) {
-            // The first pane's first window closes before any other window, and a
-            // pane is dropped only after its last window has closed.
+            // Windows close in order of their starts, and a pane is dropped in the
+            // batch that emits its last window.
             let wm = watermark_ns.div_euclid(key.unit_nanos);
             return Ok(self
-                .first_pane(key.column)?
-                .is_some_and(|p| ticks.covering(p).0.saturating_add(ticks.size()) <= wm));
+                .first_open_window(ticks, key)?
+                .is_some_and(|start| start.saturating_add(ticks.size()) <= wm));
         }
         for b in &self.state {
             if key.closed(b, watermark_ns)?.true_count() > 0 {
@@ -128,15 +128,27 @@ impl StatefulOp {
         Ok(false)
     }
 
-    /// The earliest pane start in pane state.
-    fn first_pane(&self, col: usize) -> Result<Option<i64>> {
-        let mut first: Option<i64> = None;
+    /// The start of the first window over pane state that no batch has emitted
+    /// yet; `None` when the state holds no pane.
+    fn first_open_window(&self, ticks: &WindowTicks, key: &EventTimeKey) -> Result<Option<i64>> {
+        let mut first_pane: Option<i64> = None;
         for b in &self.state {
-            if let Some(p) = min(&pane_starts(b, col)?) {
-                first = Some(first.map_or(p, |f| f.min(p)));
+            if let Some(p) = min(&pane_starts(b, key.column)?) {
+                first_pane = Some(first_pane.map_or(p, |f| f.min(p)));
             }
         }
-        Ok(first)
+        let Some(first_pane) = first_pane else {
+            return Ok(None);
+        };
+        let mut start = ticks.covering(first_pane).0;
+        if let Some(done) = self.emitted_through_ns {
+            let after = done
+                .div_euclid(key.unit_nanos)
+                .saturating_sub(ticks.size())
+                .saturating_add(1);
+            start = start.max(ticks.start_at_or_after(after));
+        }
+        Ok(Some(start))
     }
 
     /// Takes up state loaded from a checkpoint, in one batch, and pane state
@@ -360,19 +372,11 @@ impl StatefulOp {
         wm: i64,
     ) -> Result<Vec<RecordBatch>> {
         let col = key.column;
-        let Some(first_pane) = self.first_pane(col)? else {
+        let Some(mut start) = self.first_open_window(ticks, key)? else {
             self.running = None;
             return Ok(vec![]);
         };
         let size = ticks.size();
-        let mut start = ticks.covering(first_pane).0;
-        if let Some(done) = self.emitted_through_ns {
-            let after = done
-                .div_euclid(key.unit_nanos)
-                .saturating_sub(size)
-                .saturating_add(1);
-            start = start.max(ticks.start_at_or_after(after));
-        }
         if start.saturating_add(size) > wm {
             return Ok(vec![]);
         }
