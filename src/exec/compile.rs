@@ -18,7 +18,7 @@ use super::slot::Slot;
 use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::error::{BrookError, Result};
-use crate::sql::incremental::{self, ROWS_COLUMN};
+use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
 use crate::sql::window::{
     WINDOW_COLUMN, WindowSpec, WindowTicks, rewrite_windows, unit_nanos, window_type,
 };
@@ -179,15 +179,14 @@ pub async fn compile(
         }
     }
     not_null.retain(|n| !nullable.contains(n));
-    let split = incremental::split(&plan, &agg, partitions, &not_null)?;
     let has_order = has_sort_or_limit(&plan);
     let mode = mode.unwrap_or(if has_order {
         OutputMode::Complete
     } else {
         OutputMode::Update
     });
-    let window_key = split
-        .group_exprs
+    let window_key = agg
+        .group_expr
         .iter()
         .position(|e| is_column(e, WINDOW_COLUMN));
     let event_time_key = match &source.watermark {
@@ -205,8 +204,8 @@ pub async fn compile(
                     is_window: true,
                     unit_nanos: unit,
                 }),
-                None => split
-                    .group_exprs
+                None => agg
+                    .group_expr
                     .iter()
                     .position(|e| is_column(e, &wm.column))
                     .map(|column| EventTimeKey {
@@ -230,14 +229,22 @@ pub async fn compile(
             "ORDER BY and LIMIT over an aggregation need output mode 'complete' (or 'append' with a watermark)",
         ));
     }
+    let panes = mode == OutputMode::Append
+        && event_time_key.as_ref().is_some_and(|k| k.is_window)
+        && window.as_ref().is_some_and(|(_, w)| w.ticks.overlapping());
+    let widths = window_key
+        .zip(window.as_ref())
+        .map(|(key, (_, w))| WindowWidths {
+            key,
+            partial: w.ticks.pane(),
+            merge: (!panes).then(|| w.ticks.size()),
+        });
+    let split = incremental::split(&plan, &agg, partitions, &not_null, widths)?;
     let rows_column = split
         .partial
         .schema()
         .index_of_column_by_name(None, ROWS_COLUMN)
         .ok_or_else(|| BrookError::Plan("partial aggregation lost its row count".into()))?;
-    let panes = mode == OutputMode::Append
-        && event_time_key.as_ref().is_some_and(|k| k.is_window)
-        && window.as_ref().is_some_and(|(_, w)| w.ticks.overlapping());
     let (partial, merge, finalize) = (
         physical(split.partial),
         physical(split.merge),

@@ -48,6 +48,19 @@ enum Final {
     Avg { sum: String, count: String },
 }
 
+/// The window key of an aggregation (the `window` struct of `start` and `end`)
+/// and the width in ticks of the windows each plan groups.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowWidths {
+    /// Position of the window among the group keys.
+    pub key: usize,
+    /// The partial groups a batch's rows by pane.
+    pub partial: i64,
+    /// The merge groups the state's windows; `None` where it also sums panes
+    /// into windows, rows of two widths.
+    pub merge: Option<i64>,
+}
+
 /// The logical halves of a streaming aggregation, before physical planning.
 pub struct AggregateSplit {
     pub partial: LogicalPlan,
@@ -60,8 +73,6 @@ pub struct AggregateSplit {
     pub merge: LogicalPlan,
     pub finalize: LogicalPlan,
     pub keys: usize,
-    /// The group expressions, in key order (`k0`, `k1`, ...).
-    pub group_exprs: Vec<Expr>,
     /// Every state column is an exact sum that subtracting undoes: counts, and
     /// sums (or averages) without FILTER of signed integers that are never null.
     /// A sum that may be null cannot be undone: nothing tells 0 from no value.
@@ -70,7 +81,11 @@ pub struct AggregateSplit {
 
 /// The partial aggregation grouped by the fields of a struct key (a window),
 /// with the struct rebuilt after: the same rows, of the same types.
-fn flat_partial(agg: &Aggregate, partial: Aggregate) -> Result<LogicalPlan> {
+fn flat_partial(
+    agg: &Aggregate,
+    partial: Aggregate,
+    window: Option<(usize, i64)>,
+) -> Result<LogicalPlan> {
     let schema = partial.schema.clone();
     let keys = agg.group_expr.len();
     if !schema.fields()[..keys]
@@ -84,6 +99,7 @@ fn flat_partial(agg: &Aggregate, partial: Aggregate) -> Result<LogicalPlan> {
             .iter()
             .cloned()
             .zip(schema.fields().iter().map(|f| f.as_ref())),
+        window,
     );
     rebuilt.extend(
         schema.fields()[keys..]
@@ -99,19 +115,36 @@ fn flat_partial(agg: &Aggregate, partial: Aggregate) -> Result<LogicalPlan> {
 /// Group expressions for keys (each an expression and the field it becomes)
 /// that split a struct key (a window) into its fields, and the projection that
 /// rebuilds the keys from them. DataFusion groups a struct through its
-/// row-format fallback, primitive fields through typed columns.
-fn flat_keys<'a>(keys: impl Iterator<Item = (Expr, &'a Field)>) -> (Vec<Expr>, Vec<Expr>) {
+/// row-format fallback, primitive fields through typed columns. `window`
+/// (key, width) names the key whose end is its start plus a width: grouping by
+/// the start alone spares a column, and leaves a window alone as a key of one
+/// typed column.
+fn flat_keys<'a>(
+    keys: impl Iterator<Item = (Expr, &'a Field)>,
+    window: Option<(usize, i64)>,
+) -> (Vec<Expr>, Vec<Expr>) {
     let mut group = vec![];
     let mut rebuilt = vec![];
-    for (e, field) in keys {
+    for (i, (e, field)) in keys.enumerate() {
         let k = field.name();
         match field.data_type() {
             DataType::Struct(fields) => {
+                let ends_after = window.filter(|&(key, _)| key == i).map(|(_, width)| width);
+                let start = format!("{k}__start");
                 let mut parts = vec![];
                 for f in fields.iter() {
-                    let flat = format!("{k}__{}", f.name());
-                    group.push(get_field(e.clone(), f.name().as_str()).alias(&flat));
-                    parts.extend([lit(f.name().as_str()), col(flat.as_str())]);
+                    let value = match ends_after {
+                        Some(width) if f.name() == "end" => cast(
+                            cast(col(start.as_str()), DataType::Int64) + lit(width),
+                            f.data_type().clone(),
+                        ),
+                        _ => {
+                            let flat = format!("{k}__{}", f.name());
+                            group.push(get_field(e.clone(), f.name().as_str()).alias(&flat));
+                            col(flat.as_str())
+                        }
+                    };
+                    parts.extend([lit(f.name().as_str()), value]);
                 }
                 rebuilt.push(cast(named_struct(parts), field.data_type().clone()).alias(k));
             }
@@ -216,6 +249,7 @@ pub fn split(
     agg: &Aggregate,
     partitions: usize,
     not_null: &HashSet<String>,
+    window: Option<WindowWidths>,
 ) -> Result<AggregateSplit> {
     let keys = agg.group_expr.len();
     let mut partial_aggs: Vec<Expr> = vec![];
@@ -331,6 +365,7 @@ pub fn split(
     let partial = flat_partial(
         agg,
         Aggregate::try_new(agg.input.clone(), group, partial_aggs)?,
+        window.map(|w| (w.key, w.partial)),
     )?;
     let state_slot = Slot::new(partial.schema().as_arrow());
     let delta_slot = Slot::new(partial.schema().as_arrow());
@@ -365,7 +400,10 @@ pub fn split(
         .iter()
         .map(|k| state_schema.field_with_name(k))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let (flat, mut rebuilt) = flat_keys(key_names.iter().map(|k| col(k.as_str())).zip(key_fields));
+    let (flat, mut rebuilt) = flat_keys(
+        key_names.iter().map(|k| col(k.as_str())).zip(key_fields),
+        window.and_then(|w| Some((w.key, w.merge?))),
+    );
     rebuilt.extend(
         merges
             .iter()
@@ -422,7 +460,6 @@ pub fn split(
         merge,
         finalize,
         keys,
-        group_exprs: agg.group_expr.clone(),
         invertible,
     })
 }

@@ -271,6 +271,11 @@ impl WindowTicks {
         self.slide
     }
 
+    /// The width of a pane: windows of `size` every `slide` are made of them.
+    pub fn pane(&self) -> i64 {
+        self.pane
+    }
+
     /// The first window start at or after `t`.
     pub fn start_at_or_after(&self, t: i64) -> i64 {
         t + (self.offset - t).rem_euclid(self.slide)
