@@ -66,11 +66,17 @@ fn session(partitions: usize) -> SessionContext {
         .options_mut()
         .optimizer
         .enable_dynamic_filter_pushdown = false;
+    // A script's start pays for every optimizer pass over each of its plans. Over
+    // the plans the tests make, a second pass only ever dropped a LIMIT that the
+    // sort below it already applied.
+    config.options_mut().optimizer.max_passes = 1;
     SessionContext::new_with_config(config)
 }
 
+/// The cores to use; asked once, as each asking reads the cgroup's CPU quota files.
 pub fn partitions() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
 /// Plans `query` over the declared sources. `mode` is the requested output mode, if any.
