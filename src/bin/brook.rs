@@ -312,42 +312,7 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
-/// glibc's heaps in huge pages: with the kernel's transparent huge pages left
-/// to `madvise` (the usual default), every 4 KB page of a decoded file's
-/// buffers is faulted in on its own, 8,000 faults in the book's run; glibc
-/// advises its heaps for huge pages (2,000 faults, a twentieth less CPU) only
-/// if told at start, through the GLIBC_TUNABLES variable. So the CLI starts
-/// itself again once with it set, unless the user has chosen a setting.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn with_huge_page_heaps() {
-    use std::os::unix::process::CommandExt;
-    const TUNABLES: &str = "GLIBC_TUNABLES";
-    const HUGE_PAGES: &str = "glibc.malloc.hugetlb";
-    let tunables = std::env::var(TUNABLES).unwrap_or_default();
-    if tunables.contains(HUGE_PAGES) {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let mut again = std::process::Command::new(exe);
-    if let Some(name) = args.next() {
-        again.arg0(name);
-    }
-    let tunables = match tunables.as_str() {
-        "" => format!("{HUGE_PAGES}=1"),
-        set => format!("{set}:{HUGE_PAGES}=1"),
-    };
-    // exec returns only if the start failed; this process then runs as it is.
-    let _ = again.args(args).env(TUNABLES, tunables).exec();
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn with_huge_page_heaps() {}
-
 fn main() -> ExitCode {
-    with_huge_page_heaps();
     keep_freed_memory();
     let cli = Cli::parse();
     // The demo counts malformed lines in its view; warnings would scroll it away.
