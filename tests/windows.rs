@@ -172,7 +172,7 @@ async fn sliding_windows_drop_only_the_closed_windows_of_a_late_row() {
         &input,
         "slide_upd",
         "update",
-        "SELECT window.start AS ws, symbol, sum(amount) AS shares \
+        "SELECT window.start AS ws, window.end AS we, symbol, sum(amount) AS shares \
          FROM orders GROUP BY window(time, '1 hour', '10 minutes'), symbol",
     )
     .await;
@@ -203,14 +203,22 @@ async fn sliding_windows_drop_only_the_closed_windows_of_a_late_row() {
     );
     let got = table(
         &engine
-            .sql("SELECT ws, symbol, shares FROM slide_upd WHERE symbol <> 'IBM' ORDER BY ws")
+            .sql("SELECT ws, we, symbol, shares FROM slide_upd WHERE symbol <> 'IBM' ORDER BY ws")
             .await
             .unwrap(),
     );
-    let want: Vec<Vec<String>> = ["19:30:00", "19:40:00", "19:50:00", "20:00:00", "20:10:00"]
-        .iter()
-        .map(|s| vec![ts(s), "AAPL".to_string(), "5".to_string()])
-        .collect();
+    // Each window ends an hour after it starts: the state merged across the two
+    // batches groups windows by their start and puts the end back.
+    let want: Vec<Vec<String>> = [
+        ("19:30:00", "20:30:00"),
+        ("19:40:00", "20:40:00"),
+        ("19:50:00", "20:50:00"),
+        ("20:00:00", "21:00:00"),
+        ("20:10:00", "21:10:00"),
+    ]
+    .iter()
+    .map(|(s, e)| vec![ts(s), ts(e), "AAPL".to_string(), "5".to_string()])
+    .collect();
     assert_eq!(got, want);
     let ibm = table(
         &engine

@@ -222,6 +222,17 @@ pub async fn compile(
             }
         }
     };
+    let panes = mode == OutputMode::Append
+        && event_time_key.as_ref().is_some_and(|k| k.is_window)
+        && window.as_ref().is_some_and(|(_, w)| w.ticks.overlapping());
+    let widths = window_key
+        .zip(window.as_ref())
+        .map(|(key, (_, w))| WindowWidths {
+            key,
+            partial: w.ticks.pane(),
+            merge: (!panes).then(|| w.ticks.size()),
+        });
+    let split = incremental::split(&plan, &agg, partitions, &not_null, widths)?;
     if mode == OutputMode::Append && event_time_key.is_none() {
         return Err(BrookError::sql(
             "output mode 'append' for an aggregation needs a watermark on the source and a \
@@ -235,17 +246,6 @@ pub async fn compile(
             "ORDER BY and LIMIT over an aggregation need output mode 'complete' (or 'append' with a watermark)",
         ));
     }
-    let panes = mode == OutputMode::Append
-        && event_time_key.as_ref().is_some_and(|k| k.is_window)
-        && window.as_ref().is_some_and(|(_, w)| w.ticks.overlapping());
-    let widths = window_key
-        .zip(window.as_ref())
-        .map(|(key, (_, w))| WindowWidths {
-            key,
-            partial: w.ticks.pane(),
-            merge: (!panes).then(|| w.ticks.size()),
-        });
-    let split = incremental::split(&plan, &agg, partitions, &not_null, widths)?;
     let rows_column = split
         .partial
         .schema()
