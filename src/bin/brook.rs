@@ -336,11 +336,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main_inner(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match runtime.block_on(main_inner(cli)) {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // What the run wrote is written and synced, and the queries have ended:
+    // the runtime's threads are left for the exit to end, not joined one by one.
+    std::process::exit(code)
 }

@@ -34,6 +34,7 @@ pub struct RunOptions {
 }
 
 /// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
+/// For a process that ends after it: the engine is not dropped.
 pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     let script = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
     let mut overrides = Overrides {
@@ -86,6 +87,10 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
         );
         let _ = tokio::signal::ctrl_c().await;
     }
+    // The process ends next, and the kernel takes the engine's memory back at
+    // once; dropping it would free it a piece at a time.
+    std::mem::forget(queries);
+    std::mem::forget(engine);
     result
 }
 
