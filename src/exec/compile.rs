@@ -126,9 +126,10 @@ pub async fn compile(
 
     // Physical planning is most of a query's start: each plan is made on a task
     // of its own, so that a query's plans, and a script's queries, use all cores.
-    let state = ctx.state();
+    // The tasks share one state: a copy would copy its function registries.
+    let state = Arc::new(ctx.state());
     let physical = |logical: LogicalPlan| {
-        let state = state.clone();
+        let state = Arc::clone(&state);
         let task = tokio::spawn(async move {
             let optimized = state.optimize(&logical)?;
             Ok::<_, BrookError>(state.create_physical_plan(&optimized).await?)
