@@ -343,7 +343,8 @@ fn main() -> ExitCode {
             1
         }
     };
-    // What the run wrote is written and synced, and the queries have ended:
-    // the runtime's threads are left for the exit to end, not joined one by one.
+    // The runtime's threads are left for the exit to end, not joined one by one.
+    // A command that succeeded has waited for its queries and their writes; what
+    // an error cuts short is crash-safe, as every file is renamed into place whole.
     std::process::exit(code)
 }

@@ -34,7 +34,8 @@ pub struct RunOptions {
 }
 
 /// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
-/// For a process that ends after it: the engine is not dropped.
+/// For a process that ends after it: once the queries end by themselves, the
+/// engine is left for the exit to free.
 pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     let script = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
     let mut overrides = Overrides {

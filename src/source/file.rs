@@ -57,7 +57,8 @@ pub struct FileSource {
     shared: Registration,
     options: FileSourceOptions,
     seen: HashSet<Path>,
-    /// Set by the available-now trigger: only these files may still be planned.
+    /// Set by the available-now trigger: the files it may still plan, each
+    /// removed as its batch commits.
     snapshot: Option<HashSet<Path>>,
 }
 
@@ -259,13 +260,9 @@ impl StreamSource for FileSource {
     }
 
     async fn plan_batch(&mut self) -> Result<Option<SourceOffset>> {
-        // Once the snapshot is all taken, listing again could only find files
-        // it excludes: skipped, the last query of a run ends a listing sooner.
-        if self
-            .snapshot
-            .as_ref()
-            .is_some_and(|s| s.iter().all(|f| self.seen.contains(f)))
-        {
+        // Once the snapshot is all taken, a listing could only find files it
+        // excludes: skipping it ends each available-now query a scan sooner.
+        if self.snapshot.as_ref().is_some_and(HashSet::is_empty) {
             return Ok(None);
         }
         let files = self.list().await?;
@@ -352,7 +349,11 @@ impl StreamSource for FileSource {
 
     fn commit(&mut self, offset: &SourceOffset) -> Result<()> {
         for entry in self.parse_offset(offset)? {
-            self.seen.insert(stored_path(&entry.path)?);
+            let path = stored_path(&entry.path)?;
+            if let Some(snapshot) = &mut self.snapshot {
+                snapshot.remove(&path);
+            }
+            self.seen.insert(path);
         }
         Ok(())
     }
@@ -361,5 +362,47 @@ impl StreamSource for FileSource {
         let files = self.list().await?;
         self.snapshot = Some(files.into_iter().map(|f| f.location).collect());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::execution::runtime_env::RuntimeEnv;
+
+    use super::*;
+    use crate::source::{FileFormat, ParseMode};
+
+    #[tokio::test]
+    async fn available_now_ends_without_listing_once_its_snapshot_is_taken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("in");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("a.csv"), "1\n").unwrap();
+        let location = Location::resolve(dir.to_str().unwrap(), &RuntimeEnv::default()).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let decoder = Decoder::new(
+            FileFormat::Csv(Default::default()),
+            schema,
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let mut source = FileSource::new(
+            location,
+            decoder,
+            FileSourceOptions::default(),
+            &Arc::default(),
+        )
+        .unwrap();
+        source.snapshot_available().await.unwrap();
+        let offset = source
+            .plan_batch()
+            .await
+            .unwrap()
+            .expect("a.csv is planned");
+        source.commit(&offset).unwrap();
+        // Listing the removed directory would fail: the query ends without it.
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(source.plan_batch().await.unwrap().is_none());
     }
 }
