@@ -367,11 +367,10 @@ impl StreamSource for FileSource {
 
 #[cfg(test)]
 mod tests {
-    use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use datafusion::execution::runtime_env::RuntimeEnv;
 
     use super::*;
-    use crate::source::{FileFormat, ParseMode};
+    use crate::source::format::tests::numbers_decoder;
 
     #[tokio::test]
     async fn available_now_ends_without_listing_once_its_snapshot_is_taken() {
@@ -380,16 +379,9 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("a.csv"), "1\n").unwrap();
         let location = Location::resolve(dir.to_str().unwrap(), &RuntimeEnv::default()).unwrap();
-        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-        let decoder = Decoder::new(
-            FileFormat::Csv(Default::default()),
-            schema,
-            ParseMode::DropMalformed,
-            "_corrupt_record",
-        );
         let mut source = FileSource::new(
             location,
-            decoder,
+            numbers_decoder(),
             FileSourceOptions::default(),
             &Arc::default(),
         )

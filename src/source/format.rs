@@ -787,13 +787,13 @@ fn rows_mask(n: usize, rows: impl Iterator<Item = usize>) -> BooleanArray {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::{Field, Int64Type};
 
     /// A CSV decoder of one NOT NULL BIGINT column that drops bad lines.
-    fn numbers_decoder() -> Decoder {
+    pub(crate) fn numbers_decoder() -> Decoder {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
         Decoder::new(
             FileFormat::Csv(CsvOptions::default()),
