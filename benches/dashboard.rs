@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
     let mut inputs = vec![(
         "generated",
-        generated(ORDERS, 0.01, TimeDelta::milliseconds(2)),
+        generated(ORDERS, 0.01, TimeDelta::milliseconds(2)).collect(),
     )];
     if let Some(lines) = book_lines() {
         inputs.push(("book", lines));
@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(30));
     for (name, lines) in &inputs {
         let dir = tmp.path().join(name);
-        write_files(&dir, FILES, lines);
+        write_files(&dir, FILES, lines.len(), lines);
         group.throughput(Throughput::Elements(lines.len() as u64));
         reset_peak_memory();
         group.bench_function(*name, |b| {
