@@ -28,9 +28,8 @@ use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use chrono::{NaiveDateTime, TimeDelta};
 use serde_json::Value;
 
-use common::{BOOK_ARCHIVE, book_lines, generated, with_book_lines, write_files};
+use common::{BOOK_ARCHIVE, BOOK_ORDERS, generated, peak_memory_mb, with_book_lines, write_files};
 
-const BOOK_ORDERS: usize = 500_000;
 const FILES: usize = 50;
 const RUNS: usize = 5;
 
@@ -129,10 +128,11 @@ struct Exited {
 
 /// Waits for `child`: its exit status, peak resident memory and CPU time.
 ///
-/// Linux counts the spawning process's peak in the child's (the memory the
-/// child ran in until its exec), so this process keeps its own peak low: data
-/// sets are written a file at a time, and a run that peaks no higher than this
-/// process is warned about.
+/// Linux starts a child's peak at the peak of the memory it ran in until its
+/// exec: with posix_spawn (which `Command` uses here) that is this process's
+/// whole peak, with fork its size at the fork. So this process keeps its own
+/// peak low (data sets are written, and Kafka's records sent, as they are read
+/// or made), and warns of a run whose peak is not above its own.
 fn wait_with_peak(child: Child) -> Exited {
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -141,15 +141,14 @@ fn wait_with_peak(child: Child) -> Exited {
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(r, pid, "wait4 failed");
     std::mem::forget(child);
-    let mut own: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: fills a zeroed rusage with this process's figures.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut own) };
-    if usage.ru_maxrss <= own.ru_maxrss {
+    // Not getrusage's own figure: that counts cargo's peak before this
+    // process's exec, which no child inherits.
+    let own = peak_memory_mb();
+    let peak_mb = usage.ru_maxrss as f64 / 1024.0;
+    if peak_mb <= own {
         eprintln!(
-            "warning: a run's peak RSS ({} MB) is not above the bench's own ({} MB), \
-             so it is not brook's: the figures below overstate it",
-            usage.ru_maxrss / 1024,
-            own.ru_maxrss / 1024
+            "warning: a run's peak RSS ({peak_mb:.0} MB) is not above the bench's own \
+             ({own:.0} MB), so it may be the bench's rather than brook's"
         );
     }
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -157,7 +156,7 @@ fn wait_with_peak(child: Child) -> Exited {
         code: std::process::ExitStatus::from_raw(status)
             .code()
             .unwrap_or(-1),
-        peak_mb: usage.ru_maxrss as f64 / 1024.0,
+        peak_mb,
         cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
     }
 }
@@ -606,10 +605,13 @@ fn kafka() {
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(broker.create_topic(topic, 4));
-    let lines = book_lines()
-        .unwrap_or_else(|| generated(BOOK_ORDERS, 0.0, TimeDelta::microseconds(12)).collect());
     let sent = Instant::now();
-    let stored = produce_batched(&broker.servers(), topic, &lines);
+    let servers = broker.servers();
+    let (produced, stored) = with_book_lines(|lines| produce_batched(&servers, topic, lines))
+        .unwrap_or_else(|| {
+            let mut lines = generated(BOOK_ORDERS, 0.0, TimeDelta::microseconds(12));
+            produce_batched(&servers, topic, &mut lines)
+        });
     let send_secs = sent.elapsed().as_secs_f64();
     let sql = std::fs::read_to_string(root().join("queries/dashboard_kafka.sql")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -688,7 +690,7 @@ fn kafka() {
          in a median {secs:.2} s = {:.0} orders/s, peak RSS {peak:.0} MB (with one client: \
          {one_secs:.2} s = {:.0} orders/s, {one_peak:.0} MB); a bare librdkafka consumer, same fetch settings, \
          read them in {alone:.2} s = {:.0} records/s",
-        lines.len(),
+        produced,
         stored as f64 / secs,
         stored as f64 / one_secs,
         stored as f64 / alone
@@ -736,9 +738,13 @@ fn consume_all(servers: &str, topic: &str, expected: usize) -> f64 {
 
 /// Sends `lines` round-robin over 4 partitions in producer batches (this
 /// measures reading, and a reader that starts at the beginning reads whole
-/// batches); returns how many records the topic holds, as tansu drops some
-/// batches under this load.
-fn produce_batched(servers: &str, topic: &str, lines: &[String]) -> usize {
+/// batches); returns how many were sent and how many records the topic holds,
+/// as tansu drops some batches under this load.
+fn produce_batched(
+    servers: &str,
+    topic: &str,
+    lines: &mut dyn Iterator<Item = String>,
+) -> (usize, usize) {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
@@ -747,7 +753,8 @@ fn produce_batched(servers: &str, topic: &str, lines: &[String]) -> usize {
         .set("batch.num.messages", "10000")
         .create()
         .unwrap();
-    for (i, line) in lines.iter().enumerate() {
+    let mut sent = 0;
+    for (i, line) in lines.enumerate() {
         let mut record = BaseRecord::<(), str>::to(topic)
             .payload(line.as_str())
             .partition(i as i32 % 4);
@@ -755,6 +762,7 @@ fn produce_batched(servers: &str, topic: &str, lines: &[String]) -> usize {
             record = back;
             producer.poll(Duration::from_millis(10));
         }
+        sent += 1;
     }
     producer.flush(Duration::from_secs(120)).unwrap();
     use rdkafka::consumer::Consumer;
@@ -762,14 +770,15 @@ fn produce_batched(servers: &str, topic: &str, lines: &[String]) -> usize {
         .set("bootstrap.servers", servers)
         .create()
         .unwrap();
-    (0..4)
+    let stored = (0..4)
         .map(|p| {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .unwrap();
             (high - low) as usize
         })
-        .sum()
+        .sum();
+    (sent, stored)
 }
 
 fn main() {
