@@ -64,6 +64,11 @@ fn write_split(dir: &Path, write: impl FnOnce(&Path)) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// 500,000 generated orders standing in for the book's, without `../shared`.
+fn book_stand_in() -> impl Iterator<Item = String> {
+    generated(BOOK_ORDERS, 0.0, TimeDelta::microseconds(12))
+}
+
 /// The book's orders in 50 files of 10,000 lines, and what they are.
 fn book_data() -> (PathBuf, &'static str) {
     // Lines are written as they are read: a child's peak memory is no less
@@ -79,8 +84,7 @@ fn book_data() -> (PathBuf, &'static str) {
     } else {
         (
             write_split(&data_dir().join("book-standin"), |dir| {
-                let lines = generated(BOOK_ORDERS, 0.0, TimeDelta::microseconds(12));
-                write_files(dir, FILES, BOOK_ORDERS, lines)
+                write_files(dir, FILES, BOOK_ORDERS, book_stand_in())
             }),
             "500,000 generated orders (../shared not found)",
         )
@@ -608,10 +612,7 @@ fn kafka() {
     let sent = Instant::now();
     let servers = broker.servers();
     let (produced, stored) = with_book_lines(|lines| produce_batched(&servers, topic, lines))
-        .unwrap_or_else(|| {
-            let mut lines = generated(BOOK_ORDERS, 0.0, TimeDelta::microseconds(12));
-            produce_batched(&servers, topic, &mut lines)
-        });
+        .unwrap_or_else(|| produce_batched(&servers, topic, &mut book_stand_in()));
     let send_secs = sent.elapsed().as_secs_f64();
     let sql = std::fs::read_to_string(root().join("queries/dashboard_kafka.sql")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -754,10 +755,10 @@ fn produce_batched(
         .create()
         .unwrap();
     let mut sent = 0;
-    for (i, line) in lines.enumerate() {
+    for line in lines {
         let mut record = BaseRecord::<(), str>::to(topic)
             .payload(line.as_str())
-            .partition(i as i32 % 4);
+            .partition(sent as i32 % 4);
         while let Err((_, back)) = producer.send(record) {
             record = back;
             producer.poll(Duration::from_millis(10));
