@@ -381,7 +381,7 @@ async fn binding_beyond_loopback_needs_a_token_and_busy_ports_are_skipped() {
     let open = UiOptions {
         bind: "0.0.0.0".parse().unwrap(),
         port: 0,
-        token: None,
+        ..UiOptions::default()
     };
     let Err(e) = UiServer::start(engine.clone(), open.clone()).await else {
         panic!("bound 0.0.0.0 without a token");
@@ -528,4 +528,220 @@ async fn dropping_the_server_ends_its_event_streams() {
         }
     });
     assert!(stopped.await.is_ok(), "the server still answers");
+}
+
+/// Reads `brook`'s standard error a line at a time on a thread of its own, so
+/// that a test can wait for a line with a deadline.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+/// The next line of `lines` that `wanted` accepts, within 60 s.
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    mut wanted: impl FnMut(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = vec![];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if wanted(&line) => return line,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no {what} ({e}); brook wrote:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// `--ui-bind 127.0.0.2`: the pages arrive with the address they were served
+/// from as their Host and Origin, and every loopback name is this machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_loopback_address_serves_its_own_pages() {
+    let engine = Arc::new(Engine::new());
+    let ui = UiServer::start(
+        engine,
+        UiOptions {
+            bind: "127.0.0.2".parse().unwrap(),
+            port: 0,
+            ..UiOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(ui.url().starts_with("http://127.0.0.2:"), "{}", ui.url());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("{}api/queries", ui.url());
+    let port = ui.addr().port();
+    let own = format!("http://127.0.0.2:{port}");
+    let page = http.get(&url).header("origin", &own).send().await.unwrap();
+    assert_eq!(json(page).await, (200, serde_json::json!([])));
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("127.255.0.9:{port}"),
+        format!("[::1]:{port}"),
+        "127.0.0.2".to_string(),
+    ] {
+        let response = http.get(&url).header("host", &host).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{host}");
+    }
+    for host in [
+        format!("127.0.0.2.evil.example:{port}"),
+        format!("10.0.0.1:{port}"),
+        format!("[::]:{port}"),
+    ] {
+        let response = http.get(&url).header("host", &host).send().await.unwrap();
+        assert_error(json(response).await, 403, "own pages");
+    }
+}
+
+/// The pages load only their own scripts and styles, and nothing is taken for
+/// another type than the one it is sent as, whatever the route or its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_carries_a_content_security_policy_and_nosniff() {
+    let open = setup(None).await;
+    let guarded = setup(Some("s3cret")).await;
+    let mut responses = vec![];
+    for path in [
+        "/",
+        "/monitor",
+        "/assets/uPlot.js",
+        "/assets/brook.css",
+        "/assets/nope.js",
+        "/api/queries",
+        "/api/tables/nope",
+        "/no/such/page",
+    ] {
+        responses.push(open.http.get(open.url(path)).send().await.unwrap());
+    }
+    let foreign = open
+        .http
+        .get(open.url("/api/queries"))
+        .header("host", "evil.example");
+    responses.push(foreign.send().await.unwrap());
+    let wrong_method = open.http.post(open.url("/api/queries"));
+    responses.push(wrong_method.send().await.unwrap());
+    responses.push(
+        guarded
+            .http
+            .get(guarded.url("/api/queries"))
+            .send()
+            .await
+            .unwrap(),
+    );
+    responses.push(guarded.http.get(guarded.url("/")).send().await.unwrap());
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 404, 200, 404, 404, 403, 405, 401, 200]
+    );
+    for r in &responses {
+        let csp = r.headers()["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'"), "{}: {csp}", r.url());
+        assert!(csp.contains("script-src 'self';"), "{}: {csp}", r.url());
+        assert!(csp.contains("style-src 'self';"), "{}: {csp}", r.url());
+        assert!(csp.contains("connect-src 'self';"), "{}: {csp}", r.url());
+        assert_eq!(
+            r.headers()["x-content-type-options"],
+            "nosniff",
+            "{}",
+            r.url()
+        );
+    }
+    // What the policy forbids, the pages must not need: no inline script or style.
+    for page in [
+        include_str!("../src/ui/assets/dashboard.html"),
+        include_str!("../src/ui/assets/monitor.html"),
+    ] {
+        assert!(!page.contains("<style") && !page.contains("style="));
+        for script in page.split("<script").skip(1) {
+            assert!(script.starts_with(" src=\"/assets/"), "{script}");
+        }
+        let handler = page.split(" on").skip(1).find(|rest| {
+            rest.trim_start_matches(|c: char| c.is_ascii_lowercase())
+                .starts_with('=')
+        });
+        assert_eq!(handler, None, "an inline event handler");
+    }
+}
+
+/// `--ui-token-file`: the token stays out of `ps`, and a file that cannot give
+/// one is named in the error.
+#[test]
+fn the_token_can_come_from_a_file() {
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data/orders")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/top_clients.sql");
+    let brook = |token_file: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_brook"));
+        c.args([
+            "run",
+            "--ui",
+            "--ui-port",
+            "0",
+            "--trigger",
+            "available-now",
+        ])
+        .args(["--ui-token-file", token_file])
+        .arg(&script)
+        .current_dir(dir.path())
+        .env_remove("BROOK_UI_TOKEN")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null());
+        c
+    };
+    let missing = brook("missing-token").output().unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success());
+    assert!(stderr.contains("missing-token"), "{stderr}");
+    std::fs::write(dir.path().join("empty-token"), "\n").unwrap();
+    let empty = brook("empty-token").output().unwrap();
+    let stderr = String::from_utf8_lossy(&empty.stderr);
+    assert!(!empty.status.success());
+    assert!(
+        stderr.contains("empty-token") && stderr.contains("empty"),
+        "{stderr}"
+    );
+
+    std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+    let mut child = KillOnDrop(brook("token").stderr(Stdio::piped()).spawn().unwrap());
+    let lines = stderr_lines(&mut child.0);
+    let url = wait_for_line(&lines, "UI address", |l| l.starts_with("brook: web UI at "));
+    let url = url.strip_prefix("brook: web UI at ").unwrap();
+    assert!(url.ends_with("/?token=s3cret"), "{url}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.0.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret"));
+    let api = url.replace("?token=s3cret", "api/queries");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        assert_error(
+            json(http.get(&api).send().await.unwrap()).await,
+            401,
+            "token",
+        );
+        let with_token = http.get(&api).bearer_auth("s3cret").send().await.unwrap();
+        assert_eq!(with_token.status(), 200);
+    });
+
+    let help = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--ui-token-file"), "{help}");
+    assert!(help.contains("`ps`"), "{help}");
 }

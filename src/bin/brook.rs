@@ -123,17 +123,27 @@ struct UiArgs {
     /// Address to serve the web UI on ('localhost' or an IP); anything but loopback needs a token.
     #[arg(long, default_value = "127.0.0.1", value_parser = parse_bind)]
     ui_bind: IpAddr,
-    /// Token the web UI's API requires (default: $BROOK_UI_TOKEN, if set).
-    #[arg(long)]
+    /// Token the web UI's API requires (default: $BROOK_UI_TOKEN, if set). Other users see
+    /// it in `ps`: prefer --ui-token-file or BROOK_UI_TOKEN.
+    #[arg(long, conflicts_with = "ui_token_file")]
     ui_token: Option<String>,
+    /// File holding the web UI's token (surrounding whitespace ignored).
+    #[arg(long, value_name = "PATH")]
+    ui_token_file: Option<PathBuf>,
 }
 
 impl UiArgs {
     fn options(self) -> UiOptions {
+        let token = match &self.ui_token_file {
+            Some(_) => None,
+            None => self.ui_token.or_else(|| std::env::var(TOKEN_ENV).ok()),
+        };
         UiOptions {
             bind: self.ui_bind,
             port: self.ui_port,
-            token: self.ui_token.or_else(|| std::env::var(TOKEN_ENV).ok()),
+            token,
+            token_file: self.ui_token_file,
+            ..UiOptions::default()
         }
     }
 }

@@ -6,11 +6,12 @@ mod api;
 mod assets;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::Request;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
@@ -21,8 +22,15 @@ use crate::engine::Engine;
 use crate::error::{BrookError, Result};
 use api::ApiError;
 
-/// The environment variable that gives the token when `--ui-token` does not.
+/// The environment variable that gives the token when no option does.
 pub const TOKEN_ENV: &str = "BROOK_UI_TOKEN";
+
+/// The pages load their own scripts and styles and nothing else (uPlot sets
+/// element styles from its script, which style-src does not govern); the
+/// favicon is an empty `data:` URL.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
 
 /// Ports tried after a busy one, as Spark does for its UI (4040, 4041, ...).
 const PORT_RETRIES: u16 = 16;
@@ -34,6 +42,9 @@ pub struct UiOptions {
     pub port: u16,
     /// Required of API calls when given; required to bind beyond loopback.
     pub token: Option<String>,
+    /// A file holding the token (surrounding whitespace ignored), read at start
+    /// instead of `token`, which `ps` would show when it comes from the command line.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for UiOptions {
@@ -42,6 +53,7 @@ impl Default for UiOptions {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 4040,
             token: None,
+            token_file: None,
         }
     }
 }
@@ -67,13 +79,22 @@ impl UiServer {
 
     /// Binds the first free port from `options.port` on and serves `engine`.
     pub async fn start(engine: Arc<Engine>, options: UiOptions) -> Result<Self> {
-        let token = options.token.filter(|t| !t.is_empty());
+        let token = match (&options.token_file, options.token) {
+            (None, token) => token.filter(|t| !t.is_empty()),
+            (Some(path), None) => Some(read_token_file(path)?),
+            (Some(_), Some(_)) => {
+                return Err(BrookError::option(
+                    "--ui-token-file",
+                    "give the token once: --ui-token-file or --ui-token, not both",
+                ));
+            }
+        };
         if !options.bind.is_loopback() && token.is_none() {
             return Err(BrookError::option(
                 "--ui-bind",
                 format!(
                     "{} is reachable from other machines, and the UI can stop queries: \
-                     give a token with --ui-token or {TOKEN_ENV}",
+                     give a token with --ui-token-file, {TOKEN_ENV} or --ui-token",
                     options.bind
                 ),
             ));
@@ -100,6 +121,7 @@ impl UiServer {
             Some(_) => app,
             None => app.layer(middleware::from_fn(same_origin)),
         };
+        let app = app.layer(middleware::map_response(security_headers));
         let mut stopped = stopping;
         tokio::spawn(async move {
             let stop = async move {
@@ -147,6 +169,31 @@ impl Drop for UiServer {
     }
 }
 
+/// Reads a token from `path`, naming it when it gives none.
+fn read_token_file(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
+    match text.trim() {
+        "" => Err(BrookError::option(
+            "--ui-token-file",
+            format!("{} is empty: write the token into it", path.display()),
+        )),
+        token => Ok(token.to_string()),
+    }
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
 async fn same_origin(request: Request, next: Next) -> Response {
     let headers = request.headers();
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
@@ -161,19 +208,28 @@ async fn same_origin(request: Request, next: Next) -> Response {
     } else {
         ApiError::new(
             StatusCode::FORBIDDEN,
-            "without a token the UI answers only its own pages on 127.0.0.1 or localhost",
+            "without a token the UI answers only its own pages on loopback \
+             (127.0.0.0/8, [::1]) or localhost",
         )
         .into_response()
     }
 }
 
-/// Whether a `host[:port]` names this machine's loopback.
+/// Whether a `host[:port]` names this machine's loopback: `localhost`, an
+/// address in 127.0.0.0/8 (any of which the server may be bound on) or `[::1]`.
 fn is_local(host: &str) -> bool {
     let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
     };
-    matches!(name, "localhost" | "127.0.0.1" | "[::1]")
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let ip = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().map(IpAddr::V6),
+        None => name.parse::<Ipv4Addr>().map(IpAddr::V4),
+    };
+    ip.is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener> {
