@@ -41,6 +41,15 @@ fn write_orders(dir: &Path, name: &str, start: &str, count: i64, seed: u64) {
 }
 
 async fn setup(token: Option<&str>) -> Setup {
+    setup_with(UiOptions {
+        token: token.map(String::from),
+        ..UiOptions::default()
+    })
+    .await
+}
+
+/// The demo's queries on a first file, and a UI on any free port.
+async fn setup_with(options: UiOptions) -> Setup {
     let (dir, input) = common::tmp_source();
     write_orders(&input, "a.csv", "2016-03-22 20:00:00", LINES as i64, 1);
     let engine = Arc::new(Engine::new());
@@ -52,16 +61,9 @@ async fn setup(token: Option<&str>) -> Setup {
     for q in &queries {
         q.process_all_available().await.unwrap();
     }
-    let ui = UiServer::start(
-        engine.clone(),
-        UiOptions {
-            port: 0,
-            token: token.map(String::from),
-            ..UiOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let ui = UiServer::start(engine.clone(), UiOptions { port: 0, ..options })
+        .await
+        .unwrap();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     Setup {
         _dir: dir,
@@ -564,6 +566,67 @@ fn wait_for_line(
     }
 }
 
+/// Connections that send nothing, or half a request, must not take the file
+/// descriptors the queries need: 300 of them under `ulimit -n 256` made every
+/// read of a new file fail with "Too many open files".
+#[test]
+fn idle_connections_leave_the_queries_their_file_descriptors() {
+    use std::io::Write;
+    use std::net::{SocketAddr, TcpStream};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data/orders");
+    std::fs::create_dir_all(&data).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/top_clients.sql");
+    let mut child = KillOnDrop(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"ulimit -n 256 && exec "$0" "$@""#)
+            .arg(env!("CARGO_BIN_EXE_brook"))
+            .args(["run", "--ui", "--ui-port", "0", "--trigger", "200ms"])
+            .args(["--progress", "json"])
+            .arg(&script)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut child.0);
+    let url = wait_for_line(&lines, "UI address", |l| l.starts_with("brook: web UI at "));
+    let addr: SocketAddr = url["brook: web UI at http://".len()..]
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|i| {
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+            if i % 2 == 1 {
+                c.write_all(b"GET /api/queries HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                    .unwrap();
+            }
+            c
+        })
+        .collect();
+    // The server takes what it will of them before the orders arrive.
+    std::thread::sleep(Duration::from_secs(1));
+    write_orders(&data, "a.csv", "2016-03-22 20:00:00", 50, 4);
+    let mut lines_read = 0;
+    wait_for_line(&lines, "batch reading the 50 new lines", |l| {
+        assert!(!l.contains("Too many open files"), "{l}");
+        if let Ok(p) = serde_json::from_str::<Value>(l) {
+            lines_read +=
+                p["num_input_rows"].as_u64().unwrap() + p["num_malformed_rows"].as_u64().unwrap();
+        }
+        lines_read == 50
+    });
+    drop(idle);
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    assert!(child.0.wait().unwrap().success());
+}
+
 /// `--ui-bind 127.0.0.2`: the pages arrive with the address they were served
 /// from as their Host and Origin, and every loopback name is this machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -744,4 +807,107 @@ fn the_token_can_come_from_a_file() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--ui-token-file"), "{help}");
     assert!(help.contains("`ps`"), "{help}");
+}
+
+/// Opens a connection to `addr` that sends `sent` and then waits.
+async fn connect(addr: std::net::SocketAddr, sent: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(sent).await.unwrap();
+    c
+}
+
+/// Everything the server sends on `c` until it closes it, within 30 s.
+async fn until_closed(c: &mut tokio::net::TcpStream, what: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut received = vec![];
+    let closed = tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut received));
+    match closed.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{what}"),
+        Err(_) => panic!("the server kept {what} open"),
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// Connections that send nothing, half a request's headers, or nothing more
+/// after a response: the server closes each after its header timeout, serves
+/// no more than its bound at once, and answers a new client once they are
+/// gone, while the queries read on; an event stream, busy answering, stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_are_bounded_and_time_out() {
+    let s = setup_with(UiOptions {
+        max_connections: Some(4),
+        header_timeout: Duration::from_secs(1),
+        ..UiOptions::default()
+    })
+    .await;
+    let addr = s.ui.addr();
+    let mut events = s.http.get(s.url("/api/events")).send().await.unwrap();
+    let mut idle = vec![];
+    for i in 0..12 {
+        let sent: &[u8] = match i % 3 {
+            0 => b"",
+            1 => b"GET /api/queries HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+            _ => b"GET /api/tables HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        };
+        idle.push((i, connect(addr, sent).await));
+    }
+    write_orders(&s.input, "b.csv", "2016-03-22 20:01:00", 500, 2);
+    for q in &s.queries {
+        q.process_all_available().await.unwrap();
+    }
+    let read: u64 = s.queries[1]
+        .recent_progress()
+        .iter()
+        .map(|p| p.num_input_rows + p.num_malformed_rows)
+        .sum();
+    assert_eq!(read, LINES + 500);
+    let fresh = tokio::time::timeout(Duration::from_secs(30), s.get("/api/tables"));
+    let (status, tables) = fresh.await.expect("no answer to a new client within 30 s");
+    assert_eq!(status, 200);
+    assert_eq!(tables[1]["num_rows"], 5);
+    for (i, c) in &mut idle {
+        let received = until_closed(c, &format!("connection {i}")).await;
+        match *i % 3 {
+            2 => assert!(received.starts_with("HTTP/1.1 200 OK"), "{received}"),
+            _ => assert!(!received.contains("200 OK"), "{received}"),
+        }
+    }
+    write_orders(&s.input, "c.csv", "2016-03-22 20:02:00", 500, 3);
+    let mut text = String::new();
+    while !text.contains("c.csv") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
+            .await
+            .expect("no event within 30 s")
+            .unwrap()
+            .expect("the event stream ended");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+/// A request refused for its token or its origin ends its connection: a client
+/// without the token holds no connection once answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_end_their_connection() {
+    let guarded = setup_with(UiOptions {
+        token: Some("s3cret".into()),
+        header_timeout: Duration::from_secs(600),
+        ..UiOptions::default()
+    })
+    .await;
+    let open = setup_with(UiOptions {
+        header_timeout: Duration::from_secs(600),
+        ..UiOptions::default()
+    })
+    .await;
+    let request = b"GET /api/queries HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+    for (s, status) in [(&guarded, "401"), (&open, "403")] {
+        let mut c = connect(s.ui.addr(), request).await;
+        let received = until_closed(&mut c, "a refused request's connection").await;
+        assert!(
+            received.starts_with(&format!("HTTP/1.1 {status}")),
+            "{received}"
+        );
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -70,6 +70,16 @@ impl ApiError {
             error: error.into(),
         }
     }
+
+    /// The answer to a request refused for who sent it: its connection is
+    /// closed after it rather than kept open for more of the same.
+    pub(super) fn closing(self) -> Response {
+        let mut response = self.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -110,7 +120,7 @@ async fn require_token(State(api): State<Api>, request: Request, next: Next) -> 
             StatusCode::UNAUTHORIZED,
             "this UI needs its token: 'Authorization: Bearer <token>' or '?token=<token>'",
         )
-        .into_response()
+        .closing()
     }
 }
 

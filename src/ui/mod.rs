@@ -7,15 +7,20 @@ mod assets;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use axum::response::Response;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use url::form_urlencoded;
 
 use crate::engine::Engine;
@@ -45,6 +50,14 @@ pub struct UiOptions {
     /// A file holding the token (surrounding whitespace ignored), read at start
     /// instead of `token`, which `ps` would show when it comes from the command line.
     pub token_file: Option<PathBuf>,
+    /// Connections served at once (at least 1); further ones wait unaccepted,
+    /// holding no file descriptor. `None`: an eighth of the open-file limit, 4
+    /// to 256, so that the queries keep the rest.
+    pub max_connections: Option<usize>,
+    /// How long a connection may take to send a request's headers, counted from
+    /// its opening or from its previous response: a connection idle or half-sent
+    /// for longer is closed.
+    pub header_timeout: Duration,
 }
 
 impl Default for UiOptions {
@@ -54,6 +67,8 @@ impl Default for UiOptions {
             port: 4040,
             token: None,
             token_file: None,
+            max_connections: None,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -99,7 +114,7 @@ impl UiServer {
                 ),
             ));
         }
-        let listener = bind(options.bind, options.port).await?;
+        let listener = bind(options.bind, options.port)?;
         let addr = listener
             .local_addr()
             .map_err(|e| BrookError::io(options.bind.to_string(), e))?;
@@ -122,18 +137,16 @@ impl UiServer {
             None => app.layer(middleware::from_fn(same_origin)),
         };
         let app = app.layer(middleware::map_response(security_headers));
-        let mut stopped = stopping;
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!("web UI stopped: {e}");
-            }
-        });
+        let connections = options
+            .max_connections
+            .unwrap_or_else(default_max_connections);
+        tokio::spawn(serve(
+            listener,
+            app,
+            Arc::new(Semaphore::new(connections.max(1))),
+            options.header_timeout,
+            stopping,
+        ));
         Ok(Self {
             addr,
             token,
@@ -181,6 +194,110 @@ fn read_token_file(path: &Path) -> Result<String> {
     }
 }
 
+/// An eighth of the open-file limit, 4 to 256.
+fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct it is given.
+    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur,
+        _ => 1024,
+    };
+    usize::try_from(soft / 8)
+        .unwrap_or(usize::MAX)
+        .clamp(4, 256)
+}
+
+/// Accepts a connection only when one of `connections` is free, so that
+/// clients that connect and wait cannot take the descriptors the queries need.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    connections: Arc<Semaphore>,
+    header_timeout: Duration,
+    stopping: watch::Receiver<bool>,
+) {
+    let mut stopped = stopping.clone();
+    let mut stop = pin!(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = &mut stop => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    app.clone(),
+                    header_timeout,
+                    stopping.clone(),
+                    permit,
+                ));
+            }
+            // The client gave up before it was accepted.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            // Out of descriptors, most likely: the queries come first, so the UI
+            // waits rather than retrying at once.
+            Err(e) => {
+                tracing::warn!("web UI cannot accept a connection: {e}");
+                drop(permit);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = &mut stop => return,
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    header_timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut connection = pin!(connection);
+    let stop = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop => {
+            connection.as_mut().graceful_shutdown();
+            // A client that does not read its response must not keep the
+            // connection beyond the server.
+            match tokio::time::timeout(header_timeout, connection).await {
+                Ok(result) => result,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("web UI connection ended: {e}");
+    }
+}
+
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
@@ -211,7 +328,7 @@ async fn same_origin(request: Request, next: Next) -> Response {
             "without a token the UI answers only its own pages on loopback \
              (127.0.0.0/8, [::1]) or localhost",
         )
-        .into_response()
+        .closing()
     }
 }
 
@@ -232,7 +349,7 @@ fn is_local(host: &str) -> bool {
     ip.is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
-async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener> {
+fn bind(ip: IpAddr, port: u16) -> Result<TcpListener> {
     let last = if port == 0 {
         0
     } else {
@@ -240,7 +357,7 @@ async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener> {
     };
     let mut error = None;
     for port in port..=last {
-        match TcpListener::bind((ip, port)).await {
+        match listen(SocketAddr::new(ip, port)) {
             Ok(listener) => return Ok(listener),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => error = Some(e),
             Err(e) => return Err(BrookError::io(SocketAddr::new(ip, port).to_string(), e)),
@@ -248,4 +365,20 @@ async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener> {
     }
     let e = error.unwrap_or_else(|| std::io::Error::other("no port to try"));
     Err(BrookError::io(format!("{ip} ports {port}-{last}"), e))
+}
+
+/// Connections beyond the bound wait in the kernel's queue, which holds no
+/// descriptor of this process (Linux caps it at `net.core.somaxconn`).
+const BACKLOG: u32 = 1024;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As std does on Unix: a restarted UI gets its port back while the last
+    // run's connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
