@@ -196,18 +196,28 @@ fn read_token_file(path: &Path) -> Result<String> {
 
 /// An eighth of the open-file limit, 4 to 256.
 fn default_max_connections() -> usize {
+    usize::try_from(open_file_limit() / 8)
+        .unwrap_or(usize::MAX)
+        .clamp(4, 256)
+}
+
+#[cfg(unix)]
+fn open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit only writes into the struct it is given.
-    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
         0 => limit.rlim_cur,
         _ => 1024,
-    };
-    usize::try_from(soft / 8)
-        .unwrap_or(usize::MAX)
-        .clamp(4, 256)
+    }
+}
+
+/// No per-process limit to share with the queries: the bound's upper end.
+#[cfg(not(unix))]
+fn open_file_limit() -> u64 {
+    2048
 }
 
 /// Accepts a connection only when one of `connections` is free, so that
