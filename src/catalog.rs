@@ -537,10 +537,35 @@ impl SinkDef {
             kind,
             output_mode: options.get("outputMode").map(str::parse).transpose()?,
             trigger: options.get("trigger").map(str::parse).transpose()?,
-            query_name: options.get("queryName").map(str::to_string),
+            query_name: options
+                .get("queryName")
+                .map(|name| {
+                    unfit_dir_name(name)
+                        .map_or(Ok(name.to_string()), |why| Err(bad_query_name(name, why)))
+                })
+                .transpose()?,
             checkpoint_location: options.get("checkpointLocation").map(str::to_string),
             min_batches_to_retain: options.parse("minBatchesToRetain", "a batch count")?,
         })
+    }
+
+    /// The query's name, which names its checkpoint below a checkpoint root
+    /// (`--checkpoint DIR`): a table name that cannot asks for a `queryName`.
+    pub fn query_name_below_root(&self) -> Result<String> {
+        if let Some(name) = &self.query_name {
+            return Ok(name.clone());
+        }
+        match unfit_dir_name(&self.name) {
+            Some(why) => Err(BrookError::option(
+                "queryName",
+                format!(
+                    "sink table '{}' needs one: its name cannot name its query's checkpoint \
+                     directory below --checkpoint DIR ({why})",
+                    self.name.escape_debug()
+                ),
+            )),
+            None => Ok(self.name.clone()),
+        }
     }
 
     /// Creates the sink; a memory sink is also returned as such, to be registered as a table.
@@ -561,4 +586,31 @@ impl SinkDef {
             SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),
         })
     }
+}
+
+/// Why `name` cannot be a directory's name below another (a checkpoint root),
+/// if it cannot: it would name a directory elsewhere, or none.
+fn unfit_dir_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name == "." || name == ".." {
+        Some("it names a directory, not one below")
+    } else if name.contains(['/', '\\']) {
+        Some("it contains a path separator")
+    } else if name.contains('\0') {
+        Some("it contains a NUL character")
+    } else {
+        None
+    }
+}
+
+fn bad_query_name(name: &str, why: &str) -> BrookError {
+    BrookError::option(
+        "queryName",
+        format!(
+            "'{}' cannot name a query ({why}): a query's name is also its checkpoint \
+             directory's below --checkpoint DIR, so it is one plain name such as 'top_clients'",
+            name.escape_debug()
+        ),
+    )
 }
