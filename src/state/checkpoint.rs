@@ -163,8 +163,8 @@ struct Links {
 }
 
 /// What a user can do about a log file that does not belong where it is.
-const NOT_THIS_CHECKPOINTS: &str = "it comes from another batch, run or checkpoint; put back \
-     this checkpoint's own file, or start over with a new checkpoint location";
+const PUT_BACK: &str =
+    "put back this checkpoint's own file, or start over with a new checkpoint location";
 
 /// Where a restarted query resumes.
 #[derive(Debug, Default)]
@@ -387,7 +387,8 @@ impl Checkpoint {
                     format!(
                         "batch {id}'s commit does not follow this checkpoint's offsets/{id} \
                          (it was written after offsets with checksum {named:08x}, these \
-                         have {:08x}): one of the two {NOT_THIS_CHECKPOINTS}",
+                         have {:08x}): one of the two comes from another run or copy of this \
+                         checkpoint; {PUT_BACK}",
                         offsets.crc32
                     ),
                 ));
@@ -432,7 +433,8 @@ impl Checkpoint {
             return Err(BrookError::checkpoint(
                 self.files.display(&rel),
                 format!(
-                    "holds batch {}'s commit, not batch {id}'s: {NOT_THIS_CHECKPOINTS}",
+                    "holds batch {}'s commit, not batch {id}'s: it belongs to another batch; \
+                     {PUT_BACK}",
                     commit.value.batch_id
                 ),
             ));
@@ -454,14 +456,15 @@ impl Checkpoint {
             |message: String| Err(BrookError::checkpoint(self.files.display(&rel), message));
         if entry.batch_id != id {
             return wrong(format!(
-                "holds batch {}'s offsets, not batch {id}'s: {NOT_THIS_CHECKPOINTS}",
+                "holds batch {}'s offsets, not batch {id}'s: it belongs to another batch; \
+                 {PUT_BACK}",
                 entry.batch_id
             ));
         }
         if let Some(other) = entry.query_id.as_ref().filter(|q| **q != self.id) {
             return wrong(format!(
-                "written by another query (id {other}), not this checkpoint's ({}): \
-                 {NOT_THIS_CHECKPOINTS}",
+                "written by another query (id {other}), not this checkpoint's ({}): it \
+                 comes from another checkpoint; {PUT_BACK}",
                 self.id
             ));
         }
@@ -472,7 +475,7 @@ impl Checkpoint {
             return wrong(format!(
                 "batch {id} was planned after a commit of batch {batch} with checksum \
                  {named:08x}, but this checkpoint's commits/{batch} has {crc:08x}: one of the \
-                 two {NOT_THIS_CHECKPOINTS}"
+                 two comes from another run or copy of this checkpoint; {PUT_BACK}"
             ));
         }
         Ok(offsets)
@@ -490,15 +493,15 @@ impl Checkpoint {
             serde_json::from_value(file.value).map_err(|e| fail(format!("unreadable: {e}")))?;
         if snapshot.batch_id != id {
             return Err(fail(format!(
-                "holds the source's progress before batch {}, not before batch {id}: \
-                 {NOT_THIS_CHECKPOINTS}",
+                "holds the source's progress before batch {}, not before batch {id}: it \
+                 belongs to another batch; {PUT_BACK}",
                 snapshot.batch_id
             )));
         }
         if snapshot.query_id != self.id {
             return Err(fail(format!(
-                "written by another query (id {}), not this checkpoint's ({}): \
-                 {NOT_THIS_CHECKPOINTS}",
+                "written by another query (id {}), not this checkpoint's ({}): it comes \
+                 from another checkpoint; {PUT_BACK}",
                 snapshot.query_id, self.id
             )));
         }
