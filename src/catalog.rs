@@ -537,35 +537,10 @@ impl SinkDef {
             kind,
             output_mode: options.get("outputMode").map(str::parse).transpose()?,
             trigger: options.get("trigger").map(str::parse).transpose()?,
-            query_name: options
-                .get("queryName")
-                .map(|name| {
-                    unfit_dir_name(name)
-                        .map_or(Ok(name.to_string()), |why| Err(bad_query_name(name, why)))
-                })
-                .transpose()?,
+            query_name: options.get("queryName").map(query_name).transpose()?,
             checkpoint_location: options.get("checkpointLocation").map(str::to_string),
             min_batches_to_retain: options.parse("minBatchesToRetain", "a batch count")?,
         })
-    }
-
-    /// The query's name, which names its checkpoint below a checkpoint root
-    /// (`--checkpoint DIR`): a table name that cannot asks for a `queryName`.
-    pub fn query_name_below_root(&self) -> Result<String> {
-        if let Some(name) = &self.query_name {
-            return Ok(name.clone());
-        }
-        match unfit_dir_name(&self.name) {
-            Some(why) => Err(BrookError::option(
-                "queryName",
-                format!(
-                    "sink table '{}' needs one: its name cannot name its query's checkpoint \
-                     directory below --checkpoint DIR ({why})",
-                    self.name.escape_debug()
-                ),
-            )),
-            None => Ok(self.name.clone()),
-        }
     }
 
     /// Creates the sink; a memory sink is also returned as such, to be registered as a table.
@@ -588,29 +563,26 @@ impl SinkDef {
     }
 }
 
-/// Why `name` cannot be a directory's name below another (a checkpoint root),
-/// if it cannot: it would name a directory elsewhere, or none.
-fn unfit_dir_name(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        Some("it is empty")
+/// The value of option `queryName`, which also names the query's checkpoint
+/// directory below a checkpoint root (`--checkpoint DIR`): one plain name.
+fn query_name(name: &str) -> Result<String> {
+    let why = if name.is_empty() {
+        "it is empty"
     } else if name == "." || name == ".." {
-        Some("it names a directory, not one below")
+        "it names a directory, not one below"
     } else if name.contains(['/', '\\']) {
-        Some("it contains a path separator")
+        "it contains a path separator"
     } else if name.contains('\0') {
-        Some("it contains a NUL character")
+        "it contains a NUL character"
     } else {
-        None
-    }
-}
-
-fn bad_query_name(name: &str, why: &str) -> BrookError {
-    BrookError::option(
+        return Ok(name.to_string());
+    };
+    Err(BrookError::option(
         "queryName",
         format!(
             "'{}' cannot name a query ({why}): a query's name is also its checkpoint \
              directory's below --checkpoint DIR, so it is one plain name such as 'top_clients'",
             name.escape_debug()
         ),
-    )
+    ))
 }

@@ -306,11 +306,7 @@ impl Engine {
         };
         let checkpoint = match (&def.checkpoint_location, &self.overrides.checkpoint_root) {
             (Some(own), _) => Some(own.clone()),
-            (None, Some(root)) => Some(format!(
-                "{}/{}",
-                root.trim_end_matches('/'),
-                def.query_name_below_root()?
-            )),
+            (None, Some(root)) => Some(format!("{}/{name}", root.trim_end_matches('/'))),
             (None, None) => None,
         };
         let mut options = QueryOptions {
