@@ -537,7 +537,7 @@ impl SinkDef {
             kind,
             output_mode: options.get("outputMode").map(str::parse).transpose()?,
             trigger: options.get("trigger").map(str::parse).transpose()?,
-            query_name: options.get("queryName").map(str::to_string),
+            query_name: options.get("queryName").map(query_name).transpose()?,
             checkpoint_location: options.get("checkpointLocation").map(str::to_string),
             min_batches_to_retain: options.parse("minBatchesToRetain", "a batch count")?,
         })
@@ -561,4 +561,28 @@ impl SinkDef {
             SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),
         })
     }
+}
+
+/// The value of option `queryName`, which also names the query's checkpoint
+/// directory below a checkpoint root (`--checkpoint DIR`): one plain name.
+fn query_name(name: &str) -> Result<String> {
+    let why = if name.is_empty() {
+        "it is empty"
+    } else if name == "." || name == ".." {
+        "it names a directory, not one below"
+    } else if name.contains(['/', '\\']) {
+        "it contains a path separator"
+    } else if name.contains('\0') {
+        "it contains a NUL character"
+    } else {
+        return Ok(name.to_string());
+    };
+    Err(BrookError::option(
+        "queryName",
+        format!(
+            "'{}' cannot name a query ({why}): a query's name is also its checkpoint \
+             directory's below --checkpoint DIR, so it is one plain name such as 'top_clients'",
+            name.escape_debug()
+        ),
+    ))
 }

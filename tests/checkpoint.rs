@@ -542,3 +542,368 @@ async fn files_with_names_that_need_escaping_are_read_once_across_restarts() {
     assert_eq!(top(&second).await.len(), 2);
     query.stop().await.unwrap();
 }
+
+/// Each order's id and symbol into JSON part files in `output`, one file per batch.
+fn orders_to_json(input: &Path, output: &Path, checkpoint: &Path) -> String {
+    format!(
+        "{} CREATE EXTERNAL TABLE out STORED AS JSON LOCATION '{}' OPTIONS ('checkpointLocation' '{}');
+         INSERT INTO out SELECT order_id, symbol FROM orders;",
+        source_ddl(input, false),
+        output.display(),
+        checkpoint.display()
+    )
+}
+
+/// The lines of all part files in `output`, sorted.
+fn sink_lines(output: &Path) -> Vec<String> {
+    let mut lines = vec![];
+    for entry in std::fs::read_dir(output).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("part-")
+        {
+            let text = std::fs::read_to_string(&path).unwrap();
+            lines.extend(text.lines().map(str::to_string));
+        }
+    }
+    lines.sort();
+    lines
+}
+
+fn order_lines(ids: &[(i64, &str)]) -> Vec<String> {
+    ids.iter()
+        .map(|(id, symbol)| format!(r#"{{"order_id":{id},"symbol":"{symbol}"}}"#))
+        .collect()
+}
+
+/// Orders 1 (a.csv), 2 (b.csv) and 3 (c.csv) run as batches 0, 1 and 2.
+async fn three_batches(input: &Path, script: &str) {
+    put(input, "a.csv", &[order("20:00:01", 1, "AAPL", 1, 1.0, "B")]);
+    put(input, "b.csv", &[order("20:00:02", 2, "MSFT", 1, 1.0, "S")]);
+    put(input, "c.csv", &[order("20:00:03", 3, "IBM", 1, 1.0, "B")]);
+    let query = run_available(&Engine::new(), script).await;
+    assert_eq!(batch_ids_and_rows(&query), [(0, 1), (1, 1), (2, 1)]);
+    query.stop().await.unwrap();
+}
+
+/// The error a restarted query fails with; a query that runs instead fails the test.
+async fn refusal(script: &str) -> String {
+    let engine = Engine::new();
+    let query = start_one(&engine, script).await;
+    let outcome = query.process_all_available().await;
+    let _ = query.stop().await;
+    match outcome {
+        Ok(()) => panic!("the query ran: {:?}", batch_ids_and_rows(&query)),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_commit_copied_under_a_later_batch_number_is_refused() {
+    let (tmp, input) = tmp_source();
+    let (checkpoint, output) = (tmp.path().join("checkpoint"), tmp.path().join("out"));
+    let script = orders_to_json(&input, &output, &checkpoint);
+    three_batches(&input, &script).await;
+    // Resuming after "batch 0" would run d.csv as batch 1 and overwrite b.csv's part.
+    let stale = checkpoint.join("commits/2");
+    std::fs::copy(checkpoint.join("commits/0"), &stale).unwrap();
+    put(&input, "d.csv", &[order("20:00:04", 4, "SAP", 1, 1.0, "S")]);
+    let err = refusal(&script).await;
+    assert!(
+        err.contains(&stale.display().to_string())
+            && err.contains("holds batch 0's commit, not batch 2's"),
+        "{err}"
+    );
+    assert_eq!(
+        sink_lines(&output),
+        order_lines(&[(1, "AAPL"), (2, "MSFT"), (3, "IBM")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_offsets_copied_under_the_batch_to_rerun_are_refused() {
+    let (tmp, input) = tmp_source();
+    let (checkpoint, output) = (tmp.path().join("checkpoint"), tmp.path().join("out"));
+    let script = orders_to_json(&input, &output, &checkpoint);
+    three_batches(&input, &script).await;
+    // Batch 2 planned but not committed, its offsets replaced by batch 1's:
+    // re-running it would count b.csv's order twice.
+    std::fs::remove_file(checkpoint.join("commits/2")).unwrap();
+    let stale = checkpoint.join("offsets/2");
+    std::fs::copy(checkpoint.join("offsets/1"), &stale).unwrap();
+    let err = refusal(&script).await;
+    assert!(
+        err.contains(&stale.display().to_string())
+            && err.contains("holds batch 1's offsets, not batch 2's"),
+        "{err}"
+    );
+    assert_eq!(
+        sink_lines(&output),
+        order_lines(&[(1, "AAPL"), (2, "MSFT"), (3, "IBM")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_from_another_checkpoint_are_refused() {
+    let (tmp, input) = tmp_source();
+    let (checkpoint, output) = (tmp.path().join("checkpoint"), tmp.path().join("out"));
+    let script = orders_to_json(&input, &output, &checkpoint);
+    three_batches(&input, &script).await;
+    // The same query over the same files with a checkpoint of its own.
+    let other = tmp.path().join("other");
+    let other_script = orders_to_json(&input, &tmp.path().join("other_out"), &other);
+    run_available(&Engine::new(), &other_script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    std::fs::remove_file(checkpoint.join("commits/2")).unwrap();
+    let foreign = checkpoint.join("offsets/2");
+    std::fs::copy(other.join("offsets/2"), &foreign).unwrap();
+    let err = refusal(&script).await;
+    assert!(
+        err.contains(&foreign.display().to_string()) && err.contains("written by another query"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_from_a_diverged_copy_of_the_checkpoint_is_refused() {
+    let (tmp, input) = tmp_source();
+    let (checkpoint, output) = (tmp.path().join("checkpoint"), tmp.path().join("out"));
+    let script = orders_to_json(&input, &output, &checkpoint);
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 1, 1.0, "B")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    // A copy of the checkpoint (same query id) goes on with other input.
+    let copy = tmp.path().join("copy");
+    let copied = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(&checkpoint)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let copy_script = orders_to_json(&input, &tmp.path().join("copy_out"), &copy);
+    put(&input, "x.csv", &[order("20:00:09", 9, "XOM", 1, 1.0, "S")]);
+    run_available(&Engine::new(), &copy_script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    std::fs::remove_file(input.join("x.csv")).unwrap();
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:02", 2, "MSFT", 1, 1.0, "S")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    // Both have a batch 1: x.csv in the copy, b.csv here.
+    let mixed = checkpoint.join("commits/1");
+    std::fs::copy(copy.join("commits/1"), &mixed).unwrap();
+    let err = refusal(&script).await;
+    assert!(
+        err.contains(&mixed.display().to_string())
+            && err.contains("does not follow")
+            && err.contains("offsets/1"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_source_snapshot_copied_under_a_later_number_is_refused() {
+    let (tmp, input) = tmp_source();
+    let (checkpoint, output) = (tmp.path().join("checkpoint"), tmp.path().join("out"));
+    let script = orders_to_json(&input, &output, &checkpoint);
+    put(
+        &input,
+        "00.csv",
+        &[order("20:00:00", 100, "AAPL", 1, 1.0, "B")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    let first = std::fs::read(checkpoint.join("sources/0")).unwrap();
+    for i in 1..12 {
+        put(
+            &input,
+            &format!("{i:02}.csv"),
+            &[order("20:00:01", 100 + i, "AAPL", 1, 1.0, "B")],
+        );
+    }
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    // The source's progress before batch 0 as that before batch 10: every file
+    // read since would be read again.
+    let stale = checkpoint.join("sources/10");
+    assert!(stale.exists());
+    let before = sink_lines(&output);
+    assert_eq!(before.len(), 12);
+    std::fs::write(&stale, first).unwrap();
+    put(
+        &input,
+        "12.csv",
+        &[order("20:00:02", 112, "AAPL", 1, 1.0, "B")],
+    );
+    let err = refusal(&script).await;
+    assert!(
+        err.contains(&stale.display().to_string())
+            && err.contains("holds the source's progress before batch 0, not before batch 10"),
+        "{err}"
+    );
+    assert_eq!(sink_lines(&output), before);
+}
+
+/// Rewrites a checkpoint JSON file as `change` says, with a header of `version`
+/// (by default the file's own).
+fn rewrite(
+    path: &Path,
+    version: Option<&str>,
+    change: impl Fn(serde_json::Value) -> serde_json::Value,
+) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let (header, body) = text.split_once('\n').unwrap();
+    let version = version.unwrap_or_else(|| header.split(' ').next().unwrap());
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    let body = serde_json::to_vec(&change(body)).unwrap();
+    let mut bytes = format!("{version} crc32={:08x}\n", crc32fast::hash(&body)).into_bytes();
+    bytes.extend_from_slice(&body);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_written_before_batch_links_still_resumes() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:02", 2, "MSFT", 5, 1.0, "S")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    // As the previous release wrote them: no query id or digests in the logs,
+    // the source's progress alone in its file.
+    for dir in ["offsets", "commits"] {
+        for entry in std::fs::read_dir(checkpoint.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            rewrite(&path, None, |mut v| {
+                let fields = v.as_object_mut().unwrap();
+                for new in ["query_id", "previous_commit_crc32", "offsets_crc32"] {
+                    fields.remove(new);
+                }
+                v
+            });
+        }
+    }
+    rewrite(&checkpoint.join("sources/0"), Some("v1"), |v| {
+        v["progress"].clone()
+    });
+
+    put(&input, "c.csv", &[order("20:00:03", 1, "IBM", 1, 4.0, "B")]);
+    let engine = Engine::new();
+    let query = run_available(&engine, &script).await;
+    assert_eq!(batch_ids_and_rows(&query), [(2, 1)]);
+    assert_eq!(
+        top(&engine).await,
+        rows(&[&["101", "24.0", "2"], &["102", "5.0", "1"]])
+    );
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_files_a_kill_leaves_are_removed_at_the_next_start() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let script = top_clients(&input, &checkpoint, "client_id");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    run_available(&Engine::new(), &script)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    // What a write killed before its rename leaves: `.<name>.tmp` beside the file.
+    let left = [
+        ".metadata.tmp",
+        "offsets/.1.tmp",
+        "commits/.1.tmp",
+        "sources/.30.tmp",
+        "state/aggregate/.1.arrow.tmp",
+        "state/aggregate/.1.delta.arrow.tmp",
+    ];
+    for name in left {
+        std::fs::write(checkpoint.join(name), "half written").unwrap();
+    }
+    put(
+        &input,
+        "b.csv",
+        &[order("20:00:02", 2, "MSFT", 5, 1.0, "S")],
+    );
+    let engine = Engine::new();
+    let query = run_available(&engine, &script).await;
+    assert_eq!(batch_ids_and_rows(&query), [(1, 1)]);
+    query.stop().await.unwrap();
+    for name in left {
+        assert!(!checkpoint.join(name).exists(), "{name} is still there");
+    }
+}
+
+#[test]
+fn a_query_name_that_leaves_the_checkpoint_directory_is_refused() {
+    let (tmp, input) = tmp_source();
+    let project = tmp.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    for name in ["../../x", "a/b", "..", ".", ""] {
+        let script = format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION '' OPTIONS ('queryName' '{name}');
+             INSERT INTO out SELECT order_id FROM orders;",
+            source_ddl(&input, false)
+        );
+        std::fs::write(project.join("q.sql"), script).unwrap();
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
+            .args(["run", "q.sql", "--checkpoint", "checkpoint"])
+            .args(["--trigger", "available-now"])
+            .current_dir(&project)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains("queryName") && stderr.contains(&format!("'{name}'")),
+            "{name}: {stderr}"
+        );
+        assert!(!tmp.path().join("x").exists());
+    }
+}

@@ -476,6 +476,7 @@ async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
                 event_time: Default::default(),
                 state: [(STATE_OPERATOR.to_string(), file)].into(),
                 state_deltas: Default::default(),
+                offsets_crc32: None,
             };
             cp.write_commit(&entry).await?;
             crash_point("commits", batch_id);

@@ -699,6 +699,7 @@ impl Runner {
             },
             state,
             state_deltas,
+            offsets_crc32: None,
         };
         cp.write_commit(&entry).await?;
         crash_point("commits", batch_id);

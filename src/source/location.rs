@@ -59,7 +59,7 @@ impl Location {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = parent.join(format!(".{name}.tmp"));
+        let tmp = parent.join(temporary_name(&name));
         // fsync blocks for milliseconds: off the runtime's threads, which run other queries.
         let staged = tmp.clone();
         blocking(move || {
@@ -200,6 +200,17 @@ fn without_dot_dot(path: &FsPath) -> PathBuf {
 fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> BrookError {
     let path = path.to_path_buf();
     move |e| BrookError::io(path, e)
+}
+
+/// The hidden name a local file is written under before it is renamed into place.
+fn temporary_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
+/// Whether `name` is one [`Location::write_file`] writes under: a kill before the
+/// rename leaves it behind.
+pub(crate) fn is_temporary(name: &str) -> bool {
+    name.len() > ".tmp".len() + 1 && name.starts_with('.') && name.ends_with(".tmp")
 }
 
 /// Runs file-system work off the runtime's threads, which run other queries.

@@ -13,6 +13,12 @@
 //!
 //! A batch with offsets but no commit is re-run on restart with the same input;
 //! a committed batch never runs again. See the README for the recovery contract.
+//!
+//! Every log file names the batch it belongs to, and they are linked by the
+//! checksums of their bodies: batch N's offsets name the query and batch N-1's
+//! commit, and batch N's commit names batch N's offsets. A restart checks the
+//! files it reads against their names and links, so that a file copied from
+//! another batch, another run or another checkpoint is refused, not trusted.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Cursor;
@@ -27,7 +33,7 @@ use datafusion::execution::runtime_env::RuntimeEnv;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::files::{CheckpointFiles, JSON_V1, JSON_V2};
+use super::files::{CheckpointFiles, JSON_V1, JSON_V2, JSON_V3, Json};
 use crate::error::{BrookError, Result};
 use crate::exec::faults;
 use crate::source::SourceOffset;
@@ -90,6 +96,13 @@ pub struct OffsetEntry {
     /// `None` for a batch without input that only closes state by the watermark.
     pub source: Option<SourceOffset>,
     pub planned_at: String,
+    /// The checkpoint's query id. Files written before it was recorded lack it,
+    /// as they lack the link below; what is missing is not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_id: Option<String>,
+    /// The checksum of batch N-1's commit, which this batch follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_commit_crc32: Option<u32>,
 }
 
 /// The event-time position between batches.
@@ -127,7 +140,31 @@ pub struct CommitEntry {
     /// Each operator's changes since its snapshot, oldest first.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub state_deltas: BTreeMap<String, Vec<StateFile>>,
+    /// The checksum of batch N's offsets; [`Checkpoint::write_commit`] sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offsets_crc32: Option<u32>,
 }
+
+/// The source's progress before a batch, as `sources/<N>` holds it (in `v3`;
+/// earlier files hold the progress alone).
+#[derive(Serialize, Deserialize)]
+struct SourceSnapshot<Q, P> {
+    batch_id: u64,
+    query_id: Q,
+    progress: P,
+}
+
+/// The batch and checksum of the last offsets and commit written or read, which
+/// the next commit and offsets name.
+#[derive(Debug, Default)]
+struct Links {
+    offsets: Option<(u64, u32)>,
+    commit: Option<(u64, u32)>,
+}
+
+/// What a user can do about a log file that does not belong where it is.
+const PUT_BACK: &str =
+    "put back this checkpoint's own file, or start over with a new checkpoint location";
 
 /// Where a restarted query resumes.
 #[derive(Debug, Default)]
@@ -162,6 +199,7 @@ pub struct Checkpoint {
     /// Clean-up keeps every state file from there on: the commit's changes, and
     /// snapshots written since that a next commit may name.
     state_floor: Mutex<BTreeMap<String, u64>>,
+    links: Mutex<Links>,
     /// A new checkpoint's metadata, written while the query starts reading
     /// (two fsyncs held up every start). Every other file waits for it: offsets
     /// without metadata read as a damaged checkpoint.
@@ -195,6 +233,7 @@ impl Checkpoint {
     ) -> Result<Self> {
         let files = CheckpointFiles::new(Location::resolve(location, runtime)?)?;
         let lock = Arc::new(CheckpointLock::acquire(&files)?);
+        files.remove_temporary().await?;
         let mut metadata = MetadataWrite::Written;
         let id = match files.read_json::<Metadata>("metadata").await? {
             Some(meta) => {
@@ -235,7 +274,8 @@ impl Checkpoint {
                 metadata = MetadataWrite::Writing(faults::spawn(async move {
                     let written = files
                         .write_json("metadata", &meta, ("metadata-tmp", 0))
-                        .await;
+                        .await
+                        .map(|_| ());
                     drop(lock);
                     written
                 }));
@@ -248,6 +288,7 @@ impl Checkpoint {
             retain: min_batches_to_retain.max(1),
             operators: Mutex::default(),
             state_floor: Mutex::default(),
+            links: Mutex::default(),
             metadata: tokio::sync::Mutex::new(metadata),
             _lock: lock,
         })
@@ -295,8 +336,88 @@ impl Checkpoint {
         Ok(ids)
     }
 
-    async fn required<T: serde::de::DeserializeOwned>(&self, rel: &str) -> Result<T> {
-        self.files.read_json(rel).await?.ok_or_else(|| {
+    /// Reads where the query resumes, checking each file it reads against its
+    /// name and its links to the others.
+    pub async fn recover(&self) -> Result<Recovery> {
+        let last_commit_id = self.ids("commits").await?.pop();
+        let last_offset_id = self.ids("offsets").await?.pop();
+        let next = last_commit_id.map_or(0, |c| c + 1);
+        if let Some(id) = last_offset_id.filter(|id| *id > next) {
+            return Err(BrookError::checkpoint(
+                self.files.display(&format!("offsets/{id}")),
+                format!(
+                    "batch {id} was planned but batch {} never committed: the checkpoint \
+                     is damaged",
+                    id - 1
+                ),
+            ));
+        }
+        // Read first: a stale copy as the last commit is named as such, rather
+        // than by the offsets missing for the batches it claims.
+        let last_commit = match last_commit_id {
+            Some(id) => Some(self.read_commit(id).await?),
+            None => None,
+        };
+        let snapshot_id = self.ids("sources").await?.into_iter().rfind(|s| *s <= next);
+        let source_snapshot = match snapshot_id {
+            Some(s) => Some(self.read_source(s).await?),
+            None => None,
+        };
+        // The committed batches a restart relies on, from the source snapshot
+        // (or the last commit) on: each commit must follow its offsets, and
+        // each offsets the commit before.
+        let mut committed_offsets = vec![];
+        let mut previous: Option<(u64, u32)> = None;
+        let first = snapshot_id.unwrap_or(0).min(last_commit_id.unwrap_or(0));
+        for id in first..next {
+            let offsets = self.read_offsets(id, previous).await?;
+            let read;
+            let commit = match &last_commit {
+                Some(last) if last.value.batch_id == id => last,
+                _ => {
+                    read = self.read_commit(id).await?;
+                    &read
+                }
+            };
+            if let Some(named) = commit.value.offsets_crc32
+                && named != offsets.crc32
+            {
+                return Err(BrookError::checkpoint(
+                    self.files.display(&format!("commits/{id}")),
+                    format!(
+                        "batch {id}'s commit does not follow this checkpoint's offsets/{id} \
+                         (it was written after offsets with checksum {named:08x}, these \
+                         have {:08x}): one of the two comes from another run or copy of this \
+                         checkpoint; {PUT_BACK}",
+                        offsets.crc32
+                    ),
+                ));
+            }
+            previous = Some((id, commit.crc32));
+            if id >= snapshot_id.unwrap_or(0) {
+                committed_offsets.extend(offsets.value.source);
+            }
+        }
+        let rerun = match last_offset_id {
+            Some(id) if id == next => Some(self.read_offsets(id, previous).await?),
+            _ => None,
+        };
+        if let Ok(mut links) = self.links.lock() {
+            *links = Links {
+                offsets: rerun.as_ref().map(|r| (next, r.crc32)),
+                commit: last_commit.as_ref().map(|c| (c.value.batch_id, c.crc32)),
+            };
+        }
+        Ok(Recovery {
+            last_commit: last_commit.map(|c| c.value),
+            source_snapshot,
+            committed_offsets,
+            rerun: rerun.map(|r| r.value),
+        })
+    }
+
+    async fn required<T: serde::de::DeserializeOwned>(&self, rel: &str) -> Result<Json<T>> {
+        self.files.read_json_file(rel).await?.ok_or_else(|| {
             BrookError::checkpoint(
                 self.files.display(rel),
                 "missing: the checkpoint is damaged; restore it or use a new checkpoint location",
@@ -304,64 +425,116 @@ impl Checkpoint {
         })
     }
 
-    /// Reads where the query resumes.
-    pub async fn recover(&self) -> Result<Recovery> {
-        let last_commit_id = self.ids("commits").await?.pop();
-        let last_offset_id = self.ids("offsets").await?.pop();
-        let last_commit: Option<CommitEntry> = match last_commit_id {
-            Some(id) => Some(self.required(&format!("commits/{id}")).await?),
-            None => None,
-        };
-        let next = last_commit_id.map_or(0, |c| c + 1);
-        let rerun = match last_offset_id {
-            Some(id) if id == next => Some(
-                self.required::<OffsetEntry>(&format!("offsets/{id}"))
-                    .await?,
-            ),
-            Some(id) if id > next => {
-                return Err(BrookError::checkpoint(
-                    self.files.display(&format!("offsets/{id}")),
-                    format!(
-                        "batch {id} was planned but batch {} never committed: the checkpoint \
-                         is damaged",
-                        id - 1
-                    ),
-                ));
-            }
-            _ => None,
-        };
-        let snapshot_id = self.ids("sources").await?.into_iter().rfind(|s| *s <= next);
-        let source_snapshot = match snapshot_id {
-            Some(s) => Some(self.required(&format!("sources/{s}")).await?),
-            None => None,
-        };
-        let mut committed_offsets = vec![];
-        for id in snapshot_id.unwrap_or(0)..next {
-            let entry: OffsetEntry = self.required(&format!("offsets/{id}")).await?;
-            committed_offsets.extend(entry.source);
+    /// Reads `commits/<id>`, refusing one written for another batch.
+    async fn read_commit(&self, id: u64) -> Result<Json<CommitEntry>> {
+        let rel = format!("commits/{id}");
+        let commit: Json<CommitEntry> = self.required(&rel).await?;
+        if commit.value.batch_id != id {
+            return Err(BrookError::checkpoint(
+                self.files.display(&rel),
+                format!(
+                    "holds batch {}'s commit, not batch {id}'s: it belongs to another batch; \
+                     {PUT_BACK}",
+                    commit.value.batch_id
+                ),
+            ));
         }
-        Ok(Recovery {
-            last_commit,
-            source_snapshot,
-            committed_offsets,
-            rerun,
-        })
+        Ok(commit)
+    }
+
+    /// Reads `offsets/<id>`, refusing one written for another batch or query,
+    /// or after another commit than `previous` (batch id-1's batch and checksum).
+    async fn read_offsets(
+        &self,
+        id: u64,
+        previous: Option<(u64, u32)>,
+    ) -> Result<Json<OffsetEntry>> {
+        let rel = format!("offsets/{id}");
+        let offsets: Json<OffsetEntry> = self.required(&rel).await?;
+        let entry = &offsets.value;
+        let wrong =
+            |message: String| Err(BrookError::checkpoint(self.files.display(&rel), message));
+        if entry.batch_id != id {
+            return wrong(format!(
+                "holds batch {}'s offsets, not batch {id}'s: it belongs to another batch; \
+                 {PUT_BACK}",
+                entry.batch_id
+            ));
+        }
+        if let Some(other) = entry.query_id.as_ref().filter(|q| **q != self.id) {
+            return wrong(format!(
+                "written by another query (id {other}), not this checkpoint's ({}): it \
+                 comes from another checkpoint; {PUT_BACK}",
+                self.id
+            ));
+        }
+        if let (Some(named), Some((batch, crc))) = (entry.previous_commit_crc32, previous)
+            && batch + 1 == id
+            && named != crc
+        {
+            return wrong(format!(
+                "batch {id} was planned after a commit of batch {batch} with checksum \
+                 {named:08x}, but this checkpoint's commits/{batch} has {crc:08x}: one of the \
+                 two comes from another run or copy of this checkpoint; {PUT_BACK}"
+            ));
+        }
+        Ok(offsets)
+    }
+
+    /// Reads `sources/<id>`: the source's progress before batch `id`.
+    async fn read_source(&self, id: u64) -> Result<serde_json::Value> {
+        let rel = format!("sources/{id}");
+        let file: Json<serde_json::Value> = self.required(&rel).await?;
+        if file.version != JSON_V3 {
+            return Ok(file.value);
+        }
+        let fail = |message: String| BrookError::checkpoint(self.files.display(&rel), message);
+        let snapshot: SourceSnapshot<String, serde_json::Value> =
+            serde_json::from_value(file.value).map_err(|e| fail(format!("unreadable: {e}")))?;
+        if snapshot.batch_id != id {
+            return Err(fail(format!(
+                "holds the source's progress before batch {}, not before batch {id}: it \
+                 belongs to another batch; {PUT_BACK}",
+                snapshot.batch_id
+            )));
+        }
+        if snapshot.query_id != self.id {
+            return Err(fail(format!(
+                "written by another query (id {}), not this checkpoint's ({}): it comes \
+                 from another checkpoint; {PUT_BACK}",
+                snapshot.query_id, self.id
+            )));
+        }
+        Ok(snapshot.progress)
     }
 
     pub async fn write_offsets(&self, batch_id: u64, source: Option<SourceOffset>) -> Result<()> {
         self.metadata_written().await?;
+        let previous_commit_crc32 = self.links.lock().ok().and_then(|links| {
+            links
+                .commit
+                .filter(|(batch, _)| batch + 1 == batch_id)
+                .map(|(_, crc)| crc)
+        });
         let entry = OffsetEntry {
             batch_id,
             source,
             planned_at: now(),
+            query_id: Some(self.id.clone()),
+            previous_commit_crc32,
         };
-        self.files
+        let crc = self
+            .files
             .write_json(
                 &format!("offsets/{batch_id}"),
                 &entry,
                 ("offsets-tmp", batch_id),
             )
-            .await
+            .await?;
+        if let Ok(mut links) = self.links.lock() {
+            links.offsets = Some((batch_id, crc));
+        }
+        Ok(())
     }
 
     /// Writes an operator's whole state after `batch_id` as an Arrow IPC file.
@@ -464,6 +637,7 @@ impl Checkpoint {
             .collect::<std::result::Result<_, _>>()?)
     }
 
+    /// Writes batch `entry.batch_id`'s commit, naming the offsets it follows.
     pub async fn write_commit(&self, entry: &CommitEntry) -> Result<()> {
         self.metadata_written().await?;
         let id = entry.batch_id;
@@ -472,14 +646,25 @@ impl Checkpoint {
         } else {
             JSON_V2
         };
-        self.files
+        let mut entry = entry.clone();
+        entry.offsets_crc32 = self.links.lock().ok().and_then(|links| {
+            links
+                .offsets
+                .filter(|(batch, _)| *batch == id)
+                .map(|(_, crc)| crc)
+        });
+        let crc = self
+            .files
             .write_json_as(
                 version,
                 &format!("commits/{id}"),
-                entry,
+                &entry,
                 ("commits-tmp", id),
             )
             .await?;
+        if let Ok(mut links) = self.links.lock() {
+            links.commit = Some((id, crc));
+        }
         if let Ok(mut floor) = self.state_floor.lock() {
             *floor = entry
                 .state
@@ -495,10 +680,16 @@ impl Checkpoint {
     /// needed (batches older than the retained ones and than the last snapshot).
     pub async fn write_source(&self, next_batch: u64, snapshot: &serde_json::Value) -> Result<()> {
         self.metadata_written().await?;
+        let file = SourceSnapshot {
+            batch_id: next_batch,
+            query_id: self.id.as_str(),
+            progress: snapshot,
+        };
         self.files
-            .write_json(
+            .write_json_as(
+                JSON_V3,
                 &format!("sources/{next_batch}"),
-                snapshot,
+                &file,
                 ("sources-tmp", next_batch),
             )
             .await?;

@@ -1,8 +1,9 @@
 //! The checkpoint's files: durable writes, checksummed JSON, listing.
 //!
 //! A file appears whole or not at all ([`Location::write_file`]). JSON files
-//! start with a line `v1 crc32=<hex>` (`v2` for a commit with state changes)
-//! over the rest, so a damaged file is detected rather than half-read.
+//! start with a line `v1 crc32=<hex>` (`v2` for a commit with state changes,
+//! `v3` for a source's progress with its batch) over the rest, so a damaged
+//! file is detected rather than half-read; other files name one by that checksum.
 
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
@@ -11,14 +12,24 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{BrookError, Result};
-use crate::source::location::Location;
+use crate::source::location::{Location, blocking, is_temporary};
 
 /// The header of JSON files. `v2` marks a commit whose state is a snapshot plus
 /// changes: a build that knows only `v1` must refuse it rather than restore the
-/// snapshot without the changes.
+/// snapshot without the changes. `v3` marks a source's progress wrapped with
+/// the batch and query it belongs to, which an older build would misread.
 pub const JSON_V1: &str = "v1";
 pub const JSON_V2: &str = "v2";
-const JSON_VERSIONS: [&str; 2] = [JSON_V1, JSON_V2];
+pub const JSON_V3: &str = "v3";
+const JSON_VERSIONS: [&str; 3] = [JSON_V1, JSON_V2, JSON_V3];
+
+/// A JSON file as read: its value, its header's version, and the checksum of
+/// its body, by which other files refer to it.
+pub struct Json<T> {
+    pub value: T,
+    pub version: &'static str,
+    pub crc32: u32,
+}
 
 #[derive(Debug, Clone)]
 pub struct CheckpointFiles {
@@ -105,12 +116,13 @@ impl CheckpointFiles {
         }
     }
 
+    /// Writes `value` as JSON; returns the checksum of the body.
     pub async fn write_json<T: Serialize>(
         &self,
         rel: &str,
         value: &T,
         point: (&str, u64),
-    ) -> Result<()> {
+    ) -> Result<u32> {
         self.write_json_as(JSON_V1, rel, value, point).await
     }
 
@@ -120,16 +132,23 @@ impl CheckpointFiles {
         rel: &str,
         value: &T,
         point: (&str, u64),
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let body = serde_json::to_vec(value)
             .map_err(|e| BrookError::checkpoint(self.display(rel), e.to_string()))?;
-        let mut bytes = format!("{version} crc32={:08x}\n", crc32fast::hash(&body)).into_bytes();
+        let crc = crc32fast::hash(&body);
+        let mut bytes = format!("{version} crc32={crc:08x}\n").into_bytes();
         bytes.extend_from_slice(&body);
-        self.write(rel, bytes, point).await
+        self.write(rel, bytes, point).await?;
+        Ok(crc)
     }
 
     /// Reads a file written by [`write_json`](Self::write_json), checking its checksum.
     pub async fn read_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Option<T>> {
+        Ok(self.read_json_file(rel).await?.map(|json| json.value))
+    }
+
+    /// Reads a file written by [`write_json`](Self::write_json) with its header.
+    pub async fn read_json_file<T: DeserializeOwned>(&self, rel: &str) -> Result<Option<Json<T>>> {
         let Some(bytes) = self.read(rel).await? else {
             return Ok(None);
         };
@@ -140,11 +159,11 @@ impl CheckpointFiles {
             .ok_or_else(|| fail("truncated: no header line".into()))?;
         let header = std::str::from_utf8(&bytes[..newline]).unwrap_or_default();
         let body = &bytes[newline + 1..];
-        let expected = JSON_VERSIONS
+        let (version, expected) = JSON_VERSIONS
             .iter()
-            .find_map(|v| header.strip_prefix(v))
-            .and_then(|h| h.trim().strip_prefix("crc32="))
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .find_map(|v| Some((*v, header.strip_prefix(v)?)))
+            .and_then(|(v, h)| Some((v, h.trim().strip_prefix("crc32=")?)))
+            .and_then(|(v, h)| Some((v, u32::from_str_radix(h, 16).ok()?)))
             .ok_or_else(|| {
                 let shown = header.chars().take(40).collect::<String>();
                 let version = header.split(' ').next().unwrap_or_default();
@@ -172,8 +191,59 @@ impl CheckpointFiles {
                  with a new checkpoint location"
             )));
         }
-        serde_json::from_slice(body)
-            .map(Some)
-            .map_err(|e| fail(format!("unreadable: {e}")))
+        let value = serde_json::from_slice(body).map_err(|e| fail(format!("unreadable: {e}")))?;
+        Ok(Some(Json {
+            value,
+            version,
+            crc32: actual,
+        }))
     }
+
+    /// Removes the temporary files that writes killed before their rename left
+    /// behind. Only the query holding the checkpoint's lock may: another's
+    /// writes in progress look the same.
+    pub async fn remove_temporary(&self) -> Result<()> {
+        let Some(dir) = self.location.local_dir.clone() else {
+            // Object stores write whole objects: nothing is left half written.
+            return Ok(());
+        };
+        blocking(move || {
+            // The checkpoint's own directories only: its location may hold more.
+            remove_temporary_in(&dir, 0)?;
+            for logs in ["offsets", "commits", "sources"] {
+                remove_temporary_in(&dir.join(logs), 0)?;
+            }
+            remove_temporary_in(&dir.join("state"), 1)
+        })
+        .await
+    }
+}
+
+/// Removes temporary files in `dir`, and `depth` levels of directories below.
+fn remove_temporary_in(dir: &std::path::Path, depth: usize) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(BrookError::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| BrookError::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| BrookError::io(&path, e))?;
+        if kind.is_dir() {
+            if depth > 0 {
+                remove_temporary_in(&path, depth - 1)?;
+            }
+        } else if is_temporary(&entry.file_name().to_string_lossy()) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(
+                    "removed {}, left by a write that was cut short",
+                    path.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(BrookError::io(&path, e)),
+            }
+        }
+    }
+    Ok(())
 }
