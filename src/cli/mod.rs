@@ -130,10 +130,14 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     if let Some(ui) = &ui {
         note(&format!("brook: web UI at {}", ui.url()));
     }
-    let queries = engine
-        .execute(&script)
-        .await
-        .map_err(|e| prefix_file(path, e))?;
+    // Starting can wait (on a Kafka broker, say): a signal then stops what started.
+    let queries = tokio::select! {
+        started = engine.execute(&script) => started.map_err(|e| prefix_file(path, e))?,
+        _ = signals.recv() => {
+            note("stopping before every query has started");
+            return signals.stop(&engine).await;
+        }
+    };
     if queries.is_empty() {
         return Err(BrookError::sql(format!(
             "{} starts no query: add INSERT INTO <sink> SELECT ... or a SELECT",
