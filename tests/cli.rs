@@ -616,6 +616,19 @@ fn a_reader_that_goes_away_ends_the_output_not_the_process() {
         "{stderr}"
     );
 
+    // brook send goes on sending after its reader has gone.
+    std::fs::write(dir.path().join("orders.csv"), lines[..100].join("\n")).unwrap();
+    let (code, _) = through_head(
+        dir.path(),
+        "send --input orders.csv --to sent --lines-per-file 1 --interval 10ms",
+        true,
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("sent")).unwrap().count(),
+        100
+    );
+
     // Nobody watches the demo any more: it stops as if its time were up.
     let (code, stderr) = through_head(dir.path(), "demo --no-ui --no-clear --rate 100", false);
     assert_eq!(code, Some(0), "{stderr}");
@@ -828,6 +841,21 @@ fn memory_limit_fails_an_oversized_query_with_an_error() {
             && stderr.contains("Failed to allocate additional")
             && stderr.contains("for window expansion")
             && stderr.contains("--memory-limit"),
+        "{stderr}"
+    );
+
+    // DataFusion's own operators take their memory from the same pool.
+    let out = brook()
+        .args(["demo", "--duration", "10s", "--no-ui", "--rate", "200"])
+        .args(["--memory-limit", "1KB"])
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("failed: Resources exhausted")
+            && stderr.contains("HashAggregateStream")
+            && stderr.contains("pool_size: 1024.0 B"),
         "{stderr}"
     );
 
