@@ -906,3 +906,24 @@ fn a_failed_run_with_the_ui_exits_at_once() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("malformed record"), "{stderr}");
 }
+
+/// `brook demo` stops on SIGTERM as on Ctrl-C, printing how long it ran.
+#[test]
+fn sigterm_stops_the_demo_gracefully() {
+    let mut demo = brook()
+        .args(["demo", "--no-ui", "--no-clear", "--rate", "100"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let mut text = String::new();
+    while !text.contains("Top 5 clients") {
+        let read = std::io::BufRead::read_line(&mut stdout, &mut text).unwrap();
+        assert!(read > 0, "{text}");
+    }
+    signal(&demo, libc::SIGTERM);
+    std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+    assert_eq!(demo.wait().unwrap().code(), Some(0), "{text}");
+    assert!(text.contains("demo stopped after"), "{text}");
+}
