@@ -281,10 +281,11 @@ impl WindowTicks {
                 starts.push(None);
                 continue;
             };
-            let (_, latest) = self.covering(p);
-            for k in 0..self.windows_of(p) {
+            let (_, mut start) = self.covering(p);
+            for _ in 0..self.windows_of(p) {
                 rows.push(row as u32);
-                starts.push(Some(latest - k as i64 * self.slide));
+                starts.push(Some(start));
+                start = start.saturating_sub(self.slide);
             }
         }
         let indices = UInt32Array::from(rows);
