@@ -5,12 +5,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::TableReference;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::{DFParser, Statement as DFStatement};
-use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
-use datafusion::sql::sqlparser::dialect::GenericDialect;
-use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::planner::object_name_to_table_reference;
+use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement, TableObject};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -24,6 +25,7 @@ use crate::progress::QueryProgress;
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
 use crate::source::SharedInput;
 use crate::source::{FileFormat, FileSourceOptions, ParseMode};
+use crate::sql::depth::{parse_query, parse_statements};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
 
@@ -86,6 +88,9 @@ pub struct Overrides {
     /// Also keep the last this many output rows of each query whose sink is not a
     /// memory table in a memory table named after the query (for the web UI).
     pub mirror_rows: Option<usize>,
+    /// Bytes the queries' operators may hold together; a query needing more
+    /// fails with an error naming them. Default: half the machine's memory.
+    pub memory_limit: Option<usize>,
 }
 
 /// A brook session: streaming sources and sinks, the queries running over them,
@@ -113,8 +118,14 @@ impl Engine {
         let mut config = datafusion::prelude::SessionConfig::new();
         // Sources decode text into Utf8 columns; keep VARCHAR as Utf8 in table definitions.
         config.options_mut().sql_parser.map_string_types_to_utf8view = false;
+        let mut runtime = RuntimeEnv::default();
+        runtime.memory_pool = crate::memory::pool(
+            overrides
+                .memory_limit
+                .unwrap_or_else(crate::memory::default_limit),
+        );
         Self {
-            ctx: SessionContext::new_with_config(config),
+            ctx: SessionContext::new_with_config_rt(config, Arc::new(runtime)),
             catalog: Mutex::default(),
             overrides,
             shared: SharedInput::default(),
@@ -135,7 +146,16 @@ impl Engine {
 
     /// Runs a batch SQL query now, e.g. over memory sink tables.
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        Ok(self.ctx.sql(sql).await?.collect().await?)
+        // As `SessionContext::sql`, but refusing statements nested too deep to plan.
+        let mut statements = parse_statements(sql)?;
+        let count = statements.len();
+        let (Some(statement), 1) = (statements.pop_front(), count) else {
+            return Err(BrookError::sql(format!(
+                "expected one SQL statement, found {count}: {sql}"
+            )));
+        };
+        let plan = self.ctx.state().statement_to_plan(statement).await?;
+        Ok(self.ctx.execute_logical_plan(plan).await?.collect().await?)
     }
 
     /// Runs a streaming SQL script: `CREATE UNBOUNDED EXTERNAL TABLE` declares a
@@ -208,7 +228,7 @@ impl Engine {
     /// Carries out a declaration; a query is returned being planned, for its sink.
     async fn read_statement(&self, text: &str) -> Result<Read> {
         let (text, watermark) = extract_watermark(text)?;
-        let mut statements = DFParser::parse_sql_with_dialect(&text, &GenericDialect {})?;
+        let mut statements = parse_statements(&text)?;
         let Some(statement) = statements.pop_front() else {
             return Ok(Read::Nothing);
         };
@@ -234,7 +254,7 @@ impl Engine {
             }
             DFStatement::Statement(s) => match *s {
                 SqlStatement::Insert(insert) => {
-                    let target = insert.table.to_string();
+                    let target = self.sink_name(&insert.table)?;
                     let Some(query) = insert.source else {
                         return Err(BrookError::sql("INSERT INTO a sink needs a SELECT"));
                     };
@@ -273,9 +293,29 @@ impl Engine {
     fn plan(&self, query: &Query, mode: Option<OutputMode>) -> Result<Planning> {
         let sources = self.catalog()?.sources.clone();
         let query = query.clone();
+        let runtime = self.ctx.runtime_env();
         Ok(Planning(tokio::spawn(async move {
-            compile(&query, &sources, mode).await
+            compile(&query, &sources, mode, runtime).await
         })))
+    }
+
+    /// The sink an `INSERT INTO` names, as DataFusion names tables: an unquoted
+    /// name in lower case, a quoted one as written, as its `CREATE` declared it.
+    fn sink_name(&self, table: &TableObject) -> Result<String> {
+        let TableObject::TableName(name) = table else {
+            return Err(BrookError::sql(format!(
+                "INSERT INTO {table}: brook inserts into sink tables only"
+            )));
+        };
+        let normalize = self
+            .ctx
+            .state()
+            .config_options()
+            .sql_parser
+            .enable_ident_normalization;
+        Ok(object_name_to_table_reference(name.clone(), normalize)?
+            .table()
+            .to_string())
     }
 
     fn sink_def(&self, name: &str) -> Result<SinkDef> {
@@ -284,8 +324,9 @@ impl Engine {
             Some(def) => Ok(def.clone()),
             None if name.eq_ignore_ascii_case("console") => Ok(SinkDef::console()),
             None => Err(BrookError::sql(format!(
-                "no sink table '{name}'; declare it first, e.g. CREATE EXTERNAL TABLE {name} \
+                "no sink table '{name}'; declare it first, e.g. CREATE EXTERNAL TABLE {} \
                  STORED AS PARQUET LOCATION 'out/{name}' (declared sinks: {})",
+                sql_name(name),
                 catalog.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
             ))),
         }
@@ -375,8 +416,10 @@ impl Engine {
         }
         let memory_table = match memory {
             Some(memory) => {
-                self.ctx.deregister_table(memory.name())?;
-                self.ctx.register_table(memory.name(), memory.table())?;
+                // By its name as it is: a name from `CREATE` is already normalized.
+                let table = TableReference::bare(memory.name());
+                self.ctx.deregister_table(table.clone())?;
+                self.ctx.register_table(table, memory.table())?;
                 let name = memory.name().to_string();
                 self.catalog()?.memory_tables.insert(name.clone(), memory);
                 Some(name)
@@ -489,6 +532,20 @@ impl Engine {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// `name` as SQL would have to write it to mean it: quoted unless it is what
+/// an unquoted name becomes.
+fn sql_name(name: &str) -> String {
+    let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
     }
 }
 
@@ -612,10 +669,7 @@ impl QueryBuilder<'_> {
     }
 
     pub async fn start(self) -> Result<Arc<StreamingQuery>> {
-        let query = Parser::new(&GenericDialect {})
-            .try_with_sql(&self.select)
-            .and_then(|mut p| p.parse_query())
-            .map_err(|e| BrookError::sql(e.to_string()))?;
+        let query = parse_query(&self.select)?;
         let (sink, memory) = match self.sink {
             Some(s) => s,
             None => (Arc::new(ConsoleSink::stdout(20)) as Arc<dyn Sink>, None),

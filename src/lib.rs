@@ -11,6 +11,7 @@ pub mod duration;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod memory;
 pub mod options;
 pub mod orders;
 pub mod progress;

@@ -664,3 +664,66 @@ async fn available_now_from_the_rust_api_closes_windows_before_stopping() {
     );
     assert_eq!(got, rows(&[&["2016-03-22T20:00:00", "AAPL", "3"]]));
 }
+
+/// A memory sink declared with a quoted name is written by `INSERT INTO` that
+/// name and read by SQL quoting it alike, as DataFusion names tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quoted_memory_sink_is_written_and_read_by_its_name() {
+    let (_tmp, input, _output) = tmp_dirs();
+    let engine = Engine::new();
+    let query = start_one(
+        &engine,
+        &format!(
+            "{} CREATE EXTERNAL TABLE \"Top Symbols\" STORED AS MEMORY LOCATION 'ignored'
+                 OPTIONS ('outputMode' 'complete');
+             INSERT INTO \"Top Symbols\" SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol;",
+            source_ddl(&input, false)
+        ),
+    )
+    .await;
+    first_files(&input);
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT symbol, shares FROM \"Top Symbols\" ORDER BY symbol")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[&["AAPL", "10"], &["GOOG", "2"], &["MSFT", "5"]])
+    );
+}
+
+/// Expressions nested deeper than brook plans are refused by every way in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_expressions_are_refused_through_the_api() {
+    let (_tmp, input, _output) = tmp_dirs();
+    let engine = Engine::new();
+    engine.execute(&source_ddl(&input, false)).await.unwrap();
+    let deep = format!("SELECT amount{} AS x FROM orders", " + 1".repeat(20_000));
+    let refused = |e: brook::BrookError| {
+        let e = e.to_string();
+        assert!(e.contains("nests more than 500 levels deep"), "{e}");
+    };
+    refused(
+        engine
+            .query(&deep)
+            .memory_sink("deep")
+            .start()
+            .await
+            .unwrap_err(),
+    );
+    refused(engine.execute(&deep).await.unwrap_err());
+    refused(
+        engine
+            .sql(&format!("SELECT 1{}", " + 1".repeat(20_000)))
+            .await
+            .unwrap_err(),
+    );
+    let sum = engine
+        .sql(&format!("SELECT 1{} AS n", " + 1".repeat(400)))
+        .await
+        .unwrap();
+    assert_eq!(table(&sum), rows(&[&["401"]]));
+}

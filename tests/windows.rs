@@ -616,3 +616,63 @@ async fn a_window_of_null_amounts_sums_to_null() {
     );
     query.stop().await.unwrap();
 }
+
+/// A window sliding far more often than it is long copies each row into every
+/// window it belongs to: the copies are taken from the engine's memory pool
+/// first, so a query that needs more fails naming them instead of aborting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sliding_window_past_the_memory_limit_fails_the_query() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::with_overrides(brook::Overrides {
+        memory_limit: Some(1 << 20),
+        ..brook::Overrides::default()
+    });
+    let query = start_memory(
+        &engine,
+        &input,
+        "daily",
+        "update",
+        "SELECT window.start AS ws, symbol, sum(amount) AS shares \
+         FROM orders GROUP BY window(time, '1 day', '1 second'), symbol",
+    )
+    .await;
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:00:00", 1, "AAPL", 2, 1.0, "B"),
+            order("20:00:01", 2, "MSFT", 1, 1.0, "B"),
+        ],
+    );
+    let error = query.process_all_available().await.unwrap_err().to_string();
+    assert!(
+        error.contains("(86400 windows of 86400s every 1s): ")
+            && error.contains(" rows in this batch")
+            && error.contains("Failed to allocate additional")
+            && error.contains("for window expansion"),
+        "{error}"
+    );
+
+    // Under the limit the same windows are computed: every row in 86,400 of them.
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "daily",
+        "update",
+        "SELECT window.start AS ws, symbol, sum(amount) AS shares \
+         FROM orders GROUP BY window(time, '1 day', '1 second'), symbol",
+    )
+    .await;
+    query.process_all_available().await.unwrap();
+    let got = table(
+        &engine
+            .sql("SELECT symbol, count(*), sum(shares) FROM daily GROUP BY symbol ORDER BY symbol")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        got,
+        rows(&[&["AAPL", "86400", "172800"], &["MSFT", "86400", "86400"]])
+    );
+}

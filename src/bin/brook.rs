@@ -10,6 +10,7 @@ use brook::cli::demo::{DemoOptions, run_demo};
 use brook::cli::send::{KafkaSendOptions, SendOptions, send_files, send_kafka};
 use brook::cli::{ProgressFormat, RunOptions, run_file};
 use brook::duration::parse_duration;
+use brook::memory::parse_size;
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use brook::ui::{TOKEN_ENV, UiOptions};
 use brook::{BrookError, Trigger};
@@ -48,6 +49,9 @@ enum Command {
         ui: bool,
         #[command(flatten)]
         ui_options: UiArgs,
+        /// Memory the queries may take together, e.g. '4GB' (default: half the machine's).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        memory_limit: Option<usize>,
     },
     /// The live order dashboard on generated orders (no setup needed).
     Demo {
@@ -71,6 +75,9 @@ enum Command {
         no_ui: bool,
         #[command(flatten)]
         ui_options: UiArgs,
+        /// Memory the queries may take together, e.g. '4GB' (default: half the machine's).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        memory_limit: Option<usize>,
     },
     /// Print generated orders, one CSV line each.
     GenOrders {
@@ -168,7 +175,14 @@ fn parse_bind(s: &str) -> Result<IpAddr, String> {
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
+    parse_duration(s).map_err(|e| match e {
+        BrookError::Sql(why) => why,
+        other => other.to_string(),
+    })
+}
+
+fn parse_size_arg(s: &str) -> Result<usize, String> {
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn gen_orders(
@@ -204,6 +218,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             checkpoint,
             ui,
             ui_options,
+            memory_limit,
         } => {
             let progress = match progress {
                 Progress::None => ProgressFormat::None,
@@ -214,6 +229,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
                 progress,
                 checkpoint,
                 ui: ui.then(|| ui_options.options()),
+                memory_limit,
             };
             run_file(&file, options).await
         }
@@ -225,6 +241,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             no_clear,
             no_ui,
             ui_options,
+            memory_limit,
         } => {
             run_demo(DemoOptions {
                 dir,
@@ -233,6 +250,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
                 duration,
                 clear: !no_clear,
                 ui: (!no_ui).then(|| ui_options.options()),
+                memory_limit,
             })
             .await
         }
@@ -349,7 +367,8 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(main_inner(cli)) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Standard error may be a pipe whose reader has gone.
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             1
         }
     };

@@ -5,6 +5,7 @@
 //! view shows their results and the engine's throughput every second.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 
+use super::StopSignals;
 use super::send::write_atomically;
 use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
@@ -42,6 +44,8 @@ pub struct DemoOptions {
     pub clear: bool,
     /// Where to serve the web dashboard; `None` serves none.
     pub ui: Option<UiOptions>,
+    /// Bytes the queries may hold together (default: half the machine's memory).
+    pub memory_limit: Option<usize>,
 }
 
 /// Rewrites a dashboard query to read `dir` and write into a memory table `name`.
@@ -53,7 +57,14 @@ pub fn demo_sql(sql: &str, dir: &str, name: &str) -> String {
         )
 }
 
+/// Prints the demo's text; false once standard output is closed (`brook demo | head`).
+fn show(text: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|_| out.flush()).is_ok()
+}
+
 pub async fn run_demo(options: DemoOptions) -> Result<()> {
+    let mut signals = StopSignals::listen()?;
     let malformed = Arc::new(AtomicU64::new(0));
     let counted = malformed.clone();
     let engine = Arc::new(Engine::with_overrides(Overrides {
@@ -63,13 +74,14 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
                 counted.fetch_add(p.num_malformed_rows, Ordering::Relaxed);
             }
         })],
+        memory_limit: options.memory_limit,
         ..Overrides::default()
     }));
     // The UI first: a port it cannot take stops the demo before it writes anything.
     let ui = UiServer::start_if(&engine, options.ui).await?;
     let url = ui.as_ref().map(UiServer::url);
     if let Some(url) = &url {
-        println!("brook demo: the dashboard is at {url}");
+        show(&format!("brook demo: the dashboard is at {url}"));
     }
     let (dir, created) = match &options.dir {
         Some(d) => (d.clone(), false),
@@ -90,7 +102,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
     let result = loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = signals.recv() => break Ok(()),
         }
         // A query stopped from the web UI is not an error; one that failed is.
         if let Some((q, e)) = queries.iter().find_map(|q| q.exception().map(|e| (q, e))) {
@@ -108,20 +120,21 @@ pub async fn run_demo(options: DemoOptions) -> Result<()> {
             started,
         )
         .await?;
-        if options.clear {
-            print!("\x1b[2J\x1b[H");
+        let clear = if options.clear { "\x1b[2J\x1b[H" } else { "" };
+        // Nobody sees the dashboard any more: the demo is over.
+        if !show(&format!("{clear}{view}")) {
+            break Ok(());
         }
-        println!("{view}");
         if options.duration.is_some_and(|d| started.elapsed() >= d) {
             break Ok(());
         }
     };
     generator.abort();
-    engine.stop_all().await?;
+    signals.stop(&engine).await?;
     if created {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    println!("demo stopped after {:.0?}", started.elapsed());
+    show(&format!("demo stopped after {:.0?}", started.elapsed()));
     result
 }
 

@@ -3,8 +3,10 @@
 pub mod demo;
 pub mod send;
 
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
@@ -31,6 +33,76 @@ pub struct RunOptions {
     pub checkpoint: Option<String>,
     /// Where to serve the web UI while the queries run; `None` serves none.
     pub ui: Option<UiOptions>,
+    /// Bytes the queries may hold together (default: half the machine's memory).
+    pub memory_limit: Option<usize>,
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, listened for from the start of a command: the
+/// first stops its queries after their running batch, as Spark's `stop()`
+/// does; a second ends the command at once.
+pub struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn listen() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind| {
+                signal(kind)
+                    .map_err(|e| BrookError::Plan(format!("cannot listen for signals: {e}")))
+            };
+            Ok(Self {
+                interrupt: listen(SignalKind::interrupt())?,
+                terminate: listen(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the next signal.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// Stops every query of `engine` after its running batch, unless a second
+    /// signal comes first: then the command ends at once, leaving the running
+    /// batches to be run again from their checkpoints.
+    pub async fn stop(&mut self, engine: &Engine) -> Result<()> {
+        tokio::select! {
+            stopped = engine.stop_all() => stopped,
+            _ = self.recv() => Err(BrookError::Stopped(
+                "stopped at once by a second signal: the running batches were abandoned \
+                 (a checkpointed query runs them again on the next run)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Writes a line on standard error, as long as someone reads it: a reader that
+/// went away (`brook run ... 2>&1 | head`) does not stop the queries.
+pub fn note(line: &str) -> bool {
+    static GONE: AtomicBool = AtomicBool::new(false);
+    if GONE.load(Ordering::Relaxed) {
+        return false;
+    }
+    let written = writeln!(std::io::stderr().lock(), "{line}").is_ok();
+    if !written {
+        GONE.store(true, Ordering::Relaxed);
+    }
+    written
 }
 
 /// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
@@ -38,28 +110,34 @@ pub struct RunOptions {
 /// engine is left for the exit to free.
 pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     let script = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
+    let mut signals = StopSignals::listen()?;
     let mut overrides = Overrides {
         trigger: options.trigger,
         checkpoint_root: options.checkpoint,
         // The web UI shows every query's output, whatever its sink.
         mirror_rows: options.ui.as_ref().map(|_| UI_MIRROR_ROWS),
+        memory_limit: options.memory_limit,
         ..Overrides::default()
     };
     if options.progress == ProgressFormat::Json {
-        overrides
-            .listeners
-            .push(Arc::new(|p| eprintln!("{}", p.to_json())));
+        overrides.listeners.push(Arc::new(|p| {
+            note(&p.to_json());
+        }));
     }
     let engine = Arc::new(Engine::with_overrides(overrides));
     // The UI first: a port it cannot take stops the run before any query starts.
     let ui = UiServer::start_if(&engine, options.ui).await?;
     if let Some(ui) = &ui {
-        eprintln!("brook: web UI at {}", ui.url());
+        note(&format!("brook: web UI at {}", ui.url()));
     }
-    let queries = engine
-        .execute(&script)
-        .await
-        .map_err(|e| prefix_file(path, e))?;
+    // Starting can wait (on a Kafka broker, say): a signal then stops what started.
+    let queries = tokio::select! {
+        started = engine.execute(&script) => started.map_err(|e| prefix_file(path, e))?,
+        _ = signals.recv() => {
+            note("stopping before every query has started");
+            return signals.stop(&engine).await;
+        }
+    };
     if queries.is_empty() {
         return Err(BrookError::sql(format!(
             "{} starts no query: add INSERT INTO <sink> SELECT ... or a SELECT",
@@ -71,22 +149,27 @@ pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     let all_done = futures::future::try_join_all(queries.iter().map(|q| q.await_termination()));
     let result = tokio::select! {
         r = all_done => r.map(|_| ()),
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("stopping: finishing the running batches (a checkpointed query resumes on the next run)");
-            return engine.stop_all().await;
+        _ = signals.recv() => {
+            note(
+                "stopping: finishing the running batches (a checkpointed query resumes on \
+                 the next run); a second Ctrl-C or SIGTERM stops at once",
+            );
+            return signals.stop(&engine).await;
         }
     };
     if result.is_err() {
         // Their own errors, if any, come after the first; the first is reported.
         let _ = engine.stop_all().await;
     }
-    if let Some(ui) = ui {
+    // A failed run ends at once, whatever the UI shows, so that whoever
+    // started it (a supervisor, a script) learns of the failure.
+    if let (Some(ui), true) = (ui, result.is_ok()) {
         // The queries' last results and progress stay browsable until the user leaves.
-        eprintln!(
+        note(&format!(
             "brook: the queries have ended; the web UI at {} stays up until Ctrl-C",
             ui.url()
-        );
-        let _ = tokio::signal::ctrl_c().await;
+        ));
+        signals.recv().await;
     }
     // The process ends next, and the kernel takes the engine's memory back at
     // once; dropping it would free it a piece at a time.

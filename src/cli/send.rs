@@ -46,7 +46,10 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
         }
         let name = format!("orders-{sent:05}.csv");
         write_atomically(&options.to, &name, chunk.as_bytes())?;
-        eprintln!("sent {} ({n} lines)", options.to.join(&name).display());
+        super::note(&format!(
+            "sent {} ({n} lines)",
+            options.to.join(&name).display()
+        ));
         sent += 1;
     }
 }
@@ -116,10 +119,10 @@ pub async fn send_kafka(options: &KafkaSendOptions) -> Result<u64> {
     while !pending.is_empty() {
         drain_one(&mut pending, options).await?;
     }
-    eprintln!(
+    super::note(&format!(
         "sent {sent} records to {} topic {}",
         options.servers, options.topic
-    );
+    ));
     Ok(sent)
 }
 

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::TableReference;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -59,7 +61,7 @@ impl InputWindow {
     }
 }
 
-fn session(partitions: usize) -> SessionContext {
+fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
     let mut config = SessionConfig::new().with_target_partitions(partitions);
     // Plans are re-executed every batch; filters derived at run time must not leak into the next.
     config
@@ -70,7 +72,7 @@ fn session(partitions: usize) -> SessionContext {
     // the plans the tests make, a second pass only ever dropped a LIMIT that the
     // sort below it already applied.
     config.options_mut().optimizer.max_passes = 1;
-    SessionContext::new_with_config(config)
+    SessionContext::new_with_config_rt(config, runtime)
 }
 
 /// The cores to use; asked once, as each asking reads the cgroup's CPU quota files.
@@ -79,17 +81,19 @@ pub fn partitions() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
-/// Plans `query` over the declared sources. `mode` is the requested output mode, if any.
+/// Plans `query` over the declared sources. `mode` is the requested output mode,
+/// if any; the query's operators take their memory from `runtime`'s pool.
 pub async fn compile(
     query: &Query,
     sources: &BTreeMap<String, SourceDef>,
     mode: Option<OutputMode>,
+    runtime: Arc<RuntimeEnv>,
 ) -> Result<CompiledQuery> {
     let sql = query.to_string();
     let mut query = query.clone();
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
-    let ctx = session(partitions);
+    let ctx = session(partitions, runtime);
     let mut slots = BTreeMap::new();
     for (name, def) in sources {
         let read = def.read_schema();
@@ -100,7 +104,8 @@ pub async fn compile(
             fields.push(Field::new(WINDOW_COLUMN, window_type(t.data_type()), true));
         }
         let slot = Slot::new(&Schema::new(fields));
-        ctx.register_table(name.as_str(), slot.table(partitions))?;
+        // By its name as it is: parsing it again would lower-case a quoted name.
+        ctx.register_table(TableReference::bare(name.as_str()), slot.table(partitions))?;
         slots.insert(name.clone(), slot);
     }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));

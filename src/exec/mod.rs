@@ -89,10 +89,14 @@ impl FromStr for Trigger {
             _ => {}
         }
         let interval = t.strip_prefix("processingtime:").unwrap_or(&t);
-        parse_duration(interval).map(Self::ProcessingTime).map_err(|_| {
+        parse_duration(interval).map(Self::ProcessingTime).map_err(|e| {
+            let why = match e {
+                BrookError::Sql(why) => why,
+                other => other.to_string(),
+            };
             BrookError::option(
                 "trigger",
-                format!("expected an interval such as '1 second' or '500ms', 'once' or 'available-now', found '{s}'"),
+                format!("expected an interval such as '1 second' or '500ms', 'once' or 'available-now', found '{s}' ({why})"),
             )
         })
     }

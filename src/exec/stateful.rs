@@ -13,6 +13,7 @@ use datafusion::arrow::compute::{
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::execution::TaskContext;
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 
 use super::OutputMode;
@@ -181,10 +182,12 @@ impl StatefulOp {
         }
         let mut outcome = StatefulOutcome::default();
         let mut delta = execute(&self.partial, ctx).await?;
+        // Held until the batch ends, as long as the copies it accounts for.
+        let mut expanded = MemoryConsumer::new("window expansion").register(ctx.memory_pool());
         if let (Some(col), Some(ticks)) = (self.window_key, window) {
             delta = delta
                 .iter()
-                .map(|b| ticks.expand(b, col))
+                .map(|b| ticks.expand(b, col, &mut expanded))
                 .collect::<Result<_>>()?;
         }
         // Complete mode keeps every group forever, so nothing is ever late (as in Spark).

@@ -111,7 +111,13 @@ impl Sink for ConsoleSink {
             .and_then(|_| out.flush())
             .map_err(|e| BrookError::Sink {
                 sink: "console".into(),
-                message: e.to_string(),
+                message: match e.kind() {
+                    std::io::ErrorKind::BrokenPipe => format!(
+                        "batch {batch_id} could not be printed: the output was closed by its \
+                         reader (such as `head`)"
+                    ),
+                    _ => e.to_string(),
+                },
             })
     }
 }

@@ -79,6 +79,22 @@ pub fn split_statements(script: &str) -> Vec<String> {
     out
 }
 
+/// The runs of letters of `text` outside quotes and comments, upper-cased.
+pub fn code_words(text: &str) -> impl Iterator<Item = String> {
+    let mut words = vec![];
+    let mut word = String::new();
+    scan_code(text, |_, c, _| {
+        if c.is_ascii_alphabetic() {
+            word.push(c.to_ascii_uppercase());
+        } else if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        true
+    });
+    words.extend((!word.is_empty()).then_some(word));
+    words.into_iter()
+}
+
 fn only_comments(stmt: &str) -> bool {
     let mut code = false;
     scan_code(stmt, |_, c, _| {

@@ -17,6 +17,9 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Int64Type, TimeUnit};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::execution::memory_pool::MemoryReservation;
 use datafusion::sql::sqlparser::ast::{
     Expr as SqlExpr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Query,
     visit_expressions_mut,
@@ -173,13 +176,19 @@ pub struct WindowTicks {
     slide: i64,
     offset: i64,
     pane: i64,
+    /// The window's size and slide as written, for errors.
+    spec: (Duration, Duration),
 }
 
 impl WindowTicks {
     pub fn new(spec: &WindowSpec, time_type: &DataType) -> Result<Self> {
         let unit = unit_nanos(time_type)?;
         let ticks = |d: Duration, what: &str| -> Result<i64> {
-            let n = i64::try_from(d.as_nanos()).map_err(|_| BrookError::sql("window too long"))?;
+            let n = i64::try_from(d.as_nanos()).map_err(|_| {
+                BrookError::sql(format!(
+                    "window {what} {d:?} is too long: a window must fit in a {time_type}"
+                ))
+            })?;
             if n % unit != 0 {
                 return Err(BrookError::sql(format!(
                     "window {what} {d:?} is finer than the time column's unit ({time_type})"
@@ -196,6 +205,7 @@ impl WindowTicks {
             slide,
             offset,
             pane: gcd(size, slide),
+            spec: (spec.size, spec.slide),
         })
     }
 
@@ -225,27 +235,57 @@ impl WindowTicks {
     }
 
     /// Copies each row once into every window covering its pane; `window_col`
-    /// holds panes on entry and windows on return.
-    pub fn expand(&self, batch: &RecordBatch, window_col: usize) -> Result<RecordBatch> {
+    /// holds panes on entry and windows on return. The copies' memory is
+    /// taken from `memory` first, so that a window sliding far more often than
+    /// it is long (a day every second: 86,400 copies a row) fails with an
+    /// error instead of exhausting the machine's memory.
+    pub fn expand(
+        &self,
+        batch: &RecordBatch,
+        window_col: usize,
+        memory: &mut MemoryReservation,
+    ) -> Result<RecordBatch> {
         if self.pane == self.size {
             return Ok(batch.clone());
         }
         let panes = batch.column(window_col).as_struct();
         let pane_start = cast(panes.column(0), &DataType::Int64)?;
         let pane_start = pane_start.as_primitive::<Int64Type>();
-        let mut rows: Vec<u32> = Vec::new();
-        let mut starts: Vec<Option<i64>> = Vec::new();
+        let copies: usize = pane_start
+            .iter()
+            .map(|p| p.map_or(1, |p| self.windows_of(p)))
+            .fold(0, usize::saturating_add);
+        let row_bytes = batch.get_array_memory_size() / batch.num_rows().max(1)
+            + std::mem::size_of::<u32>()
+            + std::mem::size_of::<Option<i64>>();
+        // Capped so that adding it to what the pool holds cannot overflow.
+        let bytes = copies.saturating_mul(row_bytes).min(isize::MAX as usize);
+        memory.try_grow(bytes).map_err(|e| {
+            BrookError::Plan(format!(
+                "window(...) puts each row into every window it belongs to ({} windows of {:?} \
+                 every {:?}): {copies} rows in this batch, about {} MB, more than the memory \
+                 left; use a longer slide, output mode 'append' with a watermark (windows are \
+                 then summed from slices of time rather than copied), or a larger memory \
+                 limit (--memory-limit): {e}",
+                self.size / self.slide,
+                self.spec.0,
+                self.spec.1,
+                bytes >> 20,
+            ))
+        })?;
+        let mut rows: Vec<u32> = Vec::with_capacity(copies);
+        let mut starts: Vec<Option<i64>> = Vec::with_capacity(copies);
         for (row, p) in pane_start.iter().enumerate() {
             let Some(p) = p else {
                 rows.push(row as u32);
                 starts.push(None);
                 continue;
             };
-            let mut s = p - (p - self.offset).rem_euclid(self.slide);
-            while s + self.size >= p + self.pane {
+            let (_, mut start) = self.covering(p);
+            for _ in 0..self.windows_of(p) {
                 rows.push(row as u32);
-                starts.push(Some(s));
-                s -= self.slide;
+                starts.push(Some(start));
+                start = start.saturating_sub(self.slide);
             }
         }
         let indices = UInt32Array::from(rows);
@@ -276,16 +316,23 @@ impl WindowTicks {
         self.pane
     }
 
-    /// The first window start at or after `t`.
+    /// The first window start at or after `t` (the last one `i64` holds past its end).
     pub fn start_at_or_after(&self, t: i64) -> i64 {
-        t + (self.offset - t).rem_euclid(self.slide)
+        clamp(self.start_at_or_after_wide(i128::from(t)))
+    }
+
+    // Window starts near the ends of `i64` are worked out in `i128`.
+    fn start_at_or_after_wide(&self, t: i128) -> i128 {
+        t + (i128::from(self.offset) - t).rem_euclid(i128::from(self.slide))
     }
 
     /// The starts of the windows covering the pane that starts at `pane`, as an
-    /// inclusive range stepping by the slide.
+    /// inclusive range stepping by the slide (clamped to what `i64` holds).
     pub fn covering(&self, pane: i64) -> (i64, i64) {
-        let latest = pane - (pane - self.offset).rem_euclid(self.slide);
-        (self.start_at_or_after(pane + self.pane - self.size), latest)
+        let p = i128::from(pane);
+        let latest = p - (p - i128::from(self.offset)).rem_euclid(i128::from(self.slide));
+        let first = self.start_at_or_after_wide(p + i128::from(self.pane - self.size));
+        (clamp(first), clamp(latest))
     }
 
     /// How many window starts of `covering` there are up to `last` (inclusive).
@@ -294,8 +341,14 @@ impl WindowTicks {
         if last < first {
             0
         } else {
-            (last - first) / self.slide + 1
+            clamp((i128::from(last) - i128::from(first)) / i128::from(self.slide) + 1)
         }
+    }
+
+    /// How many windows cover the pane that starts at `pane`.
+    fn windows_of(&self, pane: i64) -> usize {
+        let n = self.count_starts(self.covering(pane), i64::MAX);
+        usize::try_from(n).unwrap_or(0)
     }
 
     /// `rows` copies of the window starting at `start`, as a `window` struct column.
@@ -304,8 +357,25 @@ impl WindowTicks {
     }
 
     fn window_struct(&self, starts: &Int64Array, width: i64) -> Result<ArrayRef> {
-        let ends: Int64Array = starts.unary(|s| s + width);
         let start = cast(starts, &self.time_type)?;
+        let ends: Int64Array = match starts.try_unary(|s| {
+            s.checked_add(width)
+                .ok_or_else(|| ArrowError::ComputeError("overflow".into()))
+        }) {
+            Ok(ends) => ends,
+            Err(_) => {
+                let late = starts
+                    .iter()
+                    .position(|s| s.is_some_and(|s| s.checked_add(width).is_none()))
+                    .unwrap_or_default();
+                return Err(BrookError::sql(format!(
+                    "the window from {} (of {:?}) would end after the last time a {} holds",
+                    array_value_to_string(&start, late)?,
+                    self.spec.0,
+                    self.time_type
+                )));
+            }
+        };
         let end = cast(&ends, &self.time_type)?;
         let nulls = starts.nulls().cloned();
         Ok(Arc::new(StructArray::try_new(
@@ -314,6 +384,10 @@ impl WindowTicks {
             nulls,
         )?))
     }
+}
+
+fn clamp(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -325,6 +399,7 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::TimestampSecondArray;
     use datafusion::arrow::datatypes::Schema;
+    use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, UnboundedMemoryPool};
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
 
@@ -364,7 +439,9 @@ mod tests {
             true,
         )]));
         let batch = RecordBatch::try_new(schema, vec![panes]).unwrap();
-        let out = ticks.expand(&batch, 0).unwrap();
+        let pool: Arc<dyn MemoryPool> = Arc::new(UnboundedMemoryPool::default());
+        let mut memory = MemoryConsumer::new("test").register(&pool);
+        let out = ticks.expand(&batch, 0, &mut memory).unwrap();
         let w = out.column(0).as_struct();
         let starts = cast(w.column(0), &DataType::Int64).unwrap();
         let starts: Vec<i64> = starts.as_primitive::<Int64Type>().values().to_vec();
