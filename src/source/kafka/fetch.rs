@@ -23,7 +23,7 @@ use super::queue::{self, Queue};
 use super::{Range, Ranges, header_fields};
 use crate::error::{BrookError, Result};
 use crate::source::SourceBatch;
-use crate::source::format::Decoder;
+use crate::source::format::{Decoder, FileFormat};
 use crate::source::malformed::{MalformedRecord, MalformedStats};
 
 /// Records of a partition turned into rows together: enough to keep the
@@ -464,8 +464,25 @@ impl Pending {
 
     fn push(&mut self, message: &queue::Record<'_>) {
         match self {
-            Pending::Text { text, offsets, .. } => {
-                text.extend_from_slice(message.payload().unwrap_or_default());
+            Pending::Text {
+                decoder,
+                text,
+                offsets,
+            } => {
+                let value = message.payload().unwrap_or_default();
+                let from = text.len();
+                text.extend_from_slice(value);
+                // Line N of the text must be the value at offsets[N - 1], and
+                // JSON is read a line a record: a JSON value's line ends are
+                // whitespace (a JSON string cannot hold one).
+                if matches!(decoder.format, FileFormat::Json)
+                    && memchr::memchr(b'\n', value).is_some()
+                {
+                    text[from..]
+                        .iter_mut()
+                        .filter(|b| **b == b'\n')
+                        .for_each(|b| *b = b' ');
+                }
                 text.push(b'\n');
                 offsets.push(message.offset());
             }
@@ -558,4 +575,51 @@ fn raw_batch(
         columns.push(Arc::new(headers.finish()));
     }
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::format::CsvOptions;
+    use crate::source::malformed::ParseMode;
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Int64Type, Schema};
+
+    fn ids_decoder(mode: ParseMode) -> Decoder {
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]);
+        Decoder::new(
+            FileFormat::Csv(CsvOptions::default()),
+            Arc::new(schema),
+            mode,
+            "_corrupt_record",
+        )
+    }
+
+    /// A value with a stray quote is one bad record, named by its own offset;
+    /// the values after it are read as usual.
+    #[test]
+    fn a_value_with_a_stray_quote_is_named_by_its_offset() {
+        let text = b"1,a\n2,\"b\n3,\"c\"\n4,d\n".to_vec();
+        let offsets = [10, 11, 12, 13];
+        let decoder = ids_decoder(ParseMode::DropMalformed);
+        let (batch, malformed) = decode("orders-0", &decoder, text.clone(), &offsets).unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(ids, vec![1, 3, 4]);
+        assert_eq!(malformed.count, 1);
+        assert_eq!(malformed.samples[0].file, "orders-0 offset 11");
+
+        let decoder = ids_decoder(ParseMode::FailFast);
+        let err = decode("orders-0", &decoder, text, &offsets)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("orders-0 offset 11"), "{err}");
+        assert!(err.contains("unterminated quoted field"), "{err}");
+    }
 }
