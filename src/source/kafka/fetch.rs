@@ -408,6 +408,22 @@ fn decode(
     Ok((decoded.batch, malformed))
 }
 
+/// Adds `value` to `text` as one line, so that line N of the text is the
+/// value at `offsets[N - 1]`. JSON is read a line a record, and line ends in
+/// a JSON value are whitespace (a JSON string cannot hold one), so they become
+/// spaces.
+fn append_value(text: &mut Vec<u8>, format: &FileFormat, value: &[u8]) {
+    let from = text.len();
+    text.extend_from_slice(value);
+    if matches!(format, FileFormat::Json) && memchr::memchr(b'\n', value).is_some() {
+        text[from..]
+            .iter_mut()
+            .filter(|b| **b == b'\n')
+            .for_each(|b| *b = b' ');
+    }
+    text.push(b'\n');
+}
+
 /// A partition's records not yet turned into rows, and how they will be.
 enum Pending {
     /// Values, a line each, and the offset of each line.
@@ -469,21 +485,7 @@ impl Pending {
                 text,
                 offsets,
             } => {
-                let value = message.payload().unwrap_or_default();
-                let from = text.len();
-                text.extend_from_slice(value);
-                // Line N of the text must be the value at offsets[N - 1], and
-                // JSON is read a line a record: a JSON value's line ends are
-                // whitespace (a JSON string cannot hold one).
-                if matches!(decoder.format, FileFormat::Json)
-                    && memchr::memchr(b'\n', value).is_some()
-                {
-                    text[from..]
-                        .iter_mut()
-                        .filter(|b| **b == b'\n')
-                        .for_each(|b| *b = b' ');
-                }
-                text.push(b'\n');
+                append_value(text, &decoder.format, message.payload().unwrap_or_default());
                 offsets.push(message.offset());
             }
             Pending::Raw { records, bytes, .. } => {
@@ -621,5 +623,36 @@ mod tests {
             .to_string();
         assert!(err.contains("orders-0 offset 11"), "{err}");
         assert!(err.contains("unterminated quoted field"), "{err}");
+    }
+
+    /// A JSON value written over several lines is one record, and the values
+    /// after it are named by their own offsets.
+    #[test]
+    fn a_json_value_over_several_lines_is_one_record() {
+        let schema = Schema::new(vec![Field::new("id", DataType::Int64, true)]);
+        let decoder = Decoder::new(
+            FileFormat::Json,
+            Arc::new(schema),
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let mut text = vec![];
+        for value in [
+            "{\n  \"id\": 1\n}",
+            "{\"id\": 2}",
+            "{\"id\": 3,}",
+            "{\"id\": 4}",
+        ] {
+            append_value(&mut text, &decoder.format, value.as_bytes());
+        }
+        let (batch, malformed) = decode("ids-0", &decoder, text, &[5, 6, 7, 8]).unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(ids, vec![1, 2, 4]);
+        assert_eq!(malformed.count, 1);
+        assert_eq!(malformed.samples[0].file, "ids-0 offset 7");
     }
 }
