@@ -408,25 +408,31 @@ fn decode(
     Ok((decoded.batch, malformed))
 }
 
-/// Adds `value` to `text` as one line, so that line N of the text is the
-/// value at `offsets[N - 1]`. JSON is read a line a record, and line ends in
-/// a JSON value are whitespace (a JSON string cannot hold one), so they become
-/// spaces.
-fn append_value(text: &mut Vec<u8>, format: &FileFormat, value: &[u8]) {
+/// Adds `value` to `text`, ending it with a newline, and returns the number
+/// of lines it took. JSON is read a line a record, and line ends in a JSON
+/// value are whitespace (a JSON string cannot hold one), so they become spaces.
+fn append_value(text: &mut Vec<u8>, format: &FileFormat, value: &[u8]) -> usize {
     let from = text.len();
     text.extend_from_slice(value);
-    if matches!(format, FileFormat::Json) && memchr::memchr(b'\n', value).is_some() {
-        text[from..]
+    text.push(b'\n');
+    if memchr::memchr(b'\n', value).is_none() {
+        return 1;
+    }
+    if matches!(format, FileFormat::Json) {
+        let end = text.len() - 1;
+        text[from..end]
             .iter_mut()
             .filter(|b| **b == b'\n')
             .for_each(|b| *b = b' ');
+        return 1;
     }
-    text.push(b'\n');
+    1 + memchr::memchr_iter(b'\n', value).count()
 }
 
 /// A partition's records not yet turned into rows, and how they will be.
 enum Pending {
-    /// Values, a line each, and the offset of each line.
+    /// Values, a line each (a CSV value with line ends takes more), and the
+    /// offset of each line.
     Text {
         decoder: Arc<Decoder>,
         text: Vec<u8>,
@@ -485,8 +491,9 @@ impl Pending {
                 text,
                 offsets,
             } => {
-                append_value(text, &decoder.format, message.payload().unwrap_or_default());
-                offsets.push(message.offset());
+                let value = message.payload().unwrap_or_default();
+                let lines = append_value(text, &decoder.format, value);
+                offsets.extend(std::iter::repeat_n(message.offset(), lines));
             }
             Pending::Raw { records, bytes, .. } => {
                 *bytes +=
@@ -625,6 +632,41 @@ mod tests {
         assert!(err.contains("unterminated quoted field"), "{err}");
     }
 
+    /// The text and offsets of `values` at offsets 5, 6, ...
+    fn values(decoder: &Decoder, values: &[&str]) -> (Vec<u8>, Vec<i64>) {
+        let mut text = vec![];
+        let mut offsets = vec![];
+        for (offset, value) in (5..).zip(values) {
+            let lines = append_value(&mut text, &decoder.format, value.as_bytes());
+            offsets.extend(std::iter::repeat_n(offset, lines));
+        }
+        (text, offsets)
+    }
+
+    /// A CSV value holding a line end (in quotes: a record over two lines) is
+    /// named by its own offset, and so are the values after it.
+    #[test]
+    fn a_csv_value_over_two_lines_is_named_by_its_offset() {
+        let decoder = ids_decoder(ParseMode::DropMalformed);
+        let (text, offsets) = values(&decoder, &["1,a", "2,\"b\nc\"", "x,d", "4,e"]);
+        let (batch, malformed) = decode("orders-0", &decoder, text, &offsets).unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(ids, vec![1, 4]);
+        let files: Vec<&str> = malformed.samples.iter().map(|s| s.file.as_str()).collect();
+        assert_eq!(
+            files,
+            [
+                "orders-0 offset 6",
+                "orders-0 offset 6",
+                "orders-0 offset 7"
+            ]
+        );
+    }
+
     /// A JSON value written over several lines is one record, and the values
     /// after it are named by their own offsets.
     #[test]
@@ -636,16 +678,16 @@ mod tests {
             ParseMode::DropMalformed,
             "_corrupt_record",
         );
-        let mut text = vec![];
-        for value in [
-            "{\n  \"id\": 1\n}",
-            "{\"id\": 2}",
-            "{\"id\": 3,}",
-            "{\"id\": 4}",
-        ] {
-            append_value(&mut text, &decoder.format, value.as_bytes());
-        }
-        let (batch, malformed) = decode("ids-0", &decoder, text, &[5, 6, 7, 8]).unwrap();
+        let (text, offsets) = values(
+            &decoder,
+            &[
+                "{\n  \"id\": 1\n}",
+                "{\"id\": 2}",
+                "{\"id\": 3,}",
+                "{\"id\": 4}",
+            ],
+        );
+        let (batch, malformed) = decode("ids-0", &decoder, text, &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
