@@ -1057,6 +1057,21 @@ pub(crate) mod tests {
         assert_eq!(spare(), 1);
     }
 
+    /// A line that leaves a quote open is one bad record however little it
+    /// holds; a quote inside a field, or doubled in a quoted one, opens nothing.
+    #[test]
+    fn each_line_leaving_a_quote_open_is_one_bad_record() {
+        let decoder = numbers_decoder();
+        let data = "1\n\"\n2\n\"3\n4\"5\n\"6\"\"\"\n\"7\"\"\n8";
+        let decoded = decoder.decode("q.csv", Bytes::from(data)).unwrap();
+        let column = decoded.batch.column(0).as_primitive::<Int64Type>();
+        assert_eq!(column.values().to_vec(), vec![1, 2, 8]);
+        let lines: Vec<u64> = decoded.malformed.samples.iter().map(|s| s.line).collect();
+        assert_eq!(lines, vec![2, 4, 5, 6, 7]);
+        let reasons = &decoded.malformed.by_reason;
+        assert_eq!(reasons.get("unterminated quoted field"), Some(&3));
+    }
+
     /// Short lines put more rows in a 64 KB chunk than arrow's decoder takes
     /// between flushes; a bad line makes its chunk be read record by record.
     #[test]
