@@ -31,6 +31,7 @@ const SOURCE_OPTIONS: &[&str] = &[
     "delimiter",
     "sep",
     "quote",
+    "multiLine",
     "mode",
     "columnNameOfCorruptRecord",
     "maxFilesPerTrigger",
@@ -119,6 +120,12 @@ impl SourceDef {
                 )));
             }
         };
+        if options.get("multiLine").is_some() && !matches!(format, FileFormat::Csv(_)) {
+            return Err(BrookError::option(
+                "multiLine",
+                format!("table '{name}': only CSV sources read records across lines"),
+            ));
+        }
         let file_options = FileSourceOptions {
             max_files_per_trigger: options.count("maxFilesPerTrigger")?,
             latest_first: options.bool("latestFirst", false)?,
@@ -405,6 +412,7 @@ fn csv_options(options: &Options) -> Result<CsvOptions> {
         has_header,
         delimiter,
         quote: byte("quote", b'"')?,
+        multi_line: options.bool("multiLine", false)?,
     })
 }
 

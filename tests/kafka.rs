@@ -564,6 +564,52 @@ async fn a_malformed_value_is_counted_or_named_by_partition_and_offset() {
     }
 }
 
+/// Each value is one record: a JSON value written over several lines is read
+/// whole, and a bad value (a trailing comma, a stray quote) is named by its
+/// own offset, not by a line of the text the values were joined into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_over_several_lines_or_with_a_stray_quote_keep_their_offsets() {
+    let broker = Broker::start();
+    broker.create_topic("events", 1).await;
+    let values = [
+        "{\n  \"id\": 1,\n  \"name\": \"a\"\n}",
+        r#"{"id": 2, "name": "b",}"#,
+        r#"{"id": 3, "name": "c"}"#,
+    ];
+    broker.produce("events", 1, &values.map(String::from));
+    broker.create_topic("rows", 1).await;
+    broker.produce("rows", 1, &["1,\"a".to_string(), "2,b".to_string()]);
+    let run = |format: &str, topic: &str| {
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE t (id BIGINT, name VARCHAR) STORED AS KAFKA \
+             LOCATION '{}' OPTIONS ('subscribe' '{topic}', 'format' '{format}', \
+             'mode' 'DROPMALFORMED');
+             CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION '' \
+             OPTIONS ('trigger' 'available-now');
+             INSERT INTO out SELECT id, name FROM t;",
+            broker.servers()
+        )
+    };
+    for (format, topic, kept, bad) in [
+        (
+            "json",
+            "events",
+            rows(&[&["1", "a"], &["3", "c"]]),
+            "events-0 offset 1",
+        ),
+        ("csv", "rows", rows(&[&["2", "b"]]), "rows-0 offset 0"),
+    ] {
+        let engine = Engine::new();
+        let q = engine.execute(&run(format, topic)).await.unwrap().remove(0);
+        q.await_termination().await.unwrap();
+        let got = engine.sql("SELECT * FROM out").await.unwrap();
+        assert_eq!(sorted(table(&got)), kept, "{format}");
+        let p = q.last_progress().unwrap();
+        assert_eq!(p.num_malformed_rows, 1, "{format}");
+        assert_eq!(p.malformed_samples[0].file, bad, "{format}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pattern_picks_up_new_topics_from_their_start() {
     let broker = Broker::start();

@@ -14,7 +14,7 @@ use brook::{Engine, QueryProgress, StreamingQuery};
 
 /// Writes `text` under a hidden name, then renames it into `dir`, so the
 /// source never lists a half-written file.
-fn put(dir: &Path, name: &str, text: &str) -> PathBuf {
+fn put(dir: &Path, name: &str, text: impl AsRef<[u8]>) -> PathBuf {
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, text).unwrap();
     let path = dir.join(name);
@@ -805,4 +805,313 @@ async fn a_location_with_dot_dot_reads_the_directory_it_names() {
         rows(&[&["1"]])
     );
     query.stop().await.unwrap();
+}
+
+/// One file read by a source into the memory table `out`.
+struct Run {
+    _tmp: tempfile::TempDir,
+    engine: Engine,
+    query: Arc<StreamingQuery>,
+    path: String,
+    /// What processing the file returned: the error's text under FAILFAST.
+    result: Result<(), String>,
+}
+
+impl Run {
+    /// Declares the source `ddl(dir)`, starts `INSERT INTO out <select>`, and
+    /// drops `text` into the directory as `name`.
+    async fn file(ddl: &str, select: &str, name: &str, text: impl AsRef<[u8]>) -> Self {
+        let (tmp, input) = tmp_source();
+        let engine = Engine::new();
+        let script = format!(
+            "{} CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION 'out';
+             INSERT INTO out {select};",
+            ddl.replace("{dir}", &input.display().to_string())
+        );
+        let query = start_one(&engine, &script).await;
+        let path = put(&input, name, text).display().to_string();
+        let result = query
+            .process_all_available()
+            .await
+            .map_err(|e| e.to_string());
+        Self {
+            _tmp: tmp,
+            engine,
+            query,
+            path,
+            result,
+        }
+    }
+
+    /// The orders in `text`, read in parse mode `mode` with `extra` columns.
+    async fn orders(mode: &str, extra: &str, select: &str, text: impl AsRef<[u8]>) -> Self {
+        let ddl = source_ddl(Path::new("{dir}"), mode, extra);
+        Self::file(&ddl, select, "orders.csv", text).await
+    }
+
+    /// The rows of `out`, sorted.
+    async fn rows(&self) -> Vec<Vec<String>> {
+        sorted(table(&self.engine.sql("SELECT * FROM out").await.unwrap()))
+    }
+
+    fn progress(&self) -> QueryProgress {
+        self.query.last_progress().unwrap()
+    }
+
+    /// The error FAILFAST stopped the query with.
+    fn error(&self) -> &str {
+        match &self.result {
+            Err(e) => e,
+            Ok(()) => panic!("the query did not fail: {:?}", self.query.last_progress()),
+        }
+    }
+
+    fn places(&self, lines: &[u64]) -> Vec<(String, u64)> {
+        lines.iter().map(|l| (self.path.clone(), *l)).collect()
+    }
+}
+
+/// A stray quote opens a field that ends with its line: that line alone is
+/// malformed, and the lines after it, quoted fields and all, are read as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stray_quote_makes_only_its_line_malformed_in_every_mode() {
+    let stray = "2016-03-22 20:00:02,2,102,\"A,5,1.0,B";
+    let text = lines(&[
+        &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+        stray,
+        &order("20:00:03", 3, "GOOG", 2, 3.0, "B"),
+        "2016-03-22 20:00:04,4,104,\"IBM, \"\"Inc\"\"\",1,1.0,S",
+        &order("20:00:05", 5, "MSFT", 5, 1.0, "S"),
+    ]);
+    let select = "SELECT order_id, symbol FROM orders";
+    let drop = Run::orders("DROPMALFORMED", "", select, &text).await;
+    assert_eq!(drop.result, Ok(()));
+    assert_eq!(
+        drop.rows().await,
+        rows(&[
+            &["1", "AAPL"],
+            &["3", "GOOG"],
+            &["4", "IBM, \"Inc\""],
+            &["5", "MSFT"]
+        ])
+    );
+    let p = drop.progress();
+    assert_eq!((p.num_input_rows, p.num_malformed_rows), (4, 1));
+    assert_eq!(reasons(&p), reason_map(&[("unterminated quoted field", 1)]));
+    assert_eq!(sample_places(&p), drop.places(&[2]));
+    assert_eq!(p.malformed_samples[0].text, stray);
+    let why = &p.malformed_samples[0].reason;
+    assert!(why.contains("unterminated quoted field"), "{why}");
+    assert!(why.contains("'multiLine'"), "{why}");
+
+    // PERMISSIVE keeps what the line holds, as Spark does, with its text.
+    let extra = ", _corrupt_record VARCHAR";
+    let select = "SELECT order_id, symbol, amount, _corrupt_record FROM orders";
+    let kept = Run::orders("PERMISSIVE", extra, select, &text).await;
+    let got = kept.rows().await;
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[1], ["2", "A,5,1.0,B", "NULL", stray]);
+    assert_eq!(got[3], ["4", "IBM, \"Inc\"", "1", "NULL"]);
+    assert_eq!(kept.progress().num_malformed_rows, 1);
+
+    let fail = Run::orders("FAILFAST", "", "SELECT order_id FROM orders", &text).await;
+    let err = fail.error();
+    assert!(err.contains(&format!("{} line 2", fail.path)), "{err}");
+    assert!(err.contains("unterminated quoted field"), "{err}");
+}
+
+/// With 'multiLine' 'true' a quoted field may hold a newline; by default the
+/// two lines of such a record are two malformed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiline_true_reads_quoted_newlines_and_the_default_does_not() {
+    let text = lines(&[
+        "2016-03-22 20:00:01,1,101,\"AA",
+        "PL\",10,1.5,B",
+        &order("20:00:02", 2, "MSFT", 5, 1.0, "S"),
+    ]);
+    let select = "SELECT order_id, symbol FROM orders";
+    let by_line = Run::orders("DROPMALFORMED", "", select, &text).await;
+    assert_eq!(by_line.rows().await, rows(&[&["2", "MSFT"]]));
+    let p = by_line.progress();
+    assert_eq!(p.num_malformed_rows, 2);
+    assert_eq!(sample_places(&p), by_line.places(&[1, 2]));
+
+    let multi = Run::orders("DROPMALFORMED', 'multiLine' 'true", "", select, &text).await;
+    assert_eq!(
+        multi.rows().await,
+        rows(&[&["1", "AA\nPL"], &["2", "MSFT"]])
+    );
+    assert_eq!(multi.progress().num_malformed_rows, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiline_is_refused_for_other_formats_naming_the_option() {
+    let err = Engine::new()
+        .execute(
+            "CREATE UNBOUNDED EXTERNAL TABLE e (symbol VARCHAR) STORED AS JSON \
+             LOCATION '/tmp' OPTIONS ('multiLine' 'true');",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiLine"), "{err}");
+    assert!(err.contains("only CSV sources"), "{err}");
+}
+
+/// Bytes that are not UTF-8 in a text field make the record malformed; the
+/// corrupt-record column shows them as U+FFFD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_csv_field_is_malformed_in_every_mode() {
+    let mut text = lines(&[&order("20:00:01", 1, "AAPL", 10, 1.5, "B")]).into_bytes();
+    text.extend_from_slice(b"2016-03-22 20:00:02,2,102,MS\xffFT,5,1.0,S\n");
+    text.extend_from_slice(lines(&[&order("20:00:03", 3, "GOOG", 2, 3.0, "B")]).as_bytes());
+    let select = "SELECT order_id, symbol FROM orders";
+    let drop = Run::orders("DROPMALFORMED", "", select, &text).await;
+    assert_eq!(drop.rows().await, rows(&[&["1", "AAPL"], &["3", "GOOG"]]));
+    let p = drop.progress();
+    assert_eq!(reasons(&p), reason_map(&[("invalid UTF-8", 1)]));
+    assert_eq!(sample_places(&p), drop.places(&[2]));
+    assert!(p.malformed_samples[0].reason.contains("'symbol'"));
+
+    let extra = ", _corrupt_record VARCHAR";
+    let select = "SELECT order_id, symbol, _corrupt_record FROM orders";
+    let kept = Run::orders("PERMISSIVE", extra, select, &text).await;
+    assert_eq!(
+        kept.rows().await,
+        rows(&[
+            &["1", "AAPL", "NULL"],
+            &[
+                "2",
+                "NULL",
+                "2016-03-22 20:00:02,2,102,MS\u{FFFD}FT,5,1.0,S"
+            ],
+            &["3", "GOOG", "NULL"],
+        ])
+    );
+    assert_eq!(kept.progress().num_malformed_rows, 1);
+
+    let fail = Run::orders("FAILFAST", "", "SELECT order_id FROM orders", &text).await;
+    let err = fail.error();
+    assert!(err.contains(&format!("{} line 2", fail.path)), "{err}");
+    assert!(err.contains("invalid UTF-8 in column 'symbol'"), "{err}");
+}
+
+/// The events of a JSON source in parse mode `mode`, with `extra` columns.
+fn json_ddl(mode: &str, extra: &str) -> String {
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE events (time TIMESTAMP, symbol VARCHAR, amount INT{extra}) \
+         STORED AS JSON LOCATION '{{dir}}' OPTIONS ('mode' '{mode}');"
+    )
+}
+
+/// PERMISSIVE keeps a JSON line that does not read (cut short, a trailing
+/// comma, bytes that are not UTF-8) as a row of nulls with its text, and a
+/// fraction in an INT column as a null, each counted with its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_permissive_keeps_bad_lines_with_their_text() {
+    let short = r#"{"time": "2016-03-22T20:00:02", "symbol": "MSFT", "amount": "#;
+    let fraction = r#"{"time": "2016-03-22T20:00:03", "symbol": "GOOG", "amount": 1.5}"#;
+    let comma = r#"{"time": "2016-03-22T20:00:04", "symbol": "IBM", "amount": 4,}"#;
+    let mut text = lines(&[
+        r#"{"time": "2016-03-22T20:00:01", "symbol": "AAPL", "amount": 10}"#,
+        short,
+        fraction,
+        comma,
+    ])
+    .into_bytes();
+    text.extend_from_slice(b"{\"time\": \"2016-03-22T20:00:05\", \"symbol\": \"\xff\"}\n");
+    text.extend_from_slice(br#"{"time": "2016-03-22T20:00:06", "symbol": "AAPL", "amount": 5}"#);
+    let ddl = json_ddl("PERMISSIVE", ", _corrupt_record VARCHAR");
+    let select = "SELECT symbol, amount, _corrupt_record FROM events";
+    let run = Run::file(&ddl, select, "e.json", &text).await;
+    assert_eq!(
+        run.rows().await,
+        rows(&[
+            &["AAPL", "10", "NULL"],
+            &["AAPL", "5", "NULL"],
+            &["GOOG", "NULL", fraction],
+            &["NULL", "NULL", short],
+            &["NULL", "NULL", comma],
+            &[
+                "NULL",
+                "NULL",
+                "{\"time\": \"2016-03-22T20:00:05\", \"symbol\": \"\u{FFFD}\"}"
+            ],
+        ])
+    );
+    let p = run.progress();
+    assert_eq!((p.num_input_rows, p.num_malformed_rows), (6, 4));
+    assert_eq!(
+        reasons(&p),
+        reason_map(&[
+            ("invalid JSON record", 2),
+            ("unparseable value", 1),
+            ("invalid UTF-8", 1)
+        ])
+    );
+    assert_eq!(sample_places(&p), run.places(&[2, 3, 4, 5]));
+    let three = p.malformed_samples.iter().find(|s| s.line == 3).unwrap();
+    assert!(three.reason.contains("'amount'"), "{}", three.reason);
+}
+
+/// FAILFAST stops at the first bad JSON line, a fraction in an INT column,
+/// naming the file and the line; DROPMALFORMED drops a trailing comma.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_failfast_names_a_fraction_in_an_int_column() {
+    let text = lines(&[
+        r#"{"time": "2016-03-22T20:00:01", "symbol": "AAPL", "amount": 10}"#,
+        r#"{"time": "2016-03-22T20:00:02", "symbol": "GOOG", "amount": 1.5}"#,
+        r#"{"time": "2016-03-22T20:00:03", "symbol": "IBM", "amount": 4,}"#,
+    ]);
+    let select = "SELECT symbol, amount FROM events";
+    let fail = Run::file(&json_ddl("FAILFAST", ""), select, "e.json", &text).await;
+    let err = fail.error();
+    assert!(err.contains(&format!("{} line 2", fail.path)), "{err}");
+    assert!(err.contains("cannot parse column 'amount'"), "{err}");
+
+    let drop = Run::file(&json_ddl("DROPMALFORMED", ""), select, "e.json", &text).await;
+    assert_eq!(drop.rows().await, rows(&[&["AAPL", "10"]]));
+    assert_eq!(sample_places(&drop.progress()), drop.places(&[2, 3]));
+}
+
+/// A text line that is not UTF-8 is malformed like a CSV or JSON one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_line_that_is_not_utf8_is_malformed() {
+    let ddl = |mode: &str| {
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE lines (value VARCHAR) STORED AS TEXT \
+             LOCATION '{{dir}}' OPTIONS ('mode' '{mode}');"
+        )
+    };
+    let text = b"hello\r\nw\xffrld\nbye";
+    let select = "SELECT value FROM lines";
+    let drop = Run::file(&ddl("DROPMALFORMED"), select, "a.txt", text).await;
+    assert_eq!(drop.rows().await, rows(&[&["bye"], &["hello"]]));
+    let p = drop.progress();
+    assert_eq!(reasons(&p), reason_map(&[("invalid UTF-8", 1)]));
+    assert_eq!(sample_places(&p), drop.places(&[2]));
+
+    let kept = Run::file(&ddl("PERMISSIVE"), select, "a.txt", text).await;
+    assert_eq!(kept.rows().await, rows(&[&["NULL"], &["bye"], &["hello"]]));
+
+    let fail = Run::file(&ddl("FAILFAST"), select, "a.txt", text).await;
+    let err = fail.error();
+    assert!(err.contains(&format!("{} line 2", fail.path)), "{err}");
+    assert!(err.contains("invalid UTF-8"), "{err}");
+}
+
+/// FAILFAST names the first bad line of a file, whatever is wrong with the
+/// lines after it (an earlier column, a wrong number of fields).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failfast_names_the_first_bad_line_of_a_file() {
+    let text = lines(&[
+        &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+        "2016-03-22 20:00:02,2,102,MSFT,5,abc,S",
+        "notatime,3,103,GOOG,1,1.0,B",
+        "2016-03-22 20:00:04,4,104,IBM,1,1.0",
+    ]);
+    let fail = Run::orders("FAILFAST", "", "SELECT order_id FROM orders", &text).await;
+    let err = fail.error();
+    assert!(err.contains(&format!("{} line 2", fail.path)), "{err}");
+    assert!(err.contains("cannot parse column 'price'"), "{err}");
 }

@@ -5,7 +5,10 @@
 //! rejects is read again in 64 KB chunks of whole lines, and a chunk it rejects
 //! record by record: fields tokenized by the `csv` crate and typed by arrow's
 //! cast kernels, so that each bad record can be found, counted and named by its
-//! line. JSON and Parquet use arrow's readers directly.
+//! line. A record ends with its line unless `multiLine` is set, so only lines
+//! holding a quote are checked for one left open, which is malformed. JSON
+//! Lines are checked to hold a valid value each, then read by arrow's reader;
+//! Parquet by arrow's reader directly.
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,15 +18,16 @@ use bytes::Bytes;
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, RecordBatch, StringArray, StringBuilder, new_null_array,
 };
-use datafusion::arrow::compute::kernels::boolean::{and, and_not, or};
+use datafusion::arrow::compute::kernels::boolean::{and, or};
 use datafusion::arrow::compute::{
     CastOptions, cast, cast_with_options, filter_record_batch, is_not_null, is_null,
 };
 use datafusion::arrow::csv::ReaderBuilder as CsvReaderBuilder;
 use datafusion::arrow::csv::reader::Decoder as CsvDecoder;
-use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::de::IgnoredAny;
 
 use super::malformed::{MalformedRecord, MalformedStats, ParseMode, excerpt};
 use super::timestamps::CsvColumns;
@@ -35,6 +39,9 @@ pub struct CsvOptions {
     pub has_header: bool,
     pub delimiter: u8,
     pub quote: u8,
+    /// Spark's `multiLine`: a quoted field may hold newlines. Otherwise a
+    /// record ends with its line, and a line that leaves a quote open is malformed.
+    pub multi_line: bool,
 }
 
 impl Default for CsvOptions {
@@ -43,6 +50,7 @@ impl Default for CsvOptions {
             has_header: false,
             delimiter: b',',
             quote: b'"',
+            multi_line: false,
         }
     }
 }
@@ -207,9 +215,10 @@ impl Decoder {
     }
 
     fn decode_csv(&self, options: &CsvOptions, file: &str, data: &[u8]) -> Result<Decoded> {
-        // A quoted field may span lines, so only quote-free data is cut at newlines.
-        if memchr::memchr(options.quote, data).is_some() {
-            return self.decode_csv_records(options, file, data, 0);
+        // Only with 'multiLine' may a quoted field span lines; then data with a
+        // quote cannot be cut at newlines.
+        if options.multi_line && memchr::memchr(options.quote, data).is_some() {
+            return self.decode_csv_records(options, file, data, 0, false);
         }
         let mut body = data;
         let mut lines_before = 0;
@@ -221,6 +230,63 @@ impl Decoder {
         let columns = CsvColumns::new(Arc::new(self.schema.project(&self.data_columns())?));
         let mut parts = vec![];
         let mut malformed = MalformedStats::default();
+        // A line that leaves a quote open is one bad record, read alone, so that
+        // arrow's reader, which would read on to the next quote, never sees it.
+        let mut done = 0;
+        for (start, end) in open_quote_lines(body, options.quote, options.delimiter) {
+            let before = &body[done..start];
+            lines_before += self.decode_csv_lines(
+                options,
+                file,
+                &columns,
+                before,
+                lines_before,
+                &mut parts,
+                &mut malformed,
+            )?;
+            let line = &body[start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let records = CsvOptions {
+                has_header: false,
+                ..options.clone()
+            };
+            let d = self.decode_csv_records(&records, file, line, lines_before, true)?;
+            parts.push(d.batch);
+            malformed.merge(d.malformed);
+            lines_before += 1;
+            done = (end + 1).min(body.len());
+        }
+        let rest = &body[done..];
+        self.decode_csv_lines(
+            options,
+            file,
+            &columns,
+            rest,
+            lines_before,
+            &mut parts,
+            &mut malformed,
+        )?;
+        // One batch per file, as DataFusion runs the queries faster over
+        // file-sized batches; a file read whole in one pass is not copied.
+        let batch = datafusion::arrow::compute::concat_batches(&self.schema, &parts)?;
+        Ok(Decoded { batch, malformed })
+    }
+
+    /// Parses `body`, whole lines with no record spanning two, in passes of up
+    /// to 16 MB, adding batches to `parts`; line numbers start after
+    /// `lines_before`. Returns the number of newlines in `body`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_csv_lines(
+        &self,
+        options: &CsvOptions,
+        file: &str,
+        columns: &CsvColumns,
+        body: &[u8],
+        mut lines_before: u64,
+        parts: &mut Vec<RecordBatch>,
+        malformed: &mut MalformedStats,
+    ) -> Result<u64> {
+        let first = lines_before;
         let mut start = 0;
         while start < body.len() {
             let end = line_end(body, start + CSV_PASS_BYTES);
@@ -228,13 +294,13 @@ impl Decoder {
             let lines = memchr::memchr_iter(b'\n', pass).count();
             let whole = match self.dirty.get() {
                 true => None,
-                false => self.arrow_csv_whole(options, &columns, pass, lines),
+                false => self.arrow_csv_whole(options, columns, pass, lines),
             };
             match whole {
                 Some(batch) => parts.push(self.with_corrupt_column(batch)?),
                 None => {
                     let (chunks, found) =
-                        self.decode_csv_chunks(options, file, &columns, pass, lines_before)?;
+                        self.decode_csv_chunks(options, file, columns, pass, lines_before)?;
                     self.dirty.set(found.count > 0);
                     parts.extend(chunks);
                     malformed.merge(found);
@@ -243,10 +309,7 @@ impl Decoder {
             lines_before += lines as u64;
             start = end;
         }
-        // One batch per file, as DataFusion runs the queries faster over
-        // file-sized batches; a file read whole in one pass is not copied.
-        let batch = datafusion::arrow::compute::concat_batches(&self.schema, &parts)?;
-        Ok(Decoded { batch, malformed })
+        Ok(lines_before - first)
     }
 
     /// Parses whole lines in 64 KB chunks, each by arrow's reader, or record by
@@ -283,7 +346,7 @@ impl Decoder {
                 }
                 None => {
                     decoder = None;
-                    let d = self.decode_csv_records(&records, file, chunk, lines_before)?;
+                    let d = self.decode_csv_records(&records, file, chunk, lines_before, false)?;
                     parts.push(d.batch);
                     malformed.merge(d.malformed);
                 }
@@ -331,13 +394,15 @@ impl Decoder {
     }
 
     /// Reads CSV record by record, counting and naming each bad one; line numbers
-    /// start after `lines_before` lines.
+    /// start after `lines_before` lines. `unterminated`: `data` is one line
+    /// that leaves a quoted field open, malformed whatever its fields.
     fn decode_csv_records(
         &self,
         options: &CsvOptions,
         file: &str,
         data: &[u8],
         lines_before: u64,
+        unterminated: bool,
     ) -> Result<Decoded> {
         let columns = self.data_columns();
         let mut reader = csv::ReaderBuilder::new()
@@ -348,9 +413,9 @@ impl Decoder {
             .from_reader(data);
         let mut fields: Vec<StringBuilder> = columns.iter().map(|_| StringBuilder::new()).collect();
         let mut rows = RowSpans::default();
-        let mut malformed = MalformedStats::default();
-        // Rows kept under PERMISSIVE although their field count was wrong.
-        let mut shape_errors: Vec<(usize, String)> = Vec::new();
+        // Rows found bad while reading, in order; the typing pass reports them
+        // with its own in line order, so that FAILFAST names the first.
+        let mut flawed = Flaws::default();
         let mut record = csv::ByteRecord::new();
         let mut skip_header = options.has_header;
         loop {
@@ -362,13 +427,10 @@ impl Decoder {
                     let at = e.position().unwrap_or(&start);
                     let (line, byte) = record_start(data, at.line(), start.byte() as usize);
                     let end = reader.position().byte() as usize;
-                    let bad = MalformedRecord {
-                        file: file.to_string(),
-                        line: lines_before + line,
-                        reason: format!("unreadable CSV record: {e}"),
-                        text: excerpt(slice(data, byte, end)),
-                    };
-                    self.reject(bad, "unreadable CSV record", &mut malformed)?;
+                    let why = format!("unreadable CSV record: {e}");
+                    flawed.push(rows.len(), why, "unreadable CSV record");
+                    fields.iter_mut().for_each(StringBuilder::append_null);
+                    rows.push((lines_before + line, byte, end));
                     continue;
                 }
             }
@@ -379,43 +441,38 @@ impl Decoder {
             }
             let end = reader.position().byte() as usize;
             let (line, byte) = record_start(data, pos.line(), pos.byte() as usize);
-            let span = (lines_before + line, byte, end);
             let n = record.len();
-            if n != columns.len() {
-                let reason = format!("expected {} fields, found {n}", columns.len());
-                let bad = MalformedRecord {
-                    file: file.to_string(),
-                    line: span.0,
-                    reason: reason.clone(),
-                    text: excerpt(slice(data, span.1, span.2)),
-                };
-                if self.mode != ParseMode::Permissive {
-                    self.reject(bad, "wrong number of fields", &mut malformed)?;
-                    continue;
-                }
-                malformed.record(bad, "wrong number of fields");
-                shape_errors.push((rows.len(), reason));
+            if unterminated {
+                let why = "unterminated quoted field (a record ends with its line unless \
+                           'multiLine' is 'true')";
+                flawed.push(rows.len(), why.to_string(), "unterminated quoted field");
+            } else if n != columns.len() {
+                let why = format!("expected {} fields, found {n}", columns.len());
+                flawed.push(rows.len(), why, "wrong number of fields");
             }
             for (i, builder) in fields.iter_mut().enumerate() {
                 match record.get(i).map(std::str::from_utf8) {
                     None | Some(Ok("")) => builder.append_null(),
                     Some(Ok(s)) => builder.append_value(s),
-                    // Invalid UTF-8 is a bad value of that field, found again by the typing pass.
-                    Some(Err(_)) => builder.append_value("\u{FFFD}"),
+                    Some(Err(_)) => {
+                        builder.append_null();
+                        let name = self.schema.field(columns[i]).name();
+                        let why = format!("invalid UTF-8 in column '{name}'");
+                        flawed.push(rows.len(), why, "invalid UTF-8");
+                    }
                 }
             }
-            rows.push(span);
+            rows.push((lines_before + line, byte, end));
         }
         let raw: Vec<ArrayRef> = fields
             .into_iter()
             .map(|mut b| Arc::new(b.finish()) as ArrayRef)
             .collect();
-        let shape_bad = rows_mask(rows.len(), shape_errors.iter().map(|(r, _)| *r));
-        self.type_columns(file, data, &columns, raw, &rows, shape_bad, malformed)
+        self.type_columns(file, data, &columns, raw, &rows, flawed)
     }
 
-    /// Casts raw text columns to the declared types and sorts out the rows that fail.
-    #[allow(clippy::too_many_arguments)]
+    /// Casts raw columns to the declared types and sorts out the rows that fail
+    /// or were found bad before (`flawed`), counting each once, in line order.
     fn type_columns(
         &self,
         file: &str,
@@ -423,8 +480,7 @@ impl Decoder {
         columns: &[usize],
         raw: Vec<ArrayRef>,
         rows: &RowSpans,
-        already_counted: BooleanArray,
-        mut malformed: MalformedStats,
+        flawed: Flaws,
     ) -> Result<Decoded> {
         let n = rows.len();
         let safe = CastOptions {
@@ -433,7 +489,7 @@ impl Decoder {
         };
         let mut typed: Vec<ArrayRef> = Vec::with_capacity(columns.len());
         // Rows with a value that did not parse (nulled under PERMISSIVE) and rows that must go.
-        let mut bad_value = BooleanArray::from(vec![false; n]);
+        let mut bad_value = rows_mask(n, flawed.rows());
         let mut must_drop = BooleanArray::from(vec![false; n]);
         let mut reasons: Vec<(BooleanArray, String, &'static str)> = Vec::new();
         for (raw, &col) in raw.iter().zip(columns) {
@@ -460,33 +516,37 @@ impl Decoder {
             typed.push(out);
         }
         let rejected = or(&bad_value, &must_drop)?;
+        let mut malformed = MalformedStats::default();
         if rejected.true_count() > 0 {
             // Each row is counted once, under the first reason found for it.
-            let mut counted = already_counted.clone();
-            for (mask, why, category) in &reasons {
-                for row in and_not(mask, &counted)?
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, b)| b.unwrap_or(false).then_some(i))
-                {
-                    let (line, start, end) = rows.get(row);
-                    let bad = MalformedRecord {
-                        file: file.to_string(),
-                        line,
-                        reason: why.clone(),
-                        text: excerpt(slice(data, start, end)),
-                    };
-                    self.reject(bad, category, &mut malformed)?;
-                }
-                counted = or(&counted, mask)?;
+            let mut flaws = flawed.0.into_iter().peekable();
+            let bad_rows = rejected
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.unwrap_or(false).then_some(i));
+            for row in bad_rows {
+                let (why, category) = match flaws.next_if(|(r, _, _)| *r == row) {
+                    Some((_, why, category)) => (why, category),
+                    None => match reasons.iter().find(|(mask, _, _)| mask.value(row)) {
+                        Some((_, why, category)) => (why.clone(), *category),
+                        None => continue,
+                    },
+                };
+                let (line, start, end) = rows.get(row);
+                let bad = MalformedRecord {
+                    file: file.to_string(),
+                    line,
+                    reason: why,
+                    text: excerpt(slice(data, start, end)),
+                };
+                self.reject(bad, category, &mut malformed)?;
             }
         }
         let drop = match self.mode {
             ParseMode::Permissive => must_drop,
             _ => rejected,
         };
-        let flagged = or(&already_counted, &bad_value)?;
-        let mut batch = self.assemble(columns, typed, data, rows, &flagged)?;
+        let mut batch = self.assemble(columns, typed, data, rows, &bad_value)?;
         if drop.true_count() > 0 {
             batch = filter_record_batch(&batch, &datafusion::arrow::compute::not(&drop)?)?;
         }
@@ -555,10 +615,9 @@ impl Decoder {
     }
 
     fn decode_text(&self, file: &str, data: &[u8]) -> Result<Decoded> {
-        let text = std::str::from_utf8(data).map_err(|e| BrookError::Source {
-            location: file.to_string(),
-            message: format!("not UTF-8 text: {e}"),
-        })?;
+        let Ok(text) = std::str::from_utf8(data) else {
+            return self.decode_text_lines(file, data);
+        };
         let mut lines: Vec<&str> = text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
         if lines.last() == Some(&"") {
             lines.pop();
@@ -570,57 +629,95 @@ impl Decoder {
         })
     }
 
-    fn decode_json(&self, file: &str, data: &[u8]) -> Result<Decoded> {
-        let columns = self.data_columns();
-        let file_schema = Arc::new(self.schema.project(&columns)?);
-        let read_all = |bytes: &[u8]| -> Result<Vec<RecordBatch>> {
-            let reader = JsonReaderBuilder::new(file_schema.clone()).build(Cursor::new(bytes))?;
-            Ok(reader.collect::<Result<Vec<_>, _>>()?)
-        };
-        let mut malformed = MalformedStats::default();
+    /// Reads text with some lines not UTF-8 line by line: those are malformed.
+    fn decode_text_lines(&self, file: &str, data: &[u8]) -> Result<Decoded> {
+        let mut values = StringBuilder::new();
         let mut rows = RowSpans::default();
-        let mut parts: Vec<RecordBatch> = Vec::new();
-        if let Ok(batches) = read_all(data) {
-            parts = batches;
-        } else {
-            // Some line is bad: decode line by line to find, count and skip it.
-            let mut start = 0;
-            for (i, line) in data.split(|b| *b == b'\n').enumerate() {
-                let end = start + line.len();
-                let span = (i as u64 + 1, start, end);
-                start = end + 1;
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                match read_all(line) {
-                    Ok(batches) => {
-                        parts.extend(batches);
-                        rows.push(span);
-                    }
-                    Err(e) => {
-                        let bad = MalformedRecord {
-                            file: file.to_string(),
-                            line: span.0,
-                            reason: format!("invalid JSON record: {e}"),
-                            text: excerpt(line),
-                        };
-                        self.reject(bad, "invalid JSON record", &mut malformed)?;
-                    }
+        let mut flawed = Flaws::default();
+        for (line, start, end) in line_spans(data) {
+            let text = &data[start..end];
+            match std::str::from_utf8(text.strip_suffix(b"\r").unwrap_or(text)) {
+                Ok(s) => values.append_value(s),
+                Err(e) => {
+                    values.append_null();
+                    flawed.push(rows.len(), format!("invalid UTF-8: {e}"), "invalid UTF-8");
                 }
             }
+            rows.push((line, start, end));
         }
-        let batch = datafusion::arrow::compute::concat_batches(&file_schema, &parts)?;
-        let n = batch.num_rows();
-        let typed = batch.columns().to_vec();
-        let flagged = BooleanArray::from(vec![false; n]);
-        let rows = if rows.len() == n {
-            rows
-        } else {
-            RowSpans::unknown(n)
+        let raw: ArrayRef = Arc::new(values.finish());
+        self.type_columns(file, data, &self.data_columns(), vec![raw], &rows, flawed)
+    }
+
+    /// Reads JSON Lines, one object a line, as Spark does without 'multiLine'.
+    fn decode_json(&self, file: &str, data: &[u8]) -> Result<Decoded> {
+        let columns = self.data_columns();
+        // Arrow's reader cuts 1.5 to 1 in an integer column, so integers are
+        // read as text and typed as CSV's are. Every column is read nullable,
+        // so that a missing value is named with its line.
+        let fields: Vec<Field> = columns
+            .iter()
+            .map(|&c| {
+                let field = self.schema.field(c);
+                let read_as = match field.data_type().is_integer() {
+                    true => DataType::Utf8,
+                    false => field.data_type().clone(),
+                };
+                Field::new(field.name(), read_as, true)
+            })
+            .collect();
+        let read_schema = Arc::new(Schema::new(fields));
+        let read = |bytes: &[u8]| -> Result<RecordBatch> {
+            let reader = JsonReaderBuilder::new(read_schema.clone())
+                .with_coerce_primitive(true)
+                .build(Cursor::new(bytes))?;
+            let batches = reader.collect::<Result<Vec<_>, _>>()?;
+            Ok(datafusion::arrow::compute::concat_batches(
+                &read_schema,
+                &batches,
+            )?)
         };
-        let batch = self.assemble(&columns, typed, data, &rows, &flagged)?;
-        let batch = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
-        Ok(Decoded { batch, malformed })
+        // Arrow's reader takes commas for whitespace and objects across lines,
+        // so each line is first checked to be one JSON value.
+        let whole = one_value_per_line(data).and_then(|rows| {
+            let batch = read(data).ok()?;
+            (batch.num_rows() == rows.len()).then_some((batch, rows, Flaws::default()))
+        });
+        let (batch, rows, flawed) = match whole {
+            Some(whole) => whole,
+            None => {
+                let mut parts = vec![];
+                let mut rows = RowSpans::default();
+                let mut flawed = Flaws::default();
+                for (line, start, end) in line_spans(data) {
+                    let text = &data[start..end];
+                    if text.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let record = match std::str::from_utf8(text) {
+                        Err(e) => Err((format!("invalid UTF-8: {e}"), "invalid UTF-8")),
+                        Ok(_) => json_record(text, &read),
+                    };
+                    match record {
+                        Ok(batch) => parts.push(batch),
+                        Err((why, category)) => {
+                            flawed.push(rows.len(), why, category);
+                            let nulls = read_schema
+                                .fields()
+                                .iter()
+                                .map(|f| new_null_array(f.data_type(), 1))
+                                .collect();
+                            parts.push(RecordBatch::try_new(read_schema.clone(), nulls)?);
+                        }
+                    }
+                    rows.push((line, start, end));
+                }
+                let batch = datafusion::arrow::compute::concat_batches(&read_schema, &parts)?;
+                (batch, rows, flawed)
+            }
+        };
+        let raw = batch.columns().to_vec();
+        self.type_columns(file, data, &columns, raw, &rows, flawed)
     }
 
     fn decode_parquet(&self, file: &str, data: Bytes) -> Result<Decoded> {
@@ -691,6 +788,53 @@ fn line_end(body: &[u8], at: usize) -> usize {
     memchr::memchr(b'\n', &body[cut..]).map_or(body.len(), |i| cut + i + 1)
 }
 
+/// The byte ranges (without the newline) of the lines of `body` that, read
+/// alone, end inside a quoted field. Only lines holding a quote are looked
+/// at, and memchr finds those.
+fn open_quote_lines(body: &[u8], quote: u8, delimiter: u8) -> Vec<(usize, usize)> {
+    let mut open = vec![];
+    let mut at = 0;
+    while let Some(i) = memchr::memchr(quote, &body[at..]) {
+        let q = at + i;
+        let start = memchr::memrchr(b'\n', &body[at..q]).map_or(at, |n| at + n + 1);
+        let end = memchr::memchr(b'\n', &body[q..]).map_or(body.len(), |n| q + n);
+        if ends_quoted(&body[start..end], quote, delimiter) {
+            open.push((start, end));
+        }
+        at = (end + 1).min(body.len());
+    }
+    open
+}
+
+/// Whether CSV `line` ends inside a quoted field, read as csv_core reads it:
+/// a quote opens a field only at its start, and a doubled quote within one is
+/// a quote character.
+fn ends_quoted(line: &[u8], quote: u8, delimiter: u8) -> bool {
+    let mut quoted = false;
+    let mut field_start = true;
+    let mut i = 0;
+    while i < line.len() {
+        let b = line[i];
+        if quoted {
+            if b == quote {
+                match line.get(i + 1) == Some(&quote) {
+                    true => i += 1,
+                    false => quoted = false,
+                }
+            }
+        } else if b == delimiter {
+            field_start = true;
+            i += 1;
+            continue;
+        } else if b == quote && field_start {
+            quoted = true;
+        }
+        field_start = false;
+        i += 1;
+    }
+    quoted
+}
+
 /// Arrow's CSV decoder for headerless records of `columns`, flushing every `rows` rows.
 fn csv_decoder(options: &CsvOptions, columns: &CsvColumns, rows: usize) -> CsvDecoder {
     CsvReaderBuilder::new(columns.read.clone())
@@ -747,11 +891,6 @@ struct RowSpans {
 }
 
 impl RowSpans {
-    fn unknown(n: usize) -> Self {
-        Self {
-            spans: vec![(0, 0, 0); n],
-        }
-    }
     fn push(&mut self, span: (u64, usize, usize)) {
         self.spans.push(span);
     }
@@ -760,6 +899,76 @@ impl RowSpans {
     }
     fn get(&self, row: usize) -> (u64, usize, usize) {
         self.spans[row]
+    }
+}
+
+/// Rows found bad while reading, before typing: (row, reason, category), at
+/// most one a row, in row order.
+#[derive(Default)]
+struct Flaws(Vec<(usize, String, &'static str)>);
+
+impl Flaws {
+    /// Notes `row`'s first flaw; later ones of the same row are not reported.
+    fn push(&mut self, row: usize, why: String, category: &'static str) {
+        if self.0.last().is_none_or(|(r, _, _)| *r != row) {
+            self.0.push((row, why, category));
+        }
+    }
+
+    fn rows(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().map(|(r, _, _)| *r)
+    }
+}
+
+/// Each line of `data`: its number and byte range, without the newline (none
+/// after a final newline).
+fn line_spans(data: &[u8]) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+    let mut start = 0;
+    data.split(|b| *b == b'\n')
+        .enumerate()
+        .map_while(move |(i, text)| {
+            let span = (i as u64 + 1, start, start + text.len());
+            start += text.len() + 1;
+            (span.1 < data.len()).then_some(span)
+        })
+}
+
+/// Where each JSON value of `data` is, if each non-blank line holds one
+/// whole, valid value; `None` if any does not.
+fn one_value_per_line(data: &[u8]) -> Option<RowSpans> {
+    let mut values = serde_json::Deserializer::from_slice(data).into_iter::<IgnoredAny>();
+    let mut rows = RowSpans::default();
+    let (mut line, mut at) = (1, 0);
+    while let Some(value) = values.next() {
+        value.ok()?;
+        let end = values.byte_offset();
+        let start = at
+            + data[at..end]
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())?;
+        let newlines = memchr::memchr_iter(b'\n', &data[at..start]).count() as u64;
+        let shares_a_line = newlines == 0 && at > 0;
+        if shares_a_line || memchr::memchr(b'\n', &data[start..end]).is_some() {
+            return None;
+        }
+        line += newlines;
+        rows.push((line, start, end));
+        at = end;
+    }
+    Some(rows)
+}
+
+/// One JSON line read by `read` into one row, or why it is malformed.
+fn json_record(
+    text: &[u8],
+    read: impl Fn(&[u8]) -> Result<RecordBatch>,
+) -> std::result::Result<RecordBatch, (String, &'static str)> {
+    let invalid = |e: String| (format!("invalid JSON record: {e}"), "invalid JSON record");
+    serde_json::from_slice::<IgnoredAny>(text).map_err(|e| invalid(e.to_string()))?;
+    let batch = read(text).map_err(|e| invalid(e.to_string()))?;
+    match batch.num_rows() {
+        1 => Ok(batch),
+        _ => Err(invalid("not one JSON object".to_string())),
     }
 }
 
@@ -846,6 +1055,21 @@ pub(crate) mod tests {
         assert_eq!(spare(), 1);
         assert_eq!(read("d.csv", "7\n8\n"), (vec![7, 8], 0));
         assert_eq!(spare(), 1);
+    }
+
+    /// A line that leaves a quote open is one bad record however little it
+    /// holds; a quote inside a field, or doubled in a quoted one, opens nothing.
+    #[test]
+    fn each_line_leaving_a_quote_open_is_one_bad_record() {
+        let decoder = numbers_decoder();
+        let data = "1\n\"\n2\n\"3\n4\"5\n\"6\"\"\"\n\"7\"\"\n8";
+        let decoded = decoder.decode("q.csv", Bytes::from(data)).unwrap();
+        let column = decoded.batch.column(0).as_primitive::<Int64Type>();
+        assert_eq!(column.values().to_vec(), vec![1, 2, 8]);
+        let lines: Vec<u64> = decoded.malformed.samples.iter().map(|s| s.line).collect();
+        assert_eq!(lines, vec![2, 4, 5, 6, 7]);
+        let reasons = &decoded.malformed.by_reason;
+        assert_eq!(reasons.get("unterminated quoted field"), Some(&3));
     }
 
     /// Short lines put more rows in a 64 KB chunk than arrow's decoder takes

@@ -23,7 +23,7 @@ use super::queue::{self, Queue};
 use super::{Range, Ranges, header_fields};
 use crate::error::{BrookError, Result};
 use crate::source::SourceBatch;
-use crate::source::format::Decoder;
+use crate::source::format::{Decoder, FileFormat};
 use crate::source::malformed::{MalformedRecord, MalformedStats};
 
 /// Records of a partition turned into rows together: enough to keep the
@@ -408,9 +408,31 @@ fn decode(
     Ok((decoded.batch, malformed))
 }
 
+/// Adds `value` to `text`, ending it with a newline, and returns the number
+/// of lines it took. JSON is read a line a record, and line ends in a JSON
+/// value are whitespace (a JSON string cannot hold one), so they become spaces.
+fn append_value(text: &mut Vec<u8>, format: &FileFormat, value: &[u8]) -> usize {
+    let from = text.len();
+    text.extend_from_slice(value);
+    text.push(b'\n');
+    if memchr::memchr(b'\n', value).is_none() {
+        return 1;
+    }
+    if matches!(format, FileFormat::Json) {
+        let end = text.len() - 1;
+        text[from..end]
+            .iter_mut()
+            .filter(|b| **b == b'\n')
+            .for_each(|b| *b = b' ');
+        return 1;
+    }
+    1 + memchr::memchr_iter(b'\n', value).count()
+}
+
 /// A partition's records not yet turned into rows, and how they will be.
 enum Pending {
-    /// Values, a line each, and the offset of each line.
+    /// Values, a line each (a CSV value with line ends takes more), and the
+    /// offset of each line.
     Text {
         decoder: Arc<Decoder>,
         text: Vec<u8>,
@@ -464,10 +486,14 @@ impl Pending {
 
     fn push(&mut self, message: &queue::Record<'_>) {
         match self {
-            Pending::Text { text, offsets, .. } => {
-                text.extend_from_slice(message.payload().unwrap_or_default());
-                text.push(b'\n');
-                offsets.push(message.offset());
+            Pending::Text {
+                decoder,
+                text,
+                offsets,
+            } => {
+                let value = message.payload().unwrap_or_default();
+                let lines = append_value(text, &decoder.format, value);
+                offsets.extend(std::iter::repeat_n(message.offset(), lines));
             }
             Pending::Raw { records, bytes, .. } => {
                 *bytes +=
@@ -558,4 +584,117 @@ fn raw_batch(
         columns.push(Arc::new(headers.finish()));
     }
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::format::CsvOptions;
+    use crate::source::malformed::ParseMode;
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Int64Type, Schema};
+
+    fn ids_decoder(mode: ParseMode) -> Decoder {
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]);
+        Decoder::new(
+            FileFormat::Csv(CsvOptions::default()),
+            Arc::new(schema),
+            mode,
+            "_corrupt_record",
+        )
+    }
+
+    /// A value with a stray quote is one bad record, named by its own offset;
+    /// the values after it are read as usual.
+    #[test]
+    fn a_value_with_a_stray_quote_is_named_by_its_offset() {
+        let text = b"1,a\n2,\"b\n3,\"c\"\n4,d\n".to_vec();
+        let offsets = [10, 11, 12, 13];
+        let decoder = ids_decoder(ParseMode::DropMalformed);
+        let (batch, malformed) = decode("orders-0", &decoder, text.clone(), &offsets).unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(ids, vec![1, 3, 4]);
+        assert_eq!(malformed.count, 1);
+        assert_eq!(malformed.samples[0].file, "orders-0 offset 11");
+
+        let decoder = ids_decoder(ParseMode::FailFast);
+        let err = decode("orders-0", &decoder, text, &offsets)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("orders-0 offset 11"), "{err}");
+        assert!(err.contains("unterminated quoted field"), "{err}");
+    }
+
+    /// The text and offsets of `values` at offsets 5, 6, ...
+    fn values(decoder: &Decoder, values: &[&str]) -> (Vec<u8>, Vec<i64>) {
+        let mut text = vec![];
+        let mut offsets = vec![];
+        for (offset, value) in (5..).zip(values) {
+            let lines = append_value(&mut text, &decoder.format, value.as_bytes());
+            offsets.extend(std::iter::repeat_n(offset, lines));
+        }
+        (text, offsets)
+    }
+
+    /// A CSV value holding a line end (in quotes: a record over two lines) is
+    /// named by its own offset, and so are the values after it.
+    #[test]
+    fn a_csv_value_over_two_lines_is_named_by_its_offset() {
+        let decoder = ids_decoder(ParseMode::DropMalformed);
+        let (text, offsets) = values(&decoder, &["1,a", "2,\"b\nc\"", "x,d", "4,e"]);
+        let (batch, malformed) = decode("orders-0", &decoder, text, &offsets).unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(ids, vec![1, 4]);
+        let files: Vec<&str> = malformed.samples.iter().map(|s| s.file.as_str()).collect();
+        assert_eq!(
+            files,
+            [
+                "orders-0 offset 6",
+                "orders-0 offset 6",
+                "orders-0 offset 7"
+            ]
+        );
+    }
+
+    /// A JSON value written over several lines is one record, and the values
+    /// after it are named by their own offsets.
+    #[test]
+    fn a_json_value_over_several_lines_is_one_record() {
+        let schema = Schema::new(vec![Field::new("id", DataType::Int64, true)]);
+        let decoder = Decoder::new(
+            FileFormat::Json,
+            Arc::new(schema),
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let (text, offsets) = values(
+            &decoder,
+            &[
+                "{\n  \"id\": 1\n}",
+                "{\"id\": 2}",
+                "{\"id\": 3,}",
+                "{\"id\": 4}",
+            ],
+        );
+        let (batch, malformed) = decode("ids-0", &decoder, text, &offsets).unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(ids, vec![1, 2, 4]);
+        assert_eq!(malformed.count, 1);
+        assert_eq!(malformed.samples[0].file, "ids-0 offset 7");
+    }
 }
