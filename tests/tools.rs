@@ -1,5 +1,5 @@
 //! The installer of the tests' tools (tests/common/tools.rs), on throwaway tools
-//! whose install commands are shell one-liners under target/tools.
+//! installed under target/tools.
 
 #[path = "common/tools.rs"]
 #[allow(dead_code)]
@@ -13,15 +13,13 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-/// A tool whose install runs `script` in sh.
-fn tool(name: &'static str, installed: &'static str, script: &'static str) -> Tool {
-    let command: &'static [&'static str] = Box::leak(Box::new(["sh", "-c", script]));
+fn tool(name: &'static str, installed: String, install: Vec<String>) -> Tool {
     Tool {
         name,
         on_path: None,
-        installed,
+        installed: leak(installed),
         as_root: false,
-        install: Box::leak(Box::new([command])),
+        install: Box::leak(install.into_iter().map(leak).collect()),
     }
 }
 
@@ -36,10 +34,12 @@ fn panic_message(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
 #[test]
 fn a_failed_install_says_what_failed_what_to_run_and_where_it_installs() {
     let repo = env!("CARGO_MANIFEST_DIR");
+    let pid = std::process::id();
     let missing = tool(
         "a tool nobody can install",
-        leak(format!("target/tools/never-{}", std::process::id())),
-        "echo no such package >&2; exit 3",
+        format!("target/tools/never-{pid}"),
+        // Spaces as typed: any run of them separates words.
+        vec!["true".into(), format!("ls  -d\ttarget/tools/never-{pid}")],
     );
     let message = panic_message(|| {
         missing.get();
@@ -47,20 +47,34 @@ fn a_failed_install_says_what_failed_what_to_run_and_where_it_installs() {
     assert_eq!(
         message,
         format!(
-            "could not install a tool nobody can install: `sh -c 'echo no such package >&2; exit 3'` \
-             failed (exit status: 3; its output is above).\n\
+            "could not install a tool nobody can install: `ls -d target/tools/never-{pid}` \
+             failed (exit status: 2; its output is above).\n\
              Install it by hand, from {repo}:\n    \
-             sh -c 'echo no such package >&2; exit 3'\n\
-             The install puts it at {repo}/target/tools/never-{}.",
-            std::process::id()
+             true && ls -d target/tools/never-{pid}\n\
+             The install puts it at {repo}/target/tools/never-{pid}."
         )
     );
 
-    // An install that succeeds but leaves nothing where the tests look.
+    let unknown = tool(
+        "a tool installed by a missing program",
+        format!("target/tools/never-{pid}"),
+        vec![format!("no-such-installer-{pid} --yes")],
+    );
+    let message = panic_message(|| {
+        unknown.get();
+    });
+    assert!(
+        message.starts_with(&format!(
+            "could not install a tool installed by a missing program: \
+             `no-such-installer-{pid} --yes` could not start: No such file or directory"
+        )),
+        "{message}"
+    );
+
     let misplaced = tool(
         "a tool installed elsewhere",
-        leak(format!("target/tools/never-{}", std::process::id())),
-        "true",
+        format!("target/tools/never-{pid}"),
+        vec!["true".into()],
     );
     let message = panic_message(|| {
         misplaced.get();
@@ -68,8 +82,7 @@ fn a_failed_install_says_what_failed_what_to_run_and_where_it_installs() {
     assert!(
         message.starts_with(&format!(
             "could not install a tool installed elsewhere: the install finished but left no \
-             {repo}/target/tools/never-{}.\nInstall it by hand",
-            std::process::id()
+             {repo}/target/tools/never-{pid}.\nInstall it by hand"
         )),
         "{message}"
     );
@@ -77,16 +90,20 @@ fn a_failed_install_says_what_failed_what_to_run_and_where_it_installs() {
 
 #[test]
 fn concurrent_users_install_once_and_later_ones_install_nothing() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = format!("target/tools/once-{}", std::process::id());
+    std::fs::create_dir_all(repo.join(&dir)).unwrap();
+    // Slow enough that the other threads ask while it installs.
+    std::fs::write(
+        repo.join(&dir).join("install.sh"),
+        format!("echo run >> {dir}/runs && sleep 0.5 && touch {dir}/bin\n"),
+    )
+    .unwrap();
     let counted = tool(
         "a tool installed once",
-        leak(format!("{dir}/bin")),
-        // Slow enough that the other threads ask while it installs.
-        leak(format!(
-            "mkdir -p {dir} && echo run >> {dir}/runs && sleep 0.5 && touch {dir}/bin"
-        )),
+        format!("{dir}/bin"),
+        vec![format!("sh {dir}/install.sh")],
     );
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let paths: Vec<_> = std::thread::scope(|s| {
         let threads: Vec<_> = (0..4).map(|_| s.spawn(|| counted.get())).collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()

@@ -21,8 +21,9 @@ pub struct Tool {
     pub installed: &'static str,
     /// Installs system-wide: run as root, through `sudo -n` for other users.
     pub as_root: bool,
-    /// The commands that install it, in order, run from the repository root.
-    pub install: &'static [&'static [&'static str]],
+    /// The commands that install it, in order, run from the repository root:
+    /// words separated by spaces, exactly as a user types them.
+    pub install: &'static [&'static str],
 }
 
 const TANSU: Tool = Tool {
@@ -30,18 +31,10 @@ const TANSU: Tool = Tool {
     on_path: Some("tansu"),
     installed: "target/tools/bin/tansu",
     as_root: false,
-    install: &[&[
-        "cargo",
-        "install",
-        "tansu",
-        "--version",
-        "0.6.0",
-        "--locked",
-        "--features",
-        "dynostore,libsql",
-        "--root",
-        "target/tools",
-    ]],
+    install: &[
+        "cargo install tansu --version 0.6.0 --locked --features dynostore,libsql \
+         --root target/tools",
+    ],
 };
 
 /// Debian's package: Playwright's own browser downloads are not reachable everywhere.
@@ -50,10 +43,7 @@ const CHROMIUM: Tool = Tool {
     on_path: None,
     installed: "/usr/bin/chromium",
     as_root: true,
-    install: &[
-        &["apt-get", "update"],
-        &["apt-get", "install", "-y", "chromium"],
-    ],
+    install: &["apt-get update", "apt-get install -y chromium"],
 };
 
 /// Only the driver: it downloads no browser and drives `chromium()`.
@@ -62,16 +52,10 @@ const PLAYWRIGHT: Tool = Tool {
     on_path: None,
     installed: "target/tools/playwright/node_modules/playwright-core/package.json",
     as_root: false,
-    install: &[&[
-        "npm",
-        "install",
-        "--no-save",
-        "--no-audit",
-        "--no-fund",
-        "--prefix",
-        "target/tools/playwright",
-        "playwright-core@1.65.1",
-    ]],
+    install: &[
+        "npm install --no-save --no-audit --no-fund --prefix target/tools/playwright \
+         playwright-core@1.65.1",
+    ],
 };
 
 /// The tansu binary.
@@ -116,7 +100,8 @@ impl Tool {
             return found;
         }
         eprintln!("installing {} (once): {}", self.name, self.commands());
-        for args in self.install {
+        for line in self.install {
+            let args: Vec<&str> = line.split_whitespace().collect();
             let mut command = if self.as_root && !is_root() {
                 let mut sudo = Command::new("sudo");
                 sudo.args(["-n", "env", "DEBIAN_FRONTEND=noninteractive"]);
@@ -128,7 +113,7 @@ impl Tool {
             } else {
                 Command::new(args[0])
             };
-            let what = self.typed(args);
+            let what = self.typed(line);
             // apt-get must not stop to ask questions.
             let status = command
                 .args(&args[1..])
@@ -163,30 +148,20 @@ impl Tool {
         on_path.or_else(|| Some(self.location()).filter(|p| p.exists()))
     }
 
-    /// One install command as a user types it in a shell.
-    fn typed(&self, args: &[&str]) -> String {
+    /// One install command as a user types it.
+    fn typed(&self, line: &str) -> String {
         let sudo = if self.as_root && !is_root() {
             "sudo "
         } else {
             ""
         };
-        let quoted: Vec<String> = args
-            .iter()
-            .map(|arg| {
-                let plain = |c: char| c.is_ascii_alphanumeric() || "-_.,/=@:+".contains(c);
-                if !arg.is_empty() && arg.chars().all(plain) {
-                    arg.to_string()
-                } else {
-                    format!("'{}'", arg.replace('\'', r"'\''"))
-                }
-            })
-            .collect();
-        format!("{sudo}{}", quoted.join(" "))
+        let words: Vec<&str> = line.split_whitespace().collect();
+        format!("{sudo}{}", words.join(" "))
     }
 
     /// All the install commands, as one line to type.
     fn commands(&self) -> String {
-        let commands: Vec<String> = self.install.iter().map(|args| self.typed(args)).collect();
+        let commands: Vec<String> = self.install.iter().map(|line| self.typed(line)).collect();
         commands.join(" && ")
     }
 
