@@ -13,6 +13,9 @@
 #[allow(dead_code)]
 mod broker;
 mod common;
+#[path = "../tests/common/tools.rs"]
+#[allow(dead_code)]
+mod tools;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;

@@ -1,8 +1,9 @@
 //! The web dashboard in a real browser: `brook demo` is started as a user
 //! starts it, and headless Chromium, driven by Playwright, checks what its pages
-//! show (tests/ui/e2e.cjs). Chromium comes from Debian's packages and
-//! playwright-core from npm, both installed on first use; screenshots are kept
-//! in target/ui-artifacts.
+//! show (tests/ui/e2e.cjs). Both are installed on first use (tests/common/tools.rs);
+//! screenshots are kept in target/ui-artifacts.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -10,66 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const PLAYWRIGHT_VERSION: &str = "1.65.1";
-
 fn run(what: &str, command: &mut Command) {
     let status = command.status().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(status.success(), "{what} failed: {status}");
-}
-
-/// Debian's chromium, installed when missing (the probe of this machine kind ran it as root).
-fn chromium() {
-    if Path::new(CHROMIUM).exists() {
-        return;
-    }
-    eprintln!("installing Debian's chromium for the browser test (once)");
-    // As root, as CI runs; otherwise through sudo, which must not ask for a password.
-    let apt = |args: &[&str]| {
-        let mut command = if unsafe { libc::geteuid() } == 0 {
-            Command::new("apt-get")
-        } else {
-            let mut sudo = Command::new("sudo");
-            sudo.args(["-n", "apt-get"]);
-            sudo
-        };
-        command
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !apt(&["install", "-y", "chromium"]) {
-        assert!(apt(&["update"]), "apt-get update failed");
-        assert!(
-            apt(&["install", "-y", "chromium"]),
-            "apt-get install chromium failed"
-        );
-    }
-}
-
-/// playwright-core from npm under target/tools (it drives the system's Chromium;
-/// it downloads no browser of its own).
-fn playwright() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/playwright");
-    let modules = root.join("node_modules");
-    if !modules.join("playwright-core/package.json").exists() {
-        std::fs::create_dir_all(&root).unwrap();
-        run(
-            "npm install playwright-core",
-            Command::new("npm")
-                .args([
-                    "install",
-                    "--no-save",
-                    "--no-audit",
-                    "--no-fund",
-                    "--prefix",
-                ])
-                .arg(&root)
-                .arg(format!("playwright-core@{PLAYWRIGHT_VERSION}")),
-        );
-    }
-    modules
 }
 
 struct Demo(Child);
@@ -84,8 +28,8 @@ impl Drop for Demo {
 
 #[test]
 fn the_dashboard_moves_in_a_browser() {
-    chromium();
-    let modules = playwright();
+    let chromium = common::tools::chromium();
+    let modules = common::tools::playwright();
     let mut demo = Demo(
         Command::new(env!("CARGO_BIN_EXE_brook"))
             .args(["demo", "--ui-port", "0", "--no-clear", "--duration", "180s"])
@@ -120,6 +64,7 @@ fn the_dashboard_moves_in_a_browser() {
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/e2e.cjs"))
             .arg(&url)
             .arg(&artifacts)
+            .arg(&chromium)
             .env("NODE_PATH", &modules),
     );
     for shot in ["dashboard.png", "monitor.png"] {

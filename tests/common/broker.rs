@@ -1,7 +1,6 @@
 //! A real Kafka-protocol broker for tests: tansu, on a free 127.0.0.1 port, with
-//! in-memory storage (or SQLite, for a broker that restarts). Installed into
-//! `target/tools` on first use when `tansu` is not on PATH (once per checkout;
-//! about 10 minutes on 2 cores).
+//! in-memory storage (or SQLite, for a broker that restarts), installed by
+//! `tools::tansu()` on first use.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -14,43 +13,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-const TANSU_VERSION: &str = "0.6.0";
-
-/// The tansu binary: on PATH, or installed under `target/tools`.
-fn tansu() -> PathBuf {
-    if let Ok(path) = which("tansu") {
-        return path;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools");
-    let binary = root.join("bin/tansu");
-    std::fs::create_dir_all(&root).unwrap();
-    // Test binaries run in parallel: one installs, the others wait on the lock.
-    let lock = std::fs::File::create(root.join(".install.lock")).unwrap();
-    lock.lock().unwrap();
-    if !binary.exists() {
-        eprintln!(
-            "installing tansu {TANSU_VERSION} into {} (once)",
-            root.display()
-        );
-        let status = Command::new(env!("CARGO"))
-            .args(["install", "tansu", "--version", TANSU_VERSION, "--locked"])
-            .args(["--features", "dynostore,libsql", "--root"])
-            .arg(&root)
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo install tansu failed");
-    }
-    lock.unlock().unwrap();
-    binary
-}
-
-fn which(name: &str) -> Result<PathBuf, ()> {
-    let path = std::env::var_os("PATH").ok_or(())?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or(())
-}
+use super::tools;
 
 /// A running broker, stopped when dropped.
 pub struct Broker {
@@ -87,7 +50,7 @@ impl Broker {
 
     fn start_on(port: u16, storage: String, dir: Option<PathBuf>) -> Self {
         let url = format!("tcp://127.0.0.1:{port}");
-        let mut command = Command::new(tansu());
+        let mut command = Command::new(tools::tansu());
         if let Some(dir) = &dir {
             command.current_dir(dir);
         }

@@ -1,9 +1,9 @@
 // Drives the demo's pages in headless Chromium: the dashboard fills and agrees
 // with the memory tables, the monitor's batch chart grows, nothing outside
-// 127.0.0.1 is fetched. Usage: node e2e.cjs URL ARTIFACT_DIR
+// 127.0.0.1 is fetched. Usage: node e2e.cjs URL ARTIFACT_DIR CHROMIUM
 const { chromium } = require('playwright-core');
 
-const [url, artifacts] = process.argv.slice(2);
+const [url, artifacts, chromiumPath] = process.argv.slice(2);
 const fail = (message) => { throw new Error(message); };
 
 // The rows the page shows, as text, and the rows it should show, read from the
@@ -29,7 +29,7 @@ async function shownAndExpected(page) {
 
 (async () => {
   const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
+    executablePath: chromiumPath,
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
