@@ -118,12 +118,14 @@ impl Engine {
         let mut config = datafusion::prelude::SessionConfig::new();
         // Sources decode text into Utf8 columns; keep VARCHAR as Utf8 in table definitions.
         config.options_mut().sql_parser.map_string_types_to_utf8view = false;
-        let mut runtime = RuntimeEnv::default();
-        runtime.memory_pool = crate::memory::pool(
-            overrides
-                .memory_limit
-                .unwrap_or_else(crate::memory::default_limit),
-        );
+        let runtime = RuntimeEnv {
+            memory_pool: crate::memory::pool(
+                overrides
+                    .memory_limit
+                    .unwrap_or_else(crate::memory::default_limit),
+            ),
+            ..RuntimeEnv::default()
+        };
         Self {
             ctx: SessionContext::new_with_config_rt(config, Arc::new(runtime)),
             catalog: Mutex::default(),

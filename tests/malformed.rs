@@ -94,7 +94,7 @@ async fn dropmalformed_drops_and_counts_each_bad_record() {
     let file = put(
         &input,
         "bad.csv",
-        &lines(&[
+        lines(&[
             &good1,                                        // 1
             "2016-03-22 20:00:02,2,102,MSFT,5,abc,S",      // 2: price is not a number
             &good3,                                        // 3
@@ -160,7 +160,7 @@ async fn permissive_keeps_bad_rows_with_nulls_and_counts_them() {
     let file = put(
         &input,
         "p.csv",
-        &lines(&[
+        lines(&[
             &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
             "2016-03-22 20:00:02,2,102,MSFT,5,abc,S", // price null
             "2016-03-22 20:00:03,3,103,IBM,x7",       // five fields, amount bad too
@@ -211,7 +211,7 @@ async fn permissive_puts_the_raw_record_in_the_corrupt_record_column() {
     put(
         &input,
         "p.csv",
-        &lines(&[
+        lines(&[
             &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
             "2016-03-22 20:00:02,2,102,MSFT,5,abc,S",
         ]),
@@ -250,7 +250,7 @@ async fn failfast_stops_the_query_naming_file_and_line() {
     put(
         &input,
         "a.csv",
-        &lines(&[&order("20:00:01", 1, "AAPL", 10, 1.5, "B")]),
+        lines(&[&order("20:00:01", 1, "AAPL", 10, 1.5, "B")]),
     );
     query.process_all_available().await.unwrap();
     assert_eq!(
@@ -261,7 +261,7 @@ async fn failfast_stops_the_query_naming_file_and_line() {
     let file = put(
         &input,
         "b.csv",
-        &lines(&[
+        lines(&[
             &order("20:00:02", 2, "AAPL", 10, 1.5, "B"),
             &order("20:00:03", 3, "AAPL", 10, 1.5, "B"),
             "2016-03-22 20:00:04,4,104,MSFT,5,abc,S",
@@ -301,7 +301,7 @@ async fn a_source_scanned_twice_reads_its_rows_twice() {
     put(
         &input,
         "a.csv",
-        &lines(&[
+        lines(&[
             &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
             &order("20:00:02", 2, "AAPL", 10, 1.5, "B"),
         ]),
@@ -329,7 +329,7 @@ async fn failfast_after_good_files_of_a_batch_emits_nothing_of_it() {
     put(
         &input,
         "a.csv",
-        &lines(&[&order("20:00:01", 1, "AAPL", 10, 1.5, "B")]),
+        lines(&[&order("20:00:01", 1, "AAPL", 10, 1.5, "B")]),
     );
     query.process_all_available().await.unwrap();
     let first = rows(&[&["AAPL", "1"]]);
@@ -343,13 +343,13 @@ async fn failfast_after_good_files_of_a_batch_emits_nothing_of_it() {
         put(
             &input,
             name,
-            &lines(&rows.iter().map(String::as_str).collect::<Vec<_>>()),
+            lines(&rows.iter().map(String::as_str).collect::<Vec<_>>()),
         );
     }
     let bad = put(
         &input,
         "e.csv",
-        &lines(&[
+        lines(&[
             &order("20:00:03", 5, "IBM", 10, 1.5, "B"),
             "2016-03-22 20:00:04,6,104,IBM,5,abc,S",
         ]),
@@ -398,7 +398,7 @@ async fn a_csv_with_the_wrong_number_of_columns_is_dropped_and_the_query_goes_on
     let file = put(
         &input,
         "six.csv",
-        &lines(&[
+        lines(&[
             "2016-03-22 20:00:01,1,101,AAPL,10,1.5",
             "2016-03-22 20:00:02,2,102,AAPL,10,1.5",
         ]),
@@ -419,7 +419,7 @@ async fn a_csv_with_the_wrong_number_of_columns_is_dropped_and_the_query_goes_on
     put(
         &input,
         "good.csv",
-        &lines(&[&order("20:00:03", 3, "AAPL", 1, 1.0, "B")]),
+        lines(&[&order("20:00:03", 3, "AAPL", 1, 1.0, "B")]),
     );
     query.process_all_available().await.unwrap();
     assert_eq!(
@@ -448,7 +448,7 @@ async fn a_json_lines_source_skips_and_counts_a_bad_line() {
     let file = put(
         &input,
         "e.json",
-        &lines(&[
+        lines(&[
             r#"{"time": "2016-03-22T20:00:01", "symbol": "AAPL", "amount": 10}"#,
             "",
             r#"{"time": "2016-03-22T20:00:02", "symbol": "MSFT", "amount": "#,
@@ -491,7 +491,7 @@ async fn a_json_line_without_its_not_null_column_is_malformed() {
     let file = put(
         &input,
         "e.json",
-        &lines(&[
+        lines(&[
             r#"{"time": "2016-03-22T20:00:01", "symbol": "AAPL", "amount": 10}"#,
             r#"{"symbol": "IBM", "amount": 1}"#,
         ]),
@@ -691,7 +691,7 @@ async fn queries_sharing_a_source_each_see_every_row_and_bad_line() {
         put(
             &input,
             &format!("orders-{f}.csv"),
-            &lines(&[
+            lines(&[
                 &order("20:00:01", 2 * f, "AAPL", 1, 1.0, "B"),
                 "2016-03-22 20:00:02,9,1,IBM,1,abc,S",
                 &order("20:00:03", 2 * f + 1, "MSFT", 1, 1.0, "S"),
@@ -797,7 +797,7 @@ async fn a_location_with_dot_dot_reads_the_directory_it_names() {
     put(
         &input,
         "a.csv",
-        &lines(&[&order("20:00:01", 1, "AAPL", 1, 1.0, "B")]),
+        lines(&[&order("20:00:01", 1, "AAPL", 1, 1.0, "B")]),
     );
     query.process_all_available().await.unwrap();
     assert_eq!(

@@ -696,7 +696,7 @@ impl Decoder {
                     }
                     let record = match std::str::from_utf8(text) {
                         Err(e) => Err((format!("invalid UTF-8: {e}"), "invalid UTF-8")),
-                        Ok(_) => json_record(text, &read),
+                        Ok(_) => json_record(text, read),
                     };
                     match record {
                         Ok(batch) => parts.push(batch),
