@@ -120,7 +120,8 @@ impl SourceDef {
                 )));
             }
         };
-        if options.get("multiLine").is_some() && !matches!(format, FileFormat::Csv(_)) {
+        // 'false', which scripts ported from Spark often set, is every format's way.
+        if options.bool("multiLine", false)? && !matches!(format, FileFormat::Csv(_)) {
             return Err(BrookError::option(
                 "multiLine",
                 format!("table '{name}': only CSV sources read records across lines"),
@@ -574,23 +575,31 @@ impl SinkDef {
 /// The value of option `queryName`, which also names the query's checkpoint
 /// directory below a checkpoint root (`--checkpoint DIR`): one plain name.
 fn query_name(name: &str) -> Result<String> {
-    let why = if name.is_empty() {
-        "it is empty"
+    match not_a_directory_name(name) {
+        None => Ok(name.to_string()),
+        Some(why) => Err(BrookError::option(
+            "queryName",
+            format!(
+                "'{}' cannot name a query ({why}): a query's name is also its checkpoint \
+                 directory's below --checkpoint DIR, so it is one plain name such as 'top_clients'",
+                name.escape_debug()
+            ),
+        )),
+    }
+}
+
+/// Why `name` cannot be one directory below another, if it cannot: a query's
+/// name (its `queryName`, else its sink table's) becomes one below `--checkpoint DIR`.
+pub(crate) fn not_a_directory_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
     } else if name == "." || name == ".." {
-        "it names a directory, not one below"
+        Some("it names a directory, not one below")
     } else if name.contains(['/', '\\']) {
-        "it contains a path separator"
+        Some("it contains a path separator")
     } else if name.contains('\0') {
-        "it contains a NUL character"
+        Some("it contains a NUL character")
     } else {
-        return Ok(name.to_string());
-    };
-    Err(BrookError::option(
-        "queryName",
-        format!(
-            "'{}' cannot name a query ({why}): a query's name is also its checkpoint \
-             directory's below --checkpoint DIR, so it is one plain name such as 'top_clients'",
-            name.escape_debug()
-        ),
-    ))
+        None
+    }
 }

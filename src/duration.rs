@@ -46,7 +46,7 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 }
 
 /// Nanoseconds of a short-form duration (`500ms`, `3s`); `Some(None)` when it
-/// is one but does not fit in an `i128` (more digits than a `u64` holds).
+/// is one but its number has more digits than a `u64` holds.
 fn parse_short(t: &str) -> Option<Option<i128>> {
     let split = t.find(|c: char| !c.is_ascii_digit())?;
     let (num, unit) = t.split_at(split);

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
+use datafusion::common::utils::quote_identifier;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::prelude::SessionContext;
@@ -328,7 +329,7 @@ impl Engine {
             None => Err(BrookError::sql(format!(
                 "no sink table '{name}'; declare it first, e.g. CREATE EXTERNAL TABLE {} \
                  STORED AS PARQUET LOCATION 'out/{name}' (declared sinks: {})",
-                sql_name(name),
+                quote_identifier(name),
                 catalog.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
             ))),
         }
@@ -349,7 +350,16 @@ impl Engine {
         };
         let checkpoint = match (&def.checkpoint_location, &self.overrides.checkpoint_root) {
             (Some(own), _) => Some(own.clone()),
-            (None, Some(root)) => Some(format!("{}/{name}", root.trim_end_matches('/'))),
+            (None, Some(root)) => {
+                if let Some(why) = crate::catalog::not_a_directory_name(&name) {
+                    return Err(BrookError::sql(format!(
+                        "sink table {} cannot name its query's checkpoint directory below \
+                         {root} ({why}): give the table OPTIONS ('queryName' 'a_plain_name')",
+                        quote_identifier(&name)
+                    )));
+                }
+                Some(format!("{}/{name}", root.trim_end_matches('/')))
+            }
             (None, None) => None,
         };
         let mut options = QueryOptions {
@@ -534,20 +544,6 @@ impl Engine {
             }
         }
         first_error.map_or(Ok(()), Err)
-    }
-}
-
-/// `name` as SQL would have to write it to mean it: quoted unless it is what
-/// an unquoted name becomes.
-fn sql_name(name: &str) -> String {
-    let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        name.to_string()
-    } else {
-        format!("\"{}\"", name.replace('"', "\"\""))
     }
 }
 

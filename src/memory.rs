@@ -32,6 +32,7 @@ pub fn default_limit() -> usize {
     usize::try_from((total as f64 * DEFAULT_SHARE) as u64).unwrap_or(usize::MAX)
 }
 
+#[cfg(unix)]
 fn physical_memory() -> Option<u64> {
     // SAFETY: sysconf reads system constants only.
     let (pages, page_size) = unsafe {
@@ -43,6 +44,11 @@ fn physical_memory() -> Option<u64> {
     let pages = u64::try_from(pages).ok()?;
     let page_size = u64::try_from(page_size).ok()?;
     pages.checked_mul(page_size).filter(|&b| b > 0)
+}
+
+#[cfg(not(unix))]
+fn physical_memory() -> Option<u64> {
+    None
 }
 
 /// The memory limit of the cgroup the process runs in (v2, else v1), if any.

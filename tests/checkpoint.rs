@@ -907,3 +907,34 @@ fn a_query_name_that_leaves_the_checkpoint_directory_is_refused() {
         assert!(!tmp.path().join("x").exists());
     }
 }
+
+#[test]
+fn a_quoted_sink_name_that_leaves_the_checkpoint_directory_is_refused() {
+    let (tmp, input) = tmp_source();
+    let project = tmp.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    for name in ["../../x", "a/b", ".."] {
+        let script = format!(
+            "{} CREATE EXTERNAL TABLE \"{name}\" STORED AS MEMORY LOCATION '';
+             INSERT INTO \"{name}\" SELECT order_id FROM orders;",
+            source_ddl(&input, false)
+        );
+        std::fs::write(project.join("q.sql"), script).unwrap();
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
+            .args(["run", "q.sql", "--checkpoint", "checkpoint"])
+            .args(["--trigger", "available-now"])
+            .current_dir(&project)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "sink table \"{name}\" cannot name its query's checkpoint"
+            )) && stderr.contains("queryName"),
+            "{name}: {stderr}"
+        );
+        assert!(!tmp.path().join("x").exists());
+        assert!(!project.join("a").exists());
+    }
+}

@@ -52,10 +52,8 @@ impl StopSignals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            let listen = |kind| {
-                signal(kind)
-                    .map_err(|e| BrookError::Plan(format!("cannot listen for signals: {e}")))
-            };
+            let listen =
+                |kind| signal(kind).map_err(|e| BrookError::io("the process's signal handlers", e));
             Ok(Self {
                 interrupt: listen(SignalKind::interrupt())?,
                 terminate: listen(SignalKind::terminate())?,

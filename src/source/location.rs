@@ -203,7 +203,7 @@ fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> BrookError {
 }
 
 /// The hidden name a local file is written under before it is renamed into place.
-fn temporary_name(name: &str) -> String {
+pub(crate) fn temporary_name(name: &str) -> String {
     format!(".{name}.tmp")
 }
 

@@ -255,7 +255,13 @@ impl WindowTicks {
             .iter()
             .map(|p| p.map_or(1, |p| self.windows_of(p)))
             .fold(0, usize::saturating_add);
-        let row_bytes = batch.get_array_memory_size() / batch.num_rows().max(1)
+        // The rows' own bytes, not their buffers': an aggregate emits slices
+        // of one buffer, each of which would otherwise be charged for all of it.
+        let mut batch_bytes = 0usize;
+        for c in batch.columns() {
+            batch_bytes = batch_bytes.saturating_add(c.to_data().get_slice_memory_size()?);
+        }
+        let row_bytes = batch_bytes / batch.num_rows().max(1)
             + std::mem::size_of::<u32>()
             + std::mem::size_of::<Option<i64>>();
         // Capped so that adding it to what the pool holds cannot overflow.
@@ -399,7 +405,9 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::TimestampSecondArray;
     use datafusion::arrow::datatypes::Schema;
-    use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, UnboundedMemoryPool};
+    use datafusion::execution::memory_pool::{
+        GreedyMemoryPool, MemoryConsumer, MemoryPool, UnboundedMemoryPool,
+    };
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
 
@@ -447,6 +455,29 @@ mod tests {
         let starts: Vec<i64> = starts.as_primitive::<Int64Type>().values().to_vec();
         // windows starting at multiples of 4 that contain [6, 8): [4, 14) and [0, 10)
         assert_eq!(starts, vec![4, 0]);
+    }
+
+    /// An aggregate emits its groups as slices of one large batch; each slice's
+    /// copies are charged for its own rows, not for the buffers it shares.
+    #[test]
+    fn a_slice_of_a_large_batch_is_charged_for_its_own_rows() {
+        let time_type = DataType::Timestamp(TimeUnit::Second, None);
+        let ticks = WindowTicks::new(&spec(10, 4), &time_type).unwrap();
+        let t: ArrayRef = Arc::new(TimestampSecondArray::from(vec![7; 100_000]));
+        let panes = ticks.panes(&t).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "window",
+            panes.data_type().clone(),
+            true,
+        )]));
+        let batch = RecordBatch::try_new(schema, vec![panes]).unwrap();
+        let slice = batch.slice(0, 10);
+        // 20 copies of a few dozen bytes each fit in 64 KB; the whole batch's
+        // 1.6 MB of buffers, charged to each of 10 rows, would not.
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(64 << 10));
+        let mut memory = MemoryConsumer::new("test").register(&pool);
+        let out = ticks.expand(&slice, 0, &mut memory).unwrap();
+        assert_eq!(out.num_rows(), 20);
     }
 
     #[test]

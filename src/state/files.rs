@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{BrookError, Result};
-use crate::source::location::{Location, blocking, is_temporary};
+use crate::source::location::{Location, blocking, is_temporary, temporary_name};
 
 /// The header of JSON files. `v2` marks a commit whose state is a snapshot plus
 /// changes: a build that knows only `v1` must refuse it rather than restore the
@@ -208,8 +208,9 @@ impl CheckpointFiles {
             return Ok(());
         };
         blocking(move || {
-            // The checkpoint's own directories only: its location may hold more.
-            remove_temporary_in(&dir, 0)?;
+            // The checkpoint's own files only: its location may hold more (a
+            // sink's output, another query's writes in progress).
+            remove_left_behind(&dir.join(temporary_name("metadata")))?;
             for logs in ["offsets", "commits", "sources"] {
                 remove_temporary_in(&dir.join(logs), 0)?;
             }
@@ -235,15 +236,23 @@ fn remove_temporary_in(dir: &std::path::Path, depth: usize) -> Result<()> {
                 remove_temporary_in(&path, depth - 1)?;
             }
         } else if is_temporary(&entry.file_name().to_string_lossy()) {
-            match std::fs::remove_file(&path) {
-                Ok(()) => tracing::info!(
-                    "removed {}, left by a write that was cut short",
-                    path.display()
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(BrookError::io(&path, e)),
-            }
+            remove_left_behind(&path)?;
         }
     }
     Ok(())
+}
+
+/// Removes a temporary file, if there, that a write cut short left behind.
+fn remove_left_behind(path: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(
+                "removed {}, left by a write that was cut short",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BrookError::io(path, e)),
+    }
 }

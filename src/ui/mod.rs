@@ -387,7 +387,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     // As std does on Unix: a restarted UI gets its port back while the last
-    // run's connections linger in TIME_WAIT.
+    // run's connections linger in TIME_WAIT. (On Windows the option would let
+    // it bind a port another process holds.)
+    #[cfg(unix)]
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)

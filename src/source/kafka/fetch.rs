@@ -409,8 +409,10 @@ fn decode(
 }
 
 /// Adds `value` to `text`, ending it with a newline, and returns the number
-/// of lines it took. JSON is read a line a record, and line ends in a JSON
-/// value are whitespace (a JSON string cannot hold one), so they become spaces.
+/// of lines it took. JSON is read a line a record: a line end between a JSON
+/// value's tokens is whitespace, so it becomes a space; one inside a string
+/// makes the value invalid, so it becomes a tab, which a JSON string cannot
+/// hold either, and the record stays malformed on one line.
 fn append_value(text: &mut Vec<u8>, format: &FileFormat, value: &[u8]) -> usize {
     let from = text.len();
     text.extend_from_slice(value);
@@ -420,10 +422,17 @@ fn append_value(text: &mut Vec<u8>, format: &FileFormat, value: &[u8]) -> usize 
     }
     if matches!(format, FileFormat::Json) {
         let end = text.len() - 1;
-        text[from..end]
-            .iter_mut()
-            .filter(|b| **b == b'\n')
-            .for_each(|b| *b = b' ');
+        let (mut in_string, mut escaped) = (false, false);
+        for b in &mut text[from..end] {
+            match (*b, in_string) {
+                (b'\n', true) => *b = b'\t',
+                (b'\n', false) => *b = b' ',
+                (_, true) if escaped => escaped = false,
+                (b'\\', true) => escaped = true,
+                (b'"', _) => in_string = !in_string,
+                _ => {}
+            }
+        }
         return 1;
     }
     1 + memchr::memchr_iter(b'\n', value).count()
@@ -696,5 +705,39 @@ mod tests {
         assert_eq!(ids, vec![1, 2, 4]);
         assert_eq!(malformed.count, 1);
         assert_eq!(malformed.samples[0].file, "ids-0 offset 7");
+    }
+
+    /// A line end inside a JSON string is not whitespace: the value stays
+    /// malformed, and the values after it keep their own offsets.
+    #[test]
+    fn a_line_end_inside_a_json_string_stays_malformed() {
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("s", DataType::Utf8, true),
+        ]);
+        let decoder = Decoder::new(
+            FileFormat::Json,
+            Arc::new(schema),
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let (text, offsets) = values(
+            &decoder,
+            &[
+                // Quotes escaped inside strings end none; line ends between tokens are spaces.
+                "{\"id\": 1,\n\"s\": \"a\\\"b\"}",
+                "{\"id\": 2, \"s\": \"x\ny\"}",
+                "{\"id\": 3, \"s\": \"a\\\\\"\n}",
+            ],
+        );
+        let (batch, malformed) = decode("ids-0", &decoder, text, &offsets).unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(malformed.count, 1);
+        assert_eq!(malformed.samples[0].file, "ids-0 offset 6");
     }
 }
