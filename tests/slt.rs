@@ -138,6 +138,13 @@ fn column_type(t: &DataType) -> Col {
     }
 }
 
+/// A name for a file of its own in a directory (it may start with `.` or `_`,
+/// names that sources never read).
+fn is_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(parts.next(), Some(std::path::Component::Normal(_))) && parts.next().is_none()
+}
+
 /// An error as the .slt file sees it: the engine's message, with the file's
 /// temp directory written `${dir}` so that expected messages are stable.
 #[derive(Debug)]
@@ -212,10 +219,12 @@ impl Brook {
                 self.appended += 1;
                 (*target, format!("file-{:04}", self.appended))
             }
-            [target, as_, name] if as_.eq_ignore_ascii_case("AS") => (*target, name.to_string()),
+            [target, as_, name] if as_.eq_ignore_ascii_case("AS") && is_file_name(name) => {
+                (*target, name.to_string())
+            }
             _ => {
                 return Err(SltError(format!(
-                    "expected APPEND <dir> [AS <file>], found 'APPEND {args}'"
+                    "expected APPEND <dir> [AS <file name>], found 'APPEND {args}'"
                 )));
             }
         };
