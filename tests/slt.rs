@@ -7,7 +7,7 @@
 //! files whose path contains `windows`. A failing file reports every record
 //! that failed, each with its file:line.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -168,6 +168,8 @@ struct Brook {
     appended: usize,
     /// Queries whose failure a `RUN BATCHES` has already reported.
     reported: HashSet<String>,
+    /// Batches each query had run at the last `RUN BATCHES`, by query id.
+    batches_seen: HashMap<String, u64>,
 }
 
 impl Brook {
@@ -178,6 +180,7 @@ impl Brook {
             is_query,
             appended: 0,
             reported: HashSet::new(),
+            batches_seen: HashMap::new(),
         })
     }
 
@@ -238,7 +241,8 @@ impl Brook {
     }
 
     /// `RUN BATCHES`: every query processes all input available now, including
-    /// the batches without input that closed windows need; counts the batches.
+    /// the batches without input that closed windows need; counts the batches
+    /// run since the last `RUN BATCHES` (or since the query started).
     async fn run_batches(&mut self) -> Result<u64, SltError> {
         let queries: Vec<_> = self
             .engine
@@ -249,16 +253,15 @@ impl Brook {
         // Side by side: an idle query takes a poll interval to confirm it has
         // nothing to read, and a file may have started many.
         let runs = queries.iter().map(|query| async move {
-            let before = query.last_progress().map_or(0, |p| p.batch_id + 1);
-            let ran = tokio::time::timeout(RUN_TIMEOUT, query.process_all_available()).await;
-            let after = query.last_progress().map_or(0, |p| p.batch_id + 1);
-            (after - before, ran)
+            tokio::time::timeout(RUN_TIMEOUT, query.process_all_available()).await
         });
         let mut batches = 0;
         let mut failures = vec![];
-        for (query, (ran_batches, ran)) in queries.iter().zip(futures::future::join_all(runs).await)
-        {
-            batches += ran_batches;
+        for (query, ran) in queries.iter().zip(futures::future::join_all(runs).await) {
+            // Queries run between directives too: count from the last look.
+            let total = query.last_progress().map_or(0, |p| p.batch_id + 1);
+            let seen = self.batches_seen.insert(query.id().to_string(), total);
+            batches += total - seen.unwrap_or(0);
             match ran {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
