@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
-use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::TableReference;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
@@ -98,10 +98,16 @@ pub async fn compile(
     for (name, def) in sources {
         let read = def.read_schema();
         let mut fields: Vec<Field> = read.fields().iter().map(|f| f.as_ref().clone()).collect();
-        if let Some(w) = &window
-            && let Ok(t) = read.field_with_name(&w.time_column)
-        {
-            fields.push(Field::new(WINDOW_COLUMN, window_type(t.data_type()), true));
+        if let Some(w) = &window {
+            // A source without the time column gets a window too, so that the
+            // query plans and the check below names the column and the source
+            // (planning would fail on `window.start` instead).
+            let time = read
+                .field_with_name(&w.time_column)
+                .map_or(DataType::Timestamp(TimeUnit::Nanosecond, None), |t| {
+                    t.data_type().clone()
+                });
+            fields.push(Field::new(WINDOW_COLUMN, window_type(&time), true));
         }
         let slot = Slot::new(&Schema::new(fields));
         // By its name as it is: parsing it again would lower-case a quoted name.
