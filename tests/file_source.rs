@@ -217,6 +217,68 @@ fn a_file_replaced_while_the_query_runs_is_counted_and_named() {
     assert_eq!(copied(dir).len(), 5, "a.csv is not read again");
 }
 
+/// The UI's progress API carries the count, as monitors read it there.
+#[test]
+fn the_ui_progress_api_shows_files_changed_after_read() {
+    use std::io::BufRead;
+
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let script = write_script(dir, "");
+    let input = dir.join("in");
+    write_file(&input, "a.csv", &lines(0, 3));
+    let first = run_available_now(dir, &script);
+    assert!(first.status.success(), "{}", stderr(&first));
+    write_file(&input, "a.csv", &lines(100, 5));
+    write_file(&input, "b.csv", &lines(200, 2));
+
+    let mut child = KillOnDrop(
+        brook()
+            .args(["run", "--ui", "--ui-port", "0", "--trigger", "available-now"])
+            .arg(&script)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut url = None;
+    let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    for line in stderr.lines().map_while(Result::ok) {
+        if let Some(u) = line.strip_prefix("brook: web UI at ") {
+            url = Some(u.trim_end_matches('/').to_string());
+        }
+        if line.contains("stays up until Ctrl-C") {
+            break;
+        }
+    }
+    let url = url.expect("brook run printed no UI address");
+    let progress: serde_json::Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let text = http
+            .get(format!("{url}/api/queries/copy/progress"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    });
+    let records = progress.as_array().unwrap_or_else(|| panic!("{progress}"));
+    assert_eq!(records.len(), 1, "{progress}");
+    assert_eq!(records[0]["sources"][0]["files_changed_after_read"], 1, "{progress}");
+    assert_eq!(records[0]["sources"][0]["files_skipped"], 0, "{progress}");
+}
+
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
