@@ -103,6 +103,9 @@ pub struct FileSource {
     /// Set by the available-now trigger: the files it may still plan, each
     /// removed as its batch commits.
     snapshot: Option<HashSet<Path>>,
+    /// Taken files the last local listing found, and its turn in looking them up.
+    taken_listed: usize,
+    sweep_turn: usize,
     /// Files that cannot be named (not UTF-8), warned about once each.
     unnamed: HashSet<PathBuf>,
     counts: SourceCounts,
@@ -140,6 +143,10 @@ struct FileEntry {
     modified_ms: Option<i64>,
 }
 
+/// Taken files of a local directory looked up per listing, to notice one
+/// changed in place (a replaced one shows by its file-system id).
+const SWEEP: usize = 64;
+
 /// A file found by a listing of a local directory.
 struct Listed {
     path: PathBuf,
@@ -175,6 +182,8 @@ impl FileSource {
             latest_ms: None,
             ignore_before_ms: None,
             snapshot: None,
+            taken_listed: 0,
+            sweep_turn: 0,
             unnamed: HashSet::new(),
             counts: SourceCounts::default(),
             cleaning: JoinSet::new(),
@@ -238,9 +247,10 @@ impl FileSource {
     }
 
     /// The files of a local directory not taken yet. Only those are looked up,
-    /// and taken files whose file-system id changed: a directory keeps every
-    /// file it was given, and a lookup of each of them per trigger and query
-    /// was most of the kernel's work in steady state.
+    /// with taken files whose file-system id changed (replaced by a rename)
+    /// and a few more taken files in turn (changed in place): a directory
+    /// keeps every file it was given, and a lookup of each of them per trigger
+    /// and query was most of the kernel's work in steady state.
     async fn list_local(&mut self, dir: PathBuf) -> Result<Vec<ObjectMeta>> {
         let recursive = self.options.recursive;
         let (listed, unnamed) = blocking(move || walk(&dir, recursive)).await?;
@@ -257,6 +267,12 @@ impl FileSource {
         }
         let tracked = self.directory.tracked();
         let mut lookups = vec![];
+        // Taken files are looked up SWEEP a listing: the k-th of them when
+        // k % rounds is this listing's turn (listings keep a directory's order).
+        let rounds = self.taken_listed.div_ceil(SWEEP).max(1);
+        let turn = self.sweep_turn % rounds;
+        self.sweep_turn = self.sweep_turn.wrapping_add(1);
+        let mut taken = 0;
         for Listed { path, id } in listed {
             // Named as the object store lists them: the absolute path, not resolved.
             let location = match Path::from_absolute_path(&path) {
@@ -279,15 +295,18 @@ impl FileSource {
             match self.seen.get(&location) {
                 None => lookups.push((path, location, id, false)),
                 Some(seen) => {
-                    if id.is_some() && seen.id != id {
+                    let replaced = id.is_some() && seen.id != id;
+                    if replaced || taken % rounds == turn {
                         lookups.push((path, location.clone(), id, true));
                     }
+                    taken += 1;
                     if tracked {
                         self.offer_for_cleaning(&location);
                     }
                 }
             }
         }
+        self.taken_listed = taken;
         let looked_up = blocking(move || {
             let mut found = vec![];
             for (path, location, id, taken) in lookups {
