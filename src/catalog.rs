@@ -433,23 +433,32 @@ fn clean_source(options: &Options) -> Result<CleanSource> {
         .get_or("cleanSource", "off")
         .trim()
         .to_ascii_lowercase();
-    match (mode.as_str(), archive_dir) {
-        ("archive", Some(dir)) => Ok(CleanSource::Archive(dir)),
-        ("archive", None) => Err(BrookError::option(
-            "sourceArchiveDir",
-            "cleanSource 'archive' needs it: the directory processed files are moved to",
-        )),
-        (_, Some(_)) => Err(BrookError::option(
+    let clean = match mode.as_str() {
+        "off" => CleanSource::Off,
+        "delete" => CleanSource::Delete,
+        "archive" => match &archive_dir {
+            Some(dir) => CleanSource::Archive(dir.clone()),
+            None => {
+                return Err(BrookError::option(
+                    "sourceArchiveDir",
+                    "cleanSource 'archive' needs it: the directory processed files are moved to",
+                ));
+            }
+        },
+        other => {
+            return Err(BrookError::option(
+                "cleanSource",
+                format!("expected off, delete or archive, found '{other}'"),
+            ));
+        }
+    };
+    if archive_dir.is_some() && !matches!(clean, CleanSource::Archive(_)) {
+        return Err(BrookError::option(
             "sourceArchiveDir",
             "only used with cleanSource 'archive'",
-        )),
-        ("off", None) => Ok(CleanSource::Off),
-        ("delete", None) => Ok(CleanSource::Delete),
-        (other, None) => Err(BrookError::option(
-            "cleanSource",
-            format!("expected off, delete or archive, found '{other}'"),
-        )),
+        ));
     }
+    Ok(clean)
 }
 
 fn csv_options(options: &Options) -> Result<CsvOptions> {

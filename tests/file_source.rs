@@ -732,3 +732,36 @@ fn killed_and_restarted_with_clean_source_loses_nothing_and_cleans_every_file() 
         }
     }
 }
+
+#[test]
+fn bad_long_run_options_are_refused_naming_the_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for (options, expected) in [
+        (
+            ", 'cleanSource' 'archve'",
+            "option 'cleanSource': expected off, delete or archive, found 'archve'",
+        ),
+        (
+            ", 'cleanSource' 'archive'",
+            "option 'sourceArchiveDir': cleanSource 'archive' needs it",
+        ),
+        (
+            ", 'cleanSource' 'delete', 'sourceArchiveDir' 'done'",
+            "option 'sourceArchiveDir': only used with cleanSource 'archive'",
+        ),
+        (
+            ", 'maxFileAge' 'a week'",
+            "option 'maxFileAge': SQL error: invalid duration 'a week'",
+        ),
+    ] {
+        let script = write_script(dir, options);
+        let out = run_available_now(dir, &script);
+        assert!(!out.status.success(), "{options}");
+        assert!(
+            stderr(&out).contains(expected),
+            "{options}: {}",
+            stderr(&out)
+        );
+    }
+}

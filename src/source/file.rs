@@ -267,7 +267,7 @@ impl FileSource {
         }
         let tracked = self.directory.tracked();
         let mut lookups = vec![];
-        // Taken files are looked up SWEEP a listing: the k-th of them when
+        // About SWEEP taken files are looked up a listing: the k-th of them when
         // k % rounds is this listing's turn (listings keep a directory's order).
         let rounds = self.taken_listed.div_ceil(SWEEP).max(1);
         let turn = self.sweep_turn % rounds;

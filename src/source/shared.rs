@@ -434,4 +434,26 @@ mod tests {
         drop(b);
         assert!(cache.lock().unwrap().files.is_empty());
     }
+
+    /// A file is cleaned by whichever reader of its directory is done last,
+    /// even once the reader that asked for the cleaning has ended, and once.
+    #[test]
+    fn a_file_is_cleaned_once_every_reader_of_its_directory_is_done() {
+        let cache = SharedDecodes::default();
+        let cleaner = cache.join_directory("/in", true).unwrap();
+        let other = cache.join_directory("/in", false).unwrap();
+        let elsewhere = cache.join_directory("/elsewhere", false).unwrap();
+        assert!(!elsewhere.tracked());
+        let delete = Some(&CleanAction::Delete);
+        assert_eq!(cleaner.done("/in/a", true, delete), None);
+        assert_eq!(cleaner.done("/in/b", true, delete), None);
+        assert_eq!(other.done("/in/a", true, None), Some(CleanAction::Delete));
+        // Being cleaned: a listing that still finds it does not clean it again.
+        assert_eq!(other.done("/in/a", true, None), None);
+        drop(cleaner);
+        assert!(other.tracked());
+        assert_eq!(other.done("/in/b", true, None), Some(CleanAction::Delete));
+        // A file only the readers that do not clean took is left alone.
+        assert_eq!(other.done("/in/c", true, None), None);
+    }
 }
