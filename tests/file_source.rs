@@ -765,3 +765,31 @@ fn bad_long_run_options_are_refused_naming_the_option() {
         );
     }
 }
+
+/// As in Spark, `maxFileAge` is ignored when the newest files go first with a
+/// per-batch limit: the older files still to read would otherwise be dropped.
+#[test]
+fn max_file_age_is_ignored_with_latest_first_and_a_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let script = write_script(
+        dir,
+        ", 'latestFirst' 'true', 'maxFilesPerTrigger' '5', 'maxFileAge' '10 seconds'",
+    );
+    let input = dir.join("in");
+    let start = SystemTime::now() - Duration::from_secs(3600);
+    for i in 0..30 {
+        let name = format!("f{i:02}.txt");
+        write_file(&input, &name, &lines(i, 1));
+        set_modified(&input.join(&name), start + Duration::from_secs(i as u64));
+    }
+    let out = run_available_now(dir, &script);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let progress = progress_lines(&out);
+    assert_eq!(progress.len(), 6);
+    let first = progress[0]["sources"][0]["offset"][0]["path"]
+        .as_str()
+        .unwrap();
+    assert!(first.ends_with("f29.txt"), "newest first: {first}");
+    assert_eq!(copied(dir).len(), 30, "old files are still read");
+}
