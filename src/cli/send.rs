@@ -17,7 +17,7 @@ pub struct SendOptions {
 
 /// Writes chunk files `orders-<run>-00000.csv`, ... into `to`; returns how many.
 ///
-/// `<run>` is the start time (UTC, to the millisecond) and the process id, so
+/// `<run>` is the start time (UTC, to the millisecond) and a random id, so
 /// that a second send into the same directory never replaces a file a query has
 /// already read (a source takes each name once), and names sort oldest first.
 pub async fn send_files(options: &SendOptions) -> Result<usize> {
@@ -56,10 +56,11 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
     }
 }
 
-/// What names one run's files apart from every other run's: `20261205T134512345Z-4711`.
+/// What names one run's files apart from every other run's, even two in one
+/// process within a millisecond: `20261205T134512345Z-3fa9c2d1`.
 fn run_prefix() -> String {
     let now = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ");
-    format!("{now}-{}", std::process::id())
+    format!("{now}-{:08x}", rand::random::<u32>())
 }
 
 /// Writes `name` under `dir` so that a watching source never sees it half-written.
