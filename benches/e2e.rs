@@ -3,7 +3,7 @@
 //! a checkpoint), one process per run, wall time and peak RSS from the OS.
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
-//! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka`.
+//! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
@@ -587,6 +587,98 @@ fn restart() {
     );
 }
 
+/// 100,000 one-line files a second apart (by modification time), 1,000 a
+/// batch: without `maxFileAge` the file source remembers every file taken and
+/// rewrites them all into the checkpoint's `sources/<N>` every 10 batches;
+/// with it, that file and the process's memory stay flat.
+fn many_files() {
+    const COUNT: usize = 100_000;
+    let input = write_split(&data_dir().join("many-files"), |dir| {
+        std::fs::create_dir_all(dir).unwrap();
+        let start = std::time::SystemTime::now() - Duration::from_secs(COUNT as u64 + 3600);
+        for i in 0..COUNT {
+            let name = format!("f{i:06}.txt");
+            write_atomically(dir, &name, format!("line-{i}\n").as_bytes()).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(dir.join(&name))
+                .unwrap()
+                .set_modified(start + Duration::from_secs(i as u64))
+                .unwrap();
+        }
+    });
+    println!("\n## many_files: {COUNT} one-line files, 1,000 per batch\n");
+    println!("| source options | largest sources/<N> | last sources/<N> | peak RSS | wall |");
+    println!("|---|---|---|---|---|");
+    for (label, options) in [
+        ("(none)", ""),
+        ("maxFileAge '10 minutes'", ", 'maxFileAge' '10 minutes'"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let sql = tmp.path().join("copy.sql");
+        std::fs::write(
+            &sql,
+            format!(
+                "CREATE UNBOUNDED EXTERNAL TABLE lines (value VARCHAR) STORED AS TEXT \
+                 LOCATION '{}' OPTIONS ('maxFilesPerTrigger' '1000'{options});\n\
+                 CREATE EXTERNAL TABLE out STORED AS JSON LOCATION 'out' \
+                 OPTIONS ('queryName' 'copy');\n\
+                 INSERT INTO out SELECT value FROM lines;\n",
+                input.display()
+            ),
+        )
+        .unwrap();
+        let started = Instant::now();
+        let mut child = brook_run(tmp.path(), &sql, "available-now");
+        // Each progress record lists its batch's 1,000 files: read them as
+        // they come, so that the pipe never fills.
+        let stderr = child.stderr.take().unwrap();
+        let drain = std::thread::spawn(move || progress_lines(stderr).len());
+        let sources = tmp.path().join("ckpt/copy/sources");
+        let sampler = {
+            let sources = sources.clone();
+            let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let flag = running.clone();
+            let handle = std::thread::spawn(move || {
+                let mut largest = 0u64;
+                while flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    largest = largest.max(snapshot_bytes(&sources).1);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                largest
+            });
+            (running, handle)
+        };
+        let exited = wait_with_peak(child);
+        let wall = started.elapsed().as_secs_f64();
+        sampler.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        let largest = sampler.1.join().unwrap();
+        assert_eq!(exited.code, 0);
+        assert_eq!(drain.join().unwrap(), COUNT / 1000);
+        let (last, last_bytes) = snapshot_bytes(&sources);
+        println!(
+            "| {label} | {:.1} KB | sources/{last}: {:.1} KB | {:.0} MB | {wall:.1} s |",
+            largest.max(last_bytes) as f64 / 1e3,
+            last_bytes as f64 / 1e3,
+            exited.peak_mb
+        );
+    }
+}
+
+/// The newest snapshot in a checkpoint's `sources` directory and its size.
+fn snapshot_bytes(sources: &Path) -> (u64, u64) {
+    let newest = std::fs::read_dir(sources)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n: u64 = e.file_name().to_str()?.parse().ok()?;
+            Some((n, e.metadata().ok()?.len()))
+        })
+        .max();
+    newest.unwrap_or((0, 0))
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -817,5 +909,8 @@ fn main() {
     }
     if wants("kafka") {
         kafka();
+    }
+    if wants("many_files") {
+        many_files();
     }
 }

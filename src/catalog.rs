@@ -18,7 +18,8 @@ use crate::source::kafka::{
 };
 use crate::source::location::Location;
 use crate::source::{
-    CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, SharedInput, StreamSource,
+    CleanSource, CsvOptions, FileFormat, FileSource, FileSourceOptions, ParseMode, SharedInput,
+    StreamSource,
 };
 use crate::sql::script::WatermarkSpec;
 
@@ -38,6 +39,10 @@ const SOURCE_OPTIONS: &[&str] = &[
     "latestFirst",
     "includeExistingFiles",
     "recursiveFileLookup",
+    "maxBytesPerTrigger",
+    "maxFileAge",
+    "cleanSource",
+    "sourceArchiveDir",
 ];
 
 const SINK_OPTIONS: &[&str] = &[
@@ -132,6 +137,15 @@ impl SourceDef {
             latest_first: options.bool("latestFirst", false)?,
             include_existing_files: options.bool("includeExistingFiles", true)?,
             recursive: options.bool("recursiveFileLookup", false)?,
+            max_bytes_per_trigger: byte_size(&options, "maxBytesPerTrigger")?,
+            max_file_age: options
+                .get("maxFileAge")
+                .map(|t| {
+                    crate::duration::parse_duration(t)
+                        .map_err(|e| BrookError::option("maxFileAge", e.to_string()))
+                })
+                .transpose()?,
+            clean_source: clean_source(&options)?,
             ..FileSourceOptions::default()
         };
         let location = cmd.locations.first().cloned().unwrap_or_default();
@@ -387,6 +401,72 @@ fn kafka_client(
             )
         })?;
     Ok((servers, client))
+}
+
+/// A size as Spark writes one: `1048576`, `512k`, `100m`, `1g` (powers of 1024).
+fn byte_size(options: &Options, key: &str) -> Result<Option<u64>> {
+    let Some(text) = options.get(key) else {
+        return Ok(None);
+    };
+    let t = text.trim().to_ascii_lowercase();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "b" => 0,
+        "k" | "kb" => 10,
+        "m" | "mb" => 20,
+        "g" | "gb" => 30,
+        "t" | "tb" => 40,
+        _ => -1,
+    };
+    let bytes = number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| shift >= 0)
+        .and_then(|n| n.checked_mul(1 << shift.max(0)));
+    match bytes {
+        Some(0) => Err(BrookError::option(key, "must be at least 1 byte")),
+        Some(n) => Ok(Some(n)),
+        None => Err(BrookError::option(
+            key,
+            format!("expected a size such as 1048576, 512k, 100m or 1g, found '{text}'"),
+        )),
+    }
+}
+
+/// Spark's `cleanSource` and its `sourceArchiveDir`.
+fn clean_source(options: &Options) -> Result<CleanSource> {
+    let archive_dir = options.get("sourceArchiveDir").map(str::to_string);
+    let mode = options
+        .get_or("cleanSource", "off")
+        .trim()
+        .to_ascii_lowercase();
+    let clean = match mode.as_str() {
+        "off" => CleanSource::Off,
+        "delete" => CleanSource::Delete,
+        "archive" => match &archive_dir {
+            Some(dir) => CleanSource::Archive(dir.clone()),
+            None => {
+                return Err(BrookError::option(
+                    "sourceArchiveDir",
+                    "cleanSource 'archive' needs it: the directory processed files are moved to",
+                ));
+            }
+        },
+        other => {
+            return Err(BrookError::option(
+                "cleanSource",
+                format!("expected off, delete or archive, found '{other}'"),
+            ));
+        }
+    };
+    if archive_dir.is_some() && !matches!(clean, CleanSource::Archive(_)) {
+        return Err(BrookError::option(
+            "sourceArchiveDir",
+            "only used with cleanSource 'archive'",
+        ));
+    }
+    Ok(clean)
 }
 
 fn csv_options(options: &Options) -> Result<CsvOptions> {

@@ -46,10 +46,14 @@ fn gen_send_and_run_a_query_file() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     files.sort();
-    assert_eq!(
-        files,
-        ["orders-00000.csv", "orders-00001.csv", "orders-00002.csv"]
-    );
+    // Named by the send's start and process, then numbered: never reused.
+    assert_eq!(files.len(), 3, "{files:?}");
+    for (n, name) in files.iter().enumerate() {
+        assert!(
+            name.starts_with("orders-") && name.ends_with(&format!("-{n:05}.csv")),
+            "{files:?}"
+        );
+    }
 
     let query = concat!(env!("CARGO_MANIFEST_DIR"), "/queries/top_clients.sql");
     let run = brook()

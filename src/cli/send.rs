@@ -15,7 +15,11 @@ pub struct SendOptions {
     pub interval: Duration,
 }
 
-/// Writes chunk files `orders-00000.csv`, ... into `to`; returns how many.
+/// Writes chunk files `orders-<run>-00000.csv`, ... into `to`; returns how many.
+///
+/// `<run>` is the start time (UTC, to the millisecond) and a random id, so
+/// that a second send into the same directory never replaces a file a query has
+/// already read (a source takes each name once), and names sort oldest first.
 pub async fn send_files(options: &SendOptions) -> Result<usize> {
     if options.lines_per_file == 0 {
         return Err(BrookError::option("--lines-per-file", "must be at least 1"));
@@ -24,6 +28,7 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
     let file =
         std::fs::File::open(&options.input).map_err(|e| BrookError::io(&options.input, e))?;
     let mut lines = std::io::BufReader::new(file).lines();
+    let run = run_prefix();
     let mut sent = 0;
     loop {
         let mut chunk = String::new();
@@ -44,7 +49,7 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
         if sent > 0 && !options.interval.is_zero() {
             tokio::time::sleep(options.interval).await;
         }
-        let name = format!("orders-{sent:05}.csv");
+        let name = format!("orders-{run}-{sent:05}.csv");
         write_atomically(&options.to, &name, chunk.as_bytes())?;
         super::note(&format!(
             "sent {} ({n} lines)",
@@ -52,6 +57,13 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
         ));
         sent += 1;
     }
+}
+
+/// What names one run's files apart from every other run's, even two in one
+/// process within a millisecond: `20261205T134512345Z-3fa9c2d1`.
+fn run_prefix() -> String {
+    let now = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ");
+    format!("{now}-{:08x}", rand::random::<u32>())
 }
 
 /// Writes `name` under `dir` so that a watching source never sees it half-written.

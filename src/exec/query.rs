@@ -379,13 +379,14 @@ impl Runner {
             store.finish().await;
         }
         let maintenance = settled(self.maintenance.take()).await;
+        let source = self.source.stop().await;
         // A query that failed before writing anything still waits for its
         // new checkpoint's metadata.
         let metadata = match &self.checkpoint {
             Some(cp) => cp.metadata_written().await,
             None => Ok(()),
         };
-        offsets.and(maintenance).and(metadata)
+        offsets.and(maintenance).and(source).and(metadata)
     }
 
     async fn run_batches(&mut self, options: &QueryOptions, mut gate: Gate) -> Result<()> {
@@ -614,6 +615,8 @@ impl Runner {
                 description: self.source.describe(),
                 offset: offset.map(|o| o.0).unwrap_or_default(),
                 num_input_rows: input_rows,
+                files_changed_after_read: self.source.counts().files_changed_after_read,
+                files_skipped: self.source.counts().files_skipped,
             }],
             sink: SinkProgress {
                 description: self.sink.describe(),

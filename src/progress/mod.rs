@@ -53,6 +53,10 @@ pub struct SourceProgress {
     /// What the batch read, as written to the offset log.
     pub offset: serde_json::Value,
     pub num_input_rows: u64,
+    /// Since the query started: files that changed after they were read
+    /// (not read again), and files skipped because their names are not UTF-8.
+    pub files_changed_after_read: u64,
+    pub files_skipped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -1,14 +1,17 @@
 //! The watched-directory source.
 //!
 //! Each batch takes files not yet processed, oldest first (by modification time,
-//! then name), at most `maxFilesPerTrigger`. A file is read whole, once, when it
-//! is first listed, so writers must make a file appear complete: write it
-//! elsewhere (or under a name starting with `.` or `_`, which are never read)
-//! and rename it into the directory, as `brook send` does.
+//! then name), at most `maxFilesPerTrigger` files and `maxBytesPerTrigger`
+//! bytes. A file is read whole, once, when it is first listed, so writers must
+//! make a file appear complete: write it elsewhere (or under a name starting
+//! with `.` or `_`, which are never read) and rename it into the directory, as
+//! `brook send` does. A file that changes after it was read is not read again
+//! (as in Spark); it is counted and logged.
 
-use std::collections::HashSet;
-use std::path::Path as FsPath;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -17,37 +20,71 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
 
 use super::format::Decoder;
 use super::location::{Location, blocking};
-use super::shared::{Registration, SharedDecodes};
-use super::{SourceBatch, SourceOffset, StreamSource};
+use super::shared::{CleanAction, DirectoryReader, Registration, SharedDecodes};
+use super::{SourceBatch, SourceCounts, SourceOffset, StreamSource};
 use crate::error::{BrookError, Result};
 
 #[derive(Debug, Clone)]
 pub struct FileSourceOptions {
     pub max_files_per_trigger: Option<usize>,
+    /// Bytes of files per batch; a batch still takes one file that is larger.
+    pub max_bytes_per_trigger: Option<u64>,
     /// Newest files first, for catching up on the latest data after a backlog.
     pub latest_first: bool,
     /// Whether files already in the directory at start are read (Spark reads them).
     pub include_existing_files: bool,
     /// Read files in subdirectories too.
     pub recursive: bool,
+    /// Files older than the newest file taken minus this are ignored, and
+    /// forgotten once taken (Spark's `maxFileAge`); without it every file
+    /// taken is remembered.
+    pub max_file_age: Option<Duration>,
+    /// What happens to a file once every query reading the directory has committed it.
+    pub clean_source: CleanSource,
     /// Files read and decoded at once (by default twice the cores, so that
     /// fetching one file overlaps decoding another).
     pub parallelism: usize,
+}
+
+/// Spark's `cleanSource`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CleanSource {
+    #[default]
+    Off,
+    Delete,
+    /// Moved below this directory (`sourceArchiveDir`), keeping its full path.
+    Archive(String),
 }
 
 impl Default for FileSourceOptions {
     fn default() -> Self {
         Self {
             max_files_per_trigger: None,
+            max_bytes_per_trigger: None,
             latest_first: false,
             include_existing_files: true,
             recursive: false,
+            max_file_age: None,
+            clean_source: CleanSource::Off,
             parallelism: 2 * crate::exec::compile::partitions(),
         }
     }
+}
+
+/// What the source knows of a file it has taken.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    size: u64,
+    modified_ms: Option<i64>,
+    /// The file-system id (inode) a listing found it under: a file replaced
+    /// under the same name has another, which shows without a lookup.
+    id: Option<u64>,
+    /// False for files present at start that `includeExistingFiles` skipped.
+    read: bool,
 }
 
 #[derive(Debug)]
@@ -55,17 +92,46 @@ pub struct FileSource {
     location: Location,
     decoder: Arc<Decoder>,
     shared: Registration,
+    directory: DirectoryReader,
     options: FileSourceOptions,
-    seen: HashSet<Path>,
+    clean: Option<CleanAction>,
+    seen: HashMap<Path, Seen>,
+    /// The newest modification time of the files taken, and the time before
+    /// which files are ignored and forgotten (with `maxFileAge`).
+    latest_ms: Option<i64>,
+    ignore_before_ms: Option<i64>,
     /// Set by the available-now trigger: the files it may still plan, each
     /// removed as its batch commits.
     snapshot: Option<HashSet<Path>>,
+    /// Taken files the last local listing found, and its turn in looking them up.
+    taken_listed: usize,
+    sweep_turn: usize,
+    /// Files that cannot be named (not UTF-8), warned about once each.
+    unnamed: HashSet<PathBuf>,
+    counts: SourceCounts,
+    cleaning: JoinSet<()>,
 }
 
-/// The file source's progress in the checkpoint: every file it has taken.
+/// The file source's progress in the checkpoint: the files it remembers.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct FileProgress {
+    /// Checkpoints written before files had sizes and times here: paths only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     seen: Vec<String>,
+    #[serde(default)]
+    files: Vec<SeenFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    latest_ms: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SeenFile {
+    path: String,
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    modified_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    unread: bool,
 }
 
 /// A file of a batch, as written to the offset log.
@@ -73,6 +139,18 @@ struct FileProgress {
 struct FileEntry {
     path: String,
     size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    modified_ms: Option<i64>,
+}
+
+/// Taken files of a local directory looked up per listing, to notice one
+/// changed in place (a replaced one shows by its file-system id).
+const SWEEP: usize = 64;
+
+/// A file found by a listing of a local directory.
+struct Listed {
+    path: PathBuf,
+    id: Option<u64>,
 }
 
 impl FileSource {
@@ -85,36 +163,50 @@ impl FileSource {
         shared: &Arc<SharedDecodes>,
     ) -> Result<Self> {
         location.require_existing_dir()?;
+        let clean = clean_action(&location, &options.clean_source)?;
         let decoder = Arc::new(decoder);
-        let shared = shared.register(&location.display, &decoder)?;
+        let registration = shared.register(&location.display, &decoder)?;
+        let directory_key = match &location.local_dir {
+            Some(dir) => dir.display().to_string(),
+            None => location.display.clone(),
+        };
+        let directory = shared.join_directory(&directory_key, clean.is_some())?;
         Ok(Self {
             location,
             decoder,
-            shared,
+            shared: registration,
+            directory,
             options,
-            seen: HashSet::new(),
+            clean,
+            seen: HashMap::new(),
+            latest_ms: None,
+            ignore_before_ms: None,
             snapshot: None,
+            taken_listed: 0,
+            sweep_turn: 0,
+            unnamed: HashSet::new(),
+            counts: SourceCounts::default(),
+            cleaning: JoinSet::new(),
         })
     }
 
     /// Completed data files below the location not taken yet, oldest first.
-    async fn list(&self) -> Result<Vec<ObjectMeta>> {
-        let store = &self.location.store;
-        let prefix = Some(&self.location.prefix);
-        let mut files: Vec<ObjectMeta> = match &self.location.local_dir {
-            Some(dir) if !self.options.recursive => self.list_local(dir).await?,
-            _ if self.options.recursive => store.list(prefix).try_collect().await?,
-            _ => store.list_with_delimiter(prefix).await?.objects,
+    /// Also notes taken files that changed, and offers taken files still
+    /// present for cleaning (left by a run that stopped before cleaning them).
+    async fn list(&mut self) -> Result<Vec<ObjectMeta>> {
+        let mut files = match self.location.local_dir.clone() {
+            Some(dir) => self.list_local(dir).await?,
+            None => self.list_store().await?,
         };
-        let root_parts = self.location.prefix.parts().count();
-        files.retain(|meta| {
-            !self.seen.contains(&meta.location)
-                && !meta
-                    .location
-                    .parts()
-                    .skip(root_parts)
-                    .any(|part| hidden(part.as_ref()))
-        });
+        if let Some(before) = self.ignore_before_ms {
+            let (kept, old): (Vec<_>, Vec<_>) = files
+                .into_iter()
+                .partition(|meta| meta.last_modified.timestamp_millis() >= before);
+            for meta in old {
+                self.never_read(&meta.location);
+            }
+            files = kept;
+        }
         files.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
         if self.options.latest_first {
             files.reverse();
@@ -122,41 +214,102 @@ impl FileSource {
         Ok(files)
     }
 
-    /// The files of a local directory not taken yet. Only those are looked up:
-    /// a directory keeps every file it was given, and a lookup of each of them
-    /// per trigger and query was most of the kernel's work in steady state.
-    async fn list_local(&self, dir: &FsPath) -> Result<Vec<ObjectMeta>> {
-        let listed = dir.to_path_buf();
-        let names = blocking(move || {
-            let entries = std::fs::read_dir(&listed).map_err(|e| BrookError::io(&listed, e))?;
-            let mut names = vec![];
-            for entry in entries {
-                let entry = entry.map_err(|e| BrookError::io(&listed, e))?;
-                names.push(entry.path());
-            }
-            Ok(names)
-        })
-        .await?;
+    async fn list_store(&mut self) -> Result<Vec<ObjectMeta>> {
+        let store = &self.location.store;
+        let prefix = Some(&self.location.prefix);
+        let mut files: Vec<ObjectMeta> = if self.options.recursive {
+            store.list(prefix).try_collect().await?
+        } else {
+            store.list_with_delimiter(prefix).await?.objects
+        };
+        let root_parts = self.location.prefix.parts().count();
+        files.retain(|meta| {
+            !meta
+                .location
+                .parts()
+                .skip(root_parts)
+                .any(|part| hidden(part.as_ref()))
+        });
+        let tracked = self.directory.tracked();
         let mut unseen = vec![];
-        for path in names {
-            if path
-                .file_name()
-                .is_some_and(|n| hidden(&n.to_string_lossy()))
-            {
+        for meta in files {
+            if !self.seen.contains_key(&meta.location) {
+                unseen.push(meta);
                 continue;
             }
-            // Named as the object store lists them: the absolute path, not resolved.
-            let location = Path::from_absolute_path(&path).map_err(|e| BrookError::Source {
-                location: self.location.display.clone(),
-                message: e.to_string(),
-            })?;
-            if !self.seen.contains(&location) && is_data_file(&location) {
-                unseen.push((path, location));
+            let modified_ms = meta.last_modified.timestamp_millis();
+            self.check_unchanged(&meta.location, meta.size, modified_ms, None);
+            if tracked {
+                self.offer_for_cleaning(&meta.location);
             }
         }
-        blocking(move || {
-            let mut files = vec![];
-            for (path, location) in unseen {
+        Ok(unseen)
+    }
+
+    /// The files of a local directory not taken yet. Only those are looked up,
+    /// with taken files whose file-system id changed (replaced by a rename)
+    /// and a few more taken files in turn (changed in place): a directory
+    /// keeps every file it was given, and a lookup of each of them per trigger
+    /// and query was most of the kernel's work in steady state.
+    async fn list_local(&mut self, dir: PathBuf) -> Result<Vec<ObjectMeta>> {
+        let recursive = self.options.recursive;
+        let (listed, unnamed) = blocking(move || walk(&dir, recursive)).await?;
+        for path in unnamed {
+            if self.unnamed.insert(path.clone()) {
+                self.counts.files_skipped += 1;
+                tracing::warn!(
+                    source = %self.location.display,
+                    "skipping {}: its name is not UTF-8, so it cannot be named in offsets \
+                     and progress; rename it to read it",
+                    path.display()
+                );
+            }
+        }
+        let tracked = self.directory.tracked();
+        let mut lookups = vec![];
+        // About SWEEP taken files are looked up a listing: the k-th of them when
+        // k % rounds is this listing's turn (listings keep a directory's order).
+        let rounds = self.taken_listed.div_ceil(SWEEP).max(1);
+        let turn = self.sweep_turn % rounds;
+        self.sweep_turn = self.sweep_turn.wrapping_add(1);
+        let mut taken = 0;
+        for Listed { path, id } in listed {
+            // Named as the object store lists them: the absolute path, not resolved.
+            let location = match Path::from_absolute_path(&path) {
+                Ok(location) => location,
+                Err(e) => {
+                    if self.unnamed.insert(path.clone()) {
+                        self.counts.files_skipped += 1;
+                        tracing::warn!(
+                            source = %self.location.display,
+                            "skipping {}: {e}",
+                            path.display()
+                        );
+                    }
+                    continue;
+                }
+            };
+            if !is_data_file(&location) {
+                continue;
+            }
+            match self.seen.get(&location) {
+                None => lookups.push((path, location, id, false)),
+                Some(seen) => {
+                    let replaced = id.is_some() && seen.id != id;
+                    if replaced || taken % rounds == turn {
+                        lookups.push((path, location.clone(), id, true));
+                    }
+                    taken += 1;
+                    if tracked {
+                        self.offer_for_cleaning(&location);
+                    }
+                }
+            }
+        }
+        self.taken_listed = taken;
+        let looked_up = blocking(move || {
+            let mut found = vec![];
+            for (path, location, id, taken) in lookups {
                 let meta = match std::fs::metadata(&path) {
                     Ok(m) if m.is_file() => m,
                     // Removed since it was listed, or a directory.
@@ -165,17 +318,162 @@ impl FileSource {
                     Err(e) => return Err(BrookError::io(&path, e)),
                 };
                 let modified = meta.modified().map_err(|e| BrookError::io(&path, e))?;
-                files.push(ObjectMeta {
+                let meta = ObjectMeta {
                     location,
                     last_modified: modified.into(),
                     size: meta.len(),
                     e_tag: None,
                     version: None,
-                });
+                };
+                found.push((meta, id, taken));
             }
-            Ok(files)
+            Ok(found)
         })
-        .await
+        .await?;
+        let mut unseen = vec![];
+        for (meta, id, taken) in looked_up {
+            if taken {
+                let modified_ms = meta.last_modified.timestamp_millis();
+                self.check_unchanged(&meta.location, meta.size, modified_ms, id);
+            } else {
+                unseen.push(meta);
+            }
+        }
+        Ok(unseen)
+    }
+
+    /// Warns about, and counts, a taken file whose size or time changed; it is
+    /// not read again. Its new state is kept, so one change is reported once.
+    fn check_unchanged(&mut self, location: &Path, size: u64, modified_ms: i64, id: Option<u64>) {
+        let Some(seen) = self.seen.get_mut(location) else {
+            return;
+        };
+        let changed = seen.size != size || seen.modified_ms.is_some_and(|m| m != modified_ms);
+        // Entries from checkpoints without times learn them now.
+        let known = seen.modified_ms.is_some();
+        *seen = Seen {
+            size,
+            modified_ms: Some(modified_ms),
+            id,
+            read: seen.read,
+        };
+        if changed && known && seen.read {
+            self.counts.files_changed_after_read += 1;
+            tracing::warn!(
+                source = %self.location.display,
+                "{location} changed after it was read (now {size} bytes, modified {}): it is not \
+                 read again; a writer must give every new file a new name",
+                chrono::DateTime::from_timestamp_millis(modified_ms)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            );
+        }
+    }
+
+    /// Tells the directory's readers this source is done with a taken file
+    /// still present, and cleans it if that made every reader done.
+    fn offer_for_cleaning(&mut self, location: &Path) {
+        let read = self.seen.get(location).is_some_and(|s| s.read);
+        if let Some(action) = self
+            .directory
+            .done(location.as_ref(), read, self.clean.as_ref())
+        {
+            self.clean(location.clone(), action);
+        }
+    }
+
+    /// Tells the directory's readers this source will not read `location`.
+    fn never_read(&mut self, location: &Path) {
+        if let Some(action) = self.directory.done(location.as_ref(), false, None) {
+            self.clean(location.clone(), action);
+        }
+    }
+
+    /// Deletes or archives `location` in the background; a failure is logged
+    /// and the file left in place, as Spark does.
+    fn clean(&mut self, location: Path, action: CleanAction) {
+        let store = self.location.store.clone();
+        let local = self.location.local_file(&location);
+        let handle = self.directory.handle();
+        let source_name = self.location.display.clone();
+        let task = async move {
+            let cleaned: Result<()> = match (&action, local) {
+                (CleanAction::Delete, Some(file)) => {
+                    blocking(move || match std::fs::remove_file(&file) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            Err(BrookError::io(&file, e))
+                        }
+                        _ => Ok(()),
+                    })
+                    .await
+                }
+                (CleanAction::Delete, None) => match store.delete(&location).await {
+                    Err(object_store::Error::NotFound { .. }) | Ok(()) => Ok(()),
+                    Err(e) => Err(e.into()),
+                },
+                (CleanAction::Archive(root), Some(file)) => {
+                    let dest = archived(root, &file);
+                    blocking(move || {
+                        if let Some(parent) = dest.parent() {
+                            std::fs::create_dir_all(parent)
+                                .map_err(|e| BrookError::io(parent, e))?;
+                        }
+                        match std::fs::rename(&file, &dest) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                Err(BrookError::io(&dest, e))
+                            }
+                            _ => Ok(()),
+                        }
+                    })
+                    .await
+                }
+                (CleanAction::Archive(_), None) => Err(BrookError::Plan(
+                    "archiving is only possible in a local directory".into(),
+                )),
+            };
+            match cleaned {
+                Ok(()) => handle.released(location.as_ref()),
+                Err(e) => tracing::warn!(
+                    source = %source_name,
+                    "could not clean up {location} after its batch committed; it is left \
+                     in place: {e}"
+                ),
+            }
+        };
+        self.cleaning.spawn(task);
+        // Finished cleanings are let go as new ones start.
+        while self.cleaning.try_join_next().is_some() {}
+    }
+
+    /// The most files and bytes a batch takes, with Spark's `maxFileAge` rule:
+    /// ignored when the newest files go first with a limit, as older files not
+    /// yet read would otherwise be dropped.
+    fn max_file_age(&self) -> Option<Duration> {
+        let limited = self.options.max_files_per_trigger.is_some()
+            || self.options.max_bytes_per_trigger.is_some();
+        match self.options.latest_first && limited {
+            true => None,
+            false => self.options.max_file_age,
+        }
+    }
+
+    /// Takes note of a file taken and forgets those too old to matter.
+    fn remember(&mut self, location: Path, seen: Seen) {
+        if let Some(m) = seen.modified_ms {
+            self.latest_ms = Some(self.latest_ms.map_or(m, |l| l.max(m)));
+        }
+        self.seen.insert(location, seen);
+    }
+
+    fn forget_old(&mut self) {
+        let (Some(age), Some(latest)) = (self.max_file_age(), self.latest_ms) else {
+            return;
+        };
+        let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        let before = latest.saturating_sub(age_ms);
+        self.ignore_before_ms = Some(before);
+        self.seen
+            .retain(|_, s| s.modified_ms.is_none_or(|m| m >= before));
     }
 
     fn parse_offset(&self, offset: &SourceOffset) -> Result<Vec<FileEntry>> {
@@ -184,6 +482,102 @@ impl FileSource {
             message: format!("unreadable file offset {}: {e}", offset.0),
         })
     }
+}
+
+/// How `clean` is done for a source at `location`, checked at start.
+fn clean_action(location: &Location, clean: &CleanSource) -> Result<Option<CleanAction>> {
+    match clean {
+        CleanSource::Off => Ok(None),
+        CleanSource::Delete => Ok(Some(CleanAction::Delete)),
+        CleanSource::Archive(dir) => {
+            let refuse = |m: String| Err(BrookError::option("sourceArchiveDir", m));
+            let Some(source) = &location.local_dir else {
+                return refuse(format!(
+                    "cleanSource 'archive' needs a local source directory, and '{}' is not \
+                     one; use cleanSource 'delete'",
+                    location.display
+                ));
+            };
+            let archive = Location::resolve(dir, &Default::default())?;
+            let Some(archive) = archive.local_dir else {
+                return refuse(format!(
+                    "'{dir}' is not a local directory: cleanSource 'archive' moves files \
+                     within the source's file system"
+                ));
+            };
+            if archive.starts_with(source) {
+                return refuse(format!(
+                    "'{dir}' lies under the source directory '{}': with cleanSource 'archive' \
+                     the archived files would be listed again; give sourceArchiveDir a \
+                     directory outside it",
+                    location.display
+                ));
+            }
+            Ok(Some(CleanAction::Archive(archive)))
+        }
+    }
+}
+
+/// Where `file` goes below the archive `root`: its full path, as Spark keeps it.
+fn archived(root: &FsPath, file: &FsPath) -> PathBuf {
+    let relative: PathBuf = file
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    root.join(relative)
+}
+
+/// The files below `root` (and its subdirectories, if `recursive`) that are
+/// not hidden, and those whose names cannot be read as UTF-8.
+fn walk(root: &FsPath, recursive: bool) -> Result<(Vec<Listed>, Vec<PathBuf>)> {
+    let (mut files, mut unnamed) = (vec![], vec![]);
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A subdirectory removed since it was listed.
+            Err(e) if dir != root && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(BrookError::io(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| BrookError::io(&dir, e))?;
+            let name = entry.file_name();
+            if hidden(&name.to_string_lossy()) {
+                continue;
+            }
+            if name.to_str().is_none() {
+                unnamed.push(entry.path());
+                continue;
+            }
+            if recursive {
+                let is_dir = match entry.file_type() {
+                    Ok(t) if t.is_symlink() => entry.path().is_dir(),
+                    Ok(t) => t.is_dir(),
+                    Err(_) => false,
+                };
+                if is_dir {
+                    dirs.push(entry.path());
+                    continue;
+                }
+            }
+            files.push(Listed {
+                path: entry.path(),
+                id: file_id(&entry),
+            });
+        }
+    }
+    Ok((files, unnamed))
+}
+
+#[cfg(unix)]
+fn file_id(entry: &std::fs::DirEntry) -> Option<u64> {
+    use std::os::unix::fs::DirEntryExt;
+    Some(entry.ino())
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::DirEntry) -> Option<u64> {
+    None
 }
 
 /// A path as the offset log and progress hold it: already escaped, so that it
@@ -224,16 +618,39 @@ impl StreamSource for FileSource {
 
     async fn start(&mut self) -> Result<()> {
         if !self.options.include_existing_files {
-            let files = self.list().await?;
-            self.seen.extend(files.into_iter().map(|f| f.location));
+            for file in self.list().await? {
+                self.never_read(&file.location);
+                let seen = Seen {
+                    size: file.size,
+                    modified_ms: Some(file.last_modified.timestamp_millis()),
+                    id: None,
+                    read: false,
+                };
+                self.remember(file.location, seen);
+            }
+            self.forget_old();
         }
         Ok(())
     }
 
     fn progress(&self) -> Result<serde_json::Value> {
-        let mut seen: Vec<String> = self.seen.iter().map(|p| p.to_string()).collect();
-        seen.sort_unstable();
-        serde_json::to_value(FileProgress { seen }).map_err(|e| BrookError::Plan(e.to_string()))
+        let mut files: Vec<SeenFile> = self
+            .seen
+            .iter()
+            .map(|(path, s)| SeenFile {
+                path: path.to_string(),
+                size: s.size,
+                modified_ms: s.modified_ms,
+                unread: !s.read,
+            })
+            .collect();
+        files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        let progress = FileProgress {
+            seen: vec![],
+            files,
+            latest_ms: self.latest_ms,
+        };
+        serde_json::to_value(progress).map_err(|e| BrookError::Plan(e.to_string()))
     }
 
     fn restore(
@@ -248,11 +665,27 @@ impl StreamSource for FileSource {
             })?,
             None => FileProgress::default(),
         };
-        self.seen = progress
-            .seen
-            .iter()
-            .map(|p| stored_path(p))
-            .collect::<Result<_>>()?;
+        self.seen.clear();
+        self.latest_ms = progress.latest_ms;
+        for path in &progress.seen {
+            let seen = Seen {
+                size: 0,
+                modified_ms: None,
+                id: None,
+                read: true,
+            };
+            self.seen.insert(stored_path(path)?, seen);
+        }
+        for file in &progress.files {
+            let seen = Seen {
+                size: file.size,
+                modified_ms: file.modified_ms,
+                id: None,
+                read: !file.unread,
+            };
+            self.remember(stored_path(&file.path)?, seen);
+        }
+        self.forget_old();
         for offset in committed {
             self.commit(offset)?;
         }
@@ -266,27 +699,36 @@ impl StreamSource for FileSource {
             return Ok(None);
         }
         let files = self.list().await?;
-        let limit = self.options.max_files_per_trigger.unwrap_or(usize::MAX);
-        let batch: Vec<FileEntry> = files
-            .into_iter()
-            .filter(|f| {
-                self.snapshot
-                    .as_ref()
-                    .is_none_or(|s| s.contains(&f.location))
-            })
-            .take(limit)
-            .map(|f| FileEntry {
+        let max_files = self.options.max_files_per_trigger.unwrap_or(usize::MAX);
+        let max_bytes = self.options.max_bytes_per_trigger.unwrap_or(u64::MAX);
+        let mut bytes = 0u64;
+        let mut batch: Vec<FileEntry> = vec![];
+        for f in files {
+            if self
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| !s.contains(&f.location))
+            {
+                continue;
+            }
+            if batch.len() >= max_files
+                || (!batch.is_empty() && bytes.saturating_add(f.size) > max_bytes)
+            {
+                break;
+            }
+            bytes = bytes.saturating_add(f.size);
+            batch.push(FileEntry {
                 path: f.location.to_string(),
                 size: f.size,
-            })
-            .collect();
+                modified_ms: Some(f.last_modified.timestamp_millis()),
+            });
+        }
         if batch.is_empty() {
             return Ok(None);
         }
         let value = serde_json::to_value(batch).map_err(|e| BrookError::Plan(e.to_string()))?;
         Ok(Some(SourceOffset(value)))
     }
-
     async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch> {
         SourceBatch::collect(self.read_parts(offset)).await
     }
@@ -348,19 +790,39 @@ impl StreamSource for FileSource {
     }
 
     fn commit(&mut self, offset: &SourceOffset) -> Result<()> {
+        let tracked = self.directory.tracked();
         for entry in self.parse_offset(offset)? {
             let path = stored_path(&entry.path)?;
             if let Some(snapshot) = &mut self.snapshot {
                 snapshot.remove(&path);
             }
-            self.seen.insert(path);
+            let seen = Seen {
+                size: entry.size,
+                modified_ms: entry.modified_ms,
+                id: None,
+                read: true,
+            };
+            self.remember(path.clone(), seen);
+            if tracked {
+                self.offer_for_cleaning(&path);
+            }
         }
+        self.forget_old();
         Ok(())
     }
 
     async fn snapshot_available(&mut self) -> Result<()> {
         let files = self.list().await?;
         self.snapshot = Some(files.into_iter().map(|f| f.location).collect());
+        Ok(())
+    }
+
+    fn counts(&self) -> SourceCounts {
+        self.counts
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        while self.cleaning.join_next().await.is_some() {}
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-pub use file::{FileSource, FileSourceOptions};
+pub use file::{CleanSource, FileSource, FileSourceOptions};
 pub use format::{CsvOptions, FileFormat};
 pub use kafka::SharedReads;
 pub use malformed::{MalformedRecord, MalformedStats, ParseMode};
@@ -69,6 +69,15 @@ impl SourceBatch {
     }
 }
 
+/// What a source noticed about its input besides rows, since the query started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceCounts {
+    /// Files that changed after they were read (not read again).
+    pub files_changed_after_read: u64,
+    /// Files left unread because they cannot be named (a name not in UTF-8).
+    pub files_skipped: u64,
+}
+
 #[async_trait]
 pub trait StreamSource: Send + Sync + Debug {
     fn schema(&self) -> SchemaRef;
@@ -107,4 +116,13 @@ pub trait StreamSource: Send + Sync + Debug {
 
     /// Restricts later batches to the input available now (the available-now trigger).
     async fn snapshot_available(&mut self) -> Result<()>;
+
+    fn counts(&self) -> SourceCounts {
+        SourceCounts::default()
+    }
+
+    /// Waits for work the source does after commits (cleaning up files) as its query ends.
+    async fn stop(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

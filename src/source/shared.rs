@@ -7,8 +7,11 @@
 //! it, the others wait for and share the result. An entry is dropped once
 //! every registered reader has taken it, and the oldest entries go when the
 //! cache outgrows its byte budget (a reader that then misses decodes again).
+//!
+//! The readers of one directory also agree on when a file may be cleaned up
+//! (`cleanSource`): only once every one of them has committed it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,6 +26,7 @@ const BUDGET_BYTES: usize = 256 << 20;
 #[derive(Default)]
 pub struct SharedDecodes {
     inner: Mutex<Inner>,
+    dirs: Arc<Directories>,
 }
 
 impl std::fmt::Debug for SharedDecodes {
@@ -122,6 +126,169 @@ impl SharedDecodes {
             cache: self.clone(),
             group,
         })
+    }
+}
+
+impl SharedDecodes {
+    /// Joins the readers of the directory `key`; `cleans` if this reader
+    /// removes or archives the files it has committed.
+    pub fn join_directory(&self, key: &str, cleans: bool) -> Result<DirectoryReader> {
+        let mut dirs = self.dirs.lock()?;
+        let id = dirs.next_id;
+        dirs.next_id += 1;
+        let dir = dirs.dirs.entry(key.to_string()).or_default();
+        dir.readers.insert(id);
+        dir.cleaners += usize::from(cleans);
+        Ok(DirectoryReader {
+            dirs: self.dirs.clone(),
+            key: key.to_string(),
+            id,
+            cleans,
+        })
+    }
+}
+
+/// How a committed file is cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CleanAction {
+    Delete,
+    /// Moved below this directory, keeping its full path, as Spark archives.
+    Archive(std::path::PathBuf),
+}
+
+#[derive(Default)]
+struct Directories {
+    inner: Mutex<DirectoriesInner>,
+}
+
+#[derive(Default)]
+struct DirectoriesInner {
+    next_id: u64,
+    dirs: HashMap<String, Directory>,
+}
+
+/// The readers of one directory and the files some of them have committed.
+#[derive(Default)]
+struct Directory {
+    readers: HashSet<u64>,
+    cleaners: usize,
+    /// Files a reader has committed while others have not yet: who has, and
+    /// how a cleaning reader that read the file wants it cleaned.
+    pending: HashMap<String, (HashSet<u64>, Option<CleanAction>)>,
+    /// Files being cleaned, or whose cleaning failed (not tried again).
+    claimed: HashSet<String>,
+}
+
+impl Directory {
+    fn tracked(&self) -> bool {
+        self.cleaners > 0 || !self.pending.is_empty()
+    }
+}
+
+impl Directories {
+    fn lock(&self) -> Result<MutexGuard<'_, DirectoriesInner>> {
+        self.inner
+            .lock()
+            .map_err(|_| BrookError::Plan("shared directory readers lock poisoned".into()))
+    }
+}
+
+/// A file source's membership of the readers of its directory; leaving on drop.
+pub struct DirectoryReader {
+    dirs: Arc<Directories>,
+    key: String,
+    id: u64,
+    cleans: bool,
+}
+
+impl std::fmt::Debug for DirectoryReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DirectoryReader({} #{})", self.key, self.id)
+    }
+}
+
+impl DirectoryReader {
+    /// Whether files are tracked: while a reader of the directory cleans, or
+    /// files a cleaning reader committed (it may have ended since) still wait.
+    pub fn tracked(&self) -> bool {
+        self.dirs
+            .lock()
+            .ok()
+            .and_then(|d| d.dirs.get(&self.key).map(Directory::tracked))
+            .unwrap_or(false)
+    }
+
+    /// Records that this reader is done with `path`: it committed it (`read`)
+    /// or will never read it. Returns how to clean it when this made every
+    /// reader done and a cleaning reader read it; the caller then cleans it and
+    /// releases it through a [`handle`](Self::handle). Saying so again is harmless.
+    pub fn done(
+        &self,
+        path: &str,
+        read: bool,
+        action: Option<&CleanAction>,
+    ) -> Option<CleanAction> {
+        let mut dirs = self.dirs.lock().ok()?;
+        let dir = dirs.dirs.get_mut(&self.key)?;
+        if !dir.tracked() || dir.claimed.contains(path) {
+            return None;
+        }
+        if !read && !dir.pending.contains_key(path) {
+            return None;
+        }
+        let (done, wanted) = dir.pending.entry(path.to_string()).or_default();
+        done.insert(self.id);
+        if read && self.cleans && wanted.is_none() {
+            *wanted = action.cloned();
+        }
+        if !dir.readers.is_subset(done) {
+            return None;
+        }
+        let (_, wanted) = dir.pending.remove(path)?;
+        let action = wanted?;
+        dir.claimed.insert(path.to_string());
+        Some(action)
+    }
+
+    /// A handle for a cleaning task to release its file with.
+    pub fn handle(&self) -> DirectoryHandle {
+        DirectoryHandle {
+            dirs: self.dirs.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// What a cleaning task, running apart from its reader, releases its file with.
+pub struct DirectoryHandle {
+    dirs: Arc<Directories>,
+    key: String,
+}
+
+impl DirectoryHandle {
+    /// A cleaning of `path` succeeded: the name may be cleaned again if reused.
+    pub fn released(&self, path: &str) {
+        if let Ok(mut dirs) = self.dirs.lock()
+            && let Some(dir) = dirs.dirs.get_mut(&self.key)
+        {
+            dir.claimed.remove(path);
+        }
+    }
+}
+
+impl Drop for DirectoryReader {
+    fn drop(&mut self) {
+        let Ok(mut dirs) = self.dirs.lock() else {
+            return;
+        };
+        let Some(dir) = dirs.dirs.get_mut(&self.key) else {
+            return;
+        };
+        dir.readers.remove(&self.id);
+        dir.cleaners -= usize::from(self.cleans);
+        if dir.readers.is_empty() {
+            dirs.dirs.remove(&self.key);
+        }
     }
 }
 
@@ -266,5 +433,27 @@ mod tests {
         a.get("f2", 10, decode).await.unwrap();
         drop(b);
         assert!(cache.lock().unwrap().files.is_empty());
+    }
+
+    /// A file is cleaned by whichever reader of its directory is done last,
+    /// even once the reader that asked for the cleaning has ended, and once.
+    #[test]
+    fn a_file_is_cleaned_once_every_reader_of_its_directory_is_done() {
+        let cache = SharedDecodes::default();
+        let cleaner = cache.join_directory("/in", true).unwrap();
+        let other = cache.join_directory("/in", false).unwrap();
+        let elsewhere = cache.join_directory("/elsewhere", false).unwrap();
+        assert!(!elsewhere.tracked());
+        let delete = Some(&CleanAction::Delete);
+        assert_eq!(cleaner.done("/in/a", true, delete), None);
+        assert_eq!(cleaner.done("/in/b", true, delete), None);
+        assert_eq!(other.done("/in/a", true, None), Some(CleanAction::Delete));
+        // Being cleaned: a listing that still finds it does not clean it again.
+        assert_eq!(other.done("/in/a", true, None), None);
+        drop(cleaner);
+        assert!(other.tracked());
+        assert_eq!(other.done("/in/b", true, None), Some(CleanAction::Delete));
+        // A file only the readers that do not clean took is left alone.
+        assert_eq!(other.done("/in/c", true, None), None);
     }
 }
