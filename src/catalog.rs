@@ -137,7 +137,7 @@ impl SourceDef {
             latest_first: options.bool("latestFirst", false)?,
             include_existing_files: options.bool("includeExistingFiles", true)?,
             recursive: options.bool("recursiveFileLookup", false)?,
-            max_bytes_per_trigger: byte_size(&options, "maxBytesPerTrigger")?,
+            max_bytes_per_trigger: options.size("maxBytesPerTrigger")?,
             max_file_age: options
                 .get("maxFileAge")
                 .map(|t| {
@@ -401,37 +401,6 @@ fn kafka_client(
             )
         })?;
     Ok((servers, client))
-}
-
-/// A size as Spark writes one: `1048576`, `512k`, `100m`, `1g` (powers of 1024).
-fn byte_size(options: &Options, key: &str) -> Result<Option<u64>> {
-    let Some(text) = options.get(key) else {
-        return Ok(None);
-    };
-    let t = text.trim().to_ascii_lowercase();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits);
-    let shift = match unit.trim() {
-        "" | "b" => 0,
-        "k" | "kb" => 10,
-        "m" | "mb" => 20,
-        "g" | "gb" => 30,
-        "t" | "tb" => 40,
-        _ => -1,
-    };
-    let bytes = number
-        .parse::<u64>()
-        .ok()
-        .filter(|_| shift >= 0)
-        .and_then(|n| n.checked_mul(1 << shift.max(0)));
-    match bytes {
-        Some(0) => Err(BrookError::option(key, "must be at least 1 byte")),
-        Some(n) => Ok(Some(n)),
-        None => Err(BrookError::option(
-            key,
-            format!("expected a size such as 1048576, 512k, 100m or 1g, found '{text}'"),
-        )),
-    }
 }
 
 /// Spark's `cleanSource` and its `sourceArchiveDir`.

@@ -67,31 +67,14 @@ fn cgroup_limit() -> Option<u64> {
 /// Parses a size such as `64MB`, `1.5GB`, `512MiB`, `2g` or `1048576` (bytes).
 /// Units are powers of 1024, as DataFusion's `datafusion.runtime.memory_limit` reads them.
 pub fn parse_size(text: &str) -> Result<usize> {
-    let invalid = || {
-        BrookError::option(
-            "--memory-limit",
-            format!("expected a size such as '512MB' or '4GB', found '{text}'"),
-        )
-    };
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number.parse().map_err(|_| invalid())?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(invalid()),
-    };
-    let bytes = number * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes >= usize::MAX as f64 {
-        return Err(invalid());
-    }
-    Ok(bytes as usize)
+    crate::options::parse_size(text)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .ok_or_else(|| {
+            BrookError::option(
+                "--memory-limit",
+                format!("expected a size such as '512MB' or '4GB', found '{text}'"),
+            )
+        })
 }
 
 #[cfg(test)]

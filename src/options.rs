@@ -9,6 +9,28 @@ use std::str::FromStr;
 
 use crate::error::{BrookError, Result};
 
+/// Bytes in a size as Spark and DataFusion write one: `1048576`, `512k`,
+/// `100MB`, `1.5g`, `512 MiB` (units are powers of 1024); `None` if `text` is
+/// not one, or is less than a byte or more than a `u64` holds.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return None,
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    (bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// normalized key -> (key as written, value)
@@ -79,6 +101,22 @@ impl Options {
                 format!("expected 'true' or 'false', found '{v}'"),
             )),
         }
+    }
+
+    /// A size option ([`parse_size`]).
+    pub fn size(&self, key: &str) -> Result<Option<u64>> {
+        self.get(key)
+            .map(|text| {
+                parse_size(text).ok_or_else(|| {
+                    BrookError::option(
+                        key,
+                        format!(
+                            "expected a size such as 1048576, 512k, 100m or 1g, found '{text}'"
+                        ),
+                    )
+                })
+            })
+            .transpose()
     }
 
     /// The options whose key starts with `prefix` (any case), keyed as written

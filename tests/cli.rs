@@ -173,6 +173,44 @@ fn run_reports_bad_input_clearly() {
     );
 }
 
+/// A second demo on the same --dir adds files: one replacing a file of the
+/// first run would be skipped as already read by a checkpointed query.
+#[test]
+fn a_second_demo_into_the_same_directory_adds_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = || {
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let demo = || {
+        let out = brook()
+            .args(["demo", "--no-ui", "--no-clear", "--duration", "2s"])
+            .args(["--rate", "10", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    };
+    let read = |names: &[String]| -> Vec<Vec<u8>> {
+        names
+            .iter()
+            .map(|n| std::fs::read(dir.path().join(n)).unwrap())
+            .collect()
+    };
+    demo();
+    let first = files();
+    assert!(!first.is_empty());
+    let before = read(&first);
+    demo();
+    let both = files();
+    assert!(both.len() > first.len(), "{first:?} then {both:?}");
+    assert_eq!(read(&first), before, "the first run's files were rewritten");
+}
+
 #[test]
 fn demo_shows_the_dashboard_and_stops() {
     let out = brook()

@@ -15,7 +15,7 @@ use chrono::Utc;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 
 use super::StopSignals;
-use super::send::write_atomically;
+use super::send::{run_prefix, write_atomically};
 use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
 use crate::exec::{StreamingQuery, Trigger};
@@ -145,6 +145,9 @@ async fn generate(dir: PathBuf, rate: usize, malformed: f64) -> Result<()> {
         seed: Utc::now().timestamp() as u64,
         ..GeneratorConfig::default()
     });
+    // A demo run on a --dir an earlier one wrote into must add files, not
+    // replace ones a checkpointed query has read.
+    let prefix = run_prefix();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     for n in 0u64.. {
         tick.tick().await;
@@ -154,7 +157,11 @@ async fn generate(dir: PathBuf, rate: usize, malformed: f64) -> Result<()> {
             text.push_str(&orders.line(now));
             text.push('\n');
         }
-        write_atomically(&dir, &format!("orders-{n:06}.csv"), text.as_bytes())?;
+        write_atomically(
+            &dir,
+            &format!("orders-{prefix}-{n:06}.csv"),
+            text.as_bytes(),
+        )?;
     }
     Ok(())
 }

@@ -61,7 +61,7 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
 
 /// What names one run's files apart from every other run's, even two in one
 /// process within a millisecond: `20261205T134512345Z-3fa9c2d1`.
-fn run_prefix() -> String {
+pub(crate) fn run_prefix() -> String {
     let now = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ");
     format!("{now}-{:08x}", rand::random::<u32>())
 }
