@@ -166,8 +166,14 @@ impl FileSource {
         let clean = clean_action(&location, &options.clean_source)?;
         let decoder = Arc::new(decoder);
         let registration = shared.register(&location.display, &decoder)?;
+        // Spelled differently, one directory still has one set of readers: a
+        // file is then never cleaned, as each reader names it its own way.
         let directory_key = match &location.local_dir {
-            Some(dir) => dir.display().to_string(),
+            Some(dir) => dir
+                .canonicalize()
+                .unwrap_or_else(|_| dir.clone())
+                .display()
+                .to_string(),
             None => location.display.clone(),
         };
         let directory = shared.join_directory(&directory_key, clean.is_some())?;
@@ -191,21 +197,20 @@ impl FileSource {
     }
 
     /// Completed data files below the location not taken yet, oldest first.
-    /// Also notes taken files that changed, and offers taken files still
-    /// present for cleaning (left by a run that stopped before cleaning them).
+    /// Also notes taken files that changed.
     async fn list(&mut self) -> Result<Vec<ObjectMeta>> {
+        // A name cleaned up is new again: a file written under it is read.
+        for path in self.directory.cleaned() {
+            if let Ok(path) = stored_path(&path) {
+                self.seen.remove(&path);
+            }
+        }
         let mut files = match self.location.local_dir.clone() {
             Some(dir) => self.list_local(dir).await?,
             None => self.list_store().await?,
         };
         if let Some(before) = self.ignore_before_ms {
-            let (kept, old): (Vec<_>, Vec<_>) = files
-                .into_iter()
-                .partition(|meta| meta.last_modified.timestamp_millis() >= before);
-            for meta in old {
-                self.never_read(&meta.location);
-            }
-            files = kept;
+            files.retain(|meta| meta.last_modified.timestamp_millis() >= before);
         }
         files.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
         if self.options.latest_first {
@@ -230,7 +235,6 @@ impl FileSource {
                 .skip(root_parts)
                 .any(|part| hidden(part.as_ref()))
         });
-        let tracked = self.directory.tracked();
         let mut unseen = vec![];
         for meta in files {
             if !self.seen.contains_key(&meta.location) {
@@ -239,9 +243,6 @@ impl FileSource {
             }
             let modified_ms = meta.last_modified.timestamp_millis();
             self.check_unchanged(&meta.location, meta.size, modified_ms, None);
-            if tracked {
-                self.offer_for_cleaning(&meta.location);
-            }
         }
         Ok(unseen)
     }
@@ -265,7 +266,6 @@ impl FileSource {
                 );
             }
         }
-        let tracked = self.directory.tracked();
         let mut lookups = vec![];
         // About SWEEP taken files are looked up a listing: the k-th of them when
         // k % rounds is this listing's turn (listings keep a directory's order).
@@ -300,9 +300,6 @@ impl FileSource {
                         lookups.push((path, location.clone(), id, true));
                     }
                     taken += 1;
-                    if tracked {
-                        self.offer_for_cleaning(&location);
-                    }
                 }
             }
         }
@@ -370,23 +367,30 @@ impl FileSource {
         }
     }
 
-    /// Tells the directory's readers this source is done with a taken file
-    /// still present, and cleans it if that made every reader done.
-    fn offer_for_cleaning(&mut self, location: &Path) {
-        let read = self.seen.get(location).is_some_and(|s| s.read);
-        if let Some(action) = self
-            .directory
-            .done(location.as_ref(), read, self.clean.as_ref())
-        {
-            self.clean(location.clone(), action);
+    /// Takes note of the files of a committed batch; with `clean`, tells the
+    /// directory's readers, and cleans those that every reader has now committed.
+    fn record(&mut self, offset: &SourceOffset, clean: bool) -> Result<()> {
+        let tracked = clean && self.directory.tracked();
+        for entry in self.parse_offset(offset)? {
+            let path = stored_path(&entry.path)?;
+            if let Some(snapshot) = &mut self.snapshot {
+                snapshot.remove(&path);
+            }
+            let seen = Seen {
+                size: entry.size,
+                modified_ms: entry.modified_ms,
+                id: None,
+                read: true,
+            };
+            self.remember(path.clone(), seen);
+            if tracked
+                && let Some(action) = self.directory.committed(path.as_ref(), self.clean.as_ref())
+            {
+                self.clean(path, action);
+            }
         }
-    }
-
-    /// Tells the directory's readers this source will not read `location`.
-    fn never_read(&mut self, location: &Path) {
-        if let Some(action) = self.directory.done(location.as_ref(), false, None) {
-            self.clean(location.clone(), action);
-        }
+        self.forget_old();
+        Ok(())
     }
 
     /// Deletes or archives `location` in the background; a failure is logged
@@ -413,19 +417,7 @@ impl FileSource {
                 },
                 (CleanAction::Archive(root), Some(file)) => {
                     let dest = archived(root, &file);
-                    blocking(move || {
-                        if let Some(parent) = dest.parent() {
-                            std::fs::create_dir_all(parent)
-                                .map_err(|e| BrookError::io(parent, e))?;
-                        }
-                        match std::fs::rename(&file, &dest) {
-                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                                Err(BrookError::io(&dest, e))
-                            }
-                            _ => Ok(()),
-                        }
-                    })
-                    .await
+                    blocking(move || archive(&file, &dest)).await
                 }
                 (CleanAction::Archive(_), None) => Err(BrookError::Plan(
                     "archiving is only possible in a local directory".into(),
@@ -527,6 +519,40 @@ fn archived(root: &FsPath, file: &FsPath) -> PathBuf {
     root.join(relative)
 }
 
+/// Moves `file` to `dest` without replacing a file already there (a rename
+/// would): linked, then unlinked. A `dest` that is `file` itself was linked by
+/// a run that stopped before unlinking. Another file there, or an archive on
+/// another file system, is an error and `file` stays.
+fn archive(file: &FsPath, dest: &FsPath) -> Result<()> {
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| BrookError::io(parent, e))?;
+    }
+    match std::fs::hard_link(file, dest) {
+        Ok(()) => {}
+        // Moved already: a cleaning that ran before the restart.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !file.exists() => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same_file(file, dest)? => {}
+        Err(e) => return Err(BrookError::io(dest, e)),
+    }
+    match std::fs::remove_file(file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BrookError::io(file, e)),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(unix)]
+fn same_file(a: &FsPath, b: &FsPath) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(a).map_err(|e| BrookError::io(a, e))?;
+    let b = std::fs::metadata(b).map_err(|e| BrookError::io(b, e))?;
+    Ok(a.dev() == b.dev() && a.ino() == b.ino())
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &FsPath, _: &FsPath) -> Result<bool> {
+    Ok(false)
+}
+
 /// The files below `root` (and its subdirectories, if `recursive`) that are
 /// not hidden, and those whose names cannot be read as UTF-8.
 fn walk(root: &FsPath, recursive: bool) -> Result<(Vec<Listed>, Vec<PathBuf>)> {
@@ -619,7 +645,6 @@ impl StreamSource for FileSource {
     async fn start(&mut self) -> Result<()> {
         if !self.options.include_existing_files {
             for file in self.list().await? {
-                self.never_read(&file.location);
                 let seen = Seen {
                     size: file.size,
                     modified_ms: Some(file.last_modified.timestamp_millis()),
@@ -686,8 +711,10 @@ impl StreamSource for FileSource {
             self.remember(stored_path(&file.path)?, seen);
         }
         self.forget_old();
+        // Files of batches committed before the restart are never cleaned
+        // now: the other readers of the directory may not have joined yet.
         for offset in committed {
-            self.commit(offset)?;
+            self.record(offset, false)?;
         }
         Ok(())
     }
@@ -790,25 +817,7 @@ impl StreamSource for FileSource {
     }
 
     fn commit(&mut self, offset: &SourceOffset) -> Result<()> {
-        let tracked = self.directory.tracked();
-        for entry in self.parse_offset(offset)? {
-            let path = stored_path(&entry.path)?;
-            if let Some(snapshot) = &mut self.snapshot {
-                snapshot.remove(&path);
-            }
-            let seen = Seen {
-                size: entry.size,
-                modified_ms: entry.modified_ms,
-                id: None,
-                read: true,
-            };
-            self.remember(path.clone(), seen);
-            if tracked {
-                self.offer_for_cleaning(&path);
-            }
-        }
-        self.forget_old();
-        Ok(())
+        self.record(offset, true)
     }
 
     async fn snapshot_available(&mut self) -> Result<()> {

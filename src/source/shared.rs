@@ -9,7 +9,9 @@
 //! cache outgrows its byte budget (a reader that then misses decodes again).
 //!
 //! The readers of one directory also agree on when a file may be cleaned up
-//! (`cleanSource`): only once every one of them has committed it.
+//! (`cleanSource`): only once every one of them has committed it. A reader
+//! that ends (stopped or failed) stays counted until the engine ends, so the
+//! files it had not committed are kept for its restart.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -138,6 +140,7 @@ impl SharedDecodes {
         dirs.next_id += 1;
         let dir = dirs.dirs.entry(key.to_string()).or_default();
         dir.readers.insert(id);
+        dir.cleaned.insert(id, vec![]);
         dir.cleaners += usize::from(cleans);
         Ok(DirectoryReader {
             dirs: self.dirs.clone(),
@@ -170,6 +173,7 @@ struct DirectoriesInner {
 /// The readers of one directory and the files some of them have committed.
 #[derive(Default)]
 struct Directory {
+    /// Every reader that joined, those that ended included.
     readers: HashSet<u64>,
     cleaners: usize,
     /// Files a reader has committed while others have not yet: who has, and
@@ -177,12 +181,9 @@ struct Directory {
     pending: HashMap<String, (HashSet<u64>, Option<CleanAction>)>,
     /// Files being cleaned, or whose cleaning failed (not tried again).
     claimed: HashSet<String>,
-}
-
-impl Directory {
-    fn tracked(&self) -> bool {
-        self.cleaners > 0 || !self.pending.is_empty()
-    }
+    /// Files cleaned since each reader still running last asked: it forgets
+    /// them, so that a new file given the same name is read.
+    cleaned: HashMap<u64, Vec<String>>,
 }
 
 impl Directories {
@@ -208,38 +209,37 @@ impl std::fmt::Debug for DirectoryReader {
 }
 
 impl DirectoryReader {
-    /// Whether files are tracked: while a reader of the directory cleans, or
-    /// files a cleaning reader committed (it may have ended since) still wait.
+    /// Whether files are tracked: once a reader of the directory cleans
+    /// (one that ended included: the files it committed still wait).
     pub fn tracked(&self) -> bool {
         self.dirs
             .lock()
             .ok()
-            .and_then(|d| d.dirs.get(&self.key).map(Directory::tracked))
+            .and_then(|d| d.dirs.get(&self.key).map(|dir| dir.cleaners > 0))
             .unwrap_or(false)
     }
 
-    /// Records that this reader is done with `path`: it committed it (`read`)
-    /// or will never read it. Returns how to clean it when this made every
-    /// reader done and a cleaning reader read it; the caller then cleans it and
-    /// releases it through a [`handle`](Self::handle). Saying so again is harmless.
-    pub fn done(
-        &self,
-        path: &str,
-        read: bool,
-        action: Option<&CleanAction>,
-    ) -> Option<CleanAction> {
+    /// Records that this reader committed `path`. Returns how to clean it when
+    /// this made every reader done and a cleaning reader read it; the caller
+    /// then cleans it and releases it through a [`handle`](Self::handle).
+    /// Saying so again is harmless.
+    pub fn committed(&self, path: &str, action: Option<&CleanAction>) -> Option<CleanAction> {
         let mut dirs = self.dirs.lock().ok()?;
         let dir = dirs.dirs.get_mut(&self.key)?;
-        if !dir.tracked() || dir.claimed.contains(path) {
-            return None;
-        }
-        if !read && !dir.pending.contains_key(path) {
+        if dir.cleaners == 0 || dir.claimed.contains(path) {
             return None;
         }
         let (done, wanted) = dir.pending.entry(path.to_string()).or_default();
         done.insert(self.id);
-        if read && self.cleans && wanted.is_none() {
+        if self.cleans && wanted.is_none() {
             *wanted = action.cloned();
+        }
+        // A reader that ended without committing it never will: it stays,
+        // and is not kept track of.
+        let kept = (dir.readers.iter()).any(|r| !done.contains(r) && !dir.cleaned.contains_key(r));
+        if kept {
+            dir.pending.remove(path);
+            return None;
         }
         if !dir.readers.is_subset(done) {
             return None;
@@ -248,6 +248,18 @@ impl DirectoryReader {
         let action = wanted?;
         dir.claimed.insert(path.to_string());
         Some(action)
+    }
+
+    /// The files cleaned since the last call, for this reader to forget.
+    pub fn cleaned(&self) -> Vec<String> {
+        let Ok(mut dirs) = self.dirs.lock() else {
+            return vec![];
+        };
+        dirs.dirs
+            .get_mut(&self.key)
+            .and_then(|dir| dir.cleaned.get_mut(&self.id))
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// A handle for a cleaning task to release its file with.
@@ -266,28 +278,27 @@ pub struct DirectoryHandle {
 }
 
 impl DirectoryHandle {
-    /// A cleaning of `path` succeeded: the name may be cleaned again if reused.
+    /// A cleaning of `path` succeeded: the name is new to every reader again.
     pub fn released(&self, path: &str) {
         if let Ok(mut dirs) = self.dirs.lock()
             && let Some(dir) = dirs.dirs.get_mut(&self.key)
         {
             dir.claimed.remove(path);
+            for cleaned in dir.cleaned.values_mut() {
+                cleaned.push(path.to_string());
+            }
         }
     }
 }
 
 impl Drop for DirectoryReader {
+    /// Only stops collecting cleaned names: the reader stays among the
+    /// directory's readers, so that what it had not committed is not cleaned.
     fn drop(&mut self) {
-        let Ok(mut dirs) = self.dirs.lock() else {
-            return;
-        };
-        let Some(dir) = dirs.dirs.get_mut(&self.key) else {
-            return;
-        };
-        dir.readers.remove(&self.id);
-        dir.cleaners -= usize::from(self.cleans);
-        if dir.readers.is_empty() {
-            dirs.dirs.remove(&self.key);
+        if let Ok(mut dirs) = self.dirs.lock()
+            && let Some(dir) = dirs.dirs.get_mut(&self.key)
+        {
+            dir.cleaned.remove(&self.id);
         }
     }
 }
@@ -436,7 +447,8 @@ mod tests {
     }
 
     /// A file is cleaned by whichever reader of its directory is done last,
-    /// even once the reader that asked for the cleaning has ended, and once.
+    /// even once the reader that asked for the cleaning has ended, and once;
+    /// a reader that ended keeps what it had not committed.
     #[test]
     fn a_file_is_cleaned_once_every_reader_of_its_directory_is_done() {
         let cache = SharedDecodes::default();
@@ -445,15 +457,24 @@ mod tests {
         let elsewhere = cache.join_directory("/elsewhere", false).unwrap();
         assert!(!elsewhere.tracked());
         let delete = Some(&CleanAction::Delete);
-        assert_eq!(cleaner.done("/in/a", true, delete), None);
-        assert_eq!(cleaner.done("/in/b", true, delete), None);
-        assert_eq!(other.done("/in/a", true, None), Some(CleanAction::Delete));
-        // Being cleaned: a listing that still finds it does not clean it again.
-        assert_eq!(other.done("/in/a", true, None), None);
+        assert_eq!(cleaner.committed("/in/a", delete), None);
+        assert_eq!(cleaner.committed("/in/b", delete), None);
+        assert_eq!(other.committed("/in/a", None), Some(CleanAction::Delete));
+        // Being cleaned: saying so again does not clean it twice.
+        assert_eq!(other.committed("/in/a", None), None);
+        other.handle().released("/in/a");
+        assert_eq!(other.cleaned(), vec!["/in/a".to_string()]);
+        assert!(other.cleaned().is_empty());
         drop(cleaner);
         assert!(other.tracked());
-        assert_eq!(other.done("/in/b", true, None), Some(CleanAction::Delete));
+        assert_eq!(other.committed("/in/b", None), Some(CleanAction::Delete));
         // A file only the readers that do not clean took is left alone.
-        assert_eq!(other.done("/in/c", true, None), None);
+        assert_eq!(other.committed("/in/c", None), None);
+        // A reader that ended before committing /in/d keeps it.
+        let late = cache.join_directory("/in", true).unwrap();
+        let stopped = cache.join_directory("/in", false).unwrap();
+        drop(stopped);
+        assert_eq!(late.committed("/in/d", delete), None);
+        assert_eq!(other.committed("/in/d", None), None);
     }
 }
