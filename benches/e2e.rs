@@ -1,4 +1,4 @@
-//! End-to-end figures for issue 6, measured the way a user runs brook: the
+//! End-to-end figures, measured the way a user runs brook: the
 //! release `brook` binary on `queries/dashboard_parquet.sql` (Parquet sinks,
 //! a checkpoint), one process per run, wall time and peak RSS from the OS.
 //!

@@ -2,7 +2,8 @@
 //!
 //! Files dropped into a directory become an unbounded table; SQL over it runs
 //! micro-batch by micro-batch, incrementally, into console, memory, file or
-//! user sinks. See the README for the SQL dialect and the execution model.
+//! user sinks. See docs/sql.md for the SQL dialect and docs/architecture.md
+//! for the execution model.
 
 pub mod catalog;
 pub mod cli;

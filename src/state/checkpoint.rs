@@ -12,7 +12,7 @@
 //! ```
 //!
 //! A batch with offsets but no commit is re-run on restart with the same input;
-//! a committed batch never runs again. See the README for the recovery contract.
+//! a committed batch never runs again. See docs/checkpoints.md for the recovery contract.
 //!
 //! Every log file names the batch it belongs to, and they are linked by the
 //! checksums of their bodies: batch N's offsets name the query and batch N-1's
