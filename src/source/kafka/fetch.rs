@@ -676,41 +676,9 @@ mod tests {
         );
     }
 
-    /// A JSON value written over several lines is one record, and the values
-    /// after it are named by their own offsets.
-    #[test]
-    fn a_json_value_over_several_lines_is_one_record() {
-        let schema = Schema::new(vec![Field::new("id", DataType::Int64, true)]);
-        let decoder = Decoder::new(
-            FileFormat::Json,
-            Arc::new(schema),
-            ParseMode::DropMalformed,
-            "_corrupt_record",
-        );
-        let (text, offsets) = values(
-            &decoder,
-            &[
-                "{\n  \"id\": 1\n}",
-                "{\"id\": 2}",
-                "{\"id\": 3,}",
-                "{\"id\": 4}",
-            ],
-        );
-        let (batch, malformed) = decode("ids-0", &decoder, text, &offsets).unwrap();
-        let ids = batch
-            .column(0)
-            .as_primitive::<Int64Type>()
-            .values()
-            .to_vec();
-        assert_eq!(ids, vec![1, 2, 4]);
-        assert_eq!(malformed.count, 1);
-        assert_eq!(malformed.samples[0].file, "ids-0 offset 7");
-    }
-
-    /// A line end inside a JSON string is not whitespace: the value stays
-    /// malformed, and the values after it keep their own offsets.
-    #[test]
-    fn a_line_end_inside_a_json_string_stays_malformed() {
+    /// The ids of JSON `values` read as Kafka records from offset 5 on (with a
+    /// text column `s`), dropping malformed ones, and what was dropped.
+    fn json_ids(records: &[&str]) -> (Vec<i64>, MalformedStats) {
         let schema = Schema::new(vec![
             Field::new("id", DataType::Int64, true),
             Field::new("s", DataType::Utf8, true),
@@ -721,21 +689,41 @@ mod tests {
             ParseMode::DropMalformed,
             "_corrupt_record",
         );
-        let (text, offsets) = values(
-            &decoder,
-            &[
-                // Quotes escaped inside strings end none; line ends between tokens are spaces.
-                "{\"id\": 1,\n\"s\": \"a\\\"b\"}",
-                "{\"id\": 2, \"s\": \"x\ny\"}",
-                "{\"id\": 3, \"s\": \"a\\\\\"\n}",
-            ],
-        );
+        let (text, offsets) = values(&decoder, records);
         let (batch, malformed) = decode("ids-0", &decoder, text, &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
             .values()
             .to_vec();
+        (ids, malformed)
+    }
+
+    /// A JSON value written over several lines is one record, and the values
+    /// after it are named by their own offsets.
+    #[test]
+    fn a_json_value_over_several_lines_is_one_record() {
+        let (ids, malformed) = json_ids(&[
+            "{\n  \"id\": 1\n}",
+            "{\"id\": 2}",
+            "{\"id\": 3,}",
+            "{\"id\": 4}",
+        ]);
+        assert_eq!(ids, vec![1, 2, 4]);
+        assert_eq!(malformed.count, 1);
+        assert_eq!(malformed.samples[0].file, "ids-0 offset 7");
+    }
+
+    /// A line end inside a JSON string is not whitespace: the value stays
+    /// malformed, and the values after it keep their own offsets.
+    #[test]
+    fn a_line_end_inside_a_json_string_stays_malformed() {
+        let (ids, malformed) = json_ids(&[
+            // Quotes escaped inside strings end none; line ends between tokens are spaces.
+            "{\"id\": 1,\n\"s\": \"a\\\"b\"}",
+            "{\"id\": 2, \"s\": \"x\ny\"}",
+            "{\"id\": 3, \"s\": \"a\\\\\"\n}",
+        ]);
         assert_eq!(ids, vec![1, 3]);
         assert_eq!(malformed.count, 1);
         assert_eq!(malformed.samples[0].file, "ids-0 offset 6");
