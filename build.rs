@@ -1,55 +1,66 @@
-//! Links the `brook` binary for a fast start on Linux.
+//! Links the `brook` binary for a fast start on Linux, when asked to: both
+//! tricks are opt-in because they trade generality for a few milliseconds a
+//! start (docs/performance.md measures what a default build loses).
 //!
-//! - At a fixed address: a position-independent executable has its 250,000
-//!   relative relocations applied by the loader at every start, writing 4 MB of
-//!   pages: 7 of the 10 ms that `brook --version` took. Libraries, heap and
-//!   stack are still placed at random.
-//! - In the bench profile's build, with the functions a dashboard run executes
-//!   placed together (`link/hot-functions.txt`, made by `link/hot-functions.sh`
-//!   from that build). Left where the compiler puts them, the 7.5 MB of code a
-//!   run executes lie spread over 57 MB of the binary, and the kernel maps 64 KB
-//!   around every page touched: a page fault per window on the way in, and all
-//!   of it to unmap at exit. The list's names carry hashes of the build's
-//!   settings, so other profiles (a release build has no line tables) would
-//!   match none of them. Names missing from the binary are skipped.
+//! - `BROOK_FIXED_ADDRESS=1`: at a fixed address (`-no-pie`). A
+//!   position-independent executable has its 250,000 relative relocations
+//!   applied by the loader at every start, writing 4 MB of pages. Libraries,
+//!   heap and stack are still placed at random.
+//! - `BROOK_HOT_FUNCTIONS=<file>`: with the functions a dashboard run executes
+//!   placed together, as listed by `link/hot-functions.sh` (which writes
+//!   `target/hot-functions.txt` from a profile of the bench profile's build).
+//!   Left where the compiler puts them, the code a run executes lies spread
+//!   over most of the binary, and the kernel maps 64 KB around every page
+//!   touched. The list's names carry hashes of the build's settings, the
+//!   toolchain and every crate's version, so it is made for one build and
+//!   goes stale with any change; names missing from the binary are skipped.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const HOT_FUNCTIONS: &str = "link/hot-functions.txt";
-
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=BROOK_FIXED_ADDRESS");
+    println!("cargo::rerun-if-env-changed=BROOK_HOT_FUNCTIONS");
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     if var("CARGO_CFG_TARGET_OS") != "linux" || var("CARGO_CFG_TARGET_ENV") != "gnu" {
         return;
     }
-    println!("cargo::rustc-link-arg-bins=-no-pie");
-    // `DEBUG` is whether the profile has debug info: the bench profile keeps
-    // line tables for profiling, the release profile none.
-    if var("PROFILE") != "release" || var("DEBUG") != "true" {
+    if var("BROOK_FIXED_ADDRESS") == "1" {
+        println!("cargo::rustc-link-arg-bins=-no-pie");
+    }
+    let list = var("BROOK_HOT_FUNCTIONS");
+    if list.is_empty() {
         return;
     }
-    let list = Path::new(&var("CARGO_MANIFEST_DIR")).join(HOT_FUNCTIONS);
+    let list = Path::new(&var("CARGO_MANIFEST_DIR")).join(list);
     let Some(list_arg) = list.to_str().filter(|_| list.exists()) else {
+        println!(
+            "cargo::warning=BROOK_HOT_FUNCTIONS names {}, which does not exist: linking without it",
+            list.display()
+        );
         return;
     };
-    println!("cargo::rerun-if-changed={HOT_FUNCTIONS}");
-    if let Some(lld) = rust_lld_dir(&var) {
-        let b = format!("-B{}", lld.display());
-        let order = format!("--symbol-ordering-file={list_arg}");
-        // `-Xlinker` passes each argument whole, commas in the path included.
-        for arg in [
-            &b,
-            "-fuse-ld=lld",
-            "-Xlinker",
-            &order,
-            "-Xlinker",
-            "--no-warn-symbol-ordering",
-        ] {
-            println!("cargo::rustc-link-arg-bins={arg}");
-        }
+    println!("cargo::rerun-if-changed={list_arg}");
+    let Some(lld) = rust_lld_dir(&var) else {
+        println!(
+            "cargo::warning=BROOK_HOT_FUNCTIONS needs rustc's rust-lld on native x86_64 Linux and no other linker chosen: linking without it"
+        );
+        return;
+    };
+    let b = format!("-B{}", lld.display());
+    let order = format!("--symbol-ordering-file={list_arg}");
+    // `-Xlinker` passes each argument whole, commas in the path included.
+    for arg in [
+        &b,
+        "-fuse-ld=lld",
+        "-Xlinker",
+        &order,
+        "-Xlinker",
+        "--no-warn-symbol-ordering",
+    ] {
+        println!("cargo::rustc-link-arg-bins={arg}");
     }
 }
 

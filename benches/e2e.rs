@@ -178,12 +178,17 @@ fn progress_lines(stderr: impl Read) -> Vec<Value> {
 
 /// The progress records a run printed, each with when it arrived.
 fn timed_progress_lines(stderr: impl Read) -> Vec<(Instant, Value)> {
+    timed_progress_lines_with(stderr, Instant::now)
+}
+
+/// The progress records a run printed, each with what `note` says as it arrives.
+fn timed_progress_lines_with<T>(stderr: impl Read, mut note: impl FnMut() -> T) -> Vec<(T, Value)> {
     BufReader::new(stderr)
         .lines()
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
         .filter(|v| v.get("batch_id").is_some())
-        .map(|v| (Instant::now(), v))
+        .map(|v| (note(), v))
         .collect()
 }
 
@@ -587,12 +592,15 @@ fn restart() {
     );
 }
 
-/// 100,000 one-line files a second apart (by modification time), 1,000 a
+/// 100,000 one-line files a second apart (by modification time), 500 a
 /// batch: without `maxFileAge` the file source remembers every file taken and
 /// rewrites them all into the checkpoint's `sources/<N>` every 10 batches;
-/// with it, that file and the process's memory stay flat.
+/// with it, that file and the process's memory stay flat once the query's
+/// last 100 progress records (each listing its batch's files) are kept.
+/// `cleanSource` also keeps the directory listed at each trigger small.
 fn many_files() {
     const COUNT: usize = 100_000;
+    const PER_BATCH: usize = 500;
     let input = write_split(&data_dir().join("many-files"), |dir| {
         std::fs::create_dir_all(dir).unwrap();
         let start = std::time::SystemTime::now() - Duration::from_secs(COUNT as u64 + 3600);
@@ -607,33 +615,65 @@ fn many_files() {
                 .unwrap();
         }
     });
-    println!("\n## many_files: {COUNT} one-line files, 1,000 per batch\n");
-    println!("| source options | largest sources/<N> | last sources/<N> | peak RSS | wall |");
-    println!("|---|---|---|---|---|");
-    for (label, options) in [
-        ("(none)", ""),
-        ("maxFileAge '10 minutes'", ", 'maxFileAge' '10 minutes'"),
+    let batches = COUNT / PER_BATCH;
+    let marks = [batches / 4, batches / 2, 3 * batches / 4, batches];
+    println!("\n## many_files: {COUNT} one-line files, {PER_BATCH} per batch\n");
+    println!(
+        "| source options | largest sources/<N> | last sources/<N> | RSS after batch {} / {} / {} / {} | peak RSS | wall |",
+        marks[0], marks[1], marks[2], marks[3]
+    );
+    println!("|---|---|---|---|---|---|");
+    let age = ", 'maxFileAge' '10 minutes'";
+    for (label, options, clean) in [
+        ("(none)", String::new(), false),
+        ("maxFileAge '10 minutes'", age.to_string(), false),
+        (
+            "maxFileAge + cleanSource 'delete'",
+            format!("{age}, 'cleanSource' 'delete'"),
+            true,
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
+        // cleanSource deletes what it read: it gets links to the files.
+        let location = if clean {
+            let links = tmp.path().join("input");
+            std::fs::create_dir(&links).unwrap();
+            for entry in std::fs::read_dir(&input).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_name() != "_complete" {
+                    std::fs::hard_link(entry.path(), links.join(entry.file_name())).unwrap();
+                }
+            }
+            links
+        } else {
+            input.clone()
+        };
         let sql = tmp.path().join("copy.sql");
         std::fs::write(
             &sql,
             format!(
                 "CREATE UNBOUNDED EXTERNAL TABLE lines (value VARCHAR) STORED AS TEXT \
-                 LOCATION '{}' OPTIONS ('maxFilesPerTrigger' '1000'{options});\n\
+                 LOCATION '{}' OPTIONS ('maxFilesPerTrigger' '{PER_BATCH}'{options});\n\
                  CREATE EXTERNAL TABLE out STORED AS JSON LOCATION 'out' \
                  OPTIONS ('queryName' 'copy');\n\
                  INSERT INTO out SELECT value FROM lines;\n",
-                input.display()
+                location.display()
             ),
         )
         .unwrap();
         let started = Instant::now();
         let mut child = brook_run(tmp.path(), &sql, "available-now");
-        // Each progress record lists its batch's 1,000 files: read them as
-        // they come, so that the pipe never fills.
+        // Each progress record lists its batch's files: read them as they
+        // come, so that the pipe never fills, noting the resident memory
+        // the process has when it prints each.
         let stderr = child.stderr.take().unwrap();
-        let drain = std::thread::spawn(move || progress_lines(stderr).len());
+        let status = format!("/proc/{}/status", child.id());
+        let drain = std::thread::spawn(move || {
+            timed_progress_lines_with(stderr, || resident_mb(&status))
+                .into_iter()
+                .map(|(rss, _)| rss)
+                .collect::<Vec<f64>>()
+        });
         let sources = tmp.path().join("ckpt/copy/sources");
         let sampler = {
             let sources = sources.clone();
@@ -654,15 +694,28 @@ fn many_files() {
         sampler.0.store(false, std::sync::atomic::Ordering::Relaxed);
         let largest = sampler.1.join().unwrap();
         assert_eq!(exited.code, 0);
-        assert_eq!(drain.join().unwrap(), COUNT / 1000);
+        let rss = drain.join().unwrap();
+        assert_eq!(rss.len(), batches);
         let (last, last_bytes) = snapshot_bytes(&sources);
+        let at = marks.map(|m| format!("{:.0}", rss[m - 1]));
         println!(
-            "| {label} | {:.1} KB | sources/{last}: {:.1} KB | {:.0} MB | {wall:.1} s |",
+            "| {label} | {:.1} KB | sources/{last}: {:.1} KB | {} MB | {:.0} MB | {wall:.1} s |",
             largest.max(last_bytes) as f64 / 1e3,
             last_bytes as f64 / 1e3,
+            at.join(" / "),
             exited.peak_mb
         );
     }
+}
+
+/// A process's resident memory now, from its `/proc/<pid>/status`.
+fn resident_mb(status: &str) -> f64 {
+    std::fs::read_to_string(status)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// The newest snapshot in a checkpoint's `sources` directory and its size.

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Writes link/hot-functions.txt: the functions of the `brook` binary that the
+# Writes target/hot-functions.txt: the functions of the `brook` binary that the
 # dashboard runs over the book's orders, busiest first, for build.rs to place
-# together in the bench profile's build. The names carry hashes of their
-# crate's version and build settings, and the code generated in brook's own
-# codegen units gets names from its content (`.llvm.*`): run this again after
-# changing brook's code, its version, the toolchain or a dependency.
+# together when built with BROOK_HOT_FUNCTIONS=target/hot-functions.txt. The
+# names carry hashes of their crate's version and build settings, and the code
+# generated in brook's own codegen units gets names from its content
+# (`.llvm.*`): run this again after changing brook's code, its version, the
+# toolchain or a dependency.
 #
 # Needs valgrind, and the book's orders split by the e2e bench
 # (`cargo bench --bench e2e -- book` writes them to target/bench-data/book),
@@ -47,5 +48,6 @@ callgrind_annotate --inclusive=no --threshold=100 "$work/profile" 2> /dev/null \
             if (name ~ /^[A-Za-z_][A-Za-z0-9_.$]*$/ && !seen[name]++) print name
         }' > "$work/list"
 [ -s "$work/list" ] || { echo "no function of $brook in the profile" >&2; exit 1; }
-mv "$work/list" link/hot-functions.txt
-echo "link/hot-functions.txt: $(wc -l < link/hot-functions.txt) functions"
+mv "$work/list" "$target/hot-functions.txt"
+echo "$target/hot-functions.txt: $(wc -l < "$target/hot-functions.txt") functions"
+echo "build with it: BROOK_HOT_FUNCTIONS=$target/hot-functions.txt cargo bench --bench e2e --no-run"
