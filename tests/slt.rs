@@ -145,6 +145,46 @@ fn is_file_name(name: &str) -> bool {
     matches!(parts.next(), Some(std::path::Component::Normal(_))) && parts.next().is_none()
 }
 
+/// The bytes an `APPEND ... ESCAPED` body stands for: its own line breaks
+/// are dropped, and `\n`, `\r`, `\t`, `\\` and `\xHH` write their byte, so
+/// that a file may hold empty lines, CRLF, bytes that are not UTF-8, or end
+/// without a newline.
+fn unescape(body: &str) -> Result<Vec<u8>, SltError> {
+    let mut out = vec![];
+    let mut chars = body.lines().flat_map(str::chars);
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut buf = [0; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push(b'\n'),
+            Some('r') => out.push(b'\r'),
+            Some('t') => out.push(b'\t'),
+            Some('\\') => out.push(b'\\'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                match u8::from_str_radix(&hex, 16) {
+                    Ok(byte) if hex.chars().all(|c| c.is_ascii_hexdigit()) => out.push(byte),
+                    _ => {
+                        return Err(SltError(format!(
+                            "expected two hex digits after \\x, found '{hex}'"
+                        )));
+                    }
+                }
+            }
+            other => {
+                return Err(SltError(format!(
+                    "unknown escape '\\{}' in APPEND ... ESCAPED (use \\n, \\r, \\t, \\\\ or \\xHH)",
+                    other.map(String::from).unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// An error as the .slt file sees it: the engine's message, with the file's
 /// temp directory written `${dir}` so that expected messages are stable.
 #[derive(Debug)]
@@ -213,10 +253,16 @@ impl Brook {
         Ok(self.dir.path().join(rel))
     }
 
-    /// `APPEND <dir> [AS <file>]` and the lines after it: one new file in
-    /// `${dir}/<dir>`, written whole under a hidden name and renamed in.
+    /// `APPEND <dir> [AS <file>] [ESCAPED]` and the lines after it: one new
+    /// file in `${dir}/<dir>`, written whole under a hidden name and renamed in.
     fn append(&mut self, args: &str, lines: &str) -> Result<u64, SltError> {
-        let words: Vec<&str> = args.split_whitespace().collect();
+        let mut words: Vec<&str> = args.split_whitespace().collect();
+        let escaped = words
+            .last()
+            .is_some_and(|w| w.eq_ignore_ascii_case("ESCAPED"));
+        if escaped {
+            words.pop();
+        }
         let (target, name) = match words.as_slice() {
             [target] => {
                 self.appended += 1;
@@ -227,17 +273,23 @@ impl Brook {
             }
             _ => {
                 return Err(SltError(format!(
-                    "expected APPEND <dir> [AS <file name>], found 'APPEND {args}'"
+                    "expected APPEND <dir> [AS <file name>] [ESCAPED], found 'APPEND {args}'"
                 )));
             }
         };
         let dir = self.subdir(target)?;
         std::fs::create_dir_all(&dir).map_err(|e| self.error(e))?;
-        let mut text = lines.to_string();
-        text.push('\n');
-        brook::cli::send::write_atomically(&dir, &name, text.as_bytes())
-            .map_err(|e| self.error(e))?;
-        Ok(lines.lines().count() as u64)
+        let bytes = if escaped {
+            unescape(lines)?
+        } else {
+            let mut text = lines.to_string();
+            text.push('\n');
+            text.into_bytes()
+        };
+        brook::cli::send::write_atomically(&dir, &name, &bytes).map_err(|e| self.error(e))?;
+        // Lines as a reader numbers them: a last line without a newline counts.
+        let breaks = bytes.iter().filter(|b| **b == b'\n').count();
+        Ok((breaks + usize::from(!bytes.is_empty() && !bytes.ends_with(b"\n"))) as u64)
     }
 
     /// `RUN BATCHES`: every query processes all input available now, including
