@@ -727,3 +727,89 @@ async fn deep_expressions_are_refused_through_the_api() {
         .unwrap();
     assert_eq!(table(&sum), rows(&[&["401"]]));
 }
+
+/// A foreach-batch sink gets every batch with its id, the batches that emit
+/// nothing included: here update mode over 10-minute windows, where the
+/// batches without input that follow a watermark move evict and emit nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreach_batch_gets_every_batch_with_its_id() {
+    let (_tmp, input, _output) = tmp_dirs();
+    let engine = Engine::new();
+    engine.execute(&source_ddl(&input, true)).await.unwrap();
+    let windowed = "SELECT window.start AS ws, symbol, sum(amount) AS shares \
+                    FROM orders GROUP BY window(time, '10 minutes'), symbol";
+    let log: Arc<std::sync::Mutex<Vec<(u64, Vec<Vec<String>>)>>> = Arc::default();
+    let sink_log = log.clone();
+    let query = engine
+        .query(windowed)
+        .output_mode(OutputMode::Update)
+        .foreach_batch(move |id, batches| {
+            sink_log.lock().unwrap().push((id, sorted(table(batches))));
+            Ok(())
+        })
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(query.output_mode(), OutputMode::Update);
+
+    put(
+        &input,
+        "a.csv",
+        &[
+            order("20:01:00", 1, "AAPL", 10, 1.0, "B"),
+            order("20:05:00", 2, "AAPL", 5, 1.0, "B"),
+            order("20:03:00", 3, "MSFT", 2, 1.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    // Watermark 20:11:50 after this file: batch 2 evicts [20:00, 20:10).
+    put(
+        &input,
+        "b.csv",
+        &[order("20:12:00", 4, "AAPL", 1, 1.0, "B")],
+    );
+    query.process_all_available().await.unwrap();
+    // 20:05:00 is late and dropped; batch 4 evicts [20:10, 20:20).
+    put(
+        &input,
+        "c.csv",
+        &[
+            order("20:05:00", 5, "AAPL", 100, 1.0, "B"),
+            order("20:25:00", 6, "MSFT", 4, 1.0, "S"),
+        ],
+    );
+    query.process_all_available().await.unwrap();
+    let w = |start: &str, symbol: &str, shares: &str| {
+        vec![format!("2016-03-22T{start}"), symbol.into(), shares.into()]
+    };
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            (
+                0,
+                vec![w("20:00:00", "AAPL", "15"), w("20:00:00", "MSFT", "2")]
+            ),
+            (1, vec![w("20:10:00", "AAPL", "1")]),
+            (2, vec![]),
+            (3, vec![w("20:20:00", "MSFT", "4")]),
+            (4, vec![]),
+        ]
+    );
+    query.stop().await.unwrap();
+
+    // The builder refuses what the SQL path refuses, and starts nothing.
+    let before = engine.queries().len();
+    let err = engine
+        .query("SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol")
+        .output_mode(OutputMode::Append)
+        .foreach_batch(|_, _| Ok(()))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("output mode 'append' for an aggregation needs a watermark"),
+        "{err}"
+    );
+    assert_eq!(engine.queries().len(), before);
+}
