@@ -492,36 +492,6 @@ fn durations_too_long_are_refused_naming_the_value() {
             long,
         );
     }
-
-    // A window that would end after the last time a TIMESTAMP holds (2262-04-11
-    // 23:47:16) is refused, not wrapped round to 1677.
-    std::fs::create_dir_all(dir.path().join("late")).unwrap();
-    std::fs::write(
-        dir.path().join("late/a.csv"),
-        "2262-04-11 12:00:00,1,1,A,10,1.0,B\n",
-    )
-    .unwrap();
-    for window in ["'1 day'", "'1 day', '12 hours'"] {
-        std::fs::write(
-            dir.path().join("late.sql"),
-            format!(
-                "{} SELECT window.start, window.end, count(*) FROM orders GROUP BY window(time, {window})",
-                orders_ddl("late")
-            ),
-        )
-        .unwrap();
-        let out = brook()
-            .args(["run", "late.sql", "--trigger", "once"])
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        let stderr = stderr_of(&out);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(
-            stderr.contains("would end after the last time a Timestamp(ns) holds"),
-            "{stderr}"
-        );
-    }
 }
 
 /// `amount + 1 + 1 + ...` is parsed in a loop but walked a level at a time by
