@@ -482,59 +482,6 @@ async fn console_sink_table_from_sql_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_sink_rejects_complete_mode_clearly() {
-    let (_tmp, input, output) = tmp_dirs();
-    let engine = Engine::new();
-    let script = format!(
-        "{} CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}' OPTIONS ('outputMode' 'complete');
-         INSERT INTO out SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol;",
-        source_ddl(&input, true),
-        output.display()
-    );
-    // The error may come when the query starts or as soon as it runs; either
-    // way it must say why and what to use instead.
-    let err = match engine.execute(&script).await {
-        Err(e) => e.to_string(),
-        Ok(queries) => {
-            assert_eq!(queries.len(), 1);
-            let err = queries[0]
-                .await_termination()
-                .await
-                .unwrap_err()
-                .to_string();
-            assert!(!queries[0].is_active());
-            err
-        }
-    };
-    assert!(err.contains("complete"), "{err}");
-    assert!(err.contains("append"), "{err}");
-    assert!(err.contains(&output.display().to_string()), "{err}");
-    assert!(
-        listing(&output).iter().all(|n| !n.starts_with("part-")),
-        "nothing written"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_sink_rejects_complete_mode_at_start() {
-    let (_tmp, input, output) = tmp_dirs();
-    let engine = Engine::new();
-    let script = format!(
-        "{} CREATE EXTERNAL TABLE out STORED AS PARQUET LOCATION '{}' OPTIONS ('outputMode' 'complete');
-         INSERT INTO out SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol;",
-        source_ddl(&input, true),
-        output.display()
-    );
-    // As Spark's DataStreamWriter.start(): an unsupported output mode is an
-    // error of the call that starts the query, not of a query left running.
-    let err = engine
-        .execute(&script)
-        .await
-        .expect_err("execute should reject complete mode on a file sink");
-    assert!(err.to_string().contains("complete"), "{err}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn available_now_processes_every_file_then_stops() {
     let (_tmp, input, output) = tmp_dirs();
     put(
@@ -663,36 +610,6 @@ async fn available_now_from_the_rust_api_closes_windows_before_stopping() {
             .unwrap(),
     );
     assert_eq!(got, rows(&[&["2016-03-22T20:00:00", "AAPL", "3"]]));
-}
-
-/// A memory sink declared with a quoted name is written by `INSERT INTO` that
-/// name and read by SQL quoting it alike, as DataFusion names tables.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quoted_memory_sink_is_written_and_read_by_its_name() {
-    let (_tmp, input, _output) = tmp_dirs();
-    let engine = Engine::new();
-    let query = start_one(
-        &engine,
-        &format!(
-            "{} CREATE EXTERNAL TABLE \"Top Symbols\" STORED AS MEMORY LOCATION 'ignored'
-                 OPTIONS ('outputMode' 'complete');
-             INSERT INTO \"Top Symbols\" SELECT symbol, sum(amount) AS shares FROM orders GROUP BY symbol;",
-            source_ddl(&input, false)
-        ),
-    )
-    .await;
-    first_files(&input);
-    query.process_all_available().await.unwrap();
-    let got = table(
-        &engine
-            .sql("SELECT symbol, shares FROM \"Top Symbols\" ORDER BY symbol")
-            .await
-            .unwrap(),
-    );
-    assert_eq!(
-        got,
-        rows(&[&["AAPL", "10"], &["GOOG", "2"], &["MSFT", "5"]])
-    );
 }
 
 /// Expressions nested deeper than brook plans are refused by every way in.
