@@ -489,27 +489,6 @@ fn clean_source_deletes_or_archives_files_after_their_batch_commits() {
     }
 }
 
-#[test]
-fn archiving_into_the_source_directory_is_refused_naming_both_options() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let script = write_script(
-        dir,
-        ", 'cleanSource' 'archive', 'sourceArchiveDir' 'in/done'",
-    );
-    std::fs::write(dir.join("in/a.txt"), "a\n").unwrap();
-    let out = run_available_now(dir, &script);
-    let log = stderr(&out);
-    assert!(!out.status.success(), "{log}");
-    assert!(
-        log.contains("option 'sourceArchiveDir'")
-            && log.contains("'in/done' lies under the source directory 'in'")
-            && log.contains("cleanSource 'archive'"),
-        "{log}"
-    );
-    assert!(dir.join("in/a.txt").exists());
-}
-
 /// Two queries read one directory; the one that deletes is done long before
 /// the other, which takes a file per batch: no file goes before both read it.
 #[test]
@@ -740,39 +719,6 @@ fn killed_and_restarted_with_clean_source_loses_nothing_and_cleans_every_file() 
                 "seed {seed}: every file archived or left"
             );
         }
-    }
-}
-
-#[test]
-fn bad_long_run_options_are_refused_naming_the_option() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    for (options, expected) in [
-        (
-            ", 'cleanSource' 'archve'",
-            "option 'cleanSource': expected off, delete or archive, found 'archve'",
-        ),
-        (
-            ", 'cleanSource' 'archive'",
-            "option 'sourceArchiveDir': cleanSource 'archive' needs it",
-        ),
-        (
-            ", 'cleanSource' 'delete', 'sourceArchiveDir' 'done'",
-            "option 'sourceArchiveDir': only used with cleanSource 'archive'",
-        ),
-        (
-            ", 'maxFileAge' 'a week'",
-            "option 'maxFileAge': SQL error: invalid duration 'a week'",
-        ),
-    ] {
-        let script = write_script(dir, options);
-        let out = run_available_now(dir, &script);
-        assert!(!out.status.success(), "{options}");
-        assert!(
-            stderr(&out).contains(expected),
-            "{options}: {}",
-            stderr(&out)
-        );
     }
 }
 
