@@ -16,7 +16,7 @@ use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement, TableObj
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::catalog::{SinkDef, SourceDef};
+use crate::catalog::{SinkDef, SourceDef, SourceKind};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::{CompiledQuery, compile};
 use crate::exec::query::new_id;
@@ -25,7 +25,8 @@ use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
 use crate::progress::QueryProgress;
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
 use crate::source::SharedInput;
-use crate::source::{FileFormat, FileSourceOptions, ParseMode};
+use crate::source::malformed::DEFAULT_CORRUPT_COLUMN;
+use crate::source::{DecodeOptions, FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::depth::{parse_query, parse_statements};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
@@ -598,14 +599,17 @@ impl SourceBuilder<'_> {
             .unwrap_or_else(|| Arc::new(datafusion::arrow::datatypes::Schema::empty()));
         self.engine.register_source(SourceDef {
             name: self.name,
-            location: location.to_string(),
-            format: self.format,
             schema,
-            mode: self.mode,
-            corrupt_column: crate::catalog::DEFAULT_CORRUPT_COLUMN.to_string(),
-            file_options: self.options,
             watermark: self.watermark,
-            kafka: None,
+            kind: SourceKind::Files {
+                location: location.to_string(),
+                decode: DecodeOptions {
+                    format: self.format,
+                    mode: self.mode,
+                    corrupt_column: DEFAULT_CORRUPT_COLUMN.to_string(),
+                },
+                options: self.options,
+            },
         })
     }
 }

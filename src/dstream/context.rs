@@ -16,12 +16,12 @@ use tokio::task::JoinHandle;
 
 use super::stateful::Checkpointed;
 use super::{BatchEnv, DStream, Data};
-use crate::catalog::DEFAULT_CORRUPT_COLUMN;
 use crate::error::{BrookError, Result};
 use crate::exec::faults::crash_point;
 use crate::source::format::Decoder;
 use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, default_readers};
 use crate::source::location::Location;
+use crate::source::malformed::DEFAULT_CORRUPT_COLUMN;
 use crate::source::socket::SocketSource;
 use crate::source::{
     FileFormat, FileSource, FileSourceOptions, ParseMode, SourceOffset, StreamSource,

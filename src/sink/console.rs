@@ -12,6 +12,27 @@ use datafusion::arrow::util::pretty::pretty_format_batches_with_schema;
 use super::Sink;
 use crate::error::{BrookError, Result};
 use crate::exec::OutputMode;
+use crate::options::Options;
+
+/// A console sink table's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleOptions {
+    /// Spark's `numRows`: the rows printed per batch at most.
+    pub num_rows: usize,
+}
+
+impl Default for ConsoleOptions {
+    fn default() -> Self {
+        Self { num_rows: 20 }
+    }
+}
+
+impl ConsoleOptions {
+    pub fn from_options(options: &Options) -> Result<Self> {
+        let num_rows = options.parse("numRows", "a row count")?;
+        Ok(num_rows.map_or_else(Self::default, |num_rows| Self { num_rows }))
+    }
+}
 
 pub struct ConsoleSink {
     out: Mutex<Box<dyn Write + Send>>,

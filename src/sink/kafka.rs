@@ -36,6 +36,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::Sink;
 use crate::error::{BrookError, Result};
 use crate::exec::OutputMode;
+use crate::options::Options;
+use crate::source::kafka::client_options;
 
 /// How rows without a `value` column become record values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,69 @@ pub struct KafkaSinkOptions {
     pub client: BTreeMap<String, String>,
     /// Exactly-once delivery with this transactional id prefix (the query id follows it).
     pub exactly_once: Option<String>,
+}
+
+impl KafkaSinkOptions {
+    /// Options of a Kafka sink table, besides the general ones and `kafka.*`.
+    pub const OPTIONS: &[&str] = &[
+        "topic",
+        "format",
+        "key",
+        "deliveryGuarantee",
+        "transactionalIdPrefix",
+    ];
+
+    /// The brokers are `location` unless `kafka.bootstrap.servers` names
+    /// them; `what` names the table in errors.
+    pub fn from_options(location: Option<&str>, options: &Options, what: &str) -> Result<Self> {
+        let (bootstrap_servers, client) = client_options(location, options, what)?;
+        let format = match options
+            .get_or("format", "json")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "json" => ValueFormat::Json,
+            "csv" => ValueFormat::Csv,
+            other => {
+                return Err(BrookError::option(
+                    "format",
+                    format!("expected json or csv, found '{other}'"),
+                ));
+            }
+        };
+        let topic = options.get("topic").map(str::to_string);
+        let exactly_once = match options
+            .get_or("deliveryGuarantee", "at-least-once")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "at-least-once" => None,
+            "exactly-once" if topic.is_none() => {
+                return Err(BrookError::option(
+                    "deliveryGuarantee",
+                    format!(
+                        "{what}: exactly-once needs the 'topic' option (a transaction \
+                         records its batch id in that topic's consumer group)"
+                    ),
+                ));
+            }
+            "exactly-once" => Some(options.get_or("transactionalIdPrefix", "brook").to_string()),
+            other => {
+                return Err(BrookError::option(
+                    "deliveryGuarantee",
+                    format!("expected at-least-once or exactly-once, found '{other}'"),
+                ));
+            }
+        };
+        Ok(Self {
+            bootstrap_servers,
+            topic,
+            format,
+            key: options.get("key").map(str::to_string),
+            client,
+            exactly_once,
+        })
+    }
 }
 
 pub struct KafkaSink {
@@ -426,5 +491,30 @@ impl Sink for KafkaSink {
             Some(txn) => self.add_batch_exactly_once(txn, batch_id, &batches).await,
             None => self.send_all(&self.producer, &batches).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_once_takes_the_transactional_id_prefix_or_brook() {
+        let options = Options::new()
+            .with("topic", "metrics")
+            .with("deliveryGuarantee", "Exactly-Once")
+            .with("format", "csv");
+        let sink = KafkaSinkOptions::from_options(Some("host:1"), &options, "t").unwrap();
+        assert_eq!(sink.exactly_once.as_deref(), Some("brook"));
+        assert_eq!(sink.format, ValueFormat::Csv);
+        assert_eq!(sink.bootstrap_servers, "host:1");
+
+        let options = options.with("transactionalIdPrefix", "dash");
+        let sink = KafkaSinkOptions::from_options(Some("host:1"), &options, "t").unwrap();
+        assert_eq!(sink.exactly_once.as_deref(), Some("dash"));
+
+        let at_least_once = Options::new().with("topic", "metrics");
+        let sink = KafkaSinkOptions::from_options(Some("host:1"), &at_least_once, "t").unwrap();
+        assert_eq!((sink.exactly_once, sink.format), (None, ValueFormat::Json));
     }
 }

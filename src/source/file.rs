@@ -27,6 +27,7 @@ use super::location::{Location, blocking};
 use super::shared::{CleanAction, DirectoryReader, Registration, SharedDecodes};
 use super::{SourceBatch, SourceCounts, SourceOffset, StreamSource};
 use crate::error::{BrookError, Result};
+use crate::options::Options;
 
 #[derive(Debug, Clone)]
 pub struct FileSourceOptions {
@@ -72,6 +73,86 @@ impl Default for FileSourceOptions {
             clean_source: CleanSource::Off,
             parallelism: 2 * crate::exec::compile::partitions(),
         }
+    }
+}
+
+impl FileSourceOptions {
+    /// Every option of a file source table: its format's, then the source's.
+    pub const OPTIONS: &[&str] = &[
+        "has_header",
+        "header",
+        "delimiter",
+        "sep",
+        "quote",
+        "multiLine",
+        "mode",
+        "columnNameOfCorruptRecord",
+        "maxFilesPerTrigger",
+        "latestFirst",
+        "includeExistingFiles",
+        "recursiveFileLookup",
+        "maxBytesPerTrigger",
+        "maxFileAge",
+        "cleanSource",
+        "sourceArchiveDir",
+    ];
+
+    /// Spark's file source options: which files a batch takes, and what
+    /// becomes of them once processed.
+    pub fn from_options(options: &Options) -> Result<Self> {
+        Ok(Self {
+            max_files_per_trigger: options.count("maxFilesPerTrigger")?,
+            latest_first: options.bool("latestFirst", false)?,
+            include_existing_files: options.bool("includeExistingFiles", true)?,
+            recursive: options.bool("recursiveFileLookup", false)?,
+            max_bytes_per_trigger: options.size("maxBytesPerTrigger")?,
+            max_file_age: options
+                .get("maxFileAge")
+                .map(|t| {
+                    crate::duration::parse_duration(t)
+                        .map_err(|e| BrookError::option("maxFileAge", e.to_string()))
+                })
+                .transpose()?,
+            clean_source: CleanSource::from_options(options)?,
+            ..Self::default()
+        })
+    }
+}
+
+impl CleanSource {
+    /// Spark's `cleanSource` and its `sourceArchiveDir`.
+    fn from_options(options: &Options) -> Result<Self> {
+        let archive_dir = options.get("sourceArchiveDir").map(str::to_string);
+        let mode = options
+            .get_or("cleanSource", "off")
+            .trim()
+            .to_ascii_lowercase();
+        let clean = match mode.as_str() {
+            "off" => CleanSource::Off,
+            "delete" => CleanSource::Delete,
+            "archive" => match &archive_dir {
+                Some(dir) => CleanSource::Archive(dir.clone()),
+                None => {
+                    return Err(BrookError::option(
+                        "sourceArchiveDir",
+                        "cleanSource 'archive' needs it: the directory processed files are moved to",
+                    ));
+                }
+            },
+            other => {
+                return Err(BrookError::option(
+                    "cleanSource",
+                    format!("expected off, delete or archive, found '{other}'"),
+                ));
+            }
+        };
+        if archive_dir.is_some() && !matches!(clean, CleanSource::Archive(_)) {
+            return Err(BrookError::option(
+                "sourceArchiveDir",
+                "only used with cleanSource 'archive'",
+            ));
+        }
+        Ok(clean)
     }
 }
 

@@ -29,10 +29,13 @@ use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::de::IgnoredAny;
 
-use super::malformed::{MalformedRecord, MalformedStats, ParseMode, excerpt};
+use super::malformed::{
+    DEFAULT_CORRUPT_COLUMN, MalformedRecord, MalformedStats, ParseMode, excerpt,
+};
 use super::timestamps::CsvColumns;
 use crate::error::{BrookError, Result};
 use crate::exec::compile::partitions;
+use crate::options::Options;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsvOptions {
@@ -64,6 +67,38 @@ pub enum FileFormat {
     Text,
 }
 
+impl CsvOptions {
+    /// Spark's CSV options: `header` (or `has_header`), `sep` (or `delimiter`),
+    /// `quote` and `multiLine`.
+    pub fn from_options(options: &Options) -> Result<Self> {
+        let byte = |key: &str, default: u8| -> Result<u8> {
+            match options.get(key) {
+                None => Ok(default),
+                Some(v) if v.len() == 1 => Ok(v.as_bytes()[0]),
+                Some("\\t") => Ok(b'\t'),
+                Some(v) => Err(BrookError::option(
+                    key,
+                    format!("expected one character, found '{v}'"),
+                )),
+            }
+        };
+        let has_header = match options.get("has_header") {
+            Some(_) => options.bool("has_header", false)?,
+            None => options.bool("header", false)?,
+        };
+        let delimiter = match options.get("sep") {
+            Some(_) => byte("sep", b',')?,
+            None => byte("delimiter", b',')?,
+        };
+        Ok(Self {
+            has_header,
+            delimiter,
+            quote: byte("quote", b'"')?,
+            multi_line: options.bool("multiLine", false)?,
+        })
+    }
+}
+
 impl FileFormat {
     pub fn name(&self) -> &'static str {
         match self {
@@ -72,6 +107,54 @@ impl FileFormat {
             FileFormat::Parquet => "PARQUET",
             FileFormat::Text => "TEXT",
         }
+    }
+
+    /// The format of the files of table `table`, stored as `stored_as` (any
+    /// case), with its options; `None` if `stored_as` names no file format.
+    pub fn from_options(stored_as: &str, options: &Options, table: &str) -> Result<Option<Self>> {
+        let format = match stored_as.to_ascii_uppercase().as_str() {
+            "CSV" => FileFormat::Csv(CsvOptions::from_options(options)?),
+            "JSON" | "NDJSON" => FileFormat::Json,
+            "PARQUET" => FileFormat::Parquet,
+            "TEXT" | "TXT" => FileFormat::Text,
+            _ => return Ok(None),
+        };
+        // 'false', which scripts ported from Spark often set, is every format's way.
+        if options.bool("multiLine", false)? && !matches!(format, FileFormat::Csv(_)) {
+            return Err(BrookError::option(
+                "multiLine",
+                format!("table '{table}': only CSV sources read records across lines"),
+            ));
+        }
+        Ok(Some(format))
+    }
+}
+
+/// How records become rows: their format, and what happens to those that do not fit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOptions {
+    pub format: FileFormat,
+    pub mode: ParseMode,
+    /// Spark's `columnNameOfCorruptRecord`: the column that receives a bad
+    /// record's text, if the schema has it.
+    pub corrupt_column: String,
+}
+
+impl DecodeOptions {
+    /// Records of `format`, with Spark's `mode` and `columnNameOfCorruptRecord`.
+    pub fn from_options(format: FileFormat, options: &Options) -> Result<Self> {
+        Ok(Self {
+            format,
+            mode: options.get_or("mode", "PERMISSIVE").parse()?,
+            corrupt_column: options
+                .get_or("columnNameOfCorruptRecord", DEFAULT_CORRUPT_COLUMN)
+                .to_string(),
+        })
+    }
+
+    /// A decoder of records into rows of `schema`.
+    pub fn decoder(&self, schema: SchemaRef) -> Decoder {
+        Decoder::new(self.format.clone(), schema, self.mode, &self.corrupt_column)
     }
 }
 

@@ -7,6 +7,9 @@ use serde::Serialize;
 
 use crate::error::{BrookError, Result};
 
+/// Spark's default name for the column that receives unparseable records.
+pub const DEFAULT_CORRUPT_COLUMN: &str = "_corrupt_record";
+
 /// What happens to a record that does not fit the declared schema (Spark's `mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ParseMode {

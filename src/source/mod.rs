@@ -24,7 +24,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 pub use file::{CleanSource, FileSource, FileSourceOptions};
-pub use format::{CsvOptions, FileFormat};
+pub use format::{CsvOptions, DecodeOptions, FileFormat};
 pub use kafka::SharedReads;
 pub use malformed::{MalformedRecord, MalformedStats, ParseMode};
 

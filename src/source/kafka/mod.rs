@@ -6,6 +6,7 @@
 //! batch re-run after a crash reads exactly what it read before.
 
 mod fetch;
+mod options;
 mod queue;
 mod shared;
 
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use fetch::{Patience, Rows, fetch};
+pub use options::{KafkaValue, client_options};
 pub use shared::SharedReads;
 use shared::{Progress, Registration, parts};
 
