@@ -1,6 +1,5 @@
 //! A running query: the micro-batch loop, its trigger, and the handle users hold.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,11 +9,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, max};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
 use super::faults;
@@ -23,7 +22,8 @@ use super::stateful::execute;
 use super::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
 use crate::progress::{
-    EventTimeProgress, QueryProgress, SinkProgress, SourceProgress, StateProgress,
+    EventTimeProgress, Monitored, ProgressLog, QueryProgress, SinkProgress, SourceProgress,
+    StateProgress,
 };
 use crate::sink::Sink;
 use crate::source::{MalformedStats, SourceOffset, StreamSource};
@@ -34,13 +34,10 @@ use crate::state::driver::{Driver, Program};
 use crate::state::store::{Saved, StateStore};
 use crate::state::{Checkpoint, CommitEntry, EventTime, Recovery};
 
+pub use crate::progress::{ProgressListener, QueryInfo};
+
 /// The checkpoint's name for a query's aggregation state.
 const STATE_OPERATOR: &str = "aggregate";
-
-/// How many progress records a query keeps (Spark keeps 100).
-const RECENT_PROGRESS: usize = 100;
-
-pub type ProgressListener = Arc<dyn Fn(&QueryProgress) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct QueryOptions {
@@ -86,12 +83,11 @@ struct Shared {
     name: String,
     stop: AtomicBool,
     wake: Notify,
-    recent: Mutex<VecDeque<QueryProgress>>,
+    progress: ProgressLog,
     /// Counts polls that found nothing to do: `process_all_available` waits on it.
     idle: watch::Sender<u64>,
     finished: watch::Sender<bool>,
     error: Mutex<Option<String>>,
-    listeners: Vec<ProgressListener>,
 }
 
 /// The handle of a running streaming query.
@@ -105,23 +101,6 @@ pub struct StreamingQuery {
     source: String,
     sink: String,
     memory_table: Option<String>,
-}
-
-/// What a query reads and writes and how it runs, for monitors such as the web UI.
-#[derive(Debug, Clone, Serialize)]
-pub struct QueryInfo {
-    pub id: String,
-    pub name: String,
-    pub sql: String,
-    pub output_mode: String,
-    pub trigger: String,
-    pub checkpoint: Option<String>,
-    pub source: String,
-    pub sink: String,
-    /// The memory table holding the query's output, when its sink is one.
-    pub memory_table: Option<String>,
-    pub active: bool,
-    pub exception: Option<String>,
 }
 
 impl fmt::Debug for StreamingQuery {
@@ -152,11 +131,10 @@ impl StreamingQuery {
             name,
             stop: AtomicBool::new(false),
             wake: Notify::new(),
-            recent: Mutex::new(VecDeque::new()),
+            progress: ProgressLog::new(options.listeners.clone()),
             idle: watch::channel(0).0,
             finished: watch::channel(false).0,
             error: Mutex::new(None),
-            listeners: options.listeners.clone(),
         });
         let output_mode = compiled.mode;
         let sql = compiled.sql.clone();
@@ -239,19 +217,11 @@ impl StreamingQuery {
 
     /// The progress of the most recent batches, oldest first.
     pub fn recent_progress(&self) -> Vec<QueryProgress> {
-        self.shared
-            .recent
-            .lock()
-            .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default()
+        self.shared.progress.recent()
     }
 
     pub fn last_progress(&self) -> Option<QueryProgress> {
-        self.shared
-            .recent
-            .lock()
-            .ok()
-            .and_then(|r| r.back().cloned())
+        self.shared.progress.last()
     }
 
     /// The error the query stopped with, if it failed.
@@ -302,6 +272,20 @@ impl StreamingQuery {
             _ = finished.wait_for(|f| *f) => {}
         }
         self.failure()
+    }
+}
+
+impl Monitored for StreamingQuery {
+    fn info(&self) -> QueryInfo {
+        StreamingQuery::info(self)
+    }
+
+    fn recent_progress(&self) -> Vec<QueryProgress> {
+        StreamingQuery::recent_progress(self)
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(StreamingQuery::stop(self))
     }
 }
 
@@ -360,7 +344,7 @@ impl Runner {
             let started = Instant::now();
             let ran = match self.driver.run_batch(&mut self.batches).await? {
                 Some(progress) => {
-                    self.publish(progress);
+                    self.shared.progress.publish(progress);
                     true
                 }
                 None => {
@@ -389,20 +373,6 @@ impl Runner {
             }
         }
         Ok(())
-    }
-
-    /// Records the progress before telling listeners, so that a listener reading
-    /// `recent_progress` (the web UI) finds the batch it was told about.
-    fn publish(&self, progress: QueryProgress) {
-        if let Ok(mut recent) = self.shared.recent.lock() {
-            if recent.len() == RECENT_PROGRESS {
-                recent.pop_front();
-            }
-            recent.push_back(progress.clone());
-        }
-        for listener in &self.shared.listeners {
-            listener(&progress);
-        }
     }
 }
 
