@@ -180,6 +180,11 @@ impl StreamingContext {
         self.inner.progress.last()
     }
 
+    /// Calls `f` with each batch's progress as the batch completes.
+    pub fn on_progress(&self, f: impl Fn(&QueryProgress) + Send + Sync + 'static) {
+        self.inner.progress.listen(Arc::new(f));
+    }
+
     /// Lists the program among `engine`'s queries: the web UI serving `engine`
     /// shows its batches in its monitor, and can stop it.
     pub fn monitor_in(&self, engine: &Engine) -> Result<()> {
