@@ -765,3 +765,32 @@ fn a_dstream_batch_is_read_while_its_offsets_are_written() {
     assert_eq!(paused, ["totals/offsets-tmp:0", "totals/read:0"]);
     assert!(!checkpoint.join("offsets/0").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpointed_program_keeps_the_batches_it_is_told_to_retain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir(&dir).unwrap();
+    let checkpoint = tmp.path().join("ckpt");
+    let (ctx, _, _) = totals_program(dir.to_str().unwrap(), checkpoint.to_str().unwrap());
+    ctx.min_batches_to_retain(3);
+    ctx.start().unwrap();
+    ctx.await_batches(22).await.unwrap();
+    ctx.stop(false).await.unwrap();
+    let last = ctx.last_progress().unwrap().batch_id;
+    let ids = |sub: &str| {
+        let mut ids: Vec<u64> = std::fs::read_dir(checkpoint.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        ids.sort();
+        ids
+    };
+    // The sources' progress is written after every tenth batch, and the
+    // batches more than 3 before it are removed, as for SQL queries.
+    let snapshot = (last + 1) / 10 * 10;
+    assert_eq!(ids("sources"), [snapshot]);
+    let kept: Vec<u64> = (snapshot - 3..=last).collect();
+    assert_eq!(ids("offsets"), kept);
+    assert_eq!(ids("commits"), kept);
+}
