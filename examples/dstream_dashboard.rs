@@ -2,7 +2,7 @@
 //! to brook's DStream API.
 //!
 //! ```sh
-//! cargo run --example dstream_dashboard -- data/orders out/dashboard [checkpoint]
+//! cargo run --example dstream_dashboard -- data/orders out/dashboard [checkpoint] [--ui]
 //! cargo run -- gen-orders --count 50000 --malformed 0.01 > orders.txt
 //! cargo run -- send --input orders.txt --to data/orders --lines-per-file 5000 --interval 2s
 //! ```
@@ -12,13 +12,17 @@
 //! shares per stock over the last hour are summed; the three results go into
 //! `out/dashboard-<time ms>.txt/part-00000` as the book's
 //! `(BUYS,List(5074))`, `(TOP5CLIENTS,List(34, 69, 92, 36, 64))` lines.
+//! With `--ui`, the web UI (port 4040 or the next free one; the token from
+//! `BROOK_UI_TOKEN`, if set) shows each batch in its monitor page.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use brook::Engine;
 use brook::datafusion::prelude::SessionContext;
 use brook::dstream::{DStream, State, StateSpec, StreamingContext};
+use brook::ui::{TOKEN_ENV, UiOptions, UiServer};
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 
@@ -138,9 +142,11 @@ async fn main() -> brook::Result<()> {
 
 /// The program, given its command-line arguments.
 pub async fn run(args: Vec<String>) -> brook::Result<()> {
+    let ui = args.iter().any(|a| a == "--ui");
+    let args: Vec<String> = args.into_iter().filter(|a| a != "--ui").collect();
     let (Some(input), Some(output)) = (args.first(), args.get(1)) else {
         eprintln!(
-            "usage: dstream_dashboard INPUT_DIR OUTPUT_PREFIX [CHECKPOINT_DIR [BATCH_MS [map-with-state]]]"
+            "usage: dstream_dashboard INPUT_DIR OUTPUT_PREFIX [CHECKPOINT_DIR [BATCH_MS [map-with-state]]] [--ui]"
         );
         std::process::exit(2);
     };
@@ -160,6 +166,22 @@ pub async fn run(args: Vec<String>) -> brook::Result<()> {
     let ssc = match args.get(2) {
         Some(dir) => StreamingContext::get_or_create(dir, build),
         None => build(),
+    };
+    ssc.set_name("dstream_dashboard");
+    // The web UI serves an engine: the program is listed among its queries.
+    let _ui = match ui {
+        true => {
+            let engine = Arc::new(Engine::new());
+            ssc.monitor_in(&engine)?;
+            let options = UiOptions {
+                token: std::env::var(TOKEN_ENV).ok(),
+                ..UiOptions::default()
+            };
+            let server = UiServer::start(engine, options).await?;
+            eprintln!("brook: web UI at {}", server.url());
+            Some(server)
+        }
+        false => None,
     };
     let dropped = Arc::new(AtomicU64::new(0));
     let final_stream = dashboard(

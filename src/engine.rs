@@ -22,7 +22,7 @@ use crate::exec::compile::{CompiledQuery, compile};
 use crate::exec::query::new_id;
 use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
-use crate::progress::QueryProgress;
+use crate::progress::{Monitored, QueryInfo, QueryProgress};
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
 use crate::source::SharedInput;
 use crate::source::malformed::DEFAULT_CORRUPT_COLUMN;
@@ -74,6 +74,8 @@ struct Catalog {
     sources: BTreeMap<String, SourceDef>,
     sinks: BTreeMap<String, SinkDef>,
     queries: Vec<Arc<StreamingQuery>>,
+    /// Programs other than SQL queries that monitors list.
+    monitored: Vec<Arc<dyn Monitored>>,
     memory_tables: BTreeMap<String, MemorySink>,
 }
 
@@ -439,11 +441,7 @@ impl Engine {
             }
             None => None,
         };
-        let events = self.progress.clone();
-        options.listeners.push(Arc::new(move |p: &QueryProgress| {
-            // No subscriber is not an error: the channel only feeds monitors.
-            let _ = events.send(p.clone());
-        }));
+        options.listeners.push(self.progress_listener());
         let query = Arc::new(StreamingQuery::start(
             compiled,
             source,
@@ -517,6 +515,49 @@ impl Engine {
         by_id
             .or_else(|| queries.iter().rev().find(|q| q.name() == id_or_name))
             .cloned()
+    }
+
+    /// Lists `program` (a DStream program, say) beside the queries, for monitors
+    /// such as the web UI; its progress reaches [`subscribe_progress`](Self::subscribe_progress)
+    /// through [`progress_listener`](Self::progress_listener).
+    pub fn monitor(&self, program: Arc<dyn Monitored>) -> Result<()> {
+        self.catalog()?.monitored.push(program);
+        Ok(())
+    }
+
+    /// The queries started so far, then the programs given to [`monitor`](Self::monitor).
+    pub fn monitored(&self) -> Vec<Arc<dyn Monitored>> {
+        let Ok(catalog) = self.catalog() else {
+            return vec![];
+        };
+        let queries = catalog
+            .queries
+            .iter()
+            .map(|q| q.clone() as Arc<dyn Monitored>);
+        queries.chain(catalog.monitored.iter().cloned()).collect()
+    }
+
+    /// The monitored query or program with this id, or else with this name.
+    pub fn find_monitored(&self, id_or_name: &str) -> Option<Arc<dyn Monitored>> {
+        let all: Vec<(QueryInfo, Arc<dyn Monitored>)> = self
+            .monitored()
+            .into_iter()
+            .map(|m| (m.info(), m))
+            .collect();
+        let by_id = all.iter().find(|(info, _)| info.id == id_or_name);
+        // A restarted query keeps its name: the latest start is the one meant.
+        by_id
+            .or_else(|| all.iter().rev().find(|(info, _)| info.name == id_or_name))
+            .map(|(_, m)| m.clone())
+    }
+
+    /// Passes progress records on to [`subscribe_progress`](Self::subscribe_progress).
+    pub fn progress_listener(&self) -> ProgressListener {
+        let events = self.progress.clone();
+        Arc::new(move |p: &QueryProgress| {
+            // No subscriber is not an error: the channel only feeds monitors.
+            let _ = events.send(p.clone());
+        })
     }
 
     /// Every memory table, by name.

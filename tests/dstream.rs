@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -503,4 +504,293 @@ async fn programs_that_cannot_run_are_refused_at_start() {
     let err = ctx.start().unwrap_err().to_string();
     assert!(err.contains("queue_stream cannot be checkpointed"), "{err}");
     ctx.stop(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_batch_has_a_progress_record_with_its_input_and_output_rows() {
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let lines = ctx.queue_stream(
+        vec![
+            vec!["a b".to_string(), "c".into(), "d".into()],
+            vec!["e f g".to_string(), "h".into()],
+        ],
+        true,
+    );
+    let words = collect(&lines.flat_map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>()));
+    run(&ctx, 3).await;
+
+    let progress = ctx.recent_progress();
+    assert!(progress.len() >= 3, "{progress:?}");
+    let first = &progress[..3];
+    assert_eq!(
+        first.iter().map(|p| p.batch_id).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_eq!(
+        first.iter().map(|p| p.num_input_rows).collect::<Vec<_>>(),
+        [3, 2, 0],
+        "the lines queued for each batch"
+    );
+    assert_eq!(
+        first
+            .iter()
+            .map(|p| p.sink.num_output_rows)
+            .collect::<Vec<_>>(),
+        [4, 4, 0],
+        "the words handed to the output"
+    );
+    let seen = words.lock().unwrap().clone();
+    for (p, (time, _)) in first.iter().zip(&seen) {
+        assert_eq!(
+            (p.id.as_str(), p.name.as_str()),
+            (ctx.id().as_str(), "dstream")
+        );
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(*time).unwrap();
+        assert_eq!(
+            p.timestamp,
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "a batch is stamped with its batch time"
+        );
+        assert_eq!(p.sources.len(), 1);
+        assert_eq!(p.sources[0].description, "queue");
+        assert_eq!(p.sources[0].num_input_rows, p.num_input_rows);
+        for phase in ["plan", "read", "sink", "commit", "total"] {
+            assert!(
+                p.duration_ms.contains_key(phase),
+                "{phase}: {:?}",
+                p.duration_ms
+            );
+        }
+    }
+}
+
+/// The kill tests' child process: a totals program over the files of
+/// `TOTALS_ARGS` (input directory, output file, checkpoint; one per line),
+/// writing the totals after every batch and printing each batch's progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the kill tests' child process, not a test"]
+async fn totals_process() {
+    let args = std::env::var("TOTALS_ARGS").unwrap();
+    let args: Vec<String> = args.split('\n').map(String::from).collect();
+    let output = std::path::PathBuf::from(&args[1]);
+    let ctx = StreamingContext::get_or_create(&args[2], || {
+        StreamingContext::new(&SessionContext::new(), TICK)
+    });
+    ctx.set_name("totals");
+    let pairs = ctx.text_file_stream(&args[0]).unwrap().flat_map(|line| {
+        let (k, v) = line.split_once(',')?;
+        Some((k.to_string(), v.trim().parse::<i64>().ok()?))
+    });
+    let totals = pairs.update_state_by_key(|values: &[i64], total: Option<i64>| {
+        Some(total.unwrap_or(0) + values.iter().sum::<i64>())
+    });
+    totals.foreach_rdd(move |rows, _| {
+        let lines: Vec<String> = sorted(rows.to_vec())
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        brook::cli::send::write_atomically(
+            output.parent().unwrap(),
+            output.file_name().unwrap().to_str().unwrap(),
+            lines.join(" ").as_bytes(),
+        )
+    });
+    ctx.on_progress(|p| println!("progress {}", p.to_json()));
+    ctx.start().unwrap();
+    ctx.await_termination().await.unwrap();
+}
+
+/// A running `totals_process`: its progress records and the points it paused at.
+struct TotalsProcess {
+    child: std::process::Child,
+    progress: std::sync::mpsc::Receiver<serde_json::Value>,
+    paused: std::sync::mpsc::Receiver<String>,
+}
+
+impl TotalsProcess {
+    fn start(input: &Path, output: &Path, checkpoint: &Path, pause: &str) -> Self {
+        let args = [input, output, checkpoint].map(|p| p.to_str().unwrap().to_string());
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "totals_process", "--nocapture"])
+            .env("TOTALS_ARGS", args.join("\n"))
+            .env("BROOK_PAUSE_AT", pause)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = |stream: Box<dyn std::io::Read + Send>, prefix: &'static str| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        let _ = tx.send(rest.to_string());
+                    }
+                }
+            });
+            rx
+        };
+        let progress = lines(Box::new(child.stdout.take().unwrap()), "progress ");
+        let (tx, parsed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in progress {
+                let _ = tx.send(serde_json::from_str(&line).unwrap());
+            }
+        });
+        let paused = lines(Box::new(child.stderr.take().unwrap()), "brook: paused at ");
+        Self {
+            child,
+            progress: parsed,
+            paused,
+        }
+    }
+
+    /// The first progress record from now on that `ok` accepts, and those before it.
+    fn until(&self, ok: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let mut seen = vec![];
+        loop {
+            let p = self
+                .progress
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("no such batch ({e}); seen {seen:?}"));
+            let done = ok(&p);
+            seen.push(p);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+fn last_batch(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn a_dstream_batch_killed_before_its_commit_runs_again_once_on_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    let output = tmp.path().join("totals.txt");
+    let checkpoint = tmp.path().join("ckpt");
+
+    let run = TotalsProcess::start(&input, &output, &checkpoint, "");
+    let started = run.until(|_| true);
+    common::put(&input, "1.txt", &["a,1".into(), "b,2".into()]);
+    let first = run.until(|p| p["num_input_rows"] == 2);
+    run.kill();
+    let id = &started[0]["id"];
+
+    // Killed once the batch's output and state are written, before its commit:
+    // a point the DStream loop reaches through the shared driver.
+    common::put(&input, "2.txt", &["a,3".into(), "c,4".into(), "c,5".into()]);
+    let next = last_batch(&checkpoint.join("offsets")) + 1;
+    let run = TotalsProcess::start(
+        &input,
+        &output,
+        &checkpoint,
+        &format!("totals/state:{next}"),
+    );
+    let at = run.paused.recv_timeout(Duration::from_secs(60));
+    run.kill();
+    assert_eq!(at, Ok(format!("totals/state:{next}")));
+    assert!(checkpoint.join(format!("offsets/{next}")).exists());
+    assert!(!checkpoint.join(format!("commits/{next}")).exists());
+
+    let run = TotalsProcess::start(&input, &output, &checkpoint, "");
+    let rerun = run.until(|_| true);
+    let after = run.until(|p| p["batch_id"] == next + 3);
+    run.kill();
+    assert_eq!(
+        rerun[0]["batch_id"], next,
+        "the uncommitted batch runs first"
+    );
+    assert_eq!(rerun[0]["num_input_rows"], 3, "with the file it had read");
+    assert_eq!(rerun[0]["sources"][0]["num_input_rows"], 3);
+    assert!(
+        rerun[0]["sources"][0]["offset"]
+            .to_string()
+            .contains("2.txt"),
+        "{}",
+        rerun[0]["sources"][0]["offset"]
+    );
+    assert_eq!(&rerun[0]["id"], id, "the checkpoint's id, across restarts");
+    assert_eq!(first.last().unwrap()["id"], *id);
+    assert!(
+        after.iter().all(|p| p["num_input_rows"] == 0),
+        "no file is read again: {after:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        "a=4 b=2 c=9",
+        "every file counted once"
+    );
+}
+
+#[test]
+fn a_dstream_batch_is_read_while_its_offsets_are_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    let checkpoint = tmp.path().join("ckpt");
+    // The offsets write of the first batch is held up, as for SQL queries it
+    // does not hold up the batch's read.
+    let run = TotalsProcess::start(
+        &input,
+        &tmp.path().join("totals.txt"),
+        &checkpoint,
+        "totals/offsets-tmp:0,totals/read:0",
+    );
+    let mut paused = vec![];
+    for _ in 0..2 {
+        match run.paused.recv_timeout(Duration::from_secs(60)) {
+            Ok(at) => paused.push(at),
+            Err(e) => paused.push(format!("nothing more ({e})")),
+        }
+    }
+    run.kill();
+    paused.sort();
+    assert_eq!(paused, ["totals/offsets-tmp:0", "totals/read:0"]);
+    assert!(!checkpoint.join("offsets/0").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpointed_program_keeps_the_batches_it_is_told_to_retain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir(&dir).unwrap();
+    let checkpoint = tmp.path().join("ckpt");
+    let (ctx, _, _) = totals_program(dir.to_str().unwrap(), checkpoint.to_str().unwrap());
+    ctx.min_batches_to_retain(3);
+    ctx.start().unwrap();
+    ctx.await_batches(22).await.unwrap();
+    ctx.stop(false).await.unwrap();
+    let last = ctx.last_progress().unwrap().batch_id;
+    let ids = |sub: &str| {
+        let mut ids: Vec<u64> = std::fs::read_dir(checkpoint.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        ids.sort();
+        ids
+    };
+    // The sources' progress is written after every tenth batch, and the
+    // batches more than 3 before it are removed, as for SQL queries.
+    let snapshot = (last + 1) / 10 * 10;
+    assert_eq!(ids("sources"), [snapshot]);
+    let kept: Vec<u64> = (snapshot - 3..=last).collect();
+    assert_eq!(ids("offsets"), kept);
+    assert_eq!(ids("commits"), kept);
 }

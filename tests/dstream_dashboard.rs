@@ -374,3 +374,88 @@ fn kill_and_restart(totals: &str) {
         "after the kill: this batch's counts, the totals of both files"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ui_the_dashboard_shows_its_batches_in_the_monitor() {
+    let (tmp, input) = common::tmp_source();
+    let prefix = tmp.path().join("out").join("dash");
+    std::fs::create_dir_all(prefix.parent().unwrap()).unwrap();
+    let args = [&input, &prefix, &tmp.path().join("ckpt")]
+        .map(|p| p.to_str().unwrap().to_string())
+        .into_iter()
+        .chain(["300".to_string(), "--ui".to_string()]);
+    let mut run = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "example_process", "--nocapture"])
+        .env("DASHBOARD_ARGS", args.collect::<Vec<_>>().join("\n"))
+        .env_remove("BROOK_UI_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read to its end: a child whose standard error is closed fails writing to it.
+    let stderr = std::io::BufReader::new(run.stderr.take().unwrap());
+    let (tx, announced) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("brook: web UI at ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = announced.recv_timeout(Duration::from_secs(60)).ok();
+    let Some(url) = url else {
+        run.kill().unwrap();
+        panic!("the example announced no web UI");
+    };
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str| {
+        let http = http.clone();
+        let url = format!("{url}{path}");
+        async move {
+            let reply = http.get(url).send().await.unwrap();
+            let status = reply.status().as_u16();
+            let text = reply.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+            )
+        }
+    };
+    // Files present when the program starts are not read: the file comes
+    // after its first batch.
+    let lines = &files()[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let read = loop {
+        let (status, progress) = get("api/queries/dstream_dashboard/progress").await;
+        assert_eq!(status, 200, "{progress}");
+        let records = progress.as_array().unwrap();
+        if !records.is_empty() && !input.join("0.csv").exists() {
+            put(&input, "0.csv", lines);
+        }
+        let read = records.iter().find(|p| p["num_input_rows"] != 0).cloned();
+        if let Some(read) = read {
+            break read;
+        }
+        if std::time::Instant::now() > deadline {
+            run.kill().unwrap();
+            panic!("no batch read the file in {} batches", records.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, list) = get("api/queries").await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert_eq!(
+        read["num_input_rows"],
+        lines.len(),
+        "every line of the file"
+    );
+    assert!(
+        read["sources"][0]["offset"].to_string().contains("0.csv"),
+        "{read}"
+    );
+    assert_eq!(list[0]["name"], "dstream_dashboard");
+    assert_eq!(list[0]["id"], read["id"]);
+    assert_eq!(list[0]["active"], true);
+}

@@ -911,3 +911,85 @@ async fn refused_requests_end_their_connection() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dstream_program_is_listed_with_its_progress_and_events() {
+    use brook::dstream::StreamingContext;
+    let engine = Arc::new(Engine::new());
+    let ssc = StreamingContext::new(engine.context(), Duration::from_millis(100));
+    ssc.set_name("words");
+    let lines = ssc.queue_stream(
+        vec![vec!["a b".to_string(), "c".into()], vec!["d".to_string()]],
+        true,
+    );
+    lines
+        .flat_map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>())
+        .print(5);
+    ssc.monitor_in(&engine).unwrap();
+    let ui = UiServer::start(
+        engine.clone(),
+        UiOptions {
+            port: 0,
+            ..UiOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str| http.get(format!("http://{}{path}", ui.addr())).send();
+    let mut events = get("/api/events").await.unwrap();
+    ssc.start().unwrap();
+    ssc.await_batches(3).await.unwrap();
+
+    let (status, list) = json(get("/api/queries").await.unwrap()).await;
+    assert_eq!(status, 200);
+    let program = &list[0];
+    assert_eq!(program["name"], "words", "{list}");
+    assert_eq!(program["id"], ssc.id().as_str());
+    assert_eq!(program["active"], true);
+    assert_eq!(program["source"], "queue");
+    assert_eq!(program["trigger"], "processing-time 100ms");
+    assert_eq!(
+        program["sql"],
+        "a DStream program: 1 input stream, 1 output operation, 0 stateful operators"
+    );
+
+    let (status, progress) = json(get("/api/queries/words/progress").await.unwrap()).await;
+    assert_eq!(status, 200);
+    let records = progress.as_array().unwrap();
+    let rows: Vec<(u64, u64, u64)> = records
+        .iter()
+        .take(3)
+        .map(|p| {
+            (
+                p["batch_id"].as_u64().unwrap(),
+                p["num_input_rows"].as_u64().unwrap(),
+                p["sink"]["num_output_rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, [(0, 2, 3), (1, 1, 1), (2, 0, 0)]);
+
+    // The monitor page follows the event stream, which carries its batches.
+    let mut text = String::new();
+    while !text.contains("\"name\":\"words\"") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
+            .await
+            .expect("no event within 30 s")
+            .unwrap()
+            .expect("the event stream ended");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("event: progress"), "{text}");
+
+    let (status, stopped) = json(
+        http.post(format!("http://{}/api/queries/words/stop", ui.addr()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(stopped["active"], false);
+    ssc.await_termination().await.unwrap();
+}

@@ -2,37 +2,48 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::{AsArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::SessionContext;
+use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::stateful::Checkpointed;
 use super::{BatchEnv, DStream, Data};
+use crate::engine::Engine;
 use crate::error::{BrookError, Result};
-use crate::exec::faults::crash_point;
+use crate::exec::Trigger;
+use crate::exec::faults;
+use crate::exec::query::new_id;
+use crate::progress::{
+    Monitored, ProgressLog, QueryInfo, QueryProgress, SinkProgress, SourceProgress,
+};
 use crate::source::format::Decoder;
 use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, default_readers};
 use crate::source::location::Location;
 use crate::source::malformed::DEFAULT_CORRUPT_COLUMN;
 use crate::source::socket::SocketSource;
 use crate::source::{
-    FileFormat, FileSource, FileSourceOptions, ParseMode, SourceOffset, StreamSource,
+    FileFormat, FileSource, FileSourceOptions, MalformedStats, ParseMode, SourceOffset,
+    StreamSource,
 };
-use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, QueryFingerprint};
-use crate::state::{Checkpoint, CommitEntry};
+use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, QueryFingerprint, StateFile};
+use crate::state::driver::{Driver, Program};
+use crate::state::{Checkpoint, CommitEntry, Recovery};
 
 /// The checkpoint's name for the DStream operators' state.
 const STATE_OPERATOR: &str = "dstream";
 
-pub(crate) type Output = Arc<dyn Fn(&BatchEnv) -> Result<()> + Send + Sync>;
+/// An output operation: runs on a batch, giving the number of rows it was handed.
+pub(crate) type Output = Arc<dyn Fn(&BatchEnv) -> Result<u64> + Send + Sync>;
 
 /// Arrow rows read from a source into a typed batch (`Vec<T>`).
 type Convert = fn(&[RecordBatch]) -> Result<Arc<dyn Any + Send + Sync>>;
@@ -42,13 +53,21 @@ enum Input {
     /// Rows from a source shared with SQL queries (files, socket, Kafka),
     /// turned into the stream's typed rows.
     Source(Box<dyn StreamSource>, Convert),
-    /// Batches handed in by the program (`queue_stream`), typed.
-    Queue(Box<dyn FnMut() -> Arc<dyn Any + Send + Sync> + Send + Sync>),
+    /// Batches handed in by the program (`queue_stream`), typed, with their length.
+    Queue(Box<dyn FnMut() -> (Arc<dyn Any + Send + Sync>, u64) + Send + Sync>),
 }
 
 struct Inner {
     session: SessionContext,
     interval: Duration,
+    /// A new id until the checkpoint (whose id is kept across restarts) is opened.
+    id: Mutex<String>,
+    name: Mutex<String>,
+    /// Committed batches whose checkpoint files are kept.
+    min_batches_to_retain: AtomicU64,
+    /// Each input stream, described.
+    sources: Mutex<Vec<String>>,
+    progress: ProgressLog,
     next_id: AtomicUsize,
     inputs: Mutex<Vec<Input>>,
     outputs: Mutex<Vec<Output>>,
@@ -82,6 +101,11 @@ impl StreamingContext {
             inner: Arc::new(Inner {
                 session: session.clone(),
                 interval: batch_interval.max(Duration::from_millis(1)),
+                id: Mutex::new(new_id()),
+                name: Mutex::new("dstream".into()),
+                min_batches_to_retain: AtomicU64::new(DEFAULT_MIN_BATCHES_TO_RETAIN),
+                sources: Mutex::default(),
+                progress: ProgressLog::default(),
                 next_id: AtomicUsize::new(0),
                 inputs: Mutex::default(),
                 outputs: Mutex::default(),
@@ -115,6 +139,57 @@ impl StreamingContext {
         if let Ok(mut c) = self.inner.checkpoint.lock() {
             *c = Some(dir.to_string());
         }
+    }
+
+    /// Committed batches whose checkpoint files are kept (default 100), as
+    /// for SQL queries.
+    pub fn min_batches_to_retain(&self, batches: u64) {
+        self.inner
+            .min_batches_to_retain
+            .store(batches, Ordering::SeqCst);
+    }
+
+    /// Names the program in its progress records and the web UI, and for
+    /// `BROOK_PAUSE_AT` (default `dstream`).
+    pub fn set_name(&self, name: &str) {
+        if let Ok(mut n) = self.inner.name.lock() {
+            *n = name.to_string();
+        }
+    }
+
+    pub fn name(&self) -> String {
+        self.inner
+            .name
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default()
+    }
+
+    /// The checkpoint's id once the program has started on one (the same
+    /// across restarts), else an id of this context.
+    pub fn id(&self) -> String {
+        self.inner.id.lock().map(|i| i.clone()).unwrap_or_default()
+    }
+
+    /// The progress of the most recent batches, oldest first.
+    pub fn recent_progress(&self) -> Vec<QueryProgress> {
+        self.inner.progress.recent()
+    }
+
+    pub fn last_progress(&self) -> Option<QueryProgress> {
+        self.inner.progress.last()
+    }
+
+    /// Calls `f` with each batch's progress as the batch completes.
+    pub fn on_progress(&self, f: impl Fn(&QueryProgress) + Send + Sync + 'static) {
+        self.inner.progress.listen(Arc::new(f));
+    }
+
+    /// Lists the program among `engine`'s queries: the web UI serving `engine`
+    /// shows its batches in its monitor, and can stop it.
+    pub fn monitor_in(&self, engine: &Engine) -> Result<()> {
+        self.inner.progress.listen(engine.progress_listener());
+        engine.monitor(Arc::new(self.clone()))
     }
 
     pub fn session(&self) -> &SessionContext {
@@ -161,6 +236,12 @@ impl StreamingContext {
     fn add_input<T: Data>(&self, input: Input) -> DStream<T> {
         if self.inner.started.load(Ordering::SeqCst) {
             self.invalid("an input stream was created after start".into());
+        }
+        if let Ok(mut sources) = self.inner.sources.lock() {
+            sources.push(match &input {
+                Input::Source(source, _) => source.describe(),
+                Input::Queue(_) => "queue".into(),
+            });
         }
         let index = match self.inner.inputs.lock() {
             Ok(mut inputs) => {
@@ -250,7 +331,8 @@ impl StreamingContext {
             } else {
                 queue.drain(..).flatten().collect()
             };
-            Arc::new(rows)
+            let count = rows.len() as u64;
+            (Arc::new(rows), count)
         })))
     }
 
@@ -289,8 +371,9 @@ impl StreamingContext {
         }
         self.inner.started.store(true, Ordering::SeqCst);
         let inner = self.inner.clone();
+        let name = self.name();
         *task = Some(tokio::spawn(async move {
-            let result = run(&inner, inputs).await;
+            let result = faults::in_query(name, run(&inner, inputs)).await;
             if let Err(e) = result {
                 tracing::error!("streaming context failed: {e}");
                 if let Ok(mut slot) = inner.error.lock() {
@@ -358,6 +441,45 @@ impl StreamingContext {
     }
 }
 
+impl Monitored for StreamingContext {
+    fn info(&self) -> QueryInfo {
+        let inner = &self.inner;
+        let count = |what: usize, one: &str| match what {
+            1 => format!("1 {one}"),
+            n => format!("{n} {one}s"),
+        };
+        let sources = inner.sources.lock().map(|s| s.clone()).unwrap_or_default();
+        let outputs = inner.outputs.lock().map(|o| o.len()).unwrap_or_default();
+        let states = inner.states.lock().map(|s| s.len()).unwrap_or_default();
+        QueryInfo {
+            id: self.id(),
+            name: self.name(),
+            sql: format!(
+                "a DStream program: {}, {}, {}",
+                count(sources.len(), "input stream"),
+                count(outputs, "output operation"),
+                count(states, "stateful operator")
+            ),
+            output_mode: "none (DStream outputs)".into(),
+            trigger: Trigger::ProcessingTime(inner.interval).to_string(),
+            checkpoint: inner.checkpoint.lock().ok().and_then(|c| c.clone()),
+            source: sources.join(" + "),
+            sink: count(outputs, "output operation"),
+            memory_table: None,
+            active: inner.started.load(Ordering::SeqCst) && !*inner.finished.borrow(),
+            exception: inner.error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    fn recent_progress(&self) -> Vec<QueryProgress> {
+        StreamingContext::recent_progress(self)
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(StreamingContext::stop(self, false))
+    }
+}
+
 fn state_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("operator", DataType::UInt32, false),
@@ -369,133 +491,279 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The batch loop: plan and log each input's offsets, read, run the outputs,
-/// save state, commit.
-async fn run(inner: &Arc<Inner>, mut inputs: Vec<Input>) -> Result<()> {
-    let interval = i64::try_from(inner.interval.as_millis()).unwrap_or(i64::MAX);
+/// Opens the checkpoint and runs the batches through the [`Driver`], which
+/// logs each batch's time and input offsets ahead, and commits it with the
+/// state of the stateful operators.
+async fn run(inner: &Arc<Inner>, inputs: Vec<Input>) -> Result<()> {
     let states = inner.states.lock().map_err(poisoned)?.clone();
     let outputs = inner.outputs.lock().map_err(poisoned)?.clone();
     let location = inner.checkpoint.lock().map_err(poisoned)?.clone();
     let runtime = inner.session.runtime_env();
     let checkpoint = match &location {
-        Some(dir) => Some(open_checkpoint(dir, &runtime, &inputs, states.len()).await?),
+        Some(dir) => {
+            let retain = inner.min_batches_to_retain.load(Ordering::SeqCst);
+            let cp = open_checkpoint(dir, &runtime, &inputs, states.len(), retain).await?;
+            *inner.id.lock().map_err(poisoned)? = cp.query_id().to_string();
+            Some(Arc::new(cp))
+        }
         None => None,
     };
-    let mut batch_id = 0;
-    let mut rerun = None;
-    match &checkpoint {
-        None => start_sources(&mut inputs).await?,
-        Some(cp) => {
-            let recovery = cp.recover().await?;
-            if recovery.is_fresh() {
-                start_sources(&mut inputs).await?;
-                cp.write_source(0, &progress(&inputs)?).await?;
+    let id = inner.id.lock().map_err(poisoned)?.clone();
+    let name = inner.name.lock().map_err(poisoned)?.clone();
+    let mut batches = Batches {
+        inputs,
+        outputs: Arc::new(outputs),
+        states,
+        checkpoint: checkpoint.clone(),
+        next_time: 0,
+        last_time: i64::MIN,
+    };
+    let mut driver = Driver::new(checkpoint, id, name);
+    let ran = run_batches(inner, &mut driver, &mut batches).await;
+    let finished = driver.finish(&mut batches).await;
+    ran.and(finished)
+}
+
+/// The timer: a batch at every multiple of the interval.
+async fn run_batches(inner: &Inner, driver: &mut Driver, batches: &mut Batches) -> Result<()> {
+    driver.recover(batches).await?;
+    let interval = i64::try_from(inner.interval.as_millis()).unwrap_or(i64::MAX);
+    // Batch times are multiples of the interval (as Spark's timer), never repeated.
+    let mut first = true;
+    while !inner.stop.load(Ordering::SeqCst) {
+        // A batch logged before a restart runs at once, at its logged time.
+        if !driver.has_rerun() {
+            let aligned = (now_ms() / interval + 1) * interval;
+            // A restart goes on at the current time (downtime is not replayed);
+            // while running, batches that overran run back to back, none skipped.
+            let time = if first {
+                aligned.max(batches.last_time.saturating_add(interval))
             } else {
-                batch_id = recovery.next_batch();
-                restore(
-                    &mut inputs,
-                    recovery.source_snapshot,
-                    &recovery.committed_offsets,
-                )?;
-                if let Some(commit) = &recovery.last_commit
-                    && let Some(info) = commit.state.get(STATE_OPERATOR)
-                {
-                    let rows = cp.load_state(info, &state_schema()).await?;
-                    load_states(&states, &rows, cp.display())?;
+                batches.last_time + interval
+            };
+            let wait = time - now_ms();
+            if wait > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                    _ = inner.wake.notified() => continue,
                 }
-                rerun = recovery.rerun;
-                tracing::info!(
-                    checkpoint = cp.display(),
-                    "DStream program resumes at batch {batch_id}"
-                );
+            }
+            first = false;
+            batches.next_time = time;
+        }
+        if let Some(progress) = driver.run_batch(batches).await? {
+            inner.progress.publish(progress);
+        }
+        inner.completed.send_modify(|n| *n += 1);
+    }
+    Ok(())
+}
+
+/// The program's inputs, outputs and state, as the [`Driver`] runs them.
+struct Batches {
+    inputs: Vec<Input>,
+    outputs: Arc<Vec<Output>>,
+    states: Vec<Arc<dyn Checkpointed>>,
+    checkpoint: Option<Arc<Checkpoint>>,
+    /// The time of the next batch to plan, in ms.
+    next_time: i64,
+    /// The time of the last batch read.
+    last_time: i64,
+}
+
+/// A batch's input, read; its outputs run when it is written.
+struct Batch {
+    time: i64,
+    offsets: Vec<Option<SourceOffset>>,
+    rows: Vec<Arc<dyn Any + Send + Sync>>,
+    /// Each input's rows.
+    counts: Vec<u64>,
+    malformed: MalformedStats,
+    output_rows: u64,
+    state: Option<StateFile>,
+}
+
+impl Program for Batches {
+    type Batch = Batch;
+
+    async fn start(&mut self) -> Result<()> {
+        for input in &mut self.inputs {
+            if let Input::Source(source, _) = input {
+                source.start().await?;
             }
         }
+        Ok(())
     }
-    // Batch times are multiples of the interval (as Spark's timer), never repeated.
-    let mut last_time = i64::MIN;
-    let mut resumed = rerun.is_some();
-    while !inner.stop.load(Ordering::SeqCst) {
-        let (time, offsets) = match rerun.take() {
-            Some(logged) => logged_batch(logged.source)?,
-            None => {
-                let aligned = (now_ms() / interval + 1) * interval;
-                // A restart goes on at the current time (downtime is not replayed);
-                // while running, batches that overran run back to back, none skipped.
-                let time = if last_time == i64::MIN || resumed {
-                    aligned.max(last_time.saturating_add(interval))
-                } else {
-                    last_time + interval
-                };
-                resumed = false;
-                let wait = time - now_ms();
-                if wait > 0 {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
-                        _ = inner.wake.notified() => continue,
-                    }
-                }
-                let mut offsets = vec![];
-                for input in inputs.iter_mut() {
-                    offsets.push(match input {
-                        Input::Source(source, _) => source.plan_batch().await?,
-                        Input::Queue(_) => None,
-                    });
-                }
-                if let Some(cp) = &checkpoint {
-                    let logged = json!({"time": time, "inputs": offsets.iter().map(|o| o.as_ref().map(|o| o.0.clone())).collect::<Vec<_>>()});
-                    cp.write_offsets(batch_id, Some(SourceOffset(logged)))
-                        .await?;
-                    crash_point("offsets", batch_id);
-                }
-                (time, offsets)
-            }
-        };
-        let mut rows: Vec<Arc<dyn Any + Send + Sync>> = vec![];
-        for (input, offset) in inputs.iter_mut().zip(&offsets) {
-            rows.push(match input {
-                Input::Source(source, convert) => match offset {
-                    Some(o) => convert(&source.read(o).await?.batches)?,
-                    None => convert(&[])?,
-                },
-                Input::Queue(next) => next(),
+
+    async fn restore(&mut self, recovery: Recovery) -> Result<()> {
+        restore_sources(
+            &mut self.inputs,
+            recovery.source_snapshot,
+            &recovery.committed_offsets,
+        )?;
+        if let (Some(cp), Some(commit)) = (&self.checkpoint, &recovery.last_commit)
+            && let Some(info) = commit.state.get(STATE_OPERATOR)
+        {
+            let rows = cp.load_state(info, &state_schema()).await?;
+            load_states(&self.states, &rows, cp.display())?;
+        }
+        Ok(())
+    }
+
+    /// Each line source's progress, as one JSON array.
+    fn source_progress(&self) -> Result<serde_json::Value> {
+        let mut out = vec![];
+        for input in &self.inputs {
+            out.push(match input {
+                Input::Source(source, _) => source.progress()?,
+                Input::Queue(_) => serde_json::Value::Null,
             });
         }
-        let env = BatchEnv::new(time, rows);
-        let outputs = outputs.clone();
-        tokio::task::spawn_blocking(move || outputs.iter().try_for_each(|out| out(&env)))
-            .await
-            .map_err(|e| BrookError::Stopped(format!("a DStream batch panicked: {e}")))??;
-        crash_point("sink", batch_id);
-        if let Some(cp) = &checkpoint {
-            let state = save_states(&states)?;
+        Ok(serde_json::Value::Array(out))
+    }
+
+    /// Every interval has a batch, with or without input: its time and each
+    /// input's offset.
+    async fn plan(&mut self) -> Result<Option<Option<SourceOffset>>> {
+        let mut offsets = vec![];
+        for input in &mut self.inputs {
+            offsets.push(match input {
+                Input::Source(source, _) => source.plan_batch().await?.map(|o| o.0),
+                Input::Queue(_) => None,
+            });
+        }
+        let logged = json!({"time": self.next_time, "inputs": offsets});
+        Ok(Some(Some(SourceOffset(logged))))
+    }
+
+    async fn compute(&mut self, _batch_id: u64, offset: Option<&SourceOffset>) -> Result<Batch> {
+        let (time, offsets) = logged_batch(offset.cloned())?;
+        let mut batch = Batch {
+            time,
+            offsets: vec![],
+            rows: vec![],
+            counts: vec![],
+            malformed: MalformedStats::default(),
+            output_rows: 0,
+            state: None,
+        };
+        for (input, offset) in self.inputs.iter_mut().zip(&offsets) {
+            let (rows, count) = match input {
+                Input::Source(source, convert) => match offset {
+                    Some(o) => {
+                        let read = source.read(o).await?;
+                        let count = read.num_rows() as u64;
+                        batch.malformed.merge(read.malformed);
+                        (convert(&read.batches)?, count)
+                    }
+                    None => (convert(&[])?, 0),
+                },
+                Input::Queue(next) => next(),
+            };
+            batch.rows.push(rows);
+            batch.counts.push(count);
+        }
+        batch.offsets = offsets;
+        self.last_time = time;
+        Ok(batch)
+    }
+
+    /// Runs the output operations, then saves the stateful operators' state.
+    async fn write(&mut self, batch_id: u64, batch: &mut Batch) -> Result<()> {
+        let env = BatchEnv::new(batch.time, std::mem::take(&mut batch.rows));
+        let outputs = self.outputs.clone();
+        batch.output_rows = tokio::task::spawn_blocking(move || {
+            outputs
+                .iter()
+                .try_fold(0, |rows, out| Ok::<_, BrookError>(rows + out(&env)?))
+        })
+        .await
+        .map_err(|e| BrookError::Stopped(format!("a DStream batch panicked: {e}")))??;
+        if let Some(cp) = &self.checkpoint {
+            let state = save_states(&self.states)?;
             let file = cp
                 .write_state(STATE_OPERATOR, batch_id, &state_schema(), &[state])
                 .await?;
-            let entry = CommitEntry {
-                batch_id,
-                event_time: Default::default(),
-                state: [(STATE_OPERATOR.to_string(), file)].into(),
-                state_deltas: Default::default(),
-                offsets_crc32: None,
-            };
-            cp.write_commit(&entry).await?;
-            crash_point("commits", batch_id);
+            batch.state = Some(file);
         }
-        for (input, offset) in inputs.iter_mut().zip(&offsets) {
+        Ok(())
+    }
+
+    fn record_state(&mut self, _batch_id: u64, batch: &mut Batch) -> bool {
+        batch.state.is_some()
+    }
+
+    fn commit_entry(&mut self, batch_id: u64, batch: &Batch) -> Result<CommitEntry> {
+        Ok(CommitEntry {
+            batch_id,
+            event_time: Default::default(),
+            state: batch
+                .state
+                .iter()
+                .map(|file| (STATE_OPERATOR.to_string(), file.clone()))
+                .collect(),
+            state_deltas: Default::default(),
+            offsets_crc32: None,
+        })
+    }
+
+    fn committed(&mut self, offset: Option<&SourceOffset>) -> Result<()> {
+        let (_, offsets) = logged_batch(offset.cloned())?;
+        for (input, offset) in self.inputs.iter_mut().zip(&offsets) {
             if let (Input::Source(source, _), Some(o)) = (input, offset) {
                 source.commit(o)?;
             }
         }
-        if let Some(cp) = &checkpoint
-            && Checkpoint::source_due(batch_id)
-        {
-            cp.write_source(batch_id + 1, &progress(&inputs)?).await?;
-        }
-        last_time = time;
-        batch_id += 1;
-        inner.completed.send_modify(|n| *n += 1);
+        Ok(())
     }
-    Ok(())
+
+    fn describe(&self, batch: Batch, _offset: Option<SourceOffset>, progress: &mut QueryProgress) {
+        // A DStream's rows are computed as its outputs ask for them: the
+        // batch's "execute" phase only reads, and "sink" runs the outputs.
+        if let Some(read) = progress.duration_ms.remove("execute") {
+            progress.duration_ms.insert("read".into(), read);
+        }
+        progress.timestamp = DateTime::<Utc>::from_timestamp_millis(batch.time)
+            .unwrap_or_default()
+            .to_rfc3339_opts(SecondsFormat::Millis, true);
+        progress.num_input_rows = batch.counts.iter().sum();
+        progress.num_malformed_rows = batch.malformed.count;
+        progress.malformed_by_reason = batch.malformed.by_reason;
+        progress.malformed_samples = batch.malformed.samples;
+        progress.sources = self
+            .inputs
+            .iter()
+            .zip(batch.offsets)
+            .zip(batch.counts)
+            .map(|((input, offset), rows)| {
+                let (description, counts) = match input {
+                    Input::Source(source, _) => (source.describe(), source.counts()),
+                    Input::Queue(_) => ("queue".into(), Default::default()),
+                };
+                SourceProgress {
+                    description,
+                    offset: offset.map(|o| o.0).unwrap_or_default(),
+                    num_input_rows: rows,
+                    files_changed_after_read: counts.files_changed_after_read,
+                    files_skipped: counts.files_skipped,
+                }
+            })
+            .collect();
+        progress.sink = SinkProgress {
+            description: format!("{} DStream output operations", self.outputs.len()),
+            num_output_rows: batch.output_rows,
+        };
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        let mut stopped = Ok(());
+        for input in &mut self.inputs {
+            if let Input::Source(source, _) = input {
+                stopped = stopped.and(source.stop().await);
+            }
+        }
+        stopped
+    }
 }
 
 async fn open_checkpoint(
@@ -503,6 +771,7 @@ async fn open_checkpoint(
     runtime: &Arc<RuntimeEnv>,
     inputs: &[Input],
     operators: usize,
+    min_batches_to_retain: u64,
 ) -> Result<Checkpoint> {
     let described: Vec<String> = inputs
         .iter()
@@ -521,30 +790,9 @@ async fn open_checkpoint(
         runtime,
         "a DStream program",
         fingerprint,
-        DEFAULT_MIN_BATCHES_TO_RETAIN,
+        min_batches_to_retain,
     )
     .await
-}
-
-async fn start_sources(inputs: &mut [Input]) -> Result<()> {
-    for input in inputs {
-        if let Input::Source(source, _) = input {
-            source.start().await?;
-        }
-    }
-    Ok(())
-}
-
-/// Each line source's progress, as one JSON array.
-fn progress(inputs: &[Input]) -> Result<serde_json::Value> {
-    let mut out = vec![];
-    for input in inputs {
-        out.push(match input {
-            Input::Source(source, _) => source.progress()?,
-            Input::Queue(_) => serde_json::Value::Null,
-        });
-    }
-    Ok(serde_json::Value::Array(out))
 }
 
 /// A logged batch: its time and each input's offset.
@@ -561,7 +809,7 @@ fn logged_batch(offset: Option<SourceOffset>) -> Result<(i64, Vec<Option<SourceO
     Ok((time, inputs))
 }
 
-fn restore(
+fn restore_sources(
     inputs: &mut [Input],
     snapshot: Option<serde_json::Value>,
     committed: &[SourceOffset],

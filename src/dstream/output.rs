@@ -65,8 +65,8 @@ impl<T: Data> DStream<T> {
         let stream = self.clone();
         self.ctx
             .register_output(Arc::new(move |env| match stream.rdd(env)? {
-                Some(rdd) => f(&rdd, env.time_ms),
-                None => Ok(()),
+                Some(rdd) => f(&rdd, env.time_ms).map(|()| rdd.len() as u64),
+                None => Ok(0),
             }));
     }
 }

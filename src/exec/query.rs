@@ -1,6 +1,5 @@
 //! A running query: the micro-batch loop, its trigger, and the handle users hold.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,36 +9,35 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, max};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
-use super::faults::{self, crash_point};
+use super::faults;
 use super::slot::Feed;
 use super::stateful::execute;
 use super::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
 use crate::progress::{
-    EventTimeProgress, QueryProgress, SinkProgress, SourceProgress, StateProgress,
+    EventTimeProgress, Monitored, ProgressLog, QueryProgress, SinkProgress, SourceProgress,
+    StateProgress,
 };
 use crate::sink::Sink;
 use crate::source::{MalformedStats, SourceOffset, StreamSource};
 use crate::sql::script::WatermarkSpec;
 use crate::sql::window::unit_nanos;
-use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, OffsetEntry};
-use crate::state::store::StateStore;
-use crate::state::{Checkpoint, CommitEntry, EventTime};
+use crate::state::checkpoint::DEFAULT_MIN_BATCHES_TO_RETAIN;
+use crate::state::driver::{Driver, Program};
+use crate::state::store::{Saved, StateStore};
+use crate::state::{Checkpoint, CommitEntry, EventTime, Recovery};
+
+pub use crate::progress::{ProgressListener, QueryInfo};
 
 /// The checkpoint's name for a query's aggregation state.
 const STATE_OPERATOR: &str = "aggregate";
-
-/// How many progress records a query keeps (Spark keeps 100).
-const RECENT_PROGRESS: usize = 100;
-
-pub type ProgressListener = Arc<dyn Fn(&QueryProgress) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct QueryOptions {
@@ -85,12 +83,11 @@ struct Shared {
     name: String,
     stop: AtomicBool,
     wake: Notify,
-    recent: Mutex<VecDeque<QueryProgress>>,
+    progress: ProgressLog,
     /// Counts polls that found nothing to do: `process_all_available` waits on it.
     idle: watch::Sender<u64>,
     finished: watch::Sender<bool>,
     error: Mutex<Option<String>>,
-    listeners: Vec<ProgressListener>,
 }
 
 /// The handle of a running streaming query.
@@ -104,23 +101,6 @@ pub struct StreamingQuery {
     source: String,
     sink: String,
     memory_table: Option<String>,
-}
-
-/// What a query reads and writes and how it runs, for monitors such as the web UI.
-#[derive(Debug, Clone, Serialize)]
-pub struct QueryInfo {
-    pub id: String,
-    pub name: String,
-    pub sql: String,
-    pub output_mode: String,
-    pub trigger: String,
-    pub checkpoint: Option<String>,
-    pub source: String,
-    pub sink: String,
-    /// The memory table holding the query's output, when its sink is one.
-    pub memory_table: Option<String>,
-    pub active: bool,
-    pub exception: Option<String>,
 }
 
 impl fmt::Debug for StreamingQuery {
@@ -151,11 +131,10 @@ impl StreamingQuery {
             name,
             stop: AtomicBool::new(false),
             wake: Notify::new(),
-            recent: Mutex::new(VecDeque::new()),
+            progress: ProgressLog::new(options.listeners.clone()),
             idle: watch::channel(0).0,
             finished: watch::channel(false).0,
             error: Mutex::new(None),
-            listeners: options.listeners.clone(),
         });
         let output_mode = compiled.mode;
         let sql = compiled.sql.clone();
@@ -173,19 +152,16 @@ impl StreamingQuery {
         };
         let runner = Runner {
             shared: shared.clone(),
-            compiled,
-            source,
-            sink,
-            checkpoint,
-            state_store,
-            log_written: None,
-            maintenance: None,
-            batch_id: 0,
-            watermark_ns: None,
-            max_event_ns: None,
-            pending_no_data: false,
-            rerun: None,
-            last_trigger: None,
+            driver: Driver::new(checkpoint, shared.id.clone(), shared.name.clone()),
+            batches: QueryBatches {
+                compiled,
+                source,
+                sink,
+                state_store,
+                watermark_ns: None,
+                max_event_ns: None,
+                pending_no_data: false,
+            },
         };
         let trigger = options.trigger;
         let checkpoint = options.checkpoint.clone();
@@ -241,19 +217,11 @@ impl StreamingQuery {
 
     /// The progress of the most recent batches, oldest first.
     pub fn recent_progress(&self) -> Vec<QueryProgress> {
-        self.shared
-            .recent
-            .lock()
-            .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default()
+        self.shared.progress.recent()
     }
 
     pub fn last_progress(&self) -> Option<QueryProgress> {
-        self.shared
-            .recent
-            .lock()
-            .ok()
-            .and_then(|r| r.back().cloned())
+        self.shared.progress.last()
     }
 
     /// The error the query stopped with, if it failed.
@@ -307,6 +275,20 @@ impl StreamingQuery {
     }
 }
 
+impl Monitored for StreamingQuery {
+    fn info(&self) -> QueryInfo {
+        StreamingQuery::info(self)
+    }
+
+    fn recent_progress(&self) -> Vec<QueryProgress> {
+        StreamingQuery::recent_progress(self)
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(StreamingQuery::stop(self))
+    }
+}
+
 pub(crate) fn new_id() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -336,73 +318,40 @@ async fn drive(mut runner: Runner, options: QueryOptions, gate: Gate) {
     shared.idle.send_modify(|n| *n += 2);
 }
 
+/// The trigger loop around the [`Driver`], which runs the query's batches.
 struct Runner {
     shared: Arc<Shared>,
-    compiled: CompiledQuery,
-    source: Box<dyn StreamSource>,
-    sink: Arc<dyn Sink>,
-    checkpoint: Option<Arc<Checkpoint>>,
-    state_store: Option<StateStore>,
-    /// The batch's offsets (before the first batch, also the source's starting
-    /// point) being written while it is read and computed.
-    log_written: Option<Write>,
-    /// The source's progress being written and old files removed.
-    maintenance: Option<Write>,
-    batch_id: u64,
-    watermark_ns: Option<i64>,
-    max_event_ns: Option<i64>,
-    /// The watermark moved and closes state: run a batch without input to emit or drop it.
-    pending_no_data: bool,
-    /// A batch logged before a restart but not committed: it runs first, as logged.
-    rerun: Option<OffsetEntry>,
-    last_trigger: Option<Instant>,
+    driver: Driver,
+    batches: QueryBatches,
 }
-
-/// A checkpoint write on a task of its own. One left running when its query
-/// is dropped (a batch that panicked skips `finish_background`) runs to its
-/// end: aborting it could not stop its blocking steps, and it holds the
-/// checkpoint, and so its lock, until it really ends.
-type Write = JoinHandle<Result<()>>;
 
 impl Runner {
     async fn run_loop(&mut self, options: &QueryOptions, gate: Gate) -> Result<()> {
         let ran = self.run_batches(options, gate).await;
-        let finished = self.finish_background().await;
+        let finished = self.driver.finish(&mut self.batches).await;
         ran.and(finished)
     }
 
-    /// Waits for the checkpoint writes still running in the background, so that
-    /// none outlives the query (they hold its checkpoint), even a failed one.
-    async fn finish_background(&mut self) -> Result<()> {
-        let offsets = settled(self.log_written.take()).await;
-        if let Some(store) = &mut self.state_store {
-            store.finish().await;
-        }
-        let maintenance = settled(self.maintenance.take()).await;
-        let source = self.source.stop().await;
-        // A query that failed before writing anything still waits for its
-        // new checkpoint's metadata.
-        let metadata = match &self.checkpoint {
-            Some(cp) => cp.metadata_written().await,
-            None => Ok(()),
-        };
-        offsets.and(maintenance).and(source).and(metadata)
-    }
-
     async fn run_batches(&mut self, options: &QueryOptions, mut gate: Gate) -> Result<()> {
-        self.resume().await?;
+        self.driver.recover(&mut self.batches).await?;
         if options.trigger == Trigger::AvailableNow {
-            self.source.snapshot_available().await?;
+            self.batches.source.snapshot_available().await?;
         }
         // Recovery and listing are done while the script's other queries are
         // planned; reading waits for them.
         let _ = gate.wait_for(|go| *go).await;
         while !self.shared.stop.load(Ordering::SeqCst) {
             let started = Instant::now();
-            let ran = self.run_batch().await?;
-            if !ran {
-                self.shared.idle.send_modify(|n| *n += 1);
-            }
+            let ran = match self.driver.run_batch(&mut self.batches).await? {
+                Some(progress) => {
+                    self.shared.progress.publish(progress);
+                    true
+                }
+                None => {
+                    self.shared.idle.send_modify(|n| *n += 1);
+                    false
+                }
+            };
             let wait = match options.trigger {
                 Trigger::Once => break,
                 Trigger::AvailableNow if !ran => break,
@@ -425,50 +374,84 @@ impl Runner {
         }
         Ok(())
     }
+}
 
-    /// Runs the next batch if there is input (or the watermark has state to close).
-    async fn run_batch(&mut self) -> Result<bool> {
-        let trigger_time = Utc::now();
-        let started = Instant::now();
-        let mut phases = BTreeMap::new();
-        let mut lap = Instant::now();
-        let mut phase = |name: &str, phases: &mut BTreeMap<String, f64>| {
-            phases.insert(name.to_string(), lap.elapsed().as_secs_f64() * 1000.0);
-            lap = Instant::now();
+/// A query's sources, plans, state and sink, as the [`Driver`] runs them.
+struct QueryBatches {
+    compiled: CompiledQuery,
+    source: Box<dyn StreamSource>,
+    sink: Arc<dyn Sink>,
+    state_store: Option<StateStore>,
+    watermark_ns: Option<i64>,
+    max_event_ns: Option<i64>,
+    /// The watermark moved and closes state: run a batch without input to emit or drop it.
+    pending_no_data: bool,
+}
+
+/// A batch read and computed.
+struct Computed {
+    read: ReadInput,
+    read_time: Duration,
+    output: Vec<RecordBatch>,
+    output_rows: u64,
+    late_rows: u64,
+    state_progress: Vec<StateProgress>,
+    /// The state rows the batch upserted and deleted.
+    changes: Option<(Vec<RecordBatch>, Vec<RecordBatch>)>,
+    saved: Option<Saved>,
+}
+
+impl Program for QueryBatches {
+    type Batch = Computed;
+
+    async fn start(&mut self) -> Result<()> {
+        self.source.start().await
+    }
+
+    async fn restore(&mut self, recovery: Recovery) -> Result<()> {
+        self.source
+            .restore(recovery.source_snapshot, &recovery.committed_offsets)?;
+        let Some(commit) = &recovery.last_commit else {
+            return Ok(());
         };
-
-        // A failed checkpoint write ends the query even while no input comes.
-        if self
-            .log_written
-            .as_ref()
-            .is_some_and(JoinHandle::is_finished)
+        let EventTime {
+            watermark_ns,
+            max_event_ns,
+            pending_no_data,
+            emitted_through_ns,
+        } = commit.event_time.clone();
+        self.watermark_ns = watermark_ns;
+        self.max_event_ns = max_event_ns;
+        self.pending_no_data = pending_no_data;
+        if let (CompiledPlan::Stateful(op), Some(store)) =
+            (&mut self.compiled.plan, &mut self.state_store)
         {
-            settled(self.log_written.take()).await?;
-        }
-        let batch_id = self.batch_id;
-        let offset = match self.rerun.take() {
-            Some(logged) => logged.source,
-            None => {
-                let offset = self.source.plan_batch().await?;
-                if offset.is_none() && !self.pending_no_data {
-                    return Ok(false);
-                }
-                // The offsets must be on disk before the sink sees the batch's output,
-                // not before it is read: the write overlaps reading and executing.
-                if let Some(cp) = self.checkpoint.clone() {
-                    let logged = offset.clone();
-                    let before = self.log_written.take();
-                    self.log_written = Some(faults::spawn(async move {
-                        settled(before).await?;
-                        cp.write_offsets(batch_id, logged).await
-                    }));
-                }
-                offset
+            op.restore(store.restore(commit).await?)?;
+            op.emitted_through_ns = emitted_through_ns;
+            if self.compiled.mode == OutputMode::Complete {
+                let output = op.emit_all(&self.compiled.task_ctx).await?;
+                self.sink.restore(commit.batch_id, output).await?;
             }
-        };
-        self.pending_no_data = false;
-        phase("plan", &mut phases);
+        }
+        Ok(())
+    }
 
+    fn source_progress(&self) -> Result<serde_json::Value> {
+        self.source.progress()
+    }
+
+    /// The source's next offset, or a batch without input when the watermark
+    /// has state to close.
+    async fn plan(&mut self) -> Result<Option<Option<SourceOffset>>> {
+        let offset = self.source.plan_batch().await?;
+        if offset.is_none() && !self.pending_no_data {
+            return Ok(None);
+        }
+        Ok(Some(offset))
+    }
+
+    async fn compute(&mut self, _batch_id: u64, offset: Option<&SourceOffset>) -> Result<Computed> {
+        self.pending_no_data = false;
         // The plan runs over the input as the source reads it, a file at a time:
         // a file's rows are worked on, and can be let go, while the next is read.
         let CompiledQuery {
@@ -490,7 +473,7 @@ impl Runner {
         let reading = async {
             let read = feed_input(
                 self.source.as_ref(),
-                offset.as_ref(),
+                offset,
                 window.as_ref(),
                 source_def.watermark.as_ref(),
                 feed,
@@ -534,25 +517,22 @@ impl Runner {
         // A read that failed made the plan fail too; the read's error says why.
         let read = read?;
         let (output, late_rows, state_progress, changes) = ran?;
-        crash_point("read", batch_id);
-        let input_rows = read.rows;
-        let batch_max = read.max_event_ns;
-        // Reading and executing overlap: "read" is until the input was all
-        // read, "execute" the rest.
-        phase("execute", &mut phases);
-        let read_ms = read_time.as_secs_f64() * 1000.0;
-        if let Some(execute) = phases.get_mut("execute") {
-            *execute = (*execute - read_ms).max(0.0);
-        }
-        phases.insert("read".into(), read_ms);
+        Ok(Computed {
+            read,
+            read_time,
+            output_rows: output.iter().map(|b| b.num_rows() as u64).sum(),
+            output,
+            late_rows,
+            state_progress,
+            changes,
+            saved: None,
+        })
+    }
 
-        if self.log_written.is_some() {
-            settled(self.log_written.take()).await?;
-            crash_point("offsets", batch_id);
-        }
-        let output_rows: usize = output.iter().map(RecordBatch::num_rows).sum();
+    async fn write(&mut self, batch_id: u64, batch: &mut Computed) -> Result<()> {
+        let output = std::mem::take(&mut batch.output);
         // The state file is named by the commit only, so it is written beside the sink's.
-        let saved = match (&self.state_store, &self.compiled.plan, &changes) {
+        batch.saved = match (&self.state_store, &self.compiled.plan, &batch.changes) {
             (Some(store), CompiledPlan::Stateful(op), Some((upserts, deletes))) => {
                 let (_, saved) = tokio::try_join!(
                     self.sink.add_batch(batch_id, output),
@@ -565,124 +545,26 @@ impl Runner {
                 None
             }
         };
-        crash_point("sink", batch_id);
-        phase("sink", &mut phases);
-
-        if let (Some(store), Some(saved), CompiledPlan::Stateful(op)) =
-            (&mut self.state_store, saved, &self.compiled.plan)
-        {
-            store.saved(batch_id, saved, &op.state);
-            crash_point("state", batch_id);
-        }
-        self.advance_watermark(batch_max)?;
-        self.commit(batch_id).await?;
-        if let Some(o) = &offset {
-            self.source.commit(o)?;
-        }
-        self.write_source_progress(batch_id).await?;
-        phase("commit", &mut phases);
-
-        let total = started.elapsed();
-        phases.insert("total".into(), total.as_secs_f64() * 1000.0);
-        let since_last = self.last_trigger.map(|t| t.elapsed()).unwrap_or(total);
-        self.last_trigger = Some(started);
-        let per_second = |d: Duration| {
-            if d.is_zero() {
-                0.0
-            } else {
-                input_rows as f64 / d.as_secs_f64()
-            }
-        };
-        let progress = QueryProgress {
-            id: self.shared.id.clone(),
-            name: self.shared.name.clone(),
-            batch_id,
-            timestamp: trigger_time.to_rfc3339_opts(SecondsFormat::Millis, true),
-            num_input_rows: input_rows,
-            input_rows_per_second: per_second(since_last),
-            processed_rows_per_second: per_second(total),
-            duration_ms: phases,
-            event_time: EventTimeProgress {
-                watermark: self.watermark_ns.map(format_ns),
-                max: self.max_event_ns.map(format_ns),
-            },
-            state_operators: state_progress,
-            num_malformed_rows: read.malformed.count,
-            malformed_by_reason: read.malformed.by_reason.clone(),
-            malformed_samples: read.malformed.samples.clone(),
-            num_late_rows: late_rows,
-            sources: vec![SourceProgress {
-                description: self.source.describe(),
-                offset: offset.map(|o| o.0).unwrap_or_default(),
-                num_input_rows: input_rows,
-                files_changed_after_read: self.source.counts().files_changed_after_read,
-                files_skipped: self.source.counts().files_skipped,
-            }],
-            sink: SinkProgress {
-                description: self.sink.describe(),
-                num_output_rows: output_rows as u64,
-            },
-        };
-        self.batch_id += 1;
-        self.publish(progress);
-        Ok(true)
-    }
-
-    /// Picks up where the checkpoint left off, or starts the source afresh.
-    async fn resume(&mut self) -> Result<()> {
-        let Some(cp) = &self.checkpoint else {
-            return self.source.start().await;
-        };
-        let recovery = cp.recover().await?;
-        if recovery.is_fresh() {
-            self.source.start().await?;
-            // Written while the first batch is read, and before its offsets.
-            let (cp, progress) = (cp.clone(), self.source.progress()?);
-            self.log_written = Some(faults::spawn(
-                async move { cp.write_source(0, &progress).await },
-            ));
-            return Ok(());
-        }
-        self.batch_id = recovery.next_batch();
-        self.source
-            .restore(recovery.source_snapshot, &recovery.committed_offsets)?;
-        if let Some(commit) = &recovery.last_commit {
-            let EventTime {
-                watermark_ns,
-                max_event_ns,
-                pending_no_data,
-                emitted_through_ns,
-            } = commit.event_time.clone();
-            self.watermark_ns = watermark_ns;
-            self.max_event_ns = max_event_ns;
-            self.pending_no_data = pending_no_data;
-            if let (CompiledPlan::Stateful(op), Some(store)) =
-                (&mut self.compiled.plan, &mut self.state_store)
-            {
-                op.restore(store.restore(commit).await?)?;
-                op.emitted_through_ns = emitted_through_ns;
-                if self.compiled.mode == OutputMode::Complete {
-                    let output = op.emit_all(&self.compiled.task_ctx).await?;
-                    self.sink.restore(commit.batch_id, output).await?;
-                }
-            }
-        }
-        tracing::info!(
-            query = %self.shared.name,
-            checkpoint = cp.display(),
-            "resuming at batch {}{}",
-            self.batch_id,
-            if recovery.rerun.is_some() { " (re-running it: it was not committed)" } else { "" }
-        );
-        self.rerun = recovery.rerun;
         Ok(())
     }
 
-    /// Saves the state after `batch_id` and marks the batch done in the checkpoint.
-    async fn commit(&self, batch_id: u64) -> Result<()> {
-        let Some(cp) = &self.checkpoint else {
-            return Ok(());
-        };
+    fn record_state(&mut self, batch_id: u64, batch: &mut Computed) -> bool {
+        match (
+            &mut self.state_store,
+            batch.saved.take(),
+            &self.compiled.plan,
+        ) {
+            (Some(store), Some(saved), CompiledPlan::Stateful(op)) => {
+                store.saved(batch_id, saved, &op.state);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Advances the watermark past the batch; the commit records it and the state.
+    fn commit_entry(&mut self, batch_id: u64, batch: &Computed) -> Result<CommitEntry> {
+        self.advance_watermark(batch.read.max_event_ns)?;
         let emitted_through_ns = match &self.compiled.plan {
             CompiledPlan::Stateful(op) => op.emitted_through_ns,
             CompiledPlan::Stateless(_) => None,
@@ -692,7 +574,7 @@ impl Runner {
             .as_ref()
             .map(StateStore::commit_files)
             .unwrap_or_default();
-        let entry = CommitEntry {
+        Ok(CommitEntry {
             batch_id,
             event_time: EventTime {
                 watermark_ns: self.watermark_ns,
@@ -703,45 +585,63 @@ impl Runner {
             state,
             state_deltas,
             offsets_crc32: None,
+        })
+    }
+
+    fn committed(&mut self, offset: Option<&SourceOffset>) -> Result<()> {
+        match offset {
+            Some(o) => self.source.commit(o),
+            None => Ok(()),
+        }
+    }
+
+    fn describe(
+        &self,
+        batch: Computed,
+        offset: Option<SourceOffset>,
+        progress: &mut QueryProgress,
+    ) {
+        // Reading and executing overlap: "read" is until the input was all
+        // read, "execute" the rest.
+        let read_ms = batch.read_time.as_secs_f64() * 1000.0;
+        if let Some(execute) = progress.duration_ms.get_mut("execute") {
+            *execute = (*execute - read_ms).max(0.0);
+        }
+        progress.duration_ms.insert("read".into(), read_ms);
+        let input_rows = batch.read.rows;
+        progress.num_input_rows = input_rows;
+        progress.event_time = EventTimeProgress {
+            watermark: self.watermark_ns.map(format_ns),
+            max: self.max_event_ns.map(format_ns),
         };
-        cp.write_commit(&entry).await?;
-        crash_point("commits", batch_id);
-        Ok(())
-    }
-
-    /// Every few batches, writes the source's progress and removes the files no
-    /// longer needed, in the background: listing and deleting took tens of
-    /// milliseconds, and would make every tenth batch the slowest. One such task
-    /// runs at a time, and its error ends the query at the next one.
-    async fn write_source_progress(&mut self, batch_id: u64) -> Result<()> {
-        let Some(cp) = self.checkpoint.clone() else {
-            return Ok(());
+        progress.state_operators = batch.state_progress;
+        progress.num_malformed_rows = batch.read.malformed.count;
+        progress.malformed_by_reason = batch.read.malformed.by_reason;
+        progress.malformed_samples = batch.read.malformed.samples;
+        progress.num_late_rows = batch.late_rows;
+        let counts = self.source.counts();
+        progress.sources = vec![SourceProgress {
+            description: self.source.describe(),
+            offset: offset.map(|o| o.0).unwrap_or_default(),
+            num_input_rows: input_rows,
+            files_changed_after_read: counts.files_changed_after_read,
+            files_skipped: counts.files_skipped,
+        }];
+        progress.sink = SinkProgress {
+            description: self.sink.describe(),
+            num_output_rows: batch.output_rows,
         };
-        if !Checkpoint::source_due(batch_id) {
-            return Ok(());
-        }
-        settled(self.maintenance.take()).await?;
-        let progress = self.source.progress()?;
-        self.maintenance = Some(faults::spawn(async move {
-            cp.write_source(batch_id + 1, &progress).await
-        }));
-        Ok(())
     }
 
-    /// Records the progress before telling listeners, so that a listener reading
-    /// `recent_progress` (the web UI) finds the batch it was told about.
-    fn publish(&self, progress: QueryProgress) {
-        if let Ok(mut recent) = self.shared.recent.lock() {
-            if recent.len() == RECENT_PROGRESS {
-                recent.pop_front();
-            }
-            recent.push_back(progress.clone());
+    async fn stop(&mut self) -> Result<()> {
+        if let Some(store) = &mut self.state_store {
+            store.finish().await;
         }
-        for listener in &self.shared.listeners {
-            listener(&progress);
-        }
+        self.source.stop().await
     }
+}
 
+impl QueryBatches {
     fn advance_watermark(&mut self, batch_max: Option<i64>) -> Result<()> {
         let (Some(m), Some(wm)) = (batch_max, &self.compiled.source.watermark) else {
             return Ok(());
@@ -829,14 +729,6 @@ fn max_event_time(watermark: Option<&WatermarkSpec>, batch: &RecordBatch) -> Res
     let unit = unit_nanos(column.data_type())?;
     let ticks = cast(column, &DataType::Int64)?;
     Ok(max(ticks.as_primitive::<Int64Type>()).map(|m| m.saturating_mul(unit)))
-}
-
-/// The outcome of a checkpoint write run as its own task, if one was started.
-async fn settled(task: Option<Write>) -> Result<()> {
-    match task {
-        Some(mut task) => faults::settle(&mut task).await,
-        None => Ok(()),
-    }
 }
 
 fn format_ns(ns: i64) -> String {

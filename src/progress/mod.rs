@@ -1,9 +1,13 @@
-//! Per-batch progress records, as Spark's `StreamingQueryProgress`.
+//! Per-batch progress records, as Spark's `StreamingQueryProgress`, and what
+//! monitors such as the web UI see of a running query.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
 use serde::Serialize;
 
+use crate::error::Result;
 use crate::source::MalformedRecord;
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -69,4 +73,89 @@ impl QueryProgress {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
+}
+
+/// Told of each batch's progress as it completes.
+pub type ProgressListener = Arc<dyn Fn(&QueryProgress) + Send + Sync>;
+
+/// How many progress records a query keeps (Spark keeps 100).
+const RECENT_PROGRESS: usize = 100;
+
+/// A query's most recent progress records, and who is told of each new one.
+#[derive(Default)]
+pub struct ProgressLog {
+    recent: Mutex<VecDeque<QueryProgress>>,
+    listeners: Mutex<Vec<ProgressListener>>,
+}
+
+impl ProgressLog {
+    pub fn new(listeners: Vec<ProgressListener>) -> Self {
+        Self {
+            recent: Mutex::default(),
+            listeners: Mutex::new(listeners),
+        }
+    }
+
+    /// Tells `listener` of every batch completed from now on.
+    pub fn listen(&self, listener: ProgressListener) {
+        if let Ok(mut listeners) = self.listeners.lock() {
+            listeners.push(listener);
+        }
+    }
+
+    /// Records the progress before telling listeners, so that a listener reading
+    /// [`recent`](Self::recent) (the web UI) finds the batch it was told about.
+    pub fn publish(&self, progress: QueryProgress) {
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == RECENT_PROGRESS {
+                recent.pop_front();
+            }
+            recent.push_back(progress.clone());
+        }
+        let listeners = self.listeners.lock().map(|l| l.clone()).unwrap_or_default();
+        for listener in &listeners {
+            listener(&progress);
+        }
+    }
+
+    /// The progress of the most recent batches, oldest first.
+    pub fn recent(&self) -> Vec<QueryProgress> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn last(&self) -> Option<QueryProgress> {
+        self.recent.lock().ok().and_then(|r| r.back().cloned())
+    }
+}
+
+/// What a query reads and writes and how it runs, for monitors such as the web UI.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryInfo {
+    pub id: String,
+    pub name: String,
+    pub sql: String,
+    pub output_mode: String,
+    pub trigger: String,
+    pub checkpoint: Option<String>,
+    pub source: String,
+    pub sink: String,
+    /// The memory table holding the query's output, when its sink is one.
+    pub memory_table: Option<String>,
+    pub active: bool,
+    pub exception: Option<String>,
+}
+
+/// A streaming program as monitors (the web UI) see it: an SQL query or a
+/// DStream program.
+pub trait Monitored: Send + Sync {
+    fn info(&self) -> QueryInfo;
+
+    /// The progress of the most recent batches, oldest first.
+    fn recent_progress(&self) -> Vec<QueryProgress>;
+
+    /// Asks it to stop after the batch it is running, and waits for it.
+    fn stop(&self) -> BoxFuture<'_, Result<()>>;
 }

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod delta;
+pub mod driver;
 mod files;
 pub mod store;
 

@@ -22,8 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 
 use crate::engine::Engine;
-use crate::exec::{QueryInfo, StreamingQuery};
-use crate::progress::QueryProgress;
+use crate::progress::{Monitored, QueryInfo, QueryProgress};
 use crate::sink::memory::last_rows;
 
 #[derive(Clone)]
@@ -128,9 +127,9 @@ impl Api {
     fn query(
         &self,
         id: Result<Path<String>, PathRejection>,
-    ) -> Result<Arc<StreamingQuery>, ApiError> {
+    ) -> Result<Arc<dyn Monitored>, ApiError> {
         let id = segment(id)?;
-        self.engine.find_query(&id).ok_or_else(|| {
+        self.engine.find_monitored(&id).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no query with id or name '{id}'"),
@@ -140,7 +139,7 @@ impl Api {
 }
 
 async fn list_queries(State(api): State<Api>) -> Json<Vec<QueryInfo>> {
-    Json(api.engine.queries().iter().map(|q| q.info()).collect())
+    Json(api.engine.monitored().iter().map(|q| q.info()).collect())
 }
 
 async fn query(
