@@ -235,8 +235,7 @@ impl Brook {
         std::fs::create_dir_all(&dir).map_err(|e| self.error(e))?;
         let mut text = lines.to_string();
         text.push('\n');
-        brook::cli::send::write_atomically(&dir, &name, text.as_bytes())
-            .map_err(|e| self.error(e))?;
+        brook::source::write_atomically(&dir, &name, text.as_bytes()).map_err(|e| self.error(e))?;
         Ok(lines.lines().count() as u64)
     }
 

@@ -18,7 +18,6 @@ use super::stateful::Checkpointed;
 use super::{BatchEnv, DStream, Data};
 use crate::catalog::DEFAULT_CORRUPT_COLUMN;
 use crate::error::{BrookError, Result};
-use crate::exec::faults::crash_point;
 use crate::source::format::Decoder;
 use crate::source::kafka::{KafkaOptions, KafkaSource, StartingOffsets, Topics, default_readers};
 use crate::source::location::Location;
@@ -28,6 +27,7 @@ use crate::source::{
 };
 use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, QueryFingerprint};
 use crate::state::{Checkpoint, CommitEntry};
+use crate::testing::faults::crash_point;
 
 /// The checkpoint's name for the DStream operators' state.
 const STATE_OPERATOR: &str = "dstream";

@@ -12,6 +12,7 @@
 
 mod context;
 mod dataframe;
+mod keyed;
 mod output;
 mod pair;
 mod stateful;
@@ -24,8 +25,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use context::StreamingContext;
+pub use keyed::KeepFn;
 pub use output::SparkString;
-pub use pair::{Cogrouped, KeepFn};
+pub use pair::Cogrouped;
 pub use stateful::{MapWithStateDStream, State, StateSpec};
 
 use crate::error::{BrookError, Result};

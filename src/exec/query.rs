@@ -17,10 +17,8 @@ use tokio::task::JoinHandle;
 use futures::StreamExt;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
-use super::faults::{self, crash_point};
-use super::slot::Feed;
 use super::stateful::execute;
-use super::{OutputMode, Trigger};
+use crate::config::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
 use crate::progress::{
     EventTimeProgress, QueryProgress, SinkProgress, SourceProgress, StateProgress,
@@ -28,10 +26,12 @@ use crate::progress::{
 use crate::sink::Sink;
 use crate::source::{MalformedStats, SourceOffset, StreamSource};
 use crate::sql::script::WatermarkSpec;
+use crate::sql::slot::Feed;
 use crate::sql::window::unit_nanos;
 use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, OffsetEntry};
 use crate::state::store::StateStore;
 use crate::state::{Checkpoint, CommitEntry, EventTime};
+use crate::testing::faults::{self, crash_point};
 
 /// The checkpoint's name for a query's aggregation state.
 const STATE_OPERATOR: &str = "aggregate";
@@ -305,12 +305,6 @@ impl StreamingQuery {
         }
         self.failure()
     }
-}
-
-pub(crate) fn new_id() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
 }
 
 /// Holds a query back until it turns true (or its sender is gone).

@@ -34,8 +34,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Sink;
+use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
-use crate::exec::OutputMode;
 
 /// How rows without a `value` column become record values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

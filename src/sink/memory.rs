@@ -15,8 +15,8 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::Sink;
+use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
-use crate::exec::OutputMode;
 
 #[derive(Debug, Default)]
 struct Contents {

@@ -70,7 +70,7 @@ impl Default for FileSourceOptions {
             recursive: false,
             max_file_age: None,
             clean_source: CleanSource::Off,
-            parallelism: 2 * crate::exec::compile::partitions(),
+            parallelism: 2 * crate::config::partitions(),
         }
     }
 }

@@ -31,8 +31,8 @@ use serde::de::IgnoredAny;
 
 use super::malformed::{MalformedRecord, MalformedStats, ParseMode, excerpt};
 use super::timestamps::CsvColumns;
+use crate::config::partitions;
 use crate::error::{BrookError, Result};
-use crate::exec::compile::partitions;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsvOptions {

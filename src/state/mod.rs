@@ -9,4 +9,4 @@ pub mod delta;
 mod files;
 pub mod store;
 
-pub use checkpoint::{Checkpoint, CommitEntry, EventTime, QueryFingerprint, Recovery};
+pub use checkpoint::{Checkpoint, CommitEntry, EventTime, QueryFingerprint};

@@ -28,7 +28,7 @@ use crate::error::{BrookError, Result};
 use api::ApiError;
 
 /// The environment variable that gives the token when no option does.
-pub const TOKEN_ENV: &str = "BROOK_UI_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "BROOK_UI_TOKEN";
 
 /// The pages load their own scripts and styles and nothing else (uPlot sets
 /// element styles from its script, which style-src does not govern); the

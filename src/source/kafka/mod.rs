@@ -405,7 +405,7 @@ impl KafkaSource {
 /// each keeps threads and sockets of its own and prefetches up to
 /// `queued.max.messages.kbytes` (64 MB).
 pub fn default_readers() -> usize {
-    crate::exec::compile::partitions().min(4)
+    crate::config::partitions().min(4)
 }
 
 /// A source's Kafka clients: the first, made at start, also asks for
