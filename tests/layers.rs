@@ -226,6 +226,7 @@ fn imports() -> Vec<Import> {
                 hits.push((at, full));
             }
         }
+        let mut seen = BTreeSet::new();
         for (at, path) in hits {
             if path.is_empty() {
                 continue;
@@ -236,6 +237,9 @@ fn imports() -> Vec<Import> {
                 continue;
             }
             let line = code[..at].matches('\n').count() + 1;
+            if !seen.insert((line, to.clone())) {
+                continue; // one line's group naming two items of one module
+            }
             found.push(Import {
                 file: format!("src/{}", rel.display()),
                 line,
