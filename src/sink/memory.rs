@@ -114,7 +114,7 @@ impl Sink for MemorySink {
 }
 
 /// The last `limit` rows of `batches`, as slices of them.
-pub fn last_rows(batches: &[RecordBatch], limit: usize) -> Vec<RecordBatch> {
+pub(crate) fn last_rows(batches: &[RecordBatch], limit: usize) -> Vec<RecordBatch> {
     let mut left = limit;
     let mut kept = vec![];
     for batch in batches.iter().rev() {

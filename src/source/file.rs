@@ -88,7 +88,7 @@ struct Seen {
 }
 
 #[derive(Debug)]
-pub struct FileSource {
+pub(crate) struct FileSource {
     location: Location,
     decoder: Arc<Decoder>,
     shared: Registration,

@@ -23,7 +23,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-pub use file::{CleanSource, FileSource, FileSourceOptions};
+pub(crate) use file::FileSource;
+pub use file::{CleanSource, FileSourceOptions};
 pub use format::{CsvOptions, FileFormat};
 pub(crate) use kafka::SharedReads;
 pub use location::write_atomically;
