@@ -24,10 +24,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brook::cli::send::write_atomically;
 use brook::datafusion::arrow::csv::ReaderBuilder;
 use brook::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use brook::source::write_atomically;
 use chrono::{NaiveDateTime, TimeDelta};
 use serde_json::Value;
 

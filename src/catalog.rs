@@ -6,8 +6,8 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::CreateExternalTable;
 
+use crate::config::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
-use crate::exec::{OutputMode, Trigger};
 use crate::options::Options;
 use crate::sink::console::ConsoleOptions;
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
@@ -203,7 +203,7 @@ impl SourceDef {
     }
 
     /// A new source reading this table, sharing decoded files and Kafka reads through `shared`.
-    pub fn open(
+    pub(crate) fn open(
         &self,
         runtime: &RuntimeEnv,
         shared: &SharedInput,

@@ -17,11 +17,11 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::catalog::{SinkDef, SourceDef, SourceKind};
+use crate::config::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::{CompiledQuery, compile};
-use crate::exec::query::new_id;
 use crate::exec::query::{Gate, ProgressListener};
-use crate::exec::{OutputMode, QueryOptions, StreamingQuery, Trigger};
+use crate::exec::{QueryOptions, StreamingQuery};
 use crate::progress::{Monitored, QueryInfo, QueryProgress};
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
 use crate::source::SharedInput;
@@ -30,6 +30,7 @@ use crate::source::{DecodeOptions, FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::depth::{parse_query, parse_statements};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
+use crate::state::checkpoint::new_id;
 
 /// A query's plan being made on a task of its own; given up when dropped unawaited.
 struct Planning(JoinHandle<Result<CompiledQuery>>);
@@ -456,12 +457,8 @@ impl Engine {
         Ok(query)
     }
 
-    pub fn register_source(&self, def: SourceDef) -> Result<()> {
+    pub(crate) fn register_source(&self, def: SourceDef) -> Result<()> {
         self.declare_source(def).map(drop)
-    }
-
-    pub fn register_sink(&self, def: SinkDef) -> Result<()> {
-        self.declare_sink(def).map(drop)
     }
 
     fn declare_source(&self, def: SourceDef) -> Result<Declared> {

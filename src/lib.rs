@@ -3,27 +3,31 @@
 //! Files dropped into a directory become an unbounded table; SQL over it runs
 //! micro-batch by micro-batch, incrementally, into console, memory, file or
 //! user sinks. See docs/sql.md for the SQL dialect and docs/architecture.md
-//! for the execution model.
+//! for the execution model and the layers of these modules.
 
-pub mod catalog;
+mod catalog;
 pub mod cli;
+mod config;
 pub mod dstream;
-pub mod duration;
+mod duration;
 pub mod engine;
 pub mod error;
-pub mod exec;
-pub mod memory;
-pub mod options;
+mod exec;
+mod memory;
+mod options;
 pub mod orders;
 pub mod progress;
 pub mod sink;
 pub mod source;
-pub mod sql;
-pub mod state;
+mod sql;
+mod state;
+#[doc(hidden)]
+pub mod testing;
 pub mod ui;
 
+pub use config::{OutputMode, Trigger};
 pub use datafusion;
 pub use engine::{Engine, Overrides};
 pub use error::{BrookError, Result};
-pub use exec::{OutputMode, StreamingQuery, Trigger};
+pub use exec::{QueryInfo, StreamingQuery};
 pub use progress::QueryProgress;

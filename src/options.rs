@@ -57,6 +57,7 @@ impl Options {
             .insert(normalize(&key), (written, value.into()));
     }
 
+    #[cfg(test)]
     pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.set(key, value);
         self

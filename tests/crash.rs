@@ -17,9 +17,9 @@ use brook::datafusion::arrow::array::RecordBatch;
 use brook::datafusion::arrow::ipc::reader::FileReader;
 use brook::datafusion::arrow::util::display::array_value_to_string;
 use brook::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use brook::exec::faults;
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use brook::sink::file::MANIFEST_DIR;
+use brook::testing::faults;
 use chrono::NaiveDateTime;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -49,7 +49,7 @@ fn write_orders(dir: &Path) {
             text.push_str(&generator.line(time));
             text.push('\n');
         }
-        brook::cli::send::write_atomically(dir, &format!("orders-{f:03}.csv"), text.as_bytes())
+        brook::source::write_atomically(dir, &format!("orders-{f:03}.csv"), text.as_bytes())
             .unwrap();
     }
 }

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use brook::Engine;
 use brook::cli::demo::{QUERIES, demo_sql};
-use brook::cli::send::write_atomically;
 use brook::datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use brook::datafusion::arrow::compute::cast;
 use brook::datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use brook::source::write_atomically;
 use chrono::{NaiveDateTime, TimeDelta};
 
 struct Order {

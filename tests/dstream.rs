@@ -589,7 +589,7 @@ async fn totals_process() {
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        brook::cli::send::write_atomically(
+        brook::source::write_atomically(
             output.parent().unwrap(),
             output.file_name().unwrap().to_str().unwrap(),
             lines.join(" ").as_bytes(),

@@ -85,7 +85,7 @@ fn names(dir: &Path) -> BTreeSet<String> {
 }
 
 fn write_file(dir: &Path, name: &str, text: &str) {
-    brook::cli::send::write_atomically(dir, name, text.as_bytes()).unwrap();
+    brook::source::write_atomically(dir, name, text.as_bytes()).unwrap();
 }
 
 /// Lines `first..first + count`, as `line-<n>`.
@@ -645,7 +645,7 @@ fn killed_and_restarted_with_clean_source_loses_nothing_and_cleans_every_file() 
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
             if let Some(pause) = &pause {
-                command.env(brook::exec::faults::ENV, pause);
+                command.env(brook::testing::faults::ENV, pause);
             }
             let mut child = command.spawn().unwrap();
             let stderr = child.stderr.take().unwrap();
@@ -895,7 +895,7 @@ fn after_a_restart_no_file_a_query_behind_has_not_read_is_cleaned() {
             "--trigger",
             "available-now",
         ])
-        .env(brook::exec::faults::ENV, "slow/read:2")
+        .env(brook::testing::faults::ENV, "slow/read:2")
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

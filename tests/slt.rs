@@ -286,7 +286,7 @@ impl Brook {
             text.push('\n');
             text.into_bytes()
         };
-        brook::cli::send::write_atomically(&dir, &name, &bytes).map_err(|e| self.error(e))?;
+        brook::source::write_atomically(&dir, &name, &bytes).map_err(|e| self.error(e))?;
         // Lines as a reader numbers them: a last line without a newline counts.
         let breaks = bytes.iter().filter(|b| **b == b'\n').count();
         Ok((breaks + usize::from(!bytes.is_empty() && !bytes.ends_with(b"\n"))) as u64)

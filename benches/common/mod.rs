@@ -4,8 +4,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use brook::cli::send::write_atomically;
 use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use brook::source::write_atomically;
 use chrono::{NaiveDateTime, TimeDelta};
 
 /// `count` generated orders, `step` apart in event time, a `malformed` share

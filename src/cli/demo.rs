@@ -15,11 +15,13 @@ use chrono::Utc;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 
 use super::StopSignals;
-use super::send::{run_prefix, write_atomically};
+use super::send::run_prefix;
+use crate::config::Trigger;
 use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
-use crate::exec::{StreamingQuery, Trigger};
+use crate::exec::StreamingQuery;
 use crate::orders::{GeneratorConfig, OrderGenerator};
+use crate::source::location::write_atomically;
 use crate::ui::{UiOptions, UiServer};
 
 /// The dashboard's queries, as shipped in `queries/`.
@@ -32,7 +34,7 @@ pub const QUERIES: [(&str, &str); 3] = [
     ("top_stocks", include_str!("../../queries/top_stocks.sql")),
 ];
 
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     /// Where orders are written; a fresh temporary directory when not given.
     pub dir: Option<PathBuf>,
     /// Orders generated per second.
@@ -63,7 +65,7 @@ fn show(text: &str) -> bool {
     writeln!(out, "{text}").and_then(|_| out.flush()).is_ok()
 }
 
-pub async fn run_demo(options: DemoOptions) -> Result<()> {
+pub(crate) async fn run_demo(options: DemoOptions) -> Result<()> {
     let mut signals = StopSignals::listen()?;
     let malformed = Arc::new(AtomicU64::new(0));
     let counted = malformed.clone();

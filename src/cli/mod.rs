@@ -1,16 +1,21 @@
-//! The `brook` command's subcommands, kept in the library so they are testable.
+//! The `brook` command, kept in the library so that its parts are testable:
+//! [`main`] runs it; the dashboard's queries are public for tests and benches
+//! that run them in process.
 
+mod command;
 pub mod demo;
-pub mod send;
+pub(crate) mod send;
+
+pub use command::main;
 
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::config::Trigger;
 use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
-use crate::exec::Trigger;
 use crate::ui::{UiOptions, UiServer};
 
 /// Output rows `brook run --ui` keeps of each query that has no memory sink.
@@ -18,7 +23,7 @@ const UI_MIRROR_ROWS: usize = 1000;
 
 /// How `brook run` reports progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProgressFormat {
+pub(crate) enum ProgressFormat {
     None,
     /// One JSON object per batch on standard error.
     Json,
@@ -26,7 +31,7 @@ pub enum ProgressFormat {
 
 /// What `brook run` takes besides the file.
 #[derive(Debug, Clone)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     pub trigger: Option<Trigger>,
     pub progress: ProgressFormat,
     /// A directory holding each query's checkpoint under the query's name.
@@ -40,7 +45,7 @@ pub struct RunOptions {
 /// Ctrl-C (SIGINT) and SIGTERM, listened for from the start of a command: the
 /// first stops its queries after their running batch, as Spark's `stop()`
 /// does; a second ends the command at once.
-pub struct StopSignals {
+pub(crate) struct StopSignals {
     #[cfg(unix)]
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -91,7 +96,7 @@ impl StopSignals {
 
 /// Writes a line on standard error, as long as someone reads it: a reader that
 /// went away (`brook run ... 2>&1 | head`) does not stop the queries.
-pub fn note(line: &str) -> bool {
+pub(crate) fn note(line: &str) -> bool {
     static GONE: AtomicBool = AtomicBool::new(false);
     if GONE.load(Ordering::Relaxed) {
         return false;
@@ -106,7 +111,7 @@ pub fn note(line: &str) -> bool {
 /// Runs a SQL file until its queries stop (once / available-now) or Ctrl-C.
 /// For a process that ends after it: once the queries end by themselves, the
 /// engine is left for the exit to free.
-pub async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
+pub(crate) async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
     let script = std::fs::read_to_string(path).map_err(|e| BrookError::io(path, e))?;
     let mut signals = StopSignals::listen()?;
     let mut overrides = Overrides {

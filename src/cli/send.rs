@@ -3,10 +3,11 @@
 //! or into a Kafka topic, a record per line, as its `streamOrders.sh` does.
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{BrookError, Result};
+use crate::source::location::write_atomically;
 
 pub struct SendOptions {
     pub input: PathBuf,
@@ -64,14 +65,6 @@ pub async fn send_files(options: &SendOptions) -> Result<usize> {
 pub(crate) fn run_prefix() -> String {
     let now = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ");
     format!("{now}-{:08x}", rand::random::<u32>())
-}
-
-/// Writes `name` under `dir` so that a watching source never sees it half-written.
-pub fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, data).map_err(|e| BrookError::io(&tmp, e))?;
-    let dest = dir.join(name);
-    std::fs::rename(&tmp, &dest).map_err(|e| BrookError::io(&dest, e))
 }
 
 /// Where `brook send --kafka` sends, and how fast.

@@ -18,11 +18,9 @@ use tokio::task::JoinHandle;
 
 use super::stateful::Checkpointed;
 use super::{BatchEnv, DStream, Data};
+use crate::config::Trigger;
 use crate::engine::Engine;
 use crate::error::{BrookError, Result};
-use crate::exec::Trigger;
-use crate::exec::faults;
-use crate::exec::query::new_id;
 use crate::progress::{
     Monitored, ProgressLog, QueryInfo, QueryProgress, SinkProgress, SourceProgress,
 };
@@ -35,9 +33,12 @@ use crate::source::{
     FileFormat, FileSource, FileSourceOptions, MalformedStats, ParseMode, SourceOffset,
     StreamSource,
 };
-use crate::state::checkpoint::{DEFAULT_MIN_BATCHES_TO_RETAIN, QueryFingerprint, StateFile};
+use crate::state::checkpoint::{
+    DEFAULT_MIN_BATCHES_TO_RETAIN, QueryFingerprint, StateFile, new_id,
+};
 use crate::state::driver::{Driver, Program};
 use crate::state::{Checkpoint, CommitEntry, Recovery};
+use crate::testing::faults;
 
 /// The checkpoint's name for the DStream operators' state.
 const STATE_OPERATOR: &str = "dstream";

@@ -3,15 +3,18 @@
 //! A [`StreamingContext`] runs a batch every `batch_interval`: it plans each
 //! input's next offset with the same [`StreamSource`]s as SQL queries (the
 //! file source for `text_file_stream`, a socket source, Kafka), writes those
-//! offsets ahead to the same [`Checkpoint`], reads them, and evaluates every
+//! offsets ahead to the same checkpoint, reads them, and evaluates every
 //! output operation. A [`DStream<T>`] is a per-batch computation over typed
 //! values: closures (`map`, `filter`, ...) run on the batch's rows in the
 //! process, `transform_df` hands a batch to DataFusion as a DataFrame, and
 //! stateful operators keep their state in checkpointed snapshots, committed
 //! with the batch as an SQL query's aggregation state is.
+//!
+//! [`StreamSource`]: crate::source::StreamSource
 
 mod context;
 mod dataframe;
+mod keyed;
 mod output;
 mod pair;
 mod stateful;
@@ -24,8 +27,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use context::StreamingContext;
+pub use keyed::KeepFn;
 pub use output::SparkString;
-pub use pair::{Cogrouped, KeepFn};
+pub use pair::Cogrouped;
 pub use stateful::{MapWithStateDStream, State, StateSpec};
 
 use crate::error::{BrookError, Result};

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{DStream, Data};
-use crate::cli::send::write_atomically;
 use crate::error::{BrookError, Result};
+use crate::source::location::write_atomically;
 
 /// A value as Spark (Scala) prints it: `(BUYS,List(5074))`, `Some(3)`, `5.0`
 /// (large and small floats keep Rust's notation, not Scala's `1.0E7`).

@@ -6,36 +6,12 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::keyed::{KeepFn, group, reduce_values};
 use super::stateful::{self, StateSpec};
 use super::{DStream, Data};
 
 /// Each key's values from both streams of a `cogroup`.
 pub type Cogrouped<K, V, W> = (K, (Vec<V>, Vec<W>));
-
-/// Spark's `filterFunc` for the incremental windowed reduce: which keys stay.
-pub type KeepFn<K, V> = Arc<dyn Fn(&(K, V)) -> bool + Send + Sync>;
-
-/// The batch's values grouped by key, keys in order of first appearance.
-pub(crate) fn group<K: Data + Eq + Hash, V: Clone>(rows: &[(K, V)]) -> Vec<(K, Vec<V>)> {
-    let mut index: HashMap<&K, usize> = HashMap::new();
-    let mut out: Vec<(K, Vec<V>)> = vec![];
-    for (k, v) in rows {
-        match index.get(k) {
-            Some(&i) => out[i].1.push(v.clone()),
-            None => {
-                index.insert(k, out.len());
-                out.push((k.clone(), vec![v.clone()]));
-            }
-        }
-    }
-    out
-}
-
-pub(crate) fn reduce_values<V: Clone>(values: &[V], f: &impl Fn(&V, &V) -> V) -> Option<V> {
-    let mut it = values.iter();
-    it.next()
-        .map(|first| it.fold(first.clone(), |acc, x| f(&acc, x)))
-}
 
 impl<K: Data + Eq + Hash, V: Data> DStream<(K, V)> {
     pub fn reduce_by_key(&self, f: impl Fn(&V, &V) -> V + Send + Sync + 'static) -> Self {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::pair::{KeepFn, group, reduce_values};
+use super::keyed::{KeepFn, group, reduce_values};
 use super::{DStream, Data};
 use crate::error::{BrookError, Result};
 

@@ -15,12 +15,12 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
 
-use super::OutputMode;
-use super::slot::Slot;
 use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
+use crate::config::{OutputMode, partitions};
 use crate::error::{BrookError, Result};
 use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
+use crate::sql::slot::Slot;
 use crate::sql::window::{
     WINDOW_COLUMN, WindowSpec, WindowTicks, rewrite_windows, unit_nanos, window_type,
 };
@@ -73,12 +73,6 @@ fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
     // sort below it already applied.
     config.options_mut().optimizer.max_passes = 1;
     SessionContext::new_with_config_rt(config, runtime)
-}
-
-/// The cores to use; asked once, as each asking reads the cgroup's CPU quota files.
-pub fn partitions() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
 /// Plans `query` over the declared sources. `mode` is the requested output mode,

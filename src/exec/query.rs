@@ -16,10 +16,8 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
-use super::faults;
-use super::slot::Feed;
 use super::stateful::execute;
-use super::{OutputMode, Trigger};
+use crate::config::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
 use crate::progress::{
     EventTimeProgress, Monitored, ProgressLog, QueryProgress, SinkProgress, SourceProgress,
@@ -28,11 +26,13 @@ use crate::progress::{
 use crate::sink::Sink;
 use crate::source::{MalformedStats, SourceOffset, StreamSource};
 use crate::sql::script::WatermarkSpec;
+use crate::sql::slot::Feed;
 use crate::sql::window::unit_nanos;
 use crate::state::checkpoint::DEFAULT_MIN_BATCHES_TO_RETAIN;
 use crate::state::driver::{Driver, Program};
 use crate::state::store::{Saved, StateStore};
 use crate::state::{Checkpoint, CommitEntry, EventTime, Recovery};
+use crate::testing::faults;
 
 pub use crate::progress::{ProgressListener, QueryInfo};
 
@@ -287,12 +287,6 @@ impl Monitored for StreamingQuery {
     fn stop(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(StreamingQuery::stop(self))
     }
-}
-
-pub(crate) fn new_id() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
 }
 
 /// Holds a query back until it turns true (or its sender is gone).

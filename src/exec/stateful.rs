@@ -16,9 +16,9 @@ use datafusion::execution::TaskContext;
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 
-use super::OutputMode;
-use super::slot::Slot;
+use crate::config::OutputMode;
 use crate::error::Result;
+use crate::sql::slot::Slot;
 use crate::sql::window::WindowTicks;
 
 /// Runs a plan built once per query, resetting any state an earlier run left in it.

@@ -10,8 +10,8 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::util::pretty::pretty_format_batches_with_schema;
 
 use super::Sink;
+use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
-use crate::exec::OutputMode;
 use crate::options::Options;
 
 /// A console sink table's options.

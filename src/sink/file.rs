@@ -22,9 +22,10 @@ use datafusion::parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
 use super::Sink;
+use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
-use crate::exec::{OutputMode, faults};
 use crate::source::location::Location;
+use crate::testing::faults;
 
 pub const MANIFEST_DIR: &str = "_brook_manifest";
 

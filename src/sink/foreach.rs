@@ -8,8 +8,8 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 
 use super::Sink;
+use crate::config::OutputMode;
 use crate::error::Result;
-use crate::exec::OutputMode;
 
 type BatchFn = dyn Fn(u64, &[RecordBatch]) -> Result<()> + Send + Sync;
 

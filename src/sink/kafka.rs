@@ -34,8 +34,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Sink;
+use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
-use crate::exec::OutputMode;
 use crate::options::Options;
 use crate::source::kafka::client_options;
 

@@ -15,8 +15,8 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::Sink;
+use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
-use crate::exec::OutputMode;
 
 #[derive(Debug, Default)]
 struct Contents {
@@ -114,7 +114,7 @@ impl Sink for MemorySink {
 }
 
 /// The last `limit` rows of `batches`, as slices of them.
-pub fn last_rows(batches: &[RecordBatch], limit: usize) -> Vec<RecordBatch> {
+pub(crate) fn last_rows(batches: &[RecordBatch], limit: usize) -> Vec<RecordBatch> {
     let mut left = limit;
     let mut kept = vec![];
     for batch in batches.iter().rev() {

@@ -8,8 +8,8 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 
 use super::{MemorySink, Sink};
+use crate::config::OutputMode;
 use crate::error::Result;
-use crate::exec::OutputMode;
 
 #[derive(Debug)]
 pub struct MirrorSink {

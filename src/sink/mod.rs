@@ -5,7 +5,7 @@ pub mod file;
 pub mod foreach;
 pub mod kafka;
 pub mod memory;
-pub mod mirror;
+pub(crate) mod mirror;
 
 use std::fmt::Debug;
 
@@ -17,10 +17,10 @@ pub use console::ConsoleSink;
 pub use file::{FileSink, OutputFormat};
 pub use foreach::ForeachBatchSink;
 pub use memory::MemorySink;
-pub use mirror::MirrorSink;
+pub(crate) use mirror::MirrorSink;
 
+use crate::config::OutputMode;
 use crate::error::Result;
-use crate::exec::OutputMode;
 
 #[async_trait]
 pub trait Sink: Send + Sync + Debug {

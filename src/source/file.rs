@@ -71,7 +71,7 @@ impl Default for FileSourceOptions {
             recursive: false,
             max_file_age: None,
             clean_source: CleanSource::Off,
-            parallelism: 2 * crate::exec::compile::partitions(),
+            parallelism: 2 * crate::config::partitions(),
         }
     }
 }
@@ -169,7 +169,7 @@ struct Seen {
 }
 
 #[derive(Debug)]
-pub struct FileSource {
+pub(crate) struct FileSource {
     location: Location,
     decoder: Arc<Decoder>,
     shared: Registration,

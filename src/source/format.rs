@@ -33,8 +33,8 @@ use super::malformed::{
     DEFAULT_CORRUPT_COLUMN, MalformedRecord, MalformedStats, ParseMode, excerpt,
 };
 use super::timestamps::CsvColumns;
+use crate::config::partitions;
 use crate::error::{BrookError, Result};
-use crate::exec::compile::partitions;
 use crate::options::Options;
 
 #[derive(Debug, Clone, PartialEq)]

@@ -14,7 +14,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use url::Url;
 
 use crate::error::{BrookError, Result};
-use crate::exec::faults;
+use crate::testing::faults;
 
 /// A resolved location: where to list, read or write, and how to show it to users.
 #[derive(Debug, Clone)]
@@ -211,6 +211,14 @@ pub(crate) fn temporary_name(name: &str) -> String {
 /// rename leaves it behind.
 pub(crate) fn is_temporary(name: &str) -> bool {
     name.len() > ".tmp".len() + 1 && name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Writes `name` under `dir` so that a watching source never sees it half-written.
+pub fn write_atomically(dir: &FsPath, name: &str, data: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, data).map_err(|e| BrookError::io(&tmp, e))?;
+    let dest = dir.join(name);
+    std::fs::rename(&tmp, &dest).map_err(|e| BrookError::io(&dest, e))
 }
 
 /// Runs file-system work off the runtime's threads, which run other queries.

@@ -93,7 +93,7 @@ impl MalformedStats {
 }
 
 /// Shortens a record's text for samples and error messages.
-pub fn excerpt(bytes: &[u8]) -> String {
+pub(crate) fn excerpt(bytes: &[u8]) -> String {
     const MAX: usize = 200;
     let text = String::from_utf8_lossy(bytes);
     let text = text.trim_end_matches(['\r', '\n']);

@@ -7,10 +7,10 @@
 pub mod file;
 pub mod format;
 pub mod kafka;
-pub mod location;
+pub(crate) mod location;
 pub mod malformed;
-pub mod shared;
-pub mod socket;
+pub(crate) mod shared;
+pub(crate) mod socket;
 mod timestamps;
 
 use std::fmt::Debug;
@@ -23,16 +23,18 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-pub use file::{CleanSource, FileSource, FileSourceOptions};
+pub(crate) use file::FileSource;
+pub use file::{CleanSource, FileSourceOptions};
 pub use format::{CsvOptions, DecodeOptions, FileFormat};
-pub use kafka::SharedReads;
+pub(crate) use kafka::SharedReads;
+pub use location::write_atomically;
 pub use malformed::{MalformedRecord, MalformedStats, ParseMode};
 
 use crate::error::Result;
 
 /// What the sources of one engine share: decoded files and Kafka reads.
 #[derive(Debug, Default)]
-pub struct SharedInput {
+pub(crate) struct SharedInput {
     pub files: Arc<shared::SharedDecodes>,
     pub kafka: Arc<SharedReads>,
 }

@@ -25,8 +25,8 @@ use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, cast, col, lit,
 };
 
+use super::slot::Slot;
 use crate::error::{BrookError, Result};
-use crate::exec::slot::Slot;
 
 /// Column of the partial and state rows counting the input rows of a group.
 pub const ROWS_COLUMN: &str = "__rows";

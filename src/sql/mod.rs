@@ -1,6 +1,8 @@
-//! The streaming SQL dialect: scripts, watermarks, windows, incremental plans.
+//! The streaming SQL dialect: scripts, watermarks, windows, incremental plans
+//! over slots.
 
 pub mod depth;
 pub mod incremental;
 pub mod script;
+pub mod slot;
 pub mod window;

@@ -35,9 +35,9 @@ use tokio::task::JoinHandle;
 
 use super::files::{CheckpointFiles, JSON_V1, JSON_V2, JSON_V3, Json};
 use crate::error::{BrookError, Result};
-use crate::exec::faults;
 use crate::source::SourceOffset;
 use crate::source::location::Location;
+use crate::testing::faults;
 
 /// Committed batches whose files are kept (Spark's `minBatchesToRetain`).
 pub const DEFAULT_MIN_BATCHES_TO_RETAIN: u64 = 100;
@@ -263,7 +263,7 @@ impl Checkpoint {
                     ));
                 }
                 let meta = Metadata {
-                    id: crate::exec::query::new_id(),
+                    id: new_id(),
                     created: now(),
                     brook_version: env!("CARGO_PKG_VERSION").to_string(),
                     sql: sql.to_string(),
@@ -745,6 +745,13 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// A new query's id, random: it names the query across restarts from its checkpoint.
+pub(crate) fn new_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
 }
 
 fn now() -> String {

@@ -25,9 +25,9 @@ use tokio::task::JoinHandle;
 
 use super::checkpoint::{Checkpoint, CommitEntry, OffsetEntry, Recovery};
 use crate::error::Result;
-use crate::exec::faults::{self, crash_point};
 use crate::progress::QueryProgress;
 use crate::source::SourceOffset;
+use crate::testing::faults::{self, crash_point};
 
 /// What a batch loop runs: its sources, its computation and its output. The
 /// [`Driver`] calls these in the checkpoint's order.

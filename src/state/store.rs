@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use super::checkpoint::{Checkpoint, CommitEntry, StateFile};
 use super::delta;
 use crate::error::{BrookError, Result};
-use crate::exec::faults;
+use crate::testing::faults;
 
 /// Change files written before the whole state is written again.
 const SNAPSHOT_AFTER: usize = 10;

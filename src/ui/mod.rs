@@ -82,7 +82,7 @@ pub struct UiServer {
 
 impl UiServer {
     /// Starts a server when `options` asks for one.
-    pub async fn start_if(
+    pub(crate) async fn start_if(
         engine: &Arc<Engine>,
         options: Option<UiOptions>,
     ) -> Result<Option<Self>> {

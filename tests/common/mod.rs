@@ -7,9 +7,9 @@ pub mod tools;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use brook::cli::send::write_atomically;
 use brook::datafusion::arrow::array::{Array, RecordBatch};
 use brook::datafusion::arrow::util::display::array_value_to_string;
+use brook::source::write_atomically;
 use brook::{Engine, StreamingQuery};
 
 /// Writes `lines` into `dir` atomically, as a watched directory expects.

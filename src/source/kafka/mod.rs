@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use fetch::{Patience, Rows, fetch};
-pub use options::{KafkaValue, client_options};
-pub use shared::SharedReads;
+pub(crate) use options::{KafkaValue, client_options};
+pub(crate) use shared::SharedReads;
 use shared::{Progress, Registration, parts};
 
 use super::format::Decoder;
@@ -46,7 +46,7 @@ pub enum StartingOffsets {
 
 /// Which topics a source reads.
 #[derive(Debug, Clone)]
-pub enum Topics {
+pub(crate) enum Topics {
     /// Spark's `subscribe`: these topics, which must exist.
     List(Vec<String>),
     /// Spark's `subscribePattern`: every topic whose whole name matches, as topics come and go.
@@ -63,7 +63,7 @@ impl std::fmt::Display for Topics {
 }
 
 #[derive(Debug, Clone)]
-pub struct KafkaOptions {
+pub(crate) struct KafkaOptions {
     pub bootstrap_servers: String,
     pub topics: Topics,
     pub starting_offsets: StartingOffsets,
@@ -82,7 +82,7 @@ pub struct KafkaOptions {
 }
 
 /// The type of the `headers` column: Spark's `array<struct<key: string, value: binary>>`.
-pub fn headers_type() -> DataType {
+pub(crate) fn headers_type() -> DataType {
     DataType::List(Arc::new(Field::new_list_field(
         DataType::Struct(header_fields()),
         true,
@@ -98,7 +98,7 @@ fn header_fields() -> Fields {
 
 /// The columns of a Kafka table read without a value format (Spark's), with
 /// `headers` last when asked for.
-pub fn kafka_schema(include_headers: bool) -> SchemaRef {
+pub(crate) fn kafka_schema(include_headers: bool) -> SchemaRef {
     let mut fields = vec![
         Field::new("key", DataType::Binary, true),
         Field::new("value", DataType::Binary, true),
@@ -130,7 +130,7 @@ struct Range {
 
 type Ranges = BTreeMap<String, BTreeMap<i32, Range>>;
 
-pub struct KafkaSource {
+pub(crate) struct KafkaSource {
     options: KafkaOptions,
     rows: Rows,
     clients: Arc<Clients>,
@@ -406,8 +406,8 @@ impl KafkaSource {
 /// How many clients read a batch by default: one per core, up to 4, since
 /// each keeps threads and sockets of its own and prefetches up to
 /// `queued.max.messages.kbytes` (64 MB).
-pub fn default_readers() -> usize {
-    crate::exec::compile::partitions().min(4)
+pub(crate) fn default_readers() -> usize {
+    crate::config::partitions().min(4)
 }
 
 /// A source's Kafka clients: the first, made at start, also asks for

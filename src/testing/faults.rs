@@ -40,12 +40,12 @@ tokio::task_local! {
 }
 
 /// Runs a query's batch loop, so that its points know the query's name.
-pub async fn in_query<F: Future>(name: String, f: F) -> F::Output {
+pub(crate) async fn in_query<F: Future>(name: String, f: F) -> F::Output {
     QUERY.scope(name, f).await
 }
 
 /// Spawns `f` as part of the current query, so that its points know the query's name.
-pub fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+pub(crate) fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -59,7 +59,7 @@ where
 /// What a task started by [`spawn`] returned; a task that panicked or was
 /// cancelled is an error. The task stays where it is: a caller that is itself
 /// dropped while waiting leaves it to its owner.
-pub async fn settle<T>(
+pub(crate) async fn settle<T>(
     task: &mut tokio::task::JoinHandle<crate::error::Result<T>>,
 ) -> crate::error::Result<T> {
     task.await.map_err(|e| {
@@ -90,7 +90,7 @@ fn pauses() -> &'static [Pause] {
 }
 
 /// Stops here for good if a crash test asked for `point` in `batch`.
-pub fn crash_point(point: &str, batch: u64) {
+pub(crate) fn crash_point(point: &str, batch: u64) {
     let pauses = pauses();
     if pauses.is_empty() {
         return;

@@ -1,4 +1,4 @@
-//! The `brook` command line.
+//! The `brook` command line: its arguments, and `main`, which runs one command.
 
 use std::io::{IsTerminal, Write};
 use std::net::IpAddr;
@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use brook::cli::demo::{DemoOptions, run_demo};
-use brook::cli::send::{KafkaSendOptions, SendOptions, send_files, send_kafka};
-use brook::cli::{ProgressFormat, RunOptions, run_file};
-use brook::duration::parse_duration;
-use brook::memory::parse_size;
-use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
-use brook::ui::{TOKEN_ENV, UiOptions};
-use brook::{BrookError, Trigger};
+use crate::cli::demo::{DemoOptions, run_demo};
+use crate::cli::send::{KafkaSendOptions, SendOptions, send_files, send_kafka};
+use crate::cli::{ProgressFormat, RunOptions, run_file};
+use crate::config::Trigger;
+use crate::duration::parse_duration;
+use crate::error::BrookError;
+use crate::memory::parse_size;
+use crate::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use crate::ui::{TOKEN_ENV, UiOptions};
 use chrono::NaiveDateTime;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -326,8 +327,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
 /// Kafka runs, whose client threads allocate all the time, a sixth slower.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
-    let heaps =
-        libc::c_int::try_from(2 * brook::exec::compile::partitions()).unwrap_or(libc::c_int::MAX);
+    let heaps = libc::c_int::try_from(2 * crate::config::partitions()).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt sets allocator parameters only; no other thread runs yet.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
@@ -340,7 +340,7 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
     // The demo counts malformed lines in its view; warnings would scroll it away.
