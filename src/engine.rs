@@ -46,7 +46,7 @@ impl Planning {
         match (&mut self.0).await {
             Ok(compiled) => compiled,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(BrookError::Plan(format!("planning the query failed: {e}"))),
+            Err(e) => Err(BrookError::task("planning the query", e)),
         }
     }
 }
@@ -148,7 +148,7 @@ impl Engine {
     fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
         self.catalog
             .lock()
-            .map_err(|_| BrookError::Plan("catalog lock poisoned".into()))
+            .map_err(|_| BrookError::poisoned("catalog"))
     }
 
     /// Runs a batch SQL query now, e.g. over memory sink tables.
@@ -243,8 +243,8 @@ impl Engine {
             stmt @ DFStatement::CreateExternalTable(_) => {
                 let plan = self.ctx.state().statement_to_plan(stmt).await?;
                 let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan else {
-                    return Err(BrookError::Plan(
-                        "CREATE EXTERNAL TABLE did not plan as DDL".into(),
+                    return Err(BrookError::internal(
+                        "CREATE EXTERNAL TABLE did not plan as DDL",
                     ));
                 };
                 if cmd.unbounded {

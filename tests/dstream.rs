@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use brook::BrookError;
 use brook::datafusion::prelude::SessionContext;
 use brook::dstream::{DStream, Data, StateSpec, StreamingContext};
 
@@ -793,4 +794,39 @@ async fn a_checkpointed_program_keeps_the_batches_it_is_told_to_retain() {
     let kept: Vec<u64> = (snapshot - 3..=last).collect();
     assert_eq!(ids("offsets"), kept);
     assert_eq!(ids("commits"), kept);
+}
+
+/// A program embedding the DStream API learns why its context stopped: a
+/// `ContextFailed` holding the error of the output that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_output_stops_the_context_with_its_error_as_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("blocker");
+    std::fs::write(&blocker, "a file, not a directory").unwrap();
+    let prefix = blocker.join("out");
+    let ctx = StreamingContext::new(&SessionContext::new(), TICK);
+    let numbers = ctx.queue_stream(vec![vec![1_i64]], true);
+    numbers.save_as_text_files(prefix.to_str().unwrap(), "");
+    ctx.start().unwrap();
+    let err = ctx.await_termination().await.unwrap_err();
+    let BrookError::ContextFailed { source } = &err else {
+        panic!("not a context failure: {err:?}");
+    };
+    let BrookError::Sink { sink, message } = &**source else {
+        panic!("not the output's error: {source:?}");
+    };
+    let expected = format!("saveAsTextFiles {}-", prefix.display());
+    assert!(sink.starts_with(&expected), "{sink}");
+    assert!(message.contains("cannot create the directory"), "{message}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("the streaming context failed: sink '{expected}")),
+        "{err}"
+    );
+    // Starting it again is a mistake of the program, not of its data.
+    let again = ctx.start().unwrap_err();
+    assert!(
+        matches!(&again, BrookError::Usage(m) if m.contains("already started")),
+        "{again}"
+    );
 }

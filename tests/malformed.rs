@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use brook::datafusion::arrow::datatypes::{DataType, Field, Schema};
 use brook::source::FileFormat;
-use brook::{Engine, QueryProgress, StreamingQuery};
+use brook::{BrookError, Engine, QueryProgress, StreamingQuery};
 
 /// Writes `text` under a hidden name, then renames it into `dir`, so the
 /// source never lists a half-written file.
@@ -98,6 +98,65 @@ async fn a_failfast_query_reports_its_error_through_the_api() {
     assert!(!query.is_active());
     let exception = query.exception().unwrap();
     assert!(exception.contains(&place), "{exception}");
+}
+
+/// A program embedding brook tells a query stopped by a bad row from other
+/// failures by matching the error, and finds the row's file and line under it,
+/// the same each time it asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failfast_stop_is_a_query_failure_whose_source_is_the_malformed_row() {
+    let (_tmp, input) = tmp_source();
+    let engine = Engine::new();
+    let query = start_memory(
+        &engine,
+        &input,
+        "FAILFAST",
+        "typed",
+        "SELECT order_id FROM orders",
+    )
+    .await;
+    let file = put(
+        &input,
+        "a.csv",
+        lines(&[
+            &order("20:00:01", 1, "AAPL", 10, 1.5, "B"),
+            "2016-03-22 20:00:02,2,102,MSFT,5,abc,S",
+        ]),
+    );
+    let awaited = query.await_termination().await.unwrap_err();
+    let stopped = query.stop().await.unwrap_err();
+    for err in [&awaited, &stopped] {
+        let BrookError::QueryFailed { query, source } = err else {
+            panic!("not a query failure: {err:?}");
+        };
+        assert_eq!(query, "typed");
+        let BrookError::Malformed {
+            file: f,
+            line,
+            reason,
+        } = &**source
+        else {
+            panic!("not stopped by the malformed row: {source:?}");
+        };
+        assert_eq!((f.as_str(), *line), (file.to_str().unwrap(), 2));
+        assert!(reason.contains("price"), "{reason}");
+        assert!(matches!(
+            err.find_root(),
+            BrookError::Malformed { line: 2, .. }
+        ));
+
+        // Walking `source()`, as a generic error reporter does, reaches the
+        // same row: the query's error is shared, so it is held in an `Arc`.
+        let cause = std::error::Error::source(err).unwrap();
+        assert_eq!(cause.to_string(), source.to_string());
+        let held = cause.downcast_ref::<Arc<BrookError>>().unwrap();
+        assert!(Arc::ptr_eq(held, source));
+        assert!(err.to_string().starts_with(&format!(
+            "query 'typed' failed: malformed record in {} line 2: ",
+            file.display()
+        )));
+    }
+    assert_eq!(awaited.to_string(), stopped.to_string());
 }
 
 /// A batch's files are fed to the aggregation as they are read: a bad file

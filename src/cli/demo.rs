@@ -107,11 +107,8 @@ pub(crate) async fn run_demo(options: DemoOptions) -> Result<()> {
             _ = signals.recv() => break Ok(()),
         }
         // A query stopped from the web UI is not an error; one that failed is.
-        if let Some((q, e)) = queries.iter().find_map(|q| q.exception().map(|e| (q, e))) {
-            break Err(BrookError::Stopped(format!(
-                "query {} failed: {e}",
-                q.name()
-            )));
+        if let Some(q) = queries.iter().find(|q| q.exception().is_some()) {
+            break q.await_termination().await;
         }
         let view = render(
             &engine,

@@ -85,7 +85,7 @@ impl StopSignals {
     pub async fn stop(&mut self, engine: &Engine) -> Result<()> {
         tokio::select! {
             stopped = engine.stop_all() => stopped,
-            _ = self.recv() => Err(BrookError::Stopped(
+            _ = self.recv() => Err(BrookError::Cancelled(
                 "stopped at once by a second signal: the running batches were abandoned \
                  (a checkpointed query runs them again on the next run)"
                     .into(),

@@ -82,7 +82,7 @@ struct Inner {
     /// Batches completed: tests and `await_batches` wait on it.
     completed: watch::Sender<u64>,
     finished: watch::Sender<bool>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<Arc<BrookError>>>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -93,7 +93,7 @@ pub struct StreamingContext {
 }
 
 fn poisoned<T>(_: T) -> BrookError {
-    BrookError::Plan("streaming context lock poisoned".into())
+    BrookError::poisoned("streaming context")
 }
 
 impl StreamingContext {
@@ -256,10 +256,10 @@ impl StreamingContext {
                 .inputs
                 .get(index)
                 .cloned()
-                .ok_or_else(|| BrookError::Plan(format!("no input {index}")))?;
+                .ok_or_else(|| BrookError::internal(format!("no input {index}")))?;
             rows.downcast::<Vec<T>>()
                 .map(Some)
-                .map_err(|_| BrookError::Plan(format!("input {index} has another type")))
+                .map_err(|_| BrookError::internal(format!("input {index} has another type")))
         })
     }
 
@@ -341,7 +341,7 @@ impl StreamingContext {
     pub fn union<T: Data>(&self, streams: &[DStream<T>]) -> Result<DStream<T>> {
         let (first, rest) = streams
             .split_first()
-            .ok_or_else(|| BrookError::Plan("union of no streams".into()))?;
+            .ok_or_else(|| BrookError::usage("union of no streams"))?;
         Ok(rest.iter().fold(first.clone(), |acc, s| acc.union(s)))
     }
 
@@ -349,13 +349,13 @@ impl StreamingContext {
     pub fn start(&self) -> Result<()> {
         let mut task = self.inner.task.lock().map_err(poisoned)?;
         if task.is_some() {
-            return Err(BrookError::Plan(
-                "the streaming context was already started".into(),
+            return Err(BrookError::usage(
+                "the streaming context was already started",
             ));
         }
         let invalid = self.inner.invalid.lock().map_err(poisoned)?.clone();
         if !invalid.is_empty() {
-            return Err(BrookError::Plan(format!(
+            return Err(BrookError::usage(format!(
                 "the DStream program cannot run: {}",
                 invalid.join("; ")
             )));
@@ -363,11 +363,10 @@ impl StreamingContext {
         let checkpointed = self.inner.checkpoint.lock().map_err(poisoned)?.is_some();
         let inputs = std::mem::take(&mut *self.inner.inputs.lock().map_err(poisoned)?);
         if checkpointed && inputs.iter().any(|i| matches!(i, Input::Queue(_))) {
-            return Err(BrookError::Plan(
+            return Err(BrookError::usage(
                 "queue_stream cannot be checkpointed: its batches live in the program and would \
                  be replayed on restart (Spark refuses this too); drop the checkpoint or read \
-                 from files, a socket or Kafka"
-                    .into(),
+                 from files, a socket or Kafka",
             ));
         }
         self.inner.started.store(true, Ordering::SeqCst);
@@ -378,7 +377,7 @@ impl StreamingContext {
             if let Err(e) = result {
                 tracing::error!("streaming context failed: {e}");
                 if let Ok(mut slot) = inner.error.lock() {
-                    *slot = Some(e.to_string());
+                    *slot = Some(Arc::new(e));
                 }
             }
             inner.finished.send_replace(true);
@@ -389,16 +388,14 @@ impl StreamingContext {
     /// Waits until the context stops; the error it failed with, if any.
     pub async fn await_termination(&self) -> Result<()> {
         if !self.inner.started.load(Ordering::SeqCst) && !*self.inner.finished.borrow() {
-            return Err(BrookError::Plan(
-                "await_termination before start: start the streaming context first".into(),
+            return Err(BrookError::usage(
+                "await_termination before start: start the streaming context first",
             ));
         }
         let mut finished = self.inner.finished.subscribe();
         let _ = finished.wait_for(|f| *f).await;
         match self.inner.error.lock().ok().and_then(|e| e.clone()) {
-            Some(e) => Err(BrookError::Stopped(format!(
-                "the streaming context failed: {e}"
-            ))),
+            Some(source) => Err(BrookError::ContextFailed { source }),
             None => Ok(()),
         }
     }
@@ -434,9 +431,8 @@ impl StreamingContext {
         self.await_termination().await?;
         let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
-            task.await.map_err(|e| {
-                BrookError::Stopped(format!("the DStream batch loop panicked: {e}"))
-            })?;
+            task.await
+                .map_err(|e| BrookError::task("the DStream batch loop", e))?;
         }
         Ok(())
     }
@@ -468,7 +464,11 @@ impl Monitored for StreamingContext {
             sink: count(outputs, "output operation"),
             memory_table: None,
             active: inner.started.load(Ordering::SeqCst) && !*inner.finished.borrow(),
-            exception: inner.error.lock().ok().and_then(|e| e.clone()),
+            exception: inner
+                .error
+                .lock()
+                .ok()
+                .and_then(|e| e.as_ref().map(|e| e.to_string())),
         }
     }
 
@@ -679,7 +679,7 @@ impl Program for Batches {
                 .try_fold(0, |rows, out| Ok::<_, BrookError>(rows + out(&env)?))
         })
         .await
-        .map_err(|e| BrookError::Stopped(format!("a DStream batch panicked: {e}")))??;
+        .map_err(|e| BrookError::task("a DStream batch", e))??;
         if let Some(cp) = &self.checkpoint {
             let state = save_states(&self.states)?;
             let file = cp
@@ -798,7 +798,10 @@ async fn open_checkpoint(
 
 /// A logged batch: its time and each input's offset.
 fn logged_batch(offset: Option<SourceOffset>) -> Result<(i64, Vec<Option<SourceOffset>>)> {
-    let bad = || BrookError::Plan("a DStream checkpoint offset without time and inputs".into());
+    let bad = || BrookError::CheckpointData {
+        message: "a DStream checkpoint offset without time and inputs".into(),
+        source: None,
+    };
     let value = offset.ok_or_else(bad)?.0;
     let time = value["time"].as_i64().ok_or_else(bad)?;
     let inputs = value["inputs"]
@@ -850,7 +853,9 @@ fn keys_and_values(batches: &[RecordBatch]) -> Result<Arc<dyn Any + Send + Sync>
             batch
                 .column_by_name(name)
                 .and_then(|c| c.as_binary_opt::<i32>())
-                .ok_or_else(|| BrookError::Plan(format!("a Kafka batch without binary '{name}'")))
+                .ok_or_else(|| {
+                    BrookError::internal(format!("a Kafka batch without binary '{name}'"))
+                })
         };
         let (keys, values) = (column("key")?, column("value")?);
         for (k, v) in keys.iter().zip(values.iter()) {

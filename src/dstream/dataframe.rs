@@ -21,7 +21,7 @@ fn to_batch<T: Data>(rows: &[T]) -> Result<RecordBatch> {
         .iter()
         .map(serde_json::to_value)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| BrookError::Plan(format!("transform_df: a row does not serialise: {e}")))?;
+        .map_err(|e| BrookError::serde("transform_df: a row does not serialise", e))?;
     let schema = Arc::new(infer_json_schema_from_iterator(values.iter().map(Ok))?);
     let mut decoder = ReaderBuilder::new(schema.clone()).build_decoder()?;
     decoder.serialize(&values)?;
@@ -41,9 +41,7 @@ fn from_batches<U: Data>(batches: &[RecordBatch]) -> Result<Vec<U>> {
         .filter(|line| !line.is_empty())
         .map(|line| {
             serde_json::from_slice(line).map_err(|e| {
-                BrookError::Plan(format!(
-                    "transform_df: a result row does not fit the output type: {e}"
-                ))
+                BrookError::serde("transform_df: a result row does not fit the output type", e)
             })
         })
         .collect()

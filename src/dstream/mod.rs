@@ -95,7 +95,7 @@ impl<T: Data> DStream<T> {
         let cached = env
             .results
             .lock()
-            .map_err(|_| BrookError::Plan("batch results lock poisoned".into()))?
+            .map_err(|_| BrookError::poisoned("batch results"))?
             .get(&self.id)
             .cloned();
         if let Some(hit) = cached {
@@ -104,7 +104,7 @@ impl<T: Data> DStream<T> {
         let rdd = (self.compute)(env)?;
         env.results
             .lock()
-            .map_err(|_| BrookError::Plan("batch results lock poisoned".into()))?
+            .map_err(|_| BrookError::poisoned("batch results"))?
             .insert(
                 self.id,
                 rdd.clone().map(|r| r as Arc<dyn Any + Send + Sync>),

@@ -25,12 +25,14 @@ struct Cell<S>(Mutex<S>);
 
 impl<S: Serialize + DeserializeOwned + Send> Checkpointed for Cell<S> {
     fn save(&self) -> Result<serde_json::Value> {
-        serde_json::to_value(&*self.lock()?).map_err(|e| BrookError::Plan(e.to_string()))
+        serde_json::to_value(&*self.lock()?).map_err(|e| BrookError::serde("a DStream state", e))
     }
 
     fn load(&self, value: serde_json::Value) -> Result<()> {
-        *self.lock()? = serde_json::from_value(value)
-            .map_err(|e| BrookError::Plan(format!("unreadable DStream state: {e}")))?;
+        *self.lock()? = serde_json::from_value(value).map_err(|e| BrookError::CheckpointData {
+            message: format!("unreadable DStream state in the checkpoint: {e}"),
+            source: Some(Box::new(e)),
+        })?;
         Ok(())
     }
 }
@@ -39,7 +41,7 @@ impl<S> Cell<S> {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, S>> {
         self.0
             .lock()
-            .map_err(|_| BrookError::Plan("DStream state lock poisoned".into()))
+            .map_err(|_| BrookError::poisoned("DStream state"))
     }
 }
 

@@ -141,7 +141,7 @@ pub async fn compile(
         });
         async move {
             task.await
-                .map_err(|e| BrookError::Plan(format!("planning task failed: {e}")))?
+                .map_err(|e| BrookError::task("the planning task", e))?
         }
     };
     let task_ctx = ctx.task_ctx();
@@ -256,7 +256,7 @@ pub async fn compile(
         .partial
         .schema()
         .index_of_column_by_name(None, ROWS_COLUMN)
-        .ok_or_else(|| BrookError::Plan("partial aggregation lost its row count".into()))?;
+        .ok_or_else(|| BrookError::internal("partial aggregation lost its row count"))?;
     let (partial, merge, finalize) = (
         physical(split.partial),
         physical(split.merge),

@@ -87,7 +87,7 @@ struct Shared {
     /// Counts polls that found nothing to do: `process_all_available` waits on it.
     idle: watch::Sender<u64>,
     finished: watch::Sender<bool>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<Arc<BrookError>>>,
 }
 
 /// The handle of a running streaming query.
@@ -226,6 +226,10 @@ impl StreamingQuery {
 
     /// The error the query stopped with, if it failed.
     pub fn exception(&self) -> Option<String> {
+        self.error().map(|e| e.to_string())
+    }
+
+    fn error(&self) -> Option<Arc<BrookError>> {
         self.shared.error.lock().ok().and_then(|e| e.clone())
     }
 
@@ -242,8 +246,9 @@ impl StreamingQuery {
         let _ = finished.wait_for(|f| *f).await;
         let task = self.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
-            task.await.map_err(|e| {
-                BrookError::Stopped(format!("query '{}': its task panicked: {e}", self.name()))
+            task.await.map_err(|e| BrookError::QueryFailed {
+                query: self.name().to_string(),
+                source: Arc::new(BrookError::task("the task running it", e)),
             })?;
         }
         self.failure()
@@ -251,11 +256,11 @@ impl StreamingQuery {
 
     /// The query's error, naming the query: a program running several learns which failed.
     fn failure(&self) -> Result<()> {
-        match self.exception() {
-            Some(e) => Err(BrookError::Stopped(format!(
-                "query '{}' failed: {e}",
-                self.name()
-            ))),
+        match self.error() {
+            Some(source) => Err(BrookError::QueryFailed {
+                query: self.name().to_string(),
+                source,
+            }),
             None => Ok(()),
         }
     }
@@ -301,11 +306,11 @@ async fn drive(mut runner: Runner, options: QueryOptions, gate: Gate) {
         runner.run_loop(&options, gate).await
     }))
     .await
-    .unwrap_or_else(|e| Err(BrookError::Stopped(format!("a batch panicked: {e}"))));
+    .unwrap_or_else(|e| Err(BrookError::task("a batch", e)));
     if let Err(e) = result {
         tracing::error!(query = %shared.name, "query failed: {e}");
         if let Ok(mut slot) = shared.error.lock() {
-            *slot = Some(e.to_string());
+            *slot = Some(Arc::new(e));
         }
     }
     shared.finished.send_replace(true);

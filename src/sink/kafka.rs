@@ -276,7 +276,7 @@ impl KafkaSink {
                 (None, None) => return Err(self.error("no 'topic' column")),
             };
             let headers = match batch.column_by_name("headers") {
-                Some(h) => headers_of(h)?,
+                Some(h) => headers_of(h, |m| self.error(m))?,
                 None => vec![None; values.len()],
             };
             let rows = values.into_iter().zip(keys).zip(topics).zip(headers);
@@ -408,17 +408,20 @@ fn bytes_of(column: &ArrayRef) -> Result<Vec<Option<Vec<u8>>>> {
     let binary = binary
         .as_any()
         .downcast_ref::<datafusion::arrow::array::BinaryArray>()
-        .ok_or_else(|| BrookError::Plan("a binary cast gave no binary array".into()))?;
+        .ok_or_else(|| BrookError::internal("a binary cast gave no binary array"))?;
     Ok((0..binary.len())
         .map(|i| (!binary.is_null(i)).then(|| binary.value(i).to_vec()))
         .collect())
 }
 
 /// Each row's headers, from a `headers` column as the Kafka source gives it
-/// (a list of `key`, `value` structs).
-fn headers_of(column: &ArrayRef) -> Result<Vec<Option<OwnedHeaders>>> {
+/// (a list of `key`, `value` structs); a column of another type is the sink's `error`.
+fn headers_of(
+    column: &ArrayRef,
+    error: impl Fn(String) -> BrookError,
+) -> Result<Vec<Option<OwnedHeaders>>> {
     let bad = || {
-        BrookError::Plan(format!(
+        error(format!(
             "a 'headers' column must be a list of (key string, value binary) structs, as the \
              Kafka source's, not {}",
             column.data_type()

@@ -500,8 +500,8 @@ impl FileSource {
                     let dest = archived(root, &file);
                     blocking(move || archive(&file, &dest)).await
                 }
-                (CleanAction::Archive(_), None) => Err(BrookError::Plan(
-                    "archiving is only possible in a local directory".into(),
+                (CleanAction::Archive(_), None) => Err(BrookError::internal(
+                    "archiving is only possible in a local directory",
                 )),
             };
             match cleaned {
@@ -690,8 +690,10 @@ fn file_id(_: &std::fs::DirEntry) -> Option<u64> {
 /// A path as the offset log and progress hold it: already escaped, so that it
 /// is parsed rather than escaped again (`#` in a name would become `%2523`).
 fn stored_path(path: &str) -> Result<Path> {
-    Path::parse(path)
-        .map_err(|e| BrookError::Plan(format!("bad file path {path:?} in the checkpoint: {e}")))
+    Path::parse(path).map_err(|e| BrookError::CheckpointData {
+        message: format!("bad file path {path:?} in the checkpoint: {e}"),
+        source: Some(Box::new(e)),
+    })
 }
 
 /// Names starting with `.` or `_` are never read: writers put files there
@@ -756,7 +758,8 @@ impl StreamSource for FileSource {
             files,
             latest_ms: self.latest_ms,
         };
-        serde_json::to_value(progress).map_err(|e| BrookError::Plan(e.to_string()))
+        serde_json::to_value(progress)
+            .map_err(|e| BrookError::serde("the file source's progress", e))
     }
 
     fn restore(
@@ -834,7 +837,8 @@ impl StreamSource for FileSource {
         if batch.is_empty() {
             return Ok(None);
         }
-        let value = serde_json::to_value(batch).map_err(|e| BrookError::Plan(e.to_string()))?;
+        let value = serde_json::to_value(batch)
+            .map_err(|e| BrookError::serde("a file source offset", e))?;
         Ok(Some(SourceOffset(value)))
     }
     async fn read(&self, offset: &SourceOffset) -> Result<SourceBatch> {
@@ -877,7 +881,7 @@ impl StreamSource for FileSource {
                             decoder.decode(&name, bytes)
                         })
                         .await
-                        .map_err(|e| BrookError::Plan(format!("decoding {}: {e}", entry.path)))??;
+                        .map_err(|e| BrookError::task(format!("decoding {}", entry.path), e))??;
                         decoded.malformed.log();
                         Ok(decoded)
                     };

@@ -227,5 +227,5 @@ pub(crate) async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| BrookError::Plan(format!("file write task failed: {e}")))?
+        .map_err(|e| BrookError::task("a file task", e))?
 }

@@ -98,7 +98,7 @@ impl SharedDecodes {
     fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
         self.inner
             .lock()
-            .map_err(|_| BrookError::Plan("shared decode cache lock poisoned".into()))
+            .map_err(|_| BrookError::poisoned("shared decode cache"))
     }
 
     /// Joins the readers of `location` decoded by `decoder`.
@@ -190,7 +190,7 @@ impl Directories {
     fn lock(&self) -> Result<MutexGuard<'_, DirectoriesInner>> {
         self.inner
             .lock()
-            .map_err(|_| BrookError::Plan("shared directory readers lock poisoned".into()))
+            .map_err(|_| BrookError::poisoned("shared directory readers"))
     }
 }
 

@@ -67,7 +67,7 @@ impl SocketSource {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Received>> {
         self.received
             .lock()
-            .map_err(|_| BrookError::Plan("socket buffer lock poisoned".into()))
+            .map_err(|_| BrookError::poisoned("socket buffer"))
     }
 
     fn spawn_reader(&mut self) {
@@ -171,7 +171,7 @@ impl StreamSource for SocketSource {
         };
         self.planned = until;
         Ok(Some(SourceOffset(
-            serde_json::to_value(range).map_err(|e| BrookError::Plan(e.to_string()))?,
+            serde_json::to_value(range).map_err(|e| BrookError::serde("a socket offset", e))?,
         )))
     }
 

@@ -211,7 +211,7 @@ impl Slot {
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> crate::error::BrookError {
-    crate::error::BrookError::Plan("slot lock poisoned by a panicked batch".into())
+    crate::error::BrookError::poisoned("slot")
 }
 
 #[derive(Debug)]

@@ -266,18 +266,19 @@ impl WindowTicks {
             + std::mem::size_of::<Option<i64>>();
         // Capped so that adding it to what the pool holds cannot overflow.
         let bytes = copies.saturating_mul(row_bytes).min(isize::MAX as usize);
-        memory.try_grow(bytes).map_err(|e| {
-            BrookError::Plan(format!(
+        memory.try_grow(bytes).map_err(|e| BrookError::Context {
+            context: format!(
                 "window(...) puts each row into every window it belongs to ({} windows of {:?} \
                  every {:?}): {copies} rows in this batch, about {} MB, more than the memory \
                  left; use a longer slide, output mode 'append' with a watermark (windows are \
                  then summed from slices of time rather than copied), or a larger memory \
-                 limit (--memory-limit): {e}",
+                 limit (--memory-limit)",
                 self.size / self.slide,
                 self.spec.0,
                 self.spec.1,
                 bytes >> 20,
-            ))
+            ),
+            source: Box::new(e.into()),
         })?;
         let mut rows: Vec<u32> = Vec::with_capacity(copies);
         let mut starts: Vec<Option<i64>> = Vec::with_capacity(copies);

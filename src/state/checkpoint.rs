@@ -831,7 +831,7 @@ impl CheckpointLock {
                 let key = location.display.clone();
                 let mut held = in_process()
                     .lock()
-                    .map_err(|_| BrookError::Plan("checkpoint registry poisoned".into()))?;
+                    .map_err(|_| BrookError::poisoned("checkpoint registry"))?;
                 if !held.insert(key.clone()) {
                     return Err(busy("a query in this process".into()));
                 }

@@ -62,9 +62,8 @@ where
 pub(crate) async fn settle<T>(
     task: &mut tokio::task::JoinHandle<crate::error::Result<T>>,
 ) -> crate::error::Result<T> {
-    task.await.map_err(|e| {
-        crate::error::BrookError::Plan(format!("a checkpoint write task failed: {e}"))
-    })?
+    task.await
+        .map_err(|e| crate::error::BrookError::task("a checkpoint write task", e))?
 }
 
 fn pauses() -> &'static [Pause] {

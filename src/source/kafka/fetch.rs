@@ -117,7 +117,7 @@ pub(super) fn fetch(
             (Ok(Err(e)), _) | (Ok(Ok(())), Err(e)) => Err(e),
             (Ok(Ok(())), Ok(true)) => Ok(()),
             // Only a read that has every record ends well.
-            (Ok(Ok(())), Ok(false)) => Err(BrookError::Stopped(
+            (Ok(Ok(())), Ok(false)) => Err(BrookError::Cancelled(
                 "the Kafka read was given up: no query wants it any more".into(),
             )),
         }
@@ -568,11 +568,11 @@ fn raw_batch(
                 for (k, v) in pairs {
                     entries
                         .field_builder::<StringBuilder>(0)
-                        .ok_or_else(|| BrookError::Plan("headers: no key builder".into()))?
+                        .ok_or_else(|| BrookError::internal("headers: no key builder"))?
                         .append_value(k);
                     entries
                         .field_builder::<BinaryBuilder>(1)
-                        .ok_or_else(|| BrookError::Plan("headers: no value builder".into()))?
+                        .ok_or_else(|| BrookError::internal("headers: no value builder"))?
                         .append_option(v.as_deref());
                     entries.append(true);
                 }

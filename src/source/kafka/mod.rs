@@ -201,7 +201,7 @@ impl Drop for Client {
 fn lock<T>(client: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     client
         .lock()
-        .map_err(|_| BrookError::Plan("Kafka client lock poisoned".into()))
+        .map_err(|_| BrookError::poisoned("Kafka client"))
 }
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -286,7 +286,7 @@ impl KafkaSource {
         let consumer = self.clients.first.clone();
         tokio::task::spawn_blocking(move || f(&*lock(&consumer)?))
             .await
-            .map_err(|e| BrookError::Plan(format!("Kafka client task failed: {e}")))?
+            .map_err(|e| BrookError::task("a Kafka client task", e))?
     }
 
     /// Low and high watermarks of every partition of the source's topics, and
@@ -376,7 +376,7 @@ impl KafkaSource {
                     let mut consumer = lock(&consumer)?;
                     // Its records would go with the failed read.
                     if !read.wanted() {
-                        return Err(BrookError::Stopped("the Kafka read was given up".into()));
+                        return Err(BrookError::Cancelled("the Kafka read was given up".into()));
                     }
                     let starts = ranges.values().map(BTreeMap::len).sum::<usize>() as u64;
                     consumer.wear(starts, || client(&clients.config, &clients.servers, ""))?;
@@ -392,7 +392,7 @@ impl KafkaSource {
                             .map(|s| s.to_string())
                             .or_else(|| panic.downcast_ref::<String>().cloned())
                             .unwrap_or_default();
-                        Err(BrookError::Stopped(format!(
+                        Err(BrookError::internal(format!(
                             "the Kafka read panicked: {what}"
                         )))
                     })
@@ -460,8 +460,8 @@ impl Share {
 impl Drop for Share {
     fn drop(&mut self) {
         if !self.ended {
-            self.read.done(Err(BrookError::Stopped(
-                "a share of the Kafka read ended without a result".into(),
+            self.read.done(Err(BrookError::internal(
+                "a share of the Kafka read ended without a result",
             )));
         }
     }
@@ -646,7 +646,8 @@ impl StreamSource for KafkaSource {
     }
 
     fn progress(&self) -> Result<serde_json::Value> {
-        serde_json::to_value(&self.positions).map_err(|e| BrookError::Plan(e.to_string()))
+        serde_json::to_value(&self.positions)
+            .map_err(|e| BrookError::serde("the Kafka source's positions", e))
     }
 
     fn restore(
@@ -754,7 +755,8 @@ impl StreamSource for KafkaSource {
                 .or_default()
                 .insert(p, Range { from, until });
         }
-        let value = serde_json::to_value(&ranges).map_err(|e| BrookError::Plan(e.to_string()))?;
+        let value =
+            serde_json::to_value(&ranges).map_err(|e| BrookError::serde("a Kafka offset", e))?;
         Ok(Some(SourceOffset(value)))
     }
 
@@ -936,12 +938,15 @@ mod tests {
         let (read, rx) = split_read(3);
         read.done(Ok(()));
         assert!(read.wanted());
-        let real = BrookError::Stopped("offsets 5..7 are gone".into());
+        let real = BrookError::Source {
+            location: "orders-0".into(),
+            message: "offsets 5..7 are gone".into(),
+        };
         read.done(Err(real));
         // The other share stops, and its error is not the read's.
         assert!(!read.wanted());
         assert_eq!(ended(&rx), None);
-        read.done(Err(BrookError::Stopped("given up".into())));
+        read.done(Err(BrookError::Cancelled("given up".into())));
         let end = ended(&rx).and_then(|e| e.err()).unwrap_or_default();
         assert!(end.contains("offsets 5..7 are gone"), "{end}");
 

@@ -104,7 +104,7 @@ impl SharedReads {
     fn lock(&self) -> Result<MutexGuard<'_, Vec<Group>>> {
         self.inner
             .lock()
-            .map_err(|_| BrookError::Plan("shared Kafka reads lock poisoned".into()))
+            .map_err(|_| BrookError::poisoned("shared Kafka reads"))
     }
 
     /// Joins the readers of the sources named by `identity` whose records become `rows`.
@@ -222,7 +222,7 @@ pub(super) fn parts(
             .wait_for(|p| p.parts.len() > i || p.end.is_some())
             .await
         else {
-            let gone = BrookError::Plan("the Kafka read stopped before its end".into());
+            let gone = BrookError::internal("the Kafka read stopped before its end");
             return Some((Err(gone), None));
         };
         if let Some(part) = seen.parts.get(i) {
@@ -341,7 +341,7 @@ mod tests {
         let Some(tx) = sender else {
             panic!("the first reader starts the read");
         };
-        tx.send_modify(|p| p.end = Some(Err(Arc::new(BrookError::Plan("down".into())))));
+        tx.send_modify(|p| p.end = Some(Err(Arc::new(BrookError::Cancelled("down".into())))));
         // The next reader tries for itself.
         let (b_started, _) = read(&b, &ranges(0, 10));
         assert!(b_started);
