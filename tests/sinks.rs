@@ -650,12 +650,14 @@ async fn deep_expressions_are_refused_through_the_api() {
 /// batches without input that follow a watermark move evict and emit nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreach_batch_gets_every_batch_with_its_id() {
+    /// A batch's id and its rows as text, sorted.
+    type BatchRows = (u64, Vec<Vec<String>>);
     let (_tmp, input, _output) = tmp_dirs();
     let engine = Engine::new();
     engine.execute(&source_ddl(&input, true)).await.unwrap();
     let windowed = "SELECT window.start AS ws, symbol, sum(amount) AS shares \
                     FROM orders GROUP BY window(time, '10 minutes'), symbol";
-    let log: Arc<std::sync::Mutex<Vec<(u64, Vec<Vec<String>>)>>> = Arc::default();
+    let log: Arc<std::sync::Mutex<Vec<BatchRows>>> = Arc::default();
     let sink_log = log.clone();
     let query = engine
         .query(windowed)
