@@ -91,6 +91,16 @@ impl Setup {
     }
 }
 
+/// The next piece of an event stream, within 30 s.
+async fn next_events(events: &mut reqwest::Response) -> String {
+    let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
+        .await
+        .expect("no event within 30 s")
+        .unwrap()
+        .expect("the event stream ended");
+    String::from_utf8_lossy(&chunk).into_owned()
+}
+
 async fn json(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
@@ -258,12 +268,7 @@ async fn an_event_per_completed_batch() {
     let mut text = String::new();
     let mut seen = vec![];
     while seen.len() < 3 {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
-            .await
-            .expect("no event within 30 s")
-            .unwrap()
-            .expect("the event stream ended");
-        text.push_str(&String::from_utf8_lossy(&chunk));
+        text.push_str(&next_events(&mut events).await);
         while let Some(end) = text.find("\n\n") {
             let event: String = text.drain(..end + 2).collect();
             if let Some(data) = event.strip_prefix("event: progress\ndata: ") {
@@ -877,12 +882,7 @@ async fn idle_and_half_sent_connections_are_bounded_and_time_out() {
     write_orders(&s.input, "c.csv", "2016-03-22 20:02:00", 500, 3);
     let mut text = String::new();
     while !text.contains("c.csv") {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
-            .await
-            .expect("no event within 30 s")
-            .unwrap()
-            .expect("the event stream ended");
-        text.push_str(&String::from_utf8_lossy(&chunk));
+        text.push_str(&next_events(&mut events).await);
     }
 }
 
@@ -973,12 +973,7 @@ async fn a_dstream_program_is_listed_with_its_progress_and_events() {
     // The monitor page follows the event stream, which carries its batches.
     let mut text = String::new();
     while !text.contains("\"name\":\"words\"") {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
-            .await
-            .expect("no event within 30 s")
-            .unwrap()
-            .expect("the event stream ended");
-        text.push_str(&String::from_utf8_lossy(&chunk));
+        text.push_str(&next_events(&mut events).await);
     }
     assert!(text.contains("event: progress"), "{text}");
 
