@@ -1,12 +1,14 @@
 //! Source and sink definitions, from `CREATE [UNBOUNDED] EXTERNAL TABLE` or the Rust API.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::CreateExternalTable;
 
 use crate::config::{OutputMode, Trigger};
+use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
 use crate::options::Options;
 use crate::sink::console::ConsoleOptions;
@@ -14,6 +16,7 @@ use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::kafka::{KafkaOptions, KafkaSource, KafkaValue};
 use crate::source::location::Location;
+use crate::source::lookup::StaticTable;
 use crate::source::{
     DecodeOptions, FileFormat, FileSource, FileSourceOptions, SharedInput, StreamSource,
 };
@@ -231,6 +234,65 @@ impl SourceDef {
                 &shared.files,
             )?)),
         }
+    }
+}
+
+/// A bounded table read by streaming queries (a lookup table), from a
+/// `CREATE EXTERNAL TABLE` without UNBOUNDED that no statement inserts into.
+#[derive(Debug, Clone)]
+pub struct StaticDef {
+    /// The declaration as DataFusion reads it, without brook's own options.
+    cmd: CreateExternalTable,
+    /// How long the table's files are trusted unchanged; checked every batch without it.
+    refresh: Option<Duration>,
+}
+
+impl StaticDef {
+    /// The options brook reads; DataFusion reads the others (`format.*`).
+    const OPTIONS: &[&str] = &["refreshInterval"];
+
+    pub fn from_ddl(cmd: &CreateExternalTable) -> Result<Self> {
+        let name = cmd.name.table();
+        let file_type = cmd.file_type.to_ascii_uppercase();
+        if !["PARQUET", "CSV", "JSON", "NDJSON", "AVRO", "ARROW"].contains(&file_type.as_str()) {
+            return Err(BrookError::sql(format!(
+                "table '{name}' is read as a static table, but STORED AS {file_type} is a sink \
+                 only; a static table is STORED AS PARQUET, CSV or JSON"
+            )));
+        }
+        if let Some(key) = cmd
+            .options
+            .keys()
+            .find(|k| SINK_OPTIONS.iter().any(|o| o.eq_ignore_ascii_case(k)))
+        {
+            return Err(BrookError::option(
+                key.as_str(),
+                format!(
+                    "table '{name}' is read as a static table, but option '{key}' is a sink's \
+                     (it says how a query writing into the table runs); drop it, or declare \
+                     the static table and the sink as two tables"
+                ),
+            ));
+        }
+        let refresh = cmd
+            .options
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("refreshInterval"))
+            .map(|(_, v)| {
+                parse_duration(v).map_err(|e| {
+                    BrookError::option("refreshInterval", format!("static table '{name}': {e}"))
+                })
+            })
+            .transpose()?;
+        let mut cmd = cmd.clone();
+        cmd.options
+            .retain(|k, _| !Self::OPTIONS.iter().any(|o| o.eq_ignore_ascii_case(k)));
+        Ok(Self { cmd, refresh })
+    }
+
+    /// The table, its schema read from the declaration or inferred from its files.
+    pub async fn open(&self, runtime: Arc<RuntimeEnv>) -> Result<StaticTable> {
+        StaticTable::new(&self.cmd, self.refresh, runtime).await
     }
 }
 

@@ -1,14 +1,15 @@
 //! The entry point: declare sources and sinks, start queries, query memory tables.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
 use datafusion::common::utils::quote_identifier;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::logical_expr::{CreateExternalTable, DdlStatement, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::planner::object_name_to_table_reference;
@@ -16,7 +17,7 @@ use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement, TableObj
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::catalog::{SinkDef, SourceDef, SourceKind};
+use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef};
 use crate::config::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::{CompiledQuery, compile};
@@ -67,7 +68,8 @@ enum Read {
 /// A source or sink a script declared, with what its name meant before, to undo it.
 enum Declared {
     Source(String, Option<SourceDef>),
-    Sink(String, Option<SinkDef>),
+    /// A bounded table: its sink (if its options make one) and its declaration before.
+    Bounded(String, Option<SinkDef>, Option<CreateExternalTable>),
 }
 
 #[derive(Default)]
@@ -78,6 +80,14 @@ struct Catalog {
     /// Programs other than SQL queries that monitors list.
     monitored: Vec<Arc<dyn Monitored>>,
     memory_tables: BTreeMap<String, MemorySink>,
+    /// Bounded tables a script declared: each a sink if a statement inserts
+    /// into it, a static table if a query reads it, never both.
+    bounded: BTreeMap<String, CreateExternalTable>,
+    /// Tables registered from Rust, read by streaming queries as static tables.
+    tables: BTreeMap<String, Arc<dyn TableProvider>>,
+    /// Bounded tables an `INSERT INTO` wrote, and those a query read.
+    written: BTreeSet<String>,
+    read: BTreeSet<String>,
 }
 
 /// Progress records kept for a subscriber that falls behind (the web UI's event stream).
@@ -227,7 +237,10 @@ impl Engine {
         let mut catalog = self.catalog()?;
         match declared {
             Declared::Source(name, before) => restore(&mut catalog.sources, name, before),
-            Declared::Sink(name, before) => restore(&mut catalog.sinks, name, before),
+            Declared::Bounded(name, sink, bounded) => {
+                restore(&mut catalog.sinks, name.clone(), sink);
+                restore(&mut catalog.bounded, name, bounded);
+            }
         }
         Ok(())
     }
@@ -255,8 +268,14 @@ impl Engine {
                         "WATERMARK belongs on a source: CREATE UNBOUNDED EXTERNAL TABLE",
                     ))
                 } else {
-                    let declared = self.declare_sink(SinkDef::from_ddl(&cmd)?)?;
-                    Ok(Read::Declared(declared))
+                    // A sink or a static table, as statements use it: a
+                    // declaration that can be neither fails as a sink.
+                    let sink = match SinkDef::from_ddl(&cmd) {
+                        Ok(sink) => Some(sink),
+                        Err(e) if StaticDef::from_ddl(&cmd).is_err() => return Err(e),
+                        Err(_) => None,
+                    };
+                    Ok(Read::Declared(self.declare_bounded(*cmd, sink)?))
                 }
             }
             DFStatement::Statement(s) => match *s {
@@ -271,6 +290,21 @@ impl Engine {
                         ));
                     }
                     let sink = self.sink_def(&target)?;
+                    {
+                        let mut catalog = self.catalog()?;
+                        if catalog.read.contains(&target) {
+                            return Err(BrookError::sql(format!(
+                                "INSERT INTO {}: a query reads this table as a static \
+                                 table, so it cannot also be a sink (the query would read \
+                                 files being written); declare the output as a table of \
+                                 its own",
+                                quote_identifier(&target)
+                            )));
+                        }
+                        if catalog.bounded.contains_key(&target) {
+                            catalog.written.insert(target.clone());
+                        }
+                    }
                     Ok(Read::Query(self.plan_for_sink(&query, sink)?))
                 }
                 SqlStatement::Query(query) => {
@@ -296,14 +330,52 @@ impl Engine {
         })
     }
 
-    /// Plans `query` over the sources declared so far, on a task of its own.
+    /// Plans `query` over the sources and static tables declared so far, on a task of its own.
     fn plan(&self, query: &Query, mode: Option<OutputMode>) -> Result<Planning> {
-        let sources = self.catalog()?.sources.clone();
+        let statement =
+            DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query.clone()))));
+        let names = self.ctx.state().resolve_table_references(&statement)?;
+        let mut catalog = self.catalog()?;
+        let sources = catalog.sources.clone();
+        let mut tables: BTreeMap<String, Arc<dyn TableProvider>> = BTreeMap::new();
+        let mut declared = vec![];
+        for name in names.iter().map(|n| n.table().to_string()) {
+            if sources.contains_key(&name) {
+                continue;
+            }
+            if let Some(table) = catalog.tables.get(&name) {
+                tables.insert(name, table.clone());
+            } else if let Some(cmd) = catalog.bounded.get(&name) {
+                if catalog.written.contains(&name) {
+                    return Err(BrookError::sql(format!(
+                        "table {} is the sink of an INSERT INTO, so a query cannot also \
+                         read it as a static table (it would read files being written); \
+                         declare the static table as a table of its own",
+                        quote_identifier(&name)
+                    )));
+                }
+                declared.push((name, StaticDef::from_ddl(cmd)?));
+            }
+        }
+        catalog
+            .read
+            .extend(declared.iter().map(|(name, _)| name.clone()));
+        drop(catalog);
         let query = query.clone();
         let runtime = self.ctx.runtime_env();
         Ok(Planning(tokio::spawn(async move {
-            compile(&query, &sources, mode, runtime).await
+            for (name, def) in declared {
+                tables.insert(name, Arc::new(def.open(runtime.clone()).await?));
+            }
+            compile(&query, &sources, &tables, mode, runtime).await
         })))
+    }
+
+    /// Makes `table` visible to streaming queries under `name`, as a static
+    /// (bounded) table they can join with; its plan runs again at each batch.
+    pub fn register_table(&self, name: &str, table: Arc<dyn TableProvider>) -> Result<()> {
+        self.catalog()?.tables.insert(name.to_string(), table);
+        Ok(())
     }
 
     /// The sink an `INSERT INTO` names, as DataFusion names tables: an unquoted
@@ -329,6 +401,8 @@ impl Engine {
         let catalog = self.catalog()?;
         match catalog.sinks.get(name) {
             Some(def) => Ok(def.clone()),
+            // A bounded table whose options make no sink: say why.
+            None if catalog.bounded.contains_key(name) => SinkDef::from_ddl(&catalog.bounded[name]),
             None if name.eq_ignore_ascii_case("console") => Ok(SinkDef::console()),
             None => Err(BrookError::sql(format!(
                 "no sink table '{name}'; declare it first, e.g. CREATE EXTERNAL TABLE {} \
@@ -468,10 +542,15 @@ impl Engine {
         Ok(Declared::Source(name, before))
     }
 
-    fn declare_sink(&self, def: SinkDef) -> Result<Declared> {
-        let name = def.name.clone();
-        let before = self.catalog()?.sinks.insert(name.clone(), def);
-        Ok(Declared::Sink(name, before))
+    fn declare_bounded(&self, cmd: CreateExternalTable, sink: Option<SinkDef>) -> Result<Declared> {
+        let name = cmd.name.table().to_string();
+        let mut catalog = self.catalog()?;
+        let sink_before = match sink {
+            Some(sink) => catalog.sinks.insert(name.clone(), sink),
+            None => catalog.sinks.remove(&name),
+        };
+        let before = catalog.bounded.insert(name.clone(), cmd);
+        Ok(Declared::Bounded(name, sink_before, before))
     }
 
     /// Declares a streaming source through the Rust API.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
@@ -77,9 +78,12 @@ fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
 
 /// Plans `query` over the declared sources. `mode` is the requested output mode,
 /// if any; the query's operators take their memory from `runtime`'s pool.
+/// Static tables are planned as bounded tables, read again at each batch as
+/// their providers decide.
 pub async fn compile(
     query: &Query,
     sources: &BTreeMap<String, SourceDef>,
+    statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     mode: Option<OutputMode>,
     runtime: Arc<RuntimeEnv>,
 ) -> Result<CompiledQuery> {
@@ -108,8 +112,15 @@ pub async fn compile(
         ctx.register_table(TableReference::bare(name.as_str()), slot.table(partitions))?;
         slots.insert(name.clone(), slot);
     }
+    for (name, table) in statics {
+        if !sources.contains_key(name) {
+            ctx.register_table(TableReference::bare(name.as_str()), table.clone())?;
+        }
+    }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
     let plan = ctx.state().statement_to_plan(statement).await?;
+    let is_stream = |name: &str| sources.contains_key(name);
+    incremental::check_tables(&plan, &is_stream)?;
 
     let source_name = single_source(&plan, sources)?;
     let source = sources[&source_name].clone();
@@ -145,8 +156,8 @@ pub async fn compile(
         }
     };
     let task_ctx = ctx.task_ctx();
-    let Some(agg) = incremental::find_aggregate(&plan)? else {
-        incremental::check_stateless(&plan)?;
+    let Some(agg) = incremental::find_aggregate(&plan, &is_stream)? else {
+        incremental::check_stateless(&plan, &is_stream)?;
         if let Some((spec, _)) = &window
             && spec.is_sliding()
         {

@@ -8,6 +8,7 @@ pub mod file;
 pub mod format;
 pub mod kafka;
 pub(crate) mod location;
+pub mod lookup;
 pub mod malformed;
 pub(crate) mod shared;
 pub(crate) mod socket;

@@ -22,7 +22,7 @@ use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, cast, col, lit,
+    Aggregate, Expr, ExprSchemable, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit,
 };
 
 use super::slot::Slot;
@@ -167,14 +167,106 @@ fn reads_source_directly(plan: &LogicalPlan) -> bool {
     }
 }
 
-/// Finds the one aggregation of `plan`, or `None` for a stateless query.
-pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
+/// Whether `plan` (with its subqueries) scans a table for which `is_stream` holds.
+pub fn reads_stream(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> bool {
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            found |= is_stream(scan.table_name.table());
+        }
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
+
+/// Where a join of a stream with a static table may preserve or probe which
+/// side, as in Spark: the stream's rows can be emitted, matched or not, as
+/// they arrive; the static rows no stream row matched never can be, since a
+/// later stream row may still match them.
+fn join_rule(join_type: JoinType, stream_left: bool) -> std::result::Result<(), String> {
+    let (name, allowed) = match join_type {
+        JoinType::Inner => return Ok(()),
+        JoinType::Left => ("a LEFT OUTER join", stream_left),
+        JoinType::Right => ("a RIGHT OUTER join", !stream_left),
+        JoinType::Full => ("a FULL OUTER join", false),
+        JoinType::LeftSemi | JoinType::LeftMark => ("a semi join (IN / EXISTS)", stream_left),
+        JoinType::RightSemi | JoinType::RightMark => ("a semi join (IN / EXISTS)", !stream_left),
+        JoinType::LeftAnti => ("an anti join (NOT IN / NOT EXISTS)", stream_left),
+        JoinType::RightAnti => ("an anti join (NOT IN / NOT EXISTS)", !stream_left),
+    };
+    if allowed {
+        return Ok(());
+    }
+    let side = if stream_left { "left" } else { "right" };
+    Err(format!(
+        "{name} between a stream (on the {side}) and a static table is not supported: \
+         Spark's rule for stream-static joins is that only the stream's side may be \
+         preserved (LEFT JOIN with the stream on the left, RIGHT JOIN with it on the \
+         right) and only the stream's rows may be kept by IN / EXISTS, since the static \
+         rows no stream row matched are never final; write an inner join, or put the \
+         stream on the preserved side"
+    ))
+}
+
+/// Refuses what a streaming query cannot do with its tables: a stream joined
+/// with a stream, a join that preserves a static table's side, and a subquery
+/// over a stream. `is_stream` tells a streaming source's name.
+pub fn check_tables(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
+    let mut problem: Option<String> = None;
+    plan.apply_with_subqueries(|node| {
+        node.apply_subqueries(|sub| {
+            if reads_stream(sub, is_stream) {
+                problem = Some(
+                    "a subquery over a stream is not supported: a subquery (IN (SELECT ...), \
+                     EXISTS, or a scalar subquery) may read static tables only; join the \
+                     stream instead, or aggregate it in the outer query"
+                        .into(),
+                );
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        if let LogicalPlan::Join(join) = node {
+            let left = reads_stream(&join.left, is_stream);
+            let right = reads_stream(&join.right, is_stream);
+            if left && right {
+                problem = Some(
+                    "a join of a stream with a stream is not supported yet; a stream can be \
+                     joined with static tables (CREATE EXTERNAL TABLE ... without UNBOUNDED)"
+                        .into(),
+                );
+            } else if left || right {
+                if let Err(why) = join_rule(join.join_type, left) {
+                    problem = Some(why);
+                }
+            }
+        }
+        Ok(if problem.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })?;
+    problem.map_or(Ok(()), |p| Err(BrookError::sql(p)))
+}
+
+/// Finds the one aggregation of `plan` over a stream, or `None` for a stateless
+/// query. Aggregations within static tables' subtrees are plain batch plans.
+pub fn find_aggregate(
+    plan: &LogicalPlan,
+    is_stream: &dyn Fn(&str) -> bool,
+) -> Result<Option<Aggregate>> {
     let mut found: Vec<Aggregate> = vec![];
     let mut problem: Option<String> = None;
     plan.apply(|node| {
+        if !reads_stream(node, is_stream) {
+            return Ok(TreeNodeRecursion::Jump);
+        }
         match node {
             LogicalPlan::Aggregate(a) => found.push(a.clone()),
-            LogicalPlan::Join(_) => problem = Some("joins".into()),
             LogicalPlan::Distinct(_) => {
                 problem = Some("SELECT DISTINCT (write GROUP BY instead)".into())
             }
@@ -197,6 +289,9 @@ pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
         return Ok(None);
     };
     agg.input.apply(|node| {
+        if !reads_stream(node, is_stream) {
+            return Ok(TreeNodeRecursion::Jump);
+        }
         if matches!(
             node,
             LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)
@@ -224,9 +319,12 @@ pub fn find_aggregate(plan: &LogicalPlan) -> Result<Option<Aggregate>> {
 }
 
 /// Rejects operators that need all rows at once in a query without state.
-pub fn check_stateless(plan: &LogicalPlan) -> Result<()> {
+pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
     let mut problem = None;
     plan.apply(|node| {
+        if !reads_stream(node, is_stream) {
+            return Ok(TreeNodeRecursion::Jump);
+        }
         if matches!(
             node,
             LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)
@@ -449,7 +547,7 @@ pub fn split(
     let finalize = plan
         .clone()
         .transform_up(|node| match node {
-            LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),
+            LogicalPlan::Aggregate(a) if &a == agg => Ok(Transformed::yes(replacement.clone())),
             other => Ok(Transformed::yes(other.recompute_schema()?)),
         })?
         .data;

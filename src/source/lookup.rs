@@ -1,0 +1,295 @@
+//! Static (lookup) tables: bounded files a streaming query joins with.
+//!
+//! A query's plans are built once and re-executed every micro-batch. The scan
+//! of a static table lists its files at each execution (at most once per
+//! `refreshInterval`) and reads them again only when a file was added, removed
+//! or changed (size or modification time); otherwise it serves the rows read
+//! before. DataFusion's own `ListingTable`, which does the reading, would list
+//! and read every file at each scan.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProviderFactory;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::TableType;
+use datafusion::datasource::listing_table_factory::ListingTableFactory;
+use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::{CreateExternalTable, Expr};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions, SendableRecordBatchStream,
+};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use super::location::Location;
+use crate::error::{BrookError, Result};
+
+/// A file of a static table as last listed: path, size and modification time.
+type Listed = (String, u64, i64);
+
+#[derive(Default)]
+struct Cache {
+    /// The files the rows were read from; `None` before the first read.
+    files: Option<Vec<Listed>>,
+    rows: Vec<RecordBatch>,
+    checked: Option<Instant>,
+}
+
+struct Inner {
+    name: String,
+    location: Location,
+    listing: Arc<dyn TableProvider>,
+    runtime: Arc<RuntimeEnv>,
+    refresh: Option<Duration>,
+    cache: tokio::sync::Mutex<Cache>,
+    reads: AtomicU64,
+}
+
+/// A bounded table over files, re-read when they change.
+#[derive(Clone)]
+pub struct StaticTable(Arc<Inner>);
+
+impl fmt::Debug for StaticTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StaticTable({})", self.0.name)
+    }
+}
+
+impl StaticTable {
+    /// The table `cmd` declares (a bounded `CREATE EXTERNAL TABLE`, without
+    /// brook's own options), its files checked at most once per `refresh`.
+    pub async fn new(
+        cmd: &CreateExternalTable,
+        refresh: Option<Duration>,
+        runtime: Arc<RuntimeEnv>,
+    ) -> Result<Self> {
+        let name = cmd.name.table().to_string();
+        let path = cmd.locations.first().cloned().unwrap_or_default();
+        let location = Location::resolve(&path, &runtime)?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime.clone());
+        let listing = ListingTableFactory::new()
+            .create(&ctx.state(), cmd)
+            .await
+            .map_err(|e| {
+                BrookError::sql(format!(
+                    "static table '{name}' at '{path}' cannot be read: {e}"
+                ))
+            })?;
+        Ok(Self(Arc::new(Inner {
+            name,
+            location,
+            listing,
+            runtime,
+            refresh,
+            cache: tokio::sync::Mutex::default(),
+            reads: AtomicU64::new(0),
+        })))
+    }
+
+    /// How many times the files were read (a change, or the first scan).
+    pub fn reads(&self) -> u64 {
+        self.0.reads.load(Ordering::Relaxed)
+    }
+
+    /// The table's rows now: those read before unless its files changed.
+    pub async fn rows(&self) -> Result<Vec<RecordBatch>> {
+        let inner = &self.0;
+        let mut cache = inner.cache.lock().await;
+        let fresh = match (cache.checked, inner.refresh) {
+            (Some(at), Some(every)) => at.elapsed() < every,
+            _ => false,
+        };
+        if fresh && cache.files.is_some() {
+            return Ok(cache.rows.clone());
+        }
+        let files = self.list().await?;
+        cache.checked = Some(Instant::now());
+        if cache.files.as_ref() == Some(&files) {
+            return Ok(cache.rows.clone());
+        }
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), inner.runtime.clone());
+        let rows = ctx
+            .read_table(inner.listing.clone())?
+            .collect()
+            .await
+            .map_err(|e| {
+                BrookError::sql(format!(
+                    "static table '{}' at '{}' cannot be read: {e}",
+                    inner.name, inner.location.display
+                ))
+            })?;
+        inner.reads.fetch_add(1, Ordering::Relaxed);
+        cache.files = Some(files);
+        cache.rows = rows.clone();
+        Ok(rows)
+    }
+
+    /// The table's files, as DataFusion's listing reads them: hidden names
+    /// (`.x`, `_x`), which producers write before renaming, are left out.
+    async fn list(&self) -> Result<Vec<Listed>> {
+        let location = &self.0.location;
+        let prefix = location.prefix.clone();
+        let mut files: Vec<Listed> = location
+            .store
+            .list(Some(&prefix))
+            .map_err(BrookError::from)
+            .try_filter_map(|meta| {
+                let relative = meta
+                    .location
+                    .prefix_match(&prefix)
+                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                let hidden = relative
+                    .iter()
+                    .any(|p| p.starts_with('.') || p.starts_with('_'));
+                let listed = (
+                    meta.location.to_string(),
+                    meta.size,
+                    meta.last_modified.timestamp_nanos_opt().unwrap_or_default(),
+                );
+                futures::future::ready(Ok((!hidden).then_some(listed)))
+            })
+            .try_collect()
+            .await?;
+        if files.is_empty()
+            && let Ok(meta) = location.store.head(&prefix).await
+        {
+            // LOCATION names one file.
+            files.push((
+                meta.location.to_string(),
+                meta.size,
+                meta.last_modified.timestamp_nanos_opt().unwrap_or_default(),
+            ));
+        }
+        files.sort();
+        Ok(files)
+    }
+}
+
+#[async_trait]
+impl TableProvider for StaticTable {
+    fn schema(&self) -> SchemaRef {
+        self.0.listing.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema().project(p)?),
+            None => self.schema(),
+        };
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Ok(Arc::new(StaticExec {
+            table: self.clone(),
+            projection: projection.cloned(),
+            schema,
+            properties: Arc::new(properties),
+        }))
+    }
+}
+
+/// Serves a static table's current rows each time it is executed.
+#[derive(Debug)]
+pub struct StaticExec {
+    table: StaticTable,
+    projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+}
+
+impl DisplayAs for StaticExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "StaticExec: {}", self.table.0.name)
+    }
+}
+
+impl ExecutionPlan for StaticExec {
+    fn name(&self) -> &str {
+        "StaticExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
+    ) -> DFResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+        _: ReplaceChildrenOptions,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DFResult<SendableRecordBatchStream> {
+        let table = self.table.clone();
+        let projection = self.projection.clone();
+        let rows = futures::stream::once(async move {
+            let rows = table
+                .rows()
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            rows.into_iter()
+                .map(|b| match &projection {
+                    Some(p) => b.project(p).map_err(DataFusionError::from),
+                    None => Ok(b),
+                })
+                .collect::<DFResult<Vec<_>>>()
+        })
+        .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
+        .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            rows,
+        )))
+    }
+}
