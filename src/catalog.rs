@@ -10,7 +10,7 @@ use datafusion::logical_expr::CreateExternalTable;
 use crate::config::{OutputMode, Trigger};
 use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
-use crate::options::Options;
+use crate::options::{Options, same_key};
 use crate::sink::console::ConsoleOptions;
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
@@ -254,19 +254,20 @@ impl StaticDef {
     pub fn from_ddl(cmd: &CreateExternalTable) -> Result<Self> {
         let name = cmd.name.table();
         let file_type = cmd.file_type.to_ascii_uppercase();
-        if !["PARQUET", "CSV", "JSON", "NDJSON", "AVRO", "ARROW"].contains(&file_type.as_str()) {
+        if !["PARQUET", "CSV", "JSON"].contains(&file_type.as_str()) {
             return Err(BrookError::sql(format!(
                 "table '{name}' is read as a static table, but STORED AS {file_type} is a sink \
                  only; a static table is STORED AS PARQUET, CSV or JSON"
             )));
         }
-        if let Some(key) = cmd
+        let options: Options = cmd
             .options
-            .keys()
-            .find(|k| SINK_OPTIONS.iter().any(|o| o.eq_ignore_ascii_case(k)))
-        {
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(key) = SINK_OPTIONS.iter().find(|o| options.get(o).is_some()) {
             return Err(BrookError::option(
-                key.as_str(),
+                *key,
                 format!(
                     "table '{name}' is read as a static table, but option '{key}' is a sink's \
                      (it says how a query writing into the table runs); drop it, or declare \
@@ -274,11 +275,9 @@ impl StaticDef {
                 ),
             ));
         }
-        let refresh = cmd
-            .options
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("refreshInterval"))
-            .map(|(_, v)| {
+        let refresh = options
+            .get("refreshInterval")
+            .map(|v| {
                 parse_duration(v).map_err(|e| {
                     BrookError::option("refreshInterval", format!("static table '{name}': {e}"))
                 })
@@ -286,7 +285,7 @@ impl StaticDef {
             .transpose()?;
         let mut cmd = cmd.clone();
         cmd.options
-            .retain(|k, _| !Self::OPTIONS.iter().any(|o| o.eq_ignore_ascii_case(k)));
+            .retain(|k, _| !Self::OPTIONS.iter().any(|o| same_key(k, o)));
         Ok(Self { cmd, refresh })
     }
 

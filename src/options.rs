@@ -45,6 +45,11 @@ fn normalize(key: &str) -> String {
         .collect()
 }
 
+/// Whether `key` is written for option `name` (in any of the forms it accepts).
+pub fn same_key(key: &str, name: &str) -> bool {
+    normalize(key) == normalize(name)
+}
+
 impl Options {
     pub fn new() -> Self {
         Self::default()

@@ -22,6 +22,7 @@ use datafusion::datasource::TableType;
 use datafusion::datasource::listing_table_factory::ListingTableFactory;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::TaskContext;
+use datafusion::execution::cache::cache_manager::{CacheManager, CacheManagerConfig};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{CreateExternalTable, Expr};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -80,6 +81,18 @@ impl StaticTable {
         let name = cmd.name.table().to_string();
         let path = cmd.locations.first().cloned().unwrap_or_default();
         let location = Location::resolve(&path, &runtime)?;
+        // The engine's runtime caches file listings for ever: this table's
+        // reads list afresh, with the engine's stores and memory.
+        let runtime = Arc::new(RuntimeEnv {
+            memory_pool: runtime.memory_pool.clone(),
+            disk_manager: runtime.disk_manager.clone(),
+            object_store_registry: runtime.object_store_registry.clone(),
+            cache_manager: CacheManager::try_new(&CacheManagerConfig {
+                list_files_cache_limit: 0,
+                ..CacheManagerConfig::default()
+            })?,
+            ..RuntimeEnv::default()
+        });
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime.clone());
         let listing = ListingTableFactory::new()
             .create(&ctx.state(), cmd)
