@@ -1,0 +1,180 @@
+//! Streams joined with static tables, checked against DataFusion's batch answer
+//! over the same files, and a static table registered from Rust.
+
+mod common;
+
+use std::sync::Arc;
+
+use brook::Engine;
+use brook::datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
+use brook::datafusion::arrow::datatypes::{DataType, Field, Schema};
+use brook::datafusion::datasource::MemTable;
+use brook::datafusion::prelude::SessionContext;
+use brook::orders::{GeneratorConfig, OrderGenerator};
+use chrono::{NaiveDate, TimeDelta};
+use common::{put, sorted, table};
+
+/// Generated orders in three files under `dir/orders`, and a symbols table
+/// under `dir/symbols` giving a sector to the symbols from A to S (those from
+/// T on have none, so that inner and outer joins differ).
+fn write_inputs(dir: &std::path::Path) {
+    let orders = dir.join("orders");
+    let symbols = dir.join("symbols");
+    std::fs::create_dir_all(&orders).unwrap();
+    std::fs::create_dir_all(&symbols).unwrap();
+    let mut generator = OrderGenerator::new(GeneratorConfig {
+        symbols: 60,
+        ..GeneratorConfig::default()
+    });
+    let start = NaiveDate::from_ymd_opt(2016, 3, 22)
+        .unwrap()
+        .and_hms_opt(20, 0, 0)
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for file in 0..3 {
+        let lines: Vec<String> = (0..1000)
+            .map(|i| generator.line(start + TimeDelta::milliseconds((file * 1000 + i) * 97)))
+            .collect();
+        for l in &lines {
+            seen.insert(l.split(',').nth(3).unwrap().to_string());
+        }
+        put(&orders, &format!("part-{file}.csv"), &lines);
+    }
+    let mut rows = vec!["symbol,sector".to_string()];
+    for s in seen {
+        let sector = match s.as_bytes()[0] {
+            b'A'..=b'F' => "Energy",
+            b'G'..=b'M' => "Financials",
+            b'N'..=b'S' => "Health Care",
+            _ => continue,
+        };
+        rows.push(format!("{s},{sector}"));
+    }
+    put(&symbols, "symbols.csv", &rows);
+}
+
+const COLUMNS: &str = "time TIMESTAMP NOT NULL, order_id BIGINT, client_id BIGINT, symbol VARCHAR, \
+                       amount INT, price DOUBLE, buy_sell VARCHAR";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_under_windowed_aggregate_matches_datafusion_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    let d = dir.path().display();
+    let engine = Engine::new();
+    let queries = engine
+        .execute(&format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE orders ({COLUMNS}, \
+               WATERMARK FOR time AS time - INTERVAL '10' SECOND) \
+             STORED AS CSV LOCATION '{d}/orders' OPTIONS ('maxFilesPerTrigger' '1');
+             CREATE EXTERNAL TABLE symbols (symbol VARCHAR, sector VARCHAR) \
+             STORED AS CSV LOCATION '{d}/symbols';
+             CREATE EXTERNAL TABLE inner_out STORED AS MEMORY LOCATION 'inner_out' \
+               OPTIONS ('outputMode' 'complete');
+             CREATE EXTERNAL TABLE left_out STORED AS MEMORY LOCATION 'left_out' \
+               OPTIONS ('outputMode' 'complete');
+             INSERT INTO inner_out SELECT s.sector, window.start AS minute, sum(o.amount) AS shares, \
+               count(*) AS n FROM orders o JOIN symbols s ON o.symbol = s.symbol \
+               GROUP BY s.sector, window(o.time, '1 minute');
+             INSERT INTO left_out SELECT s.sector, window.start AS minute, sum(o.amount) AS shares, \
+               count(*) AS n FROM orders o LEFT JOIN symbols s ON o.symbol = s.symbol \
+               GROUP BY s.sector, window(o.time, '1 minute');"
+        ))
+        .await
+        .unwrap();
+    for q in &queries {
+        q.process_all_available().await.unwrap();
+    }
+    assert_eq!(queries[0].recent_progress().len(), 3, "one batch per file");
+
+    let batch = SessionContext::new();
+    batch
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE orders ({COLUMNS}) STORED AS CSV LOCATION '{d}/orders' \
+             OPTIONS ('format.has_header' 'false')"
+        ))
+        .await
+        .unwrap();
+    batch
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE symbols (symbol VARCHAR, sector VARCHAR) STORED AS CSV \
+             LOCATION '{d}/symbols' OPTIONS ('format.has_header' 'true')"
+        ))
+        .await
+        .unwrap();
+    for (join, out) in [("JOIN", "inner_out"), ("LEFT JOIN", "left_out")] {
+        let expected: Vec<RecordBatch> = batch
+            .sql(&format!(
+                "SELECT s.sector, date_bin(INTERVAL '1 minute', o.time) AS minute, \
+                   sum(o.amount) AS shares, count(*) AS n \
+                 FROM orders o {join} symbols s ON o.symbol = s.symbol GROUP BY 1, 2"
+            ))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let got = engine.sql(&format!("SELECT * FROM {out}")).await.unwrap();
+        let expected = sorted(table(&expected));
+        assert!(expected.len() > 10, "{expected:?}");
+        assert_eq!(sorted(table(&got)), expected, "{join}");
+    }
+    // The outer join keeps the orders of symbols without a sector.
+    let unmatched = engine
+        .sql("SELECT sum(n) FROM left_out WHERE sector IS NULL")
+        .await
+        .unwrap();
+    assert_ne!(table(&unmatched), vec![vec!["NULL".to_string()]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_registered_from_rust_is_a_static_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("orders");
+    std::fs::create_dir(&orders).unwrap();
+    let engine = Engine::new();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("symbol", DataType::Utf8, false),
+        Field::new("lot", DataType::Int64, false),
+    ]));
+    let lots = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec!["AAPL", "XOM"])),
+            Arc::new(Int64Array::from(vec![100, 10])),
+        ],
+    )
+    .unwrap();
+    engine
+        .register_table(
+            "lots",
+            Arc::new(MemTable::try_new(schema, vec![vec![lots]]).unwrap()),
+        )
+        .unwrap();
+    let q = engine
+        .execute(&format!(
+            "{}
+             CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION 'out';
+             INSERT INTO out SELECT o.order_id, o.amount * l.lot AS shares \
+               FROM orders o JOIN lots l ON o.symbol = l.symbol;",
+            common::source_ddl(&orders, false)
+        ))
+        .await
+        .unwrap()
+        .remove(0);
+    put(
+        &orders,
+        "a",
+        &[
+            common::order("20:00:00", 1, "AAPL", 2, 1.0, "B"),
+            common::order("20:00:01", 2, "MSFT", 3, 1.0, "B"),
+            common::order("20:00:02", 3, "XOM", 4, 1.0, "S"),
+        ],
+    );
+    q.process_all_available().await.unwrap();
+    let got = engine.sql("SELECT * FROM out").await.unwrap();
+    assert_eq!(
+        sorted(table(&got)),
+        common::rows(&[&["1", "200"], &["3", "40"]])
+    );
+}
