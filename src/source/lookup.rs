@@ -306,3 +306,69 @@ impl ExecutionPlan for StaticExec {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+
+    use super::*;
+
+    async fn table(dir: &std::path::Path, refresh: Option<Duration>) -> StaticTable {
+        let ctx = SessionContext::new();
+        let sql = format!(
+            "CREATE EXTERNAL TABLE t (symbol VARCHAR, sector VARCHAR) STORED AS CSV LOCATION '{}'",
+            dir.display()
+        );
+        let plan = ctx.state().create_logical_plan(&sql).await.unwrap();
+        let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan else {
+            panic!("not a CREATE: {plan:?}");
+        };
+        StaticTable::new(&cmd, refresh, ctx.runtime_env())
+            .await
+            .unwrap()
+    }
+
+    fn rows(batches: &[RecordBatch]) -> usize {
+        batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    #[tokio::test]
+    async fn reads_files_again_only_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            crate::source::write_atomically(dir.path(), name, text.as_bytes()).unwrap()
+        };
+        write("a.csv", "symbol,sector\nAAPL,Tech\n");
+        let t = table(dir.path(), None).await;
+        assert_eq!(rows(&t.rows().await.unwrap()), 1);
+        assert_eq!(rows(&t.rows().await.unwrap()), 1);
+        assert_eq!(t.reads(), 1, "unchanged files are not read again");
+        write("b.csv", "symbol,sector\nXOM,Energy\nCVX,Energy\n");
+        assert_eq!(rows(&t.rows().await.unwrap()), 3, "an added file is read");
+        write("a.csv", "symbol,sector\n");
+        assert_eq!(rows(&t.rows().await.unwrap()), 2, "a replaced file is read");
+        std::fs::remove_file(dir.path().join("b.csv")).unwrap();
+        assert_eq!(rows(&t.rows().await.unwrap()), 0, "a removed file is gone");
+        write(".hidden.csv", "symbol,sector\nX,Y\n");
+        assert_eq!(rows(&t.rows().await.unwrap()), 0);
+        assert_eq!(t.reads(), 4, "a hidden file changes nothing");
+    }
+
+    #[tokio::test]
+    async fn refresh_interval_bounds_the_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            crate::source::write_atomically(dir.path(), name, text.as_bytes()).unwrap()
+        };
+        write("a.csv", "symbol,sector\nAAPL,Tech\n");
+        let t = table(dir.path(), Some(Duration::from_secs(3600))).await;
+        assert_eq!(rows(&t.rows().await.unwrap()), 1);
+        write("b.csv", "symbol,sector\nXOM,Energy\n");
+        assert_eq!(
+            rows(&t.rows().await.unwrap()),
+            1,
+            "within the interval the files are not listed"
+        );
+        assert_eq!(t.reads(), 1);
+    }
+}
