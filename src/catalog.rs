@@ -279,7 +279,11 @@ impl StaticDef {
             .get("refreshInterval")
             .map(|v| {
                 parse_duration(v).map_err(|e| {
-                    BrookError::option("refreshInterval", format!("static table '{name}': {e}"))
+                    let why = match e {
+                        BrookError::Sql(why) => why,
+                        other => other.to_string(),
+                    };
+                    BrookError::option("refreshInterval", format!("static table '{name}': {why}"))
                 })
             })
             .transpose()?;
@@ -287,6 +291,13 @@ impl StaticDef {
         cmd.options
             .retain(|k, _| !Self::OPTIONS.iter().any(|o| same_key(k, o)));
         Ok(Self { cmd, refresh })
+    }
+
+    /// Whether `cmd` gives options that only a static table takes.
+    pub fn has_own_options(cmd: &CreateExternalTable) -> bool {
+        cmd.options
+            .keys()
+            .any(|k| Self::OPTIONS.iter().any(|o| same_key(k, o)))
     }
 
     /// The table, its schema read from the declaration or inferred from its files.

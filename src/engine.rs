@@ -269,11 +269,13 @@ impl Engine {
                     ))
                 } else {
                     // A sink or a static table, as statements use it: a
-                    // declaration that can be neither fails as a sink.
-                    let sink = match SinkDef::from_ddl(&cmd) {
-                        Ok(sink) => Some(sink),
-                        Err(e) if StaticDef::from_ddl(&cmd).is_err() => return Err(e),
-                        Err(_) => None,
+                    // declaration that can be neither fails as a sink, unless
+                    // it has options only a static table takes.
+                    let sink = match (SinkDef::from_ddl(&cmd), StaticDef::from_ddl(&cmd)) {
+                        (Ok(sink), _) => Some(sink),
+                        (Err(_), Ok(_)) => None,
+                        (Err(_), Err(e)) if StaticDef::has_own_options(&cmd) => return Err(e),
+                        (Err(e), Err(_)) => return Err(e),
                     };
                     Ok(Read::Declared(self.declare_bounded(*cmd, sink)?))
                 }
