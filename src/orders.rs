@@ -40,13 +40,18 @@ pub struct OrderGenerator {
 impl OrderGenerator {
     pub fn new(config: GeneratorConfig) -> Self {
         let mut rng = SmallRng::seed_from_u64(config.seed);
-        let mut names = std::collections::BTreeSet::new();
+        // The book's symbols first, so that the symbols table of `queries/`
+        // gives them sectors; made-up names after them.
+        let mut names: Vec<String> = book_symbols().take(config.symbols.max(1)).collect();
+        let mut taken: std::collections::BTreeSet<String> = names.iter().cloned().collect();
         while names.len() < config.symbols.max(1) {
             let len = rng.random_range(2..=4);
             let name: String = (0..len)
                 .map(|_| rng.random_range(b'A'..=b'Z') as char)
                 .collect();
-            names.insert(name);
+            if taken.insert(name.clone()) {
+                names.push(name);
+            }
         }
         let symbols = names
             .into_iter()
@@ -107,6 +112,19 @@ impl OrderGenerator {
 }
 
 /// An index in `0..n` where low indices are much more likely (a few heavy traders).
+/// The symbols table shipped in `queries/` (symbol, sector, name): the book's symbols.
+pub const SYMBOLS_CSV: &str = include_str!("../queries/symbols.csv");
+
+/// The book's symbols, as `queries/symbols.csv` lists them.
+pub fn book_symbols() -> impl Iterator<Item = String> {
+    SYMBOLS_CSV
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
 fn skewed(rng: &mut SmallRng, n: usize) -> usize {
     let u: f64 = rng.random();
     ((u * u * n as f64) as usize).min(n.saturating_sub(1))
@@ -127,6 +145,29 @@ mod tests {
         assert_eq!(f[1], "1");
         assert!(f[4].parse::<u32>().is_ok() && f[5].parse::<f64>().is_ok());
         assert!(f[6] == "B" || f[6] == "S");
+    }
+
+    #[test]
+    fn symbols_are_the_books_then_made_up() {
+        let g = OrderGenerator::new(GeneratorConfig {
+            symbols: 100,
+            ..Default::default()
+        });
+        let names: Vec<&str> = g.symbols.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.len(), 100);
+        assert_eq!(names[..80], book_symbols().collect::<Vec<_>>()[..]);
+        assert_eq!(
+            names
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            100
+        );
+        let few = OrderGenerator::new(GeneratorConfig {
+            symbols: 3,
+            ..Default::default()
+        });
+        assert_eq!(few.symbols.len(), 3);
     }
 
     #[test]

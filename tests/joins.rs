@@ -23,7 +23,7 @@ fn write_inputs(dir: &std::path::Path) {
     std::fs::create_dir_all(&orders).unwrap();
     std::fs::create_dir_all(&symbols).unwrap();
     let mut generator = OrderGenerator::new(GeneratorConfig {
-        symbols: 60,
+        symbols: 100,
         ..GeneratorConfig::default()
     });
     let start = NaiveDate::from_ymd_opt(2016, 3, 22)
@@ -177,4 +177,101 @@ async fn table_registered_from_rust_is_a_static_table() {
         sorted(table(&got)),
         common::rows(&[&["1", "200"], &["3", "40"]])
     );
+}
+
+/// `queries/volume_per_sector.sql` over generated orders, against a recount in
+/// plain Rust with the sectors of `queries/symbols.csv`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sector_query_matches_a_recount() {
+    use brook::cli::demo::demo_sql;
+    use brook::orders::{SYMBOLS_CSV, TIME_FORMAT};
+    use chrono::NaiveDateTime;
+    use std::collections::{BTreeMap, HashMap};
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders");
+    std::fs::create_dir(&input).unwrap();
+    // More symbols than the book's 80: the made-up ones are 'Unlisted'.
+    let mut generator = OrderGenerator::new(GeneratorConfig {
+        symbols: 100,
+        malformed: 0.01,
+        seed: 3,
+        ..GeneratorConfig::default()
+    });
+    let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
+    let lines: Vec<String> = (0..12_000)
+        .map(|i| generator.line(start + TimeDelta::milliseconds(i * 50)))
+        .collect();
+    let sql = demo_sql(
+        include_str!("../queries/volume_per_sector.sql"),
+        &input.display().to_string(),
+        "volume_per_sector",
+    )
+    .replace(
+        "LOCATION 'queries/symbols.csv'",
+        &format!(
+            "LOCATION '{}/queries/symbols.csv'",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    );
+    let engine = Engine::new();
+    let q = engine.execute(&sql).await.unwrap().remove(0);
+    for (n, chunk) in lines.chunks(3_000).enumerate() {
+        put(&input, &format!("orders-{n}.csv"), chunk);
+        q.process_all_available().await.unwrap();
+    }
+
+    let sectors: HashMap<&str, &str> = SYMBOLS_CSV
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0], f[1])
+        })
+        .collect();
+    let mut expected: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    let mut max_time = 0;
+    let mut parsed = vec![];
+    for l in &lines {
+        let f: Vec<&str> = l.split(',').collect();
+        let (Ok(time), true) = (
+            NaiveDateTime::parse_from_str(f[0], TIME_FORMAT),
+            f.len() == 7 && f[4].parse::<i64>().is_ok() && f[5].parse::<f64>().is_ok(),
+        ) else {
+            continue;
+        };
+        let t = time.and_utc().timestamp();
+        max_time = max_time.max(t);
+        parsed.push((t, f[3].to_string(), f[4].parse::<i64>().unwrap()));
+    }
+    // Append mode emits the minutes the watermark (max time - 5 s) has passed.
+    let watermark = max_time - 5;
+    for (t, symbol, amount) in parsed {
+        let minute = t - t.rem_euclid(60);
+        if minute + 60 > watermark {
+            continue;
+        }
+        let key = (
+            chrono::DateTime::from_timestamp(minute, 0)
+                .unwrap()
+                .naive_utc()
+                .format("%Y-%m-%dT%H:%M:%S")
+                .to_string(),
+            sectors
+                .get(symbol.as_str())
+                .unwrap_or(&"Unlisted")
+                .to_string(),
+        );
+        let e = expected.entry(key).or_default();
+        e.0 += 1;
+        e.1 += amount;
+    }
+    let expected: Vec<Vec<String>> = expected
+        .into_iter()
+        .map(|((m, s), (n, shares))| vec![m, s, n.to_string(), shares.to_string()])
+        .collect();
+    assert!(expected.iter().any(|r| r[1] == "Unlisted"));
+    assert!(expected.iter().any(|r| r[1] == "Energy"));
+    let got = engine.sql("SELECT * FROM volume_per_sector").await.unwrap();
+    assert_eq!(sorted(table(&got)), sorted(expected));
 }
