@@ -69,7 +69,7 @@ enum Read {
 enum Declared {
     Source(String, Option<SourceDef>),
     /// A bounded table: its sink (if its options make one) and its declaration before.
-    Bounded(String, Option<SinkDef>, Option<CreateExternalTable>),
+    Bounded(String, Option<SinkDef>, Option<Box<CreateExternalTable>>),
 }
 
 #[derive(Default)]
@@ -239,7 +239,7 @@ impl Engine {
             Declared::Source(name, before) => restore(&mut catalog.sources, name, before),
             Declared::Bounded(name, sink, bounded) => {
                 restore(&mut catalog.sinks, name.clone(), sink);
-                restore(&mut catalog.bounded, name, bounded);
+                restore(&mut catalog.bounded, name, bounded.map(|b| *b));
             }
         }
         Ok(())
@@ -552,7 +552,7 @@ impl Engine {
             None => catalog.sinks.remove(&name),
         };
         let before = catalog.bounded.insert(name.clone(), cmd);
-        Ok(Declared::Bounded(name, sink_before, before))
+        Ok(Declared::Bounded(name, sink_before, before.map(Box::new)))
     }
 
     /// Declares a streaming source through the Rust API.

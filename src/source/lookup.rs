@@ -91,7 +91,6 @@ impl StaticTable {
                 list_files_cache_limit: 0,
                 ..CacheManagerConfig::default()
             })?,
-            ..RuntimeEnv::default()
         });
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime.clone());
         let listing = ListingTableFactory::new()

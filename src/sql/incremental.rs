@@ -238,10 +238,10 @@ pub fn check_tables(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Res
                      joined with static tables (CREATE EXTERNAL TABLE ... without UNBOUNDED)"
                         .into(),
                 );
-            } else if left || right {
-                if let Err(why) = join_rule(join.join_type, left) {
-                    problem = Some(why);
-                }
+            } else if (left || right)
+                && let Err(why) = join_rule(join.join_type, left)
+            {
+                problem = Some(why);
             }
         }
         Ok(if problem.is_some() {
