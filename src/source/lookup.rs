@@ -81,6 +81,14 @@ impl StaticTable {
         let name = cmd.name.table().to_string();
         let path = cmd.locations.first().cloned().unwrap_or_default();
         let location = Location::resolve(&path, &runtime)?;
+        if let Some(local) = &location.local_dir
+            && !local.exists()
+        {
+            // An empty table would hide a mistyped path: every lookup would miss.
+            return Err(BrookError::sql(format!(
+                "static table '{name}' cannot be read: LOCATION '{path}' does not exist"
+            )));
+        }
         // The engine's runtime caches file listings for ever: this table's
         // reads list afresh, with the engine's stores and memory.
         let runtime = Arc::new(RuntimeEnv {
