@@ -16,11 +16,11 @@ CREATE UNBOUNDED EXTERNAL TABLE orders (
 CREATE EXTERNAL TABLE symbols (symbol VARCHAR, sector VARCHAR, name VARCHAR)
     STORED AS CSV LOCATION 'queries/symbols.csv';
 
--- Orders and shares traded per sector per minute of event time, each minute
--- emitted once when the watermark has passed it; orders of symbols the table
--- lacks count under 'Unlisted'.
+-- Orders and shares traded per sector per minute of event time: each batch
+-- updates the minutes its orders fell in (a minute is dropped from state once
+-- the watermark passes it); orders of symbols the table lacks count under 'Unlisted'.
 CREATE EXTERNAL TABLE volume_per_sector STORED AS CONSOLE LOCATION 'stdout'
-    OPTIONS ('outputMode' 'append');
+    OPTIONS ('outputMode' 'update');
 INSERT INTO volume_per_sector
 SELECT window.start AS minute,
        coalesce(s.sector, 'Unlisted') AS sector,
