@@ -375,8 +375,10 @@ impl Engine {
 
     /// Makes `table` visible to streaming queries under `name`, as a static
     /// (bounded) table they can join with; its plan runs again at each batch.
+    /// `name` is read as DataFusion's `register_table` reads it: unquoted, lower-cased.
     pub fn register_table(&self, name: &str, table: Arc<dyn TableProvider>) -> Result<()> {
-        self.catalog()?.tables.insert(name.to_string(), table);
+        let name = TableReference::from(name).table().to_string();
+        self.catalog()?.tables.insert(name, table);
         Ok(())
     }
 

@@ -147,7 +147,7 @@ async fn table_registered_from_rust_is_a_static_table() {
     .unwrap();
     engine
         .register_table(
-            "lots",
+            "Lots",
             Arc::new(MemTable::try_new(schema, vec![vec![lots]]).unwrap()),
         )
         .unwrap();
@@ -156,7 +156,7 @@ async fn table_registered_from_rust_is_a_static_table() {
             "{}
              CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION 'out';
              INSERT INTO out SELECT o.order_id, o.amount * l.lot AS shares \
-               FROM orders o JOIN lots l ON o.symbol = l.symbol;",
+               FROM orders o JOIN LOTS l ON o.symbol = l.symbol;",
             common::source_ddl(&orders, false)
         ))
         .await
