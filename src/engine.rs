@@ -1,6 +1,6 @@
 //! The entry point: declare sources and sinks, start queries, query memory tables.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use datafusion::arrow::array::RecordBatch;
@@ -34,17 +34,21 @@ use crate::state::Checkpoint;
 use crate::state::checkpoint::new_id;
 
 /// A query's plan being made on a task of its own; given up when dropped unawaited.
-struct Planning(JoinHandle<Result<CompiledQuery>>);
+struct Planning {
+    task: JoinHandle<Result<CompiledQuery>>,
+    /// The bounded tables the query reads as static tables.
+    reads: Vec<String>,
+}
 
 impl Drop for Planning {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
 impl Planning {
     async fn done(mut self) -> Result<CompiledQuery> {
-        match (&mut self.0).await {
+        match (&mut self.task).await {
             Ok(compiled) => compiled,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(BrookError::task("planning the query", e)),
@@ -56,6 +60,8 @@ impl Planning {
 struct Planned {
     sink: SinkDef,
     compiling: Planning,
+    /// The bounded table the query writes as its sink.
+    writes: Option<String>,
 }
 
 /// What reading a statement of a script did.
@@ -85,9 +91,10 @@ struct Catalog {
     bounded: BTreeMap<String, CreateExternalTable>,
     /// Tables registered from Rust, read by streaming queries as static tables.
     tables: BTreeMap<String, Arc<dyn TableProvider>>,
-    /// Bounded tables an `INSERT INTO` wrote, and those a query read.
-    written: BTreeSet<String>,
-    read: BTreeSet<String>,
+    /// Bounded tables an `INSERT INTO` writes, and those a query reads as
+    /// static tables, with how many queries do (those that failed to start let go).
+    written: BTreeMap<String, usize>,
+    read: BTreeMap<String, usize>,
 }
 
 /// Progress records kept for a subscriber that falls behind (the web UI's event stream).
@@ -206,14 +213,20 @@ impl Engine {
         // those before it go ahead.
         let (go, gate) = watch::channel(false);
         let mut started = vec![];
-        for (i, p) in planned {
+        let mut planned = planned.into_iter();
+        for (i, p) in planned.by_ref() {
+            let uses = (p.compiling.reads.clone(), p.writes.clone());
             match self.start_planned(p, &gate).await {
                 Ok(q) => started.push(q),
                 Err(e) => {
+                    self.let_go(&uses.0, uses.1.as_deref())?;
                     failed = Some((i, e));
                     break;
                 }
             }
+        }
+        for (_, p) in planned {
+            self.let_go(&p.compiling.reads, p.writes.as_deref())?;
         }
         go.send_replace(true);
         let Some((i, e)) = failed else {
@@ -292,9 +305,9 @@ impl Engine {
                         ));
                     }
                     let sink = self.sink_def(&target)?;
-                    {
+                    let writes = {
                         let mut catalog = self.catalog()?;
-                        if catalog.read.contains(&target) {
+                        if catalog.read.contains_key(&target) {
                             return Err(BrookError::sql(format!(
                                 "INSERT INTO {}: a query reads this table as a static \
                                  table, so it cannot also be a sink (the query would read \
@@ -303,15 +316,25 @@ impl Engine {
                                 quote_identifier(&target)
                             )));
                         }
-                        if catalog.bounded.contains_key(&target) {
-                            catalog.written.insert(target.clone());
+                        let bounded = catalog.bounded.contains_key(&target);
+                        if bounded {
+                            *catalog.written.entry(target.clone()).or_default() += 1;
+                        }
+                        bounded.then_some(target)
+                    };
+                    match self.plan_for_sink(&query, sink, writes.clone()) {
+                        Ok(planned) => Ok(Read::Query(planned)),
+                        Err(e) => {
+                            self.let_go(&[], writes.as_deref())?;
+                            Err(e)
                         }
                     }
-                    Ok(Read::Query(self.plan_for_sink(&query, sink)?))
                 }
-                SqlStatement::Query(query) => {
-                    Ok(Read::Query(self.plan_for_sink(&query, SinkDef::console())?))
-                }
+                SqlStatement::Query(query) => Ok(Read::Query(self.plan_for_sink(
+                    &query,
+                    SinkDef::console(),
+                    None,
+                )?)),
                 other => Err(BrookError::sql(format!(
                     "'{}' cannot run in a streaming script; brook runs CREATE [UNBOUNDED] \
                      EXTERNAL TABLE, INSERT INTO <sink> SELECT and SELECT",
@@ -325,11 +348,37 @@ impl Engine {
         }
     }
 
-    fn plan_for_sink(&self, query: &Query, sink: SinkDef) -> Result<Planned> {
+    fn plan_for_sink(
+        &self,
+        query: &Query,
+        sink: SinkDef,
+        writes: Option<String>,
+    ) -> Result<Planned> {
         Ok(Planned {
             compiling: self.plan(query, sink.output_mode)?,
             sink,
+            writes,
         })
+    }
+
+    /// Forgets that a query which did not start reads `reads` and writes `writes`.
+    fn let_go(&self, reads: &[String], writes: Option<&str>) -> Result<()> {
+        fn release(uses: &mut BTreeMap<String, usize>, name: &str) {
+            if let Some(n) = uses.get_mut(name) {
+                *n -= 1;
+                if *n == 0 {
+                    uses.remove(name);
+                }
+            }
+        }
+        let mut catalog = self.catalog()?;
+        for name in reads {
+            release(&mut catalog.read, name);
+        }
+        if let Some(name) = writes {
+            release(&mut catalog.written, name);
+        }
+        Ok(())
     }
 
     /// Plans `query` over the sources and static tables declared so far, on a task of its own.
@@ -348,7 +397,7 @@ impl Engine {
             if let Some(table) = catalog.tables.get(&name) {
                 tables.insert(name, table.clone());
             } else if let Some(cmd) = catalog.bounded.get(&name) {
-                if catalog.written.contains(&name) {
+                if catalog.written.contains_key(&name) {
                     return Err(BrookError::sql(format!(
                         "table {} is the sink of an INSERT INTO, so a query cannot also \
                          read it as a static table (it would read files being written); \
@@ -359,18 +408,22 @@ impl Engine {
                 declared.push((name, StaticDef::from_ddl(cmd)?));
             }
         }
-        catalog
-            .read
-            .extend(declared.iter().map(|(name, _)| name.clone()));
+        let reads: Vec<String> = declared.iter().map(|(name, _)| name.clone()).collect();
+        for name in &reads {
+            *catalog.read.entry(name.clone()).or_default() += 1;
+        }
         drop(catalog);
         let query = query.clone();
         let runtime = self.ctx.runtime_env();
-        Ok(Planning(tokio::spawn(async move {
-            for (name, def) in declared {
-                tables.insert(name, Arc::new(def.open(runtime.clone()).await?));
-            }
-            compile(&query, &sources, &tables, mode, runtime).await
-        })))
+        Ok(Planning {
+            task: tokio::spawn(async move {
+                for (name, def) in declared {
+                    tables.insert(name, Arc::new(def.open(runtime.clone()).await?));
+                }
+                compile(&query, &sources, &tables, mode, runtime).await
+            }),
+            reads,
+        })
     }
 
     /// Makes `table` visible to streaming queries under `name`, as a static
@@ -797,15 +850,21 @@ impl QueryBuilder<'_> {
             Some(s) => s,
             None => (Arc::new(ConsoleSink::stdout(20)) as Arc<dyn Sink>, None),
         };
-        let compiled = self
-            .engine
-            .plan(&query, self.options.output_mode)?
-            .done()
-            .await?;
+        let planning = self.engine.plan(&query, self.options.output_mode)?;
+        let reads = planning.reads.clone();
         // A query started alone waits for no other.
         let (_, open) = watch::channel(true);
-        self.engine
-            .start(compiled, sink, memory, self.options, &open)
-            .await
+        let started = match planning.done().await {
+            Ok(compiled) => {
+                self.engine
+                    .start(compiled, sink, memory, self.options, &open)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if started.is_err() {
+            self.engine.let_go(&reads, None)?;
+        }
+        started
     }
 }
