@@ -168,7 +168,7 @@ fn reads_source_directly(plan: &LogicalPlan) -> bool {
 }
 
 /// Whether `plan` (with its subqueries) scans a table for which `is_stream` holds.
-pub fn reads_stream(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> bool {
+fn reads_stream(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> bool {
     let mut found = false;
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
