@@ -3,7 +3,7 @@
 //! a checkpoint), one process per run, wall time and peak RSS from the OS.
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
-//! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files`.
+//! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
@@ -210,15 +210,26 @@ struct RunFigures {
 fn available_now_run(input: &Path, rows: usize, source_options: &str) -> RunFigures {
     let dir = tempfile::tempdir().unwrap();
     let sql = dashboard_sql(dir.path(), input, source_options);
+    timed_run(
+        dir.path(),
+        &sql,
+        rows,
+        &["buy_sell_per_second", "top_clients", "top_stocks"],
+    )
+}
+
+/// One available-now run of `sql` in `dir`, each of `queries` reading about
+/// `rows` rows (DROPMALFORMED may drop a few).
+fn timed_run(dir: &Path, sql: &Path, rows: usize, queries: &[&str]) -> RunFigures {
     let started = Instant::now();
-    let mut child = brook_run(dir.path(), &sql, "available-now");
+    let mut child = brook_run(dir, sql, "available-now");
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || progress_lines(stderr));
     let exited = wait_with_peak(child);
     let seconds = started.elapsed().as_secs_f64();
     let progress = reader.join().unwrap();
     assert_eq!(exited.code, 0, "brook run failed");
-    for q in ["buy_sell_per_second", "top_clients", "top_stocks"] {
+    for q in queries {
         let seen = input_rows(&progress, q) as usize;
         assert!(
             seen <= rows && seen * 100 >= rows * 98,
@@ -966,4 +977,39 @@ fn main() {
     if wants("many_files") {
         many_files();
     }
+    if wants("sector") {
+        sector();
+    }
+}
+
+/// `queries/volume_per_sector.sql` over the book's orders, all files in one
+/// batch: the order stream joined with the symbols table, then aggregated
+/// per sector and minute.
+fn sector() {
+    let (input, what) = book_data();
+    let sql = std::fs::read_to_string(root().join("queries/volume_per_sector.sql")).unwrap();
+    let symbols = root().join("queries/symbols.csv");
+    for from in ["LOCATION 'data/orders'", "LOCATION 'queries/symbols.csv'"] {
+        assert!(sql.contains(from), "the sector query has no {from}");
+    }
+    let sql = sql
+        .replace(
+            "LOCATION 'data/orders'",
+            &format!("LOCATION '{}'", input.display()),
+        )
+        .replace(
+            "LOCATION 'queries/symbols.csv'",
+            &format!("LOCATION '{}'", symbols.display()),
+        );
+    println!("\n## sector: {what}, joined with queries/symbols.csv, per sector and minute\n");
+    table_header();
+    let runs: Vec<_> = (0..RUNS)
+        .map(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("sector.sql");
+            std::fs::write(&path, &sql).unwrap();
+            timed_run(dir.path(), &path, BOOK_ORDERS, &["volume_per_sector"])
+        })
+        .collect();
+    report_runs("one batch", BOOK_ORDERS, &runs);
 }

@@ -9,10 +9,15 @@ use brook::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use chrono::{NaiveDateTime, TimeDelta};
 
 fn orders(count: i64) -> Vec<String> {
+    generated(count, 0.01)
+}
+
+/// `count` order lines, a `malformed` share of them malformed.
+fn generated(count: i64, malformed: f64) -> Vec<String> {
     let mut generator = OrderGenerator::new(GeneratorConfig {
         clients: 120,
         symbols: 60,
-        malformed: 0.01,
+        malformed,
         seed: 11,
     });
     let start = NaiveDateTime::parse_from_str("2016-03-22 20:25:28", TIME_FORMAT).unwrap();
@@ -520,7 +525,7 @@ async fn brook_run_publishes_the_dashboard_from_orders_to_metrics() {
 async fn a_malformed_value_is_counted_or_named_by_partition_and_offset() {
     let broker = Broker::start();
     broker.create_topic("orders", 1).await;
-    let mut lines = orders(20);
+    let mut lines = generated(20, 0.0);
     lines[13] = "2016-03-22 20:25:30,14,7,AAPL,many,1.0,B".to_string();
     broker.produce("orders", 1, &lines);
     let source = |mode: &str| {
