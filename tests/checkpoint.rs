@@ -1010,3 +1010,32 @@ async fn select_distinct_keeps_its_seen_keys_across_a_restart() {
     assert_eq!(expected.len(), 6);
     assert_eq!(sink_lines(&output), order_lines(&expected));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_by_checkpoint_is_refused_to_the_same_keys_under_select_distinct() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    let grouped = format!(
+        "{} CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION '' OPTIONS
+           ('outputMode' 'update', 'checkpointLocation' '{}');
+         INSERT INTO out SELECT order_id, symbol FROM orders GROUP BY order_id, symbol;",
+        source_ddl(&input, false),
+        checkpoint.display()
+    );
+    run_available(&Engine::new(), &grouped)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    let distinct = grouped.replace("'update'", "'append'").replace(
+        "SELECT order_id, symbol FROM orders GROUP BY order_id, symbol",
+        "SELECT DISTINCT order_id, symbol FROM orders",
+    );
+    let err = start_error(&distinct).await;
+    assert!(err.contains("this query has [SELECT DISTINCT]"), "{err}");
+}
