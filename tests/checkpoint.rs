@@ -938,3 +938,104 @@ fn a_quoted_sink_name_that_leaves_the_checkpoint_directory_is_refused() {
         assert!(!project.join("a").exists());
     }
 }
+
+/// Each distinct (order_id, symbol) of the orders into JSON part files.
+fn distinct_orders(input: &Path, output: &Path, checkpoint: &Path) -> String {
+    format!(
+        "{} CREATE EXTERNAL TABLE out STORED AS JSON LOCATION '{}' OPTIONS ('checkpointLocation' '{}');
+         INSERT INTO out SELECT DISTINCT order_id, symbol FROM orders;",
+        source_ddl(input, false),
+        output.display(),
+        checkpoint.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_distinct_keeps_its_seen_keys_across_a_restart() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    let output = tmp.path().join("out");
+    let script = distinct_orders(&input, &output, &checkpoint);
+    // Orders as a producer re-sending after a crash writes them: some twice.
+    let files: [(&str, &[(i64, &str)]); 5] = [
+        ("a.csv", &[(1, "AAPL"), (2, "MSFT"), (1, "AAPL")]),
+        ("b.csv", &[(2, "MSFT"), (3, "IBM")]),
+        ("c.csv", &[(3, "IBM"), (1, "AAPL"), (4, "AAPL")]),
+        ("d.csv", &[(4, "AAPL"), (5, "MSFT"), (2, "MSFT")]),
+        ("e.csv", &[(6, "IBM"), (6, "IBM")]),
+    ];
+    let put_file = |(name, ids): (&str, &[(i64, &str)])| {
+        let lines: Vec<String> = ids
+            .iter()
+            .map(|(id, symbol)| order("20:00:01", *id, symbol, 1, 1.0, "B"))
+            .collect();
+        put(&input, name, &lines);
+    };
+    files[..2].iter().for_each(|f| put_file(*f));
+    let query = run_available(&Engine::new(), &script).await;
+    assert_eq!(batch_ids_and_rows(&query), [(0, 3), (1, 2)]);
+    query.stop().await.unwrap();
+    assert_eq!(
+        sink_lines(&output),
+        order_lines(&[(1, "AAPL"), (2, "MSFT"), (3, "IBM")])
+    );
+
+    files[2..4].iter().for_each(|f| put_file(*f));
+    let query = run_available(&Engine::new(), &script).await;
+    assert_eq!(batch_ids_and_rows(&query), [(2, 3), (3, 3)]);
+    let dedup = &query.recent_progress()[1].state_operators[0];
+    assert_eq!(
+        (
+            dedup.operator.as_str(),
+            dedup.num_rows_total,
+            dedup.num_dropped_duplicate_rows
+        ),
+        ("dedupe", 5, Some(2)),
+        "keys held and duplicates dropped after d.csv"
+    );
+    query.stop().await.unwrap();
+
+    // As if the process had died after batch 3's sink write, before its commit:
+    // the batch runs again over the state batch 2 committed.
+    std::fs::remove_file(checkpoint.join("commits/3")).unwrap();
+    put_file(files[4]);
+    let query = run_available(&Engine::new(), &script).await;
+    assert_eq!(batch_ids_and_rows(&query), [(3, 3), (4, 2)]);
+    query.stop().await.unwrap();
+
+    // Each distinct pair of the input once: none lost, none emitted twice.
+    let mut expected: Vec<(i64, &str)> = files.iter().flat_map(|(_, ids)| ids.to_vec()).collect();
+    expected.sort();
+    expected.dedup();
+    assert_eq!(expected.len(), 6);
+    assert_eq!(sink_lines(&output), order_lines(&expected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_by_checkpoint_is_refused_to_the_same_keys_under_select_distinct() {
+    let (tmp, input) = tmp_source();
+    let checkpoint = tmp.path().join("checkpoint");
+    put(
+        &input,
+        "a.csv",
+        &[order("20:00:01", 1, "AAPL", 10, 2.0, "B")],
+    );
+    let grouped = format!(
+        "{} CREATE EXTERNAL TABLE out STORED AS MEMORY LOCATION '' OPTIONS
+           ('outputMode' 'update', 'checkpointLocation' '{}');
+         INSERT INTO out SELECT order_id, symbol FROM orders GROUP BY order_id, symbol;",
+        source_ddl(&input, false),
+        checkpoint.display()
+    );
+    run_available(&Engine::new(), &grouped)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    let distinct = grouped.replace("'update'", "'append'").replace(
+        "SELECT order_id, symbol FROM orders GROUP BY order_id, symbol",
+        "SELECT DISTINCT order_id, symbol FROM orders",
+    );
+    let err = start_error(&distinct).await;
+    assert!(err.contains("this query has [SELECT DISTINCT]"), "{err}");
+}

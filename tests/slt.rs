@@ -346,6 +346,12 @@ impl Brook {
                         .map(|s| s.num_rows_total as i64)
                         .sum()
                 });
+                let dropped = p
+                    .state_operators
+                    .iter()
+                    .filter_map(|s| s.num_dropped_duplicate_rows)
+                    .reduce(|a, b| a + b)
+                    .map(|n| n as i64);
                 progress.push(vec![
                     Text(Some(name.clone())),
                     Int(Some(batch)),
@@ -356,6 +362,7 @@ impl Brook {
                     Text(p.event_time.watermark.clone()),
                     Text(p.event_time.max.clone()),
                     Int(state),
+                    Int(dropped),
                 ]);
                 for (reason, rows) in &p.malformed_by_reason {
                     reasons.push(vec![
@@ -495,6 +502,7 @@ const PROGRESS_COLUMNS: &[(&str, bool)] = &[
     ("watermark", true),
     ("max_event_time", true),
     ("state_rows", false),
+    ("dropped_duplicates", false),
 ];
 const REASON_COLUMNS: &[(&str, bool)] = &[
     ("query", true),

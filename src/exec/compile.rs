@@ -121,6 +121,7 @@ pub async fn compile(
     let plan = ctx.state().statement_to_plan(statement).await?;
     let is_stream = |name: &str| sources.contains_key(name);
     incremental::check_tables(&plan, &is_stream)?;
+    let (plan, dedup) = incremental::distinct_as_aggregate(plan, &is_stream)?;
 
     let source_name = single_source(&plan, sources)?;
     let source = sources[&source_name].clone();
@@ -203,15 +204,25 @@ pub async fn compile(
     }
     not_null.retain(|n| !nullable.contains(n));
     let has_order = has_sort_or_limit(&plan);
-    let mode = mode.unwrap_or(if has_order {
+    let mode = mode.unwrap_or(if dedup {
+        OutputMode::Append
+    } else if has_order {
         OutputMode::Complete
     } else {
         OutputMode::Update
     });
+    if dedup && (has_order || mode == OutputMode::Complete) {
+        return Err(BrookError::sql(
+            "SELECT DISTINCT over a stream emits each row once, when it is first seen: \
+             it runs in output mode 'append' (or 'update'), without ORDER BY or LIMIT",
+        ));
+    }
+    // A deduplicated window is a key like any other: its rows are not spread over panes.
     let window_key = agg
         .group_expr
         .iter()
-        .position(|e| is_column(e, WINDOW_COLUMN));
+        .position(|e| is_column(e, WINDOW_COLUMN))
+        .filter(|_| !dedup);
     let event_time_key = match &source.watermark {
         None => None,
         Some(wm) => {
@@ -250,7 +261,7 @@ pub async fn compile(
             merge: (!panes).then(|| w.ticks.size()),
         });
     let split = incremental::split(&plan, &agg, partitions, &not_null, widths)?;
-    if mode == OutputMode::Append && event_time_key.is_none() {
+    if mode == OutputMode::Append && event_time_key.is_none() && !dedup {
         return Err(BrookError::sql(
             "output mode 'append' for an aggregation needs a watermark on the source and a \
              GROUP BY on its event time or on window(...) over it, so that groups can be \
@@ -289,14 +300,20 @@ pub async fn compile(
         state: vec![],
         panes,
         emitted_through_ns: None,
+        dedup,
     };
+    let mut fingerprint = fingerprint(
+        &source,
+        Some(&agg),
+        window.as_ref().map(|(spec, _)| spec),
+        panes,
+    );
+    if dedup {
+        // The same keys as a GROUP BY without aggregates, but other state.
+        fingerprint.aggregates.push("SELECT DISTINCT".into());
+    }
     Ok(CompiledQuery {
-        fingerprint: fingerprint(
-            &source,
-            Some(&agg),
-            window.as_ref().map(|(spec, _)| spec),
-            panes,
-        ),
+        fingerprint,
         source,
         input_slot,
         output_schema: op.finalize.schema(),

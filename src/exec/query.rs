@@ -488,11 +488,12 @@ impl Program for QueryBatches {
                 CompiledPlan::Stateful(op) => {
                     let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
                     let progress = StateProgress {
-                        operator: STATE_OPERATOR.into(),
+                        operator: if op.dedup { "dedupe" } else { STATE_OPERATOR }.into(),
                         num_rows_total: op.state_rows() as u64,
                         num_rows_updated: outcome.updated_rows,
                         num_rows_removed: outcome.removed_rows,
                         memory_used_bytes: op.state_bytes() as u64,
+                        num_dropped_duplicate_rows: op.dedup.then_some(outcome.dropped_duplicates),
                     };
                     let changes = (outcome.upserts, outcome.deletes);
                     Ok((

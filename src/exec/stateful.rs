@@ -82,6 +82,9 @@ pub struct StatefulOp {
     /// carried to the next one rather than summed again from its panes.
     pub invertible: bool,
     pub running: Option<RunningWindow>,
+    /// SELECT DISTINCT (Spark's `dropDuplicates`): a batch emits the keys it is
+    /// the first to see, and the state only remembers keys.
+    pub dedup: bool,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +93,8 @@ pub struct StatefulOutcome {
     pub late_rows: u64,
     pub updated_rows: u64,
     pub removed_rows: u64,
+    /// Input rows a SELECT DISTINCT dropped as duplicates of rows already seen.
+    pub dropped_duplicates: u64,
     /// The state rows the batch changed or removed, for [`delta::changes`].
     pub upserts: Vec<RecordBatch>,
     pub deletes: Vec<RecordBatch>,
@@ -210,6 +215,9 @@ impl StatefulOp {
             }
             delta = kept;
         }
+        if self.dedup {
+            return self.run_dedup(ctx, delta, closing, outcome).await;
+        }
         self.delta_slot.set(&delta)?;
         self.state_slot.set(&self.state)?;
         let merged = execute(&self.merge, ctx).await?;
@@ -245,6 +253,56 @@ impl StatefulOp {
                 _ => keep.push(rows),
             }
         }
+        self.state = keep.into_iter().filter(|b| b.num_rows() > 0).collect();
+        self.emit_slot.set(&emit)?;
+        outcome.output = execute(&self.finalize, ctx).await?;
+        Ok(outcome)
+    }
+
+    /// One batch of SELECT DISTINCT over a batch's distinct keys (`delta`, late
+    /// rows already dropped). Each delta key counts as one: a merged count of one
+    /// is a key no earlier batch had. Keys the watermark passed are forgotten.
+    async fn run_dedup(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        delta: Vec<RecordBatch>,
+        closing: Option<(EventTimeKey, i64)>,
+        mut outcome: StatefulOutcome,
+    ) -> Result<StatefulOutcome> {
+        let mut input_rows = 0;
+        let mut once = Vec::with_capacity(delta.len());
+        for b in &delta {
+            input_rows += self.count_rows(b)?;
+            let mut columns = b.columns().to_vec();
+            columns[self.rows_column] = Arc::new(Int64Array::from_value(1, b.num_rows()));
+            once.push(RecordBatch::try_new(b.schema(), columns)?);
+        }
+        self.delta_slot.set(&once)?;
+        self.state_slot.set(&self.state)?;
+        let merged = execute(&self.merge, ctx).await?;
+        let (mut emit, mut keep) = (vec![], vec![]);
+        let mut first_seen = 0;
+        for b in &merged {
+            let (rows, changed) = split_changed(b)?;
+            let counts = cast(rows.column(self.rows_column), &DataType::Int64)?;
+            let one = Int64Array::new_scalar(1);
+            let new = and(&changed, &nulls_false(&lt_eq(&counts, &one)?))?;
+            first_seen += new.true_count() as u64;
+            let fresh = filter_record_batch(&rows, &new)?;
+            outcome.upserts.push(fresh.clone());
+            emit.push(fresh);
+            match &closing {
+                Some((key, wm)) => {
+                    let closed = key.closed(&rows, *wm)?;
+                    outcome.removed_rows += closed.true_count() as u64;
+                    outcome.deletes.push(filter_record_batch(&rows, &closed)?);
+                    keep.push(filter_record_batch(&rows, &not(&closed)?)?);
+                }
+                None => keep.push(rows),
+            }
+        }
+        outcome.updated_rows = first_seen;
+        outcome.dropped_duplicates = input_rows.saturating_sub(first_seen);
         self.state = keep.into_iter().filter(|b| b.num_rows() > 0).collect();
         self.emit_slot.set(&emit)?;
         outcome.output = execute(&self.finalize, ctx).await?;

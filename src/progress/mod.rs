@@ -49,6 +49,10 @@ pub struct StateProgress {
     pub num_rows_updated: u64,
     pub num_rows_removed: u64,
     pub memory_used_bytes: u64,
+    /// SELECT DISTINCT only: input rows dropped as duplicates (Spark's
+    /// `numDroppedDuplicateRows`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_dropped_duplicate_rows: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -22,7 +22,8 @@ use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprSchemable, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit,
+    Aggregate, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col,
+    lit,
 };
 
 use super::slot::Slot;
@@ -268,7 +269,7 @@ pub fn find_aggregate(
         match node {
             LogicalPlan::Aggregate(a) => found.push(a.clone()),
             LogicalPlan::Distinct(_) => {
-                problem = Some("SELECT DISTINCT (write GROUP BY instead)".into())
+                problem = Some("SELECT DISTINCT ON clauses (write SELECT DISTINCT)".into())
             }
             LogicalPlan::RecursiveQuery(_) => problem = Some("recursive queries".into()),
             _ => {}
@@ -318,6 +319,47 @@ pub fn find_aggregate(
     Ok(Some(agg))
 }
 
+/// Rewrites a `SELECT DISTINCT` over a stream into a `GROUP BY` of all its
+/// columns, without aggregates, and tells whether it did: the stateful
+/// operator then runs as Spark's `dropDuplicates`, emitting each row the first
+/// time it is seen. A DISTINCT within a static table's subtree is left alone.
+pub fn distinct_as_aggregate(
+    plan: LogicalPlan,
+    is_stream: &dyn Fn(&str) -> bool,
+) -> Result<(LogicalPlan, bool)> {
+    let mut found = false;
+    let rewritten = plan
+        .transform_up(|node| match node {
+            LogicalPlan::Distinct(Distinct::All(input)) if reads_stream(&input, is_stream) => {
+                found = true;
+                let keys = input.schema().columns().into_iter().map(Expr::Column);
+                let agg = Aggregate::try_new(input, keys.collect(), vec![])?;
+                Ok(Transformed::yes(LogicalPlan::Aggregate(agg)))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data;
+    if !found {
+        return Ok((rewritten, false));
+    }
+    let mut aggregates = 0;
+    rewritten.apply(|node| {
+        if !reads_stream(node, is_stream) {
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        aggregates += usize::from(matches!(node, LogicalPlan::Aggregate(_)));
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if aggregates > 1 {
+        return Err(BrookError::sql(
+            "SELECT DISTINCT feeding a GROUP BY (or a GROUP BY feeding a DISTINCT) is not \
+             supported on streams yet: a streaming query may have one stateful operator, \
+             either a GROUP BY aggregation or a SELECT DISTINCT",
+        ));
+    }
+    Ok((rewritten, true))
+}
+
 /// Rejects operators that need all rows at once in a query without state.
 pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
     let mut problem = None;
@@ -325,10 +367,14 @@ pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> 
         if !reads_stream(node, is_stream) {
             return Ok(TreeNodeRecursion::Jump);
         }
-        if matches!(
-            node,
-            LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Window(_)
-        ) {
+        if let LogicalPlan::Window(_) = node {
+            problem = Some(format!(
+                "{} needs an aggregation (GROUP BY) in a streaming query; to keep the \
+                 first row per key (ROW_NUMBER() OVER (PARTITION BY ...) = 1) write \
+                 SELECT DISTINCT over the key columns",
+                node.display()
+            ));
+        } else if matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)) {
             problem = Some(format!(
                 "{} needs an aggregation (GROUP BY) in a streaming query; \
                  ORDER BY and LIMIT apply to the result of a GROUP BY",
