@@ -1,5 +1,5 @@
-//! Kill -9 at many points: the dashboard queries, run by `brook run` with a
-//! checkpoint over 100,000 generated orders, are killed with SIGKILL again and
+//! Kill -9 at many points: the dashboard queries and a `SELECT DISTINCT`, run
+//! by `brook run` with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
 //! again (inside source reads, state writes, sink writes and commits, and at
 //! random instants) and restarted each time. The final sink files and state
 //! must equal those of a run that was never interrupted.
@@ -29,8 +29,15 @@ const FILES: usize = 100;
 /// Orders per second of event time: 100,000 orders span about 2.8 hours,
 /// so hour-long windows close while the stream runs.
 const RATE: usize = 10;
-const QUERIES: [&str; 3] = ["buy_sell_per_second", "top_clients", "top_stocks"];
-const FILE_SINKS: [&str; 2] = ["buy_sell_per_second", "top_stocks"];
+/// The dashboard's three queries and a deduplication (`SELECT DISTINCT`),
+/// whose seen keys are state like an aggregation's.
+const QUERIES: [&str; 4] = [
+    "buy_sell_per_second",
+    "top_clients",
+    "top_stocks",
+    "client_symbols",
+];
+const FILE_SINKS: [&str; 3] = ["buy_sell_per_second", "top_stocks", "client_symbols"];
 const KILL_ATTEMPTS: usize = 30;
 const MIN_KILLS: usize = 20;
 
@@ -66,7 +73,11 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
     let source = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
     assert!(sql.contains(source));
     let sinks = "STORED AS PARQUET LOCATION 'out/";
-    assert_eq!(sql.matches(sinks).count(), FILE_SINKS.len());
+    assert_eq!(sql.matches(sinks).count(), 2);
+    let sql = format!(
+        "{sql}\nCREATE EXTERNAL TABLE client_symbols STORED AS PARQUET LOCATION 'out/client_symbols';\n\
+         INSERT INTO client_symbols SELECT DISTINCT client_id, symbol FROM orders;\n"
+    );
     sql.replace(
         source,
         &format!(

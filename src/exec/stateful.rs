@@ -288,6 +288,14 @@ impl StatefulOp {
             let one = Int64Array::new_scalar(1);
             let new = and(&changed, &nulls_false(&lt_eq(&counts, &one)?))?;
             first_seen += new.true_count() as u64;
+            // A key's count stays 1 in state: only new keys are written to the
+            // checkpoint, so counting sightings in memory would make the state
+            // after a restart differ from that of a run never interrupted.
+            let mut columns = rows.columns().to_vec();
+            let ones = Int64Array::from_value(1, rows.num_rows());
+            columns[self.rows_column] =
+                cast(&ones, rows.schema().field(self.rows_column).data_type())?;
+            let rows = RecordBatch::try_new(rows.schema(), columns)?;
             let fresh = filter_record_batch(&rows, &new)?;
             outcome.upserts.push(fresh.clone());
             emit.push(fresh);
