@@ -1,5 +1,6 @@
-//! Kill -9 at many points: the dashboard queries and a `SELECT DISTINCT`, run
-//! by `brook run` with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
+//! Kill -9 at many points: the dashboard queries, a `SELECT DISTINCT` and a
+//! join with a static table under a windowed aggregation, run by `brook run`
+//! with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
 //! again (inside source reads, state writes, sink writes and commits, and at
 //! random instants) and restarted each time. The final sink files and state
 //! must equal those of a run that was never interrupted.
@@ -29,15 +30,22 @@ const FILES: usize = 100;
 /// Orders per second of event time: 100,000 orders span about 2.8 hours,
 /// so hour-long windows close while the stream runs.
 const RATE: usize = 10;
-/// The dashboard's three queries and a deduplication (`SELECT DISTINCT`),
-/// whose seen keys are state like an aggregation's.
-const QUERIES: [&str; 4] = [
+/// The dashboard's three queries, a deduplication (`SELECT DISTINCT`, whose
+/// seen keys are state like an aggregation's) and a windowed aggregation over
+/// a join with the static symbols table.
+const QUERIES: [&str; 5] = [
     "buy_sell_per_second",
     "top_clients",
     "top_stocks",
     "client_symbols",
+    "sector_minutes",
 ];
-const FILE_SINKS: [&str; 3] = ["buy_sell_per_second", "top_stocks", "client_symbols"];
+const FILE_SINKS: [&str; 4] = [
+    "buy_sell_per_second",
+    "top_stocks",
+    "client_symbols",
+    "sector_minutes",
+];
 const KILL_ATTEMPTS: usize = 30;
 const MIN_KILLS: usize = 20;
 
@@ -74,9 +82,17 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
     assert!(sql.contains(source));
     let sinks = "STORED AS PARQUET LOCATION 'out/";
     assert_eq!(sql.matches(sinks).count(), 2);
+    let symbols = concat!(env!("CARGO_MANIFEST_DIR"), "/queries/symbols.csv");
     let sql = format!(
         "{sql}\nCREATE EXTERNAL TABLE client_symbols STORED AS PARQUET LOCATION 'out/client_symbols';\n\
-         INSERT INTO client_symbols SELECT DISTINCT client_id, symbol FROM orders;\n"
+         INSERT INTO client_symbols SELECT DISTINCT client_id, symbol FROM orders;\n\
+         CREATE EXTERNAL TABLE symbols (symbol VARCHAR, sector VARCHAR, name VARCHAR) \
+         STORED AS CSV LOCATION '{symbols}';\n\
+         CREATE EXTERNAL TABLE sector_minutes STORED AS PARQUET LOCATION 'out/sector_minutes' OPTIONS ('outputMode' 'append');\n\
+         INSERT INTO sector_minutes SELECT window.start AS minute, \
+         coalesce(s.sector, 'Unlisted') AS sector, count(*) AS orders, sum(o.amount) AS shares \
+         FROM orders o LEFT JOIN symbols s ON o.symbol = s.symbol \
+         GROUP BY window(o.time, '1 minute'), coalesce(s.sector, 'Unlisted');\n"
     );
     sql.replace(
         source,
