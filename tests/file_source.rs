@@ -489,12 +489,9 @@ fn clean_source_deletes_or_archives_files_after_their_batch_commits() {
     }
 }
 
-/// Two queries read one directory; the one that deletes is done long before
-/// the other, which takes a file per batch: no file goes before both read it.
-#[test]
-fn a_file_is_cleaned_only_once_every_query_on_its_directory_committed_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// Eight 3-line files in `dir/in`, and a script of two queries reading them:
+/// `fast` takes all at once and deletes what it read, `slow` a file per batch.
+fn fast_and_slow(dir: &Path) -> (PathBuf, PathBuf) {
     let input = dir.join("in");
     std::fs::create_dir_all(&input).unwrap();
     for i in 0..8 {
@@ -515,6 +512,16 @@ fn a_file_is_cleaned_only_once_every_query_on_its_directory_committed_it() {
          INSERT INTO out_slow SELECT value FROM slow;\n",
     )
     .unwrap();
+    (input, script)
+}
+
+/// Two queries read one directory; the one that deletes is done long before
+/// the other, which takes a file per batch: no file goes before both read it.
+#[test]
+fn a_file_is_cleaned_only_once_every_query_on_its_directory_committed_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (input, script) = fast_and_slow(dir);
     let out = run_available_now(dir, &script);
     assert!(out.status.success(), "{}", stderr(&out));
     let count = |out: &str| {
@@ -867,26 +874,7 @@ fn archiving_never_replaces_a_file_already_in_the_archive() {
 fn after_a_restart_no_file_a_query_behind_has_not_read_is_cleaned() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let input = dir.join("in");
-    std::fs::create_dir_all(&input).unwrap();
-    for i in 0..8 {
-        write_file(&input, &format!("f{i}.txt"), &lines(i * 10, 3));
-    }
-    let script = dir.join("two.sql");
-    std::fs::write(
-        &script,
-        "CREATE UNBOUNDED EXTERNAL TABLE fast (value VARCHAR) STORED AS TEXT LOCATION 'in' \
-         OPTIONS ('cleanSource' 'delete');\n\
-         CREATE UNBOUNDED EXTERNAL TABLE slow (value VARCHAR) STORED AS TEXT LOCATION 'in' \
-         OPTIONS ('maxFilesPerTrigger' '1');\n\
-         CREATE EXTERNAL TABLE out_fast STORED AS JSON LOCATION 'out_fast' \
-         OPTIONS ('checkpointLocation' 'cp_fast', 'queryName' 'fast');\n\
-         CREATE EXTERNAL TABLE out_slow STORED AS JSON LOCATION 'out_slow' \
-         OPTIONS ('checkpointLocation' 'cp_slow', 'queryName' 'slow');\n\
-         INSERT INTO out_fast SELECT value FROM fast;\n\
-         INSERT INTO out_slow SELECT value FROM slow;\n",
-    )
-    .unwrap();
+    let (input, script) = fast_and_slow(dir);
     // The slow query stops before its third batch; the fast one has read all.
     let mut first = brook()
         .args([
