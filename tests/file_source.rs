@@ -983,3 +983,42 @@ fn a_stopped_query_keeps_the_files_it_has_not_committed() {
         BTreeSet::from(["g0.txt".into(), "g1.txt".into(), "g2.txt".into()])
     );
 }
+
+/// A kill between the two steps of archiving a file (linked into the archive,
+/// not yet unlinked from the source directory) leaves it in both places; the
+/// restart finishes the move rather than keep two copies or read it again.
+#[test]
+fn a_restart_finishes_an_archiving_a_kill_interrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let archive = dir.join("archive");
+    let script = write_script(
+        dir,
+        &format!(
+            ", 'cleanSource' 'archive', 'sourceArchiveDir' '{}'",
+            archive.display()
+        ),
+    );
+    let input = dir.join("in");
+    let kept = archive.join(input.strip_prefix("/").unwrap());
+    write_file(&input, "a.txt", &lines(0, 2));
+    write_file(&input, "b.txt", &lines(10, 2));
+    let out = run_available_now(dir, &script);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(names(&input).is_empty());
+    // What the kill leaves: the archived file linked back under its name.
+    std::fs::hard_link(kept.join("a.txt"), input.join("a.txt")).unwrap();
+    write_file(&input, "c.txt", &lines(20, 2));
+    let out = run_available_now(dir, &script);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(copied(dir).len(), 6, "a.txt is not read again");
+    assert!(names(&input).is_empty(), "{:?}", names(&input));
+    assert_eq!(
+        names(&kept),
+        ["a.txt", "b.txt", "c.txt"].map(String::from).into()
+    );
+    assert_eq!(
+        std::fs::read_to_string(kept.join("a.txt")).unwrap(),
+        lines(0, 2)
+    );
+}

@@ -518,6 +518,32 @@ impl FileSource {
         while self.cleaning.try_join_next().is_some() {}
     }
 
+    /// A kill between the link and the unlink of [`archive`] leaves a file both
+    /// in the source directory and in the archive. It was linked only once its
+    /// batch committed and every reader let it go, so the move is finished.
+    fn finish_archiving(&self) {
+        let Some(CleanAction::Archive(root)) = &self.clean else {
+            return;
+        };
+        for (location, _) in self.seen.iter().filter(|(_, s)| s.read) {
+            let Some(file) = self.location.local_file(location) else {
+                continue;
+            };
+            let dest = archived(root, &file);
+            let finished = match (file.exists() && dest.exists()).then(|| same_file(&file, &dest)) {
+                None | Some(Ok(false)) => Ok(()),
+                Some(Ok(true)) => std::fs::remove_file(&file).map_err(|e| BrookError::io(&file, e)),
+                Some(Err(e)) => Err(e),
+            };
+            if let Err(e) = finished {
+                tracing::warn!(
+                    source = %self.location.display,
+                    "could not finish archiving {location}; it is left in place: {e}"
+                );
+            }
+        }
+    }
+
     /// The most files and bytes a batch takes, with Spark's `maxFileAge` rule:
     /// ignored when the newest files go first with a limit, as older files not
     /// yet read would otherwise be dropped.
@@ -800,6 +826,7 @@ impl StreamSource for FileSource {
         for offset in committed {
             self.record(offset, false)?;
         }
+        self.finish_archiving();
         Ok(())
     }
 
