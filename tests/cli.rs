@@ -939,3 +939,94 @@ fn sigterm_stops_the_demo_gracefully() {
     assert_eq!(demo.wait().unwrap().code(), Some(0), "{text}");
     assert!(text.contains("demo stopped after"), "{text}");
 }
+
+/// `gen-orders --fills FILE` writes fills of about 80% of the orders, in time
+/// order, each naming an order printed and coming no earlier than it.
+#[test]
+fn gen_orders_writes_fills_of_the_orders_it_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let fills = dir.path().join("fills.csv");
+    let gen_with_fills = || {
+        let out = brook()
+            .args([
+                "gen-orders",
+                "--count",
+                "5000",
+                "--rate",
+                "100",
+                "--seed",
+                "7",
+            ])
+            .args(["--malformed", "0.02", "--fills", fills.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        (out.stdout, std::fs::read_to_string(&fills).unwrap())
+    };
+    let (stdout, fill_text) = gen_with_fills();
+    let orders: std::collections::HashMap<i64, chrono::NaiveDateTime> =
+        String::from_utf8(stdout.clone())
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let time = chrono::NaiveDateTime::parse_from_str(f[0], "%Y-%m-%d %H:%M:%S");
+                Some((f.get(1)?.parse().ok()?, time.ok()?))
+            })
+            .collect();
+    assert!(orders.len() > 4800, "{} well-formed orders", orders.len());
+    let lines: Vec<&str> = fill_text.lines().collect();
+    assert!(
+        (3700..4300).contains(&lines.len()),
+        "{} fills of 5000 orders",
+        lines.len()
+    );
+    let mut previous = None;
+    for line in &lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 5, "time,fill_id,order_id,quantity,price: {line}");
+        let time = chrono::NaiveDateTime::parse_from_str(f[0], "%Y-%m-%d %H:%M:%S").unwrap();
+        let order = orders.get(&f[2].parse().unwrap());
+        assert!(
+            order.is_some_and(|&o| o <= time),
+            "{line}: no such order before it"
+        );
+        assert!(previous <= Some(time), "{line} out of time order");
+        previous = Some(time);
+    }
+    // The same seed gives the same orders and fills; without --fills, the same orders.
+    assert_eq!(gen_with_fills(), (stdout.clone(), fill_text));
+    let plain = brook()
+        .args([
+            "gen-orders",
+            "--count",
+            "5000",
+            "--rate",
+            "100",
+            "--seed",
+            "7",
+        ])
+        .args(["--malformed", "0.02"])
+        .output()
+        .unwrap();
+    assert_eq!(plain.stdout, stdout);
+
+    let refused = brook()
+        .args([
+            "gen-orders",
+            "--count",
+            "10",
+            "--fills",
+            fills.to_str().unwrap(),
+        ])
+        .args(["--filled", "1.5"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr_of(&refused)
+            .contains("option '--filled': 1.5 is not a share: give a number from 0 to 1"),
+        "{}",
+        stderr_of(&refused)
+    );
+}
