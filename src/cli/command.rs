@@ -56,7 +56,8 @@ enum Command {
     },
     /// The live order dashboard on generated orders (no setup needed).
     Demo {
-        /// Directory to generate orders into (default: a new temporary directory).
+        /// Directory to generate orders (DIR/orders) and their fills (DIR/fills) into
+        /// (default: a new temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Orders per second.
