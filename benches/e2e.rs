@@ -1022,32 +1022,46 @@ fn sector() {
 const JOIN_ORDERS: usize = 500_000;
 
 /// 500,000 generated orders and their fills (about 400,000), made by `brook
-/// gen-orders --fills` and each split into 50 files, under
-/// target/bench-data/fills-bench/{orders,fills}; also what the inner join must
-/// give, recounted here: the fills at most a minute after their order.
+/// gen-orders --fills` and each split into 50 files by `brook send` under
+/// target/bench-data/fills-bench/{orders,fills} (as benches/README.md says to
+/// for Spark); also what the inner join must give, recounted here: the fills
+/// at most a minute after their order.
 fn fills_bench_data() -> (PathBuf, PathBuf, usize, usize) {
     let root = data_dir().join("fills-bench");
     let (orders, fills) = (root.join("orders"), root.join("fills"));
-    let all_fills = root.join("fills.csv");
     let done = root.join("_complete");
+    let brook = || Command::new(env!("CARGO_BIN_EXE_brook"));
+    // Files 20 ms apart: Spark takes files in the order of their modification
+    // times, and those of files written within a few ms are equal.
+    let send = |input: &str, to: &Path, lines: usize| {
+        let sent = brook()
+            .args(["send", "--input", input, "--to"])
+            .arg(to)
+            .args(["--lines-per-file", &lines.to_string(), "--interval", "20ms"])
+            .current_dir(&root)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "brook send failed");
+    };
+    let lines = |name: &str| {
+        BufReader::new(std::fs::File::open(root.join(name)).unwrap())
+            .lines()
+            .count()
+    };
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_brook"))
+        let made = brook()
             .args(["gen-orders", "--count", &JOIN_ORDERS.to_string()])
-            .arg("--fills")
-            .arg(&all_fills)
-            .stdout(Stdio::piped())
-            .spawn()
+            .args(["--fills", "fills.csv"])
+            .current_dir(&root)
+            .stdout(std::fs::File::create(root.join("orders.csv")).unwrap())
+            .status()
             .unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        write_files(&orders, FILES, JOIN_ORDERS, lines.map(Result::unwrap));
-        assert!(child.wait().unwrap().success(), "brook gen-orders failed");
-        let count = BufReader::new(std::fs::File::open(&all_fills).unwrap())
-            .lines()
-            .count();
-        let lines = BufReader::new(std::fs::File::open(&all_fills).unwrap()).lines();
-        write_files(&fills, FILES, count, lines.map(Result::unwrap));
+        assert!(made.success(), "brook gen-orders failed");
+        send("orders.csv", &orders, JOIN_ORDERS.div_ceil(FILES));
+        send("fills.csv", &fills, lines("fills.csv").div_ceil(FILES));
         std::fs::write(&done, b"").unwrap();
     }
     let read = |dir: &Path| -> Vec<Vec<String>> {
