@@ -1086,7 +1086,7 @@ fn fills_bench_data() -> (PathBuf, PathBuf, usize, usize) {
         .filter(|f| {
             let ordered = order_times[&f[2]];
             let filled = time(&f[0]);
-            ordered <= filled && filled <= ordered + TimeDelta::minutes(1)
+            ordered <= filled && filled <= ordered + brook::orders::FILL_BOUND
         })
         .count();
     (orders, fills, fill_lines.len(), in_time)

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use brook::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use brook::datafusion::arrow::util::pretty::pretty_format_batches;
-use brook::orders::{FillConfig, FillGenerator, GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use brook::orders::{
+    FILL_BOUND, FillConfig, FillGenerator, GeneratorConfig, OrderGenerator, TIME_FORMAT,
+};
 use brook::source::ParseMode;
 use brook::source::write_atomically;
 use brook::{Engine, OutputMode};
@@ -113,7 +115,7 @@ impl Written {
             let Some(&ordered) = self.orders.get(order) else {
                 continue;
             };
-            if ordered <= *at && *at <= ordered + TimeDelta::minutes(1) {
+            if ordered <= *at && *at <= ordered + FILL_BOUND {
                 *filled.entry(order.as_str()).or_default() += 1;
             }
         }

@@ -207,9 +207,16 @@ impl FillGenerator {
         };
         let slip = 1.0 + (self.rng.random::<f64>() - 0.5) * 0.002;
         let price = (order.price * slip).max(0.01);
+        // An order at the end of the calendar (`--start` far ahead) gets no fill after it.
+        let Some(at) = order
+            .time
+            .checked_add_signed(TimeDelta::milliseconds(delay_ms))
+        else {
+            return;
+        };
         self.scheduled += 1;
         self.pending.push(Reverse((
-            order.time + TimeDelta::milliseconds(delay_ms),
+            at,
             self.scheduled,
             order.id,
             format!("{quantity},{price:.2}"),
@@ -413,5 +420,25 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// A fill's time past the calendar's end overflowed (a panic) before it was checked.
+    #[test]
+    fn orders_at_the_end_of_the_calendar_get_no_fill_past_it() {
+        let mut fills = FillGenerator::new(FillConfig {
+            filled: 1.0,
+            ..Default::default()
+        });
+        for id in 1..=1000 {
+            fills.add(&Order {
+                id,
+                time: NaiveDateTime::MAX - TimeDelta::seconds(1),
+                amount: 10,
+                price: 1.0,
+            });
+        }
+        // Only fills within the last second of the calendar are made.
+        let made = fills.rest().len();
+        assert!((1..500).contains(&made), "{made}");
     }
 }
