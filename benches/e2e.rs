@@ -3,7 +3,8 @@
 //! a checkpoint), one process per run, wall time and peak RSS from the OS.
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
-//! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector`.
+//! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector
+//! interval_join`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
@@ -980,6 +981,9 @@ fn main() {
     if wants("sector") {
         sector();
     }
+    if wants("interval_join") {
+        interval_join();
+    }
 }
 
 /// `queries/volume_per_sector.sql` over the book's orders, all files in one
@@ -1012,4 +1016,172 @@ fn sector() {
         })
         .collect();
     report_runs("one batch", BOOK_ORDERS, &runs);
+}
+
+/// Orders of `interval_join` (about 80% of them get a fill).
+const JOIN_ORDERS: usize = 500_000;
+
+/// 500,000 generated orders and their fills (about 400,000), made by `brook
+/// gen-orders --fills` and each split into 50 files by `brook send` under
+/// target/bench-data/fills-bench/{orders,fills} (as benches/README.md says to
+/// for Spark); also what the inner join must give, recounted here: the fills
+/// at most a minute after their order.
+fn fills_bench_data() -> (PathBuf, PathBuf, usize, usize) {
+    let root = data_dir().join("fills-bench");
+    let (orders, fills) = (root.join("orders"), root.join("fills"));
+    let done = root.join("_complete");
+    let brook = || Command::new(env!("CARGO_BIN_EXE_brook"));
+    // Files 20 ms apart: Spark takes files in the order of their modification
+    // times, and those of files written within a few ms are equal.
+    let send = |input: &str, to: &Path, lines: usize| {
+        let sent = brook()
+            .args(["send", "--input", input, "--to"])
+            .arg(to)
+            .args(["--lines-per-file", &lines.to_string(), "--interval", "20ms"])
+            .current_dir(&root)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "brook send failed");
+    };
+    let lines = |name: &str| {
+        BufReader::new(std::fs::File::open(root.join(name)).unwrap())
+            .lines()
+            .count()
+    };
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let made = brook()
+            .args(["gen-orders", "--count", &JOIN_ORDERS.to_string()])
+            .args(["--fills", "fills.csv"])
+            .current_dir(&root)
+            .stdout(std::fs::File::create(root.join("orders.csv")).unwrap())
+            .status()
+            .unwrap();
+        assert!(made.success(), "brook gen-orders failed");
+        send("orders.csv", &orders, JOIN_ORDERS.div_ceil(FILES));
+        send("fills.csv", &fills, lines("fills.csv").div_ceil(FILES));
+        std::fs::write(&done, b"").unwrap();
+    }
+    let read = |dir: &Path| -> Vec<Vec<String>> {
+        let mut lines = vec![];
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            lines.extend(
+                text.lines()
+                    .map(|l| l.split(',').map(str::to_string).collect::<Vec<_>>()),
+            );
+        }
+        lines
+    };
+    let time = |s: &str| NaiveDateTime::parse_from_str(s, TIME_FORMAT).unwrap();
+    let order_times: std::collections::HashMap<String, NaiveDateTime> = read(&orders)
+        .into_iter()
+        .map(|f| (f[1].clone(), time(&f[0])))
+        .collect();
+    let fill_lines = read(&fills);
+    let in_time = fill_lines
+        .iter()
+        .filter(|f| {
+            let ordered = order_times[&f[2]];
+            let filled = time(&f[0]);
+            ordered <= filled && filled <= ordered + brook::orders::FILL_BOUND
+        })
+        .count();
+    (orders, fills, fill_lines.len(), in_time)
+}
+
+/// The interval join of orders with their fills (a fill within a minute of
+/// its order), watermarks of 10 s on both streams, appended to Parquet: all
+/// files in one batch, and one file of each per batch, showing the rows the
+/// join keeps in state batch by batch (they stay flat as the watermark lets
+/// orders go a minute after they were placed).
+fn interval_join() {
+    let (orders, fills, fill_count, in_time) = fills_bench_data();
+    let rows = JOIN_ORDERS + fill_count;
+    let sql = |per_batch: &str| {
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE orders (
+                time TIMESTAMP NOT NULL, order_id BIGINT NOT NULL, client_id BIGINT NOT NULL,
+                symbol VARCHAR NOT NULL, amount INT NOT NULL, price DOUBLE NOT NULL,
+                buy_sell VARCHAR NOT NULL, WATERMARK FOR time AS time - INTERVAL '10' SECOND
+             ) STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED'{per_batch});
+             CREATE UNBOUNDED EXTERNAL TABLE fills (
+                time TIMESTAMP NOT NULL, fill_id BIGINT NOT NULL, order_id BIGINT NOT NULL,
+                quantity INT NOT NULL, price DOUBLE NOT NULL,
+                WATERMARK FOR time AS time - INTERVAL '10' SECOND
+             ) STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED'{per_batch});
+             CREATE EXTERNAL TABLE filled STORED AS PARQUET LOCATION 'out/filled'
+                OPTIONS ('outputMode' 'append');
+             INSERT INTO filled
+             SELECT o.order_id, o.symbol, o.time AS ordered, f.time AS filled, f.quantity, f.price
+             FROM orders o JOIN fills f
+               ON o.order_id = f.order_id
+              AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE;",
+            orders.display(),
+            fills.display()
+        )
+    };
+    println!(
+        "\n## interval_join: {JOIN_ORDERS} generated orders and {fill_count} fills, 50 files \
+         each, inner join within a minute ({in_time} fills in time), Parquet, checkpoint\n"
+    );
+    println!(
+        "| run | input rows | output rows | median wall time | input rows/s | median peak RSS | \
+         state rows at the end |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (label, per_batch, runs) in [
+        ("one batch", "", RUNS),
+        (
+            "one file of each per batch",
+            ", 'maxFilesPerTrigger' '1'",
+            1,
+        ),
+    ] {
+        let mut seconds = vec![];
+        let mut peaks = vec![];
+        let mut states = vec![];
+        for _ in 0..runs {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("join.sql");
+            std::fs::write(&path, sql(per_batch)).unwrap();
+            let started = Instant::now();
+            let mut child = brook_run(dir.path(), &path, "available-now");
+            let stderr = child.stderr.take().unwrap();
+            let reader = std::thread::spawn(move || progress_lines(stderr));
+            let exited = wait_with_peak(child);
+            seconds.push(started.elapsed().as_secs_f64());
+            peaks.push(exited.peak_mb);
+            let progress = reader.join().unwrap();
+            assert_eq!(exited.code, 0, "brook run failed");
+            assert_eq!(input_rows(&progress, "filled") as usize, rows);
+            let output: u64 = progress
+                .iter()
+                .map(|p| p["sink"]["num_output_rows"].as_u64().unwrap_or(0))
+                .sum();
+            assert_eq!(output as usize, in_time, "rows the join gave");
+            states = progress
+                .iter()
+                .map(|p| {
+                    p["state_operators"].as_array().map_or(0, |ops| {
+                        ops.iter()
+                            .map(|s| s["num_rows_total"].as_u64().unwrap_or(0))
+                            .sum()
+                    })
+                })
+                .collect::<Vec<u64>>();
+        }
+        let secs = median(seconds);
+        println!(
+            "| {label} | {rows} | {in_time} | {secs:.3} s | {:.0} | {:.0} MB | {} |",
+            rows as f64 / secs,
+            median(peaks),
+            states.last().copied().unwrap_or_default()
+        );
+        if runs == 1 {
+            println!("\nstate rows after each batch: {states:?}\n");
+        }
+    }
 }

@@ -178,8 +178,9 @@ fn run_reports_bad_input_clearly() {
 #[test]
 fn a_second_demo_into_the_same_directory_adds_files() {
     let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("orders");
     let files = || {
-        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        let mut names: Vec<_> = std::fs::read_dir(&orders)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -198,7 +199,7 @@ fn a_second_demo_into_the_same_directory_adds_files() {
     let read = |names: &[String]| -> Vec<Vec<u8>> {
         names
             .iter()
-            .map(|n| std::fs::read(dir.path().join(n)).unwrap())
+            .map(|n| std::fs::read(orders.join(n)).unwrap())
             .collect()
     };
     demo();
@@ -209,6 +210,53 @@ fn a_second_demo_into_the_same_directory_adds_files() {
     let both = files();
     assert!(both.len() > first.len(), "{first:?} then {both:?}");
     assert_eq!(read(&first), before, "the first run's files were rewritten");
+}
+
+/// The demo writes its orders into DIR/orders, fills of most of them into
+/// DIR/fills, and the symbols table its sector query reads into DIR.
+#[test]
+fn demo_writes_fills_of_its_orders_beside_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = brook()
+        .args(["demo", "--no-ui", "--no-clear", "--duration", "4s"])
+        .args(["--rate", "300", "--malformed", "0", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let lines = |sub: &str| -> Vec<Vec<String>> {
+        let mut lines = vec![];
+        for entry in std::fs::read_dir(dir.path().join(sub)).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            lines.extend(
+                text.lines()
+                    .map(|l| l.split(',').map(str::to_string).collect()),
+            );
+        }
+        lines
+    };
+    let orders: std::collections::HashMap<String, String> = lines("orders")
+        .into_iter()
+        .map(|f| (f[1].clone(), f[0].clone()))
+        .collect();
+    let fills = lines("fills");
+    assert!(orders.len() >= 900, "{} orders", orders.len());
+    // Most fills come within seconds: many of those of the first seconds are written.
+    assert!(
+        fills.len() * 4 > orders.len(),
+        "{} fills of {} orders",
+        fills.len(),
+        orders.len()
+    );
+    for fill in &fills {
+        assert_eq!(fill.len(), 5, "{fill:?}");
+        let ordered = orders.get(&fill[2]);
+        assert!(ordered.is_some_and(|t| *t <= fill[0]), "{fill:?}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("symbols.csv")).unwrap(),
+        include_str!("../queries/symbols.csv")
+    );
 }
 
 #[test]
@@ -228,6 +276,11 @@ fn demo_shows_the_dashboard_and_stops() {
         "{stdout}"
     );
     assert!(stdout.contains("buy_sell_per_second"), "{stdout}");
+    assert!(stdout.contains("volume_per_sector"), "{stdout}");
+    assert!(
+        stdout.contains("Orders and shares per sector, this minute so far"),
+        "{stdout}"
+    );
     assert!(stdout.contains("demo stopped"), "{stdout}");
     assert!(
         stdout.contains("brook demo: the dashboard is at http://127.0.0.1:"),
@@ -938,4 +991,95 @@ fn sigterm_stops_the_demo_gracefully() {
     std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
     assert_eq!(demo.wait().unwrap().code(), Some(0), "{text}");
     assert!(text.contains("demo stopped after"), "{text}");
+}
+
+/// `gen-orders --fills FILE` writes fills of about 80% of the orders, in time
+/// order, each naming an order printed and coming no earlier than it.
+#[test]
+fn gen_orders_writes_fills_of_the_orders_it_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let fills = dir.path().join("fills.csv");
+    let gen_with_fills = || {
+        let out = brook()
+            .args([
+                "gen-orders",
+                "--count",
+                "5000",
+                "--rate",
+                "100",
+                "--seed",
+                "7",
+            ])
+            .args(["--malformed", "0.02", "--fills", fills.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        (out.stdout, std::fs::read_to_string(&fills).unwrap())
+    };
+    let (stdout, fill_text) = gen_with_fills();
+    let orders: std::collections::HashMap<i64, chrono::NaiveDateTime> =
+        String::from_utf8(stdout.clone())
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let time = chrono::NaiveDateTime::parse_from_str(f[0], "%Y-%m-%d %H:%M:%S");
+                Some((f.get(1)?.parse().ok()?, time.ok()?))
+            })
+            .collect();
+    assert!(orders.len() > 4800, "{} well-formed orders", orders.len());
+    let lines: Vec<&str> = fill_text.lines().collect();
+    assert!(
+        (3700..4300).contains(&lines.len()),
+        "{} fills of 5000 orders",
+        lines.len()
+    );
+    let mut previous = None;
+    for line in &lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 5, "time,fill_id,order_id,quantity,price: {line}");
+        let time = chrono::NaiveDateTime::parse_from_str(f[0], "%Y-%m-%d %H:%M:%S").unwrap();
+        let order = orders.get(&f[2].parse().unwrap());
+        assert!(
+            order.is_some_and(|&o| o <= time),
+            "{line}: no such order before it"
+        );
+        assert!(previous <= Some(time), "{line} out of time order");
+        previous = Some(time);
+    }
+    // The same seed gives the same orders and fills; without --fills, the same orders.
+    assert_eq!(gen_with_fills(), (stdout.clone(), fill_text));
+    let plain = brook()
+        .args([
+            "gen-orders",
+            "--count",
+            "5000",
+            "--rate",
+            "100",
+            "--seed",
+            "7",
+        ])
+        .args(["--malformed", "0.02"])
+        .output()
+        .unwrap();
+    assert_eq!(plain.stdout, stdout);
+
+    let refused = brook()
+        .args([
+            "gen-orders",
+            "--count",
+            "10",
+            "--fills",
+            fills.to_str().unwrap(),
+        ])
+        .args(["--filled", "1.5"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr_of(&refused)
+            .contains("option '--filled': 1.5 is not a share: give a number from 0 to 1"),
+        "{}",
+        stderr_of(&refused)
+    );
 }

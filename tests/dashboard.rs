@@ -111,10 +111,11 @@ async fn dashboard_matches_an_independent_computation() {
 
     let engine = Engine::new();
     let mut queries = vec![];
+    let symbols = concat!(env!("CARGO_MANIFEST_DIR"), "/queries/symbols.csv");
     for (name, sql) in QUERIES {
         queries.extend(
             engine
-                .execute(&demo_sql(sql, &input.display().to_string(), name))
+                .execute(&demo_sql(sql, &input.display().to_string(), symbols, name))
                 .await
                 .unwrap(),
         );

@@ -205,14 +205,8 @@ async fn sector_query_matches_a_recount() {
     let sql = demo_sql(
         include_str!("../queries/volume_per_sector.sql"),
         &input.display().to_string(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/queries/symbols.csv"),
         "volume_per_sector",
-    )
-    .replace(
-        "LOCATION 'queries/symbols.csv'",
-        &format!(
-            "LOCATION '{}/queries/symbols.csv'",
-            env!("CARGO_MANIFEST_DIR")
-        ),
     );
     let engine = Engine::new();
     let q = engine.execute(&sql).await.unwrap().remove(0);

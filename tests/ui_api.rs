@@ -55,7 +55,8 @@ async fn setup_with(options: UiOptions) -> Setup {
     let engine = Arc::new(Engine::new());
     let mut queries = vec![];
     for (name, sql) in QUERIES {
-        let sql = demo_sql(sql, &input.display().to_string(), name);
+        let symbols = concat!(env!("CARGO_MANIFEST_DIR"), "/queries/symbols.csv");
+        let sql = demo_sql(sql, &input.display().to_string(), symbols, name);
         queries.extend(engine.execute(&sql).await.unwrap());
     }
     for q in &queries {
@@ -127,7 +128,15 @@ async fn queries_and_their_progress() {
         .iter()
         .map(|q| q["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["buy_sell_per_second", "top_clients", "top_stocks"]);
+    assert_eq!(
+        names,
+        [
+            "buy_sell_per_second",
+            "top_clients",
+            "top_stocks",
+            "volume_per_sector"
+        ]
+    );
     let clients = &list[1];
     assert_eq!(clients["active"], true);
     assert_eq!(clients["output_mode"], "complete");
@@ -234,6 +243,30 @@ async fn memory_tables_as_json() {
             .starts_with("2016-03-22T20:00:0")
     );
 
+    // The volume per sector after one batch: a row per sector of the one minute
+    // the orders span, adding up to the orders read.
+    let (_, sectors) = s.get("/api/tables/volume_per_sector").await;
+    let columns: Vec<&str> = sectors["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["minute", "sector", "orders", "shares"]);
+    let rows = sectors["rows"].as_array().unwrap();
+    assert!(rows.len() > 5, "{sectors}");
+    assert!(
+        rows.iter().all(|r| r["minute"] == "2016-03-22T20:00:00"),
+        "{sectors}"
+    );
+    let orders: u64 = rows.iter().map(|r| r["orders"].as_u64().unwrap()).sum();
+    let read: u64 = s.queries[3]
+        .recent_progress()
+        .iter()
+        .map(|p| p.num_input_rows)
+        .sum();
+    assert_eq!(orders, read);
+
     assert_error(s.get("/api/tables/nope").await, 404, "top_clients");
     assert_error(
         s.get("/api/tables/top_clients?limit=-1").await,
@@ -267,7 +300,7 @@ async fn an_event_per_completed_batch() {
     write_orders(&s.input, "b.csv", "2016-03-22 20:01:00", 500, 2);
     let mut text = String::new();
     let mut seen = vec![];
-    while seen.len() < 3 {
+    while seen.len() < 4 {
         text.push_str(&next_events(&mut events).await);
         while let Some(end) = text.find("\n\n") {
             let event: String = text.drain(..end + 2).collect();
@@ -280,7 +313,15 @@ async fn an_event_per_completed_batch() {
         }
     }
     seen.sort();
-    assert_eq!(seen, ["buy_sell_per_second", "top_clients", "top_stocks"]);
+    assert_eq!(
+        seen,
+        [
+            "buy_sell_per_second",
+            "top_clients",
+            "top_stocks",
+            "volume_per_sector"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,6 +332,12 @@ async fn pages_and_bundled_assets() {
         ("/monitor", "text/html", "chart-durations"),
         ("/assets/uPlot.js", "text/javascript", "uPlot"),
         ("/assets/dashboard.js", "text/javascript", "top_stocks"),
+        ("/", "text/html", "sectors-minute"),
+        (
+            "/assets/dashboard.js",
+            "text/javascript",
+            "volume_per_sector",
+        ),
         ("/assets/brook.css", "text/css", "body"),
     ] {
         let response = s.http.get(s.url(path)).send().await.unwrap();

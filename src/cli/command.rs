@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use crate::config::Trigger;
 use crate::duration::parse_duration;
 use crate::error::BrookError;
 use crate::memory::parse_size;
-use crate::orders::{GeneratorConfig, OrderGenerator, TIME_FORMAT};
+use crate::orders::{FillConfig, FillGenerator, GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use crate::ui::{TOKEN_ENV, UiOptions};
 use chrono::NaiveDateTime;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -56,7 +56,8 @@ enum Command {
     },
     /// The live order dashboard on generated orders (no setup needed).
     Demo {
-        /// Directory to generate orders into (default: a new temporary directory).
+        /// Directory to generate orders (DIR/orders) and their fills (DIR/fills) into
+        /// (default: a new temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Orders per second.
@@ -80,7 +81,7 @@ enum Command {
         #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
         memory_limit: Option<usize>,
     },
-    /// Print generated orders, one CSV line each.
+    /// Print generated orders, one CSV line each; with --fills, also write their fills.
     GenOrders {
         #[arg(long)]
         count: u64,
@@ -99,6 +100,16 @@ enum Command {
         clients: u32,
         #[arg(long, default_value_t = 200)]
         symbols: usize,
+        /// Also write fills of the orders into FILE, in time order, one CSV line each:
+        /// time,fill_id,order_id,quantity,price.
+        #[arg(long, value_name = "FILE")]
+        fills: Option<PathBuf>,
+        /// Share of orders that get a fill (the others never do).
+        #[arg(long, default_value_t = 0.8, requires = "fills")]
+        filled: f64,
+        /// Share of fills that come more than a minute after their order (61 s to 5 min).
+        #[arg(long, default_value_t = 0.05, requires = "fills")]
+        late_fills: f64,
     },
     /// Replay an orders file into a directory in chunks (the book's splitAndSend.sh),
     /// or into a Kafka topic a record per line (its streamOrders.sh).
@@ -186,11 +197,29 @@ fn parse_size_arg(s: &str) -> Result<usize, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Where `gen-orders` writes fills, and what share of orders get one and when.
+struct FillsOut {
+    path: PathBuf,
+    config: FillConfig,
+}
+
+fn share(option: &str, value: f64) -> Result<f64, BrookError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(BrookError::option(
+            option,
+            format!("{value} is not a share: give a number from 0 to 1"),
+        ))
+    }
+}
+
 fn gen_orders(
     count: u64,
     config: GeneratorConfig,
     start: &str,
     rate: u64,
+    fills: Option<FillsOut>,
 ) -> Result<(), BrookError> {
     let start = NaiveDateTime::parse_from_str(start, TIME_FORMAT).map_err(|e| {
         BrookError::option("--start", format!("expected 'YYYY-MM-DD HH:MM:SS': {e}"))
@@ -198,16 +227,45 @@ fn gen_orders(
     if rate == 0 {
         return Err(BrookError::option("--rate", "must be at least 1"));
     }
+    let mut fills = match fills {
+        Some(FillsOut { path, config }) => {
+            share("--filled", config.filled)?;
+            share("--late-fills", config.late)?;
+            let file = std::fs::File::create(&path).map_err(|e| BrookError::io(&path, e))?;
+            Some((
+                FillGenerator::new(config),
+                std::io::BufWriter::new(file),
+                path,
+            ))
+        }
+        None => None,
+    };
     let mut orders = OrderGenerator::new(config);
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
     for i in 0..count {
         let time = start + chrono::Duration::milliseconds((i * 1000 / rate) as i64);
-        if writeln!(out, "{}", orders.line(time)).is_err() {
+        let (line, order) = orders.next_order(time);
+        if writeln!(out, "{line}").is_err() {
             return Ok(()); // the reader went away (e.g. `| head`)
         }
+        if let (Some((generator, file, path)), Some(order)) = (&mut fills, order) {
+            generator.add(&order);
+            write_lines(file, generator.due(time), path)?;
+        }
+    }
+    if let Some((mut generator, mut file, path)) = fills {
+        write_lines(&mut file, generator.rest(), &path)?;
+        file.flush().map_err(|e| BrookError::io(&path, e))?;
     }
     out.flush().map_err(|e| BrookError::io("stdout", e))
+}
+
+fn write_lines(out: &mut impl Write, lines: Vec<String>, path: &Path) -> Result<(), BrookError> {
+    for line in lines {
+        writeln!(out, "{line}").map_err(|e| BrookError::io(path, e))?;
+    }
+    Ok(())
 }
 
 async fn main_inner(cli: Cli) -> Result<(), BrookError> {
@@ -263,6 +321,9 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             rate,
             clients,
             symbols,
+            fills,
+            filled,
+            late_fills,
         } => gen_orders(
             count,
             GeneratorConfig {
@@ -273,6 +334,14 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             },
             &start,
             rate,
+            fills.map(|path| FillsOut {
+                path,
+                config: FillConfig {
+                    filled,
+                    late: late_fills,
+                    seed,
+                },
+            }),
         ),
         Command::Send {
             input,

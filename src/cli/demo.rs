@@ -1,8 +1,10 @@
 //! `brook demo`: the chapter-6 dashboard on generated orders, needing nothing installed.
 //!
-//! Orders are generated in real time into a directory, one file per second; the
-//! three queries of `queries/` run over it into memory tables, and a terminal
-//! view shows their results and the engine's throughput every second.
+//! Orders are generated in real time into a directory, one file per second, and
+//! the fills of most of them into another; the dashboard's three queries and
+//! the volume per sector (joined with the symbols table of `queries/`) run over
+//! the orders into memory tables, and a terminal view shows their results and
+//! the engine's throughput every second.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -20,22 +22,27 @@ use crate::config::Trigger;
 use crate::engine::{Engine, Overrides};
 use crate::error::{BrookError, Result};
 use crate::exec::StreamingQuery;
-use crate::orders::{GeneratorConfig, OrderGenerator};
+use crate::orders::{FillConfig, FillGenerator, GeneratorConfig, OrderGenerator, SYMBOLS_CSV};
 use crate::source::location::write_atomically;
 use crate::ui::{UiOptions, UiServer};
 
-/// The dashboard's queries, as shipped in `queries/`.
-pub const QUERIES: [(&str, &str); 3] = [
+/// The demo's queries, as shipped in `queries/`: the dashboard's three, then the volume per sector.
+pub const QUERIES: [(&str, &str); 4] = [
     (
         "buy_sell_per_second",
         include_str!("../../queries/buy_sell_per_second.sql"),
     ),
     ("top_clients", include_str!("../../queries/top_clients.sql")),
     ("top_stocks", include_str!("../../queries/top_stocks.sql")),
+    (
+        "volume_per_sector",
+        include_str!("../../queries/volume_per_sector.sql"),
+    ),
 ];
 
 pub(crate) struct DemoOptions {
-    /// Where orders are written; a fresh temporary directory when not given.
+    /// Where orders (`orders/`), fills (`fills/`) and the symbols table are
+    /// written; a fresh temporary directory when not given.
     pub dir: Option<PathBuf>,
     /// Orders generated per second.
     pub rate: usize,
@@ -50,9 +57,14 @@ pub(crate) struct DemoOptions {
     pub memory_limit: Option<usize>,
 }
 
-/// Rewrites a dashboard query to read `dir` and write into a memory table `name`.
-pub fn demo_sql(sql: &str, dir: &str, name: &str) -> String {
-    sql.replace("LOCATION 'data/orders'", &format!("LOCATION '{dir}'"))
+/// Rewrites a query of `queries/` to read orders from the directory `orders` and
+/// the symbols table from the file `symbols`, and to write into a memory table `name`.
+pub fn demo_sql(sql: &str, orders: &str, symbols: &str, name: &str) -> String {
+    sql.replace("LOCATION 'data/orders'", &format!("LOCATION '{orders}'"))
+        .replace(
+            "LOCATION 'queries/symbols.csv'",
+            &format!("LOCATION '{symbols}'"),
+        )
         .replace(
             "STORED AS CONSOLE LOCATION 'stdout'",
             &format!("STORED AS MEMORY LOCATION '{name}'"),
@@ -92,14 +104,21 @@ pub(crate) async fn run_demo(options: DemoOptions) -> Result<()> {
             true,
         ),
     };
-    std::fs::create_dir_all(&dir).map_err(|e| BrookError::io(&dir, e))?;
+    let (orders, fills) = (dir.join("orders"), dir.join("fills"));
+    for d in [&orders, &fills] {
+        std::fs::create_dir_all(d).map_err(|e| BrookError::io(d, e))?;
+    }
+    write_atomically(&dir, "symbols.csv", SYMBOLS_CSV.as_bytes())?;
     let dir_text = dir.display().to_string();
+    let orders_text = orders.display().to_string();
+    let symbols_text = dir.join("symbols.csv").display().to_string();
     let mut queries = vec![];
     for (name, sql) in QUERIES {
-        queries.extend(engine.execute(&demo_sql(sql, &dir_text, name)).await?);
+        let sql = demo_sql(sql, &orders_text, &symbols_text, name);
+        queries.extend(engine.execute(&sql).await?);
     }
 
-    let generator = tokio::spawn(generate(dir.clone(), options.rate, options.malformed));
+    let generator = tokio::spawn(generate(orders, fills, options.rate, options.malformed));
     let started = Instant::now();
     let result = loop {
         tokio::select! {
@@ -137,12 +156,18 @@ pub(crate) async fn run_demo(options: DemoOptions) -> Result<()> {
     result
 }
 
-/// Writes one file of `rate` orders per second, stamped with the current time.
-async fn generate(dir: PathBuf, rate: usize, malformed: f64) -> Result<()> {
+/// Writes one file of `rate` orders per second into `dir`, stamped with the
+/// current time, and one of the fills that fell due into `fills_dir`.
+async fn generate(dir: PathBuf, fills_dir: PathBuf, rate: usize, malformed: f64) -> Result<()> {
+    let seed = Utc::now().timestamp() as u64;
     let mut orders = OrderGenerator::new(GeneratorConfig {
         malformed,
-        seed: Utc::now().timestamp() as u64,
+        seed,
         ..GeneratorConfig::default()
+    });
+    let mut fills = FillGenerator::new(FillConfig {
+        seed,
+        ..FillConfig::default()
     });
     // A demo run on a --dir an earlier one wrote into must add files, not
     // replace ones a checkpointed query has read.
@@ -153,14 +178,27 @@ async fn generate(dir: PathBuf, rate: usize, malformed: f64) -> Result<()> {
         let now = Utc::now().naive_utc();
         let mut text = String::with_capacity(rate * 48);
         for _ in 0..rate {
-            text.push_str(&orders.line(now));
+            let (line, order) = orders.next_order(now);
+            text.push_str(&line);
             text.push('\n');
+            if let Some(order) = order {
+                fills.add(&order);
+            }
         }
         write_atomically(
             &dir,
             &format!("orders-{prefix}-{n:06}.csv"),
             text.as_bytes(),
         )?;
+        let due = fills.due(now);
+        if !due.is_empty() {
+            let text = due.join("\n") + "\n";
+            write_atomically(
+                &fills_dir,
+                &format!("fills-{prefix}-{n:06}.csv"),
+                text.as_bytes(),
+            )?;
+        }
     }
     Ok(())
 }
@@ -177,7 +215,7 @@ async fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "brook demo: orders into {dir}  ({:.0?} running, {malformed} malformed lines dropped; Ctrl-C stops)",
+        "brook demo: orders and fills into {dir}  ({:.0?} running, {malformed} malformed lines dropped; Ctrl-C stops)",
         started.elapsed()
     );
     match url {
@@ -225,6 +263,21 @@ async fn render(
             out,
             "Top 5 stocks by shares traded in the last hour\n{}\n",
             table(&stocks)?
+        );
+    }
+    // Update mode adds a minute's counts again each batch, growing: the largest are the latest.
+    let sectors = engine
+        .sql(
+            "SELECT sector, max(orders) AS orders, max(shares) AS shares \
+             FROM volume_per_sector WHERE minute = (SELECT max(minute) FROM volume_per_sector) \
+             GROUP BY sector ORDER BY shares DESC, sector",
+        )
+        .await?;
+    if sectors.iter().any(|b| b.num_rows() > 0) {
+        let _ = writeln!(
+            out,
+            "Orders and shares per sector, this minute so far\n{}\n",
+            table(&sectors)?
         );
     }
     let _ = writeln!(

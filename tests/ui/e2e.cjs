@@ -1,5 +1,5 @@
-// Drives the demo's pages in headless Chromium: the dashboard fills and agrees
-// with the memory tables, the monitor's batch chart grows, nothing outside
+// Drives the demo's pages in headless Chromium: the dashboard (its top clients,
+// top stocks and volume per sector) fills and agrees with the memory tables, the monitor's batch chart grows, nothing outside
 // 127.0.0.1 is fetched. Usage: node e2e.cjs URL ARTIFACT_DIR CHROMIUM
 const { chromium } = require('playwright-core');
 
@@ -12,16 +12,25 @@ async function shownAndExpected(page) {
   return page.evaluate(async () => {
     const cells = (sel) => [...document.querySelectorAll(sel + ' tbody tr')]
       .map((tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent));
-    const shown = { clients: cells('#top-clients'), stocks: cells('#top-stocks') };
+    const shown = { clients: cells('#top-clients'), stocks: cells('#top-stocks'), sectors: cells('#sectors') };
     const get = async (name) => (await (await fetch('/api/tables/' + name)).json()).rows;
-    const [clients, stocks] = await Promise.all([get('top_clients'), get('top_stocks')]);
+    const [clients, stocks, sectorRows] = await Promise.all([get('top_clients'), get('top_stocks'), get('volume_per_sector')]);
     const money = (n) => n.toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 });
     // The top stocks of the hour that closed last: the newest window's ranks 1 to 5.
     const newest = stocks.map((r) => r.window_end).sort().pop();
+    // Each sector of the latest minute, with its largest (latest) counts, by shares.
+    const minute = sectorRows.map((r) => r.minute).sort().pop();
+    const sectors = new Map();
+    for (const r of sectorRows.filter((x) => x.minute === minute)) {
+      const [orders, shares] = sectors.get(r.sector) || [0, 0];
+      sectors.set(r.sector, [Math.max(orders, r.orders), Math.max(shares, r.shares)]);
+    }
     const expected = {
       clients: clients.map((r) => [String(r.client_id), money(r.traded)]),
       stocks: stocks.filter((r) => r.window_end === newest).sort((a, b) => a.rank - b.rank)
         .map((r) => [String(r.rank), r.symbol, r.shares.toLocaleString('en-US')]),
+      sectors: [...sectors].sort(([a, x], [b, y]) => y[1] - x[1] || a.localeCompare(b))
+        .map(([sector, [orders, shares]]) => [sector, orders.toLocaleString('en-US'), shares.toLocaleString('en-US')]),
     };
     return { shown, expected };
   });
@@ -47,7 +56,8 @@ async function shownAndExpected(page) {
       null, { timeout: 60000 });
     if (await page.locator('#buy-sell-chart canvas').count() !== 1) fail('the buy/sell chart has no canvas');
     await page.waitForFunction(() => document.querySelectorAll('#top-clients tbody tr').length === 5
-      && document.querySelectorAll('#top-stocks tbody tr').length === 5, null, { timeout: 90000 });
+      && document.querySelectorAll('#top-stocks tbody tr').length === 5
+      && document.querySelectorAll('#sectors tbody tr').length > 5, null, { timeout: 90000 });
 
     let last;
     for (let attempt = 0; attempt < 20; attempt += 1) {
@@ -60,6 +70,7 @@ async function shownAndExpected(page) {
     }
     console.log('top clients', JSON.stringify(last.shown.clients));
     console.log('top stocks', JSON.stringify(last.shown.stocks));
+    console.log('sectors', JSON.stringify(last.shown.sectors));
     await page.screenshot({ path: artifacts + '/dashboard.png', fullPage: true });
 
     await page.click('#nav-monitor');

@@ -1,6 +1,11 @@
-// The order dashboard: buys and sells per second, top clients and top stocks,
-// each redrawn when its query completes a batch; any other memory table as a table.
-const SECTIONS = { buy_sell_per_second: 'buy-sell', top_clients: 'top-clients', top_stocks: 'top-stocks' };
+// The order dashboard: buys and sells per second, top clients, top stocks and
+// the volume per sector, each redrawn when its query completes a batch; any
+// other memory table as a table.
+const SECTIONS = {
+  buy_sell_per_second: 'buy-sell', top_clients: 'top-clients', top_stocks: 'top-stocks', volume_per_sector: 'sectors',
+};
+// Rows of volume_per_sector read: its update mode adds each active minute's sectors every batch.
+const SECTOR_ROWS = 1000;
 const CHART_SECONDS = 180;
 const latest = new Map(); // query name -> {last: progress, input: last progress with input rows}
 const status = new Map(); // query name -> 'active' | 'stopped' | 'failed'
@@ -75,6 +80,33 @@ async function drawTopStocks() {
   ]));
 }
 
+// The latest minute's sectors, by shares. A minute's counts only grow, and
+// each batch adds them again: a sector's largest are its latest.
+function latestSectors(rows) {
+  const minute = rows.reduce((m, r) => (r.minute > m ? r.minute : m), '');
+  const bySector = new Map();
+  for (const r of rows.filter((x) => x.minute === minute)) {
+    const known = bySector.get(r.sector);
+    if (!known || r.shares > known.shares) bySector.set(r.sector, r);
+  }
+  const sectors = [...bySector.values()].sort((a, b) => b.shares - a.shares || a.sector.localeCompare(b.sector));
+  return { minute, sectors };
+}
+
+async function drawSectors() {
+  const table = await brook.api('/api/tables/volume_per_sector?limit=' + SECTOR_ROWS);
+  const { minute, sectors } = latestSectors(table.rows);
+  const section = document.getElementById('sectors');
+  section.querySelector('.waiting').hidden = sectors.length > 0;
+  document.getElementById('sectors-minute').textContent = minute ? '(minute from ' + minute.replace('T', ' ') + ' UTC, so far)' : '';
+  section.dataset.minute = minute;
+  brook.fill(section.querySelector('tbody'), sectors.map((r) => [
+    { text: r.sector, value: r.sector },
+    { text: brook.number(r.orders), num: true, value: r.orders },
+    { text: brook.number(r.shares), num: true, value: r.shares },
+  ]));
+}
+
 async function drawOther(name) {
   const table = await brook.api('/api/tables/' + encodeURIComponent(name) + '?limit=20');
   let section = document.getElementById('table-' + name);
@@ -100,7 +132,9 @@ async function drawOther(name) {
   })));
 }
 
-const DRAW = { buy_sell_per_second: drawBuySell, top_clients: drawTopClients, top_stocks: drawTopStocks };
+const DRAW = {
+  buy_sell_per_second: drawBuySell, top_clients: drawTopClients, top_stocks: drawTopStocks, volume_per_sector: drawSectors,
+};
 const tables = new Map(); // query name -> memory table
 const drawing = new Map(); // memory table -> {busy, again}
 
