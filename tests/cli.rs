@@ -1083,3 +1083,20 @@ fn gen_orders_writes_fills_of_the_orders_it_prints() {
         stderr_of(&refused)
     );
 }
+
+/// Orders whose times would run past the calendar's end are refused, not a panic.
+#[test]
+fn gen_orders_refuses_a_start_too_near_the_end_of_the_calendar() {
+    let out = brook()
+        .args(["gen-orders", "--count", "10", "--rate", "1"])
+        .args(["--start", "+262142-12-31 23:59:55"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out)
+            .contains("option '--start': order 5 would fall past the last date the calendar has"),
+        "{}",
+        stderr_of(&out)
+    );
+}

@@ -244,7 +244,15 @@ fn gen_orders(
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
     for i in 0..count {
-        let time = start + chrono::Duration::milliseconds((i * 1000 / rate) as i64);
+        let time = i64::try_from(u128::from(i) * 1000 / u128::from(rate))
+            .ok()
+            .and_then(|ms| start.checked_add_signed(chrono::Duration::try_milliseconds(ms)?))
+            .ok_or_else(|| {
+                BrookError::option(
+                    "--start",
+                    format!("order {i} would fall past the last date the calendar has"),
+                )
+            })?;
         let (line, order) = orders.next_order(time);
         if writeln!(out, "{line}").is_err() {
             return Ok(()); // the reader went away (e.g. `| head`)
