@@ -507,6 +507,9 @@ impl Engine {
         if let Some(n) = def.min_batches_to_retain {
             options.min_batches_to_retain = n;
         }
+        if let Some(policy) = def.watermark_policy {
+            options.watermark_policy = policy;
+        }
         if let Some(t) = self.overrides.trigger {
             options.trigger = t;
         }
@@ -536,7 +539,11 @@ impl Engine {
             )));
         }
         let runtime = self.ctx.runtime_env();
-        let source = compiled.source.open(&runtime, &self.shared)?;
+        let sources = compiled
+            .inputs
+            .iter()
+            .map(|input| input.source.open(&runtime, &self.shared))
+            .collect::<Result<Vec<_>>>()?;
         let checkpoint = match &options.checkpoint {
             Some(location) => Some(
                 Checkpoint::open(
@@ -576,7 +583,7 @@ impl Engine {
         options.listeners.push(self.progress_listener());
         let query = Arc::new(StreamingQuery::start(
             compiled,
-            source,
+            sources,
             sink,
             checkpoint,
             id,
@@ -775,6 +782,7 @@ impl SourceBuilder<'_> {
             name: self.name,
             schema,
             watermark: self.watermark,
+            idle_timeout: None,
             kind: SourceKind::Files {
                 location: location.to_string(),
                 decode: DecodeOptions {
