@@ -188,3 +188,58 @@ async fn union_of_two_streams_keeps_a_watermark_each_and_resumes_them() {
     assert_eq!(late(&[&first, &second, &third], "per_min"), 0);
     assert!(late(&[&first, &second, &third], "per_max") > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_stops_holding_the_watermark_back() {
+    let dir = tempfile::tempdir().unwrap();
+    for source in ["ua", "quiet", "silent"] {
+        std::fs::create_dir_all(dir.path().join(source)).unwrap();
+    }
+    let d = dir.path().display();
+    let engine = brook::Engine::new();
+    // Two empty streams, the same but for the idle timeout.
+    let queries = engine
+        .execute(&format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE ua (time TIMESTAMP NOT NULL, v BIGINT,
+               WATERMARK FOR time AS time - INTERVAL '10' SECOND) STORED AS CSV LOCATION '{d}/ua';
+             CREATE UNBOUNDED EXTERNAL TABLE quiet (time TIMESTAMP NOT NULL, v BIGINT,
+               WATERMARK FOR time AS time - INTERVAL '10' SECOND) STORED AS CSV LOCATION '{d}/quiet'
+               OPTIONS ('idleTimeout' '1 second');
+             CREATE UNBOUNDED EXTERNAL TABLE silent (time TIMESTAMP NOT NULL, v BIGINT,
+               WATERMARK FOR time AS time - INTERVAL '10' SECOND) STORED AS CSV LOCATION '{d}/silent';
+             CREATE EXTERNAL TABLE with_idle STORED AS MEMORY LOCATION 'with_idle' OPTIONS ('outputMode' 'append');
+             CREATE EXTERNAL TABLE without STORED AS MEMORY LOCATION 'without' OPTIONS ('outputMode' 'append');
+             INSERT INTO with_idle SELECT window.start AS ws, count(*) AS n
+             FROM (SELECT * FROM ua UNION ALL SELECT * FROM quiet) GROUP BY window(time, '1 minute');
+             INSERT INTO without SELECT window.start AS ws, count(*) AS n
+             FROM (SELECT * FROM ua UNION ALL SELECT * FROM silent) GROUP BY window(time, '1 minute');"
+        ))
+        .await
+        .unwrap();
+    write(dir.path(), "ua", 0);
+    for q in &queries {
+        q.process_all_available().await.unwrap();
+    }
+    let count = |rows: Vec<Vec<String>>| rows.len();
+    let rows = |name: &'static str| {
+        let engine = &engine;
+        async move { table(&engine.sql(&format!("SELECT * FROM {name}")).await.unwrap()) }
+    };
+    assert_eq!(count(rows("with_idle").await), 0, "not idle yet");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    for q in &queries {
+        q.process_all_available().await.unwrap();
+    }
+    // ua is at 95 s (watermark 85 s): the window of 20:00 closes once 'quiet'
+    // is idle; 'silent' holds it back for good.
+    assert_eq!(
+        rows("with_idle").await,
+        vec![vec!["2016-03-22T20:00:00".to_string(), "12".to_string()]]
+    );
+    assert_eq!(count(rows("without").await), 0);
+    let last = queries[0].last_progress().unwrap();
+    assert_eq!(
+        last.event_time.watermark.as_deref(),
+        Some("2016-03-22T20:01:25.000Z")
+    );
+}
