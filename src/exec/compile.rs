@@ -217,21 +217,36 @@ pub async fn compile(
             m => m,
         };
         let fingerprint = fingerprint(&inputs, None, None, false);
-        let spec = match &stream_join {
+        let plan = match &stream_join {
             Some(found) => {
                 let sources: Vec<join::JoinInput> =
                     inputs.iter().map(|i| (&i.source, &i.slot)).collect();
-                Some(join::JoinSpec::new(found, &sources, mode)?)
+                let spec = join::JoinSpec::new(found, &sources, mode)?;
+                let op = match spec.preserved() {
+                    Some(side) => {
+                        let input = &inputs[spec.input(side)];
+                        let marked = join::marked_slot(&input.slot);
+                        let (inner, semi) = join::outer_plans(
+                            &plan,
+                            found,
+                            side,
+                            &input.source.name,
+                            marked.table(partitions),
+                        )?;
+                        let (padded, inner, semi) =
+                            (physical(plan), physical(inner), physical(semi));
+                        let padded = padded.await?;
+                        let outer = join::OuterPlans::new(side, padded, semi.await?, marked);
+                        JoinOp::new(spec, inner.await?, Some(outer))
+                    }
+                    None => JoinOp::new(spec, physical(plan).await?, None),
+                };
+                CompiledPlan::Join(Box::new(op))
             }
-            None => None,
-        };
-        let plan = physical(plan).await?;
-        let plan = match spec {
-            Some(spec) => CompiledPlan::Join(Box::new(JoinOp::new(spec, plan))),
-            None => CompiledPlan::Stateless(plan),
+            None => CompiledPlan::Stateless(physical(plan).await?),
         };
         let output_schema = match &plan {
-            CompiledPlan::Join(op) => op.plan.schema(),
+            CompiledPlan::Join(op) => op.output_schema(),
             CompiledPlan::Stateless(plan) => plan.schema(),
             CompiledPlan::Stateful(op) => op.finalize.schema(),
         };

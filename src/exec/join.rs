@@ -18,11 +18,16 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::kernels::cmp::gt_eq;
 use datafusion::arrow::compute::{cast, filter_record_batch, not, prep_null_mask_filter};
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt64Type};
+use datafusion::catalog::TableProvider;
+use datafusion::common::Column;
 use datafusion::common::ScalarValue;
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::provider_as_source;
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{Between, BinaryExpr, Expr, Join, JoinType, LogicalPlan, Operator};
+use datafusion::logical_expr::{
+    Between, BinaryExpr, Expr, Join, JoinType, LogicalPlan, LogicalPlanBuilder, Operator,
+};
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::stateful::execute;
@@ -35,6 +40,11 @@ use crate::sql::window::unit_nanos;
 
 /// The column of a side's state rows that tells rows apart (two equal rows are two rows).
 const ID_COLUMN: &str = "__id";
+/// The column of a side's state rows that tells whether a row of the other side matched it:
+/// an outer join emits the preserved side's rows that none matched, padded with nulls.
+const MATCHED_COLUMN: &str = "__matched";
+/// The state columns before the slot's.
+const STATE_PREFIX: usize = 2;
 
 /// The one join of `plan` whose two sides read streams, if there is one.
 pub fn find_stream_join(
@@ -101,6 +111,20 @@ pub struct JoinSpec {
 }
 
 impl JoinSpec {
+    /// The side an outer join preserves (0 left, 1 right), if it is one.
+    pub fn preserved(&self) -> Option<usize> {
+        match self.join_type {
+            JoinType::Left => Some(0),
+            JoinType::Right => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The input (among the query's) of `side`.
+    pub fn input(&self, side: usize) -> usize {
+        self.sides[side].input
+    }
+
     /// Checks a join of two streams against what can run, as Spark's rules
     /// for stream–stream joins, and finds its time bound.
     pub fn new(join: &Join, inputs: &[JoinInput], mode: OutputMode) -> Result<Self> {
@@ -119,12 +143,7 @@ impl JoinSpec {
                      with an event-time bound in its ON clause",
                 ));
             }
-            JoinType::Left | JoinType::Right => {
-                return Err(BrookError::sql(
-                    "an outer join of two streams is not supported yet; write an inner join \
-                     with an event-time bound in its ON clause",
-                ));
-            }
+            JoinType::Left | JoinType::Right => {}
             _ => {
                 return Err(BrookError::sql(
                     "a semi or anti join of two streams is not supported; write an inner join \
@@ -316,7 +335,10 @@ struct SideState {
 
 impl SideState {
     fn new(slot: &Slot) -> Self {
-        let mut fields = vec![Arc::new(Field::new(ID_COLUMN, DataType::UInt64, false))];
+        let mut fields = vec![
+            Arc::new(Field::new(ID_COLUMN, DataType::UInt64, false)),
+            Arc::new(Field::new(MATCHED_COLUMN, DataType::Boolean, false)),
+        ];
         fields.extend(slot.schema().fields().iter().cloned());
         Self {
             schema: Arc::new(Schema::new(fields)),
@@ -327,12 +349,7 @@ impl SideState {
 
     /// The rows as the side's slot has them.
     fn slot_rows(&self) -> Result<Vec<RecordBatch>> {
-        let columns: Vec<usize> = (1..self.schema.fields().len()).collect();
-        Ok(self
-            .rows
-            .iter()
-            .map(|b| b.project(&columns))
-            .collect::<std::result::Result<_, _>>()?)
+        slot_rows(&self.rows)
     }
 
     /// Takes `rows` (in the slot's columns) into state; the state rows they became.
@@ -344,7 +361,8 @@ impl SideState {
                 self.next_id..self.next_id + n,
             ));
             self.next_id += n;
-            let mut columns = vec![ids];
+            let matched: ArrayRef = Arc::new(BooleanArray::from(vec![false; batch.num_rows()]));
+            let mut columns = vec![ids, matched];
             columns.extend(batch.columns().iter().cloned());
             added.push(RecordBatch::try_new(self.schema.clone(), columns)?);
         }
@@ -353,10 +371,35 @@ impl SideState {
     }
 }
 
+/// State rows (`rows`) as their side's slot has them.
+fn slot_rows(rows: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+    Ok(rows
+        .iter()
+        .map(|b| b.project(&(STATE_PREFIX..b.num_columns()).collect::<Vec<_>>()))
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+/// The plans of an outer join besides the inner join that emits its matches.
+#[derive(Debug)]
+pub struct OuterPlans {
+    /// The side whose unmatched rows are emitted: 0 left, 1 right.
+    preserved: usize,
+    /// The user's plan, the outer join: run over expired unmatched rows and
+    /// nothing on the other side, it pads them with nulls.
+    padded: Arc<dyn ExecutionPlan>,
+    /// The ids of the preserved side's rows (fed into `marked`) that a row of
+    /// the other side matches.
+    semi: Arc<dyn ExecutionPlan>,
+    /// The preserved side's rows with their ids last.
+    marked: Slot,
+}
+
 /// The join's operator: its plan, its sides and their state.
 #[derive(Debug)]
 pub struct JoinOp {
+    /// The inner join: the matched pairs.
     pub plan: Arc<dyn ExecutionPlan>,
+    outer: Option<OuterPlans>,
     spec: JoinSpec,
     state: [SideState; 2],
 }
@@ -373,13 +416,42 @@ pub struct JoinOutcome {
     pub removed_rows: u64,
 }
 
+impl OuterPlans {
+    pub fn new(
+        preserved: usize,
+        padded: Arc<dyn ExecutionPlan>,
+        semi: Arc<dyn ExecutionPlan>,
+        marked: Slot,
+    ) -> Self {
+        Self {
+            preserved,
+            padded,
+            semi,
+            marked,
+        }
+    }
+}
+
 impl JoinOp {
-    pub fn new(spec: JoinSpec, plan: Arc<dyn ExecutionPlan>) -> Self {
+    pub fn new(spec: JoinSpec, plan: Arc<dyn ExecutionPlan>, outer: Option<OuterPlans>) -> Self {
         let state = [
             SideState::new(&spec.sides[0].slot),
             SideState::new(&spec.sides[1].slot),
         ];
-        Self { plan, spec, state }
+        Self {
+            plan,
+            outer,
+            spec,
+            state,
+        }
+    }
+
+    /// The schema of the rows the join emits (an outer join's, with its padded side nullable).
+    pub fn output_schema(&self) -> SchemaRef {
+        match &self.outer {
+            Some(outer) => outer.padded.schema(),
+            None => self.plan.schema(),
+        }
     }
 
     /// The inputs of the left and the right side, among the query's.
@@ -432,7 +504,24 @@ impl JoinOp {
     /// Whether a batch without input must run once the watermark is at
     /// `watermark_ns`. An inner join's expired rows go with its next batch:
     /// they are never emitted, so nothing waits for them.
-    pub fn closes_state(&self, _watermark_ns: i64) -> Result<bool> {
+    pub fn closes_state(&self, watermark_ns: i64) -> Result<bool> {
+        let Some(outer) = &self.outer else {
+            return Ok(false);
+        };
+        let side = outer.preserved;
+        let spec = &self.spec.sides[side];
+        let from = self.keep_from(side, watermark_ns);
+        for batch in &self.state[side].rows {
+            let keep = at_or_after(
+                batch,
+                spec.time_column + STATE_PREFIX,
+                spec.unit_nanos,
+                from,
+            )?;
+            if keep.true_count() < batch.num_rows() {
+                return Ok(true);
+            }
+        }
         Ok(false)
     }
 
@@ -467,7 +556,12 @@ impl JoinOp {
             let from = self.keep_from(side, wm);
             let mut kept = vec![];
             for batch in std::mem::take(&mut self.state[side].rows) {
-                let keep = at_or_after(&batch, spec.time_column + 1, spec.unit_nanos, from)?;
+                let keep = at_or_after(
+                    &batch,
+                    spec.time_column + STATE_PREFIX,
+                    spec.unit_nanos,
+                    from,
+                )?;
                 let gone = filter_record_batch(&batch, &not(&keep)?)?;
                 outcome.removed_rows += gone.num_rows() as u64;
                 outcome.deletes[side].push(gone);
@@ -483,7 +577,28 @@ impl JoinOp {
         }
         let has_rows = |rows: &[RecordBatch]| rows.iter().any(|b| b.num_rows() > 0);
         let [left, right] = &self.spec.sides;
+        // The preserved side's expired rows that nothing matched are final now.
+        let unmatched = match &self.outer {
+            Some(outer) => {
+                let mut rows = vec![];
+                for batch in &outcome.deletes[outer.preserved] {
+                    let matched = batch.column(1).as_boolean();
+                    let lonely = filter_record_batch(batch, &not(&nulls_false(matched))?)?;
+                    rows.extend(slot_rows(&[lonely])?);
+                }
+                rows
+            }
+            None => vec![],
+        };
+        let output_schema = self.output_schema();
         let ran = async {
+            if let Some(outer) = &self.outer
+                && has_rows(&unmatched)
+            {
+                self.spec.sides[outer.preserved].slot.set(&unmatched)?;
+                self.spec.sides[1 - outer.preserved].slot.set(&[])?;
+                outcome.output.extend(execute(&outer.padded, ctx).await?);
+            }
             if has_rows(&fresh[0]) {
                 let mut right_rows = self.state[1].slot_rows()?;
                 right_rows.extend(fresh[1].iter().cloned());
@@ -502,12 +617,85 @@ impl JoinOp {
         left.slot.set(&[])?;
         right.slot.set(&[])?;
         ran?;
+        if self.outer.is_some() {
+            // The inner plan's rows, as the outer join's schema (nullable on the padded side) has them.
+            outcome.output = outcome
+                .output
+                .iter()
+                .map(|b| RecordBatch::try_new(output_schema.clone(), b.columns().to_vec()))
+                .collect::<std::result::Result<_, _>>()?;
+        }
+        let first_new = self.state.each_ref().map(|s| s.next_id);
         for (side, rows) in fresh.iter().enumerate() {
             let added = self.state[side].add(rows)?;
             outcome.updated_rows += added.iter().map(|b| b.num_rows() as u64).sum::<u64>();
             outcome.upserts[side] = added;
         }
+        if has_rows(&fresh[0]) || has_rows(&fresh[1]) {
+            self.mark_matched(ctx, first_new, &mut outcome).await?;
+        }
         Ok(outcome)
+    }
+
+    /// Marks the preserved side's state rows that a row of the other side
+    /// matches (a row once matched stays so); the rows that changed, or are
+    /// new (ids from `first_new`), become the side's upserts.
+    async fn mark_matched(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        first_new: [u64; 2],
+        outcome: &mut JoinOutcome,
+    ) -> Result<()> {
+        let Some(outer) = &self.outer else {
+            return Ok(());
+        };
+        let side = outer.preserved;
+        let other = &self.spec.sides[1 - side];
+        // The slot's columns, then the id.
+        let marked: Vec<RecordBatch> = self.state[side]
+            .rows
+            .iter()
+            .map(|b| {
+                let mut columns: Vec<usize> = (STATE_PREFIX..b.num_columns()).collect();
+                columns.push(0);
+                b.project(&columns)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        outer.marked.set(&marked)?;
+        other.slot.set(&self.state[1 - side].slot_rows()?)?;
+        let found = execute(&outer.semi, ctx).await;
+        outer.marked.set(&[])?;
+        other.slot.set(&[])?;
+        let mut ids = std::collections::HashSet::new();
+        for batch in found? {
+            ids.extend(
+                batch
+                    .column(0)
+                    .as_primitive::<UInt64Type>()
+                    .iter()
+                    .flatten(),
+            );
+        }
+        let mut upserts = vec![];
+        let state = &mut self.state[side];
+        for batch in &mut state.rows {
+            let id = batch.column(0).as_primitive::<UInt64Type>();
+            let was = batch.column(1).as_boolean();
+            let now: BooleanArray = (0..batch.num_rows())
+                .map(|i| Some(was.value(i) || ids.contains(&id.value(i))))
+                .collect();
+            let changed: BooleanArray = (0..batch.num_rows())
+                .map(|i| Some(now.value(i) != was.value(i) || id.value(i) >= first_new[side]))
+                .collect();
+            let mut columns = batch.columns().to_vec();
+            columns[1] = Arc::new(now);
+            *batch = RecordBatch::try_new(state.schema.clone(), columns)?;
+            if changed.true_count() > 0 {
+                upserts.push(filter_record_batch(batch, &changed)?);
+            }
+        }
+        outcome.upserts[side] = upserts;
+        Ok(())
     }
 }
 
@@ -526,9 +714,115 @@ fn at_or_after(
         ticks.as_primitive::<Int64Type>(),
         &Int64Array::new_scalar(first),
     )?;
-    Ok(if mask.null_count() == 0 {
-        mask
+    Ok(nulls_false(&mask))
+}
+
+fn nulls_false(mask: &BooleanArray) -> BooleanArray {
+    if mask.null_count() == 0 {
+        mask.clone()
     } else {
-        prep_null_mask_filter(&mask)
-    })
+        prep_null_mask_filter(mask)
+    }
+}
+
+/// A slot for the rows of `slot` with their state id last, which the outer
+/// join's semi join reads.
+pub fn marked_slot(slot: &Slot) -> Slot {
+    let mut fields: Vec<Field> = slot
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(ID_COLUMN, DataType::UInt64, false));
+    Slot::new(&Schema::new(fields))
+}
+
+/// For an outer join of two streams (`join`, within `plan`) preserving side
+/// `preserved`: `plan` with the join made inner, which emits the matched
+/// pairs, and a semi join giving the ids of the preserved side's rows (read
+/// from `marked` instead of its source, `source`) that a row of the other side matches.
+pub fn outer_plans(
+    plan: &LogicalPlan,
+    join: &Join,
+    preserved: usize,
+    source: &str,
+    marked: Arc<dyn TableProvider>,
+) -> Result<(LogicalPlan, LogicalPlan)> {
+    let inner = plan
+        .clone()
+        .transform_up(|node| match node {
+            LogicalPlan::Join(j) if j == *join => {
+                let inner = Join::try_new(
+                    j.left,
+                    j.right,
+                    j.on,
+                    j.filter,
+                    JoinType::Inner,
+                    j.join_constraint,
+                    j.null_equality,
+                    j.null_aware,
+                )?;
+                Ok(Transformed::yes(LogicalPlan::Join(inner)))
+            }
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })?
+        .data;
+    let side = if preserved == 0 {
+        &join.left
+    } else {
+        &join.right
+    };
+    let marked_side = side
+        .as_ref()
+        .clone()
+        .transform_up(|node| match node {
+            LogicalPlan::TableScan(scan) if scan.table_name.table() == source => {
+                let scan = LogicalPlanBuilder::scan(
+                    scan.table_name.clone(),
+                    provider_as_source(marked.clone()),
+                    None,
+                )?
+                .build()?;
+                Ok(Transformed::yes(scan))
+            }
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })?
+        .data;
+    if marked_side
+        .schema()
+        .index_of_column_by_name(None, ID_COLUMN)
+        .is_none()
+    {
+        return Err(BrookError::sql(format!(
+            "an outer join of two streams joins the stream tables themselves: write \
+             '{source}' (or '{source} AS alias') on its side of the join, not a subquery"
+        )));
+    }
+    let (left, right, semi) = match preserved {
+        0 => (
+            Arc::new(marked_side),
+            join.right.clone(),
+            JoinType::LeftSemi,
+        ),
+        _ => (
+            join.left.clone(),
+            Arc::new(marked_side),
+            JoinType::RightSemi,
+        ),
+    };
+    let semi = Join::try_new(
+        left,
+        right,
+        join.on.clone(),
+        join.filter.clone(),
+        semi,
+        join.join_constraint,
+        join.null_equality,
+        join.null_aware,
+    )?;
+    let ids = LogicalPlanBuilder::from(LogicalPlan::Join(semi))
+        .project(vec![Expr::Column(Column::from_name(ID_COLUMN))])?
+        .build()?;
+    Ok((inner, ids))
 }
