@@ -315,6 +315,11 @@ fn write_streams(dir: &std::path::Path, files: std::ops::Range<i64>) {
     }
 }
 
+/// The join script with `JOIN` as `join` (an outer join, say).
+fn join_script(join: &str) -> String {
+    JOIN_SCRIPT.replace("JOIN filled f", &format!("{join} filled f"))
+}
+
 const JOIN_SCRIPT: &str = "
 CREATE UNBOUNDED EXTERNAL TABLE placed (time TIMESTAMP NOT NULL, order_id BIGINT, symbol VARCHAR,
   WATERMARK FOR time AS time - INTERVAL '2' MINUTE)
@@ -332,7 +337,11 @@ FROM placed o JOIN filled f
 /// Runs the join script in `dir` with the CLI until the input is used up, with
 /// a checkpoint; its progress records.
 fn run_join(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::write(dir.join("join.sql"), JOIN_SCRIPT).unwrap();
+    run_script(dir, JOIN_SCRIPT)
+}
+
+fn run_script(dir: &std::path::Path, script: &str) -> Vec<serde_json::Value> {
+    std::fs::write(dir.join("join.sql"), script).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
         .args(["run", "join.sql", "--checkpoint", "checkpoint"])
         .args(["--trigger", "available-now", "--progress", "json"])
@@ -351,6 +360,19 @@ fn run_join(dir: &std::path::Path) -> Vec<serde_json::Value> {
 /// Every row of the Parquet files under `dir`, sorted, and the same rows as
 /// DataFusion's batch join of the input files computes them.
 async fn sink_and_batch_join(dir: &std::path::Path) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    sink_and_batch(
+        dir,
+        "SELECT o.order_id, o.symbol, f.qty, o.time, f.time FROM placed o JOIN filled f \
+         ON o.order_id = f.order_id AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE",
+    )
+    .await
+}
+
+/// The sink's rows under `dir`, and `batch` run by DataFusion over the input files.
+async fn sink_and_batch(
+    dir: &std::path::Path,
+    batch: &str,
+) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
     let ctx = SessionContext::new();
     let d = dir.display();
     ctx.sql(&format!(
@@ -376,16 +398,7 @@ async fn sink_and_batch_join(dir: &std::path::Path) -> (Vec<Vec<String>>, Vec<Ve
         .await
         .unwrap();
     }
-    let expected = ctx
-        .sql(
-            "SELECT o.order_id, o.symbol, f.qty, o.time, f.time FROM placed o JOIN filled f \
-             ON o.order_id = f.order_id AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE",
-        )
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let expected = ctx.sql(batch).await.unwrap().collect().await.unwrap();
     (sorted(table(&got)), sorted(table(&expected)))
 }
 
@@ -454,4 +467,41 @@ async fn stream_stream_join_resumes_from_its_checkpoint_as_if_never_stopped() {
     let (got_split, _) = sink_and_batch_join(split.path()).await;
     assert_eq!(got_whole, expected);
     assert_eq!(got_split, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_stream_left_join_pads_expired_orders_across_a_restart() {
+    // Two runs, so that orders in state when the first stops, matched or not,
+    // are matched or padded by the second.
+    let dir = tempfile::tempdir().unwrap();
+    let script = join_script("LEFT JOIN");
+    write_streams(dir.path(), 0..3);
+    let first = run_script(dir.path(), &script);
+    write_streams(dir.path(), 3..8);
+    let second = run_script(dir.path(), &script);
+    let with_input = first
+        .iter()
+        .chain(&second)
+        .filter(|p| p["num_input_rows"] != 0)
+        .count();
+    assert_eq!(with_input, 8, "one batch per pair of files");
+    let watermark = second.last().unwrap()["event_time"]["watermark"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('Z')
+        .to_string();
+    // The matched pairs, and the orders nothing matched whose minute the
+    // final watermark has passed; the later ones wait in state.
+    let (got, expected) = sink_and_batch(
+        dir.path(),
+        &format!(
+            "SELECT o.order_id, o.symbol, f.qty, o.time, f.time FROM placed o LEFT JOIN filled f \
+             ON o.order_id = f.order_id AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE \
+             WHERE f.order_id IS NOT NULL OR o.time + INTERVAL '1' MINUTE < TIMESTAMP '{watermark}'"
+        ),
+    )
+    .await;
+    let padded = expected.iter().filter(|r| r[2] == "NULL").count();
+    assert!(padded > 20, "{padded}");
+    assert_eq!(got, expected);
 }
