@@ -178,6 +178,17 @@ impl JoinSpec {
                 unit_nanos: unit_nanos(schema.field(time_column).data_type())?,
             })
         };
+        if inputs.len() > 2 {
+            return Err(BrookError::sql(format!(
+                "a query that joins two streams reads those two only; this one reads {}: \
+                 join or union the others in queries of their own",
+                inputs
+                    .iter()
+                    .map(|(s, _)| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let left = side(&join.left, "left")?;
         let right = side(&join.right, "right")?;
         if left.input == right.input {
