@@ -501,9 +501,13 @@ impl JoinOp {
         for (state, rows) in self.state.iter_mut().zip(saved) {
             let mut next = 0;
             for batch in &rows {
-                let ids = batch.column(0).as_primitive::<UInt64Type>();
+                // The store loads the state as its schema has it: ids first.
+                let ids = batch
+                    .column(0)
+                    .as_primitive_opt::<UInt64Type>()
+                    .ok_or_else(|| BrookError::internal("a join's state rows lost their ids"))?;
                 if let Some(max) = datafusion::arrow::compute::max(ids) {
-                    next = next.max(max + 1);
+                    next = next.max(max.saturating_add(1));
                 }
             }
             state.rows = rows;
