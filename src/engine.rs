@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef};
-use crate::config::{OutputMode, Trigger};
+use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::{CompiledQuery, compile};
 use crate::exec::query::{Gate, ProgressListener};
@@ -627,6 +627,7 @@ impl Engine {
             mode: ParseMode::Permissive,
             options: FileSourceOptions::default(),
             watermark: None,
+            idle_timeout: None,
         }
     }
 
@@ -742,9 +743,16 @@ pub struct SourceBuilder<'a> {
     mode: ParseMode,
     options: FileSourceOptions,
     watermark: Option<WatermarkSpec>,
+    idle_timeout: Option<std::time::Duration>,
 }
 
 impl SourceBuilder<'_> {
+    /// After this long without rows, the source stops holding back the
+    /// watermark of a query that reads it with other streams (`idleTimeout`).
+    pub fn idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self
+    }
     pub fn format(mut self, format: FileFormat) -> Self {
         self.format = format;
         self
@@ -782,7 +790,7 @@ impl SourceBuilder<'_> {
             name: self.name,
             schema,
             watermark: self.watermark,
-            idle_timeout: None,
+            idle_timeout: self.idle_timeout,
             kind: SourceKind::Files {
                 location: location.to_string(),
                 decode: DecodeOptions {
@@ -826,6 +834,11 @@ impl QueryBuilder<'_> {
     }
     pub fn output_mode(mut self, mode: OutputMode) -> Self {
         self.options.output_mode = Some(mode);
+        self
+    }
+    /// How a query reading several streams picks its watermark (`multipleWatermarkPolicy`).
+    pub fn watermark_policy(mut self, policy: WatermarkPolicy) -> Self {
+        self.options.watermark_policy = policy;
         self
     }
     pub fn on_progress(mut self, f: impl Fn(&QueryProgress) + Send + Sync + 'static) -> Self {

@@ -243,3 +243,53 @@ async fn an_idle_stream_stops_holding_the_watermark_back() {
         Some("2016-03-22T20:01:25.000Z")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_api_sets_the_watermark_policy_and_an_idle_timeout() {
+    use brook::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ua", 0);
+    write(dir.path(), "ub", 0);
+    std::fs::create_dir_all(dir.path().join("quiet")).unwrap();
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        ),
+        Field::new("v", DataType::Int64, false),
+    ]));
+    let engine = brook::Engine::new();
+    for (name, delay, idle) in [("ua", 10, None), ("ub", 30, None), ("quiet", 0, Some(0))] {
+        let mut source = engine
+            .read_stream(name)
+            .schema(schema.clone())
+            .watermark("time", std::time::Duration::from_secs(delay));
+        if let Some(secs) = idle {
+            source = source.idle_timeout(std::time::Duration::from_secs(secs));
+        }
+        source
+            .load(dir.path().join(name).to_str().unwrap())
+            .unwrap();
+    }
+    let start = |policy| {
+        engine
+            .query(
+                "SELECT time FROM ua UNION ALL SELECT time FROM ub UNION ALL SELECT time FROM quiet",
+            )
+            .watermark_policy(policy)
+            .memory_sink(&format!("{policy:?}"))
+            .start()
+    };
+    let (min, max) = (
+        start(brook::WatermarkPolicy::Min).await.unwrap(),
+        start(brook::WatermarkPolicy::Max).await.unwrap(),
+    );
+    min.process_all_available().await.unwrap();
+    max.process_all_available().await.unwrap();
+    // ua is at 95 s (watermark 85 s), ub at 133 s (103 s); 'quiet' has never
+    // had a row, but is idle at once.
+    let watermark = |q: &brook::StreamingQuery| q.last_progress().unwrap().event_time.watermark;
+    assert_eq!(watermark(&min).as_deref(), Some("2016-03-22T20:01:25.000Z"));
+    assert_eq!(watermark(&max).as_deref(), Some("2016-03-22T20:01:43.000Z"));
+}
