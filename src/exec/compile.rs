@@ -228,7 +228,7 @@ pub async fn compile(
                         let marked = join::marked_slot(&input.slot);
                         let (inner, semi) = join::outer_plans(
                             &plan,
-                            found,
+                            &found.join,
                             side,
                             &input.source.name,
                             marked.table(partitions),

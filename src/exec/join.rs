@@ -46,18 +46,34 @@ const MATCHED_COLUMN: &str = "__matched";
 /// The state columns before the slot's.
 const STATE_PREFIX: usize = 2;
 
+/// A join of two streams, and the conditions of a WHERE right above it (an
+/// inner join's time bound may be written there, or a comma join's).
+#[derive(Debug, Clone)]
+pub struct StreamJoin {
+    pub join: Join,
+    above: Option<Expr>,
+}
+
 /// The one join of `plan` whose two sides read streams, if there is one.
 pub fn find_stream_join(
     plan: &LogicalPlan,
     is_stream: &dyn Fn(&str) -> bool,
-) -> Result<Option<Join>> {
+) -> Result<Option<StreamJoin>> {
+    let both =
+        |join: &Join| reads_stream(&join.left, is_stream) && reads_stream(&join.right, is_stream);
     let mut found = vec![];
+    let mut above = None;
     plan.apply(|node| {
-        if let LogicalPlan::Join(join) = node
-            && reads_stream(&join.left, is_stream)
-            && reads_stream(&join.right, is_stream)
-        {
-            found.push(join.clone());
+        match node {
+            LogicalPlan::Join(join) if both(join) => found.push(join.clone()),
+            LogicalPlan::Filter(filter) => {
+                if let LogicalPlan::Join(join) = filter.input.as_ref()
+                    && both(join)
+                {
+                    above = Some(filter.predicate.clone());
+                }
+            }
+            _ => {}
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
@@ -67,7 +83,7 @@ pub fn find_stream_join(
              of its own, reading the first join's sink",
         ));
     }
-    Ok(found.pop())
+    Ok(found.pop().map(|join| StreamJoin { join, above }))
 }
 
 /// A query's streaming source and the slot its rows are fed into.
@@ -127,7 +143,8 @@ impl JoinSpec {
 
     /// Checks a join of two streams against what can run, as Spark's rules
     /// for stream–stream joins, and finds its time bound.
-    pub fn new(join: &Join, inputs: &[JoinInput], mode: OutputMode) -> Result<Self> {
+    pub fn new(found: &StreamJoin, inputs: &[JoinInput], mode: OutputMode) -> Result<Self> {
+        let join = &found.join;
         if mode != OutputMode::Append {
             return Err(BrookError::sql(format!(
                 "a join of two streams runs in output mode 'append' (as in Spark): each \
@@ -204,18 +221,25 @@ impl JoinSpec {
                 .clone()
         };
         let (left_time, right_time) = (time_name(&left), time_name(&right));
-        let bound = join
+        // A WHERE over an outer join filters its padded rows too: it bounds nothing.
+        let above = found
+            .above
+            .iter()
+            .filter(|_| join.join_type == JoinType::Inner);
+        let conditions: Vec<&Expr> = join
             .filter
-            .as_ref()
-            .map(|f| time_bound(join, f, &left_time, &right_time))
-            .unwrap_or_default();
+            .iter()
+            .chain(above)
+            .flat_map(split_conjunction)
+            .collect();
+        let bound = time_bound(join, &conditions, &left_time, &right_time);
         let (Some(lower_ns), Some(upper_ns)) = bound else {
             return Err(BrookError::sql(format!(
-                "a join of two streams needs a time bound in its ON clause between the \
-                 watermark columns of both sides ({}.{left_time} and {}.{right_time}), \
-                 with a lower and an upper limit, e.g. ON r.key = l.key AND r.time BETWEEN \
-                 l.time AND l.time + INTERVAL '1' MINUTE: without it no row could ever \
-                 leave the join's state",
+                "a join of two streams needs a time bound between the watermark columns \
+                 of both sides ({}.{left_time} and {}.{right_time}), with a lower and an \
+                 upper limit, in its ON clause (an inner join's may be in the WHERE \
+                 clause), e.g. ON r.key = l.key AND r.time BETWEEN l.time AND l.time + \
+                 INTERVAL '1' MINUTE: without it no row could ever leave the join's state",
                 inputs[left.input].0.name, inputs[right.input].0.name
             )));
         };
@@ -228,11 +252,11 @@ impl JoinSpec {
     }
 }
 
-/// The tightest bounds `(lower, upper)` that the conjuncts of `filter` put on
-/// right time minus left time, in nanoseconds.
+/// The tightest bounds `(lower, upper)` that `conditions` (all of which hold)
+/// put on right time minus left time, in nanoseconds.
 fn time_bound(
     join: &Join,
-    filter: &Expr,
+    conditions: &[&Expr],
     left_time: &str,
     right_time: &str,
 ) -> (Option<i64>, Option<i64>) {
@@ -261,7 +285,7 @@ fn time_bound(
             upper = Some(upper.map_or(limit, |u| u.min(limit)));
         }
     };
-    for conjunct in split_conjunction(filter) {
+    for conjunct in conditions {
         match conjunct {
             Expr::Between(Between {
                 expr,
