@@ -7,7 +7,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::CreateExternalTable;
 
-use crate::config::{OutputMode, Trigger};
+use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
 use crate::options::{Options, same_key};
@@ -31,7 +31,11 @@ const SINK_OPTIONS: &[&str] = &[
     "numRows",
     "checkpointLocation",
     "minBatchesToRetain",
+    "multipleWatermarkPolicy",
 ];
+
+/// The source option saying when an input stops holding back the watermark.
+const IDLE_TIMEOUT: &str = "idleTimeout";
 
 /// A streaming source: a directory or Kafka topics read as an unbounded table.
 #[derive(Debug, Clone)]
@@ -40,6 +44,9 @@ pub struct SourceDef {
     /// The table's columns (for a raw Kafka source, Kafka's).
     pub schema: SchemaRef,
     pub watermark: Option<WatermarkSpec>,
+    /// After this long without new rows (processing time) the source no
+    /// longer holds back the watermark of a query reading several sources.
+    pub idle_timeout: Option<Duration>,
     pub kind: SourceKind,
 }
 
@@ -63,9 +70,26 @@ impl SourceDef {
     /// Reads a `CREATE UNBOUNDED EXTERNAL TABLE` statement.
     pub fn from_ddl(cmd: &CreateExternalTable, watermark: Option<WatermarkSpec>) -> Result<Self> {
         let name = cmd.name.table().to_string();
+        // The idle timeout is the query's, whatever the connector: the connectors
+        // do not see it.
+        let idle_timeout = cmd
+            .options
+            .iter()
+            .find(|(k, _)| same_key(k, IDLE_TIMEOUT))
+            .map(|(_, v)| {
+                parse_duration(v).map_err(|e| {
+                    let why = match e {
+                        BrookError::Sql(why) => why,
+                        other => other.to_string(),
+                    };
+                    BrookError::option(IDLE_TIMEOUT, format!("source table '{name}': {why}"))
+                })
+            })
+            .transpose()?;
         let options: Options = cmd
             .options
             .iter()
+            .filter(|(k, _)| !same_key(k, IDLE_TIMEOUT))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let declared = Arc::new(cmd.schema.as_arrow().clone());
@@ -104,6 +128,7 @@ impl SourceDef {
             name,
             schema,
             watermark,
+            idle_timeout,
             kind,
         };
         def.validate()?;
@@ -329,6 +354,7 @@ pub struct SinkDef {
     /// Where the query writing here keeps its checkpoint.
     pub checkpoint_location: Option<String>,
     pub min_batches_to_retain: Option<u64>,
+    pub watermark_policy: Option<WatermarkPolicy>,
 }
 
 impl SinkDef {
@@ -342,6 +368,7 @@ impl SinkDef {
             query_name: None,
             checkpoint_location: None,
             min_batches_to_retain: None,
+            watermark_policy: None,
         }
     }
 
@@ -387,6 +414,10 @@ impl SinkDef {
             query_name: options.get("queryName").map(query_name).transpose()?,
             checkpoint_location: options.get("checkpointLocation").map(str::to_string),
             min_batches_to_retain: options.parse("minBatchesToRetain", "a batch count")?,
+            watermark_policy: options
+                .get("multipleWatermarkPolicy")
+                .map(str::parse)
+                .transpose()?,
         })
     }
 

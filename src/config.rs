@@ -45,6 +45,33 @@ impl fmt::Display for OutputMode {
     }
 }
 
+/// How a query reading several sources with watermarks picks its own (Spark's
+/// `spark.sql.streaming.multipleWatermarkPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WatermarkPolicy {
+    /// The slowest source's: no row of any source is dropped as late that the
+    /// source's own watermark would keep.
+    #[default]
+    Min,
+    /// The fastest source's: results come sooner, and the slower sources' rows
+    /// behind it are dropped as late.
+    Max,
+}
+
+impl FromStr for WatermarkPolicy {
+    type Err = BrookError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "min" => Ok(Self::Min),
+            "max" => Ok(Self::Max),
+            _ => Err(BrookError::option(
+                "multipleWatermarkPolicy",
+                format!("expected min or max, found '{s}'"),
+            )),
+        }
+    }
+}
+
 /// When batches run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef};
-use crate::config::{OutputMode, Trigger};
+use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::{CompiledQuery, compile};
 use crate::exec::query::{Gate, ProgressListener};
@@ -507,6 +507,9 @@ impl Engine {
         if let Some(n) = def.min_batches_to_retain {
             options.min_batches_to_retain = n;
         }
+        if let Some(policy) = def.watermark_policy {
+            options.watermark_policy = policy;
+        }
         if let Some(t) = self.overrides.trigger {
             options.trigger = t;
         }
@@ -536,7 +539,11 @@ impl Engine {
             )));
         }
         let runtime = self.ctx.runtime_env();
-        let source = compiled.source.open(&runtime, &self.shared)?;
+        let sources = compiled
+            .inputs
+            .iter()
+            .map(|input| input.source.open(&runtime, &self.shared))
+            .collect::<Result<Vec<_>>>()?;
         let checkpoint = match &options.checkpoint {
             Some(location) => Some(
                 Checkpoint::open(
@@ -576,7 +583,7 @@ impl Engine {
         options.listeners.push(self.progress_listener());
         let query = Arc::new(StreamingQuery::start(
             compiled,
-            source,
+            sources,
             sink,
             checkpoint,
             id,
@@ -620,6 +627,7 @@ impl Engine {
             mode: ParseMode::Permissive,
             options: FileSourceOptions::default(),
             watermark: None,
+            idle_timeout: None,
         }
     }
 
@@ -735,9 +743,16 @@ pub struct SourceBuilder<'a> {
     mode: ParseMode,
     options: FileSourceOptions,
     watermark: Option<WatermarkSpec>,
+    idle_timeout: Option<std::time::Duration>,
 }
 
 impl SourceBuilder<'_> {
+    /// After this long without rows, the source stops holding back the
+    /// watermark of a query that reads it with other streams (`idleTimeout`).
+    pub fn idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self
+    }
     pub fn format(mut self, format: FileFormat) -> Self {
         self.format = format;
         self
@@ -775,6 +790,7 @@ impl SourceBuilder<'_> {
             name: self.name,
             schema,
             watermark: self.watermark,
+            idle_timeout: self.idle_timeout,
             kind: SourceKind::Files {
                 location: location.to_string(),
                 decode: DecodeOptions {
@@ -818,6 +834,11 @@ impl QueryBuilder<'_> {
     }
     pub fn output_mode(mut self, mode: OutputMode) -> Self {
         self.options.output_mode = Some(mode);
+        self
+    }
+    /// How a query reading several streams picks its watermark (`multipleWatermarkPolicy`).
+    pub fn watermark_policy(mut self, policy: WatermarkPolicy) -> Self {
+        self.options.watermark_policy = policy;
         self
     }
     pub fn on_progress(mut self, f: impl Fn(&QueryProgress) + Send + Sync + 'static) -> Self {

@@ -25,7 +25,7 @@ mod state;
 pub mod testing;
 pub mod ui;
 
-pub use config::{OutputMode, Trigger};
+pub use config::{OutputMode, Trigger, WatermarkPolicy};
 pub use datafusion;
 pub use engine::{Engine, Overrides};
 pub use error::{BrookError, Result};

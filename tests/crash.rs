@@ -1,5 +1,6 @@
-//! Kill -9 at many points: the dashboard queries, a `SELECT DISTINCT` and a
-//! join with a static table under a windowed aggregation, run by `brook run`
+//! Kill -9 at many points: the dashboard queries, a `SELECT DISTINCT`, a
+//! join with a static table under a windowed aggregation and a join of two
+//! streams bounded in event time, run by `brook run`
 //! with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
 //! again (inside source reads, state writes, sink writes and commits, and at
 //! random instants) and restarted each time. The final sink files and state
@@ -31,20 +32,23 @@ const FILES: usize = 100;
 /// so hour-long windows close while the stream runs.
 const RATE: usize = 10;
 /// The dashboard's three queries, a deduplication (`SELECT DISTINCT`, whose
-/// seen keys are state like an aggregation's) and a windowed aggregation over
-/// a join with the static symbols table.
-const QUERIES: [&str; 5] = [
+/// seen keys are state like an aggregation's), a windowed aggregation over
+/// a join with the static symbols table, and a join of the orders with a
+/// second source over the same files (each side's rows are state).
+const QUERIES: [&str; 6] = [
     "buy_sell_per_second",
     "top_clients",
     "top_stocks",
     "client_symbols",
     "sector_minutes",
+    "follow_ups",
 ];
-const FILE_SINKS: [&str; 4] = [
+const FILE_SINKS: [&str; 5] = [
     "buy_sell_per_second",
     "top_stocks",
     "client_symbols",
     "sector_minutes",
+    "follow_ups",
 ];
 const KILL_ATTEMPTS: usize = 30;
 const MIN_KILLS: usize = 20;
@@ -92,7 +96,15 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
          INSERT INTO sector_minutes SELECT window.start AS minute, \
          coalesce(s.sector, 'Unlisted') AS sector, count(*) AS orders, sum(o.amount) AS shares \
          FROM orders o LEFT JOIN symbols s ON o.symbol = s.symbol \
-         GROUP BY window(o.time, '1 minute'), coalesce(s.sector, 'Unlisted');\n"
+         GROUP BY window(o.time, '1 minute'), coalesce(s.sector, 'Unlisted');\n\
+         CREATE UNBOUNDED EXTERNAL TABLE orders_again (time TIMESTAMP NOT NULL, order_id BIGINT NOT NULL, \
+         client_id BIGINT NOT NULL, symbol VARCHAR NOT NULL, amount INT NOT NULL, price DOUBLE NOT NULL, \
+         buy_sell VARCHAR NOT NULL, WATERMARK FOR time AS time - INTERVAL '5' SECOND) \
+         STORED AS CSV {source};\n\
+         CREATE EXTERNAL TABLE follow_ups STORED AS PARQUET LOCATION 'out/follow_ups';\n\
+         INSERT INTO follow_ups SELECT o.order_id, n.order_id AS next_id, o.client_id \
+         FROM orders o JOIN orders_again n ON o.client_id = n.client_id \
+         AND n.time > o.time AND n.time <= o.time + INTERVAL '2' SECOND;\n"
     );
     sql.replace(
         source,
@@ -258,9 +270,10 @@ fn committed(checkpoint: &Path) -> Option<u64> {
         .max()
 }
 
-/// The last committed batch of a query's checkpoint, and its state rows: its
-/// snapshot with the changes written since replayed over it, the last change of
-/// a group (the leading `k<N>` columns) winning.
+/// The last committed batch of a query's checkpoint, and its state rows: each
+/// operator's snapshot with the changes written since replayed over it, the
+/// last change of a group (the leading `k<N>` columns; a join's rows, their
+/// `__id`) winning.
 fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
     let last = committed(checkpoint).unwrap();
     let commit = checkpoint_json(&checkpoint.join(format!("commits/{last}")));
@@ -271,25 +284,30 @@ fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
             .schema()
             .fields()
             .iter()
-            .filter(|f| f.name().starts_with('k'))
+            .filter(|f| f.name().starts_with('k') || f.name() == "__id")
             .count();
         let rows = reader.map(|b| b.unwrap()).collect::<Vec<_>>();
         (keys, cell_rows(&rows))
     };
-    let (keys, snapshot) = read(&commit["state"]["aggregate"]);
-    let key = |row: &str| row.split('|').take(keys).collect::<Vec<_>>().join("|");
-    let mut state: BTreeMap<String, String> = snapshot.into_iter().map(|r| (key(&r), r)).collect();
-    let changes = commit["state_deltas"]["aggregate"].as_array().cloned();
-    for change in changes.unwrap_or_default() {
-        for row in read(&change).1 {
-            let (cells, deleted) = row.rsplit_once('|').unwrap();
-            match deleted {
-                "true" => state.remove(&key(cells)),
-                _ => state.insert(key(cells), cells.to_string()),
-            };
+    let mut rows = vec![];
+    for (operator, snapshot) in commit["state"].as_object().unwrap() {
+        let (keys, snapshot) = read(snapshot);
+        let key = |row: &str| row.split('|').take(keys).collect::<Vec<_>>().join("|");
+        let mut state: BTreeMap<String, String> =
+            snapshot.into_iter().map(|r| (key(&r), r)).collect();
+        let changes = commit["state_deltas"][operator].as_array().cloned();
+        for change in changes.unwrap_or_default() {
+            for row in read(&change).1 {
+                let (cells, deleted) = row.rsplit_once('|').unwrap();
+                match deleted {
+                    "true" => state.remove(&key(cells)),
+                    _ => state.insert(key(cells), cells.to_string()),
+                };
+            }
         }
+        rows.extend(state.into_values().map(|r| format!("{operator}|{r}")));
     }
-    (last, state.into_values().collect())
+    (last, rows)
 }
 
 struct Outcome {

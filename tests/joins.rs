@@ -277,3 +277,225 @@ async fn sector_query_matches_a_recount() {
     assert!(got.iter().map(|b| b.num_rows()).sum::<usize>() > last.len());
     assert_eq!(last.into_values().collect::<Vec<_>>(), expected);
 }
+
+/// Orders placed and filled, files `files` of 100 orders each per stream, one
+/// order a second: each order gets two fills, at pseudo-random delays of up to
+/// 99 s and up to 129 s, so that some fall within a minute and some not, and
+/// some land in a later file than their order.
+fn write_streams(dir: &std::path::Path, files: std::ops::Range<i64>) {
+    std::fs::create_dir_all(dir.join("placed")).unwrap();
+    std::fs::create_dir_all(dir.join("filled")).unwrap();
+    let start = NaiveDate::from_ymd_opt(2016, 3, 22)
+        .unwrap()
+        .and_hms_opt(20, 0, 0)
+        .unwrap();
+    let at = |s: i64| (start + TimeDelta::seconds(s)).format("%Y-%m-%d %H:%M:%S");
+    for file in files {
+        let ids = file * 100..(file + 1) * 100;
+        let placed: Vec<String> = ids
+            .clone()
+            .map(|id| format!("{},{id},S{}", at(id), id % 7))
+            .collect();
+        let filled: Vec<String> = ids
+            .flat_map(|id| {
+                [
+                    format!("{},{id},{}", at(id + (id * 37) % 100), id % 13),
+                    format!("{},{id},{}", at(id + (id * 53) % 130), id % 11),
+                ]
+            })
+            .collect();
+        put(&dir.join("placed"), &format!("part-{file:02}.csv"), &placed);
+        put(&dir.join("filled"), &format!("part-{file:02}.csv"), &filled);
+    }
+}
+
+/// The join script with `JOIN` as `join` (an outer join, say).
+fn join_script(join: &str) -> String {
+    JOIN_SCRIPT.replace("JOIN filled f", &format!("{join} filled f"))
+}
+
+const JOIN_SCRIPT: &str = "
+CREATE UNBOUNDED EXTERNAL TABLE placed (time TIMESTAMP NOT NULL, order_id BIGINT, symbol VARCHAR,
+  WATERMARK FOR time AS time - INTERVAL '2' MINUTE)
+STORED AS CSV LOCATION 'placed' OPTIONS ('maxFilesPerTrigger' '1');
+CREATE UNBOUNDED EXTERNAL TABLE filled (time TIMESTAMP NOT NULL, order_id BIGINT, qty BIGINT,
+  WATERMARK FOR time AS time - INTERVAL '2' MINUTE)
+STORED AS CSV LOCATION 'filled' OPTIONS ('maxFilesPerTrigger' '1');
+CREATE EXTERNAL TABLE fills STORED AS PARQUET LOCATION 'out';
+INSERT INTO fills
+SELECT o.order_id, o.symbol, f.qty, o.time AS placed_at, f.time AS filled_at
+FROM placed o JOIN filled f
+  ON o.order_id = f.order_id AND f.time >= o.time AND f.time <= o.time + INTERVAL '1' MINUTE;
+";
+
+/// Runs the join script in `dir` with the CLI until the input is used up, with
+/// a checkpoint; its progress records.
+fn run_join(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    run_script(dir, JOIN_SCRIPT)
+}
+
+fn run_script(dir: &std::path::Path, script: &str) -> Vec<serde_json::Value> {
+    std::fs::write(dir.join("join.sql"), script).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["run", "join.sql", "--checkpoint", "checkpoint"])
+        .args(["--trigger", "available-now", "--progress", "json"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every row of the Parquet files under `dir`, sorted, and the same rows as
+/// DataFusion's batch join of the input files computes them.
+async fn sink_and_batch_join(dir: &std::path::Path) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    sink_and_batch(
+        dir,
+        "SELECT o.order_id, o.symbol, f.qty, o.time, f.time FROM placed o JOIN filled f \
+         ON o.order_id = f.order_id AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE",
+    )
+    .await
+}
+
+/// The sink's rows under `dir`, and `batch` run by DataFusion over the input files.
+async fn sink_and_batch(
+    dir: &std::path::Path,
+    batch: &str,
+) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    let ctx = SessionContext::new();
+    let d = dir.display();
+    ctx.sql(&format!(
+        "CREATE EXTERNAL TABLE sink STORED AS PARQUET LOCATION '{d}/out/'"
+    ))
+    .await
+    .unwrap();
+    let got = ctx
+        .sql("SELECT order_id, symbol, qty, placed_at, filled_at FROM sink")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    for (name, columns) in [
+        ("placed", "time TIMESTAMP, order_id BIGINT, symbol VARCHAR"),
+        ("filled", "time TIMESTAMP, order_id BIGINT, qty BIGINT"),
+    ] {
+        ctx.sql(&format!(
+            "CREATE EXTERNAL TABLE {name} ({columns}) STORED AS CSV LOCATION '{d}/{name}/' \
+             OPTIONS ('format.has_header' 'false')"
+        ))
+        .await
+        .unwrap();
+    }
+    let expected = ctx.sql(batch).await.unwrap().collect().await.unwrap();
+    (sorted(table(&got)), sorted(table(&expected)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_stream_join_matches_the_batch_join_with_flat_state() {
+    let dir = tempfile::tempdir().unwrap();
+    write_streams(dir.path(), 0..12);
+    let progress = run_join(dir.path());
+    assert_eq!(progress.len(), 12, "one batch per pair of files");
+    let (got, expected) = sink_and_batch_join(dir.path()).await;
+    // Each order has two fills; about half of them fall within the minute.
+    assert!(
+        expected.len() > 600 && expected.len() < 2400,
+        "{}",
+        expected.len()
+    );
+    assert_eq!(got, expected);
+    // The state holds the last couple of minutes of each stream, not all of
+    // it: it stops growing once the watermark moves.
+    let totals: Vec<u64> = progress
+        .iter()
+        .map(|p| {
+            let op = &p["state_operators"][0];
+            assert_eq!(op["operator"], "symmetricHashJoin");
+            op["num_rows_total"].as_u64().unwrap()
+        })
+        .collect();
+    let removed: u64 = progress
+        .iter()
+        .map(|p| {
+            p["state_operators"][0]["num_rows_removed"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(removed > 2000, "{removed} {totals:?}");
+    assert!(
+        totals[11] <= totals[4] && totals.iter().all(|t| *t < 1000),
+        "{totals:?}"
+    );
+    assert_eq!(progress[11]["num_late_rows"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_stream_join_resumes_from_its_checkpoint_as_if_never_stopped() {
+    let whole = tempfile::tempdir().unwrap();
+    write_streams(whole.path(), 0..8);
+    run_join(whole.path());
+    // The same input, read by two runs: the first stops with rows of both
+    // sides in state, which the second matches with the rows it reads.
+    let split = tempfile::tempdir().unwrap();
+    write_streams(split.path(), 0..3);
+    let first = run_join(split.path());
+    assert_eq!(first.len(), 3);
+    assert!(
+        first[2]["state_operators"][0]["num_rows_total"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    write_streams(split.path(), 3..8);
+    let second = run_join(split.path());
+    assert_eq!(second.len(), 5);
+    assert_eq!(second[0]["batch_id"], 3);
+    let (got_whole, expected) = sink_and_batch_join(whole.path()).await;
+    let (got_split, _) = sink_and_batch_join(split.path()).await;
+    assert_eq!(got_whole, expected);
+    assert_eq!(got_split, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_stream_left_join_pads_expired_orders_across_a_restart() {
+    // Two runs, so that orders in state when the first stops, matched or not,
+    // are matched or padded by the second.
+    let dir = tempfile::tempdir().unwrap();
+    let script = join_script("LEFT JOIN");
+    write_streams(dir.path(), 0..3);
+    let first = run_script(dir.path(), &script);
+    write_streams(dir.path(), 3..8);
+    let second = run_script(dir.path(), &script);
+    let with_input = first
+        .iter()
+        .chain(&second)
+        .filter(|p| p["num_input_rows"] != 0)
+        .count();
+    assert_eq!(with_input, 8, "one batch per pair of files");
+    let watermark = second.last().unwrap()["event_time"]["watermark"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('Z')
+        .to_string();
+    // The matched pairs, and the orders nothing matched whose minute the
+    // final watermark has passed; the later ones wait in state.
+    let (got, expected) = sink_and_batch(
+        dir.path(),
+        &format!(
+            "SELECT o.order_id, o.symbol, f.qty, o.time, f.time FROM placed o LEFT JOIN filled f \
+             ON o.order_id = f.order_id AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE \
+             WHERE f.order_id IS NOT NULL OR o.time + INTERVAL '1' MINUTE < TIMESTAMP '{watermark}'"
+        ),
+    )
+    .await;
+    let padded = expected.iter().filter(|r| r[2] == "NULL").count();
+    assert!(padded > 20, "{padded}");
+    assert_eq!(got, expected);
+}

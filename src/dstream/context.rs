@@ -747,6 +747,7 @@ impl Program for Batches {
                     num_input_rows: rows,
                     files_changed_after_read: counts.files_changed_after_read,
                     files_skipped: counts.files_skipped,
+                    watermark: None,
                 }
             })
             .collect();

@@ -16,6 +16,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
 
+use super::join::{self, JoinOp};
 use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, partitions};
@@ -30,6 +31,7 @@ use crate::state::QueryFingerprint;
 pub enum CompiledPlan {
     Stateless(Arc<dyn ExecutionPlan>),
     Stateful(Box<StatefulOp>),
+    Join(Box<JoinOp>),
 }
 
 /// A window the query groups by, and where its time column is in the source rows.
@@ -38,10 +40,17 @@ pub struct InputWindow {
     pub time_column: usize,
 }
 
-pub struct CompiledQuery {
+/// A streaming source a query reads, the slot its rows are fed into, and
+/// where its window's time column is.
+pub struct Input {
     pub source: SourceDef,
-    pub input_slot: Slot,
+    pub slot: Slot,
     pub window: Option<InputWindow>,
+}
+
+pub struct CompiledQuery {
+    /// The streaming sources, in the order of their names.
+    pub inputs: Vec<Input>,
     pub plan: CompiledPlan,
     pub output_schema: SchemaRef,
     pub mode: OutputMode,
@@ -50,6 +59,16 @@ pub struct CompiledQuery {
     pub sql: String,
     /// What a checkpoint written by this query must match on restart.
     pub fingerprint: QueryFingerprint,
+}
+
+impl CompiledQuery {
+    /// The window arithmetic of the query's `window(...)`, the same for every input.
+    pub fn ticks(&self) -> Option<&WindowTicks> {
+        self.inputs
+            .iter()
+            .find_map(|i| i.window.as_ref())
+            .map(|w| &w.ticks)
+    }
 }
 
 impl InputWindow {
@@ -123,23 +142,44 @@ pub async fn compile(
     incremental::check_tables(&plan, &is_stream)?;
     let (plan, dedup) = incremental::distinct_as_aggregate(plan, &is_stream)?;
 
-    let source_name = single_source(&plan, sources)?;
-    let source = sources[&source_name].clone();
-    let input_slot = slots[&source_name].clone();
-    let read_schema = source.read_schema();
-    let window = match &window {
-        None => None,
-        Some(spec) => {
-            let time_column = read_schema.index_of(&spec.time_column).map_err(|_| {
-                BrookError::sql(format!(
-                    "window(...) uses '{}', which is not a column of '{source_name}'",
-                    spec.time_column
-                ))
-            })?;
-            let ticks = WindowTicks::new(spec, read_schema.field(time_column).data_type())?;
-            Some((spec.clone(), InputWindow { ticks, time_column }))
-        }
-    };
+    let names = stream_sources(&plan, sources)?;
+    let mut inputs = vec![];
+    let mut query_window: Option<(WindowSpec, WindowTicks, DataType)> = None;
+    for name in &names {
+        let source = sources[name].clone();
+        let read_schema = source.read_schema();
+        let window = match &window {
+            None => None,
+            Some(spec) => {
+                let time_column = read_schema.index_of(&spec.time_column).map_err(|_| {
+                    BrookError::sql(format!(
+                        "window(...) uses '{}', which is not a column of '{name}'",
+                        spec.time_column
+                    ))
+                })?;
+                let time_type = read_schema.field(time_column).data_type();
+                let ticks = WindowTicks::new(spec, time_type)?;
+                match &query_window {
+                    Some((_, _, first)) if first != time_type => {
+                        return Err(BrookError::sql(format!(
+                            "window(...) over '{}' needs the same timestamp type in every \
+                             source; '{name}' has {time_type}",
+                            spec.time_column
+                        )));
+                    }
+                    Some(_) => {}
+                    None => query_window = Some((spec.clone(), ticks.clone(), time_type.clone())),
+                }
+                Some(InputWindow { ticks, time_column })
+            }
+        };
+        inputs.push(Input {
+            slot: slots[name].clone(),
+            source,
+            window,
+        });
+    }
+    let window = query_window.map(|(spec, ticks, _)| (spec, ticks));
 
     // Physical planning is most of a query's start: each plan is made on a task
     // of its own, so that a query's plans, and a script's queries, use all cores.
@@ -157,6 +197,7 @@ pub async fn compile(
         }
     };
     let task_ctx = ctx.task_ctx();
+    let stream_join = join::find_stream_join(&plan, &is_stream)?;
     let Some(agg) = incremental::find_aggregate(&plan, &is_stream)? else {
         incremental::check_stateless(&plan, &is_stream)?;
         if let Some((spec, _)) = &window
@@ -175,19 +216,57 @@ pub async fn compile(
             }
             m => m,
         };
-        let plan = physical(plan).await?;
+        let fingerprint = fingerprint(&inputs, None, None, false);
+        let plan = match &stream_join {
+            Some(found) => {
+                let sources: Vec<join::JoinInput> =
+                    inputs.iter().map(|i| (&i.source, &i.slot)).collect();
+                let spec = join::JoinSpec::new(found, &sources, mode)?;
+                let op = match spec.preserved() {
+                    Some(side) => {
+                        let input = &inputs[spec.input(side)];
+                        let marked = join::marked_slot(&input.slot);
+                        let (inner, semi) = join::outer_plans(
+                            &plan,
+                            &found.join,
+                            side,
+                            &input.source.name,
+                            marked.table(partitions),
+                        )?;
+                        let (padded, inner, semi) =
+                            (physical(plan), physical(inner), physical(semi));
+                        let padded = padded.await?;
+                        let outer = join::OuterPlans::new(side, padded, semi.await?, marked);
+                        JoinOp::new(spec, inner.await?, Some(outer))
+                    }
+                    None => JoinOp::new(spec, physical(plan).await?, None),
+                };
+                CompiledPlan::Join(Box::new(op))
+            }
+            None => CompiledPlan::Stateless(physical(plan).await?),
+        };
+        let output_schema = match &plan {
+            CompiledPlan::Join(op) => op.output_schema(),
+            CompiledPlan::Stateless(plan) => plan.schema(),
+            CompiledPlan::Stateful(op) => op.finalize.schema(),
+        };
         return Ok(CompiledQuery {
-            fingerprint: fingerprint(&source, None, None, false),
-            source,
-            input_slot,
-            output_schema: plan.schema(),
-            window: window.map(|(_, w)| w),
-            plan: CompiledPlan::Stateless(plan),
+            fingerprint,
+            inputs,
+            output_schema,
+            plan,
             mode,
             task_ctx,
             sql,
         });
     };
+    if stream_join.is_some() {
+        return Err(BrookError::sql(
+            "an aggregation (GROUP BY or SELECT DISTINCT) over a join of two streams is not \
+             supported yet: a stream–stream join runs without aggregation above it, in output \
+             mode 'append'; write its result to a sink and aggregate that",
+        ));
+    }
 
     // A column is never null when every source that has it declares it NOT NULL.
     let mut not_null = HashSet::new();
@@ -223,42 +302,55 @@ pub async fn compile(
         .iter()
         .position(|e| is_column(e, WINDOW_COLUMN))
         .filter(|_| !dedup);
-    let event_time_key = match &source.watermark {
-        None => None,
-        Some(wm) => {
-            let unit = unit_nanos(read_schema.field_with_name(&wm.column)?.data_type())?;
-            let on_window = window_key.filter(|_| {
-                window
-                    .as_ref()
-                    .is_some_and(|(spec, _)| spec.time_column == wm.column)
-            });
-            match on_window {
-                Some(column) => Some(EventTimeKey {
+    // The first input whose watermark column is a group key (all of them, in a UNION).
+    let mut event_time_key = None;
+    for input in &inputs {
+        let Some(wm) = &input.source.watermark else {
+            continue;
+        };
+        let unit = unit_nanos(
+            input
+                .source
+                .read_schema()
+                .field_with_name(&wm.column)?
+                .data_type(),
+        )?;
+        let on_window = window_key.filter(|_| {
+            window
+                .as_ref()
+                .is_some_and(|(spec, _)| spec.time_column == wm.column)
+        });
+        event_time_key = match on_window {
+            Some(column) => Some(EventTimeKey {
+                column,
+                is_window: true,
+                unit_nanos: unit,
+            }),
+            None => agg
+                .group_expr
+                .iter()
+                .position(|e| is_column(e, &wm.column))
+                .map(|column| EventTimeKey {
                     column,
-                    is_window: true,
+                    is_window: false,
                     unit_nanos: unit,
                 }),
-                None => agg
-                    .group_expr
-                    .iter()
-                    .position(|e| is_column(e, &wm.column))
-                    .map(|column| EventTimeKey {
-                        column,
-                        is_window: false,
-                        unit_nanos: unit,
-                    }),
-            }
+        };
+        if event_time_key.is_some() {
+            break;
         }
-    };
+    }
     let panes = mode == OutputMode::Append
         && event_time_key.as_ref().is_some_and(|k| k.is_window)
-        && window.as_ref().is_some_and(|(_, w)| w.ticks.overlapping());
+        && window
+            .as_ref()
+            .is_some_and(|(_, ticks)| ticks.overlapping());
     let widths = window_key
         .zip(window.as_ref())
-        .map(|(key, (_, w))| WindowWidths {
+        .map(|(key, (_, ticks))| WindowWidths {
             key,
-            partial: w.ticks.pane(),
-            merge: (!panes).then(|| w.ticks.size()),
+            partial: ticks.pane(),
+            merge: (!panes).then(|| ticks.size()),
         });
     let split = incremental::split(&plan, &agg, partitions, &not_null, widths)?;
     if mode == OutputMode::Append && event_time_key.is_none() && !dedup {
@@ -303,7 +395,7 @@ pub async fn compile(
         dedup,
     };
     let mut fingerprint = fingerprint(
-        &source,
+        &inputs,
         Some(&agg),
         window.as_ref().map(|(spec, _)| spec),
         panes,
@@ -314,10 +406,8 @@ pub async fn compile(
     }
     Ok(CompiledQuery {
         fingerprint,
-        source,
-        input_slot,
+        inputs,
         output_schema: op.finalize.schema(),
-        window: window.map(|(_, w)| w),
         plan: CompiledPlan::Stateful(Box::new(op)),
         mode,
         task_ctx,
@@ -328,17 +418,31 @@ pub async fn compile(
 /// The parts of a query its checkpointed state depends on. `panes`: the state
 /// holds panes rather than windows, so a checkpoint of the other kind cannot be used.
 fn fingerprint(
-    source: &SourceDef,
+    inputs: &[Input],
     agg: Option<&Aggregate>,
     window: Option<&WindowSpec>,
     panes: bool,
 ) -> QueryFingerprint {
-    let columns: Vec<String> = source
-        .schema
-        .fields()
+    // One source is described as it always was, so that its checkpoints stay usable.
+    let source = inputs
         .iter()
-        .map(|f| format!("{} {}", f.name(), f.data_type()))
-        .collect();
+        .map(|input| {
+            let source = &input.source;
+            let columns: Vec<String> = source
+                .schema
+                .fields()
+                .iter()
+                .map(|f| format!("{} {}", f.name(), f.data_type()))
+                .collect();
+            format!(
+                "{} {} ({})",
+                source.name,
+                source.identity(),
+                columns.join(", ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
     let group_by = agg.map_or(vec![], |a| {
         a.group_expr
             .iter()
@@ -362,12 +466,7 @@ fn fingerprint(
             .collect()
     });
     QueryFingerprint {
-        source: format!(
-            "{} {} ({})",
-            source.name,
-            source.identity(),
-            columns.join(", ")
-        ),
+        source,
         group_by,
         aggregates,
     }
@@ -390,8 +489,11 @@ fn has_sort_or_limit(plan: &LogicalPlan) -> bool {
     found
 }
 
-/// The one streaming source a query reads.
-fn single_source(plan: &LogicalPlan, sources: &BTreeMap<String, SourceDef>) -> Result<String> {
+/// The streaming sources a query reads, in the order of their names.
+fn stream_sources(
+    plan: &LogicalPlan,
+    sources: &BTreeMap<String, SourceDef>,
+) -> Result<Vec<String>> {
     let mut names = BTreeSet::new();
     plan.apply(|n| {
         if let LogicalPlan::TableScan(scan) = n {
@@ -399,19 +501,15 @@ fn single_source(plan: &LogicalPlan, sources: &BTreeMap<String, SourceDef>) -> R
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
-    let mut names: Vec<String> = names
+    let names: Vec<String> = names
         .into_iter()
         .filter(|n| sources.contains_key(n))
         .collect();
-    match names.len() {
-        1 => Ok(names.remove(0)),
-        0 => Err(BrookError::sql(format!(
+    if names.is_empty() {
+        return Err(BrookError::sql(format!(
             "the query reads no streaming source; declared sources: {}",
             sources.keys().cloned().collect::<Vec<_>>().join(", ")
-        ))),
-        _ => Err(BrookError::sql(format!(
-            "a query reads one streaming source; this one reads {}",
-            names.join(", ")
-        ))),
+        )));
     }
+    Ok(names)
 }

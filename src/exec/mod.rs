@@ -1,6 +1,7 @@
 //! The micro-batch engine: compiled queries, the stateful operator, the batch loop.
 
 pub mod compile;
+pub mod join;
 pub mod query;
 pub mod stateful;
 

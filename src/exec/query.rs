@@ -1,5 +1,6 @@
 //! A running query: the micro-batch loop, its trigger, and the handle users hold.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, max};
-use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -17,7 +18,8 @@ use futures::future::BoxFuture;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
 use super::stateful::execute;
-use crate::config::{OutputMode, Trigger};
+use crate::catalog::SourceDef;
+use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
 use crate::progress::{
     EventTimeProgress, Monitored, ProgressLog, QueryProgress, SinkProgress, SourceProgress,
@@ -29,6 +31,7 @@ use crate::sql::script::WatermarkSpec;
 use crate::sql::slot::Feed;
 use crate::sql::window::unit_nanos;
 use crate::state::checkpoint::DEFAULT_MIN_BATCHES_TO_RETAIN;
+use crate::state::checkpoint::InputEventTime;
 use crate::state::driver::{Driver, Program};
 use crate::state::store::{Saved, StateStore};
 use crate::state::{Checkpoint, CommitEntry, EventTime, Recovery};
@@ -51,6 +54,8 @@ pub struct QueryOptions {
     pub checkpoint: Option<String>,
     /// Committed batches whose checkpoint files are kept.
     pub min_batches_to_retain: u64,
+    /// How a query reading several sources picks its watermark.
+    pub watermark_policy: WatermarkPolicy,
 }
 
 impl Default for QueryOptions {
@@ -63,6 +68,7 @@ impl Default for QueryOptions {
             listeners: vec![],
             checkpoint: None,
             min_batches_to_retain: DEFAULT_MIN_BATCHES_TO_RETAIN,
+            watermark_policy: WatermarkPolicy::default(),
         }
     }
 }
@@ -114,7 +120,7 @@ impl StreamingQuery {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         compiled: CompiledQuery,
-        source: Box<dyn StreamSource>,
+        sources: Vec<Box<dyn StreamSource>>,
         sink: Arc<dyn Sink>,
         checkpoint: Option<Checkpoint>,
         id: String,
@@ -138,28 +144,35 @@ impl StreamingQuery {
         });
         let output_mode = compiled.mode;
         let sql = compiled.sql.clone();
-        let described_source = source.describe();
+        let described_source = sources
+            .iter()
+            .map(|s| s.describe())
+            .collect::<Vec<_>>()
+            .join(", ");
         let described_sink = sink.describe();
         let checkpoint = checkpoint.map(Arc::new);
-        let state_store = match (&checkpoint, &compiled.plan) {
-            (Some(cp), CompiledPlan::Stateful(op)) => Some(StateStore::new(
-                cp.clone(),
-                STATE_OPERATOR,
-                op.state_slot.schema().clone(),
-                op.keys,
-            )),
-            _ => None,
+        let state_stores = match &checkpoint {
+            Some(cp) => state_layout(&compiled.plan)
+                .into_iter()
+                .map(|(operator, schema, keys)| StateStore::new(cp.clone(), operator, schema, keys))
+                .collect(),
+            None => vec![],
         };
+        let inputs = sources
+            .into_iter()
+            .zip(&compiled.inputs)
+            .map(|(source, input)| InputState::new(source, &input.source))
+            .collect();
         let runner = Runner {
             shared: shared.clone(),
             driver: Driver::new(checkpoint, shared.id.clone(), shared.name.clone()),
             batches: QueryBatches {
                 compiled,
-                source,
+                inputs,
                 sink,
-                state_store,
+                state_stores,
                 watermark_ns: None,
-                max_event_ns: None,
+                policy: options.watermark_policy,
                 pending_no_data: false,
             },
         };
@@ -334,7 +347,9 @@ impl Runner {
     async fn run_batches(&mut self, options: &QueryOptions, mut gate: Gate) -> Result<()> {
         self.driver.recover(&mut self.batches).await?;
         if options.trigger == Trigger::AvailableNow {
-            self.batches.source.snapshot_available().await?;
+            for input in &mut self.batches.inputs {
+                input.source.snapshot_available().await?;
+            }
         }
         // Recovery and listing are done while the script's other queries are
         // planned; reading waits for them.
@@ -378,38 +393,124 @@ impl Runner {
 /// A query's sources, plans, state and sink, as the [`Driver`] runs them.
 struct QueryBatches {
     compiled: CompiledQuery,
-    source: Box<dyn StreamSource>,
+    /// One per input of the compiled query, in its order.
+    inputs: Vec<InputState>,
     sink: Arc<dyn Sink>,
-    state_store: Option<StateStore>,
+    /// One per state operator: the aggregation's, or a join's two sides.
+    state_stores: Vec<StateStore>,
+    /// The query's watermark, from its inputs' by the policy.
     watermark_ns: Option<i64>,
-    max_event_ns: Option<i64>,
+    policy: WatermarkPolicy,
     /// The watermark moved and closes state: run a batch without input to emit or drop it.
     pending_no_data: bool,
 }
 
+/// A source a query reads, and its event time.
+struct InputState {
+    source: Box<dyn StreamSource>,
+    name: String,
+    watermark: Option<WatermarkSpec>,
+    idle_timeout: Option<Duration>,
+    watermark_ns: Option<i64>,
+    max_event_ns: Option<i64>,
+    /// When the source last gave rows (or the query started), for its idle timeout.
+    last_rows: Instant,
+}
+
+impl InputState {
+    fn new(source: Box<dyn StreamSource>, def: &SourceDef) -> Self {
+        Self {
+            source,
+            name: def.name.clone(),
+            watermark: def.watermark.clone(),
+            idle_timeout: def.idle_timeout,
+            watermark_ns: None,
+            max_event_ns: None,
+            last_rows: Instant::now(),
+        }
+    }
+
+    /// Whether the source has had no rows for its idle timeout, so that it no
+    /// longer holds the query's watermark back.
+    fn is_idle(&self) -> bool {
+        self.idle_timeout
+            .is_some_and(|t| self.last_rows.elapsed() >= t)
+    }
+}
+
 /// A batch read and computed.
 struct Computed {
-    read: ReadInput,
+    /// Per input.
+    read: Vec<ReadInput>,
     read_time: Duration,
     output: Vec<RecordBatch>,
     output_rows: u64,
     late_rows: u64,
     state_progress: Vec<StateProgress>,
-    /// The state rows the batch upserted and deleted.
-    changes: Option<(Vec<RecordBatch>, Vec<RecordBatch>)>,
-    saved: Option<Saved>,
+    /// Per state store, the state rows the batch upserted and deleted.
+    changes: Vec<(Vec<RecordBatch>, Vec<RecordBatch>)>,
+    saved: Vec<Saved>,
+}
+
+/// The checkpoint's names for a join's state, left side first.
+const JOIN_OPERATORS: [&str; 2] = ["join-left", "join-right"];
+
+/// The state operators of `plan` as the checkpoint names them: name, schema and key columns.
+fn state_layout(plan: &CompiledPlan) -> Vec<(&'static str, SchemaRef, usize)> {
+    match plan {
+        CompiledPlan::Stateless(_) => vec![],
+        CompiledPlan::Stateful(op) => {
+            vec![(STATE_OPERATOR, op.state_slot.schema().clone(), op.keys)]
+        }
+        CompiledPlan::Join(op) => {
+            let [left, right] = op.state_schemas();
+            vec![(JOIN_OPERATORS[0], left, 1), (JOIN_OPERATORS[1], right, 1)]
+        }
+    }
+}
+
+/// The rows of state operator `i` of `plan`, as [`state_layout`] numbers them.
+fn state_rows(plan: &CompiledPlan, i: usize) -> &[RecordBatch] {
+    match plan {
+        CompiledPlan::Stateless(_) => &[],
+        CompiledPlan::Stateful(op) => &op.state,
+        CompiledPlan::Join(op) => op.state(i),
+    }
 }
 
 impl Program for QueryBatches {
     type Batch = Computed;
 
     async fn start(&mut self) -> Result<()> {
-        self.source.start().await
+        for input in &mut self.inputs {
+            input.source.start().await?;
+        }
+        Ok(())
     }
 
     async fn restore(&mut self, recovery: Recovery) -> Result<()> {
-        self.source
-            .restore(recovery.source_snapshot, &recovery.committed_offsets)?;
+        if let [input] = &mut self.inputs[..] {
+            input
+                .source
+                .restore(recovery.source_snapshot, &recovery.committed_offsets)?;
+        } else {
+            for input in &mut self.inputs {
+                let progress = recovery
+                    .source_snapshot
+                    .as_ref()
+                    .and_then(|s| s.get(&input.name))
+                    .filter(|p| !p.is_null())
+                    .cloned();
+                let committed: Vec<SourceOffset> = recovery
+                    .committed_offsets
+                    .iter()
+                    .filter_map(|o| o.0.get(&input.name))
+                    .filter(|o| !o.is_null())
+                    .map(|o| SourceOffset(o.clone()))
+                    .collect();
+                input.source.restore(progress, &committed)?;
+            }
+        }
         let Some(commit) = &recovery.last_commit else {
             return Ok(());
         };
@@ -418,73 +519,186 @@ impl Program for QueryBatches {
             max_event_ns,
             pending_no_data,
             emitted_through_ns,
+            inputs,
         } = commit.event_time.clone();
         self.watermark_ns = watermark_ns;
-        self.max_event_ns = max_event_ns;
         self.pending_no_data = pending_no_data;
-        if let (CompiledPlan::Stateful(op), Some(store)) =
-            (&mut self.compiled.plan, &mut self.state_store)
-        {
-            op.restore(store.restore(commit).await?)?;
-            op.emitted_through_ns = emitted_through_ns;
-            if self.compiled.mode == OutputMode::Complete {
-                let output = op.emit_all(&self.compiled.task_ctx).await?;
-                self.sink.restore(commit.batch_id, output).await?;
+        if let [input] = &mut self.inputs[..] {
+            input.watermark_ns = watermark_ns;
+            input.max_event_ns = max_event_ns;
+        } else {
+            for input in &mut self.inputs {
+                let saved = inputs.get(&input.name).cloned().unwrap_or_default();
+                input.watermark_ns = saved.watermark_ns;
+                input.max_event_ns = saved.max_event_ns;
             }
+        }
+        let mut states = vec![];
+        for store in &mut self.state_stores {
+            states.push(store.restore(commit).await?);
+        }
+        match &mut self.compiled.plan {
+            CompiledPlan::Stateful(op) => {
+                if let Some(state) = states.pop() {
+                    op.restore(state)?;
+                    op.emitted_through_ns = emitted_through_ns;
+                    if self.compiled.mode == OutputMode::Complete {
+                        let output = op.emit_all(&self.compiled.task_ctx).await?;
+                        self.sink.restore(commit.batch_id, output).await?;
+                    }
+                }
+            }
+            CompiledPlan::Join(op) => {
+                if let (Some(right), Some(left)) = (states.pop(), states.pop()) {
+                    op.restore([left, right])?;
+                }
+            }
+            CompiledPlan::Stateless(_) => {}
         }
         Ok(())
     }
 
     fn source_progress(&self) -> Result<serde_json::Value> {
-        self.source.progress()
+        if let [input] = &self.inputs[..] {
+            return input.source.progress();
+        }
+        let mut all = serde_json::Map::new();
+        for input in &self.inputs {
+            all.insert(input.name.clone(), input.source.progress()?);
+        }
+        Ok(serde_json::Value::Object(all))
     }
 
-    /// The source's next offset, or a batch without input when the watermark
-    /// has state to close.
+    /// The sources' next offsets (one source's as it is, several keyed by
+    /// source name), or a batch without input when the watermark has state to close.
     async fn plan(&mut self) -> Result<Option<Option<SourceOffset>>> {
-        let offset = self.source.plan_batch().await?;
-        if offset.is_none() && !self.pending_no_data {
-            return Ok(None);
+        let mut offsets = vec![];
+        for input in &mut self.inputs {
+            offsets.push(input.source.plan_batch().await?);
         }
-        Ok(Some(offset))
+        if offsets.iter().all(Option::is_none) {
+            // A source that went idle meanwhile may let the watermark move.
+            self.advance_watermark(&[])?;
+            if !self.pending_no_data {
+                return Ok(None);
+            }
+            return Ok(Some(None));
+        }
+        if let [offset] = &mut offsets[..] {
+            return Ok(Some(offset.take()));
+        }
+        let mut all = serde_json::Map::new();
+        for (input, offset) in self.inputs.iter().zip(offsets) {
+            all.insert(
+                input.name.clone(),
+                offset.map_or(serde_json::Value::Null, |o| o.0),
+            );
+        }
+        Ok(Some(Some(SourceOffset(serde_json::Value::Object(all)))))
     }
 
     async fn compute(&mut self, _batch_id: u64, offset: Option<&SourceOffset>) -> Result<Computed> {
         self.pending_no_data = false;
-        // The plan runs over the input as the source reads it, a file at a time:
-        // a file's rows are worked on, and can be let go, while the next is read.
+        let offsets = self.split_offset(offset)?;
+        let watermark_ns = self.watermark_ns;
         let CompiledQuery {
-            source: source_def,
-            input_slot,
-            window,
+            inputs: defs,
             plan,
             mode,
             task_ctx: ctx,
             ..
         } = &mut self.compiled;
-        let scanned = match plan {
-            CompiledPlan::Stateless(plan) => plan,
-            CompiledPlan::Stateful(op) => &op.partial,
-        };
-        let feed = input_slot.feed(scanned)?;
-        let streams = feed.streams();
+        let mode = *mode;
+        let ticks = defs
+            .iter()
+            .find_map(|i| i.window.as_ref())
+            .map(|w| &w.ticks);
         let started_reading = Instant::now();
+        if let CompiledPlan::Join(op) = plan {
+            // The join runs its plan twice over each side's rows: they are read whole first.
+            let mut read = vec![];
+            let mut rows = vec![];
+            for ((input, def), offset) in self.inputs.iter().zip(defs.iter()).zip(&offsets) {
+                let mut batches = vec![];
+                read.push(
+                    read_input(
+                        input.source.as_ref(),
+                        offset.as_ref(),
+                        def.window.as_ref(),
+                        def.slot.schema(),
+                        input.watermark.as_ref(),
+                        |b| {
+                            batches.push(b);
+                            Ok(())
+                        },
+                    )
+                    .await?,
+                );
+                rows.push(batches);
+            }
+            let read_time = started_reading.elapsed();
+            let [left, right] = op.inputs();
+            let new = [
+                std::mem::take(&mut rows[left]),
+                std::mem::take(&mut rows[right]),
+            ];
+            let outcome = op.run(ctx, watermark_ns, new).await?;
+            let progress = StateProgress {
+                operator: "symmetricHashJoin".into(),
+                num_rows_total: op.state_rows() as u64,
+                num_rows_updated: outcome.updated_rows,
+                num_rows_removed: outcome.removed_rows,
+                memory_used_bytes: op.state_bytes() as u64,
+                num_dropped_duplicate_rows: None,
+            };
+            let [up_left, up_right] = outcome.upserts;
+            let [del_left, del_right] = outcome.deletes;
+            return Ok(Computed {
+                read,
+                read_time,
+                output_rows: outcome.output.iter().map(|b| b.num_rows() as u64).sum(),
+                output: outcome.output,
+                late_rows: outcome.late_rows,
+                state_progress: vec![progress],
+                changes: vec![(up_left, del_left), (up_right, del_right)],
+                saved: vec![],
+            });
+        }
+        // The plan runs over the input as the sources read it, a file at a time:
+        // a file's rows are worked on, and can be let go, while the next is read.
+        let scanned = match plan {
+            CompiledPlan::Stateless(plan) => &*plan,
+            CompiledPlan::Stateful(op) => &op.partial,
+            CompiledPlan::Join(op) => &op.plan,
+        };
+        let mut feeds = vec![];
+        for def in defs.iter() {
+            feeds.push(def.slot.feed(scanned)?);
+        }
+        let streams = feeds.iter().all(Feed::streams);
         let reading = async {
-            let read = feed_input(
-                self.source.as_ref(),
-                offset,
-                window.as_ref(),
-                source_def.watermark.as_ref(),
-                feed,
-            )
-            .await;
+            let reads = self
+                .inputs
+                .iter()
+                .zip(defs.iter())
+                .zip(feeds)
+                .zip(&offsets)
+                .map(|(((input, def), feed), offset)| {
+                    feed_input(
+                        input.source.as_ref(),
+                        offset.as_ref(),
+                        def.window.as_ref(),
+                        input.watermark.as_ref(),
+                        feed,
+                    )
+                });
+            let read: Result<Vec<ReadInput>> =
+                futures::future::join_all(reads).await.into_iter().collect();
             (read, started_reading.elapsed())
         };
-        let (mode, watermark_ns) = (*mode, self.watermark_ns);
-        let ticks = window.as_ref().map(|w| &w.ticks);
         let running = async {
             match plan {
-                CompiledPlan::Stateless(plan) => Ok((execute(plan, ctx).await?, 0, vec![], None)),
+                CompiledPlan::Stateless(plan) => Ok((execute(plan, ctx).await?, 0, vec![], vec![])),
                 CompiledPlan::Stateful(op) => {
                     let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
                     let progress = StateProgress {
@@ -500,9 +714,10 @@ impl Program for QueryBatches {
                         outcome.output,
                         outcome.late_rows,
                         vec![progress],
-                        Some(changes),
+                        vec![changes],
                     ))
                 }
+                CompiledPlan::Join(_) => Err(BrookError::internal("a join ran as a plan")),
             }
         };
         let ((read, read_time), ran): (_, Result<_>) = match streams {
@@ -513,7 +728,9 @@ impl Program for QueryBatches {
                 ((Ok(read), read_time), running.await)
             }
         };
-        input_slot.set(&[])?;
+        for def in defs.iter() {
+            def.slot.set(&[])?;
+        }
         // A read that failed made the plan fail too; the read's error says why.
         let read = read?;
         let (output, late_rows, state_progress, changes) = ran?;
@@ -525,62 +742,81 @@ impl Program for QueryBatches {
             late_rows,
             state_progress,
             changes,
-            saved: None,
+            saved: vec![],
         })
     }
 
     async fn write(&mut self, batch_id: u64, batch: &mut Computed) -> Result<()> {
         let output = std::mem::take(&mut batch.output);
-        // The state file is named by the commit only, so it is written beside the sink's.
-        batch.saved = match (&self.state_store, &self.compiled.plan, &batch.changes) {
-            (Some(store), CompiledPlan::Stateful(op), Some((upserts, deletes))) => {
-                let (_, saved) = tokio::try_join!(
-                    self.sink.add_batch(batch_id, output),
-                    store.save(batch_id, &op.state, upserts, deletes)
-                )?;
-                Some(saved)
-            }
-            _ => {
-                self.sink.add_batch(batch_id, output).await?;
-                None
-            }
-        };
+        // The state files are named by the commit only, so they are written beside the sink's.
+        let plan = &self.compiled.plan;
+        let saves = self
+            .state_stores
+            .iter()
+            .zip(&batch.changes)
+            .enumerate()
+            .map(|(i, (store, (upserts, deletes)))| {
+                store.save(batch_id, state_rows(plan, i), upserts, deletes)
+            });
+        let (_, saved) = tokio::try_join!(
+            self.sink.add_batch(batch_id, output),
+            futures::future::try_join_all(saves)
+        )?;
+        batch.saved = saved;
         Ok(())
     }
 
     fn record_state(&mut self, batch_id: u64, batch: &mut Computed) -> bool {
-        match (
-            &mut self.state_store,
-            batch.saved.take(),
-            &self.compiled.plan,
-        ) {
-            (Some(store), Some(saved), CompiledPlan::Stateful(op)) => {
-                store.saved(batch_id, saved, &op.state);
-                true
-            }
-            _ => false,
+        let saved = std::mem::take(&mut batch.saved);
+        let any = !saved.is_empty();
+        for (i, (store, saved)) in self.state_stores.iter_mut().zip(saved).enumerate() {
+            store.saved(batch_id, saved, state_rows(&self.compiled.plan, i));
         }
+        any
     }
 
     /// Advances the watermark past the batch; the commit records it and the state.
     fn commit_entry(&mut self, batch_id: u64, batch: &Computed) -> Result<CommitEntry> {
-        self.advance_watermark(batch.read.max_event_ns)?;
+        let maxes: Vec<Option<i64>> = batch.read.iter().map(|r| r.max_event_ns).collect();
+        for (input, read) in self.inputs.iter_mut().zip(&batch.read) {
+            if read.rows > 0 {
+                input.last_rows = Instant::now();
+            }
+        }
+        self.advance_watermark(&maxes)?;
         let emitted_through_ns = match &self.compiled.plan {
             CompiledPlan::Stateful(op) => op.emitted_through_ns,
-            CompiledPlan::Stateless(_) => None,
+            _ => None,
         };
-        let (state, state_deltas) = self
-            .state_store
-            .as_ref()
-            .map(StateStore::commit_files)
-            .unwrap_or_default();
+        let mut state = BTreeMap::new();
+        let mut state_deltas = BTreeMap::new();
+        for store in &self.state_stores {
+            let (snapshot, changes) = store.commit_files();
+            state.extend(snapshot);
+            state_deltas.extend(changes);
+        }
+        // One source's event time is the query's, as it always was.
+        let inputs = match &self.inputs[..] {
+            [_] => BTreeMap::new(),
+            all => all
+                .iter()
+                .map(|i| {
+                    let at = InputEventTime {
+                        watermark_ns: i.watermark_ns,
+                        max_event_ns: i.max_event_ns,
+                    };
+                    (i.name.clone(), at)
+                })
+                .collect(),
+        };
         Ok(CommitEntry {
             batch_id,
             event_time: EventTime {
                 watermark_ns: self.watermark_ns,
-                max_event_ns: self.max_event_ns,
+                max_event_ns: self.max_event_ns(),
                 pending_no_data: self.pending_no_data,
                 emitted_through_ns,
+                inputs,
             },
             state,
             state_deltas,
@@ -589,10 +825,13 @@ impl Program for QueryBatches {
     }
 
     fn committed(&mut self, offset: Option<&SourceOffset>) -> Result<()> {
-        match offset {
-            Some(o) => self.source.commit(o),
-            None => Ok(()),
+        let offsets = self.split_offset(offset)?;
+        for (input, offset) in self.inputs.iter_mut().zip(offsets) {
+            if let Some(o) = offset {
+                input.source.commit(&o)?;
+            }
         }
+        Ok(())
     }
 
     fn describe(
@@ -608,25 +847,36 @@ impl Program for QueryBatches {
             *execute = (*execute - read_ms).max(0.0);
         }
         progress.duration_ms.insert("read".into(), read_ms);
-        let input_rows = batch.read.rows;
-        progress.num_input_rows = input_rows;
+        progress.num_input_rows = batch.read.iter().map(|r| r.rows).sum();
         progress.event_time = EventTimeProgress {
             watermark: self.watermark_ns.map(format_ns),
-            max: self.max_event_ns.map(format_ns),
+            max: self.max_event_ns().map(format_ns),
         };
         progress.state_operators = batch.state_progress;
-        progress.num_malformed_rows = batch.read.malformed.count;
-        progress.malformed_by_reason = batch.read.malformed.by_reason;
-        progress.malformed_samples = batch.read.malformed.samples;
         progress.num_late_rows = batch.late_rows;
-        let counts = self.source.counts();
-        progress.sources = vec![SourceProgress {
-            description: self.source.describe(),
-            offset: offset.map(|o| o.0).unwrap_or_default(),
-            num_input_rows: input_rows,
-            files_changed_after_read: counts.files_changed_after_read,
-            files_skipped: counts.files_skipped,
-        }];
+        let offsets = self
+            .split_offset(offset.as_ref())
+            .unwrap_or_else(|_| vec![None; self.inputs.len()]);
+        let several = self.inputs.len() > 1;
+        for ((input, read), offset) in self.inputs.iter().zip(batch.read).zip(offsets) {
+            let counts = input.source.counts();
+            progress.sources.push(SourceProgress {
+                description: input.source.describe(),
+                offset: offset.map(|o| o.0).unwrap_or_default(),
+                num_input_rows: read.rows,
+                files_changed_after_read: counts.files_changed_after_read,
+                files_skipped: counts.files_skipped,
+                watermark: several
+                    .then_some(input.watermark_ns)
+                    .flatten()
+                    .map(format_ns),
+            });
+            progress.num_malformed_rows += read.malformed.count;
+            for (reason, n) in read.malformed.by_reason {
+                *progress.malformed_by_reason.entry(reason).or_default() += n;
+            }
+            progress.malformed_samples.extend(read.malformed.samples);
+        }
         progress.sink = SinkProgress {
             description: self.sink.describe(),
             num_output_rows: batch.output_rows,
@@ -634,30 +884,89 @@ impl Program for QueryBatches {
     }
 
     async fn stop(&mut self) -> Result<()> {
-        if let Some(store) = &mut self.state_store {
+        for store in &mut self.state_stores {
             store.finish().await;
         }
-        self.source.stop().await
+        let mut stopped = Ok(());
+        for input in &mut self.inputs {
+            stopped = stopped.and(input.source.stop().await);
+        }
+        stopped
     }
 }
 
 impl QueryBatches {
-    fn advance_watermark(&mut self, batch_max: Option<i64>) -> Result<()> {
-        let (Some(m), Some(wm)) = (batch_max, &self.compiled.source.watermark) else {
+    /// Each input's offset in a batch's `offset`, in the order of the inputs.
+    fn split_offset(&self, offset: Option<&SourceOffset>) -> Result<Vec<Option<SourceOffset>>> {
+        let Some(offset) = offset else {
+            return Ok(vec![None; self.inputs.len()]);
+        };
+        if self.inputs.len() == 1 {
+            return Ok(vec![Some(offset.clone())]);
+        }
+        let serde_json::Value::Object(all) = &offset.0 else {
+            return Err(BrookError::checkpoint(
+                "offsets",
+                format!(
+                    "a batch of a query reading several sources has the offset {}, not one \
+                     per source",
+                    offset.0
+                ),
+            ));
+        };
+        Ok(self
+            .inputs
+            .iter()
+            .map(|i| {
+                all.get(&i.name)
+                    .filter(|o| !o.is_null())
+                    .map(|o| SourceOffset(o.clone()))
+            })
+            .collect())
+    }
+
+    fn max_event_ns(&self) -> Option<i64> {
+        self.inputs.iter().filter_map(|i| i.max_event_ns).max()
+    }
+
+    /// Moves each input's watermark past the largest event times of a batch
+    /// (`batch_max`, per input; empty when no batch ran), then the query's by
+    /// its policy. An input with a watermark that has not seen a row holds the
+    /// `min` back, unless it is idle.
+    fn advance_watermark(&mut self, batch_max: &[Option<i64>]) -> Result<()> {
+        for (input, m) in self.inputs.iter_mut().zip(batch_max) {
+            let (Some(m), Some(wm)) = (m, &input.watermark) else {
+                continue;
+            };
+            let max_seen = input.max_event_ns.map_or(*m, |x| x.max(*m));
+            input.max_event_ns = Some(max_seen);
+            let delay = i64::try_from(wm.delay.as_nanos()).unwrap_or(i64::MAX);
+            let candidate = max_seen.saturating_sub(delay);
+            if input.watermark_ns.is_none_or(|w| candidate > w) {
+                input.watermark_ns = Some(candidate);
+            }
+        }
+        let counted: Vec<&InputState> = self
+            .inputs
+            .iter()
+            .filter(|i| i.watermark.is_some() && !i.is_idle())
+            .collect();
+        let candidate = match self.policy {
+            WatermarkPolicy::Min if counted.iter().any(|i| i.watermark_ns.is_none()) => None,
+            WatermarkPolicy::Min => counted.iter().filter_map(|i| i.watermark_ns).min(),
+            WatermarkPolicy::Max => counted.iter().filter_map(|i| i.watermark_ns).max(),
+        };
+        let Some(candidate) = candidate else {
             return Ok(());
         };
-        let max_seen = self.max_event_ns.map_or(m, |x| x.max(m));
-        self.max_event_ns = Some(max_seen);
-        let delay = i64::try_from(wm.delay.as_nanos()).unwrap_or(i64::MAX);
-        let candidate = max_seen.saturating_sub(delay);
         if self.watermark_ns.is_none_or(|w| candidate > w) {
             self.watermark_ns = Some(candidate);
             // Complete mode keeps every group, so a watermark closes nothing there.
             self.pending_no_data = match &self.compiled.plan {
                 CompiledPlan::Stateful(op) if self.compiled.mode != OutputMode::Complete => {
-                    let ticks = self.compiled.window.as_ref().map(|w| &w.ticks);
-                    op.closes_state(candidate, ticks)?
+                    op.closes_state(candidate, self.compiled.ticks())?
                 }
+                CompiledPlan::Join(op) => op.closes_state(candidate)?,
                 _ => false,
             };
         }
@@ -665,7 +974,7 @@ impl QueryBatches {
     }
 }
 
-/// What a batch's read gave, besides the rows fed to the plan.
+/// What a batch's read of one input gave, besides the rows fed to the plan.
 #[derive(Default)]
 struct ReadInput {
     rows: u64,
@@ -683,33 +992,13 @@ async fn feed_input(
     watermark: Option<&WatermarkSpec>,
     mut feed: Feed,
 ) -> Result<ReadInput> {
-    let mut read = ReadInput::default();
-    let Some(offset) = offset else {
-        feed.finish()?;
-        return Ok(read);
-    };
-    let mut parts = source.read_parts(offset);
-    let fed: Result<()> = async {
-        while let Some(part) = parts.next().await {
-            let part = part?;
-            read.malformed.merge(part.malformed);
-            for batch in part.batches {
-                read.rows += batch.num_rows() as u64;
-                if let Some(m) = max_event_time(watermark, &batch)? {
-                    read.max_event_ns = Some(read.max_event_ns.map_or(m, |x| x.max(m)));
-                }
-                let batch = match window {
-                    Some(w) => w.with_panes(feed.schema(), batch)?,
-                    None => batch,
-                };
-                feed.send(&batch)?;
-            }
-        }
-        Ok(())
-    }
+    let schema = feed.schema().clone();
+    let fed = read_input(source, offset, window, &schema, watermark, |b| {
+        feed.send(&b)
+    })
     .await;
     match fed {
-        Ok(()) => {
+        Ok(read) => {
             feed.finish()?;
             Ok(read)
         }
@@ -718,6 +1007,40 @@ async fn feed_input(
             Err(e)
         }
     }
+}
+
+/// Reads the input that `offset` names a part at a time, giving each batch,
+/// with its window pane column (`schema` is the slot's) if the query has a
+/// window, to `take`.
+async fn read_input(
+    source: &dyn StreamSource,
+    offset: Option<&SourceOffset>,
+    window: Option<&InputWindow>,
+    schema: &SchemaRef,
+    watermark: Option<&WatermarkSpec>,
+    mut take: impl FnMut(RecordBatch) -> Result<()>,
+) -> Result<ReadInput> {
+    let mut read = ReadInput::default();
+    let Some(offset) = offset else {
+        return Ok(read);
+    };
+    let mut parts = source.read_parts(offset);
+    while let Some(part) = parts.next().await {
+        let part = part?;
+        read.malformed.merge(part.malformed);
+        for batch in part.batches {
+            read.rows += batch.num_rows() as u64;
+            if let Some(m) = max_event_time(watermark, &batch)? {
+                read.max_event_ns = Some(read.max_event_ns.map_or(m, |x| x.max(m)));
+            }
+            let batch = match window {
+                Some(w) => w.with_panes(schema, batch)?,
+                None => batch,
+            };
+            take(batch)?;
+        }
+    }
+    Ok(read)
 }
 
 /// The largest event time of `batch`, in nanoseconds, if the source has a watermark.

@@ -65,6 +65,10 @@ pub struct SourceProgress {
     /// (not read again), and files skipped because their names are not UTF-8.
     pub files_changed_after_read: u64,
     pub files_skipped: u64,
+    /// In a query reading several sources with watermarks, this source's own
+    /// (the query's is `event_time.watermark`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -169,7 +169,7 @@ fn reads_source_directly(plan: &LogicalPlan) -> bool {
 }
 
 /// Whether `plan` (with its subqueries) scans a table for which `is_stream` holds.
-fn reads_stream(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> bool {
+pub fn reads_stream(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> bool {
     let mut found = false;
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
@@ -213,9 +213,8 @@ fn join_rule(join_type: JoinType, stream_left: bool) -> std::result::Result<(), 
     ))
 }
 
-/// Refuses what a streaming query cannot do with its tables: a stream joined
-/// with a stream, a join that preserves a static table's side, and a subquery
-/// over a stream. `is_stream` tells a streaming source's name.
+/// Refuses what a streaming query cannot do with its tables: a join that
+/// preserves a static table's side, and a subquery over a stream. `is_stream` tells a streaming source's name.
 pub fn check_tables(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
     let mut problem: Option<String> = None;
     plan.apply_with_subqueries(|node| {
@@ -233,13 +232,8 @@ pub fn check_tables(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Res
         if let LogicalPlan::Join(join) = node {
             let left = reads_stream(&join.left, is_stream);
             let right = reads_stream(&join.right, is_stream);
-            if left && right {
-                problem = Some(
-                    "a join of a stream with a stream is not supported yet; a stream can be \
-                     joined with static tables (CREATE EXTERNAL TABLE ... without UNBOUNDED)"
-                        .into(),
-                );
-            } else if (left || right)
+            // A join of two streams has rules of its own, which its operator checks.
+            if left != right
                 && let Err(why) = join_rule(join.join_type, left)
             {
                 problem = Some(why);

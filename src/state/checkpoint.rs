@@ -115,6 +115,17 @@ pub struct EventTime {
     /// Pane state: the watermark up to which windows have been emitted.
     #[serde(default)]
     pub emitted_through_ns: Option<i64>,
+    /// A query reading several sources: each one's own watermark and largest
+    /// event time, by source name (one source's are the fields above).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, InputEventTime>,
+}
+
+/// One source's event time, in a query reading several.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InputEventTime {
+    pub watermark_ns: Option<i64>,
+    pub max_event_ns: Option<i64>,
 }
 
 /// A state file as its commit records it, so that damage is detected on load.
