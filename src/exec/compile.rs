@@ -20,6 +20,7 @@ use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, partitions};
 use crate::error::{BrookError, Result};
+use crate::sql::chain::{self, DEDUPLICATED};
 use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
 use crate::sql::slot::Slot;
 use crate::sql::window::{
@@ -50,6 +51,39 @@ pub struct CompiledQuery {
     pub sql: String,
     /// What a checkpoint written by this query must match on restart.
     pub fingerprint: QueryFingerprint,
+    /// The stages after `plan`, in order, each run over the rows the one
+    /// before it emitted in the same batch; the last one's rows are the output.
+    pub then: Vec<Stage>,
+}
+
+/// A stage of a query after its first: its plan reads the rows the stage
+/// before it emitted, as the first stage's reads the source's.
+pub struct Stage {
+    pub input_slot: Slot,
+    pub window: Option<InputWindow>,
+    pub plan: CompiledPlan,
+}
+
+impl CompiledQuery {
+    /// Every stage's plan, the first stage's first.
+    pub fn plans(&self) -> Vec<&CompiledPlan> {
+        std::iter::once(&self.plan)
+            .chain(self.then.iter().map(|s| &s.plan))
+            .collect()
+    }
+
+    pub fn plans_mut(&mut self) -> Vec<&mut CompiledPlan> {
+        std::iter::once(&mut self.plan)
+            .chain(self.then.iter_mut().map(|s| &mut s.plan))
+            .collect()
+    }
+
+    /// Every stage's window, in the order of [`plans`](Self::plans).
+    pub fn windows(&self) -> Vec<Option<&InputWindow>> {
+        std::iter::once(self.window.as_ref())
+            .chain(self.then.iter().map(|s| s.window.as_ref()))
+            .collect()
+    }
 }
 
 impl InputWindow {
@@ -79,8 +113,75 @@ fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
 /// Plans `query` over the declared sources. `mode` is the requested output mode,
 /// if any; the query's operators take their memory from `runtime`'s pool.
 /// Static tables are planned as bounded tables, read again at each batch as
-/// their providers decide.
+/// their providers decide. A deduplication feeding an aggregation is planned
+/// as two stages (see [`chain`]).
 pub async fn compile(
+    query: &Query,
+    sources: &BTreeMap<String, SourceDef>,
+    statics: &BTreeMap<String, Arc<dyn TableProvider>>,
+    mode: Option<OutputMode>,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<CompiledQuery> {
+    let is_stream = |name: &str| sources.contains_key(name);
+    let Some(chain) = chain::split_deduplication(query, &is_stream)? else {
+        return compile_stage(query, sources, statics, mode, runtime).await;
+    };
+    // Rows a stage passes on are final: the first stage appends.
+    let first = compile_stage(
+        &chain.first,
+        sources,
+        statics,
+        Some(OutputMode::Append),
+        runtime.clone(),
+    )
+    .await?;
+    if !matches!(&first.plan, CompiledPlan::Stateful(op) if op.dedup) {
+        return Err(BrookError::internal(
+            "the first stage of a deduplication feeding an aggregation does not deduplicate",
+        ));
+    }
+    // The deduplicated rows keep the source's watermark if they keep its column.
+    let time_type = |schema: &SchemaRef, column: &str| {
+        schema
+            .field_with_name(column)
+            .ok()
+            .map(|f| f.data_type().clone())
+    };
+    let watermark = first.source.watermark.clone().filter(|wm| {
+        time_type(&first.output_schema, &wm.column)
+            == time_type(&first.source.read_schema(), &wm.column)
+    });
+    let deduplicated = SourceDef {
+        name: DEDUPLICATED.to_string(),
+        schema: first.output_schema.clone(),
+        watermark,
+        kind: first.source.kind.clone(),
+    };
+    let rest_sources = BTreeMap::from([(DEDUPLICATED.to_string(), deduplicated)]);
+    let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    let mut fingerprint = first.fingerprint;
+    fingerprint.group_by.push("then".into());
+    fingerprint.group_by.extend(rest.fingerprint.group_by);
+    fingerprint.aggregates.extend(rest.fingerprint.aggregates);
+    Ok(CompiledQuery {
+        source: first.source,
+        input_slot: first.input_slot,
+        window: first.window,
+        plan: first.plan,
+        output_schema: rest.output_schema,
+        mode: rest.mode,
+        task_ctx: rest.task_ctx,
+        sql: query.to_string(),
+        fingerprint,
+        then: vec![Stage {
+            input_slot: rest.input_slot,
+            window: rest.window,
+            plan: rest.plan,
+        }],
+    })
+}
+
+async fn compile_stage(
     query: &Query,
     sources: &BTreeMap<String, SourceDef>,
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
@@ -186,6 +287,7 @@ pub async fn compile(
             mode,
             task_ctx,
             sql,
+            then: vec![],
         });
     };
 
@@ -322,6 +424,7 @@ pub async fn compile(
         mode,
         task_ctx,
         sql,
+        then: vec![],
     })
 }
 

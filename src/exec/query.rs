@@ -1,5 +1,6 @@
 //! A running query: the micro-batch loop, its trigger, and the handle users hold.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, max};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::execution::TaskContext;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -16,7 +18,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
-use super::stateful::execute;
+use super::stateful::{StatefulOp, execute};
 use crate::config::{OutputMode, Trigger};
 use crate::error::{BrookError, Result};
 use crate::progress::{
@@ -27,7 +29,7 @@ use crate::sink::Sink;
 use crate::source::{MalformedStats, SourceOffset, StreamSource};
 use crate::sql::script::WatermarkSpec;
 use crate::sql::slot::Feed;
-use crate::sql::window::unit_nanos;
+use crate::sql::window::{WindowTicks, unit_nanos};
 use crate::state::checkpoint::DEFAULT_MIN_BATCHES_TO_RETAIN;
 use crate::state::driver::{Driver, Program};
 use crate::state::store::{Saved, StateStore};
@@ -36,8 +38,24 @@ use crate::testing::faults;
 
 pub use crate::progress::{ProgressListener, QueryInfo};
 
-/// The checkpoint's name for a query's aggregation state.
+/// The checkpoint's name for a query's aggregation state: the state of its
+/// last stateful stage. A stage before it is named by its place and kind
+/// ([`stage_operator`]).
 const STATE_OPERATOR: &str = "aggregate";
+
+/// The operator name progress reports for `op`.
+fn progress_operator(op: &StatefulOp) -> &'static str {
+    if op.dedup { "dedupe" } else { STATE_OPERATOR }
+}
+
+/// The checkpoint's name for the state of stage `stage` of `stages`.
+fn stage_operator(stage: usize, stages: usize, op: &StatefulOp) -> String {
+    if stage + 1 == stages {
+        STATE_OPERATOR.to_string()
+    } else {
+        format!("stage{stage}-{}", progress_operator(op))
+    }
+}
 
 #[derive(Clone)]
 pub struct QueryOptions {
@@ -141,15 +159,20 @@ impl StreamingQuery {
         let described_source = source.describe();
         let described_sink = sink.describe();
         let checkpoint = checkpoint.map(Arc::new);
-        let state_store = match (&checkpoint, &compiled.plan) {
-            (Some(cp), CompiledPlan::Stateful(op)) => Some(StateStore::new(
-                cp.clone(),
-                STATE_OPERATOR,
-                op.state_slot.schema().clone(),
-                op.keys,
-            )),
-            _ => None,
-        };
+        let plans = compiled.plans();
+        let state_stores = plans
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| match (&checkpoint, plan) {
+                (Some(cp), CompiledPlan::Stateful(op)) => Some(StateStore::new(
+                    cp.clone(),
+                    &stage_operator(i, plans.len(), op),
+                    op.state_slot.schema().clone(),
+                    op.keys,
+                )),
+                _ => None,
+            })
+            .collect();
         let runner = Runner {
             shared: shared.clone(),
             driver: Driver::new(checkpoint, shared.id.clone(), shared.name.clone()),
@@ -157,7 +180,7 @@ impl StreamingQuery {
                 compiled,
                 source,
                 sink,
-                state_store,
+                state_stores,
                 watermark_ns: None,
                 max_event_ns: None,
                 pending_no_data: false,
@@ -380,7 +403,8 @@ struct QueryBatches {
     compiled: CompiledQuery,
     source: Box<dyn StreamSource>,
     sink: Arc<dyn Sink>,
-    state_store: Option<StateStore>,
+    /// Each stage's state in the checkpoint, in the order of [`CompiledQuery::plans`].
+    state_stores: Vec<Option<StateStore>>,
     watermark_ns: Option<i64>,
     max_event_ns: Option<i64>,
     /// The watermark moved and closes state: run a batch without input to emit or drop it.
@@ -395,9 +419,9 @@ struct Computed {
     output_rows: u64,
     late_rows: u64,
     state_progress: Vec<StateProgress>,
-    /// The state rows the batch upserted and deleted.
-    changes: Option<(Vec<RecordBatch>, Vec<RecordBatch>)>,
-    saved: Option<Saved>,
+    /// Per stage, the state rows the batch upserted and deleted.
+    changes: Vec<Option<(Vec<RecordBatch>, Vec<RecordBatch>)>>,
+    saved: Vec<Option<Saved>>,
 }
 
 impl Program for QueryBatches {
@@ -422,14 +446,22 @@ impl Program for QueryBatches {
         self.watermark_ns = watermark_ns;
         self.max_event_ns = max_event_ns;
         self.pending_no_data = pending_no_data;
-        if let (CompiledPlan::Stateful(op), Some(store)) =
-            (&mut self.compiled.plan, &mut self.state_store)
-        {
+        let mode = self.compiled.mode;
+        let ctx = self.compiled.task_ctx.clone();
+        let mut plans = self.compiled.plans_mut();
+        let last = plans.len() - 1;
+        for (i, (plan, store)) in plans.iter_mut().zip(&mut self.state_stores).enumerate() {
+            let (CompiledPlan::Stateful(op), Some(store)) = (&mut **plan, store) else {
+                continue;
+            };
             op.restore(store.restore(commit).await?)?;
-            op.emitted_through_ns = emitted_through_ns;
-            if self.compiled.mode == OutputMode::Complete {
-                let output = op.emit_all(&self.compiled.task_ctx).await?;
-                self.sink.restore(commit.batch_id, output).await?;
+            // Only the last stage can keep panes, and so emit windows late.
+            if i == last {
+                op.emitted_through_ns = emitted_through_ns;
+                if mode == OutputMode::Complete {
+                    let output = op.emit_all(&ctx).await?;
+                    self.sink.restore(commit.batch_id, output).await?;
+                }
             }
         }
         Ok(())
@@ -460,6 +492,7 @@ impl Program for QueryBatches {
             plan,
             mode,
             task_ctx: ctx,
+            then,
             ..
         } = &mut self.compiled;
         let scanned = match plan {
@@ -481,30 +514,14 @@ impl Program for QueryBatches {
             (read, started_reading.elapsed())
         };
         let (mode, watermark_ns) = (*mode, self.watermark_ns);
-        let ticks = window.as_ref().map(|w| &w.ticks);
-        let running = async {
-            match plan {
-                CompiledPlan::Stateless(plan) => Ok((execute(plan, ctx).await?, 0, vec![], None)),
-                CompiledPlan::Stateful(op) => {
-                    let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
-                    let progress = StateProgress {
-                        operator: if op.dedup { "dedupe" } else { STATE_OPERATOR }.into(),
-                        num_rows_total: op.state_rows() as u64,
-                        num_rows_updated: outcome.updated_rows,
-                        num_rows_removed: outcome.removed_rows,
-                        memory_used_bytes: op.state_bytes() as u64,
-                        num_dropped_duplicate_rows: op.dedup.then_some(outcome.dropped_duplicates),
-                    };
-                    let changes = (outcome.upserts, outcome.deletes);
-                    Ok((
-                        outcome.output,
-                        outcome.late_rows,
-                        vec![progress],
-                        Some(changes),
-                    ))
-                }
-            }
+        // Rows a stage passes on are final: every stage but the last appends.
+        let first_mode = if then.is_empty() {
+            mode
+        } else {
+            OutputMode::Append
         };
+        let ticks = window.as_ref().map(|w| &w.ticks);
+        let running = run_stage(plan, ctx, first_mode, watermark_ns, ticks);
         let ((read, read_time), ran): (_, Result<_>) = match streams {
             true => tokio::join!(reading, running),
             false => {
@@ -516,7 +533,35 @@ impl Program for QueryBatches {
         input_slot.set(&[])?;
         // A read that failed made the plan fail too; the read's error says why.
         let read = read?;
-        let (output, late_rows, state_progress, changes) = ran?;
+        let mut ran = ran?;
+        let mut changes = vec![ran.changes];
+        let mut state_progress: Vec<StateProgress> = ran.progress.into_iter().collect();
+        let mut late_rows = ran.late_rows;
+        let stages = then.len();
+        for (i, stage) in then.iter_mut().enumerate() {
+            let input = match &stage.window {
+                Some(w) => ran
+                    .output
+                    .into_iter()
+                    .map(|b| w.with_panes(stage.input_slot.schema(), b))
+                    .collect::<Result<Vec<_>>>()?,
+                None => ran.output,
+            };
+            stage.input_slot.set(&input)?;
+            let stage_mode = if i + 1 == stages {
+                mode
+            } else {
+                OutputMode::Append
+            };
+            let ticks = stage.window.as_ref().map(|w| &w.ticks);
+            let result = run_stage(&mut stage.plan, ctx, stage_mode, watermark_ns, ticks).await;
+            stage.input_slot.set(&[])?;
+            ran = result?;
+            changes.push(ran.changes);
+            state_progress.extend(ran.progress);
+            late_rows += ran.late_rows;
+        }
+        let output = ran.output;
         Ok(Computed {
             read,
             read_time,
@@ -524,56 +569,66 @@ impl Program for QueryBatches {
             output,
             late_rows,
             state_progress,
+            saved: changes.iter().map(|_| None).collect(),
             changes,
-            saved: None,
         })
     }
 
     async fn write(&mut self, batch_id: u64, batch: &mut Computed) -> Result<()> {
         let output = std::mem::take(&mut batch.output);
-        // The state file is named by the commit only, so it is written beside the sink's.
-        batch.saved = match (&self.state_store, &self.compiled.plan, &batch.changes) {
-            (Some(store), CompiledPlan::Stateful(op), Some((upserts, deletes))) => {
-                let (_, saved) = tokio::try_join!(
-                    self.sink.add_batch(batch_id, output),
-                    store.save(batch_id, &op.state, upserts, deletes)
-                )?;
-                Some(saved)
-            }
-            _ => {
-                self.sink.add_batch(batch_id, output).await?;
-                None
-            }
-        };
+        // The state files are named by the commit only, so they are written beside the sink's.
+        let plans = self.compiled.plans();
+        let saves = plans
+            .iter()
+            .zip(&self.state_stores)
+            .zip(&batch.changes)
+            .map(|((plan, store), changes)| async move {
+                match (store, plan, changes) {
+                    (Some(store), CompiledPlan::Stateful(op), Some((upserts, deletes))) => store
+                        .save(batch_id, &op.state, upserts, deletes)
+                        .await
+                        .map(Some),
+                    _ => Ok(None),
+                }
+            });
+        let (_, saved) = tokio::try_join!(
+            self.sink.add_batch(batch_id, output),
+            futures::future::try_join_all(saves)
+        )?;
+        batch.saved = saved;
         Ok(())
     }
 
     fn record_state(&mut self, batch_id: u64, batch: &mut Computed) -> bool {
-        match (
-            &mut self.state_store,
-            batch.saved.take(),
-            &self.compiled.plan,
-        ) {
-            (Some(store), Some(saved), CompiledPlan::Stateful(op)) => {
+        let mut recorded = false;
+        let plans = self.compiled.plans();
+        for ((store, saved), plan) in self
+            .state_stores
+            .iter_mut()
+            .zip(std::mem::take(&mut batch.saved))
+            .zip(plans)
+        {
+            if let (Some(store), Some(saved), CompiledPlan::Stateful(op)) = (store, saved, plan) {
                 store.saved(batch_id, saved, &op.state);
-                true
+                recorded = true;
             }
-            _ => false,
         }
+        recorded
     }
 
     /// Advances the watermark past the batch; the commit records it and the state.
     fn commit_entry(&mut self, batch_id: u64, batch: &Computed) -> Result<CommitEntry> {
         self.advance_watermark(batch.read.max_event_ns)?;
-        let emitted_through_ns = match &self.compiled.plan {
-            CompiledPlan::Stateful(op) => op.emitted_through_ns,
-            CompiledPlan::Stateless(_) => None,
+        let emitted_through_ns = match self.compiled.plans().last() {
+            Some(CompiledPlan::Stateful(op)) => op.emitted_through_ns,
+            _ => None,
         };
-        let (state, state_deltas) = self
-            .state_store
-            .as_ref()
-            .map(StateStore::commit_files)
-            .unwrap_or_default();
+        let (mut state, mut state_deltas) = (BTreeMap::new(), BTreeMap::new());
+        for store in self.state_stores.iter().flatten() {
+            let (snapshot, changes) = store.commit_files();
+            state.extend(snapshot);
+            state_deltas.extend(changes);
+        }
         Ok(CommitEntry {
             batch_id,
             event_time: EventTime {
@@ -634,10 +689,53 @@ impl Program for QueryBatches {
     }
 
     async fn stop(&mut self) -> Result<()> {
-        if let Some(store) = &mut self.state_store {
+        for store in self.state_stores.iter_mut().flatten() {
             store.finish().await;
         }
         self.source.stop().await
+    }
+}
+
+/// What one stage made of a batch.
+struct StageRun {
+    output: Vec<RecordBatch>,
+    late_rows: u64,
+    progress: Option<StateProgress>,
+    changes: Option<(Vec<RecordBatch>, Vec<RecordBatch>)>,
+}
+
+/// Runs one stage over the rows in its input slot.
+async fn run_stage(
+    plan: &mut CompiledPlan,
+    ctx: &Arc<TaskContext>,
+    mode: OutputMode,
+    watermark_ns: Option<i64>,
+    ticks: Option<&WindowTicks>,
+) -> Result<StageRun> {
+    match plan {
+        CompiledPlan::Stateless(plan) => Ok(StageRun {
+            output: execute(plan, ctx).await?,
+            late_rows: 0,
+            progress: None,
+            changes: None,
+        }),
+        CompiledPlan::Stateful(op) => {
+            let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
+            let progress = StateProgress {
+                operator: progress_operator(op).into(),
+                num_rows_total: op.state_rows() as u64,
+                num_rows_updated: outcome.updated_rows,
+                num_rows_removed: outcome.removed_rows,
+                memory_used_bytes: op.state_bytes() as u64,
+                num_dropped_duplicate_rows: op.dedup.then_some(outcome.dropped_duplicates),
+            };
+            Ok(StageRun {
+                output: outcome.output,
+                late_rows: outcome.late_rows,
+                progress: Some(progress),
+                changes: Some((outcome.upserts, outcome.deletes)),
+            })
+        }
     }
 }
 
@@ -652,14 +750,18 @@ impl QueryBatches {
         let candidate = max_seen.saturating_sub(delay);
         if self.watermark_ns.is_none_or(|w| candidate > w) {
             self.watermark_ns = Some(candidate);
-            // Complete mode keeps every group, so a watermark closes nothing there.
-            self.pending_no_data = match &self.compiled.plan {
-                CompiledPlan::Stateful(op) if self.compiled.mode != OutputMode::Complete => {
-                    let ticks = self.compiled.window.as_ref().map(|w| &w.ticks);
-                    op.closes_state(candidate, ticks)?
+            // Complete mode keeps every group of the last stage, so a watermark
+            // closes nothing there; the stages before it append.
+            let plans = self.compiled.plans();
+            let windows = self.compiled.windows();
+            let mut closes = false;
+            for (i, (plan, window)) in plans.iter().zip(windows).enumerate() {
+                let appends = i + 1 < plans.len() || self.compiled.mode != OutputMode::Complete;
+                if let (CompiledPlan::Stateful(op), true) = (plan, appends) {
+                    closes |= op.closes_state(candidate, window.map(|w| &w.ticks))?;
                 }
-                _ => false,
-            };
+            }
+            self.pending_no_data = closes;
         }
         Ok(())
     }
