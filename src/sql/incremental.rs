@@ -328,10 +328,16 @@ pub fn distinct_as_aggregate(
     is_stream: &dyn Fn(&str) -> bool,
 ) -> Result<(LogicalPlan, bool)> {
     let mut found = false;
+    let mut grouped_below = false;
     let rewritten = plan
         .transform_up(|node| match node {
             LogicalPlan::Distinct(Distinct::All(input)) if reads_stream(&input, is_stream) => {
                 found = true;
+                grouped_below |= input
+                    .exists(|n| {
+                        Ok(matches!(n, LogicalPlan::Aggregate(_)) && reads_stream(n, is_stream))
+                    })
+                    .unwrap_or(false);
                 let keys = input.schema().columns().into_iter().map(Expr::Column);
                 let agg = Aggregate::try_new(input, keys.collect(), vec![])?;
                 Ok(Transformed::yes(LogicalPlan::Aggregate(agg)))
@@ -350,11 +356,19 @@ pub fn distinct_as_aggregate(
         aggregates += usize::from(matches!(node, LogicalPlan::Aggregate(_)));
         Ok(TreeNodeRecursion::Continue)
     })?;
+    if aggregates > 1 && grouped_below {
+        return Err(BrookError::sql(
+            "a GROUP BY feeding a SELECT DISTINCT is not supported on streams: the \
+             aggregation's rows change as its groups update (or are emitted once, final, in \
+             append mode, so that a DISTINCT over them drops nothing); deduplicate the \
+             stream before aggregating it instead",
+        ));
+    }
     if aggregates > 1 {
         return Err(BrookError::sql(
-            "SELECT DISTINCT feeding a GROUP BY (or a GROUP BY feeding a DISTINCT) is not \
-             supported on streams yet: a streaming query may have one stateful operator, \
-             either a GROUP BY aggregation or a SELECT DISTINCT",
+            "this SELECT DISTINCT feeding a GROUP BY is not supported on streams: the \
+             deduplication must be a subquery in the FROM of the aggregating SELECT, as in \
+             SELECT k, count(*) FROM (SELECT DISTINCT ... FROM stream) GROUP BY k",
         ));
     }
     Ok((rewritten, true))
