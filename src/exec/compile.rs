@@ -362,7 +362,7 @@ async fn compile_stage(
             partial: w.ticks.pane(),
             merge: (!panes).then(|| w.ticks.size()),
         });
-    let split = incremental::split(&plan, &agg, partitions, &not_null, widths)?;
+    let split = incremental::split(&plan, &agg, partitions, &not_null, widths, dedup)?;
     if mode == OutputMode::Append && event_time_key.is_none() && !dedup {
         return Err(BrookError::sql(
             "output mode 'append' for an aggregation needs a watermark on the source and a \
@@ -398,6 +398,7 @@ async fn compile_stage(
         rows_column,
         keys: split.keys,
         invertible: split.invertible,
+        state_columns: split.state_columns,
         running: None,
         state: vec![],
         panes,
