@@ -1,5 +1,6 @@
 //! Kill -9 at many points: the dashboard queries, a `SELECT DISTINCT` and a
-//! join with a static table under a windowed aggregation, run by `brook run`
+//! deduplication joined with a static table under a windowed aggregation (two
+//! stateful operators), run by `brook run`
 //! with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
 //! again (inside source reads, state writes, sink writes and commits, and at
 //! random instants) and restarted each time. The final sink files and state
@@ -32,7 +33,7 @@ const FILES: usize = 100;
 const RATE: usize = 10;
 /// The dashboard's three queries, a deduplication (`SELECT DISTINCT`, whose
 /// seen keys are state like an aggregation's) and a windowed aggregation over
-/// a join with the static symbols table.
+/// a deduplication joined with the static symbols table.
 const QUERIES: [&str; 5] = [
     "buy_sell_per_second",
     "top_clients",
@@ -91,7 +92,8 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
          CREATE EXTERNAL TABLE sector_minutes STORED AS PARQUET LOCATION 'out/sector_minutes' OPTIONS ('outputMode' 'append');\n\
          INSERT INTO sector_minutes SELECT window.start AS minute, \
          coalesce(s.sector, 'Unlisted') AS sector, count(*) AS orders, sum(o.amount) AS shares \
-         FROM orders o LEFT JOIN symbols s ON o.symbol = s.symbol \
+         FROM (SELECT DISTINCT order_id, time, symbol, amount FROM orders) o \
+         LEFT JOIN symbols s ON o.symbol = s.symbol \
          GROUP BY window(o.time, '1 minute'), coalesce(s.sector, 'Unlisted');\n"
     );
     sql.replace(
@@ -276,20 +278,26 @@ fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
         let rows = reader.map(|b| b.unwrap()).collect::<Vec<_>>();
         (keys, cell_rows(&rows))
     };
-    let (keys, snapshot) = read(&commit["state"]["aggregate"]);
-    let key = |row: &str| row.split('|').take(keys).collect::<Vec<_>>().join("|");
-    let mut state: BTreeMap<String, String> = snapshot.into_iter().map(|r| (key(&r), r)).collect();
-    let changes = commit["state_deltas"]["aggregate"].as_array().cloned();
-    for change in changes.unwrap_or_default() {
-        for row in read(&change).1 {
-            let (cells, deleted) = row.rsplit_once('|').unwrap();
-            match deleted {
-                "true" => state.remove(&key(cells)),
-                _ => state.insert(key(cells), cells.to_string()),
-            };
+    // Every stateful operator's (sector_minutes has two: its deduplication first).
+    let mut all = vec![];
+    for (operator, snapshot) in commit["state"].as_object().unwrap() {
+        let (keys, snapshot) = read(snapshot);
+        let key = |row: &str| row.split('|').take(keys).collect::<Vec<_>>().join("|");
+        let mut state: BTreeMap<String, String> =
+            snapshot.into_iter().map(|r| (key(&r), r)).collect();
+        let changes = commit["state_deltas"][operator].as_array().cloned();
+        for change in changes.unwrap_or_default() {
+            for row in read(&change).1 {
+                let (cells, deleted) = row.rsplit_once('|').unwrap();
+                match deleted {
+                    "true" => state.remove(&key(cells)),
+                    _ => state.insert(key(cells), cells.to_string()),
+                };
+            }
         }
+        all.extend(state.into_values().map(|r| format!("{operator}: {r}")));
     }
-    (last, state.into_values().collect())
+    (last, all)
 }
 
 struct Outcome {

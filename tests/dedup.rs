@@ -46,15 +46,21 @@ fn put_file(input: &Path, f: i64) {
     put(input, &format!("orders-{f:02}.csv"), &lines);
 }
 
-/// Orders per minute and symbol, counted once each, into JSON files (append
-/// mode: a minute is written once the watermark, 10 s behind, has passed it).
-fn script(input: &Path, output: &Path) -> String {
+/// The deduplication as SELECT DISTINCT (its keys expire with the watermark).
+const DISTINCT: &str = "FROM (SELECT DISTINCT order_id, symbol, time FROM orders)";
+/// The deduplication as Flink writes it (its keys, order ids, are kept).
+const ROW_NUMBER: &str = "FROM (SELECT order_id, symbol, time, \
+     row_number() OVER (PARTITION BY order_id ORDER BY time) AS rn FROM orders) WHERE rn = 1";
+
+/// Orders per minute and symbol, counted once each by the deduplication
+/// `dedup`, into JSON files (append mode: a minute is written once the
+/// watermark, 10 s behind, has passed it).
+fn script(input: &Path, output: &Path, dedup: &str) -> String {
     format!(
         "{} CREATE EXTERNAL TABLE per_minute STORED AS JSON LOCATION '{}'
            OPTIONS ('outputMode' 'append');
          INSERT INTO per_minute SELECT window.start AS minute, symbol, count(*) AS orders
-         FROM (SELECT DISTINCT order_id, symbol, time FROM orders)
-         GROUP BY window(time, '1 minute'), symbol;",
+         {dedup} GROUP BY window(time, '1 minute'), symbol;",
         source_ddl(input, true),
         output.display()
     )
@@ -130,13 +136,22 @@ fn recount(files: std::ops::Range<i64>, watermark: i64) -> BTreeMap<(String, Str
 
 #[test]
 fn re_sent_orders_are_counted_once_across_a_restart_as_a_recount_finds() {
+    counted_once_across_a_restart(DISTINCT);
+}
+
+#[test]
+fn re_sent_orders_kept_once_by_row_number_are_counted_once_across_a_restart() {
+    counted_once_across_a_restart(ROW_NUMBER);
+}
+
+fn counted_once_across_a_restart(dedup: &str) {
     const FILES: i64 = 8;
     let (interrupted, uninterrupted) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for dir in [interrupted.path(), uninterrupted.path()] {
         std::fs::create_dir(dir.join("orders")).unwrap();
         std::fs::write(
             dir.join("q.sql"),
-            script(&dir.join("orders"), &dir.join("out")),
+            script(&dir.join("orders"), &dir.join("out"), dedup),
         )
         .unwrap();
     }
@@ -152,6 +167,17 @@ fn re_sent_orders_are_counted_once_across_a_restart_as_a_recount_finds() {
     assert_eq!(operators[1]["operator"], "aggregate", "{progress:?}");
     let dropped = operators[0]["num_dropped_duplicate_rows"].as_i64().unwrap();
     assert!(dropped > 0, "{progress:?}");
+    // SELECT DISTINCT over the event time forgets keys the watermark passed;
+    // the order ids of ROW_NUMBER's PARTITION BY are kept.
+    let expired: u64 = progress
+        .iter()
+        .map(|p| {
+            p["state_operators"][0]["num_rows_removed"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(expired > 0, dedup == DISTINCT, "{progress:?}");
     let before = sink_counts(&dir.join("out"));
     assert!(!before.is_empty(), "minutes closed before the restart");
     (FILES / 2..FILES).for_each(|f| put_file(&dir.join("orders"), f));
