@@ -24,8 +24,8 @@ use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Distinct, Expr, ExprSchemable, Filter, JoinType, LogicalPlan, LogicalPlanBuilder,
-    Operator, Projection, SortExpr, SubqueryAlias, Window, cast, col, lit,
+    Aggregate, Distinct, DistinctOn, Expr, ExprSchemable, Filter, JoinType, LogicalPlan,
+    LogicalPlanBuilder, Operator, Projection, SortExpr, SubqueryAlias, cast, col, lit,
 };
 use datafusion::scalar::ScalarValue;
 
@@ -278,14 +278,6 @@ pub fn find_aggregate(
         }
         match node {
             LogicalPlan::Aggregate(a) => found.push(a.clone()),
-            LogicalPlan::Distinct(_) => {
-                problem = Some(
-                    "SELECT DISTINCT ON clauses (keep the first row per key with \
-                     ROW_NUMBER() OVER (PARTITION BY <keys> ORDER BY <event time>) = 1, \
-                     or write SELECT DISTINCT)"
-                        .into(),
-                )
-            }
             LogicalPlan::RecursiveQuery(_) => problem = Some("recursive queries".into()),
             _ => {}
         }
@@ -362,6 +354,18 @@ pub fn distinct_as_aggregate(
                         Ok(Transformed::yes(LogicalPlan::Filter(filter)))
                     }
                     None => Ok(Transformed::no(LogicalPlan::Filter(filter))),
+                }
+            }
+            LogicalPlan::Distinct(Distinct::On(on)) if reads_stream(&on.input, is_stream) => {
+                match distinct_on(&on) {
+                    Ok(plan) => {
+                        found = true;
+                        Ok(Transformed::yes(plan))
+                    }
+                    Err(e) => {
+                        refused.get_or_insert(e);
+                        Ok(Transformed::no(LogicalPlan::Distinct(Distinct::On(on))))
+                    }
                 }
             }
             LogicalPlan::Distinct(Distinct::All(input)) if reads_stream(&input, is_stream) => {
@@ -479,43 +483,96 @@ fn keep_first_rows(plan: &LogicalPlan, rn: &str) -> Result<Option<LogicalPlan>> 
             if f.fun.name() != "row_number" {
                 return Ok(None);
             }
-            first_rows(w, &f.params.partition_by, &f.params.order_by).map(Some)
+            let refuse = |why: String| {
+                BrookError::sql(format!(
+                    "ROW_NUMBER() over a stream keeps the first row per key when it is \
+                     compared with 1 (rn = 1) and numbers rows as PARTITION BY <key columns> \
+                     ORDER BY <event-time column> [ASC]: {why}"
+                ))
+            };
+            let [order] = f.params.order_by.as_slice() else {
+                return Err(refuse("order by one event-time column".into()));
+            };
+            let firsts = first_rows(&w.input, &f.params.partition_by, order).map_err(refuse)?;
+            // Numbered 1, as the rows the window would have kept.
+            let mut columns: Vec<Expr> = firsts
+                .schema()
+                .columns()
+                .into_iter()
+                .map(Expr::Column)
+                .collect();
+            let (q, numbered) = w.schema.qualified_field(numbered);
+            columns.push(
+                cast(lit(1u64), numbered.data_type().clone())
+                    .alias_qualified(q.cloned(), numbered.name()),
+            );
+            Ok(Some(
+                LogicalPlanBuilder::from(firsts).project(columns)?.build()?,
+            ))
         }
         _ => Ok(None),
     }
 }
 
-/// The first row in event time of each key of `w`'s input, as `w`'s rows
-/// (its row number 1). Spark's `dropDuplicates` keeps each key's first row
-/// seen: a batch's rows for a key are ordered by time, but a row already
-/// emitted in an earlier batch cannot be taken back for an earlier one.
-fn first_rows(w: &Window, keys: &[Expr], order_by: &[SortExpr]) -> Result<LogicalPlan> {
-    let refuse = |why: &str| {
-        Err(BrookError::sql(format!(
-            "ROW_NUMBER() over a stream keeps the first row per key when it is compared \
-             with 1 (rn = 1) and numbers rows as PARTITION BY <key columns> ORDER BY \
-             <event-time column> [ASC]: {why}"
-        )))
+/// `SELECT DISTINCT ON (k) ... ORDER BY k, time` as the first row of each key.
+fn distinct_on(on: &DistinctOn) -> Result<LogicalPlan> {
+    let refuse = |why: String| {
+        BrookError::sql(format!(
+            "SELECT DISTINCT ON over a stream keeps the first row per key and needs \
+             ORDER BY <the ON keys>, <event-time column> [ASC]: {why}"
+        ))
     };
-    let input = w.input.schema();
-    let [order] = order_by else {
-        return refuse("order by one event-time column");
-    };
-    if !matches!(order.expr, Expr::Column(_))
-        || !matches!(order.expr.get_type(input)?, DataType::Timestamp(..))
+    let sort = on.sort_expr.clone().unwrap_or_default();
+    let keys = on.on_expr.len();
+    if sort.len() != keys + 1
+        || sort[..keys]
+            .iter()
+            .zip(&on.on_expr)
+            .any(|(s, k)| s.expr != *k)
     {
-        return refuse(&format!("{} is not a TIMESTAMP column", order.expr));
+        return Err(refuse(
+            "order by the keys, then by one event-time column".into(),
+        ));
+    }
+    let firsts = first_rows(&on.input, &on.on_expr, &sort[keys]).map_err(refuse)?;
+    Ok(LogicalPlanBuilder::from(firsts)
+        .project(on.select_expr.clone())?
+        .build()?)
+}
+
+/// The first row in event time (`order`) of each key of `input`, as rows of
+/// `input`, or why there is none. Spark's `dropDuplicates` keeps each key's
+/// first row seen: a batch's rows for a key are ordered by time, but a row
+/// already emitted in an earlier batch cannot be taken back for an earlier one.
+fn first_rows(
+    input: &Arc<LogicalPlan>,
+    keys: &[Expr],
+    order: &SortExpr,
+) -> std::result::Result<LogicalPlan, String> {
+    let time = order
+        .expr
+        .get_type(input.schema())
+        .map_err(|e| e.to_string())?;
+    if !matches!(order.expr, Expr::Column(_)) || !matches!(time, DataType::Timestamp(..)) {
+        return Err(format!("{} is not a TIMESTAMP column", order.expr));
     }
     if !order.asc {
-        return refuse(
-            "ORDER BY ... DESC keeps each key's last row, which on a stream means taking \
-             back a row already emitted whenever a later one arrives; that retraction is \
-             not supported (ORDER BY time ASC keeps the first row)",
+        return Err(
+            "ORDER BY ... DESC keeps each key's last row, which on a stream means \
+             taking back a row already emitted whenever a later one arrives; that \
+             retraction is not supported (ORDER BY time ASC keeps the first row)"
+                .into(),
         );
     }
     if keys.is_empty() {
-        return refuse("PARTITION BY names no key");
+        return Err("no key to keep the first row of".into());
     }
+    first_rows_by(input, keys, order).map_err(|e| e.to_string())
+}
+
+fn first_rows_by(input: &Arc<LogicalPlan>, keys: &[Expr], order: &SortExpr) -> Result<LogicalPlan> {
+    let plan = input;
+    let input = plan.schema();
     let key_columns: HashSet<&datafusion::common::Column> = keys
         .iter()
         .filter_map(|k| match k {
@@ -536,7 +593,7 @@ fn first_rows(w: &Window, keys: &[Expr], order_by: &[SortExpr]) -> Result<Logica
     }
     let first = (!kept.is_empty())
         .then(|| first_value(named_struct(parts), vec![order.clone()]).alias(FIRST_ROW_COLUMN));
-    let agg = Aggregate::try_new(w.input.clone(), keys.to_vec(), first.into_iter().collect())?;
+    let agg = Aggregate::try_new(plan.clone(), keys.to_vec(), first.into_iter().collect())?;
     let mut columns = vec![];
     for (q, f) in input.iter() {
         let column = datafusion::common::Column::new(q.cloned(), f.name());
@@ -546,10 +603,6 @@ fn first_rows(w: &Window, keys: &[Expr], order_by: &[SortExpr]) -> Result<Logica
             None => Expr::Column(column),
         });
     }
-    let (q, numbered) = w.schema.qualified_field(w.schema.fields().len() - 1);
-    columns.push(
-        cast(lit(1u64), numbered.data_type().clone()).alias_qualified(q.cloned(), numbered.name()),
-    );
     Ok(LogicalPlanBuilder::from(LogicalPlan::Aggregate(agg))
         .project(columns)?
         .build()?)
