@@ -17,8 +17,8 @@ use datafusion::sql::sqlparser::parser::Parser;
 
 use crate::error::{BrookError, Result};
 
-/// The name the second query reads the first's rows by.
-pub const DEDUPLICATED: &str = "__deduplicated";
+/// The name the second query reads the first's rows by (errors name it).
+pub const DEDUPLICATED: &str = "deduplicated subquery";
 
 /// The two stages of a query whose deduplication feeds an aggregation.
 pub struct Chain {
@@ -88,7 +88,7 @@ pub fn split_deduplication(
             }) else {
                 return Ok(None);
             };
-            first_rows(subquery, alias.clone(), filter)?
+            kept_where(subquery, alias.clone(), filter)?
         }
         None if deduplicates(&subquery) => subquery,
         None => return Ok(None),
@@ -234,7 +234,7 @@ fn parse(sql: &str) -> Result<Query> {
 }
 
 /// `SELECT * FROM (<subquery>) AS <alias> WHERE <filter>`.
-fn first_rows(subquery: Query, alias: Option<TableAlias>, filter: Expr) -> Result<Query> {
+fn kept_where(subquery: Query, alias: Option<TableAlias>, filter: Expr) -> Result<Query> {
     let mut query = parse("SELECT * FROM (SELECT 1)")?;
     if let SetExpr::Select(select) = query.body.as_mut()
         && let Some(TableFactor::Derived {
@@ -253,7 +253,7 @@ fn first_rows(subquery: Query, alias: Option<TableAlias>, filter: Expr) -> Resul
 
 /// The table [`DEDUPLICATED`], under `alias` if the derived table had one.
 fn deduplicated_table(alias: Option<TableAlias>) -> Result<TableFactor> {
-    let query = parse(&format!("SELECT * FROM {DEDUPLICATED}"))?;
+    let query = parse(&format!("SELECT * FROM \"{DEDUPLICATED}\""))?;
     if let SetExpr::Select(select) = *query.body
         && let Some(mut table) = select.from.into_iter().next()
         && let TableFactor::Table { alias: a, .. } = &mut table.relation
