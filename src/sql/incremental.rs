@@ -326,10 +326,17 @@ pub fn find_aggregate(
     Ok(Some(agg))
 }
 
-/// Rewrites a `SELECT DISTINCT` over a stream into a `GROUP BY` of all its
-/// columns, without aggregates, and tells whether it did: the stateful
-/// operator then runs as Spark's `dropDuplicates`, emitting each row the first
-/// time it is seen. A DISTINCT within a static table's subtree is left alone.
+const GROUP_BY_FEEDING_DISTINCT: &str = "a GROUP BY feeding a SELECT DISTINCT is not supported \
+     on streams: the aggregation's rows change as its groups update (or are emitted once, final, \
+     in append mode, so that a DISTINCT over them drops nothing); deduplicate the stream before \
+     aggregating it instead";
+
+/// Rewrites a deduplication over a stream into a `GROUP BY` and tells whether
+/// it did: a `SELECT DISTINCT` into a `GROUP BY` of all its columns, without
+/// aggregates; `DISTINCT ON` and the `ROW_NUMBER() ... = 1` idiom into a
+/// `GROUP BY` of their keys keeping each key's first row. The stateful operator
+/// then runs as Spark's `dropDuplicates`, emitting each key the first time it
+/// is seen. A DISTINCT within a static table's subtree is left alone.
 pub fn distinct_as_aggregate(
     plan: LogicalPlan,
     is_stream: &dyn Fn(&str) -> bool,
@@ -357,7 +364,17 @@ pub fn distinct_as_aggregate(
                 }
             }
             LogicalPlan::Distinct(Distinct::On(on)) if reads_stream(&on.input, is_stream) => {
-                match distinct_on(&on) {
+                let grouped = on
+                    .input
+                    .exists(|n| {
+                        Ok(matches!(n, LogicalPlan::Aggregate(_)) && reads_stream(n, is_stream))
+                    })
+                    .unwrap_or(false);
+                let kept = match grouped {
+                    true => Err(BrookError::sql(GROUP_BY_FEEDING_DISTINCT)),
+                    false => distinct_on(&on),
+                };
+                match kept {
                     Ok(plan) => {
                         found = true;
                         Ok(Transformed::yes(plan))
@@ -397,12 +414,7 @@ pub fn distinct_as_aggregate(
         Ok(TreeNodeRecursion::Continue)
     })?;
     if aggregates > 1 && grouped_below {
-        return Err(BrookError::sql(
-            "a GROUP BY feeding a SELECT DISTINCT is not supported on streams: the \
-             aggregation's rows change as its groups update (or are emitted once, final, in \
-             append mode, so that a DISTINCT over them drops nothing); deduplicate the \
-             stream before aggregating it instead",
-        ));
+        return Err(BrookError::sql(GROUP_BY_FEEDING_DISTINCT));
     }
     if aggregates > 1 {
         return Err(BrookError::sql(
@@ -473,6 +485,12 @@ fn keep_first_rows(plan: &LogicalPlan, rn: &str) -> Result<Option<LogicalPlan>> 
             })
         }
         LogicalPlan::Window(w) => {
+            // Over an aggregation's rows it numbers groups, as a batch query would.
+            if w.input
+                .exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))?
+            {
+                return Ok(None);
+            }
             let numbered = w.schema.fields().len() - 1;
             if w.window_expr.len() != 1 || w.schema.field(numbered).name() != rn {
                 return Ok(None);
