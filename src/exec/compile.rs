@@ -126,19 +126,13 @@ pub async fn compile(
     let Some(chain) = chain::split_deduplication(query, &is_stream)? else {
         return compile_stage(query, sources, statics, mode, runtime).await;
     };
-    // Rows a stage passes on are final: the first stage appends.
-    let first = compile_stage(
-        &chain.first,
-        sources,
-        statics,
-        Some(OutputMode::Append),
-        runtime.clone(),
-    )
-    .await?;
-    if !matches!(&first.plan, CompiledPlan::Stateful(op) if op.dedup) {
-        return Err(BrookError::internal(
-            "the first stage of a deduplication feeding an aggregation does not deduplicate",
-        ));
+    // Rows a stage passes on are final: the first stage appends, as a
+    // deduplication does by default.
+    let first = compile_stage(&chain.first, sources, statics, None, runtime.clone()).await?;
+    let deduplicates = matches!(&first.plan, CompiledPlan::Stateful(op) if op.dedup);
+    if !deduplicates || first.mode != OutputMode::Append {
+        // A row number over groups, say: planned whole, it is refused for what it is.
+        return compile_stage(query, sources, statics, mode, runtime).await;
     }
     // The deduplicated rows keep the source's watermark if they keep its column.
     let time_type = |schema: &SchemaRef, column: &str| {
