@@ -9,8 +9,8 @@
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    BinaryOperator, Expr, GroupByExpr, Query, Select, SelectItem, SetExpr, TableAlias, TableFactor,
-    Value, Visit, visit_expressions, visit_relations,
+    BinaryOperator, Cte, Expr, GroupByExpr, Ident, Query, Select, SelectItem, SetExpr, TableAlias,
+    TableFactor, Value, Visit, visit_expressions, visit_relations,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -33,7 +33,8 @@ pub struct Chain {
 const AGGREGATES: [&str; 6] = ["count", "sum", "min", "max", "avg", "mean"];
 
 /// Splits `query` when it aggregates (GROUP BY, or aggregate functions) a
-/// derived table over a stream that deduplicates: a `SELECT DISTINCT [ON]`, or
+/// derived table (or common table expression) over a stream that
+/// deduplicates: a `SELECT DISTINCT [ON]`, or
 /// the `ROW_NUMBER() OVER (PARTITION BY ...) = 1` idiom, its `rn = 1` in the
 /// derived table or in the aggregating query's WHERE.
 pub fn split_deduplication(
@@ -46,25 +47,55 @@ pub fn split_deduplication(
     if !aggregates(select) {
         return Ok(None);
     }
+    let ctes: Vec<&Cte> = query.with.iter().flat_map(|w| &w.cte_tables).collect();
+    // Each derived table (or common table expression) over the stream: where
+    // it is, its query and alias, and which CTE it is.
     let mut derived = vec![];
     for (t, table) in select.from.iter().enumerate() {
         let relations =
             std::iter::once(&table.relation).chain(table.joins.iter().map(|j| &j.relation));
         for (r, relation) in relations.enumerate() {
-            if let TableFactor::Derived {
-                subquery, alias, ..
-            } = relation
-                && reads_stream(subquery, is_stream)
-            {
-                derived.push((t, r, subquery.as_ref().clone(), alias.clone()));
+            match relation {
+                TableFactor::Derived {
+                    subquery, alias, ..
+                } if reads_stream(subquery, is_stream) => {
+                    derived.push((t, r, subquery.as_ref().clone(), alias.clone(), None));
+                }
+                TableFactor::Table { name, alias, .. } => {
+                    let named = ctes.iter().position(|cte| {
+                        name.0.len() == 1
+                            && name.0[0]
+                                .as_ident()
+                                .is_some_and(|id| same(id, &cte.alias.name))
+                    });
+                    if let Some(i) = named
+                        && reads_stream(&ctes[i].query, is_stream)
+                    {
+                        let cte = &ctes[i].alias;
+                        let mut alias = alias.clone().unwrap_or_else(|| cte.clone());
+                        if alias.columns.is_empty() {
+                            alias.columns = cte.columns.clone();
+                        }
+                        derived.push((t, r, ctes[i].query.as_ref().clone(), Some(alias), Some(i)));
+                    }
+                }
+                _ => {}
             }
         }
     }
     if derived.len() != 1 {
         return Ok(None);
     }
-    let (t, r, subquery, alias) = derived.remove(0);
+    let (t, r, subquery, alias, cte) = derived.remove(0);
     let mut rest = query.clone();
+    // The second stage reads the first's rows instead: the CTE, over the
+    // stream, would not plan there.
+    if let (Some(i), Some(with)) = (cte, &mut rest.with) {
+        with.cte_tables.remove(i);
+        if with.cte_tables.is_empty() {
+            rest.with = None;
+        }
+    }
     let SetExpr::Select(outer) = rest.body.as_mut() else {
         return Ok(None);
     };
@@ -100,6 +131,16 @@ pub fn split_deduplication(
     };
     *relation = deduplicated_table(alias)?;
     Ok(Some(Chain { first, rest }))
+}
+
+/// Whether two identifiers name the same table, as DataFusion compares them
+/// (an unquoted one in lower case).
+fn same(a: &Ident, b: &Ident) -> bool {
+    let normal = |id: &Ident| match id.quote_style {
+        Some(_) => id.value.clone(),
+        None => id.value.to_lowercase(),
+    };
+    normal(a) == normal(b)
 }
 
 fn aggregates(select: &Select) -> bool {

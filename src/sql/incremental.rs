@@ -419,7 +419,8 @@ pub fn distinct_as_aggregate(
     if aggregates > 1 {
         return Err(BrookError::sql(
             "this SELECT DISTINCT feeding a GROUP BY is not supported on streams: the \
-             deduplication must be a subquery in the FROM of the aggregating SELECT, as in \
+             deduplication must be a subquery (or WITH table) in the FROM of the aggregating \
+             SELECT, as in \
              SELECT k, count(*) FROM (SELECT DISTINCT ... FROM stream) GROUP BY k",
         ));
     }
