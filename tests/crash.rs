@@ -1,6 +1,6 @@
 //! Kill -9 at many points: the dashboard queries, a `SELECT DISTINCT`, a
-//! join with a static table under a windowed aggregation and a join of two
-//! streams bounded in event time, run by `brook run`
+//! deduplication joined with a static table under a windowed aggregation (two
+//! stateful operators) and a join of two streams bounded in event time, run by `brook run`
 //! with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
 //! again (inside source reads, state writes, sink writes and commits, and at
 //! random instants) and restarted each time. The final sink files and state
@@ -33,8 +33,8 @@ const FILES: usize = 100;
 const RATE: usize = 10;
 /// The dashboard's three queries, a deduplication (`SELECT DISTINCT`, whose
 /// seen keys are state like an aggregation's), a windowed aggregation over
-/// a join with the static symbols table, and a join of the orders with a
-/// second source over the same files (each side's rows are state).
+/// a deduplication joined with the static symbols table, and a join of the
+/// orders with a second source over the same files (each side's rows are state).
 const QUERIES: [&str; 6] = [
     "buy_sell_per_second",
     "top_clients",
@@ -95,7 +95,8 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
          CREATE EXTERNAL TABLE sector_minutes STORED AS PARQUET LOCATION 'out/sector_minutes' OPTIONS ('outputMode' 'append');\n\
          INSERT INTO sector_minutes SELECT window.start AS minute, \
          coalesce(s.sector, 'Unlisted') AS sector, count(*) AS orders, sum(o.amount) AS shares \
-         FROM orders o LEFT JOIN symbols s ON o.symbol = s.symbol \
+         FROM (SELECT DISTINCT order_id, time, symbol, amount FROM orders) o \
+         LEFT JOIN symbols s ON o.symbol = s.symbol \
          GROUP BY window(o.time, '1 minute'), coalesce(s.sector, 'Unlisted');\n\
          CREATE UNBOUNDED EXTERNAL TABLE orders_again (time TIMESTAMP NOT NULL, order_id BIGINT NOT NULL, \
          client_id BIGINT NOT NULL, symbol VARCHAR NOT NULL, amount INT NOT NULL, price DOUBLE NOT NULL, \
@@ -289,6 +290,8 @@ fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
         let rows = reader.map(|b| b.unwrap()).collect::<Vec<_>>();
         (keys, cell_rows(&rows))
     };
+    // Every stateful operator's (sector_minutes has two: its deduplication
+    // first; a join one a side).
     let mut rows = vec![];
     for (operator, snapshot) in commit["state"].as_object().unwrap() {
         let (keys, snapshot) = read(snapshot);

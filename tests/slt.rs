@@ -336,6 +336,7 @@ impl Brook {
     /// Registers the progress tables as the queries' progress stands now.
     fn register_progress(&self) -> Result<(), SltError> {
         let (mut progress, mut reasons, mut samples) = (vec![], vec![], vec![]);
+        let mut operators = vec![];
         for query in self.engine.queries() {
             let name = query.name().to_string();
             for p in query.recent_progress() {
@@ -364,6 +365,17 @@ impl Brook {
                     Int(state),
                     Int(dropped),
                 ]);
+                for s in &p.state_operators {
+                    operators.push(vec![
+                        Text(Some(name.clone())),
+                        Int(Some(batch)),
+                        Text(Some(s.operator.clone())),
+                        Int(Some(s.num_rows_total as i64)),
+                        Int(Some(s.num_rows_updated as i64)),
+                        Int(Some(s.num_rows_removed as i64)),
+                        Int(s.num_dropped_duplicate_rows.map(|n| n as i64)),
+                    ]);
+                }
                 for (reason, rows) in &p.malformed_by_reason {
                     reasons.push(vec![
                         Text(Some(name.clone())),
@@ -388,6 +400,7 @@ impl Brook {
         for (name, columns, rows) in [
             ("brook_progress", PROGRESS_COLUMNS, progress),
             ("brook_malformed", REASON_COLUMNS, reasons),
+            ("brook_state", STATE_COLUMNS, operators),
             ("brook_malformed_samples", SAMPLE_COLUMNS, samples),
         ] {
             let table = memory_table(columns, rows).map_err(|e| self.error(e))?;
@@ -502,6 +515,15 @@ const PROGRESS_COLUMNS: &[(&str, bool)] = &[
     ("watermark", true),
     ("max_event_time", true),
     ("state_rows", false),
+    ("dropped_duplicates", false),
+];
+const STATE_COLUMNS: &[(&str, bool)] = &[
+    ("query", true),
+    ("batch_id", false),
+    ("operator", true),
+    ("rows", false),
+    ("updated", false),
+    ("removed", false),
     ("dropped_duplicates", false),
 ];
 const REASON_COLUMNS: &[(&str, bool)] = &[

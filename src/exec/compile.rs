@@ -21,6 +21,7 @@ use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, partitions};
 use crate::error::{BrookError, Result};
+use crate::sql::chain::{self, DEDUPLICATED};
 use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
 use crate::sql::slot::Slot;
 use crate::sql::window::{
@@ -59,9 +60,44 @@ pub struct CompiledQuery {
     pub sql: String,
     /// What a checkpoint written by this query must match on restart.
     pub fingerprint: QueryFingerprint,
+    /// The stages after `plan`, in order, each run over the rows the one
+    /// before it emitted in the same batch; the last one's rows are the output.
+    pub then: Vec<Stage>,
+}
+
+/// A stage of a query after its first: its plan reads the rows the stage
+/// before it emitted, as the first stage's reads the source's.
+pub struct Stage {
+    pub input_slot: Slot,
+    pub window: Option<InputWindow>,
+    pub plan: CompiledPlan,
 }
 
 impl CompiledQuery {
+    /// Every stage's plan, the first stage's first.
+    pub fn plans(&self) -> Vec<&CompiledPlan> {
+        std::iter::once(&self.plan)
+            .chain(self.then.iter().map(|s| &s.plan))
+            .collect()
+    }
+
+    pub fn plans_mut(&mut self) -> Vec<&mut CompiledPlan> {
+        std::iter::once(&mut self.plan)
+            .chain(self.then.iter_mut().map(|s| &mut s.plan))
+            .collect()
+    }
+
+    /// Every stage's window arithmetic, in the order of [`plans`](Self::plans).
+    pub fn stage_ticks(&self) -> Vec<Option<&WindowTicks>> {
+        std::iter::once(self.ticks())
+            .chain(
+                self.then
+                    .iter()
+                    .map(|s| s.window.as_ref().map(|w| &w.ticks)),
+            )
+            .collect()
+    }
+
     /// The window arithmetic of the query's `window(...)`, the same for every input.
     pub fn ticks(&self) -> Option<&WindowTicks> {
         self.inputs
@@ -98,8 +134,83 @@ fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
 /// Plans `query` over the declared sources. `mode` is the requested output mode,
 /// if any; the query's operators take their memory from `runtime`'s pool.
 /// Static tables are planned as bounded tables, read again at each batch as
-/// their providers decide.
+/// their providers decide. A deduplication feeding an aggregation is planned
+/// as two stages (see [`chain`]).
 pub async fn compile(
+    query: &Query,
+    sources: &BTreeMap<String, SourceDef>,
+    statics: &BTreeMap<String, Arc<dyn TableProvider>>,
+    mode: Option<OutputMode>,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<CompiledQuery> {
+    let is_stream = |name: &str| sources.contains_key(name);
+    let Some(chain) = chain::split_deduplication(query, &is_stream)? else {
+        return compile_stage(query, sources, statics, mode, runtime).await;
+    };
+    // Rows a stage passes on are final: the first stage appends, as a
+    // deduplication does by default.
+    let first = compile_stage(&chain.first, sources, statics, None, runtime.clone()).await?;
+    let deduplicates = matches!(&first.plan, CompiledPlan::Stateful(op) if op.dedup);
+    if !deduplicates || first.mode != OutputMode::Append {
+        // A row number over groups, say: planned whole, it is refused for what it is.
+        return compile_stage(query, sources, statics, mode, runtime).await;
+    }
+    let [input] = &first.inputs[..] else {
+        return Err(BrookError::sql(
+            "a deduplication feeding an aggregation reads one stream; deduplicate each \
+             stream of a UNION ALL in a query of its own",
+        ));
+    };
+    let source = &input.source;
+    // The deduplicated rows keep the source's watermark if they keep its column.
+    let time_type = |schema: &SchemaRef, column: &str| {
+        schema
+            .field_with_name(column)
+            .ok()
+            .map(|f| f.data_type().clone())
+    };
+    let watermark = source.watermark.clone().filter(|wm| {
+        time_type(&first.output_schema, &wm.column) == time_type(&source.read_schema(), &wm.column)
+    });
+    let deduplicated = SourceDef {
+        name: DEDUPLICATED.to_string(),
+        schema: first.output_schema.clone(),
+        watermark,
+        ..source.clone()
+    };
+    let rest_sources = BTreeMap::from([(DEDUPLICATED.to_string(), deduplicated)]);
+    let mut rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    let Some(Input {
+        slot: rest_slot,
+        window: rest_window,
+        ..
+    }) = rest.inputs.pop()
+    else {
+        return Err(BrookError::internal(
+            "the aggregation after a deduplication reads nothing",
+        ));
+    };
+    let mut fingerprint = first.fingerprint;
+    fingerprint.group_by.push("then".into());
+    fingerprint.group_by.extend(rest.fingerprint.group_by);
+    fingerprint.aggregates.extend(rest.fingerprint.aggregates);
+    Ok(CompiledQuery {
+        inputs: first.inputs,
+        plan: first.plan,
+        output_schema: rest.output_schema,
+        mode: rest.mode,
+        task_ctx: rest.task_ctx,
+        sql: query.to_string(),
+        fingerprint,
+        then: vec![Stage {
+            input_slot: rest_slot,
+            window: rest_window,
+            plan: rest.plan,
+        }],
+    })
+}
+
+async fn compile_stage(
     query: &Query,
     sources: &BTreeMap<String, SourceDef>,
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
@@ -258,6 +369,7 @@ pub async fn compile(
             mode,
             task_ctx,
             sql,
+            then: vec![],
         });
     };
     if stream_join.is_some() {
@@ -352,7 +464,7 @@ pub async fn compile(
             partial: ticks.pane(),
             merge: (!panes).then(|| ticks.size()),
         });
-    let split = incremental::split(&plan, &agg, partitions, &not_null, widths)?;
+    let split = incremental::split(&plan, &agg, partitions, &not_null, widths, dedup)?;
     if mode == OutputMode::Append && event_time_key.is_none() && !dedup {
         return Err(BrookError::sql(
             "output mode 'append' for an aggregation needs a watermark on the source and a \
@@ -388,6 +500,7 @@ pub async fn compile(
         rows_column,
         keys: split.keys,
         invertible: split.invertible,
+        state_columns: split.state_columns,
         running: None,
         state: vec![],
         panes,
@@ -412,6 +525,7 @@ pub async fn compile(
         mode,
         task_ctx,
         sql,
+        then: vec![],
     })
 }
 

@@ -10,6 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::compute::{cast, max};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::execution::TaskContext;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -17,7 +18,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
-use super::stateful::execute;
+use super::stateful::{StatefulOp, execute};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
@@ -29,7 +30,7 @@ use crate::sink::Sink;
 use crate::source::{MalformedStats, SourceOffset, StreamSource};
 use crate::sql::script::WatermarkSpec;
 use crate::sql::slot::Feed;
-use crate::sql::window::unit_nanos;
+use crate::sql::window::{WindowTicks, unit_nanos};
 use crate::state::checkpoint::DEFAULT_MIN_BATCHES_TO_RETAIN;
 use crate::state::checkpoint::InputEventTime;
 use crate::state::driver::{Driver, Program};
@@ -39,8 +40,23 @@ use crate::testing::faults;
 
 pub use crate::progress::{ProgressListener, QueryInfo};
 
-/// The checkpoint's name for a query's aggregation state.
+/// The checkpoint's name for a query's aggregation state, the last stage's
+/// ([`stage_operator`]).
 const STATE_OPERATOR: &str = "aggregate";
+
+/// The operator name progress reports for `op`.
+fn progress_operator(op: &StatefulOp) -> &'static str {
+    if op.dedup { "dedupe" } else { STATE_OPERATOR }
+}
+
+/// The checkpoint's name for the state of stage `stage` of `stages`.
+fn stage_operator(stage: usize, stages: usize, op: &StatefulOp) -> String {
+    if stage + 1 == stages {
+        STATE_OPERATOR.to_string()
+    } else {
+        format!("stage{stage}-{}", progress_operator(op))
+    }
+}
 
 #[derive(Clone)]
 pub struct QueryOptions {
@@ -152,9 +168,9 @@ impl StreamingQuery {
         let described_sink = sink.describe();
         let checkpoint = checkpoint.map(Arc::new);
         let state_stores = match &checkpoint {
-            Some(cp) => state_layout(&compiled.plan)
+            Some(cp) => state_layout(&compiled)
                 .into_iter()
-                .map(|(operator, schema, keys)| StateStore::new(cp.clone(), operator, schema, keys))
+                .map(|part| StateStore::new(cp.clone(), &part.operator, part.schema, part.keys))
                 .collect(),
             None => vec![],
         };
@@ -396,7 +412,8 @@ struct QueryBatches {
     /// One per input of the compiled query, in its order.
     inputs: Vec<InputState>,
     sink: Arc<dyn Sink>,
-    /// One per state operator: the aggregation's, or a join's two sides.
+    /// One per state operator, in the order of [`state_layout`]: each
+    /// stage's aggregation or deduplication, or a join's two sides.
     state_stores: Vec<StateStore>,
     /// The query's watermark, from its inputs' by the policy.
     watermark_ns: Option<i64>,
@@ -455,18 +472,47 @@ struct Computed {
 /// The checkpoint's names for a join's state, left side first.
 const JOIN_OPERATORS: [&str; 2] = ["join-left", "join-right"];
 
-/// The state operators of `plan` as the checkpoint names them: name, schema and key columns.
-fn state_layout(plan: &CompiledPlan) -> Vec<(&'static str, SchemaRef, usize)> {
-    match plan {
-        CompiledPlan::Stateless(_) => vec![],
-        CompiledPlan::Stateful(op) => {
-            vec![(STATE_OPERATOR, op.state_slot.schema().clone(), op.keys)]
-        }
-        CompiledPlan::Join(op) => {
-            let [left, right] = op.state_schemas();
-            vec![(JOIN_OPERATORS[0], left, 1), (JOIN_OPERATORS[1], right, 1)]
+/// A state operator of a query, as the checkpoint names it.
+struct StatePart {
+    /// The stage it belongs to, in the order of [`CompiledQuery::plans`].
+    stage: usize,
+    /// Its number within the stage's plan, as [`state_rows`] takes it.
+    part: usize,
+    operator: String,
+    schema: SchemaRef,
+    keys: usize,
+}
+
+/// The state operators of every stage of `compiled`, first stage first.
+fn state_layout(compiled: &CompiledQuery) -> Vec<StatePart> {
+    let plans = compiled.plans();
+    let mut parts = vec![];
+    for (stage, plan) in plans.iter().enumerate() {
+        match plan {
+            CompiledPlan::Stateless(_) => {}
+            CompiledPlan::Stateful(op) => parts.push(StatePart {
+                stage,
+                part: 0,
+                operator: stage_operator(stage, plans.len(), op),
+                schema: op.state_slot.schema().clone(),
+                keys: op.keys,
+            }),
+            CompiledPlan::Join(op) => {
+                for (part, (operator, schema)) in
+                    JOIN_OPERATORS.iter().zip(op.state_schemas()).enumerate()
+                {
+                    parts.push(StatePart {
+                        stage,
+                        part,
+                        operator: operator.to_string(),
+                        schema,
+                        keys: 1,
+                    });
+                }
+            }
         }
     }
+    parts
 }
 
 /// The rows of state operator `i` of `plan`, as [`state_layout`] numbers them.
@@ -533,27 +579,34 @@ impl Program for QueryBatches {
                 input.max_event_ns = saved.max_event_ns;
             }
         }
-        let mut states = vec![];
-        for store in &mut self.state_stores {
-            states.push(store.restore(commit).await?);
+        let layout = state_layout(&self.compiled);
+        let mut states: Vec<Vec<Vec<RecordBatch>>> = vec![];
+        for (store, part) in self.state_stores.iter_mut().zip(&layout) {
+            states.resize_with(part.stage + 1, Vec::new);
+            states[part.stage].push(store.restore(commit).await?);
         }
-        match &mut self.compiled.plan {
-            CompiledPlan::Stateful(op) => {
-                if let Some(state) = states.pop() {
-                    op.restore(state)?;
-                    op.emitted_through_ns = emitted_through_ns;
-                    if self.compiled.mode == OutputMode::Complete {
-                        let output = op.emit_all(&self.compiled.task_ctx).await?;
-                        self.sink.restore(commit.batch_id, output).await?;
+        let mode = self.compiled.mode;
+        let ctx = self.compiled.task_ctx.clone();
+        let mut plans = self.compiled.plans_mut();
+        let last = plans.len() - 1;
+        for (stage, mut state) in states.into_iter().enumerate() {
+            match (&mut *plans[stage], &mut state[..]) {
+                (CompiledPlan::Stateful(op), [state]) => {
+                    op.restore(std::mem::take(state))?;
+                    // Only the last stage can keep panes, and so emit windows late.
+                    if stage == last {
+                        op.emitted_through_ns = emitted_through_ns;
+                        if mode == OutputMode::Complete {
+                            let output = op.emit_all(&ctx).await?;
+                            self.sink.restore(commit.batch_id, output).await?;
+                        }
                     }
                 }
-            }
-            CompiledPlan::Join(op) => {
-                if let (Some(right), Some(left)) = (states.pop(), states.pop()) {
-                    op.restore([left, right])?;
+                (CompiledPlan::Join(op), [left, right]) => {
+                    op.restore([std::mem::take(left), std::mem::take(right)])?;
                 }
+                _ => {}
             }
-            CompiledPlan::Stateless(_) => {}
         }
         Ok(())
     }
@@ -606,6 +659,7 @@ impl Program for QueryBatches {
             plan,
             mode,
             task_ctx: ctx,
+            then,
             ..
         } = &mut self.compiled;
         let mode = *mode;
@@ -696,30 +750,13 @@ impl Program for QueryBatches {
                 futures::future::join_all(reads).await.into_iter().collect();
             (read, started_reading.elapsed())
         };
-        let running = async {
-            match plan {
-                CompiledPlan::Stateless(plan) => Ok((execute(plan, ctx).await?, 0, vec![], vec![])),
-                CompiledPlan::Stateful(op) => {
-                    let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
-                    let progress = StateProgress {
-                        operator: if op.dedup { "dedupe" } else { STATE_OPERATOR }.into(),
-                        num_rows_total: op.state_rows() as u64,
-                        num_rows_updated: outcome.updated_rows,
-                        num_rows_removed: outcome.removed_rows,
-                        memory_used_bytes: op.state_bytes() as u64,
-                        num_dropped_duplicate_rows: op.dedup.then_some(outcome.dropped_duplicates),
-                    };
-                    let changes = (outcome.upserts, outcome.deletes);
-                    Ok((
-                        outcome.output,
-                        outcome.late_rows,
-                        vec![progress],
-                        vec![changes],
-                    ))
-                }
-                CompiledPlan::Join(_) => Err(BrookError::internal("a join ran as a plan")),
-            }
+        // Rows a stage passes on are final: every stage but the last appends.
+        let first_mode = if then.is_empty() {
+            mode
+        } else {
+            OutputMode::Append
         };
+        let running = run_stage(plan, ctx, first_mode, watermark_ns, ticks);
         let ((read, read_time), ran): (_, Result<_>) = match streams {
             true => tokio::join!(reading, running),
             false => {
@@ -733,7 +770,35 @@ impl Program for QueryBatches {
         }
         // A read that failed made the plan fail too; the read's error says why.
         let read = read?;
-        let (output, late_rows, state_progress, changes) = ran?;
+        let mut ran = ran?;
+        let mut changes: Vec<_> = ran.changes.into_iter().collect();
+        let mut state_progress: Vec<StateProgress> = ran.progress.into_iter().collect();
+        let mut late_rows = ran.late_rows;
+        let stages = then.len();
+        for (i, stage) in then.iter_mut().enumerate() {
+            let input = match &stage.window {
+                Some(w) => ran
+                    .output
+                    .into_iter()
+                    .map(|b| w.with_panes(stage.input_slot.schema(), b))
+                    .collect::<Result<Vec<_>>>()?,
+                None => ran.output,
+            };
+            stage.input_slot.set(&input)?;
+            let stage_mode = if i + 1 == stages {
+                mode
+            } else {
+                OutputMode::Append
+            };
+            let ticks = stage.window.as_ref().map(|w| &w.ticks);
+            let result = run_stage(&mut stage.plan, ctx, stage_mode, watermark_ns, ticks).await;
+            stage.input_slot.set(&[])?;
+            ran = result?;
+            changes.extend(ran.changes);
+            state_progress.extend(ran.progress);
+            late_rows += ran.late_rows;
+        }
+        let output = ran.output;
         Ok(Computed {
             read,
             read_time,
@@ -749,14 +814,20 @@ impl Program for QueryBatches {
     async fn write(&mut self, batch_id: u64, batch: &mut Computed) -> Result<()> {
         let output = std::mem::take(&mut batch.output);
         // The state files are named by the commit only, so they are written beside the sink's.
-        let plan = &self.compiled.plan;
+        let plans = self.compiled.plans();
+        let layout = state_layout(&self.compiled);
         let saves = self
             .state_stores
             .iter()
             .zip(&batch.changes)
-            .enumerate()
-            .map(|(i, (store, (upserts, deletes)))| {
-                store.save(batch_id, state_rows(plan, i), upserts, deletes)
+            .zip(&layout)
+            .map(|((store, (upserts, deletes)), at)| {
+                store.save(
+                    batch_id,
+                    state_rows(plans[at.stage], at.part),
+                    upserts,
+                    deletes,
+                )
             });
         let (_, saved) = tokio::try_join!(
             self.sink.add_batch(batch_id, output),
@@ -769,8 +840,10 @@ impl Program for QueryBatches {
     fn record_state(&mut self, batch_id: u64, batch: &mut Computed) -> bool {
         let saved = std::mem::take(&mut batch.saved);
         let any = !saved.is_empty();
-        for (i, (store, saved)) in self.state_stores.iter_mut().zip(saved).enumerate() {
-            store.saved(batch_id, saved, state_rows(&self.compiled.plan, i));
+        let plans = self.compiled.plans();
+        let layout = state_layout(&self.compiled);
+        for ((store, saved), at) in self.state_stores.iter_mut().zip(saved).zip(&layout) {
+            store.saved(batch_id, saved, state_rows(plans[at.stage], at.part));
         }
         any
     }
@@ -784,8 +857,8 @@ impl Program for QueryBatches {
             }
         }
         self.advance_watermark(&maxes)?;
-        let emitted_through_ns = match &self.compiled.plan {
-            CompiledPlan::Stateful(op) => op.emitted_through_ns,
+        let emitted_through_ns = match self.compiled.plans().last() {
+            Some(CompiledPlan::Stateful(op)) => op.emitted_through_ns,
             _ => None,
         };
         let mut state = BTreeMap::new();
@@ -895,6 +968,50 @@ impl Program for QueryBatches {
     }
 }
 
+/// What one stage made of a batch.
+struct StageRun {
+    output: Vec<RecordBatch>,
+    late_rows: u64,
+    progress: Option<StateProgress>,
+    changes: Option<(Vec<RecordBatch>, Vec<RecordBatch>)>,
+}
+
+/// Runs one stage over the rows in its input slot.
+async fn run_stage(
+    plan: &mut CompiledPlan,
+    ctx: &Arc<TaskContext>,
+    mode: OutputMode,
+    watermark_ns: Option<i64>,
+    ticks: Option<&WindowTicks>,
+) -> Result<StageRun> {
+    match plan {
+        CompiledPlan::Stateless(plan) => Ok(StageRun {
+            output: execute(plan, ctx).await?,
+            late_rows: 0,
+            progress: None,
+            changes: None,
+        }),
+        CompiledPlan::Stateful(op) => {
+            let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
+            let progress = StateProgress {
+                operator: progress_operator(op).into(),
+                num_rows_total: op.state_rows() as u64,
+                num_rows_updated: outcome.updated_rows,
+                num_rows_removed: outcome.removed_rows,
+                memory_used_bytes: op.state_bytes() as u64,
+                num_dropped_duplicate_rows: op.dedup.then_some(outcome.dropped_duplicates),
+            };
+            Ok(StageRun {
+                output: outcome.output,
+                late_rows: outcome.late_rows,
+                progress: Some(progress),
+                changes: Some((outcome.upserts, outcome.deletes)),
+            })
+        }
+        CompiledPlan::Join(_) => Err(BrookError::internal("a join ran as a plan")),
+    }
+}
+
 impl QueryBatches {
     /// Each input's offset in a batch's `offset`, in the order of the inputs.
     fn split_offset(&self, offset: Option<&SourceOffset>) -> Result<Vec<Option<SourceOffset>>> {
@@ -961,14 +1078,19 @@ impl QueryBatches {
         };
         if self.watermark_ns.is_none_or(|w| candidate > w) {
             self.watermark_ns = Some(candidate);
-            // Complete mode keeps every group, so a watermark closes nothing there.
-            self.pending_no_data = match &self.compiled.plan {
-                CompiledPlan::Stateful(op) if self.compiled.mode != OutputMode::Complete => {
-                    op.closes_state(candidate, self.compiled.ticks())?
-                }
-                CompiledPlan::Join(op) => op.closes_state(candidate)?,
-                _ => false,
-            };
+            // Complete mode keeps every group of the last stage, so a watermark
+            // closes nothing there; the stages before it append.
+            let plans = self.compiled.plans();
+            let mut closes = false;
+            for (i, (plan, ticks)) in plans.iter().zip(self.compiled.stage_ticks()).enumerate() {
+                let appends = i + 1 < plans.len() || self.compiled.mode != OutputMode::Complete;
+                closes |= match plan {
+                    CompiledPlan::Stateful(op) if appends => op.closes_state(candidate, ticks)?,
+                    CompiledPlan::Join(op) => op.closes_state(candidate)?,
+                    _ => false,
+                };
+            }
+            self.pending_no_data = closes;
         }
         Ok(())
     }

@@ -85,6 +85,9 @@ pub struct StatefulOp {
     /// SELECT DISTINCT (Spark's `dropDuplicates`): a batch emits the keys it is
     /// the first to see, and the state only remembers keys.
     pub dedup: bool,
+    /// The columns of merged rows that state keeps (a deduplication's first
+    /// rows are emitted, not kept).
+    pub state_columns: Vec<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -297,7 +300,8 @@ impl StatefulOp {
                 cast(&ones, rows.schema().field(self.rows_column).data_type())?;
             let rows = RecordBatch::try_new(rows.schema(), columns)?;
             let fresh = filter_record_batch(&rows, &new)?;
-            outcome.upserts.push(fresh.clone());
+            let rows = rows.project(&self.state_columns)?;
+            outcome.upserts.push(fresh.project(&self.state_columns)?);
             emit.push(fresh);
             match &closing {
                 Some((key, wm)) => {

@@ -11,6 +11,7 @@
 //! All three are DataFusion plans over [`Slot`]s, built once per query.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
@@ -18,19 +19,23 @@ use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::{get_field, named_struct};
 use datafusion::functions::expr_fn::{coalesce, nullif};
 use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::expr_fn::first_value;
 use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col,
-    lit,
+    Aggregate, Distinct, DistinctOn, Expr, ExprSchemable, Filter, JoinType, LogicalPlan,
+    LogicalPlanBuilder, Operator, Projection, SortExpr, SubqueryAlias, cast, col, lit,
 };
+use datafusion::scalar::ScalarValue;
 
 use super::slot::Slot;
 use crate::error::{BrookError, Result};
 
 /// Column of the partial and state rows counting the input rows of a group.
 pub const ROWS_COLUMN: &str = "__rows";
+/// Column of a deduplication's rows holding each key's first row, less the keys.
+const FIRST_ROW_COLUMN: &str = "__first";
 /// Column of the merge output: did this batch touch the group?
 pub const CHANGED_COLUMN: &str = "__changed";
 
@@ -39,6 +44,8 @@ enum Merge {
     Sum,
     Min,
     Max,
+    /// A deduplication's first row: only a new key's, from the batch, is emitted.
+    First,
 }
 
 /// How a user aggregate is rebuilt from state columns.
@@ -78,6 +85,9 @@ pub struct AggregateSplit {
     /// sums (or averages) without FILTER of signed integers that are never null.
     /// A sum that may be null cannot be undone: nothing tells 0 from no value.
     pub invertible: bool,
+    /// The columns of partial rows kept in state: all but a deduplication's
+    /// first row, which only the batch that first sees its key emits.
+    pub state_columns: Vec<usize>,
 }
 
 /// The partial aggregation grouped by the fields of a struct key (a window: by
@@ -262,9 +272,6 @@ pub fn find_aggregate(
         }
         match node {
             LogicalPlan::Aggregate(a) => found.push(a.clone()),
-            LogicalPlan::Distinct(_) => {
-                problem = Some("SELECT DISTINCT ON clauses (write SELECT DISTINCT)".into())
-            }
             LogicalPlan::RecursiveQuery(_) => problem = Some("recursive queries".into()),
             _ => {}
         }
@@ -313,19 +320,72 @@ pub fn find_aggregate(
     Ok(Some(agg))
 }
 
-/// Rewrites a `SELECT DISTINCT` over a stream into a `GROUP BY` of all its
-/// columns, without aggregates, and tells whether it did: the stateful
-/// operator then runs as Spark's `dropDuplicates`, emitting each row the first
-/// time it is seen. A DISTINCT within a static table's subtree is left alone.
+const GROUP_BY_FEEDING_DISTINCT: &str = "a GROUP BY feeding a SELECT DISTINCT is not supported \
+     on streams: the aggregation's rows change as its groups update (or are emitted once, final, \
+     in append mode, so that a DISTINCT over them drops nothing); deduplicate the stream before \
+     aggregating it instead";
+
+/// Rewrites a deduplication over a stream into a `GROUP BY` and tells whether
+/// it did: a `SELECT DISTINCT` into a `GROUP BY` of all its columns, without
+/// aggregates; `DISTINCT ON` and the `ROW_NUMBER() ... = 1` idiom into a
+/// `GROUP BY` of their keys keeping each key's first row. The stateful operator
+/// then runs as Spark's `dropDuplicates`, emitting each key the first time it
+/// is seen. A DISTINCT within a static table's subtree is left alone.
 pub fn distinct_as_aggregate(
     plan: LogicalPlan,
     is_stream: &dyn Fn(&str) -> bool,
 ) -> Result<(LogicalPlan, bool)> {
     let mut found = false;
+    let mut grouped_below = false;
+    let mut refused = None;
     let rewritten = plan
         .transform_up(|node| match node {
+            LogicalPlan::Filter(filter) if reads_stream(&filter.input, is_stream) => {
+                let first = match first_row_column(&filter.predicate) {
+                    Some(rn) => keep_first_rows(&filter.input, &rn).unwrap_or_else(|e| {
+                        refused.get_or_insert(e);
+                        None
+                    }),
+                    None => None,
+                };
+                match first {
+                    Some(input) => {
+                        found = true;
+                        let filter = Filter::try_new(filter.predicate, Arc::new(input))?;
+                        Ok(Transformed::yes(LogicalPlan::Filter(filter)))
+                    }
+                    None => Ok(Transformed::no(LogicalPlan::Filter(filter))),
+                }
+            }
+            LogicalPlan::Distinct(Distinct::On(on)) if reads_stream(&on.input, is_stream) => {
+                let grouped = on
+                    .input
+                    .exists(|n| {
+                        Ok(matches!(n, LogicalPlan::Aggregate(_)) && reads_stream(n, is_stream))
+                    })
+                    .unwrap_or(false);
+                let kept = match grouped {
+                    true => Err(BrookError::sql(GROUP_BY_FEEDING_DISTINCT)),
+                    false => distinct_on(&on),
+                };
+                match kept {
+                    Ok(plan) => {
+                        found = true;
+                        Ok(Transformed::yes(plan))
+                    }
+                    Err(e) => {
+                        refused.get_or_insert(e);
+                        Ok(Transformed::no(LogicalPlan::Distinct(Distinct::On(on))))
+                    }
+                }
+            }
             LogicalPlan::Distinct(Distinct::All(input)) if reads_stream(&input, is_stream) => {
                 found = true;
+                grouped_below |= input
+                    .exists(|n| {
+                        Ok(matches!(n, LogicalPlan::Aggregate(_)) && reads_stream(n, is_stream))
+                    })
+                    .unwrap_or(false);
                 let keys = input.schema().columns().into_iter().map(Expr::Column);
                 let agg = Aggregate::try_new(input, keys.collect(), vec![])?;
                 Ok(Transformed::yes(LogicalPlan::Aggregate(agg)))
@@ -333,6 +393,9 @@ pub fn distinct_as_aggregate(
             other => Ok(Transformed::no(other)),
         })?
         .data;
+    if let Some(e) = refused {
+        return Err(e);
+    }
     if !found {
         return Ok((rewritten, false));
     }
@@ -344,14 +407,218 @@ pub fn distinct_as_aggregate(
         aggregates += usize::from(matches!(node, LogicalPlan::Aggregate(_)));
         Ok(TreeNodeRecursion::Continue)
     })?;
+    if aggregates > 1 && grouped_below {
+        return Err(BrookError::sql(GROUP_BY_FEEDING_DISTINCT));
+    }
     if aggregates > 1 {
         return Err(BrookError::sql(
-            "SELECT DISTINCT feeding a GROUP BY (or a GROUP BY feeding a DISTINCT) is not \
-             supported on streams yet: a streaming query may have one stateful operator, \
-             either a GROUP BY aggregation or a SELECT DISTINCT",
+            "this SELECT DISTINCT feeding a GROUP BY is not supported on streams: the \
+             deduplication must be a subquery (or WITH table) in the FROM of the aggregating \
+             SELECT, as in \
+             SELECT k, count(*) FROM (SELECT DISTINCT ... FROM stream) GROUP BY k",
         ));
     }
     Ok((rewritten, true))
+}
+
+/// The column a filter keeps the first row by: `rn = 1`, `rn <= 1` or `rn < 2`.
+fn first_row_column(predicate: &Expr) -> Option<String> {
+    let Expr::BinaryExpr(b) = predicate else {
+        return None;
+    };
+    let column = match b.left.as_ref() {
+        Expr::Column(c) => c,
+        Expr::Cast(c) => match c.expr.as_ref() {
+            Expr::Column(c) => c,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let Expr::Literal(value, _) = b.right.as_ref() else {
+        return None;
+    };
+    let n = value.cast_to(&DataType::Int64).ok()?;
+    let first = match (b.op, n) {
+        (Operator::Eq | Operator::LtEq, ScalarValue::Int64(Some(1))) => true,
+        (Operator::Lt, ScalarValue::Int64(Some(2))) => true,
+        _ => false,
+    };
+    first.then(|| column.name.clone())
+}
+
+/// `plan` with the `ROW_NUMBER() OVER (PARTITION BY k ORDER BY time)` that its
+/// column `rn` numbers rows by replaced by the first row of each key, numbered
+/// 1: an aggregation by the keys keeping the other columns of the row first in
+/// time, which runs as a deduplication. `None` when `rn` is no such number.
+fn keep_first_rows(plan: &LogicalPlan, rn: &str) -> Result<Option<LogicalPlan>> {
+    match plan {
+        LogicalPlan::SubqueryAlias(s) => Ok(match keep_first_rows(&s.input, rn)? {
+            Some(input) => Some(LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(
+                Arc::new(input),
+                s.alias.clone(),
+            )?)),
+            None => None,
+        }),
+        LogicalPlan::Projection(p) => {
+            let source = p.expr.iter().find_map(|e| match e {
+                Expr::Alias(a) if a.name == rn => match a.expr.as_ref() {
+                    Expr::Column(c) => Some(c.name.clone()),
+                    _ => None,
+                },
+                Expr::Column(c) if c.name == rn => Some(c.name.clone()),
+                _ => None,
+            });
+            let Some(source) = source else {
+                return Ok(None);
+            };
+            Ok(match keep_first_rows(&p.input, &source)? {
+                Some(input) => Some(LogicalPlan::Projection(Projection::try_new(
+                    p.expr.clone(),
+                    Arc::new(input),
+                )?)),
+                None => None,
+            })
+        }
+        LogicalPlan::Window(w) => {
+            // Over an aggregation's rows it numbers groups, as a batch query would.
+            if w.input
+                .exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))?
+            {
+                return Ok(None);
+            }
+            let numbered = w.schema.fields().len() - 1;
+            if w.window_expr.len() != 1 || w.schema.field(numbered).name() != rn {
+                return Ok(None);
+            }
+            let Expr::WindowFunction(f) = &w.window_expr[0] else {
+                return Ok(None);
+            };
+            if f.fun.name() != "row_number" {
+                return Ok(None);
+            }
+            let refuse = |why: String| {
+                BrookError::sql(format!(
+                    "ROW_NUMBER() over a stream keeps the first row per key when it is \
+                     compared with 1 (rn = 1) and numbers rows as PARTITION BY <key columns> \
+                     ORDER BY <event-time column> [ASC]: {why}"
+                ))
+            };
+            let [order] = f.params.order_by.as_slice() else {
+                return Err(refuse("order by one event-time column".into()));
+            };
+            let firsts = first_rows(&w.input, &f.params.partition_by, order).map_err(refuse)?;
+            // Numbered 1, as the rows the window would have kept.
+            let mut columns: Vec<Expr> = firsts
+                .schema()
+                .columns()
+                .into_iter()
+                .map(Expr::Column)
+                .collect();
+            let (q, numbered) = w.schema.qualified_field(numbered);
+            columns.push(
+                cast(lit(1u64), numbered.data_type().clone())
+                    .alias_qualified(q.cloned(), numbered.name()),
+            );
+            Ok(Some(
+                LogicalPlanBuilder::from(firsts).project(columns)?.build()?,
+            ))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `SELECT DISTINCT ON (k) ... ORDER BY k, time` as the first row of each key.
+fn distinct_on(on: &DistinctOn) -> Result<LogicalPlan> {
+    let refuse = |why: String| {
+        BrookError::sql(format!(
+            "SELECT DISTINCT ON over a stream keeps the first row per key and needs \
+             ORDER BY <the ON keys>, <event-time column> [ASC]: {why}"
+        ))
+    };
+    let sort = on.sort_expr.clone().unwrap_or_default();
+    let keys = on.on_expr.len();
+    if sort.len() != keys + 1
+        || sort[..keys]
+            .iter()
+            .zip(&on.on_expr)
+            .any(|(s, k)| s.expr != *k)
+    {
+        return Err(refuse(
+            "order by the keys, then by one event-time column".into(),
+        ));
+    }
+    let firsts = first_rows(&on.input, &on.on_expr, &sort[keys]).map_err(refuse)?;
+    Ok(LogicalPlanBuilder::from(firsts)
+        .project(on.select_expr.clone())?
+        .build()?)
+}
+
+/// The first row in event time (`order`) of each key of `input`, as rows of
+/// `input`, or why there is none. Spark's `dropDuplicates` keeps each key's
+/// first row seen: a batch's rows for a key are ordered by time, but a row
+/// already emitted in an earlier batch cannot be taken back for an earlier one.
+fn first_rows(
+    input: &Arc<LogicalPlan>,
+    keys: &[Expr],
+    order: &SortExpr,
+) -> std::result::Result<LogicalPlan, String> {
+    let time = order
+        .expr
+        .get_type(input.schema())
+        .map_err(|e| e.to_string())?;
+    if !matches!(order.expr, Expr::Column(_)) || !matches!(time, DataType::Timestamp(..)) {
+        return Err(format!("{} is not a TIMESTAMP column", order.expr));
+    }
+    if !order.asc {
+        return Err(
+            "ORDER BY ... DESC keeps each key's last row, which on a stream means \
+             taking back a row already emitted whenever a later one arrives; that \
+             retraction is not supported (ORDER BY time ASC keeps the first row)"
+                .into(),
+        );
+    }
+    if keys.is_empty() {
+        return Err("no key to keep the first row of".into());
+    }
+    first_rows_by(input, keys, order).map_err(|e| e.to_string())
+}
+
+fn first_rows_by(input: &Arc<LogicalPlan>, keys: &[Expr], order: &SortExpr) -> Result<LogicalPlan> {
+    let plan = input;
+    let input = plan.schema();
+    let key_columns: HashSet<&datafusion::common::Column> = keys
+        .iter()
+        .filter_map(|k| match k {
+            Expr::Column(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    // The other columns are kept as one struct, so that they all come from one row.
+    let mut parts = vec![];
+    let mut kept = vec![];
+    for (q, f) in input.iter() {
+        let column = datafusion::common::Column::new(q.cloned(), f.name());
+        if !key_columns.contains(&column) {
+            let name = format!("c{}", kept.len());
+            parts.extend([lit(name.as_str()), Expr::Column(column.clone())]);
+            kept.push((column, name));
+        }
+    }
+    let first = (!kept.is_empty())
+        .then(|| first_value(named_struct(parts), vec![order.clone()]).alias(FIRST_ROW_COLUMN));
+    let agg = Aggregate::try_new(plan.clone(), keys.to_vec(), first.into_iter().collect())?;
+    let mut columns = vec![];
+    for (q, f) in input.iter() {
+        let column = datafusion::common::Column::new(q.cloned(), f.name());
+        columns.push(match kept.iter().find(|(c, _)| *c == column) {
+            Some((_, name)) => get_field(col(FIRST_ROW_COLUMN), name.as_str())
+                .alias_qualified(q.cloned(), f.name()),
+            None => Expr::Column(column),
+        });
+    }
+    Ok(LogicalPlanBuilder::from(LogicalPlan::Aggregate(agg))
+        .project(columns)?
+        .build()?)
 }
 
 /// Rejects operators that need all rows at once in a query without state.
@@ -363,9 +630,10 @@ pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> 
         }
         if let LogicalPlan::Window(_) = node {
             problem = Some(format!(
-                "{} needs an aggregation (GROUP BY) in a streaming query; to keep the \
-                 first row per key (ROW_NUMBER() OVER (PARTITION BY ...) = 1) write \
-                 SELECT DISTINCT over the key columns",
+                "{} needs an aggregation (GROUP BY) in a streaming query; the one window \
+                 function a stream takes is ROW_NUMBER() OVER (PARTITION BY <keys> ORDER BY \
+                 <event time>) kept where it is 1 (rn = 1 in an outer WHERE), which keeps \
+                 the first row per key",
                 node.display()
             ));
         } else if matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)) {
@@ -383,12 +651,15 @@ pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> 
 /// Splits `plan`, whose aggregation is `agg`, into partial, merge and finalize plans.
 /// `not_null` names the source columns declared NOT NULL, which the decoder
 /// guarantees (the tables the planner sees are all nullable).
+/// `dedup`: the aggregation is a deduplication, which may keep each key's
+/// first row (`first_value`).
 pub fn split(
     plan: &LogicalPlan,
     agg: &Aggregate,
     partitions: usize,
     not_null: &HashSet<String>,
     window: Option<WindowWidths>,
+    dedup: bool,
 ) -> Result<AggregateSplit> {
     let keys = agg.group_expr.len();
     let mut partial_aggs: Vec<Expr> = vec![];
@@ -401,6 +672,7 @@ pub fn split(
         name
     };
     let mut invertible = true;
+    let mut first_rows = vec![];
     for expr in &agg.aggr_expr {
         let inner = match expr {
             Expr::Alias(a) => a.expr.as_ref(),
@@ -443,6 +715,14 @@ pub fn split(
                 .iter()
                 .all(|a| never_null(a) && a.get_type(input).is_ok_and(|t| t.is_signed_integer()));
         let name = f.func.name().to_ascii_lowercase();
+        if dedup && name == "first_value" {
+            // With its ORDER BY: the batch's first row of each key.
+            let column = add(inner.clone(), Merge::First, &mut merges);
+            first_rows.push(column.clone());
+            finals.push(Final::Value(column));
+            invertible = false;
+            continue;
+        }
         invertible &= match name.as_str() {
             "count" => true,
             "sum" | "avg" | "mean" => exact_sum,
@@ -506,13 +786,22 @@ pub fn split(
         Aggregate::try_new(agg.input.clone(), group, partial_aggs)?,
         window.map(|w| (w.key, w.partial)),
     )?;
-    let state_slot = Slot::new(partial.schema().as_arrow());
     let delta_slot = Slot::new(partial.schema().as_arrow());
     let emit_slot = Slot::new(partial.schema().as_arrow());
-    let state_schema: SchemaRef = state_slot.schema().clone();
+    let state_schema: SchemaRef = delta_slot.schema().clone();
+    let state_columns: Vec<usize> = (0..state_schema.fields().len())
+        .filter(|&i| !first_rows.contains(state_schema.field(i).name()))
+        .collect();
+    let state_slot = Slot::new(&state_schema.project(&state_columns)?);
 
     let tagged = |name: &str, slot: &Slot, changed: bool| -> Result<LogicalPlan> {
-        let columns = state_schema.fields().iter().map(|f| col(f.name()));
+        let columns = state_schema.fields().iter().map(|f| {
+            if !changed && first_rows.contains(f.name()) {
+                cast(lit(ScalarValue::Null), f.data_type().clone()).alias(f.name())
+            } else {
+                col(f.name())
+            }
+        });
         Ok(
             LogicalPlanBuilder::scan(name, provider_as_source(slot.table(partitions)), None)?
                 .project(columns.chain([lit(changed).alias(CHANGED_COLUMN)]))?
@@ -528,6 +817,7 @@ pub fn split(
             Merge::Sum => sum(c),
             Merge::Min => min(c),
             Merge::Max => max(c),
+            Merge::First => first_value(c, vec![]),
         };
         let data_type = state_schema
             .field_with_name(name)
@@ -600,5 +890,6 @@ pub fn split(
         finalize,
         keys,
         invertible,
+        state_columns,
     })
 }

@@ -1,6 +1,7 @@
 //! The streaming SQL dialect: scripts, watermarks, windows, incremental plans
 //! over slots.
 
+pub mod chain;
 pub mod depth;
 pub mod incremental;
 pub mod script;

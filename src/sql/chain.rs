@@ -1,0 +1,308 @@
+//! A deduplication feeding an aggregation, split into the two queries that run
+//! as chained stateful stages: the first deduplicates the stream, the second
+//! aggregates the rows the first emits, in the same batch.
+//!
+//! The split is made on the SQL rather than on the plan: the second query then
+//! reads the first's rows as it would read a source, so `window(time, ...)`
+//! over a column of the deduplicated rows plans as over a source's.
+
+use std::ops::ControlFlow;
+
+use datafusion::sql::sqlparser::ast::{
+    BinaryOperator, Cte, Expr, GroupByExpr, Ident, Query, Select, SelectItem, SetExpr, TableAlias,
+    TableFactor, Value, Visit, visit_expressions, visit_relations,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use crate::error::{BrookError, Result};
+
+/// The name the second query reads the first's rows by (errors name it).
+pub const DEDUPLICATED: &str = "deduplicated subquery";
+
+/// The two stages of a query whose deduplication feeds an aggregation.
+pub struct Chain {
+    /// The deduplication, over the stream.
+    pub first: Query,
+    /// The aggregation, over [`DEDUPLICATED`].
+    pub rest: Query,
+}
+
+/// Aggregate functions the stateful operator runs; a query calling one (or
+/// with a GROUP BY) aggregates.
+const AGGREGATES: [&str; 6] = ["count", "sum", "min", "max", "avg", "mean"];
+
+/// Splits `query` when it aggregates (GROUP BY, or aggregate functions) a
+/// derived table (or common table expression) over a stream that
+/// deduplicates: a `SELECT DISTINCT [ON]`, or
+/// the `ROW_NUMBER() OVER (PARTITION BY ...) = 1` idiom, its `rn = 1` in the
+/// derived table or in the aggregating query's WHERE.
+pub fn split_deduplication(
+    query: &Query,
+    is_stream: &dyn Fn(&str) -> bool,
+) -> Result<Option<Chain>> {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return Ok(None);
+    };
+    if !aggregates(select) {
+        return Ok(None);
+    }
+    let ctes: Vec<&Cte> = query.with.iter().flat_map(|w| &w.cte_tables).collect();
+    // Each derived table (or common table expression) over the stream: where
+    // it is, its query and alias, and which CTE it is.
+    let mut derived = vec![];
+    for (t, table) in select.from.iter().enumerate() {
+        let relations =
+            std::iter::once(&table.relation).chain(table.joins.iter().map(|j| &j.relation));
+        for (r, relation) in relations.enumerate() {
+            match relation {
+                TableFactor::Derived {
+                    subquery, alias, ..
+                } if reads_stream(subquery, is_stream) => {
+                    derived.push((t, r, subquery.as_ref().clone(), alias.clone(), None));
+                }
+                TableFactor::Table { name, alias, .. } => {
+                    let named = ctes.iter().position(|cte| {
+                        name.0.len() == 1
+                            && name.0[0]
+                                .as_ident()
+                                .is_some_and(|id| same(id, &cte.alias.name))
+                    });
+                    if let Some(i) = named
+                        && reads_stream(&ctes[i].query, is_stream)
+                    {
+                        let cte = &ctes[i].alias;
+                        let mut alias = alias.clone().unwrap_or_else(|| cte.clone());
+                        if alias.columns.is_empty() {
+                            alias.columns = cte.columns.clone();
+                        }
+                        derived.push((t, r, ctes[i].query.as_ref().clone(), Some(alias), Some(i)));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if derived.len() != 1 {
+        return Ok(None);
+    }
+    let (t, r, subquery, alias, cte) = derived.remove(0);
+    let mut rest = query.clone();
+    // The second stage reads the first's rows instead: the CTE, over the
+    // stream, would not plan there.
+    if let (Some(i), Some(with)) = (cte, &mut rest.with) {
+        with.cte_tables.remove(i);
+        if with.cte_tables.is_empty() {
+            rest.with = None;
+        }
+    }
+    let SetExpr::Select(outer) = rest.body.as_mut() else {
+        return Ok(None);
+    };
+    let first = match row_number_alias(&subquery) {
+        Some(rn) => {
+            let mut conjuncts = vec![];
+            if let Some(selection) = outer.selection.take() {
+                split_conjuncts(selection, &mut conjuncts);
+            }
+            let (keep, rest_where): (Vec<_>, Vec<_>) =
+                conjuncts.into_iter().partition(|c| is_first_row(c, &rn));
+            outer.selection = rest_where.into_iter().reduce(|a, b| Expr::BinaryOp {
+                left: Box::new(a),
+                op: BinaryOperator::And,
+                right: Box::new(b),
+            });
+            let Some(filter) = keep.into_iter().reduce(|a, b| Expr::BinaryOp {
+                left: Box::new(a),
+                op: BinaryOperator::And,
+                right: Box::new(b),
+            }) else {
+                return Ok(None);
+            };
+            kept_where(subquery, alias.clone(), filter)?
+        }
+        None if deduplicates(&subquery) => subquery,
+        None => return Ok(None),
+    };
+    let table = &mut outer.from[t];
+    let relation = match r {
+        0 => &mut table.relation,
+        j => &mut table.joins[j - 1].relation,
+    };
+    *relation = deduplicated_table(alias)?;
+    Ok(Some(Chain { first, rest }))
+}
+
+/// Whether two identifiers name the same table, as DataFusion compares them
+/// (an unquoted one in lower case).
+fn same(a: &Ident, b: &Ident) -> bool {
+    let normal = |id: &Ident| match id.quote_style {
+        Some(_) => id.value.clone(),
+        None => id.value.to_lowercase(),
+    };
+    normal(a) == normal(b)
+}
+
+fn aggregates(select: &Select) -> bool {
+    let grouped = match &select.group_by {
+        GroupByExpr::All(_) => true,
+        GroupByExpr::Expressions(exprs, _) => !exprs.is_empty(),
+    };
+    grouped || calls_aggregate(&select.projection) || calls_aggregate(&select.having)
+}
+
+fn calls_aggregate<V: Visit>(v: &V) -> bool {
+    visit_expressions(v, |e| match e {
+        Expr::Function(f)
+            if f.over.is_none()
+                && AGGREGATES
+                    .iter()
+                    .any(|a| f.name.to_string().eq_ignore_ascii_case(a)) =>
+        {
+            ControlFlow::Break(())
+        }
+        _ => ControlFlow::Continue(()),
+    })
+    .is_break()
+}
+
+fn reads_stream(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> bool {
+    visit_relations(query, |name| {
+        let table = name
+            .0
+            .last()
+            .and_then(|part| part.as_ident())
+            .map(|id| match id.quote_style {
+                Some(_) => id.value.clone(),
+                None => id.value.to_lowercase(),
+            });
+        match table {
+            Some(t) if is_stream(&t) => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        }
+    })
+    .is_break()
+}
+
+/// Whether `query` is a `SELECT DISTINCT [ON]` without GROUP BY, or keeps the
+/// first row per key of a derived table by its ROW_NUMBER.
+fn deduplicates(query: &Query) -> bool {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return false;
+    };
+    if select.distinct.is_some() {
+        return !aggregates(select);
+    }
+    let Some(selection) = &select.selection else {
+        return false;
+    };
+    let mut conjuncts = vec![];
+    split_conjuncts(selection.clone(), &mut conjuncts);
+    select.from.iter().any(|t| {
+        let relations = std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation));
+        relations.into_iter().any(|r| match r {
+            TableFactor::Derived { subquery, .. } => row_number_alias(subquery)
+                .is_some_and(|rn| conjuncts.iter().any(|c| is_first_row(c, &rn))),
+            _ => false,
+        })
+    })
+}
+
+/// The alias of the `ROW_NUMBER() OVER (...)` that `query` selects, if it does.
+fn row_number_alias(query: &Query) -> Option<String> {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return None;
+    };
+    select.projection.iter().find_map(|item| match item {
+        SelectItem::ExprWithAlias {
+            expr: Expr::Function(f),
+            alias,
+        } if f.over.is_some() && f.name.to_string().eq_ignore_ascii_case("row_number") => {
+            Some(alias.value.to_lowercase())
+        }
+        _ => None,
+    })
+}
+
+fn split_conjuncts(e: Expr, out: &mut Vec<Expr>) {
+    match e {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            split_conjuncts(*left, out);
+            split_conjuncts(*right, out);
+        }
+        Expr::Nested(inner) => split_conjuncts(*inner, out),
+        other => out.push(other),
+    }
+}
+
+/// Whether `e` keeps the first row by the row number `rn`: `rn = 1`,
+/// `rn <= 1` or `rn < 2`.
+fn is_first_row(e: &Expr, rn: &str) -> bool {
+    let Expr::BinaryOp { left, op, right } = e else {
+        return false;
+    };
+    let names_rn = match left.as_ref() {
+        Expr::Identifier(id) => id.value.eq_ignore_ascii_case(rn),
+        Expr::CompoundIdentifier(ids) => ids
+            .last()
+            .is_some_and(|id| id.value.eq_ignore_ascii_case(rn)),
+        _ => false,
+    };
+    let number = match right.as_ref() {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse::<i64>().ok(),
+            _ => None,
+        },
+        _ => None,
+    };
+    names_rn
+        && matches!(
+            (op, number),
+            (BinaryOperator::Eq | BinaryOperator::LtEq, Some(1)) | (BinaryOperator::Lt, Some(2))
+        )
+}
+
+fn parse(sql: &str) -> Result<Query> {
+    let query = Parser::new(&GenericDialect {})
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_query())
+        .map_err(|e| BrookError::internal(format!("parsing '{sql}': {e}")))?;
+    Ok(*query)
+}
+
+/// `SELECT * FROM (<subquery>) AS <alias> WHERE <filter>`.
+fn kept_where(subquery: Query, alias: Option<TableAlias>, filter: Expr) -> Result<Query> {
+    let mut query = parse("SELECT * FROM (SELECT 1)")?;
+    if let SetExpr::Select(select) = query.body.as_mut()
+        && let Some(TableFactor::Derived {
+            subquery: s,
+            alias: a,
+            ..
+        }) = select.from.first_mut().map(|t| &mut t.relation)
+    {
+        **s = subquery;
+        *a = alias;
+        select.selection = Some(filter);
+        return Ok(query);
+    }
+    Err(BrookError::internal("the first rows' query lost its shape"))
+}
+
+/// The table [`DEDUPLICATED`], under `alias` if the derived table had one.
+fn deduplicated_table(alias: Option<TableAlias>) -> Result<TableFactor> {
+    let query = parse(&format!("SELECT * FROM \"{DEDUPLICATED}\""))?;
+    if let SetExpr::Select(select) = *query.body
+        && let Some(mut table) = select.from.into_iter().next()
+        && let TableFactor::Table { alias: a, .. } = &mut table.relation
+    {
+        *a = alias;
+        return Ok(table.relation);
+    }
+    Err(BrookError::internal(
+        "the deduplicated table lost its shape",
+    ))
+}
