@@ -21,8 +21,9 @@ use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, partitions};
 use crate::error::{BrookError, Result};
-use crate::sql::chain::{self, DEDUPLICATED};
+use crate::sql::chain::{self, DEDUPLICATED, JOINED};
 use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
+use crate::sql::script::WatermarkSpec;
 use crate::sql::slot::Slot;
 use crate::sql::window::{
     WINDOW_COLUMN, WindowSpec, WindowTicks, rewrite_windows, unit_nanos, window_type,
@@ -144,6 +145,11 @@ pub async fn compile(
     runtime: Arc<RuntimeEnv>,
 ) -> Result<CompiledQuery> {
     let is_stream = |name: &str| sources.contains_key(name);
+    if let Some(joined) = chain::join_below_aggregate(query, &is_stream)
+        && let Some(found) = joined_columns(&joined, sources, statics, runtime.clone()).await?
+    {
+        return compile_join_chain(query, found, sources, statics, mode, runtime).await;
+    }
     let Some(chain) = chain::split_deduplication(query, &is_stream)? else {
         return compile_stage(query, sources, statics, mode, runtime).await;
     };
@@ -179,7 +185,12 @@ pub async fn compile(
         ..source.clone()
     };
     let rest_sources = BTreeMap::from([(DEDUPLICATED.to_string(), deduplicated)]);
-    let mut rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    chained(query, first, rest)
+}
+
+/// `first` feeding `rest`, a query of two stages.
+fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Result<CompiledQuery> {
     let Some(Input {
         slot: rest_slot,
         window: rest_window,
@@ -187,7 +198,7 @@ pub async fn compile(
     }) = rest.inputs.pop()
     else {
         return Err(BrookError::internal(
-            "the aggregation after a deduplication reads nothing",
+            "the second stage of a query reads nothing",
         ));
     };
     let mut fingerprint = first.fingerprint;
@@ -208,6 +219,132 @@ pub async fn compile(
             plan: rest.plan,
         }],
     })
+}
+
+/// The columns a join of two streams under an aggregation emits (`joined`,
+/// its FROM and WHERE), and the watermark columns among them, each with its
+/// source's watermark; `None` when `joined` is no join of two streams.
+type JoinedColumns = (Vec<chain::JoinedColumn>, Vec<(String, WatermarkSpec)>);
+
+async fn joined_columns(
+    joined: &Query,
+    sources: &BTreeMap<String, SourceDef>,
+    statics: &BTreeMap<String, Arc<dyn TableProvider>>,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<Option<JoinedColumns>> {
+    let ctx = session(1, runtime);
+    for (name, def) in sources {
+        let slot = Slot::new(&def.read_schema());
+        ctx.register_table(TableReference::bare(name.as_str()), slot.table(1))?;
+    }
+    for (name, table) in statics {
+        if !sources.contains_key(name) {
+            ctx.register_table(TableReference::bare(name.as_str()), table.clone())?;
+        }
+    }
+    let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(joined.clone()))));
+    // A query that does not plan is left whole, to fail with its own error.
+    let Ok(plan) = ctx.state().statement_to_plan(statement).await else {
+        return Ok(None);
+    };
+    let is_stream = |name: &str| sources.contains_key(name);
+    if join::find_stream_join(&plan, &is_stream)?.is_none() {
+        return Ok(None);
+    }
+    // Which table (alias) reads which stream.
+    let mut tables: Vec<(String, String)> = vec![];
+    plan.apply(|node| {
+        match node {
+            LogicalPlan::SubqueryAlias(a) => {
+                if let LogicalPlan::TableScan(scan) = a.input.as_ref() {
+                    tables.push((a.alias.table().into(), scan.table_name.table().into()));
+                }
+            }
+            LogicalPlan::TableScan(scan) => {
+                let name = scan.table_name.table().to_string();
+                tables.push((name.clone(), name));
+            }
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let schema = plan.schema();
+    let mut columns = vec![];
+    for (table, field) in schema.iter() {
+        let Some(table) = table else {
+            return Ok(None);
+        };
+        let name = field.name();
+        let shared = schema.fields().iter().filter(|f| f.name() == name).count() > 1;
+        columns.push(chain::JoinedColumn {
+            table: table.table().to_string(),
+            name: name.clone(),
+            renamed: match shared {
+                true => format!("{}.{name}", table.table()),
+                false => name.clone(),
+            },
+        });
+    }
+    let watermarks = columns
+        .iter()
+        .filter_map(|c| {
+            let (_, source) = tables.iter().find(|(t, _)| *t == c.table)?;
+            let wm = sources.get(source)?.watermark.as_ref()?;
+            (wm.column == c.name).then(|| (c.renamed.clone(), wm.clone()))
+        })
+        .collect();
+    Ok(Some((columns, watermarks)))
+}
+
+/// An aggregation (or DISTINCT) over a join of two streams, as Spark runs
+/// it: the join appends each pair once, the aggregation reads the pairs as a
+/// source's rows, under the query's watermark.
+async fn compile_join_chain(
+    query: &Query,
+    (columns, watermarks): JoinedColumns,
+    sources: &BTreeMap<String, SourceDef>,
+    statics: &BTreeMap<String, Arc<dyn TableProvider>>,
+    mode: Option<OutputMode>,
+    runtime: Arc<RuntimeEnv>,
+) -> Result<CompiledQuery> {
+    let chain = chain::split_join(query, &columns)?;
+    let first = compile_stage(&chain.first, sources, statics, None, runtime.clone()).await?;
+    let Some(input) = first.inputs.first() else {
+        return Err(BrookError::internal("a join of two streams reads nothing"));
+    };
+    // The join's rows keep both sides' event times: the aggregation's
+    // watermark column is the one its window or its GROUP BY is over.
+    let mut rest_query = chain.rest.clone();
+    let window = rewrite_windows(&mut rest_query)?.map(|w| w.time_column);
+    let mut keys = vec![];
+    if let datafusion::sql::sqlparser::ast::SetExpr::Select(select) = rest_query.body.as_ref()
+        && let datafusion::sql::sqlparser::ast::GroupByExpr::Expressions(exprs, _) =
+            &select.group_by
+    {
+        keys = exprs
+            .iter()
+            .map(|e| e.to_string().trim_matches('"').to_string())
+            .collect();
+    }
+    let watermark = watermarks
+        .iter()
+        .find(|(c, _)| window.as_ref() == Some(c))
+        .or_else(|| watermarks.iter().find(|(c, _)| keys.contains(c)))
+        .or(watermarks.first())
+        .map(|(column, wm)| WatermarkSpec {
+            column: column.clone(),
+            delay: wm.delay,
+        });
+    let joined = SourceDef {
+        name: JOINED.to_string(),
+        schema: first.output_schema.clone(),
+        watermark,
+        idle_timeout: None,
+        kind: input.source.kind.clone(),
+    };
+    let rest_sources = BTreeMap::from([(JOINED.to_string(), joined)]);
+    let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    chained(query, first, rest)
 }
 
 async fn compile_stage(

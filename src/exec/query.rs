@@ -668,111 +668,112 @@ impl Program for QueryBatches {
             .find_map(|i| i.window.as_ref())
             .map(|w| &w.ticks);
         let started_reading = Instant::now();
-        if let CompiledPlan::Join(op) = plan {
-            // The join runs its plan twice over each side's rows: they are read whole first.
-            let mut read = vec![];
-            let mut rows = vec![];
-            for ((input, def), offset) in self.inputs.iter().zip(defs.iter()).zip(&offsets) {
-                let mut batches = vec![];
-                read.push(
-                    read_input(
-                        input.source.as_ref(),
-                        offset.as_ref(),
-                        def.window.as_ref(),
-                        def.slot.schema(),
-                        input.watermark.as_ref(),
-                        |b| {
-                            batches.push(b);
-                            Ok(())
-                        },
-                    )
-                    .await?,
-                );
-                rows.push(batches);
-            }
-            let read_time = started_reading.elapsed();
-            let [left, right] = op.inputs();
-            let new = [
-                std::mem::take(&mut rows[left]),
-                std::mem::take(&mut rows[right]),
-            ];
-            let outcome = op.run(ctx, watermark_ns, new).await?;
-            let progress = StateProgress {
-                operator: "symmetricHashJoin".into(),
-                num_rows_total: op.state_rows() as u64,
-                num_rows_updated: outcome.updated_rows,
-                num_rows_removed: outcome.removed_rows,
-                memory_used_bytes: op.state_bytes() as u64,
-                num_dropped_duplicate_rows: None,
-            };
-            let [up_left, up_right] = outcome.upserts;
-            let [del_left, del_right] = outcome.deletes;
-            return Ok(Computed {
-                read,
-                read_time,
-                output_rows: outcome.output.iter().map(|b| b.num_rows() as u64).sum(),
-                output: outcome.output,
-                late_rows: outcome.late_rows,
-                state_progress: vec![progress],
-                changes: vec![(up_left, del_left), (up_right, del_right)],
-                saved: vec![],
-            });
-        }
-        // The plan runs over the input as the sources read it, a file at a time:
-        // a file's rows are worked on, and can be let go, while the next is read.
-        let scanned = match plan {
-            CompiledPlan::Stateless(plan) => &*plan,
-            CompiledPlan::Stateful(op) => &op.partial,
-            CompiledPlan::Join(op) => &op.plan,
-        };
-        let mut feeds = vec![];
-        for def in defs.iter() {
-            feeds.push(def.slot.feed(scanned)?);
-        }
-        let streams = feeds.iter().all(Feed::streams);
-        let reading = async {
-            let reads = self
-                .inputs
-                .iter()
-                .zip(defs.iter())
-                .zip(feeds)
-                .zip(&offsets)
-                .map(|(((input, def), feed), offset)| {
-                    feed_input(
-                        input.source.as_ref(),
-                        offset.as_ref(),
-                        def.window.as_ref(),
-                        input.watermark.as_ref(),
-                        feed,
-                    )
-                });
-            let read: Result<Vec<ReadInput>> =
-                futures::future::join_all(reads).await.into_iter().collect();
-            (read, started_reading.elapsed())
-        };
-        // Rows a stage passes on are final: every stage but the last appends.
-        let first_mode = if then.is_empty() {
-            mode
-        } else {
-            OutputMode::Append
-        };
-        let running = run_stage(plan, ctx, first_mode, watermark_ns, ticks);
-        let ((read, read_time), ran): (_, Result<_>) = match streams {
-            true => tokio::join!(reading, running),
-            false => {
-                let (read, read_time) = reading.await;
+        let (read, read_time, mut ran, mut changes, mut state_progress) =
+            if let CompiledPlan::Join(op) = plan {
+                // The join runs its plan twice over each side's rows: they are read whole first.
+                let mut read = vec![];
+                let mut rows = vec![];
+                for ((input, def), offset) in self.inputs.iter().zip(defs.iter()).zip(&offsets) {
+                    let mut batches = vec![];
+                    read.push(
+                        read_input(
+                            input.source.as_ref(),
+                            offset.as_ref(),
+                            def.window.as_ref(),
+                            def.slot.schema(),
+                            input.watermark.as_ref(),
+                            |b| {
+                                batches.push(b);
+                                Ok(())
+                            },
+                        )
+                        .await?,
+                    );
+                    rows.push(batches);
+                }
+                let read_time = started_reading.elapsed();
+                let [left, right] = op.inputs();
+                let new = [
+                    std::mem::take(&mut rows[left]),
+                    std::mem::take(&mut rows[right]),
+                ];
+                let outcome = op.run(ctx, watermark_ns, new).await?;
+                let progress = StateProgress {
+                    operator: "symmetricHashJoin".into(),
+                    num_rows_total: op.state_rows() as u64,
+                    num_rows_updated: outcome.updated_rows,
+                    num_rows_removed: outcome.removed_rows,
+                    memory_used_bytes: op.state_bytes() as u64,
+                    num_dropped_duplicate_rows: None,
+                };
+                let [up_left, up_right] = outcome.upserts;
+                let [del_left, del_right] = outcome.deletes;
+                let ran = StageRun {
+                    output: outcome.output,
+                    late_rows: outcome.late_rows,
+                    progress: None,
+                    changes: None,
+                };
+                let changes = vec![(up_left, del_left), (up_right, del_right)];
+                (read, read_time, ran, changes, vec![progress])
+            } else {
+                // The plan runs over the input as the sources read it, a file at a time:
+                // a file's rows are worked on, and can be let go, while the next is read.
+                let scanned = match plan {
+                    CompiledPlan::Stateless(plan) => &*plan,
+                    CompiledPlan::Stateful(op) => &op.partial,
+                    CompiledPlan::Join(op) => &op.plan,
+                };
+                let mut feeds = vec![];
+                for def in defs.iter() {
+                    feeds.push(def.slot.feed(scanned)?);
+                }
+                let streams = feeds.iter().all(Feed::streams);
+                let reading = async {
+                    let reads = self
+                        .inputs
+                        .iter()
+                        .zip(defs.iter())
+                        .zip(feeds)
+                        .zip(&offsets)
+                        .map(|(((input, def), feed), offset)| {
+                            feed_input(
+                                input.source.as_ref(),
+                                offset.as_ref(),
+                                def.window.as_ref(),
+                                input.watermark.as_ref(),
+                                feed,
+                            )
+                        });
+                    let read: Result<Vec<ReadInput>> =
+                        futures::future::join_all(reads).await.into_iter().collect();
+                    (read, started_reading.elapsed())
+                };
+                // Rows a stage passes on are final: every stage but the last appends.
+                let first_mode = if then.is_empty() {
+                    mode
+                } else {
+                    OutputMode::Append
+                };
+                let running = run_stage(plan, ctx, first_mode, watermark_ns, ticks);
+                let ((read, read_time), ran): (_, Result<_>) = match streams {
+                    true => tokio::join!(reading, running),
+                    false => {
+                        let (read, read_time) = reading.await;
+                        let read = read?;
+                        ((Ok(read), read_time), running.await)
+                    }
+                };
+                for def in defs.iter() {
+                    def.slot.set(&[])?;
+                }
+                // A read that failed made the plan fail too; the read's error says why.
                 let read = read?;
-                ((Ok(read), read_time), running.await)
-            }
-        };
-        for def in defs.iter() {
-            def.slot.set(&[])?;
-        }
-        // A read that failed made the plan fail too; the read's error says why.
-        let read = read?;
-        let mut ran = ran?;
-        let mut changes: Vec<_> = ran.changes.into_iter().collect();
-        let mut state_progress: Vec<StateProgress> = ran.progress.into_iter().collect();
+                let mut ran = ran?;
+                let changes: Vec<_> = ran.changes.take().into_iter().collect();
+                let state_progress: Vec<StateProgress> = ran.progress.take().into_iter().collect();
+                (read, read_time, ran, changes, state_progress)
+            };
         let mut late_rows = ran.late_rows;
         let stages = then.len();
         for (i, stage) in then.iter_mut().enumerate() {

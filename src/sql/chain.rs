@@ -10,7 +10,8 @@ use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
     BinaryOperator, Cte, Expr, GroupByExpr, Ident, Query, Select, SelectItem, SetExpr, TableAlias,
-    TableFactor, Value, Visit, visit_expressions, visit_relations,
+    TableFactor, TableWithJoins, Value, Visit, visit_expressions, visit_expressions_mut,
+    visit_relations,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -129,7 +130,7 @@ pub fn split_deduplication(
         0 => &mut table.relation,
         j => &mut table.joins[j - 1].relation,
     };
-    *relation = deduplicated_table(alias)?;
+    *relation = stage_table(DEDUPLICATED, alias)?;
     Ok(Some(Chain { first, rest }))
 }
 
@@ -292,9 +293,10 @@ fn kept_where(subquery: Query, alias: Option<TableAlias>, filter: Expr) -> Resul
     Err(BrookError::internal("the first rows' query lost its shape"))
 }
 
-/// The table [`DEDUPLICATED`], under `alias` if the derived table had one.
-fn deduplicated_table(alias: Option<TableAlias>) -> Result<TableFactor> {
-    let query = parse(&format!("SELECT * FROM \"{DEDUPLICATED}\""))?;
+/// The table `name` ([`DEDUPLICATED`], [`JOINED`]), under `alias` if the
+/// derived table had one.
+fn stage_table(name: &str, alias: Option<TableAlias>) -> Result<TableFactor> {
+    let query = parse(&format!("SELECT * FROM \"{name}\""))?;
     if let SetExpr::Select(select) = *query.body
         && let Some(mut table) = select.from.into_iter().next()
         && let TableFactor::Table { alias: a, .. } = &mut table.relation
@@ -302,7 +304,129 @@ fn deduplicated_table(alias: Option<TableAlias>) -> Result<TableFactor> {
         *a = alias;
         return Ok(table.relation);
     }
-    Err(BrookError::internal(
-        "the deduplicated table lost its shape",
-    ))
+    Err(BrookError::internal("a stage's table lost its shape"))
+}
+
+/// The name an aggregation over a join of two streams reads the join's rows by.
+pub const JOINED: &str = "joined streams";
+
+/// A column of the rows a join emits, as DataFusion names it (`table`, the
+/// alias or table it comes from, and `name`), and the name the aggregating
+/// stage reads it by: its own, or `table.name` when another table has a column
+/// so named.
+pub struct JoinedColumn {
+    pub table: String,
+    pub name: String,
+    pub renamed: String,
+}
+
+/// `SELECT * FROM <from> WHERE <where>` of `query` when it aggregates (or is a
+/// `SELECT DISTINCT`) over several tables, one of them a stream: the rows the
+/// join under the aggregation emits, if it is a join of two streams.
+pub fn join_below_aggregate(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> Option<Query> {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return None;
+    };
+    let tables: usize = select.from.iter().map(|t| 1 + t.joins.len()).sum();
+    if !(aggregates(select) || select.distinct.is_some()) || tables < 2 {
+        return None;
+    }
+    if !reads_stream(query, is_stream) {
+        return None;
+    }
+    let mut joined = parse("SELECT * FROM (SELECT 1)").ok()?;
+    joined.with = query.with.clone();
+    if let SetExpr::Select(s) = joined.body.as_mut() {
+        s.from = select.from.clone();
+        s.selection = select.selection.clone();
+    }
+    Some(joined)
+}
+
+/// Splits `query`, whose FROM and WHERE make a join of two streams emitting
+/// `columns`, into the join (its columns renamed as `columns` say) and the
+/// rest over [`JOINED`], each reference to a column of the join renamed.
+pub fn split_join(query: &Query, columns: &[JoinedColumn]) -> Result<Chain> {
+    let Some(mut first) = join_below_aggregate(query, &|_| true) else {
+        return Err(BrookError::internal(
+            "the join under an aggregation lost its shape",
+        ));
+    };
+    let quoted = |s: &str| Ident::with_quote('"', s);
+    if let SetExpr::Select(s) = first.body.as_mut() {
+        s.projection = columns
+            .iter()
+            .map(|c| SelectItem::ExprWithAlias {
+                expr: Expr::CompoundIdentifier(vec![quoted(&c.table), quoted(&c.name)]),
+                alias: quoted(&c.renamed),
+            })
+            .collect();
+    }
+    let mut rest = query.clone();
+    rest.with = None;
+    let find = |table: Option<&Ident>, name: &Ident| {
+        let found: Vec<&JoinedColumn> = columns
+            .iter()
+            .filter(|c| normal(name) == c.name && table.is_none_or(|t| normal(t) == c.table))
+            .collect();
+        match found[..] {
+            [one] => Some(one.renamed.clone()),
+            _ => None,
+        }
+    };
+    let rename = |e: &mut Expr| {
+        let renamed = match e {
+            Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
+                find(ids.get(ids.len() - 2), &ids[ids.len() - 1])
+            }
+            Expr::Identifier(id) => find(None, id).filter(|r| *r != normal(id)),
+            _ => None,
+        };
+        if let Some(r) = renamed {
+            *e = Expr::Identifier(quoted(&r));
+        }
+    };
+    let SetExpr::Select(select) = rest.body.as_mut() else {
+        return Err(BrookError::internal(
+            "the aggregation over a join lost its shape",
+        ));
+    };
+    // The output keeps the names the query gives it over the join itself.
+    for item in &mut select.projection {
+        if let SelectItem::UnnamedExpr(e) = item {
+            let before = e.clone();
+            let _ = visit_expressions_mut(e, |e| {
+                rename(e);
+                ControlFlow::<()>::Continue(())
+            });
+            if *e != before {
+                let alias = match &before {
+                    Expr::CompoundIdentifier(ids) => ids[ids.len() - 1].clone(),
+                    other => quoted(&other.to_string()),
+                };
+                *item = SelectItem::ExprWithAlias {
+                    expr: e.clone(),
+                    alias,
+                };
+            }
+        }
+    }
+    select.selection = None;
+    select.from = vec![TableWithJoins {
+        relation: stage_table(JOINED, None)?,
+        joins: vec![],
+    }];
+    let _ = visit_expressions_mut(&mut rest, |e| {
+        rename(e);
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(Chain { first, rest })
+}
+
+/// An identifier as DataFusion normalizes it (an unquoted one in lower case).
+fn normal(id: &Ident) -> String {
+    match id.quote_style {
+        Some(_) => id.value.clone(),
+        None => id.value.to_lowercase(),
+    }
 }
