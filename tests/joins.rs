@@ -367,6 +367,21 @@ async fn sink_and_batch(
     dir: &std::path::Path,
     batch: &str,
 ) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    sink_columns_and_batch(
+        dir,
+        "SELECT order_id, symbol, qty, placed_at, filled_at FROM sink",
+        batch,
+    )
+    .await
+}
+
+/// The rows `sink_select` reads from the sink under `dir`, and `batch` run by
+/// DataFusion over the input files.
+async fn sink_columns_and_batch(
+    dir: &std::path::Path,
+    sink_select: &str,
+    batch: &str,
+) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
     let ctx = SessionContext::new();
     let d = dir.display();
     ctx.sql(&format!(
@@ -374,13 +389,7 @@ async fn sink_and_batch(
     ))
     .await
     .unwrap();
-    let got = ctx
-        .sql("SELECT order_id, symbol, qty, placed_at, filled_at FROM sink")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let got = ctx.sql(sink_select).await.unwrap().collect().await.unwrap();
     for (name, columns) in [
         ("placed", "time TIMESTAMP, order_id BIGINT, symbol VARCHAR"),
         ("filled", "time TIMESTAMP, order_id BIGINT, qty BIGINT"),
@@ -498,4 +507,122 @@ async fn stream_stream_left_join_pads_expired_orders_across_a_restart() {
     let padded = expected.iter().filter(|r| r[2] == "NULL").count();
     assert!(padded > 20, "{padded}");
     assert_eq!(got, expected);
+}
+
+/// Fills per minute of their order and symbol: the join of two streams under
+/// a windowed aggregation, appended as each minute closes.
+const AGGREGATED_JOIN_SCRIPT: &str = "
+CREATE UNBOUNDED EXTERNAL TABLE placed (time TIMESTAMP NOT NULL, order_id BIGINT, symbol VARCHAR,
+  WATERMARK FOR time AS time - INTERVAL '2' MINUTE)
+STORED AS CSV LOCATION 'placed' OPTIONS ('maxFilesPerTrigger' '1');
+CREATE UNBOUNDED EXTERNAL TABLE filled (time TIMESTAMP NOT NULL, order_id BIGINT, qty BIGINT,
+  WATERMARK FOR time AS time - INTERVAL '2' MINUTE)
+STORED AS CSV LOCATION 'filled' OPTIONS ('maxFilesPerTrigger' '1');
+CREATE EXTERNAL TABLE per_minute STORED AS PARQUET LOCATION 'out' OPTIONS ('outputMode' 'append');
+INSERT INTO per_minute
+SELECT window.start AS minute, o.symbol, count(*) AS fills, sum(f.qty) AS qty
+FROM placed o JOIN filled f
+  ON o.order_id = f.order_id AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE
+GROUP BY window(o.time, '1 minute'), o.symbol;
+";
+
+/// The aggregated join's sink under `dir`, and DataFusion's batch join and
+/// GROUP BY over the input files, keeping the minutes that the watermark of
+/// the last progress record in `progress` has closed.
+async fn sink_and_batch_aggregate(
+    dir: &std::path::Path,
+    progress: &[serde_json::Value],
+) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    let watermark = progress.last().unwrap()["event_time"]["watermark"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('Z')
+        .to_string();
+    sink_columns_and_batch(
+        dir,
+        "SELECT minute, symbol, fills, qty FROM sink",
+        &format!(
+            "SELECT date_bin(INTERVAL '1 minute', o.time) AS minute, o.symbol, count(*), \
+             sum(f.qty) FROM placed o JOIN filled f \
+             ON o.order_id = f.order_id AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE \
+             GROUP BY 1, 2 \
+             HAVING date_bin(INTERVAL '1 minute', o.time) + INTERVAL '1' MINUTE <= TIMESTAMP '{watermark}'"
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_stream_stream_join_matches_batch_join_and_group_by_with_flat_state() {
+    let dir = tempfile::tempdir().unwrap();
+    write_streams(dir.path(), 0..12);
+    let progress = run_script(dir.path(), AGGREGATED_JOIN_SCRIPT);
+    let with_input = progress.iter().filter(|p| p["num_input_rows"] != 0).count();
+    // And batches without input that close the minutes the watermark passed.
+    assert_eq!(with_input, 12, "one batch per pair of files");
+    let (got, expected) = sink_and_batch_aggregate(dir.path(), &progress).await;
+    // 7 symbols over the 18 minutes that closed.
+    assert!(expected.len() > 100, "{}", expected.len());
+    assert_eq!(got, expected);
+    // Both stages' state stops growing: the join's keeps the last couple of
+    // minutes of each stream, the aggregation's the minutes still open.
+    let totals = |operator: &str| -> Vec<u64> {
+        progress
+            .iter()
+            .map(|p| {
+                let ops = p["state_operators"].as_array().unwrap();
+                assert_eq!(ops.len(), 2, "{ops:?}");
+                let op = ops.iter().find(|o| o["operator"] == operator).unwrap();
+                op["num_rows_total"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    let join = totals("symmetricHashJoin");
+    let aggregate = totals("aggregate");
+    assert!(
+        join[11] <= join[4] && join.iter().all(|t| *t < 1000),
+        "{join:?}"
+    );
+    assert!(
+        aggregate[11] <= aggregate[4] + 7 && aggregate.iter().all(|t| *t < 60),
+        "{aggregate:?}"
+    );
+    assert!(progress.iter().all(|p| p["num_late_rows"] == 0));
+    // The checkpoint keeps each stage's state under its own name.
+    for operator in ["join-left", "join-right", "aggregate"] {
+        assert!(
+            dir.path()
+                .join("checkpoint/per_minute/state")
+                .join(operator)
+                .is_dir(),
+            "{operator}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_stream_stream_join_resumes_from_its_checkpoint_as_if_never_stopped() {
+    let whole = tempfile::tempdir().unwrap();
+    write_streams(whole.path(), 0..8);
+    let progress = run_script(whole.path(), AGGREGATED_JOIN_SCRIPT);
+    // The first run stops with rows of both sides in the join's state and
+    // open minutes in the aggregation's.
+    let split = tempfile::tempdir().unwrap();
+    write_streams(split.path(), 0..3);
+    let first = run_script(split.path(), AGGREGATED_JOIN_SCRIPT);
+    let held: Vec<u64> = first.last().unwrap()["state_operators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["num_rows_total"].as_u64().unwrap())
+        .collect();
+    assert!(held.len() == 2 && held.iter().all(|n| *n > 0), "{held:?}");
+    write_streams(split.path(), 3..8);
+    let second = run_script(split.path(), AGGREGATED_JOIN_SCRIPT);
+    assert_eq!(second[0]["batch_id"], first.len());
+    let (got_whole, expected) = sink_and_batch_aggregate(whole.path(), &progress).await;
+    let (got_split, _) = sink_and_batch_aggregate(split.path(), &second).await;
+    assert!(!expected.is_empty());
+    assert_eq!(got_whole, expected);
+    assert_eq!(got_split, expected);
 }
