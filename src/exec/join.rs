@@ -285,6 +285,7 @@ fn time_bound(
             upper = Some(upper.map_or(limit, |u| u.min(limit)));
         }
     };
+    let mut same_bin = vec![];
     for conjunct in conditions {
         match conjunct {
             Expr::Between(Between {
@@ -296,11 +297,62 @@ fn time_bound(
                 add(expr, Operator::GtEq, low);
                 add(expr, Operator::LtEq, high);
             }
+            Expr::BinaryExpr(BinaryExpr {
+                left: a,
+                op: Operator::Eq,
+                right: b,
+            }) if binned(join, a, left_time, right_time).is_some() => {
+                // Both times in one bin: each at most a bin's width (less a
+                // nanosecond) after the other.
+                let bins = (
+                    binned(join, a, left_time, right_time),
+                    binned(join, b, left_time, right_time),
+                );
+                let ((Some((Which::Left, l)), Some((Which::Right, r)))
+                | (Some((Which::Right, r)), Some((Which::Left, l)))) = bins
+                else {
+                    continue;
+                };
+                same_bin.push((1 - l, r - 1));
+            }
             Expr::BinaryExpr(BinaryExpr { left, op, right }) => add(left, *op, right),
             _ => {}
         }
     }
+    for (at_least, at_most) in same_bin {
+        lower = Some(lower.map_or(at_least, |x| x.max(at_least)));
+        upper = Some(upper.map_or(at_most, |x| x.min(at_most)));
+    }
     (lower, upper)
+}
+
+/// `e` as the bin of a side's watermark column (`date_bin(INTERVAL '1
+/// minute', t [, origin])`, `date_trunc('minute', t)`), with the bin's width
+/// in nanoseconds, if it is one of a fixed width.
+fn binned(join: &Join, e: &Expr, left_time: &str, right_time: &str) -> Option<(Which, i64)> {
+    const SECOND: i64 = 1_000_000_000;
+    let Expr::ScalarFunction(f) = e else {
+        return None;
+    };
+    let (width, time) = match (f.func.name(), &f.args[..]) {
+        ("date_bin", [width, time, ..]) => (interval_ns(width)?, time),
+        ("date_trunc", [Expr::Literal(unit, _), time]) => {
+            let width = match unit.try_as_str()??.to_lowercase().as_str() {
+                "second" => SECOND,
+                "minute" => 60 * SECOND,
+                "hour" => 3600 * SECOND,
+                "day" => 86_400 * SECOND,
+                "week" => 7 * 86_400 * SECOND,
+                _ => return None,
+            };
+            (width, time)
+        }
+        _ => return None,
+    };
+    match time_term(join, time, left_time, right_time)? {
+        (which, 0) if width > 0 => Some((which, width)),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
