@@ -511,9 +511,9 @@ async fn compile_stage(
     };
     if stream_join.is_some() {
         return Err(BrookError::sql(
-            "an aggregation (GROUP BY or SELECT DISTINCT) over a join of two streams is not \
-             supported yet: a stream–stream join runs without aggregation above it, in output \
-             mode 'append'; write its result to a sink and aggregate that",
+            "an aggregation (GROUP BY or SELECT DISTINCT) over a join of two streams runs in \
+             the SELECT whose FROM holds the join, not in a subquery or below another join: \
+             write it so, or write the join's result to a sink and aggregate that",
         ));
     }
 
