@@ -14,7 +14,9 @@ use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement};
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, GroupByExpr, Query, SetExpr, Statement as SqlStatement,
+};
 
 use super::join::{self, JoinOp};
 use super::stateful::{EventTimeKey, StatefulOp};
@@ -317,13 +319,15 @@ async fn compile_join_chain(
     let mut rest_query = chain.rest.clone();
     let window = rewrite_windows(&mut rest_query)?.map(|w| w.time_column);
     let mut keys = vec![];
-    if let datafusion::sql::sqlparser::ast::SetExpr::Select(select) = rest_query.body.as_ref()
-        && let datafusion::sql::sqlparser::ast::GroupByExpr::Expressions(exprs, _) =
-            &select.group_by
+    if let SetExpr::Select(select) = rest_query.body.as_ref()
+        && let GroupByExpr::Expressions(exprs, _) = &select.group_by
     {
         keys = exprs
             .iter()
-            .map(|e| e.to_string().trim_matches('"').to_string())
+            .filter_map(|e| match e {
+                SqlExpr::Identifier(id) => Some(id.value.clone()),
+                _ => None,
+            })
             .collect();
     }
     let watermark = watermarks

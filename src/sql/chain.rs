@@ -1,10 +1,11 @@
-//! A deduplication feeding an aggregation, split into the two queries that run
-//! as chained stateful stages: the first deduplicates the stream, the second
-//! aggregates the rows the first emits, in the same batch.
+//! A deduplication, or a join of two streams, feeding an aggregation, split
+//! into the two queries that run as chained stateful stages: the first
+//! deduplicates the stream (or joins the two), the second aggregates the rows
+//! the first emits, in the same batch.
 //!
 //! The split is made on the SQL rather than on the plan: the second query then
 //! reads the first's rows as it would read a source, so `window(time, ...)`
-//! over a column of the deduplicated rows plans as over a source's.
+//! over a column of the deduplicated (or joined) rows plans as over a source's.
 
 use std::ops::ControlFlow;
 
@@ -21,11 +22,11 @@ use crate::error::{BrookError, Result};
 /// The name the second query reads the first's rows by (errors name it).
 pub const DEDUPLICATED: &str = "deduplicated subquery";
 
-/// The two stages of a query whose deduplication feeds an aggregation.
+/// The two stages of a query whose deduplication (or join) feeds an aggregation.
 pub struct Chain {
-    /// The deduplication, over the stream.
+    /// The deduplication, over the stream, or the join of two.
     pub first: Query,
-    /// The aggregation, over [`DEDUPLICATED`].
+    /// The aggregation, over [`DEDUPLICATED`] or [`JOINED`].
     pub rest: Query,
 }
 
@@ -137,10 +138,6 @@ pub fn split_deduplication(
 /// Whether two identifiers name the same table, as DataFusion compares them
 /// (an unquoted one in lower case).
 fn same(a: &Ident, b: &Ident) -> bool {
-    let normal = |id: &Ident| match id.quote_style {
-        Some(_) => id.value.clone(),
-        None => id.value.to_lowercase(),
-    };
     normal(a) == normal(b)
 }
 
@@ -401,7 +398,7 @@ pub fn split_join(query: &Query, columns: &[JoinedColumn]) -> Result<Chain> {
             });
             if *e != before {
                 let alias = match &before {
-                    Expr::CompoundIdentifier(ids) => ids[ids.len() - 1].clone(),
+                    Expr::CompoundIdentifier(ids) if !ids.is_empty() => ids[ids.len() - 1].clone(),
                     other => quoted(&other.to_string()),
                 };
                 *item = SelectItem::ExprWithAlias {
