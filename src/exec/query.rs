@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
+use super::compile::{CompiledPlan, CompiledQuery, InputWindow, Stage};
 use super::stateful::{StatefulOp, execute};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
@@ -668,148 +668,123 @@ impl Program for QueryBatches {
             .find_map(|i| i.window.as_ref())
             .map(|w| &w.ticks);
         let started_reading = Instant::now();
-        let (read, read_time, mut ran, mut changes, mut state_progress) =
-            if let CompiledPlan::Join(op) = plan {
-                // The join runs its plan twice over each side's rows: they are read whole first.
-                let mut read = vec![];
-                let mut rows = vec![];
-                for ((input, def), offset) in self.inputs.iter().zip(defs.iter()).zip(&offsets) {
-                    let mut batches = vec![];
-                    read.push(
-                        read_input(
-                            input.source.as_ref(),
-                            offset.as_ref(),
-                            def.window.as_ref(),
-                            def.slot.schema(),
-                            input.watermark.as_ref(),
-                            |b| {
-                                batches.push(b);
-                                Ok(())
-                            },
-                        )
-                        .await?,
-                    );
-                    rows.push(batches);
-                }
-                let read_time = started_reading.elapsed();
-                let [left, right] = op.inputs();
-                let new = [
-                    std::mem::take(&mut rows[left]),
-                    std::mem::take(&mut rows[right]),
-                ];
-                let outcome = op.run(ctx, watermark_ns, new).await?;
-                let progress = StateProgress {
-                    operator: "symmetricHashJoin".into(),
-                    num_rows_total: op.state_rows() as u64,
-                    num_rows_updated: outcome.updated_rows,
-                    num_rows_removed: outcome.removed_rows,
-                    memory_used_bytes: op.state_bytes() as u64,
-                    num_dropped_duplicate_rows: None,
-                };
-                let [up_left, up_right] = outcome.upserts;
-                let [del_left, del_right] = outcome.deletes;
-                let ran = StageRun {
-                    output: outcome.output,
-                    late_rows: outcome.late_rows,
-                    progress: None,
-                    changes: None,
-                };
-                let changes = vec![(up_left, del_left), (up_right, del_right)];
-                (read, read_time, ran, changes, vec![progress])
-            } else {
-                // The plan runs over the input as the sources read it, a file at a time:
-                // a file's rows are worked on, and can be let go, while the next is read.
-                let scanned = match plan {
-                    CompiledPlan::Stateless(plan) => &*plan,
-                    CompiledPlan::Stateful(op) => &op.partial,
-                    CompiledPlan::Join(op) => &op.plan,
-                };
-                let mut feeds = vec![];
-                for def in defs.iter() {
-                    feeds.push(def.slot.feed(scanned)?);
-                }
-                let streams = feeds.iter().all(Feed::streams);
-                let reading = async {
-                    let reads = self
-                        .inputs
-                        .iter()
-                        .zip(defs.iter())
-                        .zip(feeds)
-                        .zip(&offsets)
-                        .map(|(((input, def), feed), offset)| {
-                            feed_input(
-                                input.source.as_ref(),
-                                offset.as_ref(),
-                                def.window.as_ref(),
-                                input.watermark.as_ref(),
-                                feed,
-                            )
-                        });
-                    let read: Result<Vec<ReadInput>> =
-                        futures::future::join_all(reads).await.into_iter().collect();
-                    (read, started_reading.elapsed())
-                };
-                // Rows a stage passes on are final: every stage but the last appends.
-                let first_mode = if then.is_empty() {
-                    mode
-                } else {
-                    OutputMode::Append
-                };
-                let running = run_stage(plan, ctx, first_mode, watermark_ns, ticks);
-                let ((read, read_time), ran): (_, Result<_>) = match streams {
-                    true => tokio::join!(reading, running),
-                    false => {
-                        let (read, read_time) = reading.await;
-                        let read = read?;
-                        ((Ok(read), read_time), running.await)
-                    }
-                };
-                for def in defs.iter() {
-                    def.slot.set(&[])?;
-                }
-                // A read that failed made the plan fail too; the read's error says why.
-                let read = read?;
-                let mut ran = ran?;
-                let changes: Vec<_> = ran.changes.take().into_iter().collect();
-                let state_progress: Vec<StateProgress> = ran.progress.take().into_iter().collect();
-                (read, read_time, ran, changes, state_progress)
+        if let CompiledPlan::Join(op) = plan {
+            // The join runs its plan twice over each side's rows: they are read whole first.
+            let mut read = vec![];
+            let mut rows = vec![];
+            for ((input, def), offset) in self.inputs.iter().zip(defs.iter()).zip(&offsets) {
+                let mut batches = vec![];
+                read.push(
+                    read_input(
+                        input.source.as_ref(),
+                        offset.as_ref(),
+                        def.window.as_ref(),
+                        def.slot.schema(),
+                        input.watermark.as_ref(),
+                        |b| {
+                            batches.push(b);
+                            Ok(())
+                        },
+                    )
+                    .await?,
+                );
+                rows.push(batches);
+            }
+            let read_time = started_reading.elapsed();
+            let [left, right] = op.inputs();
+            let new = [
+                std::mem::take(&mut rows[left]),
+                std::mem::take(&mut rows[right]),
+            ];
+            let outcome = op.run(ctx, watermark_ns, new).await?;
+            let progress = StateProgress {
+                operator: "symmetricHashJoin".into(),
+                num_rows_total: op.state_rows() as u64,
+                num_rows_updated: outcome.updated_rows,
+                num_rows_removed: outcome.removed_rows,
+                memory_used_bytes: op.state_bytes() as u64,
+                num_dropped_duplicate_rows: None,
             };
-        let mut late_rows = ran.late_rows;
-        let stages = then.len();
-        for (i, stage) in then.iter_mut().enumerate() {
-            let input = match &stage.window {
-                Some(w) => ran
-                    .output
-                    .into_iter()
-                    .map(|b| w.with_panes(stage.input_slot.schema(), b))
-                    .collect::<Result<Vec<_>>>()?,
-                None => ran.output,
+            let [up_left, up_right] = outcome.upserts;
+            let [del_left, del_right] = outcome.deletes;
+            let mut computed = Computed {
+                read,
+                read_time,
+                output_rows: 0,
+                output: vec![],
+                late_rows: outcome.late_rows,
+                state_progress: vec![progress],
+                changes: vec![(up_left, del_left), (up_right, del_right)],
+                saved: vec![],
             };
-            stage.input_slot.set(&input)?;
-            let stage_mode = if i + 1 == stages {
-                mode
-            } else {
-                OutputMode::Append
-            };
-            let ticks = stage.window.as_ref().map(|w| &w.ticks);
-            let result = run_stage(&mut stage.plan, ctx, stage_mode, watermark_ns, ticks).await;
-            stage.input_slot.set(&[])?;
-            ran = result?;
-            changes.extend(ran.changes);
-            state_progress.extend(ran.progress);
-            late_rows += ran.late_rows;
+            run_later_stages(then, ctx, mode, watermark_ns, outcome.output, &mut computed).await?;
+            return Ok(computed);
         }
-        let output = ran.output;
-        Ok(Computed {
+        // The plan runs over the input as the sources read it, a file at a time:
+        // a file's rows are worked on, and can be let go, while the next is read.
+        let scanned = match plan {
+            CompiledPlan::Stateless(plan) => &*plan,
+            CompiledPlan::Stateful(op) => &op.partial,
+            CompiledPlan::Join(op) => &op.plan,
+        };
+        let mut feeds = vec![];
+        for def in defs.iter() {
+            feeds.push(def.slot.feed(scanned)?);
+        }
+        let streams = feeds.iter().all(Feed::streams);
+        let reading = async {
+            let reads = self
+                .inputs
+                .iter()
+                .zip(defs.iter())
+                .zip(feeds)
+                .zip(&offsets)
+                .map(|(((input, def), feed), offset)| {
+                    feed_input(
+                        input.source.as_ref(),
+                        offset.as_ref(),
+                        def.window.as_ref(),
+                        input.watermark.as_ref(),
+                        feed,
+                    )
+                });
+            let read: Result<Vec<ReadInput>> =
+                futures::future::join_all(reads).await.into_iter().collect();
+            (read, started_reading.elapsed())
+        };
+        // Rows a stage passes on are final: every stage but the last appends.
+        let first_mode = if then.is_empty() {
+            mode
+        } else {
+            OutputMode::Append
+        };
+        let running = run_stage(plan, ctx, first_mode, watermark_ns, ticks);
+        let ((read, read_time), ran): (_, Result<_>) = match streams {
+            true => tokio::join!(reading, running),
+            false => {
+                let (read, read_time) = reading.await;
+                let read = read?;
+                ((Ok(read), read_time), running.await)
+            }
+        };
+        for def in defs.iter() {
+            def.slot.set(&[])?;
+        }
+        // A read that failed made the plan fail too; the read's error says why.
+        let read = read?;
+        let ran = ran?;
+        let mut computed = Computed {
             read,
             read_time,
-            output_rows: output.iter().map(|b| b.num_rows() as u64).sum(),
-            output,
-            late_rows,
-            state_progress,
-            changes,
+            output_rows: 0,
+            output: vec![],
+            late_rows: ran.late_rows,
+            state_progress: ran.progress.into_iter().collect(),
+            changes: ran.changes.into_iter().collect(),
             saved: vec![],
-        })
+        };
+        run_later_stages(then, ctx, mode, watermark_ns, ran.output, &mut computed).await?;
+        Ok(computed)
     }
 
     async fn write(&mut self, batch_id: u64, batch: &mut Computed) -> Result<()> {
@@ -975,6 +950,46 @@ struct StageRun {
     late_rows: u64,
     progress: Option<StateProgress>,
     changes: Option<(Vec<RecordBatch>, Vec<RecordBatch>)>,
+}
+
+/// Feeds `output`, the rows the first stage emitted, through the stages after
+/// it (`then`), each over the rows of the one before; the last stage's rows
+/// become `computed`'s output, and every stage's counts and changes are added.
+async fn run_later_stages(
+    then: &mut [Stage],
+    ctx: &Arc<TaskContext>,
+    mode: OutputMode,
+    watermark_ns: Option<i64>,
+    mut output: Vec<RecordBatch>,
+    computed: &mut Computed,
+) -> Result<()> {
+    let stages = then.len();
+    for (i, stage) in then.iter_mut().enumerate() {
+        let input = match &stage.window {
+            Some(w) => output
+                .into_iter()
+                .map(|b| w.with_panes(stage.input_slot.schema(), b))
+                .collect::<Result<Vec<_>>>()?,
+            None => output,
+        };
+        stage.input_slot.set(&input)?;
+        let stage_mode = if i + 1 == stages {
+            mode
+        } else {
+            OutputMode::Append
+        };
+        let ticks = stage.window.as_ref().map(|w| &w.ticks);
+        let result = run_stage(&mut stage.plan, ctx, stage_mode, watermark_ns, ticks).await;
+        stage.input_slot.set(&[])?;
+        let ran = result?;
+        computed.changes.extend(ran.changes);
+        computed.state_progress.extend(ran.progress);
+        computed.late_rows += ran.late_rows;
+        output = ran.output;
+    }
+    computed.output_rows = output.iter().map(|b| b.num_rows() as u64).sum();
+    computed.output = output;
+    Ok(())
 }
 
 /// Runs one stage over the rows in its input slot.
