@@ -155,6 +155,8 @@ def main():
             + sum(1 for _ in csv_lines(os.path.join(source, "fills")))
     spark = (SparkSession.builder.master("local[2]").appName("brook-comparison")
              .config("spark.sql.shuffle.partitions", "2")
+             # The default 1 GB heap ran out on the third interval run of one session.
+             .config("spark.driver.memory", "4g")
              .config("spark.ui.enabled", "false")
              .config("spark.sql.session.timeZone", "UTC")
              .config("spark.ui.showConsoleProgress", "false")

@@ -593,24 +593,24 @@ impl JoinOp {
     }
 
     /// Whether a batch without input must run once the watermark is at
-    /// `watermark_ns`. An inner join's expired rows go with its next batch:
-    /// they are never emitted, so nothing waits for them.
+    /// `watermark_ns`: some row of state can no longer be matched, so it is
+    /// dropped (an outer join's, emitted padded first), as an aggregation's
+    /// closed groups are, and a stream that went quiet holds no state it
+    /// does not need.
     pub fn closes_state(&self, watermark_ns: i64) -> Result<bool> {
-        let Some(outer) = &self.outer else {
-            return Ok(false);
-        };
-        let side = outer.preserved;
-        let spec = &self.spec.sides[side];
-        let from = self.keep_from(side, watermark_ns);
-        for batch in &self.state[side].rows {
-            let keep = at_or_after(
-                batch,
-                spec.time_column + STATE_PREFIX,
-                spec.unit_nanos,
-                from,
-            )?;
-            if keep.true_count() < batch.num_rows() {
-                return Ok(true);
+        for side in 0..2 {
+            let spec = &self.spec.sides[side];
+            let from = self.keep_from(side, watermark_ns);
+            for batch in &self.state[side].rows {
+                let keep = at_or_after(
+                    batch,
+                    spec.time_column + STATE_PREFIX,
+                    spec.unit_nanos,
+                    from,
+                )?;
+                if keep.true_count() < batch.num_rows() {
+                    return Ok(true);
+                }
             }
         }
         Ok(false)
