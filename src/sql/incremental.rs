@@ -438,11 +438,11 @@ fn first_row_column(predicate: &Expr) -> Option<String> {
         return None;
     };
     let n = value.cast_to(&DataType::Int64).ok()?;
-    let first = match (b.op, n) {
-        (Operator::Eq | Operator::LtEq, ScalarValue::Int64(Some(1))) => true,
-        (Operator::Lt, ScalarValue::Int64(Some(2))) => true,
-        _ => false,
-    };
+    let first = matches!(
+        (b.op, n),
+        (Operator::Eq | Operator::LtEq, ScalarValue::Int64(Some(1)))
+            | (Operator::Lt, ScalarValue::Int64(Some(2)))
+    );
     first.then(|| column.name.clone())
 }
 
