@@ -21,7 +21,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use brook::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use brook::datafusion::arrow::array::AsArray;
+use brook::datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit};
 use brook::datafusion::arrow::util::pretty::pretty_format_batches;
 use brook::orders::{
     FILL_BOUND, FillConfig, FillGenerator, GeneratorConfig, OrderGenerator, TIME_FORMAT,
@@ -135,6 +136,21 @@ async fn main() -> brook::Result<()> {
             .map_err(|e| brook::BrookError::option("ORDERS", format!("{n:?}: {e}")))?,
         None => 20_000,
     };
+    run(count).await.map(|_| ())
+}
+
+/// What the joins gave, beside the recount of the generated files.
+pub struct Counts {
+    pub fills_in_time: i64,
+    pub recounted_in_time: i64,
+    pub outer_matched: i64,
+    pub unfilled_emitted: i64,
+}
+
+/// Generates `count` orders and their fills, runs both joins over them and
+/// prints what they found; fails if the inner join's pairs are not those the
+/// files hold.
+pub async fn run(count: usize) -> brook::Result<Counts> {
     let dir = tempfile::tempdir().map_err(|e| brook::BrookError::io("a temporary directory", e))?;
     let (orders_dir, fills_dir) = (dir.path().join("orders"), dir.path().join("fills"));
     for d in [&orders_dir, &fills_dir] {
@@ -223,16 +239,27 @@ async fn main() -> brook::Result<()> {
             )
             .await?,
     );
-    show(
-        "Counts",
-        &engine
-            .sql(
-                "SELECT (SELECT count(*) FROM filled_in_time) AS fills_in_time, \
-                 (SELECT count(*) FROM orders_with_fills WHERE fill_id IS NOT NULL) AS outer_matched, \
-                 (SELECT count(*) FROM orders_with_fills WHERE fill_id IS NULL) AS unfilled_emitted",
-            )
-            .await?,
-    );
+    let totals = engine
+        .sql(
+            "SELECT (SELECT count(*) FROM filled_in_time) AS fills_in_time, \
+             (SELECT count(*) FROM orders_with_fills WHERE fill_id IS NOT NULL) AS outer_matched, \
+             (SELECT count(*) FROM orders_with_fills WHERE fill_id IS NULL) AS unfilled_emitted",
+        )
+        .await?;
+    show("Counts", &totals);
+    let total = |column: &str| {
+        totals
+            .first()
+            .and_then(|b| b.column_by_name(column))
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .map_or(0, |c| c.value(0))
+    };
+    let counts = Counts {
+        fills_in_time: total("fills_in_time"),
+        recounted_in_time: expected.values().sum::<usize>() as i64,
+        outer_matched: total("outer_matched"),
+        unfilled_emitted: total("unfilled_emitted"),
+    };
     println!(
         "From the files: {} orders, {} fills, {} of them within a minute of their order; \
          {} orders unfilled after a minute (those of the last minute or so are still in \
@@ -258,5 +285,12 @@ async fn main() -> brook::Result<()> {
         state(&outer)
     );
     inner.stop().await?;
-    outer.stop().await
+    outer.stop().await?;
+    if counts.fills_in_time != counts.recounted_in_time {
+        return Err(brook::BrookError::sql(format!(
+            "the join found {} fills within a minute of their order, the files hold {}",
+            counts.fills_in_time, counts.recounted_in_time
+        )));
+    }
+    Ok(counts)
 }

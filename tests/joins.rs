@@ -629,3 +629,23 @@ async fn aggregated_stream_stream_join_resumes_from_its_checkpoint_as_if_never_s
     assert_eq!(got_whole, expected);
     assert_eq!(got_split, expected);
 }
+
+#[path = "../examples/orders_fills.rs"]
+#[allow(dead_code)]
+mod orders_fills;
+
+/// The orders-and-fills example as a user runs it: its inner join finds the
+/// pairs the generated files hold, and its outer join the same matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orders_and_fills_example_finds_the_fills_the_files_hold() {
+    let counts = orders_fills::run(12_000).await.unwrap();
+    assert!(
+        counts.recounted_in_time > 3_000,
+        "{}",
+        counts.recounted_in_time
+    );
+    assert_eq!(counts.fills_in_time, counts.recounted_in_time);
+    assert_eq!(counts.outer_matched, counts.fills_in_time);
+    // The orders of the first minutes, unfilled in time, are emitted padded.
+    assert!(counts.unfilled_emitted > 0);
+}
