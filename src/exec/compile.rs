@@ -74,6 +74,9 @@ pub struct Stage {
     pub input_slot: Slot,
     pub window: Option<InputWindow>,
     pub plan: CompiledPlan,
+    /// How far behind the query's watermark this stage's is: as far as the
+    /// rows the stage before it emits can lag behind it.
+    pub watermark_lag_ns: i64,
 }
 
 impl CompiledQuery {
@@ -87,6 +90,18 @@ impl CompiledQuery {
     pub fn plans_mut(&mut self) -> Vec<&mut CompiledPlan> {
         std::iter::once(&mut self.plan)
             .chain(self.then.iter_mut().map(|s| &mut s.plan))
+            .collect()
+    }
+
+    /// Every stage's watermark, in the order of [`plans`](Self::plans), when
+    /// the query's is `watermark_ns`.
+    pub fn stage_watermarks(&self, watermark_ns: Option<i64>) -> Vec<Option<i64>> {
+        std::iter::once(watermark_ns)
+            .chain(
+                self.then
+                    .iter()
+                    .map(|s| watermark_ns.map(|w| w.saturating_sub(s.watermark_lag_ns))),
+            )
             .collect()
     }
 
@@ -219,6 +234,7 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
             input_slot: rest_slot,
             window: rest_window,
             plan: rest.plan,
+            watermark_lag_ns: 0,
         }],
     })
 }
@@ -226,7 +242,15 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
 /// The columns a join of two streams under an aggregation emits (`joined`,
 /// its FROM and WHERE), and the watermark columns among them, each with its
 /// source's watermark; `None` when `joined` is no join of two streams.
-type JoinedColumns = (Vec<chain::JoinedColumn>, Vec<(String, WatermarkSpec)>);
+type JoinedColumns = (Vec<chain::JoinedColumn>, Vec<JoinedWatermark>);
+
+/// A watermark column of a join's rows: its name there, its source's
+/// watermark, and the source.
+struct JoinedWatermark {
+    column: String,
+    spec: WatermarkSpec,
+    source: String,
+}
 
 async fn joined_columns(
     joined: &Query,
@@ -292,7 +316,11 @@ async fn joined_columns(
         .filter_map(|c| {
             let (_, source) = tables.iter().find(|(t, _)| *t == c.table)?;
             let wm = sources.get(source)?.watermark.as_ref()?;
-            (wm.column == c.name).then(|| (c.renamed.clone(), wm.clone()))
+            (wm.column == c.name).then(|| JoinedWatermark {
+                column: c.renamed.clone(),
+                spec: wm.clone(),
+                source: source.to_string(),
+            })
         })
         .collect();
     Ok(Some((columns, watermarks)))
@@ -330,25 +358,66 @@ async fn compile_join_chain(
             })
             .collect();
     }
-    let watermark = watermarks
+    let chosen = watermarks
         .iter()
-        .find(|(c, _)| window.as_ref() == Some(c))
-        .or_else(|| watermarks.iter().find(|(c, _)| keys.contains(c)))
-        .or(watermarks.first())
-        .map(|(column, wm)| WatermarkSpec {
-            column: column.clone(),
-            delay: wm.delay,
-        });
+        .find(|w| window.as_ref() == Some(&w.column))
+        .or_else(|| watermarks.iter().find(|w| keys.contains(&w.column)))
+        .or(watermarks.first());
     let joined = SourceDef {
         name: JOINED.to_string(),
         schema: first.output_schema.clone(),
-        watermark,
+        watermark: chosen.map(|w| WatermarkSpec {
+            column: w.column.clone(),
+            delay: w.spec.delay,
+        }),
         idle_timeout: None,
         kind: input.source.kind.clone(),
     };
     let rest_sources = BTreeMap::from([(JOINED.to_string(), joined)]);
     let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
-    chained(query, first, rest)
+    // As Spark since 3.5, the aggregation's watermark is held back by as far as
+    // the join's pairs can lag behind the query's on that column: no pair of an
+    // inner join is then late for it.
+    let CompiledPlan::Join(join) = &first.plan else {
+        return Err(BrookError::internal(
+            "the first stage of a join chain is no join",
+        ));
+    };
+    let lag_ns = match chosen {
+        Some(w) => {
+            let sides = join.inputs();
+            let side = sides
+                .iter()
+                .position(|&i| {
+                    first
+                        .inputs
+                        .get(i)
+                        .is_some_and(|x| x.source.name == w.source)
+                })
+                .ok_or_else(|| {
+                    BrookError::internal("a join's watermark column is on neither side")
+                })?;
+            join.lag_ns(side)
+        }
+        None => 0,
+    };
+    let closes_by_time = match &rest.plan {
+        CompiledPlan::Stateful(op) => op.event_time_key.is_some(),
+        _ => false,
+    };
+    if join.is_outer() && closes_by_time && rest.mode != OutputMode::Complete {
+        return Err(BrookError::sql(
+            "an outer join of two streams emits its padded rows once the watermark has passed \
+             their bound, when the aggregation above has closed their event time's groups; \
+             aggregate an outer join in output mode 'complete' or without grouping by event \
+             time, or aggregate the inner join",
+        ));
+    }
+    let mut compiled = chained(query, first, rest)?;
+    for stage in &mut compiled.then {
+        stage.watermark_lag_ns = lag_ns;
+    }
+    Ok(compiled)
 }
 
 async fn compile_stage(

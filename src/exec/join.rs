@@ -546,6 +546,18 @@ impl JoinOp {
         [self.spec.sides[0].input, self.spec.sides[1].input]
     }
 
+    /// How far behind the watermark the event time of `side` (0 left, 1
+    /// right) in a pair still to come can be: that side's rows state keeps
+    /// for the other side's rows still to come.
+    pub fn lag_ns(&self, side: usize) -> i64 {
+        self.keep_from(side, 0).saturating_neg().max(0)
+    }
+
+    /// Whether the join emits unmatched rows padded with nulls.
+    pub fn is_outer(&self) -> bool {
+        self.outer.is_some()
+    }
+
     /// The state schemas of the left and right sides (their rows, with an id first).
     pub fn state_schemas(&self) -> [SchemaRef; 2] {
         [self.state[0].schema.clone(), self.state[1].schema.clone()]

@@ -979,6 +979,7 @@ async fn run_later_stages(
             OutputMode::Append
         };
         let ticks = stage.window.as_ref().map(|w| &w.ticks);
+        let watermark_ns = watermark_ns.map(|w| w.saturating_sub(stage.watermark_lag_ns));
         let result = run_stage(&mut stage.plan, ctx, stage_mode, watermark_ns, ticks).await;
         stage.input_slot.set(&[])?;
         let ran = result?;
@@ -1097,12 +1098,18 @@ impl QueryBatches {
             // Complete mode keeps every group of the last stage, so a watermark
             // closes nothing there; the stages before it append.
             let plans = self.compiled.plans();
+            let stages = self
+                .compiled
+                .stage_ticks()
+                .into_iter()
+                .zip(self.compiled.stage_watermarks(Some(candidate)));
             let mut closes = false;
-            for (i, (plan, ticks)) in plans.iter().zip(self.compiled.stage_ticks()).enumerate() {
+            for (i, (plan, (ticks, watermark))) in plans.iter().zip(stages).enumerate() {
                 let appends = i + 1 < plans.len() || self.compiled.mode != OutputMode::Complete;
+                let watermark = watermark.unwrap_or(candidate);
                 closes |= match plan {
-                    CompiledPlan::Stateful(op) if appends => op.closes_state(candidate, ticks)?,
-                    CompiledPlan::Join(op) => op.closes_state(candidate)?,
+                    CompiledPlan::Stateful(op) if appends => op.closes_state(watermark, ticks)?,
+                    CompiledPlan::Join(op) => op.closes_state(watermark)?,
                     _ => false,
                 };
             }
