@@ -66,6 +66,11 @@ pub enum SourceKind {
     },
 }
 
+/// A connector's options and the query's `idleTimeout`, which every source takes.
+fn with_idle_timeout(options: &[&'static str]) -> Vec<&'static str> {
+    options.iter().copied().chain([IDLE_TIMEOUT]).collect()
+}
+
 impl SourceDef {
     /// Reads a `CREATE UNBOUNDED EXTERNAL TABLE` statement.
     pub fn from_ddl(cmd: &CreateExternalTable, watermark: Option<WatermarkSpec>) -> Result<Self> {
@@ -96,7 +101,11 @@ impl SourceDef {
         let location = cmd.locations.first().map(String::as_str);
         let (schema, kind) = if cmd.file_type.eq_ignore_ascii_case("KAFKA") {
             let what = format!("Kafka source table '{name}'");
-            options.reject_unknown_but(KafkaOptions::OPTIONS, "kafka.", &what)?;
+            options.reject_unknown_but(
+                &with_idle_timeout(KafkaOptions::OPTIONS),
+                "kafka.",
+                &what,
+            )?;
             let kafka = KafkaOptions::from_options(location, &options, &what)?;
             let (value, schema) =
                 KafkaValue::from_options(&options, declared, kafka.include_headers, &what)?;
@@ -107,7 +116,7 @@ impl SourceDef {
             (schema, kind)
         } else {
             options.reject_unknown(
-                FileSourceOptions::OPTIONS,
+                &with_idle_timeout(FileSourceOptions::OPTIONS),
                 &format!("source table '{name}'"),
             )?;
             let Some(format) = FileFormat::from_options(&cmd.file_type, &options, &name)? else {

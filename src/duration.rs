@@ -24,6 +24,12 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
         ))
     };
     let t = text.trim();
+    // Arrow would read a bare number as months.
+    if t.parse::<f64>().is_ok() {
+        return Err(invalid(
+            "a number needs a unit, e.g. '30 seconds' or '500ms'",
+        ));
+    }
     let nanos = match parse_short(t) {
         Some(nanos) => nanos.ok_or_else(too_long)?,
         None => {
@@ -81,6 +87,10 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("1 month").is_err());
+        for bare in ["30", "1.5", " 10 "] {
+            let e = parse_duration(bare).unwrap_err().to_string();
+            assert!(e.contains("a number needs a unit"), "{e}");
+        }
         assert!(parse_duration("soon").is_err());
     }
 
