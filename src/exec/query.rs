@@ -170,7 +170,11 @@ impl StreamingQuery {
         let state_stores = match &checkpoint {
             Some(cp) => state_layout(&compiled)
                 .into_iter()
-                .map(|part| StateStore::new(cp.clone(), &part.operator, part.schema, part.keys))
+                .map(|part| StoredState {
+                    store: StateStore::new(cp.clone(), &part.operator, part.schema, part.keys),
+                    stage: part.stage,
+                    part: part.part,
+                })
                 .collect(),
             None => vec![],
         };
@@ -414,7 +418,7 @@ struct QueryBatches {
     sink: Arc<dyn Sink>,
     /// One per state operator, in the order of [`state_layout`]: each
     /// stage's aggregation or deduplication, or a join's two sides.
-    state_stores: Vec<StateStore>,
+    state_stores: Vec<StoredState>,
     /// The query's watermark, from its inputs' by the policy.
     watermark_ns: Option<i64>,
     policy: WatermarkPolicy,
@@ -483,6 +487,13 @@ struct StatePart {
     keys: usize,
 }
 
+/// A state operator's store, and where its rows are in the query's plans.
+struct StoredState {
+    store: StateStore,
+    stage: usize,
+    part: usize,
+}
+
 /// The state operators of every stage of `compiled`, first stage first.
 fn state_layout(compiled: &CompiledQuery) -> Vec<StatePart> {
     let plans = compiled.plans();
@@ -544,15 +555,11 @@ impl Program for QueryBatches {
                 let progress = recovery
                     .source_snapshot
                     .as_ref()
-                    .and_then(|s| s.get(&input.name))
-                    .filter(|p| !p.is_null())
-                    .cloned();
+                    .and_then(|s| input_entry(s, &input.name));
                 let committed: Vec<SourceOffset> = recovery
                     .committed_offsets
                     .iter()
-                    .filter_map(|o| o.0.get(&input.name))
-                    .filter(|o| !o.is_null())
-                    .map(|o| SourceOffset(o.clone()))
+                    .filter_map(|o| input_entry(&o.0, &input.name).map(SourceOffset))
                     .collect();
                 input.source.restore(progress, &committed)?;
             }
@@ -579,11 +586,10 @@ impl Program for QueryBatches {
                 input.max_event_ns = saved.max_event_ns;
             }
         }
-        let layout = state_layout(&self.compiled);
         let mut states: Vec<Vec<Vec<RecordBatch>>> = vec![];
-        for (store, part) in self.state_stores.iter_mut().zip(&layout) {
-            states.resize_with(part.stage + 1, Vec::new);
-            states[part.stage].push(store.restore(commit).await?);
+        for stored in &mut self.state_stores {
+            states.resize_with(stored.stage + 1, Vec::new);
+            states[stored.stage].push(stored.store.restore(commit).await?);
         }
         let mode = self.compiled.mode;
         let ctx = self.compiled.task_ctx.clone();
@@ -791,20 +797,14 @@ impl Program for QueryBatches {
         let output = std::mem::take(&mut batch.output);
         // The state files are named by the commit only, so they are written beside the sink's.
         let plans = self.compiled.plans();
-        let layout = state_layout(&self.compiled);
-        let saves = self
-            .state_stores
-            .iter()
-            .zip(&batch.changes)
-            .zip(&layout)
-            .map(|((store, (upserts, deletes)), at)| {
-                store.save(
-                    batch_id,
-                    state_rows(plans[at.stage], at.part),
-                    upserts,
-                    deletes,
-                )
-            });
+        let saves =
+            self.state_stores
+                .iter()
+                .zip(&batch.changes)
+                .map(|(stored, (upserts, deletes))| {
+                    let rows = state_rows(plans[stored.stage], stored.part);
+                    stored.store.save(batch_id, rows, upserts, deletes)
+                });
         let (_, saved) = tokio::try_join!(
             self.sink.add_batch(batch_id, output),
             futures::future::try_join_all(saves)
@@ -817,9 +817,9 @@ impl Program for QueryBatches {
         let saved = std::mem::take(&mut batch.saved);
         let any = !saved.is_empty();
         let plans = self.compiled.plans();
-        let layout = state_layout(&self.compiled);
-        for ((store, saved), at) in self.state_stores.iter_mut().zip(saved).zip(&layout) {
-            store.saved(batch_id, saved, state_rows(plans[at.stage], at.part));
+        for (stored, saved) in self.state_stores.iter_mut().zip(saved) {
+            let rows = state_rows(plans[stored.stage], stored.part);
+            stored.store.saved(batch_id, saved, rows);
         }
         any
     }
@@ -839,8 +839,8 @@ impl Program for QueryBatches {
         };
         let mut state = BTreeMap::new();
         let mut state_deltas = BTreeMap::new();
-        for store in &self.state_stores {
-            let (snapshot, changes) = store.commit_files();
+        for stored in &self.state_stores {
+            let (snapshot, changes) = stored.store.commit_files();
             state.extend(snapshot);
             state_deltas.extend(changes);
         }
@@ -933,8 +933,8 @@ impl Program for QueryBatches {
     }
 
     async fn stop(&mut self) -> Result<()> {
-        for store in &mut self.state_stores {
-            store.finish().await;
+        for stored in &mut self.state_stores {
+            stored.store.finish().await;
         }
         let mut stopped = Ok(());
         for input in &mut self.inputs {
@@ -942,6 +942,12 @@ impl Program for QueryBatches {
         }
         stopped
     }
+}
+
+/// One input's entry in what a query reading several sources keeps keyed by
+/// source name (offsets, source logs); null when the input had none.
+fn input_entry(all: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    all.get(name).filter(|v| !v.is_null()).cloned()
 }
 
 /// What one stage made of a batch.
@@ -1038,7 +1044,7 @@ impl QueryBatches {
         if self.inputs.len() == 1 {
             return Ok(vec![Some(offset.clone())]);
         }
-        let serde_json::Value::Object(all) = &offset.0 else {
+        if !offset.0.is_object() {
             return Err(BrookError::checkpoint(
                 "offsets",
                 format!(
@@ -1047,15 +1053,11 @@ impl QueryBatches {
                     offset.0
                 ),
             ));
-        };
+        }
         Ok(self
             .inputs
             .iter()
-            .map(|i| {
-                all.get(&i.name)
-                    .filter(|o| !o.is_null())
-                    .map(|o| SourceOffset(o.clone()))
-            })
+            .map(|i| input_entry(&offset.0, &i.name).map(SourceOffset))
             .collect())
     }
 
