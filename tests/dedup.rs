@@ -8,9 +8,8 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
-use common::{order, put, source_ddl};
+use common::{order, put, run_checkpointed, source_ddl};
 
 const SYMBOLS: [&str; 3] = ["AAPL", "MSFT", "IBM"];
 /// Orders per file, one a second of event time.
@@ -64,31 +63,6 @@ fn script(input: &Path, output: &Path, dedup: &str) -> String {
         source_ddl(input, true),
         output.display()
     )
-}
-
-/// Runs the script over the files there are, checkpointed at `checkpoint`;
-/// the progress it printed, a JSON line a batch.
-fn run(dir: &Path, checkpoint: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_brook"))
-        .args([
-            "run",
-            "q.sql",
-            "--trigger",
-            "available-now",
-            "--progress",
-            "json",
-        ])
-        .arg("--checkpoint")
-        .arg(checkpoint)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// (minute, symbol) -> orders, as the sink's JSON lines say.
@@ -160,7 +134,7 @@ fn counted_once_across_a_restart(dedup: &str) {
     // first (file 4 sends file 3's again) after the restart.
     let dir = interrupted.path();
     (0..FILES / 2).for_each(|f| put_file(&dir.join("orders"), f));
-    let progress = run(dir, &dir.join("checkpoint"));
+    let progress = run_checkpointed(dir, "q.sql");
     // Each stage reports its state: the deduplication its dropped duplicates.
     let operators = &progress[1]["state_operators"];
     assert_eq!(operators[0]["operator"], "dedupe", "{progress:?}");
@@ -181,11 +155,11 @@ fn counted_once_across_a_restart(dedup: &str) {
     let before = sink_counts(&dir.join("out"));
     assert!(!before.is_empty(), "minutes closed before the restart");
     (FILES / 2..FILES).for_each(|f| put_file(&dir.join("orders"), f));
-    run(dir, &dir.join("checkpoint"));
+    run_checkpointed(dir, "q.sql");
 
     let dir = uninterrupted.path();
     (0..FILES).for_each(|f| put_file(&dir.join("orders"), f));
-    run(dir, &dir.join("checkpoint"));
+    run_checkpointed(dir, "q.sql");
 
     let got = sink_counts(&interrupted.path().join("out"));
     assert_eq!(got, sink_counts(&uninterrupted.path().join("out")));

@@ -12,7 +12,7 @@ use brook::datafusion::datasource::MemTable;
 use brook::datafusion::prelude::SessionContext;
 use brook::orders::{GeneratorConfig, OrderGenerator};
 use chrono::{NaiveDate, TimeDelta};
-use common::{put, sorted, table};
+use common::{put, run_checkpointed, sorted, table};
 
 /// Generated orders in three files under `dir/orders`, and a symbols table
 /// under `dir/symbols` giving a sector to the symbols from A to S (those from
@@ -336,19 +336,7 @@ fn run_join(dir: &std::path::Path) -> Vec<serde_json::Value> {
 
 fn run_script(dir: &std::path::Path, script: &str) -> Vec<serde_json::Value> {
     std::fs::write(dir.join("join.sql"), script).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
-        .args(["run", "join.sql", "--checkpoint", "checkpoint"])
-        .args(["--trigger", "available-now", "--progress", "json"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    stderr
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    run_checkpointed(dir, "join.sql")
 }
 
 /// Every row of the Parquet files under `dir`, sorted, and the same rows as

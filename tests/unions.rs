@@ -9,7 +9,7 @@ use std::path::Path;
 
 use brook::datafusion::prelude::SessionContext;
 use chrono::{NaiveDate, TimeDelta};
-use common::{put, sorted, table};
+use common::{put, run_checkpointed, sorted, table};
 
 const SCRIPT: &str = "
 CREATE UNBOUNDED EXTERNAL TABLE ua (time TIMESTAMP NOT NULL, v BIGINT,
@@ -56,17 +56,8 @@ fn write(dir: &Path, source: &str, file: i64) {
 /// Runs the script until the input is used up; each query's progress records.
 fn run(dir: &Path) -> BTreeMap<String, Vec<serde_json::Value>> {
     std::fs::write(dir.join("union.sql"), SCRIPT).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
-        .args(["run", "union.sql", "--checkpoint", "checkpoint"])
-        .args(["--trigger", "available-now", "--progress", "json"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let mut by_query: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
-    for line in stderr.lines().filter(|l| l.starts_with('{')) {
-        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+    for p in run_checkpointed(dir, "union.sql") {
         by_query
             .entry(p["name"].as_str().unwrap().to_string())
             .or_default()

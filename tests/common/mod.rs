@@ -12,6 +12,25 @@ use brook::datafusion::arrow::util::display::array_value_to_string;
 use brook::source::write_atomically;
 use brook::{Engine, StreamingQuery};
 
+/// `brook run <script>` (a file in `dir`) in `dir`, checkpointed under
+/// `dir/checkpoint`, until the input there is used up; the progress records
+/// it printed, a JSON line a batch.
+pub fn run_checkpointed(dir: &Path, script: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["run", script, "--checkpoint", "checkpoint"])
+        .args(["--trigger", "available-now", "--progress", "json"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Writes `lines` into `dir` atomically, as a watched directory expects.
 pub fn put(dir: &Path, name: &str, lines: &[String]) {
     let mut text = lines.join("\n");
