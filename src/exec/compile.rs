@@ -19,6 +19,7 @@ use datafusion::sql::sqlparser::ast::{
 };
 
 use super::join::{self, JoinOp};
+use super::session;
 use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, partitions};
@@ -26,6 +27,7 @@ use crate::error::{BrookError, Result};
 use crate::sql::chain::{self, DEDUPLICATED, JOINED};
 use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
 use crate::sql::script::WatermarkSpec;
+use crate::sql::session::{SESSION_COLUMN, rewrite_sessions};
 use crate::sql::slot::Slot;
 use crate::sql::window::{
     WINDOW_COLUMN, WindowSpec, WindowTicks, rewrite_windows, unit_nanos, window_type,
@@ -429,6 +431,8 @@ async fn compile_stage(
 ) -> Result<CompiledQuery> {
     let sql = query.to_string();
     let mut query = query.clone();
+    // Before `window(...)` is rewritten, so that a query using both is refused.
+    let sessions = rewrite_sessions(&mut query)?;
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
     let ctx = session(partitions, runtime);
@@ -448,8 +452,12 @@ async fn compile_stage(
             fields.push(Field::new(WINDOW_COLUMN, window_type(&time), true));
         }
         let slot = Slot::new(&Schema::new(fields));
+        let table = match &sessions {
+            Some(spec) => session::planning_table(&slot, spec, partitions),
+            None => slot.table(partitions),
+        };
         // By its name as it is: parsing it again would lower-case a quoted name.
-        ctx.register_table(TableReference::bare(name.as_str()), slot.table(partitions))?;
+        ctx.register_table(TableReference::bare(name.as_str()), table)?;
         slots.insert(name.clone(), slot);
     }
     for (name, table) in statics {
@@ -458,7 +466,10 @@ async fn compile_stage(
         }
     }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
-    let plan = ctx.state().statement_to_plan(statement).await?;
+    let mut plan = ctx.state().statement_to_plan(statement).await?;
+    if let Some(spec) = &sessions {
+        plan = session::with_session_column(plan, spec, sources, &slots, &ctx.state(), partitions)?;
+    }
     let is_stream = |name: &str| sources.contains_key(name);
     incremental::check_tables(&plan, &is_stream)?;
     let (plan, dedup) = incremental::distinct_as_aggregate(plan, &is_stream)?;
@@ -521,6 +532,9 @@ async fn compile_stage(
     let stream_join = join::find_stream_join(&plan, &is_stream)?;
     let Some(agg) = incremental::find_aggregate(&plan, &is_stream)? else {
         incremental::check_stateless(&plan, &is_stream)?;
+        if sessions.is_some() {
+            return Err(BrookError::sql(SESSION_NEEDS_GROUP_BY));
+        }
         if let Some((spec, _)) = &window
             && spec.is_sliding()
         {
@@ -662,6 +676,43 @@ async fn compile_stage(
             break;
         }
     }
+    let session_key = match &sessions {
+        Some(spec) => {
+            let key = agg
+                .group_expr
+                .iter()
+                .position(|e| is_column(e, SESSION_COLUMN))
+                .filter(|_| !dedup)
+                .ok_or_else(|| BrookError::sql(SESSION_NEEDS_GROUP_BY))?;
+            // A session closes when the watermark on its time column passes its end.
+            event_time_key = None;
+            for input in &inputs {
+                let read = input.source.read_schema();
+                if let Some(wm) = &input.source.watermark
+                    && wm.column == spec.time_column
+                {
+                    let time = read.field_with_name(&wm.column)?;
+                    event_time_key = Some(EventTimeKey {
+                        column: key,
+                        is_window: true,
+                        unit_nanos: unit_nanos(time.data_type())?,
+                    });
+                    break;
+                }
+            }
+            if mode == OutputMode::Append && event_time_key.is_none() {
+                return Err(BrookError::sql(format!(
+                    "output mode 'append' for session_window(...) needs a watermark on '{}', \
+                     so that sessions can be closed (as in Spark); use 'update' or \
+                     'complete', or declare WATERMARK FOR {0} AS {0} - INTERVAL '...' on the \
+                     source",
+                    spec.time_column
+                )));
+            }
+            Some(key)
+        }
+        None => None,
+    };
     let panes = mode == OutputMode::Append
         && event_time_key.as_ref().is_some_and(|k| k.is_window)
         && window
@@ -716,6 +767,7 @@ async fn compile_stage(
         panes,
         emitted_through_ns: None,
         dedup,
+        session_key,
     };
     let mut fingerprint = fingerprint(
         &inputs,
@@ -723,6 +775,9 @@ async fn compile_stage(
         window.as_ref().map(|(spec, _)| spec),
         panes,
     );
+    if let (Some(key), Some(spec)) = (session_key, &sessions) {
+        fingerprint.group_by[key] = spec.describe();
+    }
     if dedup {
         // The same keys as a GROUP BY without aggregates, but other state.
         fingerprint.aggregates.push("SELECT DISTINCT".into());
@@ -795,6 +850,10 @@ fn fingerprint(
         aggregates,
     }
 }
+
+const SESSION_NEEDS_GROUP_BY: &str = "session_window(...) groups an aggregation: write it in \
+     GROUP BY (GROUP BY session_window(time, '5 minutes'), key), not in a query without one \
+     or a SELECT DISTINCT";
 
 fn is_column(e: &Expr, name: &str) -> bool {
     matches!(e, Expr::Column(c) if c.name == name)

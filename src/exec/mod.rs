@@ -3,6 +3,7 @@
 pub mod compile;
 pub mod join;
 pub mod query;
+pub mod session;
 pub mod stateful;
 
 pub use query::{QueryInfo, QueryOptions, StreamingQuery};

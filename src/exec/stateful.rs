@@ -16,6 +16,7 @@ use datafusion::execution::TaskContext;
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 
+use super::session;
 use crate::config::OutputMode;
 use crate::error::Result;
 use crate::sql::slot::Slot;
@@ -88,6 +89,8 @@ pub struct StatefulOp {
     /// The columns of merged rows that state keeps (a deduplication's first
     /// rows are emitted, not kept).
     pub state_columns: Vec<usize>,
+    /// The key column of a `session_window`, whose sessions merge (see [`session`]).
+    pub session_key: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -221,8 +224,17 @@ impl StatefulOp {
         if self.dedup {
             return self.run_dedup(ctx, delta, closing, outcome).await;
         }
+        let mut state = self.state.clone();
+        if let Some(col) = self.session_key {
+            // The sessions a batch's rows bridge become one before their aggregates merge.
+            let merged =
+                session::merge_sessions(self.state_slot.schema(), &state, &delta, col, self.keys)?;
+            outcome.removed_rows += merged.merged_away.num_rows() as u64;
+            outcome.deletes.push(merged.merged_away);
+            (state, delta) = (merged.state, merged.delta);
+        }
         self.delta_slot.set(&delta)?;
-        self.state_slot.set(&self.state)?;
+        self.state_slot.set(&state)?;
         let merged = execute(&self.merge, ctx).await?;
         let mut emit = vec![];
         let mut keep = vec![];

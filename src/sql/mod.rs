@@ -5,5 +5,6 @@ pub mod chain;
 pub mod depth;
 pub mod incremental;
 pub mod script;
+pub mod session;
 pub mod slot;
 pub mod window;

@@ -1,0 +1,279 @@
+//! Session windows on a stream, as Spark's `session_window`: the rows of a key
+//! whose `[time, time + gap)` spans overlap (or touch) are one session, which
+//! ends a gap after its last row.
+//!
+//! The `session_window` column of each source row is computed in the plan (its
+//! gap may be an expression over the row), and the partial aggregation groups
+//! a batch's rows by key and span as any GROUP BY. Before the merge, the spans
+//! of the batch and the sessions in state are merged per key (as Spark's
+//! `MergingSessionsIterator` does over sorted rows), and every row is labelled
+//! with its merged session: the merge plan then sums the partial aggregates of
+//! the sessions a row bridged into one, as it sums any group's. The sessions
+//! merged away leave the state. A session closes when the watermark passes its
+//! end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StructArray,
+};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Int64Type, IntervalMonthDayNano, IntervalUnit, Schema, SchemaRef, TimeUnit,
+};
+use datafusion::catalog::TableProvider;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, DFSchema};
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::SessionState;
+use datafusion::functions::core::expr_fn::named_struct;
+use datafusion::logical_expr::{
+    Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, binary_expr, cast as cast_expr, lit,
+    Operator,
+};
+use datafusion::scalar::ScalarValue;
+
+use crate::catalog::SourceDef;
+use crate::error::{BrookError, Result};
+use crate::sql::session::{Gap, SESSION_COLUMN, SessionSpec};
+use crate::sql::slot::Slot;
+use crate::sql::window::window_type;
+
+/// The table a query over `slot`'s source is planned with: its columns and
+/// `session_window`, of the time column's type.
+pub fn planning_table(slot: &Slot, spec: &SessionSpec, partitions: usize) -> Arc<dyn TableProvider> {
+    let schema = slot.schema();
+    // A source without the time column gets a session too, so that the query
+    // plans and the scan's rewrite names the column and the source.
+    let time = schema
+        .field_with_name(&spec.time_column)
+        .map_or(DataType::Timestamp(TimeUnit::Nanosecond, None), |f| {
+            f.data_type().clone()
+        });
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(SESSION_COLUMN, window_type(&time), true));
+    Slot::new(&Schema::new(fields)).table(partitions)
+}
+
+/// `plan`, planned over tables that have a `session_window` column, reading
+/// the streams' slots (which have none) with the column computed from each
+/// row: `[time, time + gap)`. Rows whose gap is not positive, or null, are
+/// dropped (as Spark does), and so are rows without a time.
+pub fn with_session_column(
+    plan: LogicalPlan,
+    spec: &SessionSpec,
+    sources: &BTreeMap<String, SourceDef>,
+    slots: &BTreeMap<String, Slot>,
+    state: &SessionState,
+    partitions: usize,
+) -> Result<LogicalPlan> {
+    let mut refused = None;
+    let rewritten = plan
+        .transform_up(|node| match node {
+            LogicalPlan::TableScan(scan) if slots.contains_key(scan.table_name.table()) => {
+                let name = scan.table_name.table().to_string();
+                match session_scan(&scan.table_name, &slots[&name], spec, &sources[&name], state, partitions) {
+                    Ok(plan) => Ok(Transformed::yes(plan)),
+                    Err(e) => {
+                        refused.get_or_insert(e);
+                        Ok(Transformed::no(LogicalPlan::TableScan(scan)))
+                    }
+                }
+            }
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })?
+        .data;
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(rewritten),
+    }
+}
+
+/// A scan of `slot` as the table `table` with its `session_window` column.
+fn session_scan(
+    table: &datafusion::common::TableReference,
+    slot: &Slot,
+    spec: &SessionSpec,
+    source: &SourceDef,
+    state: &SessionState,
+    partitions: usize,
+) -> Result<LogicalPlan> {
+    let scan = LogicalPlanBuilder::scan(table.clone(), provider_as_source(slot.table(partitions)), None)?
+        .build()?;
+    let schema: &DFSchema = scan.schema();
+    let time_type = slot
+        .schema()
+        .field_with_name(&spec.time_column)
+        .map_err(|_| {
+            BrookError::sql(format!(
+                "session_window(...) uses '{}', which is not a column of '{}'",
+                spec.time_column, source.name
+            ))
+        })?
+        .data_type()
+        .clone();
+    if !matches!(time_type, DataType::Timestamp(..)) {
+        return Err(BrookError::sql(format!(
+            "session_window(...) takes a TIMESTAMP column first; '{}' of '{}' is {time_type}",
+            spec.time_column, source.name
+        )));
+    }
+    let gap = match &spec.gap {
+        Gap::Fixed(d) => {
+            let nanos = i64::try_from(d.as_nanos()).map_err(|_| {
+                BrookError::sql(format!("session_window gap {d:?} is too long"))
+            })?;
+            lit(ScalarValue::IntervalMonthDayNano(Some(
+                IntervalMonthDayNano::new(0, 0, nanos),
+            )))
+        }
+        Gap::PerRow(sql) => {
+            let gap = state.create_logical_expr(sql, schema).map_err(|e| {
+                BrookError::sql(format!("session_window gap {sql}: {e}"))
+            })?;
+            match gap.get_type(schema)? {
+                DataType::Interval(_) | DataType::Duration(_) => gap,
+                DataType::Null => cast_expr(gap, DataType::Interval(
+                    IntervalUnit::MonthDayNano,
+                )),
+                other => {
+                    return Err(BrookError::sql(format!(
+                        "session_window gap {sql} is {other}: a gap computed per row must be \
+                         an INTERVAL (INTERVAL '10 seconds'); a fixed gap may be written \
+                         '10 seconds'"
+                    )));
+                }
+            }
+        }
+    };
+    let time = Expr::Column(Column::new(Some(table.clone()), &spec.time_column));
+    let end = binary_expr(time.clone(), Operator::Plus, gap);
+    let session = cast_expr(
+        named_struct(vec![lit("start"), time.clone(), lit("end"), end.clone()]),
+        window_type(&time_type),
+    )
+    .alias_qualified(Some(table.clone()), SESSION_COLUMN);
+    let columns = schema
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .chain([session]);
+    Ok(LogicalPlanBuilder::from(scan)
+        .filter(binary_expr(end, Operator::Gt, time))?
+        .project(columns)?
+        .build()?)
+}
+
+/// The state and a batch's partial rows with every row's session replaced by
+/// the session it belongs to once the overlapping ones of its key are merged,
+/// and the state rows of the sessions merged into others (their old rows).
+pub struct Merged {
+    pub state: Vec<RecordBatch>,
+    pub delta: Vec<RecordBatch>,
+    pub merged_away: RecordBatch,
+}
+
+/// Merges the sessions of `state` and `delta` (rows of `schema`, whose first
+/// `keys` columns are the group keys, the session struct at `column`).
+pub fn merge_sessions(
+    schema: &SchemaRef,
+    state: &[RecordBatch],
+    delta: &[RecordBatch],
+    column: usize,
+    keys: usize,
+) -> Result<Merged> {
+    let state = concat_batches(schema, state)?;
+    let delta = concat_batches(schema, delta)?;
+    let all = concat_batches(schema, [&state, &delta])?;
+    let sessions = all.column(column).as_struct();
+    let ticks = |i: usize| -> Result<Int64Array> {
+        Ok(cast(sessions.column(i), &DataType::Int64)?
+            .as_primitive::<Int64Type>()
+            .clone())
+    };
+    let (starts, ends) = (ticks(0)?, ticks(1)?);
+    // The rows of each key (the group keys but the session), in the order of
+    // the keys' first rows.
+    let others: Vec<usize> = (0..keys).filter(|&k| k != column).collect();
+    let mut groups: Vec<Vec<usize>> = vec![];
+    if others.is_empty() {
+        groups.push((0..all.num_rows()).collect());
+    } else {
+        let converter = RowConverter::new(
+            others
+                .iter()
+                .map(|&k| SortField::new(all.column(k).data_type().clone()))
+                .collect(),
+        )?;
+        let columns: Vec<ArrayRef> = others.iter().map(|&k| all.column(k).clone()).collect();
+        let rows = converter.convert_columns(&columns)?;
+        let mut index: HashMap<&[u8], usize> = HashMap::new();
+        for i in 0..all.num_rows() {
+            let g = *index.entry(rows.row(i).data()).or_insert_with(|| {
+                groups.push(vec![]);
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+    }
+    let mut new_starts: Vec<Option<i64>> = starts.iter().collect();
+    let mut new_ends: Vec<Option<i64>> = ends.iter().collect();
+    for mut rows in groups {
+        // Rows without a session (none are fed) keep theirs.
+        rows.retain(|&i| starts.is_valid(i) && ends.is_valid(i));
+        rows.sort_by_key(|&i| starts.value(i));
+        let mut first = 0;
+        while first < rows.len() {
+            let start = starts.value(rows[first]);
+            let mut end = ends.value(rows[first]);
+            let mut last = first + 1;
+            // As Spark: a span starting at or before the session's end extends it.
+            while last < rows.len() && starts.value(rows[last]) <= end {
+                end = end.max(ends.value(rows[last]));
+                last += 1;
+            }
+            for &i in &rows[first..last] {
+                new_starts[i] = Some(start);
+                new_ends[i] = Some(end);
+            }
+            first = last;
+        }
+    }
+    let moved: BooleanArray = (0..state.num_rows())
+        .map(|i| {
+            let old = (starts.is_valid(i).then(|| starts.value(i)), ends.is_valid(i).then(|| ends.value(i)));
+            Some((new_starts[i], new_ends[i]) != old)
+        })
+        .collect();
+    let relabelled = relabel(&all, column, new_starts, new_ends)?;
+    Ok(Merged {
+        merged_away: filter_record_batch(&state, &moved)?,
+        state: vec![relabelled.slice(0, state.num_rows())],
+        delta: vec![relabelled.slice(state.num_rows(), delta.num_rows())],
+    })
+}
+
+/// `batch` with the session struct at `column` made of `starts` and `ends`.
+fn relabel(
+    batch: &RecordBatch,
+    column: usize,
+    starts: Vec<Option<i64>>,
+    ends: Vec<Option<i64>>,
+) -> Result<RecordBatch> {
+    let sessions = batch.column(column).as_struct();
+    let DataType::Struct(fields) = sessions.data_type() else {
+        return Err(BrookError::internal("a session_window column is no struct"));
+    };
+    let time_type = fields[0].data_type();
+    let start = cast(&Int64Array::from(starts), time_type)?;
+    let end = cast(&Int64Array::from(ends), time_type)?;
+    let mut columns = batch.columns().to_vec();
+    columns[column] = Arc::new(StructArray::try_new(
+        fields.clone(),
+        vec![start, end],
+        sessions.nulls().cloned(),
+    )?);
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
