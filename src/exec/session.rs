@@ -22,16 +22,16 @@ use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{
     DataType, Field, Int64Type, IntervalMonthDayNano, IntervalUnit, Schema, SchemaRef, TimeUnit,
 };
-use datafusion::catalog::TableProvider;
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DFSchema};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::SessionState;
 use datafusion::functions::core::expr_fn::named_struct;
 use datafusion::logical_expr::{
-    Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, binary_expr, cast as cast_expr, lit,
-    Operator,
+    Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, binary_expr, cast as cast_expr,
+    lit,
 };
 use datafusion::scalar::ScalarValue;
 
@@ -43,7 +43,11 @@ use crate::sql::window::window_type;
 
 /// The table a query over `slot`'s source is planned with: its columns and
 /// `session_window`, of the time column's type.
-pub fn planning_table(slot: &Slot, spec: &SessionSpec, partitions: usize) -> Arc<dyn TableProvider> {
+pub fn planning_table(
+    slot: &Slot,
+    spec: &SessionSpec,
+    partitions: usize,
+) -> Arc<dyn TableProvider> {
     let schema = slot.schema();
     // A source without the time column gets a session too, so that the query
     // plans and the scan's rewrite names the column and the source.
@@ -74,7 +78,14 @@ pub fn with_session_column(
         .transform_up(|node| match node {
             LogicalPlan::TableScan(scan) if slots.contains_key(scan.table_name.table()) => {
                 let name = scan.table_name.table().to_string();
-                match session_scan(&scan.table_name, &slots[&name], spec, &sources[&name], state, partitions) {
+                match session_scan(
+                    &scan.table_name,
+                    &slots[&name],
+                    spec,
+                    &sources[&name],
+                    state,
+                    partitions,
+                ) {
                     Ok(plan) => Ok(Transformed::yes(plan)),
                     Err(e) => {
                         refused.get_or_insert(e);
@@ -100,8 +111,12 @@ fn session_scan(
     state: &SessionState,
     partitions: usize,
 ) -> Result<LogicalPlan> {
-    let scan = LogicalPlanBuilder::scan(table.clone(), provider_as_source(slot.table(partitions)), None)?
-        .build()?;
+    let scan = LogicalPlanBuilder::scan(
+        table.clone(),
+        provider_as_source(slot.table(partitions)),
+        None,
+    )?
+    .build()?;
     let schema: &DFSchema = scan.schema();
     let time_type = slot
         .schema()
@@ -122,22 +137,19 @@ fn session_scan(
     }
     let gap = match &spec.gap {
         Gap::Fixed(d) => {
-            let nanos = i64::try_from(d.as_nanos()).map_err(|_| {
-                BrookError::sql(format!("session_window gap {d:?} is too long"))
-            })?;
+            let nanos = i64::try_from(d.as_nanos())
+                .map_err(|_| BrookError::sql(format!("session_window gap {d:?} is too long")))?;
             lit(ScalarValue::IntervalMonthDayNano(Some(
                 IntervalMonthDayNano::new(0, 0, nanos),
             )))
         }
         Gap::PerRow(sql) => {
-            let gap = state.create_logical_expr(sql, schema).map_err(|e| {
-                BrookError::sql(format!("session_window gap {sql}: {e}"))
-            })?;
+            let gap = state
+                .create_logical_expr(sql, schema)
+                .map_err(|e| BrookError::sql(format!("session_window gap {sql}: {e}")))?;
             match gap.get_type(schema)? {
                 DataType::Interval(_) | DataType::Duration(_) => gap,
-                DataType::Null => cast_expr(gap, DataType::Interval(
-                    IntervalUnit::MonthDayNano,
-                )),
+                DataType::Null => cast_expr(gap, DataType::Interval(IntervalUnit::MonthDayNano)),
                 other => {
                     return Err(BrookError::sql(format!(
                         "session_window gap {sql} is {other}: a gap computed per row must be \
@@ -243,7 +255,10 @@ pub fn merge_sessions(
     }
     let moved: BooleanArray = (0..state.num_rows())
         .map(|i| {
-            let old = (starts.is_valid(i).then(|| starts.value(i)), ends.is_valid(i).then(|| ends.value(i)));
+            let old = (
+                starts.is_valid(i).then(|| starts.value(i)),
+                ends.is_valid(i).then(|| ends.value(i)),
+            );
             Some((new_starts[i], new_ends[i]) != old)
         })
         .collect();
