@@ -196,8 +196,16 @@ pub fn merge_sessions(
     column: usize,
     keys: usize,
 ) -> Result<Merged> {
-    let state = concat_batches(schema, state)?;
     let delta = concat_batches(schema, delta)?;
+    if delta.num_rows() == 0 {
+        // The sessions in state neither overlap nor touch: only new rows can merge them.
+        return Ok(Merged {
+            state: state.to_vec(),
+            delta: vec![],
+            merged_away: RecordBatch::new_empty(schema.clone()),
+        });
+    }
+    let state = concat_batches(schema, state)?;
     let all = concat_batches(schema, [&state, &delta])?;
     let sessions = all.column(column).as_struct();
     let ticks = |i: usize| -> Result<Int64Array> {
@@ -291,4 +299,101 @@ fn relabel(
         sessions.nulls().cloned(),
     )?);
     Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int32Array, TimestampSecondArray};
+    use datafusion::arrow::datatypes::Fields;
+
+    fn rows(schema: &SchemaRef, rows: &[(i32, i64, i64, i64)]) -> RecordBatch {
+        let time = DataType::Timestamp(TimeUnit::Second, None);
+        let DataType::Struct(fields) = window_type(&time) else {
+            unreachable!()
+        };
+        let column = |f: fn(&(i32, i64, i64, i64)) -> i64| -> ArrayRef {
+            Arc::new(TimestampSecondArray::from(
+                rows.iter().map(f).collect::<Vec<_>>(),
+            ))
+        };
+        let sessions = StructArray::new(
+            Fields::from(fields.to_vec()),
+            vec![column(|r| r.1), column(|r| r.2)],
+            None,
+        );
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int32Array::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(sessions),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn spans(batches: &[RecordBatch]) -> Vec<(i32, i64, i64, i64)> {
+        let mut out = vec![];
+        for b in batches {
+            let keys = b
+                .column(0)
+                .as_primitive::<datafusion::arrow::datatypes::Int32Type>();
+            let sessions = b.column(1).as_struct();
+            let tick = |i: usize| cast(sessions.column(i), &DataType::Int64).unwrap();
+            let (starts, ends) = (tick(0), tick(1));
+            let (starts, ends) = (
+                starts.as_primitive::<Int64Type>(),
+                ends.as_primitive::<Int64Type>(),
+            );
+            let counts = b.column(2).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                out.push((
+                    keys.value(i),
+                    starts.value(i),
+                    ends.value(i),
+                    counts.value(i),
+                ));
+            }
+        }
+        out
+    }
+
+    /// A batch's rows, out of order, join the sessions of their own key only:
+    /// key 1's row at 8 bridges [0, 10) and [12, 22); a span starting where
+    /// another ends extends it (key 2), and key 3's sessions stay apart.
+    #[test]
+    fn rows_bridging_sessions_of_their_key_merge_them() {
+        let time = DataType::Timestamp(TimeUnit::Second, None);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k0", DataType::Int32, true),
+            Field::new("k1", window_type(&time), true),
+            Field::new("__rows", DataType::Int64, true),
+        ]));
+        let state = rows(
+            &schema,
+            &[(1, 0, 10, 1), (1, 12, 22, 1), (3, 0, 10, 1), (3, 30, 40, 1)],
+        );
+        let delta = rows(
+            &schema,
+            &[(2, 15, 25, 1), (1, 8, 18, 1), (2, 5, 15, 1), (3, 15, 25, 1)],
+        );
+        let merged = merge_sessions(&schema, &[state], &[delta], 1, 2).unwrap();
+        assert_eq!(
+            spans(&merged.state),
+            vec![(1, 0, 22, 1), (1, 0, 22, 1), (3, 0, 10, 1), (3, 30, 40, 1)]
+        );
+        assert_eq!(
+            spans(&merged.delta),
+            vec![(2, 5, 25, 1), (1, 0, 22, 1), (2, 5, 25, 1), (3, 15, 25, 1)]
+        );
+        assert_eq!(
+            spans(&[merged.merged_away]),
+            vec![(1, 0, 10, 1), (1, 12, 22, 1)]
+        );
+    }
 }
