@@ -39,7 +39,7 @@ use crate::catalog::SourceDef;
 use crate::error::{BrookError, Result};
 use crate::sql::session::{Gap, SESSION_COLUMN, SessionSpec};
 use crate::sql::slot::Slot;
-use crate::sql::window::window_type;
+use crate::sql::window::{unit_nanos, window_type};
 
 /// The table a query over `slot`'s source is planned with: its columns and
 /// `session_window`, of the time column's type.
@@ -137,6 +137,12 @@ fn session_scan(
     }
     let gap = match &spec.gap {
         Gap::Fixed(d) => {
+            // As a window's, a gap the time column cannot hold would be cut to it.
+            if d.as_nanos() % unit_nanos(&time_type)? as u128 != 0 {
+                return Err(BrookError::sql(format!(
+                    "session_window gap {d:?} is finer than the time column's unit ({time_type})"
+                )));
+            }
             let nanos = i64::try_from(d.as_nanos())
                 .map_err(|_| BrookError::sql(format!("session_window gap {d:?} is too long")))?;
             lit(ScalarValue::IntervalMonthDayNano(Some(
