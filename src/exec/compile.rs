@@ -10,7 +10,7 @@ use datafusion::common::TableReference;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::logical_expr::{Aggregate, AggregateUDF, Expr, LogicalPlan, ScalarUDF, WindowUDF};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
@@ -135,7 +135,61 @@ impl InputWindow {
     }
 }
 
-fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
+/// Functions registered on the engine, which every query's planning session gets.
+#[derive(Clone, Default)]
+pub struct UserFunctions {
+    pub scalar: BTreeMap<String, Arc<ScalarUDF>>,
+    pub aggregate: BTreeMap<String, Arc<AggregateUDF>>,
+    pub window: BTreeMap<String, Arc<WindowUDF>>,
+}
+
+impl UserFunctions {
+    pub fn contains(&self, name: &str) -> bool {
+        self.scalar.contains_key(name)
+            || self.aggregate.contains_key(name)
+            || self.window.contains_key(name)
+    }
+
+    fn register(&self, ctx: &SessionContext) {
+        for f in self.scalar.values() {
+            ctx.register_udf(f.as_ref().clone());
+        }
+        for f in self.aggregate.values() {
+            ctx.register_udaf(f.as_ref().clone());
+        }
+        for f in self.window.values() {
+            ctx.register_udwf(f.as_ref().clone());
+        }
+    }
+
+    /// The names of these functions that `plan` calls, subqueries included.
+    fn used_by(&self, plan: &LogicalPlan) -> Result<BTreeSet<String>> {
+        let mut used = BTreeSet::new();
+        plan.apply_with_subqueries(|node| {
+            node.apply_expressions(|expr| {
+                expr.apply(|e| {
+                    let name = match e {
+                        Expr::ScalarFunction(f) => f.func.name(),
+                        Expr::AggregateFunction(f) => f.func.name(),
+                        Expr::WindowFunction(f) => f.fun.name(),
+                        _ => return Ok(TreeNodeRecursion::Continue),
+                    };
+                    if self.contains(name) {
+                        used.insert(name.to_string());
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            })
+        })?;
+        Ok(used)
+    }
+}
+
+fn session(
+    partitions: usize,
+    runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
+) -> SessionContext {
     let mut config = SessionConfig::new().with_target_partitions(partitions);
     // Plans are re-executed every batch; filters derived at run time must not leak into the next.
     config
@@ -146,7 +200,9 @@ fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
     // the plans the tests make, a second pass only ever dropped a LIMIT that the
     // sort below it already applied.
     config.options_mut().optimizer.max_passes = 1;
-    SessionContext::new_with_config_rt(config, runtime)
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    functions.register(&ctx);
+    ctx
 }
 
 /// Plans `query` over the declared sources. `mode` is the requested output mode,
@@ -160,23 +216,33 @@ pub async fn compile(
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     mode: Option<OutputMode>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<CompiledQuery> {
     let is_stream = |name: &str| sources.contains_key(name);
     if let Some(joined) = chain::join_below_aggregate(query, &is_stream)
-        && let Some(found) = joined_columns(&joined, sources, statics, runtime.clone()).await?
+        && let Some(found) =
+            joined_columns(&joined, sources, statics, runtime.clone(), functions).await?
     {
-        return compile_join_chain(query, found, sources, statics, mode, runtime).await;
+        return compile_join_chain(query, found, sources, statics, mode, runtime, functions).await;
     }
     let Some(chain) = chain::split_deduplication(query, &is_stream)? else {
-        return compile_stage(query, sources, statics, mode, runtime).await;
+        return compile_stage(query, sources, statics, mode, runtime, functions).await;
     };
     // Rows a stage passes on are final: the first stage appends, as a
     // deduplication does by default.
-    let first = compile_stage(&chain.first, sources, statics, None, runtime.clone()).await?;
+    let first = compile_stage(
+        &chain.first,
+        sources,
+        statics,
+        None,
+        runtime.clone(),
+        functions,
+    )
+    .await?;
     let deduplicates = matches!(&first.plan, CompiledPlan::Stateful(op) if op.dedup);
     if !deduplicates || first.mode != OutputMode::Append {
         // A row number over groups, say: planned whole, it is refused for what it is.
-        return compile_stage(query, sources, statics, mode, runtime).await;
+        return compile_stage(query, sources, statics, mode, runtime, functions).await;
     }
     let [input] = &first.inputs[..] else {
         return Err(BrookError::sql(
@@ -202,7 +268,15 @@ pub async fn compile(
         ..source.clone()
     };
     let rest_sources = BTreeMap::from([(DEDUPLICATED.to_string(), deduplicated)]);
-    let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    let rest = compile_stage(
+        &chain.rest,
+        &rest_sources,
+        statics,
+        mode,
+        runtime,
+        functions,
+    )
+    .await?;
     chained(query, first, rest)
 }
 
@@ -222,6 +296,9 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
     fingerprint.group_by.push("then".into());
     fingerprint.group_by.extend(rest.fingerprint.group_by);
     fingerprint.aggregates.extend(rest.fingerprint.aggregates);
+    fingerprint.functions.extend(rest.fingerprint.functions);
+    fingerprint.functions.sort();
+    fingerprint.functions.dedup();
     Ok(CompiledQuery {
         inputs: first.inputs,
         plan: first.plan,
@@ -257,8 +334,9 @@ async fn joined_columns(
     sources: &BTreeMap<String, SourceDef>,
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<Option<JoinedColumns>> {
-    let ctx = session(1, runtime);
+    let ctx = session(1, runtime, functions);
     for (name, def) in sources {
         let slot = Slot::new(&def.read_schema());
         ctx.register_table(TableReference::bare(name.as_str()), slot.table(1))?;
@@ -336,9 +414,18 @@ async fn compile_join_chain(
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     mode: Option<OutputMode>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<CompiledQuery> {
     let chain = chain::split_join(query, &columns)?;
-    let first = compile_stage(&chain.first, sources, statics, None, runtime.clone()).await?;
+    let first = compile_stage(
+        &chain.first,
+        sources,
+        statics,
+        None,
+        runtime.clone(),
+        functions,
+    )
+    .await?;
     let Some(input) = first.inputs.first() else {
         return Err(BrookError::internal("a join of two streams reads nothing"));
     };
@@ -374,7 +461,15 @@ async fn compile_join_chain(
         kind: input.source.kind.clone(),
     };
     let rest_sources = BTreeMap::from([(JOINED.to_string(), joined)]);
-    let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    let rest = compile_stage(
+        &chain.rest,
+        &rest_sources,
+        statics,
+        mode,
+        runtime,
+        functions,
+    )
+    .await?;
     // As Spark since 3.5, the aggregation's watermark is held back by as far as
     // the join's pairs can lag behind the query's on that column: no pair of an
     // inner join is then late for it.
@@ -426,12 +521,13 @@ async fn compile_stage(
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     mode: Option<OutputMode>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<CompiledQuery> {
     let sql = query.to_string();
     let mut query = query.clone();
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
-    let ctx = session(partitions, runtime);
+    let ctx = session(partitions, runtime, functions);
     let mut slots = BTreeMap::new();
     for (name, def) in sources {
         let read = def.read_schema();
@@ -459,6 +555,7 @@ async fn compile_stage(
     }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
     let plan = ctx.state().statement_to_plan(statement).await?;
+    let used_functions = functions.used_by(&plan)?;
     let is_stream = |name: &str| sources.contains_key(name);
     incremental::check_tables(&plan, &is_stream)?;
     let (plan, dedup) = incremental::distinct_as_aggregate(plan, &is_stream)?;
@@ -537,7 +634,8 @@ async fn compile_stage(
             }
             m => m,
         };
-        let fingerprint = fingerprint(&inputs, None, None, false);
+        let mut fingerprint = fingerprint(&inputs, None, None, false);
+        fingerprint.functions = used_functions.into_iter().collect();
         let plan = match &stream_join {
             Some(found) => {
                 let sources: Vec<join::JoinInput> =
@@ -723,6 +821,7 @@ async fn compile_stage(
         window.as_ref().map(|(spec, _)| spec),
         panes,
     );
+    fingerprint.functions = used_functions.into_iter().collect();
     if dedup {
         // The same keys as a GROUP BY without aggregates, but other state.
         fingerprint.aggregates.push("SELECT DISTINCT".into());
@@ -793,6 +892,7 @@ fn fingerprint(
         source,
         group_by,
         aggregates,
+        functions: vec![],
     }
 }
 
