@@ -13,14 +13,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
-    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
-    StructBuilder, TimestampMillisecondBuilder,
+    ArrayRef, BinaryArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, Int64Builder,
+    ListBuilder, RecordBatch, StringArray, StringBuilder, StructBuilder, TimestampMillisecondArray,
+    TimestampMillisecondBuilder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
+use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, SchemaRef};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use super::options::{Column, Metadata, split_columns};
 use super::queue::{self, Queue};
-use super::{Range, Ranges, header_fields};
+use super::{Range, Ranges, headers_type};
 use crate::error::{BrookError, Result};
 use crate::source::SourceBatch;
 use crate::source::format::{Decoder, FileFormat};
@@ -35,17 +38,47 @@ const PART_BYTES: usize = 8 << 20;
 /// Parts polled but not yet turned into rows: polling stops for the slower rows.
 const CHUNKS_AHEAD: usize = 4;
 
-/// How records become rows: parsed from their values, or Spark's raw Kafka columns.
+/// How records become rows: parsed from their values (beside metadata
+/// columns, if the table has some), or Spark's raw Kafka columns.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Rows {
-    Decoded(Arc<Decoder>),
+    Decoded(Arc<Decoder>, Option<Arc<Layout>>),
     Raw(SchemaRef),
 }
 
+/// The columns of a parsed table with metadata columns: its schema, and
+/// where each column comes from.
+#[derive(Debug, PartialEq)]
+pub(super) struct Layout {
+    schema: SchemaRef,
+    columns: Vec<Column>,
+}
+
 impl Rows {
+    /// Rows of `decoder`'s columns: the metadata columns among them are
+    /// filled from the records, the others parsed from their values.
+    pub(super) fn decoded(decoder: Decoder, include_headers: bool) -> Result<Self> {
+        let corrupt = decoder
+            .corrupt_column
+            .map(|i| decoder.schema.field(i).name().clone())
+            .unwrap_or_default();
+        let (values, columns) =
+            split_columns(&decoder.schema, include_headers, &corrupt, "Kafka source")?;
+        if columns.iter().all(|c| matches!(c, Column::Value(_))) {
+            return Ok(Rows::Decoded(Arc::new(decoder), None));
+        }
+        let layout = Layout {
+            schema: decoder.schema.clone(),
+            columns,
+        };
+        let values = Decoder::new(decoder.format.clone(), values, decoder.mode, &corrupt);
+        Ok(Rows::Decoded(Arc::new(values), Some(Arc::new(layout))))
+    }
+
     pub(super) fn schema(&self) -> SchemaRef {
         match self {
-            Rows::Decoded(decoder) => decoder.schema.clone(),
+            Rows::Decoded(_, Some(layout)) => layout.schema.clone(),
+            Rows::Decoded(decoder, None) => decoder.schema.clone(),
             Rows::Raw(schema) => schema.clone(),
         }
     }
@@ -357,11 +390,24 @@ impl Chunk {
                 decoder,
                 text,
                 offsets,
+                metadata: None,
             } => {
                 let name = partition_name(&self.topic, self.partition);
                 let (batch, found) = decode(&name, &decoder, text, &offsets)?;
                 malformed.merge(found);
                 batch
+            }
+            Pending::Text {
+                decoder,
+                text,
+                offsets,
+                metadata: Some(records),
+            } => {
+                let name = partition_name(&self.topic, self.partition);
+                let (values, found, rows) =
+                    decode_records(&name, &decoder, text, &offsets, &records)?;
+                malformed.merge(found);
+                with_metadata(&records, values, &rows, &self.topic, self.partition)?
             }
             Pending::Raw {
                 schema, records, ..
@@ -373,6 +419,110 @@ impl Chunk {
             malformed,
         })
     }
+}
+
+/// Parses the values of partition `name` as [`decode`] does, and says which
+/// of `records` each row comes from (the metadata columns' values). One pass
+/// over all the values does when each value is one row: each a non-blank
+/// line, none malformed, as many rows as values. Otherwise (a value over
+/// several lines, a malformed or blank one) each value is parsed alone.
+fn decode_records(
+    name: &str,
+    decoder: &Decoder,
+    text: Vec<u8>,
+    offsets: &[i64],
+    records: &MetadataRecords,
+) -> Result<(RecordBatch, MalformedStats, Vec<usize>)> {
+    let n = records.records.len();
+    if !records.blank && offsets.len() == n {
+        let (batch, malformed) = decode(name, decoder, text.clone(), offsets)?;
+        if malformed.count == 0 && batch.num_rows() == n {
+            return Ok((batch, malformed, (0..n).collect()));
+        }
+    }
+    let mut batches = vec![];
+    let mut malformed = MalformedStats::default();
+    let mut rows = vec![];
+    let (mut start, mut line) = (0, 0);
+    for (i, (end, lines)) in records.ends.iter().enumerate() {
+        let (batch, found) = decode(
+            name,
+            decoder,
+            text[start..*end].to_vec(),
+            &offsets[line..line + lines],
+        )?;
+        rows.extend(std::iter::repeat_n(i, batch.num_rows()));
+        malformed.merge(found);
+        batches.push(batch);
+        (start, line) = (*end, line + lines);
+    }
+    let batch = concat_batches(&decoder.schema, &batches)?;
+    Ok((batch, malformed, rows))
+}
+
+/// The table's rows: `values` parsed, row i from `records[rows[i]]`, with the
+/// metadata columns filled from those records.
+fn with_metadata(
+    records: &MetadataRecords,
+    values: RecordBatch,
+    rows: &[usize],
+    topic: &str,
+    partition: i32,
+) -> Result<RecordBatch> {
+    let layout = &records.layout;
+    let of_rows = || rows.iter().map(|&i| &records.records[i]);
+    let mut columns = Vec::with_capacity(layout.columns.len());
+    for (column, field) in layout.columns.iter().zip(layout.schema.fields()) {
+        let array: ArrayRef = match column {
+            Column::Value(i) => values.column(*i).clone(),
+            Column::Metadata(Metadata::Key) if field.data_type() == &DataType::Utf8 => {
+                let keys = of_rows()
+                    .map(|r| {
+                        r.key
+                            .as_deref()
+                            .map(|k| {
+                                std::str::from_utf8(k).map_err(|_| BrookError::Malformed {
+                                    file: format!(
+                                        "{} offset {}",
+                                        partition_name(topic, partition),
+                                        r.offset
+                                    ),
+                                    line: 1,
+                                    reason: "the record's key is not UTF-8 text; declare \
+                                             _key BYTEA to read it as bytes"
+                                        .into(),
+                                })
+                            })
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<Option<&str>>>>()?;
+                Arc::new(StringArray::from(keys))
+            }
+            Column::Metadata(Metadata::Key) => {
+                Arc::new(BinaryArray::from_iter(of_rows().map(|r| r.key.as_deref())))
+            }
+            Column::Metadata(Metadata::Topic) => {
+                Arc::new(StringArray::from_iter_values(of_rows().map(|_| topic)))
+            }
+            Column::Metadata(Metadata::Partition) => {
+                Arc::new(Int32Array::from_iter_values(of_rows().map(|_| partition)))
+            }
+            Column::Metadata(Metadata::Offset) => {
+                Arc::new(Int64Array::from_iter_values(of_rows().map(|r| r.offset)))
+            }
+            Column::Metadata(Metadata::Timestamp) => {
+                let millis = TimestampMillisecondArray::from_iter(of_rows().map(|r| r.timestamp));
+                // Kafka's milliseconds, in the unit the column is declared with.
+                cast(&millis, field.data_type())?
+            }
+            Column::Metadata(Metadata::TimestampType) => Arc::new(Int32Array::from_iter_values(
+                of_rows().map(|r| r.timestamp_type),
+            )),
+            Column::Metadata(Metadata::Headers) => headers_column(of_rows(), field)?,
+        };
+        columns.push(array);
+    }
+    Ok(RecordBatch::try_new(layout.schema.clone(), columns)?)
 }
 
 /// Parses the values of partition `name`, one per line: line N of the text is
@@ -446,6 +596,8 @@ enum Pending {
         decoder: Arc<Decoder>,
         text: Vec<u8>,
         offsets: Vec<i64>,
+        /// The records, for a table with metadata columns.
+        metadata: Option<MetadataRecords>,
     },
     Raw {
         schema: SchemaRef,
@@ -455,13 +607,29 @@ enum Pending {
     },
 }
 
+/// The records whose values a part's text holds, without their values.
+struct MetadataRecords {
+    layout: Arc<Layout>,
+    records: Vec<Record>,
+    /// Where each record's value ends in the text, and how many lines it takes.
+    ends: Vec<(usize, usize)>,
+    /// Whether a value is blank (a line that may make no row).
+    blank: bool,
+}
+
 impl Pending {
     fn new(rows: &Rows) -> Self {
         match rows {
-            Rows::Decoded(decoder) => Pending::Text {
+            Rows::Decoded(decoder, layout) => Pending::Text {
                 decoder: decoder.clone(),
                 text: Vec::new(),
                 offsets: Vec::new(),
+                metadata: layout.as_ref().map(|layout| MetadataRecords {
+                    layout: layout.clone(),
+                    records: Vec::new(),
+                    ends: Vec::new(),
+                    blank: false,
+                }),
             },
             Rows::Raw(schema) => Pending::Raw {
                 schema: schema.clone(),
@@ -474,7 +642,9 @@ impl Pending {
     /// How these records will become rows.
     fn rows(&self) -> Rows {
         match self {
-            Pending::Text { decoder, .. } => Rows::Decoded(decoder.clone()),
+            Pending::Text {
+                decoder, metadata, ..
+            } => Rows::Decoded(decoder.clone(), metadata.as_ref().map(|m| m.layout.clone())),
             Pending::Raw { schema, .. } => Rows::Raw(schema.clone()),
         }
     }
@@ -499,10 +669,18 @@ impl Pending {
                 decoder,
                 text,
                 offsets,
+                metadata,
             } => {
                 let value = message.payload().unwrap_or_default();
                 let lines = append_value(text, &decoder.format, value);
                 offsets.extend(std::iter::repeat_n(message.offset(), lines));
+                if let Some(m) = metadata {
+                    m.blank |= value.iter().all(u8::is_ascii_whitespace);
+                    m.ends.push((text.len(), lines));
+                    let mut record = Record::of(message);
+                    record.value = None;
+                    m.records.push(record);
+                }
             }
             Pending::Raw { records, bytes, .. } => {
                 *bytes +=
@@ -549,10 +727,6 @@ fn raw_batch(
     let mut offsets = Int64Builder::new();
     let mut times = TimestampMillisecondBuilder::new();
     let mut types = Int32Builder::new();
-    let mut headers =
-        ListBuilder::new(StructBuilder::from_fields(header_fields(), 0)).with_field(Arc::new(
-            Field::new_list_field(DataType::Struct(header_fields()), true),
-        ));
     for r in records {
         key.append_option(r.key.as_deref());
         value.append_option(r.value.as_deref());
@@ -561,6 +735,44 @@ fn raw_batch(
         offsets.append_value(r.offset);
         times.append_option(r.timestamp);
         types.append_value(r.timestamp_type);
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(key.finish()),
+        Arc::new(value.finish()),
+        Arc::new(topics.finish()),
+        Arc::new(partitions.finish()),
+        Arc::new(offsets.finish()),
+        Arc::new(times.finish()),
+        Arc::new(types.finish()),
+    ];
+    if let Ok(field) = schema.field_with_name("headers") {
+        columns.push(headers_column(records.iter(), field)?);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// The records' headers as `field` declares them: a list of (key, value) structs.
+fn headers_column<'r>(
+    records: impl Iterator<Item = &'r Record>,
+    field: &Field,
+) -> Result<ArrayRef> {
+    let (DataType::List(item), DataType::Struct(fields)) = (
+        field.data_type(),
+        match field.data_type() {
+            DataType::List(item) => item.data_type(),
+            _ => &DataType::Null,
+        },
+    ) else {
+        return Err(BrookError::internal(format!(
+            "headers column of type {}, not {}",
+            field.data_type(),
+            headers_type()
+        )));
+    };
+    let item: FieldRef = item.clone();
+    let mut headers =
+        ListBuilder::new(StructBuilder::from_fields(fields.clone(), 0)).with_field(item);
+    for r in records {
         match &r.headers {
             None => headers.append_null(),
             Some(pairs) => {
@@ -580,19 +792,7 @@ fn raw_batch(
             }
         }
     }
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(key.finish()),
-        Arc::new(value.finish()),
-        Arc::new(topics.finish()),
-        Arc::new(partitions.finish()),
-        Arc::new(offsets.finish()),
-        Arc::new(times.finish()),
-        Arc::new(types.finish()),
-    ];
-    if schema.column_with_name("headers").is_some() {
-        columns.push(Arc::new(headers.finish()));
-    }
-    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+    Ok(Arc::new(headers.finish()))
 }
 
 #[cfg(test)]
