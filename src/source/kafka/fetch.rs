@@ -393,7 +393,7 @@ impl Chunk {
                 metadata: None,
             } => {
                 let name = partition_name(&self.topic, self.partition);
-                let (batch, found) = decode(&name, &decoder, text, &offsets)?;
+                let (batch, found) = decode(&name, &decoder, text.into(), &offsets)?;
                 malformed.merge(found);
                 batch
             }
@@ -422,10 +422,11 @@ impl Chunk {
 }
 
 /// Parses the values of partition `name` as [`decode`] does, and says which
-/// of `records` each row comes from (the metadata columns' values). One pass
-/// over all the values does when each value is one row: each a non-blank
-/// line, none malformed, as many rows as values. Otherwise (a value over
-/// several lines, a malformed or blank one) each value is parsed alone.
+/// of `records` each row comes from (the metadata columns' values). A line
+/// makes one row at most (two JSON values on a line are malformed), so when
+/// each value is one line, none is malformed and there are as many rows as
+/// values, row i is value i: one pass over all the values does. Otherwise (a
+/// value over several lines, a malformed or blank one) each is parsed alone.
 fn decode_records(
     name: &str,
     decoder: &Decoder,
@@ -433,8 +434,9 @@ fn decode_records(
     offsets: &[i64],
     records: &MetadataRecords,
 ) -> Result<(RecordBatch, MalformedStats, Vec<usize>)> {
+    let text = Bytes::from(text);
     let n = records.records.len();
-    if !records.blank && offsets.len() == n {
+    if offsets.len() == n {
         let (batch, malformed) = decode(name, decoder, text.clone(), offsets)?;
         if malformed.count == 0 && batch.num_rows() == n {
             return Ok((batch, malformed, (0..n).collect()));
@@ -448,7 +450,7 @@ fn decode_records(
         let (batch, found) = decode(
             name,
             decoder,
-            text[start..*end].to_vec(),
+            text.slice(start..*end),
             &offsets[line..line + lines],
         )?;
         rows.extend(std::iter::repeat_n(i, batch.num_rows()));
@@ -530,7 +532,7 @@ fn with_metadata(
 fn decode(
     name: &str,
     decoder: &Decoder,
-    text: Vec<u8>,
+    text: Bytes,
     offsets: &[i64],
 ) -> Result<(RecordBatch, MalformedStats)> {
     // Messages name a record by its offset rather than a line of the text.
@@ -540,7 +542,7 @@ fn decode(
             .map_or(-1, |o| *o);
         format!("{name} offset {offset}")
     };
-    let decoded = match decoder.decode(name, Bytes::from(text)) {
+    let decoded = match decoder.decode(name, text) {
         Err(BrookError::Malformed { line, reason, .. }) => {
             return Err(BrookError::Malformed {
                 file: at(line),
@@ -613,8 +615,6 @@ struct MetadataRecords {
     records: Vec<Record>,
     /// Where each record's value ends in the text, and how many lines it takes.
     ends: Vec<(usize, usize)>,
-    /// Whether a value is blank (a line that may make no row).
-    blank: bool,
 }
 
 impl Pending {
@@ -628,7 +628,6 @@ impl Pending {
                     layout: layout.clone(),
                     records: Vec::new(),
                     ends: Vec::new(),
-                    blank: false,
                 }),
             },
             Rows::Raw(schema) => Pending::Raw {
@@ -675,7 +674,6 @@ impl Pending {
                 let lines = append_value(text, &decoder.format, value);
                 offsets.extend(std::iter::repeat_n(message.offset(), lines));
                 if let Some(m) = metadata {
-                    m.blank |= value.iter().all(u8::is_ascii_whitespace);
                     m.ends.push((text.len(), lines));
                     let mut record = Record::of(message);
                     record.value = None;
@@ -823,7 +821,8 @@ mod tests {
         let text = b"1,a\n2,\"b\n3,\"c\"\n4,d\n".to_vec();
         let offsets = [10, 11, 12, 13];
         let decoder = ids_decoder(ParseMode::DropMalformed);
-        let (batch, malformed) = decode("orders-0", &decoder, text.clone(), &offsets).unwrap();
+        let (batch, malformed) =
+            decode("orders-0", &decoder, text.clone().into(), &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
@@ -834,7 +833,7 @@ mod tests {
         assert_eq!(malformed.samples[0].file, "orders-0 offset 11");
 
         let decoder = ids_decoder(ParseMode::FailFast);
-        let err = decode("orders-0", &decoder, text, &offsets)
+        let err = decode("orders-0", &decoder, text.into(), &offsets)
             .unwrap_err()
             .to_string();
         assert!(err.contains("orders-0 offset 11"), "{err}");
@@ -858,7 +857,7 @@ mod tests {
     fn a_csv_value_over_two_lines_is_named_by_its_offset() {
         let decoder = ids_decoder(ParseMode::DropMalformed);
         let (text, offsets) = values(&decoder, &["1,a", "2,\"b\nc\"", "x,d", "4,e"]);
-        let (batch, malformed) = decode("orders-0", &decoder, text, &offsets).unwrap();
+        let (batch, malformed) = decode("orders-0", &decoder, text.into(), &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
@@ -890,7 +889,7 @@ mod tests {
             "_corrupt_record",
         );
         let (text, offsets) = values(&decoder, records);
-        let (batch, malformed) = decode("ids-0", &decoder, text, &offsets).unwrap();
+        let (batch, malformed) = decode("ids-0", &decoder, text.into(), &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
@@ -927,5 +926,86 @@ mod tests {
         assert_eq!(ids, vec![1, 3]);
         assert_eq!(malformed.count, 1);
         assert_eq!(malformed.samples[0].file, "ids-0 offset 6");
+    }
+
+    /// The rows of a JSON table with `_key` (of type `key_type`) and `_offset`
+    /// columns, read from `values` with `key` at offsets 5, 6, ...
+    fn with_offsets(values: &[&str], key: &[u8], key_type: DataType) -> Result<RecordBatch> {
+        let declared = Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("_key", key_type, true),
+            Field::new("_offset", DataType::Int64, false),
+        ]);
+        let decoder = Decoder::new(
+            FileFormat::Json,
+            Arc::new(declared),
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let Rows::Decoded(decoder, Some(layout)) = Rows::decoded(decoder, false)? else {
+            panic!("no metadata columns")
+        };
+        let mut records = MetadataRecords {
+            layout,
+            records: vec![],
+            ends: vec![],
+        };
+        let (mut text, mut offsets) = (vec![], vec![]);
+        for (offset, value) in (5..).zip(values) {
+            let lines = append_value(&mut text, &decoder.format, value.as_bytes());
+            offsets.extend(std::iter::repeat_n(offset, lines));
+            records.ends.push((text.len(), lines));
+            records.records.push(Record {
+                key: Some(key.to_vec()),
+                value: None,
+                offset,
+                timestamp: None,
+                timestamp_type: -1,
+                headers: None,
+            });
+        }
+        let (values, _, rows) = decode_records("ids-0", &decoder, text, &offsets, &records)?;
+        with_metadata(&records, values, &rows, "ids", 0)
+    }
+
+    /// A blank value (no row) and a malformed one (dropped): the rows keep
+    /// their own records' offsets, not their places.
+    #[test]
+    fn rows_keep_their_records_metadata_when_values_make_no_row_or_two() {
+        let batch = with_offsets(
+            &[
+                r#"{"id": 1}"#,
+                " ",
+                r#"{"id": 2} {"id": 3}"#,
+                r#"{"id": 4}"#,
+            ],
+            b"k",
+            DataType::Utf8,
+        )
+        .unwrap();
+        let column = |i: usize| {
+            batch
+                .column(i)
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        };
+        assert_eq!(column(0), vec![1, 4]);
+        assert_eq!(column(2), vec![5, 8]);
+        assert_eq!(batch.column(1).as_string::<i32>().value(1), "k");
+    }
+
+    /// A key that is not UTF-8, read as VARCHAR: an error naming its record;
+    /// as BYTEA, its bytes.
+    #[test]
+    fn a_key_that_is_not_text_is_named_by_its_offset_or_read_as_bytes() {
+        let values = [r#"{"id": 1}"#];
+        let err = with_offsets(&values, b"\xff\xfe", DataType::Utf8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ids-0 offset 5"), "{err}");
+        assert!(err.contains("declare _key BYTEA"), "{err}");
+        let batch = with_offsets(&values, b"\xff\xfe", DataType::Binary).unwrap();
+        assert_eq!(batch.column(1).as_binary::<i32>().value(0), b"\xff\xfe");
     }
 }
