@@ -169,57 +169,40 @@ impl Engine {
     /// Registers a scalar function for streaming queries and [`sql`](Self::sql),
     /// as DataFusion's `SessionContext::register_udf` does for batch queries.
     pub fn register_udf(&self, f: ScalarUDF) -> Result<()> {
-        let f = Arc::new(f);
-        self.ctx.register_udf(f.as_ref().clone());
-        let mut catalog = self.catalog()?;
-        for name in std::iter::once(f.name()).chain(f.aliases().iter().map(String::as_str)) {
-            catalog.functions.scalar.insert(name.to_string(), f.clone());
-        }
+        self.ctx.register_udf(f.clone());
+        let name = f.name().to_string();
+        self.catalog()?.functions.scalar.insert(name, Arc::new(f));
         Ok(())
     }
 
     /// Registers an aggregate function for streaming queries and [`sql`](Self::sql).
     pub fn register_udaf(&self, f: AggregateUDF) -> Result<()> {
-        let f = Arc::new(f);
-        self.ctx.register_udaf(f.as_ref().clone());
-        let mut catalog = self.catalog()?;
-        for name in std::iter::once(f.name()).chain(f.aliases().iter().map(String::as_str)) {
-            catalog
-                .functions
-                .aggregate
-                .insert(name.to_string(), f.clone());
-        }
+        self.ctx.register_udaf(f.clone());
+        let name = f.name().to_string();
+        self.catalog()?
+            .functions
+            .aggregate
+            .insert(name, Arc::new(f));
         Ok(())
     }
 
     /// Registers a window function for streaming queries and [`sql`](Self::sql).
     pub fn register_udwf(&self, f: WindowUDF) -> Result<()> {
-        let f = Arc::new(f);
-        self.ctx.register_udwf(f.as_ref().clone());
-        let mut catalog = self.catalog()?;
-        for name in std::iter::once(f.name()).chain(f.aliases().iter().map(String::as_str)) {
-            catalog.functions.window.insert(name.to_string(), f.clone());
-        }
+        self.ctx.register_udwf(f.clone());
+        let name = f.name().to_string();
+        self.catalog()?.functions.window.insert(name, Arc::new(f));
         Ok(())
     }
 
-    /// Refuses to resume the checkpoint at `location` if its query calls a
-    /// registered function this engine lacks: the query would not plan, or
-    /// would plan with a built-in function of that name.
-    async fn check_functions(&self, location: &str) -> Result<()> {
+    /// A registered function that the query of the checkpoint at `location`
+    /// calls and this engine lacks: the query would not plan, or would plan
+    /// with a built-in function of that name.
+    async fn lacking_function(&self, location: &str) -> Result<Option<String>> {
         let recorded = Checkpoint::recorded_functions(location, &self.ctx.runtime_env()).await?;
         let catalog = self.catalog()?;
-        match recorded.iter().find(|f| !catalog.functions.contains(f)) {
-            Some(missing) => Err(BrookError::checkpoint(
-                location,
-                format!(
-                    "the checkpoint's query uses function '{missing}', which is not registered \
-                     on this engine: register it (Engine::register_udf, register_udaf or \
-                     register_udwf) before starting the query"
-                ),
-            )),
-            None => Ok(()),
-        }
+        Ok(recorded
+            .into_iter()
+            .find(|f| !catalog.functions.contains(f)))
     }
 
     fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
@@ -601,8 +584,11 @@ impl Engine {
         e: BrookError,
         checkpoint: Result<Option<String>>,
     ) -> BrookError {
-        match checkpoint {
-            Ok(Some(location)) => self.check_functions(&location).await.err().unwrap_or(e),
+        let Ok(Some(location)) = checkpoint else {
+            return e;
+        };
+        match self.lacking_function(&location).await {
+            Ok(Some(function)) => lacking(&location, &function),
             _ => e,
         }
     }
@@ -626,15 +612,17 @@ impl Engine {
                  name (sink option 'queryName'), so that each has its own checkpoint"
             )));
         }
+        if let Some(location) = &options.checkpoint
+            && let Some(function) = self.lacking_function(location).await?
+        {
+            return Err(lacking(location, &function));
+        }
         let runtime = self.ctx.runtime_env();
         let sources = compiled
             .inputs
             .iter()
             .map(|input| input.source.open(&runtime, &self.shared))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(location) = &options.checkpoint {
-            self.check_functions(location).await?;
-        }
         let checkpoint = match &options.checkpoint {
             Some(location) => Some(
                 Checkpoint::open(
@@ -819,6 +807,18 @@ impl Engine {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The checkpoint at `location` records that its query calls `function`, which the engine lacks.
+fn lacking(location: &str, function: &str) -> BrookError {
+    BrookError::checkpoint(
+        location,
+        format!(
+            "the checkpoint's query uses function '{function}', which is not registered on \
+             this engine: register it (Engine::register_udf, register_udaf or register_udwf) \
+             before starting the query"
+        ),
+    )
 }
 
 fn first_words(s: &str) -> String {

@@ -6,17 +6,17 @@ mod common;
 
 use std::sync::Arc;
 
-use brook::Engine;
 use brook::OutputMode;
-use brook::datafusion::arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch};
-use brook::datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type};
+use brook::datafusion::arrow::array::{ArrayRef, AsArray, Float64Array, Int32Array, RecordBatch};
+use brook::datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int32Type};
 use brook::datafusion::common::ScalarValue;
 use brook::datafusion::error::Result as DFResult;
 use brook::datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use brook::datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, Signature, Volatility, create_udf,
 };
 use brook::datafusion::prelude::SessionContext;
+use brook::{Engine, StreamingQuery};
 use common::{put, sorted, table};
 
 #[path = "../examples/udf.rs"]
@@ -143,6 +143,57 @@ async fn a_restart_without_a_function_the_checkpoint_records_names_it() {
     );
     let rows = engine.sql("SELECT * FROM traded").await.unwrap();
     assert!(table(&rows).len() >= 8);
+}
+
+/// A function registered under a built-in function's name: without it, the
+/// query would plan with the built-in one and answer otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_shadowing_a_built_in_one_is_needed_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    udf::write_orders(&dir.path().join("orders")).unwrap();
+    let checkpoint = dir.path().join("checkpoint").display().to_string();
+    let tenfold = create_udf(
+        "abs",
+        vec![DataType::Int32],
+        DataType::Int32,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let tens: Int32Array = arrays[0]
+                .as_primitive::<Int32Type>()
+                .iter()
+                .map(|a| a.map(|a| a * 10))
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(tens)))
+        }),
+    );
+    async fn start(engine: &Engine, checkpoint: &str) -> brook::Result<Arc<StreamingQuery>> {
+        engine
+            .query("SELECT order_id, abs(amount) AS amount FROM orders")
+            .checkpoint(checkpoint)
+            .memory_sink("amounts")
+            .start()
+            .await
+    }
+    let engine = Engine::new();
+    engine.register_udf(tenfold).unwrap();
+    udf::declare_orders(&engine, dir.path()).unwrap();
+    let query = start(&engine, &checkpoint).await.unwrap();
+    query.process_all_available().await.unwrap();
+    query.stop().await.unwrap();
+    let tens = engine
+        .sql("SELECT count(*) FROM amounts WHERE amount % 10 <> 0")
+        .await
+        .unwrap();
+    assert_eq!(table(&tens), vec![vec!["0".to_string()]]);
+
+    let engine = Engine::new();
+    udf::declare_orders(&engine, dir.path()).unwrap();
+    let err = start(&engine, &checkpoint).await.unwrap_err().to_string();
+    assert!(
+        err.contains("the checkpoint's query uses function 'abs', which is not registered"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
