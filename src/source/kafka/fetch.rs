@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
-    ArrayRef, BinaryArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, Int64Builder,
-    ListBuilder, RecordBatch, StringArray, StringBuilder, StructBuilder, TimestampMillisecondArray,
-    TimestampMillisecondBuilder,
+    ArrayRef, BinaryArray, BinaryBuilder, BooleanArray, Int32Array, Int32Builder, Int64Array,
+    Int64Builder, ListBuilder, RecordBatch, StringArray, StringBuilder, StructBuilder,
+    TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
-use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, SchemaRef};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -27,7 +27,7 @@ use super::{Range, Ranges, headers_type};
 use crate::error::{BrookError, Result};
 use crate::source::SourceBatch;
 use crate::source::format::{Decoder, FileFormat};
-use crate::source::malformed::{MalformedRecord, MalformedStats};
+use crate::source::malformed::{MalformedRecord, MalformedStats, ParseMode};
 
 /// Records of a partition turned into rows together: enough to keep the
 /// query's per-batch overhead small, few enough to start it early, and
@@ -407,7 +407,8 @@ impl Chunk {
                 let (values, found, rows) =
                     decode_records(&name, &decoder, text, &offsets, &records)?;
                 malformed.merge(found);
-                with_metadata(&records, values, &rows, &self.topic, self.partition)?
+                let at = (self.topic.as_str(), self.partition);
+                with_metadata(&records, values, &rows, at, decoder.mode, &mut malformed)?
             }
             Pending::Raw {
                 schema, records, ..
@@ -463,41 +464,54 @@ fn decode_records(
 }
 
 /// The table's rows: `values` parsed, row i from `records[rows[i]]`, with the
-/// metadata columns filled from those records.
+/// metadata columns filled from those records. A key that is not UTF-8, for
+/// a `_key` of text, makes its row malformed: an error, dropped or a null
+/// key, counted in `malformed`, by `mode`.
 fn with_metadata(
     records: &MetadataRecords,
     values: RecordBatch,
     rows: &[usize],
-    topic: &str,
-    partition: i32,
+    (topic, partition): (&str, i32),
+    mode: ParseMode,
+    malformed: &mut MalformedStats,
 ) -> Result<RecordBatch> {
     let layout = &records.layout;
     let of_rows = || rows.iter().map(|&i| &records.records[i]);
+    let mut kept = vec![true; rows.len()];
     let mut columns = Vec::with_capacity(layout.columns.len());
     for (column, field) in layout.columns.iter().zip(layout.schema.fields()) {
         let array: ArrayRef = match column {
             Column::Value(i) => values.column(*i).clone(),
             Column::Metadata(Metadata::Key) if field.data_type() == &DataType::Utf8 => {
-                let keys = of_rows()
-                    .map(|r| {
-                        r.key
-                            .as_deref()
-                            .map(|k| {
-                                std::str::from_utf8(k).map_err(|_| BrookError::Malformed {
-                                    file: format!(
-                                        "{} offset {}",
-                                        partition_name(topic, partition),
-                                        r.offset
-                                    ),
-                                    line: 1,
-                                    reason: "the record's key is not UTF-8 text; declare \
-                                             _key BYTEA to read it as bytes"
-                                        .into(),
-                                })
-                            })
-                            .transpose()
-                    })
-                    .collect::<Result<Vec<Option<&str>>>>()?;
+                let mut keys = Vec::with_capacity(rows.len());
+                for (row, r) in of_rows().enumerate() {
+                    let Some(key) = r.key.as_deref() else {
+                        keys.push(None);
+                        continue;
+                    };
+                    if let Ok(text) = std::str::from_utf8(key) {
+                        keys.push(Some(text));
+                        continue;
+                    }
+                    let bad = MalformedRecord {
+                        file: format!("{} offset {}", partition_name(topic, partition), r.offset),
+                        line: 1,
+                        reason: "the record's key is not UTF-8 text; declare _key BYTEA to \
+                                 read it as bytes"
+                            .into(),
+                        text: String::from_utf8_lossy(key).into_owned(),
+                    };
+                    if mode == ParseMode::FailFast {
+                        return Err(BrookError::Malformed {
+                            file: bad.file,
+                            line: 1,
+                            reason: bad.reason,
+                        });
+                    }
+                    kept[row] = mode == ParseMode::Permissive;
+                    malformed.record(bad, "Kafka key not UTF-8");
+                    keys.push(None);
+                }
                 Arc::new(StringArray::from(keys))
             }
             Column::Metadata(Metadata::Key) => {
@@ -524,7 +538,11 @@ fn with_metadata(
         };
         columns.push(array);
     }
-    Ok(RecordBatch::try_new(layout.schema.clone(), columns)?)
+    let batch = RecordBatch::try_new(layout.schema.clone(), columns)?;
+    if kept.iter().all(|k| *k) {
+        return Ok(batch);
+    }
+    Ok(filter_record_batch(&batch, &BooleanArray::from(kept))?)
 }
 
 /// Parses the values of partition `name`, one per line: line N of the text is
@@ -797,7 +815,6 @@ fn headers_column<'r>(
 mod tests {
     use super::*;
     use crate::source::format::CsvOptions;
-    use crate::source::malformed::ParseMode;
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::{Int64Type, Schema};
 
@@ -929,8 +946,13 @@ mod tests {
     }
 
     /// The rows of a JSON table with `_key` (of type `key_type`) and `_offset`
-    /// columns, read from `values` with `key` at offsets 5, 6, ...
-    fn with_offsets(values: &[&str], key: &[u8], key_type: DataType) -> Result<RecordBatch> {
+    /// columns, read under `mode` from records of (value, key) at offsets 5, 6,
+    /// ..., and how many were malformed.
+    fn with_offsets(
+        records: &[(&str, &[u8])],
+        key_type: DataType,
+        mode: ParseMode,
+    ) -> Result<(RecordBatch, u64)> {
         let declared = Schema::new(vec![
             Field::new("id", DataType::Int64, true),
             Field::new("_key", key_type, true),
@@ -939,23 +961,23 @@ mod tests {
         let decoder = Decoder::new(
             FileFormat::Json,
             Arc::new(declared),
-            ParseMode::DropMalformed,
+            mode,
             "_corrupt_record",
         );
         let Rows::Decoded(decoder, Some(layout)) = Rows::decoded(decoder, false)? else {
             panic!("no metadata columns")
         };
-        let mut records = MetadataRecords {
+        let mut pending = MetadataRecords {
             layout,
             records: vec![],
             ends: vec![],
         };
         let (mut text, mut offsets) = (vec![], vec![]);
-        for (offset, value) in (5..).zip(values) {
+        for (offset, (value, key)) in (5..).zip(records) {
             let lines = append_value(&mut text, &decoder.format, value.as_bytes());
             offsets.extend(std::iter::repeat_n(offset, lines));
-            records.ends.push((text.len(), lines));
-            records.records.push(Record {
+            pending.ends.push((text.len(), lines));
+            pending.records.push(Record {
                 key: Some(key.to_vec()),
                 value: None,
                 offset,
@@ -964,23 +986,26 @@ mod tests {
                 headers: None,
             });
         }
-        let (values, _, rows) = decode_records("ids-0", &decoder, text, &offsets, &records)?;
-        with_metadata(&records, values, &rows, "ids", 0)
+        let (values, mut malformed, rows) =
+            decode_records("ids-0", &decoder, text, &offsets, &pending)?;
+        let batch = with_metadata(&pending, values, &rows, ("ids", 0), mode, &mut malformed)?;
+        Ok((batch, malformed.count))
     }
 
     /// A blank value (no row) and a malformed one (dropped): the rows keep
     /// their own records' offsets, not their places.
     #[test]
-    fn rows_keep_their_records_metadata_when_values_make_no_row_or_two() {
-        let batch = with_offsets(
+    fn rows_keep_their_records_metadata_when_values_make_no_row() {
+        let k: &[u8] = b"k";
+        let (batch, malformed) = with_offsets(
             &[
-                r#"{"id": 1}"#,
-                " ",
-                r#"{"id": 2} {"id": 3}"#,
-                r#"{"id": 4}"#,
+                (r#"{"id": 1}"#, k),
+                (" ", k),
+                (r#"{"id": 2} {"id": 3}"#, k),
+                (r#"{"id": 4}"#, k),
             ],
-            b"k",
             DataType::Utf8,
+            ParseMode::DropMalformed,
         )
         .unwrap();
         let column = |i: usize| {
@@ -993,19 +1018,35 @@ mod tests {
         assert_eq!(column(0), vec![1, 4]);
         assert_eq!(column(2), vec![5, 8]);
         assert_eq!(batch.column(1).as_string::<i32>().value(1), "k");
+        assert_eq!(malformed, 1);
     }
 
-    /// A key that is not UTF-8, read as VARCHAR: an error naming its record;
-    /// as BYTEA, its bytes.
+    /// A key that is not UTF-8, read as VARCHAR, makes its record malformed:
+    /// an error naming its offset, dropped, or a null key; as BYTEA, its bytes.
     #[test]
-    fn a_key_that_is_not_text_is_named_by_its_offset_or_read_as_bytes() {
-        let values = [r#"{"id": 1}"#];
-        let err = with_offsets(&values, b"\xff\xfe", DataType::Utf8)
+    fn a_key_that_is_not_text_is_malformed_as_text_and_read_as_bytes() {
+        let records: &[(&str, &[u8])] = &[(r#"{"id": 1}"#, b"ok"), (r#"{"id": 2}"#, b"\xff\xfe")];
+        let err = with_offsets(records, DataType::Utf8, ParseMode::FailFast)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("ids-0 offset 5"), "{err}");
+        assert!(err.contains("ids-0 offset 6"), "{err}");
         assert!(err.contains("declare _key BYTEA"), "{err}");
-        let batch = with_offsets(&values, b"\xff\xfe", DataType::Binary).unwrap();
-        assert_eq!(batch.column(1).as_binary::<i32>().value(0), b"\xff\xfe");
+
+        let (dropped, malformed) =
+            with_offsets(records, DataType::Utf8, ParseMode::DropMalformed).unwrap();
+        assert_eq!(dropped.num_rows(), 1);
+        assert_eq!(dropped.column(1).as_string::<i32>().value(0), "ok");
+        assert_eq!(malformed, 1);
+
+        let (kept, malformed) =
+            with_offsets(records, DataType::Utf8, ParseMode::Permissive).unwrap();
+        assert_eq!(kept.num_rows(), 2);
+        assert!(kept.column(1).is_null(1));
+        assert_eq!(malformed, 1);
+
+        let (bytes, malformed) =
+            with_offsets(records, DataType::Binary, ParseMode::FailFast).unwrap();
+        assert_eq!(bytes.column(1).as_binary::<i32>().value(1), b"\xff\xfe");
+        assert_eq!(malformed, 0);
     }
 }
