@@ -146,7 +146,7 @@ pub async fn run(dir: &Path) -> brook::Result<Vec<RecordBatch>> {
     query.process_all_available().await?;
     query.stop().await?;
     engine
-        .sql("SELECT * FROM traded ORDER BY minute, size")
+        .sql("SELECT minute, size, orders, round(traded, 2) AS traded FROM traded ORDER BY 1, 2")
         .await
 }
 
