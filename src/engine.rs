@@ -9,7 +9,9 @@ use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
 use datafusion::common::utils::quote_identifier;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::logical_expr::{CreateExternalTable, DdlStatement, LogicalPlan};
+use datafusion::logical_expr::{
+    AggregateUDF, CreateExternalTable, DdlStatement, LogicalPlan, ScalarUDF, WindowUDF,
+};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::planner::object_name_to_table_reference;
@@ -20,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef};
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
-use crate::exec::compile::{CompiledQuery, compile};
+use crate::exec::compile::{CompiledQuery, UserFunctions, compile};
 use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::{QueryOptions, StreamingQuery};
 use crate::progress::{Monitored, QueryInfo, QueryProgress};
@@ -95,6 +97,8 @@ struct Catalog {
     /// static tables, with how many queries do (those that failed to start let go).
     written: BTreeMap<String, usize>,
     read: BTreeMap<String, usize>,
+    /// Functions registered from Rust, which every query is planned with.
+    functions: UserFunctions,
 }
 
 /// Progress records kept for a subscriber that falls behind (the web UI's event stream).
@@ -160,6 +164,45 @@ impl Engine {
     /// The DataFusion session where memory sinks are registered as tables.
     pub fn context(&self) -> &SessionContext {
         &self.ctx
+    }
+
+    /// Registers a scalar function for streaming queries and [`sql`](Self::sql),
+    /// as DataFusion's `SessionContext::register_udf` does for batch queries.
+    pub fn register_udf(&self, f: ScalarUDF) -> Result<()> {
+        self.ctx.register_udf(f.clone());
+        let name = f.name().to_string();
+        self.catalog()?.functions.scalar.insert(name, Arc::new(f));
+        Ok(())
+    }
+
+    /// Registers an aggregate function for streaming queries and [`sql`](Self::sql).
+    pub fn register_udaf(&self, f: AggregateUDF) -> Result<()> {
+        self.ctx.register_udaf(f.clone());
+        let name = f.name().to_string();
+        self.catalog()?
+            .functions
+            .aggregate
+            .insert(name, Arc::new(f));
+        Ok(())
+    }
+
+    /// Registers a window function for streaming queries and [`sql`](Self::sql).
+    pub fn register_udwf(&self, f: WindowUDF) -> Result<()> {
+        self.ctx.register_udwf(f.clone());
+        let name = f.name().to_string();
+        self.catalog()?.functions.window.insert(name, Arc::new(f));
+        Ok(())
+    }
+
+    /// A registered function that the query of the checkpoint at `location`
+    /// calls and this engine lacks: the query would not plan, or would plan
+    /// with a built-in function of that name.
+    async fn lacking_function(&self, location: &str) -> Result<Option<String>> {
+        let recorded = Checkpoint::recorded_functions(location, &self.ctx.runtime_env()).await?;
+        let catalog = self.catalog()?;
+        Ok(recorded
+            .into_iter()
+            .find(|f| !catalog.functions.contains(f)))
     }
 
     fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
@@ -388,6 +431,7 @@ impl Engine {
         let names = self.ctx.state().resolve_table_references(&statement)?;
         let mut catalog = self.catalog()?;
         let sources = catalog.sources.clone();
+        let functions = catalog.functions.clone();
         let mut tables: BTreeMap<String, Arc<dyn TableProvider>> = BTreeMap::new();
         let mut declared = vec![];
         for name in names.iter().map(|n| n.table().to_string()) {
@@ -420,7 +464,7 @@ impl Engine {
                 for (name, def) in declared {
                     tables.insert(name, Arc::new(def.open(runtime.clone()).await?));
                 }
-                compile(&query, &sources, &tables, mode, runtime).await
+                compile(&query, &sources, &tables, mode, runtime, &functions).await
             }),
             reads,
         })
@@ -471,10 +515,17 @@ impl Engine {
     }
 
     async fn start_planned(&self, planned: Planned, gate: &Gate) -> Result<Arc<StreamingQuery>> {
-        let compiled = planned.compiling.done().await?;
         let def = &planned.sink;
-        let (sink, memory) = def.open(&self.ctx.runtime_env())?;
         let name = def.query_name.clone().unwrap_or_else(|| def.name.clone());
+        let compiled = match planned.compiling.done().await {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                return Err(self
+                    .planning_failed(e, self.checkpoint_location(def, &name))
+                    .await);
+            }
+        };
+        let (sink, memory) = def.open(&self.ctx.runtime_env())?;
         let (sink, memory) = match (memory, self.overrides.mirror_rows) {
             (None, Some(rows)) => {
                 let copy = MemorySink::with_max_rows(&name, rows);
@@ -483,20 +534,7 @@ impl Engine {
             }
             (memory, _) => (sink, memory),
         };
-        let checkpoint = match (&def.checkpoint_location, &self.overrides.checkpoint_root) {
-            (Some(own), _) => Some(own.clone()),
-            (None, Some(root)) => {
-                if let Some(why) = crate::catalog::not_a_directory_name(&name) {
-                    return Err(BrookError::sql(format!(
-                        "sink table {} cannot name its query's checkpoint directory below \
-                         {root} ({why}): give the table OPTIONS ('queryName' 'a_plain_name')",
-                        quote_identifier(&name)
-                    )));
-                }
-                Some(format!("{}/{name}", root.trim_end_matches('/')))
-            }
-            (None, None) => None,
-        };
+        let checkpoint = self.checkpoint_location(def, &name)?;
         let mut options = QueryOptions {
             name: Some(name),
             trigger: def.trigger.unwrap_or_default(),
@@ -519,6 +557,42 @@ impl Engine {
         self.start(compiled, sink, memory, options, gate).await
     }
 
+    /// Where the query writing to `def` (named `name`) keeps its checkpoint.
+    fn checkpoint_location(&self, def: &SinkDef, name: &str) -> Result<Option<String>> {
+        Ok(
+            match (&def.checkpoint_location, &self.overrides.checkpoint_root) {
+                (Some(own), _) => Some(own.clone()),
+                (None, Some(root)) => {
+                    if let Some(why) = crate::catalog::not_a_directory_name(name) {
+                        return Err(BrookError::sql(format!(
+                            "sink table {} cannot name its query's checkpoint directory below \
+                             {root} ({why}): give the table OPTIONS ('queryName' 'a_plain_name')",
+                            quote_identifier(name)
+                        )));
+                    }
+                    Some(format!("{}/{name}", root.trim_end_matches('/')))
+                }
+                (None, None) => None,
+            },
+        )
+    }
+
+    /// The error of a query that did not plan: a function its checkpoint
+    /// records and this engine lacks is the likely cause, and named as such.
+    async fn planning_failed(
+        &self,
+        e: BrookError,
+        checkpoint: Result<Option<String>>,
+    ) -> BrookError {
+        let Ok(Some(location)) = checkpoint else {
+            return e;
+        };
+        match self.lacking_function(&location).await {
+            Ok(Some(function)) => lacking(&location, &function),
+            _ => e,
+        }
+    }
+
     async fn start(
         &self,
         compiled: CompiledQuery,
@@ -537,6 +611,11 @@ impl Engine {
                 "a query named '{name}' is already running; give each query its own \
                  name (sink option 'queryName'), so that each has its own checkpoint"
             )));
+        }
+        if let Some(location) = &options.checkpoint
+            && let Some(function) = self.lacking_function(location).await?
+        {
+            return Err(lacking(location, &function));
         }
         let runtime = self.ctx.runtime_env();
         let sources = compiled
@@ -730,6 +809,18 @@ impl Engine {
     }
 }
 
+/// The checkpoint at `location` records that its query calls `function`, which the engine lacks.
+fn lacking(location: &str, function: &str) -> BrookError {
+    BrookError::checkpoint(
+        location,
+        format!(
+            "the checkpoint's query uses function '{function}', which is not registered on \
+             this engine: register it (Engine::register_udf, register_udaf or register_udwf) \
+             before starting the query"
+        ),
+    )
+}
+
 fn first_words(s: &str) -> String {
     s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
@@ -881,7 +972,10 @@ impl QueryBuilder<'_> {
                     .start(compiled, sink, memory, self.options, &open)
                     .await
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                let checkpoint = Ok(self.options.checkpoint.clone());
+                Err(self.engine.planning_failed(e, checkpoint).await)
+            }
         };
         if started.is_err() {
             self.engine.let_go(&reads, None)?;

@@ -1004,3 +1004,119 @@ async fn a_dstream_program_reads_a_topic_with_the_direct_stream() {
     }
     ssc.stop(false).await.unwrap();
 }
+
+/// Records of two partitions, as (partition, key, value, timestamp in ms):
+/// CSV values, one malformed and one over two lines.
+const KEYED: &[(i32, Option<&str>, &str, i64)] = &[
+    (0, Some("k1"), "1,a", 1_700_000_000_001),
+    (1, Some("k2"), "2,b", 1_700_000_000_002),
+    (0, None, "3,c", 1_700_000_000_003),
+    (1, Some("k4"), "x,bad", 1_700_000_000_004),
+    (0, Some("k5"), "5,e\n6,f", 1_700_000_000_005),
+    (1, Some("k6"), "7,g", 1_700_000_000_006),
+];
+
+/// The rows a table with metadata columns should read from `records`: per
+/// line of each value with a numeric id, the id, name, key, partition, offset
+/// (the record's place in its partition), timestamp, then `more` of the value.
+fn expected_metadata_rows(
+    records: &[(i32, Option<&str>, &str, i64)],
+    more: impl Fn(&str) -> Vec<String>,
+) -> Vec<Vec<String>> {
+    let mut next = std::collections::HashMap::new();
+    let mut out = vec![];
+    for (partition, key, value, ts) in records {
+        let offset = next.entry(*partition).or_insert(0);
+        for line in value.lines() {
+            let (id, name) = line.split_once(',').unwrap();
+            if id.parse::<i64>().is_ok() {
+                let mut row = vec![
+                    id.to_string(),
+                    name.to_string(),
+                    key.unwrap_or("NULL").to_string(),
+                    partition.to_string(),
+                    offset.to_string(),
+                    ts.to_string(),
+                ];
+                row.extend(more(value));
+                out.push(row);
+            }
+        }
+        *offset += 1;
+    }
+    sorted(out)
+}
+
+/// Runs `script` (a source table `src` and a query into memory table `seen`)
+/// to the end of its topics and returns `seen`'s rows, sorted.
+async fn read_to_end(script: &str) -> Vec<Vec<String>> {
+    let engine = Engine::with_overrides(brook::Overrides {
+        trigger: Some(brook::Trigger::AvailableNow),
+        ..Default::default()
+    });
+    for q in engine.execute(script).await.unwrap() {
+        q.await_termination().await.unwrap();
+    }
+    let seen = engine.sql("SELECT * FROM seen").await.unwrap();
+    sorted(table(&seen))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_columns_beside_csv_and_json_values_hold_what_was_produced() {
+    let broker = Broker::start();
+    let servers = broker.servers();
+    broker.create_topic("keyed_csv", 2).await;
+    broker.produce_records("keyed_csv", KEYED);
+    // A malformed value is dropped, a value over two lines is two rows of one record.
+    let got = read_to_end(&format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE src (id BIGINT, name VARCHAR, _key VARCHAR, \
+           _partition INT, _offset BIGINT, _timestamp TIMESTAMP, _topic VARCHAR, \
+           _timestampType INT) \
+         STORED AS KAFKA LOCATION '{servers}' \
+         OPTIONS ('subscribe' 'keyed_csv', 'format' 'csv', 'mode' 'DROPMALFORMED');
+         CREATE EXTERNAL TABLE seen STORED AS MEMORY LOCATION '';
+         INSERT INTO seen SELECT id, name, _key, _partition, _offset, \
+           CAST(_timestamp AS BIGINT) / 1000000, _topic, _timestampType \
+         FROM src;"
+    ))
+    .await;
+    // Timestamps the producer set are create times (type 0).
+    let expected = expected_metadata_rows(KEYED, |_| vec!["keyed_csv".into(), "0".into()]);
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert_eq!(got, expected);
+
+    // JSON values, the key as bytes, the headers as Spark's array of structs.
+    let clean: Vec<(i32, Option<&str>, &str, i64)> = KEYED
+        .iter()
+        .filter(|(_, _, v, _)| !v.contains('\n') && !v.starts_with('x'))
+        .copied()
+        .collect();
+    let as_json = |csv: &str| {
+        let (id, name) = csv.split_once(',').unwrap();
+        format!(r#"{{"id": {id}, "name": "{name}"}}"#)
+    };
+    let values: Vec<String> = clean.iter().map(|(_, _, v, _)| as_json(v)).collect();
+    let json: Vec<(i32, Option<&str>, &str, i64)> = clean
+        .iter()
+        .zip(&values)
+        .map(|((p, k, _, ts), v)| (*p, *k, v.as_str(), *ts))
+        .collect();
+    broker.create_topic("keyed_json", 2).await;
+    broker.produce_records("keyed_json", &json);
+    let got = read_to_end(&format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE src (_headers STRUCT<key VARCHAR, value BYTEA>[], \
+           _key BYTEA, id BIGINT, _offset BIGINT, _timestamp TIMESTAMP, name VARCHAR, \
+           _partition INT) \
+         STORED AS KAFKA LOCATION '{servers}' \
+         OPTIONS ('subscribe' 'keyed_json', 'format' 'json', 'includeHeaders' 'true');
+         CREATE EXTERNAL TABLE seen STORED AS MEMORY LOCATION '';
+         INSERT INTO seen SELECT id, name, CAST(_key AS VARCHAR), _partition, _offset, \
+           CAST(_timestamp AS BIGINT) / 1000000, \
+           CAST(_headers[1]['value'] AS VARCHAR) \
+         FROM src WHERE _headers[1]['key'] = 'n';"
+    ))
+    .await;
+    let expected = expected_metadata_rows(&clean, |v| vec![as_json(v).len().to_string()]);
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got, expected);
+}

@@ -786,6 +786,7 @@ async fn open_checkpoint(
         source: described.join(" + "),
         group_by: vec![],
         aggregates: vec![format!("{operators} stateful DStream operators")],
+        functions: vec![],
     };
     Checkpoint::open(
         dir,

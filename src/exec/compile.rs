@@ -10,7 +10,7 @@ use datafusion::common::TableReference;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::logical_expr::{Aggregate, AggregateUDF, Expr, LogicalPlan, ScalarUDF, WindowUDF};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
@@ -137,7 +137,61 @@ impl InputWindow {
     }
 }
 
-fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
+/// Functions registered on the engine, which every query's planning session gets.
+#[derive(Clone, Default)]
+pub struct UserFunctions {
+    pub scalar: BTreeMap<String, Arc<ScalarUDF>>,
+    pub aggregate: BTreeMap<String, Arc<AggregateUDF>>,
+    pub window: BTreeMap<String, Arc<WindowUDF>>,
+}
+
+impl UserFunctions {
+    pub fn contains(&self, name: &str) -> bool {
+        self.scalar.contains_key(name)
+            || self.aggregate.contains_key(name)
+            || self.window.contains_key(name)
+    }
+
+    fn register(&self, ctx: &SessionContext) {
+        for f in self.scalar.values() {
+            ctx.register_udf(f.as_ref().clone());
+        }
+        for f in self.aggregate.values() {
+            ctx.register_udaf(f.as_ref().clone());
+        }
+        for f in self.window.values() {
+            ctx.register_udwf(f.as_ref().clone());
+        }
+    }
+
+    /// The names of these functions that `plan` calls, subqueries included.
+    fn used_by(&self, plan: &LogicalPlan) -> Result<BTreeSet<String>> {
+        let mut used = BTreeSet::new();
+        plan.apply_with_subqueries(|node| {
+            node.apply_expressions(|expr| {
+                expr.apply(|e| {
+                    let name = match e {
+                        Expr::ScalarFunction(f) => f.func.name(),
+                        Expr::AggregateFunction(f) => f.func.name(),
+                        Expr::WindowFunction(f) => f.fun.name(),
+                        _ => return Ok(TreeNodeRecursion::Continue),
+                    };
+                    if self.contains(name) {
+                        used.insert(name.to_string());
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            })
+        })?;
+        Ok(used)
+    }
+}
+
+fn session(
+    partitions: usize,
+    runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
+) -> SessionContext {
     let mut config = SessionConfig::new().with_target_partitions(partitions);
     // Plans are re-executed every batch; filters derived at run time must not leak into the next.
     config
@@ -148,7 +202,9 @@ fn session(partitions: usize, runtime: Arc<RuntimeEnv>) -> SessionContext {
     // the plans the tests make, a second pass only ever dropped a LIMIT that the
     // sort below it already applied.
     config.options_mut().optimizer.max_passes = 1;
-    SessionContext::new_with_config_rt(config, runtime)
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    functions.register(&ctx);
+    ctx
 }
 
 /// Plans `query` over the declared sources. `mode` is the requested output mode,
@@ -162,23 +218,33 @@ pub async fn compile(
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     mode: Option<OutputMode>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<CompiledQuery> {
     let is_stream = |name: &str| sources.contains_key(name);
     if let Some(joined) = chain::join_below_aggregate(query, &is_stream)
-        && let Some(found) = joined_columns(&joined, sources, statics, runtime.clone()).await?
+        && let Some(found) =
+            joined_columns(&joined, sources, statics, runtime.clone(), functions).await?
     {
-        return compile_join_chain(query, found, sources, statics, mode, runtime).await;
+        return compile_join_chain(query, found, sources, statics, mode, runtime, functions).await;
     }
     let Some(chain) = chain::split_deduplication(query, &is_stream)? else {
-        return compile_stage(query, sources, statics, mode, runtime).await;
+        return compile_stage(query, sources, statics, mode, runtime, functions).await;
     };
     // Rows a stage passes on are final: the first stage appends, as a
     // deduplication does by default.
-    let first = compile_stage(&chain.first, sources, statics, None, runtime.clone()).await?;
+    let first = compile_stage(
+        &chain.first,
+        sources,
+        statics,
+        None,
+        runtime.clone(),
+        functions,
+    )
+    .await?;
     let deduplicates = matches!(&first.plan, CompiledPlan::Stateful(op) if op.dedup);
     if !deduplicates || first.mode != OutputMode::Append {
         // A row number over groups, say: planned whole, it is refused for what it is.
-        return compile_stage(query, sources, statics, mode, runtime).await;
+        return compile_stage(query, sources, statics, mode, runtime, functions).await;
     }
     let [input] = &first.inputs[..] else {
         return Err(BrookError::sql(
@@ -204,7 +270,15 @@ pub async fn compile(
         ..source.clone()
     };
     let rest_sources = BTreeMap::from([(DEDUPLICATED.to_string(), deduplicated)]);
-    let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    let rest = compile_stage(
+        &chain.rest,
+        &rest_sources,
+        statics,
+        mode,
+        runtime,
+        functions,
+    )
+    .await?;
     chained(query, first, rest)
 }
 
@@ -224,6 +298,9 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
     fingerprint.group_by.push("then".into());
     fingerprint.group_by.extend(rest.fingerprint.group_by);
     fingerprint.aggregates.extend(rest.fingerprint.aggregates);
+    fingerprint.functions.extend(rest.fingerprint.functions);
+    fingerprint.functions.sort();
+    fingerprint.functions.dedup();
     Ok(CompiledQuery {
         inputs: first.inputs,
         plan: first.plan,
@@ -259,8 +336,9 @@ async fn joined_columns(
     sources: &BTreeMap<String, SourceDef>,
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<Option<JoinedColumns>> {
-    let ctx = session(1, runtime);
+    let ctx = session(1, runtime, functions);
     for (name, def) in sources {
         let slot = Slot::new(&def.read_schema());
         ctx.register_table(TableReference::bare(name.as_str()), slot.table(1))?;
@@ -338,9 +416,18 @@ async fn compile_join_chain(
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     mode: Option<OutputMode>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<CompiledQuery> {
     let chain = chain::split_join(query, &columns)?;
-    let first = compile_stage(&chain.first, sources, statics, None, runtime.clone()).await?;
+    let first = compile_stage(
+        &chain.first,
+        sources,
+        statics,
+        None,
+        runtime.clone(),
+        functions,
+    )
+    .await?;
     let Some(input) = first.inputs.first() else {
         return Err(BrookError::internal("a join of two streams reads nothing"));
     };
@@ -376,7 +463,15 @@ async fn compile_join_chain(
         kind: input.source.kind.clone(),
     };
     let rest_sources = BTreeMap::from([(JOINED.to_string(), joined)]);
-    let rest = compile_stage(&chain.rest, &rest_sources, statics, mode, runtime).await?;
+    let rest = compile_stage(
+        &chain.rest,
+        &rest_sources,
+        statics,
+        mode,
+        runtime,
+        functions,
+    )
+    .await?;
     // As Spark since 3.5, the aggregation's watermark is held back by as far as
     // the join's pairs can lag behind the query's on that column: no pair of an
     // inner join is then late for it.
@@ -428,6 +523,7 @@ async fn compile_stage(
     statics: &BTreeMap<String, Arc<dyn TableProvider>>,
     mode: Option<OutputMode>,
     runtime: Arc<RuntimeEnv>,
+    functions: &UserFunctions,
 ) -> Result<CompiledQuery> {
     let sql = query.to_string();
     let mut query = query.clone();
@@ -435,7 +531,7 @@ async fn compile_stage(
     let sessions = rewrite_sessions(&mut query)?;
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
-    let ctx = session(partitions, runtime);
+    let ctx = session(partitions, runtime, functions);
     let mut slots = BTreeMap::new();
     for (name, def) in sources {
         let read = def.read_schema();
@@ -467,6 +563,7 @@ async fn compile_stage(
     }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
     let mut plan = ctx.state().statement_to_plan(statement).await?;
+    let used_functions = functions.used_by(&plan)?;
     if let Some(spec) = &sessions {
         plan = session::with_session_column(plan, spec, sources, &slots, &ctx.state(), partitions)?;
     }
@@ -551,7 +648,8 @@ async fn compile_stage(
             }
             m => m,
         };
-        let fingerprint = fingerprint(&inputs, None, None, false);
+        let mut fingerprint = fingerprint(&inputs, None, None, false);
+        fingerprint.functions = used_functions.into_iter().collect();
         let plan = match &stream_join {
             Some(found) => {
                 let sources: Vec<join::JoinInput> =
@@ -778,6 +876,7 @@ async fn compile_stage(
     if let (Some(key), Some(spec)) = (session_key, &sessions) {
         fingerprint.group_by[key] = spec.describe();
     }
+    fingerprint.functions = used_functions.into_iter().collect();
     if dedup {
         // The same keys as a GROUP BY without aggregates, but other state.
         fingerprint.aggregates.push("SELECT DISTINCT".into());
@@ -848,6 +947,7 @@ fn fingerprint(
         source,
         group_by,
         aggregates,
+        functions: vec![],
     }
 }
 

@@ -52,6 +52,10 @@ pub struct QueryFingerprint {
     pub source: String,
     pub group_by: Vec<String>,
     pub aggregates: Vec<String>,
+    /// The functions registered on the engine that the query calls, which a
+    /// restart needs registered too. Not compared: a query may stop calling one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
 }
 
 impl QueryFingerprint {
@@ -303,6 +307,21 @@ impl Checkpoint {
             metadata: tokio::sync::Mutex::new(metadata),
             _lock: lock,
         })
+    }
+
+    /// The registered functions the query of the checkpoint at `location`
+    /// calls, as its metadata records them: none for a checkpoint not yet
+    /// written or written before they were recorded.
+    pub async fn recorded_functions(location: &str, runtime: &RuntimeEnv) -> Result<Vec<String>> {
+        let location = Location::resolve(location, runtime)?;
+        // Not made here: a query that then fails to plan leaves no directory behind.
+        if location.local_dir.as_ref().is_some_and(|dir| !dir.exists()) {
+            return Ok(vec![]);
+        }
+        let meta = CheckpointFiles::new(location)?
+            .read_json::<Metadata>("metadata")
+            .await?;
+        Ok(meta.map(|m| m.fingerprint.functions).unwrap_or_default())
     }
 
     /// Waits for a new checkpoint's metadata to be on disk; its failure fails

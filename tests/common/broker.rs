@@ -133,6 +133,34 @@ impl Broker {
         self.produce_with_headers(topic, partitions, &records);
     }
 
+    /// Sends records given as (partition, key, value, timestamp in ms) to
+    /// `topic`, one per producer batch, in order.
+    pub fn produce_records(&self, topic: &str, records: &[(i32, Option<&str>, &str, i64)]) {
+        let producer: ThreadedProducer<DefaultProducerContext> = self
+            .config()
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
+            .create()
+            .unwrap();
+        for (partition, key, value, timestamp) in records {
+            let length = value.len().to_string();
+            let mut record = BaseRecord::<str, str>::to(topic)
+                .payload(*value)
+                .partition(*partition)
+                .timestamp(*timestamp)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "n",
+                    value: Some(length.as_str()),
+                }));
+            if let Some(key) = key {
+                record = record.key(*key);
+            }
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+            // One at a time: each record its own batch, the order kept.
+            producer.flush(Duration::from_secs(60)).unwrap();
+        }
+    }
+
     /// As `produce`, each value with its headers.
     pub fn produce_with_headers(
         &self,

@@ -13,18 +13,21 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use datafusion::arrow::array::{
-    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
-    StructBuilder, TimestampMillisecondBuilder,
+    ArrayRef, BinaryArray, BinaryBuilder, BooleanArray, Int32Array, Int32Builder, Int64Array,
+    Int64Builder, ListBuilder, RecordBatch, StringArray, StringBuilder, StructBuilder,
+    TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, SchemaRef};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use super::options::{Column, Metadata, split_columns};
 use super::queue::{self, Queue};
-use super::{Range, Ranges, header_fields};
+use super::{Range, Ranges, headers_type};
 use crate::error::{BrookError, Result};
 use crate::source::SourceBatch;
 use crate::source::format::{Decoder, FileFormat};
-use crate::source::malformed::{MalformedRecord, MalformedStats};
+use crate::source::malformed::{MalformedRecord, MalformedStats, ParseMode};
 
 /// Records of a partition turned into rows together: enough to keep the
 /// query's per-batch overhead small, few enough to start it early, and
@@ -35,17 +38,47 @@ const PART_BYTES: usize = 8 << 20;
 /// Parts polled but not yet turned into rows: polling stops for the slower rows.
 const CHUNKS_AHEAD: usize = 4;
 
-/// How records become rows: parsed from their values, or Spark's raw Kafka columns.
+/// How records become rows: parsed from their values (beside metadata
+/// columns, if the table has some), or Spark's raw Kafka columns.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Rows {
-    Decoded(Arc<Decoder>),
+    Decoded(Arc<Decoder>, Option<Arc<Layout>>),
     Raw(SchemaRef),
 }
 
+/// The columns of a parsed table with metadata columns: its schema, and
+/// where each column comes from.
+#[derive(Debug, PartialEq)]
+pub(super) struct Layout {
+    schema: SchemaRef,
+    columns: Vec<Column>,
+}
+
 impl Rows {
+    /// Rows of `decoder`'s columns: the metadata columns among them are
+    /// filled from the records, the others parsed from their values.
+    pub(super) fn decoded(decoder: Decoder, include_headers: bool) -> Result<Self> {
+        let corrupt = decoder
+            .corrupt_column
+            .map(|i| decoder.schema.field(i).name().clone())
+            .unwrap_or_default();
+        let (values, columns) =
+            split_columns(&decoder.schema, include_headers, &corrupt, "Kafka source")?;
+        if columns.iter().all(|c| matches!(c, Column::Value(_))) {
+            return Ok(Rows::Decoded(Arc::new(decoder), None));
+        }
+        let layout = Layout {
+            schema: decoder.schema.clone(),
+            columns,
+        };
+        let values = Decoder::new(decoder.format.clone(), values, decoder.mode, &corrupt);
+        Ok(Rows::Decoded(Arc::new(values), Some(Arc::new(layout))))
+    }
+
     pub(super) fn schema(&self) -> SchemaRef {
         match self {
-            Rows::Decoded(decoder) => decoder.schema.clone(),
+            Rows::Decoded(_, Some(layout)) => layout.schema.clone(),
+            Rows::Decoded(decoder, None) => decoder.schema.clone(),
             Rows::Raw(schema) => schema.clone(),
         }
     }
@@ -357,11 +390,25 @@ impl Chunk {
                 decoder,
                 text,
                 offsets,
+                metadata: None,
             } => {
                 let name = partition_name(&self.topic, self.partition);
-                let (batch, found) = decode(&name, &decoder, text, &offsets)?;
+                let (batch, found) = decode(&name, &decoder, text.into(), &offsets)?;
                 malformed.merge(found);
                 batch
+            }
+            Pending::Text {
+                decoder,
+                text,
+                offsets,
+                metadata: Some(records),
+            } => {
+                let name = partition_name(&self.topic, self.partition);
+                let (values, found, rows) =
+                    decode_records(&name, &decoder, text, &offsets, &records)?;
+                malformed.merge(found);
+                let at = (self.topic.as_str(), self.partition);
+                with_metadata(&records, values, &rows, at, decoder.mode, &mut malformed)?
             }
             Pending::Raw {
                 schema, records, ..
@@ -375,12 +422,135 @@ impl Chunk {
     }
 }
 
+/// Parses the values of partition `name` as [`decode`] does, and says which
+/// of `records` each row comes from (the metadata columns' values). A line
+/// makes one row at most (two JSON values on a line are malformed), so when
+/// each value is one line, none is malformed and there are as many rows as
+/// values, row i is value i: one pass over all the values does. Otherwise (a
+/// value over several lines, a malformed or blank one) each is parsed alone.
+fn decode_records(
+    name: &str,
+    decoder: &Decoder,
+    text: Vec<u8>,
+    offsets: &[i64],
+    records: &MetadataRecords,
+) -> Result<(RecordBatch, MalformedStats, Vec<usize>)> {
+    let text = Bytes::from(text);
+    let n = records.records.len();
+    if offsets.len() == n {
+        let (batch, malformed) = decode(name, decoder, text.clone(), offsets)?;
+        if malformed.count == 0 && batch.num_rows() == n {
+            return Ok((batch, malformed, (0..n).collect()));
+        }
+    }
+    let mut batches = vec![];
+    let mut malformed = MalformedStats::default();
+    let mut rows = vec![];
+    let (mut start, mut line) = (0, 0);
+    for (i, (end, lines)) in records.ends.iter().enumerate() {
+        let (batch, found) = decode(
+            name,
+            decoder,
+            text.slice(start..*end),
+            &offsets[line..line + lines],
+        )?;
+        rows.extend(std::iter::repeat_n(i, batch.num_rows()));
+        malformed.merge(found);
+        batches.push(batch);
+        (start, line) = (*end, line + lines);
+    }
+    let batch = concat_batches(&decoder.schema, &batches)?;
+    Ok((batch, malformed, rows))
+}
+
+/// The table's rows: `values` parsed, row i from `records[rows[i]]`, with the
+/// metadata columns filled from those records. A key that is not UTF-8, for
+/// a `_key` of text, makes its row malformed: an error, dropped or a null
+/// key, counted in `malformed`, by `mode`.
+fn with_metadata(
+    records: &MetadataRecords,
+    values: RecordBatch,
+    rows: &[usize],
+    (topic, partition): (&str, i32),
+    mode: ParseMode,
+    malformed: &mut MalformedStats,
+) -> Result<RecordBatch> {
+    let layout = &records.layout;
+    let of_rows = || rows.iter().map(|&i| &records.records[i]);
+    let mut kept = vec![true; rows.len()];
+    let mut columns = Vec::with_capacity(layout.columns.len());
+    for (column, field) in layout.columns.iter().zip(layout.schema.fields()) {
+        let array: ArrayRef = match column {
+            Column::Value(i) => values.column(*i).clone(),
+            Column::Metadata(Metadata::Key) if field.data_type() == &DataType::Utf8 => {
+                let mut keys = Vec::with_capacity(rows.len());
+                for (row, r) in of_rows().enumerate() {
+                    let Some(key) = r.key.as_deref() else {
+                        keys.push(None);
+                        continue;
+                    };
+                    if let Ok(text) = std::str::from_utf8(key) {
+                        keys.push(Some(text));
+                        continue;
+                    }
+                    let bad = MalformedRecord {
+                        file: format!("{} offset {}", partition_name(topic, partition), r.offset),
+                        line: 1,
+                        reason: "the record's key is not UTF-8 text; declare _key BYTEA to \
+                                 read it as bytes"
+                            .into(),
+                        text: String::from_utf8_lossy(key).into_owned(),
+                    };
+                    if mode == ParseMode::FailFast {
+                        return Err(BrookError::Malformed {
+                            file: bad.file,
+                            line: 1,
+                            reason: bad.reason,
+                        });
+                    }
+                    kept[row] = mode == ParseMode::Permissive;
+                    malformed.record(bad, "Kafka key not UTF-8");
+                    keys.push(None);
+                }
+                Arc::new(StringArray::from(keys))
+            }
+            Column::Metadata(Metadata::Key) => {
+                Arc::new(BinaryArray::from_iter(of_rows().map(|r| r.key.as_deref())))
+            }
+            Column::Metadata(Metadata::Topic) => {
+                Arc::new(StringArray::from_iter_values(of_rows().map(|_| topic)))
+            }
+            Column::Metadata(Metadata::Partition) => {
+                Arc::new(Int32Array::from_iter_values(of_rows().map(|_| partition)))
+            }
+            Column::Metadata(Metadata::Offset) => {
+                Arc::new(Int64Array::from_iter_values(of_rows().map(|r| r.offset)))
+            }
+            Column::Metadata(Metadata::Timestamp) => {
+                let millis = TimestampMillisecondArray::from_iter(of_rows().map(|r| r.timestamp));
+                // Kafka's milliseconds, in the unit the column is declared with.
+                cast(&millis, field.data_type())?
+            }
+            Column::Metadata(Metadata::TimestampType) => Arc::new(Int32Array::from_iter_values(
+                of_rows().map(|r| r.timestamp_type),
+            )),
+            Column::Metadata(Metadata::Headers) => headers_column(of_rows(), field)?,
+        };
+        columns.push(array);
+    }
+    let batch = RecordBatch::try_new(layout.schema.clone(), columns)?;
+    if kept.iter().all(|k| *k) {
+        return Ok(batch);
+    }
+    Ok(filter_record_batch(&batch, &BooleanArray::from(kept))?)
+}
+
 /// Parses the values of partition `name`, one per line: line N of the text is
 /// the record at `offsets[N - 1]`.
 fn decode(
     name: &str,
     decoder: &Decoder,
-    text: Vec<u8>,
+    text: Bytes,
     offsets: &[i64],
 ) -> Result<(RecordBatch, MalformedStats)> {
     // Messages name a record by its offset rather than a line of the text.
@@ -390,7 +560,7 @@ fn decode(
             .map_or(-1, |o| *o);
         format!("{name} offset {offset}")
     };
-    let decoded = match decoder.decode(name, Bytes::from(text)) {
+    let decoded = match decoder.decode(name, text) {
         Err(BrookError::Malformed { line, reason, .. }) => {
             return Err(BrookError::Malformed {
                 file: at(line),
@@ -446,6 +616,8 @@ enum Pending {
         decoder: Arc<Decoder>,
         text: Vec<u8>,
         offsets: Vec<i64>,
+        /// The records, for a table with metadata columns.
+        metadata: Option<MetadataRecords>,
     },
     Raw {
         schema: SchemaRef,
@@ -455,13 +627,26 @@ enum Pending {
     },
 }
 
+/// The records whose values a part's text holds, without their values.
+struct MetadataRecords {
+    layout: Arc<Layout>,
+    records: Vec<Record>,
+    /// Where each record's value ends in the text, and how many lines it takes.
+    ends: Vec<(usize, usize)>,
+}
+
 impl Pending {
     fn new(rows: &Rows) -> Self {
         match rows {
-            Rows::Decoded(decoder) => Pending::Text {
+            Rows::Decoded(decoder, layout) => Pending::Text {
                 decoder: decoder.clone(),
                 text: Vec::new(),
                 offsets: Vec::new(),
+                metadata: layout.as_ref().map(|layout| MetadataRecords {
+                    layout: layout.clone(),
+                    records: Vec::new(),
+                    ends: Vec::new(),
+                }),
             },
             Rows::Raw(schema) => Pending::Raw {
                 schema: schema.clone(),
@@ -474,7 +659,9 @@ impl Pending {
     /// How these records will become rows.
     fn rows(&self) -> Rows {
         match self {
-            Pending::Text { decoder, .. } => Rows::Decoded(decoder.clone()),
+            Pending::Text {
+                decoder, metadata, ..
+            } => Rows::Decoded(decoder.clone(), metadata.as_ref().map(|m| m.layout.clone())),
             Pending::Raw { schema, .. } => Rows::Raw(schema.clone()),
         }
     }
@@ -499,10 +686,17 @@ impl Pending {
                 decoder,
                 text,
                 offsets,
+                metadata,
             } => {
                 let value = message.payload().unwrap_or_default();
                 let lines = append_value(text, &decoder.format, value);
                 offsets.extend(std::iter::repeat_n(message.offset(), lines));
+                if let Some(m) = metadata {
+                    m.ends.push((text.len(), lines));
+                    let mut record = Record::of(message);
+                    record.value = None;
+                    m.records.push(record);
+                }
             }
             Pending::Raw { records, bytes, .. } => {
                 *bytes +=
@@ -549,10 +743,6 @@ fn raw_batch(
     let mut offsets = Int64Builder::new();
     let mut times = TimestampMillisecondBuilder::new();
     let mut types = Int32Builder::new();
-    let mut headers =
-        ListBuilder::new(StructBuilder::from_fields(header_fields(), 0)).with_field(Arc::new(
-            Field::new_list_field(DataType::Struct(header_fields()), true),
-        ));
     for r in records {
         key.append_option(r.key.as_deref());
         value.append_option(r.value.as_deref());
@@ -561,6 +751,44 @@ fn raw_batch(
         offsets.append_value(r.offset);
         times.append_option(r.timestamp);
         types.append_value(r.timestamp_type);
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(key.finish()),
+        Arc::new(value.finish()),
+        Arc::new(topics.finish()),
+        Arc::new(partitions.finish()),
+        Arc::new(offsets.finish()),
+        Arc::new(times.finish()),
+        Arc::new(types.finish()),
+    ];
+    if let Ok(field) = schema.field_with_name("headers") {
+        columns.push(headers_column(records.iter(), field)?);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// The records' headers as `field` declares them: a list of (key, value) structs.
+fn headers_column<'r>(
+    records: impl Iterator<Item = &'r Record>,
+    field: &Field,
+) -> Result<ArrayRef> {
+    let (DataType::List(item), DataType::Struct(fields)) = (
+        field.data_type(),
+        match field.data_type() {
+            DataType::List(item) => item.data_type(),
+            _ => &DataType::Null,
+        },
+    ) else {
+        return Err(BrookError::internal(format!(
+            "headers column of type {}, not {}",
+            field.data_type(),
+            headers_type()
+        )));
+    };
+    let item: FieldRef = item.clone();
+    let mut headers =
+        ListBuilder::new(StructBuilder::from_fields(fields.clone(), 0)).with_field(item);
+    for r in records {
         match &r.headers {
             None => headers.append_null(),
             Some(pairs) => {
@@ -580,26 +808,13 @@ fn raw_batch(
             }
         }
     }
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(key.finish()),
-        Arc::new(value.finish()),
-        Arc::new(topics.finish()),
-        Arc::new(partitions.finish()),
-        Arc::new(offsets.finish()),
-        Arc::new(times.finish()),
-        Arc::new(types.finish()),
-    ];
-    if schema.column_with_name("headers").is_some() {
-        columns.push(Arc::new(headers.finish()));
-    }
-    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+    Ok(Arc::new(headers.finish()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::source::format::CsvOptions;
-    use crate::source::malformed::ParseMode;
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::{Int64Type, Schema};
 
@@ -623,7 +838,8 @@ mod tests {
         let text = b"1,a\n2,\"b\n3,\"c\"\n4,d\n".to_vec();
         let offsets = [10, 11, 12, 13];
         let decoder = ids_decoder(ParseMode::DropMalformed);
-        let (batch, malformed) = decode("orders-0", &decoder, text.clone(), &offsets).unwrap();
+        let (batch, malformed) =
+            decode("orders-0", &decoder, text.clone().into(), &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
@@ -634,7 +850,7 @@ mod tests {
         assert_eq!(malformed.samples[0].file, "orders-0 offset 11");
 
         let decoder = ids_decoder(ParseMode::FailFast);
-        let err = decode("orders-0", &decoder, text, &offsets)
+        let err = decode("orders-0", &decoder, text.into(), &offsets)
             .unwrap_err()
             .to_string();
         assert!(err.contains("orders-0 offset 11"), "{err}");
@@ -658,7 +874,7 @@ mod tests {
     fn a_csv_value_over_two_lines_is_named_by_its_offset() {
         let decoder = ids_decoder(ParseMode::DropMalformed);
         let (text, offsets) = values(&decoder, &["1,a", "2,\"b\nc\"", "x,d", "4,e"]);
-        let (batch, malformed) = decode("orders-0", &decoder, text, &offsets).unwrap();
+        let (batch, malformed) = decode("orders-0", &decoder, text.into(), &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
@@ -690,7 +906,7 @@ mod tests {
             "_corrupt_record",
         );
         let (text, offsets) = values(&decoder, records);
-        let (batch, malformed) = decode("ids-0", &decoder, text, &offsets).unwrap();
+        let (batch, malformed) = decode("ids-0", &decoder, text.into(), &offsets).unwrap();
         let ids = batch
             .column(0)
             .as_primitive::<Int64Type>()
@@ -727,5 +943,110 @@ mod tests {
         assert_eq!(ids, vec![1, 3]);
         assert_eq!(malformed.count, 1);
         assert_eq!(malformed.samples[0].file, "ids-0 offset 6");
+    }
+
+    /// The rows of a JSON table with `_key` (of type `key_type`) and `_offset`
+    /// columns, read under `mode` from records of (value, key) at offsets 5, 6,
+    /// ..., and how many were malformed.
+    fn with_offsets(
+        records: &[(&str, &[u8])],
+        key_type: DataType,
+        mode: ParseMode,
+    ) -> Result<(RecordBatch, u64)> {
+        let declared = Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("_key", key_type, true),
+            Field::new("_offset", DataType::Int64, false),
+        ]);
+        let decoder = Decoder::new(
+            FileFormat::Json,
+            Arc::new(declared),
+            mode,
+            "_corrupt_record",
+        );
+        let Rows::Decoded(decoder, Some(layout)) = Rows::decoded(decoder, false)? else {
+            panic!("no metadata columns")
+        };
+        let mut pending = MetadataRecords {
+            layout,
+            records: vec![],
+            ends: vec![],
+        };
+        let (mut text, mut offsets) = (vec![], vec![]);
+        for (offset, (value, key)) in (5..).zip(records) {
+            let lines = append_value(&mut text, &decoder.format, value.as_bytes());
+            offsets.extend(std::iter::repeat_n(offset, lines));
+            pending.ends.push((text.len(), lines));
+            pending.records.push(Record {
+                key: Some(key.to_vec()),
+                value: None,
+                offset,
+                timestamp: None,
+                timestamp_type: -1,
+                headers: None,
+            });
+        }
+        let (values, mut malformed, rows) =
+            decode_records("ids-0", &decoder, text, &offsets, &pending)?;
+        let batch = with_metadata(&pending, values, &rows, ("ids", 0), mode, &mut malformed)?;
+        Ok((batch, malformed.count))
+    }
+
+    /// A blank value (no row) and a malformed one (dropped): the rows keep
+    /// their own records' offsets, not their places.
+    #[test]
+    fn rows_keep_their_records_metadata_when_values_make_no_row() {
+        let k: &[u8] = b"k";
+        let (batch, malformed) = with_offsets(
+            &[
+                (r#"{"id": 1}"#, k),
+                (" ", k),
+                (r#"{"id": 2} {"id": 3}"#, k),
+                (r#"{"id": 4}"#, k),
+            ],
+            DataType::Utf8,
+            ParseMode::DropMalformed,
+        )
+        .unwrap();
+        let column = |i: usize| {
+            batch
+                .column(i)
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        };
+        assert_eq!(column(0), vec![1, 4]);
+        assert_eq!(column(2), vec![5, 8]);
+        assert_eq!(batch.column(1).as_string::<i32>().value(1), "k");
+        assert_eq!(malformed, 1);
+    }
+
+    /// A key that is not UTF-8, read as VARCHAR, makes its record malformed:
+    /// an error naming its offset, dropped, or a null key; as BYTEA, its bytes.
+    #[test]
+    fn a_key_that_is_not_text_is_malformed_as_text_and_read_as_bytes() {
+        let records: &[(&str, &[u8])] = &[(r#"{"id": 1}"#, b"ok"), (r#"{"id": 2}"#, b"\xff\xfe")];
+        let err = with_offsets(records, DataType::Utf8, ParseMode::FailFast)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ids-0 offset 6"), "{err}");
+        assert!(err.contains("declare _key BYTEA"), "{err}");
+
+        let (dropped, malformed) =
+            with_offsets(records, DataType::Utf8, ParseMode::DropMalformed).unwrap();
+        assert_eq!(dropped.num_rows(), 1);
+        assert_eq!(dropped.column(1).as_string::<i32>().value(0), "ok");
+        assert_eq!(malformed, 1);
+
+        let (kept, malformed) =
+            with_offsets(records, DataType::Utf8, ParseMode::Permissive).unwrap();
+        assert_eq!(kept.num_rows(), 2);
+        assert!(kept.column(1).is_null(1));
+        assert_eq!(malformed, 1);
+
+        let (bytes, malformed) =
+            with_offsets(records, DataType::Binary, ParseMode::FailFast).unwrap();
+        assert_eq!(bytes.column(1).as_binary::<i32>().value(1), b"\xff\xfe");
+        assert_eq!(malformed, 0);
     }
 }

@@ -243,7 +243,7 @@ impl KafkaSource {
             servers: options.bootstrap_servers.clone(),
         });
         let rows = match decoder {
-            Some(d) => Rows::Decoded(Arc::new(d)),
+            Some(d) => Rows::decoded(d, options.include_headers)?,
             None => Rows::Raw(kafka_schema(options.include_headers)),
         };
         // Reads are the same when the clients and the ranges are.

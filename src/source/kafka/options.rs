@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use datafusion::arrow::datatypes::SchemaRef;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 
 use super::{KafkaOptions, StartingOffsets, Topics, default_readers, kafka_schema};
 use crate::error::{BrookError, Result};
@@ -167,8 +169,155 @@ impl KafkaValue {
             }
         };
         let decode = DecodeOptions::from_options(format, options)?;
+        split_columns(&declared, include_headers, &decode.corrupt_column, what)?;
         Ok((KafkaValue::Parsed(decode), declared))
     }
+}
+
+/// A record's own value that a column of a parsed Kafka table holds instead
+/// of a field of the value (Spark's Kafka columns, as Flink's `METADATA` columns).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Metadata {
+    Key,
+    Topic,
+    Partition,
+    Offset,
+    Timestamp,
+    TimestampType,
+    Headers,
+}
+
+/// The metadata columns' names (compared without case: SQL lower-cases
+/// unquoted names), and the types they may be declared with.
+const METADATA: &[(&str, Metadata, &str)] = &[
+    ("_key", Metadata::Key, "BYTEA (binary) or VARCHAR"),
+    ("_topic", Metadata::Topic, "VARCHAR"),
+    ("_partition", Metadata::Partition, "INT"),
+    ("_offset", Metadata::Offset, "BIGINT"),
+    ("_timestamp", Metadata::Timestamp, "TIMESTAMP"),
+    ("_timestampType", Metadata::TimestampType, "INT"),
+    (
+        "_headers",
+        Metadata::Headers,
+        "STRUCT<key VARCHAR, value BYTEA>[] (with 'includeHeaders' 'true')",
+    ),
+];
+
+impl Metadata {
+    fn fits(self, t: &DataType) -> bool {
+        match self {
+            Metadata::Key => matches!(t, DataType::Binary | DataType::Utf8),
+            Metadata::Topic => t == &DataType::Utf8,
+            Metadata::Partition | Metadata::TimestampType => t == &DataType::Int32,
+            Metadata::Offset => t == &DataType::Int64,
+            Metadata::Timestamp => matches!(t, DataType::Timestamp(_, _)),
+            Metadata::Headers => match t {
+                DataType::List(item) => match item.data_type() {
+                    DataType::Struct(fields) => {
+                        let types: Vec<(&str, &DataType)> = fields
+                            .iter()
+                            .map(|f| (f.name().as_str(), f.data_type()))
+                            .collect();
+                        types == [("key", &DataType::Utf8), ("value", &DataType::Binary)]
+                    }
+                    _ => false,
+                },
+                _ => false,
+            },
+        }
+    }
+}
+
+/// Where a column of a parsed Kafka table comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Column {
+    /// The value's column at this index of the value's schema.
+    Value(usize),
+    Metadata(Metadata),
+}
+
+/// Splits a parsed Kafka table's `declared` columns into those parsed from
+/// the value (their schema) and where each column comes from. A column named
+/// as a metadata column is one, of a type it can be; a name starting with `_`
+/// that is a metadata column's name misspelt (within two letters) is refused,
+/// so that a typo is not parsed from the value as nulls; other names (a JSON
+/// value's `_id`, the corrupt-record column) are parsed from the value.
+pub(crate) fn split_columns(
+    declared: &Schema,
+    include_headers: bool,
+    corrupt_column: &str,
+    what: &str,
+) -> Result<(SchemaRef, Vec<Column>)> {
+    let known = || {
+        METADATA
+            .iter()
+            .map(|(name, _, _)| *name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut value_fields = vec![];
+    let mut columns = vec![];
+    for field in declared.fields() {
+        let name = field.name();
+        let found = METADATA
+            .iter()
+            .find(|(meta, _, _)| meta.eq_ignore_ascii_case(name));
+        let Some((meta_name, meta, types)) = found else {
+            let misspelt = name.starts_with('_')
+                && name != corrupt_column
+                && METADATA.iter().any(|(meta, _, _)| {
+                    edit_distance(&meta.to_ascii_lowercase(), &name.to_ascii_lowercase()) <= 2
+                });
+            if misspelt {
+                return Err(BrookError::sql(format!(
+                    "{what}: column '{name}' is not a Kafka metadata column; those are {}",
+                    known()
+                )));
+            }
+            columns.push(Column::Value(value_fields.len()));
+            value_fields.push(field.clone());
+            continue;
+        };
+        if !meta.fits(field.data_type()) {
+            return Err(BrookError::sql(format!(
+                "{what}: Kafka metadata column '{name}' is declared {}; declare it {types}",
+                field.data_type()
+            )));
+        }
+        if *meta == Metadata::Headers && !include_headers {
+            return Err(BrookError::option(
+                "includeHeaders",
+                format!("{what}: column '{meta_name}' needs 'includeHeaders' 'true'"),
+            ));
+        }
+        columns.push(Column::Metadata(*meta));
+    }
+    if value_fields.is_empty() && !columns.is_empty() {
+        return Err(BrookError::sql(format!(
+            "{what}: declare the columns parsed from the value besides the metadata \
+             columns ({}), or read the raw value with 'format' 'raw'",
+            known()
+        )));
+    }
+    Ok((Arc::new(Schema::new(value_fields)), columns))
+}
+
+/// Levenshtein's distance between two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
