@@ -28,7 +28,7 @@ use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
 use crate::sql::script::WatermarkSpec;
 use crate::sql::slot::Slot;
 use crate::sql::window::{
-    WINDOW_COLUMN, WindowSpec, WindowTicks, rewrite_windows, unit_nanos, window_type,
+    WINDOW_COLUMN, WindowSpec, WindowTicks, carry_window, rewrite_windows, unit_nanos, window_type,
 };
 use crate::state::QueryFingerprint;
 
@@ -429,6 +429,7 @@ async fn compile_stage(
 ) -> Result<CompiledQuery> {
     let sql = query.to_string();
     let mut query = query.clone();
+    carry_window(&mut query, &|name| sources.contains_key(name))?;
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
     let ctx = session(partitions, runtime);

@@ -141,7 +141,7 @@ fn same(a: &Ident, b: &Ident) -> bool {
     normal(a) == normal(b)
 }
 
-fn aggregates(select: &Select) -> bool {
+pub(crate) fn aggregates(select: &Select) -> bool {
     let grouped = match &select.group_by {
         GroupByExpr::All(_) => true,
         GroupByExpr::Expressions(exprs, _) => !exprs.is_empty(),
@@ -164,7 +164,7 @@ fn calls_aggregate<V: Visit>(v: &V) -> bool {
     .is_break()
 }
 
-fn reads_stream(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> bool {
+pub(crate) fn reads_stream(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> bool {
     visit_relations(query, |name| {
         let table = name
             .0
@@ -421,7 +421,7 @@ pub fn split_join(query: &Query, columns: &[JoinedColumn]) -> Result<Chain> {
 }
 
 /// An identifier as DataFusion normalizes it (an unquoted one in lower case).
-fn normal(id: &Ident) -> String {
+pub(crate) fn normal(id: &Ident) -> String {
     match id.quote_style {
         Some(_) => id.value.clone(),
         None => id.value.to_lowercase(),
