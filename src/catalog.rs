@@ -224,7 +224,19 @@ impl SourceDef {
                         f.data_type()
                     ));
                 }
-                Err(_) => return fail(format!("watermark column '{}' is not a column", wm.column)),
+                Err(_) => {
+                    let columns: Vec<&str> = self
+                        .schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect();
+                    return fail(format!(
+                        "watermark column '{}' is not a column of the table; its columns: {}",
+                        wm.column,
+                        columns.join(", ")
+                    ));
+                }
             }
         }
         Ok(())

@@ -229,9 +229,13 @@ impl Engine {
     /// source, `CREATE EXTERNAL TABLE` a sink, and each `INSERT INTO sink SELECT`
     /// (or bare `SELECT`, which prints to the console) starts a query.
     pub async fn execute(&self, script: &str) -> Result<Vec<Arc<StreamingQuery>>> {
+        // Every error of a statement names it, DataFusion's and option errors included.
         let at = |i: usize, e: BrookError| match e {
             BrookError::Sql(m) => BrookError::Sql(format!("statement {}: {m}", i + 1)),
-            other => other,
+            other => BrookError::Context {
+                context: format!("statement {}", i + 1),
+                source: Box::new(other),
+            },
         };
         // Each query is planned on a task of its own while the statements after
         // it are read, so that a script's queries are planned on all cores; the

@@ -173,6 +173,39 @@ fn run_reports_bad_input_clearly() {
     );
 }
 
+/// Every error of a script's statement names the file and the statement,
+/// those DataFusion's planner and the option parsers give included.
+#[test]
+fn every_statement_error_names_the_file_and_statement() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in")).unwrap();
+    for (name, statement, message) in [
+        (
+            "planning.sql",
+            "SELECT nosuch FROM orders;",
+            "error: planning.sql: statement 2: Schema error: No field named nosuch",
+        ),
+        (
+            "option.sql",
+            "CREATE EXTERNAL TABLE s STORED AS MEMORY LOCATION 's' \
+             OPTIONS ('outputMode' 'sometimes');",
+            "error: option.sql: statement 2: option 'outputMode': expected append, update \
+             or complete, found 'sometimes'",
+        ),
+    ] {
+        let script = format!("{}\n{statement}\n", orders_ddl("in"));
+        std::fs::write(dir.path().join(name), script).unwrap();
+        let out = brook()
+            .args(["run", name, "--trigger", "once"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(message), "{stderr}");
+    }
+}
+
 /// A second demo on the same --dir adds files: one replacing a file of the
 /// first run would be skipped as already read by a checkpointed query.
 #[test]

@@ -184,6 +184,9 @@ pub(crate) async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
 fn prefix_file(path: &Path, e: BrookError) -> BrookError {
     match e {
         BrookError::Sql(m) => BrookError::Sql(format!("{}: {m}", path.display())),
-        other => other,
+        other => BrookError::Context {
+            context: path.display().to_string(),
+            source: Box::new(other),
+        },
     }
 }

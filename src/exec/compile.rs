@@ -30,9 +30,15 @@ use crate::sql::script::WatermarkSpec;
 use crate::sql::session::{SESSION_COLUMN, rewrite_sessions};
 use crate::sql::slot::Slot;
 use crate::sql::window::{
-    WINDOW_COLUMN, WindowSpec, WindowTicks, rewrite_windows, unit_nanos, window_type,
+    WINDOW_COLUMN, WindowSpec, WindowTicks, carry_window, rewrite_windows, unit_nanos, window_type,
 };
 use crate::state::QueryFingerprint;
+
+/// The refusal of an aggregation over a join of two streams that is not the
+/// SELECT whose FROM holds the join (see [`chain::split_join`]).
+const NESTED_JOIN_AGGREGATE: &str = "an aggregation (GROUP BY or SELECT DISTINCT) over a join of \
+     two streams runs in the SELECT whose FROM holds the join, not in a subquery or below \
+     another join: write it so, or write the join's result to a sink and aggregate that";
 
 pub enum CompiledPlan {
     Stateless(Arc<dyn ExecutionPlan>),
@@ -221,6 +227,11 @@ pub async fn compile(
     functions: &UserFunctions,
 ) -> Result<CompiledQuery> {
     let is_stream = |name: &str| sources.contains_key(name);
+    // Refused before planning: the window column each stream's rows get
+    // would be ambiguous in the join.
+    if chain::aggregates_nested_stream_join(query, &is_stream) {
+        return Err(BrookError::sql(NESTED_JOIN_AGGREGATE));
+    }
     if let Some(joined) = chain::join_below_aggregate(query, &is_stream)
         && let Some(found) =
             joined_columns(&joined, sources, statics, runtime.clone(), functions).await?
@@ -529,6 +540,7 @@ async fn compile_stage(
     let mut query = query.clone();
     // Before `window(...)` is rewritten, so that a query using both is refused.
     let sessions = rewrite_sessions(&mut query)?;
+    carry_window(&mut query, &|name| sources.contains_key(name))?;
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
     let ctx = session(partitions, runtime, functions);
@@ -695,11 +707,7 @@ async fn compile_stage(
         });
     };
     if stream_join.is_some() {
-        return Err(BrookError::sql(
-            "an aggregation (GROUP BY or SELECT DISTINCT) over a join of two streams runs in \
-             the SELECT whose FROM holds the join, not in a subquery or below another join: \
-             write it so, or write the join's result to a sink and aggregate that",
-        ));
+        return Err(BrookError::sql(NESTED_JOIN_AGGREGATE));
     }
 
     // A column is never null when every source that has it declares it NOT NULL.

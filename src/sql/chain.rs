@@ -141,7 +141,7 @@ fn same(a: &Ident, b: &Ident) -> bool {
     normal(a) == normal(b)
 }
 
-fn aggregates(select: &Select) -> bool {
+pub(crate) fn aggregates(select: &Select) -> bool {
     let grouped = match &select.group_by {
         GroupByExpr::All(_) => true,
         GroupByExpr::Expressions(exprs, _) => !exprs.is_empty(),
@@ -164,7 +164,7 @@ fn calls_aggregate<V: Visit>(v: &V) -> bool {
     .is_break()
 }
 
-fn reads_stream(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> bool {
+pub(crate) fn reads_stream(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> bool {
     visit_relations(query, |name| {
         let table = name
             .0
@@ -340,6 +340,100 @@ pub fn join_below_aggregate(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> 
     Some(joined)
 }
 
+/// Whether `query` aggregates (GROUP BY, or SELECT DISTINCT) over a join of
+/// two streams anywhere but in its own SELECT over the join's FROM, the one
+/// place [`split_join`] runs it: in a subquery, or over a subquery holding
+/// the join.
+pub fn aggregates_nested_stream_join(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> bool {
+    let stream_ctes: Vec<String> = query
+        .with
+        .iter()
+        .flat_map(|w| &w.cte_tables)
+        .filter(|cte| reads_stream(&cte.query, is_stream))
+        .map(|cte| normal(&cte.alias.name))
+        .collect();
+    let reads = |relation: &TableFactor| match relation {
+        TableFactor::Table { name, .. } => match &name.0[..] {
+            [part] => part
+                .as_ident()
+                .map(normal)
+                .is_some_and(|n| is_stream(&n) || stream_ctes.contains(&n)),
+            _ => false,
+        },
+        TableFactor::Derived { subquery, .. } => reads_stream(subquery, is_stream),
+        _ => false,
+    };
+    let joins_streams = |select: &Select| relations(select).filter(|r| reads(r)).count() > 1;
+    // Every SELECT, with whether it is the query's own.
+    let mut bodies: Vec<(&SetExpr, bool)> = vec![(query.body.as_ref(), true)];
+    bodies.extend(
+        query
+            .with
+            .iter()
+            .flat_map(|w| &w.cte_tables)
+            .map(|cte| (cte.query.body.as_ref(), false)),
+    );
+    let mut selects = vec![];
+    while let Some((body, top)) = bodies.pop() {
+        selects.extend(selects_of(body).into_iter().map(|s| (s, top)));
+        bodies.extend(
+            selects_of(body)
+                .into_iter()
+                .flat_map(derived)
+                .map(|b| (b, false)),
+        );
+    }
+    selects.iter().any(|&(select, top)| {
+        if !(aggregates(select) || select.distinct.is_some()) {
+            return false;
+        }
+        if !top && joins_streams(select) {
+            return true;
+        }
+        // A join of two streams in a subquery below the aggregation.
+        let mut below: Vec<&SetExpr> = derived(select).collect();
+        while let Some(body) = below.pop() {
+            for s in selects_of(body) {
+                if joins_streams(s) {
+                    return true;
+                }
+                below.extend(derived(s));
+            }
+        }
+        false
+    })
+}
+
+/// The tables (and derived tables) a SELECT's FROM names itself.
+fn relations(select: &Select) -> impl Iterator<Item = &TableFactor> {
+    select
+        .from
+        .iter()
+        .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)))
+}
+
+/// The bodies of the derived tables in a SELECT's FROM.
+fn derived(select: &Select) -> impl Iterator<Item = &SetExpr> {
+    relations(select).filter_map(|r| match r {
+        TableFactor::Derived { subquery, .. } => Some(subquery.body.as_ref()),
+        _ => None,
+    })
+}
+
+/// The SELECTs a query body is made of (those of each side of a UNION).
+fn selects_of(body: &SetExpr) -> Vec<&Select> {
+    match body {
+        SetExpr::Select(select) => vec![select],
+        SetExpr::Query(q) => selects_of(&q.body),
+        SetExpr::SetOperation { left, right, .. } => {
+            let mut all = selects_of(left);
+            all.extend(selects_of(right));
+            all
+        }
+        _ => vec![],
+    }
+}
+
 /// Splits `query`, whose FROM and WHERE make a join of two streams emitting
 /// `columns`, into the join (its columns renamed as `columns` say) and the
 /// rest over [`JOINED`], each reference to a column of the join renamed.
@@ -421,7 +515,7 @@ pub fn split_join(query: &Query, columns: &[JoinedColumn]) -> Result<Chain> {
 }
 
 /// An identifier as DataFusion normalizes it (an unquoted one in lower case).
-fn normal(id: &Ident) -> String {
+pub(crate) fn normal(id: &Ident) -> String {
     match id.quote_style {
         Some(_) => id.value.clone(),
         None => id.value.to_lowercase(),

@@ -27,6 +27,7 @@ use datafusion::logical_expr::{
     Aggregate, Distinct, DistinctOn, Expr, ExprSchemable, Filter, JoinType, LogicalPlan,
     LogicalPlanBuilder, Operator, Projection, SortExpr, SubqueryAlias, cast, col, lit,
 };
+use datafusion::logical_expr::{FetchType, SkipType};
 use datafusion::scalar::ScalarValue;
 
 use super::slot::Slot;
@@ -300,7 +301,7 @@ pub fn find_aggregate(
         ) {
             problem = Some(format!(
                 "{} below GROUP BY has no meaning on a stream",
-                node.display()
+                describe(node)
             ));
         }
         Ok(TreeNodeRecursion::Continue)
@@ -621,6 +622,39 @@ fn first_rows_by(input: &Arc<LogicalPlan>, keys: &[Expr], order: &SortExpr) -> R
         .build()?)
 }
 
+/// A refused plan node as the query wrote it (`window function row_number()
+/// PARTITION BY ...`, `ORDER BY ...`, `LIMIT ...`), rather than as a plan.
+fn describe(node: &LogicalPlan) -> String {
+    let list = |items: Vec<String>| items.join(", ");
+    match node {
+        LogicalPlan::Window(w) => {
+            let functions = list(w.window_expr.iter().map(|e| e.to_string()).collect());
+            let plural = if w.window_expr.len() > 1 { "s" } else { "" };
+            format!("window function{plural} {functions}")
+        }
+        LogicalPlan::Sort(sort) => {
+            let keys = list(sort.expr.iter().map(|k| k.to_string()).collect());
+            match sort.fetch {
+                Some(n) => format!("ORDER BY {keys} LIMIT {n}"),
+                None => format!("ORDER BY {keys}"),
+            }
+        }
+        LogicalPlan::Limit(limit) => {
+            let mut text = String::from("LIMIT");
+            if let Ok(FetchType::Literal(Some(n))) = limit.get_fetch_type() {
+                text.push_str(&format!(" {n}"));
+            }
+            if let Ok(SkipType::Literal(n)) = limit.get_skip_type()
+                && n > 0
+            {
+                text.push_str(&format!(" OFFSET {n}"));
+            }
+            text
+        }
+        other => other.display().to_string(),
+    }
+}
+
 /// Rejects operators that need all rows at once in a query without state.
 pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
     let mut problem = None;
@@ -634,13 +668,13 @@ pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> 
                  function a stream takes is ROW_NUMBER() OVER (PARTITION BY <keys> ORDER BY \
                  <event time>) kept where it is 1 (rn = 1 in an outer WHERE), which keeps \
                  the first row per key",
-                node.display()
+                describe(node)
             ));
         } else if matches!(node, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)) {
             problem = Some(format!(
                 "{} needs an aggregation (GROUP BY) in a streaming query; \
                  ORDER BY and LIMIT apply to the result of a GROUP BY",
-                node.display()
+                describe(node)
             ));
         }
         Ok(TreeNodeRecursion::Continue)

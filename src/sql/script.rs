@@ -159,8 +159,23 @@ fn parse_watermark_clause(clause: &str) -> Result<WatermarkSpec> {
         Some((base, rest)) => (base.trim(), Some(rest.trim())),
         None => (expr.trim(), None),
     };
+    // A column name, maybe quoted: anything else is an expression of its own.
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '"')
+    };
+    if !plain(base) {
+        return Err(bad(&format!(
+            "a watermark is its column, or its column minus a constant delay \
+             (<column> - INTERVAL '10' SECOND); '{expr}' is neither"
+        )));
+    }
     if unquote_ident(base) != column {
-        return Err(bad("the expression must start from the watermark column"));
+        return Err(bad(&format!(
+            "the expression is over '{}', not over the watermark column '{column}'",
+            unquote_ident(base)
+        )));
     }
     let delay = match rest {
         None => Duration::ZERO,

@@ -21,10 +21,12 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::execution::memory_pool::MemoryReservation;
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Query,
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Query, Select,
+    SelectItem, SetExpr, TableAliasColumnDef, TableFactor, visit_expressions,
     visit_expressions_mut,
 };
 
+use super::chain::{aggregates, normal, reads_stream};
 use super::script::duration_literal;
 use crate::error::{BrookError, Result};
 
@@ -79,6 +81,304 @@ pub fn rewrite_windows(query: &mut Query) -> Result<Option<WindowSpec>> {
         ));
     }
     Ok(specs.pop())
+}
+
+/// Carries the `window` column (which the stream's rows get, see
+/// `compile`) through the derived tables and common table expressions that
+/// list their columns beneath a SELECT calling `window(...)`, as `SELECT *`
+/// carries it: `window(time, ...) ... FROM (SELECT time, symbol FROM orders)`
+/// plans as over `orders`. The window is worked out from the stream's own
+/// time column, so that column must reach `window(...)` as it is, under its
+/// own name; a subquery that renames or computes it is refused.
+pub fn carry_window(query: &mut Query, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
+    let stream_ctes = query
+        .with
+        .iter()
+        .flat_map(|w| &w.cte_tables)
+        .filter(|cte| reads_stream(&cte.query, is_stream))
+        .map(|cte| normal(&cte.alias.name))
+        .collect();
+    let mut carry = Carry {
+        is_stream,
+        stream_ctes,
+        into_ctes: vec![],
+    };
+    carry.find(&mut query.body)?;
+    // A common table expression may read another, named before it.
+    let mut done: Vec<String> = vec![];
+    while let Some((name, time)) = carry.into_ctes.pop() {
+        if done.contains(&name) {
+            continue;
+        }
+        let cte = query
+            .with
+            .iter_mut()
+            .flat_map(|w| &mut w.cte_tables)
+            .find(|cte| normal(&cte.alias.name) == name);
+        if let Some(cte) = cte {
+            move_column_names(&mut cte.alias.columns, &mut cte.query.body)?;
+            carry.into_body(&mut cte.query.body, &time, &mut vec![])?;
+        }
+        done.push(name);
+    }
+    Ok(())
+}
+
+/// Where [`carry_window`] has been and is to go.
+struct Carry<'a> {
+    is_stream: &'a dyn Fn(&str) -> bool,
+    /// The query's common table expressions that read a stream, by name.
+    stream_ctes: Vec<String>,
+    /// Those the window is to be carried through, with its time column.
+    into_ctes: Vec<(String, String)>,
+}
+
+impl Carry<'_> {
+    /// Finds the SELECTs calling `window(...)` and carries the window through what they read.
+    fn find(&mut self, body: &mut SetExpr) -> Result<()> {
+        match body {
+            SetExpr::Select(select) => {
+                let time = window_time_column(select);
+                for relation in relations_mut(select) {
+                    match (&time, relation) {
+                        (Some(time), relation) => self.into_relation(relation, time)?,
+                        (None, TableFactor::Derived { subquery, .. }) => {
+                            self.find(&mut subquery.body)?
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            SetExpr::Query(q) => self.find(&mut q.body)?,
+            SetExpr::SetOperation { left, right, .. } => {
+                self.find(left)?;
+                self.find(right)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn into_relation(&mut self, relation: &mut TableFactor, time: &str) -> Result<()> {
+        match relation {
+            TableFactor::Derived {
+                subquery, alias, ..
+            } if reads_stream(subquery, self.is_stream) => {
+                if let Some(alias) = alias {
+                    move_column_names(&mut alias.columns, &mut subquery.body)?;
+                }
+                self.into_body(&mut subquery.body, time, &mut vec![])?;
+            }
+            TableFactor::Table { name, .. } => {
+                let cte = match &name.0[..] {
+                    [part] => part.as_ident().map(normal),
+                    _ => None,
+                };
+                if let Some(cte) = cte.filter(|c| self.stream_ctes.contains(c)) {
+                    self.into_ctes.push((cte, time.to_string()));
+                }
+            }
+            TableFactor::NestedJoin {
+                table_with_joins, ..
+            } => {
+                self.into_relation(&mut table_with_joins.relation, time)?;
+                for join in &mut table_with_joins.joins {
+                    self.into_relation(&mut join.relation, time)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Adds the `window` column to the rows `body` selects. `names` are the
+    /// names the rows' columns go by above (the first SELECT's, in a UNION),
+    /// when known; on return, the names it gave.
+    fn into_body(&mut self, body: &mut SetExpr, time: &str, names: &mut Vec<String>) -> Result<()> {
+        match body {
+            SetExpr::Select(select) => self.into_select(select, time, names),
+            SetExpr::Query(q) => self.into_body(&mut q.body, time, names),
+            SetExpr::SetOperation { left, right, .. } => {
+                self.into_body(left, time, names)?;
+                self.into_body(right, time, names)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn into_select(
+        &mut self,
+        select: &mut Select,
+        time: &str,
+        names: &mut Vec<String>,
+    ) -> Result<()> {
+        // An aggregation's (or deduplication's) rows are not the stream's:
+        // they carry no window of their own.
+        if aggregates(select) || select.distinct.is_some() {
+            return Ok(());
+        }
+        let wildcard = select.projection.iter().any(|item| {
+            matches!(
+                item,
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+            )
+        });
+        if !wildcard {
+            let own: Vec<Option<String>> = select.projection.iter().map(item_name).collect();
+            let named = |i: usize| names.get(i).cloned().or_else(|| own[i].clone());
+            let Some(at) = (0..own.len()).find(|&i| named(i).is_some_and(|n| same_name(&n, time)))
+            else {
+                return Err(BrookError::sql(format!(
+                    "window(...) uses '{time}', which the subquery `{select}` does not select; \
+                     select the stream's time column in it"
+                )));
+            };
+            let item = &select.projection[at];
+            let column: Option<&[Ident]> = match item {
+                SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } => {
+                    match expr {
+                        SqlExpr::Identifier(id) => Some(std::slice::from_ref(id)),
+                        SqlExpr::CompoundIdentifier(ids) => Some(ids),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let window = match column {
+                Some([qualifier @ .., last]) if same_name(&normal(last), time) => {
+                    let mut ids = qualifier.to_vec();
+                    ids.push(Ident::new(WINDOW_COLUMN));
+                    match &ids[..] {
+                        [one] => SqlExpr::Identifier(one.clone()),
+                        _ => SqlExpr::CompoundIdentifier(ids),
+                    }
+                }
+                // A later SELECT of a UNION, whose columns go by the first one's names.
+                Some([.., last])
+                    if own[at].as_ref().is_none_or(|n| !same_name(n, time))
+                        && !names.is_empty() =>
+                {
+                    return Err(BrookError::sql(format!(
+                        "window(...) uses '{time}', which `{select}` fills with its column \
+                         '{last}' (a UNION matches columns by position); window(...) takes \
+                         a stream's time column: select it there in each SELECT"
+                    )));
+                }
+                Some([.., last]) => {
+                    return Err(BrookError::sql(format!(
+                        "window(...) uses '{time}', which the subquery `{select}` renames from \
+                         '{last}'; window(...) takes a stream's time column under the stream's \
+                         name: select it as it is and group by window({last}, ...)"
+                    )));
+                }
+                _ => {
+                    return Err(BrookError::sql(format!(
+                        "window(...) uses '{time}', which the subquery `{select}` computes \
+                         (`{item}`); window(...) takes a stream's time column as the stream has \
+                         it: select it unchanged under its own name and group by \
+                         window(...) over it"
+                    )));
+                }
+            };
+            if names.is_empty() {
+                *names = own.into_iter().map(Option::unwrap_or_default).collect();
+            }
+            select.projection.push(SelectItem::UnnamedExpr(window));
+        }
+        for relation in relations_mut(select) {
+            self.into_relation(relation, time)?;
+        }
+        Ok(())
+    }
+}
+
+/// Moves the column names of an alias (`AS t(a, b)`) onto the SELECT it
+/// names (`SELECT x AS a, y AS b`): DataFusion's optimizer fails on a struct
+/// column (the window) under an alias that renames columns.
+fn move_column_names(columns: &mut Vec<TableAliasColumnDef>, body: &mut SetExpr) -> Result<()> {
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let mut first = body;
+    let select = loop {
+        match first {
+            SetExpr::Select(select) => break Some(select),
+            SetExpr::Query(q) => first = &mut q.body,
+            SetExpr::SetOperation { left, .. } => first = left,
+            _ => break None,
+        }
+    };
+    let listed = |s: &Select| {
+        s.projection.len() == columns.len()
+            && s.projection.iter().all(|i| {
+                matches!(
+                    i,
+                    SelectItem::UnnamedExpr(_) | SelectItem::ExprWithAlias { .. }
+                )
+            })
+    };
+    let Some(select) = select.filter(|s| listed(s)) else {
+        return Err(BrookError::sql(format!(
+            "window(...) over a subquery renaming its columns ({}) needs the subquery to list \
+             as many columns; name them in the subquery instead (SELECT x AS a, ...)",
+            columns
+                .iter()
+                .map(|c| c.name.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    for (item, column) in select.projection.iter_mut().zip(columns.drain(..)) {
+        if let SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } = item {
+            *item = SelectItem::ExprWithAlias {
+                expr: expr.clone(),
+                alias: column.name,
+            };
+        }
+    }
+    Ok(())
+}
+
+/// The name a SELECT item's column goes by, when it is a column or aliased.
+fn item_name(item: &SelectItem) -> Option<String> {
+    match item {
+        SelectItem::ExprWithAlias { alias, .. } => Some(normal(alias)),
+        SelectItem::UnnamedExpr(SqlExpr::Identifier(id)) => Some(normal(id)),
+        SelectItem::UnnamedExpr(SqlExpr::CompoundIdentifier(ids)) => ids.last().map(normal),
+        _ => None,
+    }
+}
+
+/// Whether a column name as DataFusion normalizes it is the time column `time`
+/// as `window(...)` names it.
+fn same_name(name: &str, time: &str) -> bool {
+    name.eq_ignore_ascii_case(time)
+}
+
+/// The time column of the `window(...)` that `select` itself calls, if any.
+fn window_time_column(select: &Select) -> Option<String> {
+    let mut found = None;
+    let mut look = |e: &SqlExpr| {
+        if let SqlExpr::Function(f) = e
+            && f.name.to_string().eq_ignore_ascii_case(WINDOW_COLUMN)
+            && let Ok(spec) = window_spec(&f.args)
+        {
+            found = Some(spec.time_column);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    };
+    let _ = visit_expressions(&select.projection, &mut look);
+    let _ = visit_expressions(&select.group_by, &mut look);
+    let _ = visit_expressions(&select.having, &mut look);
+    let _ = visit_expressions(&select.selection, &mut look);
+    found
+}
+
+fn relations_mut(select: &mut Select) -> impl Iterator<Item = &mut TableFactor> {
+    select.from.iter_mut().flat_map(|t| {
+        std::iter::once(&mut t.relation).chain(t.joins.iter_mut().map(|j| &mut j.relation))
+    })
 }
 
 fn window_spec(args: &FunctionArguments) -> Result<WindowSpec> {
