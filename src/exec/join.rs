@@ -553,11 +553,6 @@ impl JoinOp {
         self.keep_from(side, 0).saturating_neg().max(0)
     }
 
-    /// Whether the join emits unmatched rows padded with nulls.
-    pub fn is_outer(&self) -> bool {
-        self.outer.is_some()
-    }
-
     /// The state schemas of the left and right sides (their rows, with an id first).
     pub fn state_schemas(&self) -> [SchemaRef; 2] {
         [self.state[0].schema.clone(), self.state[1].schema.clone()]
