@@ -434,8 +434,6 @@ impl StatefulOp {
             }
             self.state = state.clone();
             emit = self.close_windows(ctx, ticks, key, wm).await?;
-        }
-        if let Some(wm) = watermark {
             let mut open = Vec::with_capacity(state.len());
             for b in &state {
                 let starts = pane_starts(b, col)?;
