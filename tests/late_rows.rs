@@ -515,3 +515,58 @@ async fn outer_join_windows(mode: OutputMode) -> (Vec<Vec<String>>, Vec<Vec<Stri
         .collect();
     (got, recount)
 }
+
+/// A checkpoint written before the commit recorded the watermark the batch
+/// ran under still restarts, judging the next batch's rows late by the
+/// current watermark, as brook did then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_without_the_previous_watermark_judges_late_rows_by_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    write_files(&input);
+    let checkpoint = dir.path().join("checkpoint");
+    run_in(
+        &input,
+        Some(&checkpoint),
+        TUMBLING,
+        OutputMode::Append,
+        Trigger::Once,
+    )
+    .await;
+    let commit = checkpoint.join("commits/0");
+    let text = std::fs::read_to_string(&commit).unwrap();
+    let (header, body) = text.split_once('\n').unwrap();
+    let mut entry: serde_json::Value = serde_json::from_str(body).unwrap();
+    let removed = entry["event_time"]
+        .as_object_mut()
+        .unwrap()
+        .remove("late_watermark_ns");
+    assert_eq!(
+        removed,
+        Some(serde_json::Value::Null),
+        "batch 0 ran without a watermark"
+    );
+    let version = header.split(' ').next().unwrap();
+    let body = entry.to_string();
+    let crc = crc32fast::hash(body.as_bytes());
+    std::fs::write(&commit, format!("{version} crc32={crc:08x}\n{body}")).unwrap();
+
+    let ran = run_in(
+        &input,
+        Some(&checkpoint),
+        TUMBLING,
+        OutputMode::Append,
+        Trigger::Once,
+    )
+    .await;
+    let (_, late, evict) = &batches()[1];
+    assert_eq!(*late, None);
+    let late_by_current = batches()[1]
+        .0
+        .iter()
+        .filter(|(t, _, _)| t.div_euclid(10) * 10 + 10 <= evict.unwrap())
+        .count() as u64;
+    assert!(late_by_current > 0);
+    assert_eq!(ran[&1].1, late_by_current);
+}
