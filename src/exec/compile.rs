@@ -509,18 +509,6 @@ async fn compile_join_chain(
         }
         None => 0,
     };
-    let closes_by_time = match &rest.plan {
-        CompiledPlan::Stateful(op) => op.event_time_key.is_some(),
-        _ => false,
-    };
-    if join.is_outer() && closes_by_time && rest.mode != OutputMode::Complete {
-        return Err(BrookError::sql(
-            "an outer join of two streams emits its padded rows once the watermark has passed \
-             their bound, when the aggregation above has closed their event time's groups; \
-             aggregate an outer join in output mode 'complete' or without grouping by event \
-             time, or aggregate the inner join",
-        ));
-    }
     let mut compiled = chained(query, first, rest)?;
     for stage in &mut compiled.then {
         stage.watermark_lag_ns = lag_ns;

@@ -30,7 +30,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_plan::ExecutionPlan;
 
-use super::stateful::execute;
+use super::stateful::{Watermarks, execute};
 use crate::catalog::SourceDef;
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
@@ -553,11 +553,6 @@ impl JoinOp {
         self.keep_from(side, 0).saturating_neg().max(0)
     }
 
-    /// Whether the join emits unmatched rows padded with nulls.
-    pub fn is_outer(&self) -> bool {
-        self.outer.is_some()
-    }
-
     /// The state schemas of the left and right sides (their rows, with an id first).
     pub fn state_schemas(&self) -> [SchemaRef; 2] {
         [self.state[0].schema.clone(), self.state[1].schema.clone()]
@@ -640,37 +635,26 @@ impl JoinOp {
     }
 
     /// Runs one batch: `new` holds each side's rows read (in its slot's
-    /// columns), `watermark_ns` the watermark the batch runs under.
+    /// columns). As Spark's join: rows behind the late-events watermark are
+    /// dropped, the rest are joined with the other side's state and new rows
+    /// and kept, and only then does the state lose the rows the eviction
+    /// watermark says no row still to come can match (an outer join's
+    /// unmatched ones emitted padded), so that a row between the two
+    /// watermarks meets the state rows it can still match.
     pub async fn run(
         &mut self,
         ctx: &Arc<TaskContext>,
-        watermark_ns: Option<i64>,
+        watermarks: Watermarks,
         new: [Vec<RecordBatch>; 2],
     ) -> Result<JoinOutcome> {
         let mut outcome = JoinOutcome::default();
         let mut fresh: [Vec<RecordBatch>; 2] = [vec![], vec![]];
         for (side, rows) in new.into_iter().enumerate() {
             let spec = &self.spec.sides[side];
-            let Some(wm) = watermark_ns else {
+            let Some(wm) = watermarks.late_ns else {
                 fresh[side] = rows;
                 continue;
             };
-            // The state rows no row still to come can match leave first.
-            let from = self.keep_from(side, wm);
-            let mut kept = vec![];
-            for batch in std::mem::take(&mut self.state[side].rows) {
-                let keep = at_or_after(
-                    &batch,
-                    spec.time_column + STATE_PREFIX,
-                    spec.unit_nanos,
-                    from,
-                )?;
-                let gone = filter_record_batch(&batch, &not(&keep)?)?;
-                outcome.removed_rows += gone.num_rows() as u64;
-                outcome.deletes[side].push(gone);
-                kept.push(filter_record_batch(&batch, &keep)?);
-            }
-            self.state[side].rows = kept.into_iter().filter(|b| b.num_rows() > 0).collect();
             // Rows behind the watermark are late, as in an aggregation.
             for batch in rows {
                 let on_time = at_or_after(&batch, spec.time_column, spec.unit_nanos, wm)?;
@@ -680,28 +664,8 @@ impl JoinOp {
         }
         let has_rows = |rows: &[RecordBatch]| rows.iter().any(|b| b.num_rows() > 0);
         let [left, right] = &self.spec.sides;
-        // The preserved side's expired rows that nothing matched are final now.
-        let unmatched = match &self.outer {
-            Some(outer) => {
-                let mut rows = vec![];
-                for batch in &outcome.deletes[outer.preserved] {
-                    let matched = batch.column(1).as_boolean();
-                    let lonely = filter_record_batch(batch, &not(&nulls_false(matched))?)?;
-                    rows.extend(slot_rows(&[lonely])?);
-                }
-                rows
-            }
-            None => vec![],
-        };
         let output_schema = self.output_schema();
         let ran = async {
-            if let Some(outer) = &self.outer
-                && has_rows(&unmatched)
-            {
-                self.spec.sides[outer.preserved].slot.set(&unmatched)?;
-                self.spec.sides[1 - outer.preserved].slot.set(&[])?;
-                outcome.output.extend(execute(&outer.padded, ctx).await?);
-            }
             if has_rows(&fresh[0]) {
                 let mut right_rows = self.state[1].slot_rows()?;
                 right_rows.extend(fresh[1].iter().cloned());
@@ -720,14 +684,6 @@ impl JoinOp {
         left.slot.set(&[])?;
         right.slot.set(&[])?;
         ran?;
-        if self.outer.is_some() {
-            // The inner plan's rows, as the outer join's schema (nullable on the padded side) has them.
-            outcome.output = outcome
-                .output
-                .iter()
-                .map(|b| RecordBatch::try_new(output_schema.clone(), b.columns().to_vec()))
-                .collect::<std::result::Result<_, _>>()?;
-        }
         let first_new = self.state.each_ref().map(|s| s.next_id);
         for (side, rows) in fresh.iter().enumerate() {
             let added = self.state[side].add(rows)?;
@@ -737,7 +693,71 @@ impl JoinOp {
         if has_rows(&fresh[0]) || has_rows(&fresh[1]) {
             self.mark_matched(ctx, first_new, &mut outcome).await?;
         }
+        if let Some(wm) = watermarks.evict_ns {
+            self.evict(ctx, wm, &mut outcome).await?;
+        }
+        if self.outer.is_some() {
+            // The inner plan's rows, as the outer join's schema (nullable on the padded side) has them.
+            outcome.output = outcome
+                .output
+                .iter()
+                .map(|b| RecordBatch::try_new(output_schema.clone(), b.columns().to_vec()))
+                .collect::<std::result::Result<_, _>>()?;
+        }
         Ok(outcome)
+    }
+
+    /// Drops the state rows that no row at or after the watermark `wm` can
+    /// match, an outer join's unmatched ones emitted padded with nulls. A row
+    /// the batch brought and drops at once was never saved: it leaves the
+    /// batch's upserts.
+    async fn evict(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        wm: i64,
+        outcome: &mut JoinOutcome,
+    ) -> Result<()> {
+        for side in 0..2 {
+            let spec = &self.spec.sides[side];
+            let from = self.keep_from(side, wm);
+            let column = spec.time_column + STATE_PREFIX;
+            let mut kept = vec![];
+            for batch in std::mem::take(&mut self.state[side].rows) {
+                let keep = at_or_after(&batch, column, spec.unit_nanos, from)?;
+                let gone = filter_record_batch(&batch, &not(&keep)?)?;
+                outcome.removed_rows += gone.num_rows() as u64;
+                outcome.deletes[side].push(gone);
+                kept.push(filter_record_batch(&batch, &keep)?);
+            }
+            self.state[side].rows = kept.into_iter().filter(|b| b.num_rows() > 0).collect();
+            let mut upserts = vec![];
+            for batch in &outcome.upserts[side] {
+                let keep = at_or_after(batch, column, spec.unit_nanos, from)?;
+                upserts.push(filter_record_batch(batch, &keep)?);
+            }
+            outcome.upserts[side] = upserts;
+        }
+        // The preserved side's expired rows that nothing matched are final now.
+        let Some(outer) = &self.outer else {
+            return Ok(());
+        };
+        let mut unmatched = vec![];
+        for batch in &outcome.deletes[outer.preserved] {
+            let matched = batch.column(1).as_boolean();
+            let lonely = filter_record_batch(batch, &not(&nulls_false(matched))?)?;
+            unmatched.extend(slot_rows(&[lonely])?);
+        }
+        if unmatched.iter().all(|b| b.num_rows() == 0) {
+            return Ok(());
+        }
+        let preserved = &self.spec.sides[outer.preserved].slot;
+        let other = &self.spec.sides[1 - outer.preserved].slot;
+        preserved.set(&unmatched)?;
+        other.set(&[])?;
+        let padded = execute(&outer.padded, ctx).await;
+        preserved.set(&[])?;
+        outcome.output.extend(padded?);
+        Ok(())
     }
 
     /// Marks the preserved side's state rows that a row of the other side

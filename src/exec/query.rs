@@ -18,7 +18,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow, Stage};
-use super::stateful::{StatefulOp, execute};
+use super::stateful::{StatefulOp, Watermarks, execute};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
@@ -192,6 +192,7 @@ impl StreamingQuery {
                 sink,
                 state_stores,
                 watermark_ns: None,
+                late_watermark_ns: None,
                 policy: options.watermark_policy,
                 pending_no_data: false,
             },
@@ -419,8 +420,12 @@ struct QueryBatches {
     /// One per state operator, in the order of [`state_layout`]: each
     /// stage's aggregation or deduplication, or a join's two sides.
     state_stores: Vec<StoredState>,
-    /// The query's watermark, from its inputs' by the policy.
+    /// The query's watermark, from its inputs' by the policy: the next batch
+    /// closes state by it.
     watermark_ns: Option<i64>,
+    /// The watermark the last batch ran under: the next batch's rows are late
+    /// by it (Spark's watermark for late events).
+    late_watermark_ns: Option<i64>,
     policy: WatermarkPolicy,
     /// The watermark moved and closes state: run a batch without input to emit or drop it.
     pending_no_data: bool,
@@ -572,9 +577,12 @@ impl Program for QueryBatches {
             max_event_ns,
             pending_no_data,
             emitted_through_ns,
+            late_watermark_ns,
             inputs,
         } = commit.event_time.clone();
         self.watermark_ns = watermark_ns;
+        // Checkpoints written before it was recorded judged late rows by the current one.
+        self.late_watermark_ns = late_watermark_ns.unwrap_or(watermark_ns);
         self.pending_no_data = pending_no_data;
         if let [input] = &mut self.inputs[..] {
             input.watermark_ns = watermark_ns;
@@ -639,6 +647,10 @@ impl Program for QueryBatches {
             // A source that went idle meanwhile may let the watermark move.
             self.advance_watermark(&[])?;
             if !self.pending_no_data {
+                // Spark would run a batch without input under the moved watermark,
+                // which judges the next batch's rows late; this one would close
+                // nothing, so it is skipped, but its watermark counts.
+                self.late_watermark_ns = self.watermark_ns;
                 return Ok(None);
             }
             return Ok(Some(None));
@@ -659,7 +671,10 @@ impl Program for QueryBatches {
     async fn compute(&mut self, _batch_id: u64, offset: Option<&SourceOffset>) -> Result<Computed> {
         self.pending_no_data = false;
         let offsets = self.split_offset(offset)?;
-        let watermark_ns = self.watermark_ns;
+        let watermarks = Watermarks {
+            late_ns: self.late_watermark_ns,
+            evict_ns: self.watermark_ns,
+        };
         let CompiledQuery {
             inputs: defs,
             plan,
@@ -702,7 +717,7 @@ impl Program for QueryBatches {
                 std::mem::take(&mut rows[left]),
                 std::mem::take(&mut rows[right]),
             ];
-            let outcome = op.run(ctx, watermark_ns, new).await?;
+            let outcome = op.run(ctx, watermarks, new).await?;
             let progress = StateProgress {
                 operator: "symmetricHashJoin".into(),
                 num_rows_total: op.state_rows() as u64,
@@ -723,7 +738,7 @@ impl Program for QueryBatches {
                 changes: vec![(up_left, del_left), (up_right, del_right)],
                 saved: vec![],
             };
-            run_later_stages(then, ctx, mode, watermark_ns, outcome.output, &mut computed).await?;
+            run_later_stages(then, ctx, mode, watermarks, outcome.output, &mut computed).await?;
             return Ok(computed);
         }
         // The plan runs over the input as the sources read it, a file at a time:
@@ -764,7 +779,7 @@ impl Program for QueryBatches {
         } else {
             OutputMode::Append
         };
-        let running = run_stage(plan, ctx, first_mode, watermark_ns, ticks);
+        let running = run_stage(plan, ctx, first_mode, watermarks, ticks);
         let ((read, read_time), ran): (_, Result<_>) = match streams {
             true => tokio::join!(reading, running),
             false => {
@@ -789,7 +804,7 @@ impl Program for QueryBatches {
             changes: ran.changes.into_iter().collect(),
             saved: vec![],
         };
-        run_later_stages(then, ctx, mode, watermark_ns, ran.output, &mut computed).await?;
+        run_later_stages(then, ctx, mode, watermarks, ran.output, &mut computed).await?;
         Ok(computed)
     }
 
@@ -832,6 +847,8 @@ impl Program for QueryBatches {
                 input.last_rows = Instant::now();
             }
         }
+        let ran_under = self.watermark_ns;
+        self.late_watermark_ns = ran_under;
         self.advance_watermark(&maxes)?;
         let emitted_through_ns = match self.compiled.plans().last() {
             Some(CompiledPlan::Stateful(op)) => op.emitted_through_ns,
@@ -865,6 +882,7 @@ impl Program for QueryBatches {
                 max_event_ns: self.max_event_ns(),
                 pending_no_data: self.pending_no_data,
                 emitted_through_ns,
+                late_watermark_ns: Some(ran_under),
                 inputs,
             },
             state,
@@ -965,7 +983,7 @@ async fn run_later_stages(
     then: &mut [Stage],
     ctx: &Arc<TaskContext>,
     mode: OutputMode,
-    watermark_ns: Option<i64>,
+    watermarks: Watermarks,
     mut output: Vec<RecordBatch>,
     computed: &mut Computed,
 ) -> Result<()> {
@@ -985,8 +1003,8 @@ async fn run_later_stages(
             OutputMode::Append
         };
         let ticks = stage.window.as_ref().map(|w| &w.ticks);
-        let watermark_ns = watermark_ns.map(|w| w.saturating_sub(stage.watermark_lag_ns));
-        let result = run_stage(&mut stage.plan, ctx, stage_mode, watermark_ns, ticks).await;
+        let watermarks = watermarks.lagged(stage.watermark_lag_ns);
+        let result = run_stage(&mut stage.plan, ctx, stage_mode, watermarks, ticks).await;
         stage.input_slot.set(&[])?;
         let ran = result?;
         computed.changes.extend(ran.changes);
@@ -1004,7 +1022,7 @@ async fn run_stage(
     plan: &mut CompiledPlan,
     ctx: &Arc<TaskContext>,
     mode: OutputMode,
-    watermark_ns: Option<i64>,
+    watermarks: Watermarks,
     ticks: Option<&WindowTicks>,
 ) -> Result<StageRun> {
     match plan {
@@ -1015,7 +1033,7 @@ async fn run_stage(
             changes: None,
         }),
         CompiledPlan::Stateful(op) => {
-            let outcome = op.run(ctx, mode, watermark_ns, ticks).await?;
+            let outcome = op.run(ctx, mode, watermarks, ticks).await?;
             let progress = StateProgress {
                 operator: progress_operator(op).into(),
                 num_rows_total: op.state_rows() as u64,

@@ -58,6 +58,26 @@ impl EventTimeKey {
     }
 }
 
+/// The two watermarks a batch runs under, as Spark's since 3.4: its rows are
+/// late by the one the previous batch ran under (`late_ns`), and its state is
+/// closed by its own (`evict_ns`). Rows of a backlog read in one batch are
+/// thus not late for having been read after rows that moved the watermark.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Watermarks {
+    pub late_ns: Option<i64>,
+    pub evict_ns: Option<i64>,
+}
+
+impl Watermarks {
+    /// Both held back by `lag_ns` (an operator fed by a join, whose pairs lag).
+    pub fn lagged(self, lag_ns: i64) -> Self {
+        Self {
+            late_ns: self.late_ns.map(|w| w.saturating_sub(lag_ns)),
+            evict_ns: self.evict_ns.map(|w| w.saturating_sub(lag_ns)),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct StatefulOp {
     pub partial: Arc<dyn ExecutionPlan>,
@@ -179,17 +199,16 @@ impl StatefulOp {
         Ok(())
     }
 
-    /// Runs one batch over the rows already in the input slot. `watermark_ns`
-    /// is the watermark as of the end of the previous batch.
+    /// Runs one batch over the rows already in the input slot, under `watermarks`.
     pub async fn run(
         &mut self,
         ctx: &Arc<TaskContext>,
         mode: OutputMode,
-        watermark_ns: Option<i64>,
+        watermarks: Watermarks,
         window: Option<&WindowTicks>,
     ) -> Result<StatefulOutcome> {
         if let (true, Some(ticks), Some(key)) = (self.panes, window, self.event_time_key.clone()) {
-            return self.run_panes(ctx, ticks, &key, watermark_ns).await;
+            return self.run_panes(ctx, ticks, &key, watermarks).await;
         }
         let mut outcome = StatefulOutcome::default();
         let mut delta = execute(&self.partial, ctx).await?;
@@ -202,16 +221,18 @@ impl StatefulOp {
                 .collect::<Result<_>>()?;
         }
         // Complete mode keeps every group forever, so nothing is ever late (as in Spark).
-        let closing = match (&self.event_time_key, watermark_ns, mode) {
+        let closing = match (&self.event_time_key, watermarks.evict_ns, mode) {
             (Some(key), Some(wm), OutputMode::Append | OutputMode::Update) => {
                 Some((key.clone(), wm))
             }
             _ => None,
         };
-        if let Some((key, wm)) = &closing {
+        // A group between the two watermarks takes this batch's rows and is then
+        // closed with them, once.
+        if let (Some((key, _)), Some(late_wm)) = (&closing, watermarks.late_ns) {
             let mut kept = Vec::with_capacity(delta.len());
             for b in &delta {
-                let late = key.closed(b, *wm)?;
+                let late = key.closed(b, late_wm)?;
                 if late.true_count() > 0 {
                     outcome.late_rows += self.count_rows(&filter_record_batch(b, &late)?)?;
                     kept.push(filter_record_batch(b, &not(&late)?)?);
@@ -313,16 +334,22 @@ impl StatefulOp {
             let rows = RecordBatch::try_new(rows.schema(), columns)?;
             let fresh = filter_record_batch(&rows, &new)?;
             let rows = rows.project(&self.state_columns)?;
-            outcome.upserts.push(fresh.project(&self.state_columns)?);
             emit.push(fresh);
             match &closing {
                 Some((key, wm)) => {
                     let closed = key.closed(&rows, *wm)?;
+                    // A key between the two watermarks is emitted and forgotten at
+                    // once: it is deleted, never upserted.
+                    let kept = and(&new, &not(&closed)?)?;
+                    outcome.upserts.push(filter_record_batch(&rows, &kept)?);
                     outcome.removed_rows += closed.true_count() as u64;
                     outcome.deletes.push(filter_record_batch(&rows, &closed)?);
                     keep.push(filter_record_batch(&rows, &not(&closed)?)?);
                 }
-                None => keep.push(rows),
+                None => {
+                    outcome.upserts.push(filter_record_batch(&rows, &new)?);
+                    keep.push(rows);
+                }
             }
         }
         outcome.updated_rows = first_seen;
@@ -342,13 +369,14 @@ impl StatefulOp {
         ctx: &Arc<TaskContext>,
         ticks: &WindowTicks,
         key: &EventTimeKey,
-        watermark_ns: Option<i64>,
+        watermarks: Watermarks,
     ) -> Result<StatefulOutcome> {
         let mut outcome = StatefulOutcome::default();
         let col = key.column;
-        let watermark = watermark_ns.map(|w| w.div_euclid(key.unit_nanos));
+        let watermark = watermarks.evict_ns.map(|w| w.div_euclid(key.unit_nanos));
+        let late_watermark = watermarks.late_ns.map(|w| w.div_euclid(key.unit_nanos));
         let mut delta = execute(&self.partial, ctx).await?;
-        if let Some(wm) = watermark {
+        if let Some(wm) = late_watermark {
             // A (row, window) pair is late when its window has closed, as Spark counts
             // them; a row is dropped when all its windows have.
             let mut kept = Vec::with_capacity(delta.len());
@@ -372,12 +400,6 @@ impl StatefulOp {
             }
             delta = kept;
         }
-        // The windows this watermark closes hold only earlier batches' rows: this
-        // batch's pairs for them were late. So they are summed before the merge.
-        let emit = match watermark {
-            Some(wm) => self.close_windows(ctx, ticks, key, wm).await?,
-            None => vec![],
-        };
         let mut touched = HashSet::new();
         let mut null_touched = false;
         for b in &delta {
@@ -412,7 +434,18 @@ impl StatefulOp {
         let merged = concat_batches(self.state_slot.schema(), &merged)?;
         state.push(by_pane(merged, col)?);
         let merged_at = state.len() - 1;
+        // The windows this batch closes are summed from the panes with its rows:
+        // those between the two watermarks took them.
+        let mut emit = vec![];
         if let Some(wm) = watermark {
+            // The windows the late-events watermark closed are out: their pairs
+            // were late, and what state they held was emitted before it moved.
+            if let Some(late) = watermarks.late_ns {
+                self.emitted_through_ns =
+                    Some(self.emitted_through_ns.map_or(late, |e| e.max(late)));
+            }
+            self.state = state.clone();
+            emit = self.close_windows(ctx, ticks, key, wm).await?;
             let mut open = Vec::with_capacity(state.len());
             for b in &state {
                 let starts = pane_starts(b, col)?;
@@ -429,7 +462,7 @@ impl StatefulOp {
                 open.push(filter_record_batch(b, &alive)?);
             }
             state = open;
-            self.emitted_through_ns = watermark_ns;
+            self.emitted_through_ns = watermarks.evict_ns;
         }
         // The merged panes are the last piece, and what is left of them is upserted.
         outcome.upserts.push(state[merged_at].clone());

@@ -119,10 +119,26 @@ pub struct EventTime {
     /// Pane state: the watermark up to which windows have been emitted.
     #[serde(default)]
     pub emitted_through_ns: Option<i64>,
+    /// The watermark the batch ran under, by which the next batch judges its
+    /// rows late (Spark's previous batch watermark); missing in checkpoints
+    /// written before it was recorded, which then judge them by `watermark_ns`.
+    #[serde(
+        default,
+        deserialize_with = "recorded",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub late_watermark_ns: Option<Option<i64>>,
     /// A query reading several sources: each one's own watermark and largest
     /// event time, by source name (one source's are the fields above).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inputs: BTreeMap<String, InputEventTime>,
+}
+
+/// A field that may be null, present (`Some`, null or not) or missing (`None`).
+fn recorded<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<i64>>, D::Error> {
+    Option::<i64>::deserialize(d).map(Some)
 }
 
 /// One source's event time, in a query reading several.
