@@ -109,8 +109,12 @@ impl Layout {
             .collect()
     }
 
-    /// State arrays as one array of the wrapper's type.
-    fn pack(&self, mut arrays: Vec<ArrayRef>) -> Result<ArrayRef> {
+    /// State arrays of `f`'s accumulators as the state fields declare them.
+    /// Where they differ, by the names of nested fields (those of an ORDER BY
+    /// name the columns' places in the rows of the plan the accumulator runs
+    /// in, not those of the plan it was declared for) or their nullability,
+    /// the fields are the same by place.
+    fn conform(&self, mut arrays: Vec<ArrayRef>) -> Result<Vec<ArrayRef>> {
         if arrays.len() != self.fields.len() {
             return internal_err!(
                 "an aggregate returned {} state arrays for {} state fields",
@@ -119,11 +123,35 @@ impl Layout {
             );
         }
         for (a, f) in arrays.iter_mut().zip(&self.fields) {
-            // As DataFusion declares them, up to the nullability of nested fields.
             if a.data_type() != f.data_type() {
                 *a = cast(a, f.data_type())?;
             }
         }
+        Ok(arrays)
+    }
+
+    fn conform_scalars(&self, values: Vec<ScalarValue>) -> Result<Vec<ScalarValue>> {
+        if values
+            .iter()
+            .zip(&self.fields)
+            .all(|(v, f)| v.data_type() == *f.data_type())
+        {
+            return Ok(values);
+        }
+        // Through arrays: a scalar's own cast matches a struct's fields by name only.
+        let arrays = values
+            .iter()
+            .map(ScalarValue::to_array)
+            .collect::<Result<Vec<_>>>()?;
+        self.conform(arrays)?
+            .iter()
+            .map(|a| ScalarValue::try_from_array(a, 0))
+            .collect()
+    }
+
+    /// State arrays as one array of the wrapper's type.
+    fn pack(&self, arrays: Vec<ArrayRef>) -> Result<ArrayRef> {
+        let arrays = self.conform(arrays)?;
         if let [one] = arrays.as_slice() {
             return Ok(one.clone());
         }
@@ -357,7 +385,8 @@ impl Accumulator for StateAccumulator {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        self.inner.state()
+        let state = self.inner.state()?;
+        self.layout.conform_scalars(state)
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
@@ -398,7 +427,8 @@ impl GroupsAccumulator for StateGroups {
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        self.inner.state(emit_to)
+        let state = self.inner.state(emit_to)?;
+        self.layout.conform(state)
     }
 
     fn merge_batch(
@@ -417,7 +447,9 @@ impl GroupsAccumulator for StateGroups {
         opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
         match (self.merge, opt_filter) {
-            (false, _) => self.inner.convert_to_state(values, opt_filter),
+            (false, _) => self
+                .layout
+                .conform(self.inner.convert_to_state(values, opt_filter)?),
             // Merging: each input row is a state already.
             (true, None) => Ok(values.to_vec()),
             (true, Some(_)) => internal_err!("states are merged without a FILTER"),
