@@ -933,3 +933,102 @@ pub fn split(
         state_columns,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{ArrayRef, Int64Array};
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::common::not_impl_err;
+    use datafusion::datasource::MemTable;
+    use datafusion::logical_expr::function::AccumulatorArgs;
+    use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
+    use datafusion::prelude::SessionContext;
+
+    /// A user's aggregate that sums, but whose partial sums do not merge.
+    #[derive(Debug, PartialEq, Eq, Hash)]
+    struct Unmergeable(Signature);
+
+    #[derive(Debug)]
+    struct Total(i64);
+
+    impl Accumulator for Total {
+        fn update_batch(&mut self, values: &[ArrayRef]) -> datafusion::common::Result<()> {
+            let values = datafusion::arrow::array::AsArray::as_primitive::<
+                datafusion::arrow::datatypes::Int64Type,
+            >(&values[0]);
+            self.0 += values.iter().flatten().sum::<i64>();
+            Ok(())
+        }
+        fn evaluate(&mut self) -> datafusion::common::Result<ScalarValue> {
+            Ok(ScalarValue::Int64(Some(self.0)))
+        }
+        fn size(&self) -> usize {
+            size_of::<Self>()
+        }
+        fn state(&mut self) -> datafusion::common::Result<Vec<ScalarValue>> {
+            Ok(vec![ScalarValue::Int64(Some(self.0))])
+        }
+        fn merge_batch(&mut self, _: &[ArrayRef]) -> datafusion::common::Result<()> {
+            not_impl_err!("its partial totals cannot be added up")
+        }
+    }
+
+    impl AggregateUDFImpl for Unmergeable {
+        fn name(&self) -> &str {
+            "total"
+        }
+        fn signature(&self) -> &Signature {
+            &self.0
+        }
+        fn return_type(&self, _: &[DataType]) -> datafusion::common::Result<DataType> {
+            Ok(DataType::Int64)
+        }
+        fn accumulator(
+            &self,
+            _: AccumulatorArgs,
+        ) -> datafusion::common::Result<Box<dyn Accumulator>> {
+            Ok(Box::new(Total(0)))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_aggregate_whose_states_do_not_merge_is_refused_by_name() {
+        let ctx = SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("x", DataType::Int64, true),
+        ]));
+        let column: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
+        let rows = datafusion::arrow::array::RecordBatch::try_new(
+            schema.clone(),
+            vec![column.clone(), column],
+        )
+        .unwrap();
+        let table = MemTable::try_new(schema, vec![vec![rows]]).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        ctx.register_udaf(AggregateUDF::new_from_impl(Unmergeable(Signature::exact(
+            vec![DataType::Int64],
+            datafusion::logical_expr::Volatility::Immutable,
+        ))));
+        let plan = ctx
+            .state()
+            .create_logical_plan("SELECT k, total(x) AS t, count(*) AS n FROM t GROUP BY k")
+            .await
+            .unwrap();
+        let agg = find_aggregate(&plan, &|_| true).unwrap().unwrap();
+        let err = split(&plan, &agg, 1, &HashSet::new(), None, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(
+                "aggregate 'total' is not supported on streams: a streaming aggregation keeps \
+                 each group's partial state and merges every batch's into it, and total's \
+                 states cannot be merged (This feature is not implemented: its partial totals \
+                 cannot be added up)"
+            ),
+            "{err}"
+        );
+    }
+}
