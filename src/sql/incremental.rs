@@ -723,7 +723,7 @@ fn keep_state(
         )));
     }
     let layout = Layout::new(&f)?;
-    let columns = columns(layout.len());
+    let columns = columns(layout.field_count());
     let packed = match columns.as_slice() {
         [one] => one.clone(),
         _ => format!("__{name}"),

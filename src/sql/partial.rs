@@ -96,7 +96,7 @@ impl Layout {
     }
 
     /// The number of state fields.
-    pub fn len(&self) -> usize {
+    pub fn field_count(&self) -> usize {
         self.fields.len()
     }
 
