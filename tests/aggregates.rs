@@ -64,6 +64,11 @@ const AGGREGATES: &[(&str, Cmp)] = &[
     ("sum(y) FILTER (WHERE x > 5)", Cmp::Float),
     ("max(x) FILTER (WHERE s = 'c')", Cmp::Exact),
     ("median(y)", Cmp::Float),
+    (
+        "approx_percentile_cont(0.9) WITHIN GROUP (ORDER BY y)",
+        Cmp::Loose,
+    ),
+    ("last_value(y ORDER BY time) IGNORE NULLS", Cmp::Exact),
 ];
 
 const FILES: usize = 8;
