@@ -1,12 +1,13 @@
 //! Incremental planning: a streaming aggregation becomes three bounded plans.
 //!
-//! * **partial** aggregates one batch's rows into per-group partial values
-//!   (`avg` becomes a sum and a count),
+//! * **partial** aggregates one batch's rows into each group's partial state
+//!   (DataFusion's: a count for `count`, a count and a sum for `avg`, the
+//!   distinct values for `count(DISTINCT x)`; see [`partial`](super::partial)),
 //! * **merge** folds those partials into the keyed state (state ∪ delta,
 //!   grouped again), flagging the groups the batch changed,
 //! * **finalize** is the user's query above its `GROUP BY` (projection,
 //!   HAVING, window functions, ORDER BY, LIMIT) run over the groups a batch
-//!   emits, with each aggregate rebuilt from its partial values.
+//!   emits, with each aggregate's value from its state.
 //!
 //! All three are DataFusion plans over [`Slot`]s, built once per query.
 
@@ -14,22 +15,23 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
+use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::{get_field, named_struct};
-use datafusion::functions::expr_fn::{coalesce, nullif};
 use datafusion::functions_aggregate::count::count_udaf;
-use datafusion::functions_aggregate::expr_fn::first_value;
-use datafusion::functions_aggregate::expr_fn::{bool_or, max, min, sum};
-use datafusion::functions_aggregate::sum::sum_udaf;
+use datafusion::functions_aggregate::expr_fn::{bool_or, first_value};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, Distinct, DistinctOn, Expr, ExprSchemable, Filter, JoinType, LogicalPlan,
     LogicalPlanBuilder, Operator, Projection, SortExpr, SubqueryAlias, cast, col, lit,
 };
 use datafusion::logical_expr::{FetchType, SkipType};
+use datafusion::optimizer::analyzer::type_coercion::TypeCoercionRewriter;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::scalar::ScalarValue;
 
+use super::partial::{self, Layout};
 use super::slot::Slot;
 use crate::error::{BrookError, Result};
 
@@ -39,23 +41,6 @@ pub const ROWS_COLUMN: &str = "__rows";
 const FIRST_ROW_COLUMN: &str = "__first";
 /// Column of the merge output: did this batch touch the group?
 pub const CHANGED_COLUMN: &str = "__changed";
-
-#[derive(Debug, Clone, Copy)]
-enum Merge {
-    Sum,
-    Min,
-    Max,
-    /// A deduplication's first row: only a new key's, from the batch, is emitted.
-    First,
-}
-
-/// How a user aggregate is rebuilt from state columns.
-#[derive(Debug, Clone)]
-enum Final {
-    Value(String),
-    Count(String),
-    Avg { sum: String, count: String },
-}
 
 /// The window key of an aggregation (the `window` struct of `start` and `end`)
 /// and the width in ticks of the windows each plan groups.
@@ -681,6 +666,122 @@ pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> 
     })?;
     problem.map_or(Ok(()), |p| Err(BrookError::sql(p)))
 }
+/// How one aggregate of the query is kept in state.
+enum Kept {
+    /// A DataFusion aggregate's partial state, one column per state field.
+    State {
+        /// The aggregate over the aggregation's input, which makes its accumulators.
+        f: Arc<AggregateFunctionExpr>,
+        layout: Layout,
+        columns: Vec<String>,
+        /// The column the wrappers return: the state column, or a struct of them all.
+        packed: String,
+    },
+    /// A deduplication's first row: only a new key's, from the batch, is emitted.
+    First(String),
+}
+
+impl Kept {
+    fn columns(&self) -> &[String] {
+        match self {
+            Kept::State { columns, .. } => columns,
+            Kept::First(column) => std::slice::from_ref(column),
+        }
+    }
+
+    fn is_packed(&self) -> bool {
+        self.columns().len() > 1
+    }
+
+    /// The state columns from the column a wrapper returned.
+    fn unpacked(&self) -> Vec<Expr> {
+        match self {
+            Kept::State {
+                columns, packed, ..
+            } if self.is_packed() => columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| get_field(col(packed.as_str()), Layout::child(i).as_str()).alias(c))
+                .collect(),
+            _ => self.columns().iter().map(|c| col(c.as_str())).collect(),
+        }
+    }
+
+    /// The aggregation of the merge plan that folds these state columns.
+    fn merged(&self) -> Expr {
+        match self {
+            Kept::State {
+                f,
+                layout,
+                columns,
+                packed,
+            } => partial::merge_of(f, layout)
+                .call(columns.iter().map(|c| col(c.as_str())).collect())
+                .alias(packed),
+            Kept::First(c) => first_value(col(c.as_str()), vec![]).alias(c),
+        }
+    }
+
+    /// The aggregate's value from its state columns.
+    fn value(&self) -> Expr {
+        match self {
+            Kept::State { f, columns, .. } => {
+                partial::value_of(f).call(columns.iter().map(|c| col(c.as_str())).collect())
+            }
+            Kept::First(c) => col(c.as_str()),
+        }
+    }
+}
+
+/// The aggregate `e` (type-coerced, over `input`) kept as state in the columns
+/// `columns` yields, and the partial plan's aggregation into that state.
+fn keep_state(
+    e: &Expr,
+    input: &DFSchema,
+    name: &str,
+    mut columns: impl FnMut(usize) -> Vec<String>,
+) -> Result<(Kept, Expr)> {
+    let Expr::AggregateFunction(agg) = e else {
+        return Err(BrookError::sql(format!(
+            "unsupported aggregate expression {e}"
+        )));
+    };
+    let f = partial::lower(e, input, name)?;
+    if let Err(why) = partial::check_mergeable(&f) {
+        let name = agg.func.name();
+        return Err(BrookError::sql(format!(
+            "aggregate '{name}' is not supported on streams: a streaming aggregation keeps \
+             each group's partial state and merges every batch's into it, and {name}'s \
+             states cannot be merged ({why}); use an aggregate whose states merge, or run \
+             {name} in a batch query over what the stream wrote"
+        )));
+    }
+    let layout = Layout::new(&f)?;
+    let columns = columns(layout.field_count());
+    let packed = match columns.as_slice() {
+        [one] => one.clone(),
+        _ => format!("__{name}"),
+    };
+    let p = &agg.params;
+    let partial = Expr::AggregateFunction(AggregateFunction::new_udf(
+        Arc::new(partial::state_of(&f, &layout)),
+        p.args.clone(),
+        p.distinct,
+        p.filter.clone(),
+        p.order_by.clone(),
+        p.null_treatment,
+    ))
+    .alias(&packed);
+    Ok((
+        Kept::State {
+            f,
+            layout,
+            columns,
+            packed,
+        },
+        partial,
+    ))
+}
 
 /// Splits `plan`, whose aggregation is `agg`, into partial, merge and finalize plans.
 /// `not_null` names the source columns declared NOT NULL, which the decoder
@@ -696,18 +797,15 @@ pub fn split(
     dedup: bool,
 ) -> Result<AggregateSplit> {
     let keys = agg.group_expr.len();
+    let input = agg.input.schema();
     let mut partial_aggs: Vec<Expr> = vec![];
-    let mut merges: Vec<(String, Merge)> = vec![];
-    let mut finals: Vec<Final> = vec![];
-    let mut add = |e: Expr, merge: Merge, merges: &mut Vec<(String, Merge)>| -> String {
-        let name = format!("p{}", merges.len());
-        partial_aggs.push(e.alias(&name));
-        merges.push((name.clone(), merge));
-        name
-    };
+    let mut kept: Vec<Kept> = vec![];
+    // State columns are named p0, p1, ... in the order of the aggregates'
+    // state fields: a count, sum, min or max keeps one, as it always did.
+    let mut next = 0;
     let mut invertible = true;
     let mut first_rows = vec![];
-    for expr in &agg.aggr_expr {
+    for (j, expr) in agg.aggr_expr.iter().enumerate() {
         let inner = match expr {
             Expr::Alias(a) => a.expr.as_ref(),
             e => e,
@@ -718,22 +816,17 @@ pub fn split(
             )));
         };
         let p = &f.params;
-        if p.distinct {
-            return Err(BrookError::sql(format!(
-                "{inner}: DISTINCT aggregates are not supported on streams"
-            )));
+        let name = f.func.name().to_ascii_lowercase();
+        if dedup && name == "first_value" {
+            // With its ORDER BY: the batch's first row of each key.
+            let column = format!("p{next}");
+            next += 1;
+            partial_aggs.push(inner.clone().alias(&column));
+            first_rows.push(column.clone());
+            kept.push(Kept::First(column));
+            invertible = false;
+            continue;
         }
-        let with = |udf, args: Vec<Expr>| {
-            Expr::AggregateFunction(AggregateFunction::new_udf(
-                udf,
-                args,
-                false,
-                p.filter.clone(),
-                vec![],
-                None,
-            ))
-        };
-        let input = agg.input.schema();
         // A source column is known by its name only where the aggregation reads
         // the source itself (through filters), not a projection that renamed.
         let source_column = |c: &datafusion::common::Column| {
@@ -748,65 +841,31 @@ pub fn split(
             && p.args
                 .iter()
                 .all(|a| never_null(a) && a.get_type(input).is_ok_and(|t| t.is_signed_integer()));
-        let name = f.func.name().to_ascii_lowercase();
-        if dedup && name == "first_value" {
-            // With its ORDER BY: the batch's first row of each key.
-            let column = add(inner.clone(), Merge::First, &mut merges);
-            first_rows.push(column.clone());
-            finals.push(Final::Value(column));
-            invertible = false;
-            continue;
-        }
-        invertible &= match name.as_str() {
-            "count" => true,
-            "sum" | "avg" | "mean" => exact_sum,
-            _ => false,
-        };
-        let fin = match name.as_str() {
-            "count" => Final::Count(add(
-                with(f.func.clone(), p.args.clone()),
-                Merge::Sum,
-                &mut merges,
-            )),
-            "sum" => Final::Value(add(
-                with(f.func.clone(), p.args.clone()),
-                Merge::Sum,
-                &mut merges,
-            )),
-            "min" => Final::Value(add(
-                with(f.func.clone(), p.args.clone()),
-                Merge::Min,
-                &mut merges,
-            )),
-            "max" => Final::Value(add(
-                with(f.func.clone(), p.args.clone()),
-                Merge::Max,
-                &mut merges,
-            )),
-            "avg" | "mean" => Final::Avg {
-                sum: add(with(sum_udaf(), p.args.clone()), Merge::Sum, &mut merges),
-                count: add(with(count_udaf(), p.args.clone()), Merge::Sum, &mut merges),
-            },
-            other => {
-                return Err(BrookError::sql(format!(
-                    "aggregate '{other}' is not supported on streams; use count, sum, min, max or avg"
-                )));
-            }
-        };
-        finals.push(fin);
+        // Their states are single integer columns that negating undoes.
+        invertible &= !p.distinct
+            && match name.as_str() {
+                "count" => true,
+                "sum" => exact_sum,
+                _ => false,
+            };
+        // As DataFusion's analyzer will: the arguments cast to the types the
+        // aggregate takes, which its accumulators are made for.
+        let coerced = inner
+            .clone()
+            .rewrite(&mut TypeCoercionRewriter::new(input))?
+            .data;
+        let (state, partial) = keep_state(&coerced, input, &format!("a{j}"), |n| {
+            let names = (next..next + n).map(|i| format!("p{i}")).collect();
+            next += n;
+            names
+        })?;
+        partial_aggs.push(partial);
+        kept.push(state);
     }
-    partial_aggs.push(
-        Expr::AggregateFunction(AggregateFunction::new_udf(
-            count_udaf(),
-            vec![lit(1i64)],
-            false,
-            None,
-            vec![],
-            None,
-        ))
-        .alias(ROWS_COLUMN),
-    );
-    merges.push((ROWS_COLUMN.to_string(), Merge::Sum));
+    let rows = count_udaf().call(vec![lit(1i64)]);
+    let (rows, partial) = keep_state(&rows, input, ROWS_COLUMN, |_| vec![ROWS_COLUMN.to_string()])?;
+    partial_aggs.push(partial);
+    kept.push(rows);
 
     let key_names: Vec<String> = (0..keys).map(|i| format!("k{i}")).collect();
     let group: Vec<Expr> = agg
@@ -815,11 +874,17 @@ pub fn split(
         .zip(&key_names)
         .map(|(e, k)| e.clone().alias(k))
         .collect();
-    let partial = flat_partial(
+    let mut partial = flat_partial(
         agg,
         Aggregate::try_new(agg.input.clone(), group, partial_aggs)?,
         window.map(|w| (w.key, w.partial)),
     )?;
+    if kept.iter().any(Kept::is_packed) {
+        let columns = key_names.iter().map(|k| col(k.as_str()));
+        partial = LogicalPlanBuilder::from(partial)
+            .project(columns.chain(kept.iter().flat_map(Kept::unpacked)))?
+            .build()?;
+    }
     let delta_slot = Slot::new(partial.schema().as_arrow());
     let emit_slot = Slot::new(partial.schema().as_arrow());
     let state_schema: SchemaRef = delta_slot.schema().clone();
@@ -845,20 +910,6 @@ pub fn split(
     let union = LogicalPlanBuilder::from(tagged("__state", &state_slot, false)?)
         .union(tagged("__delta", &delta_slot, true)?)?
         .build()?;
-    let merge_aggs = merges.iter().map(|(name, merge)| {
-        let c = col(name.as_str());
-        let merged = match merge {
-            Merge::Sum => sum(c),
-            Merge::Min => min(c),
-            Merge::Max => max(c),
-            Merge::First => first_value(c, vec![]),
-        };
-        let data_type = state_schema
-            .field_with_name(name)
-            .map(|f| f.data_type().clone())
-            .unwrap_or(DataType::Int64);
-        cast(merged, data_type).alias(name)
-    });
     let key_fields = key_names
         .iter()
         .map(|k| state_schema.field_with_name(k))
@@ -867,16 +918,14 @@ pub fn split(
         key_names.iter().map(|k| col(k.as_str())).zip(key_fields),
         window.and_then(|w| Some((w.key, w.merge?))),
     );
-    rebuilt.extend(
-        merges
-            .iter()
-            .map(|(name, _)| col(name.as_str()))
-            .chain([col(CHANGED_COLUMN)]),
-    );
+    rebuilt.extend(kept.iter().flat_map(Kept::unpacked));
+    rebuilt.push(col(CHANGED_COLUMN));
     let merge = LogicalPlanBuilder::from(union)
         .aggregate(
             flat,
-            merge_aggs.chain([bool_or(col(CHANGED_COLUMN)).alias(CHANGED_COLUMN)]),
+            kept.iter()
+                .map(Kept::merged)
+                .chain([bool_or(col(CHANGED_COLUMN)).alias(CHANGED_COLUMN)]),
         )?
         .project(rebuilt)?
         .build()?;
@@ -888,18 +937,9 @@ pub fn split(
         let (q, f) = agg.schema.qualified_field(i);
         columns.push(col(key.as_str()).alias_qualified(q.cloned(), f.name()));
     }
-    for (j, fin) in finals.iter().enumerate() {
+    for (j, k) in kept[..agg.aggr_expr.len()].iter().enumerate() {
         let (q, f) = agg.schema.qualified_field(keys + j);
-        let t = f.data_type().clone();
-        let value = match fin {
-            Final::Value(c) => col(c.as_str()),
-            Final::Count(c) => coalesce(vec![col(c.as_str()), lit(0i64)]),
-            Final::Avg { sum, count } => {
-                cast(col(sum.as_str()), t.clone())
-                    / cast(nullif(col(count.as_str()), lit(0i64)), t.clone())
-            }
-        };
-        columns.push(cast(value, t).alias_qualified(q.cloned(), f.name()));
+        columns.push(cast(k.value(), f.data_type().clone()).alias_qualified(q.cloned(), f.name()));
     }
     let replacement = LogicalPlanBuilder::scan(
         "__emit",
@@ -926,4 +966,103 @@ pub fn split(
         invertible,
         state_columns,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{ArrayRef, Int64Array};
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::common::not_impl_err;
+    use datafusion::datasource::MemTable;
+    use datafusion::logical_expr::function::AccumulatorArgs;
+    use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
+    use datafusion::prelude::SessionContext;
+
+    /// A user's aggregate that sums, but whose partial sums do not merge.
+    #[derive(Debug, PartialEq, Eq, Hash)]
+    struct Unmergeable(Signature);
+
+    #[derive(Debug)]
+    struct Total(i64);
+
+    impl Accumulator for Total {
+        fn update_batch(&mut self, values: &[ArrayRef]) -> datafusion::common::Result<()> {
+            let values = datafusion::arrow::array::AsArray::as_primitive::<
+                datafusion::arrow::datatypes::Int64Type,
+            >(&values[0]);
+            self.0 += values.iter().flatten().sum::<i64>();
+            Ok(())
+        }
+        fn evaluate(&mut self) -> datafusion::common::Result<ScalarValue> {
+            Ok(ScalarValue::Int64(Some(self.0)))
+        }
+        fn size(&self) -> usize {
+            size_of::<Self>()
+        }
+        fn state(&mut self) -> datafusion::common::Result<Vec<ScalarValue>> {
+            Ok(vec![ScalarValue::Int64(Some(self.0))])
+        }
+        fn merge_batch(&mut self, _: &[ArrayRef]) -> datafusion::common::Result<()> {
+            not_impl_err!("its partial totals cannot be added up")
+        }
+    }
+
+    impl AggregateUDFImpl for Unmergeable {
+        fn name(&self) -> &str {
+            "total"
+        }
+        fn signature(&self) -> &Signature {
+            &self.0
+        }
+        fn return_type(&self, _: &[DataType]) -> datafusion::common::Result<DataType> {
+            Ok(DataType::Int64)
+        }
+        fn accumulator(
+            &self,
+            _: AccumulatorArgs,
+        ) -> datafusion::common::Result<Box<dyn Accumulator>> {
+            Ok(Box::new(Total(0)))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_aggregate_whose_states_do_not_merge_is_refused_by_name() {
+        let ctx = SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("x", DataType::Int64, true),
+        ]));
+        let column: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
+        let rows = datafusion::arrow::array::RecordBatch::try_new(
+            schema.clone(),
+            vec![column.clone(), column],
+        )
+        .unwrap();
+        let table = MemTable::try_new(schema, vec![vec![rows]]).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        ctx.register_udaf(AggregateUDF::new_from_impl(Unmergeable(Signature::exact(
+            vec![DataType::Int64],
+            datafusion::logical_expr::Volatility::Immutable,
+        ))));
+        let plan = ctx
+            .state()
+            .create_logical_plan("SELECT k, total(x) AS t, count(*) AS n FROM t GROUP BY k")
+            .await
+            .unwrap();
+        let agg = find_aggregate(&plan, &|_| true).unwrap().unwrap();
+        let err = split(&plan, &agg, 1, &HashSet::new(), None, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(
+                "aggregate 'total' is not supported on streams: a streaming aggregation keeps \
+                 each group's partial state and merges every batch's into it, and total's \
+                 states cannot be merged (This feature is not implemented: its partial totals \
+                 cannot be added up)"
+            ),
+            "{err}"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod depth;
 pub mod incremental;
+pub mod partial;
 pub mod script;
 pub mod session;
 pub mod slot;
