@@ -311,7 +311,6 @@ impl Accumulator for SqSumAcc {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the generic streaming aggregation"]
 async fn a_mergeable_aggregate_function_in_a_streaming_group_by_matches_datafusion_batch() {
     let dir = tempfile::tempdir().unwrap();
     udf::write_orders(&dir.path().join("orders")).unwrap();
