@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
 //! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector
-//! interval_join`.
+//! interval_join ohlc`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
@@ -984,35 +984,62 @@ fn main() {
     if wants("interval_join") {
         interval_join();
     }
+    if wants("ohlc") {
+        ohlc();
+    }
 }
 
 /// `queries/volume_per_sector.sql` over the book's orders, all files in one
 /// batch: the order stream joined with the symbols table, then aggregated
 /// per sector and minute.
 fn sector() {
-    let (input, what) = book_data();
-    let sql = std::fs::read_to_string(root().join("queries/volume_per_sector.sql")).unwrap();
     let symbols = root().join("queries/symbols.csv");
-    for from in ["LOCATION 'data/orders'", "LOCATION 'queries/symbols.csv'"] {
-        assert!(sql.contains(from), "the sector query has no {from}");
+    let symbols = format!("LOCATION '{}'", symbols.display());
+    book_query(
+        "volume_per_sector.sql",
+        &[("LOCATION 'queries/symbols.csv'", symbols.as_str())],
+        "volume_per_sector",
+        "joined with queries/symbols.csv, per sector and minute",
+    );
+}
+
+/// `queries/ohlc.sql` over the book's orders, all files in one batch: a
+/// one-minute candle per symbol (first_value / last_value ordered by time,
+/// max, min, sum), into Parquet rather than the terminal.
+fn ohlc() {
+    book_query(
+        "ohlc.sql",
+        &[(
+            "STORED AS CONSOLE LOCATION 'stdout'",
+            "STORED AS PARQUET LOCATION 'out/candles'",
+        )],
+        "candles",
+        "one-minute OHLC candles per symbol",
+    );
+}
+
+/// One of `queries/` over the book's orders (its `data/orders` pointed at
+/// them, and each `(from, to)` of `edits` applied), all files in one batch,
+/// timed as `timed_run` does.
+fn book_query(file: &str, edits: &[(&str, &str)], query: &str, what_it_does: &str) {
+    let (input, what) = book_data();
+    let mut sql = std::fs::read_to_string(root().join("queries").join(file)).unwrap();
+    let orders = format!("LOCATION '{}'", input.display());
+    for (from, to) in [("LOCATION 'data/orders'", orders.as_str())]
+        .into_iter()
+        .chain(edits.iter().copied())
+    {
+        assert!(sql.contains(from), "queries/{file} has no {from}");
+        sql = sql.replace(from, to);
     }
-    let sql = sql
-        .replace(
-            "LOCATION 'data/orders'",
-            &format!("LOCATION '{}'", input.display()),
-        )
-        .replace(
-            "LOCATION 'queries/symbols.csv'",
-            &format!("LOCATION '{}'", symbols.display()),
-        );
-    println!("\n## sector: {what}, joined with queries/symbols.csv, per sector and minute\n");
+    println!("\n## {query}: {what}, {what_it_does}\n");
     table_header();
     let runs: Vec<_> = (0..RUNS)
         .map(|_| {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("sector.sql");
+            let path = dir.path().join(file);
             std::fs::write(&path, &sql).unwrap();
-            timed_run(dir.path(), &path, BOOK_ORDERS, &["volume_per_sector"])
+            timed_run(dir.path(), &path, BOOK_ORDERS, &[query])
         })
         .collect();
     report_runs("one batch", BOOK_ORDERS, &runs);
