@@ -423,11 +423,7 @@ impl Chunk {
 }
 
 /// Parses the values of partition `name` as [`decode`] does, and says which
-/// of `records` each row comes from (the metadata columns' values). A line
-/// makes one row at most (two JSON values on a line are malformed), so when
-/// each value is one line, none is malformed and there are as many rows as
-/// values, row i is value i: one pass over all the values does. Otherwise (a
-/// value over several lines, a malformed or blank one) each is parsed alone.
+/// of `records` each row comes from (the metadata columns' values).
 fn decode_records(
     name: &str,
     decoder: &Decoder,
@@ -437,30 +433,75 @@ fn decode_records(
 ) -> Result<(RecordBatch, MalformedStats, Vec<usize>)> {
     let text = Bytes::from(text);
     let n = records.records.len();
-    if offsets.len() == n {
-        let (batch, malformed) = decode(name, decoder, text.clone(), offsets)?;
-        if malformed.count == 0 && batch.num_rows() == n {
-            return Ok((batch, malformed, (0..n).collect()));
+    let (mut bytes, mut lines) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
+    bytes.push(0);
+    lines.push(0);
+    for (end, taken) in &records.ends {
+        bytes.push(*end);
+        lines.push(lines[lines.len() - 1] + taken);
+    }
+    let mut placed = Placed::default();
+    place_rows(
+        &lines,
+        &mut |span| {
+            decode(
+                name,
+                decoder,
+                text.slice(bytes[span.start]..bytes[span.end]),
+                &offsets[lines[span.start]..lines[span.end]],
+            )
+        },
+        0..n,
+        &mut placed,
+    )?;
+    let batch = concat_batches(&decoder.schema, &placed.batches)?;
+    Ok((batch, placed.malformed, placed.rows))
+}
+
+/// Rows parsed from a part's values, row i from record `rows[i]`.
+#[derive(Default)]
+struct Placed {
+    batches: Vec<RecordBatch>,
+    malformed: MalformedStats,
+    rows: Vec<usize>,
+}
+
+/// Parses records `span` with `decode` (record i takes lines `lines[i]..lines[i
+/// + 1]` of the text) into `placed`. A line makes one row at most (two JSON
+/// values on a line are malformed), so when each record of the span is one
+/// line, none is malformed and there are as many rows as records, row i is
+/// record i; when there is no row, there is none to place. Otherwise (a value
+/// over several lines, a malformed or blank one) each half is parsed alone,
+/// down to single records, whose rows are all theirs: a few bad values cost a
+/// few parses of their neighbours, not one parse a record of the part.
+fn place_rows(
+    lines: &[usize],
+    decode: &mut impl FnMut(std::ops::Range<usize>) -> Result<(RecordBatch, MalformedStats)>,
+    span: std::ops::Range<usize>,
+    placed: &mut Placed,
+) -> Result<()> {
+    let count = span.len();
+    if count == 0 {
+        return Ok(());
+    }
+    if count == 1 || lines[span.end] - lines[span.start] == count {
+        let (batch, malformed) = decode(span.clone())?;
+        let rows = batch.num_rows();
+        let whole = malformed.count == 0 && rows == count;
+        if count == 1 || rows == 0 || whole {
+            match count {
+                1 => placed.rows.extend(std::iter::repeat_n(span.start, rows)),
+                _ if whole => placed.rows.extend(span),
+                _ => {}
+            }
+            placed.malformed.merge(malformed);
+            placed.batches.push(batch);
+            return Ok(());
         }
     }
-    let mut batches = vec![];
-    let mut malformed = MalformedStats::default();
-    let mut rows = vec![];
-    let (mut start, mut line) = (0, 0);
-    for (i, (end, lines)) in records.ends.iter().enumerate() {
-        let (batch, found) = decode(
-            name,
-            decoder,
-            text.slice(start..*end),
-            &offsets[line..line + lines],
-        )?;
-        rows.extend(std::iter::repeat_n(i, batch.num_rows()));
-        malformed.merge(found);
-        batches.push(batch);
-        (start, line) = (*end, line + lines);
-    }
-    let batch = concat_batches(&decoder.schema, &batches)?;
-    Ok((batch, malformed, rows))
+    let middle = span.start + count / 2;
+    place_rows(lines, decode, span.start..middle, placed)?;
+    place_rows(lines, decode, middle..span.end, placed)
 }
 
 /// The table's rows: `values` parsed, row i from `records[rows[i]]`, with the
@@ -1019,6 +1060,66 @@ mod tests {
         assert_eq!(column(2), vec![5, 8]);
         assert_eq!(batch.column(1).as_string::<i32>().value(1), "k");
         assert_eq!(malformed, 1);
+    }
+
+    /// A blank value and a malformed one among a thousand: the values around
+    /// them are parsed by halves, a few parses rather than one a record, and
+    /// each row is placed with its record.
+    #[test]
+    fn a_few_bad_values_in_a_part_cost_a_few_parses() {
+        let decoder = Decoder::new(
+            FileFormat::Json,
+            Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true)])),
+            ParseMode::DropMalformed,
+            "_corrupt_record",
+        );
+        let (mut text, mut offsets, mut lines) = (vec![], vec![], vec![0]);
+        let mut bytes = vec![0];
+        for i in 0..1000 {
+            let value = match i {
+                500 => String::new(),
+                700 => "{\"id\": }".to_string(),
+                // A line end between JSON tokens is a space: one line still.
+                900 => format!("{{\"id\":\n{i}}}"),
+                _ => format!("{{\"id\": {i}}}"),
+            };
+            let taken = append_value(&mut text, &decoder.format, value.as_bytes());
+            offsets.extend(std::iter::repeat_n(i as i64, taken));
+            lines.push(lines[lines.len() - 1] + taken);
+            bytes.push(text.len());
+        }
+        let text = Bytes::from(text);
+        let mut parses = 0;
+        let mut placed = Placed::default();
+        place_rows(
+            &lines,
+            &mut |span| {
+                parses += 1;
+                decode(
+                    "ids-0",
+                    &decoder,
+                    text.slice(bytes[span.start]..bytes[span.end]),
+                    &offsets[lines[span.start]..lines[span.end]],
+                )
+            },
+            0..1000,
+            &mut placed,
+        )
+        .unwrap();
+        let expected: Vec<usize> = (0..1000).filter(|i| *i != 500 && *i != 700).collect();
+        assert_eq!(placed.rows, expected);
+        let batch = concat_batches(&decoder.schema, &placed.batches).unwrap();
+        let ids: Vec<usize> = batch
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .values()
+            .iter()
+            .map(|id| *id as usize)
+            .collect();
+        assert_eq!(ids, expected);
+        assert_eq!(placed.malformed.count, 1);
+        assert_eq!(placed.malformed.samples[0].file, "ids-0 offset 700");
+        assert!(parses <= 40, "{parses} parses");
     }
 
     /// A key that is not UTF-8, read as VARCHAR, makes its record malformed:

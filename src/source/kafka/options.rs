@@ -204,6 +204,15 @@ const METADATA: &[(&str, Metadata, &str)] = &[
 ];
 
 impl Metadata {
+    /// Whether a record may have no value here: a record without a key, a
+    /// timestamp (Kafka's before 0.10) or headers.
+    fn can_be_null(self) -> bool {
+        matches!(
+            self,
+            Metadata::Key | Metadata::Timestamp | Metadata::Headers
+        )
+    }
+
     fn fits(self, t: &DataType) -> bool {
         match self {
             Metadata::Key => matches!(t, DataType::Binary | DataType::Utf8),
@@ -238,8 +247,9 @@ pub(crate) enum Column {
 
 /// Splits a parsed Kafka table's `declared` columns into those parsed from
 /// the value (their schema) and where each column comes from. A column named
-/// as a metadata column is one, of a type it can be; a name starting with `_`
-/// that is a metadata column's name misspelt (within two letters) is refused,
+/// as a metadata column is one, of a type it can be (and nullable when a record
+/// may have none); a name starting with `_` that is a metadata column's name
+/// misspelt (one letter off, two for names longer than 5) is refused,
 /// so that a typo is not parsed from the value as nulls; other names (a JSON
 /// value's `_id`, the corrupt-record column) are parsed from the value.
 pub(crate) fn split_columns(
@@ -266,7 +276,10 @@ pub(crate) fn split_columns(
             let misspelt = name.starts_with('_')
                 && name != corrupt_column
                 && METADATA.iter().any(|(meta, _, _)| {
-                    edit_distance(&meta.to_ascii_lowercase(), &name.to_ascii_lowercase()) <= 2
+                    // Two letters apart is too loose for short names: `_rev`,
+                    // `_seq` or `_by` are a JSON value's own fields, not `_key`.
+                    let near = if meta.len() <= 5 { 1 } else { 2 };
+                    edit_distance(&meta.to_ascii_lowercase(), &name.to_ascii_lowercase()) <= near
                 });
             if misspelt {
                 return Err(BrookError::sql(format!(
@@ -282,6 +295,12 @@ pub(crate) fn split_columns(
             return Err(BrookError::sql(format!(
                 "{what}: Kafka metadata column '{name}' is declared {}; declare it {types}",
                 field.data_type()
+            )));
+        }
+        if !field.is_nullable() && meta.can_be_null() {
+            return Err(BrookError::sql(format!(
+                "{what}: Kafka metadata column '{name}' is declared NOT NULL, but a record \
+                 may have none; declare it without NOT NULL"
             )));
         }
         if *meta == Metadata::Headers && !include_headers {
