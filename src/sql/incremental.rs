@@ -19,8 +19,9 @@ use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::{get_field, named_struct};
-use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::count::{Count, count_udaf};
 use datafusion::functions_aggregate::expr_fn::{bool_or, first_value};
+use datafusion::functions_aggregate::sum::Sum;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, Distinct, DistinctOn, Expr, ExprSchemable, Filter, JoinType, LogicalPlan,
@@ -841,13 +842,11 @@ pub fn split(
             && p.args
                 .iter()
                 .all(|a| never_null(a) && a.get_type(input).is_ok_and(|t| t.is_signed_integer()));
-        // Their states are single integer columns that negating undoes.
-        invertible &= !p.distinct
-            && match name.as_str() {
-                "count" => true,
-                "sum" => exact_sum,
-                _ => false,
-            };
+        // Their states are single integer columns that negating undoes. Known
+        // by what they are, not their names: a user's function may take a
+        // built-in one's name.
+        let func = f.func.inner();
+        invertible &= !p.distinct && (func.is::<Count>() || (func.is::<Sum>() && exact_sum));
         // As DataFusion's analyzer will: the arguments cast to the types the
         // aggregate takes, which its accumulators are made for.
         let coerced = inner
