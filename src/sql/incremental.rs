@@ -68,8 +68,8 @@ pub struct AggregateSplit {
     pub merge: LogicalPlan,
     pub finalize: LogicalPlan,
     pub keys: usize,
-    /// Every state column is an exact sum that subtracting undoes: counts, and
-    /// sums (or averages) without FILTER of signed integers that are never null.
+    /// Every state column is an exact sum that subtracting undoes: DataFusion's
+    /// counts, and its sums without FILTER of signed integers that are never null.
     /// A sum that may be null cannot be undone: nothing tells 0 from no value.
     pub invertible: bool,
     /// The columns of partial rows kept in state: all but a deduplication's
@@ -802,7 +802,7 @@ pub fn split(
     let mut partial_aggs: Vec<Expr> = vec![];
     let mut kept: Vec<Kept> = vec![];
     // State columns are named p0, p1, ... in the order of the aggregates'
-    // state fields: a count, sum, min or max keeps one, as it always did.
+    // state fields: a count, sum, min or max keeps one, an avg two.
     let mut next = 0;
     let mut invertible = true;
     let mut first_rows = vec![];
