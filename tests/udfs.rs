@@ -493,3 +493,76 @@ async fn a_function_named_sum_over_sliding_windows_matches_datafusion_batch() {
     assert!(expected.len() >= 8, "{expected:?}");
     assert_eq!(sorted(table(&got)), expected);
 }
+
+/// A user's function whose accumulator returns two state values where it
+/// declares one state field.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct TwoStates(SqSum);
+
+impl AggregateUDFImpl for TwoStates {
+    fn name(&self) -> &str {
+        "two_states"
+    }
+    fn signature(&self) -> &Signature {
+        self.0.signature()
+    }
+    fn return_type(&self, args: &[DataType]) -> DFResult<DataType> {
+        self.0.return_type(args)
+    }
+    fn state_fields(&self, args: StateFieldsArgs) -> DFResult<Vec<FieldRef>> {
+        self.0.state_fields(args)
+    }
+    fn accumulator(&self, _: AccumulatorArgs) -> DFResult<Box<dyn Accumulator>> {
+        Ok(Box::new(TwoStatesAcc(SqSumAcc(0.0))))
+    }
+}
+
+#[derive(Debug)]
+struct TwoStatesAcc(SqSumAcc);
+
+impl Accumulator for TwoStatesAcc {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> DFResult<()> {
+        self.0.update_batch(values)
+    }
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> DFResult<()> {
+        self.0.merge_batch(states)
+    }
+    fn state(&mut self) -> DFResult<Vec<ScalarValue>> {
+        let mut state = self.0.state()?;
+        state.push(ScalarValue::Float64(Some(0.0)));
+        Ok(state)
+    }
+    fn evaluate(&mut self) -> DFResult<ScalarValue> {
+        self.0.evaluate()
+    }
+    fn size(&self) -> usize {
+        size_of_val(self)
+    }
+}
+
+/// An aggregate function whose state is not what it declares fails the
+/// query with an error naming the function, not one that reads as brook's bug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_whose_state_differs_from_its_declaration_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    udf::write_orders(&dir.path().join("orders")).unwrap();
+    let engine = udf::engine(dir.path()).unwrap();
+    engine
+        .register_udaf(AggregateUDF::from(TwoStates(SqSum {
+            signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
+        })))
+        .unwrap();
+    let query = engine
+        .query("SELECT symbol, two_states(price) AS s FROM orders GROUP BY symbol")
+        .output_mode(OutputMode::Complete)
+        .memory_sink("states")
+        .start()
+        .await
+        .unwrap();
+    let err = query.process_all_available().await.unwrap_err().to_string();
+    assert!(
+        err.contains("aggregate 'two_states' returned 2 state arrays but declares 1 state fields"),
+        "{err}"
+    );
+    assert!(!err.contains("internal error"), "{err}");
+}

@@ -750,12 +750,15 @@ fn keep_state(
     let f = partial::lower(e, input, name)?;
     if let Err(why) = partial::check_mergeable(&f) {
         let name = agg.func.name();
-        return Err(BrookError::sql(format!(
-            "aggregate '{name}' is not supported on streams: a streaming aggregation keeps \
-             each group's partial state and merges every batch's into it, and {name}'s \
-             states cannot be merged ({why}); use an aggregate whose states merge, or run \
-             {name} in a batch query over what the stream wrote"
-        )));
+        return Err(BrookError::Context {
+            context: format!(
+                "aggregate '{name}' is not supported on streams (use an aggregate \
+                 whose states merge, or run {name} in a batch query over what the stream \
+                 wrote): a streaming aggregation keeps each group's partial state and merges \
+                 every batch's into it, and {name}'s states cannot be merged"
+            ),
+            source: Box::new(why.into()),
+        });
     }
     let layout = Layout::new(&f)?;
     let columns = columns(layout.field_count());
@@ -974,6 +977,7 @@ mod tests {
     use datafusion::arrow::datatypes::Schema;
     use datafusion::common::not_impl_err;
     use datafusion::datasource::MemTable;
+    use datafusion::error::DataFusionError;
     use datafusion::logical_expr::function::AccumulatorArgs;
     use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
     use datafusion::prelude::SessionContext;
@@ -1052,16 +1056,23 @@ mod tests {
         let agg = find_aggregate(&plan, &|_| true).unwrap().unwrap();
         let err = split(&plan, &agg, 1, &HashSet::new(), None, false)
             .err()
-            .unwrap()
-            .to_string();
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "aggregate 'total' is not supported on streams (use an aggregate whose \
+             states merge, or run total in a batch query over what the stream wrote): a \
+             streaming aggregation keeps each group's partial state and merges every batch's \
+             into it, and total's states cannot be merged: This feature is not implemented: \
+             its partial totals cannot be added up"
+        );
+        // The aggregate's own error is kept as the source.
         assert!(
-            err.contains(
-                "aggregate 'total' is not supported on streams: a streaming aggregation keeps \
-                 each group's partial state and merges every batch's into it, and total's \
-                 states cannot be merged (This feature is not implemented: its partial totals \
-                 cannot be added up)"
+            matches!(
+                &err,
+                BrookError::Context { source, .. }
+                    if matches!(**source, BrookError::DataFusion(DataFusionError::NotImplemented(_)))
             ),
-            "{err}"
+            "{err:?}"
         );
     }
 }
