@@ -534,23 +534,12 @@ async fn a_commit_without_the_previous_watermark_judges_late_rows_by_the_current
         Trigger::Once,
     )
     .await;
-    let commit = checkpoint.join("commits/0");
-    let text = std::fs::read_to_string(&commit).unwrap();
-    let (header, body) = text.split_once('\n').unwrap();
-    let mut entry: serde_json::Value = serde_json::from_str(body).unwrap();
-    let removed = entry["event_time"]
-        .as_object_mut()
-        .unwrap()
-        .remove("late_watermark_ns");
+    let removed = drop_late_watermark(&checkpoint.join("commits/0"));
     assert_eq!(
         removed,
         Some(serde_json::Value::Null),
         "batch 0 ran without a watermark"
     );
-    let version = header.split(' ').next().unwrap();
-    let body = entry.to_string();
-    let crc = crc32fast::hash(body.as_bytes());
-    std::fs::write(&commit, format!("{version} crc32={crc:08x}\n{body}")).unwrap();
 
     let ran = run_in(
         &input,
@@ -569,4 +558,61 @@ async fn a_commit_without_the_previous_watermark_judges_late_rows_by_the_current
         .count() as u64;
     assert!(late_by_current > 0);
     assert_eq!(ran[&1].1, late_by_current);
+}
+
+/// Rewrites `commit` as brook wrote it before it recorded the watermark the
+/// batch ran under; the value removed.
+fn drop_late_watermark(commit: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(commit).unwrap();
+    let (header, body) = text.split_once('\n').unwrap();
+    let mut entry: serde_json::Value = serde_json::from_str(body).unwrap();
+    let removed = entry["event_time"]
+        .as_object_mut()
+        .unwrap()
+        .remove("late_watermark_ns");
+    let version = header.split(' ').next().unwrap();
+    let body = entry.to_string();
+    let crc = crc32fast::hash(body.as_bytes());
+    std::fs::write(commit, format!("{version} crc32={crc:08x}\n{body}")).unwrap();
+    removed
+}
+
+/// Sliding windows in append mode restarted from commits that did not record
+/// the late-events watermark: the windows the last batch left pending (the
+/// watermark moved past them after it closed what it could) are emitted by
+/// the next one, each once, as in a run never stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_without_the_previous_watermark_keeps_pending_sliding_windows() {
+    for restart_after in [0, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        write_files(&input);
+        let checkpoint = dir.path().join("checkpoint");
+        let mut restarted = Batches::new();
+        for _ in 0..=restart_after {
+            let ran = run_in(
+                &input,
+                Some(&checkpoint),
+                SLIDING,
+                OutputMode::Append,
+                Trigger::Once,
+            )
+            .await;
+            restarted.extend(ran);
+        }
+        let commit = checkpoint.join(format!("commits/{restart_after}"));
+        assert!(drop_late_watermark(&commit).is_some());
+        let ran = run_in(
+            &input,
+            Some(&checkpoint),
+            SLIDING,
+            OutputMode::Append,
+            Trigger::AvailableNow,
+        )
+        .await;
+        restarted.extend(ran);
+        let whole = run(SLIDING, OutputMode::Append).await;
+        assert_eq!(restarted, whole, "restarted after batch {restart_after}");
+    }
 }

@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use brook::OutputMode;
 use brook::datafusion::arrow::array::{ArrayRef, AsArray, Float64Array, Int32Array, RecordBatch};
-use brook::datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int32Type};
+use brook::datafusion::arrow::datatypes::{
+    DataType, Field, FieldRef, Float64Type, Int32Type, Int64Type, UInt64Type,
+};
 use brook::datafusion::common::ScalarValue;
-use brook::datafusion::error::Result as DFResult;
+use brook::datafusion::error::{DataFusionError, Result as DFResult};
 use brook::datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use brook::datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, Signature, Volatility, create_udf,
@@ -342,4 +344,225 @@ async fn a_mergeable_aggregate_function_in_a_streaming_group_by_matches_datafusi
     .await;
     assert!(expected.len() >= 8, "{expected:?}");
     assert_eq!(sorted(table(&got)), expected);
+}
+
+/// A user's function that takes the built-in `sum`'s name: the sum of its
+/// argument's absolute values, kept unsigned, which negating does not undo.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct AbsSum {
+    signature: Signature,
+}
+
+impl AbsSum {
+    fn udaf() -> AggregateUDF {
+        AggregateUDF::from(Self {
+            signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
+        })
+    }
+}
+
+impl AggregateUDFImpl for AbsSum {
+    fn name(&self) -> &str {
+        "sum"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> DFResult<DataType> {
+        Ok(DataType::UInt64)
+    }
+    fn state_fields(&self, args: StateFieldsArgs) -> DFResult<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[abs_sum]", args.name),
+            DataType::UInt64,
+            true,
+        ))])
+    }
+    fn accumulator(&self, _: AccumulatorArgs) -> DFResult<Box<dyn Accumulator>> {
+        Ok(Box::new(AbsSumAcc(0)))
+    }
+}
+
+#[derive(Debug)]
+struct AbsSumAcc(u64);
+
+impl AbsSumAcc {
+    fn add(&mut self, v: u64) -> DFResult<()> {
+        self.0 = self
+            .0
+            .checked_add(v)
+            .ok_or_else(|| DataFusionError::Execution("abs sum overflowed".into()))?;
+        Ok(())
+    }
+}
+
+impl Accumulator for AbsSumAcc {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> DFResult<()> {
+        for v in values[0].as_primitive::<Int64Type>().iter().flatten() {
+            self.add(v.unsigned_abs())?;
+        }
+        Ok(())
+    }
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> DFResult<()> {
+        for v in states[0].as_primitive::<UInt64Type>().iter().flatten() {
+            self.add(v)?;
+        }
+        Ok(())
+    }
+    fn state(&mut self) -> DFResult<Vec<ScalarValue>> {
+        Ok(vec![ScalarValue::UInt64(Some(self.0))])
+    }
+    fn evaluate(&mut self) -> DFResult<ScalarValue> {
+        Ok(ScalarValue::UInt64(Some(self.0)))
+    }
+    fn size(&self) -> usize {
+        size_of_val(self)
+    }
+}
+
+/// Sliding windows in append mode carry a window's sum to the next by
+/// negating the pane that leaves it, for the built-in `sum` only: a user's
+/// `sum` in its place is summed from its panes, as DataFusion's batch answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_named_sum_over_sliding_windows_matches_datafusion_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("values");
+    std::fs::create_dir(&input).unwrap();
+    let mut max_second = 0;
+    for file in 0..6 {
+        let lines: Vec<String> = (0..3)
+            .map(|k| {
+                let second = 10 * file + 3 * k + 1;
+                max_second = max_second.max(second);
+                let v = (file * 3 + k + 1) * if k % 2 == 0 { 1 } else { -1 };
+                format!("2026-01-01 00:00:{second:02},{v}")
+            })
+            .collect();
+        put(&input, &format!("{file}.csv"), &lines);
+    }
+    let engine = Engine::new();
+    engine.register_udaf(AbsSum::udaf()).unwrap();
+    engine
+        .execute(&format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE t (time TIMESTAMP NOT NULL, v BIGINT NOT NULL, \
+             WATERMARK FOR time AS time - INTERVAL '5' SECOND) STORED AS CSV LOCATION '{}' \
+             OPTIONS ('maxFilesPerTrigger' '1');",
+            input.display()
+        ))
+        .await
+        .unwrap();
+    let query = engine
+        .query(
+            "SELECT window.start AS ws, sum(v) AS total FROM t \
+             GROUP BY window(time, '10 seconds', '5 seconds')",
+        )
+        .output_mode(OutputMode::Append)
+        .memory_sink("totals")
+        .start()
+        .await
+        .unwrap();
+    query.process_all_available().await.unwrap();
+    let got = engine.sql("SELECT ws, total FROM totals").await.unwrap();
+
+    let ctx = SessionContext::new();
+    ctx.register_udaf(AbsSum::udaf());
+    ctx.sql(&format!(
+        "CREATE EXTERNAL TABLE t (time TIMESTAMP NOT NULL, v BIGINT NOT NULL) STORED AS CSV \
+         LOCATION '{}' OPTIONS ('format.has_header' 'false')",
+        input.display()
+    ))
+    .await
+    .unwrap();
+    // The windows the final watermark has closed, each pane's rows in the two
+    // windows that cover it.
+    let watermark = max_second - 5;
+    let expected: Vec<RecordBatch> = ctx
+        .sql(&format!(
+            "SELECT ws, sum(v) FROM ( \
+               SELECT date_bin(INTERVAL '5 seconds', time) AS ws, v FROM t UNION ALL \
+               SELECT date_bin(INTERVAL '5 seconds', time) - INTERVAL '5 seconds', v FROM t) \
+             WHERE ws + INTERVAL '10 seconds' <= TIMESTAMP '2026-01-01 00:00:{watermark:02}' \
+             GROUP BY ws"
+        ))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let expected = sorted(table(&expected));
+    assert!(expected.len() >= 8, "{expected:?}");
+    assert_eq!(sorted(table(&got)), expected);
+}
+
+/// A user's function whose accumulator returns two state values where it
+/// declares one state field.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct TwoStates(SqSum);
+
+impl AggregateUDFImpl for TwoStates {
+    fn name(&self) -> &str {
+        "two_states"
+    }
+    fn signature(&self) -> &Signature {
+        self.0.signature()
+    }
+    fn return_type(&self, args: &[DataType]) -> DFResult<DataType> {
+        self.0.return_type(args)
+    }
+    fn state_fields(&self, args: StateFieldsArgs) -> DFResult<Vec<FieldRef>> {
+        self.0.state_fields(args)
+    }
+    fn accumulator(&self, _: AccumulatorArgs) -> DFResult<Box<dyn Accumulator>> {
+        Ok(Box::new(TwoStatesAcc(SqSumAcc(0.0))))
+    }
+}
+
+#[derive(Debug)]
+struct TwoStatesAcc(SqSumAcc);
+
+impl Accumulator for TwoStatesAcc {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> DFResult<()> {
+        self.0.update_batch(values)
+    }
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> DFResult<()> {
+        self.0.merge_batch(states)
+    }
+    fn state(&mut self) -> DFResult<Vec<ScalarValue>> {
+        let mut state = self.0.state()?;
+        state.push(ScalarValue::Float64(Some(0.0)));
+        Ok(state)
+    }
+    fn evaluate(&mut self) -> DFResult<ScalarValue> {
+        self.0.evaluate()
+    }
+    fn size(&self) -> usize {
+        size_of_val(self)
+    }
+}
+
+/// An aggregate function whose state is not what it declares fails the
+/// query with an error naming the function, not one that reads as brook's bug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_whose_state_differs_from_its_declaration_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    udf::write_orders(&dir.path().join("orders")).unwrap();
+    let engine = udf::engine(dir.path()).unwrap();
+    engine
+        .register_udaf(AggregateUDF::from(TwoStates(SqSum {
+            signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
+        })))
+        .unwrap();
+    let query = engine
+        .query("SELECT symbol, two_states(price) AS s FROM orders GROUP BY symbol")
+        .output_mode(OutputMode::Complete)
+        .memory_sink("states")
+        .start()
+        .await
+        .unwrap();
+    let err = query.process_all_available().await.unwrap_err().to_string();
+    assert!(
+        err.contains("aggregate 'two_states' returned 2 state arrays but declares 1 state fields"),
+        "{err}"
+    );
+    assert!(!err.contains("internal error"), "{err}");
 }

@@ -581,8 +581,10 @@ impl Program for QueryBatches {
             inputs,
         } = commit.event_time.clone();
         self.watermark_ns = watermark_ns;
-        // Checkpoints written before it was recorded judged late rows by the current one.
-        self.late_watermark_ns = late_watermark_ns.unwrap_or(watermark_ns);
+        self.late_watermark_ns = match late_watermark_ns {
+            Some(recorded) => recorded,
+            None => self.unrecorded_late_watermark(watermark_ns, emitted_through_ns),
+        };
         self.pending_no_data = pending_no_data;
         if let [input] = &mut self.inputs[..] {
             input.watermark_ns = watermark_ns;
@@ -1054,6 +1056,26 @@ async fn run_stage(
 }
 
 impl QueryBatches {
+    /// The late-events watermark of a checkpoint that did not record it, which
+    /// judged late rows by the current watermark. Pane state is the exception:
+    /// it still holds the windows between the watermark its last batch closed
+    /// through and the current one (a batch without input was pending for
+    /// them), and a batch judging late rows by the current watermark would
+    /// drop them unemitted; it resumes from the watermark that batch ran under.
+    fn unrecorded_late_watermark(
+        &self,
+        watermark_ns: Option<i64>,
+        emitted_through_ns: Option<i64>,
+    ) -> Option<i64> {
+        match self.compiled.plans().last() {
+            Some(CompiledPlan::Stateful(op)) if op.panes => {
+                let lag_ns = self.compiled.then.last().map_or(0, |s| s.watermark_lag_ns);
+                emitted_through_ns.map(|w| w.saturating_add(lag_ns))
+            }
+            _ => watermark_ns,
+        }
+    }
+
     /// Each input's offset in a batch's `offset`, in the order of the inputs.
     fn split_offset(&self, offset: Option<&SourceOffset>) -> Result<Vec<Option<SourceOffset>>> {
         let Some(offset) = offset else {

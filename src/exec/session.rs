@@ -7,10 +7,10 @@
 //! a batch's rows by key and span as any GROUP BY. Before the merge, the spans
 //! of the batch and the sessions in state are merged per key (as Spark's
 //! `MergingSessionsIterator` does over sorted rows), and every row is labelled
-//! with its merged session: the merge plan then sums the partial aggregates of
-//! the sessions a row bridged into one, as it sums any group's. The sessions
-//! merged away leave the state. A session closes when the watermark passes its
-//! end.
+//! with its merged session: the merge plan then merges the partial aggregate
+//! states of the sessions a row bridged into one, as it merges any group's.
+//! The sessions merged away leave the state. A session closes when the
+//! watermark passes its end.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

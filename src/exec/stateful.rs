@@ -62,7 +62,7 @@ impl EventTimeKey {
 /// late by the one the previous batch ran under (`late_ns`), and its state is
 /// closed by its own (`evict_ns`). Rows of a backlog read in one batch are
 /// thus not late for having been read after rows that moved the watermark.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Watermarks {
     pub late_ns: Option<i64>,
     pub evict_ns: Option<i64>,

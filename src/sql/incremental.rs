@@ -19,8 +19,9 @@ use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::{get_field, named_struct};
-use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::count::{Count, count_udaf};
 use datafusion::functions_aggregate::expr_fn::{bool_or, first_value};
+use datafusion::functions_aggregate::sum::Sum;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, Distinct, DistinctOn, Expr, ExprSchemable, Filter, JoinType, LogicalPlan,
@@ -67,8 +68,8 @@ pub struct AggregateSplit {
     pub merge: LogicalPlan,
     pub finalize: LogicalPlan,
     pub keys: usize,
-    /// Every state column is an exact sum that subtracting undoes: counts, and
-    /// sums (or averages) without FILTER of signed integers that are never null.
+    /// Every state column is an exact sum that subtracting undoes: DataFusion's
+    /// counts, and its sums without FILTER of signed integers that are never null.
     /// A sum that may be null cannot be undone: nothing tells 0 from no value.
     pub invertible: bool,
     /// The columns of partial rows kept in state: all but a deduplication's
@@ -749,12 +750,15 @@ fn keep_state(
     let f = partial::lower(e, input, name)?;
     if let Err(why) = partial::check_mergeable(&f) {
         let name = agg.func.name();
-        return Err(BrookError::sql(format!(
-            "aggregate '{name}' is not supported on streams: a streaming aggregation keeps \
-             each group's partial state and merges every batch's into it, and {name}'s \
-             states cannot be merged ({why}); use an aggregate whose states merge, or run \
-             {name} in a batch query over what the stream wrote"
-        )));
+        return Err(BrookError::Context {
+            context: format!(
+                "aggregate '{name}' is not supported on streams (use an aggregate \
+                 whose states merge, or run {name} in a batch query over what the stream \
+                 wrote): a streaming aggregation keeps each group's partial state and merges \
+                 every batch's into it, and {name}'s states cannot be merged"
+            ),
+            source: Box::new(why.into()),
+        });
     }
     let layout = Layout::new(&f)?;
     let columns = columns(layout.field_count());
@@ -801,7 +805,7 @@ pub fn split(
     let mut partial_aggs: Vec<Expr> = vec![];
     let mut kept: Vec<Kept> = vec![];
     // State columns are named p0, p1, ... in the order of the aggregates'
-    // state fields: a count, sum, min or max keeps one, as it always did.
+    // state fields: a count, sum, min or max keeps one, an avg two.
     let mut next = 0;
     let mut invertible = true;
     let mut first_rows = vec![];
@@ -841,13 +845,11 @@ pub fn split(
             && p.args
                 .iter()
                 .all(|a| never_null(a) && a.get_type(input).is_ok_and(|t| t.is_signed_integer()));
-        // Their states are single integer columns that negating undoes.
-        invertible &= !p.distinct
-            && match name.as_str() {
-                "count" => true,
-                "sum" => exact_sum,
-                _ => false,
-            };
+        // Their states are single integer columns that negating undoes. Known
+        // by what they are, not their names: a user's function may take a
+        // built-in one's name.
+        let func = f.func.inner();
+        invertible &= !p.distinct && (func.is::<Count>() || (func.is::<Sum>() && exact_sum));
         // As DataFusion's analyzer will: the arguments cast to the types the
         // aggregate takes, which its accumulators are made for.
         let coerced = inner
@@ -975,6 +977,7 @@ mod tests {
     use datafusion::arrow::datatypes::Schema;
     use datafusion::common::not_impl_err;
     use datafusion::datasource::MemTable;
+    use datafusion::error::DataFusionError;
     use datafusion::logical_expr::function::AccumulatorArgs;
     use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
     use datafusion::prelude::SessionContext;
@@ -1053,16 +1056,23 @@ mod tests {
         let agg = find_aggregate(&plan, &|_| true).unwrap().unwrap();
         let err = split(&plan, &agg, 1, &HashSet::new(), None, false)
             .err()
-            .unwrap()
-            .to_string();
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "aggregate 'total' is not supported on streams (use an aggregate whose \
+             states merge, or run total in a batch query over what the stream wrote): a \
+             streaming aggregation keeps each group's partial state and merges every batch's \
+             into it, and total's states cannot be merged: This feature is not implemented: \
+             its partial totals cannot be added up"
+        );
+        // The aggregate's own error is kept as the source.
         assert!(
-            err.contains(
-                "aggregate 'total' is not supported on streams: a streaming aggregation keeps \
-                 each group's partial state and merges every batch's into it, and total's \
-                 states cannot be merged (This feature is not implemented: its partial totals \
-                 cannot be added up)"
+            matches!(
+                &err,
+                BrookError::Context { source, .. }
+                    if matches!(**source, BrookError::DataFusion(DataFusionError::NotImplemented(_)))
             ),
-            "{err}"
+            "{err:?}"
         );
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, StructArray, new_empty_array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields};
-use datafusion::common::{DFSchema, Result, ScalarValue, internal_err};
+use datafusion::common::{DFSchema, Result, ScalarValue, internal_err, plan_err};
 use datafusion::execution::context::ExecutionProps;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
@@ -66,6 +66,8 @@ pub fn check_mergeable(f: &AggregateFunctionExpr) -> Result<()> {
 /// The state of one aggregate as a wrapper returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Layout {
+    /// `f`'s function name, for errors of its accumulators.
+    function: String,
     /// `f`'s state fields, as `f` declares them.
     fields: Vec<FieldRef>,
     /// The field's type when there is one, else a struct of them all.
@@ -79,7 +81,11 @@ impl Layout {
             [one] => one.data_type().clone(),
             _ => DataType::Struct(Self::children(&fields)),
         };
-        Ok(Self { fields, output })
+        Ok(Self {
+            function: f.fun().name().to_string(),
+            fields,
+            output,
+        })
     }
 
     fn children(fields: &[FieldRef]) -> Fields {
@@ -116,8 +122,10 @@ impl Layout {
     /// the fields are the same by place.
     fn conform(&self, mut arrays: Vec<ArrayRef>) -> Result<Vec<ArrayRef>> {
         if arrays.len() != self.fields.len() {
-            return internal_err!(
-                "an aggregate returned {} state arrays for {} state fields",
+            // The function's own fault (a user's accumulator), not brook's.
+            return plan_err!(
+                "aggregate '{}' returned {} state arrays but declares {} state fields",
+                self.function,
                 arrays.len(),
                 self.fields.len()
             );
@@ -131,10 +139,11 @@ impl Layout {
     }
 
     fn conform_scalars(&self, values: Vec<ScalarValue>) -> Result<Vec<ScalarValue>> {
-        if values
-            .iter()
-            .zip(&self.fields)
-            .all(|(v, f)| v.data_type() == *f.data_type())
+        if values.len() == self.fields.len()
+            && values
+                .iter()
+                .zip(&self.fields)
+                .all(|(v, f)| v.data_type() == *f.data_type())
         {
             return Ok(values);
         }

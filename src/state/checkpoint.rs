@@ -121,7 +121,8 @@ pub struct EventTime {
     pub emitted_through_ns: Option<i64>,
     /// The watermark the batch ran under, by which the next batch judges its
     /// rows late (Spark's previous batch watermark); missing in checkpoints
-    /// written before it was recorded, which then judge them by `watermark_ns`.
+    /// written before it was recorded, which then judge them by `watermark_ns`
+    /// (pane state by `emitted_through_ns`, the watermark its last batch ran under).
     #[serde(
         default,
         deserialize_with = "recorded",
