@@ -443,9 +443,10 @@ async fn compile_join_chain(
         return Err(BrookError::internal("a join of two streams reads nothing"));
     };
     // The join's rows keep both sides' event times: the aggregation's
-    // watermark column is the one its window or its GROUP BY is over.
+    // watermark column is the one its window, its session or its GROUP BY is over.
     let mut rest_query = chain.rest.clone();
-    let window = rewrite_windows(&mut rest_query)?.map(|w| w.time_column);
+    let session = rewrite_sessions(&mut rest_query)?.map(|s| s.time_column);
+    let window = session.or(rewrite_windows(&mut rest_query)?.map(|w| w.time_column));
     let mut keys = vec![];
     if let SetExpr::Select(select) = rest_query.body.as_ref()
         && let GroupByExpr::Expressions(exprs, _) = &select.group_by
