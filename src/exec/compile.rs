@@ -564,10 +564,11 @@ async fn compile_stage(
     }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
     let mut plan = ctx.state().statement_to_plan(statement).await?;
-    let used_functions = functions.used_by(&plan)?;
     if let Some(spec) = &sessions {
         plan = session::with_session_column(plan, spec, sources, &slots, &ctx.state(), partitions)?;
     }
+    // After the sessions' column is planned: its gap may call a registered function.
+    let used_functions = functions.used_by(&plan)?;
     let is_stream = |name: &str| sources.contains_key(name);
     incremental::check_tables(&plan, &is_stream)?;
     let (plan, dedup) = incremental::distinct_as_aggregate(plan, &is_stream)?;
