@@ -527,9 +527,11 @@ async fn compile_stage(
 ) -> Result<CompiledQuery> {
     let sql = query.to_string();
     let mut query = query.clone();
+    let is_stream = |name: &str| sources.contains_key(name);
+    carry_window(&mut query, SESSION_COLUMN, &is_stream)?;
     // Before `window(...)` is rewritten, so that a query using both is refused.
     let sessions = rewrite_sessions(&mut query)?;
-    carry_window(&mut query, &|name| sources.contains_key(name))?;
+    carry_window(&mut query, WINDOW_COLUMN, &is_stream)?;
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
     let ctx = session(partitions, runtime, functions);
@@ -569,7 +571,6 @@ async fn compile_stage(
     }
     // After the sessions' column is planned: its gap may call a registered function.
     let used_functions = functions.used_by(&plan)?;
-    let is_stream = |name: &str| sources.contains_key(name);
     incremental::check_tables(&plan, &is_stream)?;
     let (plan, dedup) = incremental::distinct_as_aggregate(plan, &is_stream)?;
 
