@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -74,6 +75,9 @@ pub struct CompiledQuery {
     /// The stages after `plan`, in order, each run over the rows the one
     /// before it emitted in the same batch; the last one's rows are the output.
     pub then: Vec<Stage>,
+    /// With `session_window(...)`: the rows dropped without a session (a gap
+    /// not positive, or null) since the count was last taken.
+    pub rows_without_session: Option<Arc<AtomicU64>>,
 }
 
 /// A stage of a query after its first: its plan reads the rows the stage
@@ -326,6 +330,7 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
             plan: rest.plan,
             watermark_lag_ns: 0,
         }],
+        rows_without_session: rest.rows_without_session,
     })
 }
 
@@ -566,8 +571,17 @@ async fn compile_stage(
     }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
     let mut plan = ctx.state().statement_to_plan(statement).await?;
-    if let Some(spec) = &sessions {
-        plan = session::with_session_column(plan, spec, sources, &slots, &ctx.state(), partitions)?;
+    let rows_without_session = sessions.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+    if let (Some(spec), Some(dropped)) = (&sessions, &rows_without_session) {
+        plan = session::with_session_column(
+            plan,
+            spec,
+            sources,
+            &slots,
+            &ctx.state(),
+            partitions,
+            dropped,
+        )?;
     }
     // After the sessions' column is planned: its gap may call a registered function.
     let used_functions = functions.used_by(&plan)?;
@@ -695,6 +709,7 @@ async fn compile_stage(
             task_ctx,
             sql,
             then: vec![],
+            rows_without_session: None,
         });
     };
     if stream_join.is_some() {
@@ -889,6 +904,7 @@ async fn compile_stage(
         task_ctx,
         sql,
         then: vec![],
+        rows_without_session,
     })
 }
 
