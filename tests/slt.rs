@@ -364,6 +364,7 @@ impl Brook {
                     Text(p.event_time.max.clone()),
                     Int(state),
                     Int(dropped),
+                    Int(p.num_rows_without_session.map(|n| n as i64)),
                 ]);
                 for s in &p.state_operators {
                     operators.push(vec![
@@ -516,6 +517,7 @@ const PROGRESS_COLUMNS: &[(&str, bool)] = &[
     ("max_event_time", true),
     ("state_rows", false),
     ("dropped_duplicates", false),
+    ("rows_without_session", false),
 ];
 const STATE_COLUMNS: &[(&str, bool)] = &[
     ("query", true),

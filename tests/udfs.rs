@@ -7,9 +7,12 @@ mod common;
 use std::sync::Arc;
 
 use brook::OutputMode;
-use brook::datafusion::arrow::array::{ArrayRef, AsArray, Float64Array, Int32Array, RecordBatch};
+use brook::datafusion::arrow::array::{
+    ArrayRef, AsArray, Float64Array, Int32Array, IntervalMonthDayNanoArray, RecordBatch,
+};
 use brook::datafusion::arrow::datatypes::{
-    DataType, Field, FieldRef, Float64Type, Int32Type, Int64Type, UInt64Type,
+    DataType, Field, FieldRef, Float64Type, Int32Type, Int64Type, IntervalMonthDayNano,
+    IntervalUnit, UInt64Type,
 };
 use brook::datafusion::common::ScalarValue;
 use brook::datafusion::error::{DataFusionError, Result as DFResult};
@@ -145,6 +148,56 @@ async fn a_restart_without_a_function_the_checkpoint_records_names_it() {
     );
     let rows = engine.sql("SELECT * FROM traded").await.unwrap();
     assert!(table(&rows).len() >= 8);
+}
+
+/// A function called only in a session's per-row gap is recorded too: it is
+/// planned apart from the rest of the query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_in_a_session_gap_is_needed_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    udf::write_orders(&dir.path().join("orders")).unwrap();
+    let checkpoint = dir.path().join("checkpoint").display().to_string();
+    let gap = create_udf(
+        "gap_for",
+        vec![DataType::Utf8],
+        DataType::Interval(IntervalUnit::MonthDayNano),
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let minute = IntervalMonthDayNano::new(0, 0, 60_000_000_000);
+            let gaps: IntervalMonthDayNanoArray =
+                std::iter::repeat_n(Some(minute), arrays[0].len()).collect();
+            Ok(ColumnarValue::Array(Arc::new(gaps)))
+        }),
+    );
+    async fn start(engine: &Engine, checkpoint: &str) -> brook::Result<Arc<StreamingQuery>> {
+        engine
+            .query(
+                "SELECT client_id, count(*) AS n FROM orders \
+                 GROUP BY session_window(time, gap_for(symbol)), client_id",
+            )
+            .output_mode(OutputMode::Update)
+            .checkpoint(checkpoint)
+            .memory_sink("sessions")
+            .start()
+            .await
+    }
+    let engine = Engine::new();
+    engine.register_udf(gap).unwrap();
+    udf::declare_orders(&engine, dir.path()).unwrap();
+    let query = start(&engine, &checkpoint).await.unwrap();
+    query.process_all_available().await.unwrap();
+    query.stop().await.unwrap();
+    let rows = engine.sql("SELECT sum(n) FROM sessions").await.unwrap();
+    assert_ne!(table(&rows), vec![vec!["NULL".to_string()]]);
+
+    let engine = Engine::new();
+    udf::declare_orders(&engine, dir.path()).unwrap();
+    let err = start(&engine, &checkpoint).await.unwrap_err().to_string();
+    assert!(
+        err.contains("the checkpoint's query uses function 'gap_for', which is not registered"),
+        "{err}"
+    );
 }
 
 /// A function registered under a built-in function's name: without it, the

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -74,6 +75,9 @@ pub struct CompiledQuery {
     /// The stages after `plan`, in order, each run over the rows the one
     /// before it emitted in the same batch; the last one's rows are the output.
     pub then: Vec<Stage>,
+    /// With `session_window(...)`: the rows dropped without a session (a gap
+    /// not positive, or null) since the count was last taken.
+    pub rows_without_session: Option<Arc<AtomicU64>>,
 }
 
 /// A stage of a query after its first: its plan reads the rows the stage
@@ -326,6 +330,7 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
             plan: rest.plan,
             watermark_lag_ns: 0,
         }],
+        rows_without_session: rest.rows_without_session,
     })
 }
 
@@ -443,9 +448,10 @@ async fn compile_join_chain(
         return Err(BrookError::internal("a join of two streams reads nothing"));
     };
     // The join's rows keep both sides' event times: the aggregation's
-    // watermark column is the one its window or its GROUP BY is over.
+    // watermark column is the one its window, its session or its GROUP BY is over.
     let mut rest_query = chain.rest.clone();
-    let window = rewrite_windows(&mut rest_query)?.map(|w| w.time_column);
+    let session = rewrite_sessions(&mut rest_query)?.map(|s| s.time_column);
+    let window = session.or(rewrite_windows(&mut rest_query)?.map(|w| w.time_column));
     let mut keys = vec![];
     if let SetExpr::Select(select) = rest_query.body.as_ref()
         && let GroupByExpr::Expressions(exprs, _) = &select.group_by
@@ -526,9 +532,11 @@ async fn compile_stage(
 ) -> Result<CompiledQuery> {
     let sql = query.to_string();
     let mut query = query.clone();
+    let is_stream = |name: &str| sources.contains_key(name);
+    carry_window(&mut query, SESSION_COLUMN, &is_stream)?;
     // Before `window(...)` is rewritten, so that a query using both is refused.
     let sessions = rewrite_sessions(&mut query)?;
-    carry_window(&mut query, &|name| sources.contains_key(name))?;
+    carry_window(&mut query, WINDOW_COLUMN, &is_stream)?;
     let window = rewrite_windows(&mut query)?;
     let partitions = partitions();
     let ctx = session(partitions, runtime, functions);
@@ -563,11 +571,20 @@ async fn compile_stage(
     }
     let statement = DFStatement::Statement(Box::new(SqlStatement::Query(Box::new(query))));
     let mut plan = ctx.state().statement_to_plan(statement).await?;
-    let used_functions = functions.used_by(&plan)?;
-    if let Some(spec) = &sessions {
-        plan = session::with_session_column(plan, spec, sources, &slots, &ctx.state(), partitions)?;
+    let rows_without_session = sessions.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+    if let (Some(spec), Some(dropped)) = (&sessions, &rows_without_session) {
+        plan = session::with_session_column(
+            plan,
+            spec,
+            sources,
+            &slots,
+            &ctx.state(),
+            partitions,
+            dropped,
+        )?;
     }
-    let is_stream = |name: &str| sources.contains_key(name);
+    // After the sessions' column is planned: its gap may call a registered function.
+    let used_functions = functions.used_by(&plan)?;
     incremental::check_tables(&plan, &is_stream)?;
     let (plan, dedup) = incremental::distinct_as_aggregate(plan, &is_stream)?;
 
@@ -692,6 +709,7 @@ async fn compile_stage(
             task_ctx,
             sql,
             then: vec![],
+            rows_without_session: None,
         });
     };
     if stream_join.is_some() {
@@ -886,6 +904,7 @@ async fn compile_stage(
         task_ctx,
         sql,
         then: vec![],
+        rows_without_session,
     })
 }
 

@@ -923,6 +923,8 @@ impl Program for QueryBatches {
         };
         progress.state_operators = batch.state_progress;
         progress.num_late_rows = batch.late_rows;
+        progress.num_rows_without_session = (self.compiled.rows_without_session.as_ref())
+            .map(|n| n.swap(0, std::sync::atomic::Ordering::Relaxed));
         let offsets = self
             .split_offset(offset.as_ref())
             .unwrap_or_else(|_| vec![None; self.inputs.len()]);

@@ -13,7 +13,9 @@
 //! watermark passes its end.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StructArray,
@@ -30,8 +32,9 @@ use datafusion::datasource::provider_as_source;
 use datafusion::execution::SessionState;
 use datafusion::functions::core::expr_fn::named_struct;
 use datafusion::logical_expr::{
-    Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, binary_expr, cast as cast_expr,
-    lit,
+    ColumnarValue, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator,
+    ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, binary_expr,
+    cast as cast_expr, lit,
 };
 use datafusion::scalar::ScalarValue;
 
@@ -64,7 +67,8 @@ pub fn planning_table(
 /// `plan`, planned over tables that have a `session_window` column, reading
 /// the streams' slots (which have none) with the column computed from each
 /// row: `[time, time + gap)`. Rows whose gap is not positive, or null, are
-/// dropped (as Spark does), and so are rows without a time.
+/// dropped (as Spark does), and so are rows without a time: `dropped` counts
+/// them as the plan runs.
 pub fn with_session_column(
     plan: LogicalPlan,
     spec: &SessionSpec,
@@ -72,7 +76,12 @@ pub fn with_session_column(
     slots: &BTreeMap<String, Slot>,
     state: &SessionState,
     partitions: usize,
+    dropped: &Arc<AtomicU64>,
 ) -> Result<LogicalPlan> {
+    let has_session = ScalarUDF::new_from_impl(HasSession {
+        signature: Signature::exact(vec![DataType::Boolean], Volatility::Volatile),
+        dropped: dropped.clone(),
+    });
     let mut refused = None;
     let rewritten = plan
         .transform_up(|node| match node {
@@ -85,6 +94,7 @@ pub fn with_session_column(
                     &sources[&name],
                     state,
                     partitions,
+                    &has_session,
                 ) {
                     Ok(plan) => Ok(Transformed::yes(plan)),
                     Err(e) => {
@@ -110,6 +120,7 @@ fn session_scan(
     source: &SourceDef,
     state: &SessionState,
     partitions: usize,
+    has_session: &ScalarUDF,
 ) -> Result<LogicalPlan> {
     let scan = LogicalPlanBuilder::scan(
         table.clone(),
@@ -179,9 +190,61 @@ fn session_scan(
         .map(Expr::Column)
         .chain([session]);
     Ok(LogicalPlanBuilder::from(scan)
-        .filter(binary_expr(end, Operator::Gt, time))?
+        .filter(has_session.call(vec![binary_expr(end, Operator::Gt, time)]))?
         .project(columns)?
         .build()?)
+}
+
+/// Whether each row has a session (its `end > time` is true), counting those
+/// without one in `dropped`: volatile, so that the optimizer keeps it where it
+/// is, on the stream's rows, evaluated once.
+#[derive(Debug)]
+struct HasSession {
+    signature: Signature,
+    dropped: Arc<AtomicU64>,
+}
+
+impl PartialEq for HasSession {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.dropped, &other.dropped)
+    }
+}
+
+impl Eq for HasSession {}
+
+impl Hash for HasSession {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name().hash(state);
+    }
+}
+
+impl ScalarUDFImpl for HasSession {
+    fn name(&self) -> &str {
+        "brook_has_session"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::common::Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::common::Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let [kept] = &args.args[..] else {
+            return datafusion::common::internal_err!("brook_has_session takes one argument");
+        };
+        let kept = kept.to_array(rows)?;
+        let with_session = kept.as_boolean().true_count();
+        self.dropped
+            .fetch_add((rows - with_session) as u64, Ordering::Relaxed);
+        Ok(ColumnarValue::Array(kept))
+    }
 }
 
 /// The state and a batch's partial rows with every row's session replaced by

@@ -32,6 +32,10 @@ pub struct QueryProgress {
     /// Rows dropped because their event time was behind the watermark
     /// (for sliding windows: row-window pairs, as Spark counts them).
     pub num_late_rows: u64,
+    /// With `session_window(...)`: rows dropped because their gap was not
+    /// positive, or null (as Spark drops them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_rows_without_session: Option<u64>,
     pub sources: Vec<SourceProgress>,
     pub sink: SinkProgress,
 }

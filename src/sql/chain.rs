@@ -345,13 +345,7 @@ pub fn join_below_aggregate(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> 
 /// place [`split_join`] runs it: in a subquery, or over a subquery holding
 /// the join.
 pub fn aggregates_nested_stream_join(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> bool {
-    let stream_ctes: Vec<String> = query
-        .with
-        .iter()
-        .flat_map(|w| &w.cte_tables)
-        .filter(|cte| reads_stream(&cte.query, is_stream))
-        .map(|cte| normal(&cte.alias.name))
-        .collect();
+    let stream_ctes = stream_ctes(query, is_stream);
     let reads = |relation: &TableFactor| match relation {
         TableFactor::Table { name, .. } => match &name.0[..] {
             [part] => part
@@ -404,12 +398,30 @@ pub fn aggregates_nested_stream_join(query: &Query, is_stream: &dyn Fn(&str) -> 
     })
 }
 
+/// The names of `query`'s common table expressions that read a stream.
+pub fn stream_ctes(query: &Query, is_stream: &dyn Fn(&str) -> bool) -> Vec<String> {
+    query
+        .with
+        .iter()
+        .flat_map(|w| &w.cte_tables)
+        .filter(|cte| reads_stream(&cte.query, is_stream))
+        .map(|cte| normal(&cte.alias.name))
+        .collect()
+}
+
 /// The tables (and derived tables) a SELECT's FROM names itself.
 fn relations(select: &Select) -> impl Iterator<Item = &TableFactor> {
     select
         .from
         .iter()
         .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)))
+}
+
+/// [`relations`], to change.
+pub fn relations_mut(select: &mut Select) -> impl Iterator<Item = &mut TableFactor> {
+    select.from.iter_mut().flat_map(|t| {
+        std::iter::once(&mut t.relation).chain(t.joins.iter_mut().map(|j| &mut j.relation))
+    })
 }
 
 /// The bodies of the derived tables in a SELECT's FROM.

@@ -12,12 +12,11 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Query, Value,
-    visit_expressions_mut,
+    Expr as SqlExpr, FunctionArguments, Ident, Query, Value, visit_expressions_mut,
 };
 
 use super::script::duration_literal;
-use super::window::WINDOW_COLUMN;
+use super::window::{WINDOW_COLUMN, time_call};
 use crate::error::{BrookError, Result};
 
 /// The column name the rewritten `session_window(...)` call refers to.
@@ -97,32 +96,8 @@ pub fn rewrite_sessions(query: &mut Query) -> Result<Option<SessionSpec>> {
 
 fn session_spec(args: &FunctionArguments) -> Result<SessionSpec> {
     let usage = "session_window(time_column, 'gap duration' or an INTERVAL expression)";
-    let FunctionArguments::List(list) = args else {
-        return Err(BrookError::sql(format!("expected {usage}")));
-    };
-    let args: Vec<&SqlExpr> = list
-        .args
-        .iter()
-        .filter_map(|a| match a {
-            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
-            _ => None,
-        })
-        .collect();
-    let [time, gap] = args[..] else {
-        return Err(BrookError::sql(format!("expected {usage}")));
-    };
-    if list.args.len() != 2 {
-        return Err(BrookError::sql(format!("expected {usage}")));
-    }
-    let time_column = match time {
-        SqlExpr::Identifier(id) => id.value.clone(),
-        SqlExpr::CompoundIdentifier(ids) => ids.last().map(|i| i.value.clone()).unwrap_or_default(),
-        other => {
-            return Err(BrookError::sql(format!(
-                "session_window(...) takes a timestamp column first, found {other}"
-            )));
-        }
-    };
+    let (time_column, args) = time_call(SESSION_COLUMN, args, 2..=2, usage)?;
+    let gap = args[1];
     let gap = match gap {
         SqlExpr::Value(v) if matches!(v.value, Value::SingleQuotedString(_)) => {
             let d = duration_literal(&gap.to_string())?;

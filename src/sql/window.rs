@@ -8,7 +8,7 @@
 //! then copied into every window that covers them. A row therefore costs the
 //! same whatever the number of windows it belongs to.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, RangeBounds};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use datafusion::sql::sqlparser::ast::{
     visit_expressions_mut,
 };
 
-use super::chain::{aggregates, normal, reads_stream};
+use super::chain::{aggregates, normal, reads_stream, relations_mut, stream_ctes};
 use super::script::duration_literal;
 use crate::error::{BrookError, Result};
 
@@ -83,24 +83,23 @@ pub fn rewrite_windows(query: &mut Query) -> Result<Option<WindowSpec>> {
     Ok(specs.pop())
 }
 
-/// Carries the `window` column (which the stream's rows get, see
-/// `compile`) through the derived tables and common table expressions that
-/// list their columns beneath a SELECT calling `window(...)`, as `SELECT *`
-/// carries it: `window(time, ...) ... FROM (SELECT time, symbol FROM orders)`
-/// plans as over `orders`. The window is worked out from the stream's own
-/// time column, so that column must reach `window(...)` as it is, under its
-/// own name; a subquery that renames or computes it is refused.
-pub fn carry_window(query: &mut Query, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
-    let stream_ctes = query
-        .with
-        .iter()
-        .flat_map(|w| &w.cte_tables)
-        .filter(|cte| reads_stream(&cte.query, is_stream))
-        .map(|cte| normal(&cte.alias.name))
-        .collect();
+/// Carries the `column` (`window` or `session_window`, which the stream's
+/// rows get, see `compile`) through the derived tables and common table
+/// expressions that list their columns beneath a SELECT calling
+/// `column(time, ...)`, as `SELECT *` carries it: `window(time, ...) ... FROM
+/// (SELECT time, symbol FROM orders)` plans as over `orders`. The column is
+/// worked out from the stream's own time column, so that column must reach
+/// the call as it is, under its own name; a subquery that renames or computes
+/// it is refused.
+pub fn carry_window(
+    query: &mut Query,
+    column: &str,
+    is_stream: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let mut carry = Carry {
+        column,
         is_stream,
-        stream_ctes,
+        stream_ctes: stream_ctes(query, is_stream),
         into_ctes: vec![],
     };
     carry.find(&mut query.body)?;
@@ -116,7 +115,7 @@ pub fn carry_window(query: &mut Query, is_stream: &dyn Fn(&str) -> bool) -> Resu
             .flat_map(|w| &mut w.cte_tables)
             .find(|cte| normal(&cte.alias.name) == name);
         if let Some(cte) = cte {
-            move_column_names(&mut cte.alias.columns, &mut cte.query.body)?;
+            move_column_names(column, &mut cte.alias.columns, &mut cte.query.body)?;
             carry.into_body(&mut cte.query.body, &time, &mut vec![])?;
         }
         done.push(name);
@@ -126,6 +125,8 @@ pub fn carry_window(query: &mut Query, is_stream: &dyn Fn(&str) -> bool) -> Resu
 
 /// Where [`carry_window`] has been and is to go.
 struct Carry<'a> {
+    /// The column carried, named as the call that makes it.
+    column: &'a str,
     is_stream: &'a dyn Fn(&str) -> bool,
     /// The query's common table expressions that read a stream, by name.
     stream_ctes: Vec<String>,
@@ -134,11 +135,11 @@ struct Carry<'a> {
 }
 
 impl Carry<'_> {
-    /// Finds the SELECTs calling `window(...)` and carries the window through what they read.
+    /// Finds the SELECTs calling `column(...)` and carries the column through what they read.
     fn find(&mut self, body: &mut SetExpr) -> Result<()> {
         match body {
             SetExpr::Select(select) => {
-                let time = window_time_column(select);
+                let time = called_time_column(select, self.column);
                 for relation in relations_mut(select) {
                     match (&time, relation) {
                         (Some(time), relation) => self.into_relation(relation, time)?,
@@ -165,7 +166,7 @@ impl Carry<'_> {
                 subquery, alias, ..
             } if reads_stream(subquery, self.is_stream) => {
                 if let Some(alias) = alias {
-                    move_column_names(&mut alias.columns, &mut subquery.body)?;
+                    move_column_names(self.column, &mut alias.columns, &mut subquery.body)?;
                 }
                 self.into_body(&mut subquery.body, time, &mut vec![])?;
             }
@@ -191,7 +192,7 @@ impl Carry<'_> {
         Ok(())
     }
 
-    /// Adds the `window` column to the rows `body` selects. `names` are the
+    /// Adds the carried column to the rows `body` selects. `names` are the
     /// names the rows' columns go by above (the first SELECT's, in a UNION),
     /// when known; on return, the names it gave.
     fn into_body(&mut self, body: &mut SetExpr, time: &str, names: &mut Vec<String>) -> Result<()> {
@@ -213,7 +214,7 @@ impl Carry<'_> {
         names: &mut Vec<String>,
     ) -> Result<()> {
         // An aggregation's (or deduplication's) rows are not the stream's:
-        // they carry no window of their own.
+        // they carry no window or session of their own.
         if aggregates(select) || select.distinct.is_some() {
             return Ok(());
         }
@@ -224,12 +225,13 @@ impl Carry<'_> {
             )
         });
         if !wildcard {
+            let call = self.column;
             let own: Vec<Option<String>> = select.projection.iter().map(item_name).collect();
             let named = |i: usize| names.get(i).cloned().or_else(|| own[i].clone());
             let Some(at) = (0..own.len()).find(|&i| named(i).is_some_and(|n| same_name(&n, time)))
             else {
                 return Err(BrookError::sql(format!(
-                    "window(...) uses '{time}', which the subquery `{select}` does not select; \
+                    "{call}(...) uses '{time}', which the subquery `{select}` does not select; \
                      select the stream's time column in it"
                 )));
             };
@@ -247,7 +249,7 @@ impl Carry<'_> {
             let window = match column {
                 Some([qualifier @ .., last]) if same_name(&normal(last), time) => {
                     let mut ids = qualifier.to_vec();
-                    ids.push(Ident::new(WINDOW_COLUMN));
+                    ids.push(Ident::new(call));
                     match &ids[..] {
                         [one] => SqlExpr::Identifier(one.clone()),
                         _ => SqlExpr::CompoundIdentifier(ids),
@@ -259,24 +261,24 @@ impl Carry<'_> {
                         && !names.is_empty() =>
                 {
                     return Err(BrookError::sql(format!(
-                        "window(...) uses '{time}', which `{select}` fills with its column \
-                         '{last}' (a UNION matches columns by position); window(...) takes \
+                        "{call}(...) uses '{time}', which `{select}` fills with its column \
+                         '{last}' (a UNION matches columns by position); {call}(...) takes \
                          a stream's time column: select it there in each SELECT"
                     )));
                 }
                 Some([.., last]) => {
                     return Err(BrookError::sql(format!(
-                        "window(...) uses '{time}', which the subquery `{select}` renames from \
-                         '{last}'; window(...) takes a stream's time column under the stream's \
-                         name: select it as it is and group by window({last}, ...)"
+                        "{call}(...) uses '{time}', which the subquery `{select}` renames from \
+                         '{last}'; {call}(...) takes a stream's time column under the stream's \
+                         name: select it as it is and group by {call}({last}, ...)"
                     )));
                 }
                 _ => {
                     return Err(BrookError::sql(format!(
-                        "window(...) uses '{time}', which the subquery `{select}` computes \
-                         (`{item}`); window(...) takes a stream's time column as the stream has \
+                        "{call}(...) uses '{time}', which the subquery `{select}` computes \
+                         (`{item}`); {call}(...) takes a stream's time column as the stream has \
                          it: select it unchanged under its own name and group by \
-                         window(...) over it"
+                         {call}(...) over it"
                     )));
                 }
             };
@@ -294,8 +296,12 @@ impl Carry<'_> {
 
 /// Moves the column names of an alias (`AS t(a, b)`) onto the SELECT it
 /// names (`SELECT x AS a, y AS b`): DataFusion's optimizer fails on a struct
-/// column (the window) under an alias that renames columns.
-fn move_column_names(columns: &mut Vec<TableAliasColumnDef>, body: &mut SetExpr) -> Result<()> {
+/// column (the window or session carried) under an alias that renames columns.
+fn move_column_names(
+    call: &str,
+    columns: &mut Vec<TableAliasColumnDef>,
+    body: &mut SetExpr,
+) -> Result<()> {
     if columns.is_empty() {
         return Ok(());
     }
@@ -319,7 +325,7 @@ fn move_column_names(columns: &mut Vec<TableAliasColumnDef>, body: &mut SetExpr)
     };
     let Some(select) = select.filter(|s| listed(s)) else {
         return Err(BrookError::sql(format!(
-            "window(...) over a subquery renaming its columns ({}) needs the subquery to list \
+            "{call}(...) over a subquery renaming its columns ({}) needs the subquery to list \
              as many columns; name them in the subquery instead (SELECT x AS a, ...)",
             columns
                 .iter()
@@ -350,20 +356,21 @@ fn item_name(item: &SelectItem) -> Option<String> {
 }
 
 /// Whether a column name as DataFusion normalizes it is the time column `time`
-/// as `window(...)` names it.
+/// as `window(...)` or `session_window(...)` names it.
 fn same_name(name: &str, time: &str) -> bool {
     name.eq_ignore_ascii_case(time)
 }
 
-/// The time column of the `window(...)` that `select` itself calls, if any.
-fn window_time_column(select: &Select) -> Option<String> {
+/// The time column of the `call(...)` (`window` or `session_window`) that
+/// `select` itself makes, if any.
+fn called_time_column(select: &Select, call: &str) -> Option<String> {
     let mut found = None;
     let mut look = |e: &SqlExpr| {
         if let SqlExpr::Function(f) = e
-            && f.name.to_string().eq_ignore_ascii_case(WINDOW_COLUMN)
-            && let Ok(spec) = window_spec(&f.args)
+            && f.name.to_string().eq_ignore_ascii_case(call)
+            && let Ok((time, _)) = time_call(call, &f.args, 1.., "")
         {
-            found = Some(spec.time_column);
+            found = Some(time);
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
@@ -375,16 +382,18 @@ fn window_time_column(select: &Select) -> Option<String> {
     found
 }
 
-fn relations_mut(select: &mut Select) -> impl Iterator<Item = &mut TableFactor> {
-    select.from.iter_mut().flat_map(|t| {
-        std::iter::once(&mut t.relation).chain(t.joins.iter_mut().map(|j| &mut j.relation))
-    })
-}
-
-fn window_spec(args: &FunctionArguments) -> Result<WindowSpec> {
-    let usage = "window(time_column, 'size' [, 'slide' [, 'start offset']])";
+/// The time column a `call(time, ...)` (`window` or `session_window`) names
+/// first, and all its arguments, as many as `count` allows; else the error
+/// showing its `usage`.
+pub fn time_call<'a>(
+    call: &str,
+    args: &'a FunctionArguments,
+    count: impl RangeBounds<usize>,
+    usage: &str,
+) -> Result<(String, Vec<&'a SqlExpr>)> {
+    let expected = || BrookError::sql(format!("expected {usage}"));
     let FunctionArguments::List(list) = args else {
-        return Err(BrookError::sql(format!("expected {usage}")));
+        return Err(expected());
     };
     let args: Vec<&SqlExpr> = list
         .args
@@ -394,18 +403,27 @@ fn window_spec(args: &FunctionArguments) -> Result<WindowSpec> {
             _ => None,
         })
         .collect();
-    if args.len() != list.args.len() || !(2..=4).contains(&args.len()) {
-        return Err(BrookError::sql(format!("expected {usage}")));
+    if args.len() != list.args.len() || !count.contains(&args.len()) {
+        return Err(expected());
     }
-    let time_column = match args[0] {
-        SqlExpr::Identifier(id) => id.value.clone(),
-        SqlExpr::CompoundIdentifier(ids) => ids.last().map(|i| i.value.clone()).unwrap_or_default(),
-        other => {
+    let time_column = match args.first() {
+        Some(SqlExpr::Identifier(id)) => id.value.clone(),
+        Some(SqlExpr::CompoundIdentifier(ids)) => {
+            ids.last().map(|i| i.value.clone()).unwrap_or_default()
+        }
+        Some(other) => {
             return Err(BrookError::sql(format!(
-                "window(...) takes a timestamp column first, found {other}"
+                "{call}(...) takes a timestamp column first, found {other}"
             )));
         }
+        None => return Err(expected()),
     };
+    Ok((time_column, args))
+}
+
+fn window_spec(args: &FunctionArguments) -> Result<WindowSpec> {
+    let usage = "window(time_column, 'size' [, 'slide' [, 'start offset']])";
+    let (time_column, args) = time_call(WINDOW_COLUMN, args, 2..=4, usage)?;
     let duration = |i: usize| -> Result<Duration> {
         let d = duration_literal(&args[i].to_string())?;
         if d.is_zero() && i < 3 {
