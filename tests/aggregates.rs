@@ -405,7 +405,8 @@ async fn ohlc_candles_match_a_recount_of_the_orders() {
     // the watermark (the last order's time less 5 s) closed.
     let orders: Vec<_> = lines.iter().map(|l| order(l)).collect();
     let watermark = orders.iter().map(|o| o.0).max().unwrap() - TimeDelta::seconds(5);
-    let mut want: BTreeMap<(String, String), (f64, f64, f64, f64, i64)> = BTreeMap::new();
+    type Candle = (f64, f64, f64, f64, i64);
+    let mut want: BTreeMap<(String, String), Candle> = BTreeMap::new();
     for (time, symbol, amount, price) in &orders {
         let minute = time.format("%Y-%m-%dT%H:%M:00").to_string();
         let end = NaiveDateTime::parse_from_str(&minute, "%Y-%m-%dT%H:%M:%S").unwrap()

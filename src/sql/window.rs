@@ -116,7 +116,7 @@ pub fn carry_window(
             .find(|cte| normal(&cte.alias.name) == name);
         if let Some(cte) = cte {
             move_column_names(column, &mut cte.alias.columns, &mut cte.query.body)?;
-            carry.into_body(&mut cte.query.body, &time, &mut vec![])?;
+            carry.carry_into_body(&mut cte.query.body, &time, &mut vec![])?;
         }
         done.push(name);
     }
@@ -142,7 +142,7 @@ impl Carry<'_> {
                 let time = called_time_column(select, self.column);
                 for relation in relations_mut(select) {
                     match (&time, relation) {
-                        (Some(time), relation) => self.into_relation(relation, time)?,
+                        (Some(time), relation) => self.carry_into_relation(relation, time)?,
                         (None, TableFactor::Derived { subquery, .. }) => {
                             self.find(&mut subquery.body)?
                         }
@@ -160,7 +160,7 @@ impl Carry<'_> {
         Ok(())
     }
 
-    fn into_relation(&mut self, relation: &mut TableFactor, time: &str) -> Result<()> {
+    fn carry_into_relation(&mut self, relation: &mut TableFactor, time: &str) -> Result<()> {
         match relation {
             TableFactor::Derived {
                 subquery, alias, ..
@@ -168,7 +168,7 @@ impl Carry<'_> {
                 if let Some(alias) = alias {
                     move_column_names(self.column, &mut alias.columns, &mut subquery.body)?;
                 }
-                self.into_body(&mut subquery.body, time, &mut vec![])?;
+                self.carry_into_body(&mut subquery.body, time, &mut vec![])?;
             }
             TableFactor::Table { name, .. } => {
                 let cte = match &name.0[..] {
@@ -182,9 +182,9 @@ impl Carry<'_> {
             TableFactor::NestedJoin {
                 table_with_joins, ..
             } => {
-                self.into_relation(&mut table_with_joins.relation, time)?;
+                self.carry_into_relation(&mut table_with_joins.relation, time)?;
                 for join in &mut table_with_joins.joins {
-                    self.into_relation(&mut join.relation, time)?;
+                    self.carry_into_relation(&mut join.relation, time)?;
                 }
             }
             _ => {}
@@ -195,19 +195,24 @@ impl Carry<'_> {
     /// Adds the carried column to the rows `body` selects. `names` are the
     /// names the rows' columns go by above (the first SELECT's, in a UNION),
     /// when known; on return, the names it gave.
-    fn into_body(&mut self, body: &mut SetExpr, time: &str, names: &mut Vec<String>) -> Result<()> {
+    fn carry_into_body(
+        &mut self,
+        body: &mut SetExpr,
+        time: &str,
+        names: &mut Vec<String>,
+    ) -> Result<()> {
         match body {
-            SetExpr::Select(select) => self.into_select(select, time, names),
-            SetExpr::Query(q) => self.into_body(&mut q.body, time, names),
+            SetExpr::Select(select) => self.carry_into_select(select, time, names),
+            SetExpr::Query(q) => self.carry_into_body(&mut q.body, time, names),
             SetExpr::SetOperation { left, right, .. } => {
-                self.into_body(left, time, names)?;
-                self.into_body(right, time, names)
+                self.carry_into_body(left, time, names)?;
+                self.carry_into_body(right, time, names)
             }
             _ => Ok(()),
         }
     }
 
-    fn into_select(
+    fn carry_into_select(
         &mut self,
         select: &mut Select,
         time: &str,
@@ -288,7 +293,7 @@ impl Carry<'_> {
             select.projection.push(SelectItem::UnnamedExpr(window));
         }
         for relation in relations_mut(select) {
-            self.into_relation(relation, time)?;
+            self.carry_into_relation(relation, time)?;
         }
         Ok(())
     }

@@ -466,8 +466,8 @@ struct Placed {
     rows: Vec<usize>,
 }
 
-/// Parses records `span` with `decode` (record i takes lines `lines[i]..lines[i
-/// + 1]` of the text) into `placed`. A line makes one row at most (two JSON
+/// Parses records `span` with `decode` (record i takes lines `lines[i]` up to
+/// `lines[i + 1]` of the text) into `placed`. A line makes one row at most (two JSON
 /// values on a line are malformed), so when each record of the span is one
 /// line, none is malformed and there are as many rows as records, row i is
 /// record i; when there is no row, there is none to place. Otherwise (a value
