@@ -287,11 +287,39 @@ impl AggregateUDFImpl for StateOf {
     }
 }
 
+/// One aggregate of a query as planned, equal to itself only: the wrappers made
+/// for it are the same function, those of another aggregate are not, and the
+/// planned aggregate has no equality of its own worth more than that.
+#[derive(Debug)]
+struct Planned(Arc<AggregateFunctionExpr>);
+
+impl PartialEq for Planned {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Planned {}
+
+impl Hash for Planned {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.name().hash(state);
+    }
+}
+
+impl std::ops::Deref for Planned {
+    type Target = AggregateFunctionExpr;
+
+    fn deref(&self) -> &AggregateFunctionExpr {
+        &self.0
+    }
+}
+
 /// `f` merging states: called with `f`'s state columns, returns the merged state.
 pub fn merge_of(f: &Arc<AggregateFunctionExpr>, layout: &Layout) -> AggregateUDF {
     AggregateUDF::new_from_impl(MergeOf {
         name: format!("merge_of_{}", f.fun().name()),
-        f: f.clone(),
+        f: Planned(f.clone()),
         layout: layout.clone(),
         signature: Signature::variadic_any(Volatility::Immutable),
     })
@@ -300,29 +328,12 @@ pub fn merge_of(f: &Arc<AggregateFunctionExpr>, layout: &Layout) -> AggregateUDF
 /// Made with the physical form of `f` over the aggregation's input rather than
 /// its own arguments (`f`'s state columns): `f`'s accumulators read their
 /// literal arguments (a percentile, a separator) and ORDER BY from it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 struct MergeOf {
     name: String,
-    f: Arc<AggregateFunctionExpr>,
+    f: Planned,
     layout: Layout,
     signature: Signature,
-}
-
-/// One wrapper per aggregate of a query, equal to itself only: its plan-time
-/// aggregate has no equality of its own worth more than that.
-impl PartialEq for MergeOf {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.f, &other.f)
-    }
-}
-
-impl Eq for MergeOf {}
-
-impl Hash for MergeOf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.f.name().hash(state);
-        self.layout.hash(state);
-    }
 }
 
 impl AggregateUDFImpl for MergeOf {
@@ -474,30 +485,16 @@ impl GroupsAccumulator for StateGroups {
 pub fn value_of(f: &Arc<AggregateFunctionExpr>) -> ScalarUDF {
     ScalarUDF::new_from_impl(ValueOf {
         name: format!("value_of_{}", f.fun().name()),
-        f: f.clone(),
+        f: Planned(f.clone()),
         signature: Signature::variadic_any(Volatility::Immutable),
     })
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 struct ValueOf {
     name: String,
-    f: Arc<AggregateFunctionExpr>,
+    f: Planned,
     signature: Signature,
-}
-
-impl PartialEq for ValueOf {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.f, &other.f)
-    }
-}
-
-impl Eq for ValueOf {}
-
-impl Hash for ValueOf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.f.name().hash(state);
-    }
 }
 
 impl ScalarUDFImpl for ValueOf {

@@ -12,11 +12,11 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, FunctionArguments, Ident, Query, Value, visit_expressions_mut,
+    Expr as SqlExpr, FunctionArguments, Query, Value, visit_expressions,
 };
 
 use super::script::duration_literal;
-use super::window::{WINDOW_COLUMN, time_call};
+use super::window::{WINDOW_COLUMN, rewrite_calls, time_call};
 use crate::error::{BrookError, Result};
 
 /// The column name the rewritten `session_window(...)` call refers to.
@@ -51,41 +51,19 @@ impl SessionSpec {
 /// Replaces every `session_window(...)` call in `query` by the
 /// `session_window` column and returns the one session window it declared.
 pub fn rewrite_sessions(query: &mut Query) -> Result<Option<SessionSpec>> {
-    let mut specs: Vec<SessionSpec> = vec![];
-    let mut error = None;
-    let mut windows = false;
-    let _ = visit_expressions_mut(query, |expr| {
-        match expr {
-            SqlExpr::Function(f) if f.name.to_string().eq_ignore_ascii_case(SESSION_COLUMN) => {
-                match session_spec(&f.args) {
-                    Ok(spec) => {
-                        if !specs.contains(&spec) {
-                            specs.push(spec);
-                        }
-                        *expr = SqlExpr::Identifier(Ident::new(SESSION_COLUMN));
-                    }
-                    Err(e) => {
-                        error = Some(e);
-                        return ControlFlow::Break(());
-                    }
-                }
-            }
-            SqlExpr::Function(f) if f.name.to_string().eq_ignore_ascii_case(WINDOW_COLUMN) => {
-                windows = true;
-            }
-            _ => {}
-        }
-        ControlFlow::Continue(())
-    });
-    if let Some(e) = error {
-        return Err(e);
-    }
+    let mut specs = rewrite_calls(query, SESSION_COLUMN, session_spec)?;
     if specs.len() > 1 {
         return Err(BrookError::sql(
             "a query may use only one session_window(...) specification",
         ));
     }
-    if windows && !specs.is_empty() {
+    let calls_window = visit_expressions(query, |expr| match expr {
+        SqlExpr::Function(f) if f.name.to_string().eq_ignore_ascii_case(WINDOW_COLUMN) => {
+            ControlFlow::Break(())
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    if calls_window.is_break() && !specs.is_empty() {
         return Err(BrookError::sql(
             "session_window(...) and window(...) cannot be used in one query: a row would \
              belong to a session and to windows at once; group by one of them",

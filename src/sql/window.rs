@@ -51,18 +51,34 @@ impl WindowSpec {
 /// Replaces every `window(...)` call in `query` by the `window` column and
 /// returns the one window it declared.
 pub fn rewrite_windows(query: &mut Query) -> Result<Option<WindowSpec>> {
-    let mut specs: Vec<WindowSpec> = vec![];
+    let mut specs = rewrite_calls(query, WINDOW_COLUMN, window_spec)?;
+    if specs.len() > 1 {
+        return Err(BrookError::sql(
+            "a query may use only one window(...) specification: several would multiply each row",
+        ));
+    }
+    Ok(specs.pop())
+}
+
+/// Replaces each call of `name` in `query` by the column `name`, and returns
+/// the distinct specifications `spec` reads from their arguments.
+pub fn rewrite_calls<S: PartialEq>(
+    query: &mut Query,
+    name: &str,
+    spec: impl Fn(&FunctionArguments) -> Result<S>,
+) -> Result<Vec<S>> {
+    let mut specs: Vec<S> = vec![];
     let mut error = None;
     let _ = visit_expressions_mut(query, |expr| {
         if let SqlExpr::Function(f) = expr
-            && f.name.to_string().eq_ignore_ascii_case(WINDOW_COLUMN)
+            && f.name.to_string().eq_ignore_ascii_case(name)
         {
-            match window_spec(&f.args) {
+            match spec(&f.args) {
                 Ok(spec) => {
                     if !specs.contains(&spec) {
                         specs.push(spec);
                     }
-                    *expr = SqlExpr::Identifier(Ident::new(WINDOW_COLUMN));
+                    *expr = SqlExpr::Identifier(Ident::new(name));
                 }
                 Err(e) => {
                     error = Some(e);
@@ -72,15 +88,10 @@ pub fn rewrite_windows(query: &mut Query) -> Result<Option<WindowSpec>> {
         }
         ControlFlow::Continue(())
     });
-    if let Some(e) = error {
-        return Err(e);
+    match error {
+        Some(e) => Err(e),
+        None => Ok(specs),
     }
-    if specs.len() > 1 {
-        return Err(BrookError::sql(
-            "a query may use only one window(...) specification: several would multiply each row",
-        ));
-    }
-    Ok(specs.pop())
 }
 
 /// Carries the `column` (`window` or `session_window`, which the stream's
