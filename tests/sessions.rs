@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{put, run_checkpointed};
+use common::{put, run_checkpointed_printing};
 
 /// The session gap, in seconds.
 const GAP: i64 = 300;
@@ -170,23 +170,11 @@ fn run_with_restart(mode: &str, sink: &str) -> (Vec<Row>, Vec<serde_json::Value>
 /// `brook run` of the script in `dir` until its input is used up: the rows
 /// it printed (none for a file sink) and its progress.
 fn run(dir: &Path, sink: &str) -> (Vec<Row>, Vec<serde_json::Value>) {
+    let (stdout, progress) = run_checkpointed_printing(dir, "q.sql");
     if sink == "JSON" {
-        return (vec![], run_checkpointed(dir, "q.sql"));
+        return (vec![], progress);
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
-        .args(["run", "q.sql", "--checkpoint", "checkpoint"])
-        .args(["--trigger", "available-now", "--progress", "json"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let progress = stderr
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let rows = printed(&String::from_utf8_lossy(&out.stdout))
+    let rows = printed(&stdout)
         .into_iter()
         .map(|r| {
             let number = |i: usize| r[i].parse::<i64>().unwrap();

@@ -16,6 +16,11 @@ use brook::{Engine, StreamingQuery};
 /// `dir/checkpoint`, until the input there is used up; the progress records
 /// it printed, a JSON line a batch.
 pub fn run_checkpointed(dir: &Path, script: &str) -> Vec<serde_json::Value> {
+    run_checkpointed_printing(dir, script).1
+}
+
+/// As [`run_checkpointed`], with what the run printed on stdout.
+pub fn run_checkpointed_printing(dir: &Path, script: &str) -> (String, Vec<serde_json::Value>) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brook"))
         .args(["run", script, "--checkpoint", "checkpoint"])
         .args(["--trigger", "available-now", "--progress", "json"])
@@ -24,11 +29,12 @@ pub fn run_checkpointed(dir: &Path, script: &str) -> Vec<serde_json::Value> {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    stderr
+    let progress = stderr
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+        .collect();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), progress)
 }
 
 /// Writes `lines` into `dir` atomically, as a watched directory expects.
