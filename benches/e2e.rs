@@ -995,7 +995,9 @@ fn main() {
 fn sector() {
     let symbols = root().join("queries/symbols.csv");
     let symbols = format!("LOCATION '{}'", symbols.display());
-    book_query(
+    let (input, what) = book_data();
+    query_bench(
+        (&input, what),
         "volume_per_sector.sql",
         &[("LOCATION 'queries/symbols.csv'", symbols.as_str())],
         "volume_per_sector",
@@ -1003,11 +1005,17 @@ fn sector() {
     );
 }
 
-/// `queries/ohlc.sql` over the book's orders, all files in one batch: a
+/// `queries/ohlc.sql` over 500,000 generated orders (1,000 s of event time:
+/// the book's span 5 s, in which no minute closes), all files in one batch: a
 /// one-minute candle per symbol (first_value / last_value ordered by time,
 /// max, min, sum), into Parquet rather than the terminal.
 fn ohlc() {
-    book_query(
+    let count = 500_000;
+    let input = write_split(&data_dir().join(format!("gen-{count}")), |dir| {
+        write_files(dir, FILES, count, generated(count, 0.01, TimeDelta::milliseconds(2)))
+    });
+    query_bench(
+        (&input, "500,000 generated orders, 1% malformed, 2 ms apart"),
         "ohlc.sql",
         &[(
             "STORED AS CONSOLE LOCATION 'stdout'",
@@ -1018,11 +1026,16 @@ fn ohlc() {
     );
 }
 
-/// One of `queries/` over the book's orders (its `data/orders` pointed at
-/// them, and each `(from, to)` of `edits` applied), all files in one batch,
-/// timed as `timed_run` does.
-fn book_query(file: &str, edits: &[(&str, &str)], query: &str, what_it_does: &str) {
-    let (input, what) = book_data();
+/// One of `queries/` over 500,000 orders in `input` (described by `what`;
+/// its `data/orders` pointed at them, and each `(from, to)` of `edits`
+/// applied), all files in one batch, timed as `timed_run` does.
+fn query_bench(
+    (input, what): (&Path, &str),
+    file: &str,
+    edits: &[(&str, &str)],
+    query: &str,
+    what_it_does: &str,
+) {
     let mut sql = std::fs::read_to_string(root().join("queries").join(file)).unwrap();
     let orders = format!("LOCATION '{}'", input.display());
     for (from, to) in [("LOCATION 'data/orders'", orders.as_str())]

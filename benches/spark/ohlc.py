@@ -1,7 +1,7 @@
 """queries/ohlc.sql in Spark Structured Streaming, for comparison on the same
 files and machine (see benches/README.md).
 
-    python3 benches/spark/ohlc.py target/bench-data/book [--runs 3]
+    python3 benches/spark/ohlc.py target/bench-data/gen-500000 [--runs 3]
 
 A one-minute candle per symbol (open and close as the price of the minute's
 first and last order in event time: Spark's min_by / max_by, brook's
@@ -42,12 +42,16 @@ def recount(source):
     candles = {}
     latest = None
     for f in csv_lines(source):
-        if len(f) != 7:
+        try:
+            # A malformed line, which DROPMALFORMED drops.
+            if len(f) != 7 or f[6] not in ("B", "S"):
+                raise ValueError(f)
+            at = datetime.datetime.strptime(f[0], TIME_FORMAT)
+            price, amount, _, _ = float(f[5]), int(f[4]), int(f[1]), int(f[2])
+        except ValueError:
             continue
-        at = datetime.datetime.strptime(f[0], TIME_FORMAT)
         latest = at if latest is None or at > latest else latest
         key = (at.replace(second=0), f[3])
-        price, amount = float(f[5]), int(f[4])
         high, low, shares = candles.get(key, (price, price, 0))
         candles[key] = (max(high, price), min(low, price), shares + amount)
     watermark = latest - datetime.timedelta(seconds=5)
@@ -89,6 +93,10 @@ def main():
              .config("spark.driver.memory", "4g")
              .config("spark.ui.enabled", "false")
              .config("spark.sql.session.timeZone", "UTC")
+             # Parsing only the columns the query reads, Spark would keep lines whose
+             # other columns are malformed (an extra field, a bad client id), which
+             # DROPMALFORMED drops when the whole line is parsed, as brook does.
+             .config("spark.sql.csv.parser.columnPruning.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false")
              .getOrCreate())
     spark.sparkContext.setLogLevel("WARN")
@@ -101,8 +109,10 @@ def main():
             got = {(r.minute, r.symbol): (r.high, r.low, r.volume)
                    for r in spark.read.parquet(out).collect()}
         if got != expected:
-            raise SystemExit(f"run {i + 1}: {len(got)} candles differ from the recount's "
-                             f"{len(expected)}")
+            differ = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+            raise SystemExit(f"run {i + 1}: {len(differ)} of {len(got)} candles differ from the "
+                             f"recount's {len(expected)}, e.g. "
+                             f"{[(k, got.get(k), expected.get(k)) for k in differ[:3]]}")
         times.append(elapsed)
         print(f"run {i + 1}: {elapsed:.2f} s, {rows / elapsed:,.0f} orders/s, "
               f"{len(got)} candles (as recounted)")
