@@ -1012,7 +1012,12 @@ fn sector() {
 fn ohlc() {
     let count = 500_000;
     let input = write_split(&data_dir().join(format!("gen-{count}")), |dir| {
-        write_files(dir, FILES, count, generated(count, 0.01, TimeDelta::milliseconds(2)))
+        write_files(
+            dir,
+            FILES,
+            count,
+            generated(count, 0.01, TimeDelta::milliseconds(2)),
+        )
     });
     query_bench(
         (&input, "500,000 generated orders, 1% malformed, 2 ms apart"),
