@@ -18,6 +18,7 @@ use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::provider_as_source;
+use datafusion::error::DataFusionError;
 use datafusion::functions::core::expr_fn::{get_field, named_struct};
 use datafusion::functions_aggregate::count::{Count, count_udaf};
 use datafusion::functions_aggregate::expr_fn::{bool_or, first_value};
@@ -750,6 +751,11 @@ fn keep_state(
     let f = partial::lower(e, input, name)?;
     if let Err(why) = partial::check_mergeable(&f) {
         let name = agg.func.name();
+        // Only a merge that is not built says the aggregate cannot run on a
+        // stream; any other error (a bad argument) is the query's own.
+        if !matches!(why, DataFusionError::NotImplemented(_)) {
+            return Err(why.into());
+        }
         return Err(BrookError::Context {
             context: format!(
                 "aggregate '{name}' is not supported on streams (use an aggregate \
@@ -809,6 +815,7 @@ pub fn split(
     let mut next = 0;
     let mut invertible = true;
     let mut first_rows = vec![];
+    let mut sorted_by: Vec<&Vec<SortExpr>> = vec![];
     for (j, expr) in agg.aggr_expr.iter().enumerate() {
         let inner = match expr {
             Expr::Alias(a) => a.expr.as_ref(),
@@ -848,6 +855,12 @@ pub fn split(
         // Their states are single integer columns that negating undoes. Known
         // by what they are, not their names: a user's function may take a
         // built-in one's name.
+        if !p.order_by.is_empty()
+            && f.func.order_sensitivity().hard_requires()
+            && !sorted_by.contains(&&p.order_by)
+        {
+            sorted_by.push(&p.order_by);
+        }
         let func = f.func.inner();
         invertible &= !p.distinct && (func.is::<Count>() || (func.is::<Sum>() && exact_sum));
         // As DataFusion's analyzer will: the arguments cast to the types the
@@ -876,9 +889,27 @@ pub fn split(
         .zip(&key_names)
         .map(|(e, k)| e.clone().alias(k))
         .collect();
+    // An aggregate DataFusion says needs its rows in its ORDER BY's order
+    // (nth_value) gets each batch's rows sorted so; the states of batches
+    // then merge in that order by the ordering values they keep.
+    let input = match sorted_by.as_slice() {
+        [] => agg.input.clone(),
+        [order] => Arc::new(
+            LogicalPlanBuilder::from(agg.input.as_ref().clone())
+                .sort(order.to_vec())?
+                .build()?,
+        ),
+        _ => {
+            return Err(BrookError::sql(
+                "aggregates that need their rows in the order of their ORDER BY (such as \
+                 nth_value) must share one ORDER BY in a streaming GROUP BY: each batch's \
+                 rows are sorted once, by it",
+            ));
+        }
+    };
     let mut partial = flat_partial(
         agg,
-        Aggregate::try_new(agg.input.clone(), group, partial_aggs)?,
+        Aggregate::try_new(input, group, partial_aggs)?,
         window.map(|w| (w.key, w.partial)),
     )?;
     if kept.iter().any(Kept::is_packed) {
@@ -977,7 +1008,6 @@ mod tests {
     use datafusion::arrow::datatypes::Schema;
     use datafusion::common::not_impl_err;
     use datafusion::datasource::MemTable;
-    use datafusion::error::DataFusionError;
     use datafusion::logical_expr::function::AccumulatorArgs;
     use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
     use datafusion::prelude::SessionContext;

@@ -240,8 +240,11 @@ impl AggregateUDFImpl for StateOf {
     }
 
     fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
-        self.inner
-            .groups_accumulator_supported(self.inner_args(args))
+        // As `groups_accumulated`, for the aggregate as called.
+        !args.is_distinct
+            && self
+                .inner
+                .groups_accumulator_supported(self.inner_args(args))
     }
 
     fn create_groups_accumulator(
@@ -315,6 +318,13 @@ impl std::ops::Deref for Planned {
     }
 }
 
+/// Whether `f`'s states are merged by its groups accumulator. Not for DISTINCT:
+/// some of DataFusion's groups accumulators (bit_xor's) ignore it, and would
+/// read the distinct values kept as state as the aggregate's own value.
+fn groups_accumulated(f: &AggregateFunctionExpr) -> bool {
+    !f.is_distinct() && f.groups_accumulator_supported()
+}
+
 /// `f` merging states: called with `f`'s state columns, returns the merged state.
 pub fn merge_of(f: &Arc<AggregateFunctionExpr>, layout: &Layout) -> AggregateUDF {
     AggregateUDF::new_from_impl(MergeOf {
@@ -362,7 +372,7 @@ impl AggregateUDFImpl for MergeOf {
     }
 
     fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
-        self.f.groups_accumulator_supported()
+        groups_accumulated(&self.f)
     }
 
     fn create_groups_accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
@@ -523,7 +533,7 @@ impl ScalarUDFImpl for ValueOf {
             .map(|a| a.to_array(rows))
             .collect::<Result<Vec<_>>>()?;
         // Each row is a group of its own.
-        let mut groups: Box<dyn GroupsAccumulator> = if self.f.groups_accumulator_supported() {
+        let mut groups: Box<dyn GroupsAccumulator> = if groups_accumulated(&self.f) {
             self.f.create_groups_accumulator()?
         } else {
             let f = self.f.clone();
