@@ -116,7 +116,7 @@ pub fn with_session_column(
                 };
                 // Computed in a projection and filtered on above it: a
                 // filter's predicate would be merged with the query's into
-                // one, evaluated on the rows the query's removes too.
+                // one, evaluated also on the rows the query's filter removes.
                 let kept = agg
                     .input
                     .schema()
