@@ -17,10 +17,10 @@ CREATE EXTERNAL TABLE candles STORED AS CONSOLE LOCATION 'stdout'
     OPTIONS ('outputMode' 'append');
 INSERT INTO candles
 SELECT window.start AS minute, symbol,
-       first_value(price ORDER BY time) AS open,
+       first_value(price ORDER BY time, order_id) AS open,
        max(price) AS high,
        min(price) AS low,
-       last_value(price ORDER BY time) AS close,
+       last_value(price ORDER BY time, order_id) AS close,
        sum(amount) AS volume
 FROM orders
 GROUP BY window(time, '1 minute'), symbol;

@@ -10,7 +10,7 @@ CREATE UNBOUNDED EXTERNAL TABLE orders (
     WATERMARK FOR time AS time - INTERVAL '5' SECOND
 ) STORED AS CSV LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED');
 
--- Trading sessions per client: a client's orders less than 5 minutes apart
+-- Trading sessions per client: a client's orders at most 5 minutes apart
 -- are one session, from its first order to 5 minutes after its last. Each
 -- session is printed once, when the watermark has passed its end.
 CREATE EXTERNAL TABLE client_sessions STORED AS CONSOLE LOCATION 'stdout'

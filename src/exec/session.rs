@@ -32,9 +32,9 @@ use datafusion::datasource::provider_as_source;
 use datafusion::execution::SessionState;
 use datafusion::functions::core::expr_fn::named_struct;
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator,
+    Aggregate, ColumnarValue, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator,
     ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, binary_expr,
-    cast as cast_expr, lit,
+    cast as cast_expr, lit, when,
 };
 use datafusion::scalar::ScalarValue;
 
@@ -68,7 +68,7 @@ pub fn planning_table(
 /// the streams' slots (which have none) with the column computed from each
 /// row: `[time, time + gap)`. Rows whose gap is not positive, or null, are
 /// dropped (as Spark does), and so are rows without a time: `dropped` counts
-/// them as the plan runs.
+/// those that reach the aggregation as the plan runs.
 pub fn with_session_column(
     plan: LogicalPlan,
     spec: &SessionSpec,
@@ -94,7 +94,6 @@ pub fn with_session_column(
                     &sources[&name],
                     state,
                     partitions,
-                    &has_session,
                 ) {
                     Ok(plan) => Ok(Transformed::yes(plan)),
                     Err(e) => {
@@ -102,6 +101,38 @@ pub fn with_session_column(
                         Ok(Transformed::no(LogicalPlan::TableScan(scan)))
                     }
                 }
+            }
+            LogicalPlan::Aggregate(agg) => {
+                // Only the rows that reach the aggregation count as without a
+                // session: those the query's own filters removed do not.
+                let Some(session) = agg
+                    .group_expr
+                    .iter()
+                    .find(|e| matches!(e, Expr::Column(c) if c.name == SESSION_COLUMN))
+                else {
+                    return Ok(Transformed::yes(
+                        LogicalPlan::Aggregate(agg).recompute_schema()?,
+                    ));
+                };
+                // Computed in a projection and filtered on above it: a
+                // filter's predicate would be merged with the query's into
+                // one, evaluated also on the rows the query's filter removes.
+                let kept = agg
+                    .input
+                    .schema()
+                    .columns()
+                    .into_iter()
+                    .map(Expr::Column)
+                    .chain([has_session
+                        .call(vec![session.clone().is_not_null()])
+                        .alias(HAS_SESSION_COLUMN)]);
+                let input = LogicalPlanBuilder::from(agg.input.as_ref().clone())
+                    .project(kept)?
+                    .filter(Expr::Column(Column::from_name(HAS_SESSION_COLUMN)))?
+                    .build()?;
+                Ok(Transformed::yes(LogicalPlan::Aggregate(
+                    Aggregate::try_new(Arc::new(input), agg.group_expr, agg.aggr_expr)?,
+                )))
             }
             other => Ok(Transformed::yes(other.recompute_schema()?)),
         })?
@@ -120,7 +151,6 @@ fn session_scan(
     source: &SourceDef,
     state: &SessionState,
     partitions: usize,
-    has_session: &ScalarUDF,
 ) -> Result<LogicalPlan> {
     let scan = LogicalPlanBuilder::scan(
         table.clone(),
@@ -179,8 +209,14 @@ fn session_scan(
     };
     let time = Expr::Column(Column::new(Some(table.clone()), &spec.time_column));
     let end = binary_expr(time.clone(), Operator::Plus, gap);
+    // A row without a session gets a null one here, and is dropped (and
+    // counted) just below the aggregation, after the query's filters.
     let session = cast_expr(
-        named_struct(vec![lit("start"), time.clone(), lit("end"), end.clone()]),
+        when(
+            binary_expr(end.clone(), Operator::Gt, time.clone()),
+            named_struct(vec![lit("start"), time.clone(), lit("end"), end]),
+        )
+        .end()?,
         window_type(&time_type),
     )
     .alias_qualified(Some(table.clone()), SESSION_COLUMN);
@@ -189,15 +225,15 @@ fn session_scan(
         .into_iter()
         .map(Expr::Column)
         .chain([session]);
-    Ok(LogicalPlanBuilder::from(scan)
-        .filter(has_session.call(vec![binary_expr(end, Operator::Gt, time)]))?
-        .project(columns)?
-        .build()?)
+    Ok(LogicalPlanBuilder::from(scan).project(columns)?.build()?)
 }
 
-/// Whether each row has a session (its `end > time` is true), counting those
-/// without one in `dropped`: volatile, so that the optimizer keeps it where it
-/// is, on the stream's rows, evaluated once.
+/// The column, below the aggregation, of whether a row has a session.
+const HAS_SESSION_COLUMN: &str = "brook_has_session";
+
+/// Whether each row has a session (its `session_window` is not null), counting
+/// those without one in `dropped`: volatile, so that the optimizer keeps it
+/// where it is, just below the aggregation, evaluated once.
 #[derive(Debug)]
 struct HasSession {
     signature: Signature,
