@@ -22,6 +22,7 @@ use datafusion::error::DataFusionError;
 use datafusion::functions::core::expr_fn::{get_field, named_struct};
 use datafusion::functions_aggregate::count::{Count, count_udaf};
 use datafusion::functions_aggregate::expr_fn::{bool_or, first_value};
+use datafusion::functions_aggregate::string_agg::StringAgg;
 use datafusion::functions_aggregate::sum::Sum;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
@@ -642,6 +643,17 @@ fn describe(node: &LogicalPlan) -> String {
     }
 }
 
+/// Whether the aggregate `f` reads its rows in its ORDER BY's order, as
+/// DataFusion sorts them for it (nth_value). Not an ordered-set aggregate,
+/// whose `WITHIN GROUP (ORDER BY x)` names its argument, nor string_agg, whose
+/// ordered accumulator is array_agg's and sorts by itself.
+fn needs_sorted_rows(f: &AggregateFunction) -> bool {
+    !f.params.order_by.is_empty()
+        && f.func.order_sensitivity().hard_requires()
+        && !f.func.supports_within_group_clause()
+        && !f.func.inner().is::<StringAgg>()
+}
+
 /// Rejects operators that need all rows at once in a query without state.
 pub fn check_stateless(plan: &LogicalPlan, is_stream: &dyn Fn(&str) -> bool) -> Result<()> {
     let mut problem = None;
@@ -855,10 +867,7 @@ pub fn split(
         // Their states are single integer columns that negating undoes. Known
         // by what they are, not their names: a user's function may take a
         // built-in one's name.
-        if !p.order_by.is_empty()
-            && f.func.order_sensitivity().hard_requires()
-            && !sorted_by.contains(&&p.order_by)
-        {
+        if needs_sorted_rows(f) && !sorted_by.contains(&&p.order_by) {
             sorted_by.push(&p.order_by);
         }
         let func = f.func.inner();
