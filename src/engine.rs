@@ -243,10 +243,22 @@ impl Engine {
         let mut planned = vec![];
         let mut declared = vec![];
         let mut failed = None;
+        let mut consoles = 0;
         for (i, text) in split_statements(script).iter().enumerate() {
             match self.read_statement(text).await {
                 Ok(Read::Nothing) => {}
-                Ok(Read::Query(p)) => planned.push((i, p)),
+                Ok(Read::Query(mut p)) => {
+                    // Queries printing to the console without a name of their own
+                    // are named by their order in the script: the second would
+                    // otherwise take the first's name, and its checkpoint.
+                    if p.sink.query_name.is_none() && p.sink.name.eq_ignore_ascii_case("console") {
+                        consoles += 1;
+                        if consoles > 1 {
+                            p.sink.query_name = Some(format!("console_{consoles}"));
+                        }
+                    }
+                    planned.push((i, p))
+                }
                 Ok(Read::Declared(d)) => declared.push((i, d)),
                 Err(e) => {
                     failed = Some((i, e));
