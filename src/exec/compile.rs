@@ -839,12 +839,34 @@ async fn compile_stage(
         });
     let split = incremental::split(&plan, &agg, partitions, &not_null, widths, dedup)?;
     if mode == OutputMode::Append && event_time_key.is_none() && !dedup {
-        return Err(BrookError::sql(
+        let mut watermarked = vec![];
+        plan.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && let Some(w) = sources
+                    .get(scan.table_name.table())
+                    .and_then(|d| d.watermark.as_ref())
+            {
+                watermarked.push(w.column.clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        // With a watermark declared, the GROUP BY is what misses it.
+        let fix = match watermarked.first() {
+            Some(column) => format!(
+                "the watermark is on '{column}', which this GROUP BY does not group by (a key \
+                 computed from it, such as date_trunc('minute', {column}), is not known to \
+                 close): group by window({column}, '1 minute') or by {column}, or use \
+                 'update' or 'complete'"
+            ),
+            None => "use 'update' or 'complete', or declare WATERMARK FOR <column> AS \
+                     <column> - INTERVAL '...' on the source"
+                .to_string(),
+        };
+        return Err(BrookError::sql(format!(
             "output mode 'append' for an aggregation needs a watermark on the source and a \
              GROUP BY on its event time or on window(...) over it, so that groups can be \
-             closed (as in Spark); use 'update' or 'complete', or declare \
-             WATERMARK FOR <column> AS <column> - INTERVAL '...' on the source",
-        ));
+             closed (as in Spark); {fix}"
+        )));
     }
     if has_order && mode == OutputMode::Update {
         return Err(BrookError::sql(

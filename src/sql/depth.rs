@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 
+use datafusion::error::DataFusionError;
 use datafusion::sql::parser::{CopyToSource, DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{Expr, Query, Visit, Visitor};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -30,7 +31,12 @@ pub const MAX_SET_OPERATIONS: usize = 50;
 /// than brook can plan.
 pub fn parse_statements(text: &str) -> Result<VecDeque<DFStatement>> {
     check_set_operations(text)?;
-    let statements = DFParser::parse_sql_with_dialect(text, &GenericDialect {})?;
+    // The parser's error as it reads, not as DataFusion debug-prints it.
+    let statements =
+        DFParser::parse_sql_with_dialect(text, &GenericDialect {}).map_err(|e| match e {
+            DataFusionError::SQL(parse, _) => BrookError::sql(parse.to_string()),
+            other => other.into(),
+        })?;
     let deep = statements
         .iter()
         .find_map(|s| check_depth(|d| walk(s, d)).err());
