@@ -407,14 +407,7 @@ fn scaling() {
     table_header();
     let mut secs = vec![];
     for (count, files) in [(500_000, 50), (5_000_000, 500)] {
-        let input = write_split(&data_dir().join(format!("gen-{count}")), |dir| {
-            write_files(
-                dir,
-                files,
-                count,
-                generated(count, 0.01, TimeDelta::milliseconds(2)),
-            )
-        });
+        let input = generated_data(count, files);
         let runs: Vec<_> = (0..3)
             .map(|_| available_now_run(&input, count, ""))
             .collect();
@@ -424,6 +417,20 @@ fn scaling() {
         "\n5,000,000 took {:.1}x the time of 500,000",
         secs[1] / secs[0]
     );
+}
+
+/// `count` generated orders, 1% malformed, 2 ms apart, in `files` files under
+/// `target/bench-data/gen-<count>`, written once: the scenarios reading a
+/// count must agree on how its orders were made.
+fn generated_data(count: usize, files: usize) -> PathBuf {
+    write_split(&data_dir().join(format!("gen-{count}")), |dir| {
+        write_files(
+            dir,
+            files,
+            count,
+            generated(count, 0.01, TimeDelta::milliseconds(2)),
+        )
+    })
 }
 
 /// A 100 ms trigger with 100,000 orders/s arriving (a file of 10,000 every
@@ -1010,15 +1017,7 @@ fn sector() {
 /// one-minute candle per symbol (first_value / last_value ordered by time,
 /// max, min, sum), into Parquet rather than the terminal.
 fn ohlc() {
-    let count = 500_000;
-    let input = write_split(&data_dir().join(format!("gen-{count}")), |dir| {
-        write_files(
-            dir,
-            FILES,
-            count,
-            generated(count, 0.01, TimeDelta::milliseconds(2)),
-        )
-    });
+    let input = generated_data(500_000, FILES);
     query_bench(
         (&input, "500,000 generated orders, 1% malformed, 2 ms apart"),
         "ohlc.sql",

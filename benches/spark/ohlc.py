@@ -22,18 +22,8 @@ import time
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-ORDERS = ("time TIMESTAMP, order_id LONG, client_id LONG, symbol STRING, "
-          "amount INT, price DOUBLE, buy_sell STRING")
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
-def csv_lines(directory):
-    """The split fields of every line of the CSV files in `directory`."""
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".csv"):
-            with open(os.path.join(directory, name)) as f:
-                for line in f:
-                    yield line.rstrip("\n").split(",")
+# The order schema and CSV reading of the join comparison, on the same files.
+from joins import ORDERS, TIME_FORMAT, csv_lines
 
 
 def recount(source):
