@@ -58,6 +58,44 @@ const PLAYWRIGHT: Tool = Tool {
     ],
 };
 
+/// An S3-protocol server over a local directory, for the object-store tests.
+const S3S_FS: Tool = Tool {
+    name: "s3s-fs 0.14.1, the S3-protocol server of the object-store tests",
+    on_path: None,
+    installed: "target/tools/bin/s3s-fs",
+    as_root: false,
+    install: &[
+        "cargo install s3s-fs --version 0.14.1 --locked --features binary --root target/tools",
+    ],
+};
+
+/// The readers BI users open brook's output with: Delta Lake, Polars and PyArrow.
+const PYTHON_READERS: Tool = Tool {
+    name: "Python deltalake 1.6.6, polars 2.1.0 and pyarrow 26.0.1, the readers of the sink tests",
+    on_path: None,
+    installed: "target/tools/python/bin/python",
+    as_root: false,
+    // Built aside and moved into place last, so that a failed pip leaves no
+    // interpreter that looks installed.
+    install: &[
+        "rm -rf target/tools/python.partial",
+        "python3 -m venv target/tools/python.partial",
+        "target/tools/python.partial/bin/python -m pip install --quiet \
+         --disable-pip-version-check deltalake==1.6.6 polars==2.1.0 pyarrow==26.0.1",
+        "mv target/tools/python.partial target/tools/python",
+    ],
+};
+
+/// The s3s-fs binary.
+pub fn s3s_fs() -> PathBuf {
+    S3S_FS.get()
+}
+
+/// A Python interpreter that imports deltalake, polars and pyarrow.
+pub fn python_readers() -> PathBuf {
+    PYTHON_READERS.get()
+}
+
 /// The tansu binary.
 pub fn tansu() -> PathBuf {
     TANSU.get()
