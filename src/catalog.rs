@@ -11,6 +11,7 @@ use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
 use crate::options::{Options, same_key};
+use crate::sink::compact::AutoCompact;
 use crate::sink::console::ConsoleOptions;
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
@@ -32,6 +33,8 @@ const SINK_OPTIONS: &[&str] = &[
     "checkpointLocation",
     "minBatchesToRetain",
     "multipleWatermarkPolicy",
+    "compactEvery",
+    "targetFileSize",
 ];
 
 /// The source option saying when an input stops holding back the watermark.
@@ -360,6 +363,7 @@ pub enum SinkKind {
     File {
         format: OutputFormat,
         location: String,
+        compact: Option<AutoCompact>,
     },
     Kafka(KafkaSinkOptions),
 }
@@ -410,6 +414,19 @@ impl SinkDef {
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
         }
+        if OutputFormat::parse(&file_type).is_none()
+            && let Some(key) = AutoCompact::OPTIONS
+                .iter()
+                .find(|o| options.get(o).is_some())
+        {
+            return Err(BrookError::option(
+                *key,
+                format!(
+                    "{what} is STORED AS {file_type}: only file sinks (PARQUET, CSV, JSON) \
+                     compact their output"
+                ),
+            ));
+        }
         let kind = match file_type.as_str() {
             "KAFKA" => SinkKind::Kafka(KafkaSinkOptions::from_options(location, &options, &what)?),
             "CONSOLE" => SinkKind::Console(ConsoleOptions::from_options(&options)?),
@@ -418,6 +435,7 @@ impl SinkDef {
                 Some(format) => SinkKind::File {
                     format,
                     location: location.unwrap_or_default().to_string(),
+                    compact: AutoCompact::from_options(&options)?,
                 },
                 None => {
                     return Err(BrookError::sql(format!(
@@ -450,11 +468,15 @@ impl SinkDef {
                 let sink = MemorySink::new(&self.name);
                 (Arc::new(sink.clone()), Some(sink))
             }
-            SinkKind::File { format, location } => (
-                Arc::new(FileSink::new(
-                    Location::resolve(location, runtime)?,
-                    *format,
-                )?),
+            SinkKind::File {
+                format,
+                location,
+                compact,
+            } => (
+                Arc::new(
+                    FileSink::new(Location::resolve(location, runtime)?, *format)?
+                        .with_compaction(*compact),
+                ),
                 None,
             ),
             SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::cli::compact::compact_table;
 use crate::cli::demo::{DemoOptions, run_demo};
 use crate::cli::send::{KafkaSendOptions, SendOptions, send_files, send_kafka};
 use crate::cli::{ProgressFormat, RunOptions, run_file};
@@ -132,6 +133,16 @@ enum Command {
         #[arg(long)]
         rate: Option<u64>,
     },
+    /// Merge the small part files a PARQUET, CSV or JSON sink wrote into TABLE_DIR into
+    /// fewer, larger ones; safe while a query keeps writing there.
+    Compact {
+        /// The sink table's directory (or object-store URL).
+        table_dir: String,
+        /// The size merged files grow to, e.g. '128MB'.
+        #[arg(long, value_name = "SIZE", value_parser = parse_file_size_arg,
+              default_value_t = crate::sink::compact::DEFAULT_TARGET_FILE_SIZE)]
+        target_file_size: u64,
+    },
 }
 
 #[derive(Args)]
@@ -195,6 +206,11 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 
 fn parse_size_arg(s: &str) -> Result<usize, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_file_size_arg(s: &str) -> Result<u64, String> {
+    crate::options::parse_size(s)
+        .ok_or_else(|| format!("expected a size such as 1048576, 512k, 100m or 1g, found '{s}'"))
 }
 
 /// Where `gen-orders` writes fills, and what share of orders get one and when.
@@ -381,6 +397,10 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
                 "give --to DIR or --kafka HOST:PORT",
             )),
         },
+        Command::Compact {
+            table_dir,
+            target_file_size,
+        } => compact_table(&table_dir, target_file_size).await,
     }
 }
 

@@ -3,6 +3,7 @@
 //! that run them in process.
 
 mod command;
+pub(crate) mod compact;
 pub mod demo;
 pub(crate) mod send;
 

@@ -22,6 +22,7 @@ use datafusion::parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
 use super::Sink;
+use super::compact::{self, AutoCompact};
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
 use crate::source::location::Location;
@@ -61,6 +62,7 @@ pub struct FileSink {
     format: OutputFormat,
     /// The schema and the query id's first characters, set by `open`.
     opened: Mutex<Option<(SchemaRef, String)>>,
+    compact: Option<AutoCompact>,
 }
 
 #[derive(Serialize)]
@@ -83,7 +85,14 @@ impl FileSink {
             location,
             format,
             opened: Mutex::new(None),
+            compact: None,
         })
+    }
+
+    /// Compacts the output after every `compactEvery`-th batch, in the batch's task.
+    pub fn with_compaction(mut self, compact: Option<AutoCompact>) -> Self {
+        self.compact = compact;
+        self
     }
 
     fn error(&self, message: impl Into<String>) -> BrookError {
@@ -175,6 +184,11 @@ impl Sink for FileSink {
         self.location
             .write_file(&manifest, entry, ("sink-manifest-tmp", batch_id))
             .await?;
+        if let Some(auto) = self.compact
+            && (batch_id + 1) % auto.every == 0
+        {
+            compact::compact(&self.location, auto.target_file_size).await?;
+        }
         Ok(())
     }
 }

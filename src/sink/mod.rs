@@ -1,5 +1,6 @@
 //! Where each batch's result goes.
 
+pub mod compact;
 pub mod console;
 pub mod file;
 pub mod foreach;

@@ -28,6 +28,11 @@ pub const POINTS: &[&str] = &[
     "commits",           // the batch is committed; clean-up has not run
     "sources-tmp",       // the source's progress is on disk under a temporary name
 ];
+// Compaction's points are matched by its sequence number in place of a batch:
+// `compact-merged-tmp` (a merged file under a temporary name), `compact-merged`
+// (the merged files are written, not the entry), `compact-entry` (the entry is
+// written, the replaced files not yet deleted). They are not in `POINTS`: a
+// batch reaches them only when its sink compacts.
 
 struct Pause {
     query: Option<String>,
