@@ -450,3 +450,101 @@ fn bad_compaction_settings_and_directories_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn csv_and_json_outputs_merge_into_one_file_with_one_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("in")).unwrap();
+    for n in 0..5 {
+        put_input(&dir.join("in"), n);
+    }
+    let sql = dir.join("q.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE src (id BIGINT NOT NULL, v VARCHAR NOT NULL) \
+             STORED AS CSV LOCATION '{}' OPTIONS ('maxFilesPerTrigger' '1');\n\
+             CREATE EXTERNAL TABLE as_csv STORED AS CSV LOCATION 'csv';\n\
+             CREATE EXTERNAL TABLE as_json STORED AS JSON LOCATION 'json';\n\
+             INSERT INTO as_csv SELECT id, v FROM src;\n\
+             INSERT INTO as_json SELECT id, v FROM src;\n",
+            dir.join("in").display()
+        ),
+    )
+    .unwrap();
+    run_available_now(dir, &sql);
+    for (table, ext) in [("csv", "csv"), ("json", "json")] {
+        let printed = compact(dir, &[table]);
+        assert!(printed.contains("merged 5 files into 1"), "{printed}");
+        let live = live_files(&dir.join(table));
+        assert_eq!(live.len(), 1, "{live:?}");
+        assert!(live[0].ends_with(ext), "{live:?}");
+        let text = std::fs::read_to_string(dir.join(table).join(&live[0])).unwrap();
+        let mut ids: Vec<i64> = match ext {
+            "csv" => {
+                let mut lines = text.lines();
+                assert_eq!(lines.next(), Some("id,v"));
+                lines
+                    .map(|l| l.split(',').next().unwrap().parse().unwrap())
+                    .collect()
+            }
+            _ => text
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                        .as_i64()
+                        .unwrap()
+                })
+                .collect(),
+        };
+        ids.sort();
+        assert_eq!(ids, recount(5), "{text}");
+    }
+}
+
+#[test]
+fn files_merge_only_within_their_partition_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("in")).unwrap();
+    for n in 0..4 {
+        put_input(&dir.join("in"), n);
+    }
+    run_available_now(dir, &script(dir, "flat", ""));
+    // The same part files laid out in Hive-style directories, as a partitioned sink writes them.
+    let out = dir.join("out");
+    std::fs::create_dir_all(out.join("_brook_manifest")).unwrap();
+    for (n, name) in live_files(&dir.join("flat")).iter().enumerate() {
+        let part = if n % 2 == 0 { "k=even" } else { "k=odd" };
+        std::fs::create_dir_all(out.join(part)).unwrap();
+        let path = format!("{part}/{name}");
+        std::fs::copy(dir.join("flat").join(name), out.join(&path)).unwrap();
+        let bytes = std::fs::metadata(out.join(&path)).unwrap().len();
+        let entry = serde_json::json!({"batch_id": n, "files": [{"path": path, "rows": 10, "bytes": bytes}]});
+        std::fs::write(
+            out.join(format!("_brook_manifest/{n:020}-abcdefgh.json")),
+            entry.to_string(),
+        )
+        .unwrap();
+    }
+    let printed = compact(dir, &["out"]);
+    assert!(printed.contains("merged 4 files into 2"), "{printed}");
+    let live = live_files(&out);
+    assert_eq!(live.len(), 2, "{live:?}");
+    for (file, part) in live.iter().zip(["k=even", "k=odd"]) {
+        assert!(
+            file.starts_with(&format!("{part}/part-compact-")),
+            "{live:?}"
+        );
+        let mut ids = ids_in(&out.join(file));
+        ids.sort();
+        let batches: Vec<i64> = if part == "k=even" {
+            vec![0, 2]
+        } else {
+            vec![1, 3]
+        };
+        let expected: Vec<i64> = batches.iter().flat_map(|b| 10 * b..10 * b + 10).collect();
+        assert_eq!(ids, expected);
+    }
+}
