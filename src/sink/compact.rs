@@ -38,11 +38,13 @@ use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::file::MANIFEST_DIR;
 use crate::error::{BrookError, Result};
 use crate::options::Options;
 use crate::source::location::{Location, blocking, is_temporary};
 use crate::testing::faults;
+
+/// The directory of a file sink's manifest, below the table directory.
+pub const MANIFEST_DIR: &str = "_brook_manifest";
 
 /// The size merged files grow to unless `targetFileSize` says otherwise (as Delta's OPTIMIZE).
 pub const DEFAULT_TARGET_FILE_SIZE: u64 = 128 << 20;
@@ -337,12 +339,11 @@ pub async fn compact(location: &Location, target_file_size: u64) -> Result<Compa
         .flat_map(|c| c.added.iter().map(|f| f.path.as_str()))
         .collect();
     let removed = manifest.removed();
-    let live_paths: BTreeSet<&str> = live.iter().map(|f| f.path.as_str()).collect();
     let to_delete: Vec<&String> = existing
         .iter()
         .filter(|path| {
             let name = path.rsplit('/').next().unwrap_or(path);
-            let replaced = removed.contains(path.as_str()) && !live_paths.contains(path.as_str());
+            let replaced = removed.contains(path.as_str());
             // Merged files of a sequence number this run claims or an earlier one, which
             // no entry lists: their compactor crashed or was beaten, and can no longer commit.
             let orphan =

@@ -28,7 +28,7 @@ use crate::error::{BrookError, Result};
 use crate::source::location::Location;
 use crate::testing::faults;
 
-pub const MANIFEST_DIR: &str = "_brook_manifest";
+pub use super::compact::MANIFEST_DIR;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
