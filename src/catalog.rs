@@ -33,8 +33,6 @@ const SINK_OPTIONS: &[&str] = &[
     "checkpointLocation",
     "minBatchesToRetain",
     "multipleWatermarkPolicy",
-    "compactEvery",
-    "targetFileSize",
 ];
 
 /// The source option saying when an input stops holding back the watermark.
@@ -408,12 +406,6 @@ impl SinkDef {
         let what = format!("sink table '{name}'");
         let location = cmd.locations.first().map(String::as_str);
         let file_type = cmd.file_type.to_ascii_uppercase();
-        if file_type == "KAFKA" {
-            let known = [SINK_OPTIONS, KafkaSinkOptions::OPTIONS].concat();
-            options.reject_unknown_but(&known, "kafka.", &what)?;
-        } else {
-            options.reject_unknown(SINK_OPTIONS, &what)?;
-        }
         if OutputFormat::parse(&file_type).is_none()
             && let Some(key) = AutoCompact::OPTIONS
                 .iter()
@@ -426,6 +418,14 @@ impl SinkDef {
                      compact their output"
                 ),
             ));
+        }
+        if file_type == "KAFKA" {
+            let known = [SINK_OPTIONS, KafkaSinkOptions::OPTIONS].concat();
+            options.reject_unknown_but(&known, "kafka.", &what)?;
+        } else if OutputFormat::parse(&file_type).is_some() {
+            options.reject_unknown(&[SINK_OPTIONS, AutoCompact::OPTIONS].concat(), &what)?;
+        } else {
+            options.reject_unknown(SINK_OPTIONS, &what)?;
         }
         let kind = match file_type.as_str() {
             "KAFKA" => SinkKind::Kafka(KafkaSinkOptions::from_options(location, &options, &what)?),
