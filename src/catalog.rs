@@ -13,6 +13,7 @@ use crate::error::{BrookError, Result};
 use crate::options::{Options, same_key};
 use crate::sink::console::ConsoleOptions;
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
+use crate::sink::snapshot::SnapshotOptions;
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::kafka::{KafkaOptions, KafkaSource, KafkaValue};
 use crate::source::location::Location;
@@ -360,6 +361,7 @@ pub enum SinkKind {
     File {
         format: OutputFormat,
         location: String,
+        snapshots: SnapshotOptions,
     },
     Kafka(KafkaSinkOptions),
 }
@@ -407,6 +409,8 @@ impl SinkDef {
         if file_type == "KAFKA" {
             let known = [SINK_OPTIONS, KafkaSinkOptions::OPTIONS].concat();
             options.reject_unknown_but(&known, "kafka.", &what)?;
+        } else if OutputFormat::parse(&file_type).is_some() {
+            options.reject_unknown(&[SINK_OPTIONS, SnapshotOptions::OPTIONS].concat(), &what)?;
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
         }
@@ -418,6 +422,7 @@ impl SinkDef {
                 Some(format) => SinkKind::File {
                     format,
                     location: location.unwrap_or_default().to_string(),
+                    snapshots: SnapshotOptions::from_options(&options)?,
                 },
                 None => {
                     return Err(BrookError::sql(format!(
@@ -450,11 +455,15 @@ impl SinkDef {
                 let sink = MemorySink::new(&self.name);
                 (Arc::new(sink.clone()), Some(sink))
             }
-            SinkKind::File { format, location } => (
-                Arc::new(FileSink::new(
-                    Location::resolve(location, runtime)?,
-                    *format,
-                )?),
+            SinkKind::File {
+                format,
+                location,
+                snapshots,
+            } => (
+                Arc::new(
+                    FileSink::new(Location::resolve(location, runtime)?, *format)?
+                        .with_snapshots(*snapshots),
+                ),
                 None,
             ),
             SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),
