@@ -336,11 +336,11 @@ fn a_crash_before_the_pointer_moves_leaves_the_previous_snapshot_named_and_a_res
 
 #[test]
 fn readers_following_the_pointer_see_whole_results_while_the_writer_is_killed_again_and_again() {
-    const FILES: usize = 16;
-    const RUNS: usize = 6;
+    const FILES: usize = 60;
+    const RUNS: usize = 8;
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("orders");
-    let per_file = write_input(&input, FILES, 3000, 4);
+    let per_file = write_input(&input, FILES, 2000, 4);
     let results: Vec<Totals> = (1..=FILES).map(|n| recount(&per_file, n)).collect();
     let out = tmp.path().join("out");
     let checkpoint = tmp.path().join("checkpoint");
@@ -355,6 +355,8 @@ fn readers_following_the_pointer_see_whole_results_while_the_writer_is_killed_ag
             let mut whole = 0;
             while !stop.load(Ordering::Relaxed) {
                 // Before the first batch there is no pointer yet.
+                // Polling without pause would take a core from the writer.
+                std::thread::sleep(Duration::from_millis(3));
                 let Ok(bytes) = std::fs::read(out.join("_latest")) else {
                     continue;
                 };
@@ -390,7 +392,7 @@ fn readers_following_the_pointer_see_whole_results_while_the_writer_is_killed_ag
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_millis(rng.random_range(100..1500));
+        let deadline = Instant::now() + Duration::from_millis(rng.random_range(30..500));
         while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -404,7 +406,8 @@ fn readers_following_the_pointer_see_whole_results_while_the_writer_is_killed_ag
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
     let whole = reads.recv().unwrap();
-    assert!(kills >= 2, "only {kills} of {RUNS} runs were killed");
+    eprintln!("{kills} kills, {whole} whole reads");
+    assert!(kills >= 4, "only {kills} of {RUNS} runs were killed");
     assert!(whole > 0, "the reader read nothing");
     assert_eq!(
         latest_parquet(&out),
