@@ -196,7 +196,58 @@ async fn remove_snapshot(location: &Location, name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use datafusion::execution::runtime_env::RuntimeEnv;
+    use object_store::ObjectStore;
+
     use super::*;
+
+    /// Object stores have no directories: snapshots are listed by prefix and
+    /// deleted object by object.
+    #[tokio::test]
+    async fn an_object_store_keeps_the_retained_snapshots_and_the_pointer() {
+        let location = Location::resolve("memory://snapshots/out", &RuntimeEnv::default()).unwrap();
+        let options = SnapshotOptions { retain: 2 };
+        for batch_id in 0..4 {
+            let snapshot = Snapshot {
+                batch_id,
+                tag: "abcdef12",
+                extension: "csv",
+                encoded: format!("n\n{batch_id}\n").into_bytes(),
+                rows: 1,
+            };
+            write(&location, snapshot, options).await.unwrap();
+        }
+        let mut names: Vec<String> = location
+            .store
+            .list(Some(&location.prefix))
+            .map_ok(|o| o.location.as_ref().to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "out/_latest",
+                "out/snapshots/00002-abcdef12/part-0.csv",
+                "out/snapshots/00003-abcdef12/part-0.csv"
+            ]
+        );
+        let latest = location
+            .store
+            .get(&location.child(LATEST))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let latest: serde_json::Value = serde_json::from_slice(&latest).unwrap();
+        assert_eq!(latest["batch_id"], 3);
+        assert_eq!(
+            latest["files"][0]["path"],
+            "snapshots/00003-abcdef12/part-0.csv"
+        );
+    }
 
     #[test]
     fn snapshot_names_are_matched_to_their_query() {
