@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
 //! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector
-//! interval_join ohlc`.
+//! interval_join ohlc delta steady_delta`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
@@ -97,7 +97,12 @@ fn book_data() -> (PathBuf, &'static str) {
 
 /// `queries/dashboard_parquet.sql` reading `input`, written into `dir`.
 fn dashboard_sql(dir: &Path, input: &Path, source_options: &str) -> PathBuf {
-    let sql = std::fs::read_to_string(root().join("queries/dashboard_parquet.sql")).unwrap();
+    script_sql("dashboard_parquet.sql", dir, input, source_options)
+}
+
+/// The dashboard script `queries/<file>` reading `input`, written into `dir`.
+fn script_sql(file: &str, dir: &Path, input: &Path, source_options: &str) -> PathBuf {
+    let sql = std::fs::read_to_string(root().join("queries").join(file)).unwrap();
     let from = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
     assert!(sql.contains(from));
     let sql = sql.replace(
@@ -209,8 +214,14 @@ struct RunFigures {
 
 /// One available-now run of the Parquet dashboard over `input`, in a fresh directory.
 fn available_now_run(input: &Path, rows: usize, source_options: &str) -> RunFigures {
+    script_run("dashboard_parquet.sql", input, rows, source_options)
+}
+
+/// One available-now run of the dashboard script `queries/<file>` over `input`,
+/// in a fresh directory.
+fn script_run(file: &str, input: &Path, rows: usize, source_options: &str) -> RunFigures {
     let dir = tempfile::tempdir().unwrap();
-    let sql = dashboard_sql(dir.path(), input, source_options);
+    let sql = script_sql(file, dir.path(), input, source_options);
     timed_run(
         dir.path(),
         &sql,
@@ -266,15 +277,21 @@ fn table_header() {
 
 /// The three queries over the book's orders, all files in one batch.
 fn book() -> f64 {
+    book_into("book", "dashboard_parquet.sql", "Parquet sinks")
+}
+
+/// The three queries of `queries/<file>` over the book's orders, all files in
+/// one batch, then one file per batch; the orders per second of the first.
+fn book_into(scenario: &str, file: &str, sinks: &str) -> f64 {
     let (input, what) = book_data();
-    println!("\n## book: {what}, 50 files, available-now, Parquet sinks, checkpoint\n");
+    println!("\n## {scenario}: {what}, 50 files, available-now, {sinks}, checkpoint\n");
     table_header();
     let runs: Vec<_> = (0..RUNS)
-        .map(|_| available_now_run(&input, BOOK_ORDERS, ""))
+        .map(|_| script_run(file, &input, BOOK_ORDERS, ""))
         .collect();
     let secs = report_runs("one batch", BOOK_ORDERS, &runs);
     let runs: Vec<_> = (0..RUNS)
-        .map(|_| available_now_run(&input, BOOK_ORDERS, ", 'maxFilesPerTrigger' '1'"))
+        .map(|_| script_run(file, &input, BOOK_ORDERS, ", 'maxFilesPerTrigger' '1'"))
         .collect();
     report_runs("one file per batch", BOOK_ORDERS, &runs);
     BOOK_ORDERS as f64 / secs
@@ -437,11 +454,25 @@ fn generated_data(count: usize, files: usize) -> PathBuf {
 /// 100 ms), event time running 100x faster than the clock so that one-hour
 /// windows close within the run.
 fn steady() {
+    steady_into("steady", "dashboard_parquet.sql", "Parquet sinks");
+}
+
+/// `steady` with `queries/dashboard_delta.sql`: Delta sinks that compact
+/// every 100 batches, the data files on disk counted as the run goes.
+fn steady_delta() {
+    steady_into(
+        "steady_delta",
+        "dashboard_delta.sql",
+        "Delta sinks, compactEvery 100",
+    );
+}
+
+fn steady_into(scenario: &str, file: &str, sinks: &str) {
     const SECONDS: u64 = 75;
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("orders");
     std::fs::create_dir_all(&input).unwrap();
-    let sql = dashboard_sql(tmp.path(), &input, "");
+    let sql = script_sql(file, tmp.path(), &input, "");
     let mut child = brook_run(tmp.path(), &sql, "100ms");
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || timed_progress_lines(stderr));
@@ -450,7 +481,12 @@ fn steady() {
     let began = Instant::now();
     let mut n = 0i64;
     let mut file = 0;
+    let mut counted = vec![];
     while began.elapsed() < Duration::from_secs(SECONDS) {
+        let at = began.elapsed().as_secs();
+        if at % 15 == 0 && at > 0 && counted.last().is_none_or(|(t, _)| *t != at) {
+            counted.push((at, data_files(&tmp.path().join("out"))));
+        }
         let lines: Vec<String> = (0..10_000)
             .map(|_| {
                 n += 1;
@@ -470,8 +506,10 @@ fn steady() {
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let peak_mb = wait_with_peak(child).peak_mb;
     let progress = reader.join().unwrap();
+    counted.push((SECONDS, data_files(&tmp.path().join("out"))));
     println!(
-        "\n## steady: 100 ms trigger, 100,000 orders/s for {SECONDS} s ({n} orders), event time 100x\n"
+        "\n## {scenario}: 100 ms trigger, 100,000 orders/s for {SECONDS} s ({n} orders), \
+         event time 100x, {sinks}\n"
     );
     let warm = began + Duration::from_secs(10);
     let busy: Vec<&Value> = progress
@@ -513,6 +551,11 @@ fn steady() {
             percentile(durations, 1.0),
         );
     }
+    println!("\ndata files on disk under out/ (all sinks; compaction removes replaced ones):\n");
+    println!("| after | data files |\n|---|---|");
+    for (at, files) in counted {
+        println!("| {at} s | {files} |");
+    }
     println!("\ntop_stocks state rows (one-hour windows start closing after 36 s):\n");
     println!("| after | state rows |\n|---|---|");
     for at in [15u64, 30, 45, 60, 75] {
@@ -526,6 +569,26 @@ fn steady() {
             rows.map_or("-".into(), |r| r.to_string())
         );
     }
+}
+
+/// The data files (not logs, manifests or hidden files) below `dir`.
+fn data_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map_while(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            !name.starts_with('.') && !name.starts_with('_')
+        })
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => data_files(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Restarts from a checkpoint holding an hour of sliding-window state and
@@ -975,6 +1038,12 @@ fn main() {
     }
     if wants("steady") {
         steady();
+    }
+    if wants("delta") {
+        book_into("delta", "dashboard_delta.sql", "Delta sinks");
+    }
+    if wants("steady_delta") {
+        steady_delta();
     }
     if wants("restart") {
         restart();

@@ -1,9 +1,9 @@
 -- The dashboard exported as Parquet for BI tools: the per-second counts and
 -- the hourly top stocks are appended to Parquet directories under out/ (one
 -- part file per batch, listed in out/<table>/_brook_manifest); the all-time
--- top clients, rewritten every batch, go to the console (file sinks append
--- only, as in Spark). Run with a checkpoint so that a restart neither loses
--- nor repeats output:
+-- top clients, rewritten every batch, are a snapshot per batch under
+-- out/top_clients/snapshots, the newest named by out/top_clients/_latest.
+-- Run with a checkpoint so that a restart neither loses nor repeats output:
 --   brook run queries/dashboard_parquet.sql --checkpoint ckpt
 
 -- The order stream: CSV files dropped into data/orders (see `brook send`).
@@ -30,7 +30,7 @@ FROM orders
 GROUP BY window(time, '1 second');
 
 -- The top 5 clients by traded amount (amount x price) over all time.
-CREATE EXTERNAL TABLE top_clients STORED AS CONSOLE LOCATION 'stdout'
+CREATE EXTERNAL TABLE top_clients STORED AS PARQUET LOCATION 'out/top_clients'
     OPTIONS ('outputMode' 'complete');
 INSERT INTO top_clients
 SELECT client_id, sum(amount * price) AS traded

@@ -14,6 +14,7 @@ use crate::options::{Options, same_key};
 use crate::sink::compact::AutoCompact;
 use crate::sink::console::ConsoleOptions;
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
+use crate::sink::snapshot::SnapshotOptions;
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::kafka::{KafkaOptions, KafkaSource, KafkaValue};
 use crate::source::location::Location;
@@ -362,6 +363,7 @@ pub enum SinkKind {
         format: OutputFormat,
         location: String,
         compact: Option<AutoCompact>,
+        snapshots: SnapshotOptions,
     },
     Kafka(KafkaSinkOptions),
 }
@@ -423,7 +425,10 @@ impl SinkDef {
             let known = [SINK_OPTIONS, KafkaSinkOptions::OPTIONS].concat();
             options.reject_unknown_but(&known, "kafka.", &what)?;
         } else if OutputFormat::parse(&file_type).is_some() {
-            options.reject_unknown(&[SINK_OPTIONS, AutoCompact::OPTIONS].concat(), &what)?;
+            options.reject_unknown(
+                &[SINK_OPTIONS, AutoCompact::OPTIONS, SnapshotOptions::OPTIONS].concat(),
+                &what,
+            )?;
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
         }
@@ -436,6 +441,7 @@ impl SinkDef {
                     format,
                     location: location.unwrap_or_default().to_string(),
                     compact: AutoCompact::from_options(&options)?,
+                    snapshots: SnapshotOptions::from_options(&options)?,
                 },
                 None => {
                     return Err(BrookError::sql(format!(
@@ -472,10 +478,12 @@ impl SinkDef {
                 format,
                 location,
                 compact,
+                snapshots,
             } => (
                 Arc::new(
                     FileSink::new(Location::resolve(location, runtime)?, *format)?
-                        .with_compaction(*compact),
+                        .with_compaction(*compact)
+                        .with_snapshots(*snapshots),
                 ),
                 None,
             ),

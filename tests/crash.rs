@@ -4,7 +4,8 @@
 //! with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
 //! again (inside source reads, state writes, sink writes and commits, and at
 //! random instants) and restarted each time. The final sink files and state
-//! must equal those of a run that was never interrupted.
+//! must equal those of a run that was never interrupted, and the top clients'
+//! last snapshot a recount of the input.
 //!
 //! The seed is `BROOK_CRASH_SEED` (default 7); a failure prints it.
 
@@ -50,11 +51,16 @@ const FILE_SINKS: [&str; 5] = [
     "sector_minutes",
     "follow_ups",
 ];
+/// The complete-mode query, whose Parquet sink holds snapshots.
+const SNAPSHOT_SINK: &str = "top_clients";
 const KILL_ATTEMPTS: usize = 30;
 const MIN_KILLS: usize = 20;
 
-fn write_orders(dir: &Path) {
+/// Writes the orders into `dir`; returns the top 5 clients by traded amount
+/// (amount x price) over the well-formed lines, as the dashboard ranks them.
+fn write_orders(dir: &Path) -> Vec<(i64, f64)> {
     std::fs::create_dir_all(dir).unwrap();
+    let mut traded: BTreeMap<i64, f64> = BTreeMap::new();
     let mut generator = OrderGenerator::new(GeneratorConfig {
         malformed: 0.01,
         ..GeneratorConfig::default()
@@ -65,17 +71,27 @@ fn write_orders(dir: &Path) {
         let mut text = String::new();
         for i in f * per_file..(f + 1) * per_file {
             let time = start + chrono::Duration::milliseconds((i * 1000 / RATE) as i64);
-            text.push_str(&generator.line(time));
+            let (line, order) = generator.next_order(time);
+            if order.is_some() {
+                let fields: Vec<&str> = line.split(',').collect();
+                let amount: f64 = fields[4].parse().unwrap();
+                let price: f64 = fields[5].parse().unwrap();
+                *traded.entry(fields[2].parse().unwrap()).or_default() += amount * price;
+            }
+            text.push_str(&line);
             text.push('\n');
         }
         brook::source::write_atomically(dir, &format!("orders-{f:03}.csv"), text.as_bytes())
             .unwrap();
     }
+    let mut top: Vec<(i64, f64)> = traded.into_iter().collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top.truncate(5);
+    top
 }
 
 /// `queries/dashboard_parquet.sql` reading `input` four files per batch, its
-/// Parquet sinks under `out` (top_clients stays on the console: file sinks
-/// take append mode only).
+/// Parquet sinks under `out`.
 fn dashboard_sql(input: &Path, out: &Path) -> String {
     let sql = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -85,7 +101,7 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
     let source = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
     assert!(sql.contains(source));
     let sinks = "STORED AS PARQUET LOCATION 'out/";
-    assert_eq!(sql.matches(sinks).count(), 2);
+    assert_eq!(sql.matches(sinks).count(), 3);
     let symbols = concat!(env!("CARGO_MANIFEST_DIR"), "/queries/symbols.csv");
     let sql = format!(
         "{sql}\nCREATE EXTERNAL TABLE client_symbols STORED AS PARQUET LOCATION 'out/client_symbols';\n\
@@ -257,6 +273,24 @@ fn sink_rows(dir: &Path) -> Vec<String> {
     rows
 }
 
+/// The batch id `_latest` of a complete-mode file sink names, and the rows of
+/// its snapshot, checking the snapshot holds as many rows as `_latest` says.
+fn snapshot_rows(dir: &Path) -> (u64, Vec<String>) {
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("_latest")).unwrap()).unwrap();
+    let mut rows = vec![];
+    for f in latest["files"].as_array().unwrap() {
+        let file = std::fs::File::open(dir.join(f["path"].as_str().unwrap())).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        rows.extend(cell_rows(&reader.map(|b| b.unwrap()).collect::<Vec<_>>()));
+    }
+    assert_eq!(latest["rows"].as_u64().unwrap(), rows.len() as u64);
+    (latest["batch_id"].as_u64().unwrap(), rows)
+}
+
 /// The body of a checkpoint JSON file (after its `v1 crc32=...` line).
 fn checkpoint_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap();
@@ -315,6 +349,7 @@ fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
 
 struct Outcome {
     sinks: BTreeMap<&'static str, Vec<String>>,
+    snapshot: (u64, Vec<String>),
     states: BTreeMap<&'static str, (u64, Vec<String>)>,
 }
 
@@ -324,6 +359,7 @@ fn outcome(root: &Path) -> Outcome {
             .iter()
             .map(|s| (*s, sink_rows(&root.join("out").join(s))))
             .collect(),
+        snapshot: snapshot_rows(&root.join("out").join(SNAPSHOT_SINK)),
         states: QUERIES
             .iter()
             .map(|q| (*q, final_state(&root.join("checkpoint").join(q))))
@@ -346,7 +382,7 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
         .unwrap_or(7);
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("orders");
-    write_orders(&input);
+    let top_clients = write_orders(&input);
 
     let reference = tmp.path().join("reference");
     let sql = prepare(&reference, &input);
@@ -365,6 +401,25 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
             expected.sinks[sink].len() > 100,
             "{sink} wrote too little to be a test: {}",
             expected.sinks[sink].len()
+        );
+    }
+    // The last snapshot is the last committed batch's, and is a recount's ranking.
+    assert_eq!(expected.snapshot.0, expected.states[SNAPSHOT_SINK].0);
+    let mut ranked: Vec<(i64, f64)> = expected
+        .snapshot
+        .1
+        .iter()
+        .map(|row| {
+            let (client, traded) = row.split_once('|').unwrap();
+            (client.parse().unwrap(), traded.parse().unwrap())
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    assert_eq!(ranked.len(), top_clients.len());
+    for (got, want) in ranked.iter().zip(&top_clients) {
+        assert!(
+            got.0 == want.0 && (got.1 - want.1).abs() <= want.1.abs() * 1e-9,
+            "top clients {ranked:?}, recounted {top_clients:?}"
         );
     }
 
@@ -411,7 +466,7 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
             .map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
             .unwrap_or_default()
     };
-    for sink in FILE_SINKS {
+    for sink in FILE_SINKS.iter().chain(&[SNAPSHOT_SINK]) {
         let out = crashed.join("out").join(sink);
         let files: Vec<_> = names(out.clone())
             .into_iter()
@@ -486,6 +541,13 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
     );
     eprintln!("seed {seed}: {} kills: {kills:?}", kills.len());
     let actual = outcome(&crashed);
+    assert!(
+        actual.snapshot == expected.snapshot,
+        "seed {seed}: the top clients' last snapshot differs after kills {kills:?}: {:?}, \
+         expected {:?}",
+        actual.snapshot,
+        expected.snapshot
+    );
     for sink in FILE_SINKS {
         assert!(
             actual.sinks[sink] == expected.sinks[sink],

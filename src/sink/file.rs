@@ -8,8 +8,11 @@
 //! derived from the batch id and the query id (`part-<batch>-<query>.<ext>`),
 //! so a batch re-run after a restart from a checkpoint replaces its own
 //! output, while a new query writing into the same directory adds beside it.
+//!
+//! In complete mode each batch's whole result is a snapshot instead ([`super::snapshot`]).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
@@ -23,6 +26,7 @@ use serde::Serialize;
 
 use super::Sink;
 use super::compact::{self, AutoCompact};
+use super::snapshot::{self, Snapshot, SnapshotOptions};
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
 use crate::source::location::Location;
@@ -63,6 +67,9 @@ pub struct FileSink {
     /// The schema and the query id's first characters, set by `open`.
     opened: Mutex<Option<(SchemaRef, String)>>,
     compact: Option<AutoCompact>,
+    /// Whether the query runs in complete mode, set by `open`: batches are snapshots.
+    complete: AtomicBool,
+    snapshots: SnapshotOptions,
 }
 
 #[derive(Serialize)]
@@ -86,6 +93,8 @@ impl FileSink {
             format,
             opened: Mutex::new(None),
             compact: None,
+            complete: AtomicBool::new(false),
+            snapshots: SnapshotOptions::default(),
         })
     }
 
@@ -93,6 +102,11 @@ impl FileSink {
     pub fn with_compaction(mut self, compact: Option<AutoCompact>) -> Self {
         self.compact = compact;
         self
+    }
+
+    /// How complete-mode results are kept.
+    pub fn with_snapshots(self, snapshots: SnapshotOptions) -> Self {
+        Self { snapshots, ..self }
     }
 
     fn error(&self, message: impl Into<String>) -> BrookError {
@@ -140,13 +154,23 @@ impl Sink for FileSink {
     }
 
     async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()> {
-        if mode != OutputMode::Append {
+        if mode == OutputMode::Update {
             return Err(self.error(format!(
-                "file sinks take output mode 'append' only (as Spark's), not '{mode}': \
-                 each batch adds files and never rewrites old ones; use a memory or console \
-                 sink for '{mode}', or append with a watermark"
+                "file sinks take output mode 'append' or 'complete', not '{mode}': \
+                 append adds each batch's files and never rewrites old ones, complete writes \
+                 each batch's whole result as a new snapshot (see _latest); use a memory or \
+                 console sink for '{mode}', complete, or append with a watermark"
             )));
         }
+        if mode == OutputMode::Complete && self.compact.is_some() {
+            return Err(self.error(
+                "option 'compactEvery' compacts an append-mode sink's part files; in complete \
+                 mode each batch writes one whole snapshot and only 'snapshotsToRetain' of \
+                 them are kept, so there is nothing to compact: drop the option",
+            ));
+        }
+        self.complete
+            .store(mode == OutputMode::Complete, Ordering::Relaxed);
         let tag: String = query_id.chars().take(8).collect();
         *self
             .opened
@@ -163,6 +187,16 @@ impl Sink for FileSink {
             .clone()
             .ok_or_else(|| self.error("add_batch before open"))?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if self.complete.load(Ordering::Relaxed) {
+            let snapshot = Snapshot {
+                batch_id,
+                tag: &tag,
+                extension: self.format.extension(),
+                encoded: self.encode(&schema, &batches)?,
+                rows,
+            };
+            return snapshot::write(&self.location, snapshot, self.snapshots).await;
+        }
         let name = format!("part-{batch_id:05}-{tag}.{}", self.format.extension());
         let mut files = vec![];
         if rows > 0 {

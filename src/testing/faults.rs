@@ -19,8 +19,8 @@ pub const POINTS: &[&str] = &[
     "offsets-tmp",       // the batch's offsets are on disk under a temporary name
     "offsets",           // the offsets are written, nothing in the sink yet
     "sink-part-tmp",     // the file sink's part is on disk under a temporary name
-    "sink-part",         // the file sink wrote the batch's part, not its manifest
-    "sink-manifest-tmp", // the sink's manifest entry is on disk under a temporary name
+    "sink-part",         // the file sink wrote the batch's part (or snapshot), not its manifest
+    "sink-manifest-tmp", // the sink's manifest entry (or `_latest`) is on disk under a temporary name
     "state-tmp",         // a state file is on disk under a temporary name
     "sink",              // the sink has the batch and the state file is written
     "state",             // the state file is recorded, the commit is not written
