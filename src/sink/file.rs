@@ -93,6 +93,14 @@ impl FileSink {
         }
     }
 
+    /// A store's error, naming the sink: the store names only the object's key.
+    fn located(&self, e: BrookError) -> BrookError {
+        match e {
+            BrookError::ObjectStore(e) => self.error(self.location.store_failure(&e)),
+            other => other,
+        }
+    }
+
     fn encode(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
         match self.format {
@@ -161,7 +169,8 @@ impl Sink for FileSink {
             let len = bytes.len();
             self.location
                 .write_file(&name, bytes, ("sink-part-tmp", batch_id))
-                .await?;
+                .await
+                .map_err(|e| self.located(e))?;
             faults::crash_point("sink-part", batch_id);
             files.push(ManifestFile {
                 path: &name,
@@ -174,7 +183,8 @@ impl Sink for FileSink {
         let manifest = format!("{MANIFEST_DIR}/{batch_id:020}-{tag}.json");
         self.location
             .write_file(&manifest, entry, ("sink-manifest-tmp", batch_id))
-            .await?;
+            .await
+            .map_err(|e| self.located(e))?;
         Ok(())
     }
 }

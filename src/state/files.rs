@@ -78,15 +78,23 @@ impl CheckpointFiles {
 
     /// Writes `rel` so that it is either absent or complete, even across a crash.
     pub async fn write(&self, rel: &str, bytes: Vec<u8>, point: (&str, u64)) -> Result<()> {
-        self.location.write_file(rel, bytes, point).await
+        match self.location.write_file(rel, bytes, point).await {
+            Err(BrookError::ObjectStore(e)) => Err(self.failed(rel, e)),
+            written => written,
+        }
+    }
+
+    /// A store's error, naming the checkpoint file it was about.
+    fn failed(&self, rel: &str, e: object_store::Error) -> BrookError {
+        BrookError::checkpoint(self.display(rel), self.location.store_failure(&e))
     }
 
     /// The bytes of `rel`, or `None` when it does not exist.
     pub async fn read(&self, rel: &str) -> Result<Option<Bytes>> {
         match self.location.store.get(&self.path(rel)).await {
-            Ok(r) => Ok(Some(r.bytes().await?)),
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.failed(rel, e))?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.failed(rel, e)),
         }
     }
 
@@ -100,7 +108,7 @@ impl CheckpointFiles {
         let objects = match listing {
             Ok(l) => l.objects,
             Err(object_store::Error::NotFound { .. }) => vec![],
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.failed(rel, e)),
         };
         Ok(objects
             .into_iter()
@@ -112,7 +120,7 @@ impl CheckpointFiles {
     pub async fn delete(&self, rel: &str) -> Result<()> {
         match self.location.store.delete(&self.path(rel)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.failed(rel, e)),
         }
     }
 
