@@ -201,6 +201,70 @@ fn orders_in_s3_reach_a_parquet_sink_in_s3_exactly_once_across_a_restart() {
     );
 }
 
+/// An object store has no lock that keeps a second query off a checkpoint:
+/// a query frozen (SIGSTOP) while another one runs on its S3 checkpoint to
+/// the end is refused when it goes on and writes a batch the other wrote,
+/// rather than overwriting the other's log; the output holds every order once.
+#[test]
+fn a_second_query_on_an_s3_checkpoint_is_refused_and_no_row_doubles() {
+    let rt = runtime();
+    let s3 = S3::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("copy.sql"), copy_sql("out")).unwrap();
+    const PER_FILE: usize = 30;
+    for f in 0..3 {
+        rt.block_on(put_orders(&s3, f, PER_FILE));
+    }
+    let run = |trigger: &str| {
+        let mut command = s3.brook(dir.path());
+        command
+            .args(["run", "copy.sql", "--checkpoint", "s3://bucket/cp"])
+            .args(["--trigger", trigger])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    };
+    let first = run("100ms").spawn().unwrap();
+    let start = Instant::now();
+    while rt.block_on(parquet_rows(&s3, "out")).len() < 3 * PER_FILE {
+        assert!(start.elapsed() < Duration::from_secs(60), "no output");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(&first, libc::SIGSTOP);
+    for f in 3..6 {
+        rt.block_on(put_orders(&s3, f, PER_FILE));
+    }
+    let second = run("available-now").output().unwrap();
+    assert!(second.status.success(), "{}", stderr_of(&second));
+    for f in 6..8 {
+        rt.block_on(put_orders(&s3, f, PER_FILE));
+    }
+    signal(&first, libc::SIGCONT);
+    let mut first = first;
+    let start = Instant::now();
+    while first.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            first.kill().unwrap();
+            panic!("the first query went on running on a checkpoint another query wrote");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = first.wait_with_output().unwrap();
+    let stderr = stderr_of(&first);
+    assert_eq!(first.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint s3://bucket/cp/copy/")
+            && stderr.contains("already written by another query running on this checkpoint"),
+        "{stderr}"
+    );
+    let last = run("available-now").output().unwrap();
+    assert!(last.status.success(), "{}", stderr_of(&last));
+    assert_eq!(
+        rt.block_on(parquet_rows(&s3, "out")),
+        expected_rows(0..8, PER_FILE)
+    );
+}
+
 /// Runs `brook run <sql> --trigger available-now` to its end, or kills it
 /// (SIGKILL) when it reports pausing at one of `points`, or after `after`.
 /// Returns where it was killed.
