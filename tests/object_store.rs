@@ -429,11 +429,13 @@ fn an_unreachable_endpoint_or_a_refused_key_fails_naming_the_location() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let run = |key: &str, value: String| {
-        let mut child = s3
-            .brook(dir.path())
-            .args(["run", "copy.sql", "--checkpoint", "s3://bucket/cp"])
-            .args(["--trigger", "available-now"])
+    let run_script = |script: &str, checkpoint: bool, key: &str, value: String| {
+        let mut command = s3.brook(dir.path());
+        command.args(["run", script, "--trigger", "available-now"]);
+        if checkpoint {
+            command.args(["--checkpoint", "s3://bucket/cp"]);
+        }
+        let mut child = command
             .env(key, value)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -451,14 +453,50 @@ fn an_unreachable_endpoint_or_a_refused_key_fails_naming_the_location() {
         assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
         stderr_of(&out)
     };
+    let run = |key: &str, value: String| run_script("copy.sql", true, key, value);
     let refused = run("AWS_SECRET_ACCESS_KEY", "wrong".into());
-    assert!(refused.contains("s3://bucket/"), "{refused}");
+    let settings = "check the S3 settings in the environment (AWS_ENDPOINT, AWS_REGION, \
+                    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP for http://)";
+    // The first request is the checkpoint's metadata, named as a user wrote it.
     assert!(
-        refused.contains("403") || refused.contains("Forbidden") || refused.contains("signature"),
+        refused.contains("checkpoint s3://bucket/cp/copy/metadata: ")
+            && refused.contains("403 Forbidden")
+            && refused.contains(settings),
         "{refused}"
     );
     let unreachable = run("AWS_ENDPOINT", format!("http://127.0.0.1:{closed}"));
-    assert!(unreachable.contains("s3://bucket/"), "{unreachable}");
+    assert!(
+        unreachable.contains("checkpoint s3://bucket/cp/copy/metadata: ")
+            && unreachable.contains("error sending request")
+            && unreachable.contains(settings),
+        "{unreachable}"
+    );
+
+    // Without a checkpoint, the source's listing is the first request.
+    let source = run_script("copy.sql", false, "AWS_SECRET_ACCESS_KEY", "wrong".into());
+    assert!(
+        source.contains("source 's3://bucket/orders/': ")
+            && source.contains("403 Forbidden")
+            && source.contains(settings),
+        "{source}"
+    );
+    // Local orders into a sink in the bucket: the sink's write is.
+    std::fs::create_dir(dir.path().join("local")).unwrap();
+    common::put(&dir.path().join("local"), "orders.csv", &orders_file(0, 5));
+    std::fs::write(
+        dir.path().join("sink.sql"),
+        ORDERS_DDL.replace("s3://bucket/orders/", "local")
+            + "CREATE EXTERNAL TABLE copy STORED AS PARQUET LOCATION 's3://bucket/out/';\n\
+               INSERT INTO copy SELECT order_id FROM orders;",
+    )
+    .unwrap();
+    let sink = run_script("sink.sql", false, "AWS_SECRET_ACCESS_KEY", "wrong".into());
+    assert!(
+        sink.contains("sink 's3://bucket/out/': ")
+            && sink.contains("403 Forbidden")
+            && sink.contains(settings),
+        "{sink}"
+    );
 }
 
 /// What a Delta Lake commit needs of the store: a put that creates an object
