@@ -160,9 +160,18 @@ impl CheckpointFiles {
         let path = self.path(rel);
         let create = PutOptions::from(PutMode::Create);
         let store = &self.location.store;
-        let payload = PutPayload::from(bytes);
+        let bytes = bytes::Bytes::from(bytes);
+        let payload = PutPayload::from(bytes.clone());
         match store.put_opts(&path, payload.clone(), create).await {
             Ok(_) => Ok(crc),
+            // The store retries a request whose answer was lost: the object
+            // it then finds may be this very write. Another query's differs
+            // (its offsets hold their planning time, its metadata a new id).
+            Err(object_store::Error::AlreadyExists { .. })
+                if self.read(rel).await?.as_ref() == Some(&bytes) =>
+            {
+                Ok(crc)
+            }
             Err(object_store::Error::AlreadyExists { .. }) => Err(BrookError::checkpoint(
                 self.display(rel),
                 "already written by another query running on this checkpoint (an object \
