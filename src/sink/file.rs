@@ -116,6 +116,14 @@ impl FileSink {
         }
     }
 
+    /// A store's error, naming the sink: the store names only the object's key.
+    fn located(&self, e: BrookError) -> BrookError {
+        match e {
+            BrookError::ObjectStore(e) => self.error(self.location.store_failure(&e)),
+            other => other,
+        }
+    }
+
     fn encode(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
         match self.format {
@@ -195,7 +203,9 @@ impl Sink for FileSink {
                 encoded: self.encode(&schema, &batches)?,
                 rows,
             };
-            return snapshot::write(&self.location, snapshot, self.snapshots).await;
+            return snapshot::write(&self.location, snapshot, self.snapshots)
+                .await
+                .map_err(|e| self.located(e));
         }
         let name = format!("part-{batch_id:05}-{tag}.{}", self.format.extension());
         let mut files = vec![];
@@ -204,7 +214,8 @@ impl Sink for FileSink {
             let len = bytes.len();
             self.location
                 .write_file(&name, bytes, ("sink-part-tmp", batch_id))
-                .await?;
+                .await
+                .map_err(|e| self.located(e))?;
             faults::crash_point("sink-part", batch_id);
             files.push(ManifestFile {
                 path: &name,
@@ -217,11 +228,14 @@ impl Sink for FileSink {
         let manifest = format!("{MANIFEST_DIR}/{batch_id:020}-{tag}.json");
         self.location
             .write_file(&manifest, entry, ("sink-manifest-tmp", batch_id))
-            .await?;
+            .await
+            .map_err(|e| self.located(e))?;
         if let Some(auto) = self.compact
             && (batch_id + 1) % auto.every == 0
         {
-            compact::compact(&self.location, auto.target_file_size).await?;
+            compact::compact(&self.location, auto.target_file_size)
+                .await
+                .map_err(|e| self.located(e))?;
         }
         Ok(())
     }

@@ -303,11 +303,15 @@ impl FileSource {
     async fn list_store(&mut self) -> Result<Vec<ObjectMeta>> {
         let store = &self.location.store;
         let prefix = Some(&self.location.prefix);
-        let mut files: Vec<ObjectMeta> = if self.options.recursive {
-            store.list(prefix).try_collect().await?
+        let listed = if self.options.recursive {
+            store.list(prefix).try_collect().await
         } else {
-            store.list_with_delimiter(prefix).await?.objects
+            store.list_with_delimiter(prefix).await.map(|l| l.objects)
         };
+        let mut files: Vec<ObjectMeta> = listed.map_err(|e| BrookError::Source {
+            location: self.location.display.clone(),
+            message: self.location.store_failure(&e),
+        })?;
         let root_parts = self.location.prefix.parts().count();
         files.retain(|meta| {
             !meta
@@ -894,7 +898,14 @@ impl StreamSource for FileSource {
                         let (name, fetched) = match location.local_file(&path) {
                             Some(file) => (file.display().to_string(), None),
                             None => {
-                                let bytes = store.get(&path).await?.bytes().await?;
+                                let got = match store.get(&path).await {
+                                    Ok(got) => got.bytes().await,
+                                    Err(e) => Err(e),
+                                };
+                                let bytes = got.map_err(|e| BrookError::Source {
+                                    location: location.display.clone(),
+                                    message: location.store_failure(&e),
+                                })?;
                                 (entry.path.clone(), Some(bytes))
                             }
                         };

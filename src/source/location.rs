@@ -80,6 +80,27 @@ impl Location {
         .await
     }
 
+    /// What went wrong with a request to this location's store, for a message
+    /// that names the location: the store's own error names only the object's
+    /// key. An S3 request refused or unanswered is most often a setting of the
+    /// environment, which the message then names.
+    pub fn store_failure(&self, e: &object_store::Error) -> String {
+        use object_store::Error as E;
+        let s3 = self.display.starts_with("s3://") || self.display.starts_with("s3a://");
+        let settings = matches!(
+            e,
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } | E::Generic { .. }
+        );
+        if s3 && settings {
+            format!(
+                "{e}; check the S3 settings in the environment (AWS_ENDPOINT, AWS_REGION, \
+                 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP for http://)"
+            )
+        } else {
+            e.to_string()
+        }
+    }
+
     /// Resolves `location`: plain paths and `file://` URLs are local; `s3://bucket/prefix`
     /// takes its credentials from the usual AWS environment variables; `memory://name/`
     /// is an in-process store shared by everything in the same runtime (for tests and

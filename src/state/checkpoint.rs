@@ -305,7 +305,7 @@ impl Checkpoint {
                 let (files, lock) = (files.clone(), lock.clone());
                 metadata = MetadataWrite::Writing(faults::spawn(async move {
                     let written = files
-                        .write_json("metadata", &meta, ("metadata-tmp", 0))
+                        .create_json_as(JSON_V1, "metadata", &meta, ("metadata-tmp", 0))
                         .await
                         .map(|_| ());
                     drop(lock);
@@ -572,7 +572,8 @@ impl Checkpoint {
         };
         let crc = self
             .files
-            .write_json(
+            .create_json_as(
+                JSON_V1,
                 &format!("offsets/{batch_id}"),
                 &entry,
                 ("offsets-tmp", batch_id),
@@ -702,7 +703,7 @@ impl Checkpoint {
         });
         let crc = self
             .files
-            .write_json_as(
+            .create_json_as(
                 version,
                 &format!("commits/{id}"),
                 &entry,

@@ -6,13 +6,14 @@
 //! file is detected rather than half-read; other files name one by that checksum.
 
 use bytes::Bytes;
-use object_store::ObjectStoreExt;
 use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{BrookError, Result};
 use crate::source::location::{Location, blocking, is_temporary, temporary_name};
+use crate::testing::faults;
 
 /// The header of JSON files. `v2` marks a commit whose state is a snapshot plus
 /// changes: a build that knows only `v1` must refuse it rather than restore the
@@ -78,15 +79,23 @@ impl CheckpointFiles {
 
     /// Writes `rel` so that it is either absent or complete, even across a crash.
     pub async fn write(&self, rel: &str, bytes: Vec<u8>, point: (&str, u64)) -> Result<()> {
-        self.location.write_file(rel, bytes, point).await
+        match self.location.write_file(rel, bytes, point).await {
+            Err(BrookError::ObjectStore(e)) => Err(self.failed(rel, e)),
+            written => written,
+        }
+    }
+
+    /// A store's error, naming the checkpoint file it was about.
+    fn failed(&self, rel: &str, e: object_store::Error) -> BrookError {
+        BrookError::checkpoint(self.display(rel), self.location.store_failure(&e))
     }
 
     /// The bytes of `rel`, or `None` when it does not exist.
     pub async fn read(&self, rel: &str) -> Result<Option<Bytes>> {
         match self.location.store.get(&self.path(rel)).await {
-            Ok(r) => Ok(Some(r.bytes().await?)),
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.failed(rel, e))?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.failed(rel, e)),
         }
     }
 
@@ -100,7 +109,7 @@ impl CheckpointFiles {
         let objects = match listing {
             Ok(l) => l.objects,
             Err(object_store::Error::NotFound { .. }) => vec![],
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.failed(rel, e)),
         };
         Ok(objects
             .into_iter()
@@ -112,20 +121,11 @@ impl CheckpointFiles {
     pub async fn delete(&self, rel: &str) -> Result<()> {
         match self.location.store.delete(&self.path(rel)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.failed(rel, e)),
         }
     }
 
     /// Writes `value` as JSON; returns the checksum of the body.
-    pub async fn write_json<T: Serialize>(
-        &self,
-        rel: &str,
-        value: &T,
-        point: (&str, u64),
-    ) -> Result<u32> {
-        self.write_json_as(JSON_V1, rel, value, point).await
-    }
-
     pub async fn write_json_as<T: Serialize>(
         &self,
         version: &str,
@@ -133,21 +133,85 @@ impl CheckpointFiles {
         value: &T,
         point: (&str, u64),
     ) -> Result<u32> {
+        let (bytes, crc) = self.encode_json(version, rel, value)?;
+        self.write(rel, bytes, point).await?;
+        Ok(crc)
+    }
+
+    /// As [`write_json_as`](Self::write_json_as), for a file written once
+    /// (metadata, a batch's offsets or commit): on an object store, which has
+    /// no lock to keep a second query out, a file already there means that
+    /// another query runs on this checkpoint, and this one is refused, as
+    /// Spark refuses a concurrent update to its logs.
+    pub async fn create_json_as<T: Serialize>(
+        &self,
+        version: &str,
+        rel: &str,
+        value: &T,
+        point: (&str, u64),
+    ) -> Result<u32> {
+        let (bytes, crc) = self.encode_json(version, rel, value)?;
+        if self.location.local_dir.is_some() {
+            // The checkpoint's lock file keeps every other query out.
+            self.write(rel, bytes, point).await?;
+            return Ok(crc);
+        }
+        faults::crash_point(point.0, point.1);
+        let path = self.path(rel);
+        let create = PutOptions::from(PutMode::Create);
+        let store = &self.location.store;
+        let bytes = bytes::Bytes::from(bytes);
+        let payload = PutPayload::from(bytes.clone());
+        match store.put_opts(&path, payload.clone(), create).await {
+            Ok(_) => Ok(crc),
+            // The store retries a request whose answer was lost: the object
+            // it then finds may be this very write. Another query's differs
+            // (its offsets hold their planning time, its metadata a new id).
+            Err(object_store::Error::AlreadyExists { .. })
+                if self.read(rel).await?.as_ref() == Some(&bytes) =>
+            {
+                Ok(crc)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Err(BrookError::checkpoint(
+                self.display(rel),
+                "already written by another query running on this checkpoint (an object \
+                 store keeps no lock, so the second query is refused when it writes a batch \
+                 the first has written); stop the other query, or give this one its own \
+                 checkpoint location",
+            )),
+            // A store that cannot put conditionally (S3 with AWS_CONDITIONAL_PUT=disabled)
+            // writes as before, with no check against a second query.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                store
+                    .put(&path, payload)
+                    .await
+                    .map_err(|e| self.failed(rel, e))?;
+                Ok(crc)
+            }
+            Err(e) => Err(self.failed(rel, e)),
+        }
+    }
+
+    fn encode_json<T: Serialize>(
+        &self,
+        version: &str,
+        rel: &str,
+        value: &T,
+    ) -> Result<(Vec<u8>, u32)> {
         let body = serde_json::to_vec(value)
             .map_err(|e| BrookError::checkpoint(self.display(rel), e.to_string()))?;
         let crc = crc32fast::hash(&body);
         let mut bytes = format!("{version} crc32={crc:08x}\n").into_bytes();
         bytes.extend_from_slice(&body);
-        self.write(rel, bytes, point).await?;
-        Ok(crc)
+        Ok((bytes, crc))
     }
 
-    /// Reads a file written by [`write_json`](Self::write_json), checking its checksum.
+    /// Reads a file written by [`write_json_as`](Self::write_json_as), checking its checksum.
     pub async fn read_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Option<T>> {
         Ok(self.read_json_file(rel).await?.map(|json| json.value))
     }
 
-    /// Reads a file written by [`write_json`](Self::write_json) with its header.
+    /// Reads a file written by [`write_json_as`](Self::write_json_as) with its header.
     pub async fn read_json_file<T: DeserializeOwned>(&self, rel: &str) -> Result<Option<Json<T>>> {
         let Some(bytes) = self.read(rel).await? else {
             return Ok(None);
