@@ -6,6 +6,7 @@ pub mod foreach;
 pub mod kafka;
 pub mod memory;
 pub(crate) mod mirror;
+pub mod parquet;
 
 use std::fmt::Debug;
 
