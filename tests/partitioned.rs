@@ -533,3 +533,29 @@ fn bad_sink_options_and_partitions_are_refused_with_their_reason() {
         "{stderr}"
     );
 }
+
+#[test]
+fn timestamp_and_boolean_partitions_are_named_as_spark_names_them() {
+    let dir = orders_dir();
+    std::fs::write(
+        dir.path().join("s.sql"),
+        format!(
+            "{SOURCE}\nCREATE EXTERNAL TABLE out STORED AS CSV PARTITIONED BY (t, big) LOCATION 'out';\n\
+             INSERT INTO out SELECT time + INTERVAL '500' MILLISECOND AS t, amount > 5 AS big, order_id \
+             FROM orders WHERE order_id <= 2;\n"
+        ),
+    )
+    .unwrap();
+    run_checkpointed(dir.path(), "s.sql");
+    let files: Vec<String> = tree(&dir.path().join("out"))
+        .into_iter()
+        .filter(|p| !p.starts_with("_brook"))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "t=2016-03-22 20%3A00%3A01.5/big=true/part-00000.csv",
+            "t=2016-03-22 20%3A00%3A02.5/big=false/part-00000.csv",
+        ]
+    );
+}
