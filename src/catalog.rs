@@ -6,6 +6,7 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::CreateExternalTable;
+use datafusion::sql::sqlparser::ast::Value;
 
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::duration::parse_duration;
@@ -364,6 +365,10 @@ pub enum SinkKind {
         location: String,
         compact: Option<AutoCompact>,
         snapshots: SnapshotOptions,
+        /// `PARTITIONED BY` columns: Hive-style directories by their values.
+        partition_by: Vec<String>,
+        /// The format's writer options ([`OutputFormat::options`]).
+        options: Options,
     },
     Kafka(KafkaSinkOptions),
 }
@@ -424,13 +429,33 @@ impl SinkDef {
         if file_type == "KAFKA" {
             let known = [SINK_OPTIONS, KafkaSinkOptions::OPTIONS].concat();
             options.reject_unknown_but(&known, "kafka.", &what)?;
-        } else if OutputFormat::parse(&file_type).is_some() {
+        } else if let Some(format) = OutputFormat::parse(&file_type) {
+            let parquet = OutputFormat::Parquet.options();
+            if format != OutputFormat::Parquet
+                && let Some(key) = parquet.iter().find(|k| options.get(k).is_some())
+            {
+                return Err(BrookError::option(
+                    *key,
+                    format!("a Parquet writer option, but {what} is STORED AS {file_type}"),
+                ));
+            }
             options.reject_unknown(
-                &[SINK_OPTIONS, AutoCompact::OPTIONS, SnapshotOptions::OPTIONS].concat(),
+                &[
+                    SINK_OPTIONS,
+                    AutoCompact::OPTIONS,
+                    SnapshotOptions::OPTIONS,
+                    &format.options(),
+                ]
+                .concat(),
                 &what,
             )?;
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
+        }
+        if !cmd.table_partition_cols.is_empty() && OutputFormat::parse(&file_type).is_none() {
+            return Err(BrookError::sql(format!(
+                "{what}: PARTITIONED BY is for PARQUET, CSV and JSON sinks, not {file_type}"
+            )));
         }
         let kind = match file_type.as_str() {
             "KAFKA" => SinkKind::Kafka(KafkaSinkOptions::from_options(location, &options, &what)?),
@@ -442,6 +467,12 @@ impl SinkDef {
                     location: location.unwrap_or_default().to_string(),
                     compact: AutoCompact::from_options(&options)?,
                     snapshots: SnapshotOptions::from_options(&options)?,
+                    partition_by: cmd.table_partition_cols.clone(),
+                    options: format
+                        .options()
+                        .iter()
+                        .filter_map(|k| options.get(k).map(|v| (*k, v)))
+                        .collect(),
                 },
                 None => {
                     return Err(BrookError::sql(format!(
@@ -479,17 +510,43 @@ impl SinkDef {
                 location,
                 compact,
                 snapshots,
+                partition_by,
+                options,
             } => (
                 Arc::new(
                     FileSink::new(Location::resolve(location, runtime)?, *format)?
                         .with_compaction(*compact)
-                        .with_snapshots(*snapshots),
+                        .with_snapshots(*snapshots)
+                        .partitioned_by(partition_by.clone())
+                        .with_writer_options(options.clone()),
                 ),
                 None,
             ),
             SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),
         })
     }
+}
+
+/// Takes a PARQUET table's `compression` option out of its declaration, to be
+/// put back after planning: DataFusion's planner reads that key as a whole-file
+/// codec (gzip, bzip2, ...), which it refuses for Parquet, while a Parquet sink
+/// reads it as the column chunks' codec, as Spark does.
+pub(crate) fn hold_parquet_compression(
+    create: &mut datafusion::sql::parser::CreateExternalTable,
+) -> Option<(String, String)> {
+    if !create.file_type.eq_ignore_ascii_case("PARQUET") {
+        return None;
+    }
+    let at = create
+        .options
+        .iter()
+        .position(|(k, _)| same_key(k, "compression"))?;
+    let (_, value) = create.options.remove(at);
+    let text = match value {
+        Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s,
+        other => other.to_string(),
+    };
+    Some(("format.compression".to_string(), text))
 }
 
 /// The value of option `queryName`, which also names the query's checkpoint

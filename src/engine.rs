@@ -19,7 +19,7 @@ use datafusion::sql::sqlparser::ast::{Query, Statement as SqlStatement, TableObj
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef};
+use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef, hold_parquet_compression};
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::{CompiledQuery, UserFunctions, compile};
@@ -325,13 +325,16 @@ impl Engine {
             return Ok(Read::Nothing);
         };
         match statement {
-            stmt @ DFStatement::CreateExternalTable(_) => {
+            DFStatement::CreateExternalTable(mut create) => {
+                let held = hold_parquet_compression(&mut create);
+                let stmt = DFStatement::CreateExternalTable(create);
                 let plan = self.ctx.state().statement_to_plan(stmt).await?;
-                let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan else {
+                let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(mut cmd)) = plan else {
                     return Err(BrookError::internal(
                         "CREATE EXTERNAL TABLE did not plan as DDL",
                     ));
                 };
+                cmd.options.extend(held);
                 if cmd.unbounded {
                     let declared = self.declare_source(SourceDef::from_ddl(&cmd, watermark)?)?;
                     Ok(Read::Declared(declared))

@@ -7,6 +7,7 @@ pub mod foreach;
 pub mod kafka;
 pub mod memory;
 pub(crate) mod mirror;
+pub mod parquet;
 pub mod snapshot;
 
 use std::fmt::Debug;

@@ -9,7 +9,7 @@ use datafusion::execution::runtime_env::RuntimeEnv;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
-use object_store::path::Path;
+use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use url::Url;
 
@@ -33,10 +33,15 @@ impl Location {
         self.prefix.clone().join(name)
     }
 
-    /// The full path of `rel` (`a/b/c`) below this location.
+    /// The full path of `rel` (`a/b/c`) below this location. An object store's
+    /// key holds each part as written, Hive's escapes (`symbol=A%2FB`) included;
+    /// the local store turns its encoded parts back into the file names.
     pub fn child_path(&self, rel: &str) -> Path {
         rel.split('/')
-            .fold(self.prefix.clone(), |p, part| p.join(part))
+            .fold(self.prefix.clone(), |p, part| match PathPart::parse(part) {
+                Ok(raw) if self.local_dir.is_none() => p.join(raw),
+                _ => p.join(part),
+            })
     }
 
     /// Writes `rel` so that it is either absent or complete, even across a crash.
