@@ -33,6 +33,7 @@ pub struct ManifestFile {
 
 #[derive(Debug, Deserialize)]
 struct BatchEntry {
+    batch_id: u64,
     files: Vec<ManifestFile>,
 }
 
@@ -47,8 +48,8 @@ pub struct CompactionEntry {
 /// The manifest's entries as read at one instant.
 #[derive(Debug, Default)]
 pub struct Manifest {
-    /// The batch entries' files, in batch order.
-    pub batch_files: Vec<ManifestFile>,
+    /// The batch entries' files with their batch ids, in batch order.
+    pub batch_files: Vec<(u64, ManifestFile)>,
     /// The compaction entries, by sequence number.
     pub compactions: BTreeMap<u64, CompactionEntry>,
 }
@@ -100,7 +101,7 @@ impl Manifest {
                 // A batch re-run after a restart rewrites its own files under the same names.
                 for file in entry.files {
                     if seen.insert(file.path.clone()) {
-                        manifest.batch_files.push(file);
+                        manifest.batch_files.push((entry.batch_id, file));
                     }
                 }
             }
@@ -122,7 +123,7 @@ impl Manifest {
         self.compactions
             .values()
             .flat_map(|c| c.added.iter())
-            .chain(self.batch_files.iter())
+            .chain(self.batch_files.iter().map(|(_, f)| f))
             .filter(|f| !removed.contains(f.path.as_str()))
             .cloned()
             .collect()
