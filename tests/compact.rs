@@ -599,7 +599,7 @@ async fn a_static_table_over_a_compacted_sink_reads_every_row_once() {
     assert_eq!(ids, recount(5), "each id joins exactly one live row");
 }
 
-/// Runs `sql` (a stream from `out` copied into `copy`) until the input is used up.
+/// Runs a query streaming the sink output `from` into a Parquet sink `to`, until the input is used up.
 fn stream_from(dir: &Path, from: &str, to: &str) -> Output {
     let sql = format!(
         "CREATE UNBOUNDED EXTERNAL TABLE s (id BIGINT NOT NULL, v VARCHAR NOT NULL) \
