@@ -2,12 +2,10 @@
 //! of about `targetFileSize`, without a reader that follows the manifest ever
 //! seeing a row twice or missing one.
 //!
-//! The manifest (`_brook_manifest/` in the table directory) says which files
-//! are the table's *live* files: those listed by batch entries
-//! (`<batch:020>-<query>.json` = `{batch_id, files: [{path, rows, bytes}]}`),
-//! minus those a compaction entry replaced, plus those a compaction entry
-//! added (`compact-<seq:020>.json` = `{compaction, added: [{path, rows,
-//! bytes}], removed: [path]}`); paths are relative to the table directory.
+//! The manifest (`_brook_manifest/` in the table directory, read by
+//! `source::manifest`) says which files are the table's *live* files: those
+//! listed by batch entries, minus those a compaction entry replaced, plus
+//! those a compaction entry added.
 //!
 //! A compaction only touches the files of entries present when it starts, so
 //! a query may keep writing into the directory. It merges live files smaller
@@ -36,15 +34,13 @@ use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{BrookError, Result};
 use crate::options::Options;
-use crate::source::location::{Location, blocking, is_temporary};
+use crate::source::location::{Location, blocking};
+pub use crate::source::manifest::MANIFEST_DIR;
+use crate::source::manifest::{CompactionEntry, Manifest, ManifestFile};
 use crate::testing::faults;
-
-/// The directory of a file sink's manifest, below the table directory.
-pub const MANIFEST_DIR: &str = "_brook_manifest";
 
 /// The size merged files grow to unless `targetFileSize` says otherwise (as Delta's OPTIMIZE).
 pub const DEFAULT_TARGET_FILE_SIZE: u64 = 128 << 20;
@@ -81,26 +77,6 @@ impl AutoCompact {
     }
 }
 
-/// A file as a manifest entry lists it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ManifestFile {
-    pub path: String,
-    pub rows: u64,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct BatchEntry {
-    files: Vec<ManifestFile>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct CompactionEntry {
-    compaction: u64,
-    added: Vec<ManifestFile>,
-    removed: Vec<String>,
-}
-
 /// What a table directory is, for `brook compact`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableKind {
@@ -130,84 +106,6 @@ pub async fn table_kind(location: &Location) -> Result<TableKind> {
     } else {
         TableKind::Other
     })
-}
-
-/// The manifest's entries as read at one instant.
-#[derive(Debug, Default)]
-struct Manifest {
-    /// The batch entries' files, in batch order.
-    batch_files: Vec<ManifestFile>,
-    /// The compaction entries, by sequence number.
-    compactions: BTreeMap<u64, CompactionEntry>,
-}
-
-impl Manifest {
-    async fn read(location: &Location) -> Result<Self> {
-        let dir = location.child(MANIFEST_DIR);
-        let mut names: Vec<String> = location
-            .store
-            .list(Some(&dir))
-            .map_ok(|meta| meta.location.filename().unwrap_or_default().to_string())
-            .try_collect()
-            .await?;
-        names.retain(|n| n.ends_with(".json") && !is_temporary(n));
-        names.sort();
-        let mut manifest = Self::default();
-        let mut seen = BTreeSet::new();
-        for name in names {
-            let rel = format!("{MANIFEST_DIR}/{name}");
-            let bytes = location
-                .store
-                .get(&location.child_path(&rel))
-                .await?
-                .bytes()
-                .await?;
-            let context = || format!("{} {rel}", location.display);
-            if name.starts_with("compact-") {
-                let entry: CompactionEntry =
-                    serde_json::from_slice(&bytes).map_err(|e| BrookError::serde(context(), e))?;
-                manifest.compactions.insert(entry.compaction, entry);
-            } else {
-                let entry: BatchEntry =
-                    serde_json::from_slice(&bytes).map_err(|e| BrookError::serde(context(), e))?;
-                // A batch re-run after a restart rewrites its own files under the same names.
-                for file in entry.files {
-                    if seen.insert(file.path.clone()) {
-                        manifest.batch_files.push(file);
-                    }
-                }
-            }
-        }
-        Ok(manifest)
-    }
-
-    fn removed(&self) -> BTreeSet<&str> {
-        self.compactions
-            .values()
-            .flat_map(|c| c.removed.iter().map(String::as_str))
-            .collect()
-    }
-
-    /// The live files: merged ones first (they hold the older rows), then the batches'.
-    fn live(&self) -> Vec<ManifestFile> {
-        let removed = self.removed();
-        self.compactions
-            .values()
-            .flat_map(|c| c.added.iter())
-            .chain(self.batch_files.iter())
-            .filter(|f| !removed.contains(f.path.as_str()))
-            .cloned()
-            .collect()
-    }
-
-    fn next_seq(&self) -> u64 {
-        self.compactions.keys().next_back().map_or(1, |s| s + 1)
-    }
-}
-
-/// The live files of a brook file sink's output directory, as its manifest lists them.
-pub async fn live_files(location: &Location) -> Result<Vec<ManifestFile>> {
-    Ok(Manifest::read(location).await?.live())
 }
 
 /// What one compaction run did.

@@ -7,6 +7,11 @@
 //! with `.` or `_`, which are never read) and rename it into the directory, as
 //! `brook send` does. A file that changes after it was read is not read again
 //! (as in Spark); it is counted and logged.
+//!
+//! Over a brook file sink's output (a directory holding `_brook_manifest`)
+//! the source takes the files of the manifest's batch entries, in batch
+//! order: never a part file without an entry (its batch may be re-written),
+//! nor a compaction's merged files (their rows came in the batches' files).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path as FsPath, PathBuf};
@@ -24,6 +29,7 @@ use tokio::task::JoinSet;
 
 use super::format::Decoder;
 use super::location::{Location, blocking};
+use super::manifest::{Manifest, holds_manifest};
 use super::shared::{CleanAction, DirectoryReader, Registration, SharedDecodes};
 use super::{SourceBatch, SourceCounts, SourceOffset, StreamSource};
 use crate::error::{BrookError, Result};
@@ -296,6 +302,42 @@ impl FileSource {
         files.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
         if self.options.latest_first {
             files.reverse();
+        }
+        if holds_manifest(&self.location).await? {
+            files = self.follow_manifest(files).await?;
+        }
+        Ok(files)
+    }
+
+    /// Of the `listed` files, those of the manifest's batch entries, in batch order.
+    async fn follow_manifest(&self, listed: Vec<ObjectMeta>) -> Result<Vec<ObjectMeta>> {
+        let manifest = Manifest::read(&self.location).await?;
+        let removed = manifest.removed();
+        let mut listed: HashMap<Path, ObjectMeta> = listed
+            .into_iter()
+            .map(|meta| (meta.location.clone(), meta))
+            .collect();
+        let mut files = vec![];
+        for (batch, file) in &manifest.batch_files {
+            let path = self.location.child_path(&file.path);
+            if let Some(meta) = listed.remove(&path) {
+                files.push(meta);
+            } else if removed.contains(file.path.as_str())
+                && !self.seen.contains_key(&path)
+                // With maxFileAge, a file taken long ago is forgotten.
+                && self.ignore_before_ms.is_none()
+            {
+                return Err(BrookError::Source {
+                    location: self.location.display.clone(),
+                    message: format!(
+                        "file {} of the sink's batch {batch} was merged and deleted by a \
+                         compaction before this query read it, so its rows cannot be read \
+                         in order: read the directory faster (a larger maxFilesPerTrigger, \
+                         a shorter trigger) or compact it less often (a larger compactEvery)",
+                        file.path
+                    ),
+                });
+            }
         }
         Ok(files)
     }

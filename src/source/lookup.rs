@@ -7,6 +7,7 @@
 //! before. DataFusion's own `ListingTable`, which does the reading, would list
 //! and read every file at each scan.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,9 +18,11 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProviderFactory;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing_table_factory::ListingTableFactory;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::TaskContext;
 use datafusion::execution::cache::cache_manager::{CacheManager, CacheManagerConfig};
@@ -30,13 +33,14 @@ use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-    ReplaceChildrenOptions, SendableRecordBatchStream,
+    ReplaceChildrenOptions, SendableRecordBatchStream, collect,
 };
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::location::Location;
+use super::manifest::{holds_manifest, live_files};
 use crate::error::{BrookError, Result};
 
 /// A file of a static table as last listed: path, size and modification time.
@@ -136,22 +140,32 @@ impl StaticTable {
         if fresh && cache.files.is_some() {
             return Ok(cache.rows.clone());
         }
-        let files = self.list().await?;
+        let (files, manifest) = self.list().await?;
         cache.checked = Some(Instant::now());
         if cache.files.as_ref() == Some(&files) {
             return Ok(cache.rows.clone());
         }
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), inner.runtime.clone());
-        let rows = ctx
-            .read_table(inner.listing.clone())?
-            .collect()
-            .await
-            .map_err(|e| {
-                BrookError::sql(format!(
-                    "static table '{}' at '{}' cannot be read: {e}",
-                    inner.name, inner.location.display
-                ))
-            })?;
+        let rows = async {
+            let plan = ctx
+                .read_table(inner.listing.clone())?
+                .create_physical_plan()
+                .await?;
+            let plan = if manifest {
+                let live: HashSet<&str> = files.iter().map(|(path, _, _)| path.as_str()).collect();
+                only_files(plan, &live)?
+            } else {
+                plan
+            };
+            collect(plan, ctx.task_ctx()).await
+        }
+        .await
+        .map_err(|e| {
+            BrookError::sql(format!(
+                "static table '{}' at '{}' cannot be read: {e}",
+                inner.name, inner.location.display
+            ))
+        })?;
         inner.reads.fetch_add(1, Ordering::Relaxed);
         cache.files = Some(files);
         cache.rows = rows.clone();
@@ -159,9 +173,21 @@ impl StaticTable {
     }
 
     /// The table's files, as DataFusion's listing reads them: hidden names
-    /// (`.x`, `_x`), which producers write before renaming, are left out.
-    async fn list(&self) -> Result<Vec<Listed>> {
+    /// (`.x`, `_x`), which producers write before renaming, are left out;
+    /// and whether they are the live files of a brook file sink's manifest
+    /// (listed with the sizes the manifest gives: its entries change when
+    /// the live files do).
+    async fn list(&self) -> Result<(Vec<Listed>, bool)> {
         let location = &self.0.location;
+        if holds_manifest(location).await? {
+            let mut files: Vec<Listed> = live_files(location)
+                .await?
+                .into_iter()
+                .map(|f| (location.child_path(&f.path).to_string(), f.bytes, 0))
+                .collect();
+            files.sort();
+            return Ok((files, true));
+        }
         let prefix = location.prefix.clone();
         let mut files: Vec<Listed> = location
             .store
@@ -196,8 +222,41 @@ impl StaticTable {
             ));
         }
         files.sort();
-        Ok(files)
+        Ok((files, false))
     }
+}
+
+/// `plan` with its file scans reading only the files named in `keep`.
+fn only_files(
+    plan: Arc<dyn ExecutionPlan>,
+    keep: &HashSet<&str>,
+) -> DFResult<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        let Some(config) = node
+            .downcast_ref::<DataSourceExec>()
+            .and_then(|exec| exec.data_source().downcast_ref::<FileScanConfig>())
+        else {
+            return Ok(Transformed::no(node));
+        };
+        let groups: Vec<FileGroup> = config
+            .file_groups
+            .iter()
+            .map(|group| {
+                FileGroup::new(
+                    group
+                        .iter()
+                        .filter(|f| keep.contains(f.object_meta.location.as_ref()))
+                        .cloned()
+                        .collect(),
+                )
+            })
+            .collect();
+        let config = FileScanConfigBuilder::from(config.clone())
+            .with_file_groups(groups)
+            .build();
+        Ok(Transformed::yes(DataSourceExec::from_data_source(config)))
+    })
+    .map(|t| t.data)
 }
 
 #[async_trait]

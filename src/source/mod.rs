@@ -10,6 +10,7 @@ pub mod kafka;
 pub(crate) mod location;
 pub mod lookup;
 pub mod malformed;
+pub(crate) mod manifest;
 pub(crate) mod shared;
 pub(crate) mod socket;
 mod timestamps;
