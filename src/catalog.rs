@@ -12,6 +12,7 @@ use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
 use crate::options::{Options, same_key};
 use crate::sink::console::ConsoleOptions;
+use crate::sink::delta::{DeltaOptions, DeltaSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
 use crate::source::kafka::{KafkaOptions, KafkaSource, KafkaValue};
@@ -362,6 +363,12 @@ pub enum SinkKind {
         location: String,
     },
     Kafka(KafkaSinkOptions),
+    /// A Delta Lake table (`STORED AS DELTA [PARTITIONED BY (...)]`).
+    Delta {
+        location: String,
+        partition_by: Vec<String>,
+        options: DeltaOptions,
+    },
 }
 
 /// A sink table: where an `INSERT INTO` query writes, and how it runs.
@@ -407,6 +414,8 @@ impl SinkDef {
         if file_type == "KAFKA" {
             let known = [SINK_OPTIONS, KafkaSinkOptions::OPTIONS].concat();
             options.reject_unknown_but(&known, "kafka.", &what)?;
+        } else if file_type == "DELTA" {
+            options.reject_unknown(&[SINK_OPTIONS, DeltaOptions::OPTIONS].concat(), &what)?;
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
         }
@@ -414,6 +423,11 @@ impl SinkDef {
             "KAFKA" => SinkKind::Kafka(KafkaSinkOptions::from_options(location, &options, &what)?),
             "CONSOLE" => SinkKind::Console(ConsoleOptions::from_options(&options)?),
             "MEMORY" => SinkKind::Memory,
+            "DELTA" => SinkKind::Delta {
+                location: location.unwrap_or_default().to_string(),
+                partition_by: cmd.table_partition_cols.clone(),
+                options: DeltaOptions::from_options(&options, &what)?,
+            },
             other => match OutputFormat::parse(other) {
                 Some(format) => SinkKind::File {
                     format,
@@ -422,7 +436,7 @@ impl SinkDef {
                 None => {
                     return Err(BrookError::sql(format!(
                         "sink table '{name}': STORED AS {other} is not a sink; \
-                         use PARQUET, CSV, JSON, CONSOLE, MEMORY or KAFKA"
+                         use PARQUET, CSV, JSON, DELTA, CONSOLE, MEMORY or KAFKA"
                     )));
                 }
             },
@@ -458,6 +472,18 @@ impl SinkDef {
                 None,
             ),
             SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),
+            SinkKind::Delta {
+                location,
+                partition_by,
+                options,
+            } => (
+                Arc::new(DeltaSink::new(
+                    Location::resolve(location, runtime)?,
+                    partition_by.clone(),
+                    options.clone(),
+                )),
+                None,
+            ),
         })
     }
 }
