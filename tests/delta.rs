@@ -484,3 +484,34 @@ fn update_mode_without_the_group_keys_in_the_output_is_refused() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_mode_merges_on_a_windows_start_standing_for_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..3 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('outputMode' 'update')";
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT window.start AS minute, user, sum(amount) AS total FROM orders \
+         GROUP BY window(time, '2 minutes'), user",
+    );
+    run_ok(dir, &sql);
+    // Recounted: minutes 0-1 and 2-3 start windows at 10:00 and 10:02.
+    let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for (user, amount, time) in &input {
+        let minute: u32 = time[14..16].parse().unwrap();
+        let start = format!("2024-01-01T10:{:02}:00", minute - minute % 2);
+        *sums.entry((start, user.clone())).or_default() += amount;
+    }
+    let expected: Vec<String> = sums
+        .iter()
+        .map(|((start, user), total)| format!("{start}|{user}|{total}"))
+        .collect();
+    assert_eq!(delta_rows(&dir.join("out"), None).await, expected);
+}
