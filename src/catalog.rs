@@ -14,6 +14,7 @@ use crate::error::{BrookError, Result};
 use crate::options::{Options, same_key};
 use crate::sink::compact::AutoCompact;
 use crate::sink::console::ConsoleOptions;
+use crate::sink::delta::{DeltaOptions, DeltaSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkOptions};
 use crate::sink::snapshot::SnapshotOptions;
 use crate::sink::{ConsoleSink, FileSink, MemorySink, OutputFormat, Sink};
@@ -371,6 +372,12 @@ pub enum SinkKind {
         options: Options,
     },
     Kafka(KafkaSinkOptions),
+    /// A Delta Lake table (`STORED AS DELTA [PARTITIONED BY (...)]`).
+    Delta {
+        location: String,
+        partition_by: Vec<String>,
+        options: DeltaOptions,
+    },
 }
 
 /// A sink table: where an `INSERT INTO` query writes, and how it runs.
@@ -449,6 +456,16 @@ impl SinkDef {
                 .concat(),
                 &what,
             )?;
+        } else if file_type == "DELTA" {
+            options.reject_unknown(
+                &[
+                    SINK_OPTIONS,
+                    DeltaOptions::OPTIONS,
+                    crate::sink::parquet::OPTIONS,
+                ]
+                .concat(),
+                &what,
+            )?;
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
         }
@@ -461,6 +478,11 @@ impl SinkDef {
             "KAFKA" => SinkKind::Kafka(KafkaSinkOptions::from_options(location, &options, &what)?),
             "CONSOLE" => SinkKind::Console(ConsoleOptions::from_options(&options)?),
             "MEMORY" => SinkKind::Memory,
+            "DELTA" => SinkKind::Delta {
+                location: location.unwrap_or_default().to_string(),
+                partition_by: cmd.table_partition_cols.clone(),
+                options: DeltaOptions::from_options(&options, &what)?,
+            },
             other => match OutputFormat::parse(other) {
                 Some(format) => SinkKind::File {
                     format,
@@ -477,7 +499,7 @@ impl SinkDef {
                 None => {
                     return Err(BrookError::sql(format!(
                         "sink table '{name}': STORED AS {other} is not a sink; \
-                         use PARQUET, CSV, JSON, CONSOLE, MEMORY or KAFKA"
+                         use PARQUET, CSV, JSON, DELTA, CONSOLE, MEMORY or KAFKA"
                     )));
                 }
             },
@@ -523,6 +545,18 @@ impl SinkDef {
                 None,
             ),
             SinkKind::Kafka(options) => (Arc::new(KafkaSink::new(options.clone())?), None),
+            SinkKind::Delta {
+                location,
+                partition_by,
+                options,
+            } => (
+                Arc::new(DeltaSink::new(
+                    Location::resolve(location, runtime)?,
+                    partition_by.clone(),
+                    options.clone(),
+                )),
+                None,
+            ),
         })
     }
 }

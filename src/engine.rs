@@ -660,7 +660,15 @@ impl Engine {
             .map_or_else(new_id, |c| c.query_id().to_string());
         // A sink that cannot take the query's mode fails the start, as in Spark;
         // the new checkpoint's metadata write ends first, since it holds the checkpoint.
-        if let Err(e) = sink.open(&compiled.output_schema, compiled.mode, &id).await {
+        if let Err(e) = sink
+            .open_keyed(
+                &compiled.output_schema,
+                compiled.mode,
+                &id,
+                &compiled.group_keys,
+            )
+            .await
+        {
             if let Some(cp) = &checkpoint {
                 let _ = cp.metadata_written().await;
             }

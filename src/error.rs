@@ -45,6 +45,14 @@ pub enum BrookError {
     #[error("sink '{sink}': {message}")]
     Sink { sink: String, message: String },
 
+    /// A Delta Lake table that could not be read or written; the source is delta-rs's error.
+    #[error("Delta table '{location}': {source}")]
+    Delta {
+        location: String,
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
+
     /// The API called in a way its state does not allow: a streaming context
     /// started twice or awaited before it started, a DStream program that
     /// cannot run.
@@ -164,6 +172,13 @@ impl BrookError {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub fn delta(location: impl Into<String>, source: deltalake::DeltaTableError) -> Self {
+        Self::Delta {
+            location: location.into(),
+            source: Box::new(source),
         }
     }
 

@@ -25,6 +25,7 @@ use super::stateful::{EventTimeKey, StatefulOp};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, partitions};
 use crate::error::{BrookError, Result};
+use crate::sink::GroupKeys;
 use crate::sql::chain::{self, DEDUPLICATED, JOINED};
 use crate::sql::incremental::{self, ROWS_COLUMN, WindowWidths};
 use crate::sql::script::WatermarkSpec;
@@ -78,6 +79,9 @@ pub struct CompiledQuery {
     /// With `session_window(...)`: the rows dropped without a session (a gap
     /// not positive, or null) since the count was last taken.
     pub rows_without_session: Option<Arc<AtomicU64>>,
+    /// The output columns that are the aggregation's group keys, for sinks
+    /// that update rows in place.
+    pub group_keys: GroupKeys,
 }
 
 /// A stage of a query after its first: its plan reads the rows the stage
@@ -331,6 +335,7 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
             watermark_lag_ns: 0,
         }],
         rows_without_session: rest.rows_without_session,
+        group_keys: rest.group_keys,
     })
 }
 
@@ -710,6 +715,7 @@ async fn compile_stage(
             sql,
             then: vec![],
             rows_without_session: None,
+            group_keys: GroupKeys::None,
         });
     };
     if stream_join.is_some() {
@@ -920,6 +926,7 @@ async fn compile_stage(
     Ok(CompiledQuery {
         fingerprint,
         inputs,
+        group_keys: group_keys(&plan, &agg),
         output_schema: op.finalize.schema(),
         plan: CompiledPlan::Stateful(Box::new(op)),
         mode,
@@ -985,6 +992,62 @@ fn fingerprint(
         group_by,
         aggregates,
         functions: vec![],
+    }
+}
+
+/// The output columns of `plan` that are `agg`'s group keys, traced down
+/// through the projections, filters and sorts above it. A window's `start`
+/// or `end` stands for the window: each names one window of the query.
+fn group_keys(plan: &LogicalPlan, agg: &Aggregate) -> GroupKeys {
+    let schema = plan.schema();
+    let mut found: Vec<Option<String>> = vec![None; agg.group_expr.len()];
+    for i in 0..schema.fields().len() {
+        if let Some(key) = key_at(plan, i, agg)
+            && let Some(slot) = found.get_mut(key)
+            && slot.is_none()
+        {
+            *slot = Some(schema.field(i).name().clone());
+        }
+    }
+    let missing: Vec<String> = agg
+        .group_expr
+        .iter()
+        .zip(&found)
+        .filter(|(_, column)| column.is_none())
+        .map(|(e, _)| e.schema_name().to_string())
+        .collect();
+    if missing.is_empty() {
+        GroupKeys::Columns(found.into_iter().flatten().collect())
+    } else {
+        GroupKeys::Missing(missing)
+    }
+}
+
+/// Which of `agg`'s group keys column `i` of `plan` is, if it is one.
+fn key_at(plan: &LogicalPlan, i: usize, agg: &Aggregate) -> Option<usize> {
+    match plan {
+        LogicalPlan::Aggregate(a) if a == agg => (i < a.group_expr.len()).then_some(i),
+        LogicalPlan::Projection(p) => {
+            let column = match p.expr.get(i)?.clone().unalias_nested().data {
+                Expr::Column(c) => c,
+                Expr::ScalarFunction(f) if f.name() == "get_field" => match f.args.first()? {
+                    Expr::Column(c) if c.name == WINDOW_COLUMN || c.name == SESSION_COLUMN => {
+                        c.clone()
+                    }
+                    _ => return None,
+                },
+                _ => return None,
+            };
+            let j = p.input.schema().index_of_column(&column).ok()?;
+            key_at(&p.input, j, agg)
+        }
+        LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::Limit(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Repartition(_)
+        | LogicalPlan::Window(_) => key_at(plan.inputs().first()?, i, agg),
+        _ => None,
     }
 }
 

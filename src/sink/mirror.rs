@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 
-use super::{MemorySink, Sink};
+use super::{GroupKeys, MemorySink, Sink};
 use crate::config::OutputMode;
 use crate::error::Result;
 
@@ -31,6 +31,17 @@ impl Sink for MirrorSink {
 
     async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()> {
         self.inner.open(schema, mode, query_id).await?;
+        self.copy.open(schema, mode, query_id).await
+    }
+
+    async fn open_keyed(
+        &self,
+        schema: &SchemaRef,
+        mode: OutputMode,
+        query_id: &str,
+        keys: &GroupKeys,
+    ) -> Result<()> {
+        self.inner.open_keyed(schema, mode, query_id, keys).await?;
         self.copy.open(schema, mode, query_id).await
     }
 

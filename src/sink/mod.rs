@@ -2,6 +2,7 @@
 
 pub mod compact;
 pub mod console;
+pub mod delta;
 pub mod file;
 pub mod foreach;
 pub mod kafka;
@@ -17,6 +18,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 
 pub use console::ConsoleSink;
+pub use delta::DeltaSink;
 pub use file::{FileSink, OutputFormat};
 pub use foreach::ForeachBatchSink;
 pub use memory::MemorySink;
@@ -24,6 +26,19 @@ pub(crate) use mirror::MirrorSink;
 
 use crate::config::OutputMode;
 use crate::error::Result;
+
+/// Which output columns of a query are its aggregation's group keys: what a
+/// sink that updates rows in place (update mode) matches rows on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum GroupKeys {
+    /// The query does not aggregate.
+    #[default]
+    None,
+    /// The output columns holding the group keys, one per key.
+    Columns(Vec<String>),
+    /// The group keys (as written) that are not output columns.
+    Missing(Vec<String>),
+}
 
 #[async_trait]
 pub trait Sink: Send + Sync + Debug {
@@ -34,6 +49,18 @@ pub trait Sink: Send + Sync + Debug {
     /// and id (the same across restarts from a checkpoint); a sink that cannot
     /// take that mode says so here.
     async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()>;
+
+    /// `open`, also told which output columns are the group keys; the query
+    /// calls this one. Sinks that do not match rows on keys need only `open`.
+    async fn open_keyed(
+        &self,
+        schema: &SchemaRef,
+        mode: OutputMode,
+        query_id: &str,
+        _keys: &GroupKeys,
+    ) -> Result<()> {
+        self.open(schema, mode, query_id).await
+    }
 
     /// Receives a complete-mode query's last committed result when the query
     /// restarts from a checkpoint. A sink whose output outlives the process

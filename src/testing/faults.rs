@@ -21,6 +21,7 @@ pub const POINTS: &[&str] = &[
     "sink-part-tmp",     // the file sink's part is on disk under a temporary name
     "sink-part",         // the file sink wrote the batch's part (or snapshot), not its manifest
     "sink-manifest-tmp", // the sink's manifest entry (or `_latest`) is on disk under a temporary name
+    "delta-commit",      // the Delta sink committed the batch to its table
     "state-tmp",         // a state file is on disk under a temporary name
     "sink",              // the sink has the batch and the state file is written
     "state",             // the state file is recorded, the commit is not written

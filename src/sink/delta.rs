@@ -1,0 +1,493 @@
+//! Writes each batch as one commit of a Delta Lake table (`STORED AS DELTA`).
+//!
+//! As Spark's Delta sink: every commit carries a `txn` action whose app id is
+//! the query's id and whose version is the batch id, so a batch re-run after a
+//! crash between the Delta commit and brook's own checkpoint is found in the
+//! table's log and skipped. Parquet files written before a crash stop the
+//! commit stay unreferenced, invisible to readers (VACUUM removes them).
+//! Append mode appends, complete mode overwrites the table in one commit, and
+//! update mode MERGEs the batch's rows on the aggregation's group keys.
+//!
+//! The table is read and written through brook's own object store for the
+//! location, so local directories, `memory://` and `s3://` behave alike.
+
+use std::fmt;
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::common::Column;
+use datafusion::logical_expr::{Expr, Operator, binary_expr};
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::prelude::SessionContext;
+use deltalake::kernel::DataType as DeltaType;
+use deltalake::kernel::Transaction;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use tokio::sync::Mutex;
+use url::Url;
+
+use super::{GroupKeys, Sink};
+use crate::config::OutputMode;
+use crate::error::{BrookError, Result};
+use crate::options::{Options, parse_size};
+use crate::source::location::Location;
+use crate::testing::faults;
+
+/// The options a Delta sink table takes besides every sink's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeltaOptions {
+    /// Run OPTIMIZE (bin-packing) after every this many batches.
+    pub compact_every: Option<u64>,
+    /// The size OPTIMIZE packs files to, in bytes (delta-rs's default: 100 MiB).
+    pub target_file_size: Option<u64>,
+}
+
+impl DeltaOptions {
+    pub const OPTIONS: &[&str] = &["compactEvery", "targetFileSize"];
+
+    pub fn from_options(options: &Options, what: &str) -> Result<Self> {
+        let target_file_size = options
+            .get("targetFileSize")
+            .map(|v| {
+                parse_size(v).ok_or_else(|| {
+                    BrookError::option(
+                        "targetFileSize",
+                        format!("{what}: '{v}' is not a size (such as 134217728 or 128MB)"),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            compact_every: options.count("compactEvery")?,
+            target_file_size,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct DeltaSink {
+    location: Location,
+    partition_by: Vec<String>,
+    options: DeltaOptions,
+    opened: Mutex<Option<Opened>>,
+}
+
+#[derive(Debug)]
+struct Opened {
+    /// The table as of its last commit; `None` until the first one.
+    table: Option<DeltaTable>,
+    app_id: String,
+    mode: OutputMode,
+    /// The schema written: the query's, with timestamps in microseconds.
+    schema: SchemaRef,
+    keys: Vec<String>,
+}
+
+/// The Parquet settings of every file the sink writes or compacts.
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build()
+}
+
+/// The URL delta-rs knows the table by; brook's store serves it.
+fn table_url(location: &Location) -> Result<Url> {
+    let url = match &location.local_dir {
+        Some(dir) => Url::from_directory_path(dir).ok(),
+        None => Url::parse(&location.display).ok(),
+    };
+    url.ok_or_else(|| BrookError::Sink {
+        sink: location.display.clone(),
+        message: "the location is not a valid table URL".into(),
+    })
+}
+
+/// The table at `location`, loaded; `None` if there is no Delta table there yet.
+async fn load(location: &Location) -> Result<(DeltaTable, bool)> {
+    let delta = |source| BrookError::delta(&location.display, source);
+    let url = table_url(location)?;
+    let mut table = DeltaTableBuilder::from_url(url.clone())
+        .map_err(delta)?
+        .with_storage_backend(location.store.clone(), url)
+        .build()
+        .map_err(delta)?;
+    match table.load().await {
+        Ok(()) => Ok((table, true)),
+        Err(DeltaTableError::NotATable(_)) => Ok((table, false)),
+        Err(e) => Err(delta(e)),
+    }
+}
+
+/// Delta stores timestamps in microseconds, as instants (`timestamp`, UTC) or
+/// wall-clock times (`timestamp_ntz`); brook's are nanoseconds.
+fn delta_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Timestamp(_, None) => DataType::Timestamp(TimeUnit::Microsecond, None),
+        DataType::Timestamp(_, Some(_)) => {
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        }
+        other => other.clone(),
+    }
+}
+
+fn delta_schema(schema: &SchemaRef) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_data_type(delta_type(f.data_type())))
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// `batch` with the columns of `schema`: timestamps cast to microseconds.
+fn to_delta(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(c.clone())
+            } else {
+                cast(c, f.data_type())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+fn column(qualifier: &str, name: &str) -> Expr {
+    Expr::Column(Column::new(Some(qualifier), name))
+}
+
+impl DeltaSink {
+    pub fn new(location: Location, partition_by: Vec<String>, options: DeltaOptions) -> Self {
+        Self {
+            location,
+            partition_by,
+            options,
+            opened: Mutex::new(None),
+        }
+    }
+
+    fn error(&self, message: impl Into<String>) -> BrookError {
+        BrookError::Sink {
+            sink: self.location.display.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn delta(&self, source: DeltaTableError) -> BrookError {
+        BrookError::delta(&self.location.display, source)
+    }
+
+    /// Refuses a table that exists with other columns or other partitioning.
+    fn check_existing(&self, table: &DeltaTable, schema: &SchemaRef) -> Result<()> {
+        let snapshot = table.snapshot().map_err(|e| self.delta(e))?;
+        let existing = snapshot.schema();
+        let mut differ = vec![];
+        for f in schema.fields() {
+            let ours: std::result::Result<DeltaType, _> = f.data_type().try_into_kernel();
+            match (existing.field(f.name()), ours) {
+                (None, _) => differ.push(format!("'{}' is not in the table", f.name())),
+                (Some(theirs), Ok(ours)) if *theirs.data_type() != ours => differ.push(format!(
+                    "'{}' is {} in the table, {} in the query",
+                    f.name(),
+                    theirs.data_type(),
+                    ours
+                )),
+                (Some(_), Ok(_)) => {}
+                (Some(_), Err(e)) => differ.push(format!(
+                    "'{}' ({}) has no Delta type: {e}",
+                    f.name(),
+                    f.data_type()
+                )),
+            }
+        }
+        for f in existing.fields() {
+            if schema.field_with_name(f.name()).is_err() {
+                differ.push(format!("'{}' is not in the query's output", f.name()));
+            }
+        }
+        if !differ.is_empty() {
+            return Err(self.error(format!(
+                "the Delta table there has other columns than the query writes: {}; write to \
+                 a new location, or make the query's columns match the table's",
+                differ.join(", ")
+            )));
+        }
+        let partitioned = snapshot.metadata().partition_columns();
+        if *partitioned != self.partition_by {
+            return Err(self.error(format!(
+                "the Delta table there is partitioned by ({}), the sink table by ({})",
+                partitioned.join(", "),
+                self.partition_by.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Batch `batch_id` as one commit; the table after it.
+    async fn commit(
+        &self,
+        opened: &Opened,
+        batch_id: u64,
+        batches: Vec<RecordBatch>,
+    ) -> Result<DeltaTable> {
+        let txn = CommitProperties::default().with_application_transaction(Transaction::new(
+            &opened.app_id,
+            i64::try_from(batch_id).map_err(|_| self.error("batch id out of range"))?,
+        ));
+        let mut batches = batches
+            .iter()
+            .map(|b| to_delta(b, &opened.schema))
+            .collect::<Result<Vec<_>>>()?;
+        if batches.is_empty() {
+            // A commit even without rows: it records the batch, and a complete
+            // result may be empty.
+            batches.push(RecordBatch::new_empty(opened.schema.clone()));
+        }
+        let (table, exists) = match &opened.table {
+            Some(table) => (table.clone(), true),
+            None => load(&self.location).await?,
+        };
+        if opened.mode == OutputMode::Update && exists {
+            return self.merge(table, opened, batches, txn).await;
+        }
+        let save = match opened.mode {
+            OutputMode::Complete => SaveMode::Overwrite,
+            _ => SaveMode::Append,
+        };
+        table
+            .write(batches)
+            .with_save_mode(save)
+            .with_partition_columns(self.partition_by.clone())
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(txn)
+            .await
+            .map_err(|e| self.delta(e))
+    }
+
+    /// The batch's rows merged on the group keys: a group's row replaced, a new group's inserted.
+    async fn merge(
+        &self,
+        table: DeltaTable,
+        opened: &Opened,
+        batches: Vec<RecordBatch>,
+        txn: CommitProperties,
+    ) -> Result<DeltaTable> {
+        let source = SessionContext::new().read_batches(batches)?;
+        let predicate = opened
+            .keys
+            .iter()
+            .map(|k| binary_expr(column("t", k), Operator::IsNotDistinctFrom, column("s", k)))
+            .reduce(Expr::and)
+            .ok_or_else(|| self.error("update mode without group keys"))?;
+        let names: Vec<&String> = opened.schema.fields().iter().map(|f| f.name()).collect();
+        let values: Vec<&String> = names
+            .iter()
+            .copied()
+            .filter(|n| !opened.keys.contains(*n))
+            .collect();
+        let mut merge = table
+            .merge(source, predicate)
+            .with_source_alias("s")
+            .with_target_alias("t")
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(txn);
+        if !values.is_empty() {
+            merge = merge
+                .when_matched_update(|u| {
+                    values.iter().fold(u, |u, n| {
+                        u.update(Column::new_unqualified(*n), column("s", n))
+                    })
+                })
+                .map_err(|e| self.delta(e))?;
+        }
+        let merge = merge
+            .when_not_matched_insert(|i| {
+                names
+                    .iter()
+                    .fold(i, |i, n| i.set(Column::new_unqualified(*n), column("s", n)))
+            })
+            .map_err(|e| self.delta(e))?;
+        let (table, _) = merge.await.map_err(|e| self.delta(e))?;
+        Ok(table)
+    }
+}
+
+#[async_trait]
+impl Sink for DeltaSink {
+    fn describe(&self) -> String {
+        format!("DeltaSink[{}]", self.location.display)
+    }
+
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode, query_id: &str) -> Result<()> {
+        self.open_keyed(schema, mode, query_id, &GroupKeys::None)
+            .await
+    }
+
+    async fn open_keyed(
+        &self,
+        schema: &SchemaRef,
+        mode: OutputMode,
+        query_id: &str,
+        keys: &GroupKeys,
+    ) -> Result<()> {
+        let columns = || {
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let unknown: Vec<&str> = self
+            .partition_by
+            .iter()
+            .filter(|c| schema.field_with_name(c).is_err())
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(self.error(format!(
+                "PARTITIONED BY names {}, which the query does not output; its columns: {}",
+                unknown.join(", "),
+                columns()
+            )));
+        }
+        let keys = match (mode, keys) {
+            (OutputMode::Update, GroupKeys::Columns(keys)) => keys.clone(),
+            (OutputMode::Update, GroupKeys::Missing(missing)) => {
+                return Err(self.error(format!(
+                    "output mode 'update' merges rows on the GROUP BY keys, but {} not in the \
+                     query's output (its columns: {}); select each group key, or use \
+                     'complete'",
+                    match missing.as_slice() {
+                        [one] => format!("{one} is"),
+                        many => format!("{} are", many.join(", ")),
+                    },
+                    columns()
+                )));
+            }
+            (OutputMode::Update, GroupKeys::None) => {
+                return Err(self.error(format!(
+                    "output mode 'update' merges rows on the GROUP BY keys, and this query has \
+                     no GROUP BY (its columns: {}); use 'append'",
+                    columns()
+                )));
+            }
+            _ => vec![],
+        };
+        self.location.ensure_dir()?;
+        let written = delta_schema(schema);
+        let (table, exists) = load(&self.location).await?;
+        if exists {
+            self.check_existing(&table, &written)?;
+        }
+        *self.opened.lock().await = Some(Opened {
+            table: exists.then_some(table),
+            app_id: query_id.to_string(),
+            mode,
+            schema: written,
+            keys,
+        });
+        Ok(())
+    }
+
+    async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()> {
+        let mut guard = self.opened.lock().await;
+        let opened = guard
+            .as_mut()
+            .ok_or_else(|| self.error("add_batch before open"))?;
+        if opened.table.is_none() {
+            let (table, exists) = load(&self.location).await?;
+            opened.table = exists.then_some(table);
+        }
+        if let Some(table) = &opened.table {
+            let done = table
+                .snapshot()
+                .map_err(|e| self.delta(e))?
+                .transaction_version(table.log_store().as_ref(), &opened.app_id)
+                .await
+                .map_err(|e| self.delta(e))?;
+            if done.is_some_and(|v| u64::try_from(v).is_ok_and(|v| v >= batch_id)) {
+                return Ok(());
+            }
+        }
+        let table = self.commit(opened, batch_id, batches).await?;
+        opened.table = Some(table);
+        faults::crash_point("delta-commit", batch_id);
+        if let Some(every) = self.options.compact_every
+            && (batch_id + 1).is_multiple_of(every)
+            && let Some(table) = opened.table.clone()
+        {
+            let (table, _) = optimize(table, self.options.target_file_size)
+                .await
+                .map_err(|e| self.delta(e))?;
+            opened.table = Some(table);
+        }
+        Ok(())
+    }
+}
+
+async fn optimize(
+    table: DeltaTable,
+    target_file_size: Option<u64>,
+) -> std::result::Result<(DeltaTable, deltalake::operations::optimize::Metrics), DeltaTableError> {
+    let mut optimize = table.optimize().with_writer_properties(writer_properties());
+    if let Some(size) = target_file_size.and_then(NonZeroU64::new) {
+        optimize = optimize.with_target_size(size);
+    }
+    optimize.await
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub files_removed: u64,
+    pub files_added: u64,
+    /// The table's version after it.
+    pub version: Option<u64>,
+}
+
+impl fmt::Display for Compacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "compacted {} files into {}",
+            self.files_removed, self.files_added
+        )?;
+        if let Some(v) = self.version {
+            write!(f, " (table version {v})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Bin-packs the small files of the Delta table at `location` into files of
+/// about `target_file_size` bytes (delta-rs's default without it), as one
+/// OPTIMIZE commit; readers see the same rows before and after.
+pub async fn compact(location: &Location, target_file_size: Option<u64>) -> Result<Compacted> {
+    let (table, exists) = load(location).await?;
+    if !exists {
+        return Err(BrookError::Sink {
+            sink: location.display.clone(),
+            message: "there is no Delta table there (no _delta_log)".into(),
+        });
+    }
+    let (table, metrics) = optimize(table, target_file_size)
+        .await
+        .map_err(|e| BrookError::delta(&location.display, e))?;
+    Ok(Compacted {
+        files_removed: metrics.num_files_removed,
+        files_added: metrics.num_files_added,
+        version: table.version(),
+    })
+}

@@ -1,0 +1,517 @@
+//! The Delta Lake sink (`STORED AS DELTA`) end to end, through `brook run`:
+//! the tables it writes are read back with delta-rs and DataFusion, and with
+//! the Python readers BI users have (deltalake, polars).
+
+#[allow(dead_code)] // this crate uses only the Python readers
+#[path = "common/tools.rs"]
+mod tools;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use brook::datafusion::arrow::util::display::array_value_to_string;
+use brook::datafusion::prelude::SessionContext;
+use deltalake::DeltaTableBuilder;
+use url::Url;
+
+const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+
+/// Input file `n` (of 10 rows) in `dir/in`: user, amount and time.
+fn write_input(dir: &Path, n: usize) -> Vec<(String, i64, String)> {
+    let input = dir.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let rows: Vec<(String, i64, String)> = (0..10)
+        .map(|i| {
+            let user = USERS[(n * 3 + i) % USERS.len()].to_string();
+            let amount = (n * 10 + i) as i64;
+            let time = format!("2024-01-01 10:{:02}:{:02}", n, i);
+            (user, amount, time)
+        })
+        .collect();
+    let text: String = rows
+        .iter()
+        .map(|(u, a, t)| format!("{u},{a},{t}\n"))
+        .collect();
+    let tmp = input.join(format!(".orders-{n:03}.csv.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, input.join(format!("orders-{n:03}.csv"))).unwrap();
+    rows
+}
+
+/// A script reading `dir/in` one file a batch into the Delta table `dir/out`.
+fn script(dir: &Path, table: &str, select: &str) -> std::path::PathBuf {
+    let sql = format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (user VARCHAR NOT NULL, amount BIGINT NOT NULL, \
+         time TIMESTAMP NOT NULL) STORED AS CSV LOCATION '{}' OPTIONS ('maxFilesPerTrigger' '1');\n\
+         {table};\n\
+         INSERT INTO out {select};\n",
+        dir.join("in").display()
+    );
+    let path = dir.join("query.sql");
+    std::fs::write(&path, sql).unwrap();
+    path
+}
+
+fn run(dir: &Path, script: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["run", script.to_str().unwrap(), "--checkpoint"])
+        .arg(dir.join("checkpoint"))
+        .args(["--trigger", "available-now"])
+        .output()
+        .unwrap()
+}
+
+fn run_ok(dir: &Path, script: &Path) {
+    let out = run(dir, script);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run_refused(dir: &Path, script: &Path) -> String {
+    let out = run(dir, script);
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The table's rows at `version` (the newest without), read with delta-rs and
+/// DataFusion, as sorted `a|b|c` lines.
+async fn delta_rows(table: &Path, version: Option<u64>) -> Vec<String> {
+    let url = Url::from_directory_path(table).unwrap();
+    let mut builder = DeltaTableBuilder::from_url(url).unwrap();
+    if let Some(v) = version {
+        builder = builder.with_version(v);
+    }
+    let table = builder.load().await.unwrap();
+    let ctx = SessionContext::new();
+    table.update_datafusion_session(&ctx.state()).unwrap();
+    ctx.register_table("t", table.table_provider().await.unwrap())
+        .unwrap();
+    let batches = ctx
+        .sql("SELECT * FROM t")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut rows = vec![];
+    for b in &batches {
+        for r in 0..b.num_rows() {
+            let cells: Vec<String> = b
+                .columns()
+                .iter()
+                .map(|c| array_value_to_string(c, r).unwrap())
+                .collect();
+            rows.push(cells.join("|"));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// The table's rows as Python's `deltalake` and `polars` read them, in the
+/// column order `columns`, as sorted `a|b|c` lines.
+fn python_rows(table: &Path, columns: &[&str]) -> (Vec<String>, Vec<String>) {
+    let program = r#"
+import sys, deltalake, polars
+path, columns = sys.argv[1], sys.argv[2].split(",")
+def show(rows):
+    return sorted("|".join(str(r[c]) for c in columns) for r in rows)
+for line in show(deltalake.DeltaTable(path).to_pyarrow_table().to_pylist()):
+    print("deltalake " + line)
+for line in show(polars.read_delta(path).to_dicts()):
+    print("polars " + line)
+"#;
+    let out = Command::new(tools::python_readers())
+        .args(["-c", program, table.to_str().unwrap(), &columns.join(",")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let of = |reader: &str| {
+        let mut rows: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(reader))
+            .map(|l| l.trim_start().to_string())
+            .collect();
+        rows.sort();
+        rows
+    };
+    (of("deltalake"), of("polars"))
+}
+
+/// The table's commits in order, each as its actions.
+fn log(table: &Path) -> Vec<Vec<serde_json::Value>> {
+    let mut files: Vec<_> = std::fs::read_dir(table.join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn action<'a>(commit: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
+    commit.iter().find_map(|a| a.get(kind))
+}
+
+/// The txn version of each commit, with its operation.
+fn txns(table: &Path) -> Vec<(Option<i64>, String)> {
+    log(table)
+        .iter()
+        .map(|c| {
+            (
+                action(c, "txn").map(|t| t["version"].as_i64().unwrap()),
+                action(c, "commitInfo").unwrap()["operation"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+fn plain_rows(rows: &[(String, i64, String)]) -> Vec<String> {
+    let mut out: Vec<String> = rows
+        .iter()
+        .map(|(u, a, t)| format!("{u}|{a}|{t}"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// `rows` with their times as Arrow prints them (`2024-01-01T10:00:00`).
+fn iso(rows: &[String]) -> Vec<String> {
+    rows.iter().map(|r| r.replace(' ', "T")).collect()
+}
+
+/// `user|total` per user over `rows`, recounted.
+fn totals(rows: &[(String, i64, String)]) -> Vec<String> {
+    let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
+    for (u, a, _) in rows {
+        *sums.entry(u).or_default() += a;
+    }
+    sums.iter().map(|(u, s)| format!("{u}|{s}")).collect()
+}
+
+const APPEND_TABLE: &str = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT'";
+
+fn table_sql(dir: &Path, ddl: &str) -> String {
+    ddl.replace("OUT", dir.join("out").to_str().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn append_mode_writes_one_commit_a_batch_and_restarts_on_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..3 {
+        input.extend(write_input(dir, n));
+    }
+    let sql = script(
+        dir,
+        &table_sql(dir, APPEND_TABLE),
+        "SELECT user, amount, time FROM orders",
+    );
+    run_ok(dir, &sql);
+    for n in 3..5 {
+        input.extend(write_input(dir, n));
+    }
+    run_ok(dir, &sql);
+
+    let out = dir.join("out");
+    let expected = plain_rows(&input);
+    assert_eq!(delta_rows(&out, None).await, iso(&expected));
+    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
+    assert_eq!(deltalake, expected);
+    assert_eq!(polars, expected);
+    // One commit a batch, each recording its batch id; the time column is a
+    // wall-clock time in microseconds, as Delta stores one.
+    let commits = txns(&out);
+    let batches: Vec<(Option<i64>, String)> = (0..5).map(|b| (Some(b), "WRITE".into())).collect();
+    assert_eq!(commits, batches);
+    let schema = action(&log(&out)[0], "metaData").unwrap()["schemaString"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(schema.contains(r#""type":"timestamp_ntz""#), "{schema}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_committed_before_a_crash_is_not_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..3 {
+        input.extend(write_input(dir, n));
+    }
+    let sql = script(
+        dir,
+        &table_sql(dir, APPEND_TABLE),
+        "SELECT user, amount, time FROM orders",
+    );
+    // Killed after the Delta commit of batch 1, before brook commits the batch.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["run", sql.to_str().unwrap(), "--checkpoint"])
+        .arg(dir.join("checkpoint"))
+        .args(["--trigger", "available-now"])
+        .env("BROOK_PAUSE_AT", "delta-commit:1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut paused = false;
+    for line in stderr.lines().map_while(Result::ok) {
+        if line.starts_with("brook: paused at") {
+            paused = true;
+            break;
+        }
+    }
+    assert!(paused, "brook never reached the Delta commit of batch 1");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = dir.join("out");
+    assert_eq!(
+        txns(&out),
+        [
+            (Some(0), "WRITE".to_string()),
+            (Some(1), "WRITE".to_string())
+        ]
+    );
+
+    run_ok(dir, &sql);
+    assert_eq!(delta_rows(&out, None).await, iso(&plain_rows(&input)));
+    let batches: Vec<(Option<i64>, String)> = (0..3).map(|b| (Some(b), "WRITE".into())).collect();
+    assert_eq!(txns(&out), batches);
+}
+
+const TOTALS: &str = "SELECT user, sum(amount) AS total FROM orders GROUP BY user";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn complete_mode_overwrites_the_table_with_each_batchs_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    let mut after_each = vec![];
+    for n in 0..3 {
+        input.extend(write_input(dir, n));
+        after_each.push(totals(&input));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('outputMode' 'complete')";
+    let sql = script(dir, &table_sql(dir, ddl), TOTALS);
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    for (version, expected) in after_each.iter().enumerate() {
+        assert_eq!(
+            &delta_rows(&out, Some(version as u64)).await,
+            expected,
+            "version {version}"
+        );
+    }
+    for commit in log(&out) {
+        let info = action(&commit, "commitInfo").unwrap();
+        assert_eq!(info["operationParameters"]["mode"], "Overwrite", "{info}");
+    }
+    assert_eq!(log(&out).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_mode_merges_each_batchs_groups_into_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..4 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('outputMode' 'update')";
+    let sql = script(dir, &table_sql(dir, ddl), TOTALS);
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    assert_eq!(delta_rows(&out, None).await, totals(&input));
+    let operations: Vec<String> = txns(&out).into_iter().map(|(_, op)| op).collect();
+    assert_eq!(operations, ["WRITE", "MERGE", "MERGE", "MERGE"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_table_has_a_directory_a_value_and_reads_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..2 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA PARTITIONED BY (user) LOCATION 'OUT'";
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT user, amount, time FROM orders",
+    );
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    for user in USERS {
+        assert!(out.join(format!("user={user}")).is_dir(), "{user}");
+    }
+    let expected = plain_rows(&input);
+    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
+    assert_eq!(deltalake, expected);
+    assert_eq!(polars, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compact_every_packs_the_files_without_changing_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..4 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('compactEvery' '4', 'targetFileSize' '64MB')";
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT user, amount, time FROM orders",
+    );
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    assert_eq!(delta_rows(&out, None).await, iso(&plain_rows(&input)));
+    let operations: Vec<String> = txns(&out).into_iter().map(|(_, op)| op).collect();
+    assert_eq!(operations, ["WRITE", "WRITE", "WRITE", "WRITE", "OPTIMIZE"]);
+    let url = Url::from_directory_path(&out).unwrap();
+    let table = DeltaTableBuilder::from_url(url.clone())
+        .unwrap()
+        .load()
+        .await
+        .unwrap();
+    assert_eq!(table.get_file_uris().unwrap().count(), 1);
+    let before = DeltaTableBuilder::from_url(url)
+        .unwrap()
+        .with_version(3)
+        .load()
+        .await
+        .unwrap();
+    assert_eq!(before.get_file_uris().unwrap().count(), 4);
+}
+
+#[test]
+fn a_table_with_other_columns_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_input(dir, 0);
+    let sql = script(
+        dir,
+        &table_sql(dir, APPEND_TABLE),
+        "SELECT user, amount, time FROM orders",
+    );
+    run_ok(dir, &sql);
+    std::fs::remove_dir_all(dir.join("checkpoint")).unwrap();
+    let sql = script(
+        dir,
+        &table_sql(dir, APPEND_TABLE),
+        "SELECT user, CAST(amount AS DOUBLE) AS amount, user AS name FROM orders",
+    );
+    let stderr = run_refused(dir, &sql);
+    assert!(
+        stderr.contains("the Delta table there has other columns than the query writes")
+            && stderr.contains("'amount' is long in the table, double in the query")
+            && stderr.contains("'name' is not in the table")
+            && stderr.contains("'time' is not in the query's output")
+            && stderr.contains(dir.join("out").to_str().unwrap()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unknown_partition_column_is_refused_naming_the_output_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_input(dir, 0);
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA PARTITIONED BY (day) LOCATION 'OUT'";
+    let sql = script(dir, &table_sql(dir, ddl), "SELECT user, amount FROM orders");
+    let stderr = run_refused(dir, &sql);
+    assert!(
+        stderr.contains(
+            "PARTITIONED BY names day, which the query does not output; its columns: user, amount"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn update_mode_without_the_group_keys_in_the_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_input(dir, 0);
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('outputMode' 'update')";
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT sum(amount) AS total FROM orders GROUP BY user",
+    );
+    let stderr = run_refused(dir, &sql);
+    assert!(
+        stderr.contains(
+            "output mode 'update' merges rows on the GROUP BY keys, but orders.user is not in \
+             the query's output (its columns: total)"
+        ),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir.join("checkpoint")).unwrap();
+    let sql = script(dir, &table_sql(dir, ddl), "SELECT user, amount FROM orders");
+    let stderr = run_refused(dir, &sql);
+    assert!(
+        stderr.contains("this query has no GROUP BY (its columns: user, amount); use 'append'"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_mode_merges_on_a_windows_start_standing_for_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..3 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('outputMode' 'update')";
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT window.start AS minute, user, sum(amount) AS total FROM orders \
+         GROUP BY window(time, '2 minutes'), user",
+    );
+    run_ok(dir, &sql);
+    // Recounted: minutes 0-1 and 2-3 start windows at 10:00 and 10:02.
+    let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for (user, amount, time) in &input {
+        let minute: u32 = time[14..16].parse().unwrap();
+        let start = format!("2024-01-01T10:{:02}:00", minute - minute % 2);
+        *sums.entry((start, user.clone())).or_default() += amount;
+    }
+    let expected: Vec<String> = sums
+        .iter()
+        .map(|((start, user), total)| format!("{start}|{user}|{total}"))
+        .collect();
+    assert_eq!(delta_rows(&dir.join("out"), None).await, expected);
+}
