@@ -2,9 +2,9 @@
 //! the tables it writes are read back with delta-rs and DataFusion, and with
 //! the Python readers BI users have (deltalake, polars).
 
-#[allow(dead_code)] // this crate uses only the Python readers
-#[path = "common/tools.rs"]
-mod tools;
+mod common;
+
+use common::tools;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -514,4 +514,55 @@ async fn update_mode_merges_on_a_windows_start_standing_for_the_window() {
         .map(|((start, user), total)| format!("{start}|{user}|{total}"))
         .collect();
     assert_eq!(delta_rows(&dir.join("out"), None).await, expected);
+}
+
+/// A Delta table and the checkpoint both in S3 (s3s-fs): brook's own store
+/// serves the table, commits are create-if-absent puts, and a restart resumes
+/// from the S3 checkpoint without writing a batch twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s3_table_gets_one_commit_a_batch_across_a_restart_on_an_s3_checkpoint() {
+    let s3 = common::s3::S3::start();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..2 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 's3://bucket/tables/orders'";
+    let sql = script(dir, ddl, "SELECT user, amount, time FROM orders");
+    let run_s3 = || {
+        let out = s3
+            .brook(dir)
+            .args(["run", sql.to_str().unwrap()])
+            .args([
+                "--checkpoint",
+                "s3://bucket/cp",
+                "--trigger",
+                "available-now",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run_s3();
+    for n in 2..5 {
+        input.extend(write_input(dir, n));
+    }
+    run_s3();
+    assert!(!s3.keys("cp").await.is_empty());
+
+    // The bucket is a directory on the server's disk: the table is read back
+    // from there as a local one.
+    let table = s3.bucket_dir().join("tables/orders");
+    let expected = plain_rows(&input);
+    assert_eq!(delta_rows(&table, None).await, iso(&expected));
+    let (deltalake, polars) = python_rows(&table, &["user", "amount", "time"]);
+    assert_eq!(deltalake, expected);
+    assert_eq!(polars, expected);
+    let batches: Vec<(Option<i64>, String)> = (0..5).map(|b| (Some(b), "WRITE".into())).collect();
+    assert_eq!(txns(&table), batches);
 }

@@ -28,8 +28,11 @@ use deltalake::kernel::DataType as DeltaType;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
+use deltalake::logstore::{
+    LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig, default_logstore, logstore_factories,
+};
 use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableError};
 use tokio::sync::Mutex;
 use url::Url;
 
@@ -109,15 +112,45 @@ fn table_url(location: &Location) -> Result<Url> {
     })
 }
 
+/// Log stores over the store they are given (brook's), for schemes such as
+/// `s3` that delta-rs knows only with a cloud crate.
+struct OwnStoreLogStores;
+
+impl LogStoreFactory for OwnStoreLogStores {
+    fn with_options(
+        &self,
+        prefixed_store: ObjectStoreRef,
+        root_store: ObjectStoreRef,
+        location: &Url,
+        options: &StorageConfig,
+    ) -> deltalake::DeltaResult<Arc<dyn LogStore>> {
+        Ok(default_logstore(
+            prefixed_store,
+            root_store,
+            location,
+            options,
+        ))
+    }
+}
+
 /// The table at `location`, loaded; `None` if there is no Delta table there yet.
 async fn load(location: &Location) -> Result<(DeltaTable, bool)> {
     let delta = |source| BrookError::delta(&location.display, source);
     let url = table_url(location)?;
-    let mut table = DeltaTableBuilder::from_url(url.clone())
-        .map_err(delta)?
-        .with_storage_backend(location.store.clone(), url)
-        .build()
+    // A log store over brook's own store, whatever the scheme: delta-rs's
+    // registry of stores by scheme would need a cloud crate for s3://.
+    let config = StorageConfig::default();
+    let prefixed = config
+        .decorate_store(location.store.clone(), &url)
         .map_err(delta)?;
+    let log_store = default_logstore(Arc::new(prefixed), location.store.clone(), &url, &config);
+    // delta-rs's operations look the log store up again by the URL's scheme.
+    if let Ok(scheme) = Url::parse(&format!("{}://", url.scheme())) {
+        logstore_factories()
+            .entry(scheme)
+            .or_insert_with(|| Arc::new(OwnStoreLogStores));
+    }
+    let mut table = DeltaTable::new(log_store);
     match table.load().await {
         Ok(()) => Ok((table, true)),
         Err(DeltaTableError::NotATable(_)) => Ok((table, false)),
