@@ -28,9 +28,7 @@ use deltalake::kernel::DataType as DeltaType;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
-use deltalake::logstore::{
-    LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig, default_logstore, logstore_factories,
-};
+use deltalake::logstore::{StorageConfig, default_logstore};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use tokio::sync::Mutex;
@@ -112,27 +110,6 @@ fn table_url(location: &Location) -> Result<Url> {
     })
 }
 
-/// Log stores over the store they are given (brook's), for schemes such as
-/// `s3` that delta-rs knows only with a cloud crate.
-struct OwnStoreLogStores;
-
-impl LogStoreFactory for OwnStoreLogStores {
-    fn with_options(
-        &self,
-        prefixed_store: ObjectStoreRef,
-        root_store: ObjectStoreRef,
-        location: &Url,
-        options: &StorageConfig,
-    ) -> deltalake::DeltaResult<Arc<dyn LogStore>> {
-        Ok(default_logstore(
-            prefixed_store,
-            root_store,
-            location,
-            options,
-        ))
-    }
-}
-
 /// The table at `location`, loaded; `None` if there is no Delta table there yet.
 async fn load(location: &Location) -> Result<(DeltaTable, bool)> {
     let delta = |source| BrookError::delta(&location.display, source);
@@ -144,12 +121,6 @@ async fn load(location: &Location) -> Result<(DeltaTable, bool)> {
         .decorate_store(location.store.clone(), &url)
         .map_err(delta)?;
     let log_store = default_logstore(Arc::new(prefixed), location.store.clone(), &url, &config);
-    // delta-rs's operations look the log store up again by the URL's scheme.
-    if let Ok(scheme) = Url::parse(&format!("{}://", url.scheme())) {
-        logstore_factories()
-            .entry(scheme)
-            .or_insert_with(|| Arc::new(OwnStoreLogStores));
-    }
     let mut table = DeltaTable::new(log_store);
     match table.load().await {
         Ok(()) => Ok((table, true)),
