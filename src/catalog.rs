@@ -420,7 +420,8 @@ impl SinkDef {
         let what = format!("sink table '{name}'");
         let location = cmd.locations.first().map(String::as_str);
         let file_type = cmd.file_type.to_ascii_uppercase();
-        if OutputFormat::parse(&file_type).is_none()
+        let files_or_delta = OutputFormat::parse(&file_type).is_some() || file_type == "DELTA";
+        if !files_or_delta
             && let Some(key) = AutoCompact::OPTIONS
                 .iter()
                 .find(|o| options.get(o).is_some())
@@ -429,7 +430,7 @@ impl SinkDef {
                 *key,
                 format!(
                     "{what} is STORED AS {file_type}: only file sinks (PARQUET, CSV, JSON) \
-                     compact their output"
+                     and Delta tables compact their output"
                 ),
             ));
         }
@@ -457,21 +458,13 @@ impl SinkDef {
                 &what,
             )?;
         } else if file_type == "DELTA" {
-            options.reject_unknown(
-                &[
-                    SINK_OPTIONS,
-                    DeltaOptions::OPTIONS,
-                    crate::sink::parquet::OPTIONS,
-                ]
-                .concat(),
-                &what,
-            )?;
+            options.reject_unknown(&[SINK_OPTIONS, &DeltaOptions::options()].concat(), &what)?;
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
         }
-        if !cmd.table_partition_cols.is_empty() && OutputFormat::parse(&file_type).is_none() {
+        if !cmd.table_partition_cols.is_empty() && !files_or_delta {
             return Err(BrookError::sql(format!(
-                "{what}: PARTITIONED BY is for PARQUET, CSV and JSON sinks, not {file_type}"
+                "{what}: PARTITIONED BY is for PARQUET, CSV, JSON and DELTA sinks, not {file_type}"
             )));
         }
         let kind = match file_type.as_str() {
@@ -561,14 +554,17 @@ impl SinkDef {
     }
 }
 
-/// Takes a PARQUET table's `compression` option out of its declaration, to be
+/// Takes a PARQUET or DELTA table's `compression` option out of its declaration, to be
 /// put back after planning: DataFusion's planner reads that key as a whole-file
 /// codec (gzip, bzip2, ...), which it refuses for Parquet, while a Parquet sink
 /// reads it as the column chunks' codec, as Spark does.
 pub(crate) fn hold_parquet_compression(
     create: &mut datafusion::sql::parser::CreateExternalTable,
 ) -> Option<(String, String)> {
-    if !create.file_type.eq_ignore_ascii_case("PARQUET") {
+    if !["PARQUET", "DELTA"]
+        .iter()
+        .any(|t| create.file_type.eq_ignore_ascii_case(t))
+    {
         return None;
     }
     let at = create

@@ -409,7 +409,7 @@ fn bad_compaction_settings_and_directories_are_refused() {
             .unwrap(),
     );
     assert!(
-        err.contains("option 'compactEvery': sink table 'shown' is STORED AS CONSOLE: only file sinks (PARQUET, CSV, JSON) compact their output"),
+        err.contains("option 'compactEvery': sink table 'shown' is STORED AS CONSOLE: only file sinks (PARQUET, CSV, JSON) and Delta tables compact their output"),
         "{err}"
     );
 
@@ -433,9 +433,7 @@ fn bad_compaction_settings_and_directories_are_refused() {
             .unwrap(),
     );
     assert!(
-        err.contains(
-            "delta is not a brook file sink directory (it holds a Delta table's _delta_log)"
-        ),
+        err.contains("sink 'delta': there is no Delta table there (no commit in its _delta_log)"),
         "{err}"
     );
     let err = failure(

@@ -412,6 +412,62 @@ async fn compact_every_packs_the_files_without_changing_the_rows() {
     assert_eq!(before.get_file_uris().unwrap().count(), 4);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn brook_compact_optimizes_a_delta_table_written_with_parquet_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..3 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('compression' 'snappy', 'rowGroupSize' '4')";
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT user, amount, time FROM orders",
+    );
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    let parts: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    assert_eq!(parts.len(), 3);
+    for part in &parts {
+        let reader = brook::datafusion::parquet::file::reader::SerializedFileReader::new(
+            std::fs::File::open(part).unwrap(),
+        )
+        .unwrap();
+        let meta = brook::datafusion::parquet::file::reader::FileReader::metadata(&reader);
+        // 10 rows a file, at most 4 a row group.
+        assert_eq!(meta.num_row_groups(), 3, "{}", part.display());
+        assert_eq!(
+            meta.row_group(0).column(0).compression(),
+            brook::datafusion::parquet::basic::Compression::SNAPPY
+        );
+    }
+    let compact = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["compact", "out"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&compact.stdout);
+    assert!(
+        compact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compact.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        "compacted Delta table out: compacted 3 files into 1 (table version 3)"
+    );
+    let operations: Vec<String> = txns(&out).into_iter().map(|(_, op)| op).collect();
+    assert_eq!(operations, ["WRITE", "WRITE", "WRITE", "OPTIMIZE"]);
+    assert_eq!(delta_rows(&out, None).await, iso(&plain_rows(&input)));
+}
+
 #[test]
 fn a_table_with_other_columns_is_refused_naming_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,5 @@
-//! `brook compact`: merges a file sink's small part files (see `sink::compact`).
+//! `brook compact`: merges a file sink's small part files (see `sink::compact`),
+//! or runs OPTIMIZE on a Delta table (`sink::delta::compact`).
 
 use datafusion::execution::runtime_env::RuntimeEnv;
 
@@ -14,7 +15,7 @@ pub(crate) async fn compact_table(table_dir: &str, target_file_size: u64) -> Res
             "TABLE_DIR",
             format!(
                 "{table_dir} is not a brook file sink directory ({why}); `brook compact` \
-                 compacts the output of PARQUET, CSV or JSON sink tables"
+                 compacts the output of PARQUET, CSV or JSON sink tables, and Delta tables"
             ),
         )
     };
@@ -23,7 +24,11 @@ pub(crate) async fn compact_table(table_dir: &str, target_file_size: u64) -> Res
     }
     match table_kind(&location).await? {
         TableKind::BrookSink => {}
-        TableKind::Delta => return Err(not_a_sink("it holds a Delta table's _delta_log")),
+        TableKind::Delta => {
+            let report = crate::sink::delta::compact(&location, Some(target_file_size)).await?;
+            println!("compacted Delta table {table_dir}: {report}");
+            return Ok(());
+        }
         TableKind::Other => return Err(not_a_sink("it has no _brook_manifest")),
     }
     let report = compact(&location, target_file_size).await?;

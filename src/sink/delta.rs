@@ -21,7 +21,6 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::Column;
 use datafusion::logical_expr::{Expr, Operator, binary_expr};
-use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::prelude::SessionContext;
 use deltalake::kernel::DataType as DeltaType;
@@ -34,7 +33,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use tokio::sync::Mutex;
 use url::Url;
 
-use super::{GroupKeys, Sink};
+use super::{GroupKeys, Sink, parquet};
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
 use crate::options::{Options, parse_size};
@@ -42,16 +41,23 @@ use crate::source::location::Location;
 use crate::testing::faults;
 
 /// The options a Delta sink table takes besides every sink's.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct DeltaOptions {
     /// Run OPTIMIZE (bin-packing) after every this many batches.
     pub compact_every: Option<u64>,
     /// The size OPTIMIZE packs files to, in bytes (delta-rs's default: 100 MiB).
     pub target_file_size: Option<u64>,
+    /// Parquet's writer options ([`parquet::OPTIONS`]), as file sinks take them.
+    pub writer: Options,
 }
 
 impl DeltaOptions {
     pub const OPTIONS: &[&str] = &["compactEvery", "targetFileSize"];
+
+    /// Every option a Delta sink table takes besides every sink's.
+    pub fn options() -> Vec<&'static str> {
+        [Self::OPTIONS, parquet::OPTIONS].concat()
+    }
 
     pub fn from_options(options: &Options, what: &str) -> Result<Self> {
         let target_file_size = options
@@ -68,6 +74,10 @@ impl DeltaOptions {
         Ok(Self {
             compact_every: options.count("compactEvery")?,
             target_file_size,
+            writer: parquet::OPTIONS
+                .iter()
+                .filter_map(|k| options.get(k).map(|v| (*k, v)))
+                .collect(),
         })
     }
 }
@@ -88,14 +98,9 @@ struct Opened {
     mode: OutputMode,
     /// The schema written: the query's, with timestamps in microseconds.
     schema: SchemaRef,
+    /// The Parquet settings of every file the sink writes or compacts.
+    props: WriterProperties,
     keys: Vec<String>,
-}
-
-/// The Parquet settings of every file the sink writes or compacts.
-fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build()
 }
 
 /// The URL delta-rs knows the table by; brook's store serves it.
@@ -273,7 +278,7 @@ impl DeltaSink {
             .write(batches)
             .with_save_mode(save)
             .with_partition_columns(self.partition_by.clone())
-            .with_writer_properties(writer_properties())
+            .with_writer_properties(opened.props.clone())
             .with_commit_properties(txn)
             .await
             .map_err(|e| self.delta(e))
@@ -304,7 +309,7 @@ impl DeltaSink {
             .merge(source, predicate)
             .with_source_alias("s")
             .with_target_alias("t")
-            .with_writer_properties(writer_properties())
+            .with_writer_properties(opened.props.clone())
             .with_commit_properties(txn);
         if !values.is_empty() {
             merge = merge
@@ -399,6 +404,7 @@ impl Sink for DeltaSink {
             table: exists.then_some(table),
             app_id: query_id.to_string(),
             mode,
+            props: parquet::writer_properties(&self.options.writer, &written)?,
             schema: written,
             keys,
         });
@@ -432,7 +438,7 @@ impl Sink for DeltaSink {
             && (batch_id + 1).is_multiple_of(every)
             && let Some(table) = opened.table.clone()
         {
-            let (table, _) = optimize(table, self.options.target_file_size)
+            let (table, _) = optimize(table, self.options.target_file_size, opened.props.clone())
                 .await
                 .map_err(|e| self.delta(e))?;
             opened.table = Some(table);
@@ -444,8 +450,9 @@ impl Sink for DeltaSink {
 async fn optimize(
     table: DeltaTable,
     target_file_size: Option<u64>,
+    props: WriterProperties,
 ) -> std::result::Result<(DeltaTable, deltalake::operations::optimize::Metrics), DeltaTableError> {
-    let mut optimize = table.optimize().with_writer_properties(writer_properties());
+    let mut optimize = table.optimize().with_writer_properties(props);
     if let Some(size) = target_file_size.and_then(NonZeroU64::new) {
         optimize = optimize.with_target_size(size);
     }
@@ -483,10 +490,12 @@ pub async fn compact(location: &Location, target_file_size: Option<u64>) -> Resu
     if !exists {
         return Err(BrookError::Sink {
             sink: location.display.clone(),
-            message: "there is no Delta table there (no _delta_log)".into(),
+            message: "there is no Delta table there (no commit in its _delta_log)".into(),
         });
     }
-    let (table, metrics) = optimize(table, target_file_size)
+    // The writer's defaults (zstd): the sink's own options are not recorded in the table.
+    let props = parquet::writer_properties(&Options::new(), &Schema::empty())?;
+    let (table, metrics) = optimize(table, target_file_size, props)
         .await
         .map_err(|e| BrookError::delta(&location.display, e))?;
     Ok(Compacted {
