@@ -621,4 +621,23 @@ async fn an_s3_table_gets_one_commit_a_batch_across_a_restart_on_an_s3_checkpoin
     assert_eq!(polars, expected);
     let batches: Vec<(Option<i64>, String)> = (0..5).map(|b| (Some(b), "WRITE".into())).collect();
     assert_eq!(txns(&table), batches);
+
+    // `brook compact` packs the five files in S3 into one OPTIMIZE commit.
+    let compact = s3
+        .brook(dir)
+        .args(["compact", "s3://bucket/tables/orders"])
+        .output()
+        .unwrap();
+    assert!(
+        compact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compact.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&compact.stdout).trim(),
+        "compacted Delta table s3://bucket/tables/orders: compacted 5 files into 1 (table version 5)"
+    );
+    assert_eq!(delta_rows(&table, None).await, iso(&expected));
+    let operations: Vec<String> = txns(&table).into_iter().map(|(_, op)| op).collect();
+    assert_eq!(operations.last().map(String::as_str), Some("OPTIMIZE"));
 }
