@@ -420,7 +420,9 @@ impl SinkDef {
         let what = format!("sink table '{name}'");
         let location = cmd.locations.first().map(String::as_str);
         let file_type = cmd.file_type.to_ascii_uppercase();
+        // Delta compacts with its own OPTIMIZE under the same option names.
         if OutputFormat::parse(&file_type).is_none()
+            && file_type != "DELTA"
             && let Some(key) = AutoCompact::OPTIONS
                 .iter()
                 .find(|o| options.get(o).is_some())
@@ -429,7 +431,7 @@ impl SinkDef {
                 *key,
                 format!(
                     "{what} is STORED AS {file_type}: only file sinks (PARQUET, CSV, JSON) \
-                     compact their output"
+                     and DELTA compact their output"
                 ),
             ));
         }
@@ -469,9 +471,12 @@ impl SinkDef {
         } else {
             options.reject_unknown(SINK_OPTIONS, &what)?;
         }
-        if !cmd.table_partition_cols.is_empty() && OutputFormat::parse(&file_type).is_none() {
+        if !cmd.table_partition_cols.is_empty()
+            && OutputFormat::parse(&file_type).is_none()
+            && file_type != "DELTA"
+        {
             return Err(BrookError::sql(format!(
-                "{what}: PARTITIONED BY is for PARQUET, CSV and JSON sinks, not {file_type}"
+                "{what}: PARTITIONED BY is for PARQUET, CSV, JSON and DELTA sinks, not {file_type}"
             )));
         }
         let kind = match file_type.as_str() {
