@@ -126,6 +126,11 @@ async fn load(location: &Location) -> Result<(DeltaTable, bool)> {
         .decorate_store(location.store.clone(), &url)
         .map_err(delta)?;
     let log_store = default_logstore(Arc::new(prefixed), location.store.clone(), &url, &config);
+    // Asked first: loading a table that is not there yet logs errors from the
+    // Delta kernel that a new sink's user would take for failures.
+    if !log_store.is_delta_table_location().await.map_err(delta)? {
+        return Ok((DeltaTable::new(log_store), false));
+    }
     let mut table = DeltaTable::new(log_store);
     match table.load().await {
         Ok(()) => Ok((table, true)),
