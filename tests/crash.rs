@@ -1,6 +1,7 @@
 //! Kill -9 at many points: the dashboard queries, a `SELECT DISTINCT`, a
 //! deduplication joined with a static table under a windowed aggregation (two
-//! stateful operators) and a join of two streams bounded in event time, run by `brook run`
+//! stateful operators), a join of two streams bounded in event time, and counts
+//! into a partitioned Parquet sink and a Delta table, run by `brook run`
 //! with a checkpoint over 100,000 generated orders, are killed with SIGKILL again and
 //! again (inside source reads, state writes, sink writes and commits, and at
 //! random instants) and restarted each time. The final sink files and state
@@ -36,21 +37,28 @@ const RATE: usize = 10;
 /// seen keys are state like an aggregation's), a windowed aggregation over
 /// a deduplication joined with the static symbols table, and a join of the
 /// orders with a second source over the same files (each side's rows are state).
-const QUERIES: [&str; 6] = [
+/// Then a count per symbol and 10 seconds into a Parquet sink partitioned by
+/// symbol, and a count per symbol and minute into a Delta table.
+const QUERIES: [&str; 8] = [
     "buy_sell_per_second",
     "top_clients",
     "top_stocks",
     "client_symbols",
     "sector_minutes",
     "follow_ups",
+    "symbol_seconds",
+    "delta_minutes",
 ];
-const FILE_SINKS: [&str; 5] = [
+const FILE_SINKS: [&str; 6] = [
     "buy_sell_per_second",
     "top_stocks",
     "client_symbols",
     "sector_minutes",
     "follow_ups",
+    "symbol_seconds",
 ];
+/// The append-mode query writing a Delta table.
+const DELTA_SINK: &str = "delta_minutes";
 /// The complete-mode query, whose Parquet sink holds snapshots.
 const SNAPSHOT_SINK: &str = "top_clients";
 const KILL_ATTEMPTS: usize = 30;
@@ -121,7 +129,16 @@ fn dashboard_sql(input: &Path, out: &Path) -> String {
          CREATE EXTERNAL TABLE follow_ups STORED AS PARQUET LOCATION 'out/follow_ups';\n\
          INSERT INTO follow_ups SELECT o.order_id, n.order_id AS next_id, o.client_id \
          FROM orders o JOIN orders_again n ON o.client_id = n.client_id \
-         AND n.time > o.time AND n.time <= o.time + INTERVAL '2' SECOND;\n"
+         AND n.time > o.time AND n.time <= o.time + INTERVAL '2' SECOND;\n\
+         CREATE EXTERNAL TABLE symbol_seconds STORED AS PARQUET PARTITIONED BY (symbol) \
+         LOCATION '{out}/symbol_seconds' OPTIONS ('outputMode' 'append');\n\
+         INSERT INTO symbol_seconds SELECT window.start AS second, symbol, count(*) AS orders \
+         FROM orders GROUP BY window(time, '10 seconds'), symbol;\n\
+         CREATE EXTERNAL TABLE delta_minutes STORED AS DELTA LOCATION '{out}/delta_minutes' \
+         OPTIONS ('outputMode' 'append');\n\
+         INSERT INTO delta_minutes SELECT window.start AS minute, symbol, count(*) AS orders, \
+         sum(amount) AS shares FROM orders GROUP BY window(time, '1 minute'), symbol;\n",
+        out = out.display()
     );
     sql.replace(
         source,
@@ -254,23 +271,94 @@ fn sink_rows(dir: &Path) -> Vec<String> {
     }
     let last = batches.last().copied().unwrap_or(0);
     assert_eq!(batches, (0..=last).collect(), "{}", dir.display());
-    let parts: BTreeSet<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("part-"))
-        .collect();
+    let parts = part_files(dir, "");
     assert_eq!(parts, listed, "part files outside the manifest");
     let mut rows = vec![];
     for part in listed {
-        let file = std::fs::File::open(dir.join(part)).unwrap();
+        let file = std::fs::File::open(dir.join(&part)).unwrap();
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)
             .unwrap()
             .build()
             .unwrap();
-        rows.extend(cell_rows(&reader.map(|b| b.unwrap()).collect::<Vec<_>>()));
+        // A partitioned sink's values are in its directories (`symbol=AAPL/`).
+        let partition: String = Path::new(&part)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.iter())
+            .map(|c| format!("|{}", c.to_string_lossy()))
+            .collect();
+        rows.extend(
+            cell_rows(&reader.map(|b| b.unwrap()).collect::<Vec<_>>())
+                .into_iter()
+                .map(|r| r + &partition),
+        );
     }
     rows.sort();
     rows
+}
+
+/// The part files below `dir` (in partition directories too), as paths
+/// relative to the sink's directory, `prefix` being `dir`'s.
+fn part_files(dir: &Path, prefix: &str) -> BTreeSet<String> {
+    let mut parts = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel = format!("{prefix}{name}");
+        if name.contains('=') && entry.file_type().unwrap().is_dir() {
+            parts.extend(part_files(&entry.path(), &format!("{rel}/")));
+        } else if name.starts_with("part-") {
+            parts.insert(rel);
+        }
+    }
+    parts
+}
+
+/// The rows of the Delta table in `dir` as delta-rs and DataFusion read its
+/// current version, checking that its commits carry the batch ids 0, 1, ...
+/// each once (one commit a batch), up to `last`.
+fn delta_rows(dir: &Path, last: u64) -> Vec<String> {
+    let mut versions = vec![];
+    let mut logs: Vec<_> = std::fs::read_dir(dir.join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        for line in std::fs::read_to_string(&log).unwrap().lines() {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(v) = action["txn"]["version"].as_u64() {
+                versions.push(v);
+            }
+        }
+    }
+    assert_eq!(
+        versions,
+        (0..=last).collect::<Vec<_>>(),
+        "{}",
+        dir.display()
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let batches = runtime.block_on(async {
+        let url = url::Url::from_directory_path(dir).unwrap();
+        let table = deltalake::DeltaTableBuilder::from_url(url)
+            .unwrap()
+            .load()
+            .await
+            .unwrap();
+        let ctx = brook::datafusion::prelude::SessionContext::new();
+        table.update_datafusion_session(&ctx.state()).unwrap();
+        ctx.register_table("t", table.table_provider().await.unwrap())
+            .unwrap();
+        ctx.sql("SELECT * FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+    });
+    cell_rows(&batches)
 }
 
 /// The batch id `_latest` of a complete-mode file sink names, and the rows of
@@ -349,12 +437,15 @@ fn final_state(checkpoint: &Path) -> (u64, Vec<String>) {
 
 struct Outcome {
     sinks: BTreeMap<&'static str, Vec<String>>,
+    delta: Vec<String>,
     snapshot: (u64, Vec<String>),
     states: BTreeMap<&'static str, (u64, Vec<String>)>,
 }
 
 fn outcome(root: &Path) -> Outcome {
+    let last = committed(&root.join("checkpoint").join(DELTA_SINK)).unwrap();
     Outcome {
+        delta: delta_rows(&root.join("out").join(DELTA_SINK), last),
         sinks: FILE_SINKS
             .iter()
             .map(|s| (*s, sink_rows(&root.join("out").join(s))))
@@ -396,6 +487,7 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
         .is_none()
     );
     let expected = outcome(&reference);
+    assert!(expected.delta.len() > 100, "{DELTA_SINK} wrote too little");
     for sink in FILE_SINKS {
         assert!(
             expected.sinks[sink].len() > 100,
@@ -466,7 +558,7 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
             .map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
             .unwrap_or_default()
     };
-    for sink in FILE_SINKS.iter().chain(&[SNAPSHOT_SINK]) {
+    for sink in FILE_SINKS.iter().chain(&[SNAPSHOT_SINK, DELTA_SINK]) {
         let out = crashed.join("out").join(sink);
         let files: Vec<_> = names(out.clone())
             .into_iter()
@@ -547,6 +639,12 @@ fn killed_and_restarted_dashboard_equals_an_uninterrupted_run() {
          expected {:?}",
         actual.snapshot,
         expected.snapshot
+    );
+    assert!(
+        actual.delta == expected.delta,
+        "seed {seed}: {DELTA_SINK} differs after kills {kills:?}: {} rows, expected {}",
+        actual.delta.len(),
+        expected.delta.len()
     );
     for sink in FILE_SINKS {
         assert!(
