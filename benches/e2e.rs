@@ -484,7 +484,7 @@ fn steady_into(scenario: &str, file: &str, sinks: &str) {
     let mut counted = vec![];
     while began.elapsed() < Duration::from_secs(SECONDS) {
         let at = began.elapsed().as_secs();
-        if at % 15 == 0 && at > 0 && counted.last().is_none_or(|(t, _)| *t != at) {
+        if at.is_multiple_of(15) && at > 0 && counted.last().is_none_or(|(t, _)| *t != at) {
             counted.push((at, data_files(&tmp.path().join("out"))));
         }
         let lines: Vec<String> = (0..10_000)

@@ -400,7 +400,7 @@ fn time_unit(reader: &SerializedFileReader<std::fs::File>) -> Option<TimeUnit> {
         .find(|c| c.name() == "time")
         .unwrap();
     match time.logical_type_ref() {
-        Some(LogicalType::Timestamp(t)) => Some(t.unit.clone()),
+        Some(LogicalType::Timestamp(t)) => Some(t.unit),
         _ => None,
     }
 }

@@ -129,7 +129,8 @@ fn run_until_paused(script: &Path, checkpoint: &Path, point: &str) {
             return;
         }
     }
-    panic!("brook ended without pausing at {point}: {seen}");
+    let status = child.wait().unwrap();
+    panic!("brook ended ({status}) without pausing at {point}: {seen}");
 }
 
 fn read_latest(out: &Path) -> serde_json::Value {

@@ -464,7 +464,7 @@ impl Sink for FileSink {
             .await
             .map_err(|e| self.located(e))?;
         if let Some(auto) = self.compact
-            && (batch_id + 1) % auto.every == 0
+            && (batch_id + 1).is_multiple_of(auto.every)
         {
             compact::compact(&self.location, auto.target_file_size)
                 .await
