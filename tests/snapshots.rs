@@ -387,8 +387,23 @@ fn readers_following_the_pointer_see_whole_results_while_the_writer_is_killed_ag
 
     let mut rng = SmallRng::seed_from_u64(5);
     let mut kills = 0;
-    for _ in 0..RUNS {
-        let mut child = brook(&sql, &checkpoint)
+    for run in 0..RUNS {
+        let mut command = brook(&sql, &checkpoint);
+        // Every other run stops at a snapshot's write in one of the next
+        // batches, so it is still there to kill however fast the machine is.
+        let next = std::fs::read(out.join("_latest"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|l| l["batch_id"].as_u64())
+            .map_or(0, |b| b + 1);
+        if run % 2 == 1 && next + 3 < FILES as u64 {
+            let point = ["sink-part", "sink-manifest-tmp"][rng.random_range(0..2)];
+            command.env(
+                faults::ENV,
+                format!("{point}:{}", next + rng.random_range(0..3)),
+            );
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
