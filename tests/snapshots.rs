@@ -389,18 +389,19 @@ fn readers_following_the_pointer_see_whole_results_while_the_writer_is_killed_ag
     let mut kills = 0;
     for run in 0..RUNS {
         let mut command = brook(&sql, &checkpoint);
-        // Every other run stops at a snapshot's write in one of the next
-        // batches, so it is still there to kill however fast the machine is.
+        // A run stops at a snapshot's write in one of its next batches, so it
+        // is still there to kill however fast the machine is (one run reads
+        // all the files in less time than the longest wait).
         let next = std::fs::read(out.join("_latest"))
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|l| l["batch_id"].as_u64())
             .map_or(0, |b| b + 1);
-        if run % 2 == 1 && next + 3 < FILES as u64 {
-            let point = ["sink-part", "sink-manifest-tmp"][rng.random_range(0..2)];
+        if next + 10 < FILES as u64 {
+            let point = ["sink-part", "sink-manifest-tmp"][run % 2];
             command.env(
                 faults::ENV,
-                format!("{point}:{}", next + rng.random_range(0..3)),
+                format!("{point}:{}", next + rng.random_range(0..10)),
             );
         }
         let mut child = command
