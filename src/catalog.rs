@@ -474,7 +474,7 @@ impl SinkDef {
             "DELTA" => SinkKind::Delta {
                 location: location.unwrap_or_default().to_string(),
                 partition_by: cmd.table_partition_cols.clone(),
-                options: DeltaOptions::from_options(&options, &what)?,
+                options: DeltaOptions::from_options(&options)?,
             },
             other => match OutputFormat::parse(other) {
                 Some(format) => SinkKind::File {

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::time::Duration;
 
+use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
 
 /// Bytes in a size as Spark and DataFusion write one: `1048576`, `512k`,
@@ -120,6 +122,21 @@ impl Options {
                             "expected a size such as 1048576, 512k, 100m or 1g, found '{text}'"
                         ),
                     )
+                })
+            })
+            .transpose()
+    }
+
+    /// A duration option ([`parse_duration`]: `'10 seconds'`, `'1 hour'`, `500ms`).
+    pub fn duration(&self, key: &str) -> Result<Option<Duration>> {
+        self.get(key)
+            .map(|t| {
+                parse_duration(t).map_err(|e| {
+                    let why = match e {
+                        BrookError::Sql(why) => why,
+                        other => other.to_string(),
+                    };
+                    BrookError::option(key, why)
                 })
             })
             .transpose()

@@ -18,7 +18,7 @@ use url::Url;
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 
-/// Input file `n` (of 10 rows) in `dir/in`: user, amount and time.
+/// Input file `n` (of 10 rows) in `dir/in`: user, amount and time (minute `n` after 10:00).
 fn write_input(dir: &Path, n: usize) -> Vec<(String, i64, String)> {
     let input = dir.join("in");
     std::fs::create_dir_all(&input).unwrap();
@@ -26,7 +26,7 @@ fn write_input(dir: &Path, n: usize) -> Vec<(String, i64, String)> {
         .map(|i| {
             let user = USERS[(n * 3 + i) % USERS.len()].to_string();
             let amount = (n * 10 + i) as i64;
-            let time = format!("2024-01-01 10:{:02}:{:02}", n, i);
+            let time = format!("2024-01-01 {:02}:{:02}:{:02}", 10 + n / 60, n % 60, i);
             (user, amount, time)
         })
         .collect();
@@ -410,6 +410,170 @@ async fn compact_every_packs_the_files_without_changing_the_rows() {
         .await
         .unwrap();
     assert_eq!(before.get_file_uris().unwrap().count(), 4);
+}
+
+/// The data files under `table` (relative paths), hidden and log files left out.
+fn files_on_disk(table: &Path) -> std::collections::BTreeSet<String> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut dirs = vec![table.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with('_') || name.starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                found.insert(
+                    path.strip_prefix(table)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vacuum_retention_deletes_the_files_compaction_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..9 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('compactEvery' '3', 'vacuumRetention' '0 seconds')";
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT user, amount, time FROM orders",
+    );
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    assert_eq!(delta_rows(&out, None).await, iso(&plain_rows(&input)));
+    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
+    assert_eq!(deltalake, plain_rows(&input));
+    assert_eq!(polars, plain_rows(&input));
+
+    let commits = log(&out);
+    let operation = |c: &[serde_json::Value]| {
+        action(c, "commitInfo").unwrap()["operation"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let count = |op: &str| commits.iter().filter(|c| operation(c) == op).count();
+    // The compactions ran beside the appends (in any order), each followed by a VACUUM.
+    assert_eq!(count("WRITE"), 9);
+    assert_eq!(count("OPTIMIZE"), 3);
+    assert_eq!(count("VACUUM START"), 3);
+    assert_eq!(count("VACUUM END"), 3);
+    // Every file an OPTIMIZE replaced before the last one is gone: a later
+    // VACUUM found it removed longer ago than the retention. The last
+    // OPTIMIZE's own VACUUM may have run within the same millisecond.
+    let last = commits
+        .iter()
+        .rposition(|c| operation(c) == "OPTIMIZE")
+        .unwrap();
+    let disk = files_on_disk(&out);
+    for c in &commits[..last] {
+        for remove in c.iter().filter_map(|a| a.get("remove")) {
+            let path = remove["path"].as_str().unwrap();
+            assert!(!disk.contains(path), "{path} is still on disk: {disk:?}");
+        }
+    }
+    let url = Url::from_directory_path(&out).unwrap();
+    let table = DeltaTableBuilder::from_url(url)
+        .unwrap()
+        .load()
+        .await
+        .unwrap();
+    let live: Vec<String> = table
+        .get_file_uris()
+        .unwrap()
+        .map(|u| u.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert!(live.iter().all(|f| disk.contains(f)), "{live:?} {disk:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_mode_merges_wait_for_a_running_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..5 {
+        input.extend(write_input(dir, n));
+    }
+    let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
+               OPTIONS ('outputMode' 'update', 'compactEvery' '2')";
+    // Each batch's groups are new (a new minute): the MERGE adds a file, so
+    // there are files to compact.
+    let sql = script(
+        dir,
+        &table_sql(dir, ddl),
+        "SELECT date_trunc('minute', time) AS minute, user, sum(amount) AS total \
+         FROM orders GROUP BY date_trunc('minute', time), user",
+    );
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    let mut sums: BTreeMap<(String, &str), i64> = BTreeMap::new();
+    for (u, a, t) in &input {
+        *sums.entry((format!("{}:00", &t[..16]), u)).or_default() += a;
+    }
+    let expected: Vec<String> = sums
+        .iter()
+        .map(|((m, u), s)| format!("{m}|{u}|{s}"))
+        .collect();
+    assert_eq!(delta_rows(&out, None).await, iso(&expected));
+    // A MERGE and an OPTIMIZE rewriting the same files at once would fail one
+    // commit: each MERGE waited for the compaction the batch before started.
+    let operations: Vec<String> = txns(&out).into_iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        operations,
+        [
+            "WRITE", "MERGE", "OPTIMIZE", "MERGE", "MERGE", "OPTIMIZE", "MERGE"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_checkpoint_is_written_every_hundred_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut input = vec![];
+    for n in 0..102 {
+        input.extend(write_input(dir, n));
+    }
+    let sql = script(
+        dir,
+        &table_sql(dir, APPEND_TABLE),
+        "SELECT user, amount, time FROM orders",
+    );
+    run_ok(dir, &sql);
+    let out = dir.join("out");
+    // As delta-rs would at commit 99, but written beside the batches.
+    assert!(
+        out.join("_delta_log/00000000000000000099.checkpoint.parquet")
+            .is_file()
+    );
+    let last: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("_delta_log/_last_checkpoint")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["version"], 99);
+    let expected = plain_rows(&input);
+    assert_eq!(delta_rows(&out, None).await, iso(&expected));
+    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
+    assert_eq!(deltalake, expected);
+    assert_eq!(polars, expected);
+    let batches: Vec<Option<i64>> = txns(&out).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(batches, (0..102).map(Some).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -958,7 +958,7 @@ impl Program for QueryBatches {
         for stored in &mut self.state_stores {
             stored.store.finish().await;
         }
-        let mut stopped = Ok(());
+        let mut stopped = self.sink.finish().await;
         for input in &mut self.inputs {
             stopped = stopped.and(input.source.stop().await);
         }

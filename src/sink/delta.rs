@@ -10,10 +10,18 @@
 //!
 //! The table is read and written through brook's own object store for the
 //! location, so local directories, `memory://` and `s3://` behave alike.
+//!
+//! Work that delta-rs would do inside some commits runs in one background
+//! task per table instead, so that no batch waits for it: OPTIMIZE every
+//! `compactEvery` batches, a log checkpoint every `delta.checkpointInterval`
+//! commits with the expired-log clean-up that follows it, and VACUUM when
+//! `vacuumRetention` is set. Appends commit while it runs (Delta lets a blind
+//! append pass a compaction); a MERGE waits for it.
 
 use std::fmt;
 use std::num::NonZeroU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
@@ -29,51 +37,44 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::logstore::{StorageConfig, default_logstore};
 use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableError};
+use deltalake::table::config::TablePropertiesExt;
+use deltalake::{DeltaTable, DeltaTableError, checkpoints};
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use url::Url;
 
+use super::compact::AutoCompact;
 use super::{GroupKeys, Sink, parquet};
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
-use crate::options::{Options, parse_size};
+use crate::options::Options;
 use crate::source::location::Location;
 use crate::testing::faults;
 
 /// The options a Delta sink table takes besides every sink's.
 #[derive(Debug, Clone, Default)]
 pub struct DeltaOptions {
-    /// Run OPTIMIZE (bin-packing) after every this many batches.
-    pub compact_every: Option<u64>,
-    /// The size OPTIMIZE packs files to, in bytes (delta-rs's default: 100 MiB).
-    pub target_file_size: Option<u64>,
+    /// OPTIMIZE (bin-packing to `targetFileSize`) after every `compactEvery` batches.
+    pub compact: Option<AutoCompact>,
+    /// VACUUM the files removed from the table longer ago than this; without
+    /// it files are never deleted, as with delta-rs and Spark.
+    pub vacuum_retention: Option<Duration>,
     /// Parquet's writer options ([`parquet::OPTIONS`]), as file sinks take them.
     pub writer: Options,
 }
 
 impl DeltaOptions {
-    pub const OPTIONS: &[&str] = &["compactEvery", "targetFileSize"];
+    pub const OPTIONS: &[&str] = &["vacuumRetention"];
 
     /// Every option a Delta sink table takes besides every sink's.
     pub fn options() -> Vec<&'static str> {
-        [Self::OPTIONS, parquet::OPTIONS].concat()
+        [Self::OPTIONS, AutoCompact::OPTIONS, parquet::OPTIONS].concat()
     }
 
-    pub fn from_options(options: &Options, what: &str) -> Result<Self> {
-        let target_file_size = options
-            .get("targetFileSize")
-            .map(|v| {
-                parse_size(v).ok_or_else(|| {
-                    BrookError::option(
-                        "targetFileSize",
-                        format!("{what}: '{v}' is not a size (such as 134217728 or 128MB)"),
-                    )
-                })
-            })
-            .transpose()?;
+    pub fn from_options(options: &Options) -> Result<Self> {
         Ok(Self {
-            compact_every: options.count("compactEvery")?,
-            target_file_size,
+            compact: AutoCompact::from_options(options)?,
+            vacuum_retention: options.duration("vacuumRetention")?,
             writer: parquet::OPTIONS
                 .iter()
                 .filter_map(|k| options.get(k).map(|v| (*k, v)))
@@ -94,6 +95,10 @@ pub struct DeltaSink {
 struct Opened {
     /// The table as of its last commit; `None` until the first one.
     table: Option<DeltaTable>,
+    /// The last batch this query committed, once known: a batch delivered
+    /// again is then skipped without reading the table's log.
+    committed: Option<u64>,
+    upkeep: Upkeep,
     app_id: String,
     mode: OutputMode,
     /// The schema written: the query's, with timestamps in microseconds.
@@ -101,6 +106,75 @@ struct Opened {
     /// The Parquet settings of every file the sink writes or compacts.
     props: WriterProperties,
     keys: Vec<String>,
+}
+
+/// The table's background work, one task at a time.
+#[derive(Debug, Default)]
+struct Upkeep {
+    running: Option<JoinHandle<DeltaResult<DeltaTable>>>,
+    /// A compaction came due while the last task still ran.
+    compact_due: bool,
+    /// The version whose commit makes the next log checkpoint due, once known.
+    checkpoint_at: Option<u64>,
+}
+
+type DeltaResult<T> = std::result::Result<T, DeltaTableError>;
+
+/// What one upkeep task does, in this order.
+struct Chores {
+    /// OPTIMIZE to this file size.
+    compact: Option<u64>,
+    checkpoint: bool,
+    /// VACUUM files removed longer ago than this.
+    vacuum: Option<Duration>,
+    props: WriterProperties,
+}
+
+/// The smallest version at or after `version` at which Delta's rule (as
+/// delta-rs applies it on commit) asks for a log checkpoint.
+fn checkpoint_due_at(version: u64, interval: u64) -> u64 {
+    (version + 1).div_ceil(interval) * interval - 1
+}
+
+/// Commits that leave log checkpoints and log clean-up to the upkeep task:
+/// delta-rs would otherwise write the checkpoint inside every hundredth
+/// commit and list the whole `_delta_log` after every one.
+fn lean_commit() -> CommitProperties {
+    CommitProperties::default()
+        .with_create_checkpoint(false)
+        .with_cleanup_expired_logs(Some(false))
+}
+
+async fn upkeep(mut table: DeltaTable, chores: Chores) -> DeltaResult<DeltaTable> {
+    if let Some(size) = chores.compact {
+        table = optimize(table, Some(size), chores.props, lean_commit())
+            .await?
+            .0;
+    }
+    if chores.checkpoint {
+        checkpoints::create_checkpoint(&table, None).await?;
+        if table
+            .snapshot()?
+            .table_config()
+            .enable_expired_log_cleanup()
+        {
+            checkpoints::cleanup_metadata(&table, None).await?;
+        }
+    }
+    if let Some(retention) = chores.vacuum {
+        let retention = chrono::Duration::from_std(retention)
+            .map_err(|e| DeltaTableError::Generic(format!("vacuumRetention: {e}")))?;
+        table = table
+            .vacuum()
+            .with_retention_period(retention)
+            // The option is the user's choice of retention, below Delta's
+            // default of a week if they like.
+            .with_enforce_retention_duration(false)
+            .with_commit_properties(lean_commit())
+            .await?
+            .0;
+    }
+    Ok(table)
 }
 
 /// The URL delta-rs knows the table by; brook's store serves it.
@@ -202,6 +276,62 @@ impl DeltaSink {
         BrookError::delta(&self.location.display, source)
     }
 
+    /// Waits for the upkeep task, if one runs; its table is taken when newer
+    /// than the sink's. Its failure is the query's.
+    async fn settle_upkeep(&self, opened: &mut Opened) -> Result<()> {
+        let Some(task) = opened.upkeep.running.take() else {
+            return Ok(());
+        };
+        let table = task
+            .await
+            .map_err(|e| {
+                BrookError::task("the Delta table's compaction, checkpoint and VACUUM", e)
+            })?
+            .map_err(|e| self.delta(e))?;
+        if table.version() > opened.table.as_ref().and_then(DeltaTable::version) {
+            opened.table = Some(table);
+        }
+        Ok(())
+    }
+
+    /// Starts the upkeep that is due, unless a task still runs (then it waits
+    /// for a later batch).
+    fn start_upkeep(&self, opened: &mut Opened) -> Result<()> {
+        let (Some(table), None) = (&opened.table, &opened.upkeep.running) else {
+            return Ok(());
+        };
+        let version = table.version().unwrap_or(0);
+        let interval = table
+            .snapshot()
+            .map_err(|e| self.delta(e))?
+            .table_config()
+            .checkpoint_interval()
+            .get();
+        let at = *opened
+            .upkeep
+            .checkpoint_at
+            .get_or_insert_with(|| checkpoint_due_at(version, interval));
+        let checkpoint = version >= at;
+        let compact = opened.upkeep.compact_due;
+        if !checkpoint && !compact {
+            return Ok(());
+        }
+        if checkpoint {
+            opened.upkeep.checkpoint_at = Some(checkpoint_due_at(version + 1, interval));
+        }
+        opened.upkeep.compact_due = false;
+        let chores = Chores {
+            compact: compact
+                .then(|| self.options.compact.map(|c| c.target_file_size))
+                .flatten(),
+            checkpoint,
+            vacuum: self.options.vacuum_retention,
+            props: opened.props.clone(),
+        };
+        opened.upkeep.running = Some(faults::spawn(upkeep(table.clone(), chores)));
+        Ok(())
+    }
+
     /// Refuses a table that exists with other columns or other partitioning.
     fn check_existing(&self, table: &DeltaTable, schema: &SchemaRef) -> Result<()> {
         let snapshot = table.snapshot().map_err(|e| self.delta(e))?;
@@ -255,7 +385,7 @@ impl DeltaSink {
         batch_id: u64,
         batches: Vec<RecordBatch>,
     ) -> Result<DeltaTable> {
-        let txn = CommitProperties::default().with_application_transaction(Transaction::new(
+        let txn = lean_commit().with_application_transaction(Transaction::new(
             &opened.app_id,
             i64::try_from(batch_id).map_err(|_| self.error("batch id out of range"))?,
         ));
@@ -399,6 +529,13 @@ impl Sink for DeltaSink {
             }
             _ => vec![],
         };
+        if mode == OutputMode::Complete && self.options.compact.is_some() {
+            return Err(self.error(
+                "option 'compactEvery' compacts the files of an append- or update-mode table; \
+                 in complete mode each commit replaces the whole table, so there is nothing to \
+                 compact: drop the option ('vacuumRetention' deletes the replaced files)",
+            ));
+        }
         self.location.ensure_dir()?;
         let written = delta_schema(schema);
         let (table, exists) = load(&self.location).await?;
@@ -407,6 +544,8 @@ impl Sink for DeltaSink {
         }
         *self.opened.lock().await = Some(Opened {
             table: exists.then_some(table),
+            committed: None,
+            upkeep: Upkeep::default(),
             app_id: query_id.to_string(),
             mode,
             props: parquet::writer_properties(&self.options.writer, &written)?,
@@ -421,34 +560,54 @@ impl Sink for DeltaSink {
         let opened = guard
             .as_mut()
             .ok_or_else(|| self.error("add_batch before open"))?;
+        // A MERGE rewrites files a running compaction may be rewriting too:
+        // one of the two commits would fail.
+        if opened.mode == OutputMode::Update
+            || opened
+                .upkeep
+                .running
+                .as_ref()
+                .is_some_and(|t| t.is_finished())
+        {
+            self.settle_upkeep(opened).await?;
+        }
         if opened.table.is_none() {
             let (table, exists) = load(&self.location).await?;
             opened.table = exists.then_some(table);
         }
-        if let Some(table) = &opened.table {
+        if let (None, Some(table)) = (opened.committed, &opened.table) {
             let done = table
                 .snapshot()
                 .map_err(|e| self.delta(e))?
                 .transaction_version(table.log_store().as_ref(), &opened.app_id)
                 .await
                 .map_err(|e| self.delta(e))?;
-            if done.is_some_and(|v| u64::try_from(v).is_ok_and(|v| v >= batch_id)) {
-                return Ok(());
-            }
+            opened.committed = done.and_then(|v| u64::try_from(v).ok());
+        }
+        if opened.committed.is_some_and(|done| done >= batch_id) {
+            return Ok(());
         }
         let table = self.commit(opened, batch_id, batches).await?;
         opened.table = Some(table);
+        opened.committed = Some(batch_id);
         faults::crash_point("delta-commit", batch_id);
-        if let Some(every) = self.options.compact_every
-            && (batch_id + 1).is_multiple_of(every)
-            && let Some(table) = opened.table.clone()
+        if let Some(compact) = self.options.compact
+            && (batch_id + 1).is_multiple_of(compact.every)
         {
-            let (table, _) = optimize(table, self.options.target_file_size, opened.props.clone())
-                .await
-                .map_err(|e| self.delta(e))?;
-            opened.table = Some(table);
+            opened.upkeep.compact_due = true;
         }
-        Ok(())
+        self.start_upkeep(opened)
+    }
+
+    async fn finish(&self) -> Result<()> {
+        let mut guard = self.opened.lock().await;
+        let Some(opened) = guard.as_mut() else {
+            return Ok(());
+        };
+        self.settle_upkeep(opened).await?;
+        // What came due while the last task ran.
+        self.start_upkeep(opened)?;
+        self.settle_upkeep(opened).await
     }
 }
 
@@ -456,8 +615,12 @@ async fn optimize(
     table: DeltaTable,
     target_file_size: Option<u64>,
     props: WriterProperties,
-) -> std::result::Result<(DeltaTable, deltalake::operations::optimize::Metrics), DeltaTableError> {
-    let mut optimize = table.optimize().with_writer_properties(props);
+    commit: CommitProperties,
+) -> DeltaResult<(DeltaTable, deltalake::operations::optimize::Metrics)> {
+    let mut optimize = table
+        .optimize()
+        .with_writer_properties(props)
+        .with_commit_properties(commit);
     if let Some(size) = target_file_size.and_then(NonZeroU64::new) {
         optimize = optimize.with_target_size(size);
     }
@@ -500,7 +663,7 @@ pub async fn compact(location: &Location, target_file_size: Option<u64>) -> Resu
     }
     // The writer's defaults (zstd): the sink's own options are not recorded in the table.
     let props = parquet::writer_properties(&Options::new(), &Schema::empty())?;
-    let (table, metrics) = optimize(table, target_file_size, props)
+    let (table, metrics) = optimize(table, target_file_size, props, CommitProperties::default())
         .await
         .map_err(|e| BrookError::delta(&location.display, e))?;
     Ok(Compacted {

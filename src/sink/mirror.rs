@@ -55,4 +55,8 @@ impl Sink for MirrorSink {
         self.inner.add_batch(batch_id, batches.clone()).await?;
         self.copy.add_batch(batch_id, batches).await
     }
+
+    async fn finish(&self) -> Result<()> {
+        self.inner.finish().await
+    }
 }

@@ -72,4 +72,11 @@ pub trait Sink: Send + Sync + Debug {
     /// Receives batch `batch_id`'s result. A batch may be delivered again
     /// after a restart; sinks make that idempotent by batch id.
     async fn add_batch(&self, batch_id: u64, batches: Vec<RecordBatch>) -> Result<()>;
+
+    /// Called when the query stops: a sink that keeps work off the batch path
+    /// (the Delta sink's compaction, log checkpoints and VACUUM) finishes it,
+    /// so a stopped query leaves its output as its last batch did.
+    async fn finish(&self) -> Result<()> {
+        Ok(())
+    }
 }

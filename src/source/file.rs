@@ -112,13 +112,7 @@ impl FileSourceOptions {
             include_existing_files: options.bool("includeExistingFiles", true)?,
             recursive: options.bool("recursiveFileLookup", false)?,
             max_bytes_per_trigger: options.size("maxBytesPerTrigger")?,
-            max_file_age: options
-                .get("maxFileAge")
-                .map(|t| {
-                    crate::duration::parse_duration(t)
-                        .map_err(|e| BrookError::option("maxFileAge", e.to_string()))
-                })
-                .transpose()?,
+            max_file_age: options.duration("maxFileAge")?,
             clean_source: CleanSource::from_options(options)?,
             ..Self::default()
         })

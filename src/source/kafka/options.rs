@@ -82,11 +82,9 @@ impl KafkaOptions {
                 )
             })?),
         };
-        let poll_timeout = match options.get("pollTimeout") {
-            Some(t) => crate::duration::parse_duration(t)
-                .map_err(|e| BrookError::option("pollTimeout", e.to_string()))?,
-            None => Duration::from_secs(120),
-        };
+        let poll_timeout = options
+            .duration("pollTimeout")?
+            .unwrap_or(Duration::from_secs(120));
         Ok(Self {
             bootstrap_servers,
             topics,
