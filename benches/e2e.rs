@@ -192,7 +192,14 @@ fn timed_progress_lines_with<T>(stderr: impl Read, mut note: impl FnMut() -> T) 
     BufReader::new(stderr)
         .lines()
         .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter_map(|l| {
+            let progress = serde_json::from_str::<Value>(&l).ok();
+            if progress.is_none() {
+                // brook's own warnings and errors, for whoever reads the bench's output.
+                eprintln!("brook: {l}");
+            }
+            progress
+        })
         .filter(|v| v.get("batch_id").is_some())
         .map(|v| (note(), v))
         .collect()
@@ -454,25 +461,36 @@ fn generated_data(count: usize, files: usize) -> PathBuf {
 /// 100 ms), event time running 100x faster than the clock so that one-hour
 /// windows close within the run.
 fn steady() {
-    steady_into("steady", "dashboard_parquet.sql", "Parquet sinks");
+    steady_into("steady", "dashboard_parquet.sql", "Parquet sinks", &[]);
 }
 
 /// `steady` with `queries/dashboard_delta.sql`: Delta sinks that compact
-/// every 100 batches, the data files on disk counted as the run goes.
+/// every 100 batches and VACUUM files replaced 10 s ago (the script says an
+/// hour), the data files on disk and in the tables counted as the run goes.
 fn steady_delta() {
     steady_into(
         "steady_delta",
         "dashboard_delta.sql",
-        "Delta sinks, compactEvery 100",
+        "Delta sinks, compactEvery 100, vacuumRetention 10 s",
+        &[(
+            "'vacuumRetention' '1 hour'",
+            "'vacuumRetention' '10 seconds'",
+        )],
     );
 }
 
-fn steady_into(scenario: &str, file: &str, sinks: &str) {
+fn steady_into(scenario: &str, file: &str, sinks: &str, replace: &[(&str, &str)]) {
     const SECONDS: u64 = 75;
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("orders");
     std::fs::create_dir_all(&input).unwrap();
     let sql = script_sql(file, tmp.path(), &input, "");
+    let mut text = std::fs::read_to_string(&sql).unwrap();
+    for (from, to) in replace {
+        assert!(text.contains(from), "{file} has no {from}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(&sql, text).unwrap();
     let mut child = brook_run(tmp.path(), &sql, "100ms");
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || timed_progress_lines(stderr));
@@ -485,7 +503,7 @@ fn steady_into(scenario: &str, file: &str, sinks: &str) {
     while began.elapsed() < Duration::from_secs(SECONDS) {
         let at = began.elapsed().as_secs();
         if at.is_multiple_of(15) && at > 0 && counted.last().is_none_or(|(t, _)| *t != at) {
-            counted.push((at, data_files(&tmp.path().join("out"))));
+            counted.push((at, files_now(&tmp.path().join("out"))));
         }
         let lines: Vec<String> = (0..10_000)
             .map(|_| {
@@ -506,7 +524,7 @@ fn steady_into(scenario: &str, file: &str, sinks: &str) {
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let peak_mb = wait_with_peak(child).peak_mb;
     let progress = reader.join().unwrap();
-    counted.push((SECONDS, data_files(&tmp.path().join("out"))));
+    counted.push((SECONDS, files_now(&tmp.path().join("out"))));
     println!(
         "\n## {scenario}: 100 ms trigger, 100,000 orders/s for {SECONDS} s ({n} orders), \
          event time 100x, {sinks}\n"
@@ -551,10 +569,14 @@ fn steady_into(scenario: &str, file: &str, sinks: &str) {
             percentile(durations, 1.0),
         );
     }
-    println!("\ndata files on disk under out/ (all sinks; compaction removes replaced ones):\n");
-    println!("| after | data files |\n|---|---|");
-    for (at, files) in counted {
-        println!("| {at} s | {files} |");
+    println!(
+        "\ndata files under out/ (all sinks): on disk, and those the Delta tables' \
+         latest versions reference\n"
+    );
+    println!("| after | data files on disk | in the tables |\n|---|---|---|");
+    for (at, (disk, live)) in counted {
+        let live = live.map_or("-".into(), |n| n.to_string());
+        println!("| {at} s | {disk} | {live} |");
     }
     println!("\ntop_stocks state rows (one-hour windows start closing after 36 s):\n");
     println!("| after | state rows |\n|---|---|");
@@ -569,6 +591,28 @@ fn steady_into(scenario: &str, file: &str, sinks: &str) {
             rows.map_or("-".into(), |r| r.to_string())
         );
     }
+}
+
+/// The data files on disk below `dir`, and those the latest versions of the
+/// Delta tables in its subdirectories reference (`None` if there are none).
+fn files_now(dir: &Path) -> (usize, Option<usize>) {
+    let tables: Vec<PathBuf> = std::fs::read_dir(dir.join("delta"))
+        .map(|d| d.map_while(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let live = (!tables.is_empty()).then(|| {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        tables
+            .iter()
+            .filter_map(|t| {
+                let url = url::Url::from_directory_path(t).ok()?;
+                let table = runtime
+                    .block_on(deltalake::DeltaTableBuilder::from_url(url).ok()?.load())
+                    .ok()?;
+                Some(table.get_file_uris().ok()?.count())
+            })
+            .sum()
+    });
+    (data_files(dir), live)
 }
 
 /// The data files (not logs, manifests or hidden files) below `dir`.

@@ -442,9 +442,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo counts malformed lines in its view; warnings would scroll it away.
     // A failed query's error is printed once, by main, not also by the query's log.
+    // delta-rs logs each commit that met another and was checked for conflicts;
+    // the Delta sink retries or reports those itself.
     let default_level = match cli.command {
-        Command::Demo { .. } => "error,brook::exec::query=off",
-        _ => "warn,brook::exec::query=off",
+        Command::Demo { .. } => "error,brook::exec::query=off,deltalake_core::kernel::transaction=off",
+        _ => "warn,brook::exec::query=off,deltalake_core::kernel::transaction=off",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -34,7 +34,7 @@ use datafusion::prelude::SessionContext;
 use deltalake::kernel::DataType as DeltaType;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::transaction::{CommitProperties, TransactionError};
 use deltalake::logstore::{StorageConfig, default_logstore};
 use deltalake::protocol::SaveMode;
 use deltalake::table::config::TablePropertiesExt;
@@ -145,11 +145,32 @@ fn lean_commit() -> CommitProperties {
         .with_cleanup_expired_logs(Some(false))
 }
 
+/// Whether `e` is Delta's optimistic concurrency refusing a commit: another
+/// commit (the upkeep's, the batch's, or `brook compact` in another process)
+/// changed the files this one read since its snapshot.
+fn is_conflict(e: &DeltaTableError) -> bool {
+    matches!(
+        e,
+        DeltaTableError::Transaction {
+            source: TransactionError::CommitConflict(_)
+        }
+    )
+}
+
+/// How often a commit Delta refused for a conflict is tried, each time on the newest version.
+const CONFLICT_ATTEMPTS: usize = 3;
+
 async fn upkeep(mut table: DeltaTable, chores: Chores) -> DeltaResult<DeltaTable> {
     if let Some(size) = chores.compact {
-        table = optimize(table, Some(size), chores.props, lean_commit())
-            .await?
-            .0;
+        // A compaction that lost to another commit leaves the files as they
+        // were: the next one packs them.
+        match optimize(table.clone(), Some(size), chores.props, lean_commit()).await {
+            Ok((compacted, _)) => table = compacted,
+            Err(e) if is_conflict(&e) => {
+                tracing::info!("Delta compaction skipped, another commit came first: {e}")
+            }
+            Err(e) => return Err(e),
+        }
     }
     if chores.checkpoint {
         checkpoints::create_checkpoint(&table, None).await?;
@@ -164,15 +185,31 @@ async fn upkeep(mut table: DeltaTable, chores: Chores) -> DeltaResult<DeltaTable
     if let Some(retention) = chores.vacuum {
         let retention = chrono::Duration::from_std(retention)
             .map_err(|e| DeltaTableError::Generic(format!("vacuumRetention: {e}")))?;
-        table = table
-            .vacuum()
-            .with_retention_period(retention)
-            // The option is the user's choice of retention, below Delta's
-            // default of a week if they like.
-            .with_enforce_retention_duration(false)
-            .with_commit_properties(lean_commit())
-            .await?
-            .0;
+        // VACUUM's first commit counts every file as read, so a batch that
+        // replaced them meanwhile (complete mode) refuses it. It deletes
+        // nothing before that commit: it is tried again on the newest version.
+        for attempt in 1..=CONFLICT_ATTEMPTS {
+            table.update_incremental(None).await?;
+            let vacuum = table
+                .clone()
+                .vacuum()
+                .with_retention_period(retention)
+                // The option is the user's choice of retention, below Delta's
+                // default of a week if they like.
+                .with_enforce_retention_duration(false)
+                .with_commit_properties(lean_commit());
+            match vacuum.await {
+                Ok((vacuumed, _)) => {
+                    table = vacuumed;
+                    break;
+                }
+                Err(e) if is_conflict(&e) && attempt < CONFLICT_ATTEMPTS => {}
+                Err(e) if is_conflict(&e) => {
+                    tracing::info!("Delta VACUUM skipped, other commits came first: {e}")
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(table)
 }
@@ -587,7 +624,25 @@ impl Sink for DeltaSink {
         if opened.committed.is_some_and(|done| done >= batch_id) {
             return Ok(());
         }
-        let table = self.commit(opened, batch_id, batches).await?;
+        let mut attempt = 1;
+        let table = loop {
+            match self.commit(opened, batch_id, batches.clone()).await {
+                Err(BrookError::Delta { source, .. })
+                    if is_conflict(&source) && attempt < CONFLICT_ATTEMPTS =>
+                {
+                    // Another process compacted (`brook compact`) the files
+                    // this commit replaces: again, on the newest version.
+                    attempt += 1;
+                    if let Some(table) = &mut opened.table {
+                        table
+                            .update_incremental(None)
+                            .await
+                            .map_err(|e| self.delta(e))?;
+                    }
+                }
+                done => break done?,
+            }
+        };
         opened.table = Some(table);
         opened.committed = Some(batch_id);
         faults::crash_point("delta-commit", batch_id);
