@@ -33,11 +33,11 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 use futures::TryStreamExt;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::ObjectStoreExt;
 
 use crate::error::{BrookError, Result};
 use crate::options::Options;
-use crate::source::location::{Location, blocking};
+use crate::source::location::Location;
 pub use crate::source::manifest::MANIFEST_DIR;
 use crate::source::manifest::{CompactionEntry, Manifest, ManifestFile};
 use crate::testing::faults;
@@ -291,7 +291,7 @@ pub async fn compact(location: &Location, target_file_size: u64) -> Result<Compa
     let json = serde_json::to_vec_pretty(&entry)
         .map_err(|e| BrookError::serde(format!("{} compaction entry", location.display), e))?;
     let name = format!("{MANIFEST_DIR}/compact-{seq:020}.json");
-    if !create_if_absent(location, &name, json, &run).await? {
+    if !location.put_if_absent(&name, json.into()).await? {
         for file in &entry.added {
             delete(location, &file.path).await?;
         }
@@ -442,63 +442,4 @@ async fn merge(
         }
     }
     Ok(outputs)
-}
-
-/// Writes `rel` unless it exists; whether it wrote it. On a local disk the
-/// entry is written and flushed under a temporary name, then hard-linked
-/// into place, which fails if the name is taken, so that neither a crash nor
-/// a power cut leaves a torn entry; object stores make a put with
-/// `PutMode::Create` atomic and exclusive themselves.
-async fn create_if_absent(
-    location: &Location,
-    rel: &str,
-    bytes: Vec<u8>,
-    run: &str,
-) -> Result<bool> {
-    let Some(dir) = &location.local_dir else {
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        return match location
-            .store
-            .put_opts(&location.child_path(rel), PutPayload::from(bytes), options)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(e.into()),
-        };
-    };
-    let dest = dir.join(rel);
-    let parent = dest.parent().unwrap_or(dir).to_path_buf();
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // Two compactors may claim one name at once: each stages under its own.
-    let tmp = parent.join(format!(".{name}.{run}.tmp"));
-    blocking(move || {
-        let io = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |e| BrookError::io(path, e)
-        };
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        let linked = std::fs::hard_link(&tmp, &dest);
-        std::fs::remove_file(&tmp).map_err(io(&tmp))?;
-        match linked {
-            Ok(()) => {
-                std::fs::File::open(&parent)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io(&parent))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(BrookError::io(dest, e)),
-        }
-    })
-    .await
 }
