@@ -39,44 +39,10 @@ use crate::options::Options;
 use crate::source::location::Location;
 use crate::testing::faults;
 
-pub use super::compact::MANIFEST_DIR;
+pub use super::compact::{MANIFEST_DIR, OutputFormat};
 
 /// The directory name Spark and Hive give a null or empty partition value.
 pub const DEFAULT_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputFormat {
-    Parquet,
-    Csv,
-    Json,
-}
-
-impl OutputFormat {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_uppercase().as_str() {
-            "PARQUET" => Some(Self::Parquet),
-            "CSV" => Some(Self::Csv),
-            "JSON" | "NDJSON" => Some(Self::Json),
-            _ => None,
-        }
-    }
-
-    fn extension(self) -> &'static str {
-        match self {
-            Self::Parquet => "parquet",
-            Self::Csv => "csv",
-            Self::Json => "json",
-        }
-    }
-
-    /// The writer options a sink of this format takes.
-    pub fn options(self) -> Vec<&'static str> {
-        match self {
-            Self::Parquet => [parquet::OPTIONS, &[parquet::TIMESTAMP_OPTION]].concat(),
-            Self::Csv | Self::Json => vec![],
-        }
-    }
-}
 
 #[derive(Debug)]
 pub struct FileSink {
