@@ -33,11 +33,12 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 use futures::TryStreamExt;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::ObjectStoreExt;
 
+use super::parquet;
 use crate::error::{BrookError, Result};
 use crate::options::Options;
-use crate::source::location::{Location, blocking};
+use crate::source::location::Location;
 pub use crate::source::manifest::MANIFEST_DIR;
 use crate::source::manifest::{CompactionEntry, Manifest, ManifestFile};
 use crate::testing::faults;
@@ -149,30 +150,46 @@ impl std::fmt::Display for CompactReport {
     }
 }
 
-/// The format of a file, by its extension.
+/// The format a file sink writes; a compaction merges the files of each
+/// format alone, telling them apart by their extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Format {
+pub enum OutputFormat {
     Parquet,
     Csv,
     Json,
 }
 
-impl Format {
-    fn of(path: &str) -> Option<Self> {
-        let ext = path.rsplit_once('.')?.1;
-        match ext {
-            "parquet" => Some(Self::Parquet),
-            "csv" => Some(Self::Csv),
-            "json" => Some(Self::Json),
+impl OutputFormat {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_uppercase().as_str() {
+            "PARQUET" => Some(Self::Parquet),
+            "CSV" => Some(Self::Csv),
+            "JSON" | "NDJSON" => Some(Self::Json),
             _ => None,
         }
     }
 
-    fn extension(self) -> &'static str {
+    /// The format of the file `path`, by its extension.
+    pub fn of(path: &str) -> Option<Self> {
+        let ext = path.rsplit_once('.')?.1;
+        [Self::Parquet, Self::Csv, Self::Json]
+            .into_iter()
+            .find(|f| f.extension() == ext)
+    }
+
+    pub fn extension(self) -> &'static str {
         match self {
             Self::Parquet => "parquet",
             Self::Csv => "csv",
             Self::Json => "json",
+        }
+    }
+
+    /// The writer options a sink of this format takes.
+    pub fn options(self) -> Vec<&'static str> {
+        match self {
+            Self::Parquet => [parquet::OPTIONS, &[parquet::TIMESTAMP_OPTION]].concat(),
+            Self::Csv | Self::Json => vec![],
         }
     }
 }
@@ -198,9 +215,9 @@ pub async fn compact(location: &Location, target_file_size: u64) -> Result<Compa
     };
 
     // Bins of small files of one directory and format, filled up to the target.
-    let mut groups: BTreeMap<(&str, Format), Vec<&ManifestFile>> = BTreeMap::new();
+    let mut groups: BTreeMap<(&str, OutputFormat), Vec<&ManifestFile>> = BTreeMap::new();
     for file in &live {
-        if let Some(format) = Format::of(&file.path)
+        if let Some(format) = OutputFormat::of(&file.path)
             && file.bytes < target_file_size
         {
             groups
@@ -209,7 +226,7 @@ pub async fn compact(location: &Location, target_file_size: u64) -> Result<Compa
                 .push(file);
         }
     }
-    let mut bins: Vec<(&str, Format, Vec<&ManifestFile>)> = vec![];
+    let mut bins: Vec<(&str, OutputFormat, Vec<&ManifestFile>)> = vec![];
     for ((dir, format), files) in groups {
         let mut bin: Vec<&ManifestFile> = vec![];
         let mut size = 0;
@@ -291,7 +308,7 @@ pub async fn compact(location: &Location, target_file_size: u64) -> Result<Compa
     let json = serde_json::to_vec_pretty(&entry)
         .map_err(|e| BrookError::serde(format!("{} compaction entry", location.display), e))?;
     let name = format!("{MANIFEST_DIR}/compact-{seq:020}.json");
-    if !create_if_absent(location, &name, json, &run).await? {
+    if !location.put_if_absent(&name, json.into()).await? {
         for file in &entry.added {
             delete(location, &file.path).await?;
         }
@@ -358,12 +375,12 @@ async fn delete(location: &Location, rel: &str) -> Result<()> {
 /// a file whose columns or header differ from the previous one's starts a new one.
 async fn merge(
     location: &Location,
-    format: Format,
+    format: OutputFormat,
     files: &[&ManifestFile],
 ) -> Result<Vec<(Vec<u8>, u64)>> {
     let mut outputs = vec![];
     match format {
-        Format::Parquet => {
+        OutputFormat::Parquet => {
             let mut current: Option<(SchemaRef, ArrowWriter<Vec<u8>>, u64)> = None;
             for file in files {
                 let data = read(location, &file.path).await?;
@@ -407,12 +424,12 @@ async fn merge(
                 outputs.push((writer.into_inner()?, rows));
             }
         }
-        Format::Csv | Format::Json => {
+        OutputFormat::Csv | OutputFormat::Json => {
             let mut current: Option<(Vec<u8>, u64, Option<Vec<u8>>)> = None;
             for file in files {
                 let data = read(location, &file.path).await?;
                 let (header, body) = match format {
-                    Format::Csv => {
+                    OutputFormat::Csv => {
                         let end = data
                             .iter()
                             .position(|b| *b == b'\n')
@@ -444,61 +461,22 @@ async fn merge(
     Ok(outputs)
 }
 
-/// Writes `rel` unless it exists; whether it wrote it. On a local disk the
-/// entry is written and flushed under a temporary name, then hard-linked
-/// into place, which fails if the name is taken, so that neither a crash nor
-/// a power cut leaves a torn entry; object stores make a put with
-/// `PutMode::Create` atomic and exclusive themselves.
-async fn create_if_absent(
-    location: &Location,
-    rel: &str,
-    bytes: Vec<u8>,
-    run: &str,
-) -> Result<bool> {
-    let Some(dir) = &location.local_dir else {
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        return match location
-            .store
-            .put_opts(&location.child_path(rel), PutPayload::from(bytes), options)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(e.into()),
-        };
-    };
-    let dest = dir.join(rel);
-    let parent = dest.parent().unwrap_or(dir).to_path_buf();
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // Two compactors may claim one name at once: each stages under its own.
-    let tmp = parent.join(format!(".{name}.{run}.tmp"));
-    blocking(move || {
-        let io = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |e| BrookError::io(path, e)
-        };
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        let linked = std::fs::hard_link(&tmp, &dest);
-        std::fs::remove_file(&tmp).map_err(io(&tmp))?;
-        match linked {
-            Ok(()) => {
-                std::fs::File::open(&parent)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io(&parent))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(BrookError::io(dest, e)),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_format_is_told_by_the_extension_the_sink_gives_it() {
+        for format in [OutputFormat::Parquet, OutputFormat::Csv, OutputFormat::Json] {
+            let name = format!("k=v.1/part-00003-abcdef12.{}", format.extension());
+            assert_eq!(OutputFormat::of(&name), Some(format));
         }
-    })
-    .await
+        for other in [
+            "_latest",
+            "k=v.1/notes.txt",
+            "part-00003-abcdef12.parquet.tmp",
+        ] {
+            assert_eq!(OutputFormat::of(other), None, "{other}");
+        }
+    }
 }

@@ -15,8 +15,8 @@
 //! In complete mode each batch's whole result is a snapshot instead ([`super::snapshot`]).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch};
@@ -28,6 +28,7 @@ use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::json::LineDelimitedWriter;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
 use super::compact::{self, AutoCompact};
@@ -39,44 +40,10 @@ use crate::options::Options;
 use crate::source::location::Location;
 use crate::testing::faults;
 
-pub use super::compact::MANIFEST_DIR;
+pub use super::compact::{MANIFEST_DIR, OutputFormat};
 
 /// The directory name Spark and Hive give a null or empty partition value.
 pub const DEFAULT_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputFormat {
-    Parquet,
-    Csv,
-    Json,
-}
-
-impl OutputFormat {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_uppercase().as_str() {
-            "PARQUET" => Some(Self::Parquet),
-            "CSV" => Some(Self::Csv),
-            "JSON" | "NDJSON" => Some(Self::Json),
-            _ => None,
-        }
-    }
-
-    fn extension(self) -> &'static str {
-        match self {
-            Self::Parquet => "parquet",
-            Self::Csv => "csv",
-            Self::Json => "json",
-        }
-    }
-
-    /// The writer options a sink of this format takes.
-    pub fn options(self) -> Vec<&'static str> {
-        match self {
-            Self::Parquet => [parquet::OPTIONS, &[parquet::TIMESTAMP_OPTION]].concat(),
-            Self::Csv | Self::Json => vec![],
-        }
-    }
-}
 
 #[derive(Debug)]
 pub struct FileSink {
@@ -85,7 +52,7 @@ pub struct FileSink {
     partition_by: Vec<String>,
     /// The writer options ([`OutputFormat::options`]).
     options: Options,
-    opened: Mutex<Option<Opened>>,
+    opened: Mutex<Option<Arc<Opened>>>,
     compact: Option<AutoCompact>,
     /// Whether the query runs in complete mode, set by `open`: batches are snapshots.
     complete: AtomicBool,
@@ -93,7 +60,7 @@ pub struct FileSink {
 }
 
 /// What `open` learned from the query's output schema.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Opened {
     /// The output's schema, partition columns included.
     schema: SchemaRef,
@@ -103,6 +70,68 @@ struct Opened {
     partition: Vec<usize>,
     /// The output columns the files hold: all but the partition columns.
     data: Vec<usize>,
+    encoder: Encoder,
+}
+
+/// How batches become a file's bytes, settled once by `open`.
+#[derive(Debug)]
+enum Encoder {
+    Parquet {
+        /// From the writer options, for the files' columns.
+        props: Box<WriterProperties>,
+        /// The files' columns, with timestamps in the unit the options name.
+        schema: SchemaRef,
+    },
+    Csv,
+    Json,
+}
+
+impl Encoder {
+    /// The encoder of `format` with writer `options` for files of `schema`
+    /// (the columns the files hold); fails on a bad option.
+    fn new(format: OutputFormat, options: &Options, schema: &Schema) -> Result<Self> {
+        Ok(match format {
+            OutputFormat::Parquet => {
+                let props = parquet::writer_properties(options, schema)?;
+                let unit = parquet::timestamp_unit(options)?;
+                Self::Parquet {
+                    props: Box::new(props),
+                    schema: parquet::with_timestamp_unit(schema, unit),
+                }
+            }
+            OutputFormat::Csv => Self::Csv,
+            OutputFormat::Json => Self::Json,
+        })
+    }
+
+    /// `batches` (of the columns the files hold) as one file's bytes.
+    fn encode(&self, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        match self {
+            Self::Parquet { props, schema } => {
+                let props = Some(props.as_ref().clone());
+                let mut writer = ArrowWriter::try_new(&mut buf, schema.clone(), props)?;
+                for b in batches {
+                    writer.write(&parquet::cast_timestamps(b, schema)?)?;
+                }
+                writer.close()?;
+            }
+            Self::Csv => {
+                let mut writer = CsvWriterBuilder::new().with_header(true).build(&mut buf);
+                for b in batches {
+                    writer.write(b)?;
+                }
+            }
+            Self::Json => {
+                let mut writer = LineDelimitedWriter::new(&mut buf);
+                for b in batches {
+                    writer.write(b)?;
+                }
+                writer.finish()?;
+            }
+        }
+        Ok(buf)
+    }
 }
 
 #[derive(Serialize)]
@@ -172,44 +201,12 @@ impl FileSink {
         }
     }
 
-    fn opened(&self) -> Result<Option<Opened>> {
+    fn opened(&self) -> Result<Option<Arc<Opened>>> {
         Ok(self
             .opened
             .lock()
             .map_err(|_| self.error("lock poisoned"))?
             .clone())
-    }
-
-    /// `batches` (of `schema`, the columns the files hold) as one file's bytes,
-    /// with the sink's writer options.
-    pub(crate) fn encode(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        match self.format {
-            OutputFormat::Parquet => {
-                let props = parquet::writer_properties(&self.options, schema)?;
-                let unit = parquet::timestamp_unit(&self.options)?;
-                let schema = parquet::with_timestamp_unit(schema, unit);
-                let mut writer = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props))?;
-                for b in batches {
-                    writer.write(&parquet::cast_timestamps(b, &schema)?)?;
-                }
-                writer.close()?;
-            }
-            OutputFormat::Csv => {
-                let mut writer = CsvWriterBuilder::new().with_header(true).build(&mut buf);
-                for b in batches {
-                    writer.write(b)?;
-                }
-            }
-            OutputFormat::Json => {
-                let mut writer = LineDelimitedWriter::new(&mut buf);
-                for b in batches {
-                    writer.write(b)?;
-                }
-                writer.finish()?;
-            }
-        }
-        Ok(buf)
     }
 
     /// Where the partition columns are in `schema`, and the other columns;
@@ -394,21 +391,19 @@ impl Sink for FileSink {
         }
         self.complete.store(complete, Ordering::Relaxed);
         let (partition, data) = self.partition_columns(schema)?;
-        if self.format == OutputFormat::Parquet {
-            // Bad writer options fail here, at start, not at the first batch with rows.
-            parquet::writer_properties(&self.options, &schema.project(&data)?)?;
-            parquet::timestamp_unit(&self.options)?;
-        }
+        // Bad writer options fail here, at start, not at the first batch with rows.
+        let encoder = Encoder::new(self.format, &self.options, &schema.project(&data)?)?;
         let tag: String = query_id.chars().take(8).collect();
         *self
             .opened
             .lock()
-            .map_err(|_| self.error("lock poisoned"))? = Some(Opened {
+            .map_err(|_| self.error("lock poisoned"))? = Some(Arc::new(Opened {
             schema: schema.clone(),
             tag,
             partition,
             data,
-        });
+            encoder,
+        }));
         Ok(())
     }
 
@@ -421,7 +416,7 @@ impl Sink for FileSink {
                 batch_id,
                 tag: &opened.tag,
                 extension: self.format.extension(),
-                encoded: self.encode(&opened.schema, &batches)?,
+                encoded: opened.encoder.encode(&batches)?,
                 rows: batches.iter().map(RecordBatch::num_rows).sum(),
             };
             return snapshot::write(&self.location, snapshot, self.snapshots)
@@ -441,8 +436,7 @@ impl Sink for FileSink {
                 } else {
                     format!("{dir}/{name}")
                 };
-                let Some(first) = parts.first() else { continue };
-                let bytes = self.encode(&first.schema(), &parts)?;
+                let bytes = opened.encoder.encode(&parts)?;
                 let len = bytes.len();
                 self.location
                     .write_file(&path, bytes, ("sink-part-tmp", batch_id))

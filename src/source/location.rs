@@ -4,13 +4,14 @@ use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::{Path, PathPart};
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use url::Url;
 
 use crate::error::{BrookError, Result};
@@ -58,29 +59,48 @@ impl Location {
                 .await?;
             return Ok(());
         };
-        let dest = dir.join(rel);
-        let parent = dest.parent().unwrap_or(dir).to_path_buf();
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = parent.join(temporary_name(&name));
+        let (dest, tmp) = staging(dir, rel, None);
         // fsync blocks for milliseconds: off the runtime's threads, which run other queries.
         let staged = tmp.clone();
-        blocking(move || {
-            std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-            let mut file = std::fs::File::create(&staged).map_err(io(&staged))?;
-            file.write_all(&bytes).map_err(io(&staged))?;
-            file.sync_all().map_err(io(&staged))
-        })
-        .await?;
+        blocking(move || stage(&staged, &bytes)).await?;
         faults::crash_point(point.0, point.1);
         blocking(move || {
             std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-            let parent = dest.parent().unwrap_or(&dest);
-            std::fs::File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(io(parent))
+            sync_dir(dest.parent().unwrap_or(&dest))
+        })
+        .await
+    }
+
+    /// Writes `rel` unless it exists; whether it wrote it. Two writers racing
+    /// for one name never both win, and neither a crash nor a power cut leaves
+    /// a torn file: on a local disk the file is written and flushed under a
+    /// hidden temporary name of its own, then hard-linked into place, which
+    /// fails if the name is taken; object stores make a put with
+    /// `PutMode::Create` atomic and exclusive themselves. A store that cannot
+    /// put conditionally fails with `NotImplemented`, for the caller to decide.
+    pub async fn put_if_absent(&self, rel: &str, bytes: Bytes) -> Result<bool> {
+        let Some(dir) = &self.local_dir else {
+            let create = PutOptions::from(PutMode::Create);
+            return match self
+                .store
+                .put_opts(&self.child_path(rel), PutPayload::from(bytes), create)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+        };
+        let (dest, tmp) = staging(dir, rel, Some(rand::random()));
+        blocking(move || {
+            stage(&tmp, &bytes)?;
+            let linked = std::fs::hard_link(&tmp, &dest);
+            std::fs::remove_file(&tmp).map_err(io(&tmp))?;
+            match linked {
+                Ok(()) => sync_dir(dest.parent().unwrap_or(&dest)).map(|()| true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(BrookError::io(dest, e)),
+            }
         })
         .await
     }
@@ -228,13 +248,47 @@ fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> BrookError {
     move |e| BrookError::io(path, e)
 }
 
+/// The file `rel` below `dir`, and the hidden name it is written under before
+/// it is moved into place; a `claim` sets one writer's name apart from those
+/// of others writing the same file at once.
+fn staging(dir: &FsPath, rel: &str, claim: Option<u32>) -> (PathBuf, PathBuf) {
+    let dest = dir.join(rel);
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some(claim) = claim {
+        name = format!("{name}.{claim:08x}");
+    }
+    let tmp = dest.parent().unwrap_or(dir).join(temporary_name(&name));
+    (dest, tmp)
+}
+
+/// Writes `bytes` to the new file `tmp`, creating its directory, and flushes it to disk.
+fn stage(tmp: &FsPath, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = tmp.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let mut file = std::fs::File::create(tmp).map_err(io(tmp))?;
+    file.write_all(bytes).map_err(io(tmp))?;
+    file.sync_all().map_err(io(tmp))
+}
+
+/// Flushes `dir`'s entries to disk, so that a file renamed or linked into it
+/// survives a power cut.
+fn sync_dir(dir: &FsPath) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
 /// The hidden name a local file is written under before it is renamed into place.
 pub(crate) fn temporary_name(name: &str) -> String {
     format!(".{name}.tmp")
 }
 
-/// Whether `name` is one [`Location::write_file`] writes under: a kill before the
-/// rename leaves it behind.
+/// Whether `name` is one [`Location::write_file`] or [`Location::put_if_absent`]
+/// writes under: a kill before the rename or link leaves it behind.
 pub(crate) fn is_temporary(name: &str) -> bool {
     name.len() > ".tmp".len() + 1 && name.starts_with('.') && name.ends_with(".tmp")
 }
@@ -254,4 +308,64 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| BrookError::task("a file task", e))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Racing writers of one name: exactly one wins, the file holds its bytes
+    /// whole, and no staged file is left behind.
+    async fn one_of_racing_writers_wins(location: Location) {
+        let writers = (0..8u8).map(|i| {
+            let location = location.clone();
+            tokio::spawn(async move {
+                let bytes = Bytes::from(vec![i; 64 << 10]);
+                (i, location.put_if_absent("log/entry.json", bytes).await)
+            })
+        });
+        let mut winners = vec![];
+        for writer in writers {
+            let (i, written) = writer.await.unwrap();
+            if written.unwrap() {
+                winners.push(i);
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        let again = location.put_if_absent("log/entry.json", Bytes::from_static(b"late"));
+        assert!(!again.await.unwrap());
+        let path = location.child_path("log/entry.json");
+        let held = location.store.get(&path).await.unwrap().bytes().await;
+        assert_eq!(held.unwrap(), vec![winners[0]; 64 << 10]);
+        let log = location.child("log");
+        let listed = location
+            .store
+            .list_with_delimiter(Some(&log))
+            .await
+            .unwrap();
+        let names: Vec<&str> = (listed.objects.iter())
+            .filter_map(|o| o.location.filename())
+            .collect();
+        assert_eq!(names, ["entry.json"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_local_create_if_absent_has_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = Location::resolve(dir.path().to_str().unwrap(), &RuntimeEnv::default());
+        let location = location.unwrap();
+        one_of_racing_writers_wins(location.clone()).await;
+        let mut left: Vec<String> = std::fs::read_dir(dir.path().join("log"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["entry.json"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_object_store_create_if_absent_has_one_winner() {
+        let location = Location::resolve("memory://races/out", &RuntimeEnv::default());
+        one_of_racing_writers_wins(location.unwrap()).await;
+    }
 }

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -157,22 +157,14 @@ impl CheckpointFiles {
             return Ok(crc);
         }
         faults::crash_point(point.0, point.1);
-        let path = self.path(rel);
-        let create = PutOptions::from(PutMode::Create);
-        let store = &self.location.store;
-        let bytes = bytes::Bytes::from(bytes);
-        let payload = PutPayload::from(bytes.clone());
-        match store.put_opts(&path, payload.clone(), create).await {
-            Ok(_) => Ok(crc),
+        let bytes = Bytes::from(bytes);
+        match self.location.put_if_absent(rel, bytes.clone()).await {
+            Ok(true) => Ok(crc),
             // The store retries a request whose answer was lost: the object
             // it then finds may be this very write. Another query's differs
             // (its offsets hold their planning time, its metadata a new id).
-            Err(object_store::Error::AlreadyExists { .. })
-                if self.read(rel).await?.as_ref() == Some(&bytes) =>
-            {
-                Ok(crc)
-            }
-            Err(object_store::Error::AlreadyExists { .. }) => Err(BrookError::checkpoint(
+            Ok(false) if self.read(rel).await?.as_ref() == Some(&bytes) => Ok(crc),
+            Ok(false) => Err(BrookError::checkpoint(
                 self.display(rel),
                 "already written by another query running on this checkpoint (an object \
                  store keeps no lock, so the second query is refused when it writes a batch \
@@ -181,14 +173,16 @@ impl CheckpointFiles {
             )),
             // A store that cannot put conditionally (S3 with AWS_CONDITIONAL_PUT=disabled)
             // writes as before, with no check against a second query.
-            Err(object_store::Error::NotImplemented { .. }) => {
-                store
-                    .put(&path, payload)
+            Err(BrookError::ObjectStore(object_store::Error::NotImplemented { .. })) => {
+                self.location
+                    .store
+                    .put(&self.path(rel), PutPayload::from(bytes))
                     .await
                     .map_err(|e| self.failed(rel, e))?;
                 Ok(crc)
             }
-            Err(e) => Err(self.failed(rel, e)),
+            Err(BrookError::ObjectStore(e)) => Err(self.failed(rel, e)),
+            Err(e) => Err(e),
         }
     }
 
