@@ -465,13 +465,13 @@ fn steady() {
 }
 
 /// `steady` with `queries/dashboard_delta.sql`: Delta sinks that compact
-/// every 100 batches and VACUUM files replaced 10 s ago (the script says an
+/// every 20 batches and VACUUM files replaced 10 s ago (the script says an
 /// hour), the data files on disk and in the tables counted as the run goes.
 fn steady_delta() {
     steady_into(
         "steady_delta",
         "dashboard_delta.sql",
-        "Delta sinks, compactEvery 100, vacuumRetention 10 s",
+        "Delta sinks, compactEvery 20, vacuumRetention 10 s",
         &[(
             "'vacuumRetention' '1 hour'",
             "'vacuumRetention' '10 seconds'",

@@ -3,8 +3,9 @@
 -- one Delta commit carrying the query's id and batch number, so a restart
 -- neither loses nor repeats a row; the per-second counts are partitioned by
 -- day, the all-time top clients are overwritten whole in each commit, small
--- files are compacted every 100 batches, and files the tables stopped using
--- an hour ago are deleted (VACUUM). Run with a checkpoint:
+-- files are compacted every 20 batches (a Delta commit costs more the more
+-- files the table has), and files the tables stopped using an hour ago are
+-- deleted (VACUUM). Run with a checkpoint:
 --   brook run queries/dashboard_delta.sql --checkpoint ckpt
 -- and read, e.g. in Python: deltalake.DeltaTable('out/delta/top_clients').to_pandas()
 
@@ -25,7 +26,7 @@ CREATE UNBOUNDED EXTERNAL TABLE orders (
 CREATE EXTERNAL TABLE buy_sell_per_second STORED AS DELTA
     PARTITIONED BY (trade_date)
     LOCATION 'out/delta/buy_sell_per_second'
-    OPTIONS ('outputMode' 'append', 'compactEvery' '100', 'vacuumRetention' '1 hour');
+    OPTIONS ('outputMode' 'append', 'compactEvery' '20', 'vacuumRetention' '1 hour');
 INSERT INTO buy_sell_per_second
 SELECT CAST(window.start AS DATE) AS trade_date,
        window.start AS second,
@@ -48,7 +49,7 @@ LIMIT 5;
 -- The top 5 stocks by shares traded in the last hour: sliding one-hour windows
 -- every 10 seconds; each window is ranked once, when the watermark closes it.
 CREATE EXTERNAL TABLE top_stocks STORED AS DELTA LOCATION 'out/delta/top_stocks'
-    OPTIONS ('outputMode' 'append', 'compactEvery' '100', 'vacuumRetention' '1 hour');
+    OPTIONS ('outputMode' 'append', 'compactEvery' '20', 'vacuumRetention' '1 hour');
 INSERT INTO top_stocks
 SELECT window_end, symbol, shares, rank
 FROM (

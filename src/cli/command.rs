@@ -445,7 +445,9 @@ pub fn main() -> ExitCode {
     // delta-rs logs each commit that met another and was checked for conflicts;
     // the Delta sink retries or reports those itself.
     let default_level = match cli.command {
-        Command::Demo { .. } => "error,brook::exec::query=off,deltalake_core::kernel::transaction=off",
+        Command::Demo { .. } => {
+            "error,brook::exec::query=off,deltalake_core::kernel::transaction=off"
+        }
         _ => "warn,brook::exec::query=off,deltalake_core::kernel::transaction=off",
     };
     tracing_subscriber::fmt()

@@ -20,7 +20,7 @@
 
 use std::fmt;
 use std::num::NonZeroU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -144,6 +144,40 @@ fn lean_commit() -> CommitProperties {
         .with_create_checkpoint(false)
         .with_cleanup_expired_logs(Some(false))
 }
+
+/// The runtime upkeep runs on, shared by every Delta sink: one thread at the
+/// lowest CPU priority, so that on a busy machine the batches of every query
+/// go first. Beside them on the same threads a compaction's few hundred
+/// milliseconds of work made batches wait. (The Delta kernel blocks a worker
+/// while tasks it spawned run: the runtime's blocking pool, left at its
+/// default size, stands in for blocked workers.)
+fn upkeep_runtime() -> std::result::Result<&'static tokio::runtime::Runtime, &'static std::io::Error>
+{
+    static RUNTIME: OnceLock<std::io::Result<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("brook-delta-upkeep")
+                .on_thread_start(lowest_priority)
+                .enable_all()
+                .build()
+        })
+        .as_ref()
+}
+
+/// Gives the calling thread the lowest CPU priority (nice 19).
+#[cfg(target_os = "linux")]
+fn lowest_priority() {
+    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with id 0
+    // names the calling thread alone. Failing leaves the default priority.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lowest_priority() {}
 
 /// Whether `e` is Delta's optimistic concurrency refusing a commit: another
 /// commit (the upkeep's, the batch's, or `brook compact` in another process)
@@ -365,7 +399,12 @@ impl DeltaSink {
             vacuum: self.options.vacuum_retention,
             props: opened.props.clone(),
         };
-        opened.upkeep.running = Some(faults::spawn(upkeep(table.clone(), chores)));
+        let runtime = upkeep_runtime().map_err(|e| {
+            self.error(format!(
+                "cannot start the thread that compacts, checkpoints and vacuums: {e}"
+            ))
+        })?;
+        opened.upkeep.running = Some(runtime.spawn(upkeep(table.clone(), chores)));
         Ok(())
     }
 
