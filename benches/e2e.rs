@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
 //! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector
-//! interval_join ohlc delta steady_delta`.
+//! interval_join ohlc delta steady_delta steady_compact`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
@@ -475,6 +475,20 @@ fn steady_delta() {
         &[(
             "'vacuumRetention' '1 hour'",
             "'vacuumRetention' '10 seconds'",
+        )],
+    );
+}
+
+/// `steady` with the Parquet sinks of the append-mode queries compacting
+/// every 20 batches in the batch's own task.
+fn steady_compact() {
+    steady_into(
+        "steady_compact",
+        "dashboard_parquet.sql",
+        "Parquet sinks, compactEvery 20 on the append-mode ones",
+        &[(
+            "OPTIONS ('outputMode' 'append')",
+            "OPTIONS ('outputMode' 'append', 'compactEvery' '20')",
         )],
     );
 }
@@ -1088,6 +1102,9 @@ fn main() {
     }
     if wants("steady_delta") {
         steady_delta();
+    }
+    if wants("steady_compact") {
+        steady_compact();
     }
     if wants("restart") {
         restart();

@@ -148,6 +148,13 @@ for line in show(polars.read_delta(path).to_dicts()):
     (of("deltalake"), of("polars"))
 }
 
+/// Python's `deltalake` and `polars` each read `expected` from `table`.
+fn assert_python_reads(table: &Path, columns: &[&str], expected: &[String]) {
+    let (deltalake, polars) = python_rows(table, columns);
+    assert_eq!(deltalake, expected, "Python deltalake");
+    assert_eq!(polars, expected, "polars");
+}
+
 /// The table's commits in order, each as its actions.
 fn log(table: &Path) -> Vec<Vec<serde_json::Value>> {
     let mut files: Vec<_> = std::fs::read_dir(table.join("_delta_log"))
@@ -179,10 +186,7 @@ fn txns(table: &Path) -> Vec<(Option<i64>, String)> {
         .map(|c| {
             (
                 action(c, "txn").map(|t| t["version"].as_i64().unwrap()),
-                action(c, "commitInfo").unwrap()["operation"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
+                operation(c),
             )
         })
         .collect()
@@ -217,6 +221,27 @@ fn table_sql(dir: &Path, ddl: &str) -> String {
     ddl.replace("OUT", dir.join("out").to_str().unwrap())
 }
 
+/// Writes input files `0..files`, runs `select` into the table `ddl`
+/// declares (its location `OUT`); the input's rows and the table's directory.
+fn run_files(
+    dir: &Path,
+    files: usize,
+    ddl: &str,
+    select: &str,
+) -> (Vec<(String, i64, String)>, std::path::PathBuf) {
+    let input = (0..files).flat_map(|n| write_input(dir, n)).collect();
+    run_ok(dir, &script(dir, &table_sql(dir, ddl), select));
+    (input, dir.join("out"))
+}
+
+/// The operation a commit records (`WRITE`, `OPTIMIZE`, `VACUUM START`, ...).
+fn operation(commit: &[serde_json::Value]) -> String {
+    action(commit, "commitInfo").unwrap()["operation"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn append_mode_writes_one_commit_a_batch_and_restarts_on_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -239,9 +264,7 @@ async fn append_mode_writes_one_commit_a_batch_and_restarts_on_its_checkpoint() 
     let out = dir.join("out");
     let expected = plain_rows(&input);
     assert_eq!(delta_rows(&out, None).await, iso(&expected));
-    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
-    assert_eq!(deltalake, expected);
-    assert_eq!(polars, expected);
+    assert_python_reads(&out, &["user", "amount", "time"], &expected);
     // One commit a batch, each recording its batch id; the time column is a
     // wall-clock time in microseconds, as Delta stores one.
     let commits = txns(&out);
@@ -337,15 +360,9 @@ async fn complete_mode_overwrites_the_table_with_each_batchs_result() {
 async fn update_mode_merges_each_batchs_groups_into_the_table() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..4 {
-        input.extend(write_input(dir, n));
-    }
     let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
                OPTIONS ('outputMode' 'update')";
-    let sql = script(dir, &table_sql(dir, ddl), TOTALS);
-    run_ok(dir, &sql);
-    let out = dir.join("out");
+    let (input, out) = run_files(dir, 4, ddl, TOTALS);
     assert_eq!(delta_rows(&out, None).await, totals(&input));
     let operations: Vec<String> = txns(&out).into_iter().map(|(_, op)| op).collect();
     assert_eq!(operations, ["WRITE", "MERGE", "MERGE", "MERGE"]);
@@ -355,44 +372,22 @@ async fn update_mode_merges_each_batchs_groups_into_the_table() {
 async fn a_partitioned_table_has_a_directory_a_value_and_reads_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..2 {
-        input.extend(write_input(dir, n));
-    }
     let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA PARTITIONED BY (user) LOCATION 'OUT'";
-    let sql = script(
-        dir,
-        &table_sql(dir, ddl),
-        "SELECT user, amount, time FROM orders",
-    );
-    run_ok(dir, &sql);
-    let out = dir.join("out");
+    let (input, out) = run_files(dir, 2, ddl, "SELECT user, amount, time FROM orders");
     for user in USERS {
         assert!(out.join(format!("user={user}")).is_dir(), "{user}");
     }
     let expected = plain_rows(&input);
-    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
-    assert_eq!(deltalake, expected);
-    assert_eq!(polars, expected);
+    assert_python_reads(&out, &["user", "amount", "time"], &expected);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn compact_every_packs_the_files_without_changing_the_rows() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..4 {
-        input.extend(write_input(dir, n));
-    }
     let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
                OPTIONS ('compactEvery' '4', 'targetFileSize' '64MB')";
-    let sql = script(
-        dir,
-        &table_sql(dir, ddl),
-        "SELECT user, amount, time FROM orders",
-    );
-    run_ok(dir, &sql);
-    let out = dir.join("out");
+    let (input, out) = run_files(dir, 4, ddl, "SELECT user, amount, time FROM orders");
     assert_eq!(delta_rows(&out, None).await, iso(&plain_rows(&input)));
     let operations: Vec<String> = txns(&out).into_iter().map(|(_, op)| op).collect();
     assert_eq!(operations, ["WRITE", "WRITE", "WRITE", "WRITE", "OPTIMIZE"]);
@@ -442,31 +437,13 @@ fn files_on_disk(table: &Path) -> std::collections::BTreeSet<String> {
 async fn vacuum_retention_deletes_the_files_compaction_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..9 {
-        input.extend(write_input(dir, n));
-    }
     let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
                OPTIONS ('compactEvery' '3', 'vacuumRetention' '0 seconds')";
-    let sql = script(
-        dir,
-        &table_sql(dir, ddl),
-        "SELECT user, amount, time FROM orders",
-    );
-    run_ok(dir, &sql);
-    let out = dir.join("out");
+    let (input, out) = run_files(dir, 9, ddl, "SELECT user, amount, time FROM orders");
     assert_eq!(delta_rows(&out, None).await, iso(&plain_rows(&input)));
-    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
-    assert_eq!(deltalake, plain_rows(&input));
-    assert_eq!(polars, plain_rows(&input));
+    assert_python_reads(&out, &["user", "amount", "time"], &plain_rows(&input));
 
     let commits = log(&out);
-    let operation = |c: &[serde_json::Value]| {
-        action(c, "commitInfo").unwrap()["operation"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
     let count = |op: &str| commits.iter().filter(|c| operation(c) == op).count();
     // The compactions ran beside the appends (in any order), each followed by
     // a VACUUM; one that came due while the last still ran was run after it,
@@ -509,25 +486,13 @@ async fn vacuum_retention_deletes_the_files_compaction_replaced() {
 async fn a_complete_mode_table_is_vacuumed_while_batches_replace_it() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..104 {
-        input.extend(write_input(dir, n));
-    }
     let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
                OPTIONS ('outputMode' 'complete', 'vacuumRetention' '0 seconds')";
-    let sql = script(dir, &table_sql(dir, ddl), TOTALS);
-    run_ok(dir, &sql);
-    let out = dir.join("out");
+    let (input, out) = run_files(dir, 104, ddl, TOTALS);
     assert_eq!(delta_rows(&out, None).await, totals(&input));
     // The log checkpoint at commit 99 brought a VACUUM while the next batches
     // overwrote the table: the files every earlier commit replaced are gone.
     let commits = log(&out);
-    let operation = |c: &[serde_json::Value]| {
-        action(c, "commitInfo").unwrap()["operation"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
     let start = commits
         .iter()
         .position(|c| operation(c) == "VACUUM START")
@@ -548,22 +513,17 @@ async fn a_complete_mode_table_is_vacuumed_while_batches_replace_it() {
 async fn update_mode_merges_wait_for_a_running_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..5 {
-        input.extend(write_input(dir, n));
-    }
     let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
                OPTIONS ('outputMode' 'update', 'compactEvery' '2')";
     // Each batch's groups are new (a new minute): the MERGE adds a file, so
     // there are files to compact.
-    let sql = script(
+    let (input, out) = run_files(
         dir,
-        &table_sql(dir, ddl),
+        5,
+        ddl,
         "SELECT date_trunc('minute', time) AS minute, user, sum(amount) AS total \
          FROM orders GROUP BY date_trunc('minute', time), user",
     );
-    run_ok(dir, &sql);
-    let out = dir.join("out");
     let mut sums: BTreeMap<(String, &str), i64> = BTreeMap::new();
     for (u, a, t) in &input {
         *sums.entry((format!("{}:00", &t[..16]), u)).or_default() += a;
@@ -588,17 +548,12 @@ async fn update_mode_merges_wait_for_a_running_compaction() {
 async fn a_log_checkpoint_is_written_every_hundred_commits() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..102 {
-        input.extend(write_input(dir, n));
-    }
-    let sql = script(
+    let (input, out) = run_files(
         dir,
-        &table_sql(dir, APPEND_TABLE),
+        102,
+        APPEND_TABLE,
         "SELECT user, amount, time FROM orders",
     );
-    run_ok(dir, &sql);
-    let out = dir.join("out");
     // As delta-rs would at commit 99, but written beside the batches.
     assert!(
         out.join("_delta_log/00000000000000000099.checkpoint.parquet")
@@ -611,9 +566,7 @@ async fn a_log_checkpoint_is_written_every_hundred_commits() {
     assert_eq!(last["version"], 99);
     let expected = plain_rows(&input);
     assert_eq!(delta_rows(&out, None).await, iso(&expected));
-    let (deltalake, polars) = python_rows(&out, &["user", "amount", "time"]);
-    assert_eq!(deltalake, expected);
-    assert_eq!(polars, expected);
+    assert_python_reads(&out, &["user", "amount", "time"], &expected);
     let batches: Vec<Option<i64>> = txns(&out).into_iter().map(|(t, _)| t).collect();
     assert_eq!(batches, (0..102).map(Some).collect::<Vec<_>>());
 }
@@ -622,19 +575,9 @@ async fn a_log_checkpoint_is_written_every_hundred_commits() {
 async fn brook_compact_optimizes_a_delta_table_written_with_parquet_options() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut input = vec![];
-    for n in 0..3 {
-        input.extend(write_input(dir, n));
-    }
     let ddl = "CREATE EXTERNAL TABLE out STORED AS DELTA LOCATION 'OUT' \
                OPTIONS ('compression' 'snappy', 'rowGroupSize' '4')";
-    let sql = script(
-        dir,
-        &table_sql(dir, ddl),
-        "SELECT user, amount, time FROM orders",
-    );
-    run_ok(dir, &sql);
-    let out = dir.join("out");
+    let (input, out) = run_files(dir, 3, ddl, "SELECT user, amount, time FROM orders");
     let parts: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -822,9 +765,7 @@ async fn an_s3_table_gets_one_commit_a_batch_across_a_restart_on_an_s3_checkpoin
     let table = s3.bucket_dir().join("tables/orders");
     let expected = plain_rows(&input);
     assert_eq!(delta_rows(&table, None).await, iso(&expected));
-    let (deltalake, polars) = python_rows(&table, &["user", "amount", "time"]);
-    assert_eq!(deltalake, expected);
-    assert_eq!(polars, expected);
+    assert_python_reads(&table, &["user", "amount", "time"], &expected);
     let batches: Vec<(Option<i64>, String)> = (0..5).map(|b| (Some(b), "WRITE".into())).collect();
     assert_eq!(txns(&table), batches);
 
