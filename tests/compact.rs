@@ -328,7 +328,7 @@ async fn a_compaction_killed_midway_leaves_the_old_or_the_new_live_set() {
     assert_eq!(data_files(&out), live_files(&out));
     assert_eq!(listing_counts(&out).await, (200, 200));
 
-    // A query killed in its sink's compaction runs the batch again on restart.
+    // A query killed in its sink's compaction (beside its batches) loses nothing on restart.
     for n in 20..30 {
         put_input(&dir.join("in"), n);
     }

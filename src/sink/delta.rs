@@ -20,7 +20,7 @@
 
 use std::fmt;
 use std::num::NonZeroU64;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,10 +40,10 @@ use deltalake::protocol::SaveMode;
 use deltalake::table::config::TablePropertiesExt;
 use deltalake::{DeltaTable, DeltaTableError, checkpoints};
 use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
 use url::Url;
 
 use super::compact::AutoCompact;
+use super::upkeep::Upkeep;
 use super::{GroupKeys, Sink, parquet};
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
@@ -98,7 +98,9 @@ struct Opened {
     /// The last batch this query committed, once known: a batch delivered
     /// again is then skipped without reading the table's log.
     committed: Option<u64>,
-    upkeep: Upkeep,
+    upkeep: Upkeep<DeltaTable>,
+    /// The version whose commit makes the next log checkpoint due, once known.
+    checkpoint_at: Option<u64>,
     app_id: String,
     mode: OutputMode,
     /// The schema written: the query's, with timestamps in microseconds.
@@ -106,16 +108,6 @@ struct Opened {
     /// The Parquet settings of every file the sink writes or compacts.
     props: WriterProperties,
     keys: Vec<String>,
-}
-
-/// The table's background work, one task at a time.
-#[derive(Debug, Default)]
-struct Upkeep {
-    running: Option<JoinHandle<DeltaResult<DeltaTable>>>,
-    /// A compaction came due while the last task still ran.
-    compact_due: bool,
-    /// The version whose commit makes the next log checkpoint due, once known.
-    checkpoint_at: Option<u64>,
 }
 
 type DeltaResult<T> = std::result::Result<T, DeltaTableError>;
@@ -144,40 +136,6 @@ fn lean_commit() -> CommitProperties {
         .with_create_checkpoint(false)
         .with_cleanup_expired_logs(Some(false))
 }
-
-/// The runtime upkeep runs on, shared by every Delta sink: one thread at the
-/// lowest CPU priority, so that on a busy machine the batches of every query
-/// go first. Beside them on the same threads a compaction's few hundred
-/// milliseconds of work made batches wait. (The Delta kernel blocks a worker
-/// while tasks it spawned run: the runtime's blocking pool, left at its
-/// default size, stands in for blocked workers.)
-fn upkeep_runtime() -> std::result::Result<&'static tokio::runtime::Runtime, &'static std::io::Error>
-{
-    static RUNTIME: OnceLock<std::io::Result<tokio::runtime::Runtime>> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("brook-delta-upkeep")
-                .on_thread_start(lowest_priority)
-                .enable_all()
-                .build()
-        })
-        .as_ref()
-}
-
-/// Gives the calling thread the lowest CPU priority (nice 19).
-#[cfg(target_os = "linux")]
-fn lowest_priority() {
-    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with id 0
-    // names the calling thread alone. Failing leaves the default priority.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lowest_priority() {}
 
 /// Whether `e` is Delta's optimistic concurrency refusing a commit: another
 /// commit (the upkeep's, the batch's, or `brook compact` in another process)
@@ -349,17 +307,15 @@ impl DeltaSink {
 
     /// Waits for the upkeep task, if one runs; its table is taken when newer
     /// than the sink's. Its failure is the query's.
-    async fn settle_upkeep(&self, opened: &mut Opened) -> Result<()> {
-        let Some(task) = opened.upkeep.running.take() else {
-            return Ok(());
+    async fn settle_upkeep(&self, opened: &mut Opened, finished_only: bool) -> Result<()> {
+        let settled = if finished_only {
+            opened.upkeep.settle_finished().await?
+        } else {
+            opened.upkeep.settle().await?
         };
-        let table = task
-            .await
-            .map_err(|e| {
-                BrookError::task("the Delta table's compaction, checkpoint and VACUUM", e)
-            })?
-            .map_err(|e| self.delta(e))?;
-        if table.version() > opened.table.as_ref().and_then(DeltaTable::version) {
+        if let Some(table) = settled
+            && table.version() > opened.table.as_ref().and_then(DeltaTable::version)
+        {
             opened.table = Some(table);
         }
         Ok(())
@@ -368,7 +324,11 @@ impl DeltaSink {
     /// Starts the upkeep that is due, unless a task still runs (then it waits
     /// for a later batch).
     fn start_upkeep(&self, opened: &mut Opened) -> Result<()> {
-        let (Some(table), None) = (&opened.table, &opened.upkeep.running) else {
+        let Some(table) = opened
+            .table
+            .as_ref()
+            .filter(|_| !opened.upkeep.is_running())
+        else {
             return Ok(());
         };
         let version = table.version().unwrap_or(0);
@@ -379,18 +339,16 @@ impl DeltaSink {
             .checkpoint_interval()
             .get();
         let at = *opened
-            .upkeep
             .checkpoint_at
             .get_or_insert_with(|| checkpoint_due_at(version, interval));
         let checkpoint = version >= at;
-        let compact = opened.upkeep.compact_due;
+        let compact = opened.upkeep.due;
         if !checkpoint && !compact {
             return Ok(());
         }
         if checkpoint {
-            opened.upkeep.checkpoint_at = Some(checkpoint_due_at(version + 1, interval));
+            opened.checkpoint_at = Some(checkpoint_due_at(version + 1, interval));
         }
-        opened.upkeep.compact_due = false;
         let chores = Chores {
             compact: compact
                 .then(|| self.options.compact.map(|c| c.target_file_size))
@@ -399,13 +357,13 @@ impl DeltaSink {
             vacuum: self.options.vacuum_retention,
             props: opened.props.clone(),
         };
-        let runtime = upkeep_runtime().map_err(|e| {
-            self.error(format!(
-                "cannot start the thread that compacts, checkpoints and vacuums: {e}"
-            ))
-        })?;
-        opened.upkeep.running = Some(runtime.spawn(upkeep(table.clone(), chores)));
-        Ok(())
+        let table = table.clone();
+        let location = self.location.display.clone();
+        opened.upkeep.start(async move {
+            upkeep(table, chores)
+                .await
+                .map_err(|e| BrookError::delta(location, e))
+        })
     }
 
     /// Refuses a table that exists with other columns or other partitioning.
@@ -622,6 +580,7 @@ impl Sink for DeltaSink {
             table: exists.then_some(table),
             committed: None,
             upkeep: Upkeep::default(),
+            checkpoint_at: None,
             app_id: query_id.to_string(),
             mode,
             props: parquet::writer_properties(&self.options.writer, &written)?,
@@ -636,17 +595,11 @@ impl Sink for DeltaSink {
         let opened = guard
             .as_mut()
             .ok_or_else(|| self.error("add_batch before open"))?;
-        // A MERGE rewrites files a running compaction may be rewriting too:
-        // one of the two commits would fail.
-        if opened.mode == OutputMode::Update
-            || opened
-                .upkeep
-                .running
-                .as_ref()
-                .is_some_and(|t| t.is_finished())
-        {
-            self.settle_upkeep(opened).await?;
-        }
+        // A finished upkeep's failure fails the query here. A MERGE waits for
+        // a running one: it may rewrite files a compaction is rewriting too,
+        // and one of the two commits would fail.
+        let update = opened.mode == OutputMode::Update;
+        self.settle_upkeep(opened, !update).await?;
         if opened.table.is_none() {
             let (table, exists) = load(&self.location).await?;
             opened.table = exists.then_some(table);
@@ -688,7 +641,7 @@ impl Sink for DeltaSink {
         if let Some(compact) = self.options.compact
             && (batch_id + 1).is_multiple_of(compact.every)
         {
-            opened.upkeep.compact_due = true;
+            opened.upkeep.due = true;
         }
         self.start_upkeep(opened)
     }
@@ -698,10 +651,10 @@ impl Sink for DeltaSink {
         let Some(opened) = guard.as_mut() else {
             return Ok(());
         };
-        self.settle_upkeep(opened).await?;
+        self.settle_upkeep(opened, false).await?;
         // What came due while the last task ran.
         self.start_upkeep(opened)?;
-        self.settle_upkeep(opened).await
+        self.settle_upkeep(opened, false).await
     }
 }
 

@@ -31,8 +31,9 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
-use super::compact::{self, AutoCompact};
+use super::compact::{self, AutoCompact, CompactReport};
 use super::snapshot::{self, Snapshot, SnapshotOptions};
+use super::upkeep::Upkeep;
 use super::{Sink, parquet};
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
@@ -54,6 +55,8 @@ pub struct FileSink {
     options: Options,
     opened: Mutex<Option<Arc<Opened>>>,
     compact: Option<AutoCompact>,
+    /// The compaction running beside the batches.
+    compacting: tokio::sync::Mutex<Upkeep<CompactReport>>,
     /// Whether the query runs in complete mode, set by `open`: batches are snapshots.
     complete: AtomicBool,
     snapshots: SnapshotOptions,
@@ -158,12 +161,14 @@ impl FileSink {
             options: Options::new(),
             opened: Mutex::new(None),
             compact: None,
+            compacting: tokio::sync::Mutex::new(Upkeep::default()),
             complete: AtomicBool::new(false),
             snapshots: SnapshotOptions::default(),
         })
     }
 
-    /// Compacts the output after every `compactEvery`-th batch, in the batch's task.
+    /// Compacts the output after every `compactEvery`-th batch, beside the
+    /// batches that follow (a compaction is safe while batches are written).
     pub fn with_compaction(mut self, compact: Option<AutoCompact>) -> Self {
         self.compact = compact;
         self
@@ -195,10 +200,7 @@ impl FileSink {
 
     /// A store's error, naming the sink: the store names only the object's key.
     fn located(&self, e: BrookError) -> BrookError {
-        match e {
-            BrookError::ObjectStore(e) => self.error(self.location.store_failure(&e)),
-            other => other,
-        }
+        located(&self.location, e)
     }
 
     fn opened(&self) -> Result<Option<Arc<Opened>>> {
@@ -457,14 +459,55 @@ impl Sink for FileSink {
             .write_file(&manifest, entry, ("sink-manifest-tmp", batch_id))
             .await
             .map_err(|e| self.located(e))?;
-        if let Some(auto) = self.compact
-            && (batch_id + 1).is_multiple_of(auto.every)
-        {
-            compact::compact(&self.location, auto.target_file_size)
-                .await
-                .map_err(|e| self.located(e))?;
+        if let Some(auto) = self.compact {
+            let mut compacting = self.compacting.lock().await;
+            compacting.settle_finished().await?;
+            if (batch_id + 1).is_multiple_of(auto.every) {
+                compacting.due = true;
+            }
+            self.start_compaction(&mut compacting, auto)?;
         }
         Ok(())
+    }
+
+    async fn finish(&self) -> Result<()> {
+        let Some(auto) = self.compact else {
+            return Ok(());
+        };
+        let mut compacting = self.compacting.lock().await;
+        compacting.settle().await?;
+        // One that came due while the last ran.
+        self.start_compaction(&mut compacting, auto)?;
+        compacting.settle().await.map(|_| ())
+    }
+}
+
+impl FileSink {
+    fn start_compaction(
+        &self,
+        compacting: &mut Upkeep<CompactReport>,
+        auto: AutoCompact,
+    ) -> Result<()> {
+        if !compacting.due || compacting.is_running() {
+            return Ok(());
+        }
+        let location = self.location.clone();
+        compacting.start(async move {
+            compact::compact(&location, auto.target_file_size)
+                .await
+                .map_err(|e| located(&location, e))
+        })
+    }
+}
+
+/// `e`, a store's failure named by the sink's location and what to check.
+fn located(location: &Location, e: BrookError) -> BrookError {
+    match e {
+        BrookError::ObjectStore(e) => BrookError::Sink {
+            sink: location.display.clone(),
+            message: location.store_failure(&e),
+        },
+        other => other,
     }
 }
 

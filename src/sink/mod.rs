@@ -10,6 +10,7 @@ pub mod memory;
 pub(crate) mod mirror;
 pub mod parquet;
 pub mod snapshot;
+mod upkeep;
 
 use std::fmt::Debug;
 

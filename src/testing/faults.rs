@@ -50,16 +50,19 @@ pub(crate) async fn in_query<F: Future>(name: String, f: F) -> F::Output {
     QUERY.scope(name, f).await
 }
 
+/// `f`, run anywhere, as part of the current query: its points know the query's name.
+pub(crate) fn with_query<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    let name = QUERY.try_with(String::clone).unwrap_or_default();
+    QUERY.scope(name, f)
+}
+
 /// Spawns `f` as part of the current query, so that its points know the query's name.
 pub(crate) fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    match QUERY.try_with(String::clone) {
-        Ok(name) => tokio::spawn(QUERY.scope(name, f)),
-        Err(_) => tokio::spawn(f),
-    }
+    tokio::spawn(with_query(f))
 }
 
 /// What a task started by [`spawn`] returned; a task that panicked or was
