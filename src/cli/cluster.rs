@@ -212,7 +212,8 @@ pub(crate) async fn run_executor(args: ExecutorArgs) -> Result<()> {
     };
     let signalled = tokio::spawn(async move { signals.recv().await });
     note(&format!(
-        "brook executor on {} (port {}, tasks on {grpc_port}, {slots} slots), scheduler {scheduler_host}:{scheduler_port}",
+        "brook executor on {} (results on port {}, tasks on {grpc_port}, {slots} task slot(s)), \
+         scheduler {scheduler_host}:{scheduler_port}",
         args.bind, args.port
     ));
     match start_executor_process(Arc::new(config)).await {
