@@ -228,7 +228,7 @@ async fn a_group_by_runs_on_two_executors_and_matches_local_datafusion() {
         assert!(
             registered
                 .iter()
-                .any(|e| e["port"].to_string() == *flight && e["host"] == "127.0.0.1"),
+                .any(|e| e["port"].as_u64() == flight.parse().ok() && e["host"] == "127.0.0.1"),
             "executor on port {flight} not in {registered:?}"
         );
     }
