@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::cli::cluster::{ExecutorArgs, SchedulerArgs, run_executor, run_scheduler};
 use crate::cli::compact::compact_table;
 use crate::cli::demo::{DemoOptions, run_demo};
 use crate::cli::send::{KafkaSendOptions, SendOptions, send_files, send_kafka};
@@ -143,6 +144,11 @@ enum Command {
               default_value_t = crate::sink::compact::DEFAULT_TARGET_FILE_SIZE)]
         target_file_size: u64,
     },
+    /// Run an Apache Ballista scheduler: executors register with it, Ballista clients send it
+    /// DataFusion plans (docs/scale-out.md).
+    Scheduler(SchedulerArgs),
+    /// Run an Apache Ballista executor that takes tasks from `brook scheduler`.
+    Executor(ExecutorArgs),
 }
 
 #[derive(Args)]
@@ -401,6 +407,8 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             table_dir,
             target_file_size,
         } => compact_table(&table_dir, target_file_size).await,
+        Command::Scheduler(args) => run_scheduler(args).await,
+        Command::Executor(args) => run_executor(args).await,
     }
 }
 
@@ -447,6 +455,11 @@ pub fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Demo { .. } => {
             "error,brook::exec::query=off,deltalake_core::kernel::transaction=off"
+        }
+        // A cluster process's log is its record of what it ran: Ballista logs
+        // registrations, jobs and tasks at info.
+        Command::Scheduler(_) | Command::Executor(_) => {
+            "warn,ballista_scheduler=info,ballista_executor=info"
         }
         _ => "warn,brook::exec::query=off,deltalake_core::kernel::transaction=off",
     };

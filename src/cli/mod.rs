@@ -2,6 +2,7 @@
 //! [`main`] runs it; the dashboard's queries are public for tests and benches
 //! that run them in process.
 
+pub(crate) mod cluster;
 mod command;
 pub(crate) mod compact;
 pub mod demo;
