@@ -9,9 +9,8 @@ use datafusion::logical_expr::CreateExternalTable;
 use datafusion::sql::sqlparser::ast::Value;
 
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
-use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
-use crate::options::{Options, same_key};
+use crate::options::{Options, duration_or_why, same_key};
 use crate::sink::compact::AutoCompact;
 use crate::sink::console::ConsoleOptions;
 use crate::sink::delta::{DeltaOptions, DeltaSink};
@@ -86,11 +85,7 @@ impl SourceDef {
             .iter()
             .find(|(k, _)| same_key(k, IDLE_TIMEOUT))
             .map(|(_, v)| {
-                parse_duration(v).map_err(|e| {
-                    let why = match e {
-                        BrookError::Sql(why) => why,
-                        other => other.to_string(),
-                    };
+                duration_or_why(v).map_err(|why| {
                     BrookError::option(IDLE_TIMEOUT, format!("source table '{name}': {why}"))
                 })
             })
@@ -328,11 +323,7 @@ impl StaticDef {
         let refresh = options
             .get("refreshInterval")
             .map(|v| {
-                parse_duration(v).map_err(|e| {
-                    let why = match e {
-                        BrookError::Sql(why) => why,
-                        other => other.to_string(),
-                    };
+                duration_or_why(v).map_err(|why| {
                     BrookError::option("refreshInterval", format!("static table '{name}': {why}"))
                 })
             })

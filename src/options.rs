@@ -11,6 +11,14 @@ use std::time::Duration;
 use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
 
+/// [`parse_duration`], failing with the reason alone, for an option's error.
+pub fn duration_or_why(text: &str) -> std::result::Result<Duration, String> {
+    parse_duration(text).map_err(|e| match e {
+        BrookError::Sql(why) => why,
+        other => other.to_string(),
+    })
+}
+
 /// Bytes in a size as Spark and DataFusion write one: `1048576`, `512k`,
 /// `100MB`, `1.5g`, `512 MiB` (units are powers of 1024); `None` if `text` is
 /// not one, or is less than a byte or more than a `u64` holds.
@@ -130,15 +138,7 @@ impl Options {
     /// A duration option ([`parse_duration`]: `'10 seconds'`, `'1 hour'`, `500ms`).
     pub fn duration(&self, key: &str) -> Result<Option<Duration>> {
         self.get(key)
-            .map(|t| {
-                parse_duration(t).map_err(|e| {
-                    let why = match e {
-                        BrookError::Sql(why) => why,
-                        other => other.to_string(),
-                    };
-                    BrookError::option(key, why)
-                })
-            })
+            .map(|t| duration_or_why(t).map_err(|why| BrookError::option(key, why)))
             .transpose()
     }
 
