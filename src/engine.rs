@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef, hold_parquet_compression};
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
+use crate::exec::cluster::{Cluster, ClusterQuery};
 use crate::exec::compile::{CompiledQuery, UserFunctions, compile};
 use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::{QueryOptions, StreamingQuery};
@@ -117,6 +118,10 @@ pub struct Overrides {
     /// Bytes the queries' operators may hold together; a query needing more
     /// fails with an error naming them. Default: half the machine's memory.
     pub memory_limit: Option<usize>,
+    /// A Ballista cluster's scheduler (`df://HOST:PORT`, as `brook scheduler`
+    /// runs it) on which every query's batches read their input and run their
+    /// plan up to the aggregation's state, which stays here with the sink.
+    pub cluster: Option<String>,
 }
 
 /// A brook session: streaming sources and sinks, the queries running over them,
@@ -127,6 +132,8 @@ pub struct Engine {
     overrides: Overrides,
     shared: SharedInput,
     progress: broadcast::Sender<QueryProgress>,
+    /// Connected at the first query's start.
+    cluster: tokio::sync::OnceCell<Arc<Cluster>>,
 }
 
 impl Default for Engine {
@@ -158,6 +165,7 @@ impl Engine {
             overrides,
             shared: SharedInput::default(),
             progress: broadcast::channel(PROGRESS_EVENTS).0,
+            cluster: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -636,6 +644,25 @@ impl Engine {
         {
             return Err(lacking(location, &function));
         }
+        let cluster = match &self.overrides.cluster {
+            Some(url) => {
+                let cluster = self
+                    .cluster
+                    .get_or_try_init(|| async { Cluster::connect(url).await.map(Arc::new) })
+                    .await?;
+                // The tasks leave their reports where the driver reads them: in the
+                // checkpoint, which a cluster's machines share, as in Spark.
+                let reports = match &options.checkpoint {
+                    Some(location) => format!("{}/cluster", location.trim_end_matches('/')),
+                    None => std::env::temp_dir()
+                        .join(format!("brook-cluster-{}", new_id()))
+                        .display()
+                        .to_string(),
+                };
+                Some(ClusterQuery::new(cluster.clone(), &compiled, reports)?)
+            }
+            None => None,
+        };
         let runtime = self.ctx.runtime_env();
         let sources = compiled
             .inputs
@@ -696,6 +723,7 @@ impl Engine {
             options,
             memory_table,
             gate.clone(),
+            cluster,
         ));
         self.catalog()?.queries.push(query.clone());
         Ok(query)

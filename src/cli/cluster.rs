@@ -1,6 +1,7 @@
 //! `brook scheduler` and `brook executor`: Apache Ballista's own scheduler and
-//! executor, run from the brook binary, so that a cluster of brook processes
-//! runs DataFusion plans that Ballista clients (`SessionContext::remote`) send.
+//! executor, run from the brook binary with brook's plan codecs, so that a
+//! cluster of brook processes runs the batches of `brook run --cluster` and
+//! the DataFusion plans other Ballista clients (`SessionContext::remote`) send.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 
 use crate::cli::{StopSignals, note};
 use crate::error::{BrookError, Result};
+use crate::exec::cluster::codec::{BrookLogicalCodec, BrookPhysicalCodec};
 
 #[derive(Args)]
 pub(crate) struct SchedulerArgs {
@@ -107,6 +109,8 @@ pub(crate) async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
         // Ballista's advice for a cluster with a single scheduler: spread the
         // tasks over the executors rather than filling one first.
         task_distribution: TaskDistributionPolicy::RoundRobin,
+        override_logical_codec: Some(Arc::new(BrookLogicalCodec::default())),
+        override_physical_codec: Some(Arc::new(BrookPhysicalCodec::default())),
         ..SchedulerConfig::default()
     };
     config
@@ -208,6 +212,8 @@ pub(crate) async fn run_executor(args: ExecutorArgs) -> Result<()> {
         scheduler_port,
         vcores: slots,
         work_dir,
+        override_logical_codec: Some(Arc::new(BrookLogicalCodec::default())),
+        override_physical_codec: Some(Arc::new(BrookPhysicalCodec::default())),
         ..ExecutorProcessConfig::default()
     };
     let signalled = tokio::spawn(async move { signals.recv().await });

@@ -55,6 +55,10 @@ enum Command {
         /// Memory the queries may take together, e.g. '4GB' (default: half the machine's).
         #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
         memory_limit: Option<usize>,
+        /// Read each batch's files and run its plan up to the aggregation's state on the
+        /// Ballista cluster whose scheduler is at df://HOST:PORT (`brook scheduler`).
+        #[arg(long, value_name = "df://HOST:PORT")]
+        cluster: Option<String>,
     },
     /// The live order dashboard on generated orders (no setup needed).
     Demo {
@@ -308,6 +312,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             ui,
             ui_options,
             memory_limit,
+            cluster,
         } => {
             let progress = match progress {
                 Progress::None => ProgressFormat::None,
@@ -319,6 +324,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
                 checkpoint,
                 ui: ui.then(|| ui_options.options()),
                 memory_limit,
+                cluster,
             };
             run_file(&file, options).await
         }

@@ -42,6 +42,8 @@ pub(crate) struct RunOptions {
     pub ui: Option<UiOptions>,
     /// Bytes the queries may hold together (default: half the machine's memory).
     pub memory_limit: Option<usize>,
+    /// The Ballista scheduler the batches run on (`df://HOST:PORT`).
+    pub cluster: Option<String>,
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM, listened for from the start of a command: the
@@ -122,6 +124,7 @@ pub(crate) async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
         // The web UI shows every query's output, whatever its sink.
         mirror_rows: options.ui.as_ref().map(|_| UI_MIRROR_ROWS),
         memory_limit: options.memory_limit,
+        cluster: options.cluster,
         ..Overrides::default()
     };
     if options.progress == ProgressFormat::Json {

@@ -50,6 +50,7 @@ pub enum CompiledPlan {
 
 /// A window the query groups by, and where its time column is in the source rows.
 pub struct InputWindow {
+    pub spec: WindowSpec,
     pub ticks: WindowTicks,
     pub time_column: usize,
 }
@@ -76,6 +77,9 @@ pub struct CompiledQuery {
     /// The stages after `plan`, in order, each run over the rows the one
     /// before it emitted in the same batch; the last one's rows are the output.
     pub then: Vec<Stage>,
+    /// The logical plan of what the first stage runs over its input (the whole
+    /// plan, or an aggregation's partial), which a cluster runs; `None` for a join.
+    pub scan_plan: Option<LogicalPlan>,
     /// With `session_window(...)`: the rows dropped without a session (a gap
     /// not positive, or null) since the count was last taken.
     pub rows_without_session: Option<Arc<AtomicU64>>,
@@ -336,6 +340,7 @@ fn chained(query: &Query, first: CompiledQuery, mut rest: CompiledQuery) -> Resu
         }],
         rows_without_session: rest.rows_without_session,
         group_keys: rest.group_keys,
+        scan_plan: first.scan_plan,
     })
 }
 
@@ -621,7 +626,11 @@ async fn compile_stage(
                     Some(_) => {}
                     None => query_window = Some((spec.clone(), ticks.clone(), time_type.clone())),
                 }
-                Some(InputWindow { ticks, time_column })
+                Some(InputWindow {
+                    spec: spec.clone(),
+                    ticks,
+                    time_column,
+                })
             }
         };
         inputs.push(Input {
@@ -672,6 +681,7 @@ async fn compile_stage(
         };
         let mut fingerprint = fingerprint(&inputs, None, None, false);
         fingerprint.functions = used_functions.into_iter().collect();
+        let scan_plan = stream_join.is_none().then(|| plan.clone());
         let plan = match &stream_join {
             Some(found) => {
                 let sources: Vec<join::JoinInput> =
@@ -716,6 +726,7 @@ async fn compile_stage(
             then: vec![],
             rows_without_session: None,
             group_keys: GroupKeys::None,
+            scan_plan,
         });
     };
     if stream_join.is_some() {
@@ -884,6 +895,7 @@ async fn compile_stage(
         .schema()
         .index_of_column_by_name(None, ROWS_COLUMN)
         .ok_or_else(|| BrookError::internal("partial aggregation lost its row count"))?;
+    let scan_plan = Some(split.partial.clone());
     let (partial, merge, finalize) = (
         physical(split.partial),
         physical(split.merge),
@@ -934,6 +946,7 @@ async fn compile_stage(
         sql,
         then: vec![],
         rows_without_session,
+        scan_plan,
     })
 }
 

@@ -1,5 +1,6 @@
 //! The micro-batch engine: compiled queries, the stateful operator, the batch loop.
 
+pub mod cluster;
 pub mod compile;
 pub mod join;
 pub mod query;

@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::compute::{cast, max};
-use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -17,7 +16,8 @@ use tokio::task::JoinHandle;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use super::compile::{CompiledPlan, CompiledQuery, InputWindow, Stage};
+use super::cluster::{ClusterQuery, rows_plan};
+use super::compile::{CompiledPlan, CompiledQuery, Input, InputWindow, Stage};
 use super::stateful::{StatefulOp, Watermarks, execute};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
@@ -30,7 +30,7 @@ use crate::sink::Sink;
 use crate::source::{MalformedStats, SourceOffset, StreamSource};
 use crate::sql::script::WatermarkSpec;
 use crate::sql::slot::Feed;
-use crate::sql::window::{WindowTicks, unit_nanos};
+use crate::sql::window::{WindowTicks, max_event_time};
 use crate::state::checkpoint::DEFAULT_MIN_BATCHES_TO_RETAIN;
 use crate::state::checkpoint::InputEventTime;
 use crate::state::driver::{Driver, Program};
@@ -143,6 +143,7 @@ impl StreamingQuery {
         options: QueryOptions,
         memory_table: Option<String>,
         gate: Gate,
+        cluster: Option<ClusterQuery>,
     ) -> Self {
         let name = options
             .name
@@ -195,6 +196,7 @@ impl StreamingQuery {
                 late_watermark_ns: None,
                 policy: options.watermark_policy,
                 pending_no_data: false,
+                cluster,
             },
         };
         let trigger = options.trigger;
@@ -429,6 +431,8 @@ struct QueryBatches {
     policy: WatermarkPolicy,
     /// The watermark moved and closes state: run a batch without input to emit or drop it.
     pending_no_data: bool,
+    /// Where the batches' first stage runs, when not here.
+    cluster: Option<ClusterQuery>,
 }
 
 /// A source a query reads, and its event time.
@@ -670,7 +674,7 @@ impl Program for QueryBatches {
         Ok(Some(Some(SourceOffset(serde_json::Value::Object(all)))))
     }
 
-    async fn compute(&mut self, _batch_id: u64, offset: Option<&SourceOffset>) -> Result<Computed> {
+    async fn compute(&mut self, batch_id: u64, offset: Option<&SourceOffset>) -> Result<Computed> {
         self.pending_no_data = false;
         let offsets = self.split_offset(offset)?;
         let watermarks = Watermarks {
@@ -743,59 +747,44 @@ impl Program for QueryBatches {
             run_later_stages(then, ctx, mode, watermarks, outcome.output, &mut computed).await?;
             return Ok(computed);
         }
-        // The plan runs over the input as the sources read it, a file at a time:
-        // a file's rows are worked on, and can be let go, while the next is read.
-        let scanned = match plan {
-            CompiledPlan::Stateless(plan) => &*plan,
-            CompiledPlan::Stateful(op) => &op.partial,
-            CompiledPlan::Join(op) => &op.plan,
-        };
-        let mut feeds = vec![];
-        for def in defs.iter() {
-            feeds.push(def.slot.feed(scanned)?);
-        }
-        let streams = feeds.iter().all(Feed::streams);
-        let reading = async {
-            let reads = self
-                .inputs
-                .iter()
-                .zip(defs.iter())
-                .zip(feeds)
-                .zip(&offsets)
-                .map(|(((input, def), feed), offset)| {
-                    feed_input(
-                        input.source.as_ref(),
-                        offset.as_ref(),
-                        def.window.as_ref(),
-                        input.watermark.as_ref(),
-                        feed,
-                    )
-                });
-            let read: Result<Vec<ReadInput>> =
-                futures::future::join_all(reads).await.into_iter().collect();
-            (read, started_reading.elapsed())
-        };
         // Rows a stage passes on are final: every stage but the last appends.
         let first_mode = if then.is_empty() {
             mode
         } else {
             OutputMode::Append
         };
-        let running = run_stage(plan, ctx, first_mode, watermarks, ticks);
-        let ((read, read_time), ran): (_, Result<_>) = match streams {
-            true => tokio::join!(reading, running),
-            false => {
-                let (read, read_time) = reading.await;
-                let read = read?;
-                ((Ok(read), read_time), running.await)
+        let (read, read_time, ran) = match &self.cluster {
+            Some(cluster) => {
+                let (rows, stats) = cluster.run_batch(batch_id, offsets[0].as_ref()).await?;
+                let read_time = started_reading.elapsed();
+                let read = ReadInput {
+                    rows: stats.rows,
+                    malformed: stats.malformed,
+                    max_event_ns: stats.max_event_ns,
+                };
+                // The rows the cluster made stand for the plan's scan of the input.
+                match plan {
+                    CompiledPlan::Stateless(p) => *p = rows_plan(p.schema(), rows)?,
+                    CompiledPlan::Stateful(op) => {
+                        op.partial = rows_plan(op.partial.schema(), rows)?
+                    }
+                    CompiledPlan::Join(_) => {
+                        return Err(BrookError::internal("a join ran on a cluster"));
+                    }
+                }
+                let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await?;
+                (vec![read], read_time, ran)
+            }
+            None => {
+                let local = Local {
+                    inputs: &self.inputs,
+                    defs,
+                    offsets: &offsets,
+                    started_reading,
+                };
+                local.run(plan, ctx, first_mode, watermarks, ticks).await?
             }
         };
-        for def in defs.iter() {
-            def.slot.set(&[])?;
-        }
-        // A read that failed made the plan fail too; the read's error says why.
-        let read = read?;
-        let ran = ran?;
         let mut computed = Computed {
             read,
             read_time,
@@ -970,6 +959,72 @@ impl Program for QueryBatches {
 /// source name (offsets, source logs); null when the input had none.
 fn input_entry(all: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
     all.get(name).filter(|v| !v.is_null()).cloned()
+}
+
+/// A batch's first stage run here, over the input as its sources read it.
+struct Local<'a> {
+    inputs: &'a [InputState],
+    defs: &'a [Input],
+    offsets: &'a [Option<SourceOffset>],
+    started_reading: Instant,
+}
+
+impl Local<'_> {
+    async fn run(
+        self,
+        plan: &mut CompiledPlan,
+        ctx: &Arc<TaskContext>,
+        mode: OutputMode,
+        watermarks: Watermarks,
+        ticks: Option<&WindowTicks>,
+    ) -> Result<(Vec<ReadInput>, Duration, StageRun)> {
+        // The plan runs over the input as the sources read it, a file at a time:
+        // a file's rows are worked on, and can be let go, while the next is read.
+        let scanned = match plan {
+            CompiledPlan::Stateless(plan) => &*plan,
+            CompiledPlan::Stateful(op) => &op.partial,
+            CompiledPlan::Join(op) => &op.plan,
+        };
+        let mut feeds = vec![];
+        for def in self.defs {
+            feeds.push(def.slot.feed(scanned)?);
+        }
+        let streams = feeds.iter().all(Feed::streams);
+        let reading = async {
+            let reads = self
+                .inputs
+                .iter()
+                .zip(self.defs)
+                .zip(feeds)
+                .zip(self.offsets)
+                .map(|(((input, def), feed), offset)| {
+                    feed_input(
+                        input.source.as_ref(),
+                        offset.as_ref(),
+                        def.window.as_ref(),
+                        input.watermark.as_ref(),
+                        feed,
+                    )
+                });
+            let read: Result<Vec<ReadInput>> =
+                futures::future::join_all(reads).await.into_iter().collect();
+            (read, self.started_reading.elapsed())
+        };
+        let running = run_stage(plan, ctx, mode, watermarks, ticks);
+        let ((read, read_time), ran): (_, Result<_>) = match streams {
+            true => tokio::join!(reading, running),
+            false => {
+                let (read, read_time) = reading.await;
+                let read = read?;
+                ((Ok(read), read_time), running.await)
+            }
+        };
+        for def in self.defs {
+            def.slot.set(&[])?;
+        }
+        // A read that failed made the plan fail too; the read's error says why.
+        Ok((read?, read_time, ran?))
+    }
 }
 
 /// What one stage made of a batch.
@@ -1219,7 +1274,7 @@ async fn read_input(
         read.malformed.merge(part.malformed);
         for batch in part.batches {
             read.rows += batch.num_rows() as u64;
-            if let Some(m) = max_event_time(watermark, &batch)? {
+            if let Some(m) = max_event_time_of(watermark, &batch)? {
                 read.max_event_ns = Some(read.max_event_ns.map_or(m, |x| x.max(m)));
             }
             let batch = match window {
@@ -1233,14 +1288,14 @@ async fn read_input(
 }
 
 /// The largest event time of `batch`, in nanoseconds, if the source has a watermark.
-fn max_event_time(watermark: Option<&WatermarkSpec>, batch: &RecordBatch) -> Result<Option<i64>> {
-    let Some(wm) = watermark else {
-        return Ok(None);
-    };
-    let column = batch.column(batch.schema().index_of(&wm.column)?);
-    let unit = unit_nanos(column.data_type())?;
-    let ticks = cast(column, &DataType::Int64)?;
-    Ok(max(ticks.as_primitive::<Int64Type>()).map(|m| m.saturating_mul(unit)))
+fn max_event_time_of(
+    watermark: Option<&WatermarkSpec>,
+    batch: &RecordBatch,
+) -> Result<Option<i64>> {
+    match watermark {
+        Some(wm) => max_event_time(&wm.column, batch),
+        None => Ok(None),
+    }
 }
 
 fn format_ns(ns: i64) -> String {

@@ -27,7 +27,7 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-use super::format::Decoder;
+use super::format::{Decoded, Decoder};
 use super::location::{Location, blocking};
 use super::manifest::{Manifest, holds_manifest};
 use super::shared::{CleanAction, DirectoryReader, Registration, SharedDecodes};
@@ -755,6 +755,86 @@ fn file_id(_: &std::fs::DirEntry) -> Option<u64> {
 
 /// A path as the offset log and progress hold it: already escaped, so that it
 /// is parsed rather than escaped again (`#` in a name would become `%2523`).
+/// Reads and decodes the file at `path` below `location`.
+async fn fetch_and_decode(
+    location: &Location,
+    decoder: Arc<Decoder>,
+    path: String,
+) -> Result<Decoded> {
+    let stored = stored_path(&path)?;
+    // A local file is read by the thread that decodes it, and named by its
+    // path: the object store would zero-fill a buffer first, and read into it
+    // on a thread of its own.
+    let (name, fetched) = match location.local_file(&stored) {
+        Some(file) => (file.display().to_string(), None),
+        None => {
+            let got = match location.store.get(&stored).await {
+                Ok(got) => got.bytes().await,
+                Err(e) => Err(e),
+            };
+            let bytes = got.map_err(|e| BrookError::Source {
+                location: location.display.clone(),
+                message: location.store_failure(&e),
+            })?;
+            (path.clone(), Some(bytes))
+        }
+    };
+    let decoded = tokio::task::spawn_blocking(move || {
+        let bytes = match fetched {
+            Some(bytes) => bytes,
+            None => std::fs::read(&name)
+                .map_err(|e| BrookError::io(&name, e))?
+                .into(),
+        };
+        decoder.decode(&name, bytes)
+    })
+    .await
+    .map_err(|e| BrookError::task(format!("decoding {path}"), e))??;
+    decoded.malformed.log();
+    Ok(decoded)
+}
+
+/// The files a batch's offset names, each as an offset of its own, in order:
+/// the parts a cluster's tasks read one each.
+pub fn split_offset(offset: &SourceOffset) -> Result<Vec<SourceOffset>> {
+    let entries: Vec<FileEntry> =
+        serde_json::from_value(offset.0.clone()).map_err(|e| BrookError::CheckpointData {
+            message: format!("unreadable file offset {}: {e}", offset.0),
+            source: Some(Box::new(e)),
+        })?;
+    entries
+        .into_iter()
+        .map(|e| {
+            serde_json::to_value([e])
+                .map(SourceOffset)
+                .map_err(|e| BrookError::serde("a file source offset", e))
+        })
+        .collect()
+}
+
+/// Reads the files `offset` names below `location`, as a file source's batch
+/// would, without a source: what a cluster's task does with its part.
+pub async fn read_files(
+    location: &Location,
+    decoder: Arc<Decoder>,
+    offset: &SourceOffset,
+) -> Result<SourceBatch> {
+    let entries: Vec<FileEntry> =
+        serde_json::from_value(offset.0.clone()).map_err(|e| BrookError::Source {
+            location: location.display.clone(),
+            message: format!("unreadable file offset {}: {e}", offset.0),
+        })?;
+    let mut read = SourceBatch::default();
+    for entry in entries {
+        let decoded = fetch_and_decode(location, decoder.clone(), entry.path).await?;
+        read.malformed.merge(decoded.malformed);
+        if decoded.batch.num_rows() > 0 {
+            read.batches.push(decoded.batch);
+        }
+    }
+    Ok(read)
+}
+
 fn stored_path(path: &str) -> Result<Path> {
     Path::parse(path).map_err(|e| BrookError::CheckpointData {
         message: format!("bad file path {path:?} in the checkpoint: {e}"),
@@ -918,58 +998,22 @@ impl StreamSource for FileSource {
             Ok(entries) => entries,
             Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
         };
-        let store: Arc<dyn ObjectStore> = self.location.store.clone();
         let location = &self.location;
         let shared = &self.shared;
         futures::stream::iter(entries)
-            .map(move |entry| {
-                let store = store.clone();
-                let decoder = self.decoder.clone();
-                async move {
-                    let fetch_and_decode = || async {
-                        let path = stored_path(&entry.path)?;
-                        // A local file is read by the thread that decodes it, and
-                        // named by its path: the object store would zero-fill a
-                        // buffer first, and read into it on a thread of its own.
-                        let (name, fetched) = match location.local_file(&path) {
-                            Some(file) => (file.display().to_string(), None),
-                            None => {
-                                let got = match store.get(&path).await {
-                                    Ok(got) => got.bytes().await,
-                                    Err(e) => Err(e),
-                                };
-                                let bytes = got.map_err(|e| BrookError::Source {
-                                    location: location.display.clone(),
-                                    message: location.store_failure(&e),
-                                })?;
-                                (entry.path.clone(), Some(bytes))
-                            }
-                        };
-                        let decoded = tokio::task::spawn_blocking(move || {
-                            let bytes = match fetched {
-                                Some(bytes) => bytes,
-                                None => std::fs::read(&name)
-                                    .map_err(|e| BrookError::io(&name, e))?
-                                    .into(),
-                            };
-                            decoder.decode(&name, bytes)
-                        })
-                        .await
-                        .map_err(|e| BrookError::task(format!("decoding {}", entry.path), e))??;
-                        decoded.malformed.log();
-                        Ok(decoded)
-                    };
-                    let d = shared
-                        .get(&entry.path, entry.size, fetch_and_decode)
-                        .await?;
-                    Ok(SourceBatch {
-                        batches: [d.batch.clone()]
-                            .into_iter()
-                            .filter(|b| b.num_rows() > 0)
-                            .collect(),
-                        malformed: d.malformed.clone(),
+            .map(move |entry| async move {
+                let d = shared
+                    .get(&entry.path, entry.size, || {
+                        fetch_and_decode(location, self.decoder.clone(), entry.path.clone())
                     })
-                }
+                    .await?;
+                Ok(SourceBatch {
+                    batches: [d.batch.clone()]
+                        .into_iter()
+                        .filter(|b| b.num_rows() > 0)
+                        .collect(),
+                    malformed: d.malformed.clone(),
+                })
             })
             .buffered(self.options.parallelism.max(1))
             .boxed()

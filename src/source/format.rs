@@ -28,6 +28,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
 
 use super::malformed::{
     DEFAULT_CORRUPT_COLUMN, MalformedRecord, MalformedStats, ParseMode, excerpt,
@@ -37,7 +38,7 @@ use crate::config::partitions;
 use crate::error::{BrookError, Result};
 use crate::options::Options;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CsvOptions {
     pub has_header: bool,
     pub delimiter: u8,
@@ -58,7 +59,7 @@ impl Default for CsvOptions {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FileFormat {
     Csv(CsvOptions),
     Json,
@@ -131,7 +132,7 @@ impl FileFormat {
 }
 
 /// How records become rows: their format, and what happens to those that do not fit.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecodeOptions {
     pub format: FileFormat,
     pub mode: ParseMode,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{BrookError, Result};
 
@@ -11,7 +11,7 @@ use crate::error::{BrookError, Result};
 pub const DEFAULT_CORRUPT_COLUMN: &str = "_corrupt_record";
 
 /// What happens to a record that does not fit the declared schema (Spark's `mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ParseMode {
     /// Keep the record with the unparseable fields set to null (and the raw
     /// text in the corrupt-record column when the schema declares one).
@@ -37,7 +37,7 @@ impl FromStr for ParseMode {
 }
 
 /// One rejected record, kept as a sample for logs and progress reports.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MalformedRecord {
     pub file: String,
     pub line: u64,
@@ -49,7 +49,7 @@ pub struct MalformedRecord {
 const MAX_SAMPLES: usize = 5;
 
 /// Rejected records of one batch: counted by reason, with the first few kept whole.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MalformedStats {
     pub count: u64,
     pub by_reason: BTreeMap<String, u64>,

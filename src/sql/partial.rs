@@ -195,6 +195,47 @@ pub fn state_of(f: &AggregateFunctionExpr, layout: &Layout) -> AggregateUDF {
     })
 }
 
+/// What a [`state_of`] wrapper is made of, for another process (a cluster's
+/// scheduler and executors) to make it again: `f`'s name, the return field its
+/// accumulators are made for, and its state fields.
+#[derive(Debug, Clone)]
+pub struct StateOfParts {
+    pub function: String,
+    pub value: FieldRef,
+    pub fields: Vec<FieldRef>,
+}
+
+impl StateOfParts {
+    /// The parts of `udaf` if it is a [`state_of`] wrapper.
+    pub fn of(udaf: &AggregateUDF) -> Option<Self> {
+        let s = udaf.inner().downcast_ref::<StateOf>()?;
+        Some(Self {
+            function: s.inner.name().to_string(),
+            value: s.value.clone(),
+            fields: s.layout.fields.clone(),
+        })
+    }
+
+    /// The wrapper again, around `f` (found by [`function`](Self::function)).
+    pub fn make(self, f: Arc<AggregateUDF>) -> AggregateUDF {
+        let output = match self.fields.as_slice() {
+            [one] => one.data_type().clone(),
+            _ => DataType::Struct(Layout::children(&self.fields)),
+        };
+        AggregateUDF::new_from_impl(StateOf {
+            name: format!("state_of_{}", f.name()),
+            inner: f,
+            value: self.value,
+            layout: Layout {
+                function: self.function,
+                fields: self.fields,
+                output,
+            },
+            signature: Signature::variadic_any(Volatility::Immutable),
+        })
+    }
+}
+
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct StateOf {
     name: String,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, RecordBatch, StructArray, UInt32Array,
 };
-use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::compute::{cast, max, take};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Int64Type, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::util::display::array_value_to_string;
@@ -33,7 +33,7 @@ use crate::error::{BrookError, Result};
 /// The column name the rewritten `window(...)` call refers to.
 pub const WINDOW_COLUMN: &str = "window";
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WindowSpec {
     pub time_column: String,
     pub size: Duration,
@@ -733,6 +733,14 @@ fn clamp(v: i128) -> i64 {
 
 fn gcd(a: i64, b: i64) -> i64 {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The largest value of the timestamp column `name` of `batch`, in nanoseconds.
+pub fn max_event_time(name: &str, batch: &RecordBatch) -> Result<Option<i64>> {
+    let column = batch.column(batch.schema().index_of(name)?);
+    let unit = unit_nanos(column.data_type())?;
+    let ticks = cast(column, &DataType::Int64)?;
+    Ok(max(ticks.as_primitive::<Int64Type>()).map(|m| m.saturating_mul(unit)))
 }
 
 #[cfg(test)]

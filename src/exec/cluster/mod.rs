@@ -1,0 +1,263 @@
+//! Batches on an Apache Ballista cluster (`brook run --cluster df://HOST:PORT`).
+//!
+//! The driver (the `brook run` process) plans each batch as it always does:
+//! which files it takes, its watermarks; it commits it, keeps the aggregation's
+//! state and writes the sink. What the batch does to its input (reading and
+//! decoding its files, and the query's plan up to its partial aggregate, or the
+//! whole plan of a query without one) runs on the cluster as one Ballista job:
+//! a task per file reads it with brook's own readers ([`scan::ScanExec`]), the
+//! partial aggregate is shuffled by its group keys, and the driver collects the
+//! partial rows, one per group of the batch, to merge into its state.
+
+pub mod codec;
+pub mod scan;
+
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballista::prelude::{SessionConfigExt, SessionContextExt};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use object_store::ObjectStoreExt;
+use url::Url;
+
+use self::codec::{BrookLogicalCodec, BrookPhysicalCodec};
+use self::scan::{ReadStats, ScanSpec, ScanTable, ScanWindow, schema_bytes};
+use super::compile::CompiledQuery;
+use crate::catalog::SourceKind;
+use crate::error::{BrookError, Result};
+use crate::source::SourceOffset;
+use crate::source::file::split_offset;
+use crate::source::location::Location;
+
+/// The option that names the cluster, in messages.
+pub const CLUSTER_OPTION: &str = "--cluster";
+
+/// How many partitions a batch's partial aggregate is shuffled into: the
+/// tasks that merge it, spread over the executors.
+const SHUFFLE_PARTITIONS: usize = 4;
+
+/// A Ballista cluster's scheduler, as the driver reaches it.
+pub struct Cluster {
+    ctx: SessionContext,
+}
+
+impl Cluster {
+    /// Checks that `url` (`df://HOST:PORT`) names a scheduler that answers.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let refuse = |m: String| BrookError::option(CLUSTER_OPTION, m);
+        let parsed = Url::parse(url)
+            .map_err(|e| refuse(format!("'{url}' is not a URL ({e}); use df://HOST:PORT")))?;
+        let (Some(host), "df") = (parsed.host_str(), parsed.scheme()) else {
+            return Err(refuse(format!(
+                "'{url}' is not a scheduler's address; use df://HOST:PORT"
+            )));
+        };
+        let port = parsed.port().unwrap_or(50050);
+        let address = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| refuse(format!("cannot resolve '{host}': {e}")))?
+            .next()
+            .ok_or_else(|| refuse(format!("'{host}' has no address")))?;
+        let reached = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(address),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(refuse(format!(
+                    "no scheduler answers at {host}:{port} ({e}); start one with `brook scheduler`"
+                )));
+            }
+            Err(_) => {
+                return Err(refuse(format!(
+                    "no scheduler answered at {host}:{port} within 10 s"
+                )));
+            }
+        }
+        let config = SessionConfig::new_with_ballista()
+            .with_ballista_logical_extension_codec(Arc::new(BrookLogicalCodec::default()))
+            .with_ballista_physical_extension_codec(Arc::new(BrookPhysicalCodec::default()))
+            .with_target_partitions(SHUFFLE_PARTITIONS);
+        let state = SessionStateBuilder::new()
+            .with_default_features()
+            .with_config(config)
+            .build();
+        let ctx = SessionContext::remote_with_state(url, state).await?;
+        Ok(Self { ctx })
+    }
+}
+
+/// One query's batches on a cluster.
+pub struct ClusterQuery {
+    cluster: Arc<Cluster>,
+    /// The plan the cluster runs, over the source's rows.
+    plan: LogicalPlan,
+    /// The scan of every batch, but its files and stats directory.
+    scan: ScanSpec,
+    /// Below this, each batch's tasks leave what they read.
+    stats_root: String,
+}
+
+impl ClusterQuery {
+    /// The cluster's part of `compiled`, or why it cannot run there. `stats_root`
+    /// must be a location every executor and the driver reach.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        compiled: &CompiledQuery,
+        stats_root: String,
+    ) -> Result<Self> {
+        let refuse = |why: &str| {
+            Err(BrookError::sql(format!(
+                "this query cannot run on a cluster ({CLUSTER_OPTION}): {why}; run it without \
+                 {CLUSTER_OPTION}"
+            )))
+        };
+        let [input] = &compiled.inputs[..] else {
+            return refuse("it reads several streams (a join or a union)");
+        };
+        if compiled.rows_without_session.is_some() {
+            return refuse("session_window(...) is not distributed yet");
+        }
+        let Some(plan) = compiled.scan_plan.clone() else {
+            return refuse("a join of two streams is not distributed yet");
+        };
+        let SourceKind::Files {
+            location, decode, ..
+        } = &input.source.kind
+        else {
+            return refuse("its source is Kafka, and only file sources are read on a cluster yet");
+        };
+        let scan = ScanSpec {
+            source: input.source.name.clone(),
+            location: absolute(location)?,
+            decode: decode.clone(),
+            schema: schema_bytes(input.slot.schema()),
+            window: input.window.as_ref().map(|w| ScanWindow {
+                spec: w.spec.clone(),
+                time_column: w.time_column,
+            }),
+            watermark_column: input.source.watermark.as_ref().map(|w| w.column.clone()),
+            parts: vec![],
+            stats: String::new(),
+        };
+        Ok(Self {
+            cluster,
+            plan,
+            scan,
+            stats_root: absolute(stats_root.trim_end_matches('/'))?,
+        })
+    }
+
+    /// Runs batch `batch_id` over the files `offset` names on the cluster:
+    /// the rows its plan gives, and what its tasks read.
+    pub async fn run_batch(
+        &self,
+        batch_id: u64,
+        offset: Option<&SourceOffset>,
+    ) -> Result<(Vec<RecordBatch>, ReadStats)> {
+        let Some(offset) = offset else {
+            return Ok((vec![], ReadStats::default()));
+        };
+        let parts = split_offset(offset)?;
+        let stats = format!("{}/{batch_id}", self.stats_root);
+        let spec = ScanSpec {
+            parts: parts.iter().map(|p| p.0.clone()).collect(),
+            stats: stats.clone(),
+            ..self.scan.clone()
+        };
+        let table = provider_as_source(Arc::new(ScanTable::new(spec)?));
+        let plan = self
+            .plan
+            .clone()
+            .transform_up(|node| match node {
+                LogicalPlan::TableScan(mut scan) => {
+                    scan.source = table.clone();
+                    Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+                }
+                other => Ok(Transformed::no(other)),
+            })?
+            .data;
+        let rows = self
+            .cluster
+            .ctx
+            .execute_logical_plan(plan)
+            .await?
+            .collect()
+            .await?;
+        let read = self.collect_stats(&stats, parts.len()).await?;
+        Ok((rows, read))
+    }
+
+    /// What the tasks of a batch read, from the files they left in `dir`, which
+    /// are then deleted.
+    async fn collect_stats(&self, dir: &str, parts: usize) -> Result<ReadStats> {
+        let location = Location::resolve(dir, &self.cluster.ctx.runtime_env())?;
+        let mut all = ReadStats::default();
+        for i in 0..parts {
+            let path = location.child(&ScanSpec::stats_name(i));
+            let failed = |message: String| BrookError::Source {
+                location: location.display.clone(),
+                message,
+            };
+            let bytes = match location.store.get(&path).await {
+                Ok(got) => got.bytes().await,
+                Err(e) => Err(e),
+            }
+            .map_err(|e| {
+                failed(format!(
+                    "a cluster task's report {path} is missing ({}): the executors must \
+                     reach the checkpoint's location",
+                    location.store_failure(&e)
+                ))
+            })?;
+            let read: ReadStats = serde_json::from_slice(&bytes)
+                .map_err(|e| failed(format!("a cluster task's report {path}: {e}")))?;
+            all.merge(read);
+        }
+        for i in 0..parts {
+            // Left over, a report is overwritten when its batch runs again.
+            let _ = location
+                .store
+                .delete(&location.child(&ScanSpec::stats_name(i)))
+                .await;
+        }
+        Ok(all)
+    }
+}
+
+/// `location` as every executor reads it: a relative path is the driver's.
+fn absolute(location: &str) -> Result<String> {
+    if location.contains("://") {
+        return Ok(location.to_string());
+    }
+    let path = std::path::absolute(location).map_err(|e| BrookError::io(location, e))?;
+    Ok(path.display().to_string())
+}
+
+/// A plan that gives `rows`, as `schema`: a batch's rows that the cluster
+/// computed, in place of the local plan that would have.
+pub fn rows_plan(schema: SchemaRef, rows: Vec<RecordBatch>) -> Result<Arc<dyn ExecutionPlan>> {
+    let rows = rows
+        .into_iter()
+        .map(|b| {
+            if b.schema() == schema {
+                return Ok(b);
+            }
+            // The cluster names and types the columns as the plan does; only
+            // their nullability or metadata may differ.
+            Ok(RecordBatch::try_new(schema.clone(), b.columns().to_vec())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(MemorySourceConfig::try_new_exec(&[rows], schema, None)?)
+}

@@ -1,0 +1,302 @@
+//! The leaf of a batch's plan on a cluster: each task reads one file of the
+//! batch with brook's own readers (as the driver's source would), adds the
+//! window panes, and leaves what it read (rows, malformed records, the
+//! largest event time) in a small file the driver collects after the job.
+
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::ipc::convert::try_schema_from_flatbuffer_bytes;
+use datafusion::arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DataFusionError, Result as DFResult, project_schema};
+use datafusion::datasource::TableType;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BrookError, Result};
+use crate::exec::compile::InputWindow;
+use crate::source::SourceOffset;
+use crate::source::file::read_files;
+use crate::source::format::DecodeOptions;
+use crate::source::location::Location;
+use crate::source::malformed::MalformedStats;
+use crate::sql::window::{WindowSpec, WindowTicks};
+
+/// What a batch's scan reads, sent to the cluster inside its plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanSpec {
+    /// The source table, for messages.
+    pub source: String,
+    /// Its location (a path every executor sees, or an object-store URL).
+    pub location: String,
+    pub decode: DecodeOptions,
+    /// The rows the scan gives (the source's, and the pane column last with
+    /// a window), as Arrow IPC's flatbuffer schema.
+    pub schema: Vec<u8>,
+    pub window: Option<ScanWindow>,
+    /// The watermark column, whose largest value the tasks report.
+    pub watermark_column: Option<String>,
+    /// One file offset per task, as the source's offsets name them.
+    pub parts: Vec<serde_json::Value>,
+    /// Where each task writes what it read (`<part>.json`).
+    pub stats: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanWindow {
+    pub spec: WindowSpec,
+    pub time_column: usize,
+}
+
+/// What one task read, for the batch's progress and watermark.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReadStats {
+    pub rows: u64,
+    pub malformed: MalformedStats,
+    pub max_event_ns: Option<i64>,
+}
+
+impl ReadStats {
+    pub fn merge(&mut self, other: ReadStats) {
+        self.rows += other.rows;
+        self.malformed.merge(other.malformed);
+        self.max_event_ns = match (self.max_event_ns, other.max_event_ns) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+pub fn schema_bytes(schema: &Schema) -> Vec<u8> {
+    IpcDataGenerator::default()
+        .schema_to_bytes_with_dictionary_tracker(
+            schema,
+            &mut DictionaryTracker::new(false),
+            &IpcWriteOptions::default(),
+        )
+        .ipc_message
+}
+
+impl ScanSpec {
+    pub fn schema(&self) -> Result<SchemaRef> {
+        let schema = try_schema_from_flatbuffer_bytes(&self.schema).map_err(|e| {
+            BrookError::internal(format!("a cluster scan's schema is unreadable: {e}"))
+        })?;
+        Ok(Arc::new(schema))
+    }
+
+    /// The name of part `i`'s stats file below [`stats`](Self::stats).
+    pub fn stats_name(i: usize) -> String {
+        format!("{i}.json")
+    }
+}
+
+/// A batch's input as a table, which the cluster's scheduler plans into a [`ScanExec`].
+#[derive(Debug)]
+pub struct ScanTable {
+    pub spec: Arc<ScanSpec>,
+    schema: SchemaRef,
+}
+
+impl ScanTable {
+    pub fn new(spec: ScanSpec) -> Result<Self> {
+        let schema = spec.schema()?;
+        Ok(Self {
+            spec: Arc::new(spec),
+            schema,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for ScanTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(ScanExec::new(
+            self.spec.clone(),
+            projection.cloned(),
+        )?))
+    }
+}
+
+/// Reads one file of a batch per partition (see the module's documentation).
+#[derive(Debug)]
+pub struct ScanExec {
+    pub spec: Arc<ScanSpec>,
+    pub projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+}
+
+impl ScanExec {
+    pub fn new(spec: Arc<ScanSpec>, projection: Option<Vec<usize>>) -> DFResult<Self> {
+        let full = spec.schema().map_err(external)?;
+        let schema = project_schema(&full, projection.as_ref())?;
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(spec.parts.len().max(1)),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Ok(Self {
+            spec,
+            projection,
+            schema,
+            properties: Arc::new(properties),
+        })
+    }
+}
+
+impl DisplayAs for ScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "BrookScanExec: source={}, files={}",
+            self.spec.source,
+            self.spec.parts.len()
+        )
+    }
+}
+
+impl ExecutionPlan for ScanExec {
+    fn name(&self) -> &str {
+        "BrookScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
+    ) -> DFResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DFResult<SendableRecordBatchStream> {
+        let spec = self.spec.clone();
+        let projection = self.projection.clone();
+        let read = async move {
+            let batches = read_part(&spec, partition, &context)
+                .await
+                .map_err(external)?;
+            let projected: DFResult<Vec<RecordBatch>> = batches
+                .into_iter()
+                .map(|b| match &projection {
+                    Some(p) => Ok(b.project(p)?),
+                    None => Ok(b),
+                })
+                .collect();
+            Ok::<_, DataFusionError>(futures::stream::iter(projected?.into_iter().map(Ok)))
+        };
+        let stream = futures::stream::once(read).try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
+    }
+}
+
+pub fn external(e: BrookError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+/// Reads part `i` of `spec`, with panes, and writes what it read to its stats file.
+async fn read_part(spec: &ScanSpec, i: usize, ctx: &TaskContext) -> Result<Vec<RecordBatch>> {
+    let schema = spec.schema()?;
+    let Some(part) = spec.parts.get(i) else {
+        // A batch without files still plans one (empty) partition.
+        return Ok(vec![]);
+    };
+    let runtime = ctx.runtime_env();
+    let location = Location::resolve(&spec.location, &runtime)?;
+    let read_schema = match &spec.window {
+        Some(_) => Arc::new(Schema::new(
+            schema.fields()[..schema.fields().len().saturating_sub(1)].to_vec(),
+        )),
+        None => schema.clone(),
+    };
+    let window = match &spec.window {
+        Some(w) => Some(InputWindow {
+            ticks: WindowTicks::new(&w.spec, read_schema.field(w.time_column).data_type())?,
+            spec: w.spec.clone(),
+            time_column: w.time_column,
+        }),
+        None => None,
+    };
+    let decoder = Arc::new(spec.decode.decoder(read_schema));
+    let read = read_files(&location, decoder, &SourceOffset(part.clone())).await?;
+    let mut stats = ReadStats {
+        malformed: read.malformed,
+        ..ReadStats::default()
+    };
+    let mut batches = Vec::with_capacity(read.batches.len());
+    for batch in read.batches {
+        stats.rows += batch.num_rows() as u64;
+        if let Some(column) = &spec.watermark_column {
+            let m = crate::sql::window::max_event_time(column, &batch)?;
+            stats.merge(ReadStats {
+                max_event_ns: m,
+                ..ReadStats::default()
+            });
+        }
+        batches.push(match &window {
+            Some(w) => w.with_panes(&schema, batch)?,
+            None => batch,
+        });
+    }
+    let out = Location::resolve(&spec.stats, &runtime)?;
+    let body = serde_json::to_vec(&stats).map_err(|e| BrookError::serde("a task's read", e))?;
+    let path: Path = out.child(&ScanSpec::stats_name(i));
+    out.store
+        .put(&path, body.into())
+        .await
+        .map_err(|e| BrookError::Source {
+            location: out.display.clone(),
+            message: out.store_failure(&e),
+        })?;
+    Ok(batches)
+}
