@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::execution::session_state::SessionStateBuilder;
-use datafusion::prelude::{CsvReadOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
 use serde_json::Value;
+
+mod common;
+use common::s3::S3;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -27,10 +30,11 @@ impl Processes {
         }
     }
 
-    /// Starts `brook ARGS`, its standard error going to LOG.
-    fn start(&mut self, name: &str, args: &[&str], log: &Path) -> usize {
+    /// Starts `brook ARGS` with `env`, its standard error going to LOG.
+    fn start(&mut self, name: &str, args: &[&str], env: &[(&str, String)], log: &Path) -> usize {
         let child = Command::new(env!("CARGO_BIN_EXE_brook"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(File::create(log).unwrap())
             .spawn()
@@ -171,60 +175,133 @@ async fn run(ctx: &SessionContext, orders: &Path) -> String {
     pretty_format_batches(&batches).unwrap().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_by_runs_on_two_executors_and_matches_local_datafusion() {
-    let dir = tempfile::tempdir().unwrap();
-    let orders = dir.path().join("orders");
-    write_orders(&orders, 8, 400);
+/// A scheduler and its executors on 127.0.0.1, with the environment `env`
+/// (an object store's settings), logging into `dir`.
+struct TestCluster {
+    processes: Processes,
+    dir: PathBuf,
+    env: Vec<(&'static str, String)>,
+    port: String,
+    api: String,
+    scheduler: usize,
+    /// Process index, results port and log of each executor started.
+    executors: Vec<(usize, String, PathBuf)>,
+}
 
-    let mut processes = Processes::new();
-    let port = free_port().to_string();
-    let scheduler = processes.start(
-        "scheduler",
-        &["scheduler", "--bind", "127.0.0.1", "--port", &port],
-        &dir.path().join("scheduler.log"),
-    );
-    let api = format!("http://127.0.0.1:{port}/api");
-    wait_for(&mut processes, "the scheduler's REST API", || {
-        get_json(format!("{api}/executors"))
-    })
-    .await;
+impl TestCluster {
+    /// A scheduler and `executors` executors of `slots` task slots, all registered.
+    async fn start(
+        dir: &Path,
+        executors: usize,
+        slots: &str,
+        env: Vec<(&'static str, String)>,
+    ) -> Self {
+        let mut processes = Processes::new();
+        let port = free_port().to_string();
+        let scheduler = processes.start(
+            "scheduler",
+            &["scheduler", "--bind", "127.0.0.1", "--port", &port],
+            &env,
+            &dir.join("scheduler.log"),
+        );
+        let api = format!("http://127.0.0.1:{port}/api");
+        wait_for(&mut processes, "the scheduler's REST API", || {
+            get_json(format!("{api}/executors"))
+        })
+        .await;
+        let mut cluster = Self {
+            processes,
+            dir: dir.to_path_buf(),
+            env,
+            port,
+            api,
+            scheduler,
+            executors: vec![],
+        };
+        for _ in 0..executors {
+            cluster.start_executor(slots);
+        }
+        cluster.registered(executors).await;
+        cluster
+    }
 
-    let mut executors = Vec::new();
-    for n in 0..2 {
+    /// Starts one more executor (not waiting for it to register).
+    fn start_executor(&mut self, slots: &str) -> usize {
+        let n = self.executors.len();
         let (flight, grpc) = (free_port().to_string(), free_port().to_string());
-        let work_dir = dir.path().join(format!("work-{n}"));
-        let log = dir.path().join(format!("executor-{n}.log"));
-        let i = processes.start(
+        let work_dir = self.dir.join(format!("work-{n}"));
+        let log = self.dir.join(format!("executor-{n}.log"));
+        let i = self.processes.start(
             &format!("executor {n}"),
             &[
                 "executor",
                 "--scheduler",
-                &format!("127.0.0.1:{port}"),
+                &format!("127.0.0.1:{}", self.port),
                 "--port",
                 &flight,
                 "--grpc-port",
                 &grpc,
                 "--work-dir",
                 work_dir.to_str().unwrap(),
-                // One task at a time each: the scan's eight tasks need both.
                 "--slots",
-                "1",
+                slots,
             ],
+            &self.env,
             &log,
         );
-        executors.push((i, flight, log));
+        self.executors.push((i, flight, log));
+        n
     }
-    let registered = wait_for(&mut processes, "both executors to register", || {
-        let url = format!("{api}/executors");
-        async move {
-            let listed = get_json(url).await?;
-            let listed = listed.as_array()?.clone();
-            (listed.len() == 2).then_some(listed)
-        }
-    })
-    .await;
-    for (_, flight, _) in &executors {
+
+    /// The scheduler's list of executors, once it holds `count`.
+    async fn registered(&mut self, count: usize) -> Vec<Value> {
+        let url = format!("{}/executors", self.api);
+        wait_for(&mut self.processes, "the executors to register", || {
+            let url = url.clone();
+            async move {
+                let listed = get_json(url).await?;
+                let listed = listed.as_array()?.clone();
+                (listed.len() == count).then_some(listed)
+            }
+        })
+        .await
+    }
+
+    fn url(&self) -> String {
+        format!("df://127.0.0.1:{}", self.port)
+    }
+
+    /// Jobs the scheduler completed.
+    async fn completed_jobs(&self) -> Vec<String> {
+        let jobs = get_json(format!("{}/jobs", self.api)).await.unwrap();
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .filter(|job| job["status"] == "Completed")
+            .map(|job| job["job_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The tasks of `job` (all jobs if `None`) executor `n` logged as finished.
+    fn finished_tasks(&self, n: usize, job: Option<&str>) -> usize {
+        let text = std::fs::read_to_string(&self.executors[n].2).unwrap();
+        let prefix = format!(
+            "Finished task : [TID {}",
+            job.map_or(String::new(), |j| format!("{j}/"))
+        );
+        text.matches(&prefix).count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_by_runs_on_two_executors_and_matches_local_datafusion() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("orders");
+    write_orders(&orders, 8, 400);
+    // One task at a time each: the scan's eight tasks need both.
+    let mut cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
+    let registered = cluster.registered(2).await;
+    for (_, flight, _) in &cluster.executors {
         assert!(
             registered
                 .iter()
@@ -238,50 +315,45 @@ async fn a_group_by_runs_on_two_executors_and_matches_local_datafusion() {
         .with_config(config)
         .with_default_features()
         .build();
-    let cluster = SessionContext::remote_with_state(&format!("df://127.0.0.1:{port}"), state)
+    let ctx = SessionContext::remote_with_state(&cluster.url(), state)
         .await
         .unwrap();
-    let on_cluster = run(&cluster, &orders).await;
+    let on_cluster = run(&ctx, &orders).await;
     let local = run(&SessionContext::new(), &orders).await;
     assert_eq!(on_cluster, local);
     assert_eq!(on_cluster.lines().count(), 13 + 4, "{on_cluster}");
 
-    let jobs = get_json(format!("{api}/jobs")).await.unwrap();
-    let completed: Vec<&Value> = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|job| job["status"] == "Completed")
-        .collect();
-    assert_eq!(completed.len(), 1, "{jobs:#}");
-    let job_id = completed[0]["job_id"].as_str().unwrap();
+    let completed = cluster.completed_jobs().await;
+    assert_eq!(completed.len(), 1, "{completed:?}");
     // Each executor logs every task it runs, named by its job.
-    for (_, flight, log) in &executors {
-        let text = std::fs::read_to_string(log).unwrap();
-        let tasks = text
-            .matches(&format!("Finished task : [TID {job_id}/"))
-            .count();
+    for n in 0..2 {
         assert!(
-            tasks > 0,
-            "the executor on port {flight} ran no task of job {job_id}\n{}",
-            processes.logs()
+            cluster.finished_tasks(n, Some(&completed[0])) > 0,
+            "executor {n} ran no task of job {}\n{}",
+            completed[0],
+            cluster.processes.logs()
         );
     }
 
     // SIGTERM stops them cleanly, executors first, as an operator would.
-    for (i, flight, _) in &executors {
-        let status = processes.terminate(*i);
+    let executors: Vec<(usize, String)> = cluster
+        .executors
+        .iter()
+        .map(|(i, flight, _)| (*i, flight.clone()))
+        .collect();
+    for (i, flight) in executors {
+        let status = cluster.processes.terminate(i);
         assert!(
             status.success(),
             "executor {flight}: {status}\n{}",
-            processes.logs()
+            cluster.processes.logs()
         );
     }
-    let status = processes.terminate(scheduler);
+    let status = cluster.processes.terminate(cluster.scheduler);
     assert!(
         status.success(),
         "scheduler: {status}\n{}",
-        processes.logs()
+        cluster.processes.logs()
     );
 }
 
@@ -357,4 +429,150 @@ fn an_executor_on_a_taken_port_says_so() {
         )),
         "{stderr}"
     );
+}
+
+/// The book's dashboard exported as Parquet (queries/dashboard_parquet.sql),
+/// reading its orders from `orders` (a URL), two files a batch.
+fn dashboard_script(orders: &str) -> String {
+    let script = include_str!("../queries/dashboard_parquet.sql");
+    let from = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
+    assert!(script.contains(from));
+    script.replace(
+        from,
+        &format!("LOCATION '{orders}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '2')"),
+    )
+}
+
+/// `count` generated orders (1% malformed) put into the bucket as `files` CSV files under `prefix`.
+async fn put_orders(s3: &S3, prefix: &str, count: usize, files: usize) {
+    let out = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args([
+            "gen-orders",
+            "--count",
+            &count.to_string(),
+            "--malformed",
+            "0.01",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (f, chunk) in lines.chunks(lines.len().div_ceil(files)).enumerate() {
+        let mut body = chunk.join("\n");
+        body.push('\n');
+        s3.put(&format!("{prefix}/part-{f:02}.csv"), body.into_bytes())
+            .await;
+    }
+}
+
+/// Runs the dashboard script in `dir` until its input is used up, with
+/// `extra` arguments; its progress records.
+fn run_dashboard(s3: &S3, dir: &Path, checkpoint: &str, extra: &[&str]) -> Vec<Value> {
+    std::fs::write(
+        dir.join("dashboard.sql"),
+        dashboard_script("s3://bucket/orders"),
+    )
+    .unwrap();
+    let out = s3
+        .brook(dir)
+        .args(["run", "dashboard.sql", "--checkpoint", checkpoint])
+        .args(["--trigger", "available-now", "--progress", "json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The rows of the Parquet files under `path`, sorted.
+async fn parquet_rows(path: &Path) -> Vec<Vec<String>> {
+    let batches = SessionContext::new()
+        .read_parquet(path.to_str().unwrap(), ParquetReadOptions::default())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    common::sorted(common::table(&batches))
+}
+
+/// The dashboard's three outputs under `out`: the appended per-second counts
+/// and top stocks, and the newest top-clients snapshot.
+async fn dashboard_output(out: &Path) -> [Vec<Vec<String>>; 3] {
+    let latest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("top_clients/_latest")).unwrap()).unwrap();
+    let snapshot = out
+        .join("top_clients")
+        .join(latest["path"].as_str().unwrap());
+    [
+        parquet_rows(&out.join("buy_sell_per_second")).await,
+        parquet_rows(&out.join("top_stocks")).await,
+        parquet_rows(&snapshot).await,
+    ]
+}
+
+/// Input rows and malformed lines the batches of a run counted.
+fn read_counts(progress: &[Value]) -> (u64, u64) {
+    progress.iter().fold((0, 0), |(rows, bad), p| {
+        (
+            rows + p["num_input_rows"].as_u64().unwrap(),
+            bad + p["num_malformed_rows"].as_u64().unwrap(),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
+    let s3 = S3::start();
+    put_orders(&s3, "orders", 12_000, 6).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (local, on_cluster) = (dir.path().join("local"), dir.path().join("cluster"));
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::create_dir_all(&on_cluster).unwrap();
+    let mut cluster = TestCluster::start(dir.path(), 2, "2", s3.env()).await;
+
+    let here = run_dashboard(&s3, &local, "checkpoint", &[]);
+    // The checkpoint in the bucket too, where every executor leaves what it read.
+    let there = run_dashboard(
+        &s3,
+        &on_cluster,
+        "s3://bucket/checkpoint",
+        &["--cluster", &cluster.url()],
+    );
+    let (rows, malformed) = read_counts(&here);
+    assert!(
+        rows > 11_000 && malformed > 0,
+        "{rows} rows, {malformed} malformed"
+    );
+    assert_eq!(read_counts(&there), (rows, malformed));
+    let expected = dashboard_output(&local.join("out")).await;
+    assert!(expected.iter().all(|t| !t.is_empty()), "{expected:?}");
+    assert_eq!(dashboard_output(&on_cluster.join("out")).await, expected);
+    // Every batch of the three queries that had input ran as a job (one that
+    // only closes windows reads nothing), on both executors.
+    let batches = there
+        .iter()
+        .filter(|p| p["num_input_rows"].as_u64() > Some(0))
+        .count();
+    let jobs = cluster.completed_jobs().await;
+    assert_eq!(jobs.len(), batches, "{jobs:?}");
+    for n in 0..2 {
+        assert!(
+            cluster.finished_tasks(n, None) > 0,
+            "executor {n} ran no task\n{}",
+            cluster.processes.logs()
+        );
+    }
+    let reports = s3.keys("checkpoint").await;
+    assert!(
+        reports.iter().all(|k| !k.contains("/cluster/")),
+        "the tasks' reports outlive their batches: {reports:?}"
+    );
+    cluster.processes.check_running();
 }
