@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef, hold_parquet_compression};
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
-use crate::exec::cluster::{Cluster, ClusterQuery};
+use crate::exec::cluster::{Cluster, ClusterPart, ClusterQuery};
 use crate::exec::compile::{CompiledQuery, UserFunctions, compile};
 use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::{QueryOptions, StreamingQuery};
@@ -646,6 +646,7 @@ impl Engine {
         }
         let cluster = match &self.overrides.cluster {
             Some(url) => {
+                let part = ClusterPart::of(&compiled)?;
                 let cluster = self
                     .cluster
                     .get_or_try_init(|| async { Cluster::connect(url).await.map(Arc::new) })
@@ -659,7 +660,7 @@ impl Engine {
                         .display()
                         .to_string(),
                 };
-                Some(ClusterQuery::new(cluster.clone(), &compiled, reports)?)
+                Some(ClusterQuery::new(cluster.clone(), part, &reports)?)
             }
             None => None,
         };

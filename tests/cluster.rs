@@ -11,6 +11,8 @@ use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 mod common;
@@ -21,12 +23,15 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The cluster's processes, killed when the test ends, also when it panics.
 struct Processes {
     children: Vec<(String, Child, PathBuf)>,
+    /// Those the test killed on purpose.
+    killed: Vec<usize>,
 }
 
 impl Processes {
     fn new() -> Self {
         Self {
             children: Vec::new(),
+            killed: Vec::new(),
         }
     }
 
@@ -50,7 +55,12 @@ impl Processes {
             .iter()
             .map(|(name, _, log)| {
                 let text = std::fs::read_to_string(log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                let tail: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.contains(" task"))
+                    .rev()
+                    .take(30)
+                    .collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
                 format!("--- {name} ---\n{}\n", tail.join("\n"))
             })
@@ -60,7 +70,10 @@ impl Processes {
     /// Fails with the logs if a process has already ended.
     fn check_running(&mut self) {
         let mut ended = Vec::new();
-        for (name, child, _) in &mut self.children {
+        for (i, (name, child, _)) in self.children.iter_mut().enumerate() {
+            if self.killed.contains(&i) {
+                continue;
+            }
             if let Some(status) = child.try_wait().unwrap() {
                 ended.push(format!("{name} exited with {status}"));
             }
@@ -68,6 +81,14 @@ impl Processes {
         if !ended.is_empty() {
             panic!("{}\n{}", ended.join("; "), self.logs());
         }
+    }
+
+    /// Kills process `i` with SIGKILL, as a machine's failure would.
+    fn kill(&mut self, i: usize) {
+        let child = &mut self.children[i].1;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        self.killed.push(i);
     }
 
     /// Sends SIGTERM to process `i` and waits (bounded) for it to exit.
@@ -200,7 +221,16 @@ impl TestCluster {
         let port = free_port().to_string();
         let scheduler = processes.start(
             "scheduler",
-            &["scheduler", "--bind", "127.0.0.1", "--port", &port],
+            // A killed executor is noticed within seconds, not the default 30.
+            &[
+                "scheduler",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--executor-timeout",
+                "4",
+            ],
             &env,
             &dir.join("scheduler.log"),
         );
@@ -245,6 +275,8 @@ impl TestCluster {
                 work_dir.to_str().unwrap(),
                 "--slots",
                 slots,
+                "--heartbeat-interval",
+                "1",
             ],
             &self.env,
             &log,
@@ -432,14 +464,17 @@ fn an_executor_on_a_taken_port_says_so() {
 }
 
 /// The book's dashboard exported as Parquet (queries/dashboard_parquet.sql),
-/// reading its orders from `orders` (a URL), two files a batch.
-fn dashboard_script(orders: &str) -> String {
+/// reading its orders from `orders` (a URL), `per_batch` files a batch.
+fn dashboard_script(orders: &str, per_batch: usize) -> String {
     let script = include_str!("../queries/dashboard_parquet.sql");
     let from = "LOCATION 'data/orders' OPTIONS ('mode' 'DROPMALFORMED')";
     assert!(script.contains(from));
     script.replace(
         from,
-        &format!("LOCATION '{orders}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '2')"),
+        &format!(
+            "LOCATION '{orders}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' \
+             '{per_batch}')"
+        ),
     )
 }
 
@@ -466,19 +501,29 @@ async fn put_orders(s3: &S3, prefix: &str, count: usize, files: usize) {
     }
 }
 
-/// Runs the dashboard script in `dir` until its input is used up, with
-/// `extra` arguments; its progress records.
-fn run_dashboard(s3: &S3, dir: &Path, checkpoint: &str, extra: &[&str]) -> Vec<Value> {
-    std::fs::write(
-        dir.join("dashboard.sql"),
-        dashboard_script("s3://bucket/orders"),
-    )
-    .unwrap();
-    let out = s3
-        .brook(dir)
+/// `brook run` of the dashboard script in `dir` until its input is used up,
+/// with `extra` arguments, `per_batch` files a batch.
+fn dashboard_run(
+    s3: &S3,
+    dir: &Path,
+    per_batch: usize,
+    checkpoint: &str,
+    extra: &[&str],
+) -> Command {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = dashboard_script("s3://bucket/orders", per_batch);
+    std::fs::write(dir.join("dashboard.sql"), script).unwrap();
+    let mut command = s3.brook(dir);
+    command
         .args(["run", "dashboard.sql", "--checkpoint", checkpoint])
         .args(["--trigger", "available-now", "--progress", "json"])
-        .args(extra)
+        .args(extra);
+    command
+}
+
+/// Runs the dashboard script in `dir` to its end; its progress records.
+fn run_dashboard(s3: &S3, dir: &Path, checkpoint: &str, extra: &[&str]) -> Vec<Value> {
+    let out = dashboard_run(s3, dir, 2, checkpoint, extra)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -575,4 +620,234 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
         "the tasks' reports outlive their batches: {reports:?}"
     );
     cluster.processes.check_running();
+}
+
+/// Waits (bounded) for `child` to exit by itself, which it must do successfully.
+fn finishes(child: &mut Child, what: &str, log: &Path, cluster: &Processes) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(status.success(), "{what} failed: {status}\n{text}");
+            return;
+        }
+        if Instant::now() > deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            // The warnings, not the progress.
+            let notes: Vec<&str> = text.lines().filter(|l| !l.starts_with('{')).collect();
+            panic!("{what} hangs:\n{}\n{}", notes.join("\n"), cluster.logs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ten executors killed (SIGKILL) at random instants while a query's batches
+/// run on them, then ten drivers: the outputs equal an uninterrupted local run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_executors_and_drivers_lose_and_repeat_no_row() {
+    const KILLS: usize = 10;
+    let seed: u64 = std::env::var("BROOK_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let s3 = S3::start();
+    // A file a batch: many short jobs, so that a kill lands in one.
+    put_orders(&s3, "orders", 24_000, 60).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference");
+    let out = dashboard_run(&s3, &reference, 1, "checkpoint", &[])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = dashboard_output(&reference.join("out")).await;
+    assert!(expected.iter().all(|t| !t.is_empty()), "{expected:?}");
+
+    let mut cluster = TestCluster::start(dir.path(), 2, "2", s3.env()).await;
+    let url = cluster.url();
+
+    // Executors: each kill takes one of the live ones, and a new one replaces it.
+    let executors_run = dir.path().join("executor-kills");
+    let driver_log = dir.path().join("driver-a.log");
+    let mut driver = dashboard_run(
+        &s3,
+        &executors_run,
+        1,
+        "s3://bucket/ck-a",
+        &["--cluster", &url],
+    )
+    .stdout(Stdio::null())
+    .stderr(File::create(&driver_log).unwrap())
+    .spawn()
+    .unwrap();
+    let mut live: Vec<usize> = (0..2).collect();
+    for kill in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
+        assert!(
+            driver.try_wait().unwrap().is_none(),
+            "the run ended after {kill} executor kills: give it more input"
+        );
+        let victim = live.remove(rng.random_range(0..live.len()));
+        cluster.processes.kill(cluster.executors[victim].0);
+        let n = cluster.start_executor("2");
+        live.push(n);
+        let log = cluster.executors[n].2.clone();
+        wait_for(&mut cluster.processes, "a new executor to register", || {
+            let log = log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).ok()?;
+                text.contains("Executor registration succeed").then_some(())
+            }
+        })
+        .await;
+    }
+    finishes(
+        &mut driver,
+        "the run whose executors were killed",
+        &driver_log,
+        &cluster.processes,
+    );
+    let scheduler_log = std::fs::read_to_string(dir.path().join("scheduler.log")).unwrap();
+    assert!(
+        scheduler_log.contains("on lost Executor"),
+        "the scheduler noticed no lost executor:\n{scheduler_log}"
+    );
+    assert_eq!(
+        dashboard_output(&executors_run.join("out")).await,
+        expected,
+        "seed {seed}: outputs differ after executor kills"
+    );
+
+    // Drivers: each run is killed at a random instant and the next resumes
+    // from the checkpoint; the last runs to the end.
+    let drivers_run = dir.path().join("driver-kills");
+    for kill in 0..KILLS {
+        let mut driver = dashboard_run(
+            &s3,
+            &drivers_run,
+            1,
+            "s3://bucket/ck-b",
+            &["--cluster", &url],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        assert!(
+            driver.try_wait().unwrap().is_none(),
+            "the run ended after {kill} driver kills: give it more input"
+        );
+        driver.kill().unwrap(); // SIGKILL
+        driver.wait().unwrap();
+    }
+    let out = dashboard_run(
+        &s3,
+        &drivers_run,
+        1,
+        "s3://bucket/ck-b",
+        &["--cluster", &url],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        dashboard_output(&drivers_run.join("out")).await,
+        expected,
+        "seed {seed}: outputs differ after driver kills"
+    );
+}
+
+/// `brook run SCRIPT --cluster URL` in a directory holding an orders source;
+/// its exit code and standard error.
+fn run_on(url: &str, query: &str) -> (ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("orders")).unwrap();
+    let script = format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, client_id BIGINT, \
+         amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) STORED AS CSV \
+         LOCATION 'orders';\nCREATE UNBOUNDED EXTERNAL TABLE again (time TIMESTAMP NOT NULL, \
+         client_id BIGINT, amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) \
+         STORED AS CSV LOCATION 'orders';\n{query}"
+    );
+    std::fs::write(dir.path().join("q.sql"), script).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args([
+            "run",
+            "q.sql",
+            "--trigger",
+            "available-now",
+            "--cluster",
+            url,
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const COUNTS: &str = "SELECT client_id, count(*) AS orders FROM orders GROUP BY client_id;";
+
+#[test]
+fn a_cluster_that_is_no_scheduler_address_is_refused() {
+    let (status, stderr) = run_on("http://127.0.0.1:50050", COUNTS);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "option '--cluster': 'http://127.0.0.1:50050' is not a scheduler's address; use \
+             df://HOST:PORT"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_cluster_whose_scheduler_does_not_answer_is_refused() {
+    let port = free_port();
+    let (status, stderr) = run_on(&format!("df://127.0.0.1:{port}"), COUNTS);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "option '--cluster': no scheduler answers at 127.0.0.1:{port}"
+        )) && stderr.contains("start one with `brook scheduler`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
+    // Refused before the scheduler is looked for: none answers at this port.
+    let url = format!("df://127.0.0.1:{}", free_port());
+    for (query, why) in [
+        (
+            "SELECT a.client_id, b.amount FROM orders a JOIN again b \
+             ON a.client_id = b.client_id AND b.time BETWEEN a.time AND a.time + INTERVAL '1' SECOND;",
+            "it reads several streams (a join or a union)",
+        ),
+        (
+            "SELECT client_id, count(*) AS orders FROM orders \
+             GROUP BY session_window(time, '5 minutes'), client_id;",
+            "session_window(...) is not distributed yet",
+        ),
+    ] {
+        let (status, stderr) = run_on(&url, query);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "this query cannot run on a cluster (--cluster): {why}; run it without --cluster"
+            )),
+            "{query}: {stderr}"
+        );
+    }
 }

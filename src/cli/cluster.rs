@@ -32,6 +32,10 @@ pub(crate) struct SchedulerArgs {
     /// Name or address the executors reach this scheduler at (default: the --bind address).
     #[arg(long, value_name = "HOST")]
     external_host: Option<String>,
+    /// Seconds without a heartbeat after which an executor counts as lost, and its
+    /// tasks run again elsewhere; longer than the executors' --heartbeat-interval.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    executor_timeout: u64,
 }
 
 #[derive(Args)]
@@ -58,6 +62,9 @@ pub(crate) struct ExecutorArgs {
     /// Tasks this executor runs at once (default: the machine's cores).
     #[arg(long, value_name = "N")]
     slots: Option<usize>,
+    /// Seconds between the heartbeats that tell the scheduler this executor is alive.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    heartbeat_interval: u64,
 }
 
 /// How Ballista spells a host in its `host:port` strings.
@@ -102,6 +109,12 @@ pub(crate) async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
             format!("cannot listen on {addr}: {e} (another scheduler there? give another --port)"),
         )
     })?;
+    if args.executor_timeout < 2 {
+        return Err(BrookError::option(
+            "--executor-timeout",
+            "must be at least 2 seconds (and longer than the executors' --heartbeat-interval)",
+        ));
+    }
     let config = SchedulerConfig {
         bind_host: host(args.bind),
         bind_port: args.port,
@@ -109,6 +122,11 @@ pub(crate) async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
         // Ballista's advice for a cluster with a single scheduler: spread the
         // tasks over the executors rather than filling one first.
         task_distribution: TaskDistributionPolicy::RoundRobin,
+        // Ballista's default of 180 s would stall a streaming query's batch
+        // that long on an executor killed while running its tasks.
+        executor_timeout_seconds: args.executor_timeout,
+        expire_dead_executor_interval_seconds: (args.executor_timeout / 3).max(1),
+        no_executors_grace_period_seconds: args.executor_timeout,
         override_logical_codec: Some(Arc::new(BrookLogicalCodec::default())),
         override_physical_codec: Some(Arc::new(BrookPhysicalCodec::default())),
         ..SchedulerConfig::default()
@@ -167,6 +185,12 @@ pub(crate) async fn run_executor(args: ExecutorArgs) -> Result<()> {
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
+    if args.heartbeat_interval == 0 {
+        return Err(BrookError::option(
+            "--heartbeat-interval",
+            "must be at least 1 second",
+        ));
+    }
     if args.port == 0 {
         return Err(BrookError::option(
             "--port",
@@ -212,6 +236,7 @@ pub(crate) async fn run_executor(args: ExecutorArgs) -> Result<()> {
         scheduler_port,
         vcores: slots,
         work_dir,
+        executor_heartbeat_interval_seconds: args.heartbeat_interval,
         override_logical_codec: Some(Arc::new(BrookLogicalCodec::default())),
         override_physical_codec: Some(Arc::new(BrookPhysicalCodec::default())),
         ..ExecutorProcessConfig::default()

@@ -45,6 +45,11 @@ pub const CLUSTER_OPTION: &str = "--cluster";
 /// tasks that merge it, spread over the executors.
 const SHUFFLE_PARTITIONS: usize = 4;
 
+/// Times a batch's job is run before the batch fails, and the pause between:
+/// long enough for the scheduler to notice a lost executor at its next launch.
+const JOB_ATTEMPTS: u32 = 5;
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 /// A Ballista cluster's scheduler, as the driver reaches it.
 pub struct Cluster {
     ctx: SessionContext,
@@ -88,7 +93,11 @@ impl Cluster {
         let config = SessionConfig::new_with_ballista()
             .with_ballista_logical_extension_codec(Arc::new(BrookLogicalCodec::default()))
             .with_ballista_physical_extension_codec(Arc::new(BrookPhysicalCodec::default()))
-            .with_target_partitions(SHUFFLE_PARTITIONS);
+            .with_target_partitions(SHUFFLE_PARTITIONS)
+            // Ballista's adaptive planner can leave a job waiting for good on a
+            // stage it rolled back when an executor was lost; the static
+            // planner runs the lost tasks again.
+            .with_ballista_adaptive_query_planner(false);
         let state = SessionStateBuilder::new()
             .with_default_features()
             .with_config(config)
@@ -98,25 +107,16 @@ impl Cluster {
     }
 }
 
-/// One query's batches on a cluster.
-pub struct ClusterQuery {
-    cluster: Arc<Cluster>,
-    /// The plan the cluster runs, over the source's rows.
+/// What of a query runs on a cluster: its plan over its source's rows, and
+/// the scan of them.
+pub struct ClusterPart {
     plan: LogicalPlan,
-    /// The scan of every batch, but its files and stats directory.
     scan: ScanSpec,
-    /// Below this, each batch's tasks leave what they read.
-    stats_root: String,
 }
 
-impl ClusterQuery {
-    /// The cluster's part of `compiled`, or why it cannot run there. `stats_root`
-    /// must be a location every executor and the driver reach.
-    pub fn new(
-        cluster: Arc<Cluster>,
-        compiled: &CompiledQuery,
-        stats_root: String,
-    ) -> Result<Self> {
+impl ClusterPart {
+    /// The cluster's part of `compiled`, or why it cannot run there.
+    pub fn of(compiled: &CompiledQuery) -> Result<Self> {
         let refuse = |why: &str| {
             Err(BrookError::sql(format!(
                 "this query cannot run on a cluster ({CLUSTER_OPTION}): {why}; run it without \
@@ -148,13 +148,33 @@ impl ClusterQuery {
                 time_column: w.time_column,
             }),
             watermark_column: input.source.watermark.as_ref().map(|w| w.column.clone()),
+            batch_id: 0,
             parts: vec![],
             stats: String::new(),
         };
+        Ok(Self { plan, scan })
+    }
+}
+
+/// One query's batches on a cluster.
+pub struct ClusterQuery {
+    cluster: Arc<Cluster>,
+    /// The plan the cluster runs, over the source's rows.
+    plan: LogicalPlan,
+    /// The scan of every batch, but its files and stats directory.
+    scan: ScanSpec,
+    /// Below this, each batch's tasks leave what they read.
+    stats_root: String,
+}
+
+impl ClusterQuery {
+    /// A query's batches on `cluster`; `stats_root` must be a location every
+    /// executor and the driver reach.
+    pub fn new(cluster: Arc<Cluster>, part: ClusterPart, stats_root: &str) -> Result<Self> {
         Ok(Self {
             cluster,
-            plan,
-            scan,
+            plan: part.plan,
+            scan: part.scan,
             stats_root: absolute(stats_root.trim_end_matches('/'))?,
         })
     }
@@ -172,6 +192,7 @@ impl ClusterQuery {
         let parts = split_offset(offset)?;
         let stats = format!("{}/{batch_id}", self.stats_root);
         let spec = ScanSpec {
+            batch_id,
             parts: parts.iter().map(|p| p.0.clone()).collect(),
             stats: stats.clone(),
             ..self.scan.clone()
@@ -188,13 +209,28 @@ impl ClusterQuery {
                 other => Ok(Transformed::no(other)),
             })?
             .data;
-        let rows = self
-            .cluster
-            .ctx
-            .execute_logical_plan(plan)
-            .await?
-            .collect()
-            .await?;
+        let mut attempt = 1;
+        let rows = loop {
+            let ran = async {
+                let frame = self.cluster.ctx.execute_logical_plan(plan.clone()).await?;
+                frame.collect().await
+            };
+            match ran.await {
+                Ok(rows) => break rows,
+                // A job fails for good once a task failed on several executors,
+                // or its results were lost with an executor: the batch's input
+                // is unchanged, so it runs again.
+                Err(e) if attempt < JOB_ATTEMPTS => {
+                    tracing::warn!(
+                        "batch {batch_id} failed on the cluster (attempt {attempt} of \
+                         {JOB_ATTEMPTS}), running it again: {e}"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let read = self.collect_stats(&stats, parts.len()).await?;
         Ok((rows, read))
     }

@@ -50,6 +50,8 @@ pub struct ScanSpec {
     pub window: Option<ScanWindow>,
     /// The watermark column, whose largest value the tasks report.
     pub watermark_column: Option<String>,
+    /// The batch, for the executors' messages.
+    pub batch_id: u64,
     /// One file offset per task, as the source's offsets name them.
     pub parts: Vec<serde_json::Value>,
     /// Where each task writes what it read (`<part>.json`).
@@ -178,8 +180,9 @@ impl DisplayAs for ScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
             f,
-            "BrookScanExec: source={}, files={}",
+            "BrookScanExec: source={}, batch={}, files={}",
             self.spec.source,
+            self.spec.batch_id,
             self.spec.parts.len()
         )
     }
