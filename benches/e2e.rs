@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
 //! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector
-//! interval_join ohlc delta steady_delta steady_compact`.
+//! interval_join ohlc delta steady_delta steady_compact cluster`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
@@ -120,10 +120,16 @@ fn script_sql(file: &str, dir: &Path, input: &Path, source_options: &str) -> Pat
 
 /// `brook run <sql> --checkpoint ckpt --progress json` in `dir`, with `trigger`.
 fn brook_run(dir: &Path, sql: &Path, trigger: &str) -> Child {
+    brook_run_with(dir, sql, trigger, &[])
+}
+
+/// As [`brook_run`], with `extra` arguments.
+fn brook_run_with(dir: &Path, sql: &Path, trigger: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_brook"))
         .current_dir(dir)
         .args(["run", sql.to_str().unwrap(), "--trigger", trigger])
         .args(["--checkpoint", "ckpt", "--progress", "json"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -240,8 +246,19 @@ fn script_run(file: &str, input: &Path, rows: usize, source_options: &str) -> Ru
 /// One available-now run of `sql` in `dir`, each of `queries` reading about
 /// `rows` rows (DROPMALFORMED may drop a few).
 fn timed_run(dir: &Path, sql: &Path, rows: usize, queries: &[&str]) -> RunFigures {
+    timed_run_with(dir, sql, rows, queries, &[]).0
+}
+
+/// As [`timed_run`], with `extra` arguments; also the run's progress records.
+fn timed_run_with(
+    dir: &Path,
+    sql: &Path,
+    rows: usize,
+    queries: &[&str],
+    extra: &[&str],
+) -> (RunFigures, Vec<Value>) {
     let started = Instant::now();
-    let mut child = brook_run(dir, sql, "available-now");
+    let mut child = brook_run_with(dir, sql, "available-now", extra);
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || progress_lines(stderr));
     let exited = wait_with_peak(child);
@@ -259,11 +276,12 @@ fn timed_run(dir: &Path, sql: &Path, rows: usize, queries: &[&str]) -> RunFigure
         .iter()
         .map(|p| p["duration_ms"]["total"].as_f64().unwrap_or(0.0))
         .fold(0.0, f64::max);
-    RunFigures {
+    let figures = RunFigures {
         seconds,
         peak_mb: exited.peak_mb,
         engine_ms,
-    }
+    };
+    (figures, progress)
 }
 
 fn report_runs(label: &str, rows: usize, runs: &[RunFigures]) -> f64 {
@@ -1124,6 +1142,9 @@ fn main() {
     if wants("ohlc") {
         ohlc();
     }
+    if wants("cluster") {
+        cluster();
+    }
 }
 
 /// `queries/volume_per_sector.sql` over the book's orders, all files in one
@@ -1357,5 +1378,221 @@ fn interval_join() {
         if runs == 1 {
             println!("\nstate rows after each batch: {states:?}\n");
         }
+    }
+}
+
+/// A scheduler and two executors of one task slot each on 127.0.0.1, from the
+/// release binary, killed when dropped.
+struct BenchCluster {
+    children: Vec<Child>,
+    logs: Vec<PathBuf>,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchCluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let spawn = |args: &[String], log: &Path| {
+            Command::new(env!("CARGO_BIN_EXE_brook"))
+                .args(args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap()
+        };
+        let scheduler_log = dir.path().join("scheduler.log");
+        let mut children = vec![spawn(
+            &["scheduler".into(), "--port".into(), port.to_string()],
+            &scheduler_log,
+        )];
+        let mut logs = vec![scheduler_log];
+        let registered =
+            |log: &Path| std::fs::read_to_string(log).is_ok_and(|t| t.contains("listening on"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !registered(&logs[0]) {
+            assert!(Instant::now() < deadline, "the scheduler did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for n in 0..2 {
+            let log = dir.path().join(format!("executor-{n}.log"));
+            let args: Vec<String> = [
+                "executor",
+                "--scheduler",
+                &format!("127.0.0.1:{port}"),
+                "--port",
+                &free_port().to_string(),
+                "--grpc-port",
+                &free_port().to_string(),
+                "--slots",
+                "1",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            children.push(spawn(&args, &log));
+            logs.push(log);
+        }
+        for log in &logs[1..] {
+            while !std::fs::read_to_string(log)
+                .is_ok_and(|t| t.contains("Executor registration succeed"))
+            {
+                assert!(Instant::now() < deadline, "an executor did not register");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self {
+            children,
+            logs,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("df://127.0.0.1:{}", self.port)
+    }
+
+    /// Milliseconds of each task the executors finished since the last call,
+    /// by stage (0: reading files and the partial aggregate; 1: merging the
+    /// shuffled partials), and the scheduler's planning of each job.
+    fn take_times(&self, seen: &mut Vec<usize>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        seen.resize(self.logs.len(), 0);
+        let (mut scan, mut merge, mut planning) = (vec![], vec![], vec![]);
+        for (i, log) in self.logs.iter().enumerate() {
+            let text = std::fs::read_to_string(log).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[seen[i]..] {
+                if let Some(rest) = line.split("Finished task : [TID ").nth(1) {
+                    // `<job>/<stage>.<attempt>/<partition>.<attempt>] in <time>`
+                    let stage = rest.split('/').nth(1).and_then(|s| s.split('.').next());
+                    let took = rest.split("] in ").nth(1).and_then(millis);
+                    match (stage, took) {
+                        (Some("0"), Some(ms)) => scan.push(ms),
+                        (Some(_), Some(ms)) => merge.push(ms),
+                        _ => {}
+                    }
+                } else if let Some(rest) = line.split("planning took ").nth(1) {
+                    planning.extend(millis(rest));
+                }
+            }
+            seen[i] = lines.len();
+        }
+        (scan, merge, planning)
+    }
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A duration as Rust's Debug prints it (`9.45ms`, `356.07µs`, `1.2s`), in ms.
+fn millis(text: &str) -> Option<f64> {
+    let text = text.trim();
+    for (unit, factor) in [("ms", 1.0), ("µs", 1e-3), ("ns", 1e-6), ("s", 1e3)] {
+        if let Some(n) = text.strip_suffix(unit) {
+            return n.parse::<f64>().ok().map(|n| n * factor);
+        }
+    }
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The median over a run's batches (of every query) of a progress duration.
+fn batch_median(progress: &[Value], what: &str) -> f64 {
+    median(
+        progress
+            .iter()
+            .filter(|p| p["num_input_rows"].as_u64() > Some(0))
+            .map(|p| p["duration_ms"][what].as_f64().unwrap_or(0.0))
+            .collect(),
+    )
+}
+
+/// The book's dashboard run here and on a scheduler with two executors on
+/// this machine (`brook run --cluster`): wall time, the driver's memory, and
+/// where a batch's time goes.
+fn cluster() {
+    let (input, what) = book_data();
+    println!(
+        "\n## cluster: {what}, 50 files, the Parquet dashboard here and on a scheduler \
+         and two 1-slot executors on 127.0.0.1\n"
+    );
+    let cluster = BenchCluster::start();
+    let url = cluster.url();
+    let queries = ["buy_sell_per_second", "top_clients", "top_stocks"];
+    table_header();
+    let mut seen = vec![];
+    let mut breakdown = vec![];
+    for (label, options) in [
+        ("one batch", ""),
+        ("one file per batch", ", 'maxFilesPerTrigger' '1'"),
+    ] {
+        for (place, extra) in [
+            ("here", vec![]),
+            ("cluster", vec!["--cluster", url.as_str()]),
+        ] {
+            let mut runs = vec![];
+            let mut progress = vec![];
+            cluster.take_times(&mut seen);
+            for _ in 0..RUNS {
+                let dir = tempfile::tempdir().unwrap();
+                let sql = script_sql("dashboard_parquet.sql", dir.path(), &input, options);
+                let (figures, p) = timed_run_with(dir.path(), &sql, BOOK_ORDERS, &queries, &extra);
+                runs.push(figures);
+                progress.extend(p);
+            }
+            let times = cluster.take_times(&mut seen);
+            report_runs(&format!("{label}, {place}"), BOOK_ORDERS, &runs);
+            breakdown.push((format!("{label}, {place}"), progress, times));
+        }
+    }
+    println!(
+        "\nWhere a batch's time goes (medians over the batches with input of all runs; \
+         `read` is the cluster's job, from submitting it to holding its rows):\n"
+    );
+    println!(
+        "| run | batches | read | execute (merge here) | sink | commit | job planning | \
+         scan task | merge task |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, progress, (scan, merge, planning)) in breakdown {
+        let batches = progress
+            .iter()
+            .filter(|p| p["num_input_rows"].as_u64() > Some(0))
+            .count();
+        let or_dash = |xs: &Vec<f64>| {
+            if xs.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.2} ms", median(xs.clone()))
+            }
+        };
+        println!(
+            "| {label} | {batches} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} ({} tasks) | {} ({} tasks) |",
+            batch_median(&progress, "read"),
+            batch_median(&progress, "execute"),
+            batch_median(&progress, "sink"),
+            batch_median(&progress, "commit"),
+            or_dash(&planning),
+            or_dash(&scan),
+            scan.len(),
+            or_dash(&merge),
+            merge.len(),
+        );
     }
 }
