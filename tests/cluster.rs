@@ -771,12 +771,14 @@ async fn killed_executors_and_drivers_lose_and_repeat_no_row() {
 fn run_on(url: &str, query: &str) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("orders")).unwrap();
+    std::fs::write(dir.path().join("clients.csv"), "1,ann\n").unwrap();
     let script = format!(
         "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, client_id BIGINT, \
          amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) STORED AS CSV \
          LOCATION 'orders';\nCREATE UNBOUNDED EXTERNAL TABLE again (time TIMESTAMP NOT NULL, \
          client_id BIGINT, amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) \
-         STORED AS CSV LOCATION 'orders';\n{query}"
+         STORED AS CSV LOCATION 'orders';\nCREATE EXTERNAL TABLE clients (client_id BIGINT, \
+         name VARCHAR) STORED AS CSV LOCATION 'clients.csv';\n{query}"
     );
     std::fs::write(dir.path().join("q.sql"), script).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_brook"))
@@ -839,6 +841,11 @@ fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
             "SELECT client_id, count(*) AS orders FROM orders \
              GROUP BY session_window(time, '5 minutes'), client_id;",
             "session_window(...) is not distributed yet",
+        ),
+        (
+            "SELECT o.client_id, count(*) AS orders FROM orders o JOIN clients c \
+             ON o.client_id = c.client_id GROUP BY o.client_id;",
+            "it reads the table(s) clients, and only the stream is read on the executors yet",
         ),
     ] {
         let (status, stderr) = run_on(&url, query);

@@ -19,7 +19,7 @@ use std::time::Duration;
 use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::SessionStateBuilder;
@@ -126,12 +126,33 @@ impl ClusterPart {
         let [input] = &compiled.inputs[..] else {
             return refuse("it reads several streams (a join or a union)");
         };
+        if !compiled.fingerprint.functions.is_empty() {
+            return refuse(&format!(
+                "it calls functions registered from Rust ({}), which the executors do not have",
+                compiled.fingerprint.functions.join(", ")
+            ));
+        }
         if compiled.rows_without_session.is_some() {
             return refuse("session_window(...) is not distributed yet");
         }
         let Some(plan) = compiled.scan_plan.clone() else {
             return refuse("a join of two streams is not distributed yet");
         };
+        let mut statics = vec![];
+        plan.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && scan.table_name.table() != input.source.name
+            {
+                statics.push(scan.table_name.to_string());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        if !statics.is_empty() {
+            return refuse(&format!(
+                "it reads the table(s) {}, and only the stream is read on the executors yet",
+                statics.join(", ")
+            ));
+        }
         let SourceKind::Files {
             location, decode, ..
         } = &input.source.kind
