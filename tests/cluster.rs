@@ -641,6 +641,13 @@ fn finishes(child: &mut Child, what: &str, log: &Path, cluster: &Processes) {
     }
 }
 
+/// The dashboard in `dir` on the cluster at `url`, a file a batch.
+fn cluster_driver(s3: &S3, dir: &Path, checkpoint: &str, url: &str) -> Command {
+    let mut command = dashboard_run(s3, dir, 1, checkpoint, &["--cluster", url]);
+    command.stdout(Stdio::null());
+    command
+}
+
 /// Ten executors killed (SIGKILL) at random instants while a query's batches
 /// run on them, then ten drivers: the outputs equal an uninterrupted local run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -673,17 +680,10 @@ async fn killed_executors_and_drivers_lose_and_repeat_no_row() {
     // Executors: each kill takes one of the live ones, and a new one replaces it.
     let executors_run = dir.path().join("executor-kills");
     let driver_log = dir.path().join("driver-a.log");
-    let mut driver = dashboard_run(
-        &s3,
-        &executors_run,
-        1,
-        "s3://bucket/ck-a",
-        &["--cluster", &url],
-    )
-    .stdout(Stdio::null())
-    .stderr(File::create(&driver_log).unwrap())
-    .spawn()
-    .unwrap();
+    let mut driver = cluster_driver(&s3, &executors_run, "s3://bucket/ck-a", &url)
+        .stderr(File::create(&driver_log).unwrap())
+        .spawn()
+        .unwrap();
     let mut live: Vec<usize> = (0..2).collect();
     for kill in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
@@ -726,17 +726,10 @@ async fn killed_executors_and_drivers_lose_and_repeat_no_row() {
     // from the checkpoint; the last runs to the end.
     let drivers_run = dir.path().join("driver-kills");
     for kill in 0..KILLS {
-        let mut driver = dashboard_run(
-            &s3,
-            &drivers_run,
-            1,
-            "s3://bucket/ck-b",
-            &["--cluster", &url],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        let mut driver = cluster_driver(&s3, &drivers_run, "s3://bucket/ck-b", &url)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
         assert!(
             driver.try_wait().unwrap().is_none(),

@@ -96,6 +96,26 @@ fn decode_state_of(buf: &[u8]) -> Option<Result<Arc<AggregateUDF>>> {
     }))
 }
 
+/// A `state_of` wrapper if `buf` holds one, else what `other` makes of it.
+fn decode_udaf(
+    buf: &[u8],
+    other: impl FnOnce() -> Result<Arc<AggregateUDF>>,
+) -> Result<Arc<AggregateUDF>> {
+    decode_state_of(buf).unwrap_or_else(other)
+}
+
+/// `node` into `buf` if it is a `state_of` wrapper, else as `other` encodes it.
+fn encode_udaf(
+    node: &AggregateUDF,
+    buf: &mut Vec<u8>,
+    other: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    if encode_state_of(node, buf)? {
+        return Ok(());
+    }
+    other(buf)
+}
+
 #[derive(Debug, Default)]
 pub struct BrookLogicalCodec {
     ballista: BallistaLogicalExtensionCodec,
@@ -167,17 +187,11 @@ impl LogicalExtensionCodec for BrookLogicalCodec {
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
-        match decode_state_of(buf) {
-            Some(f) => f,
-            None => self.ballista.try_decode_udaf(name, buf),
-        }
+        decode_udaf(buf, || self.ballista.try_decode_udaf(name, buf))
     }
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
-        if encode_state_of(node, buf)? {
-            return Ok(());
-        }
-        self.ballista.try_encode_udaf(node, buf)
+        encode_udaf(node, buf, |buf| self.ballista.try_encode_udaf(node, buf))
     }
 }
 
@@ -225,16 +239,10 @@ impl PhysicalExtensionCodec for BrookPhysicalCodec {
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
-        match decode_state_of(buf) {
-            Some(f) => f,
-            None => self.ballista.try_decode_udaf(name, buf),
-        }
+        decode_udaf(buf, || self.ballista.try_decode_udaf(name, buf))
     }
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
-        if encode_state_of(node, buf)? {
-            return Ok(());
-        }
-        self.ballista.try_encode_udaf(node, buf)
+        encode_udaf(node, buf, |buf| self.ballista.try_encode_udaf(node, buf))
     }
 }
