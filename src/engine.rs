@@ -124,6 +124,43 @@ pub struct Overrides {
     pub cluster: Option<String>,
 }
 
+/// Builds an [`Engine`] with the settings of [`Overrides`], one at a time.
+#[derive(Default)]
+pub struct EngineBuilder {
+    overrides: Overrides,
+}
+
+impl EngineBuilder {
+    /// Runs every query's batches on the Ballista cluster whose scheduler is
+    /// at `url` (`df://HOST:PORT`), as `brook run --cluster` does.
+    pub fn cluster(mut self, url: &str) -> Self {
+        self.overrides.cluster = Some(url.to_string());
+        self
+    }
+
+    /// Keeps each query's checkpoint under `root`, named after the query.
+    pub fn checkpoint_root(mut self, root: &str) -> Self {
+        self.overrides.checkpoint_root = Some(root.to_string());
+        self
+    }
+
+    /// Bytes the queries' operators may hold together.
+    pub fn memory_limit(mut self, bytes: usize) -> Self {
+        self.overrides.memory_limit = Some(bytes);
+        self
+    }
+
+    /// The trigger of every query, whatever its sink table says.
+    pub fn trigger(mut self, trigger: Trigger) -> Self {
+        self.overrides.trigger = Some(trigger);
+        self
+    }
+
+    pub fn build(self) -> Engine {
+        Engine::with_overrides(self.overrides)
+    }
+}
+
 /// A brook session: streaming sources and sinks, the queries running over them,
 /// and a DataFusion context in which memory sinks are tables.
 pub struct Engine {
@@ -145,6 +182,11 @@ impl Default for Engine {
 impl Engine {
     pub fn new() -> Self {
         Self::with_overrides(Overrides::default())
+    }
+
+    /// An engine with settings: `Engine::builder().cluster("df://host:50050").build()`.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
     }
 
     pub fn with_overrides(overrides: Overrides) -> Self {

@@ -27,7 +27,7 @@ pub mod ui;
 
 pub use config::{OutputMode, Trigger, WatermarkPolicy};
 pub use datafusion;
-pub use engine::{Engine, Overrides};
+pub use engine::{Engine, EngineBuilder, Overrides};
 pub use error::{BrookError, Result};
 pub use exec::{QueryInfo, StreamingQuery};
 pub use progress::QueryProgress;

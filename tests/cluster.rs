@@ -851,3 +851,87 @@ fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
         );
     }
 }
+
+/// Orders of `brook gen-orders` (1% malformed) in `files` CSV files under `dir`.
+fn write_generated_orders(dir: &Path, count: usize, files: usize) {
+    let out = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args([
+            "gen-orders",
+            "--count",
+            &count.to_string(),
+            "--malformed",
+            "0.01",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::create_dir_all(dir).unwrap();
+    for (f, chunk) in lines.chunks(lines.len().div_ceil(files)).enumerate() {
+        std::fs::write(
+            dir.join(format!("part-{f:02}.csv")),
+            chunk.join("\n") + "\n",
+        )
+        .unwrap();
+    }
+}
+
+/// Many kinds of aggregate, each of whose partial state crosses to the
+/// cluster and back, in complete mode into a memory table.
+const AGGREGATES: &str = "INSERT INTO per_symbol SELECT symbol, count(*) AS orders, \
+     sum(amount) AS shares, avg(price) AS mean_price, min(price) AS low, max(price) AS high, \
+     stddev(price) AS spread, count(DISTINCT client_id) AS clients, \
+     approx_distinct(client_id) AS approx_clients, median(amount) AS median_amount, \
+     bool_or(buy_sell = 'B') AS any_buy, sum(amount) FILTER (WHERE buy_sell = 'S') AS sold \
+     FROM orders GROUP BY symbol";
+
+/// The rows the aggregates gave over `orders`, run by `engine` to the input's end.
+async fn aggregates_over(engine: brook::Engine, orders: &Path) -> Vec<Vec<String>> {
+    let script = format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '2');
+         CREATE EXTERNAL TABLE per_symbol STORED AS MEMORY LOCATION '' \
+         OPTIONS ('outputMode' 'complete');
+         {AGGREGATES};",
+        orders.display()
+    );
+    for q in engine.execute(&script).await.unwrap() {
+        q.process_all_available().await.unwrap();
+    }
+    let batches = engine
+        .sql("SELECT * FROM per_symbol ORDER BY symbol")
+        .await
+        .unwrap();
+    engine.stop_all().await.unwrap();
+    // Floating sums may differ in their last digits with the order of addition.
+    common::table(&batches)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|cell| match cell.parse::<f64>() {
+                    Ok(x) if cell.contains('.') => format!("{x:.6}"),
+                    _ => cell,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_built_with_a_cluster_runs_every_kind_of_aggregate_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("orders");
+    write_generated_orders(&orders, 6_000, 6);
+    let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
+    let local = aggregates_over(brook::Engine::new(), &orders).await;
+    let on_cluster = aggregates_over(
+        brook::Engine::builder().cluster(&cluster.url()).build(),
+        &orders,
+    )
+    .await;
+    assert!(local.len() > 10, "{local:?}");
+    assert_eq!(on_cluster, local);
+    assert_eq!(cluster.completed_jobs().await.len(), 3);
+}

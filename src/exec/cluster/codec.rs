@@ -211,9 +211,13 @@ impl PhysicalExtensionCodec for BrookPhysicalCodec {
         match decode_json::<EncodedScan>(SCAN, buf) {
             Some(scan) => {
                 let scan = scan?;
-                Ok(Arc::new(ScanExec::new(
+                let [parts] = inputs else {
+                    return Err(failed("decoding a scan", "it has no part numbers"));
+                };
+                Ok(Arc::new(ScanExec::over(
                     Arc::new(scan.spec),
                     scan.projection,
+                    parts.clone(),
                 )?))
             }
             None => self.ballista.try_decode(buf, inputs, ctx, proto_converter),

@@ -1,19 +1,20 @@
-//! The leaf of a batch's plan on a cluster: each task reads one file of the
-//! batch with brook's own readers (as the driver's source would), adds the
-//! window panes, and leaves what it read (rows, malformed records, the
-//! largest event time) in a small file the driver collects after the job.
+//! The scan of a batch's files on a cluster: each partition reads one file of
+//! the batch with brook's own readers (as the driver's source would), adds the
+//! window panes, and leaves what it read (rows, malformed records, the largest
+//! event time) in a small file the driver collects after the job.
 
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
 use datafusion::arrow::ipc::convert::try_schema_from_flatbuffer_bytes;
 use datafusion::arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result as DFResult, project_schema};
 use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -22,7 +23,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -149,27 +150,60 @@ impl TableProvider for ScanTable {
 }
 
 /// Reads one file of a batch per partition (see the module's documentation).
+///
+/// Which file a partition reads comes from its child, a memory table whose
+/// partition `i` holds the one number `i`: Ballista gives a task several
+/// partitions of a stage by cutting the plan's leaves down to them, which it
+/// knows how to do for a memory table and not for a plan of brook's. So each
+/// task reads its own files, not all of them.
 #[derive(Debug)]
 pub struct ScanExec {
     pub spec: Arc<ScanSpec>,
     pub projection: Option<Vec<usize>>,
+    parts: Arc<dyn ExecutionPlan>,
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
 }
 
+const PART_COLUMN: &str = "part";
+
 impl ScanExec {
     pub fn new(spec: Arc<ScanSpec>, projection: Option<Vec<usize>>) -> DFResult<Self> {
+        let numbers = Arc::new(Schema::new(vec![Field::new(
+            PART_COLUMN,
+            DataType::UInt64,
+            false,
+        )]));
+        let partitions = (0..spec.parts.len() as u64)
+            .map(|i| {
+                let column = Arc::new(UInt64Array::from(vec![i]));
+                Ok(vec![RecordBatch::try_new(numbers.clone(), vec![column])?])
+            })
+            .collect::<DFResult<Vec<_>>>()?;
+        let parts = MemorySourceConfig::try_new_exec(&partitions, numbers, None)?;
+        Self::over(spec, projection, parts)
+    }
+
+    /// The scan of the parts that `parts` numbers.
+    pub fn over(
+        spec: Arc<ScanSpec>,
+        projection: Option<Vec<usize>>,
+        parts: Arc<dyn ExecutionPlan>,
+    ) -> DFResult<Self> {
         let full = spec.schema().map_err(external)?;
         let schema = project_schema(&full, projection.as_ref())?;
         let properties = PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
-            Partitioning::UnknownPartitioning(spec.parts.len().max(1)),
+            Partitioning::UnknownPartitioning(
+                parts.properties().output_partitioning().partition_count(),
+            ),
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
         Ok(Self {
             spec,
             projection,
+            parts,
             schema,
             properties: Arc::new(properties),
         })
@@ -198,7 +232,7 @@ impl ExecutionPlan for ScanExec {
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
+        vec![&self.parts]
     }
 
     fn apply_expressions(
@@ -210,9 +244,18 @@ impl ExecutionPlan for ScanExec {
 
     fn with_new_children(
         self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        Ok(self)
+        let [parts] = &children[..] else {
+            return Err(DataFusionError::Internal(
+                "BrookScanExec takes one child".into(),
+            ));
+        };
+        Ok(Arc::new(Self::over(
+            self.spec.clone(),
+            self.projection.clone(),
+            parts.clone(),
+        )?))
     }
 
     fn execute(
@@ -222,10 +265,12 @@ impl ExecutionPlan for ScanExec {
     ) -> DFResult<SendableRecordBatchStream> {
         let spec = self.spec.clone();
         let projection = self.projection.clone();
+        let numbers = self.parts.execute(partition, context.clone())?;
         let read = async move {
-            let batches = read_part(&spec, partition, &context)
-                .await
-                .map_err(external)?;
+            let mut batches = vec![];
+            for part in part_numbers(numbers).await? {
+                batches.extend(read_part(&spec, part, &context).await.map_err(external)?);
+            }
             let projected: DFResult<Vec<RecordBatch>> = batches
                 .into_iter()
                 .map(|b| match &projection {
@@ -241,6 +286,17 @@ impl ExecutionPlan for ScanExec {
             stream,
         )))
     }
+}
+
+/// The part numbers a partition of a [`ScanExec`]'s child holds.
+async fn part_numbers(mut numbers: SendableRecordBatchStream) -> DFResult<Vec<usize>> {
+    let mut parts = vec![];
+    while let Some(batch) = numbers.next().await {
+        let batch = batch?;
+        let column = batch.column(0).as_primitive::<UInt64Type>();
+        parts.extend(column.values().iter().map(|&i| i as usize));
+    }
+    Ok(parts)
 }
 
 pub fn external(e: BrookError) -> DataFusionError {
