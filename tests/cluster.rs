@@ -580,7 +580,7 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
     let (local, on_cluster) = (dir.path().join("local"), dir.path().join("cluster"));
     std::fs::create_dir_all(&local).unwrap();
     std::fs::create_dir_all(&on_cluster).unwrap();
-    let mut cluster = TestCluster::start(dir.path(), 2, "2", s3.env()).await;
+    let mut cluster = TestCluster::start(dir.path(), 2, "1", s3.env()).await;
 
     let here = run_dashboard(&s3, &local, "checkpoint", &[]);
     // The checkpoint in the bucket too, where every executor leaves what it read.
