@@ -5,7 +5,7 @@
 //! state and writes the sink. What the batch does to its input (reading and
 //! decoding its files, and the query's plan up to its partial aggregate, or the
 //! whole plan of a query without one) runs on the cluster as one Ballista job:
-//! a task per file reads it with brook's own readers ([`scan::ScanExec`]), the
+//! each file is read with brook's own readers ([`scan::ScanExec`]), the
 //! partial aggregate is shuffled by its group keys, and the driver collects the
 //! partial rows, one per group of the batch, to merge into its state.
 
