@@ -1456,7 +1456,7 @@ impl BenchCluster {
     }
 
     /// Milliseconds of each task the executors finished since the last call,
-    /// by stage (0: reading files and the partial aggregate; 1: merging the
+    /// by stage (1: reading files and the partial aggregate; 2: merging the
     /// shuffled partials), and the scheduler's planning of each job.
     fn take_times(&self, seen: &mut Vec<usize>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         seen.resize(self.logs.len(), 0);
@@ -1470,7 +1470,7 @@ impl BenchCluster {
                     let stage = rest.split('/').nth(1).and_then(|s| s.split('.').next());
                     let took = rest.split("] in ").nth(1).and_then(millis);
                     match (stage, took) {
-                        (Some("0"), Some(ms)) => scan.push(ms),
+                        (Some("1"), Some(ms)) => scan.push(ms),
                         (Some(_), Some(ms)) => merge.push(ms),
                         _ => {}
                     }
