@@ -478,24 +478,26 @@ fn dashboard_script(orders: &str, per_batch: usize) -> String {
     )
 }
 
-/// `count` generated orders (1% malformed) put into the bucket as `files` CSV files under `prefix`.
-async fn put_orders(s3: &S3, prefix: &str, count: usize, files: usize) {
+/// `count` orders of `brook gen-orders` (1% malformed) as the contents of
+/// `files` CSV files, in order.
+fn generated_orders(count: usize, files: usize) -> Vec<String> {
     let out = Command::new(env!("CARGO_BIN_EXE_brook"))
-        .args([
-            "gen-orders",
-            "--count",
-            &count.to_string(),
-            "--malformed",
-            "0.01",
-        ])
+        .args(["gen-orders", "--count", &count.to_string()])
+        .args(["--malformed", "0.01"])
         .output()
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    for (f, chunk) in lines.chunks(lines.len().div_ceil(files)).enumerate() {
-        let mut body = chunk.join("\n");
-        body.push('\n');
+    lines
+        .chunks(lines.len().div_ceil(files))
+        .map(|chunk| chunk.join("\n") + "\n")
+        .collect()
+}
+
+/// Generated orders put into the bucket as `files` CSV files under `prefix`.
+async fn put_orders(s3: &S3, prefix: &str, count: usize, files: usize) {
+    for (f, body) in generated_orders(count, files).into_iter().enumerate() {
         s3.put(&format!("{prefix}/part-{f:02}.csv"), body.into_bytes())
             .await;
     }
@@ -852,28 +854,11 @@ fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
     }
 }
 
-/// Orders of `brook gen-orders` (1% malformed) in `files` CSV files under `dir`.
+/// Generated orders as `files` CSV files under `dir`.
 fn write_generated_orders(dir: &Path, count: usize, files: usize) {
-    let out = Command::new(env!("CARGO_BIN_EXE_brook"))
-        .args([
-            "gen-orders",
-            "--count",
-            &count.to_string(),
-            "--malformed",
-            "0.01",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
     std::fs::create_dir_all(dir).unwrap();
-    for (f, chunk) in lines.chunks(lines.len().div_ceil(files)).enumerate() {
-        std::fs::write(
-            dir.join(format!("part-{f:02}.csv")),
-            chunk.join("\n") + "\n",
-        )
-        .unwrap();
+    for (f, body) in generated_orders(count, files).into_iter().enumerate() {
+        std::fs::write(dir.join(format!("part-{f:02}.csv")), body).unwrap();
     }
 }
 
