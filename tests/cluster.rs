@@ -871,52 +871,63 @@ const AGGREGATES: &str = "INSERT INTO per_symbol SELECT symbol, count(*) AS orde
      bool_or(buy_sell = 'B') AS any_buy, sum(amount) FILTER (WHERE buy_sell = 'S') AS sold \
      FROM orders GROUP BY symbol";
 
-/// The rows the aggregates gave over `orders`, run by `engine` to the input's end.
-async fn aggregates_over(engine: brook::Engine, orders: &Path) -> Vec<Vec<String>> {
+/// The rows the aggregates gave over `orders`, and the rows of a query without
+/// aggregation (which runs whole on a cluster), run by `engine` to the input's end.
+async fn queries_over(engine: brook::Engine, orders: &Path) -> [Vec<Vec<String>>; 2] {
     let script = format!(
         "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
          client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR) \
          STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '2');
          CREATE EXTERNAL TABLE per_symbol STORED AS MEMORY LOCATION '' \
          OPTIONS ('outputMode' 'complete');
-         {AGGREGATES};",
+         {AGGREGATES};
+         CREATE EXTERNAL TABLE big STORED AS MEMORY LOCATION '';
+         INSERT INTO big SELECT order_id, upper(symbol) AS symbol, amount * price AS value \
+         FROM orders WHERE amount > 500;",
         orders.display()
     );
     for q in engine.execute(&script).await.unwrap() {
         q.process_all_available().await.unwrap();
     }
-    let batches = engine
-        .sql("SELECT * FROM per_symbol ORDER BY symbol")
-        .await
-        .unwrap();
-    engine.stop_all().await.unwrap();
-    // Floating sums may differ in their last digits with the order of addition.
-    common::table(&batches)
-        .into_iter()
-        .map(|row| {
-            row.into_iter()
-                .map(|cell| match cell.parse::<f64>() {
-                    Ok(x) if cell.contains('.') => format!("{x:.6}"),
-                    _ => cell,
+    let mut tables = vec![];
+    for sql in [
+        "SELECT * FROM per_symbol ORDER BY symbol",
+        "SELECT * FROM big ORDER BY order_id",
+    ] {
+        let batches = engine.sql(sql).await.unwrap();
+        // Floating sums may differ in their last digits with the order of addition.
+        tables.push(
+            common::table(&batches)
+                .into_iter()
+                .map(|row| {
+                    row.into_iter()
+                        .map(|cell| match cell.parse::<f64>() {
+                            Ok(x) if cell.contains('.') => format!("{x:.6}"),
+                            _ => cell,
+                        })
+                        .collect()
                 })
-                .collect()
-        })
-        .collect()
+                .collect(),
+        );
+    }
+    engine.stop_all().await.unwrap();
+    [tables.remove(0), tables.remove(0)]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_built_with_a_cluster_runs_every_kind_of_aggregate_there() {
+async fn an_engine_built_with_a_cluster_runs_aggregates_and_plain_queries_there() {
     let dir = tempfile::tempdir().unwrap();
     let orders = dir.path().join("orders");
     write_generated_orders(&orders, 6_000, 6);
     let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
-    let local = aggregates_over(brook::Engine::new(), &orders).await;
-    let on_cluster = aggregates_over(
+    let local = queries_over(brook::Engine::new(), &orders).await;
+    let on_cluster = queries_over(
         brook::Engine::builder().cluster(&cluster.url()).build(),
         &orders,
     )
     .await;
-    assert!(local.len() > 10, "{local:?}");
+    assert!(local[0].len() > 10 && local[1].len() > 100, "{local:?}");
     assert_eq!(on_cluster, local);
-    assert_eq!(cluster.completed_jobs().await.len(), 3);
+    // Three batches of each query, each a job.
+    assert_eq!(cluster.completed_jobs().await.len(), 6);
 }
