@@ -842,6 +842,17 @@ fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
              ON o.client_id = c.client_id GROUP BY o.client_id;",
             "it reads the table(s) clients, and only the stream is read on the executors yet",
         ),
+        (
+            "SELECT client_id, amount FROM orders \
+             WHERE client_id IN (SELECT client_id FROM clients);",
+            "it reads the table(s) clients, and only the stream is read on the executors yet",
+        ),
+        (
+            "CREATE UNBOUNDED EXTERNAL TABLE trades STORED AS KAFKA LOCATION '127.0.0.1:1' \
+             OPTIONS ('subscribe' 'trades');\n\
+             SELECT topic, count(*) AS records FROM trades GROUP BY topic;",
+            "its source is Kafka, and only file sources are read on a cluster yet",
+        ),
     ] {
         let (status, stderr) = run_on(&url, query);
         assert_eq!(status.code(), Some(1), "{stderr}");

@@ -772,8 +772,16 @@ impl Program for QueryBatches {
                         return Err(BrookError::internal("a join ran on a cluster"));
                     }
                 }
-                let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await?;
-                (vec![read], read_time, ran)
+                let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await;
+                // Not kept until the next batch.
+                match plan {
+                    CompiledPlan::Stateless(p) => *p = rows_plan(p.schema(), vec![])?,
+                    CompiledPlan::Stateful(op) => {
+                        op.partial = rows_plan(op.partial.schema(), vec![])?
+                    }
+                    CompiledPlan::Join(_) => {}
+                }
+                (vec![read], read_time, ran?)
             }
             None => {
                 let local = Local {

@@ -753,8 +753,6 @@ fn file_id(_: &std::fs::DirEntry) -> Option<u64> {
     None
 }
 
-/// A path as the offset log and progress hold it: already escaped, so that it
-/// is parsed rather than escaped again (`#` in a name would become `%2523`).
 /// Reads and decodes the file at `path` below `location`.
 async fn fetch_and_decode(
     location: &Location,
@@ -835,6 +833,8 @@ pub async fn read_files(
     Ok(read)
 }
 
+/// A path as the offset log and progress hold it: already escaped, so that it
+/// is parsed rather than escaped again (`#` in a name would become `%2523`).
 fn stored_path(path: &str) -> Result<Path> {
     Path::parse(path).map_err(|e| BrookError::CheckpointData {
         message: format!("bad file path {path:?} in the checkpoint: {e}"),

@@ -139,7 +139,7 @@ impl ClusterPart {
             return refuse("a join of two streams is not distributed yet");
         };
         let mut statics = vec![];
-        plan.apply(|node| {
+        plan.apply_with_subqueries(|node| {
             if let LogicalPlan::TableScan(scan) = node
                 && scan.table_name.table() != input.source.name
             {
@@ -249,7 +249,15 @@ impl ClusterQuery {
                     attempt += 1;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    return Err(BrookError::Context {
+                        context: format!(
+                            "batch {batch_id} failed on the cluster ({CLUSTER_OPTION}) \
+                             {JOB_ATTEMPTS} times"
+                        ),
+                        source: Box::new(e.into()),
+                    });
+                }
             }
         };
         let read = self.collect_stats(&stats, parts.len()).await?;
@@ -274,7 +282,8 @@ impl ClusterQuery {
             .map_err(|e| {
                 failed(format!(
                     "a cluster task's report {path} is missing ({}): the executors must \
-                     reach the checkpoint's location",
+                     reach this location (the query's checkpoint, or without one the \
+                     driver's temporary directory)",
                     location.store_failure(&e)
                 ))
             })?;
@@ -288,6 +297,10 @@ impl ClusterQuery {
                 .store
                 .delete(&location.child(&ScanSpec::stats_name(i)))
                 .await;
+        }
+        // A local store leaves the emptied directory behind, one per batch.
+        if let Some(dir) = &location.local_dir {
+            let _ = std::fs::remove_dir(dir);
         }
         Ok(all)
     }
@@ -313,6 +326,19 @@ pub fn rows_plan(schema: SchemaRef, rows: Vec<RecordBatch>) -> Result<Arc<dyn Ex
             }
             // The cluster names and types the columns as the plan does; only
             // their nullability or metadata may differ.
+            let same = b.schema().fields().len() == schema.fields().len()
+                && b.schema()
+                    .fields()
+                    .iter()
+                    .zip(schema.fields())
+                    .all(|(a, w)| a.name() == w.name() && a.data_type() == w.data_type());
+            if !same {
+                return Err(BrookError::internal(format!(
+                    "the cluster's rows have columns {:?}, the plan expects {:?}",
+                    b.schema(),
+                    schema
+                )));
+            }
             Ok(RecordBatch::try_new(schema.clone(), b.columns().to_vec())?)
         })
         .collect::<Result<Vec<_>>>()?;

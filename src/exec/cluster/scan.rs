@@ -293,7 +293,13 @@ async fn part_numbers(mut numbers: SendableRecordBatchStream) -> DFResult<Vec<us
     let mut parts = vec![];
     while let Some(batch) = numbers.next().await {
         let batch = batch?;
-        let column = batch.column(0).as_primitive::<UInt64Type>();
+        let column = batch
+            .columns()
+            .first()
+            .and_then(|c| c.as_primitive_opt::<UInt64Type>())
+            .ok_or_else(|| {
+                DataFusionError::Internal("a cluster scan's part numbers are not numbers".into())
+            })?;
         parts.extend(column.values().iter().map(|&i| i as usize));
     }
     Ok(parts)
@@ -307,8 +313,10 @@ pub fn external(e: BrookError) -> DataFusionError {
 async fn read_part(spec: &ScanSpec, i: usize, ctx: &TaskContext) -> Result<Vec<RecordBatch>> {
     let schema = spec.schema()?;
     let Some(part) = spec.parts.get(i) else {
-        // A batch without files still plans one (empty) partition.
-        return Ok(vec![]);
+        return Err(BrookError::internal(format!(
+            "a cluster scan was asked for file {i} of a batch of {}",
+            spec.parts.len()
+        )));
     };
     let runtime = ctx.runtime_env();
     let location = Location::resolve(&spec.location, &runtime)?;
