@@ -101,6 +101,12 @@ pub(crate) async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
         }
         None => host(args.bind),
     };
+    if args.executor_timeout < 2 {
+        return Err(BrookError::option(
+            "--executor-timeout",
+            "must be at least 2 seconds (and longer than the executors' --heartbeat-interval)",
+        ));
+    }
     let addr = SocketAddr::new(args.bind, args.port);
     // Bound here, not by Ballista, so that a taken port is a clear error at start.
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -109,12 +115,6 @@ pub(crate) async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
             format!("cannot listen on {addr}: {e} (another scheduler there? give another --port)"),
         )
     })?;
-    if args.executor_timeout < 2 {
-        return Err(BrookError::option(
-            "--executor-timeout",
-            "must be at least 2 seconds (and longer than the executors' --heartbeat-interval)",
-        ));
-    }
     let config = SchedulerConfig {
         bind_host: host(args.bind),
         bind_port: args.port,

@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod compile;
 pub mod join;
 pub mod query;
+pub mod read;
 pub mod session;
 pub mod stateful;
 

@@ -18,6 +18,7 @@ use futures::future::BoxFuture;
 
 use super::cluster::{ClusterQuery, rows_plan};
 use super::compile::{CompiledPlan, CompiledQuery, Input, InputWindow, Stage};
+use super::read::ReadStats;
 use super::stateful::{StatefulOp, Watermarks, execute};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
@@ -27,10 +28,10 @@ use crate::progress::{
     StateProgress,
 };
 use crate::sink::Sink;
-use crate::source::{MalformedStats, SourceOffset, StreamSource};
+use crate::source::{SourceOffset, StreamSource};
 use crate::sql::script::WatermarkSpec;
 use crate::sql::slot::Feed;
-use crate::sql::window::{WindowTicks, max_event_time};
+use crate::sql::window::WindowTicks;
 use crate::state::checkpoint::DEFAULT_MIN_BATCHES_TO_RETAIN;
 use crate::state::checkpoint::InputEventTime;
 use crate::state::driver::{Driver, Program};
@@ -471,7 +472,7 @@ impl InputState {
 /// A batch read and computed.
 struct Computed {
     /// Per input.
-    read: Vec<ReadInput>,
+    read: Vec<ReadStats>,
     read_time: Duration,
     output: Vec<RecordBatch>,
     output_rows: u64,
@@ -755,13 +756,8 @@ impl Program for QueryBatches {
         };
         let (read, read_time, ran) = match &self.cluster {
             Some(cluster) => {
-                let (rows, stats) = cluster.run_batch(batch_id, offsets[0].as_ref()).await?;
+                let (rows, read) = cluster.run_batch(batch_id, offsets[0].as_ref()).await?;
                 let read_time = started_reading.elapsed();
-                let read = ReadInput {
-                    rows: stats.rows,
-                    malformed: stats.malformed,
-                    max_event_ns: stats.max_event_ns,
-                };
                 // The rows the cluster made stand for the plan's scan of the input.
                 match plan {
                     CompiledPlan::Stateless(p) => *p = rows_plan(p.schema(), rows)?,
@@ -985,7 +981,7 @@ impl Local<'_> {
         mode: OutputMode,
         watermarks: Watermarks,
         ticks: Option<&WindowTicks>,
-    ) -> Result<(Vec<ReadInput>, Duration, StageRun)> {
+    ) -> Result<(Vec<ReadStats>, Duration, StageRun)> {
         // The plan runs over the input as the sources read it, a file at a time:
         // a file's rows are worked on, and can be let go, while the next is read.
         let scanned = match plan {
@@ -1014,7 +1010,7 @@ impl Local<'_> {
                         feed,
                     )
                 });
-            let read: Result<Vec<ReadInput>> =
+            let read: Result<Vec<ReadStats>> =
                 futures::future::join_all(reads).await.into_iter().collect();
             (read, self.started_reading.elapsed())
         };
@@ -1226,14 +1222,6 @@ impl QueryBatches {
     }
 }
 
-/// What a batch's read of one input gave, besides the rows fed to the plan.
-#[derive(Default)]
-struct ReadInput {
-    rows: u64,
-    malformed: MalformedStats,
-    max_event_ns: Option<i64>,
-}
-
 /// Reads the input that `offset` names into `feed` a part at a time, each
 /// batch with its window pane column if the query has a window. If the read
 /// fails, so does every scan of the slot that is reading the feed.
@@ -1243,7 +1231,7 @@ async fn feed_input(
     window: Option<&InputWindow>,
     watermark: Option<&WatermarkSpec>,
     mut feed: Feed,
-) -> Result<ReadInput> {
+) -> Result<ReadStats> {
     let schema = feed.schema().clone();
     let fed = read_input(source, offset, window, &schema, watermark, |b| {
         feed.send(&b)
@@ -1271,39 +1259,21 @@ async fn read_input(
     schema: &SchemaRef,
     watermark: Option<&WatermarkSpec>,
     mut take: impl FnMut(RecordBatch) -> Result<()>,
-) -> Result<ReadInput> {
-    let mut read = ReadInput::default();
+) -> Result<ReadStats> {
+    let mut read = ReadStats::default();
     let Some(offset) = offset else {
         return Ok(read);
     };
+    let watermark = watermark.map(|w| w.column.as_str());
     let mut parts = source.read_parts(offset);
     while let Some(part) = parts.next().await {
         let part = part?;
         read.malformed.merge(part.malformed);
         for batch in part.batches {
-            read.rows += batch.num_rows() as u64;
-            if let Some(m) = max_event_time_of(watermark, &batch)? {
-                read.max_event_ns = Some(read.max_event_ns.map_or(m, |x| x.max(m)));
-            }
-            let batch = match window {
-                Some(w) => w.with_panes(schema, batch)?,
-                None => batch,
-            };
-            take(batch)?;
+            take(read.take(batch, watermark, window, schema)?)?;
         }
     }
     Ok(read)
-}
-
-/// The largest event time of `batch`, in nanoseconds, if the source has a watermark.
-fn max_event_time_of(
-    watermark: Option<&WatermarkSpec>,
-    batch: &RecordBatch,
-) -> Result<Option<i64>> {
-    match watermark {
-        Some(wm) => max_event_time(&wm.column, batch),
-        None => Ok(None),
-    }
 }
 
 fn format_ns(ns: i64) -> String {

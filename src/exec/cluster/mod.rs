@@ -30,8 +30,9 @@ use object_store::ObjectStoreExt;
 use url::Url;
 
 use self::codec::{BrookLogicalCodec, BrookPhysicalCodec};
-use self::scan::{ReadStats, ScanSpec, ScanTable, ScanWindow, schema_bytes};
+use self::scan::{ScanSpec, ScanTable, ScanWindow, schema_bytes};
 use super::compile::CompiledQuery;
+use super::read::ReadStats;
 use crate::catalog::SourceKind;
 use crate::error::{BrookError, Result};
 use crate::source::SourceOffset;

@@ -30,11 +30,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{BrookError, Result};
 use crate::exec::compile::InputWindow;
+use crate::exec::read::ReadStats;
 use crate::source::SourceOffset;
 use crate::source::file::read_files;
 use crate::source::format::DecodeOptions;
 use crate::source::location::Location;
-use crate::source::malformed::MalformedStats;
 use crate::sql::window::{WindowSpec, WindowTicks};
 
 /// What a batch's scan reads, sent to the cluster inside its plan.
@@ -63,25 +63,6 @@ pub struct ScanSpec {
 pub struct ScanWindow {
     pub spec: WindowSpec,
     pub time_column: usize,
-}
-
-/// What one task read, for the batch's progress and watermark.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ReadStats {
-    pub rows: u64,
-    pub malformed: MalformedStats,
-    pub max_event_ns: Option<i64>,
-}
-
-impl ReadStats {
-    pub fn merge(&mut self, other: ReadStats) {
-        self.rows += other.rows;
-        self.malformed.merge(other.malformed);
-        self.max_event_ns = match (self.max_event_ns, other.max_event_ns) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-    }
 }
 
 pub fn schema_bytes(schema: &Schema) -> Vec<u8> {
@@ -342,18 +323,8 @@ async fn read_part(spec: &ScanSpec, i: usize, ctx: &TaskContext) -> Result<Vec<R
     };
     let mut batches = Vec::with_capacity(read.batches.len());
     for batch in read.batches {
-        stats.rows += batch.num_rows() as u64;
-        if let Some(column) = &spec.watermark_column {
-            let m = crate::sql::window::max_event_time(column, &batch)?;
-            stats.merge(ReadStats {
-                max_event_ns: m,
-                ..ReadStats::default()
-            });
-        }
-        batches.push(match &window {
-            Some(w) => w.with_panes(&schema, batch)?,
-            None => batch,
-        });
+        let watermark = spec.watermark_column.as_deref();
+        batches.push(stats.take(batch, watermark, window.as_ref(), &schema)?);
     }
     let out = Location::resolve(&spec.stats, &runtime)?;
     let body = serde_json::to_vec(&stats).map_err(|e| BrookError::serde("a task's read", e))?;
