@@ -695,14 +695,21 @@ impl Engine {
                     .await?;
                 // The tasks leave their reports where the driver reads them: in the
                 // checkpoint, which a cluster's machines share, as in Spark.
-                let reports = match &options.checkpoint {
-                    Some(location) => format!("{}/cluster", location.trim_end_matches('/')),
-                    None => std::env::temp_dir()
-                        .join(format!("brook-cluster-{}", new_id()))
-                        .display()
-                        .to_string(),
+                let (reports, temporary) = match &options.checkpoint {
+                    Some(location) => {
+                        (format!("{}/cluster", location.trim_end_matches('/')), false)
+                    }
+                    None => {
+                        let dir = std::env::temp_dir().join(format!("brook-cluster-{}", new_id()));
+                        (dir.display().to_string(), true)
+                    }
                 };
-                Some(ClusterQuery::new(cluster.clone(), part, &reports)?)
+                Some(ClusterQuery::new(
+                    cluster.clone(),
+                    part,
+                    &reports,
+                    temporary,
+                )?)
             }
             None => None,
         };

@@ -932,6 +932,15 @@ async fn an_engine_built_with_a_cluster_runs_aggregates_and_plain_queries_there(
     write_generated_orders(&orders, 6_000, 6);
     let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
     let local = queries_over(brook::Engine::new(), &orders).await;
+    // Without a checkpoint the tasks report to a temporary directory of the query's.
+    let report_dirs = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .filter(|n| n.to_string_lossy().starts_with("brook-cluster-"))
+            .collect()
+    };
+    let before = report_dirs();
     let on_cluster = queries_over(
         brook::Engine::builder().cluster(&cluster.url()).build(),
         &orders,
@@ -941,4 +950,9 @@ async fn an_engine_built_with_a_cluster_runs_aggregates_and_plain_queries_there(
     assert_eq!(on_cluster, local);
     // Three batches of each query, each a job.
     assert_eq!(cluster.completed_jobs().await.len(), 6);
+    let left: Vec<_> = report_dirs()
+        .into_iter()
+        .filter(|d| !before.contains(d))
+        .collect();
+    assert!(left.is_empty(), "the stopped queries left {left:?}");
 }

@@ -955,6 +955,9 @@ impl Program for QueryBatches {
         for input in &mut self.inputs {
             stopped = stopped.and(input.source.stop().await);
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.finish();
+        }
         stopped
     }
 }

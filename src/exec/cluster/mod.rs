@@ -187,18 +187,34 @@ pub struct ClusterQuery {
     scan: ScanSpec,
     /// Below this, each batch's tasks leave what they read.
     stats_root: String,
+    /// `stats_root` is a temporary directory of this query's own.
+    temporary: bool,
 }
 
 impl ClusterQuery {
     /// A query's batches on `cluster`; `stats_root` must be a location every
-    /// executor and the driver reach.
-    pub fn new(cluster: Arc<Cluster>, part: ClusterPart, stats_root: &str) -> Result<Self> {
+    /// executor and the driver reach, and is removed when the query stops if it
+    /// is `temporary`.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        part: ClusterPart,
+        stats_root: &str,
+        temporary: bool,
+    ) -> Result<Self> {
         Ok(Self {
             cluster,
             plan: part.plan,
             scan: part.scan,
             stats_root: absolute(stats_root.trim_end_matches('/'))?,
+            temporary,
         })
+    }
+
+    /// Removes the query's temporary report directory, if it has one.
+    pub fn finish(&self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.stats_root);
+        }
     }
 
     /// Runs batch `batch_id` over the files `offset` names on the cluster:
