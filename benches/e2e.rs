@@ -17,6 +17,7 @@ mod common;
 #[path = "../tests/common/tools.rs"]
 #[allow(dead_code)]
 mod tools;
+use tools::free_port;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
@@ -1502,14 +1503,6 @@ fn millis(text: &str) -> Option<f64> {
         }
     }
     None
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The median over a run's batches (of every query) of a progress duration.

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 mod common;
 use common::s3::S3;
+use common::tools::free_port;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -121,14 +122,6 @@ impl Drop for Processes {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// GETs a scheduler REST endpoint; `None` while the scheduler does not answer.

@@ -2,7 +2,7 @@
 //! in-memory storage (or SQLite, for a broker that restarts), installed by
 //! `tools::tansu()` on first use.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-use super::tools;
+use super::tools::{self, free_port};
 
 /// A running broker, stopped when dropped.
 pub struct Broker {
@@ -202,14 +202,6 @@ impl Broker {
         }
         producer.flush(Duration::from_secs(60)).unwrap();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Drop for Broker {

@@ -1,7 +1,7 @@
 //! A real S3-protocol server for tests: s3s-fs, on a free 127.0.0.1 port, over
 //! a temp directory, installed by `tools::s3s_fs()` on first use.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::tools;
+use super::tools::{self, free_port};
 
 pub const ACCESS_KEY: &str = "brook-test-key";
 pub const SECRET_KEY: &str = "brook-test-secret";
@@ -128,14 +128,6 @@ fn env(port: u16) -> Vec<(&'static str, String)> {
         // Path-style requests (http://host/bucket/key): no DNS name per bucket.
         ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false".into()),
     ]
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Drop for S3 {

@@ -87,6 +87,15 @@ const PYTHON_READERS: Tool = Tool {
 };
 
 /// The s3s-fs binary.
+/// A port on 127.0.0.1 that nothing listens on now, for a server to start on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn s3s_fs() -> PathBuf {
     S3S_FS.get()
 }
