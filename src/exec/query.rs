@@ -10,6 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
+use datafusion::physical_plan::ExecutionPlan;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -758,25 +759,14 @@ impl Program for QueryBatches {
             Some(cluster) => {
                 let (rows, read) = cluster.run_batch(batch_id, offsets[0].as_ref()).await?;
                 let read_time = started_reading.elapsed();
-                // The rows the cluster made stand for the plan's scan of the input.
-                match plan {
-                    CompiledPlan::Stateless(p) => *p = rows_plan(p.schema(), rows)?,
-                    CompiledPlan::Stateful(op) => {
-                        op.partial = rows_plan(op.partial.schema(), rows)?
-                    }
-                    CompiledPlan::Join(_) => {
-                        return Err(BrookError::internal("a join ran on a cluster"));
-                    }
-                }
+                // The rows the cluster made stand for the plan's scan of the input
+                // (a join never runs on a cluster: `ClusterPart` refuses it).
+                let input = scanned(plan);
+                *input = rows_plan(input.schema(), rows)?;
                 let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await;
                 // Not kept until the next batch.
-                match plan {
-                    CompiledPlan::Stateless(p) => *p = rows_plan(p.schema(), vec![])?,
-                    CompiledPlan::Stateful(op) => {
-                        op.partial = rows_plan(op.partial.schema(), vec![])?
-                    }
-                    CompiledPlan::Join(_) => {}
-                }
+                let input = scanned(plan);
+                *input = rows_plan(input.schema(), vec![])?;
                 (vec![read], read_time, ran?)
             }
             None => {
@@ -968,6 +958,16 @@ fn input_entry(all: &serde_json::Value, name: &str) -> Option<serde_json::Value>
     all.get(name).filter(|v| !v.is_null()).cloned()
 }
 
+/// The part of a first stage's plan that reads the input: the whole plan, an
+/// aggregation's partial, or the plan a join runs.
+fn scanned(plan: &mut CompiledPlan) -> &mut Arc<dyn ExecutionPlan> {
+    match plan {
+        CompiledPlan::Stateless(plan) => plan,
+        CompiledPlan::Stateful(op) => &mut op.partial,
+        CompiledPlan::Join(op) => &mut op.plan,
+    }
+}
+
 /// A batch's first stage run here, over the input as its sources read it.
 struct Local<'a> {
     inputs: &'a [InputState],
@@ -987,14 +987,10 @@ impl Local<'_> {
     ) -> Result<(Vec<ReadStats>, Duration, StageRun)> {
         // The plan runs over the input as the sources read it, a file at a time:
         // a file's rows are worked on, and can be let go, while the next is read.
-        let scanned = match plan {
-            CompiledPlan::Stateless(plan) => &*plan,
-            CompiledPlan::Stateful(op) => &op.partial,
-            CompiledPlan::Join(op) => &op.plan,
-        };
+        let input = scanned(plan);
         let mut feeds = vec![];
         for def in self.defs {
-            feeds.push(def.slot.feed(scanned)?);
+            feeds.push(def.slot.feed(input)?);
         }
         let streams = feeds.iter().all(Feed::streams);
         let reading = async {

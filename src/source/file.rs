@@ -616,11 +616,16 @@ impl FileSource {
     }
 
     fn parse_offset(&self, offset: &SourceOffset) -> Result<Vec<FileEntry>> {
-        serde_json::from_value(offset.0.clone()).map_err(|e| BrookError::Source {
-            location: self.location.display.clone(),
-            message: format!("unreadable file offset {}: {e}", offset.0),
-        })
+        parse_entries(&self.location, offset)
     }
+}
+
+/// The files an offset of the source at `location` names.
+fn parse_entries(location: &Location, offset: &SourceOffset) -> Result<Vec<FileEntry>> {
+    serde_json::from_value(offset.0.clone()).map_err(|e| BrookError::Source {
+        location: location.display.clone(),
+        message: format!("unreadable file offset {}: {e}", offset.0),
+    })
 }
 
 /// How `clean` is done for a source at `location`, checked at start.
@@ -817,13 +822,8 @@ pub async fn read_files(
     decoder: Arc<Decoder>,
     offset: &SourceOffset,
 ) -> Result<SourceBatch> {
-    let entries: Vec<FileEntry> =
-        serde_json::from_value(offset.0.clone()).map_err(|e| BrookError::Source {
-            location: location.display.clone(),
-            message: format!("unreadable file offset {}: {e}", offset.0),
-        })?;
     let mut read = SourceBatch::default();
-    for entry in entries {
+    for entry in parse_entries(location, offset)? {
         let decoded = fetch_and_decode(location, decoder.clone(), entry.path).await?;
         read.malformed.merge(decoded.malformed);
         if decoded.batch.num_rows() > 0 {
