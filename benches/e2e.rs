@@ -1588,4 +1588,78 @@ fn cluster() {
             merge.len(),
         );
     }
+    state_growth(&cluster, &input);
+}
+
+/// A process's resident memory now, in MB, from /proc.
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// An aggregation whose state grows with every batch (one group per order),
+/// here and with its state on the cluster's executors: the driver's peak
+/// memory, and the executors' memory after the run.
+fn state_growth(cluster: &BenchCluster, input: &Path) {
+    println!(
+        "\n## cluster: state that grows, one group per order (GROUP BY order_id, update \
+         mode, console sink), one file per batch\n"
+    );
+    println!(
+        "| run | orders | median wall time | driver's median peak RSS | groups in state | state's size | executors' RSS after |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let url = cluster.url();
+    for (place, extra) in [
+        ("here", vec![]),
+        ("cluster", vec!["--cluster", url.as_str()]),
+    ] {
+        let (mut seconds, mut peaks, mut last) = (vec![], vec![], Value::Null);
+        for _ in 0..RUNS {
+            let dir = tempfile::tempdir().unwrap();
+            let sql = dir.path().join("per_order.sql");
+            std::fs::write(
+                &sql,
+                format!(
+                    "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, \
+                     order_id BIGINT NOT NULL, client_id BIGINT NOT NULL, symbol VARCHAR NOT NULL, \
+                     amount INT NOT NULL, price DOUBLE NOT NULL, buy_sell VARCHAR NOT NULL) \
+                     STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', \
+                     'maxFilesPerTrigger' '1');
+                     CREATE EXTERNAL TABLE per_order STORED AS CONSOLE LOCATION '' \
+                     OPTIONS ('outputMode' 'update', 'queryName' 'per_order');
+                     INSERT INTO per_order SELECT order_id, count(*) AS orders, \
+                     sum(amount * price) AS traded FROM orders GROUP BY order_id;",
+                    input.display()
+                ),
+            )
+            .unwrap();
+            let (figures, progress) =
+                timed_run_with(dir.path(), &sql, BOOK_ORDERS, &["per_order"], &extra);
+            seconds.push(figures.seconds);
+            peaks.push(figures.peak_mb);
+            last = progress.last().cloned().unwrap_or(Value::Null);
+        }
+        let state = &last["state_operators"][0];
+        let executors: f64 = match place {
+            "here" => 0.0,
+            _ => cluster.children[1..].iter().map(|c| rss_mb(c.id())).sum(),
+        };
+        println!(
+            "| {place} | {BOOK_ORDERS} | {:.3} s | {:.0} MB | {} | {:.1} MB | {} |",
+            median(seconds),
+            median(peaks),
+            state["num_rows_total"],
+            state["memory_used_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            if place == "here" {
+                "-".to_string()
+            } else {
+                format!("{executors:.0} MB (two)")
+            },
+        );
+    }
 }

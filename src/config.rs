@@ -10,7 +10,7 @@ use crate::duration::parse_duration;
 use crate::error::{BrookError, Result};
 
 /// Which rows of the result each batch delivers to the sink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OutputMode {
     /// Only new rows: for aggregations, the windows the watermark closed, once each.
     Append,

@@ -23,8 +23,9 @@ use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef, hold_parquet_com
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
 use crate::exec::cluster::{Cluster, ClusterPart, ClusterQuery};
-use crate::exec::compile::{CompiledQuery, UserFunctions, compile};
+use crate::exec::compile::{CompiledPlan, CompiledQuery, UserFunctions, compile};
 use crate::exec::query::{Gate, ProgressListener};
+use crate::exec::stateful::RemoteState;
 use crate::exec::{QueryOptions, StreamingQuery};
 use crate::progress::{Monitored, QueryInfo, QueryProgress};
 use crate::sink::{ConsoleSink, ForeachBatchSink, MemorySink, MirrorSink, Sink};
@@ -664,7 +665,7 @@ impl Engine {
 
     async fn start(
         &self,
-        compiled: CompiledQuery,
+        mut compiled: CompiledQuery,
         sink: Arc<dyn Sink>,
         memory: Option<MemorySink>,
         mut options: QueryOptions,
@@ -689,6 +690,13 @@ impl Engine {
         let cluster = match &self.overrides.cluster {
             Some(url) => {
                 let part = ClusterPart::of(&compiled)?;
+                if let (Some(partitions), CompiledPlan::Stateful(op)) =
+                    (part.state_partitions(), &mut compiled.plan)
+                {
+                    // The executors keep the state; a checkpoint records where.
+                    op.remote = Some(RemoteState::default());
+                    compiled.fingerprint.state_partitions = Some(partitions);
+                }
                 let cluster = self
                     .cluster
                     .get_or_try_init(|| async { Cluster::connect(url).await.map(Arc::new) })

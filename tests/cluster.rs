@@ -594,11 +594,12 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
     let expected = dashboard_output(&local.join("out")).await;
     assert!(expected.iter().all(|t| !t.is_empty()), "{expected:?}");
     assert_eq!(dashboard_output(&on_cluster.join("out")).await, expected);
-    // Every batch of the three queries that had input ran as a job (one that
-    // only closes windows reads nothing), on both executors.
+    // Every batch with input ran as a job on both executors; so did one
+    // without input that only closes windows if the executors keep the state
+    // (not the top stocks': the driver keeps a sliding window's panes).
     let batches = there
         .iter()
-        .filter(|p| p["num_input_rows"].as_u64() > Some(0))
+        .filter(|p| p["num_input_rows"].as_u64() > Some(0) || p["name"] != "top_stocks")
         .count();
     let jobs = cluster.completed_jobs().await;
     assert_eq!(jobs.len(), batches, "{jobs:?}");
@@ -609,11 +610,21 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
             cluster.processes.logs()
         );
     }
-    let reports = s3.keys("checkpoint").await;
+    let keys = s3.keys("checkpoint").await;
     assert!(
-        reports.iter().all(|k| !k.contains("/cluster/")),
-        "the tasks' reports outlive their batches: {reports:?}"
+        keys.iter()
+            .all(|k| !k.contains("/cluster/") || k.contains("/cluster/state/part-")),
+        "the tasks' reports outlive their batches: {keys:?}"
     );
+    // Each query's state is in the bucket, a Parquet version per partition.
+    for query in ["buy_sell_per_second", "top_clients"] {
+        let parts: std::collections::BTreeSet<_> = keys
+            .iter()
+            .filter(|k| k.contains(&format!("{query}/cluster/state/part-")))
+            .filter_map(|k| k.split("/cluster/state/").nth(1)?.split('/').next())
+            .collect();
+        assert_eq!(parts.len(), 4, "{query}: {keys:?}");
+    }
     cluster.processes.check_running();
 }
 
@@ -875,6 +886,22 @@ const AGGREGATES: &str = "INSERT INTO per_symbol SELECT symbol, count(*) AS orde
      bool_or(buy_sell = 'B') AS any_buy, sum(amount) FILTER (WHERE buy_sell = 'S') AS sold \
      FROM orders GROUP BY symbol";
 
+/// `batches` as text, floats rounded: floating sums may differ in their last
+/// digits with the order of addition.
+fn rounded(batches: &[datafusion::arrow::array::RecordBatch]) -> Vec<Vec<String>> {
+    common::table(batches)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|cell| match cell.parse::<f64>() {
+                    Ok(x) if cell.contains('.') => format!("{x:.6}"),
+                    _ => cell,
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The rows the aggregates gave over `orders`, and the rows of a query without
 /// aggregation (which runs whole on a cluster), run by `engine` to the input's end.
 async fn queries_over(engine: brook::Engine, orders: &Path) -> [Vec<Vec<String>>; 2] {
@@ -899,20 +926,7 @@ async fn queries_over(engine: brook::Engine, orders: &Path) -> [Vec<Vec<String>>
         "SELECT * FROM big ORDER BY order_id",
     ] {
         let batches = engine.sql(sql).await.unwrap();
-        // Floating sums may differ in their last digits with the order of addition.
-        tables.push(
-            common::table(&batches)
-                .into_iter()
-                .map(|row| {
-                    row.into_iter()
-                        .map(|cell| match cell.parse::<f64>() {
-                            Ok(x) if cell.contains('.') => format!("{x:.6}"),
-                            _ => cell,
-                        })
-                        .collect()
-                })
-                .collect(),
-        );
+        tables.push(rounded(&batches));
     }
     engine.stop_all().await.unwrap();
     [tables.remove(0), tables.remove(0)]
@@ -948,4 +962,141 @@ async fn an_engine_built_with_a_cluster_runs_aggregates_and_plain_queries_there(
         .filter(|d| !before.contains(d))
         .collect();
     assert!(left.is_empty(), "the stopped queries left {left:?}");
+}
+
+/// Aggregations of every kind of state: keyed in update mode, tumbling windows
+/// closed by the watermark in append mode, SELECT DISTINCT, a global aggregate
+/// in complete mode (these four keep their state on the executors), and a
+/// sliding window (whose panes' windows the driver keeps).
+fn stateful_script(orders: &Path) -> String {
+    let table = |name: &str, mode: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE {name} STORED AS MEMORY LOCATION '' \
+             OPTIONS ('outputMode' '{mode}', 'queryName' '{name}');"
+        )
+    };
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR, \
+         WATERMARK FOR time AS time - INTERVAL '2' SECOND) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '1');
+         {}
+         INSERT INTO updated SELECT symbol, count(*) AS orders, sum(amount) AS shares, \
+         avg(price) AS mean_price FROM orders GROUP BY symbol;
+         {}
+         INSERT INTO per_window SELECT window.start AS start, symbol, count(*) AS orders, \
+         max(price) AS high FROM orders GROUP BY window(time, '2 seconds'), symbol;
+         {}
+         INSERT INTO firsts SELECT DISTINCT client_id, symbol FROM orders;
+         {}
+         INSERT INTO total SELECT count(*) AS orders, sum(amount) AS shares FROM orders;
+         {}
+         INSERT INTO sliding SELECT window.start AS start, count(*) AS orders \
+         FROM orders GROUP BY window(time, '4 seconds', '2 seconds');",
+        orders.display(),
+        table("updated", "update"),
+        table("per_window", "append"),
+        table("firsts", "append"),
+        table("total", "complete"),
+        table("sliding", "update"),
+    )
+}
+
+const STATEFUL_TABLES: [&str; 5] = ["updated", "per_window", "firsts", "total", "sliding"];
+
+/// Runs `stateful_script` with `engine` to the input's end: each table's rows,
+/// sorted, and each query's state as its batches reported it (rows kept at the
+/// end; rows updated, removed and late in all).
+async fn stateful_run(engine: brook::Engine, orders: &Path) -> Vec<(Vec<Vec<String>>, [u64; 4])> {
+    let queries = engine.execute(&stateful_script(orders)).await.unwrap();
+    let mut out = vec![];
+    for (q, table) in queries.iter().zip(STATEFUL_TABLES) {
+        q.process_all_available().await.unwrap();
+        let mut state = [0; 4];
+        for p in q.recent_progress() {
+            let op = &p.state_operators[0];
+            state[0] = op.num_rows_total;
+            state[1] += op.num_rows_updated;
+            state[2] += op.num_rows_removed;
+            state[3] += p.num_late_rows;
+        }
+        let batches = engine.sql(&format!("SELECT * FROM {table}")).await.unwrap();
+        out.push((common::sorted(rounded(&batches)), state));
+    }
+    engine.stop_all().await.unwrap();
+    out
+}
+
+/// State kept on the executors gives what the driver's gives, also across a
+/// restart that takes the state up again from its versions in the checkpoint;
+/// a checkpoint keeps its state where it was created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = dir.path().join("orders");
+    let all = generated_orders(16_000, 8);
+    let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
+    let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
+    let engine = |checkpoints: &Path, on_cluster: bool| {
+        let builder = brook::Engine::builder().checkpoint_root(checkpoints.to_str().unwrap());
+        match on_cluster {
+            true => builder.cluster(&cluster.url()).build(),
+            false => builder.build(),
+        }
+    };
+    std::fs::create_dir_all(&orders).unwrap();
+    let mut runs = vec![];
+    // Half the files, a stop, then the rest, as a restarted query reads them.
+    for half in [&all[..4], &all[4..]] {
+        for body in half {
+            let n = std::fs::read_dir(&orders).unwrap().count();
+            std::fs::write(orders.join(format!("part-{n:02}.csv")), body).unwrap();
+        }
+        let here = stateful_run(engine(&local, false), &orders).await;
+        let there = stateful_run(engine(&remote, true), &orders).await;
+        runs.push((here, there));
+    }
+    for (here, there) in &runs {
+        for ((table, (rows, state)), (rows_there, state_there)) in
+            STATEFUL_TABLES.iter().zip(here).zip(there)
+        {
+            assert!(!rows.is_empty(), "{table} is empty");
+            assert_eq!(rows_there, rows, "{table}");
+            assert_eq!(state_there, state, "{table}: rows, updated, removed, late");
+        }
+    }
+    // Windows were closed and late rows dropped, so the watermark was at work.
+    let (first, _) = &runs[0];
+    assert!(first[1].1[2] > 0, "no window closed: {:?}", first[1]);
+    // Each partition of each query's state on the executors has versions; the
+    // sliding window's state is in the driver's files.
+    for table in &STATEFUL_TABLES[..4] {
+        let state = remote.join(table).join("cluster/state");
+        let parts: Vec<_> = std::fs::read_dir(&state)
+            .unwrap_or_else(|e| panic!("{}: {e}", state.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let expected = if *table == "total" { 1 } else { 4 };
+        assert_eq!(parts.len(), expected, "{table}: {parts:?}");
+    }
+    assert!(!remote.join("sliding/cluster/state").exists());
+    // A checkpoint whose state the driver keeps stays so.
+    let err = engine(&local, true)
+        .execute(&stateful_script(&orders))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("state: checkpoint has it on the driver") && err.contains("--cluster"),
+        "{err}"
+    );
+    let err = engine(&remote, false)
+        .execute(&stateful_script(&orders))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("state: checkpoint has it in 4 partition(s) on a cluster's executors"),
+        "{err}"
+    );
 }

@@ -15,11 +15,13 @@ use ballista_scheduler::config::{SchedulerConfig, TaskDistributionPolicy};
 use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service_with_listener};
 use clap::Args;
 use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
 use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 
 use crate::cli::{StopSignals, note};
 use crate::error::{BrookError, Result};
 use crate::exec::cluster::codec::{BrookLogicalCodec, BrookPhysicalCodec};
+use crate::exec::cluster::state::BrookQueryPlanner;
 
 #[derive(Args)]
 pub(crate) struct SchedulerArgs {
@@ -129,6 +131,13 @@ pub(crate) async fn run_scheduler(args: SchedulerArgs) -> Result<()> {
         no_executors_grace_period_seconds: args.executor_timeout,
         override_logical_codec: Some(Arc::new(BrookLogicalCodec::default())),
         override_physical_codec: Some(Arc::new(BrookPhysicalCodec::default())),
+        // Ballista's session, planning brook's merge into state kept on the executors.
+        override_session_builder: Some(Arc::new(|config| {
+            let state = ballista_core::utils::default_session_builder(config)?;
+            Ok(SessionStateBuilder::new_from_existing(state)
+                .with_query_planner(Arc::new(BrookQueryPlanner))
+                .build())
+        })),
         ..SchedulerConfig::default()
     };
     config

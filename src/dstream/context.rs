@@ -787,6 +787,7 @@ async fn open_checkpoint(
         group_by: vec![],
         aggregates: vec![format!("{operators} stateful DStream operators")],
         functions: vec![],
+        state_partitions: None,
     };
     Checkpoint::open(
         dir,

@@ -920,6 +920,7 @@ async fn compile_stage(
         emitted_through_ns: None,
         dedup,
         session_key,
+        remote: None,
     };
     let mut fingerprint = fingerprint(
         &inputs,
@@ -1005,6 +1006,7 @@ fn fingerprint(
         group_by,
         aggregates,
         functions: vec![],
+        state_partitions: None,
     }
 }
 

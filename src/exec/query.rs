@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use super::cluster::{ClusterQuery, rows_plan};
 use super::compile::{CompiledPlan, CompiledQuery, Input, InputWindow, Stage};
 use super::read::ReadStats;
-use super::stateful::{StatefulOp, Watermarks, execute};
+use super::stateful::{RemoteState, StatefulOp, StatefulOutcome, Watermarks, execute};
 use crate::catalog::SourceDef;
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
@@ -512,6 +512,8 @@ fn state_layout(compiled: &CompiledQuery) -> Vec<StatePart> {
     for (stage, plan) in plans.iter().enumerate() {
         match plan {
             CompiledPlan::Stateless(_) => {}
+            // The executors keep it, in files of their own.
+            CompiledPlan::Stateful(op) if op.remote.is_some() => {}
             CompiledPlan::Stateful(op) => parts.push(StatePart {
                 stage,
                 part: 0,
@@ -757,17 +759,36 @@ impl Program for QueryBatches {
         };
         let (read, read_time, ran) = match &self.cluster {
             Some(cluster) => {
-                let (rows, read) = cluster.run_batch(batch_id, offsets[0].as_ref()).await?;
+                let run = cluster
+                    .run_batch(batch_id, offsets[0].as_ref(), watermarks)
+                    .await?;
                 let read_time = started_reading.elapsed();
-                // The rows the cluster made stand for the plan's scan of the input
-                // (a join never runs on a cluster: `ClusterPart` refuses it).
-                let input = scanned(plan);
-                *input = rows_plan(input.schema(), rows)?;
-                let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await;
-                // Not kept until the next batch.
-                let input = scanned(plan);
-                *input = rows_plan(input.schema(), vec![])?;
-                (vec![read], read_time, ran?)
+                let ran = match (&mut *plan, run.state) {
+                    // The executors merged the batch into the state they keep;
+                    // its rows are the state rows it emits.
+                    (CompiledPlan::Stateful(op), Some(report)) => {
+                        let output = op.finish(ctx, &run.rows).await?;
+                        op.remote = Some(RemoteState {
+                            rows: report.rows,
+                            bytes: report.bytes,
+                            earliest_close_ns: report.earliest_close_ns,
+                            known: true,
+                        });
+                        stateful_run(op, report.outcome(output))
+                    }
+                    (plan, _) => {
+                        // The rows the cluster made stand for the plan's scan of the
+                        // input (a join never runs on a cluster: `ClusterPart` refuses it).
+                        let input = scanned(plan);
+                        *input = rows_plan(input.schema(), run.rows)?;
+                        let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await;
+                        // Not kept until the next batch.
+                        let input = scanned(plan);
+                        *input = rows_plan(input.schema(), vec![])?;
+                        ran?
+                    }
+                };
+                (vec![run.read], read_time, ran)
             }
             None => {
                 let local = Local {
@@ -1096,22 +1117,31 @@ async fn run_stage(
         }),
         CompiledPlan::Stateful(op) => {
             let outcome = op.run(ctx, mode, watermarks, ticks).await?;
-            let progress = StateProgress {
-                operator: progress_operator(op).into(),
-                num_rows_total: op.state_rows() as u64,
-                num_rows_updated: outcome.updated_rows,
-                num_rows_removed: outcome.removed_rows,
-                memory_used_bytes: op.state_bytes() as u64,
-                num_dropped_duplicate_rows: op.dedup.then_some(outcome.dropped_duplicates),
-            };
-            Ok(StageRun {
-                output: outcome.output,
-                late_rows: outcome.late_rows,
-                progress: Some(progress),
-                changes: Some((outcome.upserts, outcome.deletes)),
-            })
+            Ok(stateful_run(op, outcome))
         }
         CompiledPlan::Join(_) => Err(BrookError::internal("a join ran as a plan")),
+    }
+}
+
+/// A stage's run from the outcome of its aggregation's batch.
+fn stateful_run(op: &StatefulOp, outcome: StatefulOutcome) -> StageRun {
+    let progress = StateProgress {
+        operator: progress_operator(op).into(),
+        num_rows_total: op.state_rows() as u64,
+        num_rows_updated: outcome.updated_rows,
+        num_rows_removed: outcome.removed_rows,
+        memory_used_bytes: op.state_bytes() as u64,
+        num_dropped_duplicate_rows: op.dedup.then_some(outcome.dropped_duplicates),
+    };
+    StageRun {
+        output: outcome.output,
+        late_rows: outcome.late_rows,
+        progress: Some(progress),
+        // State the executors keep is not in the driver's checkpoint files.
+        changes: op
+            .remote
+            .is_none()
+            .then_some((outcome.upserts, outcome.deletes)),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::kernels::cmp::{gt, lt_eq};
 use datafusion::arrow::compute::kernels::numeric::neg_wrapping;
 use datafusion::arrow::compute::{
@@ -35,7 +35,7 @@ pub async fn execute(
 }
 
 /// The group column that carries event time, so state can be closed by the watermark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EventTimeKey {
     pub column: usize,
     /// A `window` struct (closed when its end passes) rather than a timestamp.
@@ -44,18 +44,35 @@ pub struct EventTimeKey {
 }
 
 impl EventTimeKey {
-    /// Rows whose group the watermark has closed: window end (or time) <= watermark.
-    fn closed(&self, batch: &RecordBatch, watermark_ns: i64) -> Result<BooleanArray> {
+    /// When each row's group closes, in the key's units: its window's end, or its time.
+    fn closes_at(&self, batch: &RecordBatch) -> Result<ArrayRef> {
         let key = batch.column(self.column);
         let time = if self.is_window {
             key.as_struct().column(1).clone()
         } else {
             key.clone()
         };
-        let ticks = cast(&time, &DataType::Int64)?;
-        let limit = Int64Array::new_scalar(watermark_ns.div_euclid(self.unit_nanos));
-        Ok(nulls_false(&lt_eq(&ticks, &limit)?))
+        Ok(cast(&time, &DataType::Int64)?)
     }
+
+    /// Rows whose group the watermark has closed: window end (or time) <= watermark.
+    fn closed(&self, batch: &RecordBatch, watermark_ns: i64) -> Result<BooleanArray> {
+        let limit = Int64Array::new_scalar(watermark_ns.div_euclid(self.unit_nanos));
+        Ok(nulls_false(&lt_eq(&self.closes_at(batch)?, &limit)?))
+    }
+}
+
+/// What the driver knows of an aggregation's state that a cluster's executors
+/// keep: what their last batch reported.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteState {
+    pub rows: u64,
+    pub bytes: u64,
+    /// The earliest time (ns) a group held closes at; `None` when none closes.
+    pub earliest_close_ns: Option<i64>,
+    /// False until a batch has reported since the query started: a restarted
+    /// query does not know what its state holds.
+    pub known: bool,
 }
 
 /// The two watermarks a batch runs under, as Spark's since 3.4: its rows are
@@ -111,6 +128,8 @@ pub struct StatefulOp {
     pub state_columns: Vec<usize>,
     /// The key column of a `session_window`, whose sessions merge (see [`session`]).
     pub session_key: Option<usize>,
+    /// Set when the state is kept on a cluster's executors, not in `state`.
+    pub remote: Option<RemoteState>,
 }
 
 #[derive(Debug, Default)]
@@ -128,14 +147,36 @@ pub struct StatefulOutcome {
 
 impl StatefulOp {
     pub fn state_rows(&self) -> usize {
-        self.state.iter().map(RecordBatch::num_rows).sum()
+        match &self.remote {
+            Some(remote) => remote.rows as usize,
+            None => self.state.iter().map(RecordBatch::num_rows).sum(),
+        }
     }
 
     pub fn state_bytes(&self) -> usize {
-        self.state
-            .iter()
-            .map(RecordBatch::get_array_memory_size)
-            .sum()
+        match &self.remote {
+            Some(remote) => remote.bytes as usize,
+            None => self
+                .state
+                .iter()
+                .map(RecordBatch::get_array_memory_size)
+                .sum(),
+        }
+    }
+
+    /// The earliest time (ns) a group in `state` closes at, if any closes.
+    pub fn earliest_close_ns(&self) -> Result<Option<i64>> {
+        let Some(key) = &self.event_time_key else {
+            return Ok(None);
+        };
+        let mut earliest: Option<i64> = None;
+        for b in &self.state {
+            let at = key.closes_at(b)?;
+            if let Some(t) = min(at.as_primitive::<Int64Type>()) {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+        }
+        Ok(earliest.map(|t| t.saturating_mul(key.unit_nanos)))
     }
 
     /// Whether the watermark `watermark_ns` closes a group held in state: a
@@ -144,6 +185,9 @@ impl StatefulOp {
         let Some(key) = &self.event_time_key else {
             return Ok(false);
         };
+        if let Some(remote) = &self.remote {
+            return Ok(!remote.known || remote.earliest_close_ns.is_some_and(|t| t <= watermark_ns));
+        }
         if let (true, Some(ticks)) = (self.panes, window) {
             // Windows close in order of their starts, and a pane is dropped in the
             // batch that emits its last window.
@@ -207,6 +251,31 @@ impl StatefulOp {
         watermarks: Watermarks,
         window: Option<&WindowTicks>,
     ) -> Result<StatefulOutcome> {
+        let (mut outcome, emit) = self.advance(ctx, mode, watermarks, window).await?;
+        outcome.output = self.finish(ctx, &emit).await?;
+        Ok(outcome)
+    }
+
+    /// The query's rows from the state rows a batch emits.
+    pub async fn finish(
+        &self,
+        ctx: &Arc<TaskContext>,
+        emit: &[RecordBatch],
+    ) -> Result<Vec<RecordBatch>> {
+        self.emit_slot.set(emit)?;
+        execute(&self.finalize, ctx).await
+    }
+
+    /// One batch's merge of the rows in the input slot into the state: the
+    /// batch's outcome but its output, and the state rows it emits, which
+    /// [`finish`](Self::finish) turns into the query's rows.
+    pub async fn advance(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        mode: OutputMode,
+        watermarks: Watermarks,
+        window: Option<&WindowTicks>,
+    ) -> Result<(StatefulOutcome, Vec<RecordBatch>)> {
         if let (true, Some(ticks), Some(key)) = (self.panes, window, self.event_time_key.clone()) {
             return self.run_panes(ctx, ticks, &key, watermarks).await;
         }
@@ -290,9 +359,7 @@ impl StatefulOp {
             }
         }
         self.state = keep.into_iter().filter(|b| b.num_rows() > 0).collect();
-        self.emit_slot.set(&emit)?;
-        outcome.output = execute(&self.finalize, ctx).await?;
-        Ok(outcome)
+        Ok((outcome, emit))
     }
 
     /// One batch of SELECT DISTINCT over a batch's distinct keys (`delta`, late
@@ -304,7 +371,7 @@ impl StatefulOp {
         delta: Vec<RecordBatch>,
         closing: Option<(EventTimeKey, i64)>,
         mut outcome: StatefulOutcome,
-    ) -> Result<StatefulOutcome> {
+    ) -> Result<(StatefulOutcome, Vec<RecordBatch>)> {
         let mut input_rows = 0;
         let mut once = Vec::with_capacity(delta.len());
         for b in &delta {
@@ -355,9 +422,7 @@ impl StatefulOp {
         outcome.updated_rows = first_seen;
         outcome.dropped_duplicates = input_rows.saturating_sub(first_seen);
         self.state = keep.into_iter().filter(|b| b.num_rows() > 0).collect();
-        self.emit_slot.set(&emit)?;
-        outcome.output = execute(&self.finalize, ctx).await?;
-        Ok(outcome)
+        Ok((outcome, emit))
     }
 
     /// One batch of pane state. A batch touches only its own panes: it merges its
@@ -370,7 +435,7 @@ impl StatefulOp {
         ticks: &WindowTicks,
         key: &EventTimeKey,
         watermarks: Watermarks,
-    ) -> Result<StatefulOutcome> {
+    ) -> Result<(StatefulOutcome, Vec<RecordBatch>)> {
         let mut outcome = StatefulOutcome::default();
         let col = key.column;
         let watermark = watermarks.evict_ns.map(|w| w.div_euclid(key.unit_nanos));
@@ -475,9 +540,7 @@ impl StatefulOp {
         } else {
             vec![]
         };
-        self.emit_slot.set(&emit)?;
-        outcome.output = execute(&self.finalize, ctx).await?;
-        Ok(outcome)
+        Ok((outcome, emit))
     }
 
     /// The windows the watermark `wm` closes that no earlier batch emitted, each

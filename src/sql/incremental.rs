@@ -687,6 +687,8 @@ enum Kept {
         /// The aggregate over the aggregation's input, which makes its accumulators.
         f: Arc<AggregateFunctionExpr>,
         layout: Layout,
+        /// The rows `f` was planned over.
+        input: SchemaRef,
         columns: Vec<String>,
         /// The column the wrappers return: the state column, or a struct of them all.
         packed: String,
@@ -727,9 +729,10 @@ impl Kept {
             Kept::State {
                 f,
                 layout,
+                input,
                 columns,
                 packed,
-            } => partial::merge_of(f, layout)
+            } => partial::merge_of(f, layout, input.clone())
                 .call(columns.iter().map(|c| col(c.as_str())).collect())
                 .alias(packed),
             Kept::First(c) => first_value(col(c.as_str()), vec![]).alias(c),
@@ -798,6 +801,7 @@ fn keep_state(
         Kept::State {
             f,
             layout,
+            input: input.inner().clone(),
             columns,
             packed,
         },

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, StructArray, new_empty_array};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, SchemaRef};
 use datafusion::common::{DFSchema, Result, ScalarValue, internal_err, plan_err};
 use datafusion::execution::context::ExecutionProps;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
@@ -367,13 +367,39 @@ fn groups_accumulated(f: &AggregateFunctionExpr) -> bool {
 }
 
 /// `f` merging states: called with `f`'s state columns, returns the merged state.
-pub fn merge_of(f: &Arc<AggregateFunctionExpr>, layout: &Layout) -> AggregateUDF {
+/// `input`: the rows `f` was planned over.
+pub fn merge_of(f: &Arc<AggregateFunctionExpr>, layout: &Layout, input: SchemaRef) -> AggregateUDF {
     AggregateUDF::new_from_impl(MergeOf {
         name: format!("merge_of_{}", f.fun().name()),
         f: Planned(f.clone()),
         layout: layout.clone(),
+        input,
         signature: Signature::variadic_any(Volatility::Immutable),
     })
+}
+
+/// What a [`merge_of`] wrapper is made of, to be sent to a cluster's executors.
+pub struct MergeOfParts {
+    pub f: Arc<AggregateFunctionExpr>,
+    /// The rows `f` was planned over.
+    pub input: SchemaRef,
+}
+
+impl MergeOfParts {
+    /// The parts of `udaf` if it is a [`merge_of`] wrapper.
+    pub fn of(udaf: &AggregateUDF) -> Option<Self> {
+        let m = udaf.inner().downcast_ref::<MergeOf>()?;
+        Some(Self {
+            f: m.f.0.clone(),
+            input: m.input.clone(),
+        })
+    }
+
+    /// The wrapper again.
+    pub fn make(self) -> Result<AggregateUDF> {
+        let layout = Layout::new(&self.f)?;
+        Ok(merge_of(&self.f, &layout, self.input))
+    }
 }
 
 /// Made with the physical form of `f` over the aggregation's input rather than
@@ -384,6 +410,7 @@ struct MergeOf {
     name: String,
     f: Planned,
     layout: Layout,
+    input: SchemaRef,
     signature: Signature,
 }
 

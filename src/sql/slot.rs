@@ -119,6 +119,11 @@ impl Slot {
         &self.schema
     }
 
+    /// Whether `other` is this slot (a clone of it), not another of the same rows' type.
+    pub fn same(&self, other: &Slot) -> bool {
+        Arc::ptr_eq(&self.rows, &other.rows)
+    }
+
     pub fn set(&self, batches: &[RecordBatch]) -> Result<()> {
         let conformed = batches
             .iter()
@@ -255,7 +260,7 @@ pub struct SlotExec {
 }
 
 impl SlotExec {
-    fn new(slot: Slot, projection: Option<Vec<usize>>, partitions: usize) -> DFResult<Self> {
+    pub fn new(slot: Slot, projection: Option<Vec<usize>>, partitions: usize) -> DFResult<Self> {
         let schema = match &projection {
             Some(p) => Arc::new(slot.schema.project(p)?),
             None => slot.schema.clone(),
@@ -272,6 +277,20 @@ impl SlotExec {
             partitions,
             properties: Arc::new(properties),
         })
+    }
+}
+
+impl SlotExec {
+    pub fn slot(&self) -> &Slot {
+        &self.slot
+    }
+
+    pub fn projection(&self) -> Option<&Vec<usize>> {
+        self.projection.as_ref()
+    }
+
+    pub fn partitions(&self) -> usize {
+        self.partitions
     }
 }
 

@@ -640,6 +640,11 @@ impl WindowTicks {
     }
 
     /// Whether windows overlap, so that state is best kept per pane.
+    /// The type of the time column the windows are over.
+    pub fn time_type(&self) -> &DataType {
+        &self.time_type
+    }
+
     pub fn overlapping(&self) -> bool {
         self.pane != self.size
     }

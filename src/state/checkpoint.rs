@@ -56,6 +56,10 @@ pub struct QueryFingerprint {
     /// restart needs registered too. Not compared: a query may stop calling one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub functions: Vec<String>,
+    /// The partitions of an aggregation's state that a cluster's executors
+    /// keep; `None` when the driver keeps it. Fixed when the checkpoint is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_partitions: Option<usize>,
 }
 
 impl QueryFingerprint {
@@ -80,6 +84,17 @@ impl QueryFingerprint {
             format!("[{}]", self.aggregates.join(", ")),
             format!("[{}]", other.aggregates.join(", ")),
         );
+        let kept = |p: Option<usize>| match p {
+            Some(n) => format!("it in {n} partition(s) on a cluster's executors (--cluster)"),
+            None => "it on the driver (the brook run process)".to_string(),
+        };
+        if !self.aggregates.is_empty() {
+            check(
+                "state",
+                kept(self.state_partitions),
+                kept(other.state_partitions),
+            );
+        }
         out
     }
 }

@@ -1,16 +1,21 @@
 //! Batches on an Apache Ballista cluster (`brook run --cluster df://HOST:PORT`).
 //!
 //! The driver (the `brook run` process) plans each batch as it always does:
-//! which files it takes, its watermarks; it commits it, keeps the aggregation's
-//! state and writes the sink. What the batch does to its input (reading and
-//! decoding its files, and the query's plan up to its partial aggregate, or the
-//! whole plan of a query without one) runs on the cluster as one Ballista job:
-//! each file is read with brook's own readers ([`scan::ScanExec`]), the
-//! partial aggregate is shuffled by its group keys, and the driver collects the
-//! partial rows, one per group of the batch, to merge into its state.
+//! which files it takes, its watermarks; it commits it and writes the sink.
+//! What the batch does to its input (reading and decoding its files, and the
+//! query's plan up to its partial aggregate, or the whole plan of a query
+//! without one) runs on the cluster as one Ballista job: each file is read
+//! with brook's own readers ([`scan::ScanExec`]) and the partial aggregate is
+//! shuffled by its group keys. An aggregation's state is kept on the
+//! executors, partitioned as the shuffle is ([`state`]): each partition is
+//! merged there, and the driver gets the rows the batch emits. Where the
+//! state cannot be partitioned so (panes of sliding windows in append mode,
+//! sliding windows, sessions), the driver keeps it and merges the partial
+//! rows, one per group of the batch, into it.
 
 pub mod codec;
 pub mod scan;
+pub mod state;
 
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::SessionStateBuilder;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{Extension, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStoreExt;
@@ -31,9 +36,12 @@ use url::Url;
 
 use self::codec::{BrookLogicalCodec, BrookPhysicalCodec};
 use self::scan::{ScanSpec, ScanTable, ScanWindow, schema_bytes};
-use super::compile::CompiledQuery;
+use self::state::{MergeWindow, StateMergeNode, StateReport, StateSpec, merge_slots};
+use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
 use super::read::ReadStats;
+use super::stateful::{StatefulOp, Watermarks};
 use crate::catalog::SourceKind;
+use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
 use crate::source::SourceOffset;
 use crate::source::file::split_offset;
@@ -108,11 +116,68 @@ impl Cluster {
     }
 }
 
-/// What of a query runs on a cluster: its plan over its source's rows, and
-/// the scan of them.
+/// What of a query runs on a cluster: its plan over its source's rows, the
+/// scan of them, and the merge into its state if the executors keep it.
 pub struct ClusterPart {
     plan: LogicalPlan,
     scan: ScanSpec,
+    state: Option<StatePart>,
+}
+
+/// An aggregation whose state the executors keep: its merge plan, and what
+/// every batch's merge shares.
+struct StatePart {
+    merge: Vec<u8>,
+    spec: StateSpec,
+}
+
+impl StatePart {
+    /// `None` where the state cannot be partitioned by the partial's keys:
+    /// a pane or a row of a sliding window adds to several windows, which
+    /// would be kept in different partitions, and sessions merge across keys.
+    fn of(op: &StatefulOp, mode: OutputMode, window: Option<&InputWindow>) -> Result<Option<Self>> {
+        if op.panes || op.session_key.is_some() {
+            return Ok(None);
+        }
+        let window = match (op.window_key, window) {
+            (Some(_), Some(w)) if w.ticks.overlapping() => return Ok(None),
+            (Some(_), Some(w)) => Some(MergeWindow {
+                spec: w.spec.clone(),
+                time_type: w.ticks.time_type().to_string(),
+            }),
+            _ => None,
+        };
+        let [state, delta] = merge_slots(&op.merge)?;
+        if !state.same(&op.state_slot) || !delta.same(&op.delta_slot) {
+            return Err(BrookError::internal(
+                "the merge plan does not scan the state before the batch's rows",
+            ));
+        }
+        let merge = datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(
+            op.merge.clone(),
+            &BrookPhysicalCodec::default(),
+        )?;
+        Ok(Some(Self {
+            merge: merge.to_vec(),
+            spec: StateSpec {
+                root: String::new(),
+                reports: String::new(),
+                batch_id: 0,
+                // A global aggregate's partial rows come together in one partition.
+                partitions: if op.keys == 0 { 1 } else { SHUFFLE_PARTITIONS },
+                mode,
+                late_ns: None,
+                evict_ns: None,
+                window,
+                window_key: op.window_key,
+                event_time_key: op.event_time_key.clone(),
+                rows_column: op.rows_column,
+                keys: op.keys,
+                dedup: op.dedup,
+                state_columns: op.state_columns.clone(),
+            },
+        }))
+    }
 }
 
 impl ClusterPart {
@@ -174,8 +239,34 @@ impl ClusterPart {
             parts: vec![],
             stats: String::new(),
         };
-        Ok(Self { plan, scan })
+        let state = match &compiled.plan {
+            CompiledPlan::Stateful(op) => {
+                // Every stage but the last appends what it closes to the next.
+                let mode = match compiled.then.is_empty() {
+                    true => compiled.mode,
+                    false => OutputMode::Append,
+                };
+                StatePart::of(op, mode, input.window.as_ref())?
+            }
+            _ => None,
+        };
+        Ok(Self { plan, scan, state })
     }
+
+    /// The partitions of the state the executors keep, if they keep it.
+    pub fn state_partitions(&self) -> Option<usize> {
+        self.state.as_ref().map(|s| s.spec.partitions)
+    }
+}
+
+/// What a batch's job on the cluster gave.
+pub struct ClusterRun {
+    /// The rows of the plan that ran there; with the state on the executors,
+    /// the state rows the batch emits.
+    pub rows: Vec<RecordBatch>,
+    pub read: ReadStats,
+    /// What the merges into the state on the executors reported.
+    pub state: Option<StateReport>,
 }
 
 /// One query's batches on a cluster.
@@ -185,6 +276,7 @@ pub struct ClusterQuery {
     plan: LogicalPlan,
     /// The scan of every batch, but its files and stats directory.
     scan: ScanSpec,
+    state: Option<StatePart>,
     /// Below this, each batch's tasks leave what they read.
     stats_root: String,
     /// `stats_root` is a temporary directory of this query's own.
@@ -201,11 +293,17 @@ impl ClusterQuery {
         stats_root: &str,
         temporary: bool,
     ) -> Result<Self> {
+        let stats_root = absolute(stats_root.trim_end_matches('/'))?;
+        let state = part.state.map(|mut s| {
+            s.spec.root = format!("{stats_root}/state");
+            s
+        });
         Ok(Self {
             cluster,
             plan: part.plan,
             scan: part.scan,
-            stats_root: absolute(stats_root.trim_end_matches('/'))?,
+            state,
+            stats_root,
             temporary,
         })
     }
@@ -217,17 +315,26 @@ impl ClusterQuery {
         }
     }
 
-    /// Runs batch `batch_id` over the files `offset` names on the cluster:
-    /// the rows its plan gives, and what its tasks read.
+    /// Runs batch `batch_id` over the files `offset` names on the cluster,
+    /// under `watermarks`.
     pub async fn run_batch(
         &self,
         batch_id: u64,
         offset: Option<&SourceOffset>,
-    ) -> Result<(Vec<RecordBatch>, ReadStats)> {
-        let Some(offset) = offset else {
-            return Ok((vec![], ReadStats::default()));
+        watermarks: Watermarks,
+    ) -> Result<ClusterRun> {
+        let parts = match offset {
+            Some(offset) => split_offset(offset)?,
+            // A batch without input still closes state the executors keep.
+            None if self.state.is_some() => vec![],
+            None => {
+                return Ok(ClusterRun {
+                    rows: vec![],
+                    read: ReadStats::default(),
+                    state: None,
+                });
+            }
         };
-        let parts = split_offset(offset)?;
         let stats = format!("{}/{batch_id}", self.stats_root);
         let spec = ScanSpec {
             batch_id,
@@ -247,6 +354,27 @@ impl ClusterQuery {
                 other => Ok(Transformed::no(other)),
             })?
             .data;
+        let plan = match &self.state {
+            Some(state) => {
+                let spec = StateSpec {
+                    reports: stats.clone(),
+                    batch_id,
+                    late_ns: watermarks.late_ns,
+                    evict_ns: watermarks.evict_ns,
+                    ..state.spec.clone()
+                };
+                let spec = serde_json::to_string(&spec)
+                    .map_err(|e| BrookError::serde("a batch's state merge", e))?;
+                LogicalPlan::Extension(Extension {
+                    node: Arc::new(StateMergeNode {
+                        spec,
+                        merge: state.merge.clone(),
+                        input: plan,
+                    }),
+                })
+            }
+            None => plan,
+        };
         let mut attempt = 1;
         let rows = loop {
             let ran = async {
@@ -277,50 +405,67 @@ impl ClusterQuery {
                 }
             }
         };
-        let read = self.collect_stats(&stats, parts.len()).await?;
-        Ok((rows, read))
-    }
-
-    /// What the tasks of a batch read, from the files they left in `dir`, which
-    /// are then deleted.
-    async fn collect_stats(&self, dir: &str, parts: usize) -> Result<ReadStats> {
-        let location = Location::resolve(dir, &self.cluster.ctx.runtime_env())?;
-        let mut all = ReadStats::default();
-        for i in 0..parts {
-            let path = location.child(&ScanSpec::stats_name(i));
-            let failed = |message: String| BrookError::Source {
-                location: location.display.clone(),
-                message,
-            };
-            let bytes = match location.store.get(&path).await {
-                Ok(got) => got.bytes().await,
-                Err(e) => Err(e),
-            }
-            .map_err(|e| {
-                failed(format!(
-                    "a cluster task's report {path} is missing ({}): the executors must \
-                     reach this location (the query's checkpoint, or without one the \
-                     driver's temporary directory)",
-                    location.store_failure(&e)
-                ))
-            })?;
-            let read: ReadStats = serde_json::from_slice(&bytes)
-                .map_err(|e| failed(format!("a cluster task's report {path}: {e}")))?;
-            all.merge(read);
+        let location = Location::resolve(&stats, &self.cluster.ctx.runtime_env())?;
+        let read_names: Vec<_> = (0..parts.len()).map(ScanSpec::stats_name).collect();
+        let mut read = ReadStats::default();
+        for r in collect_reports::<ReadStats>(&location, &read_names).await? {
+            read.merge(r);
         }
-        for i in 0..parts {
+        let mut names = read_names;
+        let state = match &self.state {
+            Some(state) => {
+                let state_names: Vec<_> =
+                    (0..state.spec.partitions).map(StateReport::name).collect();
+                let mut all = StateReport::default();
+                for r in collect_reports::<StateReport>(&location, &state_names).await? {
+                    all.merge(r);
+                }
+                names.extend(state_names);
+                Some(all)
+            }
+            None => None,
+        };
+        for name in &names {
             // Left over, a report is overwritten when its batch runs again.
-            let _ = location
-                .store
-                .delete(&location.child(&ScanSpec::stats_name(i)))
-                .await;
+            let _ = location.store.delete(&location.child(name)).await;
         }
         // A local store leaves the emptied directory behind, one per batch.
         if let Some(dir) = &location.local_dir {
             let _ = std::fs::remove_dir(dir);
         }
-        Ok(all)
+        Ok(ClusterRun { rows, read, state })
     }
+}
+
+/// The reports a batch's tasks left in `location`, named `names`.
+async fn collect_reports<T: serde::de::DeserializeOwned>(
+    location: &Location,
+    names: &[String],
+) -> Result<Vec<T>> {
+    let mut all = Vec::with_capacity(names.len());
+    for name in names {
+        let path = location.child(name);
+        let failed = |message: String| BrookError::Source {
+            location: location.display.clone(),
+            message,
+        };
+        let bytes = match location.store.get(&path).await {
+            Ok(got) => got.bytes().await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| {
+            failed(format!(
+                "a cluster task's report {path} is missing ({}): the executors must \
+                     reach this location (the query's checkpoint, or without one the \
+                     driver's temporary directory)",
+                location.store_failure(&e)
+            ))
+        })?;
+        let report: T = serde_json::from_slice(&bytes)
+            .map_err(|e| failed(format!("a cluster task's report {path}: {e}")))?;
+        all.push(report);
+    }
+    Ok(all)
 }
 
 /// `location` as every executor reads it: a relative path is the driver's.

@@ -132,11 +132,9 @@ impl TableProvider for ScanTable {
 
 /// Reads one file of a batch per partition (see the module's documentation).
 ///
-/// Which file a partition reads comes from its child, a memory table whose
-/// partition `i` holds the one number `i`: Ballista gives a task several
-/// partitions of a stage by cutting the plan's leaves down to them, which it
-/// knows how to do for a memory table and not for a plan of brook's. So each
-/// task reads its own files, not all of them.
+/// Which file a partition reads comes from its child, a
+/// [`numbered_partitions`] table, so that each task reads its own files, not
+/// all of them.
 #[derive(Debug)]
 pub struct ScanExec {
     pub spec: Arc<ScanSpec>,
@@ -150,18 +148,11 @@ const PART_COLUMN: &str = "part";
 
 impl ScanExec {
     pub fn new(spec: Arc<ScanSpec>, projection: Option<Vec<usize>>) -> DFResult<Self> {
-        let numbers = Arc::new(Schema::new(vec![Field::new(
-            PART_COLUMN,
-            DataType::UInt64,
-            false,
-        )]));
-        let partitions = (0..spec.parts.len() as u64)
-            .map(|i| {
-                let column = Arc::new(UInt64Array::from(vec![i]));
-                Ok(vec![RecordBatch::try_new(numbers.clone(), vec![column])?])
-            })
-            .collect::<DFResult<Vec<_>>>()?;
-        let parts = MemorySourceConfig::try_new_exec(&partitions, numbers, None)?;
+        // A batch without input (it closes state the executors keep) reads nothing.
+        let parts = match spec.parts.len() {
+            0 => MemorySourceConfig::try_new_exec(&[vec![]], numbers_schema(), None)?,
+            n => numbered_partitions(n)?,
+        };
         Self::over(spec, projection, parts)
     }
 
@@ -269,8 +260,36 @@ impl ExecutionPlan for ScanExec {
     }
 }
 
-/// The part numbers a partition of a [`ScanExec`]'s child holds.
-async fn part_numbers(mut numbers: SendableRecordBatchStream) -> DFResult<Vec<usize>> {
+fn numbers_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(
+        PART_COLUMN,
+        DataType::UInt64,
+        false,
+    )]))
+}
+
+/// A memory table of `n` partitions, partition `i` holding the number `i`:
+/// a task that runs some of a stage's partitions learns which from it.
+/// Ballista gives a task several partitions of a stage by cutting the plan's
+/// leaves down to them, and renumbers them from 0; it knows how to cut a
+/// memory table, not a plan node of brook's.
+pub fn numbered_partitions(n: usize) -> DFResult<Arc<dyn ExecutionPlan>> {
+    let numbers = numbers_schema();
+    let partitions = (0..n as u64)
+        .map(|i| {
+            let column = Arc::new(UInt64Array::from(vec![i]));
+            Ok(vec![RecordBatch::try_new(numbers.clone(), vec![column])?])
+        })
+        .collect::<DFResult<Vec<_>>>()?;
+    Ok(MemorySourceConfig::try_new_exec(
+        &partitions,
+        numbers,
+        None,
+    )?)
+}
+
+/// The numbers a partition of a [`numbered_partitions`] table holds.
+pub async fn part_numbers(mut numbers: SendableRecordBatchStream) -> DFResult<Vec<usize>> {
     let mut parts = vec![];
     while let Some(batch) = numbers.next().await {
         let batch = batch?;
