@@ -1065,6 +1065,13 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
             assert_eq!(state_there, state, "{table}: rows, updated, removed, late");
         }
     }
+    // Restarted without new input, a complete-mode memory table holds the
+    // result again, read from the state's versions.
+    let here = stateful_run(engine(&local, false), &orders).await;
+    let there = stateful_run(engine(&remote, true), &orders).await;
+    assert!(!here[3].0.is_empty());
+    assert_eq!(there[3].0, here[3].0);
+    assert_eq!(there[3].0, runs[1].0[3].0);
     // Windows were closed and late rows dropped, so the watermark was at work.
     let (first, _) = &runs[0];
     assert!(first[1].1[2] > 0, "no window closed: {:?}", first[1]);

@@ -611,6 +611,18 @@ impl Program for QueryBatches {
         }
         let mode = self.compiled.mode;
         let ctx = self.compiled.task_ctx.clone();
+        // A complete-mode result whose state the executors keep is read from it.
+        if let (Some(cluster), CompiledPlan::Stateful(op)) = (&self.cluster, &self.compiled.plan)
+            && op.remote.is_some()
+            && self.compiled.then.is_empty()
+            && mode == OutputMode::Complete
+        {
+            let state = cluster
+                .state_rows(commit.batch_id, op.state_slot.schema())
+                .await?;
+            let output = op.finish(&ctx, &state).await?;
+            self.sink.restore(commit.batch_id, output).await?;
+        }
         let mut plans = self.compiled.plans_mut();
         let last = plans.len() - 1;
         for (stage, mut state) in states.into_iter().enumerate() {

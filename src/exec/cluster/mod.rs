@@ -308,6 +308,23 @@ impl ClusterQuery {
         })
     }
 
+    /// The state the executors keep, as batch `batch_id` left it; `schema`
+    /// is its rows'.
+    pub async fn state_rows(&self, batch_id: u64, schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
+        let Some(state) = &self.state else {
+            return Ok(vec![]);
+        };
+        let runtime = self.cluster.ctx.runtime_env();
+        state::read_state(
+            &state.spec.root,
+            state.spec.partitions,
+            batch_id,
+            schema,
+            &runtime,
+        )
+        .await
+    }
+
     /// Removes the query's temporary report directory, if it has one.
     pub fn finish(&self) {
         if self.temporary {

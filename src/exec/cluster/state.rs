@@ -23,6 +23,7 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchemaRef, DataFusionError, Result as DFResult};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
@@ -370,6 +371,35 @@ fn part_dir(p: usize) -> String {
     format!("part-{p}")
 }
 
+/// Partition `p`'s version of batch `v`.
+fn version_path(root: &Location, p: usize, v: u64) -> Path {
+    root.child_path(&format!("{}/{v}.parquet", part_dir(p)))
+}
+
+/// Every partition's state as batch `batch_id` left it (or the last batch
+/// before it that ran), read by the driver for a restarted query's result.
+pub async fn read_state(
+    root: &str,
+    partitions: usize,
+    batch_id: u64,
+    schema: &SchemaRef,
+    runtime: &RuntimeEnv,
+) -> Result<Vec<RecordBatch>> {
+    let root = Location::resolve(root, runtime)?;
+    let mut rows = vec![];
+    for p in 0..partitions {
+        let latest = versions(&root, p)
+            .await?
+            .into_iter()
+            .filter(|&v| v <= batch_id)
+            .max();
+        if let Some(v) = latest {
+            rows.extend(read_version(&root, &version_path(&root, p, v), schema).await?);
+        }
+    }
+    Ok(rows)
+}
+
 /// One batch's merge of partition `p`: the state rows it emits.
 async fn merge_partition(
     spec: &StateSpec,
@@ -394,8 +424,7 @@ async fn merge_partition(
         .max();
     let mut state = vec![];
     if let Some(v) = previous {
-        let path = root.child_path(&format!("{}/{v}.parquet", part_dir(p)));
-        state = read_version(&root, &path, state_slot.schema()).await?;
+        state = read_version(&root, &version_path(&root, p, v), state_slot.schema()).await?;
     }
     let window = match &spec.window {
         Some(w) => {
@@ -437,21 +466,13 @@ async fn merge_partition(
         .advance(&ctx, spec.mode, watermarks, window.as_ref())
         .await?;
     let kept = concat_batches(op.state_slot.schema(), &op.state)?;
-    write_version(
-        &root,
-        &root.child_path(&format!("{}/{}.parquet", part_dir(p), spec.batch_id)),
-        &kept,
-    )
-    .await?;
+    write_version(&root, &version_path(&root, p, spec.batch_id), &kept).await?;
     // The version just read stays until a later batch commits over this one.
     for v in versions
         .into_iter()
         .filter(|&v| previous.is_some_and(|prev| v < prev))
     {
-        let _ = root
-            .store
-            .delete(&root.child_path(&format!("{}/{v}.parquet", part_dir(p))))
-            .await;
+        let _ = root.store.delete(&version_path(&root, p, v)).await;
     }
     let report = StateReport {
         late_rows: outcome.late_rows,
