@@ -466,7 +466,16 @@ async fn merge_partition(
         .advance(&ctx, spec.mode, watermarks, window.as_ref())
         .await?;
     let kept = concat_batches(op.state_slot.schema(), &op.state)?;
-    write_version(&root, &version_path(&root, p, spec.batch_id), &kept).await?;
+    // The first attempt of a batch to write its version wrote what any other
+    // would: the same input over the same committed state. A stale attempt
+    // (the job of a killed driver, still running after later batches removed
+    // the version it should read) would not, and must not replace it.
+    let path = version_path(&root, p, spec.batch_id);
+    match root.store.head(&path).await {
+        Ok(_) => {}
+        Err(object_store::Error::NotFound { .. }) => write_version(&root, &path, &kept).await?,
+        Err(e) => return Err(failed(&root, &e)),
+    }
     // The version just read stays until a later batch commits over this one.
     for v in versions
         .into_iter()
