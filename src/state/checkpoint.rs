@@ -88,7 +88,8 @@ impl QueryFingerprint {
             Some(n) => format!("it in {n} partition(s) on a cluster's executors (--cluster)"),
             None => "it on the driver (the brook run process)".to_string(),
         };
-        if !self.aggregates.is_empty() {
+        // A GROUP BY without aggregates keeps state too.
+        if !self.aggregates.is_empty() || !self.group_by.is_empty() {
             check(
                 "state",
                 kept(self.state_partitions),
@@ -916,5 +917,45 @@ impl Drop for CheckpointLock {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grouped(
+        group_by: &[&str],
+        aggregates: &[&str],
+        partitions: Option<usize>,
+    ) -> QueryFingerprint {
+        QueryFingerprint {
+            source: "orders".into(),
+            group_by: group_by.iter().map(|s| s.to_string()).collect(),
+            aggregates: aggregates.iter().map(|s| s.to_string()).collect(),
+            functions: vec![],
+            state_partitions: partitions,
+        }
+    }
+
+    #[test]
+    fn where_the_state_is_kept_is_compared_for_every_stateful_query() {
+        for (group_by, aggregates) in [
+            (&["k"][..], &["count(*)"][..]),
+            (&["k"], &[]),
+            (&[], &["count(*)"]),
+        ] {
+            let local = grouped(group_by, aggregates, None);
+            let cluster = grouped(group_by, aggregates, Some(4));
+            let diff = local.differences(&cluster).join("\n");
+            assert!(
+                diff.contains("state: checkpoint has it on the driver")
+                    && diff.contains("this query has it in 4 partition(s)"),
+                "{group_by:?} {aggregates:?}: {diff}"
+            );
+            assert!(cluster.differences(&cluster).is_empty());
+        }
+        let stateless = grouped(&[], &[], None);
+        assert!(stateless.differences(&stateless).is_empty());
     }
 }

@@ -7,7 +7,7 @@
 //! these codecs wrap its own, which the scheduler and executors of `brook
 //! scheduler` and `brook executor` and the driver all install.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use ballista_core::serde::{BallistaLogicalExtensionCodec, BallistaPhysicalExtensionCodec};
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
@@ -127,14 +127,16 @@ fn encode_merge_of(udaf: &AggregateUDF, buf: &mut Vec<u8>) -> Result<bool> {
     Ok(true)
 }
 
+/// DataFusion's own functions, which are all `f` can be on a cluster, made
+/// once: a session registers hundreds, and each task decodes its merges.
+static BUILT_INS: LazyLock<Arc<TaskContext>> = LazyLock::new(|| SessionContext::new().task_ctx());
+
 fn decode_merge_of(buf: &[u8]) -> Option<Result<Arc<AggregateUDF>>> {
     let pair = decode_pair(MERGE_OF, buf)?;
     Some(pair.and_then(|(_, bytes)| {
-        // DataFusion's own aggregates, by name, are all `f` can be on a cluster.
-        let ctx = SessionContext::new().task_ctx();
         let carrier = physical_plan_from_bytes_with_extension_codec(
             bytes,
-            &ctx,
+            &BUILT_INS,
             &BrookPhysicalCodec::default(),
         )?;
         let aggregate = carrier

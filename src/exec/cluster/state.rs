@@ -466,15 +466,13 @@ async fn merge_partition(
         .advance(&ctx, spec.mode, watermarks, window.as_ref())
         .await?;
     let kept = concat_batches(op.state_slot.schema(), &op.state)?;
-    // The first attempt of a batch to write its version wrote what any other
-    // would: the same input over the same committed state. A stale attempt
-    // (the job of a killed driver, still running after later batches removed
-    // the version it should read) would not, and must not replace it.
-    let path = version_path(&root, p, spec.batch_id);
-    match root.store.head(&path).await {
-        Ok(_) => {}
-        Err(object_store::Error::NotFound { .. }) => write_version(&root, &path, &kept).await?,
-        Err(e) => return Err(failed(&root, &e)),
+    // A version of a later batch means this batch was committed and the query
+    // moved on: this is a stale attempt (the job of a killed driver, still
+    // running), whose state may be read from versions already removed. It
+    // must not replace what the committed attempt wrote.
+    let stale = versions.iter().any(|&v| v > spec.batch_id);
+    if !stale {
+        write_version(&root, &version_path(&root, p, spec.batch_id), &kept).await?;
     }
     // The version just read stays until a later batch commits over this one.
     for v in versions
