@@ -15,6 +15,7 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result as DFResult, project_schema};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -25,7 +26,6 @@ use datafusion::physical_plan::{
 };
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
-use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BrookError, Result};
@@ -345,15 +345,26 @@ async fn read_part(spec: &ScanSpec, i: usize, ctx: &TaskContext) -> Result<Vec<R
         let watermark = spec.watermark_column.as_deref();
         batches.push(stats.take(batch, watermark, window.as_ref(), &schema)?);
     }
-    let out = Location::resolve(&spec.stats, &runtime)?;
-    let body = serde_json::to_vec(&stats).map_err(|e| BrookError::serde("a task's read", e))?;
-    let path: Path = out.child(&ScanSpec::stats_name(i));
+    put_report(&spec.stats, &ScanSpec::stats_name(i), &stats, &runtime).await?;
+    Ok(batches)
+}
+
+/// Leaves a task's `report` as `name` in `dir`, where the driver collects it
+/// after the job.
+pub async fn put_report(
+    dir: &str,
+    name: &str,
+    report: &impl Serialize,
+    runtime: &RuntimeEnv,
+) -> Result<()> {
+    let out = Location::resolve(dir, runtime)?;
+    let body = serde_json::to_vec(report).map_err(|e| BrookError::serde("a task's report", e))?;
     out.store
-        .put(&path, body.into())
+        .put(&out.child(name), body.into())
         .await
         .map_err(|e| BrookError::Source {
             location: out.display.clone(),
             message: out.store_failure(&e),
         })?;
-    Ok(batches)
+    Ok(())
 }

@@ -47,7 +47,7 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::codec::BrookPhysicalCodec;
-use super::scan::{external, numbered_partitions, part_numbers};
+use super::scan::{external, numbered_partitions, part_numbers, put_report};
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
 use crate::exec::stateful::{EventTimeKey, StatefulOp, StatefulOutcome, Watermarks};
@@ -388,12 +388,7 @@ pub async fn read_state(
     let root = Location::resolve(root, runtime)?;
     let mut rows = vec![];
     for p in 0..partitions {
-        let latest = versions(&root, p)
-            .await?
-            .into_iter()
-            .filter(|&v| v <= batch_id)
-            .max();
-        if let Some(v) = latest {
+        if let Some(v) = newest_before(&versions(&root, p).await?, batch_id.saturating_add(1)) {
             rows.extend(read_version(&root, &version_path(&root, p, v), schema).await?);
         }
     }
@@ -417,11 +412,7 @@ async fn merge_partition(
     let runtime = ctx.runtime_env();
     let root = Location::resolve(&spec.root, &runtime)?;
     let versions = versions(&root, p).await?;
-    let previous = versions
-        .iter()
-        .copied()
-        .filter(|&v| v < spec.batch_id)
-        .max();
+    let previous = newest_before(&versions, spec.batch_id);
     let mut state = vec![];
     if let Some(v) = previous {
         state = read_version(&root, &version_path(&root, p, v), state_slot.schema()).await?;
@@ -490,13 +481,7 @@ async fn merge_partition(
         bytes: kept.get_array_memory_size() as u64,
         earliest_close_ns: op.earliest_close_ns()?,
     };
-    let reports = Location::resolve(&spec.reports, &runtime)?;
-    let body = serde_json::to_vec(&report).map_err(|e| BrookError::serde("a state report", e))?;
-    reports
-        .store
-        .put(&reports.child(&StateReport::name(p)), body.into())
-        .await
-        .map_err(|e| failed(&reports, &e))?;
+    put_report(&spec.reports, &StateReport::name(p), &report, &runtime).await?;
     Ok(emit)
 }
 
@@ -519,6 +504,11 @@ pub fn merge_slots(plan: &Arc<dyn ExecutionPlan>) -> Result<[Slot; 2]> {
             s.len()
         ))
     })
+}
+
+/// The newest of `versions` from before batch `batch_id`.
+fn newest_before(versions: &[u64], batch_id: u64) -> Option<u64> {
+    versions.iter().copied().filter(|&v| v < batch_id).max()
 }
 
 /// The batches partition `p` has a version of.
