@@ -851,12 +851,6 @@ fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
              WHERE client_id IN (SELECT client_id FROM clients);",
             "it reads the table(s) clients, and only the stream is read on the executors yet",
         ),
-        (
-            "CREATE UNBOUNDED EXTERNAL TABLE trades STORED AS KAFKA LOCATION '127.0.0.1:1' \
-             OPTIONS ('subscribe' 'trades');\n\
-             SELECT topic, count(*) AS records FROM trades GROUP BY topic;",
-            "its source is Kafka, and only file sources are read on a cluster yet",
-        ),
     ] {
         let (status, stderr) = run_on(&url, query);
         assert_eq!(status.code(), Some(1), "{stderr}");
@@ -1106,4 +1100,110 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
         err.contains("state: checkpoint has it in 4 partition(s) on a cluster's executors"),
         "{err}"
     );
+}
+
+/// The Kafka dashboard (queries/dashboard_kafka.sql) into memory tables,
+/// reading `servers`, 1,500 records a batch, run by `engine` to the topic's
+/// end: each table's rows, sorted, and the malformed records counted.
+async fn kafka_dashboard(engine: brook::Engine, servers: &str) -> (Vec<Vec<Vec<String>>>, u64) {
+    let script = include_str!("../queries/dashboard_kafka.sql")
+        .replace(
+            "LOCATION '127.0.0.1:9092'",
+            &format!("LOCATION '{servers}'"),
+        )
+        .replace(
+            "'mode' 'DROPMALFORMED'",
+            "'mode' 'DROPMALFORMED', 'maxOffsetsPerTrigger' '1500'",
+        )
+        .replace(
+            "STORED AS CONSOLE LOCATION 'stdout'",
+            "STORED AS MEMORY LOCATION ''",
+        );
+    let queries = engine.execute(&script).await.unwrap();
+    assert_eq!(queries.len(), 3);
+    let mut malformed = 0;
+    for q in &queries {
+        q.process_all_available().await.unwrap();
+        malformed += q
+            .recent_progress()
+            .iter()
+            .map(|p| p.num_malformed_rows)
+            .sum::<u64>();
+    }
+    let mut tables = vec![];
+    for name in ["buy_sell_per_second", "top_clients", "top_stocks"] {
+        let rows = engine.sql(&format!("SELECT * FROM {name}")).await.unwrap();
+        tables.push(common::sorted(rounded(&rows)));
+    }
+    engine.stop_all().await.unwrap();
+    (tables, malformed)
+}
+
+/// Kafka offset ranges are read by the executors, one task per partition's
+/// range, as Spark's executors read them: the dashboard over a topic of four
+/// partitions, stopped halfway and resumed from its checkpoint, equals the
+/// local run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_dashboard_read_by_two_executors_equals_the_local_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker::Broker::start();
+    broker.create_topic("orders", 4).await;
+    // 20 orders a second of event time: the watermark closes many seconds.
+    let out = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args([
+            "gen-orders",
+            "--count",
+            "8000",
+            "--rate",
+            "20",
+            "--malformed",
+            "0.01",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let cluster = TestCluster::start(dir.path(), 2, "2", vec![]).await;
+    let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
+    let engine = |checkpoints: &Path, on_cluster: bool| {
+        let builder = brook::Engine::builder().checkpoint_root(checkpoints.to_str().unwrap());
+        match on_cluster {
+            true => builder.cluster(&cluster.url()).build(),
+            false => builder.build(),
+        }
+    };
+    for half in lines.chunks(lines.len() / 2) {
+        broker.produce("orders", 4, half);
+        let here = kafka_dashboard(engine(&local, false), &broker.servers()).await;
+        let there = kafka_dashboard(engine(&remote, true), &broker.servers()).await;
+        assert!(here.1 > 10, "{} malformed", here.1);
+        let [per_second, clients, stocks] = &here.0[..] else {
+            panic!("{:?}", here.0)
+        };
+        let sizes = [per_second.len(), clients.len(), stocks.len()];
+        assert!(
+            sizes[0] > 100 && sizes[1] == 5 && sizes[2] > 50,
+            "{sizes:?}"
+        );
+        assert_eq!(there, here);
+    }
+    // Each partition's range was a task, and tasks ran on both executors.
+    for n in 0..2 {
+        assert!(
+            cluster.finished_tasks(n, None) > 0,
+            "executor {n} ran no task"
+        );
+    }
+    // The state of two of the queries is on the executors, in the checkpoint.
+    for query in ["buy_sell_per_second", "top_clients"] {
+        let state = remote.join(query).join("cluster/state");
+        let found = std::fs::read_dir(&state)
+            .unwrap_or_else(|e| panic!("{}: {e}", state.display()))
+            .count();
+        assert_eq!(found, 4, "{query}");
+    }
 }

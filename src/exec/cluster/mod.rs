@@ -1,11 +1,12 @@
 //! Batches on an Apache Ballista cluster (`brook run --cluster df://HOST:PORT`).
 //!
 //! The driver (the `brook run` process) plans each batch as it always does:
-//! which files it takes, its watermarks; it commits it and writes the sink.
-//! What the batch does to its input (reading and decoding its files, and the
-//! query's plan up to its partial aggregate, or the whole plan of a query
-//! without one) runs on the cluster as one Ballista job: each file is read
-//! with brook's own readers ([`scan::ScanExec`]) and the partial aggregate is
+//! which files or Kafka offset ranges it takes, its watermarks; it commits it
+//! and writes the sink. What the batch does to its input (reading and decoding
+//! it, and the query's plan up to its partial aggregate, or the whole plan of
+//! a query without one) runs on the cluster as one Ballista job: each file, or
+//! each Kafka partition's range, is read by a task with brook's own readers
+//! ([`scan::ScanExec`]) and the partial aggregate is
 //! shuffled by its group keys. An aggregation's state is kept on the
 //! executors, partitioned as the shuffle is ([`state`]): each partition is
 //! merged there, and the driver gets the rows the batch emits. Where the
@@ -35,7 +36,7 @@ use object_store::ObjectStoreExt;
 use url::Url;
 
 use self::codec::{BrookLogicalCodec, BrookPhysicalCodec};
-use self::scan::{ScanSpec, ScanTable, ScanWindow, schema_bytes};
+use self::scan::{ScanInput, ScanSpec, ScanTable, ScanWindow, schema_bytes};
 use self::state::{MergeWindow, StateMergeNode, StateReport, StateSpec, merge_slots};
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
 use super::read::ReadStats;
@@ -44,7 +45,7 @@ use crate::catalog::SourceKind;
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
 use crate::source::SourceOffset;
-use crate::source::file::split_offset;
+use crate::source::kafka::RangeReader;
 use crate::source::location::Location;
 
 /// The option that names the cluster, in messages.
@@ -219,16 +220,20 @@ impl ClusterPart {
                 statics.join(", ")
             ));
         }
-        let SourceKind::Files {
-            location, decode, ..
-        } = &input.source.kind
-        else {
-            return refuse("its source is Kafka, and only file sources are read on a cluster yet");
+        let input_kind = match &input.source.kind {
+            SourceKind::Files {
+                location, decode, ..
+            } => ScanInput::Files {
+                location: absolute(location)?,
+                decode: decode.clone(),
+            },
+            SourceKind::Kafka { options, value } => {
+                ScanInput::Kafka(RangeReader::new(options, value))
+            }
         };
         let scan = ScanSpec {
             source: input.source.name.clone(),
-            location: absolute(location)?,
-            decode: decode.clone(),
+            input: input_kind,
             schema: schema_bytes(input.slot.schema()),
             window: input.window.as_ref().map(|w| ScanWindow {
                 spec: w.spec.clone(),
@@ -341,7 +346,7 @@ impl ClusterQuery {
         watermarks: Watermarks,
     ) -> Result<ClusterRun> {
         let parts = match offset {
-            Some(offset) => split_offset(offset)?,
+            Some(offset) => self.scan.input.split(offset)?,
             // A batch without input still closes state the executors keep.
             None if self.state.is_some() => vec![],
             None => {

@@ -1,7 +1,8 @@
-//! The scan of a batch's files on a cluster: each partition reads one file of
-//! the batch with brook's own readers (as the driver's source would), adds the
-//! window panes, and leaves what it read (rows, malformed records, the largest
-//! event time) in a small file the driver collects after the job.
+//! The scan of a batch's input on a cluster: each partition reads one part of
+//! the batch (a file, or a Kafka partition's offset range) with brook's own
+//! readers (as the driver's source would), adds the window panes, and leaves
+//! what it read (rows, malformed records, the largest event time) in a small
+//! file the driver collects after the job.
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,10 +32,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{BrookError, Result};
 use crate::exec::compile::InputWindow;
 use crate::exec::read::ReadStats;
-use crate::source::SourceOffset;
-use crate::source::file::read_files;
+use crate::source::file::{read_files, split_offset};
 use crate::source::format::DecodeOptions;
+use crate::source::kafka::{RangeReader, split_ranges};
 use crate::source::location::Location;
+use crate::source::{SourceBatch, SourceOffset};
 use crate::sql::window::{WindowSpec, WindowTicks};
 
 /// What a batch's scan reads, sent to the cluster inside its plan.
@@ -42,9 +44,7 @@ use crate::sql::window::{WindowSpec, WindowTicks};
 pub struct ScanSpec {
     /// The source table, for messages.
     pub source: String,
-    /// Its location (a path every executor sees, or an object-store URL).
-    pub location: String,
-    pub decode: DecodeOptions,
+    pub input: ScanInput,
     /// The rows the scan gives (the source's, and the pane column last with
     /// a window), as Arrow IPC's flatbuffer schema.
     pub schema: Vec<u8>,
@@ -53,10 +53,48 @@ pub struct ScanSpec {
     pub watermark_column: Option<String>,
     /// The batch, for the executors' messages.
     pub batch_id: u64,
-    /// One file offset per task, as the source's offsets name them.
+    /// One part per task (a file, or a Kafka partition's range), as the
+    /// source's offsets name them.
     pub parts: Vec<serde_json::Value>,
     /// Where each task writes what it read (`<part>.json`).
     pub stats: String,
+}
+
+/// Where a scan's rows come from, and how they are read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ScanInput {
+    Files {
+        /// A path every executor sees, or an object-store URL.
+        location: String,
+        decode: DecodeOptions,
+    },
+    Kafka(RangeReader),
+}
+
+impl ScanInput {
+    /// The parts of a batch's `offset` that tasks read one each.
+    pub fn split(&self, offset: &SourceOffset) -> Result<Vec<SourceOffset>> {
+        match self {
+            ScanInput::Files { .. } => split_offset(offset),
+            ScanInput::Kafka(_) => split_ranges(offset),
+        }
+    }
+
+    /// Reads `part` into rows of `schema`.
+    async fn read(
+        &self,
+        schema: SchemaRef,
+        part: &SourceOffset,
+        runtime: &RuntimeEnv,
+    ) -> Result<SourceBatch> {
+        match self {
+            ScanInput::Files { location, decode } => {
+                let location = Location::resolve(location, runtime)?;
+                read_files(&location, Arc::new(decode.decoder(schema)), part).await
+            }
+            ScanInput::Kafka(reader) => reader.read(schema, part).await,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,10 +168,10 @@ impl TableProvider for ScanTable {
     }
 }
 
-/// Reads one file of a batch per partition (see the module's documentation).
+/// Reads one part of a batch per partition (see the module's documentation).
 ///
-/// Which file a partition reads comes from its child, a
-/// [`numbered_partitions`] table, so that each task reads its own files, not
+/// Which part a partition reads comes from its child, a
+/// [`numbered_partitions`] table, so that each task reads its own parts, not
 /// all of them.
 #[derive(Debug)]
 pub struct ScanExec {
@@ -186,7 +224,7 @@ impl DisplayAs for ScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
             f,
-            "BrookScanExec: source={}, batch={}, files={}",
+            "BrookScanExec: source={}, batch={}, parts={}",
             self.spec.source,
             self.spec.batch_id,
             self.spec.parts.len()
@@ -314,12 +352,11 @@ async fn read_part(spec: &ScanSpec, i: usize, ctx: &TaskContext) -> Result<Vec<R
     let schema = spec.schema()?;
     let Some(part) = spec.parts.get(i) else {
         return Err(BrookError::internal(format!(
-            "a cluster scan was asked for file {i} of a batch of {}",
+            "a cluster scan was asked for part {i} of a batch of {}",
             spec.parts.len()
         )));
     };
     let runtime = ctx.runtime_env();
-    let location = Location::resolve(&spec.location, &runtime)?;
     let read_schema = match &spec.window {
         Some(_) => Arc::new(Schema::new(
             schema.fields()[..schema.fields().len().saturating_sub(1)].to_vec(),
@@ -334,8 +371,8 @@ async fn read_part(spec: &ScanSpec, i: usize, ctx: &TaskContext) -> Result<Vec<R
         }),
         None => None,
     };
-    let decoder = Arc::new(spec.decode.decoder(read_schema));
-    let read = read_files(&location, decoder, &SourceOffset(part.clone())).await?;
+    let part = SourceOffset(part.clone());
+    let read = spec.input.read(read_schema, &part, &runtime).await?;
     let mut stats = ReadStats {
         malformed: read.malformed,
         ..ReadStats::default()

@@ -9,6 +9,7 @@ mod fetch;
 mod options;
 mod queue;
 mod shared;
+mod task;
 
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
@@ -30,6 +31,7 @@ use fetch::{Patience, Rows, fetch};
 pub(crate) use options::{KafkaValue, client_options};
 pub(crate) use shared::SharedReads;
 use shared::{Progress, Registration, parts};
+pub use task::{RangeReader, split_ranges};
 
 use super::format::Decoder;
 use super::{SourceBatch, SourceOffset, StreamSource};
@@ -214,27 +216,7 @@ impl KafkaSource {
         decoder: Option<Decoder>,
         shared: &Arc<SharedReads>,
     ) -> Result<Self> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &options.bootstrap_servers)
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            // A batch reads a range the broker has reported, so fetches need not
-            // wait for more: fetch in large pieces, well ahead of the reader
-            // (librdkafka's default queue of 100,000 records caps a read at about
-            // 170,000 records/s), and do not wait for more data than is there
-            // (tansu holds every fetch for the whole fetch.wait.max.ms, 500 ms by
-            // default).
-            .set("max.partition.fetch.bytes", "16777216")
-            .set("queued.min.messages", "1000000")
-            .set("fetch.wait.max.ms", "10")
-            // Offsets deleted before they are fetched: the client goes to the
-            // first offset the broker still has, and the read counts the gap
-            // as data loss (librdkafka's default jumps to the end, unseen).
-            .set("auto.offset.reset", "earliest");
-        for (k, v) in &options.client {
-            config.set(k, v);
-        }
+        let config = client_config(&options.bootstrap_servers, &options.client);
         // The first client now, so that a bad setting fails the query's start.
         let clients = Arc::new(Clients {
             first: Arc::new(Mutex::new(client(&config, &options.bootstrap_servers, "")?)),
@@ -465,6 +447,33 @@ impl Drop for Share {
             )));
         }
     }
+}
+
+/// A client's settings for reading offset ranges from `servers`, with the
+/// `kafka.*` options in `client` over brook's own.
+fn client_config(servers: &str, client: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", servers)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        // A batch reads a range the broker has reported, so fetches need not
+        // wait for more: fetch in large pieces, well ahead of the reader
+        // (librdkafka's default queue of 100,000 records caps a read at about
+        // 170,000 records/s), and do not wait for more data than is there
+        // (tansu holds every fetch for the whole fetch.wait.max.ms, 500 ms by
+        // default).
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("queued.min.messages", "1000000")
+        .set("fetch.wait.max.ms", "10")
+        // Offsets deleted before they are fetched: the client goes to the
+        // first offset the broker still has, and the read counts the gap
+        // as data loss (librdkafka's default jumps to the end, unseen).
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in client {
+        config.set(k, v);
+    }
+    config
 }
 
 /// A new client; `note` says which, when it is not the first.
