@@ -4,11 +4,11 @@
 //!
 //! `cargo bench --bench e2e` runs every scenario; name some to run only those:
 //! `cargo bench --bench e2e -- book ceiling scaling steady restart kafka many_files sector
-//! interval_join ohlc delta steady_delta steady_compact cluster`.
+//! interval_join ohlc delta steady_delta steady_compact cluster kafka_cluster`.
 //! Data sets are prepared once under `target/bench-data`. The book's orders
 //! come from `../shared/data/orders.tar.gz`; without it, generated orders
 //! stand in. `kafka` needs `tansu` (the test suite installs it into
-//! `target/tools/bin`) and is skipped without it.
+//! `target/tools/bin`); `kafka` and `kafka_cluster` are skipped without it.
 
 #[path = "../tests/common/broker.rs"]
 #[allow(dead_code)]
@@ -911,15 +911,9 @@ fn kafka() {
         println!("\n## kafka: skipped (no target/tools/bin/tansu; `cargo test` installs it)");
         return;
     }
-    let broker = broker::Broker::start();
     let topic = "orders";
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(broker.create_topic(topic, 4));
     let sent = Instant::now();
-    let servers = broker.servers();
-    let (produced, stored) = with_book_lines(|lines| produce_batched(&servers, topic, lines))
-        .unwrap_or_else(|| produce_batched(&servers, topic, &mut book_stand_in()));
+    let (broker, produced, stored) = book_topic(topic);
     let send_secs = sent.elapsed().as_secs_f64();
     let sql = std::fs::read_to_string(root().join("queries/dashboard_kafka.sql")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -1003,6 +997,19 @@ fn kafka() {
         stored as f64 / one_secs,
         stored as f64 / alone
     );
+}
+
+/// A broker on a free port whose 4-partition `topic` holds the book's orders:
+/// it, the records sent, and the records it kept.
+fn book_topic(topic: &str) -> (broker::Broker, usize, usize) {
+    let broker = broker::Broker::start();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(broker.create_topic(topic, 4));
+    let servers = broker.servers();
+    let (produced, stored) = with_book_lines(|lines| produce_batched(&servers, topic, lines))
+        .unwrap_or_else(|| produce_batched(&servers, topic, &mut book_stand_in()));
+    (broker, produced, stored)
 }
 
 /// Seconds one librdkafka consumer, with nothing else to do and brook's
@@ -1145,6 +1152,9 @@ fn main() {
     }
     if wants("cluster") {
         cluster();
+    }
+    if wants("kafka_cluster") {
+        kafka_on_cluster(&BenchCluster::start());
     }
 }
 
@@ -1660,6 +1670,70 @@ fn state_growth(cluster: &BenchCluster, input: &Path) {
             } else {
                 format!("{executors:.0} MB (two)")
             },
+        );
+    }
+}
+
+/// The Kafka dashboard over the book's orders in a 4-partition topic, here
+/// and on the cluster, where each partition's range of a batch is a task.
+fn kafka_on_cluster(cluster: &BenchCluster) {
+    if !root().join("target/tools/bin/tansu").exists() {
+        println!(
+            "\n## cluster, Kafka: skipped (no target/tools/bin/tansu; `cargo test` installs it)"
+        );
+        return;
+    }
+    let (broker, _, stored) = book_topic("orders");
+    println!(
+        "\n## cluster: the Kafka dashboard over {stored} orders in a 4-partition topic on \
+         tansu, here and read by the executors' tasks\n"
+    );
+    let script = std::fs::read_to_string(root().join("queries/dashboard_kafka.sql"))
+        .unwrap()
+        .replace("127.0.0.1:9092", &broker.servers());
+    let queries = ["buy_sell_per_second", "top_clients", "top_stocks"];
+    let url = cluster.url();
+    let mut seen = vec![];
+    let mut tasks = vec![];
+    table_header();
+    for (label, options) in [
+        ("one batch", ""),
+        (
+            "10,000 records per batch",
+            ", 'maxOffsetsPerTrigger' '10000'",
+        ),
+    ] {
+        for (place, extra) in [
+            ("here", vec![]),
+            ("cluster", vec!["--cluster", url.as_str()]),
+        ] {
+            cluster.take_times(&mut seen);
+            let runs: Vec<_> = (0..RUNS)
+                .map(|_| {
+                    let dir = tempfile::tempdir().unwrap();
+                    let sql = dir.path().join("dashboard.sql");
+                    let limited = script.replace(
+                        "'subscribe' 'orders'",
+                        &format!("'subscribe' 'orders'{options}"),
+                    );
+                    std::fs::write(&sql, limited).unwrap();
+                    timed_run_with(dir.path(), &sql, stored, &queries, &extra).0
+                })
+                .collect();
+            report_runs(&format!("{label}, {place}"), stored, &runs);
+            let (scan, _, _) = cluster.take_times(&mut seen);
+            if place == "cluster" {
+                tasks.push((label, scan));
+            }
+        }
+    }
+    println!();
+    for (label, scan) in tasks {
+        println!(
+            "{label}, cluster: {} reading tasks (a partition's range each, with the partial \
+             aggregate), median {:.1} ms",
+            scan.len(),
+            median(scan)
         );
     }
 }
