@@ -616,3 +616,133 @@ async fn a_commit_without_the_previous_watermark_keeps_pending_sliding_windows()
         assert_eq!(restarted, whole, "restarted after batch {restart_after}");
     }
 }
+
+/// The JSON rows the file sink wrote under `out`, each as (start, n, total).
+fn json_sink_rows(out: &Path) -> Vec<(String, i64, i64)> {
+    let mut rows = vec![];
+    for entry in std::fs::read_dir(out).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            rows.push((
+                row["start"].as_str().unwrap().to_string(),
+                row["n"].as_i64().unwrap(),
+                row["total"].as_i64().unwrap(),
+            ));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// A batch logged before a crash runs again under the watermarks it was
+/// logged with, as Spark's offset log keeps a batch's watermark. Here polls
+/// that found no new file moved the watermark the next batch judges late
+/// rows by, which the last commit does not hold: judged by the commit's, the
+/// rerun would count a row the killed attempt dropped as late.
+#[test]
+fn a_batch_run_again_after_a_crash_runs_under_the_watermarks_it_was_logged_with() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (input, out, checkpoint) = (
+        dir.path().join("in"),
+        dir.path().join("out"),
+        dir.path().join("checkpoint"),
+    );
+    std::fs::create_dir(&input).unwrap();
+    let script = dir.path().join("q.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, sym VARCHAR, \
+             value BIGINT, WATERMARK FOR time AS time - INTERVAL '{DELAY}' SECOND) \
+             STORED AS CSV LOCATION '{}';
+             CREATE EXTERNAL TABLE per_window STORED AS JSON LOCATION '{}' \
+             OPTIONS ('outputMode' 'append', 'queryName' 'per_window');
+             INSERT INTO per_window SELECT window.start AS start, count(*) AS n, \
+             sum(value) AS total FROM orders GROUP BY window(time, '10 seconds');",
+            input.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let brook = |trigger: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_brook"));
+        command
+            .args(["run", script.to_str().unwrap(), "--trigger", trigger])
+            .args(["--checkpoint", checkpoint.to_str().unwrap()])
+            .args(["--progress", "json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    };
+    let lines =
+        |l: &[&str]| -> Vec<String> { l.iter().map(|l| format!("2026-01-01 {l}")).collect() };
+    // Batch 0 leaves the watermark at 00:00:24 and closes no window.
+    put(
+        &input,
+        "file-0001.csv",
+        &lines(&["00:00:21,a,1", "00:00:29,a,2"]),
+    );
+    let mut child = brook("100ms")
+        .env("BROOK_PAUSE_AT", "per_window/offsets:1")
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wait_for = |wanted: &dyn Fn(&str) -> bool| loop {
+        let line = seen
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|e| panic!("brook run said nothing more: {e}"));
+        if wanted(&line) {
+            return;
+        }
+    };
+    wait_for(&|l| l.starts_with('{') && l.contains("\"batch_id\":0"));
+    // Polls that find no file: the next batch judges rows late by 00:00:24.
+    std::thread::sleep(Duration::from_secs(1));
+    // The window of 00:00:12 ends before it: the batch drops the row as late.
+    put(
+        &input,
+        "file-0002.csv",
+        &lines(&["00:00:12,a,4", "00:00:51,b,8"]),
+    );
+    wait_for(&|l| l.contains("brook: paused at per_window/offsets:1"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logged = std::fs::read_to_string(checkpoint.join("per_window/offsets/1")).unwrap();
+    let at_24_seconds = 1_767_225_624_000_000_000i64;
+    assert!(
+        logged.contains(&format!("\"late_ns\":{at_24_seconds}")),
+        "{logged}"
+    );
+
+    let ran = brook("available-now").output().unwrap();
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(ran.status.success(), "{stderr}");
+    let rerun: serde_json::Value = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|p| p["batch_id"] == 1)
+        .unwrap_or_else(|| panic!("batch 1 did not run again: {stderr}"));
+    assert_eq!(rerun["num_late_rows"], 1, "{rerun}");
+    // Only [00:00:20, 00:00:30) closed, with batch 0's two rows: the late
+    // row's window [00:00:10, 00:00:20) was never opened.
+    let rows = json_sink_rows(&out);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].1, rows[0].2), (2, 3), "{rows:?}");
+    assert!(rows[0].0.contains("00:00:20"), "{rows:?}");
+}

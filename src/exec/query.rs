@@ -658,6 +658,16 @@ impl Program for QueryBatches {
         Ok(serde_json::Value::Object(all))
     }
 
+    fn batch_watermarks(&self) -> Option<Watermarks> {
+        Some(self.watermarks())
+    }
+
+    fn rerun_under(&mut self, watermarks: Watermarks) {
+        self.late_watermark_ns = watermarks.late_ns;
+        // The watermark never goes back; it may have moved since the commit.
+        self.watermark_ns = self.watermark_ns.max(watermarks.evict_ns);
+    }
+
     /// The sources' next offsets (one source's as it is, several keyed by
     /// source name), or a batch without input when the watermark has state to close.
     async fn plan(&mut self) -> Result<Option<Option<SourceOffset>>> {
@@ -693,10 +703,7 @@ impl Program for QueryBatches {
     async fn compute(&mut self, batch_id: u64, offset: Option<&SourceOffset>) -> Result<Computed> {
         self.pending_no_data = false;
         let offsets = self.split_offset(offset)?;
-        let watermarks = Watermarks {
-            late_ns: self.late_watermark_ns,
-            evict_ns: self.watermark_ns,
-        };
+        let watermarks = self.watermarks();
         let CompiledQuery {
             inputs: defs,
             plan,
@@ -1211,6 +1218,14 @@ impl QueryBatches {
     /// (`batch_max`, per input; empty when no batch ran), then the query's by
     /// its policy. An input with a watermark that has not seen a row holds the
     /// `min` back, unless it is idle.
+    /// The watermarks the next batch runs under.
+    fn watermarks(&self) -> Watermarks {
+        Watermarks {
+            late_ns: self.late_watermark_ns,
+            evict_ns: self.watermark_ns,
+        }
+    }
+
     fn advance_watermark(&mut self, batch_max: &[Option<i64>]) -> Result<()> {
         for (input, m) in self.inputs.iter_mut().zip(batch_max) {
             let (Some(m), Some(wm)) = (m, &input.watermark) else {

@@ -21,6 +21,7 @@ use crate::config::OutputMode;
 use crate::error::Result;
 use crate::sql::slot::Slot;
 use crate::sql::window::WindowTicks;
+pub use crate::state::checkpoint::Watermarks;
 
 /// Runs a plan built once per query, resetting any state an earlier run left in it.
 pub async fn execute(
@@ -73,16 +74,6 @@ pub struct RemoteState {
     /// False until a batch has reported since the query started: a restarted
     /// query does not know what its state holds.
     pub known: bool,
-}
-
-/// The two watermarks a batch runs under, as Spark's since 3.4: its rows are
-/// late by the one the previous batch ran under (`late_ns`), and its state is
-/// closed by its own (`evict_ns`). Rows of a backlog read in one batch are
-/// thus not late for having been read after rows that moved the watermark.
-#[derive(Debug, Clone, Copy)]
-pub struct Watermarks {
-    pub late_ns: Option<i64>,
-    pub evict_ns: Option<i64>,
 }
 
 impl Watermarks {

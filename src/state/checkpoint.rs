@@ -123,6 +123,23 @@ pub struct OffsetEntry {
     /// The checksum of batch N-1's commit, which this batch follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_commit_crc32: Option<u32>,
+    /// The watermarks the batch runs under, so that a batch run again after a
+    /// restart runs under them too (as Spark's offset log keeps the batch's
+    /// watermark): an idle source or a skipped batch without input may have
+    /// moved them since the last commit. Missing in files written before they
+    /// were logged, and for programs without event time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermarks: Option<Watermarks>,
+}
+
+/// The two watermarks a batch runs under, as Spark's since 3.4: its rows are
+/// late by the one the previous batch ran under (`late_ns`), and its state is
+/// closed by its own (`evict_ns`). Rows of a backlog read in one batch are
+/// thus not late for having been read after rows that moved the watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Watermarks {
+    pub late_ns: Option<i64>,
+    pub evict_ns: Option<i64>,
 }
 
 /// The event-time position between batches.
@@ -571,7 +588,12 @@ impl Checkpoint {
         Ok(snapshot.progress)
     }
 
-    pub async fn write_offsets(&self, batch_id: u64, source: Option<SourceOffset>) -> Result<()> {
+    pub async fn write_offsets(
+        &self,
+        batch_id: u64,
+        source: Option<SourceOffset>,
+        watermarks: Option<Watermarks>,
+    ) -> Result<()> {
         self.metadata_written().await?;
         let previous_commit_crc32 = self.links.lock().ok().and_then(|links| {
             links
@@ -585,6 +607,7 @@ impl Checkpoint {
             planned_at: now(),
             query_id: Some(self.id.clone()),
             previous_commit_crc32,
+            watermarks,
         };
         let crc = self
             .files

@@ -4,9 +4,10 @@
 //!
 //! A [`Driver`] runs a [`Program`]'s batches in this order:
 //!
-//! 1. the program plans the batch as an offset (after a restart, a batch that
-//!    was logged but not committed runs first, with its logged offset);
-//! 2. the offset is written to `offsets/N` in the background, while
+//! 1. the program plans the batch as an offset and says its watermarks (after
+//!    a restart, a batch that was logged but not committed runs first, with
+//!    its logged offset and watermarks);
+//! 2. both are written to `offsets/N` in the background, while
 //! 3. the program reads and computes the batch, writing nothing (point `read`);
 //! 4. the offset is on disk (`offsets`) before
 //! 5. the program writes the output and its state (`sink`) and records the
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use chrono::{SecondsFormat, Utc};
 use tokio::task::JoinHandle;
 
-use super::checkpoint::{Checkpoint, CommitEntry, OffsetEntry, Recovery};
+use super::checkpoint::{Checkpoint, CommitEntry, OffsetEntry, Recovery, Watermarks};
 use crate::error::Result;
 use crate::progress::QueryProgress;
 use crate::source::SourceOffset;
@@ -48,6 +49,16 @@ pub trait Program: Send {
     /// The next batch's input: `None` when there is no batch to run,
     /// `Some(None)` for a batch without input.
     fn plan(&mut self) -> impl Future<Output = Result<Option<Option<SourceOffset>>>> + Send;
+
+    /// The watermarks the batch just planned runs under, logged with its
+    /// offsets; `None` for a program without event time.
+    fn batch_watermarks(&self) -> Option<Watermarks> {
+        None
+    }
+
+    /// A batch logged before a restart runs again under the watermarks it
+    /// was logged with.
+    fn rerun_under(&mut self, _watermarks: Watermarks) {}
 
     /// Reads and computes the batch that `offset` names, writing nothing.
     fn compute(
@@ -181,7 +192,12 @@ impl Driver {
         }
         let batch_id = self.batch_id;
         let offset = match self.rerun.take() {
-            Some(logged) => logged.source,
+            Some(logged) => {
+                if let Some(watermarks) = logged.watermarks {
+                    program.rerun_under(watermarks);
+                }
+                logged.source
+            }
             None => {
                 let Some(offset) = program.plan().await? else {
                     return Ok(None);
@@ -190,10 +206,11 @@ impl Driver {
                 // not before it is read: the write overlaps reading and executing.
                 if let Some(cp) = self.checkpoint.clone() {
                     let logged = offset.clone();
+                    let watermarks = program.batch_watermarks();
                     let before = self.log_written.take();
                     self.log_written = Some(faults::spawn(async move {
                         settled(before).await?;
-                        cp.write_offsets(batch_id, logged).await
+                        cp.write_offsets(batch_id, logged, watermarks).await
                     }));
                 }
                 offset
