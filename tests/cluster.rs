@@ -841,16 +841,6 @@ fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
              GROUP BY session_window(time, '5 minutes'), client_id;",
             "session_window(...) is not distributed yet",
         ),
-        (
-            "SELECT o.client_id, count(*) AS orders FROM orders o JOIN clients c \
-             ON o.client_id = c.client_id GROUP BY o.client_id;",
-            "it reads the table(s) clients, and only the stream is read on the executors yet",
-        ),
-        (
-            "SELECT client_id, amount FROM orders \
-             WHERE client_id IN (SELECT client_id FROM clients);",
-            "it reads the table(s) clients, and only the stream is read on the executors yet",
-        ),
     ] {
         let (status, stderr) = run_on(&url, query);
         assert_eq!(status.code(), Some(1), "{stderr}");
@@ -1206,4 +1196,124 @@ async fn the_kafka_dashboard_read_by_two_executors_equals_the_local_run() {
             .count();
         assert_eq!(found, 4, "{query}");
     }
+}
+
+/// Two queries joining the stream with a static table of clients: orders per
+/// tier (an aggregation), and the gold clients' orders (a subquery).
+fn lookup_script(orders: &Path, clients: &Path) -> String {
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '2');
+         CREATE EXTERNAL TABLE clients (client_id BIGINT, tier VARCHAR) STORED AS CSV \
+         LOCATION '{}';
+         CREATE EXTERNAL TABLE per_tier STORED AS MEMORY LOCATION '' \
+         OPTIONS ('outputMode' 'complete', 'queryName' 'per_tier');
+         INSERT INTO per_tier SELECT c.tier, count(*) AS orders, sum(o.amount) AS shares \
+         FROM orders o JOIN clients c ON o.client_id = c.client_id GROUP BY c.tier;
+         CREATE EXTERNAL TABLE gold STORED AS MEMORY LOCATION '' OPTIONS ('queryName' 'gold');
+         INSERT INTO gold SELECT order_id, client_id, amount FROM orders \
+         WHERE client_id IN (SELECT client_id FROM clients WHERE tier = 'gold');",
+        orders.display(),
+        clients.display()
+    )
+}
+
+/// Runs `lookup_script` with `engine` to the input's end: both tables' rows, sorted.
+async fn lookup_run(engine: brook::Engine, orders: &Path, clients: &Path) -> Vec<Vec<Vec<String>>> {
+    let queries = engine
+        .execute(&lookup_script(orders, clients))
+        .await
+        .unwrap();
+    let mut out = vec![];
+    for (q, table) in queries.iter().zip(["per_tier", "gold"]) {
+        q.process_all_available().await.unwrap();
+        let rows = engine.sql(&format!("SELECT * FROM {table}")).await.unwrap();
+        out.push(common::sorted(rounded(&rows)));
+    }
+    engine.stop_all().await.unwrap();
+    out
+}
+
+/// `clients` CSV lines (with a header) for client ids `ids`, each a tier by its id.
+fn write_clients(dir: &Path, name: &str, ids: std::ops::Range<u64>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let tiers = ["gold", "silver", "bronze"];
+    let mut text = String::from("client_id,tier\n");
+    for id in ids {
+        text.push_str(&format!("{id},{}\n", tiers[id as usize % 3]));
+    }
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+/// A join with a static table runs on the executors, which read the table's
+/// files as they are when each batch starts: a file added between two runs
+/// is joined from then on, as it is without a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_with_a_static_table_runs_on_the_executors_as_it_runs_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let (orders, clients) = (dir.path().join("orders"), dir.path().join("clients"));
+    let all = generated_orders(8_000, 8);
+    let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
+    let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
+    let engine = |checkpoints: &Path, on_cluster: bool| {
+        let builder = brook::Engine::builder().checkpoint_root(checkpoints.to_str().unwrap());
+        match on_cluster {
+            true => builder.cluster(&cluster.url()).build(),
+            false => builder.build(),
+        }
+    };
+    std::fs::create_dir_all(&orders).unwrap();
+    // Half the clients for the first half of the orders, all for the rest.
+    write_clients(&clients, "a.csv", 1..150);
+    for (half, more_clients) in [(&all[..4], false), (&all[4..], true)] {
+        if more_clients {
+            write_clients(&clients, "b.csv", 150..400);
+        }
+        for body in half {
+            let n = std::fs::read_dir(&orders).unwrap().count();
+            std::fs::write(orders.join(format!("part-{n:02}.csv")), body).unwrap();
+        }
+        let jobs_before = cluster.completed_jobs().await.len();
+        let here = lookup_run(engine(&local, false), &orders, &clients).await;
+        let there = lookup_run(engine(&remote, true), &orders, &clients).await;
+        assert!(here[0].len() == 3 && here[1].len() > 100, "{here:?}");
+        assert_eq!(there, here);
+        // Clients from 150 on are joined once b.csv is there.
+        let newer = here[1].iter().any(|r| r[1].parse::<u64>().unwrap() >= 150);
+        assert_eq!(newer, more_clients);
+        // Two batches of each query, each a job on the cluster.
+        assert_eq!(cluster.completed_jobs().await.len(), jobs_before + 4);
+    }
+    // A table registered from Rust is not over files the executors can read.
+    let engine = brook::Engine::builder().cluster(&cluster.url()).build();
+    let vip = datafusion::arrow::array::RecordBatch::try_from_iter([(
+        "client_id",
+        std::sync::Arc::new(datafusion::arrow::array::Int64Array::from(vec![7]))
+            as datafusion::arrow::array::ArrayRef,
+    )])
+    .unwrap();
+    let table = datafusion::datasource::MemTable::try_new(vip.schema(), vec![vec![vip]]).unwrap();
+    engine
+        .register_table("vip", std::sync::Arc::new(table))
+        .unwrap();
+    let err = engine
+        .execute(&format!(
+            "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+             client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR) \
+             STORED AS CSV LOCATION '{}';
+             SELECT order_id FROM orders WHERE client_id IN (SELECT client_id FROM vip);",
+            orders.display()
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "this query cannot run on a cluster (--cluster): it reads the table(s) vip, which \
+             are not the stream nor static tables over files (CREATE EXTERNAL TABLE), and so \
+             cannot be read on the executors; run it without --cluster"
+        ),
+        "{err}"
+    );
 }

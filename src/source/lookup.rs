@@ -20,6 +20,7 @@ use datafusion::catalog::TableProviderFactory;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::TableType;
+use datafusion::datasource::listing::{ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::datasource::listing_table_factory::ListingTableFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
@@ -52,6 +53,8 @@ struct Cache {
     files: Option<Vec<Listed>>,
     rows: Vec<RecordBatch>,
     checked: Option<Instant>,
+    /// The files as last listed for a table over them ([`StaticTable::files_table`]).
+    listed: Option<(Instant, Vec<Listed>)>,
 }
 
 struct Inner {
@@ -170,6 +173,63 @@ impl StaticTable {
         cache.files = Some(files);
         cache.rows = rows.clone();
         Ok(rows)
+    }
+
+    /// DataFusion's table over the files this table holds now, listed at most
+    /// once per `refreshInterval`: any process that reaches them reads it as
+    /// this table reads them. A cluster's executors read a static table so.
+    pub async fn files_table(&self) -> Result<Arc<dyn TableProvider>> {
+        let inner = &self.0;
+        let failed = |why: String| {
+            BrookError::sql(format!(
+                "static table '{}' at '{}' cannot be read on a cluster: {why}",
+                inner.name, inner.location.display
+            ))
+        };
+        let Some(listing) = inner.listing.downcast_ref::<ListingTable>() else {
+            return Err(BrookError::internal(format!(
+                "static table '{}' is not over a listing of files",
+                inner.name
+            )));
+        };
+        let options = listing.options();
+        if !options.table_partition_cols.is_empty() {
+            return Err(failed(
+                "its files are partitioned by directories (PARTITIONED BY)".into(),
+            ));
+        }
+        let files = {
+            let mut cache = inner.cache.lock().await;
+            match (&cache.listed, inner.refresh) {
+                (Some((at, files)), Some(every)) if at.elapsed() < every => files.clone(),
+                _ => {
+                    let (files, _) = self.list().await?;
+                    cache.listed = Some((Instant::now(), files.clone()));
+                    files
+                }
+            }
+        };
+        let Some(root) = listing.table_paths().first().map(|u| u.object_store()) else {
+            return Err(BrookError::internal(format!(
+                "static table '{}' has no location",
+                inner.name
+            )));
+        };
+        // DataFusion's listing reads only the files of the format's extension.
+        let paths = files
+            .iter()
+            .filter(|(path, _, _)| path.ends_with(&options.file_extension))
+            .map(|(path, _, _)| ListingTableUrl::parse(format!("{}{path}", root.as_str())))
+            .collect::<DFResult<Vec<_>>>()
+            .map_err(|e| failed(e.to_string()))?;
+        if paths.is_empty() {
+            return Ok(inner.listing.clone());
+        }
+        let config = ListingTableConfig::new_with_multi_paths(paths)
+            .with_listing_options(options.clone())
+            .with_schema(listing.schema());
+        let table = ListingTable::try_new(config).map_err(|e| failed(e.to_string()))?;
+        Ok(Arc::new(table))
     }
 
     /// The table's files, as DataFusion's listing reads them: hidden names

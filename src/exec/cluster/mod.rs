@@ -6,8 +6,9 @@
 //! it, and the query's plan up to its partial aggregate, or the whole plan of
 //! a query without one) runs on the cluster as one Ballista job: each file, or
 //! each Kafka partition's range, is read by a task with brook's own readers
-//! ([`scan::ScanExec`]) and the partial aggregate is
-//! shuffled by its group keys. An aggregation's state is kept on the
+//! ([`scan::ScanExec`]) and the partial aggregate is shuffled by its group
+//! keys. A static table the query joins is read there too, by DataFusion,
+//! from the files it holds when the batch starts. An aggregation's state is kept on the
 //! executors, partitioned as the shuffle is ([`state`]): each partition is
 //! merged there, and the driver gets the rows the batch emits. Where the
 //! state cannot be partitioned so (panes of sliding windows in append mode,
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod scan;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +27,9 @@ use std::time::Duration;
 use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::provider_as_source;
+use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{Extension, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
@@ -47,6 +49,7 @@ use crate::error::{BrookError, Result};
 use crate::source::SourceOffset;
 use crate::source::kafka::RangeReader;
 use crate::source::location::Location;
+use crate::source::lookup::StaticTable;
 
 /// The option that names the cluster, in messages.
 pub const CLUSTER_OPTION: &str = "--cluster";
@@ -122,6 +125,8 @@ impl Cluster {
 pub struct ClusterPart {
     plan: LogicalPlan,
     scan: ScanSpec,
+    /// The static tables the plan reads, by the name it scans them by.
+    statics: BTreeMap<String, StaticTable>,
     state: Option<StatePart>,
 }
 
@@ -205,19 +210,27 @@ impl ClusterPart {
         let Some(plan) = compiled.scan_plan.clone() else {
             return refuse("a join of two streams is not distributed yet");
         };
-        let mut statics = vec![];
+        let mut statics = BTreeMap::new();
+        let mut others = vec![];
         plan.apply_with_subqueries(|node| {
             if let LogicalPlan::TableScan(scan) = node
                 && scan.table_name.table() != input.source.name
             {
-                statics.push(scan.table_name.to_string());
+                let name = scan.table_name.to_string();
+                match source_as_provider(&scan.source)?.downcast_ref::<StaticTable>() {
+                    Some(table) => {
+                        statics.insert(name, table.clone());
+                    }
+                    None => others.push(name),
+                }
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        if !statics.is_empty() {
+        if !others.is_empty() {
             return refuse(&format!(
-                "it reads the table(s) {}, and only the stream is read on the executors yet",
-                statics.join(", ")
+                "it reads the table(s) {}, which are not the stream nor static tables over \
+                 files (CREATE EXTERNAL TABLE), and so cannot be read on the executors",
+                others.join(", ")
             ));
         }
         let input_kind = match &input.source.kind {
@@ -255,7 +268,12 @@ impl ClusterPart {
             }
             _ => None,
         };
-        Ok(Self { plan, scan, state })
+        Ok(Self {
+            plan,
+            scan,
+            statics,
+            state,
+        })
     }
 
     /// The partitions of the state the executors keep, if they keep it.
@@ -281,6 +299,7 @@ pub struct ClusterQuery {
     plan: LogicalPlan,
     /// The scan of every batch, but its files and stats directory.
     scan: ScanSpec,
+    statics: BTreeMap<String, StaticTable>,
     state: Option<StatePart>,
     /// Below this, each batch's tasks leave what they read.
     stats_root: String,
@@ -307,6 +326,7 @@ impl ClusterQuery {
             cluster,
             plan: part.plan,
             scan: part.scan,
+            statics: part.statics,
             state,
             stats_root,
             temporary,
@@ -365,12 +385,23 @@ impl ClusterQuery {
             ..self.scan.clone()
         };
         let table = provider_as_source(Arc::new(ScanTable::new(spec)?));
+        // A static table's files as they are now, which the executors read.
+        let mut statics = BTreeMap::new();
+        for (name, static_table) in &self.statics {
+            statics.insert(
+                name.clone(),
+                provider_as_source(static_table.files_table().await?),
+            );
+        }
         let plan = self
             .plan
             .clone()
-            .transform_up(|node| match node {
+            .transform_up_with_subqueries(|node| match node {
                 LogicalPlan::TableScan(mut scan) => {
-                    scan.source = table.clone();
+                    scan.source = match statics.get(&scan.table_name.to_string()) {
+                        Some(files) => files.clone(),
+                        None => table.clone(),
+                    };
                     Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
                 }
                 other => Ok(Transformed::no(other)),
