@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef, hold_parquet_compression};
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
-use crate::exec::cluster::{Cluster, ClusterPart, ClusterQuery};
+use crate::exec::cluster::{Cluster, ClusterPart, ClusterQuery, DEFAULT_STATE_PARTITIONS};
 use crate::exec::compile::{CompiledPlan, CompiledQuery, UserFunctions, compile};
 use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::stateful::RemoteState;
@@ -120,9 +120,13 @@ pub struct Overrides {
     /// fails with an error naming them. Default: half the machine's memory.
     pub memory_limit: Option<usize>,
     /// A Ballista cluster's scheduler (`df://HOST:PORT`, as `brook scheduler`
-    /// runs it) on which every query's batches read their input and run their
-    /// plan up to the aggregation's state, which stays here with the sink.
+    /// runs it) on which every query's batches read their input, run their
+    /// plan and keep their aggregation's state; the sink stays here.
     pub cluster: Option<String>,
+    /// With `cluster`: the partitions a new checkpoint's aggregation state is
+    /// cut into on the executors (default 4). A checkpoint keeps the count it
+    /// was created with, as Spark's keeps `spark.sql.shuffle.partitions`.
+    pub state_partitions: Option<usize>,
 }
 
 /// Builds an [`Engine`] with the settings of [`Overrides`], one at a time.
@@ -136,6 +140,13 @@ impl EngineBuilder {
     /// at `url` (`df://HOST:PORT`), as `brook run --cluster` does.
     pub fn cluster(mut self, url: &str) -> Self {
         self.overrides.cluster = Some(url.to_string());
+        self
+    }
+
+    /// With [`cluster`](Self::cluster): the partitions a new checkpoint's
+    /// aggregation state is cut into on the executors (default 4).
+    pub fn state_partitions(mut self, partitions: usize) -> Self {
+        self.overrides.state_partitions = Some(partitions);
         self
     }
 
@@ -249,11 +260,37 @@ impl Engine {
     /// calls and this engine lacks: the query would not plan, or would plan
     /// with a built-in function of that name.
     async fn lacking_function(&self, location: &str) -> Result<Option<String>> {
-        let recorded = Checkpoint::recorded_functions(location, &self.ctx.runtime_env()).await?;
+        let recorded = Checkpoint::recorded_fingerprint(location, &self.ctx.runtime_env()).await?;
         let catalog = self.catalog()?;
         Ok(recorded
+            .map(|f| f.functions)
+            .unwrap_or_default()
             .into_iter()
             .find(|f| !catalog.functions.contains(f)))
+    }
+
+    /// The partitions a query's state is cut into on the cluster: its
+    /// checkpoint's, if it recorded some, else the engine's setting.
+    async fn state_partitions(&self, checkpoint: &Option<String>) -> Result<usize> {
+        let asked = self.overrides.state_partitions;
+        let recorded = match checkpoint {
+            Some(location) => Checkpoint::recorded_fingerprint(location, &self.ctx.runtime_env())
+                .await?
+                .and_then(|f| f.state_partitions),
+            None => None,
+        };
+        match (recorded, asked) {
+            (Some(kept), Some(asked)) if kept != asked && kept > 1 => {
+                tracing::warn!(
+                    "the checkpoint keeps its state in {kept} partitions, created so; \
+                     {asked} (--state-partitions) applies to new checkpoints only"
+                );
+                Ok(kept)
+            }
+            // One partition is an aggregate without GROUP BY's, whatever the setting.
+            (Some(kept), _) if kept > 1 => Ok(kept),
+            _ => Ok(asked.unwrap_or(DEFAULT_STATE_PARTITIONS)),
+        }
     }
 
     fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
@@ -689,7 +726,8 @@ impl Engine {
         }
         let cluster = match &self.overrides.cluster {
             Some(url) => {
-                let part = ClusterPart::of(&compiled)?;
+                let partitions = self.state_partitions(&options.checkpoint).await?;
+                let part = ClusterPart::of(&compiled, partitions)?;
                 if let (Some(partitions), CompiledPlan::Stateful(op)) =
                     (part.state_partitions(), &mut compiled.plan)
                 {

@@ -394,6 +394,24 @@ fn brook(args: &[&str]) -> (ExitStatus, String) {
 }
 
 #[test]
+fn state_partitions_need_a_cluster_and_a_count_from_1() {
+    let (status, stderr) = brook(&["run", "q.sql", "--state-partitions", "3"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the following required arguments were not provided")
+            && stderr.contains("--cluster <df://HOST:PORT>"),
+        "{stderr}"
+    );
+    let url = "df://127.0.0.1:1";
+    let (status, stderr) = brook(&["run", "q.sql", "--cluster", url, "--state-partitions", "0"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value '0' for '--state-partitions <N>'"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_scheduler_on_a_taken_port_says_so() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
@@ -1159,17 +1177,19 @@ async fn the_kafka_dashboard_read_by_two_executors_equals_the_local_run() {
         .collect();
     let cluster = TestCluster::start(dir.path(), 2, "2", vec![]).await;
     let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
-    let engine = |checkpoints: &Path, on_cluster: bool| {
+    // The cluster's checkpoints are created with 3 state partitions, which
+    // the restart keeps although it asks for 5.
+    let engine = |checkpoints: &Path, partitions: Option<usize>| {
         let builder = brook::Engine::builder().checkpoint_root(checkpoints.to_str().unwrap());
-        match on_cluster {
-            true => builder.cluster(&cluster.url()).build(),
-            false => builder.build(),
+        match partitions {
+            Some(n) => builder.cluster(&cluster.url()).state_partitions(n).build(),
+            None => builder.build(),
         }
     };
-    for half in lines.chunks(lines.len() / 2) {
+    for (half, partitions) in lines.chunks(lines.len() / 2).zip([3, 5]) {
         broker.produce("orders", 4, half);
-        let here = kafka_dashboard(engine(&local, false), &broker.servers()).await;
-        let there = kafka_dashboard(engine(&remote, true), &broker.servers()).await;
+        let here = kafka_dashboard(engine(&local, None), &broker.servers()).await;
+        let there = kafka_dashboard(engine(&remote, Some(partitions)), &broker.servers()).await;
         assert!(here.1 > 10, "{} malformed", here.1);
         let [per_second, clients, stocks] = &here.0[..] else {
             panic!("{:?}", here.0)
@@ -1194,7 +1214,7 @@ async fn the_kafka_dashboard_read_by_two_executors_equals_the_local_run() {
         let found = std::fs::read_dir(&state)
             .unwrap_or_else(|e| panic!("{}: {e}", state.display()))
             .count();
-        assert_eq!(found, 4, "{query}");
+        assert_eq!(found, 3, "{query}");
     }
 }
 

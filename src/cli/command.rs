@@ -55,10 +55,16 @@ enum Command {
         /// Memory the queries may take together, e.g. '4GB' (default: half the machine's).
         #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
         memory_limit: Option<usize>,
-        /// Read each batch's files and run its plan up to the aggregation's state on the
+        /// Read each batch's input, run its plan and keep its aggregation's state on the
         /// Ballista cluster whose scheduler is at df://HOST:PORT (`brook scheduler`).
         #[arg(long, value_name = "df://HOST:PORT")]
         cluster: Option<String>,
+        /// With --cluster: the partitions a new checkpoint's aggregation state is cut
+        /// into on the executors (as Spark's spark.sql.shuffle.partitions); a checkpoint
+        /// keeps the count it was created with.
+        #[arg(long, value_name = "N", requires = "cluster",
+              value_parser = clap::value_parser!(u16).range(1..=1024))]
+        state_partitions: Option<u16>,
     },
     /// The live order dashboard on generated orders (no setup needed).
     Demo {
@@ -313,6 +319,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
             ui_options,
             memory_limit,
             cluster,
+            state_partitions,
         } => {
             let progress = match progress {
                 Progress::None => ProgressFormat::None,
@@ -325,6 +332,7 @@ async fn main_inner(cli: Cli) -> Result<(), BrookError> {
                 ui: ui.then(|| ui_options.options()),
                 memory_limit,
                 cluster,
+                state_partitions: state_partitions.map(usize::from),
             };
             run_file(&file, options).await
         }

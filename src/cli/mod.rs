@@ -44,6 +44,8 @@ pub(crate) struct RunOptions {
     pub memory_limit: Option<usize>,
     /// The Ballista scheduler the batches run on (`df://HOST:PORT`).
     pub cluster: Option<String>,
+    /// The partitions of a new checkpoint's state on the cluster.
+    pub state_partitions: Option<usize>,
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM, listened for from the start of a command: the
@@ -125,6 +127,7 @@ pub(crate) async fn run_file(path: &Path, options: RunOptions) -> Result<()> {
         mirror_rows: options.ui.as_ref().map(|_| UI_MIRROR_ROWS),
         memory_limit: options.memory_limit,
         cluster: options.cluster,
+        state_partitions: options.state_partitions,
         ..Overrides::default()
     };
     if options.progress == ProgressFormat::Json {

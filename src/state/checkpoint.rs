@@ -359,19 +359,21 @@ impl Checkpoint {
         })
     }
 
-    /// The registered functions the query of the checkpoint at `location`
-    /// calls, as its metadata records them: none for a checkpoint not yet
-    /// written or written before they were recorded.
-    pub async fn recorded_functions(location: &str, runtime: &RuntimeEnv) -> Result<Vec<String>> {
+    /// The fingerprint of the query of the checkpoint at `location`, as its
+    /// metadata records it: `None` for a checkpoint not yet written.
+    pub async fn recorded_fingerprint(
+        location: &str,
+        runtime: &RuntimeEnv,
+    ) -> Result<Option<QueryFingerprint>> {
         let location = Location::resolve(location, runtime)?;
         // Not made here: a query that then fails to plan leaves no directory behind.
         if location.local_dir.as_ref().is_some_and(|dir| !dir.exists()) {
-            return Ok(vec![]);
+            return Ok(None);
         }
         let meta = CheckpointFiles::new(location)?
             .read_json::<Metadata>("metadata")
             .await?;
-        Ok(meta.map(|m| m.fingerprint.functions).unwrap_or_default())
+        Ok(meta.map(|m| m.fingerprint))
     }
 
     /// Waits for a new checkpoint's metadata to be on disk; its failure fails

@@ -28,9 +28,10 @@ use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+use datafusion::dataframe::DataFrame;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::{Extension, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -54,9 +55,10 @@ use crate::source::lookup::StaticTable;
 /// The option that names the cluster, in messages.
 pub const CLUSTER_OPTION: &str = "--cluster";
 
-/// How many partitions a batch's partial aggregate is shuffled into: the
+/// How many partitions a batch's partial aggregate is shuffled into, and so
+/// the state is kept in, unless asked otherwise (`--state-partitions`): the
 /// tasks that merge it, spread over the executors.
-const SHUFFLE_PARTITIONS: usize = 4;
+pub const DEFAULT_STATE_PARTITIONS: usize = 4;
 
 /// Times a batch's job is run before the batch fails, and the pause between:
 /// long enough for the scheduler to notice a lost executor at its next launch.
@@ -106,7 +108,6 @@ impl Cluster {
         let config = SessionConfig::new_with_ballista()
             .with_ballista_logical_extension_codec(Arc::new(BrookLogicalCodec::default()))
             .with_ballista_physical_extension_codec(Arc::new(BrookPhysicalCodec::default()))
-            .with_target_partitions(SHUFFLE_PARTITIONS)
             // Ballista's adaptive planner can leave a job waiting for good on a
             // stage it rolled back when an executor was lost; the static
             // planner runs the lost tasks again.
@@ -128,6 +129,8 @@ pub struct ClusterPart {
     /// The static tables the plan reads, by the name it scans them by.
     statics: BTreeMap<String, StaticTable>,
     state: Option<StatePart>,
+    /// The shuffle's partitions.
+    partitions: usize,
 }
 
 /// An aggregation whose state the executors keep: its merge plan, and what
@@ -141,7 +144,12 @@ impl StatePart {
     /// `None` where the state cannot be partitioned by the partial's keys:
     /// a pane or a row of a sliding window adds to several windows, which
     /// would be kept in different partitions, and sessions merge across keys.
-    fn of(op: &StatefulOp, mode: OutputMode, window: Option<&InputWindow>) -> Result<Option<Self>> {
+    fn of(
+        op: &StatefulOp,
+        mode: OutputMode,
+        window: Option<&InputWindow>,
+        partitions: usize,
+    ) -> Result<Option<Self>> {
         if op.panes || op.session_key.is_some() {
             return Ok(None);
         }
@@ -170,7 +178,7 @@ impl StatePart {
                 reports: String::new(),
                 batch_id: 0,
                 // A global aggregate's partial rows come together in one partition.
-                partitions: if op.keys == 0 { 1 } else { SHUFFLE_PARTITIONS },
+                partitions: if op.keys == 0 { 1 } else { partitions },
                 mode,
                 late_ns: None,
                 evict_ns: None,
@@ -187,8 +195,9 @@ impl StatePart {
 }
 
 impl ClusterPart {
-    /// The cluster's part of `compiled`, or why it cannot run there.
-    pub fn of(compiled: &CompiledQuery) -> Result<Self> {
+    /// The cluster's part of `compiled`, its batches' partial rows shuffled
+    /// into `partitions`; or why it cannot run there.
+    pub fn of(compiled: &CompiledQuery, partitions: usize) -> Result<Self> {
         let refuse = |why: &str| {
             Err(BrookError::sql(format!(
                 "this query cannot run on a cluster ({CLUSTER_OPTION}): {why}; run it without \
@@ -264,7 +273,7 @@ impl ClusterPart {
                     true => compiled.mode,
                     false => OutputMode::Append,
                 };
-                StatePart::of(op, mode, input.window.as_ref())?
+                StatePart::of(op, mode, input.window.as_ref(), partitions)?
             }
             _ => None,
         };
@@ -273,6 +282,7 @@ impl ClusterPart {
             scan,
             statics,
             state,
+            partitions,
         })
     }
 
@@ -301,6 +311,9 @@ pub struct ClusterQuery {
     scan: ScanSpec,
     statics: BTreeMap<String, StaticTable>,
     state: Option<StatePart>,
+    /// The cluster's session, its jobs' partial rows shuffled into as many
+    /// partitions as the query's state has.
+    session: SessionState,
     /// Below this, each batch's tasks leave what they read.
     stats_root: String,
     /// `stats_root` is a temporary directory of this query's own.
@@ -322,12 +335,19 @@ impl ClusterQuery {
             s.spec.root = format!("{stats_root}/state");
             s
         });
+        let mut session = cluster.ctx.state();
+        session
+            .config_mut()
+            .options_mut()
+            .execution
+            .target_partitions = part.partitions;
         Ok(Self {
             cluster,
             plan: part.plan,
             scan: part.scan,
             statics: part.statics,
             state,
+            session,
             stats_root,
             temporary,
         })
@@ -430,10 +450,7 @@ impl ClusterQuery {
         };
         let mut attempt = 1;
         let rows = loop {
-            let ran = async {
-                let frame = self.cluster.ctx.execute_logical_plan(plan.clone()).await?;
-                frame.collect().await
-            };
+            let ran = DataFrame::new(self.session.clone(), plan.clone()).collect();
             match ran.await {
                 Ok(rows) => break rows,
                 // A job fails for good once a task failed on several executors,
