@@ -789,13 +789,17 @@ fn run_on(url: &str, query: &str) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("orders")).unwrap();
     std::fs::write(dir.path().join("clients.csv"), "1,ann\n").unwrap();
+    std::fs::create_dir_all(dir.path().join("parted/region=eu")).unwrap();
+    std::fs::write(dir.path().join("parted/region=eu/a.csv"), "client_id\n1\n").unwrap();
     let script = format!(
         "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, client_id BIGINT, \
          amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) STORED AS CSV \
          LOCATION 'orders';\nCREATE UNBOUNDED EXTERNAL TABLE again (time TIMESTAMP NOT NULL, \
          client_id BIGINT, amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) \
          STORED AS CSV LOCATION 'orders';\nCREATE EXTERNAL TABLE clients (client_id BIGINT, \
-         name VARCHAR) STORED AS CSV LOCATION 'clients.csv';\n{query}"
+         name VARCHAR) STORED AS CSV LOCATION 'clients.csv';\nCREATE EXTERNAL TABLE parted \
+         (client_id BIGINT, region VARCHAR) STORED AS CSV PARTITIONED BY (region) \
+         LOCATION 'parted/';\n{query}"
     );
     std::fs::write(dir.path().join("q.sql"), script).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_brook"))
@@ -850,14 +854,15 @@ fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
     let url = format!("df://127.0.0.1:{}", free_port());
     for (query, why) in [
         (
-            "SELECT a.client_id, b.amount FROM orders a JOIN again b \
-             ON a.client_id = b.client_id AND b.time BETWEEN a.time AND a.time + INTERVAL '1' SECOND;",
-            "it reads several streams (a join or a union)",
-        ),
-        (
             "SELECT client_id, count(*) AS orders FROM orders \
              GROUP BY session_window(time, '5 minutes'), client_id;",
             "session_window(...) is not distributed yet",
+        ),
+        (
+            "SELECT o.client_id, p.region FROM orders o JOIN parted p \
+             ON o.client_id = p.client_id;",
+            "static table 'parted' is partitioned by directories (PARTITIONED BY), which the \
+             executors do not read yet",
         ),
     ] {
         let (status, stderr) = run_on(&url, query);
@@ -1336,4 +1341,97 @@ async fn a_join_with_a_static_table_runs_on_the_executors_as_it_runs_here() {
         ),
         "{err}"
     );
+}
+
+/// Orders and their fills as `files` CSV files each, under `dir/orders` and `dir/fills`.
+fn write_orders_and_fills(dir: &Path, count: usize, files: usize) {
+    let fills = dir.join("fills.csv");
+    let out = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["gen-orders", "--count", &count.to_string(), "--rate", "50"])
+        .args(["--fills", fills.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let orders = String::from_utf8(out.stdout).unwrap();
+    let fills = std::fs::read_to_string(&fills).unwrap();
+    for (name, text) in [("orders", orders), ("fills", fills)] {
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() > count / 2, "{name}: {} lines", lines.len());
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        for (f, chunk) in lines.chunks(lines.len().div_ceil(files)).enumerate() {
+            std::fs::write(
+                dir.join(name).join(format!("part-{f:02}.csv")),
+                chunk.join("\n") + "\n",
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// A join of two streams (orders with their fills within a minute) and a
+/// union of them under an aggregation.
+fn two_streams_script(dir: &Path) -> String {
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT NOT NULL, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR, \
+         WATERMARK FOR time AS time - INTERVAL '10' SECOND) \
+         STORED AS CSV LOCATION '{d}/orders' OPTIONS ('maxFilesPerTrigger' '1');
+         CREATE UNBOUNDED EXTERNAL TABLE fills (time TIMESTAMP NOT NULL, fill_id BIGINT NOT NULL, \
+         order_id BIGINT NOT NULL, quantity INT, price DOUBLE, \
+         WATERMARK FOR time AS time - INTERVAL '10' SECOND) \
+         STORED AS CSV LOCATION '{d}/fills' OPTIONS ('maxFilesPerTrigger' '1');
+         CREATE EXTERNAL TABLE filled STORED AS MEMORY LOCATION '' OPTIONS ('queryName' 'filled');
+         INSERT INTO filled SELECT o.order_id, o.symbol, f.quantity, f.price FROM orders o \
+         JOIN fills f ON o.order_id = f.order_id \
+         AND f.time BETWEEN o.time AND o.time + INTERVAL '1' MINUTE;
+         CREATE EXTERNAL TABLE per_bucket STORED AS MEMORY LOCATION '' \
+         OPTIONS ('outputMode' 'complete', 'queryName' 'per_bucket');
+         INSERT INTO per_bucket SELECT order_id % 7 AS bucket, count(*) AS n FROM \
+         (SELECT order_id FROM orders UNION ALL SELECT order_id FROM fills) GROUP BY order_id % 7;",
+        d = dir.display()
+    )
+}
+
+/// Runs `two_streams_script` with `engine` to the input's end: each table's
+/// rows, sorted, and each query's rows read and state rows kept.
+async fn two_streams_run(engine: brook::Engine, dir: &Path) -> Vec<(Vec<Vec<String>>, u64, u64)> {
+    let queries = engine.execute(&two_streams_script(dir)).await.unwrap();
+    let mut out = vec![];
+    for (q, table) in queries.iter().zip(["filled", "per_bucket"]) {
+        q.process_all_available().await.unwrap();
+        let progress = q.recent_progress();
+        let read = progress.iter().map(|p| p.num_input_rows).sum();
+        let kept = progress
+            .last()
+            .map_or(0, |p| p.state_operators[0].num_rows_total);
+        let rows = engine.sql(&format!("SELECT * FROM {table}")).await.unwrap();
+        out.push((common::sorted(rounded(&rows)), read, kept));
+    }
+    engine.stop_all().await.unwrap();
+    out
+}
+
+/// A join of two streams and a union of two run on a cluster: the executors
+/// read both streams (the join's state stays on the driver, the union's
+/// aggregation's on the executors), with the local run's results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_and_a_union_of_two_streams_read_on_the_executors_equal_the_local_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_orders_and_fills(dir.path(), 4_000, 4);
+    let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
+    let here = two_streams_run(brook::Engine::new(), dir.path()).await;
+    let jobs_before = cluster.completed_jobs().await.len();
+    let there = two_streams_run(
+        brook::Engine::builder().cluster(&cluster.url()).build(),
+        dir.path(),
+    )
+    .await;
+    let (filled, read, kept) = &here[0];
+    assert!(
+        filled.len() > 1_000 && *read > 4_000 && *kept > 0,
+        "{here:?}"
+    );
+    assert_eq!(here[1].0.len(), 7);
+    assert_eq!(there, here);
+    assert!(cluster.completed_jobs().await.len() > jobs_before + 8);
 }

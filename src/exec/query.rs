@@ -719,27 +719,35 @@ impl Program for QueryBatches {
             .map(|w| &w.ticks);
         let started_reading = Instant::now();
         if let CompiledPlan::Join(op) = plan {
-            // The join runs its plan twice over each side's rows: they are read whole first.
-            let mut read = vec![];
-            let mut rows = vec![];
-            for ((input, def), offset) in self.inputs.iter().zip(defs.iter()).zip(&offsets) {
-                let mut batches = vec![];
-                read.push(
-                    read_input(
-                        input.source.as_ref(),
-                        offset.as_ref(),
-                        def.window.as_ref(),
-                        def.slot.schema(),
-                        input.watermark.as_ref(),
-                        |b| {
-                            batches.push(b);
-                            Ok(())
-                        },
-                    )
-                    .await?,
-                );
-                rows.push(batches);
-            }
+            // The join runs its plan twice over each side's rows: they are read whole
+            // first, on the cluster if there is one (the join's state stays here).
+            let (mut rows, read) = match &self.cluster {
+                Some(cluster) => cluster.read_inputs(batch_id, &offsets).await?,
+                None => {
+                    let mut read = vec![];
+                    let mut rows = vec![];
+                    for ((input, def), offset) in self.inputs.iter().zip(defs.iter()).zip(&offsets)
+                    {
+                        let mut batches = vec![];
+                        read.push(
+                            read_input(
+                                input.source.as_ref(),
+                                offset.as_ref(),
+                                def.window.as_ref(),
+                                def.slot.schema(),
+                                input.watermark.as_ref(),
+                                |b| {
+                                    batches.push(b);
+                                    Ok(())
+                                },
+                            )
+                            .await?,
+                        );
+                        rows.push(batches);
+                    }
+                    (rows, read)
+                }
+            };
             let read_time = started_reading.elapsed();
             let [left, right] = op.inputs();
             let new = [
@@ -778,9 +786,7 @@ impl Program for QueryBatches {
         };
         let (read, read_time, ran) = match &self.cluster {
             Some(cluster) => {
-                let run = cluster
-                    .run_batch(batch_id, offsets[0].as_ref(), watermarks)
-                    .await?;
+                let run = cluster.run_batch(batch_id, &offsets, watermarks).await?;
                 let read_time = started_reading.elapsed();
                 let ran = match (&mut *plan, run.state) {
                     // The executors merged the batch into the state they keep;
@@ -807,7 +813,7 @@ impl Program for QueryBatches {
                         ran?
                     }
                 };
-                (vec![run.read], read_time, ran)
+                (run.read, read_time, ran)
             }
             None => {
                 let local = Local {

@@ -127,6 +127,14 @@ impl StaticTable {
         })))
     }
 
+    /// Whether its files are partitioned by directories (`PARTITIONED BY`).
+    pub fn partitioned(&self) -> bool {
+        self.0
+            .listing
+            .downcast_ref::<ListingTable>()
+            .is_some_and(|l| !l.options().table_partition_cols.is_empty())
+    }
+
     /// How many times the files were read (a change, or the first scan).
     pub fn reads(&self) -> u64 {
         self.0.reads.load(Ordering::Relaxed)
@@ -193,11 +201,6 @@ impl StaticTable {
             )));
         };
         let options = listing.options();
-        if !options.table_partition_cols.is_empty() {
-            return Err(failed(
-                "its files are partitioned by directories (PARTITIONED BY)".into(),
-            ));
-        }
         let files = {
             let mut cache = inner.cache.lock().await;
             match (&cache.listed, inner.refresh) {

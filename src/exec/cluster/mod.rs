@@ -32,23 +32,21 @@ use datafusion::dataframe::DataFrame;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::execution::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::{Extension, LogicalPlan};
+use datafusion::logical_expr::{Extension, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStoreExt;
 use url::Url;
 
 use self::codec::{BrookLogicalCodec, BrookPhysicalCodec};
-use self::scan::{ScanInput, ScanSpec, ScanTable, ScanWindow, schema_bytes};
+use self::scan::{ScanSpec, ScanTable};
 use self::state::{MergeWindow, StateMergeNode, StateReport, StateSpec, merge_slots};
 use super::compile::{CompiledPlan, CompiledQuery, InputWindow};
 use super::read::ReadStats;
 use super::stateful::{StatefulOp, Watermarks};
-use crate::catalog::SourceKind;
 use crate::config::OutputMode;
 use crate::error::{BrookError, Result};
 use crate::source::SourceOffset;
-use crate::source::kafka::RangeReader;
 use crate::source::location::Location;
 use crate::source::lookup::StaticTable;
 
@@ -124,8 +122,10 @@ impl Cluster {
 /// What of a query runs on a cluster: its plan over its source's rows, the
 /// scan of them, and the merge into its state if the executors keep it.
 pub struct ClusterPart {
-    plan: LogicalPlan,
-    scan: ScanSpec,
+    /// The plan over the streams' rows (`None` for a join of two streams).
+    plan: Option<LogicalPlan>,
+    /// Each stream's scan, in the query's order of inputs.
+    scans: Vec<ScanSpec>,
     /// The static tables the plan reads, by the name it scans them by.
     statics: BTreeMap<String, StaticTable>,
     state: Option<StatePart>,
@@ -204,9 +204,6 @@ impl ClusterPart {
                  {CLUSTER_OPTION}"
             )))
         };
-        let [input] = &compiled.inputs[..] else {
-            return refuse("it reads several streams (a join or a union)");
-        };
         if !compiled.fingerprint.functions.is_empty() {
             return refuse(&format!(
                 "it calls functions registered from Rust ({}), which the executors do not have",
@@ -216,25 +213,32 @@ impl ClusterPart {
         if compiled.rows_without_session.is_some() {
             return refuse("session_window(...) is not distributed yet");
         }
-        let Some(plan) = compiled.scan_plan.clone() else {
-            return refuse("a join of two streams is not distributed yet");
-        };
+        let streams: Vec<&str> = compiled
+            .inputs
+            .iter()
+            .map(|i| i.source.name.as_str())
+            .collect();
+        // A join of two streams has no plan over its inputs' rows: the
+        // cluster reads each side, and the driver joins them.
+        let plan = compiled.scan_plan.clone();
         let mut statics = BTreeMap::new();
         let mut others = vec![];
-        plan.apply_with_subqueries(|node| {
-            if let LogicalPlan::TableScan(scan) = node
-                && scan.table_name.table() != input.source.name
-            {
-                let name = scan.table_name.to_string();
-                match source_as_provider(&scan.source)?.downcast_ref::<StaticTable>() {
-                    Some(table) => {
-                        statics.insert(name, table.clone());
+        if let Some(plan) = &plan {
+            plan.apply_with_subqueries(|node| {
+                if let LogicalPlan::TableScan(scan) = node
+                    && !streams.contains(&scan.table_name.table())
+                {
+                    let name = scan.table_name.to_string();
+                    match source_as_provider(&scan.source)?.downcast_ref::<StaticTable>() {
+                        Some(table) => {
+                            statics.insert(name, table.clone());
+                        }
+                        None => others.push(name),
                     }
-                    None => others.push(name),
                 }
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+        }
         if !others.is_empty() {
             return refuse(&format!(
                 "it reads the table(s) {}, which are not the stream nor static tables over \
@@ -242,44 +246,38 @@ impl ClusterPart {
                 others.join(", ")
             ));
         }
-        let input_kind = match &input.source.kind {
-            SourceKind::Files {
-                location, decode, ..
-            } => ScanInput::Files {
-                location: absolute(location)?,
-                decode: decode.clone(),
-            },
-            SourceKind::Kafka { options, value } => {
-                ScanInput::Kafka(RangeReader::new(options, value))
-            }
-        };
-        let scan = ScanSpec {
-            source: input.source.name.clone(),
-            input: input_kind,
-            schema: schema_bytes(input.slot.schema()),
-            window: input.window.as_ref().map(|w| ScanWindow {
-                spec: w.spec.clone(),
-                time_column: w.time_column,
-            }),
-            watermark_column: input.source.watermark.as_ref().map(|w| w.column.clone()),
-            batch_id: 0,
-            parts: vec![],
-            stats: String::new(),
-        };
-        let state = match &compiled.plan {
-            CompiledPlan::Stateful(op) => {
+        // Each file is given to the executors by itself, without the directories
+        // that give its partition columns.
+        if let Some(name) = statics
+            .iter()
+            .find_map(|(n, t)| t.partitioned().then_some(n))
+        {
+            return refuse(&format!(
+                "static table '{name}' is partitioned by directories (PARTITIONED BY), which \
+                 the executors do not read yet"
+            ));
+        }
+        let scans = compiled
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| ScanSpec::of(i, input))
+            .collect::<Result<Vec<_>>>()?;
+        let state = match (&compiled.plan, &plan) {
+            (CompiledPlan::Stateful(op), Some(_)) => {
                 // Every stage but the last appends what it closes to the next.
                 let mode = match compiled.then.is_empty() {
                     true => compiled.mode,
                     false => OutputMode::Append,
                 };
-                StatePart::of(op, mode, input.window.as_ref(), partitions)?
+                let window = compiled.inputs.iter().find_map(|i| i.window.as_ref());
+                StatePart::of(op, mode, window, partitions)?
             }
             _ => None,
         };
         Ok(Self {
             plan,
-            scan,
+            scans,
             statics,
             state,
             partitions,
@@ -297,7 +295,8 @@ pub struct ClusterRun {
     /// The rows of the plan that ran there; with the state on the executors,
     /// the state rows the batch emits.
     pub rows: Vec<RecordBatch>,
-    pub read: ReadStats,
+    /// What each input read, in the query's order of inputs.
+    pub read: Vec<ReadStats>,
     /// What the merges into the state on the executors reported.
     pub state: Option<StateReport>,
 }
@@ -305,10 +304,11 @@ pub struct ClusterRun {
 /// One query's batches on a cluster.
 pub struct ClusterQuery {
     cluster: Arc<Cluster>,
-    /// The plan the cluster runs, over the source's rows.
-    plan: LogicalPlan,
-    /// The scan of every batch, but its files and stats directory.
-    scan: ScanSpec,
+    /// The plan the cluster runs, over the streams' rows; `None` for a join
+    /// of two streams, whose sides the cluster only reads.
+    plan: Option<LogicalPlan>,
+    /// Each stream's scan of every batch, but its parts and stats directory.
+    scans: Vec<ScanSpec>,
     statics: BTreeMap<String, StaticTable>,
     state: Option<StatePart>,
     /// The cluster's session, its jobs' partial rows shuffled into as many
@@ -344,7 +344,7 @@ impl ClusterQuery {
         Ok(Self {
             cluster,
             plan: part.plan,
-            scan: part.scan,
+            scans: part.scans,
             statics: part.statics,
             state,
             session,
@@ -377,34 +377,60 @@ impl ClusterQuery {
         }
     }
 
-    /// Runs batch `batch_id` over the files `offset` names on the cluster,
-    /// under `watermarks`.
+    /// Each input's scan of batch `batch_id`, reading the parts of its offset
+    /// (none for an input without one) and reporting to `stats`.
+    fn batch_scans(
+        &self,
+        batch_id: u64,
+        offsets: &[Option<SourceOffset>],
+        stats: &str,
+    ) -> Result<Vec<ScanSpec>> {
+        self.scans
+            .iter()
+            .zip(offsets)
+            .map(|(scan, offset)| {
+                let parts = match offset {
+                    Some(offset) => scan.input.split(offset)?,
+                    None => vec![],
+                };
+                Ok(ScanSpec {
+                    batch_id,
+                    parts: parts.into_iter().map(|p| p.0).collect(),
+                    stats: stats.to_string(),
+                    ..scan.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// Runs batch `batch_id` over the input `offsets` name (one per stream)
+    /// on the cluster, under `watermarks`.
     pub async fn run_batch(
         &self,
         batch_id: u64,
-        offset: Option<&SourceOffset>,
+        offsets: &[Option<SourceOffset>],
         watermarks: Watermarks,
     ) -> Result<ClusterRun> {
-        let parts = match offset {
-            Some(offset) => self.scan.input.split(offset)?,
-            // A batch without input still closes state the executors keep.
-            None if self.state.is_some() => vec![],
-            None => {
-                return Ok(ClusterRun {
-                    rows: vec![],
-                    read: ReadStats::default(),
-                    state: None,
-                });
-            }
+        let Some(plan) = &self.plan else {
+            return Err(BrookError::internal(
+                "a join of two streams has its sides read, not its plan run, on a cluster",
+            ));
         };
+        // A batch without input still closes state the executors keep.
+        if offsets.iter().all(Option::is_none) && self.state.is_none() {
+            return Ok(ClusterRun {
+                rows: vec![],
+                read: vec![ReadStats::default(); self.scans.len()],
+                state: None,
+            });
+        }
         let stats = format!("{}/{batch_id}", self.stats_root);
-        let spec = ScanSpec {
-            batch_id,
-            parts: parts.iter().map(|p| p.0.clone()).collect(),
-            stats: stats.clone(),
-            ..self.scan.clone()
-        };
-        let table = provider_as_source(Arc::new(ScanTable::new(spec)?));
+        let specs = self.batch_scans(batch_id, offsets, &stats)?;
+        let mut streams = BTreeMap::new();
+        for spec in &specs {
+            let table = provider_as_source(Arc::new(ScanTable::new(spec.clone())?));
+            streams.insert(spec.source.clone(), table);
+        }
         // A static table's files as they are now, which the executors read.
         let mut statics = BTreeMap::new();
         for (name, static_table) in &self.statics {
@@ -413,15 +439,16 @@ impl ClusterQuery {
                 provider_as_source(static_table.files_table().await?),
             );
         }
-        let plan = self
-            .plan
+        let plan = plan
             .clone()
             .transform_up_with_subqueries(|node| match node {
                 LogicalPlan::TableScan(mut scan) => {
-                    scan.source = match statics.get(&scan.table_name.to_string()) {
-                        Some(files) => files.clone(),
-                        None => table.clone(),
-                    };
+                    let table = streams
+                        .get(scan.table_name.table())
+                        .or_else(|| statics.get(&scan.table_name.to_string()));
+                    if let Some(table) = table {
+                        scan.source = table.clone();
+                    }
                     Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
                 }
                 other => Ok(Transformed::no(other)),
@@ -448,11 +475,41 @@ impl ClusterQuery {
             }
             None => plan,
         };
+        let rows = self.run_job(batch_id, plan).await?;
+        let (read, state) = self.take_reports(&stats, &specs).await?;
+        Ok(ClusterRun { rows, read, state })
+    }
+
+    /// Reads each stream's input of batch `batch_id` (one offset per stream)
+    /// on the cluster, a job per stream side by side: each one's rows and
+    /// what it read. A join of two streams is run so, its state kept here.
+    pub async fn read_inputs(
+        &self,
+        batch_id: u64,
+        offsets: &[Option<SourceOffset>],
+    ) -> Result<(Vec<Vec<RecordBatch>>, Vec<ReadStats>)> {
+        let stats = format!("{}/{batch_id}", self.stats_root);
+        let specs = self.batch_scans(batch_id, offsets, &stats)?;
+        let jobs = specs.iter().map(|spec| async move {
+            if spec.parts.is_empty() {
+                return Ok(vec![]);
+            }
+            let table = provider_as_source(Arc::new(ScanTable::new(spec.clone())?));
+            let plan = LogicalPlanBuilder::scan(spec.source.clone(), table, None)?.build()?;
+            self.run_job(batch_id, plan).await
+        });
+        let rows = futures::future::try_join_all(jobs).await?;
+        let (read, _) = self.take_reports(&stats, &specs).await?;
+        Ok((rows, read))
+    }
+
+    /// Runs `plan`, batch `batch_id`'s job, on the cluster: its rows.
+    async fn run_job(&self, batch_id: u64, plan: LogicalPlan) -> Result<Vec<RecordBatch>> {
         let mut attempt = 1;
-        let rows = loop {
+        loop {
             let ran = DataFrame::new(self.session.clone(), plan.clone()).collect();
             match ran.await {
-                Ok(rows) => break rows,
+                Ok(rows) => return Ok(rows),
                 // A job fails for good once a task failed on several executors,
                 // or its results were lost with an executor: the batch's input
                 // is unchanged, so it runs again.
@@ -474,16 +531,30 @@ impl ClusterQuery {
                     });
                 }
             }
-        };
-        let location = Location::resolve(&stats, &self.cluster.ctx.runtime_env())?;
-        let read_names: Vec<_> = (0..parts.len()).map(ScanSpec::stats_name).collect();
-        let mut read = ReadStats::default();
-        for r in collect_reports::<ReadStats>(&location, &read_names).await? {
-            read.merge(r);
         }
-        let mut names = read_names;
-        let state = match &self.state {
-            Some(state) => {
+    }
+
+    /// Collects and removes the reports a batch's tasks left in `stats`:
+    /// what each of `specs` read, and the state's merges.
+    async fn take_reports(
+        &self,
+        stats: &str,
+        specs: &[ScanSpec],
+    ) -> Result<(Vec<ReadStats>, Option<StateReport>)> {
+        let location = Location::resolve(stats, &self.cluster.ctx.runtime_env())?;
+        let mut names = vec![];
+        let mut read = vec![];
+        for spec in specs {
+            let parts: Vec<_> = (0..spec.parts.len()).map(|i| spec.stats_name(i)).collect();
+            let mut stats = ReadStats::default();
+            for r in collect_reports::<ReadStats>(&location, &parts).await? {
+                stats.merge(r);
+            }
+            read.push(stats);
+            names.extend(parts);
+        }
+        let state = match (&self.state, &self.plan) {
+            (Some(state), Some(_)) => {
                 let state_names: Vec<_> =
                     (0..state.spec.partitions).map(StateReport::name).collect();
                 let mut all = StateReport::default();
@@ -493,7 +564,7 @@ impl ClusterQuery {
                 names.extend(state_names);
                 Some(all)
             }
-            None => None,
+            _ => None,
         };
         for name in &names {
             // Left over, a report is overwritten when its batch runs again.
@@ -503,7 +574,7 @@ impl ClusterQuery {
         if let Some(dir) = &location.local_dir {
             let _ = std::fs::remove_dir(dir);
         }
-        Ok(ClusterRun { rows, read, state })
+        Ok((read, state))
     }
 }
 

@@ -29,8 +29,10 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
+use super::absolute;
+use crate::catalog::SourceKind;
 use crate::error::{BrookError, Result};
-use crate::exec::compile::InputWindow;
+use crate::exec::compile::{Input, InputWindow};
 use crate::exec::read::ReadStats;
 use crate::source::file::{read_files, split_offset};
 use crate::source::format::DecodeOptions;
@@ -44,6 +46,8 @@ use crate::sql::window::{WindowSpec, WindowTicks};
 pub struct ScanSpec {
     /// The source table, for messages.
     pub source: String,
+    /// Which of the query's inputs it is, naming its tasks' reports.
+    pub index: usize,
     pub input: ScanInput,
     /// The rows the scan gives (the source's, and the pane column last with
     /// a window), as Arrow IPC's flatbuffer schema.
@@ -114,6 +118,35 @@ pub fn schema_bytes(schema: &Schema) -> Vec<u8> {
 }
 
 impl ScanSpec {
+    /// The scan of the query's input `index`, but a batch's parts.
+    pub fn of(index: usize, input: &Input) -> Result<Self> {
+        let read = match &input.source.kind {
+            SourceKind::Files {
+                location, decode, ..
+            } => ScanInput::Files {
+                location: absolute(location)?,
+                decode: decode.clone(),
+            },
+            SourceKind::Kafka { options, value } => {
+                ScanInput::Kafka(RangeReader::new(options, value))
+            }
+        };
+        Ok(Self {
+            source: input.source.name.clone(),
+            index,
+            input: read,
+            schema: schema_bytes(input.slot.schema()),
+            window: input.window.as_ref().map(|w| ScanWindow {
+                spec: w.spec.clone(),
+                time_column: w.time_column,
+            }),
+            watermark_column: input.source.watermark.as_ref().map(|w| w.column.clone()),
+            batch_id: 0,
+            parts: vec![],
+            stats: String::new(),
+        })
+    }
+
     pub fn schema(&self) -> Result<SchemaRef> {
         let schema = try_schema_from_flatbuffer_bytes(&self.schema).map_err(|e| {
             BrookError::internal(format!("a cluster scan's schema is unreadable: {e}"))
@@ -122,8 +155,8 @@ impl ScanSpec {
     }
 
     /// The name of part `i`'s stats file below [`stats`](Self::stats).
-    pub fn stats_name(i: usize) -> String {
-        format!("{i}.json")
+    pub fn stats_name(&self, i: usize) -> String {
+        format!("{}-{i}.json", self.index)
     }
 }
 
@@ -382,7 +415,7 @@ async fn read_part(spec: &ScanSpec, i: usize, ctx: &TaskContext) -> Result<Vec<R
         let watermark = spec.watermark_column.as_deref();
         batches.push(stats.take(batch, watermark, window.as_ref(), &schema)?);
     }
-    put_report(&spec.stats, &ScanSpec::stats_name(i), &stats, &runtime).await?;
+    put_report(&spec.stats, &spec.stats_name(i), &stats, &runtime).await?;
     Ok(batches)
 }
 
