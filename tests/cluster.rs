@@ -971,10 +971,10 @@ async fn an_engine_built_with_a_cluster_runs_aggregates_and_plain_queries_there(
     assert!(left.is_empty(), "the stopped queries left {left:?}");
 }
 
-/// Aggregations of every kind of state: keyed in update mode, tumbling windows
-/// closed by the watermark in append mode, SELECT DISTINCT, a global aggregate
-/// in complete mode (these four keep their state on the executors), and a
-/// sliding window (whose panes' windows the driver keeps).
+/// Aggregations of every kind of state, all kept on the executors: keyed in
+/// update mode, tumbling windows closed by the watermark in append mode,
+/// SELECT DISTINCT, a global aggregate in complete mode, and sliding windows
+/// in update mode, alone and per symbol.
 fn stateful_script(orders: &Path) -> String {
     let table = |name: &str, mode: &str| {
         format!(
@@ -999,17 +999,28 @@ fn stateful_script(orders: &Path) -> String {
          INSERT INTO total SELECT count(*) AS orders, sum(amount) AS shares FROM orders;
          {}
          INSERT INTO sliding SELECT window.start AS start, count(*) AS orders \
-         FROM orders GROUP BY window(time, '4 seconds', '2 seconds');",
+         FROM orders GROUP BY window(time, '4 seconds', '2 seconds');
+         {}
+         INSERT INTO sliding_symbols SELECT window.start AS start, symbol, count(*) AS orders, \
+         sum(amount) AS shares FROM orders GROUP BY window(time, '4 seconds', '2 seconds'), symbol;",
         orders.display(),
         table("updated", "update"),
         table("per_window", "append"),
         table("firsts", "append"),
         table("total", "complete"),
         table("sliding", "update"),
+        table("sliding_symbols", "update"),
     )
 }
 
-const STATEFUL_TABLES: [&str; 5] = ["updated", "per_window", "firsts", "total", "sliding"];
+const STATEFUL_TABLES: [&str; 6] = [
+    "updated",
+    "per_window",
+    "firsts",
+    "total",
+    "sliding",
+    "sliding_symbols",
+];
 
 /// Runs `stateful_script` with `engine` to the input's end: each table's rows,
 /// sorted, and each query's state as its batches reported it (rows kept at the
@@ -1082,18 +1093,22 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
     // Windows were closed and late rows dropped, so the watermark was at work.
     let (first, _) = &runs[0];
     assert!(first[1].1[2] > 0, "no window closed: {:?}", first[1]);
-    // Each partition of each query's state on the executors has versions; the
-    // sliding window's state is in the driver's files.
-    for table in &STATEFUL_TABLES[..4] {
+    // Each partition of each query's state on the executors has versions.
+    // Sliding windows are partitioned by their other keys, as all the windows
+    // a row adds to must be merged together: one partition without any.
+    for table in &STATEFUL_TABLES {
         let state = remote.join(table).join("cluster/state");
         let parts: Vec<_> = std::fs::read_dir(&state)
             .unwrap_or_else(|e| panic!("{}: {e}", state.display()))
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        let expected = if *table == "total" { 1 } else { 4 };
+        let expected = if ["total", "sliding"].contains(table) {
+            1
+        } else {
+            4
+        };
         assert_eq!(parts.len(), expected, "{table}: {parts:?}");
     }
-    assert!(!remote.join("sliding/cluster/state").exists());
     // A checkpoint whose state the driver keeps stays so.
     let err = engine(&local, true)
         .execute(&stateful_script(&orders))

@@ -11,9 +11,10 @@
 //! from the files it holds when the batch starts. An aggregation's state is kept on the
 //! executors, partitioned as the shuffle is ([`state`]): each partition is
 //! merged there, and the driver gets the rows the batch emits. Where the
-//! state cannot be partitioned so (panes of sliding windows in append mode,
-//! sliding windows, sessions), the driver keeps it and merges the partial
-//! rows, one per group of the batch, into it.
+//! state cannot be partitioned so (panes of sliding windows in append mode),
+//! the driver keeps it and merges the partial rows, one per group of the
+//! batch, into it; so it does a join of two streams' state, whose sides the
+//! cluster reads.
 
 pub mod codec;
 pub mod scan;
@@ -142,8 +143,8 @@ struct StatePart {
 
 impl StatePart {
     /// `None` where the state cannot be partitioned by the partial's keys:
-    /// a pane or a row of a sliding window adds to several windows, which
-    /// would be kept in different partitions, and sessions merge across keys.
+    /// panes of sliding windows in append mode are kept in order of time, and
+    /// sessions merge across keys.
     fn of(
         op: &StatefulOp,
         mode: OutputMode,
@@ -153,12 +154,19 @@ impl StatePart {
         if op.panes || op.session_key.is_some() {
             return Ok(None);
         }
+        let mut partition_keys: Vec<usize> = (0..op.keys).collect();
         let window = match (op.window_key, window) {
-            (Some(_), Some(w)) if w.ticks.overlapping() => return Ok(None),
-            (Some(_), Some(w)) => Some(MergeWindow {
-                spec: w.spec.clone(),
-                time_type: w.ticks.time_type().to_string(),
-            }),
+            (Some(pane), Some(w)) => {
+                // A pane adds to several windows, which the executor expands
+                // it into: they must all be kept where the pane is merged.
+                if w.ticks.overlapping() {
+                    partition_keys.retain(|&k| k != pane);
+                }
+                Some(MergeWindow {
+                    spec: w.spec.clone(),
+                    time_type: w.ticks.time_type().to_string(),
+                })
+            }
             _ => None,
         };
         let [state, delta] = merge_slots(&op.merge)?;
@@ -178,7 +186,12 @@ impl StatePart {
                 reports: String::new(),
                 batch_id: 0,
                 // A global aggregate's partial rows come together in one partition.
-                partitions: if op.keys == 0 { 1 } else { partitions },
+                partitions: if partition_keys.is_empty() {
+                    1
+                } else {
+                    partitions
+                },
+                partition_keys,
                 mode,
                 late_ns: None,
                 evict_ns: None,

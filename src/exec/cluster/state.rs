@@ -72,6 +72,10 @@ pub struct StateSpec {
     pub event_time_key: Option<EventTimeKey>,
     pub rows_column: usize,
     pub keys: usize,
+    /// The key columns whose hash picks a group's partition: the group keys,
+    /// but for overlapping windows the window's, so that every window a
+    /// pane adds to is in the pane's partition. None: one partition.
+    pub partition_keys: Vec<usize>,
     pub dedup: bool,
     pub state_columns: Vec<usize>,
 }
@@ -284,15 +288,15 @@ impl ExecutionPlan for StateMergeExec {
 
     /// A group's rows all reach the partition that keeps its state.
     fn required_input_distribution(&self) -> Vec<Distribution> {
-        if self.spec.keys == 0 {
+        if self.spec.partition_keys.is_empty() {
             return vec![
                 Distribution::SinglePartition,
                 Distribution::UnspecifiedDistribution,
             ];
         }
         let schema = self.input.schema();
-        let keys = (0..self.spec.keys)
-            .map(|i| Arc::new(Column::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
+        let keys = (self.spec.partition_keys.iter())
+            .map(|&i| Arc::new(Column::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
             .collect();
         vec![
             Distribution::KeyPartitioned(keys),
