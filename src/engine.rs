@@ -269,28 +269,41 @@ impl Engine {
             .find(|f| !catalog.functions.contains(f)))
     }
 
-    /// The partitions a query's state is cut into on the cluster: its
-    /// checkpoint's, if it recorded some, else the engine's setting.
-    async fn state_partitions(&self, checkpoint: &Option<String>) -> Result<usize> {
+    /// Where a query's state is kept on the cluster, as its checkpoint was
+    /// created: the partitions it is cut into on the executors, or `None` for
+    /// a checkpoint whose state the driver keeps (created without a cluster,
+    /// say), which goes on so. A new checkpoint takes the engine's setting.
+    async fn state_partitions(&self, checkpoint: &Option<String>) -> Result<Option<usize>> {
         let asked = self.overrides.state_partitions;
         let recorded = match checkpoint {
-            Some(location) => Checkpoint::recorded_fingerprint(location, &self.ctx.runtime_env())
-                .await?
-                .and_then(|f| f.state_partitions),
+            Some(location) => {
+                Checkpoint::recorded_fingerprint(location, &self.ctx.runtime_env()).await?
+            }
             None => None,
         };
-        match (recorded, asked) {
+        let kept = match recorded {
+            Some(f) if f.keeps_state() => f.state_partitions,
+            _ => return Ok(Some(asked.unwrap_or(DEFAULT_STATE_PARTITIONS))),
+        };
+        match (kept, asked) {
             (Some(kept), Some(asked)) if kept != asked && kept > 1 => {
                 tracing::warn!(
                     "the checkpoint keeps its state in {kept} partitions, created so; \
                      {asked} (--state-partitions) applies to new checkpoints only"
                 );
-                Ok(kept)
             }
-            // One partition is an aggregate without GROUP BY's, whatever the setting.
-            (Some(kept), _) if kept > 1 => Ok(kept),
-            _ => Ok(asked.unwrap_or(DEFAULT_STATE_PARTITIONS)),
+            (None, _) => tracing::info!(
+                "the checkpoint's state is kept by the driver, as it was created; the \
+                 executors read and pre-aggregate each batch"
+            ),
+            _ => {}
         }
+        // One partition is an aggregate without GROUP BY's, whatever the
+        // setting, which its shuffle then takes.
+        Ok(match kept {
+            Some(1) => Some(asked.unwrap_or(DEFAULT_STATE_PARTITIONS)),
+            kept => kept,
+        })
     }
 
     fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {

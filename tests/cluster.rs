@@ -612,15 +612,10 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
     let expected = dashboard_output(&local.join("out")).await;
     assert!(expected.iter().all(|t| !t.is_empty()), "{expected:?}");
     assert_eq!(dashboard_output(&on_cluster.join("out")).await, expected);
-    // Every batch with input ran as a job on both executors; so did one
-    // without input that only closes windows if the executors keep the state
-    // (not the top stocks': the driver keeps a sliding window's panes).
-    let batches = there
-        .iter()
-        .filter(|p| p["num_input_rows"].as_u64() > Some(0) || p["name"] != "top_stocks")
-        .count();
+    // Every batch ran as a job on both executors, also one without input
+    // that only closes windows: the executors keep every query's state.
     let jobs = cluster.completed_jobs().await;
-    assert_eq!(jobs.len(), batches, "{jobs:?}");
+    assert_eq!(jobs.len(), there.len(), "{jobs:?}");
     for n in 0..2 {
         assert!(
             cluster.finished_tasks(n, None) > 0,
@@ -634,8 +629,9 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
             .all(|k| !k.contains("/cluster/") || k.contains("/cluster/state/part-")),
         "the tasks' reports outlive their batches: {keys:?}"
     );
-    // Each query's state is in the bucket, a Parquet version per partition.
-    for query in ["buy_sell_per_second", "top_clients"] {
+    // Each query's state is in the bucket, a Parquet version per partition
+    // (the top stocks' sliding windows partitioned by symbol).
+    for query in ["buy_sell_per_second", "top_clients", "top_stocks"] {
         let parts: std::collections::BTreeSet<_> = keys
             .iter()
             .filter(|k| k.contains(&format!("{query}/cluster/state/part-")))
@@ -1109,16 +1105,24 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
         };
         assert_eq!(parts.len(), expected, "{table}: {parts:?}");
     }
-    // A checkpoint whose state the driver keeps stays so.
-    let err = engine(&local, true)
-        .execute(&stateful_script(&orders))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("state: checkpoint has it on the driver") && err.contains("--cluster"),
-        "{err}"
-    );
+    // A checkpoint created without a cluster goes on on one, its state kept
+    // by the driver as it was created: a copy of it run on the cluster over
+    // one more file gives what it gives run here.
+    let copy = dir.path().join("local-copy");
+    copy_dir(&local, &copy);
+    let more = Command::new(env!("CARGO_BIN_EXE_brook"))
+        .args(["gen-orders", "--count", "2000", "--seed", "7"])
+        .args(["--start", "2016-03-22 20:25:50", "--malformed", "0.01"])
+        .output()
+        .unwrap();
+    assert!(more.status.success());
+    std::fs::write(orders.join("part-08.csv"), &more.stdout).unwrap();
+    let here = stateful_run(engine(&local, false), &orders).await;
+    let there = stateful_run(engine(&copy, true), &orders).await;
+    assert!(here.iter().all(|(rows, _)| !rows.is_empty()));
+    assert_eq!(there, here);
+    assert!(!copy.join("updated/cluster/state").exists());
+    // A checkpoint whose state the executors keep cannot go on without them.
     let err = engine(&remote, false)
         .execute(&stateful_script(&orders))
         .await
@@ -1128,6 +1132,20 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
         err.contains("state: checkpoint has it in 4 partition(s) on a cluster's executors"),
         "{err}"
     );
+}
+
+/// Copies the directory `from` to `to`, with everything below it.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 /// The Kafka dashboard (queries/dashboard_kafka.sql) into memory tables,
@@ -1228,8 +1246,8 @@ async fn the_kafka_dashboard_read_by_two_executors_equals_the_local_run() {
             "executor {n} ran no task"
         );
     }
-    // The state of two of the queries is on the executors, in the checkpoint.
-    for query in ["buy_sell_per_second", "top_clients"] {
+    // The state of the three queries is on the executors, in the checkpoint.
+    for query in ["buy_sell_per_second", "top_clients", "top_stocks"] {
         let state = remote.join(query).join("cluster/state");
         let found = std::fs::read_dir(&state)
             .unwrap_or_else(|e| panic!("{}: {e}", state.display()))

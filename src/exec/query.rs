@@ -786,13 +786,23 @@ impl Program for QueryBatches {
         };
         let (read, read_time, ran) = match &self.cluster {
             Some(cluster) => {
-                let run = cluster.run_batch(batch_id, &offsets, watermarks).await?;
+                let emitted_through_ns = match &*plan {
+                    CompiledPlan::Stateful(op) => op.emitted_through_ns,
+                    _ => None,
+                };
+                let run = cluster
+                    .run_batch(batch_id, &offsets, watermarks, emitted_through_ns)
+                    .await?;
                 let read_time = started_reading.elapsed();
                 let ran = match (&mut *plan, run.state) {
                     // The executors merged the batch into the state they keep;
                     // its rows are the state rows it emits.
                     (CompiledPlan::Stateful(op), Some(report)) => {
                         let output = op.finish(ctx, &run.rows).await?;
+                        // As the executors' pane state moved on (`run_panes`).
+                        if op.panes && watermarks.evict_ns.is_some() {
+                            op.emitted_through_ns = watermarks.evict_ns;
+                        }
                         op.remote = Some(RemoteState {
                             rows: report.rows,
                             bytes: report.bytes,
@@ -803,7 +813,7 @@ impl Program for QueryBatches {
                     }
                     (plan, _) => {
                         // The rows the cluster made stand for the plan's scan of the
-                        // input (a join never runs on a cluster: `ClusterPart` refuses it).
+                        // input (a join's sides are read apart, above).
                         let input = scanned(plan);
                         *input = rows_plan(input.schema(), run.rows)?;
                         let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await;

@@ -63,6 +63,12 @@ pub struct QueryFingerprint {
 }
 
 impl QueryFingerprint {
+    /// Whether the query keeps state between batches (a GROUP BY without
+    /// aggregates does too).
+    pub fn keeps_state(&self) -> bool {
+        !self.aggregates.is_empty() || !self.group_by.is_empty()
+    }
+
     /// The differences that make a checkpoint unusable for `other`, one per line.
     fn differences(&self, other: &Self) -> Vec<String> {
         let mut out = vec![];
@@ -88,8 +94,7 @@ impl QueryFingerprint {
             Some(n) => format!("it in {n} partition(s) on a cluster's executors (--cluster)"),
             None => "it on the driver (the brook run process)".to_string(),
         };
-        // A GROUP BY without aggregates keeps state too.
-        if !self.aggregates.is_empty() || !self.group_by.is_empty() {
+        if self.keeps_state() {
             check(
                 "state",
                 kept(self.state_partitions),

@@ -143,7 +143,6 @@ struct StatePart {
 
 impl StatePart {
     /// `None` where the state cannot be partitioned by the partial's keys:
-    /// panes of sliding windows in append mode are kept in order of time, and
     /// sessions merge across keys.
     fn of(
         op: &StatefulOp,
@@ -151,7 +150,7 @@ impl StatePart {
         window: Option<&InputWindow>,
         partitions: usize,
     ) -> Result<Option<Self>> {
-        if op.panes || op.session_key.is_some() {
+        if op.session_key.is_some() {
             return Ok(None);
         }
         let mut partition_keys: Vec<usize> = (0..op.keys).collect();
@@ -200,6 +199,9 @@ impl StatePart {
                 event_time_key: op.event_time_key.clone(),
                 rows_column: op.rows_column,
                 keys: op.keys,
+                panes: op.panes,
+                invertible: op.invertible,
+                emitted_through_ns: None,
                 dedup: op.dedup,
                 state_columns: op.state_columns.clone(),
             },
@@ -209,8 +211,10 @@ impl StatePart {
 
 impl ClusterPart {
     /// The cluster's part of `compiled`, its batches' partial rows shuffled
-    /// into `partitions`; or why it cannot run there.
-    pub fn of(compiled: &CompiledQuery, partitions: usize) -> Result<Self> {
+    /// into as many partitions as its state on the executors has, or
+    /// [`DEFAULT_STATE_PARTITIONS`] when `partitions` is `None` and the
+    /// driver keeps the state; or why it cannot run there.
+    pub fn of(compiled: &CompiledQuery, partitions: Option<usize>) -> Result<Self> {
         let refuse = |why: &str| {
             Err(BrookError::sql(format!(
                 "this query cannot run on a cluster ({CLUSTER_OPTION}): {why}; run it without \
@@ -276,8 +280,8 @@ impl ClusterPart {
             .enumerate()
             .map(|(i, input)| ScanSpec::of(i, input))
             .collect::<Result<Vec<_>>>()?;
-        let state = match (&compiled.plan, &plan) {
-            (CompiledPlan::Stateful(op), Some(_)) => {
+        let state = match (&compiled.plan, &plan, partitions) {
+            (CompiledPlan::Stateful(op), Some(_), Some(partitions)) => {
                 // Every stage but the last appends what it closes to the next.
                 let mode = match compiled.then.is_empty() {
                     true => compiled.mode,
@@ -293,7 +297,7 @@ impl ClusterPart {
             scans,
             statics,
             state,
-            partitions,
+            partitions: partitions.unwrap_or(DEFAULT_STATE_PARTITIONS),
         })
     }
 
@@ -423,6 +427,7 @@ impl ClusterQuery {
         batch_id: u64,
         offsets: &[Option<SourceOffset>],
         watermarks: Watermarks,
+        emitted_through_ns: Option<i64>,
     ) -> Result<ClusterRun> {
         let Some(plan) = &self.plan else {
             return Err(BrookError::internal(
@@ -474,6 +479,7 @@ impl ClusterQuery {
                     batch_id,
                     late_ns: watermarks.late_ns,
                     evict_ns: watermarks.evict_ns,
+                    emitted_through_ns,
                     ..state.spec.clone()
                 };
                 let spec = serde_json::to_string(&spec)
