@@ -11,10 +11,9 @@
 //! from the files it holds when the batch starts. An aggregation's state is kept on the
 //! executors, partitioned as the shuffle is ([`state`]): each partition is
 //! merged there, and the driver gets the rows the batch emits. Where the
-//! state cannot be partitioned so (panes of sliding windows in append mode),
-//! the driver keeps it and merges the partial rows, one per group of the
-//! batch, into it; so it does a join of two streams' state, whose sides the
-//! cluster reads.
+//! checkpoint was created with its state on the driver, the driver keeps it
+//! and merges the partial rows, one per group of the batch, into it; so it
+//! does a join of two streams' state, whose sides the cluster reads.
 
 pub mod codec;
 pub mod scan;
