@@ -14,9 +14,12 @@
 #[allow(dead_code)]
 mod broker;
 mod common;
+#[path = "../tests/common/files.rs"]
+mod files;
 #[path = "../tests/common/tools.rs"]
 #[allow(dead_code)]
 mod tools;
+use files::copy_dir;
 use tools::free_port;
 
 use std::io::{BufRead, BufReader, Read};
@@ -889,19 +892,6 @@ fn snapshot_bytes(sources: &Path) -> (u64, u64) {
         })
         .max();
     newest.unwrap_or((0, 0))
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// The Kafka dashboard over 500,000 orders already in a 4-partition topic.

@@ -16,6 +16,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 mod common;
+#[path = "../examples/udf.rs"]
+#[allow(dead_code)]
+mod udf;
 use common::s3::S3;
 use common::tools::free_port;
 
@@ -294,6 +297,16 @@ impl TestCluster {
 
     fn url(&self) -> String {
         format!("df://127.0.0.1:{}", self.port)
+    }
+
+    /// An engine keeping its queries' checkpoints under `checkpoints`, whose
+    /// batches run on this cluster if `on_cluster`.
+    fn engine(&self, checkpoints: &Path, on_cluster: bool) -> brook::Engine {
+        let builder = brook::Engine::builder().checkpoint_root(checkpoints.to_str().unwrap());
+        match on_cluster {
+            true => builder.cluster(&self.url()).build(),
+            false => builder.build(),
+        }
     }
 
     /// Jobs the scheduler completed.
@@ -784,18 +797,10 @@ async fn killed_executors_and_drivers_lose_and_repeat_no_row() {
 fn run_on(url: &str, query: &str) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("orders")).unwrap();
-    std::fs::write(dir.path().join("clients.csv"), "1,ann\n").unwrap();
-    std::fs::create_dir_all(dir.path().join("parted/region=eu")).unwrap();
-    std::fs::write(dir.path().join("parted/region=eu/a.csv"), "client_id\n1\n").unwrap();
     let script = format!(
         "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, client_id BIGINT, \
          amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) STORED AS CSV \
-         LOCATION 'orders';\nCREATE UNBOUNDED EXTERNAL TABLE again (time TIMESTAMP NOT NULL, \
-         client_id BIGINT, amount INT, WATERMARK FOR time AS time - INTERVAL '5' SECOND) \
-         STORED AS CSV LOCATION 'orders';\nCREATE EXTERNAL TABLE clients (client_id BIGINT, \
-         name VARCHAR) STORED AS CSV LOCATION 'clients.csv';\nCREATE EXTERNAL TABLE parted \
-         (client_id BIGINT, region VARCHAR) STORED AS CSV PARTITIONED BY (region) \
-         LOCATION 'parted/';\n{query}"
+         LOCATION 'orders';\n{query}"
     );
     std::fs::write(dir.path().join("q.sql"), script).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_brook"))
@@ -844,32 +849,109 @@ fn a_cluster_whose_scheduler_does_not_answer_is_refused() {
     );
 }
 
-#[test]
-fn queries_the_cluster_cannot_run_yet_are_refused_by_name() {
-    // Refused before the scheduler is looked for: none answers at this port.
-    let url = format!("df://127.0.0.1:{}", free_port());
-    for (query, why) in [
-        (
-            "SELECT client_id, count(*) AS orders FROM orders \
-             GROUP BY session_window(time, '5 minutes'), client_id;",
-            "session_window(...) is not distributed yet",
-        ),
-        (
-            "SELECT o.client_id, p.region FROM orders o JOIN parted p \
-             ON o.client_id = p.client_id;",
-            "static table 'parted' is partitioned by directories (PARTITIONED BY), which the \
-             executors do not read yet",
-        ),
-    ] {
-        let (status, stderr) = run_on(&url, query);
-        assert_eq!(status.code(), Some(1), "{stderr}");
-        assert!(
-            stderr.contains(&format!(
-                "this query cannot run on a cluster (--cluster): {why}; run it without --cluster"
-            )),
-            "{query}: {stderr}"
-        );
+/// Queries whose plan the executors cannot run: sessions, a function and a
+/// table registered from Rust, a static table partitioned by directories.
+fn driver_plans_script(orders: &Path, parted: &Path) -> String {
+    let table = |name: &str, mode: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE {name} STORED AS MEMORY LOCATION '' \
+             OPTIONS ('outputMode' '{mode}', 'queryName' '{name}');"
+        )
+    };
+    format!(
+        "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
+         client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR, \
+         WATERMARK FOR time AS time - INTERVAL '1' SECOND) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('mode' 'DROPMALFORMED', 'maxFilesPerTrigger' '2');
+         CREATE EXTERNAL TABLE parted (client_id BIGINT, region VARCHAR) STORED AS CSV \
+         PARTITIONED BY (region) LOCATION '{}/';
+         {}
+         INSERT INTO sessions SELECT client_id, session_window.start AS start, count(*) AS n \
+         FROM orders GROUP BY session_window(time, '300 milliseconds'), client_id;
+         {}
+         INSERT INTO traded SELECT symbol, round(sum(notional(amount, price)), 2) AS traded \
+         FROM orders GROUP BY symbol;
+         {}
+         INSERT INTO vips SELECT order_id, amount FROM orders \
+         WHERE client_id IN (SELECT client_id FROM vip);
+         {}
+         INSERT INTO per_region SELECT p.region, count(*) AS n FROM orders o \
+         JOIN parted p ON o.client_id = p.client_id GROUP BY p.region;",
+        orders.display(),
+        parted.display(),
+        table("sessions", "append"),
+        table("traded", "complete"),
+        table("vips", "append"),
+        table("per_region", "complete"),
+    )
+}
+
+const DRIVER_PLAN_TABLES: [&str; 4] = ["sessions", "traded", "vips", "per_region"];
+
+/// Runs `driver_plans_script` with `engine` to the input's end: each table's rows, sorted.
+async fn driver_plans_run(
+    engine: brook::Engine,
+    orders: &Path,
+    parted: &Path,
+) -> Vec<Vec<Vec<String>>> {
+    engine.register_udf(udf::notional()).unwrap();
+    let vip = datafusion::arrow::array::RecordBatch::try_from_iter([(
+        "client_id",
+        std::sync::Arc::new(datafusion::arrow::array::Int64Array::from(vec![7, 8, 9]))
+            as datafusion::arrow::array::ArrayRef,
+    )])
+    .unwrap();
+    let table = datafusion::datasource::MemTable::try_new(vip.schema(), vec![vec![vip]]).unwrap();
+    engine
+        .register_table("vip", std::sync::Arc::new(table))
+        .unwrap();
+    let queries = engine
+        .execute(&driver_plans_script(orders, parted))
+        .await
+        .unwrap();
+    let mut out = vec![];
+    for (q, name) in queries.iter().zip(DRIVER_PLAN_TABLES) {
+        q.process_all_available().await.unwrap();
+        let rows = engine.sql(&format!("SELECT * FROM {name}")).await.unwrap();
+        out.push(common::sorted(rounded(&rows)));
     }
+    engine.stop_all().await.unwrap();
+    out
+}
+
+/// A query whose plan the executors cannot run still runs on a cluster: the
+/// executors read and decode each batch, and the driver runs the plan over
+/// the rows they send, with the local run's results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_whose_plan_runs_on_the_driver_have_their_input_read_by_the_executors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (orders, parted) = (dir.path().join("orders"), dir.path().join("parted"));
+    write_generated_orders(&orders, 6_000, 6);
+    for (region, ids) in [("eu", 1..100), ("us", 100..200)] {
+        let dir = parted.join(format!("region={region}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ids: Vec<String> = ids.map(|i: i32| i.to_string()).collect();
+        std::fs::write(
+            dir.join("a.csv"),
+            format!("client_id\n{}\n", ids.join("\n")),
+        )
+        .unwrap();
+    }
+    let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
+    let here = driver_plans_run(brook::Engine::new(), &orders, &parted).await;
+    let there = driver_plans_run(
+        brook::Engine::builder().cluster(&cluster.url()).build(),
+        &orders,
+        &parted,
+    )
+    .await;
+    for (table, rows) in DRIVER_PLAN_TABLES.iter().zip(&here) {
+        assert!(!rows.is_empty(), "{table} is empty");
+    }
+    assert_eq!(here[3].len(), 2);
+    assert_eq!(there, here);
+    // Three batches of each query, each read by a job on the cluster.
+    assert_eq!(cluster.completed_jobs().await.len(), 12);
 }
 
 /// Generated orders as `files` CSV files under `dir`.
@@ -1051,13 +1133,7 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
     let all = generated_orders(16_000, 8);
     let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
     let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
-    let engine = |checkpoints: &Path, on_cluster: bool| {
-        let builder = brook::Engine::builder().checkpoint_root(checkpoints.to_str().unwrap());
-        match on_cluster {
-            true => builder.cluster(&cluster.url()).build(),
-            false => builder.build(),
-        }
-    };
+    let engine = |checkpoints: &Path, on_cluster: bool| cluster.engine(checkpoints, on_cluster);
     std::fs::create_dir_all(&orders).unwrap();
     let mut runs = vec![];
     // Half the files, a stop, then the rest, as a restarted query reads them.
@@ -1109,7 +1185,7 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
     // by the driver as it was created: a copy of it run on the cluster over
     // one more file gives what it gives run here.
     let copy = dir.path().join("local-copy");
-    copy_dir(&local, &copy);
+    common::files::copy_dir(&local, &copy);
     let more = Command::new(env!("CARGO_BIN_EXE_brook"))
         .args(["gen-orders", "--count", "2000", "--seed", "7"])
         .args(["--start", "2016-03-22 20:25:50", "--malformed", "0.01"])
@@ -1132,20 +1208,6 @@ async fn state_kept_on_the_executors_equals_state_kept_on_the_driver() {
         err.contains("state: checkpoint has it in 4 partition(s) on a cluster's executors"),
         "{err}"
     );
-}
-
-/// Copies the directory `from` to `to`, with everything below it.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// The Kafka dashboard (queries/dashboard_kafka.sql) into memory tables,
@@ -1314,13 +1376,7 @@ async fn a_join_with_a_static_table_runs_on_the_executors_as_it_runs_here() {
     let all = generated_orders(8_000, 8);
     let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
     let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
-    let engine = |checkpoints: &Path, on_cluster: bool| {
-        let builder = brook::Engine::builder().checkpoint_root(checkpoints.to_str().unwrap());
-        match on_cluster {
-            true => builder.cluster(&cluster.url()).build(),
-            false => builder.build(),
-        }
-    };
+    let engine = |checkpoints: &Path, on_cluster: bool| cluster.engine(checkpoints, on_cluster);
     std::fs::create_dir_all(&orders).unwrap();
     // Half the clients for the first half of the orders, all for the rest.
     write_clients(&clients, "a.csv", 1..150);
@@ -1343,37 +1399,6 @@ async fn a_join_with_a_static_table_runs_on_the_executors_as_it_runs_here() {
         // Two batches of each query, each a job on the cluster.
         assert_eq!(cluster.completed_jobs().await.len(), jobs_before + 4);
     }
-    // A table registered from Rust is not over files the executors can read.
-    let engine = brook::Engine::builder().cluster(&cluster.url()).build();
-    let vip = datafusion::arrow::array::RecordBatch::try_from_iter([(
-        "client_id",
-        std::sync::Arc::new(datafusion::arrow::array::Int64Array::from(vec![7]))
-            as datafusion::arrow::array::ArrayRef,
-    )])
-    .unwrap();
-    let table = datafusion::datasource::MemTable::try_new(vip.schema(), vec![vec![vip]]).unwrap();
-    engine
-        .register_table("vip", std::sync::Arc::new(table))
-        .unwrap();
-    let err = engine
-        .execute(&format!(
-            "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
-             client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR) \
-             STORED AS CSV LOCATION '{}';
-             SELECT order_id FROM orders WHERE client_id IN (SELECT client_id FROM vip);",
-            orders.display()
-        ))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains(
-            "this query cannot run on a cluster (--cluster): it reads the table(s) vip, which \
-             are not the stream nor static tables over files (CREATE EXTERNAL TABLE), and so \
-             cannot be read on the executors; run it without --cluster"
-        ),
-        "{err}"
-    );
 }
 
 /// Orders and their fills as `files` CSV files each, under `dir/orders` and `dir/fills`.

@@ -785,6 +785,20 @@ impl Program for QueryBatches {
             OutputMode::Append
         };
         let (read, read_time, ran) = match &self.cluster {
+            // The cluster reads the input, and the plan runs here over its rows.
+            Some(cluster) if !cluster.runs_plan() => {
+                let (rows, read) = cluster.read_inputs(batch_id, &offsets).await?;
+                let read_time = started_reading.elapsed();
+                for (def, rows) in defs.iter().zip(&rows) {
+                    def.slot.set(rows)?;
+                }
+                let ran = run_stage(plan, ctx, first_mode, watermarks, ticks).await;
+                // Not kept until the next batch.
+                for def in defs.iter() {
+                    def.slot.set(&[])?;
+                }
+                (read, read_time, ran?)
+            }
             Some(cluster) => {
                 let emitted_through_ns = match &*plan {
                     CompiledPlan::Stateful(op) => op.emitted_through_ns,

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test crate uses a different subset
 
 pub mod broker;
+pub mod files;
 pub mod s3;
 pub mod tools;
 

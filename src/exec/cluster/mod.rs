@@ -122,7 +122,8 @@ impl Cluster {
 /// What of a query runs on a cluster: its plan over its source's rows, the
 /// scan of them, and the merge into its state if the executors keep it.
 pub struct ClusterPart {
-    /// The plan over the streams' rows (`None` for a join of two streams).
+    /// The plan over the streams' rows; `None` where the executors cannot
+    /// run it (a join of two streams, say) and only read the streams.
     plan: Option<LogicalPlan>,
     /// Each stream's scan, in the query's order of inputs.
     scans: Vec<ScanSpec>,
@@ -212,34 +213,16 @@ impl ClusterPart {
     /// The cluster's part of `compiled`, its batches' partial rows shuffled
     /// into as many partitions as its state on the executors has, or
     /// [`DEFAULT_STATE_PARTITIONS`] when `partitions` is `None` and the
-    /// driver keeps the state; or why it cannot run there.
+    /// driver keeps the state.
     pub fn of(compiled: &CompiledQuery, partitions: Option<usize>) -> Result<Self> {
-        let refuse = |why: &str| {
-            Err(BrookError::sql(format!(
-                "this query cannot run on a cluster ({CLUSTER_OPTION}): {why}; run it without \
-                 {CLUSTER_OPTION}"
-            )))
-        };
-        if !compiled.fingerprint.functions.is_empty() {
-            return refuse(&format!(
-                "it calls functions registered from Rust ({}), which the executors do not have",
-                compiled.fingerprint.functions.join(", ")
-            ));
-        }
-        if compiled.rows_without_session.is_some() {
-            return refuse("session_window(...) is not distributed yet");
-        }
         let streams: Vec<&str> = compiled
             .inputs
             .iter()
             .map(|i| i.source.name.as_str())
             .collect();
-        // A join of two streams has no plan over its inputs' rows: the
-        // cluster reads each side, and the driver joins them.
-        let plan = compiled.scan_plan.clone();
         let mut statics = BTreeMap::new();
         let mut others = vec![];
-        if let Some(plan) = &plan {
+        if let Some(plan) = &compiled.scan_plan {
             plan.apply_with_subqueries(|node| {
                 if let LogicalPlan::TableScan(scan) = node
                     && !streams.contains(&scan.table_name.table())
@@ -255,24 +238,40 @@ impl ClusterPart {
                 Ok(TreeNodeRecursion::Continue)
             })?;
         }
-        if !others.is_empty() {
-            return refuse(&format!(
-                "it reads the table(s) {}, which are not the stream nor static tables over \
-                 files (CREATE EXTERNAL TABLE), and so cannot be read on the executors",
+        // What the executors cannot run: they then only read and decode the
+        // input, and the driver runs the plan over the rows, as without a cluster.
+        let partitioned = statics.iter().find(|(_, t)| t.partitioned());
+        let driver_runs = if compiled.scan_plan.is_none() {
+            Some("it joins two streams, whose state the driver keeps".to_string())
+        } else if !compiled.fingerprint.functions.is_empty() {
+            Some(format!(
+                "it calls functions registered from Rust ({}), which the executors do not have",
+                compiled.fingerprint.functions.join(", ")
+            ))
+        } else if compiled.rows_without_session.is_some() {
+            Some("session_window(...) merges sessions across the batch's rows".to_string())
+        } else if !others.is_empty() {
+            Some(format!(
+                "it reads the table(s) {} registered from Rust, which the executors cannot read",
                 others.join(", ")
-            ));
-        }
-        // Each file is given to the executors by itself, without the directories
-        // that give its partition columns.
-        if let Some(name) = statics
-            .iter()
-            .find_map(|(n, t)| t.partitioned().then_some(n))
-        {
-            return refuse(&format!(
-                "static table '{name}' is partitioned by directories (PARTITIONED BY), which \
-                 the executors do not read yet"
-            ));
-        }
+            ))
+        } else if let Some((name, _)) = partitioned {
+            // Each file would reach the executors without the directories
+            // that give its partition columns.
+            Some(format!(
+                "static table '{name}' is partitioned by directories (PARTITIONED BY)"
+            ))
+        } else {
+            None
+        };
+        let plan = match &driver_runs {
+            Some(why) => {
+                tracing::info!("the executors read each batch; its plan runs on the driver: {why}");
+                statics.clear();
+                None
+            }
+            None => compiled.scan_plan.clone(),
+        };
         let scans = compiled
             .inputs
             .iter()
@@ -320,8 +319,8 @@ pub struct ClusterRun {
 /// One query's batches on a cluster.
 pub struct ClusterQuery {
     cluster: Arc<Cluster>,
-    /// The plan the cluster runs, over the streams' rows; `None` for a join
-    /// of two streams, whose sides the cluster only reads.
+    /// The plan the cluster runs, over the streams' rows; `None` where the
+    /// cluster only reads the streams.
     plan: Option<LogicalPlan>,
     /// Each stream's scan of every batch, but its parts and stats directory.
     scans: Vec<ScanSpec>,
@@ -386,6 +385,12 @@ impl ClusterQuery {
         .await
     }
 
+    /// Whether the cluster runs the query's plan, or only reads its input
+    /// ([`read_inputs`](Self::read_inputs)) for the driver to run it.
+    pub fn runs_plan(&self) -> bool {
+        self.plan.is_some()
+    }
+
     /// Removes the query's temporary report directory, if it has one.
     pub fn finish(&self) {
         if self.temporary {
@@ -430,7 +435,8 @@ impl ClusterQuery {
     ) -> Result<ClusterRun> {
         let Some(plan) = &self.plan else {
             return Err(BrookError::internal(
-                "a join of two streams has its sides read, not its plan run, on a cluster",
+                "a query whose plan runs on the driver has its input read, not its plan run, \
+                 on a cluster",
             ));
         };
         // A batch without input still closes state the executors keep.
@@ -500,7 +506,7 @@ impl ClusterQuery {
 
     /// Reads each stream's input of batch `batch_id` (one offset per stream)
     /// on the cluster, a job per stream side by side: each one's rows and
-    /// what it read. A join of two streams is run so, its state kept here.
+    /// what it read, for a plan that runs here.
     pub async fn read_inputs(
         &self,
         batch_id: u64,
