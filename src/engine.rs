@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 use crate::catalog::{SinkDef, SourceDef, SourceKind, StaticDef, hold_parquet_compression};
 use crate::config::{OutputMode, Trigger, WatermarkPolicy};
 use crate::error::{BrookError, Result};
-use crate::exec::cluster::{Cluster, ClusterPart, ClusterQuery, DEFAULT_STATE_PARTITIONS};
+use crate::exec::cluster::{
+    Cluster, ClusterPart, ClusterQuery, DEFAULT_STATE_PARTITIONS, MAX_STATE_PARTITIONS,
+};
 use crate::exec::compile::{CompiledPlan, CompiledQuery, UserFunctions, compile};
 use crate::exec::query::{Gate, ProgressListener};
 use crate::exec::stateful::RemoteState;
@@ -35,7 +37,7 @@ use crate::source::{DecodeOptions, FileFormat, FileSourceOptions, ParseMode};
 use crate::sql::depth::{parse_query, parse_statements};
 use crate::sql::script::{WatermarkSpec, extract_watermark, split_statements};
 use crate::state::Checkpoint;
-use crate::state::checkpoint::new_id;
+use crate::state::checkpoint::{QueryFingerprint, new_id};
 
 /// A query's plan being made on a task of its own; given up when dropped unawaited.
 struct Planning {
@@ -120,8 +122,9 @@ pub struct Overrides {
     /// fails with an error naming them. Default: half the machine's memory.
     pub memory_limit: Option<usize>,
     /// A Ballista cluster's scheduler (`df://HOST:PORT`, as `brook scheduler`
-    /// runs it) on which every query's batches read their input, run their
-    /// plan and keep their aggregation's state; the sink stays here.
+    /// runs it) on which every query's batches read their input and, where
+    /// the executors can, run their plan and keep their aggregation's state;
+    /// the sink stays here.
     pub cluster: Option<String>,
     /// With `cluster`: the partitions a new checkpoint's aggregation state is
     /// cut into on the executors (default 4). A checkpoint keeps the count it
@@ -256,39 +259,40 @@ impl Engine {
         Ok(())
     }
 
-    /// A registered function that the query of the checkpoint at `location`
-    /// calls and this engine lacks: the query would not plan, or would plan
-    /// with a built-in function of that name.
-    async fn lacking_function(&self, location: &str) -> Result<Option<String>> {
-        let recorded = Checkpoint::recorded_fingerprint(location, &self.ctx.runtime_env()).await?;
+    /// A registered function that the query of the checkpoint whose
+    /// fingerprint is `recorded` calls and this engine lacks: the query would
+    /// not plan, or would plan with a built-in function of that name.
+    fn lacking_function(&self, recorded: Option<&QueryFingerprint>) -> Result<Option<String>> {
         let catalog = self.catalog()?;
-        Ok(recorded
-            .map(|f| f.functions)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|f| !catalog.functions.contains(f)))
+        Ok(recorded.and_then(|f| {
+            f.functions
+                .iter()
+                .find(|f| !catalog.functions.contains(f))
+                .cloned()
+        }))
     }
 
-    /// Where a query's state is kept on the cluster, as its checkpoint was
-    /// created: the partitions it is cut into on the executors, or `None` for
-    /// a checkpoint whose state the driver keeps (created without a cluster,
-    /// say), which goes on so. A new checkpoint takes the engine's setting.
-    async fn state_partitions(&self, checkpoint: &Option<String>) -> Result<Option<usize>> {
+    /// Where a query's state is kept on the cluster, as its checkpoint (whose
+    /// fingerprint is `recorded`) was created: the partitions it is cut into
+    /// on the executors, or `None` for a checkpoint whose state the driver
+    /// keeps (created without a cluster, say), which goes on so. A new
+    /// checkpoint takes the engine's setting.
+    fn state_partitions(&self, recorded: Option<&QueryFingerprint>) -> Result<Option<usize>> {
         let asked = self.overrides.state_partitions;
-        let recorded = match checkpoint {
-            Some(location) => {
-                Checkpoint::recorded_fingerprint(location, &self.ctx.runtime_env()).await?
-            }
-            None => None,
-        };
+        if let Some(n) = asked.filter(|n| !(1..=MAX_STATE_PARTITIONS).contains(n)) {
+            return Err(BrookError::option(
+                "--state-partitions",
+                format!("{n} partitions; give 1 to {MAX_STATE_PARTITIONS}"),
+            ));
+        }
         let kept = match recorded {
             Some(f) if f.keeps_state() => f.state_partitions,
             _ => return Ok(Some(asked.unwrap_or(DEFAULT_STATE_PARTITIONS))),
         };
         match (kept, asked) {
-            (Some(kept), Some(asked)) if kept != asked && kept > 1 => {
+            (Some(kept), Some(asked)) if kept != asked => {
                 tracing::warn!(
-                    "the checkpoint keeps its state in {kept} partitions, created so; \
+                    "the checkpoint keeps its state in {kept} partition(s), created so; \
                      {asked} (--state-partitions) applies to new checkpoints only"
                 );
             }
@@ -298,12 +302,7 @@ impl Engine {
             ),
             _ => {}
         }
-        // One partition is an aggregate without GROUP BY's, whatever the
-        // setting, which its shuffle then takes.
-        Ok(match kept {
-            Some(1) => Some(asked.unwrap_or(DEFAULT_STATE_PARTITIONS)),
-            kept => kept,
-        })
+        Ok(kept)
     }
 
     fn catalog(&self) -> Result<MutexGuard<'_, Catalog>> {
@@ -707,7 +706,12 @@ impl Engine {
         let Ok(Some(location)) = checkpoint else {
             return e;
         };
-        match self.lacking_function(&location).await {
+        let Ok(recorded) =
+            Checkpoint::recorded_fingerprint(&location, &self.ctx.runtime_env()).await
+        else {
+            return e;
+        };
+        match self.lacking_function(recorded.as_ref()) {
             Ok(Some(function)) => lacking(&location, &function),
             _ => e,
         }
@@ -732,14 +736,20 @@ impl Engine {
                  name (sink option 'queryName'), so that each has its own checkpoint"
             )));
         }
+        let recorded = match &options.checkpoint {
+            Some(location) => {
+                Checkpoint::recorded_fingerprint(location, &self.ctx.runtime_env()).await?
+            }
+            None => None,
+        };
         if let Some(location) = &options.checkpoint
-            && let Some(function) = self.lacking_function(location).await?
+            && let Some(function) = self.lacking_function(recorded.as_ref())?
         {
             return Err(lacking(location, &function));
         }
         let cluster = match &self.overrides.cluster {
             Some(url) => {
-                let partitions = self.state_partitions(&options.checkpoint).await?;
+                let partitions = self.state_partitions(recorded.as_ref())?;
                 let part = ClusterPart::of(&compiled, partitions)?;
                 if let (Some(partitions), CompiledPlan::Stateful(op)) =
                     (part.state_partitions(), &mut compiled.plan)

@@ -1376,10 +1376,19 @@ async fn a_join_with_a_static_table_runs_on_the_executors_as_it_runs_here() {
     let all = generated_orders(8_000, 8);
     let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
     let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
-    let engine = |checkpoints: &Path, on_cluster: bool| cluster.engine(checkpoints, on_cluster);
+    // The state in one partition, which the restart keeps.
+    let on_cluster = || {
+        brook::Engine::builder()
+            .checkpoint_root(remote.to_str().unwrap())
+            .cluster(&cluster.url())
+            .state_partitions(1)
+            .build()
+    };
     std::fs::create_dir_all(&orders).unwrap();
     // Half the clients for the first half of the orders, all for the rest.
     write_clients(&clients, "a.csv", 1..150);
+    // DataFusion's listing leaves out files in subdirectories, here and there.
+    write_clients(&clients.join("archive"), "old.csv", 1..400);
     for (half, more_clients) in [(&all[..4], false), (&all[4..], true)] {
         if more_clients {
             write_clients(&clients, "b.csv", 150..400);
@@ -1389,8 +1398,8 @@ async fn a_join_with_a_static_table_runs_on_the_executors_as_it_runs_here() {
             std::fs::write(orders.join(format!("part-{n:02}.csv")), body).unwrap();
         }
         let jobs_before = cluster.completed_jobs().await.len();
-        let here = lookup_run(engine(&local, false), &orders, &clients).await;
-        let there = lookup_run(engine(&remote, true), &orders, &clients).await;
+        let here = lookup_run(cluster.engine(&local, false), &orders, &clients).await;
+        let there = lookup_run(on_cluster(), &orders, &clients).await;
         assert!(here[0].len() == 3 && here[1].len() > 100, "{here:?}");
         assert_eq!(there, here);
         // Clients from 150 on are joined once b.csv is there.
@@ -1399,6 +1408,12 @@ async fn a_join_with_a_static_table_runs_on_the_executors_as_it_runs_here() {
         // Two batches of each query, each a job on the cluster.
         assert_eq!(cluster.completed_jobs().await.len(), jobs_before + 4);
     }
+    // The executors ran the join under the aggregation: they keep its state.
+    let state = remote.join("per_tier/cluster/state");
+    let parts = std::fs::read_dir(&state)
+        .unwrap_or_else(|e| panic!("{}: {e}", state.display()))
+        .count();
+    assert_eq!(parts, 1);
 }
 
 /// Orders and their fills as `files` CSV files each, under `dir/orders` and `dir/fills`.
@@ -1477,13 +1492,9 @@ async fn a_join_and_a_union_of_two_streams_read_on_the_executors_equal_the_local
     let dir = tempfile::tempdir().unwrap();
     write_orders_and_fills(dir.path(), 4_000, 4);
     let cluster = TestCluster::start(dir.path(), 2, "1", vec![]).await;
+    let checkpoints = dir.path().join("checkpoints");
     let here = two_streams_run(brook::Engine::new(), dir.path()).await;
-    let jobs_before = cluster.completed_jobs().await.len();
-    let there = two_streams_run(
-        brook::Engine::builder().cluster(&cluster.url()).build(),
-        dir.path(),
-    )
-    .await;
+    let there = two_streams_run(cluster.engine(&checkpoints, true), dir.path()).await;
     let (filled, read, kept) = &here[0];
     assert!(
         filled.len() > 1_000 && *read > 4_000 && *kept > 0,
@@ -1491,5 +1502,9 @@ async fn a_join_and_a_union_of_two_streams_read_on_the_executors_equal_the_local
     );
     assert_eq!(here[1].0.len(), 7);
     assert_eq!(there, here);
-    assert!(cluster.completed_jobs().await.len() > jobs_before + 8);
+    // Four batches read both streams: a job per stream for the join, one for
+    // the union, whose aggregation's state the executors keep.
+    assert_eq!(cluster.completed_jobs().await.len(), 4 * 2 + 4);
+    assert!(checkpoints.join("per_bucket/cluster/state").is_dir());
+    assert!(!checkpoints.join("filled/cluster/state").exists());
 }

@@ -638,6 +638,16 @@ fn json_sink_rows(out: &Path) -> Vec<(String, i64, i64)> {
     rows
 }
 
+/// A child process killed (SIGKILL) when dropped, also when the test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A batch logged before a crash runs again under the watermarks it was
 /// logged with, as Spark's offset log keeps a batch's watermark. Here polls
 /// that found no new file moved the watermark the next batch judges late
@@ -690,11 +700,13 @@ fn a_batch_run_again_after_a_crash_runs_under_the_watermarks_it_was_logged_with(
         "file-0001.csv",
         &lines(&["00:00:21,a,1", "00:00:29,a,2"]),
     );
-    let mut child = brook("100ms")
-        .env("BROOK_PAUSE_AT", "per_window/offsets:1")
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = Killed(
+        brook("100ms")
+            .env("BROOK_PAUSE_AT", "per_window/offsets:1")
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, seen) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -720,8 +732,7 @@ fn a_batch_run_again_after_a_crash_runs_under_the_watermarks_it_was_logged_with(
         &lines(&["00:00:12,a,4", "00:00:51,b,8"]),
     );
     wait_for(&|l| l.contains("brook: paused at per_window/offsets:1"));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     let logged = std::fs::read_to_string(checkpoint.join("per_window/offsets/1")).unwrap();
     let at_24_seconds = 1_767_225_624_000_000_000i64;
     assert!(

@@ -14,6 +14,7 @@ use crate::cli::{ProgressFormat, RunOptions, run_file};
 use crate::config::Trigger;
 use crate::duration::parse_duration;
 use crate::error::BrookError;
+use crate::exec::cluster::MAX_STATE_PARTITIONS;
 use crate::memory::parse_size;
 use crate::orders::{FillConfig, FillGenerator, GeneratorConfig, OrderGenerator, TIME_FORMAT};
 use crate::ui::{TOKEN_ENV, UiOptions};
@@ -55,15 +56,16 @@ enum Command {
         /// Memory the queries may take together, e.g. '4GB' (default: half the machine's).
         #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
         memory_limit: Option<usize>,
-        /// Read each batch's input, run its plan and keep its aggregation's state on the
-        /// Ballista cluster whose scheduler is at df://HOST:PORT (`brook scheduler`).
+        /// Read each batch's input on the Ballista cluster whose scheduler is at
+        /// df://HOST:PORT (`brook scheduler`), and run its plan and keep its aggregation's
+        /// state there where the executors can.
         #[arg(long, value_name = "df://HOST:PORT")]
         cluster: Option<String>,
         /// With --cluster: the partitions a new checkpoint's aggregation state is cut
         /// into on the executors (as Spark's spark.sql.shuffle.partitions); a checkpoint
         /// keeps the count it was created with.
         #[arg(long, value_name = "N", requires = "cluster",
-              value_parser = clap::value_parser!(u16).range(1..=1024))]
+              value_parser = clap::value_parser!(u16).range(1..=MAX_STATE_PARTITIONS as i64))]
         state_partitions: Option<u16>,
     },
     /// The live order dashboard on generated orders (no setup needed).

@@ -623,6 +623,14 @@ impl Program for QueryBatches {
             let output = op.finish(&ctx, &state).await?;
             self.sink.restore(commit.batch_id, output).await?;
         }
+        // Pane state the executors keep has no store here; the last stage's
+        // emitted windows go with every batch's merge.
+        if let CompiledPlan::Stateful(op) = &mut self.compiled.plan
+            && op.remote.is_some()
+            && self.compiled.then.is_empty()
+        {
+            op.emitted_through_ns = emitted_through_ns;
+        }
         let mut plans = self.compiled.plans_mut();
         let last = plans.len() - 1;
         for (stage, mut state) in states.into_iter().enumerate() {
@@ -659,7 +667,8 @@ impl Program for QueryBatches {
     }
 
     fn batch_watermarks(&self) -> Option<Watermarks> {
-        Some(self.watermarks())
+        let watermarks = self.watermarks();
+        (watermarks.late_ns.is_some() || watermarks.evict_ns.is_some()).then_some(watermarks)
     }
 
     fn rerun_under(&mut self, watermarks: Watermarks) {
@@ -1244,10 +1253,6 @@ impl QueryBatches {
         self.inputs.iter().filter_map(|i| i.max_event_ns).max()
     }
 
-    /// Moves each input's watermark past the largest event times of a batch
-    /// (`batch_max`, per input; empty when no batch ran), then the query's by
-    /// its policy. An input with a watermark that has not seen a row holds the
-    /// `min` back, unless it is idle.
     /// The watermarks the next batch runs under.
     fn watermarks(&self) -> Watermarks {
         Watermarks {
@@ -1256,6 +1261,10 @@ impl QueryBatches {
         }
     }
 
+    /// Moves each input's watermark past the largest event times of a batch
+    /// (`batch_max`, per input; empty when no batch ran), then the query's by
+    /// its policy. An input with a watermark that has not seen a row holds the
+    /// `min` back, unless it is idle.
     fn advance_watermark(&mut self, batch_max: &[Option<i64>]) -> Result<()> {
         for (input, m) in self.inputs.iter_mut().zip(batch_max) {
             let (Some(m), Some(wm)) = (m, &input.watermark) else {

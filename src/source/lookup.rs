@@ -38,6 +38,7 @@ use datafusion::physical_plan::{
 };
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::TryStreamExt;
+use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::location::Location;
@@ -185,8 +186,9 @@ impl StaticTable {
 
     /// DataFusion's table over the files this table holds now, listed at most
     /// once per `refreshInterval`: any process that reaches them reads it as
-    /// this table reads them. A cluster's executors read a static table so.
-    pub async fn files_table(&self) -> Result<Arc<dyn TableProvider>> {
+    /// this table reads them; `None` when it holds none. A cluster's executors
+    /// read a static table so.
+    pub async fn files_table(&self) -> Result<Option<Arc<dyn TableProvider>>> {
         let inner = &self.0;
         let failed = |why: String| {
             BrookError::sql(format!(
@@ -212,27 +214,34 @@ impl StaticTable {
                 }
             }
         };
-        let Some(root) = listing.table_paths().first().map(|u| u.object_store()) else {
+        let Some(url) = listing.table_paths().first() else {
             return Err(BrookError::internal(format!(
                 "static table '{}' has no location",
                 inner.name
             )));
         };
-        // DataFusion's listing reads only the files of the format's extension.
+        let root = url.object_store();
+        // The files DataFusion's listing would read: of the format's extension,
+        // and not in subdirectories but partitions' (its default,
+        // `listing_table_ignore_subdirectory`).
+        let read = |path: &str| {
+            path.ends_with(&options.file_extension)
+                && Path::parse(path).is_ok_and(|p| url.contains(&p, true))
+        };
         let paths = files
             .iter()
-            .filter(|(path, _, _)| path.ends_with(&options.file_extension))
+            .filter(|(path, _, _)| read(path))
             .map(|(path, _, _)| ListingTableUrl::parse(format!("{}{path}", root.as_str())))
             .collect::<DFResult<Vec<_>>>()
             .map_err(|e| failed(e.to_string()))?;
         if paths.is_empty() {
-            return Ok(inner.listing.clone());
+            return Ok(None);
         }
         let config = ListingTableConfig::new_with_multi_paths(paths)
             .with_listing_options(options.clone())
             .with_schema(listing.schema());
         let table = ListingTable::try_new(config).map_err(|e| failed(e.to_string()))?;
-        Ok(Arc::new(table))
+        Ok(Some(Arc::new(table)))
     }
 
     /// The table's files, as DataFusion's listing reads them: hidden names

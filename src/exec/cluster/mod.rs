@@ -4,7 +4,9 @@
 //! which files or Kafka offset ranges it takes, its watermarks; it commits it
 //! and writes the sink. What the batch does to its input (reading and decoding
 //! it, and the query's plan up to its partial aggregate, or the whole plan of
-//! a query without one) runs on the cluster as one Ballista job: each file, or
+//! a query without one) runs on the cluster as one Ballista job, where the
+//! executors can run the plan (else they only read the input, a job per
+//! stream, and the driver runs the plan over the rows): each file, or
 //! each Kafka partition's range, is read by a task with brook's own readers
 //! ([`scan::ScanExec`]) and the partial aggregate is shuffled by its group
 //! keys. A static table the query joins is read there too, by DataFusion,
@@ -32,7 +34,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::execution::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::{Extension, LogicalPlan, LogicalPlanBuilder};
+use datafusion::logical_expr::{EmptyRelation, Extension, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStoreExt;
@@ -57,6 +59,10 @@ pub const CLUSTER_OPTION: &str = "--cluster";
 /// the state is kept in, unless asked otherwise (`--state-partitions`): the
 /// tasks that merge it, spread over the executors.
 pub const DEFAULT_STATE_PARTITIONS: usize = 4;
+
+/// The most partitions a state may be cut into: each costs a task and a
+/// file per batch.
+pub const MAX_STATE_PARTITIONS: usize = 1024;
 
 /// Times a batch's job is run before the batch fails, and the pause between:
 /// long enough for the scheduler to notice a lost executor at its next launch.
@@ -142,17 +148,14 @@ struct StatePart {
 }
 
 impl StatePart {
-    /// `None` where the state cannot be partitioned by the partial's keys:
-    /// sessions merge across keys.
+    /// The state of `op`, emitting by `mode`, cut into `partitions` (one
+    /// where its only key is a sliding window, or it has none).
     fn of(
         op: &StatefulOp,
         mode: OutputMode,
         window: Option<&InputWindow>,
         partitions: usize,
-    ) -> Result<Option<Self>> {
-        if op.session_key.is_some() {
-            return Ok(None);
-        }
+    ) -> Result<Self> {
         let mut partition_keys: Vec<usize> = (0..op.keys).collect();
         let window = match (op.window_key, window) {
             (Some(pane), Some(w)) => {
@@ -178,7 +181,7 @@ impl StatePart {
             op.merge.clone(),
             &BrookPhysicalCodec::default(),
         )?;
-        Ok(Some(Self {
+        Ok(Self {
             merge: merge.to_vec(),
             spec: StateSpec {
                 root: String::new(),
@@ -205,7 +208,7 @@ impl StatePart {
                 dedup: op.dedup,
                 state_columns: op.state_columns.clone(),
             },
-        }))
+        })
     }
 }
 
@@ -286,16 +289,24 @@ impl ClusterPart {
                     false => OutputMode::Append,
                 };
                 let window = compiled.inputs.iter().find_map(|i| i.window.as_ref());
-                StatePart::of(op, mode, window, partitions)?
+                Some(StatePart::of(op, mode, window, partitions)?)
             }
             _ => None,
+        };
+        // The shuffle cuts the partial rows as the state is cut; state in one
+        // partition (or none on the executors) leaves it the setting.
+        let partitions = match &state {
+            Some(s) if !s.spec.partition_keys.is_empty() => s.spec.partitions,
+            _ => partitions
+                .filter(|&n| n > 1)
+                .unwrap_or(DEFAULT_STATE_PARTITIONS),
         };
         Ok(Self {
             plan,
             scans,
             statics,
             state,
-            partitions: partitions.unwrap_or(DEFAULT_STATE_PARTITIONS),
+            partitions,
         })
     }
 
@@ -457,20 +468,26 @@ impl ClusterQuery {
         // A static table's files as they are now, which the executors read.
         let mut statics = BTreeMap::new();
         for (name, static_table) in &self.statics {
-            statics.insert(
-                name.clone(),
-                provider_as_source(static_table.files_table().await?),
-            );
+            let files = static_table.files_table().await?;
+            statics.insert(name.clone(), files.map(provider_as_source));
         }
         let plan = plan
             .clone()
             .transform_up_with_subqueries(|node| match node {
                 LogicalPlan::TableScan(mut scan) => {
-                    let table = streams
-                        .get(scan.table_name.table())
-                        .or_else(|| statics.get(&scan.table_name.to_string()));
-                    if let Some(table) = table {
+                    if let Some(table) = streams.get(scan.table_name.table()) {
                         scan.source = table.clone();
+                    } else if let Some(files) = statics.get(&scan.table_name.to_string()) {
+                        let Some(files) = files else {
+                            // A static table without files has no rows.
+                            return Ok(Transformed::yes(LogicalPlan::EmptyRelation(
+                                EmptyRelation {
+                                    produce_one_row: false,
+                                    schema: scan.projected_schema,
+                                },
+                            )));
+                        };
+                        scan.source = files.clone();
                     }
                     Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
                 }
@@ -577,8 +594,8 @@ impl ClusterQuery {
             read.push(stats);
             names.extend(parts);
         }
-        let state = match (&self.state, &self.plan) {
-            (Some(state), Some(_)) => {
+        let state = match &self.state {
+            Some(state) => {
                 let state_names: Vec<_> =
                     (0..state.spec.partitions).map(StateReport::name).collect();
                 let mut all = StateReport::default();

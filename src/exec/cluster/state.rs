@@ -79,7 +79,7 @@ pub struct StateSpec {
     pub emitted_through_ns: Option<i64>,
     /// The key columns whose hash picks a group's partition: the group keys,
     /// but for overlapping windows the window's, so that every window a
-    /// pane adds to is in the pane's partition. None: one partition.
+    /// pane adds to is in the pane's partition. Empty: one partition.
     pub partition_keys: Vec<usize>,
     pub dedup: bool,
     pub state_columns: Vec<usize>,

@@ -15,8 +15,10 @@ use crate::error::{BrookError, Result};
 use crate::source::format::DecodeOptions;
 use crate::source::{SourceBatch, SourceOffset};
 
-/// What reading a Kafka table's ranges takes, sent to a cluster inside its plan.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What reading a Kafka table's ranges takes, sent to a cluster inside its
+/// plan. The client's options may hold credentials (SASL), which it needs
+/// there, as Spark's executors do; its `Debug` names them without values.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct RangeReader {
     pub bootstrap_servers: String,
     /// `kafka.*` options, without the prefix.
@@ -26,6 +28,19 @@ pub struct RangeReader {
     pub include_headers: bool,
     /// How a record's value becomes a row; `None` for the raw Kafka columns.
     pub decode: Option<DecodeOptions>,
+}
+
+impl std::fmt::Debug for RangeReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeReader")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("client", &self.client.keys().collect::<Vec<_>>())
+            .field("poll_timeout", &self.poll_timeout)
+            .field("fail_on_data_loss", &self.fail_on_data_loss)
+            .field("include_headers", &self.include_headers)
+            .field("decode", &self.decode)
+            .finish()
+    }
 }
 
 impl RangeReader {
