@@ -849,15 +849,17 @@ fn a_cluster_whose_scheduler_does_not_answer_is_refused() {
     );
 }
 
+/// A memory table `name`, the sink of the query of that name in output `mode`.
+fn memory_table(name: &str, mode: &str) -> String {
+    format!(
+        "CREATE EXTERNAL TABLE {name} STORED AS MEMORY LOCATION '' \
+         OPTIONS ('outputMode' '{mode}', 'queryName' '{name}');"
+    )
+}
+
 /// Queries whose plan the executors cannot run: sessions, a function and a
 /// table registered from Rust, a static table partitioned by directories.
 fn driver_plans_script(orders: &Path, parted: &Path) -> String {
-    let table = |name: &str, mode: &str| {
-        format!(
-            "CREATE EXTERNAL TABLE {name} STORED AS MEMORY LOCATION '' \
-             OPTIONS ('outputMode' '{mode}', 'queryName' '{name}');"
-        )
-    };
     format!(
         "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
          client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR, \
@@ -879,10 +881,10 @@ fn driver_plans_script(orders: &Path, parted: &Path) -> String {
          JOIN parted p ON o.client_id = p.client_id GROUP BY p.region;",
         orders.display(),
         parted.display(),
-        table("sessions", "append"),
-        table("traded", "complete"),
-        table("vips", "append"),
-        table("per_region", "complete"),
+        memory_table("sessions", "append"),
+        memory_table("traded", "complete"),
+        memory_table("vips", "append"),
+        memory_table("per_region", "complete"),
     )
 }
 
@@ -1054,12 +1056,6 @@ async fn an_engine_built_with_a_cluster_runs_aggregates_and_plain_queries_there(
 /// SELECT DISTINCT, a global aggregate in complete mode, and sliding windows
 /// in update mode, alone and per symbol.
 fn stateful_script(orders: &Path) -> String {
-    let table = |name: &str, mode: &str| {
-        format!(
-            "CREATE EXTERNAL TABLE {name} STORED AS MEMORY LOCATION '' \
-             OPTIONS ('outputMode' '{mode}', 'queryName' '{name}');"
-        )
-    };
     format!(
         "CREATE UNBOUNDED EXTERNAL TABLE orders (time TIMESTAMP NOT NULL, order_id BIGINT, \
          client_id BIGINT, symbol VARCHAR, amount INT, price DOUBLE, buy_sell VARCHAR, \
@@ -1082,12 +1078,12 @@ fn stateful_script(orders: &Path) -> String {
          INSERT INTO sliding_symbols SELECT window.start AS start, symbol, count(*) AS orders, \
          sum(amount) AS shares FROM orders GROUP BY window(time, '4 seconds', '2 seconds'), symbol;",
         orders.display(),
-        table("updated", "update"),
-        table("per_window", "append"),
-        table("firsts", "append"),
-        table("total", "complete"),
-        table("sliding", "update"),
-        table("sliding_symbols", "update"),
+        memory_table("updated", "update"),
+        memory_table("per_window", "append"),
+        memory_table("firsts", "append"),
+        memory_table("total", "complete"),
+        memory_table("sliding", "update"),
+        memory_table("sliding_symbols", "update"),
     )
 }
 
