@@ -481,6 +481,10 @@ async fn merge_partition(
     {
         let _ = root.store.delete(&version_path(&root, p, v)).await;
     }
+    // Its batch was committed: no driver collects the report.
+    if stale {
+        return Ok(emit);
+    }
     let report = StateReport {
         late_rows: outcome.late_rows,
         updated_rows: outcome.updated_rows,
