@@ -625,10 +625,15 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
     let expected = dashboard_output(&local.join("out")).await;
     assert!(expected.iter().all(|t| !t.is_empty()), "{expected:?}");
     assert_eq!(dashboard_output(&on_cluster.join("out")).await, expected);
-    // Every batch ran as a job on both executors, also one without input
-    // that only closes windows: the executors keep every query's state.
+    // Every batch with input ran as a job on both executors; so did one
+    // without input that only closes windows if the executors keep the state
+    // (not the top stocks': the driver keeps a sliding window's panes).
+    let batches = there
+        .iter()
+        .filter(|p| p["num_input_rows"].as_u64() > Some(0) || p["name"] != "top_stocks")
+        .count();
     let jobs = cluster.completed_jobs().await;
-    assert_eq!(jobs.len(), there.len(), "{jobs:?}");
+    assert_eq!(jobs.len(), batches, "{jobs:?}");
     for n in 0..2 {
         assert!(
             cluster.finished_tasks(n, None) > 0,
@@ -643,8 +648,8 @@ async fn the_dashboard_from_s3_on_two_executors_equals_the_local_run() {
         "the tasks' reports outlive their batches: {keys:?}"
     );
     // Each query's state is in the bucket, a Parquet version per partition
-    // (the top stocks' sliding windows partitioned by symbol).
-    for query in ["buy_sell_per_second", "top_clients", "top_stocks"] {
+    // (but the top stocks' panes, which the driver keeps).
+    for query in ["buy_sell_per_second", "top_clients"] {
         let parts: std::collections::BTreeSet<_> = keys
             .iter()
             .filter(|k| k.contains(&format!("{query}/cluster/state/part-")))
@@ -1304,8 +1309,9 @@ async fn the_kafka_dashboard_read_by_two_executors_equals_the_local_run() {
             "executor {n} ran no task"
         );
     }
-    // The state of the three queries is on the executors, in the checkpoint.
-    for query in ["buy_sell_per_second", "top_clients", "top_stocks"] {
+    // The state of two of the queries is on the executors, in the checkpoint
+    // (the top stocks' panes stay on the driver).
+    for query in ["buy_sell_per_second", "top_clients"] {
         let state = remote.join(query).join("cluster/state");
         let found = std::fs::read_dir(&state)
             .unwrap_or_else(|e| panic!("{}: {e}", state.display()))

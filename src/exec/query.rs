@@ -623,14 +623,6 @@ impl Program for QueryBatches {
             let output = op.finish(&ctx, &state).await?;
             self.sink.restore(commit.batch_id, output).await?;
         }
-        // Pane state the executors keep has no store here; the last stage's
-        // emitted windows go with every batch's merge.
-        if let CompiledPlan::Stateful(op) = &mut self.compiled.plan
-            && op.remote.is_some()
-            && self.compiled.then.is_empty()
-        {
-            op.emitted_through_ns = emitted_through_ns;
-        }
         let mut plans = self.compiled.plans_mut();
         let last = plans.len() - 1;
         for (stage, mut state) in states.into_iter().enumerate() {
@@ -809,23 +801,13 @@ impl Program for QueryBatches {
                 (read, read_time, ran?)
             }
             Some(cluster) => {
-                let emitted_through_ns = match &*plan {
-                    CompiledPlan::Stateful(op) => op.emitted_through_ns,
-                    _ => None,
-                };
-                let run = cluster
-                    .run_batch(batch_id, &offsets, watermarks, emitted_through_ns)
-                    .await?;
+                let run = cluster.run_batch(batch_id, &offsets, watermarks).await?;
                 let read_time = started_reading.elapsed();
                 let ran = match (&mut *plan, run.state) {
                     // The executors merged the batch into the state they keep;
                     // its rows are the state rows it emits.
                     (CompiledPlan::Stateful(op), Some(report)) => {
                         let output = op.finish(ctx, &run.rows).await?;
-                        // As the executors' pane state moved on (`run_panes`).
-                        if op.panes && watermarks.evict_ns.is_some() {
-                            op.emitted_through_ns = watermarks.evict_ns;
-                        }
                         op.remote = Some(RemoteState {
                             rows: report.rows,
                             bytes: report.bytes,

@@ -155,19 +155,11 @@ impl StatefulOp {
         }
     }
 
-    /// The earliest time (ns) a group in `state` closes at, if any closes:
-    /// for pane state, the end of the first window not yet emitted.
-    pub fn earliest_close_ns(&self, window: Option<&WindowTicks>) -> Result<Option<i64>> {
+    /// The earliest time (ns) a group in `state` closes at, if any closes.
+    pub fn earliest_close_ns(&self) -> Result<Option<i64>> {
         let Some(key) = &self.event_time_key else {
             return Ok(None);
         };
-        if let (true, Some(ticks)) = (self.panes, window) {
-            let end = self.first_open_window(ticks, key)?;
-            return Ok(end.map(|s| {
-                s.saturating_add(ticks.size())
-                    .saturating_mul(key.unit_nanos)
-            }));
-        }
         let mut earliest: Option<i64> = None;
         for b in &self.state {
             let at = key.closes_at(b)?;

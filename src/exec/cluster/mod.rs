@@ -13,9 +13,10 @@
 //! from the files it holds when the batch starts. An aggregation's state is kept on the
 //! executors, partitioned as the shuffle is ([`state`]): each partition is
 //! merged there, and the driver gets the rows the batch emits. Where the
-//! checkpoint was created with its state on the driver, the driver keeps it
-//! and merges the partial rows, one per group of the batch, into it; so it
-//! does a join of two streams' state, whose sides the cluster reads.
+//! checkpoint was created with its state on the driver, or the state is kept
+//! per pane (sliding windows in append mode), the driver keeps it and merges
+//! the partial rows, one per group of the batch, into it; so it does a join of
+//! two streams' state, whose sides the cluster reads.
 
 pub mod codec;
 pub mod scan;
@@ -202,9 +203,6 @@ impl StatePart {
                 event_time_key: op.event_time_key.clone(),
                 rows_column: op.rows_column,
                 keys: op.keys,
-                panes: op.panes,
-                invertible: op.invertible,
-                emitted_through_ns: None,
                 dedup: op.dedup,
                 state_columns: op.state_columns.clone(),
             },
@@ -282,7 +280,8 @@ impl ClusterPart {
             .map(|(i, input)| ScanSpec::of(i, input))
             .collect::<Result<Vec<_>>>()?;
         let state = match (&compiled.plan, &plan, partitions) {
-            (CompiledPlan::Stateful(op), Some(_), Some(partitions)) => {
+            // Pane state (sliding windows in append mode) stays on the driver.
+            (CompiledPlan::Stateful(op), Some(_), Some(partitions)) if !op.panes => {
                 // Every stage but the last appends what it closes to the next.
                 let mode = match compiled.then.is_empty() {
                     true => compiled.mode,
@@ -442,7 +441,6 @@ impl ClusterQuery {
         batch_id: u64,
         offsets: &[Option<SourceOffset>],
         watermarks: Watermarks,
-        emitted_through_ns: Option<i64>,
     ) -> Result<ClusterRun> {
         let Some(plan) = &self.plan else {
             return Err(BrookError::internal(
@@ -501,7 +499,6 @@ impl ClusterQuery {
                     batch_id,
                     late_ns: watermarks.late_ns,
                     evict_ns: watermarks.evict_ns,
-                    emitted_through_ns,
                     ..state.spec.clone()
                 };
                 let spec = serde_json::to_string(&spec)

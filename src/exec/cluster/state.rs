@@ -72,11 +72,6 @@ pub struct StateSpec {
     pub event_time_key: Option<EventTimeKey>,
     pub rows_column: usize,
     pub keys: usize,
-    /// Sliding windows in append mode: the state is kept per pane.
-    pub panes: bool,
-    pub invertible: bool,
-    /// Pane state: the watermark up to which windows have been emitted.
-    pub emitted_through_ns: Option<i64>,
     /// The key columns whose hash picks a group's partition: the group keys,
     /// but for overlapping windows the window's, so that every window a
     /// pane adds to is in the pane's partition. Empty: one partition.
@@ -448,9 +443,9 @@ async fn merge_partition(
         rows_column: spec.rows_column,
         keys: spec.keys,
         state: vec![],
-        panes: spec.panes,
-        emitted_through_ns: spec.emitted_through_ns,
-        invertible: spec.invertible,
+        panes: false,
+        emitted_through_ns: None,
+        invertible: false,
         running: None,
         dedup: spec.dedup,
         state_columns: spec.state_columns.clone(),
@@ -492,7 +487,7 @@ async fn merge_partition(
         dropped_duplicates: outcome.dropped_duplicates,
         rows: kept.num_rows() as u64,
         bytes: kept.get_array_memory_size() as u64,
-        earliest_close_ns: op.earliest_close_ns(window.as_ref())?,
+        earliest_close_ns: op.earliest_close_ns()?,
     };
     put_report(&spec.reports, &StateReport::name(p), &report, &runtime).await?;
     Ok(emit)
