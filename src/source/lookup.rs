@@ -68,6 +68,16 @@ struct Inner {
     reads: AtomicU64,
 }
 
+impl Inner {
+    /// Whether files checked `at` need no look again yet (`refreshInterval`).
+    fn fresh(&self, at: Option<Instant>) -> bool {
+        match (at, self.refresh) {
+            (Some(at), Some(every)) => at.elapsed() < every,
+            _ => false,
+        }
+    }
+}
+
 /// A bounded table over files, re-read when they change.
 #[derive(Clone)]
 pub struct StaticTable(Arc<Inner>);
@@ -145,11 +155,7 @@ impl StaticTable {
     pub async fn rows(&self) -> Result<Vec<RecordBatch>> {
         let inner = &self.0;
         let mut cache = inner.cache.lock().await;
-        let fresh = match (cache.checked, inner.refresh) {
-            (Some(at), Some(every)) => at.elapsed() < every,
-            _ => false,
-        };
-        if fresh && cache.files.is_some() {
+        if inner.fresh(cache.checked) && cache.files.is_some() {
             return Ok(cache.rows.clone());
         }
         let (files, manifest) = self.list().await?;
@@ -205,8 +211,8 @@ impl StaticTable {
         let options = listing.options();
         let files = {
             let mut cache = inner.cache.lock().await;
-            match (&cache.listed, inner.refresh) {
-                (Some((at, files)), Some(every)) if at.elapsed() < every => files.clone(),
+            match &cache.listed {
+                Some((at, files)) if inner.fresh(Some(*at)) => files.clone(),
                 _ => {
                     let (files, _) = self.list().await?;
                     cache.listed = Some((Instant::now(), files.clone()));

@@ -602,7 +602,7 @@ impl ClusterQuery {
                 names.extend(state_names);
                 Some(all)
             }
-            _ => None,
+            None => None,
         };
         for name in &names {
             // Left over, a report is overwritten when its batch runs again.

@@ -295,7 +295,10 @@ impl ExecutionPlan for StateMergeExec {
             ];
         }
         let schema = self.input.schema();
-        let keys = (self.spec.partition_keys.iter())
+        let keys = self
+            .spec
+            .partition_keys
+            .iter()
             .map(|&i| Arc::new(Column::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
             .collect();
         vec![
